@@ -175,16 +175,18 @@ def _reward_metrics(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
 def _weighted_mean(losses: jax.Array, weights: jax.Array | None) -> jax.Array:
   if weights is None:
     return jnp.mean(losses)
+  weights = jnp.asarray(weights)
   if weights.shape != losses.shape:
     raise ValueError(f"weights has shape {weights.shape}; expected {losses.shape}")
-  return jnp.mean(weights.astype(jnp.float32) * losses)
+  return jnp.mean(weights.astype(losses.dtype) * losses)
 
 
 def _as_f32(*arrays):
   shapes = {a.shape for a in arrays}
   if len(shapes) != 1 or len(next(iter(shapes))) != 1:
     raise ValueError(f"log-prob inputs must share one [B] shape; got {[a.shape for a in arrays]}")
-  return [jnp.asarray(a, jnp.float32) for a in arrays]
+  # At least float32 (bf16 is promoted); float64 stays float64 when x64 is enabled.
+  return [jnp.asarray(a, jnp.promote_types(jnp.result_type(a), jnp.float32)) for a in arrays]
 
 
 def dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
@@ -271,8 +273,8 @@ def robust_dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.A
   if atom_weights.shape != atom_shifts.shape or atom_weights.shape[:1] != pc.shape:
     raise ValueError(f"atom_weights {atom_weights.shape} and atom_shifts {atom_shifts.shape} "
                      f"must both be [B, K] with B = {pc.shape[0]}")
-  atom_weights = atom_weights.astype(jnp.float32)
-  atom_shifts = atom_shifts.astype(jnp.float32)
+  atom_weights = jnp.asarray(atom_weights, pc.dtype)
+  atom_shifts = jnp.asarray(atom_shifts, pc.dtype)
   z = (beta * ((pc - rc) - (pr - rr)))[:, None]  # [B, 1]
   if space == "probability":
     shifted = jnp.maximum(jax.nn.sigmoid(z) - atom_shifts, floor)

@@ -1,0 +1,1 @@
+"""The embedded CPU demo (README command 1)."""

@@ -1,0 +1,282 @@
+"""Tests for ssapo_jax/losses.py against independent numpy implementations of each formula."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssapo_jax import losses
+
+B = 16
+
+
+def _np_log_sigmoid(x):
+  return -np.logaddexp(0.0, -x)
+
+
+def _np_sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def np_dpo(pc, pr, rc, rr, *, beta, loss_type, ls=0.0, lc=None, lr=None):
+  """Reference per-example losses written from the papers/TRL formulas in float64."""
+  clr, rlr = pc - rc, pr - rr
+  if loss_type == "ipo" and lc is not None:
+    clr, rlr = clr / lc, rlr / lr
+  d = clr - rlr
+  z = beta * d
+  if loss_type == "sigmoid":
+    return -(1 - ls) * _np_log_sigmoid(z) - ls * _np_log_sigmoid(-z)
+  if loss_type == "robust":
+    return (-(1 - ls) * _np_log_sigmoid(z) + ls * _np_log_sigmoid(-z)) / (1 - 2 * ls)
+  if loss_type == "hinge":
+    return np.maximum(0.0, 1 - z)
+  if loss_type == "ipo":
+    return (d - 1 / (2 * beta)) ** 2
+  if loss_type == "exo_pair":
+    e = ls if ls > 0 else 1e-3
+    return (_np_sigmoid(z) * (_np_log_sigmoid(z) - math.log(1 - e))
+            + _np_sigmoid(-z) * (_np_log_sigmoid(-z) - math.log(e)))
+  if loss_type == "bco_pair":
+    cr, rj = beta * clr, beta * rlr
+    delta = np.mean(np.concatenate([cr, rj]))
+    return -_np_log_sigmoid(cr - delta) - _np_log_sigmoid(-(rj - delta))
+  if loss_type == "sppo_hard":
+    return (clr - 0.5 / beta) ** 2 + (rlr + 0.5 / beta) ** 2
+  if loss_type == "nca_pair":
+    cr, rj = beta * clr, beta * rlr
+    return -_np_log_sigmoid(cr) - 0.5 * _np_log_sigmoid(-cr) - 0.5 * _np_log_sigmoid(-rj)
+  if loss_type == "apo_zero":
+    return (1 - _np_sigmoid(beta * clr)) + _np_sigmoid(beta * rlr)
+  if loss_type == "apo_down":
+    return _np_sigmoid(beta * clr) + (1 - _np_sigmoid(beta * (clr - rlr)))
+  raise AssertionError(loss_type)
+
+
+def _random_logps(seed, n=B):
+  rng = np.random.default_rng(seed)
+  return [rng.normal(-40.0, 8.0, n).astype(np.float32) for _ in range(4)]
+
+
+LOSS_CASES = [("sigmoid", 0.0), ("sigmoid", 0.2), ("robust", 0.0), ("robust", 0.1), ("hinge", 0.0),
+              ("ipo", 0.0), ("exo_pair", 0.0), ("exo_pair", 0.05), ("bco_pair", 0.0),
+              ("sppo_hard", 0.0), ("nca_pair", 0.0), ("apo_zero", 0.0), ("apo_down", 0.0)]
+
+
+def test_every_registered_type_is_tested():
+  assert {t for t, _ in LOSS_CASES} == set(losses.LOSS_TYPES)
+
+
+@pytest.mark.parametrize("loss_type,ls", LOSS_CASES)
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_dpo_loss_matches_numpy(loss_type, ls, beta):
+  pc, pr, rc, rr = _random_logps(hash((loss_type, ls, beta)) % 1000)
+  rng = np.random.default_rng(3)
+  lc, lr = rng.integers(1, 50, B).astype(np.float32), rng.integers(1, 50, B).astype(np.float32)
+  weights = rng.uniform(0, 2, B).astype(np.float32)
+  kwargs = dict(chosen_lengths=lc, rejected_lengths=lr) if loss_type == "ipo" else {}
+  loss, metrics = losses.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type,
+                                  label_smoothing=ls, weights=weights, **kwargs)
+  args64 = [a.astype(np.float64) for a in (pc, pr, rc, rr)]
+  expected = np_dpo(*args64, beta=beta, loss_type=loss_type, ls=ls,
+                    lc=lc if kwargs else None, lr=lr if kwargs else None)
+  np.testing.assert_allclose(metrics["losses"], expected, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(loss, np.mean(weights * expected), rtol=1e-6, atol=1e-6)
+  assert loss.dtype == jnp.float32 and metrics["losses"].shape == (B,)
+
+
+def test_uniform_weights_equal_plain_mean_and_trl_metrics():
+  pc, pr, rc, rr = _random_logps(7)
+  beta = 0.1
+  loss_w, _ = losses.dpo_loss(pc, pr, rc, rr, beta=beta, weights=np.ones(B, np.float32))
+  loss, m = losses.dpo_loss(pc, pr, rc, rr, beta=beta)
+  np.testing.assert_allclose(loss_w, loss, rtol=1e-7)
+  chosen, rejected = beta * (pc - rc), beta * (pr - rr)
+  np.testing.assert_allclose(m["rewards/chosen"], chosen.mean(), rtol=1e-5)
+  np.testing.assert_allclose(m["rewards/rejected"], rejected.mean(), rtol=1e-5)
+  np.testing.assert_allclose(m["rewards/margins"], (chosen - rejected).mean(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(m["rewards/accuracies"], (chosen > rejected).mean())
+  np.testing.assert_allclose(m["logps/chosen"], pc.mean(), rtol=1e-6)
+  np.testing.assert_allclose(m["logps/rejected"], pr.mean(), rtol=1e-6)
+
+
+def test_distribution_weights_enter_as_n_times_p():
+  pc, pr, rc, rr = _random_logps(11)
+  p = np.random.default_rng(0).dirichlet(np.ones(B)).astype(np.float32)
+  loss, m = losses.dpo_loss(pc, pr, rc, rr, weights=B * p)
+  np.testing.assert_allclose(loss, np.sum(p * np.asarray(m["losses"])), rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type,ls", [("nope", 0.0), ("sigmoid", 0.6), ("robust", 0.5),
+                                          ("hinge", 0.1), ("sigmoid", -0.1), ("exo_pair", 1.0)])
+def test_bad_options_raise_naming_accepted_values(loss_type, ls):
+  pc, pr, rc, rr = _random_logps(0)
+  with pytest.raises(ValueError, match="accepted"):
+    losses.dpo_loss(pc, pr, rc, rr, loss_type=loss_type, label_smoothing=ls)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust", "nca_pair", "apo_down"])
+def test_gradients_match_finite_differences(loss_type):
+  pc, pr, rc, rr = [a.astype(np.float64) for a in _random_logps(5, n=4)]
+  pr = pc - np.array([0.3, -2.0, 4.0, 1.5])  # keep hinge away from its kink
+  ls = 0.1 if loss_type == "robust" else 0.0
+  with jax.enable_x64(True):
+    f = lambda c, r: losses.dpo_loss(c, r, jnp.asarray(rc), jnp.asarray(rr), beta=0.3,
+                                     loss_type=loss_type, label_smoothing=ls)[0]
+    gc, gr = jax.grad(f, argnums=(0, 1))(jnp.asarray(pc), jnp.asarray(pr))
+    h = 1e-6
+    for i in range(4):
+      e = np.zeros(4); e[i] = h
+      fd_c = (f(jnp.asarray(pc + e), jnp.asarray(pr)) - f(jnp.asarray(pc - e), jnp.asarray(pr))) / (2 * h)
+      fd_r = (f(jnp.asarray(pc), jnp.asarray(pr + e)) - f(jnp.asarray(pc), jnp.asarray(pr - e))) / (2 * h)
+      np.testing.assert_allclose(gc[i], fd_c, rtol=1e-5, atol=1e-8)
+      np.testing.assert_allclose(gr[i], fd_r, rtol=1e-5, atol=1e-8)
+
+
+def test_jit_vmap_grad():
+  pc, pr, rc, rr = _random_logps(9)
+  f = lambda *a: losses.dpo_loss(*a, beta=0.2, loss_type="robust", label_smoothing=0.1)[0]
+  np.testing.assert_allclose(jax.jit(f)(pc, pr, rc, rr), f(pc, pr, rc, rr), rtol=1e-6)
+  # vmap over 3 independent batches equals a loop.
+  stacked = [np.stack([a, a * 0.9, a * 1.1]) for a in (pc, pr, rc, rr)]
+  vm = jax.vmap(f)(*stacked)
+  loop = [f(*[s[i] for s in stacked]) for i in range(3)]
+  np.testing.assert_allclose(vm, loop, rtol=1e-6)
+  grads = jax.grad(f)(pc, pr, rc, rr)
+  assert grads.shape == (B,) and np.all(np.isfinite(grads))
+
+
+# ---------------------------------------------------------------- sequence_logps
+
+def np_sequence_logps(logits, labels, mask, average=False):
+  logits = logits.astype(np.float64)
+  m = logits.max(-1, keepdims=True)
+  logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+  safe = np.where(mask > 0, labels, 0)
+  tok = np.take_along_axis(logp, safe[..., None], -1)[..., 0]
+  total = (tok * mask).sum(-1)
+  if average:
+    return np.where(mask.sum(-1) > 0, total / np.maximum(mask.sum(-1), 1), 0.0)
+  return total
+
+
+def _logits_case(seed, b=4, t=7, v=11):
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(0, 3, (b, t, v)).astype(np.float32)
+  labels = rng.integers(0, v, (b, t))
+  mask = (rng.random((b, t)) < 0.7).astype(np.int32)
+  mask[1, 4:] = 0  # right padding
+  labels[1, 4:] = -100
+  mask[2] = 0  # an all-zero row
+  return logits, labels, mask
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logps_matches_numpy(average):
+  logits, labels, mask = _logits_case(1)
+  out = losses.sequence_logps(logits, labels, mask, average=average)
+  np.testing.assert_allclose(out, np_sequence_logps(logits, labels, mask, average), rtol=1e-6, atol=1e-5)
+  assert out.dtype == jnp.float32 and out.shape == (4,)
+  assert out[2] == 0.0 and np.all(np.isfinite(out))
+
+
+def test_sequence_logps_average_divides_by_token_count():
+  logits, labels, mask = _logits_case(2)
+  total = losses.sequence_logps(logits, labels, mask)
+  avg = losses.sequence_logps(logits, labels, mask, average=True)
+  counts = mask.sum(-1)
+  np.testing.assert_allclose(avg[counts > 0], (total / np.maximum(counts, 1))[counts > 0], rtol=1e-6)
+
+
+def test_sequence_logps_bf16_logits_give_float32_close_to_float32_path():
+  logits, labels, mask = _logits_case(3, t=32, v=64)
+  bf16 = jnp.asarray(logits, jnp.bfloat16)
+  out = jax.jit(losses.sequence_logps)(bf16, labels, mask)
+  assert out.dtype == jnp.float32
+  # The reference sees the same rounded logits; only the reduction precision may differ.
+  exact = np_sequence_logps(np.asarray(bf16.astype(jnp.float32)), labels, mask)
+  np.testing.assert_allclose(out, exact, rtol=1e-5, atol=1e-4)
+  # Versus unrounded float32 logits the error is bf16 rounding of the inputs (~2^-8 relative).
+  np.testing.assert_allclose(out, np_sequence_logps(logits, labels, mask), rtol=2e-2, atol=0.5)
+
+
+def test_sequence_logps_gradient_is_softmax_minus_onehot():
+  logits, labels, mask = _logits_case(4)
+  g = jax.grad(lambda x: losses.sequence_logps(x, labels, mask).sum())(logits)
+  p = np.exp(logits - logits.max(-1, keepdims=True)); p /= p.sum(-1, keepdims=True)
+  onehot = np.eye(logits.shape[-1])[np.where(mask > 0, labels, 0)]
+  np.testing.assert_allclose(g, (onehot - p) * mask[..., None], atol=1e-6)
+
+
+def test_sequence_logps_shape_errors():
+  with pytest.raises(ValueError, match="logits"):
+    losses.sequence_logps(np.zeros((2, 3, 4)), np.zeros((2, 4), int), np.zeros((2, 4)))
+
+
+# ---------------------------------------------------------------- robust_dpo_loss
+
+def np_robust(pc, pr, rc, rr, w, s, *, beta, space, floor=1e-6):
+  z = beta * ((pc - rc) - (pr - rr))
+  if space == "probability":
+    atom = np.where(s == 0, -_np_log_sigmoid(z)[:, None],
+                    -np.log(np.maximum(_np_sigmoid(z)[:, None] - s, floor)))
+  else:
+    atom = -_np_log_sigmoid(z[:, None] - s)
+  return (w * atom).sum(-1)
+
+
+@pytest.mark.parametrize("space", ["probability", "margin"])
+def test_robust_single_zero_shift_atom_is_sigmoid_dpo(space):
+  pc, pr, rc, rr = _random_logps(21)
+  ones, zeros = np.ones((B, 1), np.float32), np.zeros((B, 1), np.float32)
+  robust, rm = losses.robust_dpo_loss(pc, pr, rc, rr, ones, zeros, beta=0.1, space=space)
+  plain, pm = losses.dpo_loss(pc, pr, rc, rr, beta=0.1)
+  np.testing.assert_array_equal(rm["losses"], pm["losses"])
+  np.testing.assert_array_equal(robust, plain)
+
+
+@pytest.mark.parametrize("space", ["probability", "margin"])
+def test_robust_matches_numpy_with_several_atoms(space):
+  pc, pr, rc, rr = _random_logps(22)
+  rng = np.random.default_rng(0)
+  k = 6
+  w = rng.dirichlet(np.ones(k), B).astype(np.float32)
+  s = (rng.uniform(0, 0.6, (B, k)) if space == "probability" else rng.normal(0, 2, (B, k))).astype(np.float32)
+  s[:, 0] = 0.0
+  weights = rng.uniform(0, 2, B).astype(np.float32)
+  loss, m = losses.robust_dpo_loss(pc, pr, rc, rr, w, s, beta=0.1, space=space, weights=weights)
+  expected = np_robust(*[a.astype(np.float64) for a in (pc, pr, rc, rr)], w, s, beta=0.1, space=space)
+  np.testing.assert_allclose(m["losses"], expected, rtol=1e-5)
+  np.testing.assert_allclose(loss, np.mean(weights * expected), rtol=1e-5)
+
+
+def test_robust_floor_clamps_with_zero_gradient():
+  # sigma(beta * delta) is 0.5 at delta = 0; a shift of 0.9 falls below the floor.
+  zeros = np.zeros(3, np.float32)
+  w = np.array([[0.3, 0.7]] * 3, np.float32)
+  s = np.array([[0.9, 0.0]] * 3, np.float32)
+
+  def f(pc):
+    return losses.robust_dpo_loss(pc, zeros, zeros, zeros, w, s, beta=0.1, floor=1e-6)[1]["losses"]
+
+  out = f(zeros)
+  assert np.all(np.isfinite(out))
+  np.testing.assert_allclose(out, 0.3 * -np.log(1e-6) + 0.7 * np.log(2.0), rtol=1e-6)
+  grad = jax.grad(lambda pc: f(pc).sum())(zeros)
+  # Only the unclamped zero-shift atom contributes: d/dpc of 0.7 * -log sigmoid(0.1 pc) at 0.
+  np.testing.assert_allclose(grad, -0.7 * 0.1 * 0.5, rtol=1e-6)
+  # And with only the clamped atom the gradient is exactly zero.
+  g_clamped = jax.grad(lambda pc: losses.robust_dpo_loss(
+      pc, zeros, zeros, zeros, np.ones((3, 1), np.float32), np.full((3, 1), 0.9, np.float32))[0])(zeros)
+  np.testing.assert_array_equal(g_clamped, 0.0)
+
+
+def test_robust_rejects_bad_arguments():
+  pc, pr, rc, rr = _random_logps(0, n=2)
+  w = np.ones((2, 1), np.float32)
+  with pytest.raises(ValueError, match="space"):
+    losses.robust_dpo_loss(pc, pr, rc, rr, w, 0 * w, space="logit")
+  with pytest.raises(ValueError, match="atom_weights"):
+    losses.robust_dpo_loss(pc, pr, rc, rr, np.ones((3, 1)), np.zeros((3, 1)))
