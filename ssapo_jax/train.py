@@ -1,0 +1,681 @@
+"""The sharded DPO / robust-DPO train step, its optimizer, and batched log-prob scoring.
+
+Functional boundary (flax's ``01_functional_api.py``): the policy is split once with
+``nnx.split`` outside jit; the step sees only pytrees (`TrainState`, `PreferenceBatch`) and
+calls ``nnx.merge`` inside the loss.
+
+One step (`train_step`):
+
+1. the global batch ``[B, T]`` is split into ``micro_batches`` strided micro-batches (each
+   device keeps its own rows, so no data moves), scanned with ``lax.scan``;
+2. per micro-batch: one policy forward on chosen and rejected stacked along the batch
+   (`concat_pairs`), summed response log-probs, reference log-probs from the batch
+   (precomputed once per round) or from a frozen reference in the same step, then `dpo_loss`
+   or `robust_dpo_loss`;
+3. the accumulated loss is exactly ``sum_i w_i * loss_i / B`` over the global batch, whatever
+   the micro-batching and sharding;
+4. global-norm clipping and AdamW with linear warm-up then cosine/linear decay (optax);
+5. a non-finite loss or gradient skips the update (parameters, optimizer state, step and RNG
+   unchanged) and is counted; `check_finite_progress` stops the run when it keeps happening.
+
+`make_train_step` jits it with ``in_shardings``/``out_shardings`` from `ssapo_jax.sharding`
+and donates the state. `make_compute_logps` / `compute_logps` score arbitrary (prompt,
+response) sequences with the same sharding, for reference log-probs and self-annotation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ssapo_jax import sharding as shd
+from ssapo_jax.batch import PreferenceBatch, concat_pairs, split_pairs
+from ssapo_jax.losses import LOSS_TYPES, ROBUST_SPACES, dpo_loss, robust_dpo_loss
+
+Metrics = dict[str, jax.Array]
+
+OBJECTIVES = ("dpo", "robust")
+SCHEDULES = ("cosine", "linear", "constant")
+REFERENCE_MODES = ("precomputed", "in_step")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Per-decoder-layer rematerialisation policies (applied by the model; see LlamaConfig.remat).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Hyperparameters of the policy update (one SSAPO round's leader step)."""
+
+  objective: Literal["dpo", "robust"] = "dpo"  # dpo: weighted dpo_loss; robust: robust_dpo_loss on the batch's follower atoms
+  beta: float = 0.1  # DPO inverse temperature β of the implicit reward
+  loss_type: str = "sigmoid"  # dpo_loss variant (a key of losses.LOSS_TYPES); objective=dpo only
+  label_smoothing: float = 0.0  # dpo_loss label smoothing ε; objective=dpo only
+  robust_space: Literal["probability", "margin"] = "probability"  # robust atoms live on σ(βΔ) (authors' code) or on βΔ
+  robust_floor: float = 1e-6  # clamp of the shifted probability in robust_dpo_loss
+  learning_rate: float = 5e-7  # peak AdamW learning rate
+  warmup_ratio: float = 0.1  # fraction of steps with linear warm-up from 0 (paper: 0.1)
+  schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up, to 0 at the last step
+  weight_decay: float = 0.0  # AdamW decoupled weight decay (matrices only, not norm scales)
+  adam_b1: float = 0.9  # AdamW β1
+  adam_b2: float = 0.999  # AdamW β2
+  adam_eps: float = 1e-8  # AdamW ε
+  max_grad_norm: float = 1.0  # global-norm gradient clipping; 0 disables
+  global_batch_size: int = 32  # pairs per optimizer step, over all hosts and micro-batches
+  micro_batches: int = 1  # gradient-accumulation micro-batches per step (lax.scan)
+  epochs: int = 1  # passes over the round's pairs
+  compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # forward/backward dtype
+  param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights and Adam moments
+  remat: Literal["none", "full", "dots", "dots_no_batch"] = "full"  # activation rematerialisation policy
+  reference: Literal["precomputed", "in_step"] = "precomputed"  # ref log-probs from the batch, or a frozen model in the step
+  max_nonfinite_steps: int = 10  # abort after this many consecutive skipped (non-finite) steps
+  seed: int = 0  # seed of the train-state RNG key
+
+  def __post_init__(self):
+    def choice(name, value, options):
+      if value not in options:
+        raise ValueError(f"train.{name} must be one of {list(options)}, got {value!r}")
+
+    choice("objective", self.objective, OBJECTIVES)
+    choice("loss_type", self.loss_type, LOSS_TYPES)
+    choice("robust_space", self.robust_space, ROBUST_SPACES)
+    choice("schedule", self.schedule, SCHEDULES)
+    choice("compute_dtype", self.compute_dtype, DTYPES)
+    choice("param_dtype", self.param_dtype, ("float32", "bfloat16"))
+    choice("remat", self.remat, REMAT_POLICIES)
+    choice("reference", self.reference, REFERENCE_MODES)
+    positive = {"beta": self.beta, "robust_floor": self.robust_floor,
+                "learning_rate": self.learning_rate, "adam_eps": self.adam_eps}
+    for name, value in positive.items():
+      if not value > 0:
+        raise ValueError(f"train.{name} must be > 0, got {value}")
+    for name in ("global_batch_size", "micro_batches", "epochs", "max_nonfinite_steps"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"train.{name} must be an int >= 1, got {value!r}")
+    if not 0 <= self.warmup_ratio <= 1:
+      raise ValueError(f"train.warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+    for name in ("adam_b1", "adam_b2"):
+      if not 0 <= getattr(self, name) < 1:
+        raise ValueError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+    if self.weight_decay < 0 or self.max_grad_norm < 0 or self.label_smoothing < 0:
+      raise ValueError("train.weight_decay, train.max_grad_norm and train.label_smoothing must be "
+                       f">= 0, got {self.weight_decay}, {self.max_grad_norm}, {self.label_smoothing}")
+    if self.global_batch_size % self.micro_batches:
+      raise ValueError(f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                       f"train.micro_batches={self.micro_batches}")
+
+  @property
+  def micro_batch_size(self) -> int:
+    """Pairs per micro-batch (over all hosts)."""
+    return self.global_batch_size // self.micro_batches
+
+
+def num_train_steps(num_pairs: int, config: TrainConfig) -> int:
+  """Optimizer steps for ``epochs`` passes over ``num_pairs`` (a last partial batch counts)."""
+  return config.epochs * math.ceil(num_pairs / config.global_batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer.
+# ---------------------------------------------------------------------------------------------
+
+
+def make_schedule(config: TrainConfig, num_steps: int) -> optax.Schedule:
+  """Learning rate per optimizer step: linear warm-up from 0, then decay to 0 at ``num_steps``.
+
+  Matches ``transformers.get_{cosine,linear,constant}_schedule_with_warmup`` with
+  ``num_warmup_steps = ceil(warmup_ratio * num_steps)`` (HF's ``TrainingArguments``).
+  """
+  if num_steps < 1:
+    raise ValueError(f"num_train_steps must be >= 1, got {num_steps}")
+  warmup = min(math.ceil(config.warmup_ratio * num_steps), num_steps)
+  peak = config.learning_rate
+  if config.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, num_steps, end_value=0.0)
+  decay_steps = max(num_steps - warmup, 1)
+  after = (optax.linear_schedule(peak, 0.0, decay_steps) if config.schedule == "linear"
+           else optax.constant_schedule(peak))
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def _decay_mask(params):
+  # Decay matrices only, as transformers' Trainer excludes biases and norm weights.
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(config: TrainConfig, num_steps: int) -> optax.GradientTransformation:
+  """Global-norm clipping then AdamW on the `make_schedule` learning rate."""
+  parts = []
+  if config.max_grad_norm > 0:
+    parts.append(optax.clip_by_global_norm(config.max_grad_norm))
+  parts.append(optax.adamw(make_schedule(config, num_steps), b1=config.adam_b1, b2=config.adam_b2,
+                           eps=config.adam_eps, weight_decay=config.weight_decay,
+                           mask=_decay_mask))
+  return optax.chain(*parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Train state.
+# ---------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything the step reads and writes; exactly what a checkpoint saves.
+
+  Attributes:
+    step: ``[]`` int32, optimizer updates applied (skipped steps do not count).
+    params: policy parameters (``nnx.State`` of ``nnx.Param``), ``param_dtype``.
+    opt_state: optax state, sharded like ``params``.
+    rng: PRNG key, split on every applied step.
+    nonfinite_consecutive: ``[]`` int32, skipped steps since the last applied one.
+    nonfinite_total: ``[]`` int32, skipped steps so far.
+    rest: the model's non-parameter state (buffers), passed through unchanged.
+    ref_params: frozen reference parameters (``reference="in_step"``) or None.
+    graphdef: static NNX graph of the policy (and reference) model.
+    tx: static optimizer.
+    schedule: static learning-rate schedule of ``tx`` (for metrics).
+  """
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  nonfinite_consecutive: jax.Array
+  nonfinite_total: jax.Array
+  rest: Any
+  ref_params: Any
+  graphdef: Any = flax.struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  schedule: optax.Schedule = flax.struct.field(pytree_node=False)
+
+
+def _logical_axes(params) -> Any:
+  from ssapo_jax.models import logical_axes  # pylint: disable=import-outside-toplevel
+  return logical_axes(params)
+
+
+def param_shardings(params: Any, mesh: Mesh) -> Any:
+  """`NamedSharding` of each parameter from the model's logical axes and `LOGICAL_AXIS_RULES`."""
+  return shd.logical_shardings(params, _logical_axes(params), mesh)
+
+
+def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
+  """Shardings for every leaf of ``state``: parameters and their optimizer moments by the
+  logical-axis rules, everything else (step counts, scalars, RNG, buffers) replicated."""
+  p_shard = param_shardings(state.params, mesh)
+  repl = shd.replicated(mesh)
+  opt_shard = optax.tree_map_params(
+      state.tx, lambda _, s: s, state.opt_state, p_shard,
+      transform_non_params=lambda _: repl,
+      is_leaf=lambda x: isinstance(x, NamedSharding))
+  return state.replace(
+      step=repl, params=p_shard, opt_state=opt_shard, rng=repl, nonfinite_consecutive=repl,
+      nonfinite_total=repl, rest=jax.tree.map(lambda _: repl, state.rest),
+      ref_params=None if state.ref_params is None else p_shard)
+
+
+def split_model(model: nnx.Module, config: TrainConfig | None = None) -> tuple[Any, Any, Any]:
+  """``(graphdef, params, rest)``: the model's graph, its ``nnx.Param`` state and other state.
+
+  With ``config``, the graph is rebuilt for the train config's runtime choices: the model
+  config (``model.config``, a dataclass with ``dtype``/``param_dtype``/``remat`` fields as
+  `ssapo_jax.models.LlamaConfig`) gets ``dtype=compute_dtype``, ``param_dtype`` and ``remat``
+  from ``config``, so the forward runs in the compute dtype and each decoder layer is
+  rematerialised under the configured policy. Parameters are not copied.
+  """
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  model_config = getattr(model, "config", None)
+  if config is None or not dataclasses.is_dataclass(model_config):
+    return graphdef, params, rest
+  runtime = {"dtype": config.compute_dtype, "param_dtype": config.param_dtype,
+             "remat": config.remat}
+  runtime = {k: v for k, v in runtime.items() if hasattr(model_config, k)}
+  if all(getattr(model_config, k) == jnp.dtype(v).name if k != "remat"
+         else getattr(model_config, k) == v for k, v in runtime.items()):
+    return graphdef, params, rest
+  new_config = dataclasses.replace(model_config, **runtime)
+  abstract = nnx.eval_shape(lambda: type(model)(new_config, rngs=nnx.Rngs(0)))
+  new_graphdef, new_params, _ = nnx.split(abstract, nnx.Param, ...)
+  if jax.tree.structure(new_params) != jax.tree.structure(params):
+    raise ValueError(f"rebuilding {type(model).__name__} with {runtime} changed its parameter "
+                     "tree; cannot apply the train config's runtime choices")
+  return new_graphdef, params, rest
+
+
+def create_train_state(model: nnx.Module, config: TrainConfig, mesh: Mesh, *,
+                       num_train_steps: int, key: jax.Array | None = None) -> TrainState:
+  """Splits ``model`` and builds the sharded initial `TrainState`.
+
+  Parameters are cast to ``config.param_dtype`` and placed on their shardings; the optimizer
+  state is initialised inside a jit whose outputs carry the same shardings, so no full
+  replica of the Adam moments ever exists on one device. With ``reference="in_step"`` the
+  current parameters are also kept, frozen, as the reference.
+
+  Args:
+    model: an NNX model with the `ssapo_jax.models.Llama` interface (``sequence_logps``).
+    config: train config.
+    mesh: device mesh.
+    num_train_steps: optimizer steps of the schedule (`num_train_steps`).
+    key: PRNG key; defaults to ``jax.random.key(config.seed)``.
+  """
+  graphdef, params, rest = split_model(model, config)
+  dtype = DTYPES[config.param_dtype]
+  params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        params)
+  tx = make_optimizer(config, num_train_steps)
+  schedule = make_schedule(config, num_train_steps)
+  key = jax.random.key(config.seed) if key is None else key
+  template = TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.eval_shape(tx.init, params),
+      rng=key, nonfinite_consecutive=jnp.zeros((), jnp.int32),
+      nonfinite_total=jnp.zeros((), jnp.int32), rest=rest,
+      ref_params=params if config.reference == "in_step" else None, graphdef=graphdef, tx=tx, schedule=schedule)
+  shardings = state_shardings(template, mesh)
+  params = shd.shard_params(params, shardings.params)
+  rest = shd.shard_params(rest, shardings.rest)
+  ref_params = (None if config.reference != "in_step"
+                else jax.tree.map(jnp.copy, params))  # a distinct buffer: params get donated
+
+  init_opt = jax.jit(tx.init, out_shardings=shardings.opt_state)
+  repl = shd.replicated(mesh)
+  return TrainState(
+      step=jax.device_put(jnp.zeros((), jnp.int32), repl), params=params,
+      opt_state=init_opt(params), rng=jax.device_put(key, repl),
+      nonfinite_consecutive=jax.device_put(jnp.zeros((), jnp.int32), repl),
+      nonfinite_total=jax.device_put(jnp.zeros((), jnp.int32), repl), rest=rest,
+      ref_params=ref_params, graphdef=graphdef, tx=tx, schedule=schedule)
+
+
+def merge_params(state: TrainState, *, params: Any | None = None) -> nnx.Module:
+  """An NNX model holding ``state``'s trained parameters (for sampling or saving)."""
+  return nnx.merge(state.graphdef, state.params if params is None else params, state.rest)
+
+
+# ---------------------------------------------------------------------------------------------
+# The step.
+# ---------------------------------------------------------------------------------------------
+
+
+def _cast_floats(tree, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      tree)
+
+
+def _sequence_logps(graphdef, params, rest, ids, mask, loss_mask, *, compute_dtype):
+  model = nnx.merge(graphdef, _cast_floats(params, compute_dtype), rest)
+  return model.sequence_logps(ids, mask, loss_mask).astype(jnp.float32)
+
+
+def _pair_loss(params, ref_params, rest, micro: PreferenceBatch, *, graphdef,
+               config: TrainConfig) -> tuple[jax.Array, Metrics]:
+  """Mean (over the micro-batch) weighted loss and TRL metrics for one micro-batch."""
+  compute_dtype = DTYPES[config.compute_dtype]
+  ids, mask, loss_mask = concat_pairs(micro)
+  policy_logps = _sequence_logps(graphdef, params, rest, ids, mask, loss_mask,
+                                 compute_dtype=compute_dtype)  # [2b]
+  policy_chosen, policy_rejected = split_pairs(policy_logps)
+  if ref_params is None:
+    ref_chosen, ref_rejected = micro.ref_chosen_logps, micro.ref_rejected_logps
+  else:
+    ref_logps = jax.lax.stop_gradient(_sequence_logps(
+        graphdef, ref_params, rest, ids, mask, loss_mask, compute_dtype=compute_dtype))
+    ref_chosen, ref_rejected = split_pairs(ref_logps)
+  if config.objective == "robust":
+    loss, metrics = robust_dpo_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, micro.atom_weights,
+        micro.atom_shifts, beta=config.beta, space=config.robust_space, floor=config.robust_floor,
+        weights=micro.weights)
+  else:
+    loss, metrics = dpo_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=config.beta,
+        loss_type=config.loss_type, label_smoothing=config.label_smoothing, weights=micro.weights)
+  metrics = {k: v for k, v in metrics.items() if jnp.ndim(v) == 0}
+  return loss, metrics
+
+
+def _split_micro(x: jax.Array, num_micro: int) -> jax.Array:
+  """``[B, ...] -> [M, B/M, ...]`` with micro-batch j = rows ``j, j+M, j+2M, ...``.
+
+  Strided, so each device's contiguous block of rows contributes equally to every
+  micro-batch and splitting moves no data between devices.
+  """
+  return x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
+
+
+def train_step(state: TrainState, batch: PreferenceBatch, *, config: TrainConfig,
+               mesh: Mesh | None = None) -> tuple[TrainState, Metrics]:
+  """One optimizer step on a global batch of ``config.global_batch_size`` pairs (pure).
+
+  Args:
+    state: the train state.
+    batch: `PreferenceBatch` with ``[B, T]`` token arrays, ``B = global_batch_size``; uses
+      ``weights``, the reference log-probs (``reference="precomputed"``) and the follower
+      atoms (``objective="robust"``).
+    config: train config (static).
+    mesh: when given, micro-batches and gradients get sharding constraints for this mesh.
+
+  Returns:
+    ``(new_state, metrics)``; metrics are float32 scalars: ``loss`` (exactly
+    ``sum_i w_i loss_i / B``), TRL reward/log-prob means, ``grad_norm`` (before clipping),
+    ``learning_rate``, ``nonfinite/skipped`` (1 if this step was skipped),
+    ``nonfinite/consecutive`` and ``nonfinite/total``.
+  """
+  if batch.batch_size != config.global_batch_size:
+    raise ValueError(f"batch has {batch.batch_size} pairs; train.global_batch_size is "
+                     f"{config.global_batch_size}")
+  num_micro = config.micro_batches
+  ref_params = state.ref_params if config.reference == "in_step" else None
+  if config.reference == "in_step" and ref_params is None:
+    raise ValueError("train.reference='in_step' but the state has no ref_params "
+                     "(build it with create_train_state under the same config)")
+
+  def loss_fn(params, micro):
+    loss, metrics = _pair_loss(params, ref_params, state.rest, micro, graphdef=state.graphdef,
+                               config=config)
+    # Scale the micro-batch mean to its share of the global mean: sum over micro-batches of
+    # mean_j * (b / B) = sum_i w_i loss_i / B exactly.
+    return loss / num_micro, metrics
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  p_shardings = param_shardings(state.params, mesh) if mesh is not None else None
+
+  def constrain(tree, shardings):
+    if shardings is None:
+      return tree
+    return jax.lax.with_sharding_constraint(tree, shardings)
+
+  if num_micro == 1:
+    (loss, metrics), grads = grad_fn(state.params, batch)
+    grads = constrain(grads, p_shardings)
+  else:
+    micro = jax.tree.map(lambda x: _split_micro(x, num_micro), batch)
+    if mesh is not None:
+      micro = jax.tree.map(
+          lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(
+              mesh, PartitionSpec(None, *shd.batch_spec(x.ndim - 1, x.shape[1], mesh)))), micro)
+
+    def body(carry, mb):
+      grad_acc, loss_acc, metric_acc = carry
+      (loss, metrics), grads = grad_fn(state.params, mb)
+      grad_acc = constrain(jax.tree.map(jnp.add, grad_acc, grads), p_shardings)
+      metric_acc = jax.tree.map(lambda a, m: a + m / num_micro, metric_acc, metrics)
+      return (grad_acc, loss_acc + loss, metric_acc), None
+
+    zeros = constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
+                      p_shardings)
+    metric_shapes = jax.eval_shape(lambda p, mb: loss_fn(p, mb)[1], state.params,
+                                   jax.tree.map(lambda x: x[0], micro))
+    metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+    (grads, loss, metrics), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32),
+                                                    metric_zeros), micro)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+
+  grad_norm = optax.global_norm(grads)
+  # The global norm is finite iff every gradient entry is (an overflowing norm also skips).
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  new_rng, _ = jax.random.split(state.rng)
+
+  def keep(new, old):
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+  skipped = (~finite).astype(jnp.int32)
+  consecutive = jnp.where(finite, 0, state.nonfinite_consecutive + 1).astype(jnp.int32)
+  new_state = state.replace(
+      step=state.step + (1 - skipped), params=keep(new_params, state.params),
+      opt_state=keep(new_opt_state, state.opt_state),
+      rng=jax.random.wrap_key_data(keep(jax.random.key_data(new_rng),
+                                        jax.random.key_data(state.rng)),
+                                   impl=jax.random.key_impl(state.rng)),
+      nonfinite_consecutive=consecutive, nonfinite_total=state.nonfinite_total + skipped)
+  metrics = dict(metrics)
+  metrics.update({
+      "loss": loss.astype(jnp.float32),
+      "grad_norm": grad_norm.astype(jnp.float32),
+      "learning_rate": jnp.asarray(state.schedule(state.step), jnp.float32),
+      "nonfinite/skipped": skipped.astype(jnp.float32),
+      "nonfinite/consecutive": consecutive.astype(jnp.float32),
+      "nonfinite/total": new_state.nonfinite_total.astype(jnp.float32),
+  })
+  return new_state, metrics
+
+
+
+class NonFiniteError(RuntimeError):
+  """Raised by `check_finite_progress` when too many consecutive steps were skipped."""
+
+
+def check_finite_progress(metrics: Metrics, config: TrainConfig) -> None:
+  """Host-side guard: raises `NonFiniteError` after ``max_nonfinite_steps`` consecutive skips.
+
+  Reads one scalar from ``metrics`` (a device-to-host transfer); call it every step or every
+  few steps.
+  """
+  consecutive = int(metrics["nonfinite/consecutive"])
+  if consecutive >= config.max_nonfinite_steps:
+    raise NonFiniteError(
+        f"{consecutive} consecutive train steps had a non-finite loss or gradient "
+        f"(train.max_nonfinite_steps={config.max_nonfinite_steps}; "
+        f"{int(metrics['nonfinite/total'])} skipped in total); lower train.learning_rate, "
+        "check the batch's reference log-probs and weights, or use compute_dtype=float32")
+
+
+def batch_shardings(mesh: Mesh, config: TrainConfig) -> PreferenceBatch:
+  """`NamedSharding` of each `PreferenceBatch` field: rows over ``("data", "fsdp")``.
+
+  The global batch must divide over ``data * fsdp``. Micro-batches should too (then
+  splitting them moves no data); otherwise each is sharded over the axes that divide it.
+  """
+  shd.check_batch_divisible(config.global_batch_size, mesh, what="train.global_batch_size")
+  b = config.global_batch_size
+  tok = NamedSharding(mesh, shd.batch_spec(2, b, mesh))
+  vec = NamedSharding(mesh, shd.batch_spec(1, b, mesh))
+  return PreferenceBatch(chosen_ids=tok, chosen_mask=tok, chosen_loss_mask=tok,
+                         rejected_ids=tok, rejected_mask=tok, rejected_loss_mask=tok,
+                         weights=vec, ref_chosen_logps=vec, ref_rejected_logps=vec,
+                         atom_weights=tok, atom_shifts=tok)
+
+
+def make_train_step(config: TrainConfig, mesh: Mesh, state: TrainState,
+                    ) -> Callable[[TrainState, PreferenceBatch], tuple[TrainState, Metrics]]:
+  """`train_step` jitted for ``mesh``: sharded in/out, the state donated.
+
+  Args:
+    config: train config (``micro_batch_size`` must divide over ``data * fsdp``).
+    mesh: device mesh.
+    state: the state from `create_train_state` (or an abstract copy); only its structure,
+      static fields and parameter axes are read.
+
+  Returns:
+    ``step(state, batch) -> (state, metrics)``; ``batch`` is a global `PreferenceBatch`
+    (see `ssapo_jax.sharding.global_batch`). The input state is donated: do not reuse it.
+  """
+  s_shard = state_shardings(state, mesh)
+  b_shard = batch_shardings(mesh, config)
+  repl = shd.replicated(mesh)
+
+  def step(state, batch):
+    return train_step(state, batch, config=config, mesh=mesh)
+
+  return jax.jit(step, in_shardings=(s_shard, b_shard), out_shardings=(s_shard, repl),
+                 donate_argnums=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched log-prob scoring (reference log-probs, self-annotation).
+# ---------------------------------------------------------------------------------------------
+
+
+def make_compute_logps(mesh: Mesh, graphdef: Any, params: Any, rest: Any = None, *,
+                       compute_dtype: str = "float32", average: bool = False,
+                       ) -> Callable[..., jax.Array]:
+  """Jitted, sharded ``logps_fn(params, ids, mask, loss_mask) -> [B] float32``.
+
+  Args:
+    mesh: device mesh; sequences are sharded over ``("data", "fsdp")``.
+    graphdef: the model graph (``TrainState.graphdef`` or ``split_model(model)[0]``).
+    params: parameters (only structure and logical axes are read).
+    rest: the model's non-parameter state (``split_model(model)[2]``); None for none.
+    compute_dtype: forward dtype (parameters are cast to it).
+    average: average instead of sum over ``loss_mask`` tokens.
+
+  Returns:
+    A function of ``params``, ``ids``, ``mask``, ``loss_mask`` (each ``[B, T]``, global
+    arrays or numpy on one host) giving replicated ``[B]`` float32 log-probs of the tokens
+    where ``loss_mask`` is 1, each scored given all earlier tokens.
+  """
+  dtype = DTYPES[compute_dtype]
+  p_shard = param_shardings(params, mesh)
+  rest = nnx.State({}) if rest is None else rest
+  r_shard = jax.tree.map(lambda _: shd.replicated(mesh), rest)
+  tok = NamedSharding(mesh, PartitionSpec(shd.BATCH_AXES))
+
+  def logps(params, rest, ids, mask, loss_mask):
+    model = nnx.merge(graphdef, _cast_floats(params, dtype), rest)
+    return model.sequence_logps(ids, mask, loss_mask, average=average).astype(jnp.float32)
+
+  jitted = jax.jit(logps, in_shardings=(p_shard, r_shard, tok, tok, tok),
+                   out_shardings=shd.replicated(mesh))
+
+  def logps_fn(params, ids, mask, loss_mask):
+    return jitted(params, rest, ids, mask, loss_mask)
+
+  return logps_fn
+
+
+def compute_logps(logps_fn: Callable[..., jax.Array], params: Any, mesh: Mesh,
+                  sequences: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], *,
+                  batch_size: int) -> np.ndarray:
+  """Summed log-probs of every sequence, batch by batch, as numpy ``[N]`` float32.
+
+  Args:
+    logps_fn: from `make_compute_logps`.
+    params: the parameters to score with (sharded as the train state's).
+    mesh: device mesh.
+    sequences: iterable of host-local ``(ids, mask, loss_mask)`` numpy batches, each
+      ``[n, T]`` with ``n <= batch_size // num_processes`` rows (a short last batch is padded).
+      On several hosts each yields its own rows; the result holds this host's rows.
+    batch_size: global rows per call (fixed, so the pass compiles once); must divide over
+      ``data * fsdp``.
+
+  Returns:
+    ``[N]`` float32 over this host's rows, in input order.
+  """
+  shd.check_batch_divisible(batch_size, mesh, what="compute_logps batch_size")
+  nproc = jax.process_count()
+  if batch_size % nproc:
+    raise ValueError(f"compute_logps batch_size {batch_size} is not divisible by the "
+                     f"{nproc} processes")
+  local = batch_size // nproc
+  rows = shd.host_batch_rows(mesh, batch_size)
+  out = []
+  for ids, mask, loss_mask in sequences:
+    n = ids.shape[0]
+    if n > local:
+      raise ValueError(f"compute_logps got a batch of {n} rows per host; at most {local}")
+    pad = [(0, local - n), (0, 0)]
+    arrays = [np.pad(np.asarray(a, np.int32), pad) for a in (ids, mask, loss_mask)]
+    global_arrays = shd.global_batch(mesh, tuple(arrays))
+    logps = np.asarray(logps_fn(params, *global_arrays))  # replicated [batch_size]
+    out.append(logps[rows][:n])
+  return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def _iter_pair_sides(batches: Sequence[PreferenceBatch], side: str):
+  for b in batches:
+    yield (np.asarray(getattr(b, f"{side}_ids")), np.asarray(getattr(b, f"{side}_mask")),
+           np.asarray(getattr(b, f"{side}_loss_mask")))
+
+
+def params_fingerprint(params: Any) -> str:
+  """A short hex key of a parameter pytree: paths, shapes, dtypes and two checksums per array.
+
+  The checksums (sum and sum of squares with a position-dependent sign pattern, computed on
+  device in float32) change with any real weight update without moving the weights to host.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+
+  @jax.jit
+  def sums(x):
+    x = x.astype(jnp.float32).reshape(-1)
+    sign = jnp.where(jnp.arange(x.shape[0]) % 3 == 0, -1.0, 1.0)
+    return jnp.stack([jnp.sum(x * sign), jnp.sum(x * x)])
+
+  h = hashlib.sha256()
+  for path, x in flat:
+    h.update(f"{jax.tree_util.keystr(path)}:{x.shape}:{x.dtype}".encode())
+    h.update(np.asarray(sums(x)).tobytes())
+  return h.hexdigest()[:16]
+
+
+def data_fingerprint(batches: Sequence[PreferenceBatch]) -> str:
+  """A short hex key of the token arrays and masks of host-local `PreferenceBatch`es."""
+  h = hashlib.sha256()
+  for b in batches:
+    for side in ("chosen", "rejected"):
+      for a in (getattr(b, f"{side}_ids"), getattr(b, f"{side}_mask"),
+                getattr(b, f"{side}_loss_mask")):
+        a = np.ascontiguousarray(np.asarray(a, np.int32))
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+  return h.hexdigest()[:16]
+
+
+def precompute_ref_logps(logps_fn: Callable[..., jax.Array], ref_params: Any, mesh: Mesh,
+                         batches: Sequence[PreferenceBatch], *, batch_size: int,
+                         cache_dir: str | os.PathLike | None = None,
+                         model_fingerprint: str | None = None,
+                         ) -> tuple[np.ndarray, np.ndarray]:
+  """Reference log-probs of the chosen and rejected side of every pair (once per round).
+
+  Like TRL's ``precompute_ref_log_probs``: one scoring pass over the round's pairs so the
+  train step needs no second model. With ``cache_dir`` the result is stored as
+  ``ref_logps-<model>-<data>-p<process>.npz`` keyed by `params_fingerprint` (or
+  ``model_fingerprint``) and `data_fingerprint`, and reused when both keys match.
+
+  Args:
+    logps_fn: from `make_compute_logps`.
+    ref_params: reference-model parameters.
+    mesh: device mesh.
+    batches: this host's `PreferenceBatch`es (numpy), in order.
+    batch_size: global rows per scoring call.
+    cache_dir: where to cache (the round's data directory); None disables caching.
+    model_fingerprint: overrides `params_fingerprint` (e.g. a checkpoint id).
+
+  Returns:
+    ``(ref_chosen_logps, ref_rejected_logps)``, numpy ``[N]`` float32 over this host's pairs.
+  """
+  path = None
+  if cache_dir is not None:
+    key_m = model_fingerprint or params_fingerprint(ref_params)
+    key_d = data_fingerprint(batches)
+    path = os.path.join(os.fspath(cache_dir),
+                        f"ref_logps-{key_m}-{key_d}-p{jax.process_index()}.npz")
+    if os.path.exists(path):
+      with np.load(path) as cached:
+        return cached["chosen"], cached["rejected"]
+  chosen = compute_logps(logps_fn, ref_params, mesh, _iter_pair_sides(batches, "chosen"),
+                         batch_size=batch_size)
+  rejected = compute_logps(logps_fn, ref_params, mesh, _iter_pair_sides(batches, "rejected"),
+                           batch_size=batch_size)
+  if path is not None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, chosen=chosen, rejected=rejected)
+    os.replace(tmp, path)
+  return chosen, rejected
