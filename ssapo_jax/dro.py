@@ -1,0 +1,516 @@
+"""The SSAPO follower: the worst-case distribution in a 1-Wasserstein ball (paper §2, Thm 3.3).
+
+For one group of N scalars ``xi_i`` (a pair's Bradley–Terry probability ``σ(βΔ_i)`` or its margin
+``βΔ_i``), pieces ``ℓ_k(z) = a_k z + b_k`` whose maximum ``ℓ̃`` under-approximates the convex loss,
+a support ``[lo, hi]`` and a radius ``ε``, the follower solves the finite program of Thm 3.3
+(Mohajerin Esfahani & Kuhn 2018, Thm 4.4)::
+
+    max_{s,q} (1/N) Σ_ik [ s_ik (a_k xi_i + b_k) − a_k q_ik ]
+    s.t.      (1/N) Σ_ik |q_ik| ≤ ε,   Σ_k s_ik = 1,   s_ik ≥ 0,
+              lo·s_ik ≤ s_ik xi_i − q_ik ≤ hi·s_ik.
+
+Its value is ``sup E[ℓ̃]`` over the ball and the worst case is the discrete distribution with atoms
+``z_ik = xi_i − q_ik / s_ik`` of mass ``s_ik / N`` (paper eq. 5 and "Reading off P*").
+
+Exact method (default). Dualising the budget with a multiplier ``λ ≥ 0`` separates the program per
+point: ``g(λ) = λε + (1/N) Σ_i h_i(λ)`` with ``h_i(λ) = max(ℓ̃(xi_i), ℓ̃(lo) − λ(xi_i − lo),
+ℓ̃(hi) − λ(hi − xi_i))``, since a linear piece minus ``λ|z − xi_i|`` peaks at ``xi_i`` or at a
+boundary. ``g`` is convex and piecewise linear in ``λ``; each point contributes at most two
+breakpoints. Sorting the breakpoints (per group) and accumulating the transport cost they release
+finds the minimiser ``λ*`` exactly, and complementary slackness gives the primal: every point takes
+the option that is optimal at ``λ*``, and the one point whose breakpoint sits at ``λ*`` splits its
+mass fractionally so that the budget is spent exactly. This is the fractional-knapsack reading of
+the LP; it needs no iterative solver, is exact up to rounding and costs one sort of ``2N`` keys.
+Each point ends with at most two non-zero atoms.
+
+Generic method (``method="osqp"``). The LP itself, per group, with jaxopt's `BoxOSQP` (matrix-free,
+vmapped over groups padded to a common size). It supports the authors' per-atom cap
+``|q_ik| ≤ ε`` (``per_atom_cap=True``; ``alignment-handbook/scripts/run_wst.py`` bounds ``q`` by
+``(-eps, eps)``), which spreads the budget over all pairs. The OSQP iterate is repaired to an
+exactly feasible point, so its objective is a lower bound of the optimum (first-order accuracy,
+about 1e-4 relative with the defaults).
+
+Precision: the solvers run in float64 when ``jax_enable_x64`` is on, float32 otherwise. In float32
+the objective is accurate to about 1e-6 relative and the budget is met up to float32 rounding
+(about 1e-7 relative); atoms may leave the support by a few ulps.
+
+Grouping (paper §2.4): points are split into groups solved independently, each with its own
+budget ``ε``; the group solutions are merged proportionally (objective = average over groups
+weighted by size). `random_groups` is the paper's §4.3, `chunk_groups` the authors' code
+(consecutive chunks of 100), `quantile_groups` App. F.3 (equal-mass bins in ``xi``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SPACES = ("probability", "margin")
+METHODS = ("exact", "osqp")
+GROUPINGS = ("none", "random", "chunks", "quantile")
+WINDOW_METHODS = ("range", "quantile", "fixed")
+
+
+def _float_dtype():
+  return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+
+
+def _concrete(x) -> Optional[np.ndarray]:
+  """``x`` as a numpy array, or None when it is a tracer (value checks are skipped under jit)."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  return np.asarray(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces.
+
+
+def margin_window(xi, *, method: str = "range", tau: float = 1.0,
+                  quantile: float = 0.05) -> tuple[float, float]:
+  """Knot window in margin space from data (paper v3 §2.2).
+
+  Args:
+    xi: ``[num_pairs]`` margins.
+    method: ``"range"`` gives ``[min − tau, max + tau]``; ``"quantile"`` gives the
+      ``(quantile, 1 − quantile)`` empirical quantiles.
+    tau: padding of the range window (margin units).
+    quantile: lower quantile level of the quantile window, in ``[0, 0.5)``.
+
+  Returns:
+    ``(lo, hi)`` Python floats with ``lo < hi`` (a degenerate window is widened by ``tau`` or 1).
+  """
+  x = np.asarray(xi, np.float64).reshape(-1)
+  if x.size == 0 or not np.all(np.isfinite(x)):
+    raise ValueError(f"margin_window: xi must be non-empty and finite, got {x.size} values "
+                     f"with {int(np.sum(~np.isfinite(x)))} non-finite")
+  if method == "range":
+    if not tau >= 0:
+      raise ValueError(f"margin_window: tau must be >= 0, got {tau}")
+    lo, hi = float(x.min() - tau), float(x.max() + tau)
+  elif method == "quantile":
+    if not 0 <= quantile < 0.5:
+      raise ValueError(f"margin_window: quantile must be in [0, 0.5), got {quantile}")
+    lo, hi = (float(v) for v in np.quantile(x, [quantile, 1 - quantile]))
+  else:
+    raise ValueError(f"margin_window: unknown method {method!r}; accepted: ['range', 'quantile']")
+  if not hi > lo:
+    pad = tau if tau > 0 else 1.0
+    lo, hi = lo - pad, hi + pad
+  return lo, hi
+
+
+def tangent_pieces(num_pieces: int, *, space: str = "probability",
+                   window: Optional[tuple[float, float]] = None,
+                   data=None) -> tuple[jax.Array, jax.Array]:
+  """Slopes and intercepts of tangents whose maximum under-approximates the DPO loss.
+
+  * ``space="probability"``: tangents of ``−log p`` at ``p = k/K``, ``k = 1..K``:
+    ``ℓ_k(p) = −(K/k)(p − k/K) − log(k/K)`` (paper App. G.1 and the authors' code); support [0, 1].
+  * ``space="margin"``: tangents of ``−log σ(z)`` at ``K`` knots evenly spaced over ``window``
+    (both ends included; one knot sits at the window's centre): ``a_k = −σ(−t_k)``,
+    ``b_k = −log σ(t_k) − a_k t_k`` (paper v3 §2.2). Without ``window`` it is built from ``data``
+    with `margin_window` (range method).
+
+  Returns:
+    ``(slopes [K], intercepts [K])`` in the solver dtype (float64 under ``jax_enable_x64``).
+  """
+  if not isinstance(num_pieces, (int, np.integer)) or num_pieces < 1:
+    raise ValueError(f"tangent_pieces: num_pieces must be a positive int, got {num_pieces!r}")
+  k = np.arange(1, num_pieces + 1, dtype=np.float64)
+  if space == "probability":
+    if window is not None or data is not None:
+      raise ValueError("tangent_pieces: window/data apply to space='margin' only; probability "
+                       "pieces are the tangents at k/K")
+    knots = k / num_pieces
+    slopes = -1.0 / knots
+    intercepts = 1.0 - np.log(knots)
+  elif space == "margin":
+    if window is None:
+      if data is None:
+        raise ValueError("tangent_pieces: space='margin' needs window=(lo, hi) or data=xi")
+      window = margin_window(data)
+    lo, hi = (float(w) for w in window)
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
+      raise ValueError(f"tangent_pieces: window must be finite with lo <= hi, got {window}")
+    knots = (np.array([(lo + hi) / 2]) if num_pieces == 1
+             else np.linspace(lo, hi, num_pieces))
+    slopes = -1.0 / (1.0 + np.exp(knots))          # −σ(−t)
+    intercepts = np.logaddexp(0.0, -knots) - slopes * knots  # −log σ(t) − a t
+  else:
+    raise ValueError(f"tangent_pieces: unknown space {space!r}; accepted: {list(SPACES)}")
+  dtype = _float_dtype()
+  return jnp.asarray(slopes, dtype), jnp.asarray(intercepts, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Groups.
+
+
+def chunk_groups(num_points: int, group_size: int) -> jax.Array:
+  """``[num_points]`` int32 ids of consecutive chunks of ``group_size`` (the authors' code).
+
+  The last group is smaller when ``group_size`` does not divide ``num_points``.
+  """
+  _check_group_args(num_points, group_size)
+  return jnp.arange(num_points, dtype=jnp.int32) // group_size
+
+
+def random_groups(num_points: int, group_size: int, *, key: jax.Array) -> jax.Array:
+  """``[num_points]`` int32 ids of a uniformly random partition into groups of ``group_size``
+  (paper §4.3); the last group is smaller when ``group_size`` does not divide ``num_points``."""
+  _check_group_args(num_points, group_size)
+  perm = jax.random.permutation(key, num_points)
+  return jnp.zeros(num_points, jnp.int32).at[perm].set(
+      jnp.arange(num_points, dtype=jnp.int32) // group_size)
+
+
+def quantile_groups(xi, group_size: int) -> jax.Array:
+  """``[num_points]`` int32 ids of equal-mass bins in ``xi`` (paper App. F.3): the
+  ``group_size`` smallest values form group 0, and so on (ties broken by index)."""
+  xi = jnp.asarray(xi)
+  if xi.ndim != 1:
+    raise ValueError(f"quantile_groups: xi must be [num_points], got shape {xi.shape}")
+  _check_group_args(xi.shape[0], group_size)
+  order = jnp.argsort(xi, stable=True)
+  return jnp.zeros(xi.shape[0], jnp.int32).at[order].set(
+      jnp.arange(xi.shape[0], dtype=jnp.int32) // group_size)
+
+
+def _check_group_args(num_points, group_size):
+  if num_points < 1:
+    raise ValueError(f"groups: num_points must be >= 1, got {num_points}")
+  if not isinstance(group_size, (int, np.integer)) or group_size < 1:
+    raise ValueError(f"groups: group_size must be a positive int, got {group_size!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# The worst case.
+
+
+class WorstCase(NamedTuple):
+  """The follower's answer (a pytree).
+
+  Attributes:
+    atom_weights: ``[num_pairs, num_pieces]`` ``s_ik ≥ 0``, rows sum to 1.
+    atom_shifts: ``[num_pairs, num_pieces]`` ``q_ik / s_ik`` (0 where ``s_ik = 0``); the atom is
+      ``z_ik = xi_i − atom_shifts[i, k]``.
+    objective: ``[]`` worst-case expected surrogate loss, averaged over groups weighted by size.
+    dual: ``[num_groups]`` optimal multiplier of each group's budget constraint (the smallest
+      one for the exact method; OSQP's estimate otherwise).
+    group_objectives: ``[num_groups]`` worst-case value of each group (0 for an empty group).
+    budget_spent: ``[num_groups]`` ``(1/N_g) Σ |q_ik|`` of each group (≤ ε).
+    center_objective: ``[]`` ``mean_i ℓ̃(xi_i)``, the value at ``ε = 0``.
+  """
+
+  atom_weights: jax.Array
+  atom_shifts: jax.Array
+  objective: jax.Array
+  dual: jax.Array
+  group_objectives: jax.Array
+  budget_spent: jax.Array
+  center_objective: jax.Array
+
+
+def worst_case(xi, *, epsilon, slopes, intercepts, support, group_ids=None,
+               num_groups: Optional[int] = None, method: str = "exact",
+               per_atom_cap: bool = False, osqp_tol: float = 1e-7,
+               osqp_maxiter: int = 20000) -> WorstCase:
+  """Worst-case distribution of the finite program of Thm 3.3, per group.
+
+  Args:
+    xi: ``[num_pairs]`` centres ``xi_i`` inside ``support``.
+    epsilon: radius ``ε ≥ 0`` of the ball (average transport per point), the same for each group.
+    slopes, intercepts: ``[num_pieces]`` pieces ``ℓ_k(z) = a_k z + b_k`` (see `tangent_pieces`).
+    support: ``(lo, hi)`` with ``lo ≤ hi``; atoms stay inside.
+    group_ids: optional ``[num_pairs]`` ints in ``[0, num_groups)``; None is one group.
+    num_groups: number of groups; inferred as ``max(group_ids) + 1`` when the ids are concrete
+      (pass it when calling under ``jax.jit``).
+    method: ``"exact"`` (sorted dual, the default) or ``"osqp"`` (jaxopt `BoxOSQP` on the LP).
+    per_atom_cap: add the authors' cap ``|q_ik| ≤ ε`` (``method="osqp"`` only).
+    osqp_tol, osqp_maxiter: `BoxOSQP` tolerance and iteration cap.
+
+  Returns:
+    A `WorstCase`.
+
+  Raises:
+    ValueError: non-finite or empty ``xi``, ``xi`` outside the support, ``ε < 0``, mismatched
+      pieces, bad group ids or options. Value checks run when the inputs are concrete; under
+      ``jax.jit`` only shapes are checked.
+  """
+  if method not in METHODS:
+    raise ValueError(f"worst_case: unknown method {method!r}; accepted: {list(METHODS)}")
+  if per_atom_cap and method != "osqp":
+    raise ValueError("worst_case: per_atom_cap=True needs method='osqp' (the exact dual does not "
+                     "apply to the capped program)")
+  xi, slopes, intercepts, lo, hi, epsilon, group_ids, num_groups = _validate(
+      xi, epsilon, slopes, intercepts, support, group_ids, num_groups)
+  if method == "exact":
+    return _solve_exact(xi, slopes, intercepts, lo, hi, epsilon, group_ids,
+                        num_groups=num_groups)
+  return _solve_osqp(xi, slopes, intercepts, lo, hi, epsilon, group_ids, num_groups=num_groups,
+                     per_atom_cap=per_atom_cap, tol=osqp_tol, maxiter=osqp_maxiter)
+
+
+def _validate(xi, epsilon, slopes, intercepts, support, group_ids, num_groups):
+  dtype = _float_dtype()
+  if jnp.ndim(xi) != 1:
+    raise ValueError(f"worst_case: xi must be [num_pairs], got shape {jnp.shape(xi)}")
+  if jnp.shape(xi)[0] == 0:
+    raise ValueError("worst_case: xi is empty; expected at least one point")
+  if jnp.ndim(slopes) != 1 or jnp.shape(slopes) != jnp.shape(intercepts) or not jnp.size(slopes):
+    raise ValueError(f"worst_case: slopes and intercepts must both be [num_pieces] with "
+                     f"num_pieces >= 1, got {jnp.shape(slopes)} and {jnp.shape(intercepts)}")
+  try:
+    lo, hi = support
+  except (TypeError, ValueError):
+    raise ValueError(f"worst_case: support must be a pair (lo, hi), got {support!r}") from None
+  for name, value in (("support lo", lo), ("support hi", hi), ("epsilon", epsilon)):
+    if jnp.ndim(value) != 0:
+      raise ValueError(f"worst_case: {name} must be a scalar, got shape {jnp.shape(value)}")
+  c_lo, c_hi, c_eps = _concrete(lo), _concrete(hi), _concrete(epsilon)
+  if c_lo is not None and c_hi is not None and not (
+      np.isfinite(c_lo) and np.isfinite(c_hi) and c_lo <= c_hi):
+    raise ValueError(f"worst_case: support must be finite with lo <= hi, got ({c_lo}, {c_hi})")
+  if c_eps is not None and not (np.isfinite(c_eps) and c_eps >= 0):
+    raise ValueError(f"worst_case: epsilon must be finite and >= 0, got {c_eps}")
+  for name, arr in (("slopes", slopes), ("intercepts", intercepts)):
+    c = _concrete(arr)
+    if c is not None and not np.all(np.isfinite(c)):
+      raise ValueError(f"worst_case: {name} must be finite, got {c}")
+  c_xi = _concrete(xi)
+  if c_xi is not None:
+    bad = ~np.isfinite(c_xi)
+    if bad.any():
+      raise ValueError(f"worst_case: xi has {int(bad.sum())} non-finite value(s), first at index "
+                       f"{int(np.argmax(bad))}")
+    if c_lo is not None and c_hi is not None:
+      x64 = c_xi.astype(np.float64)
+      out = (x64 < float(c_lo)) | (x64 > float(c_hi))
+      if out.any():
+        i = int(np.argmax(out))
+        raise ValueError(f"worst_case: xi must lie in the support [{float(c_lo)}, {float(c_hi)}]; "
+                         f"{int(out.sum())} value(s) outside, first xi[{i}] = {c_xi[i]}")
+  n = jnp.shape(xi)[0]
+  if group_ids is None:
+    if num_groups not in (None, 1):
+      raise ValueError(f"worst_case: num_groups={num_groups} given without group_ids")
+    group_ids, num_groups = jnp.zeros(n, jnp.int32), 1
+  else:
+    if jnp.shape(group_ids) != (n,) or not jnp.issubdtype(jnp.result_type(group_ids), jnp.integer):
+      raise ValueError(f"worst_case: group_ids must be [num_pairs] = [{n}] ints, got shape "
+                       f"{jnp.shape(group_ids)} dtype {jnp.result_type(group_ids)}")
+    c_g = _concrete(group_ids)
+    if c_g is not None:
+      if c_g.min() < 0:
+        raise ValueError(f"worst_case: group_ids must be >= 0, found {c_g.min()}")
+      if num_groups is None:
+        num_groups = int(c_g.max()) + 1
+      elif c_g.max() >= num_groups:
+        raise ValueError(f"worst_case: group_ids must be < num_groups = {num_groups}, found "
+                         f"{c_g.max()}")
+    elif num_groups is None:
+      raise ValueError("worst_case: pass num_groups when group_ids are traced (under jit)")
+    group_ids = jnp.asarray(group_ids, jnp.int32)
+  return (jnp.asarray(xi, dtype), jnp.asarray(slopes, dtype), jnp.asarray(intercepts, dtype),
+          jnp.asarray(lo, dtype), jnp.asarray(hi, dtype), jnp.asarray(epsilon, dtype),
+          group_ids, int(num_groups))
+
+
+def _segment_exclusive_suffix_sum(values, segment_start):
+  """Σ of ``values`` after each position within its segment (segments are contiguous runs;
+  ``segment_start`` marks their first element). No subtraction, so no cancellation."""
+  rev_v = values[::-1]
+  # In reversed order a segment starts where the original segment ends.
+  seg_end = jnp.concatenate([segment_start[1:], jnp.ones(1, bool)])
+  rev_flag = seg_end[::-1]
+
+  def combine(a, b):
+    va, fa = a
+    vb, fb = b
+    return jnp.where(fb, vb, va + vb), fa | fb
+
+  incl, _ = jax.lax.associative_scan(combine, (rev_v, rev_flag))
+  excl = jnp.where(rev_flag, 0.0, jnp.concatenate([jnp.zeros(1, incl.dtype), incl[:-1]]))
+  return excl[::-1]
+
+
+@jax.jit(static_argnames=("num_groups",))
+def _solve_exact(xi, slopes, intercepts, lo, hi, epsilon, group_ids, *, num_groups):
+  n, num_pieces = xi.shape[0], slopes.shape[0]
+  dtype = xi.dtype
+  zero = jnp.zeros((), dtype)
+  piece_xi = xi[:, None] * slopes + intercepts                  # [N, K]
+  k_stay = jnp.argmax(piece_xi, axis=1)
+  loss_xi = jnp.max(piece_xi, axis=1)                           # ℓ̃(xi)
+  piece_lo, piece_hi = lo * slopes + intercepts, hi * slopes + intercepts
+  k_lo, k_hi = jnp.argmax(piece_lo), jnp.argmax(piece_hi)
+  d_lo, d_hi = xi - lo, hi - xi                                 # transport to each boundary
+  g_lo = jnp.where(d_lo > 0, jnp.max(piece_lo) - loss_xi, zero)  # gain of moving there
+  g_hi = jnp.where(d_hi > 0, jnp.max(piece_hi) - loss_xi, zero)
+
+  # Options per point: 0 stay, 1 lo, 2 hi. "A" is the farther boundary (ties: larger gain),
+  # "B" the nearer. h_i(λ) is the upper envelope of 0, gA − λ dA and gB − λ dB.
+  a_is_hi = (d_hi > d_lo) | ((d_hi == d_lo) & (g_hi > g_lo))
+  d_a, g_a = jnp.where(a_is_hi, d_hi, d_lo), jnp.where(a_is_hi, g_hi, g_lo)
+  d_b, g_b = jnp.where(a_is_hi, d_lo, d_hi), jnp.where(a_is_hi, g_lo, g_hi)
+  opt_a, opt_b = jnp.where(a_is_hi, 2, 1), jnp.where(a_is_hi, 1, 2)
+  rho_a = jnp.where(d_a > 0, g_a / jnp.where(d_a > 0, d_a, 1), zero)  # λ where A meets stay
+  rho_b = jnp.where(d_b > 0, g_b / jnp.where(d_b > 0, d_b, 1), zero)
+  use_a = (g_a > 0) & (g_a > g_b)          # A is optimal just above λ = 0
+  use_b = (g_b > 0) & (d_b > 0) & (~use_a | (rho_b > rho_a))  # B is on the envelope
+  both = use_a & use_b                     # then d_a > d_b strictly
+  lam_ab = jnp.where(both, (g_a - g_b) / jnp.where(both, d_a - d_b, 1), zero)
+  start = jnp.where(use_a, opt_a, jnp.where(use_b, opt_b, 0))
+  # Transition 1: A→B (both), A→stay (A only) or B→stay (B only). Transition 2: B→stay (both).
+  inf = jnp.asarray(jnp.inf, dtype)
+  lam1 = jnp.where(both, lam_ab, jnp.where(use_a, rho_a, jnp.where(use_b, rho_b, inf)))
+  from1 = start
+  to1 = jnp.where(both, opt_b, 0)
+  drop1 = jnp.where(use_a, d_a - jnp.where(both, d_b, zero), jnp.where(use_b, d_b, zero))
+  lam2 = jnp.where(both, jnp.maximum(rho_b, lam1), inf)
+  from2, to2 = opt_b, jnp.zeros_like(opt_b)
+  drop2 = jnp.where(both, d_b, zero)
+
+  # Sort the 2N transitions by (group, λ, order) and release transport until the budget holds.
+  lam = jnp.concatenate([lam1, lam2])
+  drop = jnp.concatenate([drop1, drop2])
+  gid = jnp.concatenate([group_ids, group_ids])
+  order = jnp.concatenate([jnp.zeros(n, jnp.int32), jnp.ones(n, jnp.int32)])
+  idx = jnp.arange(2 * n, dtype=jnp.int32)
+  gid_s, lam_s, _, idx_s = jax.lax.sort((gid, lam, order, idx), num_keys=3)
+  drop_s = drop[idx_s]
+  seg_start = jnp.concatenate([jnp.ones(1, bool), gid_s[1:] != gid_s[:-1]])
+  rest = _segment_exclusive_suffix_sum(drop_s, seg_start)  # cost left if this one is applied
+  counts = jax.ops.segment_sum(jnp.ones(n, dtype), group_ids, num_segments=num_groups)
+  budget = (counts * epsilon)[gid_s]
+  partial = (rest + drop_s - budget) / jnp.where(drop_s > 0, drop_s, 1)
+  applied = jnp.where(drop_s <= 0, zero,
+                      jnp.where(rest >= budget, 1.0,
+                                jnp.where(rest + drop_s <= budget, zero,
+                                          jnp.clip(partial, 0.0, 1.0))))
+  dual = jax.ops.segment_max(jnp.where(applied > 0, lam_s, zero), gid_s,
+                             num_segments=num_groups)
+  dual = jnp.maximum(dual, zero)
+  phi = jnp.zeros(2 * n, dtype).at[idx_s].set(applied)
+  phi1, phi2 = phi[:n], phi[n:]
+
+  opts = jnp.arange(3)
+  onehot = lambda o: (o[:, None] == opts).astype(dtype)       # [N, 3]
+  mass = (onehot(start) + phi1[:, None] * (onehot(to1) - onehot(from1))
+          + phi2[:, None] * (onehot(to2) - onehot(from2)))
+  mass = jnp.clip(mass, 0.0, 1.0)
+  w_stay, w_lo, w_hi = mass[:, 0], mass[:, 1], mass[:, 2]
+  pieces = jnp.arange(num_pieces)
+  at = lambda k: (jnp.reshape(k, (-1, 1)) == pieces).astype(dtype)  # one-hot over pieces
+  s = w_stay[:, None] * at(k_stay) + w_lo[:, None] * at(k_lo) + w_hi[:, None] * at(k_hi)
+  q = (w_lo * d_lo)[:, None] * at(k_lo) - (w_hi * d_hi)[:, None] * at(k_hi)
+  return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, dual, num_groups)
+
+
+def _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, dual, num_groups):
+  """Objective, budget and shifts from a feasible ``(s, q)``."""
+  dtype = xi.dtype
+  shifts = jnp.where(s > 0, q / jnp.where(s > 0, s, 1), 0.0)
+  value = jnp.sum(s * (xi[:, None] * slopes + intercepts) - slopes * q, axis=1)  # [N]
+  safe = jnp.maximum(counts, 1)
+  group_obj = jax.ops.segment_sum(value, group_ids, num_segments=num_groups) / safe
+  spent = jax.ops.segment_sum(jnp.sum(jnp.abs(q), axis=1), group_ids,
+                              num_segments=num_groups) / safe
+  n = jnp.asarray(xi.shape[0], dtype)
+  return WorstCase(atom_weights=s, atom_shifts=shifts, objective=jnp.sum(value) / n,
+                   dual=dual, group_objectives=group_obj, budget_spent=spent,
+                   center_objective=jnp.sum(loss_xi) / n)
+
+
+# --------------------------------------------------------------------------------------------
+# Generic path: the LP per group with jaxopt's BoxOSQP.
+
+
+def _solve_osqp(xi, slopes, intercepts, lo, hi, epsilon, group_ids, *, num_groups,
+                per_atom_cap, tol, maxiter):
+  c_g = _concrete(group_ids)
+  if c_g is None:
+    raise ValueError("worst_case: method='osqp' needs concrete group_ids (it pads groups to a "
+                     "common size); call it outside jit")
+  n = xi.shape[0]
+  counts_np = np.bincount(c_g, minlength=num_groups)
+  width = int(counts_np.max())
+  order = np.argsort(c_g, kind="stable")
+  starts = np.concatenate([[0], np.cumsum(counts_np)[:-1]])
+  slot = np.empty(n, np.int64)
+  slot[order] = np.arange(n) - starts[c_g[order]]
+  return _osqp_core(xi, slopes, intercepts, lo, hi, epsilon, group_ids,
+                    jnp.asarray(slot, jnp.int32), num_groups=num_groups, width=width,
+                    per_atom_cap=bool(per_atom_cap), tol=float(tol), maxiter=int(maxiter))
+
+
+@jax.jit(static_argnames=("num_groups", "width", "per_atom_cap", "tol", "maxiter"))
+def _osqp_core(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, *, num_groups, width,
+               per_atom_cap, tol, maxiter):
+  from jaxopt import BoxOSQP  # imported lazily: only this path needs it
+
+  dtype = xi.dtype
+  num_pieces = slopes.shape[0]
+  counts = jax.ops.segment_sum(jnp.ones_like(xi), group_ids, num_segments=num_groups)
+  real = jnp.zeros((num_groups, width), bool).at[group_ids, slot].set(True)
+  x_pad = jnp.full((num_groups, width), lo, dtype).at[group_ids, slot].set(xi)
+  # Padded slots get an empty support (d_lo = d_hi = 0, so q = 0) and no objective weight.
+  d_lo = jnp.where(real, x_pad - lo, 0.0)
+  d_hi = jnp.where(real, hi - x_pad, 0.0)
+  mask = real.astype(dtype)
+
+  def solve_group(x_g, d_lo_g, d_hi_g, mask_g, count_g):
+    shape = (width, num_pieces)
+    c = (-(x_g[:, None] * slopes + intercepts) * mask_g[:, None],
+         jnp.broadcast_to(slopes, shape) * mask_g[:, None], jnp.zeros(shape, dtype))
+
+    def mv_a(_, x):
+      s, q, u = x
+      z = (jnp.sum(s, axis=1), s, d_lo_g[:, None] * s - q, d_hi_g[:, None] * s + q, u - q,
+           u + q, jnp.sum(u))
+      return z + ((q,) if per_atom_cap else ())
+
+    ones, zeros_k = jnp.ones(width, dtype), jnp.zeros(shape, dtype)
+    big = jnp.full(shape, jnp.inf, dtype)
+    budget = count_g * epsilon
+    lower = (ones, zeros_k, zeros_k, zeros_k, zeros_k, zeros_k, jnp.asarray(-jnp.inf, dtype))
+    upper = (ones, jnp.ones(shape, dtype), big, big, big, big, budget)
+    if per_atom_cap:
+      lower += (jnp.full(shape, -epsilon, dtype),)
+      upper += (jnp.full(shape, epsilon, dtype),)
+    solver = BoxOSQP(matvec_Q=lambda _, x: jax.tree.map(jnp.zeros_like, x), matvec_A=mv_a,
+                     tol=tol, maxiter=maxiter, check_primal_dual_infeasability=False,
+                     implicit_diff=False, jit=True)
+    sol = solver.run(init_params=None, params_obj=(None, c), params_eq=None,
+                     params_ineq=(lower, upper))
+    s, q, _ = sol.params.primal[0]
+    # y of the budget row Σu ≤ N_g ε prices the unscaled objective Σ_i; dividing both by N_g
+    # leaves it unchanged, so it is the program's λ.
+    return s, q, jnp.abs(sol.params.dual_eq[6])
+
+  s, q, lam = jax.vmap(solve_group)(x_pad, d_lo, d_hi, mask, counts)
+  s, q = s[group_ids, slot], q[group_ids, slot]                 # [N, K]
+  s, q = _repair(s, q, xi - lo, hi - xi, epsilon, group_ids, counts, num_groups, per_atom_cap)
+  loss_xi = jnp.max(xi[:, None] * slopes + intercepts, axis=1)
+  return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, lam, num_groups)
+
+
+def _repair(s, q, d_lo, d_hi, epsilon, group_ids, counts, num_groups, per_atom_cap):
+  """Projects an approximate LP solution onto the feasible set (rows on the simplex, atoms in
+  the support, cap, then the budget by scaling ``q`` per group)."""
+  s = jnp.clip(s, 0.0, None)
+  total = jnp.sum(s, axis=1, keepdims=True)
+  k = s.shape[1]
+  s = jnp.where(total > 0, s / jnp.where(total > 0, total, 1), 1.0 / k)
+  q = jnp.clip(q, -s * d_hi[:, None], s * d_lo[:, None])
+  if per_atom_cap:
+    q = jnp.clip(q, -epsilon, epsilon)
+  used = jax.ops.segment_sum(jnp.sum(jnp.abs(q), axis=1), group_ids, num_segments=num_groups)
+  budget = counts * epsilon
+  scale = jnp.where(used > budget, budget / jnp.where(used > 0, used, 1), 1.0)
+  return s, q * scale[group_ids][:, None]
