@@ -1,0 +1,214 @@
+"""Reading preference and prompt sources: local files/directories, `datasets` names, tfds.
+
+``source`` is one of:
+
+* a local file: ``.jsonl``/``.json`` (``load_dataset("json")``), ``.parquet``, ``.arrow``,
+  ``.csv``;
+* a local directory: a ``save_to_disk`` directory (``load_from_disk``), a prepared tfds
+  dataset directory (one holding ``dataset_info.json`` and ``features.json``), or any
+  folder ``load_dataset`` understands;
+* ``"tfds:<builder name>"`` (with ``data_dir``) or ``"tfds:<prepared directory>"``, read with
+  ``tfds.data_source`` (array_record; no TensorFlow needed);
+* otherwise a `datasets` name for ``load_dataset`` (needs the hub or its local cache).
+
+A jsonl file whose bytes are not all UTF-8 is re-read line by line so the bad row is named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from ssapo_jax.data import validate as V
+
+_EXT_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow",
+                 ".csv": "csv"}
+DEFAULT_COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
+
+
+def _is_tfds_dir(path: str) -> bool:
+  return (os.path.isfile(os.path.join(path, "dataset_info.json"))
+          and os.path.isfile(os.path.join(path, "features.json")))
+
+
+def _is_hf_disk_dir(path: str) -> bool:
+  return (os.path.isfile(os.path.join(path, "state.json"))
+          or os.path.isfile(os.path.join(path, "dataset_dict.json")))
+
+
+def _jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
+  """Line-by-line jsonl reader that reports undecodable or unparsable lines per row."""
+  with open(path, "rb") as f:
+    index = 0
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        text = line.decode("utf-8")
+      except UnicodeDecodeError:  # Keep bad bytes as lone surrogates: check_text names the field.
+        text = line.decode("utf-8", errors="surrogateescape")
+      try:
+        row = json.loads(text)
+      except json.JSONDecodeError as e:
+        row = V._RowProblem(None, V.INVALID_JSON, str(e))
+      else:
+        if not isinstance(row, dict):
+          row = V._RowProblem(None, V.INVALID_JSON, f"expected a JSON object, found {type(row).__name__}")
+      yield index, row
+      index += 1
+
+
+def _dataset_rows(ds) -> Iterator[tuple[int, dict]]:
+  """Rows of a `datasets.Dataset`, read column-wise (much faster than row iteration)."""
+  names = list(ds.column_names)
+  cols = [ds[n] for n in names]
+  for i in range(len(ds)):
+    yield i, {n: c[i] for n, c in zip(names, cols)}
+
+
+def _tfds_rows(spec: str, *, split: str, data_dir: str | None) -> Iterator[tuple[int, dict]]:
+  import tensorflow_datasets as tfds
+  if os.path.isdir(spec):
+    source = tfds.builder_from_directory(spec).as_data_source(split=split)
+  else:
+    source = tfds.data_source(spec, split=split, data_dir=data_dir)
+  for i in range(len(source)):
+    yield i, dict(source[i])
+
+
+def read_rows(source: str | os.PathLike, *, split: str = "train", data_dir: str | None = None,
+              cache_dir: str | None = None) -> tuple[str, Iterator[tuple[int, Any]], list[str]]:
+  """Opens ``source``; returns ``(name, rows, column_names)``.
+
+  ``rows`` yields ``(row_index, row_dict)``; a row the reader could not decode yields a row
+  problem in place of the dict, for the validation policy to handle.
+  """
+  import datasets
+  source = os.fspath(source)
+  if source.startswith("tfds:"):
+    spec = source[len("tfds:"):]
+    first, rows = _peek(_tfds_rows(spec, split=split, data_dir=data_dir))
+    return source, rows, list(first or ())
+  if os.path.isdir(source):
+    if _is_hf_disk_dir(source):
+      ds = datasets.load_from_disk(source)
+      if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+          raise ValueError(f"{source}: split {split!r} not found; available: {list(ds)}")
+        ds = ds[split]
+    elif _is_tfds_dir(source):
+      first, rows = _peek(_tfds_rows(source, split=split, data_dir=None))
+      return source, rows, list(first or ())
+    else:
+      ds = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
+    return source, _dataset_rows(ds), list(ds.column_names)
+  if os.path.isfile(source):
+    ext = os.path.splitext(source)[1].lower()
+    if ext not in _EXT_BUILDERS:
+      raise ValueError(f"{source}: unsupported file extension {ext!r}; expected one of "
+                       f"{sorted(_EXT_BUILDERS)}")
+    try:
+      ds = datasets.load_dataset(_EXT_BUILDERS[ext], data_files=source, split="train",
+                                 cache_dir=cache_dir)
+    except Exception as e:  # noqa: BLE001 - undecodable bytes, bad JSON, mixed types...
+      if ext == ".jsonl":  # Re-read line by line so the bad row is named.
+        first, rows = _peek(_jsonl_rows(source))
+        return source, rows, list(first or ())
+      if isinstance(e, UnicodeDecodeError):
+        raise V.DataValidationError(source, None, None, V.INVALID_UTF8,
+                                    f"byte offset {e.start}") from None
+      raise ValueError(f"{source}: could not be read as {_EXT_BUILDERS[ext]}: {e}") from e
+    return source, _dataset_rows(ds), list(ds.column_names)
+  if os.path.sep in source and not os.path.exists(source) and source.startswith((".", "/")):
+    raise ValueError(f"source {source!r} does not exist")
+  ds = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
+  return source, _dataset_rows(ds), list(ds.column_names)
+
+
+def detect_format(column_names, columns: Mapping[str, str], first_row: Mapping | None) -> str:
+  """``ultrafeedback`` if chosen holds message lists, ``plain`` if text, ``prompt`` if absent."""
+  cc = columns["chosen"]
+  if cc not in column_names:
+    return "prompt"
+  value = None if first_row is None else first_row.get(cc)
+  if isinstance(value, (list, tuple)) or (isinstance(value, Mapping) and "role" in value):
+    return "ultrafeedback"
+  return "plain"
+
+
+def _columns(prompt_column, chosen_column, rejected_column) -> dict[str, str]:
+  return {"prompt": prompt_column, "chosen": chosen_column, "rejected": rejected_column}
+
+
+def _peek(rows):
+  first = None
+  buffered = []
+  for item in rows:
+    buffered.append(item)
+    if isinstance(item[1], Mapping):
+      first = item[1]
+      break
+
+  def chained():
+    yield from buffered
+    yield from rows
+  return first, chained()
+
+
+def load_preferences(source: str | os.PathLike, *, format: str = "auto", split: str = "train",
+                     data_dir: str | None = None, prompt_column: str = "prompt",
+                     chosen_column: str = "chosen", rejected_column: str = "rejected",
+                     policy: str | Mapping[str, str] = "error", cache_dir: str | None = None,
+                     verbose: bool = True) -> V.Records:
+  """Loads and validates labelled preference pairs.
+
+  Args:
+    source: local file or directory, ``"tfds:<name or dir>"``, or a `datasets` name.
+    format: ``"auto"`` (detected from the first row), ``"ultrafeedback"`` (chosen/rejected
+      are message lists ending in the assistant reply; the prompt is the conversation before
+      it, or the prompt column when that is empty), or ``"plain"`` (prompt text or messages,
+      chosen/rejected texts).
+    split: split for `datasets`/tfds sources.
+    data_dir: tfds data directory.
+    prompt_column, chosen_column, rejected_column: column names in the source.
+    policy: ``"error"`` (default), ``"skip"``, or a mapping reason -> policy (see
+      `ssapo_jax.data.validate.REASONS`); skipped rows are counted and printed.
+    cache_dir: `datasets` cache directory.
+    verbose: print the validation summary.
+
+  Returns:
+    `Records` (a list) of `PreferencePair`, with ``.report`` and ``.source``.
+
+  Raises:
+    DataValidationError: a bad row whose reason has policy ``"error"``.
+  """
+  if format not in ("auto", "ultrafeedback", "plain"):
+    raise ValueError(f"format must be 'auto', 'ultrafeedback' or 'plain', got {format!r}")
+  columns = _columns(prompt_column, chosen_column, rejected_column)
+  name, rows, column_names = read_rows(source, split=split, data_dir=data_dir, cache_dir=cache_dir)
+  first, rows = _peek(rows)
+  fmt = format
+  if fmt == "auto":
+    fmt = detect_format(column_names, columns, first)
+    if fmt == "prompt":
+      raise V.DataValidationError(name, 0, chosen_column, V.MISSING_FIELD,
+                                  f"no {chosen_column!r} column: this looks like a prompt-only "
+                                  f"source (columns {column_names}); use load_prompts")
+  return V.validate_rows(rows, source=name, kind="pair", fmt=fmt, columns=columns, policy=policy,
+                         verbose=verbose)
+
+
+def load_prompts(source: str | os.PathLike, *, split: str = "train", data_dir: str | None = None,
+                 prompt_column: str = "prompt", policy: str | Mapping[str, str] = "error",
+                 cache_dir: str | None = None, verbose: bool = True) -> V.Records:
+  """Loads and validates unlabelled prompts (text or message lists) -> `Records` of `PromptRecord`.
+
+  Works on prompt-only sources and on preference sources (only the prompt column is read).
+  Arguments as in `load_preferences`.
+  """
+  columns = _columns(prompt_column, "chosen", "rejected")
+  name, rows, _ = read_rows(source, split=split, data_dir=data_dir, cache_dir=cache_dir)
+  return V.validate_rows(rows, source=name, kind="prompt", fmt="prompt", columns=columns,
+                         policy=policy, verbose=verbose)
