@@ -368,3 +368,121 @@ def save_resolved(config: Any, output_dir: str | os.PathLike) -> str:
   path = directory / CONFIG_FILENAME
   path.write_text(dump_yaml(config))
   return os.fspath(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Experiment schema.
+# --------------------------------------------------------------------------------------------
+
+# Imported here (not at the top) so the generic loader above stays usable on its own.
+from ssapo_jax.checkpoint import CheckpointConfig  # noqa: E402
+from ssapo_jax.sampling import SamplingConfig  # noqa: E402
+from ssapo_jax.sharding import MeshConfig  # noqa: E402
+from ssapo_jax.train import TrainConfig  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The initial (SFT) policy: a local Hugging Face model directory.
+
+  Compute dtype, parameter dtype and rematerialisation are training choices and live in
+  `TrainConfig` (``train.compute_dtype``, ``train.param_dtype``, ``train.remat``).
+  """
+
+  path: str  # local HF model directory (config.json, *.safetensors, tokenizer files)
+  tokenizer_path: Optional[str] = None  # tokenizer directory; None = `path`
+  # System turn added to every prompt's chat template; None = no system turn, "" = an empty one
+  # (the authors' code inserts an empty system message for zephyr, none for Llama 3).
+  system_message: Optional[str] = None
+
+  def __post_init__(self):
+    if not self.path:
+      raise ValueError("model.path must name a local Hugging Face model directory, got ''")
+
+  @property
+  def resolved_tokenizer_path(self) -> str:
+    """The tokenizer directory (`tokenizer_path`, else the model `path`)."""
+    return self.tokenizer_path or self.path
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundsConfig:
+  """The SSAPO loop: round 0 trains on the seed pairs, rounds 1..num_rounds self-annotate.
+
+  Per-round learning rates and epochs override ``train.learning_rate`` / ``train.epochs`` when set
+  (see `ExperimentConfig.train_for_round`).
+  """
+
+  num_rounds: int = 3  # self-annotation rounds after the seed round (paper: 3 Mistral, 2 Llama 3)
+  # Prompts drawn from the unlabelled pool by each round 1..num_rounds (paper: 8K/20K/30K);
+  # () = split the pool evenly over the rounds.
+  prompts_per_round: tuple[int, ...] = ()
+  seed_epochs: Optional[int] = None  # epochs of round 0 (seed DPO); None = train.epochs
+  round_epochs: Optional[int] = None  # epochs of rounds >= 1; None = train.epochs
+  seed_learning_rate: Optional[float] = None  # peak lr of round 0; None = train.learning_rate
+  round_learning_rate: Optional[float] = None  # peak lr of rounds >= 1; None = train.learning_rate
+  # Reference of the implicit-reward judge: the SFT model (authors' code) or the previous policy.
+  annotation_reference: Literal["sft", "previous"] = "sft"
+  # Reference of the DPO loss in rounds >= 1: the previous round's policy (authors' code) or SFT.
+  train_reference: Literal["previous", "sft"] = "previous"
+  # Train round t on all pairs so far (Algorithm 1) instead of only its new pairs (authors' code).
+  accumulate: bool = False
+  # Re-solve the follower (worst-case atoms) every this many leader steps; None = once per round.
+  follower_refresh_steps: Optional[int] = None
+  num_eval_prompts: int = 0  # held-out prompts scored after every round; 0 = no evaluation
+
+  def __post_init__(self):
+    if self.num_rounds < 0:
+      raise ValueError(f"rounds.num_rounds must be >= 0, got {self.num_rounds}")
+    if self.prompts_per_round and len(self.prompts_per_round) != self.num_rounds:
+      raise ValueError(f"rounds.prompts_per_round has {len(self.prompts_per_round)} entries "
+                       f"{list(self.prompts_per_round)}; expected one per round "
+                       f"(rounds.num_rounds={self.num_rounds}) or [] for an even split")
+    if any(n < 1 for n in self.prompts_per_round):
+      raise ValueError(f"rounds.prompts_per_round entries must be >= 1, got "
+                       f"{list(self.prompts_per_round)}")
+    for name in ("seed_epochs", "round_epochs", "follower_refresh_steps"):
+      value = getattr(self, name)
+      if value is not None and value < 1:
+        raise ValueError(f"rounds.{name} must be >= 1 or null, got {value}")
+    for name in ("seed_learning_rate", "round_learning_rate"):
+      value = getattr(self, name)
+      if value is not None and not value > 0:
+        raise ValueError(f"rounds.{name} must be > 0 or null, got {value}")
+    if self.num_eval_prompts < 0:
+      raise ValueError(f"rounds.num_eval_prompts must be >= 0, got {self.num_eval_prompts}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """A whole SSAPO run; ``configs/*.yaml`` files have exactly this nesting."""
+
+  model: ModelConfig  # the initial policy (and SFT reference)
+  output_dir: str  # run directory: config.yaml, metrics.jsonl, checkpoints/, phase outputs (local or gs://)
+  sampling: SamplingConfig = SamplingConfig()  # response generation of rounds >= 1
+  train: TrainConfig = TrainConfig()  # the leader (policy) update
+  mesh: MeshConfig = MeshConfig()  # device mesh and multi-host set-up
+  rounds: RoundsConfig = RoundsConfig()  # the SSAPO loop
+  checkpoint: CheckpointConfig = CheckpointConfig()  # save interval and retention
+  seed: int = 42  # global seed: data shuffling, sampling and train keys derive from it
+
+  def __post_init__(self):
+    if not self.output_dir:
+      raise ValueError("output_dir must be set (a local directory or gs://bucket/path)")
+
+  def train_for_round(self, round_index: int) -> TrainConfig:
+    """`TrainConfig` of one round: the seed round (0) or a later one, with per-round lr/epochs."""
+    if round_index < 0 or round_index > self.rounds.num_rounds:
+      raise ValueError(f"round_index must be in [0, {self.rounds.num_rounds}], got {round_index}")
+    seed_round = round_index == 0
+    lr = self.rounds.seed_learning_rate if seed_round else self.rounds.round_learning_rate
+    epochs = self.rounds.seed_epochs if seed_round else self.rounds.round_epochs
+    return dataclasses.replace(
+        self.train,
+        learning_rate=self.train.learning_rate if lr is None else lr,
+        epochs=self.train.epochs if epochs is None else epochs)
+
+
+def load_experiment(yaml_path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
+  """`load_config` for `ExperimentConfig`."""
+  return load_config(ExperimentConfig, yaml_path, overrides)

@@ -1,0 +1,152 @@
+"""``ssapo-train``: run an SSAPO experiment from a YAML config plus ``key=value`` overrides.
+
+    ssapo-train configs/zephyr_7b_ultrafeedback.yaml model.path=/models/zephyr-7b-sft-full \\
+        output_dir=runs/zephyr dro.epsilon=0.05
+
+Steps: load and validate the config (errors print one line and exit with status 2), check the
+model directory, initialise ``jax.distributed`` when several processes take part, decide whether
+to resume (by default: when the run's checkpoint directory has a checkpoint), write the resolved
+config to ``<output_dir>/config.yaml`` and call ``ssapo_jax.rounds.run(config, resume=...)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+EXIT_CONFIG_ERROR = 2
+PROG = "ssapo-train"
+
+
+class UsageError(Exception):
+  """A problem the user can fix from the command line; printed without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog=PROG,
+      description="Stackelberg Self-Annotated Preference Optimization (SSAPO) training run.",
+      epilog="Overrides use dotted keys of the config, e.g. dro.epsilon=0.05 "
+             "train.learning_rate=3e-7 rounds.num_rounds=2. See docs/running.md.")
+  parser.add_argument("config_path", help="YAML experiment config (see configs/)")
+  parser.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="dotted config overrides; values are YAML (numbers, true/false, null, [lists])")
+  parser.add_argument("--output-dir", help="run directory (same as output_dir=...); local or gs://")
+  parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                      help="continue from the newest checkpoint in <output_dir>/checkpoints "
+                           "(default: resume when one exists; --no-resume starts afresh)")
+  parser.add_argument("--coordinator-address",
+                      help="host:port of process 0 for multi-host runs (mesh.coordinator_address)")
+  parser.add_argument("--num-processes", type=int, help="number of processes (mesh.num_processes)")
+  parser.add_argument("--process-id", type=int, help="index of this process (mesh.process_id)")
+  parser.add_argument("--print-config", action="store_true",
+                      help="print the resolved config as YAML and exit without running")
+  return parser
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+  """Dedicated flags become ordinary overrides, so a flag plus the same key=value is an error."""
+  flags = []
+  if args.output_dir is not None:
+    flags.append(f"output_dir={args.output_dir}")
+  if args.coordinator_address is not None:
+    flags.append(f"mesh.coordinator_address={args.coordinator_address}")
+  if args.num_processes is not None:
+    flags.append(f"mesh.num_processes={args.num_processes}")
+  if args.process_id is not None:
+    flags.append(f"mesh.process_id={args.process_id}")
+  return flags
+
+
+def check_model_dir(config) -> None:
+  """Raises `UsageError` unless ``model.path`` (and the tokenizer directory) exist locally."""
+  path = config.model.path
+  if "://" in path:
+    raise UsageError(f"model.path={path!r}: the model must be a local directory (copy it to each "
+                     "host first, e.g. with gsutil -m cp -r)")
+  if not os.path.isdir(path):
+    raise UsageError(
+        f"model.path={path!r} is not a directory. Download the model first, e.g.\n"
+        f"  huggingface-cli download <org>/<model> --local-dir {path}\n"
+        "or point the run at an existing copy with model.path=/path/to/model")
+  if not os.path.isfile(os.path.join(path, "config.json")):
+    raise UsageError(f"model.path={path!r} has no config.json; expected a Hugging Face model "
+                     "directory (config.json, *.safetensors, tokenizer files)")
+  tokenizer = config.model.resolved_tokenizer_path
+  if tokenizer != path and not os.path.isdir(tokenizer):
+    raise UsageError(f"model.tokenizer_path={tokenizer!r} is not a directory")
+
+
+def decide_resume(requested: bool | None, output_dir: str) -> bool:
+  """``--resume``/``--no-resume``, or by default whether the run already has a checkpoint."""
+  from ssapo_jax.checkpoint import checkpoint_dir, has_checkpoint
+  exists = has_checkpoint(checkpoint_dir(output_dir))
+  if requested is None:
+    return exists
+  if requested and not exists:
+    raise UsageError(f"--resume: no checkpoint in {checkpoint_dir(output_dir)}; "
+                     "drop --resume to start a new run")
+  return requested
+
+
+def _changed_keys(old, new, prefix: str = "") -> list[str]:
+  if isinstance(old, dict) and isinstance(new, dict):
+    keys = list(dict.fromkeys([*old, *new]))
+    return [k for key in keys
+            for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+  return [] if old == new else [prefix.rstrip(".")]
+
+
+def warn_if_config_changed(config, output_dir: str) -> list[str]:
+  """On resume, lists (and prints) keys whose value differs from the run's saved config.yaml."""
+  from etils import epath
+  from ssapo_jax import config as cfg_lib
+  path = epath.Path(output_dir) / cfg_lib.CONFIG_FILENAME
+  if not path.exists():
+    return []
+  import yaml
+  old = yaml.safe_load(path.read_text()) or {}
+  changed = _changed_keys(old, cfg_lib.to_dict(config))
+  if changed:
+    print(f"{PROG}: warning: resuming with a config that differs from {path} in: "
+          f"{', '.join(changed)}", file=sys.stderr)
+  return changed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of ``ssapo-train`` and ``launch/train.py``; returns the exit status."""
+  args = build_parser().parse_args(argv)
+  from ssapo_jax import config as cfg_lib
+  try:
+    config = cfg_lib.load_experiment(args.config_path, [*args.overrides, *_flag_overrides(args)])
+    if args.print_config:
+      sys.stdout.write(cfg_lib.dump_yaml(config))
+      return 0
+    check_model_dir(config)
+  except (cfg_lib.ConfigError, UsageError) as e:
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    return EXIT_CONFIG_ERROR
+
+  from ssapo_jax.sharding import initialize_distributed
+  initialize_distributed(config.mesh)  # before any other JAX call touches the devices
+  import jax
+
+  try:
+    resume = decide_resume(args.resume, config.output_dir)
+  except UsageError as e:
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    return EXIT_CONFIG_ERROR
+  if jax.process_index() == 0:
+    if resume:
+      warn_if_config_changed(config, config.output_dir)
+    cfg_lib.save_resolved(config, config.output_dir)
+
+  from ssapo_jax import rounds  # imported late: config errors must not depend on the training stack
+  rounds.run(config, resume=resume)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
