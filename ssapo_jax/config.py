@@ -18,6 +18,7 @@ live beside the code they configure (`DataConfig`, `SamplingConfig`, `TrainConfi
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import os
@@ -59,7 +60,7 @@ def _type_name(tp: Any) -> str:
     return "one of " + ", ".join(repr(a) for a in args)
   if origin in (Union, types.UnionType):
     return " | ".join(_type_name(a) for a in args)
-  if origin in (tuple, list, dict):
+  if origin in (tuple, list, dict, collections.abc.Mapping):
     inner = ", ".join("..." if a is Ellipsis else _type_name(a) for a in args)
     return f"{origin.__name__}[{inner}]" if args else origin.__name__
   if dataclasses.is_dataclass(tp):
@@ -136,7 +137,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
       item_tp = args[0] if args else Any
       items = [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
     return tuple(items) if (origin is tuple or tp is tuple) else items
-  if origin is dict or tp is dict:
+  if origin in (dict, collections.abc.Mapping) or tp in (dict, collections.abc.Mapping):
     if not isinstance(value, Mapping):
       raise _bad_value(path, value, tp)
     key_tp, val_tp = args if args else (Any, Any)
@@ -376,6 +377,7 @@ def save_resolved(config: Any, output_dir: str | os.PathLike) -> str:
 
 # Imported here (not at the top) so the generic loader above stays usable on its own.
 from ssapo_jax.checkpoint import CheckpointConfig  # noqa: E402
+from ssapo_jax.data.config import DataConfig  # noqa: E402
 from ssapo_jax.sampling import SamplingConfig  # noqa: E402
 from ssapo_jax.sharding import MeshConfig  # noqa: E402
 from ssapo_jax.train import TrainConfig  # noqa: E402
@@ -386,14 +388,12 @@ class ModelConfig:
   """The initial (SFT) policy: a local Hugging Face model directory.
 
   Compute dtype, parameter dtype and rematerialisation are training choices and live in
-  `TrainConfig` (``train.compute_dtype``, ``train.param_dtype``, ``train.remat``).
+  `TrainConfig` (``train.compute_dtype``, ``train.param_dtype``, ``train.remat``); the chat
+  template's system message is ``data.system_message``.
   """
 
   path: str  # local HF model directory (config.json, *.safetensors, tokenizer files)
   tokenizer_path: Optional[str] = None  # tokenizer directory; None = `path`
-  # System turn added to every prompt's chat template; None = no system turn, "" = an empty one
-  # (the authors' code inserts an empty system message for zephyr, none for Llama 3).
-  system_message: Optional[str] = None
 
   def __post_init__(self):
     if not self.path:
@@ -413,10 +413,9 @@ class RoundsConfig:
   (see `ExperimentConfig.train_for_round`).
   """
 
-  num_rounds: int = 3  # self-annotation rounds after the seed round (paper: 3 Mistral, 2 Llama 3)
-  # Prompts drawn from the unlabelled pool by each round 1..num_rounds (paper: 8K/20K/30K);
-  # () = split the pool evenly over the rounds.
-  prompts_per_round: tuple[int, ...] = ()
+  # Self-annotation rounds after the seed round (paper: 3 Mistral, 2 Llama 3); round t draws its
+  # prompts from pool t of ``data.pool_sizes``.
+  num_rounds: int = 3
   seed_epochs: Optional[int] = None  # epochs of round 0 (seed DPO); None = train.epochs
   round_epochs: Optional[int] = None  # epochs of rounds >= 1; None = train.epochs
   seed_learning_rate: Optional[float] = None  # peak lr of round 0; None = train.learning_rate
@@ -434,13 +433,6 @@ class RoundsConfig:
   def __post_init__(self):
     if self.num_rounds < 0:
       raise ValueError(f"rounds.num_rounds must be >= 0, got {self.num_rounds}")
-    if self.prompts_per_round and len(self.prompts_per_round) != self.num_rounds:
-      raise ValueError(f"rounds.prompts_per_round has {len(self.prompts_per_round)} entries "
-                       f"{list(self.prompts_per_round)}; expected one per round "
-                       f"(rounds.num_rounds={self.num_rounds}) or [] for an even split")
-    if any(n < 1 for n in self.prompts_per_round):
-      raise ValueError(f"rounds.prompts_per_round entries must be >= 1, got "
-                       f"{list(self.prompts_per_round)}")
     for name in ("seed_epochs", "round_epochs", "follower_refresh_steps"):
       value = getattr(self, name)
       if value is not None and value < 1:
@@ -459,6 +451,7 @@ class ExperimentConfig:
 
   model: ModelConfig  # the initial policy (and SFT reference)
   output_dir: str  # run directory: config.yaml, metrics.jsonl, checkpoints/, phase outputs (local or gs://)
+  data: DataConfig = DataConfig()  # seed preferences, prompt pools, tokenisation, batching
   sampling: SamplingConfig = SamplingConfig()  # response generation of rounds >= 1
   train: TrainConfig = TrainConfig()  # the leader (policy) update
   mesh: MeshConfig = MeshConfig()  # device mesh and multi-host set-up
@@ -469,6 +462,10 @@ class ExperimentConfig:
   def __post_init__(self):
     if not self.output_dir:
       raise ValueError("output_dir must be set (a local directory or gs://bucket/path)")
+    if len(self.data.pool_sizes) < self.rounds.num_rounds:
+      raise ValueError(f"rounds.num_rounds={self.rounds.num_rounds} needs one prompt pool per "
+                       f"round, but data.pool_sizes={list(self.data.pool_sizes)} has "
+                       f"{len(self.data.pool_sizes)}")
 
   def train_for_round(self, round_index: int) -> TrainConfig:
     """`TrainConfig` of one round: the seed round (0) or a later one, with per-round lr/epochs."""
