@@ -61,11 +61,18 @@ def _jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
 
 
 def _dataset_rows(ds) -> Iterator[tuple[int, dict]]:
-  """Rows of a `datasets.Dataset`, read column-wise (much faster than row iteration)."""
+  """Rows of a `datasets.Dataset`, read column-wise (much faster than row iteration).
+
+  The columns are read here, eagerly, so decoding errors surface in `read_rows`.
+  """
   names = list(ds.column_names)
-  cols = [ds[n] for n in names]
-  for i in range(len(ds)):
-    yield i, {n: c[i] for n, c in zip(names, cols)}
+  table = ds[:] if len(ds) else {n: [] for n in names}  # Decoded by the features (e.g. Json).
+  cols = [table[n] for n in names]
+
+  def rows():
+    for i in range(len(ds)):
+      yield i, {n: c[i] for n, c in zip(names, cols)}
+  return rows()
 
 
 def _tfds_rows(spec: str, *, split: str, data_dir: str | None) -> Iterator[tuple[int, dict]]:
@@ -112,6 +119,7 @@ def read_rows(source: str | os.PathLike, *, split: str = "train", data_dir: str 
     try:
       ds = datasets.load_dataset(_EXT_BUILDERS[ext], data_files=source, split="train",
                                  cache_dir=cache_dir)
+      return source, _dataset_rows(ds), list(ds.column_names)
     except Exception as e:  # noqa: BLE001 - undecodable bytes, bad JSON, mixed types...
       if ext == ".jsonl":  # Re-read line by line so the bad row is named.
         first, rows = _peek(_jsonl_rows(source))
@@ -120,7 +128,6 @@ def read_rows(source: str | os.PathLike, *, split: str = "train", data_dir: str 
         raise V.DataValidationError(source, None, None, V.INVALID_UTF8,
                                     f"byte offset {e.start}") from None
       raise ValueError(f"{source}: could not be read as {_EXT_BUILDERS[ext]}: {e}") from e
-    return source, _dataset_rows(ds), list(ds.column_names)
   if os.path.sep in source and not os.path.exists(source) and source.startswith((".", "/")):
     raise ValueError(f"source {source!r} does not exist")
   ds = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
