@@ -117,7 +117,8 @@ def warn_if_config_changed(config, output_dir: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of ``ssapo-train`` and ``launch/train.py``; returns the exit status."""
-  args = build_parser().parse_args(argv)
+  # Intermixed: overrides may come before or after flags (`cfg.yaml --resume a.b=1`).
+  args = build_parser().parse_intermixed_args(argv)
   from ssapo_jax import config as cfg_lib
   try:
     config = cfg_lib.load_experiment(args.config_path, [*args.overrides, *_flag_overrides(args)])
