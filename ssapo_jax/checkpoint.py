@@ -22,6 +22,7 @@ or ``gs://bucket/path``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import warnings
 from typing import Any, Mapping, NamedTuple
@@ -142,7 +143,7 @@ class Checkpointer:
         self._manager.delete(s)
     args = ocp.args.Composite(**{
         _STATE: ocp.args.StandardSave(state),
-        _META: ocp.args.JsonSave(dict(metadata or {})),
+        _META: ocp.args.JsonSave(_jsonable(metadata or {})),
     })
     return bool(self._manager.save(step, args=args, force=True))
 
@@ -230,6 +231,24 @@ class Checkpointer:
     if not isinstance(metadata, dict):
       raise ValueError(f"metadata of checkpoint {step} is {type(metadata).__name__}, not a JSON object")
     return Restored(step=step, state=restored[_STATE], metadata=metadata)
+
+
+def _jsonable(metadata: Mapping[str, Any]) -> dict[str, Any]:
+  """Plain-JSON copy of `metadata` (numpy/JAX scalars become Python numbers).
+
+  Checked here, synchronously, because an asynchronous save would only fail in its background
+  thread.
+  """
+
+  def convert(obj):
+    if hasattr(obj, "shape") and hasattr(obj, "dtype") and getattr(obj, "size", 2) == 1:
+      return obj.reshape(()).item() if hasattr(obj, "reshape") else obj.item()
+    if isinstance(obj, (tuple, set, frozenset)):
+      return list(obj)
+    raise TypeError(f"checkpoint metadata holds {type(obj).__name__} {obj!r}, which is not JSON "
+                    "serialisable; store arrays in the state pytree instead")
+
+  return json.loads(json.dumps(dict(metadata), default=convert))
 
 
 def checkpoint_dir(output_dir: str | os.PathLike) -> str:

@@ -149,6 +149,16 @@ def test_incomplete_save_is_invisible_and_all_corrupt_raises(tmp_path, mesh):
       ckpt.restore(_state(mesh, 0.0), step=5)
 
 
+def test_metadata_numpy_scalars_and_non_json(tmp_path, mesh):
+  with Checkpointer(tmp_path / "ckpt") as ckpt:
+    ckpt.save(1, {"x": np.zeros(2)}, {"cursor": np.int64(7), "loss": jnp.float32(0.5),
+                                      "pair": (1, 2)}, force=True)
+    ckpt.wait()
+    assert ckpt.restore_metadata(1) == {"cursor": 7, "loss": 0.5, "pair": [1, 2]}
+    with pytest.raises(TypeError, match="not JSON serialisable"):
+      ckpt.save(2, {"x": np.zeros(2)}, {"bad": np.zeros(3)}, force=True)
+
+
 def test_empty_directory_and_bad_config(tmp_path):
   with Checkpointer(tmp_path / "empty") as ckpt:
     assert ckpt.latest_step() is None
