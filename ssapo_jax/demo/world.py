@@ -10,7 +10,7 @@ Nothing is downloaded. `build_world` writes into ``<out>/world/``:
 * ``pool.jsonl``: the preference pool. For each pool prompt the SFT model samples two
   responses (temperature ``pool_temperature``); the oracle labels them chosen/rejected, and
   prompts whose two responses tie under the oracle are left out (as a human annotator would
-  have no preference). Plain-string format (``prompt``, ``chosen``, ``rejected``) plus the
+  have no preference), as are pairs with an empty response (the data pipeline rejects them). Plain-string format (``prompt``, ``chosen``, ``rejected``) plus the
   oracle scores.
 * ``eval_prompts.jsonl``: held-out prompts, and ``sft_eval.json``, the SFT model's greedy
   outputs on them in AlpacaEval's format (the baseline of every win rate).
@@ -319,10 +319,13 @@ def build_world(root: str, config: WorldConfig = WorldConfig(), *, progress: boo
   sampled = generate_responses(model, tokenizer, pool_prompts, k_pool,
                                temperature=config.pool_temperature, num_samples=2,
                                desc="SFT samples for the pool", **gen)
-  pool, sample_scores, ties = [], [], 0
+  pool, sample_scores, ties, empty = [], [], 0, 0
   for prompt, (a, b) in zip(pool_prompts, sampled):
     sa, sb = task.oracle_score(prompt, a), task.oracle_score(prompt, b)
     sample_scores += [sa, sb]
+    if not a.strip() or not b.strip():  # The data pipeline rejects empty responses.
+      empty += 1
+      continue
     if sa == sb or a.strip() == b.strip():
       ties += 1
       continue
@@ -349,6 +352,7 @@ def build_world(root: str, config: WorldConfig = WorldConfig(), *, progress: boo
       "pool_prompts": config.pool_prompts,
       "pool_pairs": len(pool),
       "pool_ties_dropped": ties,
+      "pool_empty_dropped": empty,
       "pool_mean_gap": float(np.mean([r["chosen_score"] - r["rejected_score"] for r in pool])),
       "build_seconds": time.time() - t0,
   }
