@@ -81,7 +81,7 @@ if ((!SKIP_INSTALL)); then
   run tar -czf "$TARBALL" -C "$REPO_ROOT" --exclude=.git --exclude=.venv --exclude=runs \
     --exclude=__pycache__ .
   run "${TPU[@]}" scp "$TARBALL" "$NAME:ssapo_jax_src.tar.gz" "${WHERE[@]}" --worker=all
-  ssh_all "rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar -xzf ssapo_jax_src.tar.gz -C $REMOTE_DIR && python3 -m venv $REMOTE_VENV && $REMOTE_VENV/bin/pip install -q -U pip && $REMOTE_VENV/bin/pip install -q -e './$REMOTE_DIR[tpu]'"
+  ssh_all "rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar -xzf ssapo_jax_src.tar.gz -C $REMOTE_DIR && python3 -m venv $REMOTE_VENV && $REMOTE_VENV/bin/pip install -q -U pip && $REMOTE_VENV/bin/pip install -q -e './$REMOTE_DIR[tpu]' gcsfs"
   # A config outside the checkout is copied next to it.
   case "$(cd "$(dirname "$CONFIG")" && pwd)/" in
     "$REPO_ROOT"/*) ;;

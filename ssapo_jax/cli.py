@@ -79,6 +79,16 @@ def check_model_dir(config) -> None:
     raise UsageError(f"model.tokenizer_path={tokenizer!r} is not a directory")
 
 
+def check_output_dir(config) -> None:
+  """Raises `UsageError` when a ``gs://`` output directory cannot be written from this host."""
+  if config.output_dir.startswith("gs://"):
+    try:
+      import gcsfs  # noqa: F401  (etils.epath's Google Cloud Storage backend)
+    except ImportError:
+      raise UsageError(f"output_dir={config.output_dir!r} needs the gcsfs package to write to "
+                       "Google Cloud Storage: pip install gcsfs") from None
+
+
 def decide_resume(requested: bool | None, output_dir: str) -> bool:
   """``--resume``/``--no-resume``, or by default whether the run already has a checkpoint."""
   from ssapo_jax.checkpoint import checkpoint_dir, has_checkpoint
@@ -126,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       sys.stdout.write(cfg_lib.dump_yaml(config))
       return 0
     check_model_dir(config)
+    check_output_dir(config)
   except (cfg_lib.ConfigError, UsageError) as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return EXIT_CONFIG_ERROR

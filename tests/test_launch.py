@@ -70,6 +70,16 @@ def test_model_dir_without_config_json(tmp_path, capsys):
   assert "has no config.json" in capsys.readouterr().err
 
 
+def test_gcs_output_dir_needs_gcsfs(model_dir, capsys):
+  try:
+    import gcsfs  # noqa: F401
+    pytest.skip("gcsfs is installed; the missing-package message cannot be triggered")
+  except ImportError:
+    pass
+  assert cli.main([TINY, f"model.path={model_dir}", "output_dir=gs://bucket/run"]) == 2
+  assert "needs the gcsfs package" in capsys.readouterr().err
+
+
 def test_print_config_shows_the_resolved_yaml(capsys):
   assert cli.main([TINY, "train.beta=0.25", "--num-processes", "1", "--print-config"]) == 0
   printed = yaml.safe_load(capsys.readouterr().out)
@@ -159,7 +169,7 @@ def test_tpu_pod_dry_run_commands():
   assert all("--worker=all" in l and set(where) <= set(l) for l in ssh)
   remote = [next(w for w in l if w.startswith("--command="))[len("--command="):] for l in ssh]
   install, stage, train = remote
-  assert "pip install" in install and "[tpu]" in install
+  assert "pip install" in install and "[tpu]" in install and "gcsfs" in install
   assert "gcloud storage cp -r gs://bucket/models/zephyr/* /tmp/zephyr/" in stage
   train_words = shlex.split(train.replace("$HOME", "HOME"))
   assert train_words[:2] == ["cd", "HOME/ssapo_jax_src"]
