@@ -81,3 +81,9 @@ def test_bad_words_and_missing_dir(tmp_path):
     tk.build_test_tokenizer(tmp_path / "x", ["two words"])
   with pytest.raises(ValueError, match="not a directory"):
     tk.load_tokenizer(tmp_path / "missing")
+
+
+def test_encode_batch_matches_tokenizer_call(tok_dir):
+  tok = tk.load_tokenizer(tok_dir)
+  texts = ["hello world", "<|user|> how are you ? </s>", "", "unknown words here"]
+  assert tk.encode_batch(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]

@@ -116,26 +116,35 @@ def chat_prompt_ids(tokenizer, messages_or_prompt: str | Sequence[Message], *,
                                add_bos=add_bos)[0]
 
 
+def encode_batch(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+  """Token ids of ``texts`` without added special tokens, in one batched call.
+
+  Fast tokenizers go straight to the Rust ``encode_batch`` (what ``tokenizer(texts)`` calls,
+  without building Python encodings); slow ones use ``tokenizer(texts)``.
+  """
+  if not texts:
+    return []
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  if backend is not None:
+    return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+  return [list(x) for x in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
 def chat_prompt_ids_batch(tokenizer, prompts: Sequence[str | Sequence[Message]], *,
                           system_message: str | None = None,
                           add_bos: bool | None = None) -> list[list[int]]:
   """`chat_prompt_ids` for many prompts, tokenised in one batched (Rust) call."""
   texts = [chat_prompt_text(tokenizer, p, system_message=system_message) for p in prompts]
-  if not texts:
-    return []
-  ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-  return [_maybe_bos(tokenizer, list(x), add_bos) for x in ids]
+  return [_maybe_bos(tokenizer, x, add_bos) for x in encode_batch(tokenizer, texts)]
 
 
 def response_ids_batch(tokenizer, responses: Sequence[str], *, add_eos: bool = True) -> list[list[int]]:
   """Token ids of response texts (no special tokens added), each followed by EOS if asked."""
-  if not responses:
-    return []
-  ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+  ids = encode_batch(tokenizer, responses)
   eos = tokenizer.eos_token_id
   if add_eos and eos is None:
     raise ValueError(f"add_eos=True but tokenizer {_tokenizer_name(tokenizer)!r} has no EOS token")
-  return [list(x) + [eos] if add_eos else list(x) for x in ids]
+  return [x + [eos] for x in ids] if add_eos else ids
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
