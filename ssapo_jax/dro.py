@@ -218,8 +218,8 @@ class WorstCase(NamedTuple):
 
 def worst_case(xi, *, epsilon, slopes, intercepts, support, group_ids=None,
                num_groups: Optional[int] = None, method: str = "exact",
-               per_atom_cap: bool = False, osqp_tol: float = 1e-7,
-               osqp_maxiter: int = 20000) -> WorstCase:
+               per_atom_cap: bool = False, osqp_tol: float = 1e-5,
+               osqp_maxiter: int = 4000) -> WorstCase:
   """Worst-case distribution of the finite program of Thm 3.3, per group.
 
   Args:
@@ -466,20 +466,23 @@ def _osqp_core(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, *, num_
 
   def solve_group(x_g, d_lo_g, d_hi_g, mask_g, count_g):
     shape = (width, num_pieces)
+    # Row equilibration (BoxOSQP has no Ruiz scaling): unit-norm rows for the sums.
+    row_scale = 1.0 / np.sqrt(num_pieces)
+    budget_scale = 1.0 / np.sqrt(width * num_pieces)
     c = (-(x_g[:, None] * slopes + intercepts) * mask_g[:, None],
          jnp.broadcast_to(slopes, shape) * mask_g[:, None], jnp.zeros(shape, dtype))
 
     def mv_a(_, x):
       s, q, u = x
-      z = (jnp.sum(s, axis=1), s, d_lo_g[:, None] * s - q, d_hi_g[:, None] * s + q, u - q,
-           u + q, jnp.sum(u))
+      z = (jnp.sum(s, axis=1) * row_scale, s, d_lo_g[:, None] * s - q, d_hi_g[:, None] * s + q,
+           u - q, u + q, jnp.sum(u) * budget_scale)
       return z + ((q,) if per_atom_cap else ())
 
     ones, zeros_k = jnp.ones(width, dtype), jnp.zeros(shape, dtype)
     big = jnp.full(shape, jnp.inf, dtype)
-    budget = count_g * epsilon
-    lower = (ones, zeros_k, zeros_k, zeros_k, zeros_k, zeros_k, jnp.asarray(-jnp.inf, dtype))
-    upper = (ones, jnp.ones(shape, dtype), big, big, big, big, budget)
+    budget = count_g * epsilon * budget_scale
+    lower = (ones * row_scale, zeros_k, zeros_k, zeros_k, zeros_k, zeros_k, jnp.asarray(-jnp.inf, dtype))
+    upper = (ones * row_scale, jnp.ones(shape, dtype), big, big, big, big, budget)
     if per_atom_cap:
       lower += (jnp.full(shape, -epsilon, dtype),)
       upper += (jnp.full(shape, epsilon, dtype),)
@@ -491,7 +494,7 @@ def _osqp_core(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, *, num_
     s, q, _ = sol.params.primal[0]
     # y of the budget row Σu ≤ N_g ε prices the unscaled objective Σ_i; dividing both by N_g
     # leaves it unchanged, so it is the program's λ.
-    return s, q, jnp.abs(sol.params.dual_eq[6])
+    return s, q, jnp.abs(sol.params.dual_eq[6]) * budget_scale
 
   s, q, lam = jax.vmap(solve_group)(x_pad, d_lo, d_hi, mask, counts)
   s, q = s[group_ids, slot], q[group_ids, slot]                 # [N, K]
@@ -514,3 +517,165 @@ def _repair(s, q, d_lo, d_hi, epsilon, group_ids, counts, num_groups, per_atom_c
   budget = counts * epsilon
   scale = jnp.where(used > budget, budget / jnp.where(used > 0, used, 1), 1.0)
   return s, q * scale[group_ids][:, None]
+
+
+# --------------------------------------------------------------------------------------------
+# Glue for the leader, the rounds and logging.
+
+
+def to_loss_atoms(worst: WorstCase, *, num_atoms: Optional[int] = None,
+                  dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+  """``(atom_weights, atom_shifts)`` in the convention of `losses.robust_dpo_loss`.
+
+  ``atom_weights = s`` (rows sum to 1) and ``atom_shifts = q / s`` (0 where ``s = 0``), so the
+  leader's atom is ``xi_i − shift``.
+
+  Args:
+    worst: a `WorstCase`.
+    num_atoms: keep the ``num_atoms`` heaviest atoms of each row, ``[num_pairs, num_atoms]``
+      (atoms are not tied to pieces in the loss). The exact method puts at most two non-zero atoms
+      on a row, so ``num_atoms=2`` is lossless for it; rows that lose mass are renormalised.
+      None keeps all ``num_pieces`` columns.
+    dtype: output dtype (float32 for the loss).
+
+  Returns:
+    ``(atom_weights [num_pairs, K'], atom_shifts [num_pairs, K'])``.
+  """
+  weights, shifts = worst.atom_weights, worst.atom_shifts
+  if num_atoms is not None:
+    if not isinstance(num_atoms, (int, np.integer)) or num_atoms < 1:
+      raise ValueError(f"to_loss_atoms: num_atoms must be a positive int, got {num_atoms!r}")
+    if num_atoms < weights.shape[1]:
+      weights, order = jax.lax.top_k(weights, num_atoms)
+      shifts = jnp.take_along_axis(shifts, order, axis=1)
+      weights = weights / jnp.sum(weights, axis=1, keepdims=True)
+  shifts = jnp.where(weights > 0, shifts, 0.0)
+  return weights.astype(dtype), shifts.astype(dtype)
+
+
+def summarize(worst: WorstCase, xi) -> dict[str, float]:
+  """Plain-float summary for logging.
+
+  Keys: ``dro/objective`` (worst-case surrogate loss), ``dro/center_objective`` (its value at
+  ``ε = 0``), ``dro/budget_spent`` (``(1/N) Σ s|shift|``), ``dro/mass_moved`` (share of mass on
+  displaced atoms), ``dro/moved_atoms`` (their count), ``dro/dual_max`` (largest budget price),
+  ``dro/xi_mean`` and ``dro/worst_mean`` (means of the centre and of the worst case).
+  """
+  s = np.asarray(worst.atom_weights, np.float64)
+  shifts = np.asarray(worst.atom_shifts, np.float64)
+  x = np.asarray(xi, np.float64)
+  if x.shape != s.shape[:1]:
+    raise ValueError(f"summarize: xi must be [num_pairs] = [{s.shape[0]}], got {x.shape}")
+  moved = (s > 0) & (shifts != 0)
+  n = s.shape[0]
+  return {
+      "dro/objective": float(worst.objective),
+      "dro/center_objective": float(worst.center_objective),
+      "dro/budget_spent": float(np.sum(s * np.abs(shifts)) / n),
+      "dro/mass_moved": float(np.sum(s[moved]) / n),
+      "dro/moved_atoms": float(np.sum(moved)),
+      "dro/dual_max": float(np.max(np.asarray(worst.dual))),
+      "dro/xi_mean": float(np.mean(x)),
+      "dro/worst_mean": float(np.sum(s * (x[:, None] - shifts)) / n),
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class DroConfig:
+  """Follower settings (paper §2, §5; defaults follow the paper's best Mistral run)."""
+
+  epsilon: float = 0.01  # radius of the 1-Wasserstein ball, in xi units (mean transport per pair)
+  num_pieces: int = 6  # K, tangent pieces of the loss (paper: K = 6)
+  space: str = "probability"  # "probability": xi = σ(margin_scale·m); "margin": xi = margin_scale·m
+  margin_scale: float = 0.1  # maps implicit-reward margins m to xi (authors: σ(0.1·m))
+  grouping: str = "none"  # "none" | "random" (paper §4.3) | "chunks" (authors' code) | "quantile"
+  group_size: int = 100  # G, points per group (paper default 100)
+  method: str = "exact"  # "exact" (sorted dual) | "osqp" (jaxopt BoxOSQP on the LP)
+  per_atom_cap: bool = False  # authors' extra |q_ik| <= epsilon (needs method="osqp")
+  window_method: str = "range"  # margin-space knot window: "range" | "quantile" | "fixed"
+  window: Optional[tuple[float, float]] = None  # (lo, hi) for window_method="fixed"
+  window_tau: float = 1.0  # padding of the "range" window, in xi units
+  window_quantile: float = 0.05  # lower quantile level of the "quantile" window
+
+  def __post_init__(self):
+    if not (np.isfinite(self.epsilon) and self.epsilon >= 0):
+      raise ValueError(f"dro.epsilon must be finite and >= 0, got {self.epsilon}")
+    if not isinstance(self.num_pieces, int) or self.num_pieces < 1:
+      raise ValueError(f"dro.num_pieces must be an int >= 1, got {self.num_pieces!r}")
+    if self.space not in SPACES:
+      raise ValueError(f"dro.space must be one of {list(SPACES)}, got {self.space!r}")
+    if not (np.isfinite(self.margin_scale) and self.margin_scale > 0):
+      raise ValueError(f"dro.margin_scale must be finite and > 0, got {self.margin_scale}")
+    if self.grouping not in GROUPINGS:
+      raise ValueError(f"dro.grouping must be one of {list(GROUPINGS)}, got {self.grouping!r}")
+    if not isinstance(self.group_size, int) or self.group_size < 1:
+      raise ValueError(f"dro.group_size must be an int >= 1, got {self.group_size!r}")
+    if self.method not in METHODS:
+      raise ValueError(f"dro.method must be one of {list(METHODS)}, got {self.method!r}")
+    if self.per_atom_cap and self.method != "osqp":
+      raise ValueError("dro.per_atom_cap=True needs dro.method='osqp'")
+    if self.window_method not in WINDOW_METHODS:
+      raise ValueError(f"dro.window_method must be one of {list(WINDOW_METHODS)}, got "
+                       f"{self.window_method!r}")
+    if self.window_method == "fixed":
+      if self.window is None or len(self.window) != 2 or not self.window[0] < self.window[1]:
+        raise ValueError(f"dro.window must be (lo, hi) with lo < hi for window_method='fixed', "
+                         f"got {self.window!r}")
+    elif self.window is not None:
+      raise ValueError(f"dro.window is only used with window_method='fixed' (got window="
+                       f"{self.window!r} with window_method={self.window_method!r})")
+    if not self.window_tau >= 0:
+      raise ValueError(f"dro.window_tau must be >= 0, got {self.window_tau}")
+    if not 0 <= self.window_quantile < 0.5:
+      raise ValueError(f"dro.window_quantile must be in [0, 0.5), got {self.window_quantile}")
+
+
+def margins_to_xi(margins, config: DroConfig) -> jax.Array:
+  """``[num_pairs]`` follower variable from implicit-reward margins: ``σ(scale·m)`` in
+  probability space (the authors' ``σ(0.1·(r_w − r_l))``), ``scale·m`` in margin space."""
+  m = jnp.asarray(margins, _float_dtype())
+  z = config.margin_scale * m
+  return jax.nn.sigmoid(z) if config.space == "probability" else z
+
+
+def solve_follower(margins, config: DroConfig, *, key: jax.Array) -> WorstCase:
+  """One follower step of a round: margins → xi → pieces, support, groups → `worst_case`.
+
+  Args:
+    margins: ``[num_pairs]`` implicit-reward margins ``r_w − r_l`` of this round's pairs.
+    config: a `DroConfig`.
+    key: PRNG key (used by ``grouping="random"``).
+
+  Returns:
+    The `WorstCase` over ``xi = margins_to_xi(margins, config)``; feed it to `to_loss_atoms`.
+  """
+  m = np.asarray(margins, np.float64)
+  if m.ndim != 1 or m.size == 0 or not np.all(np.isfinite(m)):
+    raise ValueError(f"solve_follower: margins must be a non-empty finite [num_pairs] array, got "
+                     f"shape {m.shape} with {int(np.sum(~np.isfinite(m)))} non-finite values")
+  xi = margins_to_xi(m, config)
+  if config.space == "probability":
+    slopes, intercepts = tangent_pieces(config.num_pieces)
+    support = (0.0, 1.0)
+  else:
+    x = np.asarray(xi, np.float64)
+    if config.window_method == "fixed":
+      window = tuple(float(w) for w in config.window)
+    else:
+      window = margin_window(x, method=config.window_method, tau=config.window_tau,
+                             quantile=config.window_quantile)
+    slopes, intercepts = tangent_pieces(config.num_pieces, space="margin", window=window)
+    # The support is the window widened to hold every point (paper: [a_t, b_t]).
+    support = (min(window[0], float(x.min())), max(window[1], float(x.max())))
+  n = m.size
+  if config.grouping == "none":
+    group_ids = None
+  elif config.grouping == "random":
+    group_ids = random_groups(n, config.group_size, key=key)
+  elif config.grouping == "chunks":
+    group_ids = chunk_groups(n, config.group_size)
+  else:
+    group_ids = quantile_groups(xi, config.group_size)
+  return worst_case(xi, epsilon=config.epsilon, slopes=slopes, intercepts=intercepts,
+                    support=support, group_ids=group_ids, method=config.method,
+                    per_atom_cap=config.per_atom_cap)
