@@ -142,6 +142,10 @@ def test_with_pair_columns_reach_the_batch():
   assert b.atom_weights.shape == (8, 1)
   with pytest.raises(ValueError, match="together"):
     D.with_pair_columns(ds, atom_weights=np.ones((8, 2)))
+  sub = ds.select([5, 2])  # An indices mapping over the Arrow table.
+  b = D.PreferenceLoader(sub, global_batch_size=2, shuffle=False).batch_at(D.LoaderCursor())
+  np.testing.assert_array_equal(b.chosen_loss_mask.sum(1), [len(x) for x in sub["chosen_ids"]])
+  np.testing.assert_array_equal(b.chosen_ids[:, 0], [sub[0]["prompt_ids"][0], sub[1]["prompt_ids"][0]])
 
 
 # ----------------------------------------------------------------------------- seed and pools

@@ -85,6 +85,8 @@ class PreferenceLoader:
     if drop_remainder and self.num_pairs < global_batch_size:
       raise ValueError(f"drop_remainder with {self.num_pairs} pairs < global_batch_size "
                        f"{global_batch_size} leaves no batch")
+    if getattr(dataset, "_indices", None) is not None:  # After select/filter/shuffle.
+      dataset = dataset.flatten_indices()
     self.global_batch_size, self.seed, self.pad_id = global_batch_size, seed, pad_id
     self.bucket_size, self.shuffle, self.bucket_window = bucket_size, shuffle, bucket_window
     self.drop_remainder, self.num_hosts, self.host_index = drop_remainder, num_hosts, host_index
