@@ -305,9 +305,24 @@ def global_batch(mesh: Mesh, host_local_batch: Any) -> Any:
   return jax.tree.map(to_global, host_local_batch)
 
 
+def put_global(x: Any, sharding: NamedSharding) -> jax.Array:
+  """Places a value that every process holds in full onto a (possibly multi-host) sharding.
+
+  Each process copies only the slices its own devices need, so this works with one or many
+  processes (``jax.device_put`` of a process-local array cannot target remote devices).
+  """
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    data = put_global(jax.random.key_data(x), sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def shard_params(params: Any, shardings: Any) -> Any:
-  """Places a (host-resident or replicated) parameter pytree onto its shardings."""
-  return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
+  """Places a parameter pytree that every process holds in full onto its shardings."""
+  return jax.tree.map(put_global, params, shardings)
 
 
 def replicated_fraction(params: Any, shardings: Any) -> float:

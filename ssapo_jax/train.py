@@ -292,11 +292,12 @@ def create_train_state(model: nnx.Module, config: TrainConfig, mesh: Mesh, *,
 
   init_opt = jax.jit(tx.init, out_shardings=shardings.opt_state)
   repl = shd.replicated(mesh)
+  zero = np.zeros((), np.int32)
   return TrainState(
-      step=jax.device_put(jnp.zeros((), jnp.int32), repl), params=params,
-      opt_state=init_opt(params), rng=jax.device_put(key, repl),
-      nonfinite_consecutive=jax.device_put(jnp.zeros((), jnp.int32), repl),
-      nonfinite_total=jax.device_put(jnp.zeros((), jnp.int32), repl), rest=rest,
+      step=shd.put_global(zero, repl), params=params,
+      opt_state=init_opt(params), rng=shd.put_global(key, repl),
+      nonfinite_consecutive=shd.put_global(zero, repl),
+      nonfinite_total=shd.put_global(zero, repl), rest=rest,
       ref_params=ref_params, graphdef=graphdef, tx=tx, schedule=schedule)
 
 
@@ -424,7 +425,7 @@ def train_step(state: TrainState, batch: PreferenceBatch, *, config: TrainConfig
                                                     metric_zeros), micro)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
 
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   # The global norm is finite iff every gradient entry is (an overflowing norm also skips).
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)

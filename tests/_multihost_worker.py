@@ -1,0 +1,131 @@
+"""Shared tiny fixtures for the train tests, and the worker of the two-process test.
+
+As a script (one per process)::
+
+    python tests/_multihost_worker.py --process_id 0 --num_processes 2 \
+        --coordinator localhost:PORT --out result.json
+
+runs `run_steps` on a (2, 2, 2) mesh spanning both processes (4 simulated CPU devices each,
+gloo collectives), each process loading only its rows of every global batch, and writes
+its losses and reference log-probs as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+NUM_STEPS = 3
+MESH_SHAPE = (2, 2, 2)
+GLOBAL_BATCH = 8
+SEQ_LEN = 16
+PROMPT_LEN = 6
+NUM_ATOMS = 3
+
+
+def tiny_model_config(**overrides):
+  from ssapo_jax.models import LlamaConfig
+  kwargs = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                num_kv_heads=2, head_dim=8)
+  kwargs.update(overrides)
+  return LlamaConfig(**kwargs)
+
+
+def tiny_model(seed: int = 0, **overrides):
+  from flax import nnx
+  from ssapo_jax.models import Llama
+  return Llama(tiny_model_config(**overrides), rngs=nnx.Rngs(seed))
+
+
+def make_batch(seed: int, *, batch_size: int = GLOBAL_BATCH, seq_len: int = SEQ_LEN,
+               num_atoms: int = NUM_ATOMS, vocab: int = 64):
+  """A numpy `PreferenceBatch` with right padding, random weights, ref log-probs and atoms."""
+  import numpy as np
+  from ssapo_jax.batch import make_preference_batch
+  rng = np.random.default_rng(seed)
+
+  def side():
+    ids = rng.integers(1, vocab, (batch_size, seq_len))
+    lengths = rng.integers(PROMPT_LEN + 2, seq_len + 1, batch_size)
+    mask = (np.arange(seq_len)[None] < lengths[:, None]).astype(np.int32)
+    loss_mask = mask * (np.arange(seq_len)[None] >= PROMPT_LEN)
+    return ids * mask, mask, loss_mask
+
+  atom_weights = rng.dirichlet(np.ones(num_atoms), batch_size).astype(np.float32)
+  atom_shifts = rng.uniform(0.0, 0.3, (batch_size, num_atoms)).astype(np.float32)
+  atom_shifts[:, 0] = 0.0
+  return make_preference_batch(
+      *side(), *side(), weights=rng.uniform(0.2, 2.0, batch_size),
+      ref_chosen_logps=rng.normal(-25.0, 3.0, batch_size),
+      ref_rejected_logps=rng.normal(-25.0, 3.0, batch_size),
+      atom_weights=atom_weights, atom_shifts=atom_shifts)
+
+
+def train_config(**overrides):
+  from ssapo_jax.train import TrainConfig
+  kwargs = dict(learning_rate=1e-2, warmup_ratio=0.25, schedule="cosine", weight_decay=0.1,
+                max_grad_norm=0.5, global_batch_size=GLOBAL_BATCH, micro_batches=2,
+                compute_dtype="float32", remat="none", beta=0.2)
+  kwargs.update(overrides)
+  return TrainConfig(**kwargs)
+
+
+def run_steps(mesh, config, *, num_steps: int = NUM_STEPS, num_train_steps: int = 4):
+  """Trains the tiny model for ``num_steps`` on batches ``make_batch(0..)``.
+
+  Every process passes only its rows of each global batch. Returns ``(losses, state)``.
+  """
+  import jax
+  from ssapo_jax import sharding as shd
+  from ssapo_jax import train as tr
+  state = tr.create_train_state(tiny_model(), config, mesh, num_train_steps=num_train_steps)
+  step = tr.make_train_step(config, mesh, state)
+  rows = shd.host_batch_rows(mesh, config.global_batch_size)
+  losses = []
+  for i in range(num_steps):
+    local = jax.tree.map(lambda x: x[rows], make_batch(i))
+    state, metrics = step(state, shd.global_batch(mesh, local))
+    losses.append(float(metrics["loss"]))
+  return losses, state
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--process_id", type=int, required=True)
+  parser.add_argument("--num_processes", type=int, required=True)
+  parser.add_argument("--coordinator", required=True)
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args(argv)
+
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import jax
+  import numpy as np
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  from ssapo_jax import sharding as shd
+  from ssapo_jax import train as tr
+
+  mesh_config = shd.MeshConfig(*MESH_SHAPE, coordinator_address=args.coordinator,
+                               num_processes=args.num_processes, process_id=args.process_id)
+  assert shd.initialize_distributed(mesh_config)
+  mesh = shd.make_mesh(mesh_config)
+  losses, state = run_steps(mesh, train_config())
+
+  # Score this host's rows of two batches with the trained parameters.
+  logps_fn = tr.make_compute_logps(mesh, state.graphdef, state.params, state.rest)
+  rows = shd.host_batch_rows(mesh, GLOBAL_BATCH)
+  batches = [make_batch(10 + i) for i in range(2)]
+  seqs = [(b.chosen_ids[rows], b.chosen_mask[rows], b.chosen_loss_mask[rows]) for b in batches]
+  logps = tr.compute_logps(logps_fn, state.params, mesh, seqs, batch_size=GLOBAL_BATCH)
+  with open(args.out, "w") as f:
+    json.dump({"losses": losses, "rows": [rows.start, rows.stop],
+               "logps": np.asarray(logps).tolist(), "process_count": jax.process_count(),
+               "devices": jax.device_count()}, f)
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,378 @@
+"""Tests of ssapo_jax.train: the sharded step against an independent single-device reference.
+
+The reference (`_reference_run`) is written here from the formulas, independently of the
+code under test: token log-probs from the model's full logits with ``jax.nn.log_softmax``,
+DPO / robust losses from the paper's formulas, gradient clipping, AdamW and the warm-up +
+cosine schedule (checked against transformers) written out by hand, no gradient
+accumulation, no sharding, no optax.
+"""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import _multihost_worker as w
+from ssapo_jax import sharding as shd
+from ssapo_jax import train as tr
+from ssapo_jax.batch import make_preference_batch
+
+MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
+# float32 throughout; sharded reductions reorder sums, so agreement is to rounding, amplified
+# a little by three Adam steps.
+LOSS_RTOL, PARAM_ATOL = 2e-5, 2e-5
+
+
+def _mesh(shape):
+  return shd.make_mesh(shd.MeshConfig(*shape), devices=jax.devices()[:math.prod(shape)])
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _hf_style_lr(step, *, peak, num_steps, warmup_ratio):
+  """transformers' get_cosine_schedule_with_warmup with ceil(warmup_ratio * steps) warm-up."""
+  warmup = math.ceil(warmup_ratio * num_steps)
+  if step < warmup:
+    return peak * step / max(1, warmup)
+  progress = (step - warmup) / max(1, num_steps - warmup)
+  return peak * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _ref_seq_logps(model, ids, mask, loss_mask):
+  logits = model(ids, mask).astype(jnp.float32)  # [B, T, V]
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  tok = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+  return jnp.sum(tok * loss_mask[:, 1:], axis=-1)
+
+
+def _ref_loss(params, graphdef, rest, b, cfg):
+  model = nnx.merge(graphdef, params, rest)
+  pc = _ref_seq_logps(model, b.chosen_ids, b.chosen_mask, b.chosen_loss_mask)
+  pr = _ref_seq_logps(model, b.rejected_ids, b.rejected_mask, b.rejected_loss_mask)
+  z = cfg.beta * ((pc - b.ref_chosen_logps) - (pr - b.ref_rejected_logps))
+  if cfg.objective == "dpo":
+    losses = -jax.nn.log_sigmoid(z)
+  else:  # authors' weighted loss: sum_k s_ik * -log(max(sigmoid(z) - shift_ik, floor))
+    p = jax.nn.sigmoid(z)[:, None]
+    atom = jnp.where(b.atom_shifts == 0, -jax.nn.log_sigmoid(z)[:, None],
+                     -jnp.log(jnp.maximum(p - b.atom_shifts, cfg.robust_floor)))
+    losses = jnp.sum(b.atom_weights * atom, axis=-1)
+  return jnp.mean(b.weights * losses)
+
+
+def _reference_run(cfg, batches, *, num_train_steps=4):
+  model = w.tiny_model()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  grad_fn = jax.jit(jax.value_and_grad(lambda p, b: _ref_loss(p, graphdef, rest, b, cfg)))
+  m = jax.tree.map(jnp.zeros_like, params)
+  v = jax.tree.map(jnp.zeros_like, params)
+  losses = []
+  for t, b in enumerate(batches):
+    loss, g = grad_fn(params, jax.tree.map(jnp.asarray, b))
+    losses.append(float(loss))
+    norm = jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(g)))
+    g = jax.tree.map(lambda x: x * jnp.minimum(1.0, cfg.max_grad_norm / norm), g)
+    lr = _hf_style_lr(t, peak=cfg.learning_rate, num_steps=num_train_steps,
+                      warmup_ratio=cfg.warmup_ratio)
+    m = jax.tree.map(lambda m_, g_: cfg.adam_b1 * m_ + (1 - cfg.adam_b1) * g_, m, g)
+    v = jax.tree.map(lambda v_, g_: cfg.adam_b2 * v_ + (1 - cfg.adam_b2) * g_ ** 2, v, g)
+    c1, c2 = 1 - cfg.adam_b1 ** (t + 1), 1 - cfg.adam_b2 ** (t + 1)
+
+    def update(p, m_, v_):
+      u = (m_ / c1) / (jnp.sqrt(v_ / c2) + cfg.adam_eps)
+      decay = cfg.weight_decay * p if p.ndim >= 2 else 0.0
+      return p - lr * (u + decay)
+
+    params = jax.tree.map(update, params, m, v)
+  return losses, params
+
+
+@pytest.fixture(scope="module")
+def batches():
+  return [w.make_batch(i) for i in range(w.NUM_STEPS)]
+
+
+@pytest.fixture(scope="module")
+def reference(batches):
+  return {obj: _reference_run(w.train_config(objective=obj), batches) for obj in ("dpo", "robust")}
+
+
+def _assert_params_close(actual, expected, atol=PARAM_ATOL):
+  a, e = jax.tree.leaves(actual), jax.tree.leaves(expected)
+  assert len(a) == len(e)
+  for x, y in zip(a, e):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_schedule_matches_transformers():
+  import torch
+  from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+  for name, hf in (("cosine", get_cosine_schedule_with_warmup),
+                   ("linear", get_linear_schedule_with_warmup)):
+    cfg = tr.TrainConfig(learning_rate=1e-3, warmup_ratio=0.1, schedule=name)
+    num_steps = 25
+    sched = tr.make_schedule(cfg, num_steps)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    lr_sched = hf(opt, num_warmup_steps=math.ceil(0.1 * num_steps), num_training_steps=num_steps)
+    expected = []
+    for _ in range(num_steps):
+      expected.append(opt.param_groups[0]["lr"])
+      opt.step()
+      lr_sched.step()
+    got = [float(sched(i)) for i in range(num_steps)]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-12, err_msg=name)
+
+
+def test_train_config_validation():
+  with pytest.raises(ValueError, match="train.schedule"):
+    tr.TrainConfig(schedule="step")
+  with pytest.raises(ValueError, match="not divisible by train.micro_batches"):
+    tr.TrainConfig(global_batch_size=10, micro_batches=4)
+  with pytest.raises(ValueError, match="train.warmup_ratio"):
+    tr.TrainConfig(warmup_ratio=1.5)
+  with pytest.raises(ValueError, match="train.loss_type"):
+    tr.TrainConfig(loss_type="nope")
+  with pytest.raises(ValueError, match="train.learning_rate"):
+    tr.TrainConfig(learning_rate=0.0)
+  assert tr.num_train_steps(33, tr.TrainConfig(global_batch_size=8, epochs=2)) == 10
+
+
+# ----------------------------------------------------------------------------- sharded = reference
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_sharded_dpo_with_weights_and_accumulation_matches_reference(shape, reference):
+  """Per-example weights, clipping, weight decay, and gradient accumulation: 2 micro-batches
+  of 4 against the reference's one batch of 8."""
+  losses, state = w.run_steps(_mesh(shape), w.train_config(objective="dpo", micro_batches=2))
+  ref_losses, ref_params = reference["dpo"]
+  np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL)
+  _assert_params_close(state.params, ref_params)
+  assert int(state.step) == w.NUM_STEPS
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2)])
+def test_sharded_robust_matches_reference(shape, reference):
+  """Follower atoms carried in the batch (authors' probability-space loss)."""
+  losses, state = w.run_steps(_mesh(shape), w.train_config(objective="robust", micro_batches=1))
+  ref_losses, ref_params = reference["robust"]
+  np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL)
+  _assert_params_close(state.params, ref_params)
+
+
+def test_remat_and_in_step_reference_agree():
+  """remat='full' changes nothing numerically; an in-step frozen reference equals the same
+  reference log-probs precomputed with compute_logps."""
+  mesh = _mesh((2, 2, 2))
+  cfg = w.train_config(micro_batches=1, remat="full", reference="in_step")
+  state = tr.create_train_state(w.tiny_model(), cfg, mesh, num_train_steps=4)
+  assert state.ref_params is not None
+  logps_fn = tr.make_compute_logps(mesh, state.graphdef, state.params, state.rest)
+  batch = w.make_batch(0)
+  ref_c, ref_r = tr.precompute_ref_logps(logps_fn, state.ref_params, mesh, [batch],
+                                         batch_size=w.GLOBAL_BATCH)
+  pre_batch = batch.replace(ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
+  step = tr.make_train_step(cfg, mesh, state)
+  _, m_in = step(state, shd.global_batch(mesh, batch))  # the batch's own ref logps are ignored
+  pre_cfg = w.train_config(micro_batches=1, remat="none")
+  pre_state = tr.create_train_state(w.tiny_model(), pre_cfg, mesh, num_train_steps=4)
+  _, m_pre = tr.make_train_step(pre_cfg, mesh, pre_state)(pre_state,
+                                                         shd.global_batch(mesh, pre_batch))
+  np.testing.assert_allclose(float(m_in["loss"]), float(m_pre["loss"]), rtol=1e-5)
+  np.testing.assert_allclose(float(m_in["grad_norm"]), float(m_pre["grad_norm"]), rtol=1e-4)
+  # At step 0 the policy is the reference: every log-ratio is 0, so the loss is log 2 * mean(w).
+  np.testing.assert_allclose(float(m_in["loss"]), math.log(2) * batch.weights.mean(), rtol=1e-5)
+
+
+def test_bf16_compute_keeps_float32_master_weights(reference):
+  mesh = _mesh((2, 2, 2))
+  cfg = w.train_config(compute_dtype="bfloat16", micro_batches=2)
+  losses, state = w.run_steps(mesh, cfg, num_steps=2)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state)
+             if jnp.issubdtype(x.dtype, jnp.floating))
+  np.testing.assert_allclose(losses, reference["dpo"][0][:2], rtol=5e-2)
+  assert tr.merge_params(state).config.dtype == "bfloat16"
+
+
+# ----------------------------------------------------------------------------- non-finite
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+  mesh = _mesh((2, 2, 2))
+  cfg = w.train_config(max_nonfinite_steps=2)
+  state = tr.create_train_state(w.tiny_model(), cfg, mesh, num_train_steps=4)
+  step = tr.make_train_step(cfg, mesh, state)
+  state, _ = step(state, shd.global_batch(mesh, w.make_batch(0)))
+  before = jax.tree.map(np.asarray, (state.step, state.params, state.opt_state,
+                                     jax.random.key_data(state.rng)))
+  bad = w.make_batch(1)
+  bad.ref_chosen_logps[3] = np.nan
+  state, metrics = step(state, shd.global_batch(mesh, bad))  # the old state is donated
+  after = jax.tree.map(np.asarray, (state.step, state.params, state.opt_state,
+                                    jax.random.key_data(state.rng)))
+  jax.tree.map(np.testing.assert_array_equal, after, before)
+  assert float(metrics["nonfinite/skipped"]) == 1 and float(metrics["nonfinite/total"]) == 1
+  assert not np.isfinite(float(metrics["loss"]))
+  tr.check_finite_progress(metrics, cfg)  # one skip is tolerated
+  state, metrics = step(state, shd.global_batch(mesh, bad))
+  with pytest.raises(tr.NonFiniteError, match="2 consecutive"):
+    tr.check_finite_progress(metrics, cfg)
+  state, metrics = step(state, shd.global_batch(mesh, w.make_batch(2)))
+  assert float(metrics["nonfinite/skipped"]) == 0 and float(metrics["nonfinite/consecutive"]) == 0
+  assert float(metrics["nonfinite/total"]) == 2 and int(state.step) == 2
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+# ----------------------------------------------------------------------------- compute_logps
+
+
+def test_compute_logps_matches_full_logits_and_caches(tmp_path):
+  mesh = _mesh((2, 2, 2))
+  model = w.tiny_model(seed=3)
+  graphdef, params, rest = tr.split_model(model)
+  params = shd.shard_params(params, tr.param_shardings(params, mesh))
+  logps_fn = tr.make_compute_logps(mesh, graphdef, params, rest)
+  batches = [w.make_batch(20), jax.tree.map(lambda x: x[:5], w.make_batch(21))]  # short last
+  seqs = [(b.chosen_ids, b.chosen_mask, b.chosen_loss_mask) for b in batches]
+  got = tr.compute_logps(logps_fn, params, mesh, seqs, batch_size=8)
+  ids, mask, loss_mask = (np.concatenate([s[i] for s in seqs]) for i in range(3))
+  expected = _ref_seq_logps(w.tiny_model(seed=3), jnp.asarray(ids), jnp.asarray(mask),
+                            jnp.asarray(loss_mask))
+  assert got.shape == (13,) and got.dtype == np.float32
+  np.testing.assert_allclose(got, np.asarray(expected), rtol=1e-5, atol=1e-4)
+
+  chosen, rejected = tr.precompute_ref_logps(logps_fn, params, mesh, batches, batch_size=8,
+                                             cache_dir=tmp_path)
+  np.testing.assert_allclose(chosen, got, rtol=1e-6)
+  files = list(tmp_path.iterdir())
+  assert len(files) == 1
+  np.savez(files[0], chosen=chosen + 1.0, rejected=rejected)  # a cache hit reads the file
+  again, _ = tr.precompute_ref_logps(logps_fn, params, mesh, batches, batch_size=8,
+                                     cache_dir=tmp_path)
+  np.testing.assert_allclose(again, chosen + 1.0)
+  other = jax.tree.map(lambda x: x * 1.01, params)  # different weights: a new cache key
+  assert tr.params_fingerprint(other) != tr.params_fingerprint(params)
+  tr.precompute_ref_logps(logps_fn, other, mesh, batches, batch_size=8, cache_dir=tmp_path)
+  assert len(list(tmp_path.iterdir())) == 2
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+def _rule_pairs(rng, n, *, vocab=64, prompt_len=4, resp_len=6):
+  """Prompts of random tokens; chosen responses use the low half of the vocabulary,
+  rejected responses the high half."""
+  seq = prompt_len + resp_len
+  prompt = rng.integers(1, vocab, (n, prompt_len))
+  low = rng.integers(1, vocab // 2, (n, resp_len))
+  high = rng.integers(vocab // 2, vocab, (n, resp_len))
+  mask = np.ones((n, seq), np.int32)
+  loss_mask = np.zeros((n, seq), np.int32)
+  loss_mask[:, prompt_len:] = 1
+  return make_preference_batch(np.concatenate([prompt, low], 1), mask, loss_mask,
+                               np.concatenate([prompt, high], 1), mask, loss_mask)
+
+
+def test_loss_decreases_and_generalises_on_a_preference_rule():
+  mesh = _mesh((2, 2, 2))
+  rng = np.random.default_rng(0)
+  train_pairs, held_out = _rule_pairs(rng, 64), _rule_pairs(rng, 32)
+  cfg = tr.TrainConfig(learning_rate=1e-2, warmup_ratio=0.1, global_batch_size=16,
+                       micro_batches=2, epochs=5, compute_dtype="float32", beta=0.5,
+                       remat="none")
+  steps = tr.num_train_steps(64, cfg)
+  state = tr.create_train_state(w.tiny_model(), cfg, mesh, num_train_steps=steps)
+  logps_fn = tr.make_compute_logps(mesh, state.graphdef, state.params, state.rest)
+
+  def chunks(b):
+    return [jax.tree.map(lambda x: x[i:i + 16], b) for i in range(0, b.batch_size, 16)]
+
+  def with_ref(b):
+    c, r = tr.precompute_ref_logps(logps_fn, state.params, mesh, chunks(b), batch_size=16)
+    return b.replace(ref_chosen_logps=c, ref_rejected_logps=r)
+
+  train_pairs, held_out = with_ref(train_pairs), with_ref(held_out)
+  step = tr.make_train_step(cfg, mesh, state)
+  losses = []
+  for epoch in range(cfg.epochs):
+    for b in chunks(train_pairs):
+      state, m = step(state, shd.global_batch(mesh, b))
+      losses.append(float(m["loss"]))
+  assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 0
+  assert np.mean(losses[-4:]) < 0.3, losses
+
+  # Held-out pairs: the implicit reward now prefers the chosen response.
+  def margins(b):
+    c = tr.compute_logps(logps_fn, state.params, mesh,
+                         [(x.chosen_ids, x.chosen_mask, x.chosen_loss_mask) for x in chunks(b)],
+                         batch_size=16)
+    r = tr.compute_logps(logps_fn, state.params, mesh,
+                         [(x.rejected_ids, x.rejected_mask, x.rejected_loss_mask)
+                          for x in chunks(b)], batch_size=16)
+    return (c - b.ref_chosen_logps) - (r - b.ref_rejected_logps)
+
+  assert (margins(held_out) > 0).mean() >= 0.9
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_single_process(tmp_path):
+  """2 processes x 4 CPU devices (gloo collectives, local coordinator), each loading only its
+  rows of every global batch, give the single-process losses and log-probs."""
+  port = _free_port()
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(root, "tests", "_multihost_worker.py"), "--process_id",
+       str(i), "--num_processes", "2", "--coordinator", f"localhost:{port}", "--out",
+       str(tmp_path / f"p{i}.json")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+           for i in range(2)]
+  outputs = []
+  for p in procs:
+    try:
+      out, _ = p.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    outputs.append(out.decode(errors="replace"))
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  results = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+
+  mesh = _mesh(w.MESH_SHAPE)
+  losses, state = w.run_steps(mesh, w.train_config())
+  logps_fn = tr.make_compute_logps(mesh, state.graphdef, state.params, state.rest)
+  seqs = [(b.chosen_ids, b.chosen_mask, b.chosen_loss_mask)
+          for b in (w.make_batch(10), w.make_batch(11))]
+  logps = tr.compute_logps(logps_fn, state.params, mesh, seqs, batch_size=w.GLOBAL_BATCH)
+
+  assert [r["process_count"] for r in results] == [2, 2]
+  assert [r["devices"] for r in results] == [8, 8]
+  rows = [slice(*r["rows"]) for r in results]
+  assert rows[0].stop - rows[0].start == rows[1].stop - rows[1].start == w.GLOBAL_BATCH // 2
+  for r, row in zip(results, rows):
+    np.testing.assert_allclose(r["losses"], losses, rtol=LOSS_RTOL)
+    expected = np.concatenate([logps[:8][row], logps[8:][row]])
+    np.testing.assert_allclose(r["logps"], expected, rtol=1e-5)
