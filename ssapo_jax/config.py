@@ -378,6 +378,7 @@ def save_resolved(config: Any, output_dir: str | os.PathLike) -> str:
 # Imported here (not at the top) so the generic loader above stays usable on its own.
 from ssapo_jax.checkpoint import CheckpointConfig  # noqa: E402
 from ssapo_jax.data.config import DataConfig  # noqa: E402
+from ssapo_jax.dro import DroConfig  # noqa: E402
 from ssapo_jax.sampling import SamplingConfig  # noqa: E402
 from ssapo_jax.sharding import MeshConfig  # noqa: E402
 from ssapo_jax.train import TrainConfig  # noqa: E402
@@ -454,6 +455,7 @@ class ExperimentConfig:
   data: DataConfig = DataConfig()  # seed preferences, prompt pools, tokenisation, batching
   sampling: SamplingConfig = SamplingConfig()  # response generation of rounds >= 1
   train: TrainConfig = TrainConfig()  # the leader (policy) update
+  dro: DroConfig = DroConfig()  # the follower: worst-case distribution in the Wasserstein ball
   mesh: MeshConfig = MeshConfig()  # device mesh and multi-host set-up
   rounds: RoundsConfig = RoundsConfig()  # the SSAPO loop
   checkpoint: CheckpointConfig = CheckpointConfig()  # save interval and retention

@@ -197,7 +197,9 @@ def test_paper_settings_in_the_7b_configs():
   assert (seed.learning_rate, seed.epochs) == (5e-7, 3)
   assert (later.learning_rate, later.epochs) == (3e-7, 1)
   llama = cfg_lib.load_experiment(REPO / "configs" / "llama3_8b_instruct_ultrafeedback.yaml")
+  assert (zephyr.dro.epsilon, zephyr.dro.num_pieces, zephyr.dro.group_size) == (0.01, 6, 100)
   assert llama.train.beta == 0.05 and llama.rounds.num_rounds == 2
+  assert (llama.dro.epsilon, llama.dro.num_pieces) == (0.01, 6)
   assert llama.train_for_round(0).learning_rate == 1e-6 and llama.train_for_round(0).epochs == 1
 
 
@@ -207,6 +209,11 @@ def test_experiment_overrides_and_cross_checks():
                                           "mesh.data=-1", "rounds.follower_refresh_steps=5"])
   assert config.train.learning_rate == 3e-5 and config.mesh.shape == (-1, 2, 1)
   assert config.rounds.follower_refresh_steps == 5
+  config = cfg_lib.load_experiment(path, ["dro.epsilon=0.05", "dro.window_method=fixed",
+                                          "dro.window=[0.0, 1.0]"])
+  assert config.dro.epsilon == 0.05 and config.dro.window == (0.0, 1.0)
+  with pytest.raises(ConfigError, match=r"Did you mean `dro.epsilon`\?"):
+    cfg_lib.load_experiment(path, ["dro.epsilom=0.05"])
   with pytest.raises(ConfigError, match=r"Did you mean `train.learning_rate`"):
     cfg_lib.load_experiment(path, ["train.learning_rat=1"])
   with pytest.raises(ConfigError, match=r"needs one prompt pool per round"):
