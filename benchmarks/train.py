@@ -1,0 +1,228 @@
+"""Tokens/s of the DPO train step: ssapo_jax (jit) against PyTorch + transformers, same process.
+
+Both sides train the same small Llama (random weights created by transformers, loaded into
+ssapo_jax with ``load_hf``) on the same batch: one forward over chosen and rejected
+sequences, summed response log-probs, sigmoid DPO loss against reference log-probs (read
+from the batch, or with ``--reference in_step`` computed by a frozen copy of the model in the
+step), backward, global-norm clipping, AdamW with warm-up + cosine schedule. float32 on both
+sides by default (CPU bf16 matmuls are emulated by both frameworks).
+
+Reports tokens/s (all ``2 * pairs * seq_len`` tokens of a step), the JAX/PyTorch ratio, and
+an estimated model FLOPs utilisation: model FLOPs = 6 * params * tokens for the policy
+(+ 2 * params * tokens when the reference runs in the step), divided by the step time and by
+the machine's measured dense float32 matmul throughput (the CPU has no datasheet peak we can
+rely on, so the matmul rate stands in for it).
+
+    python benchmarks/train.py                 # defaults: ~5M-parameter Llama, 8 pairs x 128
+    python benchmarks/train.py --reference in_step --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--hidden", type=int, default=256)
+  p.add_argument("--intermediate", type=int, default=688)
+  p.add_argument("--layers", type=int, default=4)
+  p.add_argument("--heads", type=int, default=8)
+  p.add_argument("--kv_heads", type=int, default=4)
+  p.add_argument("--vocab", type=int, default=4096)
+  p.add_argument("--pairs", type=int, default=8, help="preference pairs per step")
+  p.add_argument("--seq_len", type=int, default=128)
+  p.add_argument("--micro_batches", type=int, default=1)
+  p.add_argument("--reference", choices=("precomputed", "in_step"), default="precomputed")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
+  p.add_argument("--repeats", type=int, default=3, help="alternating JAX/PyTorch repeats")
+  p.add_argument("--json", default=None, help="write the results here")
+  return p.parse_args(argv)
+
+
+def make_data(args, rng):
+  import numpy as np
+  b, t = args.pairs, args.seq_len
+  prompt = t // 4
+
+  def side():
+    ids = rng.integers(3, args.vocab, (b, t)).astype(np.int32)
+    lengths = rng.integers(t // 2, t + 1, b)
+    mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+    return ids * mask, mask, (mask * (np.arange(t)[None] >= prompt)).astype(np.int32)
+
+  chosen, rejected = side(), side()
+  ref = rng.normal(-8.0 * t, 5.0, (2, b)).astype(np.float32)
+  return chosen, rejected, ref
+
+
+def matmul_flops_per_s(n=1024, reps=10):
+  """Measured float32 dense matmul throughput (FLOP/s) with XLA, as the CPU 'peak'."""
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  t0 = time.perf_counter()
+  for _ in range(reps):
+    y = f(x)
+  y.block_until_ready()
+  return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+class TorchDPO:
+  """The same DPO step in PyTorch: transformers LlamaForCausalLM + torch.optim.AdamW."""
+
+  def __init__(self, model, args, num_steps):
+    import torch
+    import transformers
+    self.torch = torch
+    self.model = model.train()
+    self.ref_model = None
+    if args.reference == "in_step":
+      import copy
+      self.ref_model = copy.deepcopy(model).eval()
+      for p in self.ref_model.parameters():
+        p.requires_grad_(False)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=1e-5)
+    self.sched = transformers.get_cosine_schedule_with_warmup(
+        self.opt, num_warmup_steps=math.ceil(0.1 * num_steps), num_training_steps=num_steps)
+    self.beta = 0.1
+
+  def _logps(self, model, ids, mask, loss_mask):
+    torch = self.torch
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    tok = torch.gather(logp, 2, ids[:, 1:, None].long())[..., 0]
+    return (tok * loss_mask[:, 1:]).sum(-1)
+
+  def step(self, ids, mask, loss_mask, ref_chosen, ref_rejected):
+    torch = self.torch
+    b = ids.shape[0] // 2
+    logps = self._logps(self.model, ids, mask, loss_mask)
+    if self.ref_model is not None:
+      with torch.no_grad():
+        ref = self._logps(self.ref_model, ids, mask, loss_mask)
+      ref_chosen, ref_rejected = ref[:b], ref[b:]
+    z = self.beta * ((logps[:b] - ref_chosen) - (logps[b:] - ref_rejected))
+    loss = -torch.nn.functional.logsigmoid(z).mean()
+    self.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+    self.opt.step()
+    self.sched.step()
+    return float(loss.detach())
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  import jax
+  import numpy as np
+  import torch
+  import transformers
+  from ssapo_jax import sharding as shd
+  from ssapo_jax import train as tr
+  from ssapo_jax.batch import concat_pairs, make_preference_batch
+  from ssapo_jax.models.params import load_hf
+
+  threads = os.cpu_count() or 1
+  torch.set_num_threads(threads)
+  rng = np.random.default_rng(0)
+  (c_ids, c_mask, c_lm), (r_ids, r_mask, r_lm), ref = make_data(args, rng)
+  num_train_steps = 1 + args.repeats * (args.steps + 1)
+
+  hf_config = transformers.LlamaConfig(
+      vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+      num_key_value_heads=args.kv_heads, max_position_embeddings=max(2048, args.seq_len),
+      tie_word_embeddings=False, rms_norm_eps=1e-6)
+  torch.manual_seed(0)
+  torch_model = transformers.LlamaForCausalLM(hf_config).float()
+  num_params = sum(p.numel() for p in torch_model.parameters())
+  with tempfile.TemporaryDirectory() as tmp:
+    torch_model.save_pretrained(tmp)
+    jax_model = load_hf(tmp)
+  torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+  torch_model = torch_model.to(torch_dtype)
+
+  # --- JAX side: one CPU device (XLA uses all cores), the project's sharded step.
+  mesh = shd.make_mesh(shd.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+  config = tr.TrainConfig(learning_rate=1e-5, weight_decay=0.01, global_batch_size=args.pairs,
+                          micro_batches=args.micro_batches, compute_dtype=args.dtype,
+                          remat="none", reference=args.reference, beta=0.1)
+  state = tr.create_train_state(jax_model, config, mesh, num_train_steps=num_train_steps)
+  step = tr.make_train_step(config, mesh, state)
+  batch = make_preference_batch(c_ids, c_mask, c_lm, r_ids, r_mask, r_lm,
+                                ref_chosen_logps=ref[0], ref_rejected_logps=ref[1])
+  gbatch = shd.global_batch(mesh, batch)
+
+  t0 = time.perf_counter()
+  state, metrics = step(state, gbatch)
+  jax_first_loss = float(metrics["loss"])
+  compile_s = time.perf_counter() - t0
+
+  # --- PyTorch side: same weights, same batch.
+  ids, mask, loss_mask = (torch.from_numpy(np.array(x)) for x in concat_pairs(batch))
+  ref_c, ref_r = torch.from_numpy(ref[0]), torch.from_numpy(ref[1])
+  torch_dpo = TorchDPO(torch_model, args, num_train_steps)
+  torch_first_loss = torch_dpo.step(ids, mask, loss_mask, ref_c, ref_r)
+
+  jax_times, torch_times = [], []
+  for _ in range(args.repeats):
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+      state, metrics = step(state, gbatch)
+    jax.block_until_ready(metrics["loss"])
+    jax_times.append((time.perf_counter() - t0) / args.steps)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+      torch_dpo.step(ids, mask, loss_mask, ref_c, ref_r)
+    torch_times.append((time.perf_counter() - t0) / args.steps)
+
+  tokens = 2 * args.pairs * args.seq_len
+  flops_per_token = 6 * num_params + (2 * num_params if args.reference == "in_step" else 0)
+  peak = matmul_flops_per_s()
+  jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
+  result = {
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      "machine": f"{platform.processor() or platform.machine()}, {threads} CPU cores "
+                 f"({platform.platform()})",
+      "jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+      "params": num_params, "pairs": args.pairs, "seq_len": args.seq_len,
+      "tokens_per_step": tokens, "reference": args.reference, "dtype": args.dtype,
+      "micro_batches": args.micro_batches,
+      "first_loss": {"jax": jax_first_loss, "torch": torch_first_loss},
+      "jax_compile_s": compile_s,
+      "step_s": {"jax": jax_s, "torch": torch_s},
+      "step_s_all": {"jax": jax_times, "torch": torch_times},
+      "tokens_per_s": {"jax": tokens / jax_s, "torch": tokens / torch_s},
+      "speedup_jax_over_torch": torch_s / jax_s,
+      "model_flops_per_step": flops_per_token * tokens,
+      "matmul_peak_flops_per_s": peak,
+      "mfu_vs_matmul_peak": {"jax": flops_per_token * tokens / jax_s / peak,
+                             "torch": flops_per_token * tokens / torch_s / peak},
+  }
+  print(json.dumps(result, indent=2))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+if __name__ == "__main__":
+  main()
