@@ -430,6 +430,7 @@ class RoundsConfig:
   # Re-solve the follower (worst-case atoms) every this many leader steps; None = once per round.
   follower_refresh_steps: Optional[int] = None
   num_eval_prompts: int = 0  # held-out prompts scored after every round; 0 = no evaluation
+  log_every_steps: int = 1  # train metrics logged (and the non-finite guard checked) every k steps
 
   def __post_init__(self):
     if self.num_rounds < 0:
@@ -442,6 +443,8 @@ class RoundsConfig:
       value = getattr(self, name)
       if value is not None and not value > 0:
         raise ValueError(f"rounds.{name} must be > 0 or null, got {value}")
+    if self.log_every_steps < 1:
+      raise ValueError(f"rounds.log_every_steps must be >= 1, got {self.log_every_steps}")
     if self.num_eval_prompts < 0:
       raise ValueError(f"rounds.num_eval_prompts must be >= 0, got {self.num_eval_prompts}")
 

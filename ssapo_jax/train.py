@@ -141,6 +141,8 @@ def make_schedule(config: TrainConfig, num_steps: int) -> optax.Schedule:
     raise ValueError(f"num_train_steps must be >= 1, got {num_steps}")
   warmup = min(math.ceil(config.warmup_ratio * num_steps), num_steps)
   peak = config.learning_rate
+  if warmup >= num_steps:  # every step is warm-up (tiny runs): no decay phase is left
+    return optax.linear_schedule(0.0, peak, num_steps)
   if config.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, num_steps, end_value=0.0)
   decay_steps = max(num_steps - warmup, 1)

@@ -16,6 +16,7 @@ class DataConfig:
 
   source: str = "argilla/ultrafeedback-binarized-preferences-cleaned"  # File, dir, datasets or tfds: name.
   prompt_source: str | None = None  # Unlabelled prompts; None = the prompts of `source`.
+  eval_source: str | None = None    # Held-out eval prompts; None = rows left after seed and pools.
   split: str = "train"              # Split of datasets/tfds sources.
   data_dir: str | None = None       # tfds data directory.
   format: str = "auto"              # auto | ultrafeedback | plain (pairs).
