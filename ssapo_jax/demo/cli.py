@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--full", action="store_true", help="more seeds and rounds (slower)")
   parser.add_argument("--seeds", type=int, default=None,
                       help="number of experiment seeds (default: 1, or 3 with --full)")
+  parser.add_argument("--smoke", action="store_true",
+                      help="reduced size (tiny world, 1 seed, 1 round, 3 arms) for tests and CI")
   parser.add_argument("--world-only", action="store_true",
                       help="build (or reuse) the world, print its statistics and stop")
   return parser
@@ -46,11 +48,13 @@ def world_table(stats: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
+  from ssapo_jax.demo import arms
   from ssapo_jax.demo import world as world_lib
 
+  mode = arms.MODES["smoke" if args.smoke else "full" if args.full else "default"]
   t0 = time.time()
   out = os.path.abspath(args.out)
-  w = world_lib.build_world(os.path.join(out, "world"), world_lib.WorldConfig())
+  w = world_lib.build_world(os.path.join(out, "world"), mode.world)
   s = w.stats
   print(f"\n[world] tiny Llama: {s['num_params']:,} parameters, vocabulary {s['vocab_size']}; "
         f"SFT NLL {s['sft_nll_first']:.2f} -> {s['sft_nll_last']:.2f} in {s['sft_seconds']:.0f} s")
@@ -62,8 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.world_only:
     print(f"[demo] done in {time.time() - t0:.0f} s")
     return 0
-  from ssapo_jax.demo import arms
-  return arms.run_demo(w, out, full=args.full, num_seeds=args.seeds, started=t0)
+  arms.run_demo(w, out, mode=mode, num_seeds=args.seeds, started=t0)
+  return 0
 
 
 if __name__ == "__main__":
