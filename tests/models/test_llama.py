@@ -125,8 +125,8 @@ def test_chunked_logps_gradient_matches_naive(tiny, remat):
   remat_graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(remat_config, rngs=nnx.Rngs(0))))
   remat_model = nnx.merge(remat_graphdef, nnx.state(model))
   chunked = lambda m: jnp.sum(m.sequence_logps(ids, mask, loss_mask, vocab_chunk_size=40))
-  g_ref = nnx.grad(naive)(model)
-  g = jax.jit(nnx.grad(chunked))(remat_model)
+  g_ref = nnx.jit(nnx.grad(naive))(model)
+  g = nnx.jit(nnx.grad(chunked))(remat_model)
   for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
 
