@@ -51,6 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   from ssapo_jax.demo import arms
   from ssapo_jax.demo import world as world_lib
 
+  # Every arm compiles the same programs; a persistent cache lets later arms reuse them.
+  import jax
+  jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.out),
+                                                              "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
   mode = arms.MODES["smoke" if args.smoke else "full" if args.full else "default"]
   t0 = time.time()
   out = os.path.abspath(args.out)
