@@ -464,37 +464,39 @@ def _osqp_core(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, *, num_
   d_hi = jnp.where(real, hi - x_pad, 0.0)
   mask = real.astype(dtype)
 
+  # Moving an atom against its piece's slope only costs budget, so an optimal q_ik has the sign
+  # of −a_k: write q_ik = −sign(a_k) r_ik with r ≥ 0 (|q| = r, no slack variables). An atom can
+  # travel d_k = xi − lo on a decreasing piece, hi − xi on an increasing one, 0 on a flat one.
+  direction = -jnp.sign(slopes)                                  # [K]
+
   def solve_group(x_g, d_lo_g, d_hi_g, mask_g, count_g):
     shape = (width, num_pieces)
+    reach = jnp.where(slopes < 0, d_lo_g[:, None], jnp.where(slopes > 0, d_hi_g[:, None], 0.0))
     # Row equilibration (BoxOSQP has no Ruiz scaling): unit-norm rows for the sums.
     row_scale = 1.0 / np.sqrt(num_pieces)
     budget_scale = 1.0 / np.sqrt(width * num_pieces)
     c = (-(x_g[:, None] * slopes + intercepts) * mask_g[:, None],
-         jnp.broadcast_to(slopes, shape) * mask_g[:, None], jnp.zeros(shape, dtype))
+         -jnp.broadcast_to(jnp.abs(slopes), shape) * mask_g[:, None])
 
     def mv_a(_, x):
-      s, q, u = x
-      z = (jnp.sum(s, axis=1) * row_scale, s, d_lo_g[:, None] * s - q, d_hi_g[:, None] * s + q,
-           u - q, u + q, jnp.sum(u) * budget_scale)
-      return z + ((q,) if per_atom_cap else ())
+      s, r = x
+      return (jnp.sum(s, axis=1) * row_scale, s, reach * s - r, r, jnp.sum(r) * budget_scale)
 
-    ones, zeros_k = jnp.ones(width, dtype), jnp.zeros(shape, dtype)
-    big = jnp.full(shape, jnp.inf, dtype)
-    budget = count_g * epsilon * budget_scale
-    lower = (ones * row_scale, zeros_k, zeros_k, zeros_k, zeros_k, zeros_k, jnp.asarray(-jnp.inf, dtype))
-    upper = (ones * row_scale, jnp.ones(shape, dtype), big, big, big, big, budget)
-    if per_atom_cap:
-      lower += (jnp.full(shape, -epsilon, dtype),)
-      upper += (jnp.full(shape, epsilon, dtype),)
+    zeros_k = jnp.zeros(shape, dtype)
+    rows = jnp.full(width, row_scale, dtype)
+    cap = jnp.full(shape, epsilon if per_atom_cap else jnp.inf, dtype)
+    lower = (rows, zeros_k, zeros_k, zeros_k, jnp.asarray(-jnp.inf, dtype))
+    upper = (rows, jnp.ones(shape, dtype), jnp.full(shape, jnp.inf, dtype), cap,
+             count_g * epsilon * budget_scale)
     solver = BoxOSQP(matvec_Q=lambda _, x: jax.tree.map(jnp.zeros_like, x), matvec_A=mv_a,
                      tol=tol, maxiter=maxiter, check_primal_dual_infeasability=False,
                      implicit_diff=False, jit=True)
     sol = solver.run(init_params=None, params_obj=(None, c), params_eq=None,
                      params_ineq=(lower, upper))
-    s, q, _ = sol.params.primal[0]
-    # y of the budget row Σu ≤ N_g ε prices the unscaled objective Σ_i; dividing both by N_g
-    # leaves it unchanged, so it is the program's λ.
-    return s, q, jnp.abs(sol.params.dual_eq[6]) * budget_scale
+    s, r = sol.params.primal[0]
+    # y of the budget row Σr ≤ N_g ε prices the unscaled objective Σ_i; dividing both by N_g
+    # leaves it unchanged, so (undoing the row scale) it is the program's λ.
+    return s, direction * r, jnp.abs(sol.params.dual_eq[4]) * budget_scale
 
   s, q, lam = jax.vmap(solve_group)(x_pad, d_lo, d_hi, mask, counts)
   s, q = s[group_ids, slot], q[group_ids, slot]                 # [N, K]
