@@ -27,8 +27,9 @@ Generic method (``method="osqp"``). The LP itself, per group, with jaxopt's `Box
 vmapped over groups padded to a common size). It supports the authors' per-atom cap
 ``|q_ik| ≤ ε`` (``per_atom_cap=True``; ``alignment-handbook/scripts/run_wst.py`` bounds ``q`` by
 ``(-eps, eps)``), which spreads the budget over all pairs. The OSQP iterate is repaired to an
-exactly feasible point, so its objective is a lower bound of the optimum (first-order accuracy,
-about 1e-4 relative with the defaults).
+exactly feasible point, so its objective is a lower bound of the optimum. Accuracy is poor on
+these degenerate LPs (ADMM without Ruiz scaling): 1e-4..1e-2 relative with the cap, up to ~10%
+without it, and more iterations do not reliably help. Use it for the capped variant only.
 
 Precision: the solvers run in float64 when ``jax_enable_x64`` is on, float32 otherwise. In float32
 the objective is accurate to about 1e-6 relative and the budget is met up to float32 rounding
