@@ -287,7 +287,10 @@ def create_train_state(model: nnx.Module, config: TrainConfig, mesh: Mesh, *,
       nonfinite_total=jnp.zeros((), jnp.int32), rest=rest,
       ref_params=params if config.reference == "in_step" else None, graphdef=graphdef, tx=tx, schedule=schedule)
   shardings = state_shardings(template, mesh)
-  params = shd.shard_params(params, shardings.params)
+  # Fresh buffers: the step donates the state, and `model` (e.g. the SFT reference) must
+  # keep its own parameters alive.
+  params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)(
+      shd.shard_params(params, shardings.params))
   rest = shd.shard_params(rest, shardings.rest)
   ref_params = (None if config.reference != "in_step"
                 else jax.tree.map(jnp.copy, params))  # a distinct buffer: params get donated

@@ -72,15 +72,17 @@ def train_config(**overrides):
   return TrainConfig(**kwargs)
 
 
-def run_steps(mesh, config, *, num_steps: int = NUM_STEPS, num_train_steps: int = 4):
-  """Trains the tiny model for ``num_steps`` on batches ``make_batch(0..)``.
+def run_steps(mesh, config, *, num_steps: int = NUM_STEPS, num_train_steps: int = 4, model=None):
+  """Trains ``model`` (default: a fresh `tiny_model`) for ``num_steps`` on batches
+  ``make_batch(0..)``.
 
   Every process passes only its rows of each global batch. Returns ``(losses, state)``.
   """
   import jax
   from ssapo_jax import sharding as shd
   from ssapo_jax import train as tr
-  state = tr.create_train_state(tiny_model(), config, mesh, num_train_steps=num_train_steps)
+  model = tiny_model() if model is None else model
+  state = tr.create_train_state(model, config, mesh, num_train_steps=num_train_steps)
   step = tr.make_train_step(config, mesh, state)
   rows = shd.host_batch_rows(mesh, config.global_batch_size)
   losses = []

@@ -156,11 +156,17 @@ def test_train_config_validation():
 def test_sharded_dpo_with_weights_and_accumulation_matches_reference(shape, reference):
   """Per-example weights, clipping, weight decay, and gradient accumulation: 2 micro-batches
   of 4 against the reference's one batch of 8."""
-  losses, state = w.run_steps(_mesh(shape), w.train_config(objective="dpo", micro_batches=2))
+  model = w.tiny_model()
+  losses, state = w.run_steps(_mesh(shape), w.train_config(objective="dpo", micro_batches=2),
+                              model=model)
   ref_losses, ref_params = reference["dpo"]
   np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL)
   _assert_params_close(state.params, ref_params)
   assert int(state.step) == w.NUM_STEPS
+  # The donated state never aliased the model's own arrays (on one device a plain
+  # device_put would): the model still holds its initial weights.
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(model, nnx.Param)),
+               jax.tree.map(np.asarray, nnx.state(w.tiny_model(), nnx.Param)))
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 2)])
