@@ -1,7 +1,46 @@
-"""ssapo_jax: Stackelberg Self-Annotated Preference Optimization in JAX/Flax."""
+"""ssapo_jax: Stackelberg Self-Annotated Preference Optimization in JAX/Flax.
 
-from ssapo_jax.annotate import implicit_reward, select_pairs, SelectedPairs
-from ssapo_jax.batch import PreferenceBatch, make_preference_batch
-from ssapo_jax.losses import dpo_loss, robust_dpo_loss, sequence_logps, LOSS_TYPES
+The pure functions (losses, self-annotation, the follower) import eagerly; the heavier pieces
+(models, data, training, rounds) are re-exported lazily so ``import ssapo_jax`` stays light.
+"""
+
+import importlib
+
+from ssapo_jax.annotate import SelectedPairs, agreement_rate, implicit_reward, select_pairs
+from ssapo_jax.batch import PreferenceBatch, concat_pairs, make_preference_batch, split_pairs
+from ssapo_jax.dro import (DroConfig, WorstCase, chunk_groups, margins_to_xi, quantile_groups,
+                           random_groups, solve_follower, summarize, tangent_pieces,
+                           to_loss_atoms, worst_case)
+from ssapo_jax.losses import LOSS_TYPES, dpo_loss, robust_dpo_loss, sequence_logps
 
 __version__ = "0.1.0"
+
+# name -> module that defines it, imported on first access.
+_LAZY = {
+    **dict.fromkeys(("Llama", "LlamaConfig", "load_hf", "save_hf", "logical_axes",
+                     "CheckpointError"), "ssapo_jax.models"),
+    **dict.fromkeys(("generate", "decode", "Generation", "SamplingConfig"), "ssapo_jax.sampling"),
+    **dict.fromkeys(("MeshConfig", "make_mesh", "initialize_distributed", "global_batch",
+                     "host_batch_rows", "LOGICAL_AXIS_RULES"), "ssapo_jax.sharding"),
+    **dict.fromkeys(("TrainConfig", "TrainState", "create_train_state", "make_train_step",
+                     "train_step", "make_compute_logps", "compute_logps", "precompute_ref_logps",
+                     "merge_params", "check_finite_progress", "NonFiniteError"), "ssapo_jax.train"),
+    **dict.fromkeys(("DataConfig", "DataValidationError", "load_preferences", "load_prompts",
+                     "tokenize_pairs", "PreferenceLoader", "LoaderCursor", "split_rows",
+                     "save_round", "load_round"), "ssapo_jax.data"),
+    **dict.fromkeys(("ConfigError", "ExperimentConfig", "ModelConfig", "RoundsConfig",
+                     "load_config", "load_experiment", "save_resolved"), "ssapo_jax.config"),
+    **dict.fromkeys(("Checkpointer", "CheckpointConfig"), "ssapo_jax.checkpoint"),
+    "MetricsLogger": "ssapo_jax.metrics",
+    "run": "ssapo_jax.rounds",
+}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'ssapo_jax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_LAZY))
