@@ -196,7 +196,8 @@ def repo_config_path() -> str:
 def arm_overrides(arm: Arm, mode: DemoMode, world: world_lib.World, run_dir: str, *,
                   seed: int, source: str, prompt_source: str | None) -> list[str]:
   """The dotted overrides of one arm and seed (what one would pass to ``ssapo-train``)."""
-  seed_size = 1.0 if arm.all_labels else SEED_FRACTION
+  # The ceiling labels every pool pair: an explicit count (1.0 would read as one row).
+  seed_size = world.stats["pool_pairs"] if arm.all_labels else SEED_FRACTION
   num_rounds = mode.num_rounds if arm.self_annotated else 0
   left = world.config.pool_prompts - round(world.stats["pool_pairs"] * seed_size)
   per_round = min(mode.round_prompts, left // max(1, num_rounds)) if num_rounds else 0
