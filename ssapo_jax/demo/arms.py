@@ -170,16 +170,23 @@ def _seed_file(world: world_lib.World, data_dir: str, *, split_seed: int, seed_s
   return path
 
 
+# Training settings the demo adds to configs/tiny_cpu.yaml, chosen by the sweep in docs/demo.md:
+# a lower learning rate (the config's 1e-4 collapses self-annotated rounds), 3 seed epochs,
+# 4 samples per prompt (best vs worst of 4 has larger margins and better self-labels).
+DEMO_OVERRIDES = ("train.learning_rate=2e-5", "rounds.seed_epochs=3",
+                  "rounds.round_learning_rate=5e-6", "sampling.num_samples=4")
+
 SMOKE = DemoMode(
     name="smoke",
     world=world_lib.WorldConfig(sft_steps=150, pool_prompts=600, num_eval_prompts=64,
                                 sample_batch_size=128),
     num_seeds=1, num_rounds=1, round_prompts=96, epsilon=0.01,
-    arms=("seed_dpo", "ssapo", "all_labels"))
-DEFAULT = DemoMode(name="default", world=world_lib.WorldConfig(), num_seeds=1, num_rounds=2,
+    arms=("seed_dpo", "ssapo", "all_labels"), overrides=DEMO_OVERRIDES)
+DEFAULT = DemoMode(name="default", world=world_lib.WorldConfig(), num_seeds=3, num_rounds=2,
                    round_prompts=800, epsilon=0.01,
-                   arms=("seed_dpo", "self_eps0", "ssapo", "all_labels", "ssapo_noisy"))
-FULL = dataclasses.replace(DEFAULT, name="full", num_seeds=3, num_rounds=3)
+                   arms=("seed_dpo", "self_eps0", "ssapo", "all_labels", "ssapo_noisy"),
+                   overrides=DEMO_OVERRIDES)
+FULL = dataclasses.replace(DEFAULT, name="full", num_seeds=5, num_rounds=3, round_prompts=1200)
 MODES = {m.name: m for m in (SMOKE, DEFAULT, FULL)}
 
 

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
   parser.add_argument("--full", action="store_true", help="more seeds and rounds (slower)")
   parser.add_argument("--seeds", type=int, default=None,
-                      help="number of experiment seeds (default: 1, or 3 with --full)")
+                      help="number of experiment seeds (default: 3, or 5 with --full)")
   parser.add_argument("--smoke", action="store_true",
                       help="reduced size (tiny world, 1 seed, 1 round, 3 arms) for tests and CI")
   parser.add_argument("--world-only", action="store_true",
