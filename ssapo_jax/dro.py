@@ -245,11 +245,12 @@ def worst_case(xi, *, epsilon, slopes, intercepts, support, group_ids=None,
   """
   if method not in METHODS:
     raise ValueError(f"worst_case: unknown method {method!r}; accepted: {list(METHODS)}")
-  if per_atom_cap and method != "osqp":
-    raise ValueError("worst_case: per_atom_cap=True needs method='osqp' (the exact dual does not "
-                     "apply to the capped program)")
   xi, slopes, intercepts, lo, hi, epsilon, group_ids, num_groups = _validate(
       xi, epsilon, slopes, intercepts, support, group_ids, num_groups)
+  if method == "exact" and per_atom_cap:
+    slot, width = _pad_layout(group_ids, num_groups, "per_atom_cap=True")
+    return _solve_bisection(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot,
+                            num_groups=num_groups, width=width, per_atom_cap=True)
   if method == "exact":
     return _solve_exact(xi, slopes, intercepts, lo, hi, epsilon, group_ids,
                         num_groups=num_groups)
@@ -426,6 +427,137 @@ def _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, dual, num_
   return WorstCase(atom_weights=s, atom_shifts=shifts, objective=jnp.sum(value) / n,
                    dual=dual, group_objectives=group_obj, budget_spent=spent,
                    center_objective=jnp.sum(loss_xi) / n)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact path with the per-atom cap: bisection on the budget price, per-point greedy inside.
+
+
+def _point_response(lam, xi, slopes, intercepts, d_lo, d_hi, cap):
+  """Per-point maximiser of the Lagrangian at budget price ``lam`` (broadcast to ``[N]``).
+
+  For each point, ``max Σ_k s_k c_k + (|a_k| − λ)⁺ min(reach_k s_k, cap)`` over the simplex,
+  with ``c_k = a_k xi + b_k`` and ``reach_k`` the distance to the boundary the piece's slope
+  points away from. Piece ``k`` is concave in ``s_k``: a first segment of mass ``cap / reach_k``
+  with slope ``c_k + (|a_k| − λ)⁺ reach_k``, then slope ``c_k ≤ ℓ̃(xi)``. So the optimum fills the
+  first segments whose slope beats ``ℓ̃(xi)`` in decreasing order of slope and puts the rest of
+  the mass on the best piece at ``xi`` (a fractional knapsack of ``K`` items). Segments tied with
+  ``ℓ̃(xi)`` are left empty.
+
+  Returns:
+    ``(s [N, K], r [N, K], transport [N])`` with ``r = |q|``.
+  """
+  dtype = xi.dtype
+  lam = jnp.broadcast_to(lam, xi.shape)
+  num_pieces = slopes.shape[0]
+  c = xi[:, None] * slopes + intercepts                          # [N, K]
+  loss_xi = jnp.max(c, axis=1, keepdims=True)
+  k_stay = jnp.argmax(c, axis=1)
+  reach = jnp.where(slopes < 0, d_lo[:, None], jnp.where(slopes > 0, d_hi[:, None], 0.0))
+  gain = jnp.maximum(jnp.abs(slopes) - lam[:, None], 0.0) * reach
+  rate = c + gain
+  eligible = (rate > loss_xi) & (reach > 0)
+  capacity = jnp.where(eligible, cap / jnp.where(reach > 0, reach, 1.0), 0.0)
+  order = jnp.argsort(jnp.where(eligible, -rate, jnp.inf), axis=1, stable=True)
+  cap_sorted = jnp.take_along_axis(capacity, order, axis=1)
+  before = jnp.concatenate([jnp.zeros((xi.shape[0], 1), dtype),
+                            jnp.cumsum(cap_sorted, axis=1)[:, :-1]], axis=1)
+  fill_sorted = jnp.clip(1.0 - before, 0.0, cap_sorted)
+  fill = jnp.zeros_like(fill_sorted).at[jnp.arange(xi.shape[0])[:, None], order].set(fill_sorted)
+  rest = jnp.clip(1.0 - jnp.sum(fill, axis=1), 0.0, 1.0)
+  s = fill + rest[:, None] * (k_stay[:, None] == jnp.arange(num_pieces)).astype(dtype)
+  r = jnp.minimum(reach * fill, cap)
+  return s, r, jnp.sum(r, axis=1)
+
+
+def _pad_layout(group_ids, num_groups, who):
+  """Slot of each point inside its group and the common group width (concrete ids only)."""
+  c_g = _concrete(group_ids)
+  if c_g is None:
+    raise ValueError(f"worst_case: {who} needs concrete group_ids (it pads groups to a common "
+                     f"size); call it outside jit")
+  n = c_g.shape[0]
+  counts_np = np.bincount(c_g, minlength=num_groups)
+  order = np.argsort(c_g, kind="stable")
+  starts = np.concatenate([[0], np.cumsum(counts_np)[:-1]])
+  slot = np.empty(n, np.int64)
+  slot[order] = np.arange(n) - starts[c_g[order]]
+  return jnp.asarray(slot, jnp.int32), int(counts_np.max())
+
+
+def _pad(values, group_ids, slot, num_groups, width, fill):
+  return jnp.full((num_groups, width), fill, values.dtype).at[group_ids, slot].set(values)
+
+
+def _bisect_groups(x_pad, d_lo, d_hi, real, slopes, intercepts, epsilon, cap, counts, *,
+                   lam_lo=None, lam_hi=None):
+  """Exact Lagrangian solution of each padded group ``[G, W]``.
+
+  ``λ* = inf{λ ≥ 0 : transport(λ) ≤ N_g ε}`` is found with `jaxopt.Bisection` on the monotone
+  step function ``transport(λ) − N_g ε`` over ``[lam_lo, lam_hi]`` (default ``[0, max|a|]``;
+  a bracket that does not hold falls back to the default); the two responses at the ends of the
+  final bracket are then mixed so that the budget is spent exactly (complementary slackness).
+  Padded slots have ``d_lo = d_hi = 0`` (no transport) and are dropped by the caller.
+
+  Returns:
+    ``(s [G, W, K], r [G, W, K], λ* [G])``.
+  """
+  from jaxopt import Bisection  # imported lazily
+
+  dtype = x_pad.dtype
+  a_max = jnp.max(jnp.abs(slopes))
+  iters = 110 if dtype == jnp.float64 else 60
+  default_lo, default_hi = jnp.zeros((), dtype), a_max
+  num_groups = x_pad.shape[0]
+  lam_lo = jnp.full(num_groups, default_lo) if lam_lo is None else lam_lo
+  lam_hi = jnp.full(num_groups, default_hi) if lam_hi is None else lam_hi
+
+  def one(x, dl, dh, is_real, budget, lo_g, hi_g):
+    transport = lambda lam: jnp.sum(jnp.where(
+        is_real, _point_response(lam, x, slopes, intercepts, dl, dh, cap)[2], 0.0))
+    ok = (transport(lo_g) > budget) & (transport(hi_g) <= budget)
+    lo_g = jnp.where(ok, lo_g, default_lo)
+    hi_g = jnp.where(ok, hi_g, default_hi)
+    width = hi_g - lo_g
+    # Bisection on t ∈ [0, 1] (constant bracket), λ = lo + t·width; decreasing in t.
+    solver = Bisection(optimality_fun=lambda t: transport(lo_g + t * width) - budget,
+                       lower=0.0, upper=1.0, maxiter=iters, tol=0.0, check_bracket=False,
+                       jit=True, unroll=False)
+    state = solver.run().state
+    at_zero = transport(default_lo) <= budget     # the budget does not bind: λ* = 0
+    lam_l = jnp.where(at_zero, default_lo, lo_g + state.low * width)
+    lam_h = jnp.where(at_zero, default_lo, lo_g + state.high * width)
+    s_l, r_l, t_l = _point_response(lam_l, x, slopes, intercepts, dl, dh, cap)
+    s_h, r_h, t_h = _point_response(lam_h, x, slopes, intercepts, dl, dh, cap)
+    t_l = jnp.sum(jnp.where(is_real, t_l, 0.0))
+    t_h = jnp.sum(jnp.where(is_real, t_h, 0.0))
+    gap = t_l - t_h
+    theta = jnp.where(gap > 0, jnp.clip((budget - t_h) / jnp.where(gap > 0, gap, 1), 0, 1), 0.0)
+    theta = jnp.where(at_zero, 1.0, theta)
+    s = theta * s_l + (1 - theta) * s_h
+    r = theta * r_l + (1 - theta) * r_h
+    return s, r, lam_h
+
+  return jax.vmap(one)(x_pad, d_lo, d_hi, real, counts * epsilon, lam_lo, lam_hi)
+
+
+@jax.jit(static_argnames=("num_groups", "width", "per_atom_cap"))
+def _solve_bisection(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, *, num_groups,
+                     width, per_atom_cap, lam_lo=None, lam_hi=None):
+  """Exact solution by bisection on λ (the capped program, or the plain one as a polish)."""
+  dtype = xi.dtype
+  counts = jax.ops.segment_sum(jnp.ones_like(xi), group_ids, num_segments=num_groups)
+  real = _pad(jnp.ones_like(xi, bool), group_ids, slot, num_groups, width, False)
+  x_pad = _pad(xi, group_ids, slot, num_groups, width, lo)
+  d_lo = jnp.where(real, x_pad - lo, 0.0)
+  d_hi = jnp.where(real, hi - x_pad, 0.0)
+  cap = epsilon if per_atom_cap else jnp.asarray(jnp.inf, dtype)
+  s, r, lam = _bisect_groups(x_pad, d_lo, d_hi, real, slopes, intercepts, epsilon, cap, counts,
+                             lam_lo=lam_lo, lam_hi=lam_hi)
+  s, r = s[group_ids, slot], r[group_ids, slot]
+  q = -jnp.sign(slopes) * r
+  loss_xi = jnp.max(xi[:, None] * slopes + intercepts, axis=1)
+  return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, lam, num_groups)
 
 
 # --------------------------------------------------------------------------------------------
@@ -615,8 +747,6 @@ class DroConfig:
       raise ValueError(f"dro.group_size must be an int >= 1, got {self.group_size!r}")
     if self.method not in METHODS:
       raise ValueError(f"dro.method must be one of {list(METHODS)}, got {self.method!r}")
-    if self.per_atom_cap and self.method != "osqp":
-      raise ValueError("dro.per_atom_cap=True needs dro.method='osqp'")
     if self.window_method not in WINDOW_METHODS:
       raise ValueError(f"dro.window_method must be one of {list(WINDOW_METHODS)}, got "
                        f"{self.window_method!r}")
