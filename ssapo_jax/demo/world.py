@@ -12,13 +12,14 @@ Nothing is downloaded. `build_world` writes into ``<out>/world/``:
   prompts whose two responses tie under the oracle are left out (as a human annotator would
   have no preference), as are pairs with an empty response (the data pipeline rejects them). Plain-string format (``prompt``, ``chosen``, ``rejected``) plus the
   oracle scores.
+* ``pool_prompts.jsonl``: every pool prompt (tied ones included), unlabelled.
 * ``eval_prompts.jsonl``: held-out prompts, and ``sft_eval.json``, the SFT model's greedy
   outputs on them in AlpacaEval's format (the baseline of every win rate).
 * ``world.json``: the world's settings and measured statistics; a later run with the same
   settings reuses the world instead of rebuilding it.
 
-`split_pool` then draws an experiment seed's labelled seed (1/30 of the pool) and splits the
-remaining prompts into unlabelled round pools.
+The pipeline's own seed/pool split (``data.seed_size``, ``data.pool_sizes``) then draws each
+experiment seed's labelled seed from ``pool.jsonl`` (see `ssapo_jax.demo.arms`).
 """
 
 from __future__ import annotations
@@ -358,39 +359,3 @@ def build_world(root: str, config: WorldConfig = WorldConfig(), *, progress: boo
   }
   write_json(os.path.join(root, WORLD_FILE), {"config": dataclasses.asdict(config), "stats": stats})
   return World(root, config, stats)
-
-
-def split_pool(world: World, out_dir: str, *, seed: int, num_rounds: int,
-               seed_fraction: float = 1 / 30, flip_fraction: float = 0.25) -> dict:
-  """Draws one experiment seed's data files from the world's pool.
-
-  A random ``seed_fraction`` of the labelled pool becomes the seed (``seed.jsonl``); a copy
-  with ``flip_fraction`` of its labels swapped is ``seed_flipped.jsonl`` (the paper's
-  Table 5). The remaining prompts, without labels, are split evenly into
-  ``round_<t>.jsonl`` for t = 1..num_rounds (prompts whose samples tied included: without
-  labels nobody knows they tie). ``pool.jsonl`` is the whole labelled pool (the
-  "all labels" ceiling). Returns the file paths.
-  """
-  pool = read_jsonl(world.pool_path)
-  all_prompts = [r["prompt"] for r in read_jsonl(os.path.join(world.root, "pool_prompts.jsonl"))]
-  rng = np.random.default_rng(10_000 + seed)
-  order = rng.permutation(len(pool))
-  num_seed = max(1, round(len(pool) * seed_fraction))
-  seed_rows = [pool[i] for i in order[:num_seed]]
-  seed_prompts = {r["prompt"] for r in seed_rows}
-  rest = [p for p in all_prompts if p not in seed_prompts]
-  flip = set(rng.choice(num_seed, size=round(num_seed * flip_fraction), replace=False).tolist())
-  flipped = [dict(r, chosen=r["rejected"], rejected=r["chosen"]) if i in flip else r
-             for i, r in enumerate(seed_rows)]
-  strip = lambda r: {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
-  paths = {"seed": os.path.join(out_dir, "seed.jsonl"),
-           "seed_flipped": os.path.join(out_dir, "seed_flipped.jsonl"),
-           "pool": os.path.join(out_dir, "pool.jsonl"),
-           "eval_prompts": world.eval_prompts_path}
-  write_jsonl(paths["seed"], [strip(r) for r in seed_rows])
-  write_jsonl(paths["seed_flipped"], [strip(r) for r in flipped])
-  write_jsonl(paths["pool"], [strip(pool[i]) for i in order])
-  for t, part in enumerate(np.array_split(np.arange(len(rest)), max(1, num_rounds)), 1):
-    paths[f"round_{t}"] = os.path.join(out_dir, f"round_{t}.jsonl")
-    write_jsonl(paths[f"round_{t}"], [{"prompt": rest[i]} for i in part])
-  return paths
