@@ -23,13 +23,22 @@ mass fractionally so that the budget is spent exactly. This is the fractional-kn
 the LP; it needs no iterative solver, is exact up to rounding and costs one sort of ``2N`` keys.
 Each point ends with at most two non-zero atoms.
 
+Per-atom cap (``per_atom_cap=True``, the authors' ``|q_ik| ≤ ε``;
+``alignment-handbook/scripts/run_wst.py`` bounds ``q`` by ``(-eps, eps)``). With the cap the
+per-point problem at a fixed price ``λ`` is a fractional knapsack over ``K`` pieces (each piece
+moves at most ``ε / reach`` of its mass); ``λ*`` is found with `jaxopt.Bisection` on the monotone
+transport(λ) − N_g ε and the two responses at the ends of the final bracket are mixed so the
+budget is spent exactly. Exact up to rounding (matches HiGHS to ~1e-14 in float64); it pads
+groups to a common size, so it needs concrete group ids (not under jit).
+
 Generic method (``method="osqp"``). The LP itself, per group, with jaxopt's `BoxOSQP` (matrix-free,
-vmapped over groups padded to a common size). It supports the authors' per-atom cap
-``|q_ik| ≤ ε`` (``per_atom_cap=True``; ``alignment-handbook/scripts/run_wst.py`` bounds ``q`` by
-``(-eps, eps)``), which spreads the budget over all pairs. The OSQP iterate is repaired to an
-exactly feasible point, so its objective is a lower bound of the optimum. Accuracy is poor on
-these degenerate LPs (ADMM without Ruiz scaling): 1e-4..1e-2 relative with the cap, up to ~10%
-without it, and more iterations do not reliably help. Use it for the capped variant only.
+vmapped over groups padded to a common size), written with ``s = m + u`` (``m``: mass moved to
+the boundary, ``u``: mass kept) so that only the simplex rows and the budget row are general
+constraints; the simplex rows are weighted 10x (OSQP's larger step on equalities). The raw
+ADMM iterate is repaired to an exactly feasible point (a lower bound): measured 1e-10..2e-3
+relative to HiGHS with the cap and 5e-3..3e-2 without it. ``osqp_polish=True`` (default) then
+polishes with the dual: OSQP's budget price brackets ``λ*``, the bisection above closes the
+bracket and the per-point problems are solved exactly, which brings both variants to ~1e-14.
 
 Precision: the solvers run in float64 when ``jax_enable_x64`` is on, float32 otherwise. In float32
 the objective is accurate to about 1e-6 relative and the budget is met up to float32 rounding
@@ -51,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SPACES = ("probability", "margin")
+_OSQP_EQ_SCALE = 10.0  # equality rows weighted 10x (= 100x ADMM step on them, as OSQP does)
 METHODS = ("exact", "osqp")
 GROUPINGS = ("none", "random", "chunks", "quantile")
 WINDOW_METHODS = ("range", "quantile", "fixed")
@@ -220,7 +230,7 @@ class WorstCase(NamedTuple):
 def worst_case(xi, *, epsilon, slopes, intercepts, support, group_ids=None,
                num_groups: Optional[int] = None, method: str = "exact",
                per_atom_cap: bool = False, osqp_tol: float = 1e-5,
-               osqp_maxiter: int = 4000) -> WorstCase:
+               osqp_maxiter: int = 4000, osqp_polish: bool = True) -> WorstCase:
   """Worst-case distribution of the finite program of Thm 3.3, per group.
 
   Args:
@@ -231,9 +241,12 @@ def worst_case(xi, *, epsilon, slopes, intercepts, support, group_ids=None,
     group_ids: optional ``[num_pairs]`` ints in ``[0, num_groups)``; None is one group.
     num_groups: number of groups; inferred as ``max(group_ids) + 1`` when the ids are concrete
       (pass it when calling under ``jax.jit``).
-    method: ``"exact"`` (sorted dual, the default) or ``"osqp"`` (jaxopt `BoxOSQP` on the LP).
-    per_atom_cap: add the authors' cap ``|q_ik| ≤ ε`` (``method="osqp"`` only).
+    method: ``"exact"`` (sorted dual, the default; bisection on λ with the cap) or ``"osqp"``
+      (jaxopt `BoxOSQP` on the LP).
+    per_atom_cap: add the authors' cap ``|q_ik| ≤ ε`` (needs concrete ``group_ids``).
     osqp_tol, osqp_maxiter: `BoxOSQP` tolerance and iteration cap.
+    osqp_polish: polish the OSQP point with its budget price (exact per-point solves and a
+      bracketed bisection on λ); without it the repaired ADMM point is returned.
 
   Returns:
     A `WorstCase`.
@@ -255,7 +268,8 @@ def worst_case(xi, *, epsilon, slopes, intercepts, support, group_ids=None,
     return _solve_exact(xi, slopes, intercepts, lo, hi, epsilon, group_ids,
                         num_groups=num_groups)
   return _solve_osqp(xi, slopes, intercepts, lo, hi, epsilon, group_ids, num_groups=num_groups,
-                     per_atom_cap=per_atom_cap, tol=osqp_tol, maxiter=osqp_maxiter)
+                     per_atom_cap=per_atom_cap, tol=osqp_tol, maxiter=osqp_maxiter,
+                     polish=osqp_polish)
 
 
 def _validate(xi, epsilon, slopes, intercepts, support, group_ids, num_groups):
@@ -565,21 +579,31 @@ def _solve_bisection(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, *
 
 
 def _solve_osqp(xi, slopes, intercepts, lo, hi, epsilon, group_ids, *, num_groups,
-                per_atom_cap, tol, maxiter):
-  c_g = _concrete(group_ids)
-  if c_g is None:
-    raise ValueError("worst_case: method='osqp' needs concrete group_ids (it pads groups to a "
-                     "common size); call it outside jit")
-  n = xi.shape[0]
-  counts_np = np.bincount(c_g, minlength=num_groups)
-  width = int(counts_np.max())
-  order = np.argsort(c_g, kind="stable")
-  starts = np.concatenate([[0], np.cumsum(counts_np)[:-1]])
-  slot = np.empty(n, np.int64)
-  slot[order] = np.arange(n) - starts[c_g[order]]
-  return _osqp_core(xi, slopes, intercepts, lo, hi, epsilon, group_ids,
-                    jnp.asarray(slot, jnp.int32), num_groups=num_groups, width=width,
-                    per_atom_cap=bool(per_atom_cap), tol=float(tol), maxiter=int(maxiter))
+                per_atom_cap, tol, maxiter, polish):
+  slot, width = _pad_layout(group_ids, num_groups, "method='osqp'")
+  raw = _osqp_core(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot,
+                   num_groups=num_groups, width=width, per_atom_cap=bool(per_atom_cap),
+                   tol=float(tol), maxiter=int(maxiter))
+  if not polish:
+    return raw
+  # Dual polish: OSQP's budget price brackets λ*; fixing λ separates the LP per point, which is
+  # solved exactly, and the bracket is closed by bisection (falls back to [0, max|a|] when the
+  # OSQP bracket does not hold). The polished point is kept where it is at least as good.
+  a_max = jnp.max(jnp.abs(slopes))
+  half = 1e-2 * a_max + 10 * tol
+  polished = _solve_bisection(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot,
+                              num_groups=num_groups, width=width,
+                              per_atom_cap=bool(per_atom_cap),
+                              lam_lo=jnp.maximum(raw.dual - half, 0.0),
+                              lam_hi=jnp.minimum(raw.dual + half, a_max))
+  better = polished.group_objectives >= raw.group_objectives
+  keep = better[group_ids][:, None]
+  s = jnp.where(keep, polished.atom_weights, raw.atom_weights)
+  q = s * jnp.where(keep, polished.atom_shifts, raw.atom_shifts)
+  counts = jax.ops.segment_sum(jnp.ones_like(xi), group_ids, num_segments=num_groups)
+  dual = jnp.where(better, polished.dual, raw.dual)
+  loss_xi = jnp.max(xi[:, None] * slopes + intercepts, axis=1)
+  return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, dual, num_groups)
 
 
 @jax.jit(static_argnames=("num_groups", "width", "per_atom_cap", "tol", "maxiter"))
@@ -590,49 +614,56 @@ def _osqp_core(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, *, num_
   dtype = xi.dtype
   num_pieces = slopes.shape[0]
   counts = jax.ops.segment_sum(jnp.ones_like(xi), group_ids, num_segments=num_groups)
-  real = jnp.zeros((num_groups, width), bool).at[group_ids, slot].set(True)
-  x_pad = jnp.full((num_groups, width), lo, dtype).at[group_ids, slot].set(xi)
-  # Padded slots get an empty support (d_lo = d_hi = 0, so q = 0) and no objective weight.
+  real = _pad(jnp.ones_like(xi, bool), group_ids, slot, num_groups, width, False)
+  x_pad = _pad(xi, group_ids, slot, num_groups, width, lo)
+  # Padded slots get an empty support (reach 0, so nothing moves) and no objective weight.
   d_lo = jnp.where(real, x_pad - lo, 0.0)
   d_hi = jnp.where(real, hi - x_pad, 0.0)
   mask = real.astype(dtype)
 
   # Moving an atom against its piece's slope only costs budget, so an optimal q_ik has the sign
-  # of −a_k: write q_ik = −sign(a_k) r_ik with r ≥ 0 (|q| = r, no slack variables). An atom can
-  # travel d_k = xi − lo on a decreasing piece, hi − xi on an increasing one, 0 on a flat one.
-  direction = -jnp.sign(slopes)                                  # [K]
-
+  # of −a_k, and |q_ik| ≤ reach_ik s_ik with reach = ξ − lo on a decreasing piece, hi − ξ on an
+  # increasing one, 0 on a flat one. Writing s = m + u with m = |q| / reach (mass moved to the
+  # boundary) and u (mass kept at ξ) turns the program into an LP with box bounds, one equality
+  # per point and one budget row:
+  #   max Σ_ik m_ik (c_ik + |a_k| reach_ik) + u_ik c_ik,  c_ik = a_k ξ_i + b_k
+  #   s.t. Σ_k (m_ik + u_ik) = 1, m ≥ 0, u ≥ 0, Σ reach·m ≤ N_g ε, [reach_ik m_ik ≤ ε].
+  # It is much better conditioned for ADMM than the (s, q) form.
   def solve_group(x_g, d_lo_g, d_hi_g, mask_g, count_g):
     shape = (width, num_pieces)
     reach = jnp.where(slopes < 0, d_lo_g[:, None], jnp.where(slopes > 0, d_hi_g[:, None], 0.0))
-    # Row equilibration (BoxOSQP has no Ruiz scaling): unit-norm rows for the sums.
-    row_scale = 1.0 / np.sqrt(num_pieces)
-    budget_scale = 1.0 / np.sqrt(width * num_pieces)
-    c = (-(x_g[:, None] * slopes + intercepts) * mask_g[:, None],
-         -jnp.broadcast_to(jnp.abs(slopes), shape) * mask_g[:, None])
+    stay = (x_g[:, None] * slopes + intercepts) * mask_g[:, None]
+    c = (-(stay + jnp.abs(slopes) * reach), -stay)
+    row_scale = _OSQP_EQ_SCALE / np.sqrt(2 * num_pieces)
+    norm = jnp.sqrt(jnp.sum(reach ** 2))
+    budget_scale = 1.0 / jnp.where(norm > 0, norm, 1.0)
 
     def mv_a(_, x):
-      s, r = x
-      return (jnp.sum(s, axis=1) * row_scale, s, reach * s - r, r, jnp.sum(r) * budget_scale)
+      m, u = x
+      return (jnp.sum(m + u, axis=1) * row_scale, m, u, jnp.sum(reach * m) * budget_scale)
 
-    zeros_k = jnp.zeros(shape, dtype)
+    ones = jnp.ones(shape, dtype)
     rows = jnp.full(width, row_scale, dtype)
-    cap = jnp.full(shape, epsilon if per_atom_cap else jnp.inf, dtype)
-    lower = (rows, zeros_k, zeros_k, zeros_k, jnp.asarray(-jnp.inf, dtype))
-    upper = (rows, jnp.ones(shape, dtype), jnp.full(shape, jnp.inf, dtype), cap,
-             count_g * epsilon * budget_scale)
+    if per_atom_cap:
+      m_cap = jnp.where(reach > 0, jnp.minimum(epsilon / jnp.where(reach > 0, reach, 1), 1), 0)
+    else:
+      m_cap = jnp.where(reach > 0, 1.0, 0.0) * ones
+    lower = (rows, 0 * ones, 0 * ones, jnp.asarray(-jnp.inf, dtype))
+    upper = (rows, m_cap, ones, count_g * epsilon * budget_scale)
     solver = BoxOSQP(matvec_Q=lambda _, x: jax.tree.map(jnp.zeros_like, x), matvec_A=mv_a,
                      tol=tol, maxiter=maxiter, check_primal_dual_infeasability=False,
                      implicit_diff=False, jit=True)
     sol = solver.run(init_params=None, params_obj=(None, c), params_eq=None,
                      params_ineq=(lower, upper))
-    s, r = sol.params.primal[0]
-    # y of the budget row Σr ≤ N_g ε prices the unscaled objective Σ_i; dividing both by N_g
-    # leaves it unchanged, so (undoing the row scale) it is the program's λ.
-    return s, direction * r, jnp.abs(sol.params.dual_eq[4]) * budget_scale
+    m, u = sol.params.primal[0]
+    # The budget row's multiplier, in the row's unscaled units, prices Σ_i; dividing objective
+    # and budget by N_g leaves it unchanged, so it is the program's λ.
+    return m, u, reach, jnp.abs(sol.params.dual_eq[3]) * budget_scale
 
-  s, q, lam = jax.vmap(solve_group)(x_pad, d_lo, d_hi, mask, counts)
-  s, q = s[group_ids, slot], q[group_ids, slot]                 # [N, K]
+  m, u, reach, lam = jax.vmap(solve_group)(x_pad, d_lo, d_hi, mask, counts)
+  m, u, reach = m[group_ids, slot], u[group_ids, slot], reach[group_ids, slot]   # [N, K]
+  s = jnp.clip(m, 0, None) + jnp.clip(u, 0, None)
+  q = -jnp.sign(slopes) * reach * jnp.clip(m, 0, None)
   s, q = _repair(s, q, xi - lo, hi - xi, epsilon, group_ids, counts, num_groups, per_atom_cap)
   loss_xi = jnp.max(xi[:, None] * slopes + intercepts, axis=1)
   return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, lam, num_groups)
@@ -726,7 +757,7 @@ class DroConfig:
   grouping: str = "none"  # "none" | "random" (paper §4.3) | "chunks" (authors' code) | "quantile"
   group_size: int = 100  # G, points per group (paper default 100)
   method: str = "exact"  # "exact" (sorted dual) | "osqp" (jaxopt BoxOSQP on the LP)
-  per_atom_cap: bool = False  # authors' extra |q_ik| <= epsilon (needs method="osqp")
+  per_atom_cap: bool = False  # authors' extra |q_ik| <= epsilon (exact: bisection on λ)
   window_method: str = "range"  # margin-space knot window: "range" | "quantile" | "fixed"
   window: Optional[tuple[float, float]] = None  # (lo, hi) for window_method="fixed"
   window_tau: float = 1.0  # padding of the "range" window, in xi units
