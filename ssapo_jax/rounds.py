@@ -27,12 +27,11 @@ import warnings
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from ssapo_jax import annotate, dro, sharding as shd, train as tr
+from ssapo_jax import annotate, dro, rundir, sharding as shd, train as tr
 from ssapo_jax.checkpoint import Checkpointer, checkpoint_dir
 from ssapo_jax.config import ExperimentConfig
 from ssapo_jax.data import (LoaderCursor, PreferenceLoader, PromptRecord, left_pad, load_preferences,
@@ -68,11 +67,13 @@ class Runtime:
   data: RunData
   ckpt: Checkpointer
   logger: MetricsLogger | None
+  workdir: str  # local directory of the phase outputs (= output_dir unless that is remote)
   scorers: dict = dataclasses.field(default_factory=dict)  # jitted scoring fns per model graph
+  policies: dict = dataclasses.field(default_factory=dict)  # round -> trained policy in memory
 
   @property
   def out(self) -> str:
-    return self.config.output_dir
+    return self.workdir
 
   def round_dir(self, t: int) -> str:
     return os.path.join(self.out, f"round_{t}")
@@ -127,19 +128,6 @@ def _load_model(path: str, config: ExperimentConfig, mesh) -> Llama:
 
 
 # ------------------------------------------------------------------------------ helpers
-
-def _atomic_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
-def _atomic_npz(path: str, **arrays) -> None:
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
 
 def _to_host(x) -> np.ndarray:
   if jax.process_count() > 1:
@@ -222,10 +210,12 @@ def _prompt_ids(rt: Runtime, prompts) -> list[list[int]]:
 
 
 def _policy_at(rt: Runtime, t: int) -> Llama:
-  """π_t as exported at the end of round t (π_{-1} = the SFT model)."""
+  """π_t: trained in this process, else its export from round t (π_{-1} = the SFT model)."""
   if t < 0:
     return rt.sft
-  return _load_model(os.path.join(rt.round_dir(t), "policy"), rt.config, rt.mesh)
+  if t not in rt.policies:  # resumed run: the export is bitwise the trained parameters
+    rt.policies[t] = _load_model(os.path.join(rt.round_dir(t), "policy"), rt.config, rt.mesh)
+  return rt.policies[t]
 
 
 def phase_generate(rt: Runtime, t: int, policy: Llama) -> dict[str, np.ndarray]:
@@ -239,8 +229,7 @@ def phase_generate(rt: Runtime, t: int, policy: Llama) -> dict[str, np.ndarray]:
   s = rt.config.sampling
   gen = _generate_all(rt, policy, prompt_ids, key, temperature=s.temperature,
                       num_samples=s.num_samples, desc=f"round {t}: generate")
-  if jax.process_index() == 0:
-    _atomic_npz(path, **gen)
+  rundir.atomic_npz(path, **gen)  # every host keeps its own copy of what it needs to resume
   return gen
 
 
@@ -279,7 +268,7 @@ def phase_annotate(rt: Runtime, t: int, policy: Llama, gen: dict[str, np.ndarray
                                "annotation_reference": cfg.rounds.annotation_reference},
         settings={"sampling": dataclasses.asdict(cfg.sampling)},
         counts={"prompts": len(prompts), "usable_pairs": int(usable.size)})
-    _atomic_npz(cache, **result)
+  rundir.atomic_npz(cache, **result)
   return result
 
 
@@ -383,7 +372,7 @@ def phase_follower(rt: Runtime, t: int, policy: Llama, reference: Llama):
     extras["atom_weights"], extras["atom_shifts"] = weights, shifts
     extras["judge_chosen_logps"], extras["judge_rejected_logps"] = judge_c, judge_r
     if jax.process_index() == 0:
-      _atomic_json(os.path.join(rt.round_dir(t), "follower.json"),
+      rundir.atomic_json(os.path.join(rt.round_dir(t), "follower.json"),
                    {**summary, "num_pairs": n, "refresh_step": 0})
   judge_logps = {k: extras.pop(k) for k in ("judge_chosen_logps", "judge_rejected_logps")
                  if k in extras}
@@ -418,10 +407,9 @@ def _refresh_follower(rt: Runtime, t: int, state, dataset, judge_logps, round_st
   margins = ((pol_c - judge_logps["judge_chosen_logps"])
              - (pol_r - judge_logps["judge_rejected_logps"]))
   weights, shifts, summary = follower_atoms(rt, t, margins)
-  if jax.process_index() == 0:
-    path = _refresh_path(rt, t, round_step)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    _atomic_npz(path, atom_weights=weights, atom_shifts=shifts)
+  path = _refresh_path(rt, t, round_step)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  rundir.atomic_npz(path, atom_weights=weights, atom_shifts=shifts)
   return with_pair_columns(dataset, atom_weights=weights, atom_shifts=shifts), summary
 
 
@@ -507,7 +495,7 @@ def phase_evaluate(rt: Runtime, t: int, policy: Llama) -> None:
   records = [{"instruction": p.prompt[-1]["content"], "output": o, "generator": name,
               "dataset": "ssapo_eval"} for p, o in zip(rt.data.eval_prompts, texts)]
   if jax.process_index() == 0:
-    _atomic_json(os.path.join(rt.round_dir(t), "eval_generations.json"), records)
+    rundir.atomic_json(os.path.join(rt.round_dir(t), "eval_generations.json"), records)
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -561,21 +549,27 @@ def run(config: ExperimentConfig, *, resume: bool = True) -> dict[int, dict[str,
   Writes under ``config.output_dir``: ``split_manifest.json``, ``metrics.jsonl`` and
   ``tensorboard/``, ``checkpoints/``, ``round_<t>/`` (``generations.npz``, ``pairs/``,
   ``train_set/``, ``follower.json``, ``eval_generations.json``, ``summary.json``, ``policy/``)
-  and ``final_policy/`` (Hugging Face format).
+  and ``final_policy/`` (Hugging Face format). A remote (``gs://``) output directory gets
+  checkpoints and metrics directly; the phase outputs are written to a local mirror on every
+  host and copied up by process 0 after each phase (and down again when a run resumes).
   """
-  out = config.output_dir
-  os.makedirs(out, exist_ok=True)
+  workdir = rundir.local_workdir(config.output_dir)
+  os.makedirs(workdir, exist_ok=True)
+  if resume and rundir.is_remote(config.output_dir):
+    rundir.pull(config.output_dir, workdir)
   mesh = shd.make_mesh(config.mesh)
   tokenizer = load_tokenizer(config.model.resolved_tokenizer_path)
   sft = _load_model(config.model.path, config, mesh)
-  data = prepare_data(config, out)
-  ckpt = Checkpointer(checkpoint_dir(out), config=config.checkpoint)
-  rt = Runtime(config, mesh, tokenizer, sft, data, ckpt, None)
+  data = prepare_data(config, workdir)
+  ckpt = Checkpointer(checkpoint_dir(config.output_dir), config=config.checkpoint)
+  rt = Runtime(config, mesh, tokenizer, sft, data, ckpt, None, workdir)
+  rundir.push(config.output_dir, workdir, "split_manifest.json")
   first_round, resume_step, global_step = _resume_point(rt) if resume else (0, None, 0)
-  rt.logger = MetricsLogger(out, resume_step=global_step if resume else -1)
+  rt.logger = MetricsLogger(config.output_dir, resume_step=global_step if resume else -1)
   summaries = {}
   try:
     for t in range(first_round, config.rounds.num_rounds + 1):
+      rel = f"round_{t}"
       os.makedirs(rt.round_dir(t), exist_ok=True)
       policy = _policy_at(rt, t - 1)
       resume_state = resume_meta = None
@@ -583,32 +577,38 @@ def run(config: ExperimentConfig, *, resume: bool = True) -> dict[int, dict[str,
         resume_state, resume_meta, global_step = _restore_train_state(rt, t, policy, resume_step)
       if t > 0:
         gen = phase_generate(rt, t, policy)
+        rundir.push(config.output_dir, workdir, rel)
         phase_annotate(rt, t, policy, gen)
+        rundir.push(config.output_dir, workdir, rel)
       reference = (policy if t > 0 and config.rounds.train_reference == "previous" else sft)
       dataset, judge_logps = phase_follower(rt, t, policy, reference)
+      rundir.push(config.output_dir, workdir, rel)
       state, global_step = phase_train(rt, t, policy, dataset, judge_logps,
                                        resume_state=resume_state, resume_meta=resume_meta,
                                        global_step=global_step)
-      trained = tr.merge_params(state)
-      _export_policy(rt, t, trained)
-      phase_evaluate(rt, t, trained)
+      rt.policies[t] = tr.merge_params(state)
+      rt.policies.pop(t - 2, None)  # keep π_{t-1} and π_t: all that later rounds read
+      _export_policy(rt, t, rt.policies[t])
+      phase_evaluate(rt, t, rt.policies[t])
       summary = {"round": t, "global_step": global_step, "num_pairs": len(dataset)}
       follower = os.path.join(rt.round_dir(t), "follower.json")
       if os.path.exists(follower):
         with open(follower) as f:
           summary["follower"] = json.load(f)
       if jax.process_index() == 0:
-        _atomic_json(os.path.join(rt.round_dir(t), "summary.json"), summary)
+        rundir.atomic_json(os.path.join(rt.round_dir(t), "summary.json"), summary)
+      rundir.push(config.output_dir, workdir, rel)
       summaries[t] = summary
       global_step += 1  # the round-end checkpoint gets a step of its own
       ckpt.save(global_step, state, {"round": t, "phase": ROUND_DONE, "global_step": global_step},
                 force=True)
       ckpt.wait()
     last = os.path.join(rt.round_dir(config.rounds.num_rounds), "policy")
-    final = os.path.join(out, "final_policy")
     if jax.process_index() == 0 and os.path.isdir(last):
+      final = os.path.join(workdir, "final_policy")
       shutil.rmtree(final, ignore_errors=True)
       shutil.copytree(last, final)
+      rundir.push(config.output_dir, workdir, "final_policy")
   finally:
     ckpt.close()
     rt.logger.close()

@@ -1,0 +1,88 @@
+"""The run directory: atomic writes of phase outputs and the local mirror of a remote run.
+
+Phase outputs (samples, annotations, datasets, exports) are written with local file APIs. When
+``output_dir`` is remote (``gs://``), every host writes them to a local mirror (`local_workdir`),
+process 0 copies each finished phase up (`push`), and a resumed run copies them down (`pull`).
+Checkpoints (orbax) and metrics write to the remote directory directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def atomic_json(path: str, obj: Any) -> None:
+  tmp = f"{path}.tmp{jax.process_index()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def atomic_npz(path: str, **arrays) -> None:
+  tmp = f"{path}.tmp{jax.process_index()}.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def is_remote(path: str) -> bool:
+  return "://" in path
+
+
+def local_workdir(output_dir: str) -> str:
+  """Where phase outputs are written: the output directory, or a local mirror of a remote one."""
+  if not is_remote(output_dir):
+    return output_dir
+  digest = hashlib.sha1(output_dir.encode()).hexdigest()[:12]
+  return os.path.join(tempfile.gettempdir(), "ssapo_jax", digest)
+
+
+# Written to the remote directory directly (orbax, the metrics logger), never mirrored.
+_NOT_MIRRORED = ("checkpoints", "tensorboard", "metrics.jsonl", "config.yaml", "cache")
+
+
+def _remote_path(path: str):
+  from etils import epath  # gs://, s3://, … through the backends etils has installed
+  return epath.Path(path)
+
+
+def pull(output_dir: str, workdir: str) -> None:
+  """Copies a remote run's phase outputs into the local mirror (for a resumed run)."""
+  remote = _remote_path(output_dir)
+  if not remote.exists():
+    return
+  pending = [p for p in remote.iterdir() if p.name not in _NOT_MIRRORED]
+  while pending:
+    src = pending.pop()
+    if src.is_dir():
+      pending.extend(src.iterdir())
+      continue
+    dst = os.path.join(workdir, str(src.relative_to(remote)))
+    if not os.path.exists(dst):
+      os.makedirs(os.path.dirname(dst), exist_ok=True)
+      with open(dst + ".part", "wb") as f:
+        f.write(src.read_bytes())
+      os.replace(dst + ".part", dst)
+
+
+def push(output_dir: str, workdir: str, rel: str) -> None:
+  """Copies ``workdir/rel`` (a file or a tree) to a remote output directory (process 0 only)."""
+  if not is_remote(output_dir) or jax.process_index() != 0:
+    return
+  local = os.path.join(workdir, rel)
+  files = [local] if os.path.isfile(local) else [
+      os.path.join(d, f) for d, _, names in os.walk(local) for f in names]
+  for path in files:
+    if ".tmp" in os.path.basename(path):
+      continue
+    dst = _remote_path(output_dir) / os.path.relpath(path, workdir)
+    if dst.exists():
+      continue  # already copied: phase outputs are deterministic and written once
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(open(path, "rb").read())
