@@ -107,6 +107,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
   if origin in (Union, types.UnionType):
     if value is None and type(None) in args:
       return None
+    # A value whose type is itself a member keeps it: `int | float` must not turn 1.0 into 1.
+    if any(isinstance(m, type) and type(value) is m for m in args):
+      return value
     errors = []
     for member in args:
       if member is type(None):

@@ -224,3 +224,11 @@ def test_experiment_overrides_and_cross_checks():
     cfg_lib.load_experiment(path, ["rounds.annotation_reference=policy"])
   with pytest.raises(ValueError, match=r"round_index must be in \[0, 2\]"):
     config.train_for_round(3)
+
+
+def test_union_keeps_a_value_of_a_member_type():
+  # data.seed_size is `int | float`: 1.0 is "all rows" (a fraction), 1 is one row.
+  from ssapo_jax.data import DataConfig
+  assert repr(cfg_lib.from_dict(DataConfig, {"seed_size": 1.0}).seed_size) == "1.0"
+  assert repr(cfg_lib.from_dict(DataConfig, {"seed_size": 1}).seed_size) == "1"
+  assert repr(cfg_lib.from_dict(DataConfig, {"seed_size": "0.5"}).seed_size) == "0.5"
