@@ -5,7 +5,10 @@ Probability space, K = 6 tangents of −log p, ε = 0.01, xi = clip(σ(0.1·N(8,
 `worst_case` is timed after compilation (median of 5 runs); HiGHS solves the same LP (all groups
 in one LP; q = q⁺ − q⁻) with a 60 s limit.
 
+A second table times the per-atom-cap / BoxOSQP paths (raw ADMM and polished) at G = 100.
+
     python benchmarks/dro.py [--sizes 1000 10000 60000 1000000] [--highs-max 100000]
+                             [--osqp-sizes 1000 10000]
 """
 
 import argparse
@@ -24,7 +27,7 @@ from scipy.optimize import linprog  # noqa: E402
 from ssapo_jax import dro  # noqa: E402
 
 
-def highs(xi, slopes, intercepts, eps, group_ids, time_limit):
+def highs(xi, slopes, intercepts, eps, group_ids, time_limit, per_atom_cap=False):
   n, k = xi.size, slopes.size
   nk = n * k
   c = np.concatenate([-(xi[:, None] * slopes + intercepts).ravel(), np.tile(slopes, n),
@@ -40,7 +43,9 @@ def highs(xi, slopes, intercepts, eps, group_ids, time_limit):
                     sp.hstack([sp.csr_matrix((groups.size, nk)), member, member])], format="csr")
   b_ub = np.concatenate([np.zeros(2 * nk), np.bincount(gidx) * eps])
   start = time.perf_counter()
-  res = linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=np.ones(n), bounds=(0, None),
+  cap = eps if per_atom_cap else None
+  res = linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=np.ones(n),
+                bounds=[(0, None)] * nk + [(0, cap)] * (2 * nk),
                 method="highs", options={"time_limit": time_limit})
   elapsed = time.perf_counter() - start
   return (-res.fun if res.status == 0 else None), elapsed
@@ -52,6 +57,8 @@ def main():
   parser.add_argument("--highs-max", type=int, default=100000,
                       help="skip HiGHS above this N (it does not finish within a minute)")
   parser.add_argument("--time-limit", type=float, default=60.0)
+  parser.add_argument("--osqp-sizes", type=int, nargs="*", default=[1000, 10000],
+                      help="N for the per-atom-cap / BoxOSQP table (G = 100)")
   args = parser.parse_args()
   slopes, intercepts = (np.asarray(v) for v in dro.tangent_pieces(6))
   rng = np.random.default_rng(0)
@@ -85,6 +92,24 @@ def main():
                  f"{float(worst.objective) - ref:.1e}")
       print(f"| {n:,} | {label} | {ours:.3g} | {cells[0]} | {cells[1]} | {cells[2]} |",
             flush=True)
+  print()
+  print("| N | groups | per_atom_cap | method | time (s) | objective − HiGHS (rel.) |")
+  print("|---|---|---|---|---|---|")
+  for n in args.osqp_sizes:
+    xi = np.clip(1 / (1 + np.exp(-0.1 * rng.normal(8, 10, n))), 0.5, 0.999)
+    gids = np.asarray(dro.chunk_groups(n, 100))
+    for cap in (True, False):
+      ref, _ = highs(xi, slopes, intercepts, 0.01, gids, args.time_limit, per_atom_cap=cap)
+      for label, kw in (("exact", {}), ("osqp raw", dict(method="osqp", osqp_polish=False)),
+                        ("osqp+polish", dict(method="osqp"))):
+        run = lambda: dro.worst_case(xi, epsilon=0.01, slopes=slopes, intercepts=intercepts,
+                                     support=(0.0, 1.0), group_ids=gids, per_atom_cap=cap, **kw)
+        jax.block_until_ready(run())  # compile
+        start = time.perf_counter()
+        worst = jax.block_until_ready(run())
+        elapsed = time.perf_counter() - start
+        diff = "–" if ref is None else f"{(float(worst.objective) - ref) / ref:.1e}"
+        print(f"| {n:,} | G=100 | {cap} | {label} | {elapsed:.3g} | {diff} |", flush=True)
 
 
 if __name__ == "__main__":
