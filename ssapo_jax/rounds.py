@@ -27,6 +27,7 @@ import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
@@ -34,10 +35,10 @@ from tqdm.auto import tqdm
 from ssapo_jax import annotate, dro, rundir, sharding as shd, train as tr
 from ssapo_jax.checkpoint import Checkpointer, checkpoint_dir
 from ssapo_jax.config import ExperimentConfig
-from ssapo_jax.data import (LoaderCursor, PreferenceLoader, PromptRecord, left_pad, load_preferences,
-                            load_prompts, pairs_from_token_ids, save_manifest, save_round,
-                            select_rows, split_rows, tokenize_pairs, tokenize_prompts,
-                            with_pair_columns)
+from ssapo_jax.data import (LoaderCursor, PreferenceLoader, PromptRecord, last_token_embeddings,
+                            left_pad, load_preferences, load_prompts, pairs_from_token_ids,
+                            save_manifest, save_round, select_rows, split_rows, tokenize_pairs,
+                            tokenize_prompts, with_pair_columns)
 from ssapo_jax.data.tokenize import round_up
 from ssapo_jax.metrics import MetricsLogger
 from ssapo_jax.models import Llama, load_hf, save_hf
@@ -81,24 +82,61 @@ class Runtime:
 
 # ------------------------------------------------------------------------------ set-up
 
-def prepare_data(config: ExperimentConfig, out: str) -> RunData:
-  """Loads and validates the sources, splits seed/pools and writes ``split_manifest.json``."""
+def prompt_embeddings(model: Llama, tokenizer, prompts, config: ExperimentConfig) -> np.ndarray:
+  """``[N, D]`` float32 embeddings of chat-templated prompts for farthest-point seeding.
+
+  The SFT model's last-layer hidden state at each prompt's last token (paper, appendix G.2).
+  """
+  d = config.data
+  ids = tokenize_prompts(prompts, tokenizer, max_prompt_length=d.max_prompt_length,
+                         truncation_mode=d.truncation_mode, system_message=d.system_message)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def embed(state, prompt_ids, prompt_mask):
+    hidden = nnx.merge(graphdef, state).hidden_states(prompt_ids, prompt_mask)
+    return last_token_embeddings(hidden, prompt_mask).astype(jnp.float32)
+
+  size = config.sampling.batch_size
+  out = []
+  for start in tqdm(range(0, len(ids), size), desc="embed prompts", leave=False):
+    chunk = ids[start:start + size]
+    n = len(chunk)
+    prompt_ids, prompt_mask = left_pad(chunk + [chunk[-1]] * (size - n),
+                                       pad_id=tokenizer.pad_token_id, multiple=d.bucket_size)
+    out.append(_to_host(embed(state, prompt_ids, prompt_mask))[:n])
+  return np.concatenate(out)
+
+
+def prepare_data(config: ExperimentConfig, out: str, *, sft: Llama, tokenizer) -> RunData:
+  """Loads and validates the sources, splits seed/pools and writes ``split_manifest.json``.
+
+  The labelled seed is ``data.seed_size`` pairs of ``data.source`` (``random`` or
+  ``farthest_point`` on SFT prompt embeddings); the round pools are the remaining prompts of
+  the source (or of ``data.prompt_source``), in the authors' shuffled order.
+  """
   d = config.data
   load_opts = dict(split=d.split, data_dir=d.data_dir, prompt_column=d.prompt_column,
                    policy=d.policy)
   pairs = load_preferences(d.source, format=d.format, chosen_column=d.chosen_column,
                            rejected_column=d.rejected_column, **load_opts)
-  prompts = ([PromptRecord(prompt=p.prompt, row=p.row) for p in pairs] if d.prompt_source is None
-             else load_prompts(d.prompt_source, **load_opts))
+  embeddings = None
+  if d.seed_method == "farthest_point":
+    embeddings = prompt_embeddings(sft, tokenizer, [p.prompt for p in pairs], config)
+  split = dict(seed_size=d.seed_size, method=d.seed_method, seed=d.split_seed,
+               embeddings=embeddings)
   if d.prompt_source is None:
-    manifest = split_rows([p.row for p in pairs], seed_size=d.seed_size, pool_sizes=d.pool_sizes,
-                          method=d.seed_method, seed=d.split_seed, source=d.source)
-    seed = select_rows(pairs, manifest.seed_rows)
+    prompts = [PromptRecord(prompt=p.prompt, row=p.row) for p in pairs]
+    manifest = split_rows([p.row for p in pairs], pool_sizes=d.pool_sizes, source=d.source,
+                          **split)
+    seed_rows = manifest.seed_rows
   else:
+    prompts = load_prompts(d.prompt_source, **load_opts)
     manifest = split_rows([p.row for p in prompts], seed_size=0, pool_sizes=d.pool_sizes,
                           seed=d.split_seed, source=d.prompt_source)
-    seed = select_rows(pairs, split_rows([p.row for p in pairs], seed_size=d.seed_size,
-                                         seed=d.split_seed).seed_rows)
+    seed_rows = split_rows([p.row for p in pairs], source=d.source, **split).seed_rows
+    manifest = dataclasses.replace(manifest, seed_rows=seed_rows)
+  seed = select_rows(pairs, seed_rows)
   pools = [select_rows(prompts, rows) for rows in manifest.pool_rows]
   if d.eval_source is not None:
     eval_prompts = list(load_prompts(d.eval_source, **load_opts))
@@ -560,7 +598,7 @@ def run(config: ExperimentConfig, *, resume: bool = True) -> dict[int, dict[str,
   mesh = shd.make_mesh(config.mesh)
   tokenizer = load_tokenizer(config.model.resolved_tokenizer_path)
   sft = _load_model(config.model.path, config, mesh)
-  data = prepare_data(config, workdir)
+  data = prepare_data(config, workdir, sft=sft, tokenizer=tokenizer)
   ckpt = Checkpointer(checkpoint_dir(config.output_dir), config=config.checkpoint)
   rt = Runtime(config, mesh, tokenizer, sft, data, ckpt, None, workdir)
   rundir.push(config.output_dir, workdir, "split_manifest.json")

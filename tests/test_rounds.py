@@ -216,3 +216,31 @@ def test_sharded_mesh_matches_single_device(world, tmp_path):
   a, b = _losses(single), _losses(sharded)
   assert [s for s, _ in a] == [s for s, _ in b] and len(a) >= 6
   np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=1e-4)
+
+
+def test_farthest_point_seed_uses_sft_prompt_embeddings(world, tmp_path):
+  """prepare_data's batched, left-padded embeddings + FPS equal a one-prompt-at-a-time reference."""
+  import jax.numpy as jnp
+  from ssapo_jax import config as cfg_lib, rounds
+  from ssapo_jax.models import load_hf
+  from ssapo_jax.models.tokenizer import chat_prompt_ids, load_tokenizer
+  config = cfg_lib.load_experiment(_config(world, str(tmp_path / "fps"), str(tmp_path)), [
+      "data.seed_method=farthest_point", "data.seed_size=5", "sampling.batch_size=8"])
+  tokenizer = load_tokenizer(config.model.path)
+  sft = load_hf(config.model.path)
+  data = rounds.prepare_data(config, str(tmp_path), sft=sft, tokenizer=tokenizer)
+  pairs = rounds.load_preferences(config.data.source)
+  # Reference embeddings: each prompt alone, unpadded, last position of the final hidden states.
+  emb = np.stack([np.asarray(sft.hidden_states(jnp.asarray([ids]), jnp.ones((1, len(ids)), int))[0, -1])
+                  for ids in (chat_prompt_ids(tokenizer, p.prompt) for p in pairs)])
+  unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+  order = np.random.default_rng(config.data.split_seed).permutation(len(pairs))
+  chosen = [int(order[0])]
+  dist_sum = np.zeros(len(pairs))
+  while len(chosen) < 5:
+    dist_sum += 1.0 - unit @ unit[chosen[-1]]
+    candidates = np.where(np.isin(np.arange(len(pairs)), chosen), -np.inf, dist_sum)
+    chosen.append(int(np.argmax(candidates)))
+  assert sorted(p.row for p in data.seed_pairs) == sorted(pairs[i].row for i in chosen)
+  manifest = json.load(open(os.path.join(tmp_path, "split_manifest.json")))
+  assert manifest["settings"]["method"] == "farthest_point"
