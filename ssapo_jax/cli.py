@@ -17,6 +17,7 @@ import sys
 from typing import Sequence
 
 EXIT_CONFIG_ERROR = 2
+EXIT_DATA_ERROR = 3  # a bad data row (DataValidationError)
 PROG = "ssapo-train"
 
 
@@ -156,7 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg_lib.save_resolved(config, config.output_dir)
 
   from ssapo_jax import rounds  # imported late: config errors must not depend on the training stack
-  rounds.run(config, resume=resume)
+  from ssapo_jax.data import DataValidationError
+  try:
+    rounds.run(config, resume=resume)
+  except DataValidationError as e:  # names the file, row and field; nothing written is lost
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    return EXIT_DATA_ERROR
   return 0
 
 

@@ -244,3 +244,19 @@ def test_farthest_point_seed_uses_sft_prompt_embeddings(world, tmp_path):
   assert sorted(p.row for p in data.seed_pairs) == sorted(pairs[i].row for i in chosen)
   manifest = json.load(open(os.path.join(tmp_path, "split_manifest.json")))
   assert manifest["settings"]["method"] == "farthest_point"
+
+
+def test_bad_data_row_is_a_one_line_error(world, tmp_path):
+  rows = [json.loads(line) for line in open(os.path.join(world, "prefs.jsonl"))][:40]
+  rows[17]["rejected"] = rows[17]["chosen"]  # chosen identical to rejected
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  out = str(tmp_path / "bad_run")
+  proc = subprocess.run(_cmd(_config(world, out, str(tmp_path)), f"data.source={bad}"),
+                        env=_env(1), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 3
+  assert "Traceback" not in proc.stderr
+  error = [line for line in proc.stderr.splitlines() if "error:" in line]
+  assert len(error) == 1 and str(bad) in error[0] and "row 17" in error[0]
+  assert "'rejected'" in error[0] or "'chosen'" in error[0]
+  assert os.path.exists(os.path.join(out, "config.yaml"))  # what was written is kept
