@@ -197,9 +197,10 @@ def _score_sequences(rt: Runtime, model: Llama, prompts, responses) -> np.ndarra
   def batches():
     for start in range(0, len(prompts), size):
       chunk = list(range(start, min(start + size, len(prompts))))
+      # T from the whole global batch, so every host builds the same shape.
+      t = round_up(max(len(prompts[i]) + len(responses[i]) for i in chunk), bucket)
       chunk = (chunk + [chunk[-1]] * (size - len(chunk)))[rows]  # fixed size, this host's rows
       seqs = [list(prompts[i]) + list(responses[i]) for i in chunk]
-      t = round_up(max(len(x) for x in seqs), bucket)
       ids = np.full((len(seqs), t), pad, np.int32)
       mask, loss_mask = np.zeros_like(ids), np.zeros_like(ids)
       for j, (x, i) in enumerate(zip(seqs, chunk)):
@@ -411,7 +412,7 @@ def phase_follower(rt: Runtime, t: int, policy: Llama, reference: Llama):
     extras["judge_chosen_logps"], extras["judge_rejected_logps"] = judge_c, judge_r
     if jax.process_index() == 0:
       rundir.atomic_json(os.path.join(rt.round_dir(t), "follower.json"),
-                   {**summary, "num_pairs": n, "refresh_step": 0})
+                         {**summary, "num_pairs": n, "refresh_step": 0})
   judge_logps = {k: extras.pop(k) for k in ("judge_chosen_logps", "judge_rejected_logps")
                  if k in extras}
   dataset = with_pair_columns(dataset, **extras)
