@@ -438,6 +438,11 @@ def _latest_refresh(rt: Runtime, t: int, round_step: int) -> str | None:
   return _refresh_path(rt, t, steps[-1]) if steps else None
 
 
+def _with_saved_atoms(dataset, path: str):
+  with np.load(path) as f:
+    return with_pair_columns(dataset, atom_weights=f["atom_weights"], atom_shifts=f["atom_shifts"])
+
+
 def _refresh_follower(rt: Runtime, t: int, state, dataset, judge_logps, round_step: int):
   """Re-solves the follower from the current policy's margins (paper eq. 7–8)."""
   current = tr.merge_params(state)
@@ -476,26 +481,20 @@ def phase_train(rt: Runtime, t: int, init: Llama, dataset, judge_logps, *,
     cursor = LoaderCursor.from_dict(resume_meta["cursor"])
   done = cursor.epoch * loader.batches_per_epoch + cursor.step
   refresh = cfg.rounds.follower_refresh_steps if t > 0 else None
-  if refresh and done > 0:
-    latest = _latest_refresh(rt, t, done)
-    if latest is not None:
-      with np.load(latest) as f:
-        dataset = with_pair_columns(dataset, atom_weights=f["atom_weights"],
-                                    atom_shifts=f["atom_shifts"])
-      loader = _loader(rt, dataset, t, train_cfg)
+  if refresh and done > 0 and (latest := _latest_refresh(rt, t, done)) is not None:
+    dataset = _with_saved_atoms(dataset, latest)  # the atoms in force at the checkpoint
+    loader = _loader(rt, dataset, t, train_cfg)
   step_fn = tr.make_train_step(train_cfg, rt.mesh, state)
   it = loader.iterator(cursor, num_epochs=train_cfg.epochs)
   bar = tqdm(total=num_steps, initial=done, desc=f"round {t}: train", leave=False)
   tokens, last = 0, time.perf_counter()
   while True:
     if refresh and done > 0 and done % refresh == 0 and done < num_steps:
-      if not os.path.exists(_refresh_path(rt, t, done)):
+      if os.path.exists(_refresh_path(rt, t, done)):  # resumed exactly at a refresh point
+        dataset = _with_saved_atoms(dataset, _refresh_path(rt, t, done))
+      else:
         dataset, summary = _refresh_follower(rt, t, state, dataset, judge_logps, done)
         rt.logger.log(global_step, summary, round=t, round_step=done)
-      else:
-        with np.load(_refresh_path(rt, t, done)) as f:
-          dataset = with_pair_columns(dataset, atom_weights=f["atom_weights"],
-                                      atom_shifts=f["atom_shifts"])
       loader = _loader(rt, dataset, t, train_cfg)
       it = loader.iterator(it.cursor, num_epochs=train_cfg.epochs)
     try:

@@ -172,18 +172,15 @@ def _seed_file(world: world_lib.World, data_dir: str, *, split_seed: int, seed_s
 
 # The arms run configs/tiny_cpu.yaml as shipped (its training settings come from the sweep in
 # docs/demo.md); the demo adds only file paths, sizes and each arm's own choices.
-DEMO_OVERRIDES: tuple[str, ...] = ()
-
 SMOKE = DemoMode(
     name="smoke",
     world=world_lib.WorldConfig(sft_steps=150, pool_prompts=600, num_eval_prompts=64,
                                 sample_batch_size=128),
     num_seeds=1, num_rounds=1, round_prompts=96, epsilon=0.01,
-    arms=("seed_dpo", "ssapo", "all_labels"), overrides=DEMO_OVERRIDES)
+    arms=("seed_dpo", "ssapo", "all_labels"))
 DEFAULT = DemoMode(name="default", world=world_lib.WorldConfig(), num_seeds=3, num_rounds=2,
                    round_prompts=800, epsilon=0.01,
-                   arms=("seed_dpo", "self_eps0", "ssapo", "all_labels", "ssapo_noisy"),
-                   overrides=DEMO_OVERRIDES)
+                   arms=("seed_dpo", "self_eps0", "ssapo", "all_labels", "ssapo_noisy"))
 FULL = dataclasses.replace(DEFAULT, name="full", num_seeds=5, num_rounds=3, round_prompts=1200)
 MODES = {m.name: m for m in (SMOKE, DEFAULT, FULL)}
 
