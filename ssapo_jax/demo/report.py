@@ -55,6 +55,14 @@ def _cell(mean, std, pct: bool = False) -> str:
   return f"{mean:.3f}" if not std else f"{mean:.3f} ± {std:.3f}"
 
 
+def _metric_cells(row: Mapping) -> tuple[str, str, str, str]:
+  """Win rate, oracle score, exact share and self-label agreement of one summary row."""
+  return (_cell(row["win_rate_mean"], row["win_rate_std"]),
+          _cell(row["mean_score_mean"], row["mean_score_std"]),
+          _cell(row["exact_mean"], row["exact_std"], pct=True),
+          _cell(row["agreement_mean"], row["agreement_std"], pct=True))
+
+
 def format_table(arms: Mapping[str, Mapping]) -> str:
   """A text table: one line per arm and round with win rate, score, exact and agreement.
 
@@ -65,12 +73,9 @@ def format_table(arms: Mapping[str, Mapping]) -> str:
   lines = [header, "-" * len(header)]
   for arm in arms.values():
     for row in arm["summary"]:
-      lines.append(
-          f"{arm['label']:<34}{row['round']:>6}"
-          f"{_cell(row['win_rate_mean'], row['win_rate_std']):>20}"
-          f"{_cell(row['mean_score_mean'], row['mean_score_std']):>18}"
-          f"{_cell(row['exact_mean'], row['exact_std'], pct=True):>16}"
-          f"{_cell(row['agreement_mean'], row['agreement_std'], pct=True):>23}")
+      win, score, exact, agreement = _metric_cells(row)
+      lines.append(f"{arm['label']:<34}{row['round']:>6}{win:>20}{score:>18}{exact:>16}"
+                   f"{agreement:>23}")
   return "\n".join(lines)
 
 
@@ -80,11 +85,7 @@ def format_markdown(arms: Mapping[str, Mapping]) -> str:
            "|---|---|---|---|---|---|"]
   for arm in arms.values():
     for row in arm["summary"]:
-      lines.append(
-          f"| {arm['label']} | {row['round']} | {_cell(row['win_rate_mean'], row['win_rate_std'])} "
-          f"| {_cell(row['mean_score_mean'], row['mean_score_std'])} "
-          f"| {_cell(row['exact_mean'], row['exact_std'], pct=True)} "
-          f"| {_cell(row['agreement_mean'], row['agreement_std'], pct=True)} |")
+      lines.append("| " + " | ".join([arm["label"], str(row["round"]), *_metric_cells(row)]) + " |")
   return "\n".join(lines)
 
 
