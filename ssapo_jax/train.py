@@ -42,10 +42,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ssapo_jax import sharding as shd
-from ssapo_jax.batch import PreferenceBatch, concat_pairs, split_pairs
+from ssapo_jax.batch import PreferenceBatch, concat_pairs
 from ssapo_jax.losses import (BATCH_COUPLED_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES, ROBUST_SPACES,
-                              FDivergence, LossType,
-                              check_loss_options, dpo_loss, pair_logps, robust_dpo_loss)
+                              FDivergence, LossType, check_loss_options, dpo_loss, pair_logps,
+                              robust_dpo_loss)
 
 Metrics = dict[str, jax.Array]
 
