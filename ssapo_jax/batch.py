@@ -26,6 +26,8 @@ class PreferenceBatch:
     rejected_loss_mask: ``[B, T]`` int32.
     weights: ``[B]`` float32 per-pair multipliers (ones = uniform; a distribution p over
       N pairs enters as ``N * p``); padding rows of a partial batch carry weight 0.
+    valid: ``[B]`` float32, 1 on real pairs and 0 on the padding rows of a partial batch; the
+      loss is the mean over the real rows (numerator and denominator).
     ref_chosen_logps: ``[B]`` float32 reference log-probs, precomputed once per round.
     ref_rejected_logps: ``[B]`` float32.
     atom_weights: ``[B, K]`` float32 follower atoms (rows sum to 1); ``K = 1`` with weight 1
@@ -40,6 +42,7 @@ class PreferenceBatch:
   rejected_mask: jax.Array
   rejected_loss_mask: jax.Array
   weights: jax.Array
+  valid: jax.Array
   ref_chosen_logps: jax.Array
   ref_rejected_logps: jax.Array
   atom_weights: jax.Array
@@ -53,16 +56,28 @@ class PreferenceBatch:
   def seq_len(self) -> int:
     return self.chosen_ids.shape[1]
 
+  @property
+  def chosen_lengths(self) -> jax.Array:
+    """``[B]`` chosen-response token counts, from the loss mask (position 0 never counts:
+    it has no preceding token to be scored from)."""
+    return jnp.sum(self.chosen_loss_mask[..., 1:], axis=-1)
+
+  @property
+  def rejected_lengths(self) -> jax.Array:
+    """``[B]`` rejected-response token counts, as `chosen_lengths`."""
+    return jnp.sum(self.rejected_loss_mask[..., 1:], axis=-1)
+
 
 def make_preference_batch(
     chosen_ids, chosen_mask, chosen_loss_mask,
     rejected_ids, rejected_mask, rejected_loss_mask, *,
-    weights=None, ref_chosen_logps=None, ref_rejected_logps=None,
+    weights=None, valid=None, ref_chosen_logps=None, ref_rejected_logps=None,
     atom_weights=None, atom_shifts=None,
 ) -> PreferenceBatch:
   """Builds a `PreferenceBatch` (numpy arrays), filling optional fields with neutral values.
 
-  Neutral values: uniform weights, zero reference log-probs, one atom of weight 1 and shift 0.
+  Neutral values: uniform weights, every row real, zero reference log-probs, one atom of
+  weight 1 and shift 0.
   Chosen and rejected sides must share ``[B, T]``; pad them to a common length first.
   """
   arrays = [np.asarray(a) for a in (chosen_ids, chosen_mask, chosen_loss_mask,
@@ -86,7 +101,7 @@ def make_preference_batch(
       chosen_ids=arrays[0].astype(np.int32), chosen_mask=arrays[1].astype(np.int32),
       chosen_loss_mask=arrays[2].astype(np.int32), rejected_ids=arrays[3].astype(np.int32),
       rejected_mask=arrays[4].astype(np.int32), rejected_loss_mask=arrays[5].astype(np.int32),
-      weights=vec(weights, 1.0), ref_chosen_logps=vec(ref_chosen_logps, 0.0),
+      weights=vec(weights, 1.0), valid=vec(valid, 1.0), ref_chosen_logps=vec(ref_chosen_logps, 0.0),
       ref_rejected_logps=vec(ref_rejected_logps, 0.0),
       atom_weights=np.asarray(atom_weights, np.float32),
       atom_shifts=np.asarray(atom_shifts, np.float32))

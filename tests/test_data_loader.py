@@ -62,16 +62,20 @@ def test_batches_decode_to_the_right_pairs(window):
                                       (np.arange(b.seq_len) >= len(prompts[i]))
                                       & (np.arange(b.seq_len) < len(want)))
     np.testing.assert_allclose(b.weights, real * ex["weights"][idx], rtol=1e-6)
+    np.testing.assert_array_equal(b.valid, real)  # the step's mean excludes the filler rows
+    np.testing.assert_array_equal(b.chosen_lengths, [len(chosen[i]) for i in idx])
+    np.testing.assert_array_equal(b.rejected_lengths, [len(rejected[i]) for i in idx])
     np.testing.assert_allclose(b.atom_shifts, ex["atom_shifts"][idx], rtol=1e-6)
     np.testing.assert_allclose(b.ref_rejected_logps, ex["ref_rejected_logps"][idx])
     longest = max(len(prompts[i]) + max(len(chosen[i]), len(rejected[i])) for i in idx)
     assert b.seq_len == -(-longest // 8) * 8
     seen += list(idx[real > 0])
   assert sorted(seen) == list(range(23))  # Each pair exactly once per epoch.
-  # The partial last batch is filled with copies at weight 0.
+  # The partial last batch is filled with copies at weight 0 that are marked not valid.
   idx, real = loader.batch_indices(D.LoaderCursor(0, 5))
   np.testing.assert_array_equal(real, [1, 1, 1, 0])
   assert idx[3] in idx[:3]
+  np.testing.assert_array_equal(loader.batch_at(D.LoaderCursor(0, 5)).valid, [1, 1, 1, 0])
 
 
 def test_bucketing_reduces_padding_and_epochs_differ():

@@ -507,3 +507,17 @@ def test_dro_config_rejects_bad_values(field, value):
     dro.DroConfig(**{field: value})
   with pytest.raises(ValueError, match="window"):
     dro.DroConfig(window_method="fixed")
+
+
+def test_to_loss_atoms_rejects_a_lossy_reduction_of_capped_rows():
+  """With the per-atom cap a row can carry three atoms: num_atoms=2 would drop mass, so it
+  raises naming a row; keeping every column is exact."""
+  margins = np.random.default_rng(1).normal(0, 1, 500)
+  config = dro.DroConfig(epsilon=0.01, grouping="random", group_size=100, per_atom_cap=True)
+  worst = dro.solve_follower(margins, config, key=jax.random.key(0))
+  nonzero = np.count_nonzero(np.asarray(worst.atom_weights) > 0, axis=1)
+  assert np.any(nonzero > 2)
+  with pytest.raises(ValueError, match=f"row {int(np.argmax(nonzero > 2))} has"):
+    dro.to_loss_atoms(worst, num_atoms=2)
+  weights, shifts = dro.to_loss_atoms(worst, num_atoms=int(nonzero.max()))
+  np.testing.assert_allclose(np.sort(np.asarray(weights), 1)[:, ::-1].sum(1), 1.0, rtol=1e-6)

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ssapo_jax import losses
 
@@ -20,12 +22,26 @@ def _np_sigmoid(x):
   return 1.0 / (1.0 + np.exp(-x))
 
 
-def np_dpo(pc, pr, rc, rr, *, beta, loss_type, ls=0.0, lc=None, lr=None):
+def np_dpo(pc, pr, rc, rr, *, beta, loss_type, ls=0.0, lc=None, lr=None, tau=0.05):
   """Reference per-example losses written from the papers/TRL formulas in float64."""
   clr, rlr = pc - rc, pr - rr
-  if loss_type == "ipo" and lc is not None:
+  if loss_type in ("ipo", "sigmoid_norm"):
     clr, rlr = clr / lc, rlr / lr
   d = clr - rlr
+  if loss_type == "sigmoid_norm":
+    return -_np_log_sigmoid(beta * d)
+  if loss_type == "sft":  # row i's share of the batch's token-mean NLL
+    return -pc / np.mean(lc)
+  if loss_type == "discopop":
+    z = beta * d
+    mod = _np_sigmoid(z / tau)
+    return -_np_log_sigmoid(z) * (1 - mod) + np.exp(-z) * mod
+  if loss_type in ("aot", "aot_unpaired"):
+    if loss_type == "aot":
+      delta = np.sort(pc - pr) - np.sort(rc - rr)
+    else:
+      delta = np.sort(clr) - np.sort(rlr)
+    return -(1 - ls) * _np_log_sigmoid(beta * delta) - ls * _np_log_sigmoid(-beta * delta)
   z = beta * d
   if loss_type == "sigmoid":
     return -(1 - ls) * _np_log_sigmoid(z) - ls * _np_log_sigmoid(-z)
@@ -62,7 +78,10 @@ def _random_logps(seed, n=B):
 
 LOSS_CASES = [("sigmoid", 0.0), ("sigmoid", 0.2), ("robust", 0.0), ("robust", 0.1), ("hinge", 0.0),
               ("ipo", 0.0), ("exo_pair", 0.0), ("exo_pair", 0.05), ("bco_pair", 0.0),
-              ("sppo_hard", 0.0), ("nca_pair", 0.0), ("apo_zero", 0.0), ("apo_down", 0.0)]
+              ("sppo_hard", 0.0), ("nca_pair", 0.0), ("apo_zero", 0.0), ("apo_down", 0.0),
+              ("aot", 0.0), ("aot", 0.2), ("aot_unpaired", 0.1), ("discopop", 0.0),
+              ("sigmoid_norm", 0.0), ("sft", 0.0)]
+SORTING = ("aot", "aot_unpaired")
 
 
 def test_every_registered_type_is_tested():
@@ -75,13 +94,14 @@ def test_dpo_loss_matches_numpy(loss_type, ls, beta):
   pc, pr, rc, rr = _random_logps(hash((loss_type, ls, beta)) % 1000)
   rng = np.random.default_rng(3)
   lc, lr = rng.integers(1, 50, B).astype(np.float32), rng.integers(1, 50, B).astype(np.float32)
-  weights = rng.uniform(0, 2, B).astype(np.float32)
-  kwargs = dict(chosen_lengths=lc, rejected_lengths=lr) if loss_type == "ipo" else {}
+  # Sorting losses have no per-pair weight (their rows are not pairs): 0/1 only.
+  weights = (np.ones(B, np.float32) if loss_type in SORTING
+             else rng.uniform(0, 2, B).astype(np.float32))
   loss, metrics = losses.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type,
-                                  label_smoothing=ls, weights=weights, **kwargs)
+                                  label_smoothing=ls, weights=weights, chosen_lengths=lc,
+                                  rejected_lengths=lr)
   args64 = [a.astype(np.float64) for a in (pc, pr, rc, rr)]
-  expected = np_dpo(*args64, beta=beta, loss_type=loss_type, ls=ls,
-                    lc=lc if kwargs else None, lr=lr if kwargs else None)
+  expected = np_dpo(*args64, beta=beta, loss_type=loss_type, ls=ls, lc=lc, lr=lr)
   np.testing.assert_allclose(metrics["losses"], expected, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(loss, np.mean(weights * expected), rtol=1e-6, atol=1e-6)
   assert loss.dtype == jnp.float32 and metrics["losses"].shape == (B,)
@@ -117,14 +137,17 @@ def test_bad_options_raise_naming_accepted_values(loss_type, ls):
     losses.dpo_loss(pc, pr, rc, rr, loss_type=loss_type, label_smoothing=ls)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust", "nca_pair", "apo_down"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust", "nca_pair", "apo_down",
+                                       "discopop", "sigmoid_norm", "sft"])
 def test_gradients_match_finite_differences(loss_type):
   pc, pr, rc, rr = [a.astype(np.float64) for a in _random_logps(5, n=4)]
   pr = pc - np.array([0.3, -2.0, 4.0, 1.5])  # keep hinge away from its kink
   ls = 0.1 if loss_type == "robust" else 0.0
+  lengths = jnp.asarray([3.0, 7.0, 1.0, 12.0])
   with jax.enable_x64(True):
     f = lambda c, r: losses.dpo_loss(c, r, jnp.asarray(rc), jnp.asarray(rr), beta=0.3,
-                                     loss_type=loss_type, label_smoothing=ls)[0]
+                                     loss_type=loss_type, label_smoothing=ls,
+                                     chosen_lengths=lengths, rejected_lengths=lengths[::-1])[0]
     gc, gr = jax.grad(f, argnums=(0, 1))(jnp.asarray(pc), jnp.asarray(pr))
     h = 1e-6
     for i in range(4):
@@ -146,6 +169,176 @@ def test_jit_vmap_grad():
   np.testing.assert_allclose(vm, loop, rtol=1e-6)
   grads = jax.grad(f)(pc, pr, rc, rr)
   assert grads.shape == (B,) and np.all(np.isfinite(grads))
+
+
+# ---------------------------------------------------------------- options, errors, row masks
+
+LENGTHS = np.arange(1, B + 1, dtype=np.float32)
+
+
+@pytest.mark.parametrize("kwargs", [dict(loss_type="ipo"), dict(loss_type="sigmoid_norm"),
+                                    dict(loss_type="sft"), dict(loss_type=["sigmoid", "ipo"]),
+                                    dict(rpo_alpha=0.5)])
+def test_length_losses_without_lengths_raise(kwargs):
+  pc, pr, rc, rr = _random_logps(0)
+  with pytest.raises(ValueError, match="chosen_lengths and rejected_lengths"):
+    losses.dpo_loss(pc, pr, rc, rr, **kwargs)
+  with pytest.raises(ValueError, match="chosen_lengths"):
+    losses.dpo_loss(pc, pr, rc, rr, chosen_lengths=LENGTHS, **kwargs)
+
+
+@pytest.mark.parametrize("beta", [0.0, -0.1])
+def test_nonpositive_beta_raises(beta):
+  pc, pr, rc, rr = _random_logps(0)
+  with pytest.raises(ValueError, match="beta must be > 0"):
+    losses.dpo_loss(pc, pr, rc, rr, beta=beta)
+  atoms = np.ones((B, 1), np.float32)
+  with pytest.raises(ValueError, match="beta must be > 0"):
+    losses.robust_dpo_loss(pc, pr, rc, rr, atoms, 0 * atoms, beta=beta)
+
+
+def test_negative_weights_raise_naming_the_row():
+  pc, pr, rc, rr = _random_logps(0)
+  weights = np.ones(B, np.float32)
+  weights[5] = -0.5
+  with pytest.raises(ValueError, match="row 5"):
+    losses.dpo_loss(pc, pr, rc, rr, weights=weights)
+  atoms = np.ones((B, 1), np.float32)
+  with pytest.raises(ValueError, match="row 5"):
+    losses.robust_dpo_loss(pc, pr, rc, rr, atoms, 0 * atoms, weights=weights)
+
+
+def test_option_errors():
+  pc, pr, rc, rr = _random_logps(0)
+  with pytest.raises(ValueError, match="0 or 1"):
+    losses.dpo_loss(pc, pr, rc, rr, loss_type="aot", weights=np.full(B, 0.5, np.float32))
+  with pytest.raises(ValueError, match="f_divergence_type='forward_kl'"):
+    losses.dpo_loss(pc, pr, rc, rr, loss_type="apo_zero", f_divergence_type="forward_kl")
+  with pytest.raises(ValueError, match="accepted"):
+    losses.dpo_loss(pc, pr, rc, rr, f_divergence_type="kl")
+  with pytest.raises(ValueError, match="loss_weights has 1 entries for 2"):
+    losses.dpo_loss(pc, pr, rc, rr, loss_type=["sigmoid", "hinge"], loss_weights=[1.0])
+  with pytest.raises(ValueError, match="discopop_tau"):
+    losses.dpo_loss(pc, pr, rc, rr, loss_type="discopop", discopop_tau=0.0)
+
+
+def test_label_smoothing_applies_to_the_types_that_use_it():
+  pc, pr, rc, rr = _random_logps(1)
+  # sft ignores ε, sigmoid uses it: the combination accepts it and sigmoid's term changes.
+  both, _ = losses.dpo_loss(pc, pr, rc, rr, loss_type=["sigmoid", "sft"], label_smoothing=0.2,
+                            chosen_lengths=LENGTHS, rejected_lengths=LENGTHS)
+  sig, _ = losses.dpo_loss(pc, pr, rc, rr, label_smoothing=0.2)
+  sft, _ = losses.dpo_loss(pc, pr, rc, rr, loss_type="sft", chosen_lengths=LENGTHS,
+                           rejected_lengths=LENGTHS)
+  np.testing.assert_allclose(both, sig + sft, rtol=1e-6)
+
+
+def _all_type_kwargs(loss_type):
+  ls = {"exo_pair": 0.01}.get(loss_type, 0.0)
+  return dict(loss_type=loss_type, label_smoothing=ls, chosen_lengths=LENGTHS,
+              rejected_lengths=LENGTHS[::-1].copy(), mean_chosen_length=3.0)
+
+
+@pytest.mark.parametrize("loss_type", sorted(losses.LOSS_TYPES))
+def test_zero_weight_row_is_removed_exactly_even_when_nan(loss_type):
+  pc, pr, rc, rr = _random_logps(31)
+  kwargs = _all_type_kwargs(loss_type)
+  keep = np.arange(B) != 4
+  weights = keep.astype(np.float32)
+  poisoned = [a.copy() for a in (pc, pr, rc, rr)]
+  poisoned[0][4], poisoned[1][4], poisoned[3][4] = np.nan, np.inf, -np.inf
+
+  def f(pc, pr):
+    return losses.dpo_loss(pc, pr, poisoned[2], poisoned[3], weights=weights, **kwargs)[0]
+
+  loss, (gc, gr) = jax.value_and_grad(f, argnums=(0, 1))(poisoned[0], poisoned[1])
+  sub = {k: (v[keep] if isinstance(v, np.ndarray) else v) for k, v in kwargs.items()}
+
+  def f_sub(pc, pr):
+    return losses.dpo_loss(pc, pr, rc[keep], rr[keep], **sub)[0] * (B - 1) / B
+
+  loss_sub, (gc_sub, gr_sub) = jax.value_and_grad(f_sub, argnums=(0, 1))(pc[keep], pr[keep])
+  np.testing.assert_allclose(loss, loss_sub, rtol=1e-6)
+  assert gc[4] == 0.0 and gr[4] == 0.0
+  np.testing.assert_allclose(gc[keep], gc_sub, rtol=1e-5, atol=1e-9)
+  np.testing.assert_allclose(gr[keep], gr_sub, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("loss_type", sorted(losses.LOSS_TYPES))
+def test_padding_rows_leave_the_mean_over_real_rows(loss_type):
+  pc, pr, rc, rr = _random_logps(32)
+  kwargs = _all_type_kwargs(loss_type)
+  kwargs.pop("mean_chosen_length")
+  real = 11
+  valid = np.arange(B) < real
+  # Padding copies the real rows at weight 0, as the loader does.
+  pad = lambda a: np.concatenate([a[:real], a[:B - real]])
+  padded = losses.dpo_loss(*(pad(a) for a in (pc, pr, rc, rr)), valid=valid,
+                           weights=valid.astype(np.float32),
+                           **{k: (pad(v) if isinstance(v, np.ndarray) else v) for k, v in kwargs.items()})
+  plain = losses.dpo_loss(pc[:real], pr[:real], rc[:real], rr[:real],
+                          **{k: (v[:real] if isinstance(v, np.ndarray) else v) for k, v in kwargs.items()})
+  np.testing.assert_allclose(padded[0], plain[0], rtol=1e-6)
+  for name in ("rewards/chosen", "rewards/margins", "logps/rejected"):
+    np.testing.assert_allclose(padded[1][name], plain[1][name], rtol=1e-6)
+
+
+@settings(max_examples=15, deadline=None)
+@given(margin=st.floats(-3e4, 3e4), scale=st.floats(0.01, 2.0))
+def test_every_loss_type_is_finite_and_differentiable_on_large_margins(margin, scale):
+  rng = np.random.default_rng(0)
+  pc = rng.normal(-50, 5, B).astype(np.float32)
+  pr = (pc - margin * rng.uniform(0.5, 1.5, B)).astype(np.float32)
+  rc, rr = np.full(B, -50.0, np.float32), np.full(B, -50.0, np.float32)
+  for loss_type in losses.LOSS_TYPES:
+    kwargs = _all_type_kwargs(loss_type)
+    f = lambda c, r: losses.dpo_loss(c, r, rc, rr, beta=scale, **kwargs)[0]
+    loss, grads = jax.value_and_grad(f, argnums=(0, 1))(pc, pr)
+    assert np.isfinite(loss), loss_type
+    assert all(np.all(np.isfinite(g)) for g in grads), loss_type
+
+
+def test_robust_zero_weight_and_padding_rows_are_removed_exactly():
+  pc, pr, rc, rr = _random_logps(33)
+  rng = np.random.default_rng(1)
+  w = rng.dirichlet(np.ones(3), B).astype(np.float32)
+  s = rng.uniform(0, 0.4, (B, 3)).astype(np.float32)
+  weights = np.ones(B, np.float32)
+  weights[2] = 0.0
+  valid = np.arange(B) < B - 1
+  pc = pc.copy()
+  pc[2] = np.nan
+  loss, m = losses.robust_dpo_loss(pc, pr, rc, rr, w, s, weights=weights, valid=valid)
+  expected = np_robust(*[a.astype(np.float64) for a in (pc, pr, rc, rr)], w, s, beta=0.1,
+                       space="probability")
+  keep = valid & (weights > 0)
+  np.testing.assert_allclose(loss, expected[keep].sum() / valid.sum(), rtol=1e-5)
+  assert m["losses"][2] == 0.0 and np.isfinite(m["rewards/chosen"])
+  g = jax.grad(lambda x: losses.robust_dpo_loss(x, pr, rc, rr, w, s, weights=weights,
+                                                valid=valid)[0])(pc)
+  assert g[2] == 0.0 and g[B - 1] == 0.0 and np.all(np.isfinite(g))
+
+
+def test_robust_rpo_alpha_and_reference_free():
+  pc, pr, rc, rr = _random_logps(34)
+  ones, zeros = np.ones((B, 1), np.float32), np.zeros((B, 1), np.float32)
+  robust, rm = losses.robust_dpo_loss(pc, pr, rc, rr, ones, zeros, rpo_alpha=0.3,
+                                      chosen_lengths=LENGTHS, reference_free=True)
+  plain, pm = losses.dpo_loss(pc, pr, rc, rr, rpo_alpha=0.3, chosen_lengths=LENGTHS,
+                              rejected_lengths=LENGTHS, reference_free=True)
+  np.testing.assert_allclose(robust, plain, rtol=1e-6)
+  np.testing.assert_allclose(rm["nll_loss"], -pc.sum() / LENGTHS.sum(), rtol=1e-6)
+  np.testing.assert_allclose(rm["rewards/chosen"], 0.1 * pc.mean(), rtol=1e-6)
+
+
+def test_ld_token_weights_match_numpy():
+  chosen = np.array([[0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0]], np.int32)
+  rejected = np.array([[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]], np.int32)
+  wc, wr = losses.ld_token_weights(chosen, rejected, 0.25)
+  np.testing.assert_array_equal(wc, [[0, 1, 1, .25, .25, 0], [0, 0, 1, 1, 0, 0]])
+  np.testing.assert_array_equal(wr, [[0, 0, 1, 1, 0, 0], [0, 1, 1, .25, .25, .25]])
+  with pytest.raises(ValueError, match="ld_alpha"):
+    losses.ld_token_weights(chosen, rejected, 1.5)
 
 
 # ---------------------------------------------------------------- sequence_logps

@@ -5,7 +5,8 @@ length bucketing, each window of ``bucket_window`` global batches is sorted by l
 into batches, and the batches of the epoch are shuffled again, so a batch holds pairs of
 similar length (less padding) while the order stays random. Every batch is a fixed global
 size ``G``; the last partial batch of an epoch is filled with copies of its own pairs at
-weight 0 (copies, not empty rows, so attention never sees a fully masked row). Its length
+weight 0 and ``valid`` 0 (copies, not empty rows, so attention never sees a fully masked
+row; the train step's mean is over the real rows only). Its length
 ``T`` is the longest sequence of the *global* batch rounded up to ``bucket_size``, so
 every host builds the same ``[G / num_hosts, T]`` slice shape.
 
@@ -182,7 +183,7 @@ class PreferenceLoader:
     rejected = self._sequences(idx, self._r, self._ro, t)
     weights = real * (self._extras["weights"][idx] if "weights" in self._extras else 1.0)
     kwargs = {name: self._extras[name][idx] for name in PAIR_EXTRAS[1:] if name in self._extras}
-    return make_preference_batch(*chosen, *rejected, weights=weights, **kwargs)
+    return make_preference_batch(*chosen, *rejected, weights=weights, valid=real, **kwargs)
 
   def next_cursor(self, cursor: LoaderCursor) -> LoaderCursor:
     if cursor.step + 1 < self.batches_per_epoch:

@@ -608,15 +608,25 @@ class Llama(nnx.Module):
     The LM head, logsumexp and gather run in a rematerialised scan over vocabulary chunks of
     ``vocab_chunk_size`` (default: ``min(V, 8192)``), so at most ``[B, T, chunk]`` logits live.
     """
-    h = self.hidden_states(input_ids, attention_mask, positions)[:, :-1]
-    labels = input_ids[:, 1:]
     mask = loss_mask[:, 1:].astype(jnp.float32)
-    token_logps = chunked_token_logps(h, self.unembedding(), labels,
-                                      vocab_chunk_size=vocab_chunk_size)
+    token_logps = self.token_logps(input_ids, attention_mask, positions=positions,
+                                   vocab_chunk_size=vocab_chunk_size)
     total = jnp.sum(token_logps * mask, axis=-1)
     if average:
       return total / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
     return total
+
+  def token_logps(self, input_ids: jax.Array, attention_mask: jax.Array, *,
+                  positions: jax.Array | None = None, vocab_chunk_size: int | None = None,
+                  log_sum_sq: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """``log p(input_ids[:, t + 1] | input_ids[:, :t + 1])`` as ``[B, T − 1]`` float32.
+
+    With ``log_sum_sq``, also ``log Σ_v p_v²`` of each position's next-token distribution
+    (``[B, T − 1]``, WPO's alignment term), from the same chunked pass (`chunked_token_logps`).
+    """
+    h = self.hidden_states(input_ids, attention_mask, positions)[:, :-1]
+    return chunked_token_logps(h, self.unembedding(), input_ids[:, 1:],
+                               vocab_chunk_size=vocab_chunk_size, log_sum_sq=log_sum_sq)
 
   # ---- KV-cache decoding
 
@@ -655,7 +665,8 @@ def _check_ids(input_ids, attention_mask):
 
 
 def chunked_token_logps(hidden: jax.Array, unembedding: jax.Array, labels: jax.Array, *,
-                        vocab_chunk_size: int | None = None) -> jax.Array:
+                        vocab_chunk_size: int | None = None, log_sum_sq: bool = False,
+                        ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """``log softmax(hidden @ unembedding.T)[labels]`` ``[B, T]`` float32, chunked over V.
 
   Args:
@@ -663,6 +674,7 @@ def chunked_token_logps(hidden: jax.Array, unembedding: jax.Array, labels: jax.A
     unembedding: ``[V, D]`` LM head.
     labels: ``[B, T]`` int token ids.
     vocab_chunk_size: chunk width; the vocabulary is zero-padded to a multiple of it.
+    log_sum_sq: also return ``log Σ_v p_v²`` ``[B, T]`` (no gradient), as a second output.
 
   An online logsumexp runs in a ``lax.scan`` whose body is rematerialised, so neither the
   forward nor the backward pass holds more than ``[B, T, chunk]`` logits.
@@ -682,7 +694,7 @@ def chunked_token_logps(hidden: jax.Array, unembedding: jax.Array, labels: jax.A
 
   @jax.checkpoint
   def body(carry, xs):
-    run_max, run_sum, label_logit = carry
+    run_max, run_sum, run_sum_sq, label_logit = carry
     w_c, start = xs
     logits = jnp.einsum("BTD,CD->BTC", hidden, w_c, preferred_element_type=jnp.float32)
     logits = logits.astype(hidden.dtype).astype(jnp.float32)  # round like the full forward
@@ -691,13 +703,21 @@ def chunked_token_logps(hidden: jax.Array, unembedding: jax.Array, labels: jax.A
     new_max = jnp.maximum(run_max, jnp.max(logits, axis=-1))
     run_sum = (run_sum * jnp.exp(run_max - new_max)
                + jnp.sum(jnp.exp(logits - new_max[..., None]), axis=-1))
+    if log_sum_sq:  # Σ exp(2 (x − max)), rescaled like run_sum
+      run_sum_sq = (run_sum_sq * jnp.exp(2 * (run_max - new_max))
+                    + jnp.sum(jnp.exp(2 * (logits - new_max[..., None])), axis=-1))
     local = labels - start
     in_chunk = (local >= 0) & (local < chunk)
     picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[..., None], axis=-1)[..., 0]
     label_logit = jnp.where(in_chunk, picked, label_logit)
-    return (new_max, run_sum, label_logit), None
+    return (new_max, run_sum, run_sum_sq, label_logit), None
 
   starts = jnp.arange(num_chunks) * chunk
-  init = (neg, jnp.zeros((b, t), jnp.float32), jnp.zeros((b, t), jnp.float32))
-  (run_max, run_sum, label_logit), _ = jax.lax.scan(body, init, (w, starts))
-  return label_logit - (run_max + jnp.log(run_sum))
+  zeros = jnp.zeros((b, t), jnp.float32)
+  (run_max, run_sum, run_sum_sq, label_logit), _ = jax.lax.scan(
+      body, (neg, zeros, zeros, zeros), (w, starts))
+  token_logps = label_logit - (run_max + jnp.log(run_sum))
+  if not log_sum_sq:
+    return token_logps
+  # log Σ p² = log Σ exp(2(x − max)) − 2 log Σ exp(x − max).
+  return token_logps, jax.lax.stop_gradient(jnp.log(run_sum_sq) - 2 * jnp.log(run_sum))

@@ -12,8 +12,10 @@ One step (`train_step`):
    (`concat_pairs`), summed response log-probs, reference log-probs from the batch
    (precomputed once per round) or from a frozen reference in the same step, then `dpo_loss`
    or `robust_dpo_loss`;
-3. the accumulated loss is exactly ``sum_i w_i * loss_i / B`` over the global batch, whatever
-   the micro-batching and sharding;
+3. the accumulated loss is exactly ``sum_i w_i * loss_i / R`` over the ``R`` real rows of the
+   global batch (padding rows of a partial batch, ``valid = 0``, are in neither sum), whatever
+   the micro-batching and sharding; length-aware losses get the response lengths from the
+   loss masks;
 4. global-norm clipping and AdamW with linear warm-up then cosine/linear decay (optax);
 5. a non-finite loss or gradient skips the update (parameters, optimizer state, step and RNG
    unchanged) and is counted; `check_finite_progress` stops the run when it keeps happening.
@@ -39,9 +41,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ssapo_jax import sharding as shd
-from ssapo_jax.batch import PreferenceBatch, concat_pairs, split_pairs
+from ssapo_jax.batch import PreferenceBatch, concat_pairs
 from ssapo_jax.config import check_choices, derived
-from ssapo_jax.losses import LOSS_TYPES, Space, dpo_loss, robust_dpo_loss
+from ssapo_jax.losses import (BATCH_COUPLED_LOSS_TYPES, LOSS_TYPES, FDivergence, LossType, Space,
+                              check_loss_options, dpo_loss, pair_logps, robust_dpo_loss)
 from ssapo_jax.models.llama import RematPolicy
 
 Metrics = dict[str, jax.Array]
@@ -51,7 +54,6 @@ Objective = Literal["dpo", "robust"]
 Schedule = Literal["cosine", "linear", "constant"]
 ReferenceMode = Literal["precomputed", "in_step"]
 ComputeDtype = Literal[tuple(DTYPES)]
-LossType = Literal[tuple(LOSS_TYPES)]
 OBJECTIVES, SCHEDULES, REFERENCE_MODES = (typing.get_args(t)
                                           for t in (Objective, Schedule, ReferenceMode))
 
@@ -62,8 +64,16 @@ class TrainConfig:
 
   objective: Objective = "dpo"  # dpo: weighted dpo_loss; robust: robust_dpo_loss on the batch's follower atoms
   beta: float = 0.1  # DPO inverse temperature β of the implicit reward
-  loss_type: LossType = "sigmoid"  # dpo_loss variant (a key of losses.LOSS_TYPES); objective=dpo only
+  loss_type: LossType | tuple[LossType, ...] = "sigmoid"  # dpo_loss variant(s) (keys of losses.LOSS_TYPES), summed with loss_weights; objective=dpo only
+  loss_weights: tuple[float, ...] | None = None  # weight of each loss_type in the sum (TRL's loss_weights); None = 1 each
   label_smoothing: float = 0.0  # dpo_loss label smoothing ε; objective=dpo only
+  f_divergence_type: FDivergence = "reverse_kl"  # f-DPO regulariser (TRL's f_divergence_type); objective=dpo only
+  f_alpha_divergence_coef: float = 0.5  # α of f_divergence_type=alpha_divergence
+  discopop_tau: float = 0.05  # τ of loss_type=discopop
+  ld_alpha: float | None = None  # LD-DPO weight in [0, 1] of response tokens past the shared length; None = plain sums; needs reference=in_step
+  use_weighting: bool = False  # WPO: weight each pair by its policy's length-normalised aligned probabilities
+  rpo_alpha: float | None = None  # RPO: add rpo_alpha × the chosen response's token-mean NLL (both objectives)
+  reference_free: bool = False  # uniform reference (reference log-probs 0), both objectives
   # Robust atoms live on σ(βΔ) (authors' code) or on βΔ. Not a config key: an experiment copies
   # dro.space here, so the leader and the follower cannot disagree.
   robust_space: Space = derived("probability", "dro.space")
@@ -107,6 +117,31 @@ class TrainConfig:
     if self.global_batch_size % self.micro_batches:
       raise ValueError(f"train.global_batch_size={self.global_batch_size} is not divisible by "
                        f"train.micro_batches={self.micro_batches}")
+    for loss_type in (self.loss_type,) if isinstance(self.loss_type, str) else self.loss_type:
+      if loss_type not in LOSS_TYPES:
+        raise ValueError(f"train.loss_type must be one of {', '.join(map(repr, LOSS_TYPES))}; "
+                         f"got {loss_type!r}")
+    try:
+      types, _ = check_loss_options(
+          self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing,
+          loss_weights=self.loss_weights, f_divergence_type=self.f_divergence_type,
+          discopop_tau=self.discopop_tau, rpo_alpha=self.rpo_alpha)
+    except ValueError as e:
+      raise ValueError(f"train: {e}") from None
+    coupled = sorted(BATCH_COUPLED_LOSS_TYPES & set(types))
+    if self.objective == "dpo" and coupled and self.micro_batches > 1:
+      raise ValueError(f"train.loss_type {coupled} couples the rows of a batch (sorting or a "
+                       "batch mean), so its micro-batch means are not the batch mean; use "
+                       f"train.micro_batches=1, got {self.micro_batches}")
+    if self.use_weighting and {"aot", "aot_unpaired"} & set(types) and self.objective == "dpo":
+      raise ValueError("train.use_weighting does not apply to loss_type aot/aot_unpaired (they "
+                       "sort rows, so a pair's weight has no pair to attach to)")
+    if self.ld_alpha is not None:
+      if not 0 <= self.ld_alpha <= 1:
+        raise ValueError(f"train.ld_alpha must be in [0, 1], got {self.ld_alpha}")
+      if self.reference != "in_step":
+        raise ValueError("train.ld_alpha needs train.reference=in_step (precomputed reference "
+                         "log-probs are plain sums, not LD-weighted)")
 
   @property
   def micro_batch_size(self) -> int:
@@ -256,7 +291,7 @@ def create_train_state(model: nnx.Module, config: TrainConfig, mesh: Mesh, *,
   current parameters are also kept, frozen, as the reference.
 
   Args:
-    model: an NNX model with the `ssapo_jax.models.Llama` interface (``sequence_logps``).
+    model: an NNX model with the `ssapo_jax.models.Llama` interface (``token_logps``).
     config: train config.
     mesh: device mesh.
     num_train_steps: optimizer steps of the schedule.
@@ -310,34 +345,52 @@ def _cast_floats(tree, dtype):
                       tree)
 
 
-def _sequence_logps(graphdef, params, rest, ids, mask, loss_mask, *, compute_dtype):
-  model = nnx.merge(graphdef, _cast_floats(params, compute_dtype), rest)
-  return model.sequence_logps(ids, mask, loss_mask).astype(jnp.float32)
+def _pair_logps(graphdef, params, rest, ids, mask, loss_mask, *, config: TrainConfig,
+                log_sum_sq: bool):
+  """`losses.pair_logps` of stacked pairs ``[2b, T]`` under ``params``."""
+  model = nnx.merge(graphdef, _cast_floats(params, DTYPES[config.compute_dtype]), rest)
+  out = model.token_logps(ids, mask, log_sum_sq=log_sum_sq)
+  token_logps, token_log_sum_sq = out if log_sum_sq else (out, None)
+  return pair_logps(token_logps.astype(jnp.float32), loss_mask[:, 1:], ld_alpha=config.ld_alpha,
+                    token_log_sum_sq=token_log_sum_sq)
 
 
-def _pair_loss(params, ref_params, rest, micro: PreferenceBatch, *, graphdef,
-               config: TrainConfig) -> tuple[jax.Array, Metrics]:
-  """Mean (over the micro-batch) weighted loss and TRL metrics for one micro-batch."""
-  compute_dtype = DTYPES[config.compute_dtype]
+def _pair_loss(params, ref_params, rest, micro: PreferenceBatch, *, graphdef, config: TrainConfig,
+               num_real_rows: jax.Array, mean_chosen_length: jax.Array,
+               ) -> tuple[jax.Array, Metrics]:
+  """One micro-batch's share of the global loss and its TRL metrics (means over its kept rows).
+
+  The loss is ``Σ_{kept i} w_i loss_i / num_real_rows``, with ``num_real_rows`` and
+  ``mean_chosen_length`` taken over the global batch, so micro-batch shares sum to the global
+  mean over the real rows exactly.
+  """
   ids, mask, loss_mask = concat_pairs(micro)
-  policy_logps = _sequence_logps(graphdef, params, rest, ids, mask, loss_mask,
-                                 compute_dtype=compute_dtype)  # [2b]
-  policy_chosen, policy_rejected = split_pairs(policy_logps)
+  policy = _pair_logps(graphdef, params, rest, ids, mask, loss_mask, config=config,
+                       log_sum_sq=config.use_weighting)
   if ref_params is None:
     ref_chosen, ref_rejected = micro.ref_chosen_logps, micro.ref_rejected_logps
   else:
-    ref_logps = jax.lax.stop_gradient(_sequence_logps(
-        graphdef, ref_params, rest, ids, mask, loss_mask, compute_dtype=compute_dtype))
-    ref_chosen, ref_rejected = split_pairs(ref_logps)
+    ref = jax.lax.stop_gradient(_pair_logps(graphdef, ref_params, rest, ids, mask, loss_mask,
+                                            config=config, log_sum_sq=False))
+    ref_chosen, ref_rejected = ref.chosen_logps, ref.rejected_logps
+  weights = micro.weights if policy.wpo_weights is None else micro.weights * policy.wpo_weights
+  rows = dict(weights=weights, valid=micro.valid, num_real_rows=num_real_rows,
+              chosen_lengths=policy.chosen_lengths, chosen_nll=policy.chosen_nll,
+              mean_chosen_length=mean_chosen_length, rpo_alpha=config.rpo_alpha,
+              reference_free=config.reference_free)
   if config.objective == "robust":
     loss, metrics = robust_dpo_loss(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected, micro.atom_weights,
+        policy.chosen_logps, policy.rejected_logps, ref_chosen, ref_rejected, micro.atom_weights,
         micro.atom_shifts, beta=config.beta, space=config.robust_space, floor=config.robust_floor,
-        weights=micro.weights)
+        **rows)
   else:
     loss, metrics = dpo_loss(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=config.beta,
-        loss_type=config.loss_type, label_smoothing=config.label_smoothing, weights=micro.weights)
+        policy.chosen_logps, policy.rejected_logps, ref_chosen, ref_rejected, beta=config.beta,
+        loss_type=config.loss_type, loss_weights=config.loss_weights,
+        label_smoothing=config.label_smoothing, rejected_lengths=policy.rejected_lengths,
+        f_divergence_type=config.f_divergence_type,
+        f_alpha_divergence_coef=config.f_alpha_divergence_coef,
+        discopop_tau=config.discopop_tau, **rows)
   metrics = {k: v for k, v in metrics.items() if jnp.ndim(v) == 0}
   return loss, metrics
 
@@ -365,7 +418,9 @@ def train_step(state: TrainState, batch: PreferenceBatch, *, config: TrainConfig
 
   Returns:
     ``(new_state, metrics)``; metrics are float32 scalars: ``loss`` (exactly
-    ``sum_i w_i loss_i / B``), TRL reward/log-prob means, ``grad_norm`` (before clipping),
+    ``sum_{real i} w_i loss_i / (number of real rows)``: padding rows, ``valid = 0``, count in
+    neither), TRL reward/log-prob means over the real rows of nonzero weight, ``grad_norm``
+    (before clipping),
     ``learning_rate``, ``nonfinite/skipped`` (1 if this step was skipped),
     ``nonfinite/consecutive`` and ``nonfinite/total``.
   """
@@ -378,12 +433,17 @@ def train_step(state: TrainState, batch: PreferenceBatch, *, config: TrainConfig
     raise ValueError("train.reference='in_step' but the state has no ref_params "
                      "(build it with create_train_state under the same config)")
 
+  # The mean is over the global batch's real rows: every micro-batch divides its sum by their
+  # count (and the sft term by their mean chosen length), so the shares add up exactly.
+  valid = batch.valid > 0
+  num_real_rows = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+  mean_chosen_length = jnp.sum(jnp.where(valid, batch.chosen_lengths, 0)) / num_real_rows
+  num_kept = jnp.maximum(jnp.sum(valid & (batch.weights != 0)), 1).astype(jnp.float32)
+
   def loss_fn(params, micro):
-    loss, metrics = _pair_loss(params, ref_params, state.rest, micro, graphdef=state.graphdef,
-                               config=config)
-    # Scale the micro-batch mean to its share of the global mean: sum over micro-batches of
-    # mean_j * (b / B) = sum_i w_i loss_i / B exactly.
-    return loss / num_micro, metrics
+    return _pair_loss(params, ref_params, state.rest, micro, graphdef=state.graphdef,
+                      config=config, num_real_rows=num_real_rows,
+                      mean_chosen_length=mean_chosen_length)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   p_shardings = param_shardings(state.params, mesh) if mesh is not None else None
@@ -407,7 +467,9 @@ def train_step(state: TrainState, batch: PreferenceBatch, *, config: TrainConfig
       grad_acc, loss_acc, metric_acc = carry
       (loss, metrics), grads = grad_fn(state.params, mb)
       grad_acc = constrain(jax.tree.map(jnp.add, grad_acc, grads), p_shardings)
-      metric_acc = jax.tree.map(lambda a, m: a + m / num_micro, metric_acc, metrics)
+      # Metrics are means over each micro-batch's kept rows: weigh them by their share.
+      share = jnp.sum((mb.valid > 0) & (mb.weights != 0)) / num_kept
+      metric_acc = jax.tree.map(lambda a, m: a + m * share, metric_acc, metrics)
       return (grad_acc, loss_acc + loss, metric_acc), None
 
     zeros = constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
@@ -482,7 +544,7 @@ def batch_shardings(mesh: Mesh, config: TrainConfig) -> PreferenceBatch:
   vec = NamedSharding(mesh, shd.batch_spec(1, b, mesh))
   return PreferenceBatch(chosen_ids=tok, chosen_mask=tok, chosen_loss_mask=tok,
                          rejected_ids=tok, rejected_mask=tok, rejected_loss_mask=tok,
-                         weights=vec, ref_chosen_logps=vec, ref_rejected_logps=vec,
+                         weights=vec, valid=vec, ref_chosen_logps=vec, ref_rejected_logps=vec,
                          atom_weights=tok, atom_shifts=tok)
 
 

@@ -109,6 +109,20 @@ def test_sequence_logps_agrees_with_losses_module(tiny):
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4)
 
 
+def test_token_logps_log_sum_sq_matches_numpy(tiny):
+  """WPO's log Σ_v p_v² from the chunked pass equals numpy on the full logits."""
+  _, model = tiny("llama")
+  ids, mask = _batch()
+  logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)), np.float64)[:, :-1]
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  token, log_sum_sq = model.token_logps(jnp.asarray(ids), jnp.asarray(mask), vocab_chunk_size=24,
+                                        log_sum_sq=True)
+  expected_token = np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
+  np.testing.assert_allclose(np.asarray(token), expected_token, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(log_sum_sq), np.log(np.exp(2 * logp).sum(-1)), atol=1e-4)
+
+
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_chunked_logps_gradient_matches_naive(tiny, remat):
   """Gradients through the chunked/rematerialised path equal a plain log_softmax."""

@@ -7,6 +7,7 @@ cosine schedule (checked against transformers) written out by hand, no gradient
 accumulation, no sharding, no optax.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -146,7 +147,6 @@ def test_train_config_validation():
     tr.TrainConfig(loss_type="nope")
   with pytest.raises(ValueError, match="train.learning_rate"):
     tr.TrainConfig(learning_rate=0.0)
-  assert tr.num_train_steps(33, tr.TrainConfig(global_batch_size=8, epochs=2)) == 10
 
 
 # ----------------------------------------------------------------------------- sharded = reference
@@ -349,3 +349,170 @@ def test_two_processes_match_single_process(tmp_path):
     np.testing.assert_allclose(r["losses"], losses, rtol=LOSS_RTOL)
     expected = np.concatenate([logps[:8][row], logps[8:][row]])
     np.testing.assert_allclose(r["logps"], expected, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- exact losses
+
+
+def _step_loss_and_gradient(cfg, batch, mesh):
+  """The step's logged loss and its gradient, read off one AdamW step.
+
+  With ``learning_rate = adam_eps = 1e8`` (constant, no clipping or decay) the first Adam
+  update is ``lr * g / (|g| + eps) = g (1 + O(|g| / 1e8))``, so the parameter change is ``−g``.
+  """
+  cfg = dataclasses.replace(cfg, learning_rate=1e8, adam_eps=1e8, warmup_ratio=0.0,
+                            schedule="constant", max_grad_norm=0.0, weight_decay=0.0)
+  state = tr.create_train_state(w.tiny_model(), cfg, mesh, num_train_steps=1)
+  before = jax.tree.map(np.asarray, state.params)
+  step = tr.make_train_step(cfg, mesh, state)
+  state, metrics = step(state, shd.global_batch(mesh, batch))
+  grads = jax.tree.map(lambda old, new: old - np.asarray(new), before, state.params)
+  return float(metrics["loss"]), grads
+
+
+def _reference_gradient(batch, loss_and_cotangents):
+  """Loss and parameter gradient of a float64 numpy loss of the sequence log-probs.
+
+  The log-probs come from the model's full logits (`_ref_seq_logps`); ``loss_and_cotangents``
+  maps float64 ``(pc, pr)`` to ``(loss, dL/dpc, dL/dpr)``, and the cotangents are pulled back
+  to the parameters through the model's VJP.
+  """
+  model = w.tiny_model()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  b = jax.tree.map(jnp.asarray, batch)
+
+  def seq_logps(p):
+    m = nnx.merge(graphdef, p, rest)
+    return (_ref_seq_logps(m, b.chosen_ids, b.chosen_mask, b.chosen_loss_mask),
+            _ref_seq_logps(m, b.rejected_ids, b.rejected_mask, b.rejected_loss_mask))
+
+  (pc, pr), vjp = jax.vjp(seq_logps, params)
+  loss, dpc, dpr = loss_and_cotangents(np.asarray(pc, np.float64), np.asarray(pr, np.float64))
+  (grads,) = vjp((jnp.asarray(dpc, jnp.float32), jnp.asarray(dpr, jnp.float32)))
+  return loss, grads
+
+
+def _assert_gradients_close(actual, expected):
+  scale = max(float(np.max(np.abs(np.asarray(x)))) for x in jax.tree.leaves(expected))
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=2e-4, atol=2e-5 * scale)
+
+
+def _np_sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def test_ipo_train_step_matches_numpy_ipo():
+  """loss_type=ipo trains on per-token log-ratios: the lengths come from the loss masks."""
+  batch = w.make_batch(3)
+  cfg = w.train_config(loss_type="ipo", beta=0.1)
+  mesh = _mesh((2, 2, 2))
+  loss, grads = _step_loss_and_gradient(cfg, batch, mesh)
+
+  lc = batch.chosen_loss_mask[:, 1:].sum(-1).astype(np.float64)
+  lr = batch.rejected_loss_mask[:, 1:].sum(-1).astype(np.float64)
+  wts = batch.weights.astype(np.float64)
+  rc, rr = batch.ref_chosen_logps.astype(np.float64), batch.ref_rejected_logps.astype(np.float64)
+
+  def ipo(pc, pr):
+    h = (pc - rc) / lc - (pr - rr) / lr - 1 / (2 * 0.1)
+    n = len(pc)
+    return np.sum(wts * h ** 2) / n, 2 * wts * h / lc / n, -2 * wts * h / lr / n
+
+  expected_loss, expected_grads = _reference_gradient(batch, ipo)
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+  _assert_gradients_close(grads, expected_grads)
+
+
+def test_padded_partial_batch_equals_the_unpadded_batch():
+  """A partial batch padded with weight-0, valid-0 copies (as the loader pads it) gives the
+  loss and gradient of the unpadded smaller batch: the mean over the real rows only."""
+  real = 5
+  full = w.make_batch(4)
+  small = jax.tree.map(lambda x: x[:real], full)
+  idx = np.concatenate([np.arange(real), np.arange(w.GLOBAL_BATCH - real)])
+  padded = jax.tree.map(lambda x: x[idx], full)
+  pad = np.arange(w.GLOBAL_BATCH) >= real
+  padded = padded.replace(weights=np.where(pad, 0.0, padded.weights).astype(np.float32),
+                          valid=(~pad).astype(np.float32))
+  cfg = w.train_config(beta=0.2)
+  loss_pad, grads_pad = _step_loss_and_gradient(cfg, padded, _mesh((2, 2, 2)))
+  loss_small, grads_small = _step_loss_and_gradient(
+      dataclasses.replace(cfg, global_batch_size=real, micro_batches=1), small, _mesh((1, 1, 1)))
+
+  wts = small.weights.astype(np.float64)
+  rc, rr = small.ref_chosen_logps.astype(np.float64), small.ref_rejected_logps.astype(np.float64)
+
+  def dpo(pc, pr):
+    z = 0.2 * ((pc - rc) - (pr - rr))
+    d = -0.2 * wts * _np_sigmoid(-z) / real
+    return np.sum(wts * np.logaddexp(0.0, -z)) / real, d, -d
+
+  expected_loss, expected_grads = _reference_gradient(small, dpo)
+  np.testing.assert_allclose([loss_pad, loss_small], expected_loss, rtol=1e-5)
+  _assert_gradients_close(grads_pad, expected_grads)
+  _assert_gradients_close(grads_small, expected_grads)
+
+
+def test_loss_option_validation():
+  with pytest.raises(ValueError, match="micro_batches=1"):
+    tr.TrainConfig(loss_type="aot", global_batch_size=8, micro_batches=2)
+  with pytest.raises(ValueError, match="reference=in_step"):
+    tr.TrainConfig(ld_alpha=0.5)
+  with pytest.raises(ValueError, match="ld_alpha must be in"):
+    tr.TrainConfig(ld_alpha=1.5, reference="in_step")
+  with pytest.raises(ValueError, match="f_divergence_type"):
+    tr.TrainConfig(loss_type="apo_zero", f_divergence_type="js_divergence")
+  with pytest.raises(ValueError, match="loss_weights"):
+    tr.TrainConfig(loss_type=("sigmoid", "sft"), loss_weights=(1.0,))
+  with pytest.raises(ValueError, match="use_weighting"):
+    tr.TrainConfig(loss_type="aot", use_weighting=True)
+  with pytest.raises(ValueError, match="train.loss_type"):
+    tr.TrainConfig(loss_type=("sigmoid", "nope"))
+  cfg = tr.TrainConfig(loss_type=("sigmoid", "sft"), loss_weights=(1.0, 0.5), rpo_alpha=0.1,
+                       f_divergence_type="js_divergence")
+  assert cfg.loss_type == ("sigmoid", "sft")
+
+
+def test_train_config_loss_options_from_yaml_overrides():
+  from ssapo_jax import config as cfg_mod
+  cfg = cfg_mod.from_dict(tr.TrainConfig, {"loss_type": ["sigmoid", "sft"], "loss_weights": [1, 0.2],
+                                           "f_divergence_type": "forward_kl"})
+  assert cfg.loss_type == ("sigmoid", "sft") and cfg.loss_weights == (1.0, 0.2)
+  with pytest.raises(cfg_mod.ConfigError, match="f_divergence_type"):
+    cfg_mod.from_dict(tr.TrainConfig, {"f_divergence_type": "kl"})
+
+
+@pytest.mark.parametrize("options", [
+    dict(loss_type=("sigmoid", "sft"), loss_weights=(1.0, 0.5), ld_alpha=0.5, reference="in_step",
+         use_weighting=True),
+    dict(objective="robust", rpo_alpha=0.3, reference_free=True, use_weighting=True),
+])
+def test_step_with_token_level_options_matches_losses_module(options):
+  """LD-DPO, WPO, sft and rpo_alpha in the step equal `pair_logps` + the loss functions on
+  the model's token log-probs (one device, one micro-batch, no padding)."""
+  from ssapo_jax import losses
+  batch = w.make_batch(5)
+  cfg = w.train_config(**options)
+  mesh = _mesh((2, 2, 2))
+  loss, _ = _step_loss_and_gradient(cfg, batch, mesh)
+  model = w.tiny_model()
+  b = jax.tree.map(jnp.asarray, batch)
+  ids = jnp.concatenate([b.chosen_ids, b.rejected_ids])
+  mask = jnp.concatenate([b.chosen_mask, b.rejected_mask])
+  loss_mask = jnp.concatenate([b.chosen_loss_mask, b.rejected_loss_mask])
+  tok, lss = model.token_logps(ids, mask, log_sum_sq=True)
+  pairs = losses.pair_logps(tok, loss_mask[:, 1:], ld_alpha=cfg.ld_alpha, token_log_sum_sq=lss)
+  ref = (pairs.chosen_logps, pairs.rejected_logps) if cfg.reference == "in_step" else (
+      b.ref_chosen_logps, b.ref_rejected_logps)
+  common = dict(weights=b.weights * pairs.wpo_weights, chosen_lengths=pairs.chosen_lengths,
+                chosen_nll=pairs.chosen_nll, rpo_alpha=cfg.rpo_alpha,
+                reference_free=cfg.reference_free, beta=cfg.beta)
+  if cfg.objective == "robust":
+    expected, _ = losses.robust_dpo_loss(pairs.chosen_logps, pairs.rejected_logps, *ref,
+                                         b.atom_weights, b.atom_shifts, **common)
+  else:
+    expected, _ = losses.dpo_loss(pairs.chosen_logps, pairs.rejected_logps, *ref,
+                                  loss_type=cfg.loss_type, loss_weights=cfg.loss_weights,
+                                  rejected_lengths=pairs.rejected_lengths, **common)
+  np.testing.assert_allclose(loss, float(expected), rtol=2e-5)
