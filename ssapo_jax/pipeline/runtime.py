@@ -20,7 +20,7 @@ from ssapo_jax.data.tokenize import fixed_size_batches
 from ssapo_jax.experiment import ExperimentConfig
 from ssapo_jax.metrics import MetricsLogger
 from ssapo_jax.models import Llama, load_hf
-from ssapo_jax.train import DTYPES, Scorer, param_shardings
+from ssapo_jax.train import DTYPES, Scorer
 
 
 @dataclasses.dataclass
@@ -81,11 +81,9 @@ def load_model(path: str, config: ExperimentConfig, mesh) -> Llama:
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise FileNotFoundError(f"no Hugging Face model in {path!r} (config.json missing)")
   t = config.train
-  model = load_hf(path, dtype=DTYPES[t.compute_dtype], param_dtype=DTYPES[t.param_dtype],
-                  remat=t.remat)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  params = shd.shard_params(params, param_shardings(params, mesh))
-  return nnx.merge(graphdef, params, rest)
+  # Every tensor is read straight into its final sharding: no device holds a full replica.
+  return load_hf(path, dtype=DTYPES[t.compute_dtype], param_dtype=DTYPES[t.param_dtype],
+                 remat=t.remat, attention=config.model.attention, mesh=mesh)
 
 
 def prompt_embeddings(model: Llama, tokenizer, prompts, config: ExperimentConfig) -> np.ndarray:
