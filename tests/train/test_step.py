@@ -136,7 +136,8 @@ def test_schedule_matches_transformers():
 
 
 def test_train_config_validation():
-  with pytest.raises(ValueError, match="train.schedule"):
+  with pytest.raises(ValueError, match="train.schedule must be one of 'cosine', 'linear', "
+                                       "'constant'; got 'step'"):
     tr.TrainConfig(schedule="step")
   with pytest.raises(ValueError, match="not divisible by train.micro_batches"):
     tr.TrainConfig(global_batch_size=10, micro_batches=4)
@@ -146,7 +147,6 @@ def test_train_config_validation():
     tr.TrainConfig(loss_type="nope")
   with pytest.raises(ValueError, match="train.learning_rate"):
     tr.TrainConfig(learning_rate=0.0)
-  assert tr.num_train_steps(33, tr.TrainConfig(global_batch_size=8, epochs=2)) == 10
 
 
 # ----------------------------------------------------------------------------- sharded = reference
