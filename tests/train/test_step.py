@@ -137,7 +137,8 @@ def test_schedule_matches_transformers():
 
 
 def test_train_config_validation():
-  with pytest.raises(ValueError, match="train.schedule"):
+  with pytest.raises(ValueError, match="train.schedule must be one of 'cosine', 'linear', "
+                                       "'constant'; got 'step'"):
     tr.TrainConfig(schedule="step")
   with pytest.raises(ValueError, match="not divisible by train.micro_batches"):
     tr.TrainConfig(global_batch_size=10, micro_batches=4)
