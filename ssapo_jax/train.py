@@ -41,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ssapo_jax import sharding as shd
 from ssapo_jax.batch import PreferenceBatch, concat_pairs, split_pairs
+from ssapo_jax.errors import NonFiniteError  # re-exported
 from ssapo_jax.losses import LOSS_TYPES, ROBUST_SPACES, dpo_loss, robust_dpo_loss
 
 Metrics = dict[str, jax.Array]
@@ -461,11 +462,6 @@ def train_step(state: TrainState, batch: PreferenceBatch, *, config: TrainConfig
   return new_state, metrics
 
 
-
-class NonFiniteError(RuntimeError):
-  """Raised by `check_finite_progress` when too many consecutive steps were skipped."""
-
-
 def check_finite_progress(metrics: Metrics, config: TrainConfig) -> None:
   """Host-side guard: raises `NonFiniteError` after ``max_nonfinite_steps`` consecutive skips.
 
@@ -477,8 +473,11 @@ def check_finite_progress(metrics: Metrics, config: TrainConfig) -> None:
     raise NonFiniteError(
         f"{consecutive} consecutive train steps had a non-finite loss or gradient "
         f"(train.max_nonfinite_steps={config.max_nonfinite_steps}; "
-        f"{int(metrics['nonfinite/total'])} skipped in total); lower train.learning_rate, "
-        "check the batch's reference log-probs and weights, or use compute_dtype=float32")
+        f"{int(metrics['nonfinite/total'])} skipped in total). Likely causes, most likely "
+        "first: (1) corrupted inputs: non-finite values in the model files, a restored "
+        "checkpoint or the round's train_set (reference log-probs, atom weights); (2) "
+        "train.learning_rate too high; (3) train.compute_dtype=bfloat16 overflowing "
+        "(try float32)")
 
 
 def batch_shardings(mesh: Mesh, config: TrainConfig) -> PreferenceBatch:

@@ -24,11 +24,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from ssapo_jax.errors import CheckpointError  # re-exported
 from ssapo_jax.models.llama import Llama, LlamaConfig, SUPPORTED_MODEL_TYPES
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that does not match the model: missing/extra/misshapen/corrupt tensors."""
 
 
 # Layout transforms between HF ``torch.nn.Linear`` weights ``[out, in]`` and our einsum kernels.
