@@ -144,6 +144,22 @@ def read_config(path: str | os.PathLike) -> dict:
   return config
 
 
+def check_hf_dir(path: str | os.PathLike) -> dict:
+  """Checks a local HF model directory without loading weights; returns its config dict.
+
+  Reads ``config.json`` and every safetensors header (listed by the index, else found in the
+  directory), so a missing, truncated or unlisted weight file raises `CheckpointError` before a
+  run starts.
+  """
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path}: not a directory (expected a local Hugging Face model dir)")
+  config = read_config(path)
+  for file in _weight_files(path):
+    with _open(os.path.join(path, file)):  # validates the header against the file size
+      pass
+  return config
+
+
 def _weight_files(path) -> dict[str, list[str]]:
   """safetensors file -> tensor names it should hold (from the index, else the file header)."""
   index_file = os.path.join(path, "model.safetensors.index.json")
