@@ -130,6 +130,17 @@ def test_data_problems_exit_3_before_anything_is_written(tmp_path, world, fake_r
   assert not fake_rounds and not out.exists()
 
 
+def test_debug_adds_the_traceback(tmp_path, world, capsys):
+  argv = [TINY, f"model.path={world / 'model'}", f"data.source={tmp_path / 'missing.jsonl'}",
+          f"output_dir={tmp_path / 'run'}"]
+  assert cli.main(argv) == 3
+  assert "Traceback" not in capsys.readouterr().err
+  assert cli.main([*argv, "--debug"]) == 3
+  err = capsys.readouterr().err
+  assert "Traceback (most recent call last)" in err and "DataError" in err
+  assert err.rstrip().endswith("missing.jsonl: no such file or directory")
+
+
 def test_gcs_output_dir_needs_gcsfs(world, capsys):
   try:
     import gcsfs  # noqa: F401
