@@ -307,6 +307,30 @@ def create_train_state(model: nnx.Module, config: TrainConfig, mesh: Mesh, *,
       ref_params=ref_params, graphdef=graphdef, tx=tx, schedule=schedule)
 
 
+def abstract_train_state(model: nnx.Module, config: TrainConfig, mesh: Mesh, *,
+                         num_train_steps: int, key: jax.Array | None = None) -> TrainState:
+  """`create_train_state`'s result as ``jax.ShapeDtypeStruct`` leaves with their shardings.
+
+  The restore target of a checkpoint (`Checkpointer.restore`): nothing is allocated, so a
+  restored state never has a materialised template beside it.
+  """
+  graphdef, params, rest = split_model(model, config)
+  dtype = DTYPES[config.param_dtype]
+  params = jax.eval_shape(lambda p: jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, p), params)
+  tx = make_optimizer(config, num_train_steps)
+  key = jax.random.key(config.seed) if key is None else key
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  template = TrainState(
+      step=scalar, params=params, opt_state=jax.eval_shape(tx.init, params),
+      rng=jax.ShapeDtypeStruct(key.shape, key.dtype), nonfinite_consecutive=scalar,
+      nonfinite_total=scalar, rest=jax.eval_shape(lambda r: r, rest),
+      ref_params=params if config.reference == "in_step" else None, graphdef=graphdef, tx=tx,
+      schedule=make_schedule(config, num_train_steps))
+  return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      template, state_shardings(template, mesh))
+
+
 def merge_params(state: TrainState, *, params: Any | None = None) -> nnx.Module:
   """An NNX model holding ``state``'s trained parameters (for sampling or saving)."""
   return nnx.merge(state.graphdef, state.params if params is None else params, state.rest)
