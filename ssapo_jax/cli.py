@@ -138,10 +138,13 @@ def _run(args: argparse.Namespace) -> int:
   with run_lock(config.output_dir, process_index=jax.process_index(), force=args.force_unlock,
                 log=runrecord.message), \
        runrecord.run_log(rundir.local_workdir(config.output_dir), enabled=leader):
+    change = None
     if leader:
       runrecord.write_config(version, cfg_lib.dump_yaml(config))
-      if version.changes:
-        runrecord.message(f"config changed ({'; '.join(version.changes)}); recorded as "
-                          f"{os.path.basename(version.path)}")
-    rounds.run(config, resume=resume)
+    if version.changes:
+      name = os.path.basename(version.path)
+      runrecord.message(f"config changed ({'; '.join(version.changes)}); recorded as {name}")
+      change = {"config_version": version.version, "config_file": name,
+                "changed": "; ".join(version.changes)}
+    rounds.run(config, resume=resume, config_change=change)
   return 0

@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from ssapo_jax import annotate, dro, rundir, sharding as shd, train as tr
+from ssapo_jax.runrecord import message, progress
 from ssapo_jax.checkpoint import Checkpointer, checkpoint_dir
 from ssapo_jax.config import ExperimentConfig
 from ssapo_jax.data import (LoaderCursor, PreferenceLoader, PromptRecord, last_token_embeddings,
@@ -99,7 +99,7 @@ def prompt_embeddings(model: Llama, tokenizer, prompts, config: ExperimentConfig
 
   size = config.sampling.batch_size
   out = []
-  for start in tqdm(range(0, len(ids), size), desc="embed prompts", leave=False):
+  for start in progress(range(0, len(ids), size), desc="embed prompts"):
     chunk = ids[start:start + size]
     n = len(chunk)
     prompt_ids, prompt_mask = left_pad(chunk + [chunk[-1]] * (size - n),
@@ -209,7 +209,7 @@ def _score_sequences(rt: Runtime, model: Llama, prompts, responses) -> np.ndarra
 
   steps = -(-len(prompts) // size)
   logps = tr.compute_logps(_logps_fn(rt, graphdef, params, rest), params, rt.mesh,
-                           tqdm(batches(), total=steps, desc="score", leave=False),
+                           progress(batches(), total=steps, desc="score"),
                            batch_size=size)
   return _gather_batches(logps, size)[:len(prompts)]
 
@@ -222,7 +222,7 @@ def _generate_all(rt: Runtime, model: Llama, prompt_ids: list, key, *, temperatu
   tokens, masks = [], []
   pad = rt.tokenizer.pad_token_id
   eos = rt.tokenizer.eos_token_id
-  for b, start in enumerate(tqdm(range(0, len(prompt_ids), batch), desc=desc, leave=False)):
+  for b, start in enumerate(progress(range(0, len(prompt_ids), batch), desc=desc)):
     chunk = prompt_ids[start:start + batch]
     n = len(chunk)
     chunk = chunk + [chunk[-1]] * (batch - n)  # fixed shape: one compilation per round
@@ -486,7 +486,9 @@ def phase_train(rt: Runtime, t: int, init: Llama, dataset, judge_logps, *,
     loader = _loader(rt, dataset, t, train_cfg)
   step_fn = tr.make_train_step(train_cfg, rt.mesh, state)
   it = loader.iterator(cursor, num_epochs=train_cfg.epochs)
-  bar = tqdm(total=num_steps, initial=done, desc=f"round {t}: train", leave=False)
+  # A restored state is saved again only after a finite step (issue: never re-save a bad state).
+  since_restore, finite_since_restore = 0, resume_state is None
+  bar = progress(total=num_steps, initial=done, desc=f"round {t}: train")
   tokens, last = 0, time.perf_counter()
   while True:
     if refresh and done > 0 and done % refresh == 0 and done < num_steps:
@@ -503,7 +505,7 @@ def phase_train(rt: Runtime, t: int, init: Llama, dataset, judge_logps, *,
       break
     tokens += int(batch.chosen_mask.sum() + batch.rejected_mask.sum()) * jax.process_count()
     state, metrics = step_fn(state, shd.global_batch(rt.mesh, batch))
-    done, global_step = done + 1, global_step + 1
+    done, global_step, since_restore = done + 1, global_step + 1, since_restore + 1
     bar.update(1)
     if done % cfg.rounds.log_every_steps == 0 or done == num_steps:
       metrics = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
@@ -514,6 +516,12 @@ def phase_train(rt: Runtime, t: int, init: Llama, dataset, judge_logps, *,
       rt.logger.log(global_step, metrics, round=t, round_step=done)
       bar.set_postfix(loss=f"{metrics['loss']:.4f}")
     if done % cfg.checkpoint.save_every_steps == 0 and done < num_steps:
+      if not finite_since_restore:  # one scalar read, only until the first finite step
+        finite_since_restore = int(metrics["nonfinite/consecutive"]) < since_restore
+      if not finite_since_restore:
+        message(f"round {t}: no finite step since the restore; not saving checkpoint "
+                f"{global_step}")
+        continue
       rt.ckpt.save(global_step, state, {"round": t, "phase": "train", "round_step": done,
                                          "cursor": it.cursor.to_dict(),
                                          "global_step": global_step}, force=True)
@@ -538,12 +546,12 @@ def phase_evaluate(rt: Runtime, t: int, policy: Llama) -> None:
 
 # ------------------------------------------------------------------------------ the loop
 
-def _resume_point(rt: Runtime) -> tuple[int, int | None, int]:
+def _resume_point(ckpt: Checkpointer) -> tuple[int, int | None, int]:
   """``(round, checkpoint step to restore or None, global step)`` of the newest readable
   checkpoint's metadata (an unreadable one is skipped with a warning)."""
-  for step in reversed(rt.ckpt.all_steps()):
+  for step in reversed(ckpt.all_steps()):
     try:
-      meta = rt.ckpt.restore_metadata(step)
+      meta = ckpt.restore_metadata(step)
     except Exception as e:  # orbax raises many types for unreadable files
       warnings.warn(f"checkpoint {step} metadata unreadable ({type(e).__name__}: {e}); "
                     "trying an older one")
@@ -556,16 +564,18 @@ def _resume_point(rt: Runtime) -> tuple[int, int | None, int]:
 
 def _restore_train_state(rt: Runtime, t: int, init: Llama, step: int):
   """The train-phase state of round t at checkpoint ``step`` (with fallback to older ones)."""
-  template = tr.create_train_state(init, rt.config.train_for_round(t), rt.mesh, num_train_steps=1)
-  restored = rt.ckpt.restore(template)  # newest readable; warns when it falls back
+  target = tr.abstract_train_state(init, rt.config.train_for_round(t), rt.mesh, num_train_steps=1)
+  restored = rt.ckpt.restore(target)  # newest that verifies; warns when it falls back
   meta = restored.metadata
   if meta["phase"] == ROUND_DONE and meta["round"] == t - 1:
+    message(f"resuming from checkpoint step {restored.step} (round {t - 1} done; round {t} "
+            "starts)")
     return None, None, meta["global_step"]  # fell back to the start of round t
   if meta["phase"] != "train" or meta["round"] != t:
     raise RuntimeError(f"checkpoint {restored.step} in {rt.ckpt.directory} is {meta}, expected "
                        f"round {t}; delete the newer broken checkpoints or start with --no-resume")
-  if restored.step != step:
-    warnings.warn(f"resuming round {t} from checkpoint {restored.step} instead of {step}")
+  message(f"resuming from checkpoint step {restored.step} (round {t}, phase train, step "
+          f"{meta['round_step']} of the round)")
   return restored.state, meta, meta["global_step"]
 
 
@@ -581,7 +591,18 @@ def _export_policy(rt: Runtime, t: int, policy: Llama) -> None:
   os.replace(tmp, final)
 
 
-def run(config: ExperimentConfig, *, resume: bool = True) -> dict[int, dict[str, Any]]:
+def _copy_final_policy(config: ExperimentConfig, workdir: str) -> None:
+  """``final_policy/``: a copy of the last round's exported policy (process 0)."""
+  last = os.path.join(workdir, f"round_{config.rounds.num_rounds}", "policy")
+  if jax.process_index() == 0 and os.path.isdir(last):
+    final = os.path.join(workdir, "final_policy")
+    shutil.rmtree(final, ignore_errors=True)
+    shutil.copytree(last, final)
+    rundir.push(config.output_dir, workdir, "final_policy")
+
+
+def run(config: ExperimentConfig, *, resume: bool = True,
+        config_change: dict[str, Any] | None = None) -> dict[int, dict[str, Any]]:
   """Runs (or resumes) every round of ``config``; returns the per-round summaries.
 
   Writes under ``config.output_dir``: ``split_manifest.json``, ``metrics.jsonl`` and
@@ -590,20 +611,40 @@ def run(config: ExperimentConfig, *, resume: bool = True) -> dict[int, dict[str,
   and ``final_policy/`` (Hugging Face format). A remote (``gs://``) output directory gets
   checkpoints and metrics directly; the phase outputs are written to a local mirror on every
   host and copied up by process 0 after each phase (and down again when a run resumes).
+
+  It says what it does with `runrecord.message` (the resume point, one summary line per phase,
+  where the outputs are); a resumed run whose last round is done returns at once with
+  ``run already complete, nothing to do``. ``config_change`` (``config_version``,
+  ``config_file``, ``changed``) is logged to ``metrics.jsonl`` at the step it takes effect.
   """
   workdir = rundir.local_workdir(config.output_dir)
   os.makedirs(workdir, exist_ok=True)
+  ckpt = Checkpointer(checkpoint_dir(config.output_dir), config=config.checkpoint)
+  first_round, resume_step, global_step = _resume_point(ckpt) if resume else (0, None, 0)
+  if first_round > config.rounds.num_rounds:
+    ckpt.close()
+    if not os.path.isdir(os.path.join(workdir, "final_policy")):  # killed just before the copy
+      _copy_final_policy(config, workdir)
+    if config_change:
+      with MetricsLogger(config.output_dir, resume_step=global_step) as logger:
+        logger.log(global_step, {}, **config_change)
+    message("run already complete, nothing to do")
+    return {}
   if resume and rundir.is_remote(config.output_dir):
     rundir.pull(config.output_dir, workdir)
+  start = time.perf_counter()
   mesh = shd.make_mesh(config.mesh)
   tokenizer = load_tokenizer(config.model.resolved_tokenizer_path)
   sft = _load_model(config.model.path, config, mesh)
   data = prepare_data(config, workdir, sft=sft, tokenizer=tokenizer)
-  ckpt = Checkpointer(checkpoint_dir(config.output_dir), config=config.checkpoint)
   rt = Runtime(config, mesh, tokenizer, sft, data, ckpt, None, workdir)
   rundir.push(config.output_dir, workdir, "split_manifest.json")
-  first_round, resume_step, global_step = _resume_point(rt) if resume else (0, None, 0)
   rt.logger = MetricsLogger(config.output_dir, resume_step=global_step if resume else -1)
+  if config_change:
+    rt.logger.log(global_step, {}, **config_change)
+  if resume_step is None and global_step > 0:
+    message(f"resuming after round {first_round - 1} (checkpoint step {global_step}); round "
+            f"{first_round} starts")
   summaries = {}
   try:
     for t in range(first_round, config.rounds.num_rounds + 1):
@@ -614,20 +655,41 @@ def run(config: ExperimentConfig, *, resume: bool = True) -> dict[int, dict[str,
       if t == first_round and resume_step is not None:
         resume_state, resume_meta, global_step = _restore_train_state(rt, t, policy, resume_step)
       if t > 0:
+        clock = time.perf_counter()
         gen = phase_generate(rt, t, policy)
         rundir.push(config.output_dir, workdir, rel)
-        phase_annotate(rt, t, policy, gen)
+        seconds = time.perf_counter() - clock
+        new_tokens = int(gen["mask"].sum())
+        message(f"round {t} generate: {len(rt.data.pools[t - 1])} prompts x "
+                f"{config.sampling.num_samples} samples, {new_tokens} new tokens in "
+                f"{seconds:.1f} s ({new_tokens / max(seconds, 1e-9):.0f} tokens/s)")
+        clock = time.perf_counter()
+        annotation = phase_annotate(rt, t, policy, gen)
         rundir.push(config.output_dir, workdir, rel)
+        message(f"round {t} annotate: {len(annotation['prompt_index'])} pairs from "
+                f"{len(rt.data.pools[t - 1])} prompts in {time.perf_counter() - clock:.1f} s")
       reference = (policy if t > 0 and config.rounds.train_reference == "previous" else sft)
+      clock = time.perf_counter()
       dataset, judge_logps = phase_follower(rt, t, policy, reference)
       rundir.push(config.output_dir, workdir, rel)
+      message(f"round {t} follower: {len(dataset)} pairs scored and weighted in "
+              f"{time.perf_counter() - clock:.1f} s")
+      clock, first_step = time.perf_counter(), global_step
       state, global_step = phase_train(rt, t, policy, dataset, judge_logps,
                                        resume_state=resume_state, resume_meta=resume_meta,
                                        global_step=global_step)
+      seconds = time.perf_counter() - clock
+      message(f"round {t} train: {global_step - first_step} steps in {seconds:.1f} s "
+              f"({(global_step - first_step) / max(seconds, 1e-9):.2f} steps/s); global step "
+              f"{global_step}")
       rt.policies[t] = tr.merge_params(state)
       rt.policies.pop(t - 2, None)  # keep π_{t-1} and π_t: all that later rounds read
       _export_policy(rt, t, rt.policies[t])
+      clock = time.perf_counter()
       phase_evaluate(rt, t, rt.policies[t])
+      if rt.data.eval_prompts:
+        message(f"round {t} evaluate: {len(rt.data.eval_prompts)} prompts in "
+                f"{time.perf_counter() - clock:.1f} s -> {rt.round_dir(t)}/eval_generations.json")
       summary = {"round": t, "global_step": global_step, "num_pairs": len(dataset)}
       follower = os.path.join(rt.round_dir(t), "follower.json")
       if os.path.exists(follower):
@@ -641,13 +703,13 @@ def run(config: ExperimentConfig, *, resume: bool = True) -> dict[int, dict[str,
       ckpt.save(global_step, state, {"round": t, "phase": ROUND_DONE, "global_step": global_step},
                 force=True)
       ckpt.wait()
-    last = os.path.join(rt.round_dir(config.rounds.num_rounds), "policy")
-    if jax.process_index() == 0 and os.path.isdir(last):
-      final = os.path.join(workdir, "final_policy")
-      shutil.rmtree(final, ignore_errors=True)
-      shutil.copytree(last, final)
-      rundir.push(config.output_dir, workdir, "final_policy")
+    _copy_final_policy(config, workdir)
   finally:
     ckpt.close()
     rt.logger.close()
+  out = config.output_dir
+  message(f"run complete: rounds {first_round}..{config.rounds.num_rounds} in "
+          f"{time.perf_counter() - start:.0f} s, global step {global_step}; final policy: "
+          f"{out}/final_policy; eval generations: {out}/round_<t>/eval_generations.json; "
+          f"metrics: {out}/metrics.jsonl and {out}/tensorboard; log: {out}/run.log")
   return summaries

@@ -40,8 +40,8 @@ def fake_rounds(monkeypatch):
   """Stands in for ssapo_jax.rounds and records how the CLI calls it (and what it saw on disk)."""
   calls = []
 
-  def run(config, *, resume):
-    calls.append((config, resume))
+  def run(config, *, resume, config_change=None):
+    calls.append((config, resume, config_change))
 
   module = types.ModuleType("ssapo_jax.rounds")
   module.run = run
@@ -162,8 +162,9 @@ def test_run_records_config_and_resumes_by_default(tmp_path, world, fake_rounds,
   out = tmp_path / "run"
   argv = [TINY, *_inputs(world), "--output-dir", str(out), "rounds.num_eval_prompts=4"]
   assert cli.main(argv) == 0
-  config, resume = fake_rounds[-1]
+  config, resume, change = fake_rounds[-1]
   assert resume is False and config.output_dir == str(out) and config.rounds.num_eval_prompts == 4
+  assert change is None
   assert cfg_lib.load_experiment(out / "config.yaml") == config
   assert not (out / "run.lock").exists()  # released when the run ended
   # --resume without a checkpoint is an error.
@@ -184,6 +185,8 @@ def test_run_records_config_and_resumes_by_default(tmp_path, world, fake_rounds,
   # ... and kept as a new version when allowed.
   assert cli.main([*argv[:-1], "rounds.num_eval_prompts=8", "--allow-config-change"]) == 0
   assert fake_rounds[-1][0].rounds.num_eval_prompts == 8
+  assert fake_rounds[-1][2] == {"config_version": 1, "config_file": "config.1.yaml",
+                                "changed": "rounds.num_eval_prompts: 4 -> 8"}
   assert (out / "config.yaml").read_text() == recorded
   assert cfg_lib.load_experiment(out / "config.1.yaml") == fake_rounds[-1][0]
   assert "recorded as config.1.yaml" in capsys.readouterr().err
