@@ -135,9 +135,9 @@ def _leaf_digest(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.stack(sums), finite
 
 
-@jax.jit
-def _digests(leaves: Sequence[jax.Array]):
-  return [_leaf_digest(x) for x in leaves]
+# One compiled program per leaf shape/dtype/sharding (a model's layers share a few), so the cost
+# does not grow with the number of leaves the way one jit over the whole state would.
+_leaf_digest_jit = jax.jit(_leaf_digest)
 
 
 def fingerprint(state: Any) -> list[dict[str, Any]]:
@@ -149,14 +149,7 @@ def fingerprint(state: Any) -> list[dict[str, Any]]:
   """
   paths_leaves = jax.tree_util.tree_leaves_with_path(state)
   leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for _, x in paths_leaves]
-  # One jitted call per set of devices (a jit's arguments must share them).
-  groups: dict[frozenset, list[int]] = {}
-  for i, x in enumerate(leaves):
-    groups.setdefault(frozenset(x.sharding.device_set), []).append(i)
-  digests = [None] * len(leaves)
-  for indices in groups.values():
-    for i, d in zip(indices, jax.device_get(_digests([leaves[i] for i in indices]))):
-      digests[i] = d
+  digests = jax.device_get([_leaf_digest_jit(x) for x in leaves])  # one transfer at the end
   out = []
   for (path, _), x, (checksum, finite) in zip(paths_leaves, leaves, digests):
     out.append({"path": jax.tree_util.keystr(path), "shape": list(x.shape),
