@@ -9,7 +9,7 @@ holding either no config or this one); initialise ``jax.distributed`` when sever
 take part and build the mesh; ``--check`` stops here and prints what the run would do. Otherwise
 take the output directory's lock (process 0), record the config (``config.yaml``, or a new
 ``config.<n>.yaml`` with ``--allow-config-change``), and run, resuming by default when the run's
-checkpoint directory has a checkpoint.
+checkpoint directory has a checkpoint (``ssapo_jax.pipeline.run.run``).
 
 Every error a user can fix is one line, ``ssapo-train: error: …``, with the exit status of
 `ssapo_jax.errors` (2 config, 3 data, 4 run directory, 5 model/checkpoint, 6 non-finite
@@ -113,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
   from ssapo_jax import config as cfg_lib
-  config = cfg_lib.load_experiment(args.config_path, [*args.overrides, *_flag_overrides(args)])
+  from ssapo_jax.experiment import load_experiment
+  config = load_experiment(args.config_path, [*args.overrides, *_flag_overrides(args)])
   if args.print_config:
     sys.stdout.write(cfg_lib.dump_yaml(config))
     return 0
@@ -131,8 +132,9 @@ def _run(args: argparse.Namespace) -> int:
     print(f"{PROG} --check: OK ({'would resume' if resume else 'would start a new run'})")
     return 0
 
-  from ssapo_jax import rounds  # imported late: config errors must not depend on the training stack
-  from ssapo_jax import rundir, runrecord
+  # Imported late: config errors must not depend on the training stack.
+  from ssapo_jax import runrecord
+  from ssapo_jax.pipeline import rundir, run as pipeline
   from ssapo_jax.runlock import run_lock
   leader = jax.process_index() == 0
   with run_lock(config.output_dir, process_index=jax.process_index(), force=args.force_unlock,
@@ -146,5 +148,5 @@ def _run(args: argparse.Namespace) -> int:
       runrecord.message(f"config changed ({'; '.join(version.changes)}); recorded as {name}")
       change = {"config_version": version.version, "config_file": name,
                 "changed": "; ".join(version.changes)}
-    rounds.run(config, resume=resume, config_change=change)
+    pipeline.run(config, resume=resume, config_change=change)
   return 0

@@ -32,8 +32,9 @@ def check_model(config) -> Any:
   """The model directory (config.json, every safetensors header) and tokenizer; returns it."""
   from ssapo_jax.models.params import check_hf_dir
   from ssapo_jax.models.tokenizer import load_tokenizer
+  from ssapo_jax.pipeline.rundir import is_remote
   path = config.model.path
-  if "://" in path:
+  if is_remote(path):
     raise CheckpointError(f"model.path={path!r}: the model must be a local directory (copy it "
                           "to each host first, e.g. with gsutil -m cp -r)")
   if not os.path.isdir(path):
@@ -108,7 +109,8 @@ def check_output_dir(config, *, allow_config_change: bool = False):
   Returns the `runrecord.ConfigVersion` the run will record.
   """
   from ssapo_jax import config as cfg_lib
-  from ssapo_jax.runlock import RunLockedError, _locked_message, read_owner
+  from ssapo_jax.pipeline.rundir import is_remote
+  from ssapo_jax.runlock import RunLockedError, locked_message, read_owner
   from ssapo_jax.runrecord import check_config
   out = config.output_dir
   if out.startswith("gs://"):
@@ -117,7 +119,7 @@ def check_output_dir(config, *, allow_config_change: bool = False):
     except ImportError:
       raise RunDirError(f"output_dir={out!r} needs the gcsfs package to write to Google Cloud "
                         "Storage: pip install gcsfs") from None
-  elif "://" not in out:
+  elif not is_remote(out):
     existing = os.path.abspath(out)
     while not os.path.exists(existing):
       existing = os.path.dirname(existing)
@@ -126,7 +128,7 @@ def check_output_dir(config, *, allow_config_change: bool = False):
                         "directory)")
   owner = read_owner(out)
   if owner is not None and owner.pid != os.getpid() and owner.is_alive():
-    raise RunLockedError(_locked_message(out, owner))
+    raise RunLockedError(locked_message(out, owner))
   return check_config(cfg_lib.to_dict(config), out, allow_change=allow_config_change)
 
 

@@ -100,7 +100,7 @@ def _path(output_dir: str):
   return epath.Path(output_dir) / LOCK_FILENAME
 
 
-def _locked_message(output_dir: str, owner: LockOwner) -> str:
+def locked_message(output_dir: str, owner: LockOwner) -> str:
   return (f"output_dir {output_dir} is locked by another run: {owner.describe()}. Wait for it "
           f"to finish, or use another output_dir; if that run is gone (e.g. its host was "
           f"lost), rerun with --force-unlock")
@@ -142,7 +142,7 @@ class RunLock:
                    "that process still holds it, so it may keep writing")
           os.unlink(path)
           continue
-        raise RunLockedError(_locked_message(self.output_dir, owner or LockOwner("?", -1)))
+        raise RunLockedError(locked_message(self.output_dir, owner or LockOwner("?", -1)))
       except OSError:  # no flock on this filesystem: fall back to the recorded owner
         os.close(fd)
         self._acquire_by_record()
@@ -169,9 +169,9 @@ class RunLock:
     if self.force:
       self.log(f"--force-unlock: taking over the lock of {previous.describe()}")
     elif previous.host != self.owner.host:
-      raise RunLockedError(_locked_message(self.output_dir, previous))
+      raise RunLockedError(locked_message(self.output_dir, previous))
     elif previous.is_alive() and previous.pid != self.owner.pid:
-      raise RunLockedError(_locked_message(self.output_dir, previous))
+      raise RunLockedError(locked_message(self.output_dir, previous))
     else:
       self.log(f"taking over the stale lock of {previous.describe()}, which is no longer running")
 
@@ -187,7 +187,7 @@ class RunLock:
       self._take_over(read_owner(self.output_dir) or None)
     path.write_text(self._record())
     if read_owner(self.output_dir) != self.owner:  # another run wrote at the same moment
-      raise RunLockedError(_locked_message(self.output_dir, read_owner(self.output_dir)
+      raise RunLockedError(locked_message(self.output_dir, read_owner(self.output_dir)
                                            or LockOwner("?", -1)))
 
   # -- public ---------------------------------------------------------------------------------
@@ -196,7 +196,8 @@ class RunLock:
     """Takes the lock; raises `RunLockedError` (exit status 4) when a live run holds it."""
     if self._held:
       return self
-    if "://" in self.output_dir:
+    from ssapo_jax.pipeline.rundir import is_remote
+    if is_remote(self.output_dir):
       self._acquire_by_record()
     else:
       self._acquire_local()

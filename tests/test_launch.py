@@ -8,7 +8,6 @@ import pathlib
 import shlex
 import subprocess
 import sys
-import types
 
 import shutil
 
@@ -17,9 +16,9 @@ import pytest
 import yaml
 
 from ssapo_jax import cli
-from ssapo_jax import config as cfg_lib
 from ssapo_jax.checkpoint import Checkpointer, checkpoint_dir
 from ssapo_jax.errors import ConfigError
+from ssapo_jax.experiment import load_experiment
 from ssapo_jax.testing import write_tiny_model, write_tiny_preferences
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -37,17 +36,14 @@ def world(tmp_path_factory):
 
 @pytest.fixture
 def fake_rounds(monkeypatch):
-  """Stands in for ssapo_jax.rounds and records how the CLI calls it (and what it saw on disk)."""
+  """Stands in for the pipeline's `run` and records how the CLI calls it."""
   calls = []
 
   def run(config, *, resume, config_change=None):
     calls.append((config, resume, config_change))
 
-  module = types.ModuleType("ssapo_jax.rounds")
-  module.run = run
-  monkeypatch.setitem(sys.modules, "ssapo_jax.rounds", module)
-  import ssapo_jax
-  monkeypatch.setattr(ssapo_jax, "rounds", module, raising=False)
+  from ssapo_jax.pipeline import run as pipeline
+  monkeypatch.setattr(pipeline, "run", run)
   return calls
 
 
@@ -165,7 +161,7 @@ def test_run_records_config_and_resumes_by_default(tmp_path, world, fake_rounds,
   config, resume, change = fake_rounds[-1]
   assert resume is False and config.output_dir == str(out) and config.rounds.num_eval_prompts == 4
   assert change is None
-  assert cfg_lib.load_experiment(out / "config.yaml") == config
+  assert load_experiment(out / "config.yaml") == config
   assert not (out / "run.lock").exists()  # released when the run ended
   # --resume without a checkpoint is an error.
   assert cli.main([*argv, "--resume"]) == 2
@@ -188,7 +184,7 @@ def test_run_records_config_and_resumes_by_default(tmp_path, world, fake_rounds,
   assert fake_rounds[-1][2] == {"config_version": 1, "config_file": "config.1.yaml",
                                 "changed": "rounds.num_eval_prompts: 4 -> 8"}
   assert (out / "config.yaml").read_text() == recorded
-  assert cfg_lib.load_experiment(out / "config.1.yaml") == fake_rounds[-1][0]
+  assert load_experiment(out / "config.1.yaml") == fake_rounds[-1][0]
   assert "recorded as config.1.yaml" in capsys.readouterr().err
 
 
