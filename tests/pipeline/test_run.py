@@ -62,7 +62,7 @@ def _cmd(config, *overrides):
 
 def _run(config, *overrides, devices=8):
   proc = subprocess.run(_cmd(config, *overrides), env=_env(devices), capture_output=True,
-                        text=True, timeout=600)
+                        text=True, timeout=1200)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc
 
