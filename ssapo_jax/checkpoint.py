@@ -116,18 +116,19 @@ def _mix(h: jax.Array) -> jax.Array:
   return h ^ (h >> 16)
 
 
-def _leaf_digest(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(uint32[2] checksum, bool finite)`` of one array.
+def _shard_digest(x: jax.Array, offset: jax.Array, strides: jax.Array):
+  """``(uint32[2] partial checksum, bool finite)`` of one shard of a leaf.
 
-  The checksum is a wrapping uint32 sum of hashed (word, position) pairs, so it is exact and
-  independent of how the array is sharded; two seeds give 64 bits.
+  The checksum of a leaf is a wrapping uint32 sum, over its words, of a hash of (word, global
+  position); ``offset`` ``[ndim]`` is the shard's start and ``strides`` ``[ndim]`` the leaf's
+  row-major strides, both in the leaf's words. Sums of shards add up to the leaf's sum exactly,
+  so the checksum does not depend on the sharding; two seeds give 64 bits.
   """
   w = _words(x)
   position = jnp.zeros(w.shape, jnp.uint32)
-  stride = 1
-  for axis in reversed(range(w.ndim)):
-    position = position + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis) * jnp.uint32(stride)
-    stride = (stride * w.shape[axis]) % (1 << 32)
+  for axis in range(w.ndim):
+    position = position + (jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis)
+                           + offset[axis]) * strides[axis]
   sums = [jnp.sum(_mix(_mix(w ^ jnp.uint32(seed)) + position * jnp.uint32(0x9E3779B9)),
                   dtype=jnp.uint32) for seed in (0x243F6A88, 0x85A308D3)]
   finite = (jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
@@ -135,9 +136,25 @@ def _leaf_digest(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.stack(sums), finite
 
 
-# One compiled program per leaf shape/dtype/sharding (a model's layers share a few), so the cost
-# does not grow with the number of leaves the way one jit over the whole state would.
-_leaf_digest_jit = jax.jit(_leaf_digest)
+# Runs on one device per shard: no collectives (many small cross-device programs in flight can
+# starve XLA:CPU's rendezvous), one compiled program per shard shape and dtype.
+_shard_digest_jit = jax.jit(_shard_digest)
+
+
+def _leaf_parts(x: jax.Array) -> list:
+  """This process's shard digests of leaf ``x`` (each replicated shard once)."""
+  words_shape = jax.eval_shape(_words, jax.ShapeDtypeStruct(x.shape, x.dtype)).shape
+  strides = np.ones(len(words_shape), np.uint64)
+  for axis in reversed(range(len(words_shape) - 1)):
+    strides[axis] = strides[axis + 1] * words_shape[axis + 1]
+  strides = (strides % (1 << 32)).astype(np.uint32)
+  parts = []
+  for shard in x.addressable_shards:
+    if shard.replica_id != 0:
+      continue
+    starts = [sl.start or 0 for sl in shard.index] + [0] * (len(words_shape) - x.ndim)
+    parts.append(_shard_digest_jit(shard.data, np.asarray(starts, np.uint32), strides))
+  return parts
 
 
 def fingerprint(state: Any) -> list[dict[str, Any]]:
@@ -145,16 +162,25 @@ def fingerprint(state: Any) -> list[dict[str, Any]]:
 
   ``checksum`` is 16 hex digits computed on device from the leaf's bits (equal bits give equal
   checksums on any mesh); ``finite`` is False when a float leaf holds NaN or an infinity. One
-  jitted pass over the state, cheap beside writing it.
+  pass over each process's shards, cheap beside writing them; multi-host runs add one small
+  all-gather.
   """
   paths_leaves = jax.tree_util.tree_leaves_with_path(state)
   leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for _, x in paths_leaves]
-  digests = jax.device_get([_leaf_digest_jit(x) for x in leaves])  # one transfer at the end
+  parts = jax.device_get([_leaf_parts(x) for x in leaves])  # one transfer at the end
+  local = np.zeros((len(leaves), 3), np.uint32)  # per leaf: two sums, number of non-finite parts
+  for i, leaf_parts in enumerate(parts):
+    for sums, finite in leaf_parts:
+      local[i, :2] += np.asarray(sums, np.uint32)  # wraps, like the device sums
+      local[i, 2] += np.uint32(not finite)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    local = np.asarray(multihost_utils.process_allgather(local)).sum(axis=0, dtype=np.uint32)
   out = []
-  for (path, _), x, (checksum, finite) in zip(paths_leaves, leaves, digests):
+  for (path, _), x, row in zip(paths_leaves, leaves, local):
     out.append({"path": jax.tree_util.keystr(path), "shape": list(x.shape),
-                "dtype": str(x.dtype), "checksum": "".join(f"{int(c):08x}" for c in checksum),
-                "finite": bool(finite)})
+                "dtype": str(x.dtype), "checksum": f"{int(row[0]):08x}{int(row[1]):08x}",
+                "finite": bool(row[2] == 0)})
   return out
 
 

@@ -137,9 +137,10 @@ def _run(args: argparse.Namespace) -> int:
   from ssapo_jax.pipeline import rundir, run as pipeline
   from ssapo_jax.runlock import run_lock
   leader = jax.process_index() == 0
-  with run_lock(config.output_dir, process_index=jax.process_index(), force=args.force_unlock,
-                log=runrecord.message), \
-       runrecord.run_log(rundir.local_workdir(config.output_dir), enabled=leader):
+  # run.log first, so that taking over a stale lock is logged too.
+  with runrecord.run_log(rundir.local_workdir(config.output_dir), enabled=leader), \
+       run_lock(config.output_dir, process_index=jax.process_index(), force=args.force_unlock,
+                log=runrecord.message):
     change = None
     if leader:
       runrecord.write_config(version, cfg_lib.dump_yaml(config))

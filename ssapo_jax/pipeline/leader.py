@@ -19,6 +19,7 @@ import numpy as np
 from ssapo_jax import sharding as shd
 from ssapo_jax import train as tr
 from ssapo_jax.data import LoaderCursor, PreferenceLoader, with_pair_columns
+from ssapo_jax.errors import NonFiniteError
 from ssapo_jax.experiment import stream_seed
 from ssapo_jax.models import Llama
 from ssapo_jax.pipeline import rundir
@@ -144,4 +145,9 @@ def train_round(rt: Runtime, t: int, init: Llama, dataset, judge_logps, *,
                                          "cursor": it.cursor.to_dict(),
                                          "global_step": global_step}, force=True)
   bar.close()
+  if not finite_since_restore and since_restore:
+    if int(metrics["nonfinite/consecutive"]) >= since_restore:
+      raise NonFiniteError(f"round {t} ended without a finite step since its restore from a "
+                           "checkpoint; its state is not saved. Likely causes: corrupted inputs "
+                           "(train_set, model files), then train.learning_rate")
   return state, global_step
