@@ -259,6 +259,7 @@ def test_non_finite_state_is_never_saved_and_never_restored(tmp_path, mesh):
     poisoned = dict(state, mu=state["mu"].at[3].set(jnp.nan))
     with pytest.raises(NonFiniteError, match=r"refusing to save checkpoint 2: non-finite .*\['mu'\]"):
       ckpt.save(2, poisoned, {"step": 2}, force=True)
+    ckpt.wait()  # step 1's asynchronous save
     assert ckpt.all_steps() == [1]
     # A checkpoint written without the guard (e.g. by an older version) is refused on restore.
     ckpt._manager.save(2, args=__import__("orbax.checkpoint").checkpoint.args.Composite(
