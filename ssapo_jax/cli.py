@@ -3,10 +3,17 @@
     ssapo-train configs/zephyr_7b_ultrafeedback.yaml model.path=/models/zephyr-7b-sft-full \\
         output_dir=runs/zephyr dro.epsilon=0.05
 
-Steps: load and validate the config (errors print one line and exit with status 2), check the
-model directory, initialise ``jax.distributed`` when several processes take part, decide whether
-to resume (by default: when the run's checkpoint directory has a checkpoint), write the resolved
-config to ``<output_dir>/config.yaml`` and call ``ssapo_jax.pipeline.run.run(config, resume=...)``.
+Steps: load and validate the config; check every input before writing anything (the model
+directory and tokenizer, each data source, the output directory: writable, not locked, and
+holding either no config or this one); initialise ``jax.distributed`` when several processes
+take part and build the mesh; ``--check`` stops here and prints what the run would do. Otherwise
+take the output directory's lock (process 0), record the config (``config.yaml``, or a new
+``config.<n>.yaml`` with ``--allow-config-change``), and run, resuming by default when the run's
+checkpoint directory has a checkpoint (``ssapo_jax.pipeline.run.run``).
+
+Every error a user can fix is one line, ``ssapo-train: error: …``, with the exit status of
+`ssapo_jax.errors` (2 config, 3 data, 4 run directory, 5 model/checkpoint, 6 non-finite
+training); ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -14,15 +21,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from typing import Sequence
 
-EXIT_CONFIG_ERROR = 2
-EXIT_DATA_ERROR = 3  # a bad data row (DataValidationError)
+from ssapo_jax.errors import ConfigError, SsapoError
+
 PROG = "ssapo-train"
 
 
-class UsageError(Exception):
-  """A problem the user can fix from the command line; printed without a traceback."""
+class UsageError(ConfigError):
+  """A command-line flag that contradicts the run directory (exit status 2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--process-id", type=int, help="index of this process (mesh.process_id)")
   parser.add_argument("--print-config", action="store_true",
                       help="print the resolved config as YAML and exit without running")
+  parser.add_argument("--check", action="store_true",
+                      help="validate the config, data sources, model directory, tokenizer, "
+                           "output directory and mesh, print what the run would do, and exit "
+                           "(same exit statuses as a run)")
+  parser.add_argument("--allow-config-change", action="store_true",
+                      help="resume a run whose recorded config differs; the new config is kept "
+                           "as config.<n>.yaml beside the old ones")
+  parser.add_argument("--force-unlock", action="store_true",
+                      help="take the output directory's lock even if another run holds it (only "
+                           "after making sure that run is gone, e.g. its host was lost)")
+  parser.add_argument("--debug", action="store_true",
+                      help="print the traceback of errors (normally one line)")
   return parser
 
 
@@ -61,36 +81,6 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
   return flags
 
 
-def check_model_dir(config) -> None:
-  """Raises `UsageError` unless ``model.path`` (and the tokenizer directory) exist locally."""
-  from ssapo_jax.pipeline.rundir import is_remote
-  path = config.model.path
-  if is_remote(path):
-    raise UsageError(f"model.path={path!r}: the model must be a local directory (copy it to each "
-                     "host first, e.g. with gsutil -m cp -r)")
-  if not os.path.isdir(path):
-    raise UsageError(
-        f"model.path={path!r} is not a directory. Download the model first, e.g.\n"
-        f"  huggingface-cli download <org>/<model> --local-dir {path}\n"
-        "or point the run at an existing copy with model.path=/path/to/model")
-  if not os.path.isfile(os.path.join(path, "config.json")):
-    raise UsageError(f"model.path={path!r} has no config.json; expected a Hugging Face model "
-                     "directory (config.json, *.safetensors, tokenizer files)")
-  tokenizer = config.model.resolved_tokenizer_path
-  if tokenizer != path and not os.path.isdir(tokenizer):
-    raise UsageError(f"model.tokenizer_path={tokenizer!r} is not a directory")
-
-
-def check_output_dir(config) -> None:
-  """Raises `UsageError` when a ``gs://`` output directory cannot be written from this host."""
-  if config.output_dir.startswith("gs://"):
-    try:
-      import gcsfs  # noqa: F401  (etils.epath's Google Cloud Storage backend)
-    except ImportError:
-      raise UsageError(f"output_dir={config.output_dir!r} needs the gcsfs package to write to "
-                       "Google Cloud Storage: pip install gcsfs") from None
-
-
 def decide_resume(requested: bool | None, output_dir: str) -> bool:
   """``--resume``/``--no-resume``, or by default whether the run already has a checkpoint."""
   from ssapo_jax.checkpoint import checkpoint_dir, has_checkpoint
@@ -103,71 +93,61 @@ def decide_resume(requested: bool | None, output_dir: str) -> bool:
   return requested
 
 
-def _changed_keys(old, new, prefix: str = "") -> list[str]:
-  if isinstance(old, dict) and isinstance(new, dict):
-    keys = list(dict.fromkeys([*old, *new]))
-    return [k for key in keys
-            for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
-  return [] if old == new else [prefix.rstrip(".")]
-
-
-def warn_if_config_changed(config, output_dir: str) -> list[str]:
-  """On resume, lists (and prints) keys whose value differs from the run's saved config.yaml."""
-  from etils import epath
-  from ssapo_jax import config as cfg_lib
-  path = epath.Path(output_dir) / cfg_lib.CONFIG_FILENAME
-  if not path.exists():
-    return []
-  import yaml
-  old = yaml.safe_load(path.read_text()) or {}
-  changed = _changed_keys(old, cfg_lib.to_dict(config))
-  if changed:
-    print(f"{PROG}: warning: resuming with a config that differs from {path} in: "
-          f"{', '.join(changed)}", file=sys.stderr)
-  return changed
+def one_line(error: BaseException) -> str:
+  """The error's message on one line (whitespace runs collapsed)."""
+  return " ".join(str(error).split())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of ``ssapo-train`` and ``launch/train.py``; returns the exit status."""
   # Intermixed: overrides may come before or after flags (`cfg.yaml --resume a.b=1`).
   args = build_parser().parse_intermixed_args(argv)
+  try:
+    return _run(args)
+  except SsapoError as e:
+    if args.debug:
+      traceback.print_exc()
+    print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
+    return e.exit_code
+
+
+def _run(args: argparse.Namespace) -> int:
   from ssapo_jax import config as cfg_lib
   from ssapo_jax.experiment import load_experiment
-  try:
-    config = load_experiment(args.config_path, [*args.overrides, *_flag_overrides(args)])
-    if args.print_config:
-      sys.stdout.write(cfg_lib.dump_yaml(config))
-      return 0
-    check_model_dir(config)
-    check_output_dir(config)
-  except (cfg_lib.ConfigError, UsageError) as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    return EXIT_CONFIG_ERROR
+  config = load_experiment(args.config_path, [*args.overrides, *_flag_overrides(args)])
+  if args.print_config:
+    sys.stdout.write(cfg_lib.dump_yaml(config))
+    return 0
+  from ssapo_jax import preflight
+  _, data, version = preflight.check_inputs(config, allow_config_change=args.allow_config_change)
 
   from ssapo_jax.sharding import initialize_distributed
   initialize_distributed(config.mesh)  # before any other JAX call touches the devices
   import jax
-
-  try:
-    resume = decide_resume(args.resume, config.output_dir)
-  except UsageError as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    return EXIT_CONFIG_ERROR
-  if jax.process_index() == 0:
-    if resume:
-      warn_if_config_changed(config, config.output_dir)
-    cfg_lib.save_resolved(config, config.output_dir)
+  mesh = preflight.check_mesh(config)
+  resume = decide_resume(args.resume, config.output_dir)
+  if args.check:
+    for line in preflight.plan_lines(config, data, mesh):
+      print(line)
+    print(f"{PROG} --check: OK ({'would resume' if resume else 'would start a new run'})")
+    return 0
 
   # Imported late: config errors must not depend on the training stack.
-  from ssapo_jax.data import DataValidationError
-  from ssapo_jax.pipeline import run as pipeline
-  try:
-    pipeline.run(config, resume=resume)
-  except DataValidationError as e:  # names the file, row and field; nothing written is lost
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    return EXIT_DATA_ERROR
+  from ssapo_jax import runrecord
+  from ssapo_jax.pipeline import rundir, run as pipeline
+  from ssapo_jax.runlock import run_lock
+  leader = jax.process_index() == 0
+  # run.log first, so that taking over a stale lock is logged too.
+  with runrecord.run_log(rundir.local_workdir(config.output_dir), enabled=leader), \
+       run_lock(config.output_dir, process_index=jax.process_index(), force=args.force_unlock,
+                log=runrecord.message):
+    change = None
+    if leader:
+      runrecord.write_config(version, cfg_lib.dump_yaml(config))
+    if version.changes:
+      name = os.path.basename(version.path)
+      runrecord.message(f"config changed ({'; '.join(version.changes)}); recorded as {name}")
+      change = {"config_version": version.version, "config_file": name,
+                "changed": "; ".join(version.changes)}
+    pipeline.run(config, resume=resume, config_change=change)
   return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -30,14 +30,11 @@ from typing import Any, Literal, Mapping, Optional, Sequence, TypeVar, Union
 
 import yaml
 
+from ssapo_jax.errors import ConfigError  # re-exported
+
 T = TypeVar("T")
 
 CONFIG_FILENAME = "config.yaml"
-
-
-class ConfigError(ValueError):
-  """A configuration problem, with the dotted path of the offending key in the message."""
-
 
 DERIVED = "derived_from"  # field metadata key: the config key a derived field follows
 

@@ -86,8 +86,35 @@ def test_prompt_only_jsonl_with_system_messages(tmp_path):
           {"prompt": [{"role": "system", "content": ""}, {"role": "user", "content": "how"}]}]
   recs = D.load_prompts(write_jsonl(tmp_path / "q.jsonl", rows))
   assert recs[1].prompt[0] == {"role": "system", "content": ""}
-  with pytest.raises(D.DataValidationError, match="use load_prompts"):
+  with pytest.raises(D.DataValidationError,
+                     match=r"no column 'chosen', 'rejected'; the source has columns \['prompt'\]"):
     D.load_preferences(tmp_path / "q.jsonl")
+
+
+def test_wrong_column_names_the_columns_and_the_config_keys(tmp_path):
+  path = write_jsonl(tmp_path / "p.jsonl", [{"question": "q", "good": "a", "bad": "b"}])
+  with pytest.raises(D.DataValidationError) as e:
+    D.load_preferences(path, chosen_column="good")
+  message = str(e.value)
+  assert "no column 'rejected'" in message and "['question', 'good', 'bad']" in message
+  assert "set data.rejected_column=<column>" in message and "load_prompts" not in message
+  with pytest.raises(D.DataValidationError, match=r"no column 'prompt'.*set data.prompt_column="):
+    D.load_preferences(path, chosen_column="good", rejected_column="bad")
+  with pytest.raises(D.DataValidationError, match=r"no column 'prompt'.*set data.prompt_column="):
+    D.load_prompts(path)
+  recs = D.load_preferences(path, prompt_column="question", chosen_column="good",
+                            rejected_column="bad")
+  assert recs[0].prompt == [{"role": "user", "content": "q"}]
+
+
+def test_missing_source_file_is_a_data_error(tmp_path):
+  from ssapo_jax.errors import DataError
+  for source in (tmp_path / "nope.jsonl", "relative/dir/prefs.jsonl", "./nope"):
+    with pytest.raises(DataError, match="no such file or directory") as e:
+      D.load_preferences(source)
+    assert e.value.exit_code == 3
+  with pytest.raises(DataError, match="nope.jsonl: no such file or directory"):
+    D.load_prompts(tmp_path / "nope.jsonl")
 
 
 def _tfds_builder_cls():

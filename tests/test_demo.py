@@ -58,6 +58,18 @@ def test_world_labels_and_baseline_agree_with_the_oracle(small_world):
   assert s["sft_greedy"]["exact"] < 0.9
 
 
+def test_tiny_cpu_config_runs_on_the_demo_world(small_world, tmp_path, monkeypatch, capsys):
+  """The documented order: the demo writes runs/demo/world/, then configs/tiny_cpu.yaml reads it."""
+  from ssapo_jax import cli
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  os.makedirs(tmp_path / "runs" / "demo")
+  os.symlink(small_world.root, tmp_path / "runs" / "demo" / "world")
+  monkeypatch.chdir(tmp_path)
+  assert cli.main([os.path.join(repo, "configs", "tiny_cpu.yaml"), "--check"]) == 0, (
+      capsys.readouterr().err)
+  assert "--check: OK" in capsys.readouterr().out
+
+
 def test_world_is_cached(small_world):
   again = world_lib.build_world(small_world.root, SMALL_WORLD, progress=False, log=lambda *_: None)
   assert again.stats == small_world.stats

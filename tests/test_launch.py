@@ -9,32 +9,46 @@ import shlex
 import subprocess
 import sys
 
+import shutil
+
+import numpy as np
 import pytest
 import yaml
 
 from ssapo_jax import cli
 from ssapo_jax.checkpoint import Checkpointer, checkpoint_dir
+from ssapo_jax.errors import ConfigError
 from ssapo_jax.experiment import load_experiment
+from ssapo_jax.testing import write_tiny_model, write_tiny_preferences
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny_cpu.yaml")
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-  path = tmp_path / "model"
-  path.mkdir()
-  (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-  return path
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  """A tiny model (HF format, tokenizer) and 200 preference rows: inputs that pass the checks."""
+  root = tmp_path_factory.mktemp("world")
+  write_tiny_model(str(root / "model"))
+  write_tiny_preferences(str(root / "prefs.jsonl"), 200)
+  return root
 
 
 @pytest.fixture
 def fake_rounds(monkeypatch):
   """Stands in for the pipeline's `run` and records how the CLI calls it."""
   calls = []
+
+  def run(config, *, resume, config_change=None):
+    calls.append((config, resume, config_change))
+
   from ssapo_jax.pipeline import run as pipeline
-  monkeypatch.setattr(pipeline, "run", lambda config, *, resume: calls.append((config, resume)))
+  monkeypatch.setattr(pipeline, "run", run)
   return calls
+
+
+def _inputs(world):
+  return [f"model.path={world / 'model'}", f"data.source={world / 'prefs.jsonl'}"]
 
 
 def test_config_errors_are_one_line_with_exit_status_2(capsys):
@@ -45,13 +59,12 @@ def test_config_errors_are_one_line_with_exit_status_2(capsys):
       ([TINY, "output_dir=a", "--output-dir", "b"], "`output_dir` is overridden twice"),
       ([TINY, "rounds.num_rounds=5"], "needs one prompt pool per round"),
       (["no/such/file.yaml"], "config file not found: no/such/file.yaml"),
-      ([TINY, "model.path=/definitely/not/here"], "model.path='/definitely/not/here' is not a directory"),
   ]
   for argv, fragment in cases:
-    assert cli.main(argv) == cli.EXIT_CONFIG_ERROR, argv
+    assert cli.main(argv) == ConfigError.exit_code == 2, argv
     err = capsys.readouterr().err
     assert err.startswith("ssapo-train: error: ") and fragment in err, (argv, err)
-    assert "Traceback" not in err
+    assert "Traceback" not in err and err.count("\n") == 1
 
 
 def test_unknown_key_message_lists_valid_keys(capsys):
@@ -60,19 +73,77 @@ def test_unknown_key_message_lists_valid_keys(capsys):
   assert "Did you mean `train`?" in err and "Valid keys at the top level: model, output_dir" in err
 
 
-def test_model_dir_without_config_json(tmp_path, capsys):
-  (tmp_path / "empty").mkdir()
-  assert cli.main([TINY, f"model.path={tmp_path / 'empty'}"]) == 2
-  assert "has no config.json" in capsys.readouterr().err
+def _error(capsys) -> str:
+  err = capsys.readouterr().err
+  errors = [line for line in err.splitlines() if "error:" in line]
+  assert len(errors) == 1 and errors[0].startswith("ssapo-train: error: "), err
+  assert "Traceback" not in err and err.endswith(errors[0] + "\n"), err
+  return errors[0]
 
 
-def test_gcs_output_dir_needs_gcsfs(model_dir, capsys):
+def test_model_and_tokenizer_problems_exit_5(tmp_path, world, fake_rounds, capsys):
+  out = f"output_dir={tmp_path / 'run'}"
+  data = f"data.source={world / 'prefs.jsonl'}"
+  assert cli.main([TINY, "model.path=/definitely/not/here", data, out]) == 5
+  assert "model.path='/definitely/not/here' is not a directory" in _error(capsys)
+  model = tmp_path / "model"
+  shutil.copytree(world / "model", model)
+  weights = model / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+  assert cli.main([TINY, f"model.path={model}", data, out]) == 5
+  assert "cannot read safetensors file" in _error(capsys)
+  weights.unlink()
+  assert cli.main([TINY, f"model.path={model}", data, out]) == 5
+  assert "no *.safetensors weights" in _error(capsys)
+  shutil.copy(world / "model" / "model.safetensors", weights)
+  (model / "tokenizer.json").unlink()
+  (model / "tokenizer_config.json").unlink()
+  assert cli.main([TINY, f"model.path={model}", data, out]) == 5
+  assert "no usable tokenizer" in _error(capsys)
+  (model / "config.json").unlink()
+  assert cli.main([TINY, f"model.path={model}", data, out]) == 5
+  assert "no config.json" in _error(capsys)
+  assert not fake_rounds and not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_data_problems_exit_3_before_anything_is_written(tmp_path, world, fake_rounds, capsys):
+  out = tmp_path / "run"
+  model = f"model.path={world / 'model'}"
+  for source in ("data.source", "data.prompt_source", "data.eval_source"):
+    sources = {"data.source": world / "prefs.jsonl", source: tmp_path / "missing.jsonl"}
+    argv = [TINY, model, f"output_dir={out}", *(f"{k}={v}" for k, v in sources.items())]
+    assert cli.main(argv) == 3
+    err = _error(capsys)
+    assert f"{source}: {tmp_path / 'missing.jsonl'}: no such file or directory" in err
+  assert cli.main([TINY, model, f"data.source={world / 'prefs.jsonl'}", f"output_dir={out}",
+                   "data.chosen_column=good"]) == 3
+  err = _error(capsys)
+  assert "no column 'good'" in err and "['prompt', 'chosen', 'rejected']" in err
+  assert "set data.chosen_column=<column>" in err
+  assert cli.main([TINY, model, f"data.source={world / 'prefs.jsonl'}", f"output_dir={out}",
+                   "data.pool_sizes=[150, 150]"]) == 3
+  assert "do not fit the data" in _error(capsys)
+  assert not fake_rounds and not out.exists()
+
+
+def test_debug_adds_the_traceback(tmp_path, world, capsys):
+  argv = [TINY, f"model.path={world / 'model'}", f"data.source={tmp_path / 'missing.jsonl'}",
+          f"output_dir={tmp_path / 'run'}"]
+  assert cli.main(argv) == 3
+  assert "Traceback" not in capsys.readouterr().err
+  assert cli.main([*argv, "--debug"]) == 3
+  err = capsys.readouterr().err
+  assert "Traceback (most recent call last)" in err and "DataError" in err
+  assert err.rstrip().endswith("missing.jsonl: no such file or directory")
+
+
+def test_gcs_output_dir_needs_gcsfs(world, capsys):
   try:
     import gcsfs  # noqa: F401
     pytest.skip("gcsfs is installed; the missing-package message cannot be triggered")
   except ImportError:
     pass
-  assert cli.main([TINY, f"model.path={model_dir}", "output_dir=gs://bucket/run"]) == 2
+  assert cli.main([TINY, *_inputs(world), "output_dir=gs://bucket/run"]) == 4
   assert "needs the gcsfs package" in capsys.readouterr().err
 
 
@@ -83,25 +154,66 @@ def test_print_config_shows_the_resolved_yaml(capsys):
   assert printed["output_dir"] == "runs/tiny_cpu"
 
 
-def test_run_saves_resolved_config_and_resumes_by_default(tmp_path, model_dir, fake_rounds, capsys):
+def test_run_records_config_and_resumes_by_default(tmp_path, world, fake_rounds, capsys):
   out = tmp_path / "run"
-  argv = [TINY, f"model.path={model_dir}", "--output-dir", str(out), "rounds.num_eval_prompts=4"]
+  argv = [TINY, *_inputs(world), "--output-dir", str(out), "rounds.num_eval_prompts=4"]
   assert cli.main(argv) == 0
-  config, resume = fake_rounds[-1]
+  config, resume, change = fake_rounds[-1]
   assert resume is False and config.output_dir == str(out) and config.rounds.num_eval_prompts == 4
+  assert change is None
   assert load_experiment(out / "config.yaml") == config
+  assert not (out / "run.lock").exists()  # released when the run ended
   # --resume without a checkpoint is an error.
   assert cli.main([*argv, "--resume"]) == 2
   assert "no checkpoint in" in capsys.readouterr().err
   # Once the run has a checkpoint, resuming is the default; --no-resume starts afresh.
   with Checkpointer(checkpoint_dir(out)) as ckpt:
-    ckpt.save(3, {"x": __import__("numpy").zeros(2)}, {"round": 0}, force=True)
+    ckpt.save(3, {"x": np.zeros(2)}, {"round": 0}, force=True)
   assert cli.main(argv) == 0 and fake_rounds[-1][1] is True
   assert cli.main([*argv, "--no-resume"]) == 0 and fake_rounds[-1][1] is False
-  # Resuming with a changed config warns, naming the changed keys.
-  assert cli.main([*argv[:-1], "rounds.num_eval_prompts=8"]) == 0
-  assert "differs from" in capsys.readouterr().err
+  # A changed config is refused with the difference, before anything is written ...
+  recorded = (out / "config.yaml").read_text()
+  calls = len(fake_rounds)
+  assert cli.main([*argv[:-1], "rounds.num_eval_prompts=8"]) == 4
+  err = _error(capsys)
+  assert "rounds.num_eval_prompts: 4 -> 8" in err and "--allow-config-change" in err
+  assert len(fake_rounds) == calls and (out / "config.yaml").read_text() == recorded
+  # ... and kept as a new version when allowed.
+  assert cli.main([*argv[:-1], "rounds.num_eval_prompts=8", "--allow-config-change"]) == 0
   assert fake_rounds[-1][0].rounds.num_eval_prompts == 8
+  assert fake_rounds[-1][2] == {"config_version": 1, "config_file": "config.1.yaml",
+                                "changed": "rounds.num_eval_prompts: 4 -> 8"}
+  assert (out / "config.yaml").read_text() == recorded
+  assert load_experiment(out / "config.1.yaml") == fake_rounds[-1][0]
+  assert "recorded as config.1.yaml" in capsys.readouterr().err
+
+
+def test_locked_output_dir_exits_4(tmp_path, world, fake_rounds, capsys):
+  from ssapo_jax.runlock import RunLock
+  out = tmp_path / "run"
+  with RunLock(str(out)):
+    assert cli.main([TINY, *_inputs(world), f"output_dir={out}"]) == 4
+    err = _error(capsys)
+    assert f"pid {os.getpid()}" in err or "locked by another run" in err
+  assert not fake_rounds
+
+
+def test_check_prints_the_plan_and_writes_nothing(tmp_path, world, fake_rounds, capsys):
+  out = tmp_path / "run"
+  assert cli.main([TINY, *_inputs(world), f"output_dir={out}", "--check"]) == 0
+  printed = capsys.readouterr().out
+  # tiny_cpu.yaml: seed 64 pairs, pools [64, 64], batch 8, seed_epochs 3, round_epochs 1,
+  # 4 samples, max_length 128; 200 rows leave 8 for evaluation (num_eval_prompts 16).
+  assert "data.source" in printed and "200 rows, 200 kept, skipped 0 (none)" in printed
+  assert "mesh: 8 devices as data=1 fsdp=8 tensor=1" in printed
+  assert "at most 2048 tokens per step" in printed
+  assert "round 0: 64 labelled pairs, 3 epoch(s), 24 steps" in printed
+  assert "round 1: 64 prompts x 4 samples, at most 64 pairs, 1 epoch(s), at most 8 steps" in printed
+  assert "total: at most 40 optimizer steps; 8 eval prompts per round" in printed
+  assert "--check: OK (would start a new run)" in printed
+  assert not fake_rounds and not out.exists()
+  assert cli.main([TINY, *_inputs(world), f"output_dir={out}", "--check", "mesh.tensor=3"]) == 2
+  assert "mesh:" in _error(capsys)
 
 
 def test_launch_train_py_subprocess_gives_clean_error(tmp_path):

@@ -1,5 +1,9 @@
 """Tests for ssapo_jax.models.tokenizer: offline test tokenizer, chat templates, BOS/EOS."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from ssapo_jax.models import tokenizer as tk
@@ -87,3 +91,22 @@ def test_encode_batch_matches_tokenizer_call(tok_dir):
   tok = tk.load_tokenizer(tok_dir)
   texts = ["hello world", "<|user|> how are you ? </s>", "", "unknown words here"]
   assert tk.encode_batch(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
+
+
+_HIDE_TORCH = """
+import importlib.util, sys
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name.split('.')[0] == 'torch' else find_spec(name, *a)
+import {module}
+"""
+
+
+@pytest.mark.parametrize("module", ["transformers", "ssapo_jax.models.tokenizer"])
+def test_no_pytorch_notice_when_torch_is_absent(module):
+  """transformers prints a notice without torch; importing it through the package does not."""
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env.pop("TRANSFORMERS_NO_ADVISORY_WARNINGS", None)
+  proc = subprocess.run([sys.executable, "-c", _HIDE_TORCH.format(module=module)], env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert ("PyTorch was not found" in proc.stderr) == (module == "transformers"), proc.stderr

@@ -22,10 +22,40 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ssapo_jax.data import validate as V
+from ssapo_jax.errors import DataError
 
 _EXT_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow",
                  ".csv": "csv"}
 DEFAULT_COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
+COLUMN_KEYS = {"prompt": "data.prompt_column", "chosen": "data.chosen_column",
+               "rejected": "data.rejected_column"}  # the config keys that rename each column
+
+
+def looks_like_path(source: str) -> bool:
+  """True if ``source`` names a local file or directory rather than a `datasets`/tfds name."""
+  return (source.startswith((".", "/", "~")) or os.path.isabs(source)
+          or os.path.splitext(source)[1].lower() in _EXT_BUILDERS)
+
+
+def check_source_exists(source: str | os.PathLike) -> None:
+  """Raises `DataError` when a path-like ``source`` does not exist (no download is tried)."""
+  source = os.fspath(source)
+  if not source.startswith("tfds:") and looks_like_path(source) and not os.path.exists(
+      os.path.expanduser(source)):
+    raise DataError(f"{source}: no such file or directory")
+
+
+def _require_columns(name: str, column_names, columns: Mapping[str, str], roles) -> None:
+  """Raises `DataValidationError` naming the available columns and the keys that rename them."""
+  if not column_names:
+    return  # unknown until the rows are read (e.g. a jsonl re-read line by line)
+  missing = [r for r in roles if columns[r] not in column_names]
+  if missing:
+    names = ", ".join(repr(columns[r]) for r in missing)
+    keys = " and ".join(f"{COLUMN_KEYS[r]}=<column>" for r in missing)
+    raise V.DataValidationError(name, None, columns[missing[0]], V.MISSING_FIELD,
+                                f"no column {names}; the source has columns "
+                                f"{list(column_names)}: set {keys}")
 
 
 def _is_tfds_dir(path: str) -> bool:
@@ -94,6 +124,7 @@ def read_rows(source: str | os.PathLike, *, split: str = "train", data_dir: str 
   """
   import datasets
   source = os.fspath(source)
+  check_source_exists(source)
   if source.startswith("tfds:"):
     spec = source[len("tfds:"):]
     first, rows = _peek(_tfds_rows(spec, split=split, data_dir=data_dir))
@@ -128,8 +159,6 @@ def read_rows(source: str | os.PathLike, *, split: str = "train", data_dir: str 
         raise V.DataValidationError(source, None, None, V.INVALID_UTF8,
                                     f"byte offset {e.start}") from None
       raise ValueError(f"{source}: could not be read as {_EXT_BUILDERS[ext]}: {e}") from e
-  if os.path.sep in source and not os.path.exists(source) and source.startswith((".", "/")):
-    raise ValueError(f"source {source!r} does not exist")
   ds = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
   return source, _dataset_rows(ds), list(ds.column_names)
 
@@ -196,13 +225,10 @@ def load_preferences(source: str | os.PathLike, *, format: str = "auto", split: 
   columns = _columns(prompt_column, chosen_column, rejected_column)
   name, rows, column_names = read_rows(source, split=split, data_dir=data_dir, cache_dir=cache_dir)
   first, rows = _peek(rows)
-  fmt = format
-  if fmt == "auto":
-    fmt = detect_format(column_names, columns, first)
-    if fmt == "prompt":
-      raise V.DataValidationError(name, 0, chosen_column, V.MISSING_FIELD,
-                                  f"no {chosen_column!r} column: this looks like a prompt-only "
-                                  f"source (columns {column_names}); use load_prompts")
+  _require_columns(name, column_names, columns, ("chosen", "rejected"))
+  fmt = detect_format(column_names, columns, first) if format == "auto" else format
+  if fmt == "plain":  # ultrafeedback rows carry their prompt in the conversation
+    _require_columns(name, column_names, columns, ("prompt",))
   return V.validate_rows(rows, source=name, kind="pair", fmt=fmt, columns=columns, policy=policy,
                          verbose=verbose)
 
@@ -216,6 +242,7 @@ def load_prompts(source: str | os.PathLike, *, split: str = "train", data_dir: s
   Arguments as in `load_preferences`.
   """
   columns = _columns(prompt_column, "chosen", "rejected")
-  name, rows, _ = read_rows(source, split=split, data_dir=data_dir, cache_dir=cache_dir)
+  name, rows, column_names = read_rows(source, split=split, data_dir=data_dir, cache_dir=cache_dir)
+  _require_columns(name, column_names, columns, ("prompt",))
   return V.validate_rows(rows, source=name, kind="prompt", fmt="prompt", columns=columns,
                          policy=policy, verbose=verbose)

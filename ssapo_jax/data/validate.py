@@ -19,6 +19,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ssapo_jax.errors import DataError
+
 # Reasons a row can be rejected; each can be given its own policy.
 MISSING_FIELD = "missing_field"          # Column absent or value None.
 WRONG_TYPE = "wrong_type"                # E.g. a number where text or messages are expected.
@@ -38,7 +40,7 @@ POLICIES = ("error", "skip")
 FORMATS = ("auto", "ultrafeedback", "plain", "prompt")
 
 
-class DataValidationError(ValueError):
+class DataValidationError(DataError):
   """A bad row: ``source`` (file or dataset), ``row`` (index), ``field``, ``reason``."""
 
   def __init__(self, source: str, row: int | None, field: str | None, reason: str,

@@ -1,5 +1,21 @@
 """Llama-family models in Flax NNX and Hugging Face checkpoint import/export."""
 
+import logging
+
+
+class _NoTorchNotice(logging.Filter):
+  """Drops transformers' "PyTorch was not found" notice: torch is optional here by design.
+
+  Installed before any module of this package imports transformers (only its tokenizers and
+  configs are used), so the notice never looks like a broken install.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("PyTorch was not found")
+
+
+logging.getLogger("transformers").addFilter(_NoTorchNotice())
+
 from ssapo_jax.models.llama import KVCache
 from ssapo_jax.models.llama import Llama
 from ssapo_jax.models.llama import LlamaConfig

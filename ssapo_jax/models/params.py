@@ -30,12 +30,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from safetensors import safe_open
 
+from ssapo_jax.errors import CheckpointError  # re-exported
 from ssapo_jax.models.llama import Llama, LlamaConfig, SUPPORTED_MODEL_TYPES, logical_axes
 from ssapo_jax.sharding import logical_to_spec
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that does not match the model: missing/extra/misshapen/corrupt tensors."""
 
 
 # Layout transforms between HF ``torch.nn.Linear`` weights ``[out, in]`` and our einsum kernels.
@@ -187,6 +184,22 @@ def read_config(path: str | os.PathLike) -> dict:
   if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
     raise CheckpointError(f"{cfg_file}: unsupported model_type {config.get('model_type')!r}; "
                           f"supported: {SUPPORTED_MODEL_TYPES}")
+  return config
+
+
+def check_hf_dir(path: str | os.PathLike) -> dict:
+  """Checks a local HF model directory without loading weights; returns its config dict.
+
+  Reads ``config.json`` and every safetensors header (listed by the index, else found in the
+  directory), so a missing, truncated or unlisted weight file raises `CheckpointError` before a
+  run starts.
+  """
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path}: not a directory (expected a local Hugging Face model dir)")
+  config = read_config(path)
+  for file in _weight_files(path):
+    with _open(os.path.join(path, file)):  # validates the header against the file size
+      pass
   return config
 
 

@@ -15,16 +15,17 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from ssapo_jax import sharding as shd
 from ssapo_jax import train as tr
 from ssapo_jax.data import LoaderCursor, PreferenceLoader, with_pair_columns
+from ssapo_jax.errors import NonFiniteError
 from ssapo_jax.experiment import stream_seed
 from ssapo_jax.models import Llama
 from ssapo_jax.pipeline import rundir
 from ssapo_jax.pipeline.phases import follower_atoms
 from ssapo_jax.pipeline.runtime import Runtime
+from ssapo_jax.runrecord import message, progress
 
 
 def _refresh_path(rt: Runtime, t: int, round_step: int) -> str:
@@ -69,10 +70,16 @@ def _loader(rt: Runtime, dataset, t: int, train_cfg) -> PreferenceLoader:
                           num_hosts=jax.process_count(), host_index=jax.process_index())
 
 
-def new_train_state(rt: Runtime, t: int, init: Llama, num_train_steps: int):
-  """Round t's initial `TrainState` from ``init`` (its key from the ``train`` seed stream)."""
-  return tr.create_train_state(init, rt.config.train_for_round(t), rt.mesh,
-                               num_train_steps=num_train_steps, key=rt.config.key("train", t))
+def new_train_state(rt: Runtime, t: int, init: Llama, num_train_steps: int, *,
+                    abstract: bool = False):
+  """Round t's initial `TrainState` from ``init`` (its key from the ``train`` seed stream).
+
+  With ``abstract``, its shapes, dtypes and shardings only (`train.abstract_train_state`): the
+  target a checkpoint is restored into, with nothing allocated.
+  """
+  make = tr.abstract_train_state if abstract else tr.create_train_state
+  return make(init, rt.config.train_for_round(t), rt.mesh, num_train_steps=num_train_steps,
+              key=rt.config.key("train", t))
 
 
 def train_round(rt: Runtime, t: int, init: Llama, dataset, judge_logps, *,
@@ -98,7 +105,9 @@ def train_round(rt: Runtime, t: int, init: Llama, dataset, judge_logps, *,
     loader = _loader(rt, dataset, t, train_cfg)
   step_fn = tr.make_train_step(train_cfg, rt.mesh, state)
   it = loader.iterator(cursor, num_epochs=train_cfg.epochs)
-  bar = tqdm(total=num_steps, initial=done, desc=f"round {t}: train", leave=False)
+  bar = progress(total=num_steps, initial=done, desc=f"round {t}: train")
+  # A restored state is saved again only after a finite step: never re-save a bad state.
+  since_restore, finite_since_restore = 0, resume_state is None
   tokens, last = 0, time.perf_counter()
   while True:
     if refresh and done > 0 and done % refresh == 0 and done < num_steps:
@@ -115,7 +124,7 @@ def train_round(rt: Runtime, t: int, init: Llama, dataset, judge_logps, *,
       break
     tokens += int(batch.chosen_mask.sum() + batch.rejected_mask.sum()) * jax.process_count()
     state, metrics = step_fn(state, shd.global_batch(rt.mesh, batch))
-    done, global_step = done + 1, global_step + 1
+    done, global_step, since_restore = done + 1, global_step + 1, since_restore + 1
     bar.update(1)
     if done % cfg.rounds.log_every_steps == 0 or done == num_steps:
       metrics = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
@@ -126,8 +135,19 @@ def train_round(rt: Runtime, t: int, init: Llama, dataset, judge_logps, *,
       rt.logger.log(global_step, metrics, round=t, round_step=done)
       bar.set_postfix(loss=f"{metrics['loss']:.4f}")
     if done % cfg.checkpoint.save_every_steps == 0 and done < num_steps:
+      if not finite_since_restore:  # one scalar read, only until the first finite step
+        finite_since_restore = int(metrics["nonfinite/consecutive"]) < since_restore
+      if not finite_since_restore:
+        message(f"round {t}: no finite step since the restore; not saving checkpoint "
+                f"{global_step}")
+        continue
       rt.ckpt.save(global_step, state, {"round": t, "phase": "train", "round_step": done,
                                          "cursor": it.cursor.to_dict(),
                                          "global_step": global_step}, force=True)
   bar.close()
+  if not finite_since_restore and since_restore:
+    if int(metrics["nonfinite/consecutive"]) >= since_restore:
+      raise NonFiniteError(f"round {t} ended without a finite step since its restore from a "
+                           "checkpoint; its state is not saved. Likely causes: corrupted inputs "
+                           "(train_set, model files), then train.learning_rate")
   return state, global_step

@@ -21,7 +21,6 @@ import os
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from ssapo_jax import annotate as annotation
 from ssapo_jax import dro
@@ -31,6 +30,7 @@ from ssapo_jax.data.tokenize import fixed_size_batches
 from ssapo_jax.models import Llama
 from ssapo_jax.pipeline import rundir
 from ssapo_jax.pipeline.runtime import Runtime
+from ssapo_jax.runrecord import progress
 from ssapo_jax.sampling import decode
 from ssapo_jax.sampling import generate as sample
 
@@ -43,7 +43,7 @@ def _sample_all(rt: Runtime, model: Llama, prompt_ids: list, key, *, temperature
   pad, eos = rt.tokenizer.pad_token_id, rt.tokenizer.eos_token_id
   tokens, masks = [], []
   batches = fixed_size_batches(len(prompt_ids), s.batch_size)  # one compilation per round
-  for b, (chunk, n) in enumerate(tqdm(batches, desc=desc, leave=False)):
+  for b, (chunk, n) in enumerate(progress(batches, desc=desc)):
     ids, mask = left_pad([prompt_ids[i] for i in chunk], pad_id=pad,
                          multiple=rt.config.data.bucket_size)
     gen = sample(model, ids, mask, jax.random.fold_in(key, b), max_new_tokens=s.max_new_tokens,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import warnings
 from typing import Any
 
@@ -23,12 +24,14 @@ import jax
 from ssapo_jax import sharding as shd
 from ssapo_jax import train as tr
 from ssapo_jax.checkpoint import Checkpointer, checkpoint_dir
+from ssapo_jax.errors import CheckpointError
 from ssapo_jax.experiment import ExperimentConfig
 from ssapo_jax.metrics import MetricsLogger
 from ssapo_jax.models import Llama, save_hf
 from ssapo_jax.models.tokenizer import load_tokenizer
 from ssapo_jax.pipeline import leader, phases, rundir
 from ssapo_jax.pipeline.runtime import Runtime, load_model, prepare_data, scorer_for
+from ssapo_jax.runrecord import message
 
 ROUND_DONE = "round_done"
 
@@ -51,15 +54,19 @@ def resume_point(ckpt: Checkpointer) -> tuple[int, int | None, int]:
 
 def _restore_train_state(rt: Runtime, t: int, init: Llama, step: int):
   """The train-phase state of round t at checkpoint ``step`` (with fallback to older ones)."""
-  restored = rt.ckpt.restore(leader.new_train_state(rt, t, init, 1))  # newest readable
+  # Newest checkpoint that verifies (warns when it falls back), into an abstract target.
+  restored = rt.ckpt.restore(leader.new_train_state(rt, t, init, 1, abstract=True))
   meta = restored.metadata
   if meta["phase"] == ROUND_DONE and meta["round"] == t - 1:
+    message(f"resuming from checkpoint step {restored.step} (round {t - 1} done; round {t} "
+            "starts)")
     return None, None, meta["global_step"]  # fell back to the start of round t
   if meta["phase"] != "train" or meta["round"] != t:
-    raise RuntimeError(f"checkpoint {restored.step} in {rt.ckpt.directory} is {meta}, expected "
-                       f"round {t}; delete the newer broken checkpoints or start with --no-resume")
-  if restored.step != step:
-    warnings.warn(f"resuming round {t} from checkpoint {restored.step} instead of {step}")
+    raise CheckpointError(f"checkpoint {restored.step} in {rt.ckpt.directory} is {meta}, expected "
+                          f"round {t}; delete the newer broken checkpoints or start with "
+                          "--no-resume")
+  message(f"resuming from checkpoint step {restored.step} (round {t}, phase train, step "
+          f"{meta['round_step']} of the round)")
   return restored.state, meta, meta["global_step"]
 
 
@@ -75,7 +82,18 @@ def _export_policy(rt: Runtime, t: int, policy: Llama) -> None:
   os.replace(tmp, final)
 
 
-def run(config: ExperimentConfig, *, resume: bool = True) -> dict[int, dict[str, Any]]:
+def _copy_final_policy(config: ExperimentConfig, workdir: str) -> None:
+  """``final_policy/``: a copy of the last round's exported policy (process 0)."""
+  last = os.path.join(workdir, f"round_{config.rounds.num_rounds}", "policy")
+  if jax.process_index() == 0 and os.path.isdir(last):
+    final = os.path.join(workdir, "final_policy")
+    shutil.rmtree(final, ignore_errors=True)
+    shutil.copytree(last, final)
+    rundir.push(config.output_dir, workdir, "final_policy")
+
+
+def run(config: ExperimentConfig, *, resume: bool = True,
+        config_change: dict[str, Any] | None = None) -> dict[int, dict[str, Any]]:
   """Runs (or resumes) every round of ``config``; returns the per-round summaries.
 
   Writes under ``config.output_dir``: ``split_manifest.json``, ``metrics.jsonl`` and
@@ -84,19 +102,39 @@ def run(config: ExperimentConfig, *, resume: bool = True) -> dict[int, dict[str,
   and ``final_policy/`` (Hugging Face format). A remote (``gs://``) output directory gets
   checkpoints and metrics directly; the phase outputs are written to a local mirror on every
   host and copied up by process 0 after each phase (and down again when a run resumes).
+
+  It says what it does with `runrecord.message` (the resume point, one summary line per phase,
+  where the outputs are); a resumed run whose last round is done returns at once with
+  ``run already complete, nothing to do``. ``config_change`` (``config_version``,
+  ``config_file``, ``changed``) is logged to ``metrics.jsonl`` at the step it takes effect.
   """
   workdir = rundir.local_workdir(config.output_dir)
   os.makedirs(workdir, exist_ok=True)
+  ckpt = Checkpointer(checkpoint_dir(config.output_dir), config=config.checkpoint)
+  first_round, resume_step, global_step = resume_point(ckpt) if resume else (0, None, 0)
+  if first_round > config.rounds.num_rounds:
+    ckpt.close()
+    if not os.path.isdir(os.path.join(workdir, "final_policy")):  # killed just before the copy
+      _copy_final_policy(config, workdir)
+    if config_change:
+      with MetricsLogger(config.output_dir, resume_step=global_step) as logger:
+        logger.log(global_step, {}, **config_change)
+    message("run already complete, nothing to do")
+    return {}
   if resume and rundir.is_remote(config.output_dir):
     rundir.pull(config.output_dir, workdir)
+  start = time.perf_counter()
   mesh = shd.make_mesh(config.mesh)
   tokenizer = load_tokenizer(config.model.resolved_tokenizer_path)
   sft = load_model(config.model.path, config, mesh)
   data = prepare_data(config, workdir, sft=sft, tokenizer=tokenizer)
   rundir.push(config.output_dir, workdir, "split_manifest.json")
-  ckpt = Checkpointer(checkpoint_dir(config.output_dir), config=config.checkpoint)
-  first_round, resume_step, global_step = resume_point(ckpt) if resume else (0, None, 0)
   logger = MetricsLogger(config.output_dir, resume_step=global_step if resume else -1)
+  if config_change:
+    logger.log(global_step, {}, **config_change)
+  if resume_step is None and global_step > 0:
+    message(f"resuming after round {first_round - 1} (checkpoint step {global_step}); round "
+            f"{first_round} starts")
   rt = Runtime(config=config, mesh=mesh, tokenizer=tokenizer, sft=sft, data=data, ckpt=ckpt,
                logger=logger, workdir=workdir,
                scorer=scorer_for(config, mesh, tokenizer.pad_token_id))
@@ -110,20 +148,41 @@ def run(config: ExperimentConfig, *, resume: bool = True) -> dict[int, dict[str,
       if t == first_round and resume_step is not None:
         resume_state, resume_meta, global_step = _restore_train_state(rt, t, policy, resume_step)
       if t > 0:
+        clock = time.perf_counter()
         gen = phases.generate(rt, t, policy)
         rundir.push(config.output_dir, workdir, rel)
-        phases.annotate(rt, t, policy, gen)
+        seconds = time.perf_counter() - clock
+        new_tokens = int(gen["mask"].sum())
+        message(f"round {t} generate: {len(data.pools[t - 1])} prompts x "
+                f"{config.sampling.num_samples} samples, {new_tokens} new tokens in "
+                f"{seconds:.1f} s ({new_tokens / max(seconds, 1e-9):.0f} tokens/s)")
+        clock = time.perf_counter()
+        annotation = phases.annotate(rt, t, policy, gen)
         rundir.push(config.output_dir, workdir, rel)
+        message(f"round {t} annotate: {len(annotation['prompt_index'])} pairs from "
+                f"{len(data.pools[t - 1])} prompts in {time.perf_counter() - clock:.1f} s")
       reference = (policy if t > 0 and config.rounds.train_reference == "previous" else sft)
+      clock = time.perf_counter()
       dataset, judge_logps = phases.follower(rt, t, policy, reference)
       rundir.push(config.output_dir, workdir, rel)
+      message(f"round {t} follower: {len(dataset)} pairs scored and weighted in "
+              f"{time.perf_counter() - clock:.1f} s")
+      clock, first_step = time.perf_counter(), global_step
       state, global_step = leader.train_round(rt, t, policy, dataset, judge_logps,
                                               resume_state=resume_state, resume_meta=resume_meta,
                                               global_step=global_step)
+      seconds = time.perf_counter() - clock
+      message(f"round {t} train: {global_step - first_step} steps in {seconds:.1f} s "
+              f"({(global_step - first_step) / max(seconds, 1e-9):.2f} steps/s); global step "
+              f"{global_step}")
       rt.policies[t] = tr.merge_params(state)
       rt.policies.pop(t - 2, None)  # keep π_{t-1} and π_t: all that later rounds read
       _export_policy(rt, t, rt.policies[t])
+      clock = time.perf_counter()
       phases.evaluate(rt, t, rt.policies[t])
+      if data.eval_prompts:
+        message(f"round {t} evaluate: {len(data.eval_prompts)} prompts in "
+                f"{time.perf_counter() - clock:.1f} s -> {rt.round_dir(t)}/eval_generations.json")
       summary = {"round": t, "global_step": global_step, "num_pairs": len(dataset)}
       follower = os.path.join(rt.round_dir(t), "follower.json")
       if os.path.exists(follower):
@@ -137,13 +196,13 @@ def run(config: ExperimentConfig, *, resume: bool = True) -> dict[int, dict[str,
       ckpt.save(global_step, state, {"round": t, "phase": ROUND_DONE, "global_step": global_step},
                 force=True)
       ckpt.wait()
-    last = os.path.join(rt.round_dir(config.rounds.num_rounds), "policy")
-    if jax.process_index() == 0 and os.path.isdir(last):
-      final = os.path.join(workdir, "final_policy")
-      shutil.rmtree(final, ignore_errors=True)
-      shutil.copytree(last, final)
-      rundir.push(config.output_dir, workdir, "final_policy")
+    _copy_final_policy(config, workdir)
   finally:
     ckpt.close()
     logger.close()
+  out = config.output_dir
+  message(f"run complete: rounds {first_round}..{config.rounds.num_rounds} in "
+          f"{time.perf_counter() - start:.0f} s, global step {global_step}; final policy: "
+          f"{out}/final_policy; eval generations: {out}/round_<t>/eval_generations.json; "
+          f"metrics: {out}/metrics.jsonl and {out}/tensorboard; log: {out}/run.log")
   return summaries

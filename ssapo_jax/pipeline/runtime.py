@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from ssapo_jax import sharding as shd
 from ssapo_jax.checkpoint import Checkpointer
@@ -20,6 +19,7 @@ from ssapo_jax.data.tokenize import fixed_size_batches
 from ssapo_jax.experiment import ExperimentConfig
 from ssapo_jax.metrics import MetricsLogger
 from ssapo_jax.models import Llama, load_hf
+from ssapo_jax.runrecord import progress
 from ssapo_jax.train import DTYPES, Scorer
 
 
@@ -103,7 +103,7 @@ def prompt_embeddings(model: Llama, tokenizer, prompts, config: ExperimentConfig
 
   out = []
   batches = fixed_size_batches(len(ids), config.sampling.batch_size)
-  for chunk, n in tqdm(batches, desc="embed prompts", leave=False):
+  for chunk, n in progress(batches, desc="embed prompts"):
     prompt_ids, prompt_mask = left_pad([ids[i] for i in chunk], pad_id=tokenizer.pad_token_id,
                                        multiple=d.bucket_size)
     out.append(shd.to_host(embed(state, prompt_ids, prompt_mask))[:n])

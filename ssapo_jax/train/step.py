@@ -43,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ssapo_jax import sharding as shd
 from ssapo_jax.batch import PreferenceBatch, concat_pairs
 from ssapo_jax.config import check_choices, derived
+from ssapo_jax.errors import NonFiniteError  # re-exported
 from ssapo_jax.losses import (BATCH_COUPLED_LOSS_TYPES, LOSS_TYPES, FDivergence, LossType, Space,
                               check_loss_options, dpo_loss, pair_logps, robust_dpo_loss)
 from ssapo_jax.models.llama import RematPolicy
@@ -330,6 +331,30 @@ def create_train_state(model: nnx.Module, config: TrainConfig, mesh: Mesh, *,
       ref_params=ref_params, graphdef=graphdef, tx=tx, schedule=schedule)
 
 
+def abstract_train_state(model: nnx.Module, config: TrainConfig, mesh: Mesh, *,
+                         num_train_steps: int, key: jax.Array | None = None) -> TrainState:
+  """`create_train_state`'s result as ``jax.ShapeDtypeStruct`` leaves with their shardings.
+
+  The restore target of a checkpoint (`Checkpointer.restore`): nothing is allocated, so a
+  restored state never has a materialised template beside it.
+  """
+  graphdef, params, rest = split_model(model, config)
+  dtype = DTYPES[config.param_dtype]
+  params = jax.eval_shape(lambda p: jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, p), params)
+  tx = make_optimizer(config, num_train_steps)
+  key = jax.random.key(0) if key is None else key
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  template = TrainState(
+      step=scalar, params=params, opt_state=jax.eval_shape(tx.init, params),
+      rng=jax.ShapeDtypeStruct(key.shape, key.dtype), nonfinite_consecutive=scalar,
+      nonfinite_total=scalar, rest=jax.eval_shape(lambda r: r, rest),
+      ref_params=params if config.reference == "in_step" else None, graphdef=graphdef, tx=tx,
+      schedule=make_schedule(config, num_train_steps))
+  return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      template, state_shardings(template, mesh))
+
+
 def merge_params(state: TrainState, *, params: Any | None = None) -> nnx.Module:
   """An NNX model holding ``state``'s trained parameters (for sampling or saving)."""
   return nnx.merge(state.graphdef, state.params if params is None else params, state.rest)
@@ -512,11 +537,6 @@ def train_step(state: TrainState, batch: PreferenceBatch, *, config: TrainConfig
   return new_state, metrics
 
 
-
-class NonFiniteError(RuntimeError):
-  """Raised by `check_finite_progress` when too many consecutive steps were skipped."""
-
-
 def check_finite_progress(metrics: Metrics, config: TrainConfig) -> None:
   """Host-side guard: raises `NonFiniteError` after ``max_nonfinite_steps`` consecutive skips.
 
@@ -528,8 +548,11 @@ def check_finite_progress(metrics: Metrics, config: TrainConfig) -> None:
     raise NonFiniteError(
         f"{consecutive} consecutive train steps had a non-finite loss or gradient "
         f"(train.max_nonfinite_steps={config.max_nonfinite_steps}; "
-        f"{int(metrics['nonfinite/total'])} skipped in total); lower train.learning_rate, "
-        "check the batch's reference log-probs and weights, or use compute_dtype=float32")
+        f"{int(metrics['nonfinite/total'])} skipped in total). Likely causes, most likely "
+        "first: (1) corrupted inputs: non-finite values in the model files, a restored "
+        "checkpoint or the round's train_set (reference log-probs, atom weights); (2) "
+        "train.learning_rate too high; (3) train.compute_dtype=bfloat16 overflowing "
+        "(try float32)")
 
 
 def batch_shardings(mesh: Mesh, config: TrainConfig) -> PreferenceBatch:

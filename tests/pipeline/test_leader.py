@@ -101,3 +101,59 @@ def test_margin_space_round_trains_on_margin_space_atoms(tmp_path, monkeypatch):
   probability_space = np.sum(weights[rows] * -np.log(np.clip(0.5 - shifts[rows], 1e-6, None)),
                              axis=1)
   assert abs(float(np.sum(real * probability_space) / len(rows)) - expected) > 1e-2
+
+
+GUARD_CONFIG = """\
+output_dir: {out}
+seed: 0
+model: {{path: {world}/model}}
+data: {{source: {world}/prefs.jsonl, max_length: 64, max_prompt_length: 32, bucket_size: 16,
+        seed_size: 32, pool_sizes: []}}
+train: {{beta: 0.1, objective: dpo, learning_rate: 1.0e-3, global_batch_size: 8,
+         compute_dtype: float32, remat: none}}
+rounds: {{num_rounds: 0}}
+checkpoint: {{save_every_steps: 1, keep: 10}}
+"""
+
+
+def test_restored_state_is_not_saved_before_a_finite_step(tmp_path, monkeypatch):
+  """Resumed mid-round, steps whose loss is NaN save nothing, and the round fails loudly."""
+  import shutil
+
+  import jax.numpy as jnp
+
+  from ssapo_jax import sharding
+  from ssapo_jax.checkpoint import Checkpointer, checkpoint_dir
+  from ssapo_jax.errors import NonFiniteError
+  from ssapo_jax.experiment import load_experiment
+  from ssapo_jax.pipeline import run as pipeline
+  from ssapo_jax.runrecord import run_log
+
+  world = tmp_path / "world"
+  write_tiny_model(str(world / "model"))
+  write_tiny_preferences(str(world / "prefs.jsonl"), 40)
+  path = tmp_path / "guard.yaml"
+  path.write_text(GUARD_CONFIG.format(out=tmp_path / "run", world=world))
+  config = load_experiment(path)
+  pipeline.run(config, resume=False)  # 4 steps: train checkpoints 1, 2, 3 and round_done 5
+  out = config.output_dir
+  with Checkpointer(checkpoint_dir(out)) as ckpt:
+    assert ckpt.all_steps() == [1, 2, 3, 5]
+  for step in ("3", "5"):  # as if killed right after step 2 was saved
+    shutil.rmtree(os.path.join(checkpoint_dir(out), step))
+  shutil.rmtree(os.path.join(out, "final_policy"))
+
+  real = sharding.global_batch
+
+  def poisoned(mesh, batch):  # a NaN reference log-prob: every step after the restore is skipped
+    batch = real(mesh, batch)
+    return batch.replace(ref_chosen_logps=batch.ref_chosen_logps * jnp.nan)
+
+  monkeypatch.setattr(sharding, "global_batch", poisoned)
+  with run_log(str(tmp_path / "log")), pytest.raises(NonFiniteError, match="without a finite step"):
+    pipeline.run(config, resume=True)
+  with Checkpointer(checkpoint_dir(out)) as ckpt:
+    assert ckpt.all_steps() == [1, 2]  # nothing saved from the restored, never-updated state
+  log = open(tmp_path / "log" / "run.log").read()
+  assert "resuming from checkpoint step 2 (round 0, phase train, step 2 of the round)" in log
+  assert "round 0: no finite step since the restore; not saving checkpoint 3" in log

@@ -62,7 +62,7 @@ def _cmd(config, *overrides):
 
 def _run(config, *overrides, devices=8):
   proc = subprocess.run(_cmd(config, *overrides), env=_env(devices), capture_output=True,
-                        text=True, timeout=600)
+                        text=True, timeout=1200)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc
 
@@ -184,17 +184,52 @@ KILL_POINTS = {
 }
 
 
+def _newest_checkpoint(out) -> str:
+  ckpt = os.path.join(out, "checkpoints")
+  return os.path.join(ckpt, str(max(int(s) for s in os.listdir(ckpt) if s.isdigit())))
+
+
+def _overwrite_array_bytes(step_dir: str) -> None:
+  """Overwrites 200 bytes in the middle of the largest array-data file of a checkpoint's state:
+  same size, same structure, so only the checkpoint's fingerprint can tell."""
+  files = [os.path.join(d, f) for d, _, names in os.walk(os.path.join(step_dir, "state"))
+           for f in names if os.path.basename(d) == "d"]
+  path = max(files, key=os.path.getsize)
+  raw = bytearray(open(path, "rb").read())
+  start = len(raw) // 2
+  raw[start:start + 200] = bytes((b + 101) % 256 for b in raw[start:start + 200])
+  with open(path, "wb") as f:
+    f.write(bytes(raw))
+
+
 @pytest.mark.parametrize("point", [
-    "during_round1_training",
+    "during_round1_training_corrupted",
+    pytest.param("during_round1_training", marks=pytest.mark.slow),
     pytest.param("during_annotation", marks=pytest.mark.slow),
     pytest.param("between_rounds", marks=pytest.mark.slow),
 ])
 def test_sigkill_and_resume_gives_identical_parameters(world, uninterrupted, tmp_path, point):
+  """Killed anywhere, the rerun finishes bitwise equal to an uninterrupted run; with the newest
+  checkpoint's array bytes corrupted too, it falls back to the previous checkpoint first."""
   out = str(tmp_path / point)
   config = _config(world, out, str(tmp_path))
-  assert _kill_when(config, lambda: KILL_POINTS[point](out)), "the run ended before the kill point"
+  kill_point = KILL_POINTS[point.removesuffix("_corrupted")]
+  assert _kill_when(config, lambda: kill_point(out)), "the run ended before the kill point"
   assert not os.path.exists(os.path.join(out, "final_policy"))
-  _run(config)  # resumes by default
+  assert os.path.exists(os.path.join(out, "run.lock"))  # left behind by the SIGKILL
+  if point.endswith("_corrupted"):
+    newest = _newest_checkpoint(out)
+    _overwrite_array_bytes(newest)
+  proc = _run(config)  # resumes by default
+  assert "taking over the stale lock" in proc.stderr
+  if point.endswith("_corrupted"):
+    step = os.path.basename(newest)
+    assert f"checkpoint {step} in" in proc.stderr and "checksum mismatch" in proc.stderr
+    assert "falling back to step" in proc.stderr
+  log = open(os.path.join(out, "run.log")).read()
+  assert "resuming from checkpoint step" in log and "run complete" in log
+  assert "round 2 train:" in log and "final policy: " in log
+  assert not os.path.exists(os.path.join(out, "run.lock"))
   full = uninterrupted
   expected, got = _final_params(full), _final_params(out)
   assert expected.keys() == got.keys()
@@ -259,4 +294,109 @@ def test_bad_data_row_is_a_one_line_error(world, tmp_path):
   error = [line for line in proc.stderr.splitlines() if "error:" in line]
   assert len(error) == 1 and str(bad) in error[0] and "row 17" in error[0]
   assert "'rejected'" in error[0] or "'chosen'" in error[0]
-  assert os.path.exists(os.path.join(out, "config.yaml"))  # what was written is kept
+  assert not os.path.exists(out)  # inputs are checked before anything is written
+
+
+# --------------------------------------------------------------------------------------------
+# Run integrity through real `ssapo-train` processes: lock, config record, --check, exit codes.
+# --------------------------------------------------------------------------------------------
+
+
+def _error_line(proc) -> str:
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+  assert len(errors) == 1 and errors[0].startswith("ssapo-train: error: "), proc.stderr[-3000:]
+  return errors[0]
+
+
+def test_second_run_on_a_locked_directory_exits_4(world, tmp_path):
+  out = str(tmp_path / "locked")
+  config = _config(world, out, str(tmp_path))
+  first = subprocess.Popen(_cmd(config), env=_env(8), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+  try:
+    deadline = time.time() + 300
+    while not os.path.exists(os.path.join(out, "run.lock")) and time.time() < deadline:
+      assert first.poll() is None, "the first run ended before taking the lock"
+      time.sleep(0.05)
+    second = subprocess.run(_cmd(config), env=_env(1), capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 4
+    line = _error_line(second)
+    assert f"is locked by another run: pid {first.pid} on host" in line and "--force-unlock" in line
+    assert first.poll() is None  # the first run goes on
+  finally:
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+  with open(os.path.join(out, "metrics.jsonl")) as f:  # only the first run wrote records
+    steps = [json.loads(line)["step"] for line in f]
+  assert steps == sorted(set(steps))
+
+
+def test_finished_run_config_record_and_check(world, uninterrupted, tmp_path):
+  """A finished run: rerun does nothing; a changed config is refused, then kept as a version."""
+  import shutil
+  out = str(tmp_path / "done")
+  shutil.copytree(uninterrupted, out)
+  config = _config(world, out, str(tmp_path))
+  recorded = open(os.path.join(out, "config.yaml")).read()
+  proc = _run(config)
+  assert "run already complete, nothing to do" in proc.stderr
+  changed = subprocess.run(_cmd(config, "rounds.log_every_steps=2"), env=_env(8),
+                           capture_output=True, text=True, timeout=300)
+  assert changed.returncode == 4
+  line = _error_line(changed)
+  assert "rounds.log_every_steps: 1 -> 2" in line and "--allow-config-change" in line
+  assert open(os.path.join(out, "config.yaml")).read() == recorded
+  assert not os.path.exists(os.path.join(out, "config.1.yaml"))
+  proc = _run(config, "rounds.log_every_steps=2", "--allow-config-change")
+  assert "recorded as config.1.yaml" in proc.stderr and "run already complete" in proc.stderr
+  assert open(os.path.join(out, "config.yaml")).read() == recorded
+  import yaml
+  assert yaml.safe_load(open(os.path.join(out, "config.1.yaml")))["rounds"]["log_every_steps"] == 2
+  records = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+  assert records[-1]["config_version"] == 1 and records[-1]["config_file"] == "config.1.yaml"
+  assert records[-1]["step"] == max(r["step"] for r in records[:-1])  # where it took effect
+  assert records[-1]["changed"] == "rounds.log_every_steps: 1 -> 2"
+  log = open(os.path.join(out, "run.log")).read()
+  assert log.count("run already complete, nothing to do") == 2
+
+
+def test_check_and_exit_codes_of_real_processes(world, tmp_path):
+  out = str(tmp_path / "check")
+  config = _config(world, out, str(tmp_path))
+  proc = _run(config, "--check", devices=8)
+  # 200 rows: seed 32, pools [32, 32], batch 8, 1 epoch; 2 samples; max_length 64.
+  assert "round 0: 32 labelled pairs, 1 epoch(s), 4 steps" in proc.stdout
+  assert "round 2: 32 prompts x 2 samples, at most 32 pairs, 1 epoch(s), at most 4 steps" in proc.stdout
+  assert "at most 1024 tokens per step" in proc.stdout and "mesh: 8 devices" in proc.stdout
+  assert not os.path.exists(out)
+  import shutil
+  model = str(tmp_path / "model")
+  shutil.copytree(os.path.join(world, "model"), model)
+  weights = os.path.join(model, "model.safetensors")
+  with open(weights, "r+b") as f:
+    f.truncate(os.path.getsize(weights) // 2)
+  cases = [
+      (["rounds.num_rounds=7"], 2, "needs one prompt pool per round"),
+      ([f"data.source={tmp_path / 'nope.jsonl'}"], 3, "data.source: "),
+      ([f"model.path={model}"], 5, "cannot read safetensors file"),
+  ]
+  for overrides, code, fragment in cases:
+    proc = subprocess.run(_cmd(config, *overrides, "--check"), env=_env(1), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == code, (overrides, proc.stderr[-2000:])
+    assert fragment in _error_line(proc)
+  assert not os.path.exists(out)
+
+
+def test_non_finite_training_exits_6(world, tmp_path):
+  out = str(tmp_path / "nan")
+  config = _config(world, out, str(tmp_path))
+  proc = subprocess.run(_cmd(config, "rounds.num_rounds=0", "train.learning_rate=1e30",
+                             "train.max_nonfinite_steps=1", "train.max_grad_norm=0"),
+                        env=_env(1), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 6, proc.stderr[-3000:]
+  line = _error_line(proc)
+  assert "consecutive train steps had a non-finite" in line and "corrupted inputs" in line
+  assert not os.path.exists(os.path.join(out, "run.lock"))  # released on the way out

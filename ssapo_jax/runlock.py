@@ -1,0 +1,236 @@
+"""The exclusive lock on a run's output directory: one run writes a directory at a time.
+
+The lock is the file ``<output_dir>/run.lock`` holding its owner as JSON (``host``, ``pid``,
+``start_time`` of the process, ``acquired`` wall time). It is taken before the run writes anything
+and removed when the run ends, however it ends short of SIGKILL.
+
+* A second run on the same directory fails with `RunLockedError` (exit status 4) naming the owner.
+* A lock whose owner is dead (same host, no process with that pid and start time) is stale: the
+  next run takes it over and says so. A kill -9 leaves such a lock behind.
+* A lock owned by another host cannot be checked from here; ``ssapo-train --force-unlock``
+  removes it after the user has made sure that run is gone.
+* On a local filesystem the lock file is also held with ``flock`` while the run lives, so two
+  runs starting at the same instant cannot both take over a stale lock. Object stores
+  (``gs://``) have no such primitive; there the check-then-write is best effort.
+
+Multi-host runs take the lock on process 0 only (`run_lock` with ``process_index``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import socket
+import time
+from typing import Callable, Iterator
+
+from ssapo_jax.errors import RunDirError
+
+LOCK_FILENAME = "run.lock"
+
+
+class RunLockedError(RunDirError):
+  """Another live run holds the output directory's lock."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LockOwner:
+  """Who holds a lock: host name, process id and that process's start time (pid reuse)."""
+
+  host: str
+  pid: int
+  start_time: float | None = None  # seconds since boot (Linux /proc), else None
+  acquired: float = 0.0  # wall time the lock was taken
+
+  @classmethod
+  def this_process(cls) -> "LockOwner":
+    return cls(socket.gethostname(), os.getpid(), _start_time(os.getpid()), time.time())
+
+  def describe(self) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.acquired))
+    return f"pid {self.pid} on host {self.host} (since {when})"
+
+  def is_alive(self) -> bool:
+    """True unless this owner is provably gone (only checkable on this host)."""
+    if self.host != socket.gethostname():
+      return True
+    try:
+      os.kill(self.pid, 0)
+    except ProcessLookupError:
+      return False
+    except PermissionError:  # exists, owned by another user
+      return True
+    started = _start_time(self.pid)
+    return self.start_time is None or started is None or abs(started - self.start_time) < 1e-6
+
+
+def _start_time(pid: int) -> float | None:
+  """The process start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      # Field 22; the command name (field 2) may hold spaces, so split after its ')'.
+      return float(f.read().rsplit(")", 1)[1].split()[19])
+  except (OSError, IndexError, ValueError):
+    return None
+
+
+def read_owner(output_dir: str) -> LockOwner | None:
+  """The current owner recorded in ``<output_dir>/run.lock``, or None (no lock, unreadable)."""
+  path = _path(output_dir)
+  try:
+    text = path.read_text()
+  except (FileNotFoundError, OSError):
+    return None
+  return _parse(text)
+
+
+def _parse(text: str) -> LockOwner | None:
+  try:
+    data = json.loads(text)
+    return LockOwner(str(data["host"]), int(data["pid"]), data.get("start_time"),
+                     float(data.get("acquired", 0.0)))
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
+def _path(output_dir: str):
+  from etils import epath  # local and gs:// alike
+  return epath.Path(output_dir) / LOCK_FILENAME
+
+
+def locked_message(output_dir: str, owner: LockOwner) -> str:
+  return (f"output_dir {output_dir} is locked by another run: {owner.describe()}. Wait for it "
+          f"to finish, or use another output_dir; if that run is gone (e.g. its host was "
+          f"lost), rerun with --force-unlock")
+
+
+class RunLock:
+  """Holds ``<output_dir>/run.lock`` between `acquire` and `release` (or as a context manager).
+
+  Args:
+    output_dir: the run directory (created if missing); local or ``gs://``.
+    force: take the lock whoever holds it (``--force-unlock``), with a message.
+    log: where the take-over messages go (one line each).
+  """
+
+  def __init__(self, output_dir: str, *, force: bool = False,
+               log: Callable[[str], None] = print):
+    self.output_dir = os.fspath(output_dir)
+    self.force = force
+    self.log = log
+    self.owner = LockOwner.this_process()
+    self._fd: int | None = None
+    self._held = False
+
+  # -- local filesystem: the file plus flock ------------------------------------------------------
+
+  def _acquire_local(self) -> None:
+    import fcntl
+    os.makedirs(self.output_dir, exist_ok=True)
+    path = os.path.join(self.output_dir, LOCK_FILENAME)
+    while True:
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:  # a live process holds it (on this host or via the filesystem)
+        owner = _parse(os.read(fd, 1 << 16).decode(errors="replace"))
+        os.close(fd)
+        if self.force:
+          self.log(f"--force-unlock: removing the lock of {owner.describe() if owner else '?'}; "
+                   "that process still holds it, so it may keep writing")
+          os.unlink(path)
+          continue
+        raise RunLockedError(locked_message(self.output_dir, owner or LockOwner("?", -1)))
+      except OSError:  # no flock on this filesystem: fall back to the recorded owner
+        os.close(fd)
+        self._acquire_by_record()
+        return
+      # The previous holder may have unlinked the file between our open and flock: retry.
+      try:
+        same = os.stat(path).st_ino == os.fstat(fd).st_ino
+      except FileNotFoundError:
+        same = False
+      if not same:
+        os.close(fd)
+        continue
+      self._take_over(_parse(os.read(fd, 1 << 16).decode(errors="replace")))
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, self._record().encode(), 0)
+      os.fsync(fd)
+      self._fd = fd
+      return
+
+  def _take_over(self, previous: LockOwner | None) -> None:
+    """Checks a lock file that no live process holds; raises unless it may be taken."""
+    if previous is None:
+      return
+    if self.force:
+      self.log(f"--force-unlock: taking over the lock of {previous.describe()}")
+    elif previous.host != self.owner.host:
+      raise RunLockedError(locked_message(self.output_dir, previous))
+    elif previous.is_alive() and previous.pid != self.owner.pid:
+      raise RunLockedError(locked_message(self.output_dir, previous))
+    else:
+      self.log(f"taking over the stale lock of {previous.describe()}, which is no longer running")
+
+  def _record(self) -> str:
+    return json.dumps(dataclasses.asdict(self.owner))
+
+  # -- object stores (and filesystems without flock) ------------------------------------------
+
+  def _acquire_by_record(self) -> None:
+    path = _path(self.output_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+      self._take_over(read_owner(self.output_dir) or None)
+    path.write_text(self._record())
+    if read_owner(self.output_dir) != self.owner:  # another run wrote at the same moment
+      raise RunLockedError(locked_message(self.output_dir, read_owner(self.output_dir)
+                                           or LockOwner("?", -1)))
+
+  # -- public ---------------------------------------------------------------------------------
+
+  def acquire(self) -> "RunLock":
+    """Takes the lock; raises `RunLockedError` (exit status 4) when a live run holds it."""
+    if self._held:
+      return self
+    from ssapo_jax.pipeline.rundir import is_remote
+    if is_remote(self.output_dir):
+      self._acquire_by_record()
+    else:
+      self._acquire_local()
+    self._held = True
+    return self
+
+  def release(self) -> None:
+    """Removes the lock file if this process still owns it."""
+    if not self._held:
+      return
+    self._held = False
+    try:
+      if read_owner(self.output_dir) == self.owner:
+        _path(self.output_dir).unlink()
+    except OSError:
+      pass
+    if self._fd is not None:
+      os.close(self._fd)  # drops the flock
+      self._fd = None
+
+  def __enter__(self) -> "RunLock":
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+@contextlib.contextmanager
+def run_lock(output_dir: str, *, process_index: int = 0, force: bool = False,
+             log: Callable[[str], None] = print) -> Iterator[RunLock | None]:
+  """The run's lock on process 0; other processes of a multi-host run take none."""
+  if process_index != 0:
+    yield None
+    return
+  with RunLock(output_dir, force=force, log=log) as lock:
+    yield lock
