@@ -50,6 +50,12 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),        # stacked-layer axis when layers are scanned
 )
 
+# Parameter layout for autoregressive decoding: the training rules without FSDP, so every
+# device holds its tensor-parallel slice of every weight for the whole sampling loop instead
+# of all-gathering the FSDP shards at every generated token.
+DECODE_AXIS_RULES = tuple((name, None if name == "embed" else axes)
+                          for name, axes in LOGICAL_AXIS_RULES)
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -303,6 +309,29 @@ def global_batch(mesh: Mesh, host_local_batch: Any) -> Any:
     return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
   return jax.tree.map(to_global, host_local_batch)
+
+
+def host_local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a global array sharded on dimension 0 only, as numpy (the inverse
+  of `global_batch`).
+
+  Reads only the addressable shards (replicas over other axes are read once), so it works for
+  arrays spanning several processes.
+
+  Raises:
+    ValueError: if this process's rows are not one contiguous block.
+  """
+  blocks: dict[int, np.ndarray] = {}
+  for shard in x.addressable_shards:
+    start, stop, _ = shard.index[0].indices(x.shape[0]) if x.ndim else (0, 1, 1)
+    if start not in blocks:
+      blocks[start] = np.asarray(shard.data)
+  starts = sorted(blocks)
+  for a, b in zip(starts, starts[1:]):
+    if a + blocks[a].shape[0] != b:
+      raise ValueError(f"process {jax.process_index()} holds non-contiguous rows of a "
+                       f"{x.shape} array (blocks at {starts})")
+  return np.concatenate([blocks[s] for s in starts])
 
 
 def put_global(x: Any, sharding: NamedSharding) -> jax.Array:
