@@ -72,6 +72,9 @@ class MeshConfig:
   num_processes: int | None = None  # total processes (hosts); None = auto-detect / single process
   process_id: int | None = None  # this process's index in [0, num_processes); None = auto-detect
   local_device_ids: tuple[int, ...] | None = None  # devices this process uses; None = all visible
+  # Seconds without a heartbeat after which jax.distributed declares a process dead; every other
+  # process then exits non-zero (a killed peer never leaves the rest hanging).
+  coordination_timeout_seconds: int = 100
 
   def __post_init__(self):
     sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
@@ -88,6 +91,9 @@ class MeshConfig:
         raise ValueError("mesh.process_id is set but mesh.num_processes is not")
       if not 0 <= self.process_id < self.num_processes:
         raise ValueError(f"mesh.process_id must be in [0, {self.num_processes}), got {self.process_id}")
+    if self.coordination_timeout_seconds < 1:
+      raise ValueError(f"mesh.coordination_timeout_seconds must be >= 1, got "
+                       f"{self.coordination_timeout_seconds}")
     if (self.num_processes or 1) > 1 and self.coordinator_address is None:
       raise ValueError(f"mesh.num_processes={self.num_processes} needs mesh.coordinator_address "
                        "(host:port of process 0); leave both unset on TPU pods to auto-detect")
@@ -132,6 +138,10 @@ def initialize_distributed(config: MeshConfig) -> bool:
   nodes, localhost tests); on a multi-host TPU slice the peers are auto-detected. A single
   process does nothing. Must run before any other JAX call touches the devices. Idempotent.
 
+  ``config.coordination_timeout_seconds`` is the heartbeat timeout: when a process dies (or
+  hangs) the coordination service notices within that time and every other process aborts
+  with a non-zero status, so a relaunch of all processes can resume from the checkpoints.
+
   Returns:
     True if ``jax.distributed`` is (now) initialised.
   """
@@ -141,10 +151,11 @@ def initialize_distributed(config: MeshConfig) -> bool:
     jax.distributed.initialize(
         coordinator_address=config.coordinator_address, num_processes=config.num_processes,
         process_id=config.process_id,
-        local_device_ids=list(config.local_device_ids) if config.local_device_ids else None)
+        local_device_ids=list(config.local_device_ids) if config.local_device_ids else None,
+        heartbeat_timeout_seconds=config.coordination_timeout_seconds)
     return True
   if config.num_processes is None and _tpu_pod_detected():
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=config.coordination_timeout_seconds)
     return True
   return False
 
