@@ -148,6 +148,9 @@ def initialize_distributed(config: MeshConfig) -> bool:
   if jax.distributed.is_initialized():
     return True
   if config.num_processes is not None and config.num_processes > 1:
+    # CPU processes (tests, CPU clusters) need a cross-process collectives backend; this
+    # setting touches only the CPU client.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=config.coordinator_address, num_processes=config.num_processes,
         process_id=config.process_id,
