@@ -1,7 +1,7 @@
 """Benchmark of the exact follower (`ssapo_jax.dro.worst_case`) against scipy HiGHS.
 
-Probability space, K = 6 tangents of −log p, ε = 0.01, xi = clip(σ(0.1·N(8, 10)), 0.5, 0.999)
-(the synthetic pool of paper.md §9). For each N: one exact group and random groups of G = 100.
+Probability space, K = 6 tangents of −log p, ε = 0.01, a synthetic pool
+xi = clip(σ(0.1·N(8, 10)), 0.5, 0.999). For each N: one exact group and random groups of G = 100.
 `worst_case` is timed after compilation (median of 5 runs); HiGHS solves the same LP (all groups
 in one LP; q = q⁺ − q⁻) with a 60 s limit.
 

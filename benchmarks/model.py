@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ssapo_jax.models import load_hf
-from ssapo_jax.models.testing import save_tiny_hf
+from ssapo_jax.testing.hf_torch import save_tiny_hf
 from ssapo_jax.sampling import generate
 
 

@@ -59,8 +59,8 @@ def ultrafeedback_like_lengths(n: int, rng: np.random.Generator, *, median: floa
 def tiny_world_lengths(n: int = 64) -> np.ndarray:
   """Chat-templated lengths of ``n`` demo-task prompts under the demo's tokenizer."""
   from ssapo_jax.demo import task  # pylint: disable=import-outside-toplevel
-  from ssapo_jax.models.tokenizer import build_test_tokenizer, chat_prompt_ids_batch
-  tokenizer = build_test_tokenizer(tempfile.mkdtemp(), task.VOCAB_WORDS)
+  from ssapo_jax.models.tokenizer import build_word_tokenizer, chat_prompt_ids_batch
+  tokenizer = build_word_tokenizer(tempfile.mkdtemp(), task.VOCAB_WORDS)
   rng = np.random.default_rng(0)
   prompts = [task.sample_problem(rng).prompt for _ in range(n)]
   return np.array([len(x) for x in chat_prompt_ids_batch(tokenizer, prompts)])

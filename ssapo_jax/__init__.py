@@ -1,7 +1,7 @@
 """ssapo_jax: Stackelberg Self-Annotated Preference Optimization in JAX/Flax.
 
 The pure functions (losses, self-annotation, the follower) import eagerly; the heavier pieces
-(models, data, training, rounds) are re-exported lazily so ``import ssapo_jax`` stays light.
+(models, data, training, the pipeline) are re-exported lazily so ``import ssapo_jax`` stays light.
 """
 
 import importlib
@@ -24,15 +24,17 @@ _LAZY = {
                      "host_batch_rows", "LOGICAL_AXIS_RULES"), "ssapo_jax.sharding"),
     **dict.fromkeys(("TrainConfig", "TrainState", "create_train_state", "make_train_step",
                      "train_step", "make_compute_logps", "compute_logps", "precompute_ref_logps",
-                     "merge_params", "check_finite_progress", "NonFiniteError"), "ssapo_jax.train"),
+                     "merge_params", "check_finite_progress", "NonFiniteError", "Scorer"),
+                    "ssapo_jax.train"),
     **dict.fromkeys(("DataConfig", "DataValidationError", "load_preferences", "load_prompts",
                      "tokenize_pairs", "PreferenceLoader", "LoaderCursor", "split_rows",
                      "save_round", "load_round"), "ssapo_jax.data"),
-    **dict.fromkeys(("ConfigError", "ExperimentConfig", "ModelConfig", "RoundsConfig",
-                     "load_config", "load_experiment", "save_resolved"), "ssapo_jax.config"),
+    **dict.fromkeys(("ConfigError", "load_config", "save_resolved"), "ssapo_jax.config"),
+    **dict.fromkeys(("ExperimentConfig", "ModelConfig", "RoundsConfig", "load_experiment",
+                     "stream_key"), "ssapo_jax.experiment"),
     **dict.fromkeys(("Checkpointer", "CheckpointConfig"), "ssapo_jax.checkpoint"),
     "MetricsLogger": "ssapo_jax.metrics",
-    "run": "ssapo_jax.rounds",
+    "run": "ssapo_jax.pipeline.run",
 }
 
 

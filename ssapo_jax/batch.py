@@ -2,7 +2,7 @@
 
 A DPO pair is (prompt, chosen, rejected). Each side is stored as one token sequence
 ``prompt + response`` so the policy scores it in a single forward pass; ``*_loss_mask``
-marks the response tokens whose log-probabilities count (design.md conventions).
+marks the response tokens whose log-probabilities count.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 Steps: load and validate the config (errors print one line and exit with status 2), check the
 model directory, initialise ``jax.distributed`` when several processes take part, decide whether
 to resume (by default: when the run's checkpoint directory has a checkpoint), write the resolved
-config to ``<output_dir>/config.yaml`` and call ``ssapo_jax.rounds.run(config, resume=...)``.
+config to ``<output_dir>/config.yaml`` and call ``ssapo_jax.pipeline.run.run(config, resume=...)``.
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
 
 def check_model_dir(config) -> None:
   """Raises `UsageError` unless ``model.path`` (and the tokenizer directory) exist locally."""
+  from ssapo_jax.pipeline.rundir import is_remote
   path = config.model.path
-  if "://" in path:
+  if is_remote(path):
     raise UsageError(f"model.path={path!r}: the model must be a local directory (copy it to each "
                      "host first, e.g. with gsutil -m cp -r)")
   if not os.path.isdir(path):
@@ -131,8 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   # Intermixed: overrides may come before or after flags (`cfg.yaml --resume a.b=1`).
   args = build_parser().parse_intermixed_args(argv)
   from ssapo_jax import config as cfg_lib
+  from ssapo_jax.experiment import load_experiment
   try:
-    config = cfg_lib.load_experiment(args.config_path, [*args.overrides, *_flag_overrides(args)])
+    config = load_experiment(args.config_path, [*args.overrides, *_flag_overrides(args)])
     if args.print_config:
       sys.stdout.write(cfg_lib.dump_yaml(config))
       return 0
@@ -156,10 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       warn_if_config_changed(config, config.output_dir)
     cfg_lib.save_resolved(config, config.output_dir)
 
-  from ssapo_jax import rounds  # imported late: config errors must not depend on the training stack
+  # Imported late: config errors must not depend on the training stack.
   from ssapo_jax.data import DataValidationError
+  from ssapo_jax.pipeline import run as pipeline
   try:
-    rounds.run(config, resume=resume)
+    pipeline.run(config, resume=resume)
   except DataValidationError as e:  # names the file, row and field; nothing written is lost
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return EXIT_DATA_ERROR

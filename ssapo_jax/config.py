@@ -1,9 +1,8 @@
-"""Experiment configuration: nested frozen dataclasses loaded from YAML with dotted overrides.
+"""Generic config machinery: frozen dataclasses loaded from YAML with dotted overrides.
 
-The loader is generic (style.md §7): any frozen dataclass whose fields are annotated with
-``int``/``float``/``bool``/``str``, ``Optional``/unions, ``Literal``, ``tuple``/``list``/``dict``
-or nested dataclasses can be built from a YAML file of the same shape plus command-line
-overrides such as ``dro.epsilon=0.05``::
+Any frozen dataclass whose fields are annotated with ``int``/``float``/``bool``/``str``,
+``Optional``/unions, ``Literal``, ``tuple``/``list``/``dict`` or nested dataclasses can be built from
+a YAML file of the same shape plus command-line overrides such as ``dro.epsilon=0.05``::
 
     cfg = load_config(ExperimentConfig, "configs/tiny_cpu.yaml", ["dro.epsilon=0.05"])
 
@@ -11,9 +10,11 @@ Every problem (unknown key, wrong type, value rejected by a ``__post_init__``, k
 raises `ConfigError` naming the dotted path, the value found and what was expected; unknown keys
 list the valid keys at that level with a close-match suggestion.
 
-The second half of the module is the experiment schema: `ExperimentConfig` nests the configs that
-live beside the code they configure (`DataConfig`, `SamplingConfig`, `TrainConfig`, `DroConfig`,
-`MeshConfig`) and three defined here (`ModelConfig`, `RoundsConfig`, `CheckpointConfig`).
+Choices are ``Literal`` annotations, checked in one place: the loader checks them while it reads,
+and `check_choices` (called by each section's ``__post_init__``) checks a config built in code.
+A `derived` field is set from another section when the enclosing config resolves and is not a
+config key, so each setting has one source of truth. The experiment schema is in
+`ssapo_jax.experiment`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import functools
 import os
 import types
 import typing
@@ -35,6 +37,18 @@ CONFIG_FILENAME = "config.yaml"
 
 class ConfigError(ValueError):
   """A configuration problem, with the dotted path of the offending key in the message."""
+
+
+DERIVED = "derived_from"  # field metadata key: the config key a derived field follows
+
+
+def derived(default: Any, source: str) -> Any:
+  """A dataclass field that is not a config key: the enclosing config sets it from `source`.
+
+  The field keeps a default so the section can be built on its own in code (tests, benchmarks);
+  YAML files and overrides cannot set it, and `to_dict` leaves it out.
+  """
+  return dataclasses.field(default=default, metadata={DERIVED: source})
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,13 +82,53 @@ def _type_name(tp: Any) -> str:
   return getattr(tp, "__name__", repr(tp))
 
 
-def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
-  """Dataclass fields of `cls` with resolved (non-string) type hints, in declaration order."""
+@functools.cache
+def _all_fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+  """Init fields of dataclass `cls` with resolved (non-string) type hints, in declaration order."""
   hints = typing.get_type_hints(cls)
   return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls) if f.init}
 
 
-def _unknown_key(path: str, key: Any, valid: Sequence[str]) -> ConfigError:
+def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+  """The config keys of `cls`: its init fields except `derived` ones."""
+  return {k: v for k, v in _all_fields(cls).items() if DERIVED not in v[0].metadata}
+
+
+def _literal_choices(tp: Any) -> tuple[tuple, bool] | None:
+  """``(choices, none_allowed)`` of a ``Literal`` or ``Optional[Literal]`` annotation, else None."""
+  if typing.get_origin(tp) is Literal:
+    return typing.get_args(tp), False
+  if typing.get_origin(tp) in (Union, types.UnionType):
+    members = [a for a in typing.get_args(tp) if a is not type(None)]
+    if len(members) == 1 and typing.get_origin(members[0]) is Literal:
+      return typing.get_args(members[0]), type(None) in typing.get_args(tp)
+  return None
+
+
+def check_choices(config: Any, section: str) -> None:
+  """Raises ValueError unless every ``Literal`` field of dataclass `config` holds a valid choice.
+
+  The message names ``<section>.<field>`` and lists the choices, e.g.
+  ``train.schedule must be one of 'cosine', 'linear', 'constant'; got 'step'``.
+  """
+  for name, (_, tp) in _all_fields(type(config)).items():
+    found = _literal_choices(tp)
+    if found is None:
+      continue
+    choices, none_allowed = found
+    value = getattr(config, name)
+    if value is None and none_allowed:
+      continue
+    if not any(type(c) is type(value) and c == value for c in choices):
+      raise ValueError(f"{_join(section, name)} must be one of "
+                       f"{', '.join(repr(c) for c in choices)}; got {value!r}")
+
+
+def _unknown_key(path: str, key: Any, valid: Sequence[str], cls: type | None = None) -> ConfigError:
+  field = _all_fields(cls).get(str(key)) if cls is not None else None
+  if field is not None and DERIVED in field[0].metadata:
+    return ConfigError(f"`{_join(path, str(key))}` is not a config key: it follows "
+                       f"`{field[0].metadata[DERIVED]}`; set that instead")
   suggestion = difflib.get_close_matches(str(key), list(valid), n=1)
   hint = f" Did you mean `{_join(path, suggestion[0])}`?" if suggestion else ""
   return ConfigError(
@@ -213,7 +267,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
   fields = _fields(cls)
   for key in data:
     if key not in fields:
-      raise _unknown_key(path, key, list(fields))
+      raise _unknown_key(path, key, list(fields), cls)
   kwargs = {}
   for name, (field, tp) in fields.items():
     if name in data:
@@ -226,13 +280,18 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
   except ConfigError:
     raise
   except (ValueError, TypeError) as e:
-    raise ConfigError(f"invalid {_where(path)} ({cls.__name__}): {e}") from None
+    where = f"`{path}` ({cls.__name__})" if path else f"{cls.__name__}"
+    raise ConfigError(f"invalid {where}: {e}") from None
 
 
 def to_dict(config: Any) -> Any:
-  """Converts a (nested) config dataclass to plain YAML-safe data: dicts, lists and scalars."""
+  """Converts a (nested) config dataclass to plain YAML-safe data: dicts, lists and scalars.
+
+  `derived` fields are left out: they are not config keys.
+  """
   if dataclasses.is_dataclass(config) and not isinstance(config, type):
-    return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)
+            if DERIVED not in f.metadata}
   if isinstance(config, (list, tuple)):
     return [to_dict(v) for v in config]
   if isinstance(config, Mapping):
@@ -274,7 +333,7 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
 def _field_type(cls: type, path: str, key: str) -> Any:
   fields = _fields(cls)
   if key not in fields:
-    raise _unknown_key(path, key, list(fields))
+    raise _unknown_key(path, key, list(fields), cls)
   return fields[key][1]
 
 
@@ -374,120 +433,13 @@ def save_resolved(config: Any, output_dir: str | os.PathLike) -> str:
   return os.fspath(path)
 
 
-# --------------------------------------------------------------------------------------------
-# Experiment schema.
-# --------------------------------------------------------------------------------------------
-
-# Imported here (not at the top) so the generic loader above stays usable on its own.
-from ssapo_jax.checkpoint import CheckpointConfig  # noqa: E402
-from ssapo_jax.data.config import DataConfig  # noqa: E402
-from ssapo_jax.dro import DroConfig  # noqa: E402
-from ssapo_jax.sampling import SamplingConfig  # noqa: E402
-from ssapo_jax.sharding import MeshConfig  # noqa: E402
-from ssapo_jax.train import TrainConfig  # noqa: E402
+# The experiment schema moved to `ssapo_jax.experiment`; these names stay importable from here for
+# one release.
+_MOVED = ("ExperimentConfig", "ModelConfig", "RoundsConfig", "load_experiment")
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """The initial (SFT) policy: a local Hugging Face model directory.
-
-  Compute dtype, parameter dtype and rematerialisation are training choices and live in
-  `TrainConfig` (``train.compute_dtype``, ``train.param_dtype``, ``train.remat``); the chat
-  template's system message is ``data.system_message``.
-  """
-
-  path: str  # local HF model directory (config.json, *.safetensors, tokenizer files)
-  tokenizer_path: Optional[str] = None  # tokenizer directory; None = `path`
-
-  def __post_init__(self):
-    if not self.path:
-      raise ValueError("model.path must name a local Hugging Face model directory, got ''")
-
-  @property
-  def resolved_tokenizer_path(self) -> str:
-    """The tokenizer directory (`tokenizer_path`, else the model `path`)."""
-    return self.tokenizer_path or self.path
-
-
-@dataclasses.dataclass(frozen=True)
-class RoundsConfig:
-  """The SSAPO loop: round 0 trains on the seed pairs, rounds 1..num_rounds self-annotate.
-
-  Per-round learning rates and epochs override ``train.learning_rate`` / ``train.epochs`` when set
-  (see `ExperimentConfig.train_for_round`).
-  """
-
-  # Self-annotation rounds after the seed round (paper: 3 Mistral, 2 Llama 3); round t draws its
-  # prompts from pool t of ``data.pool_sizes``.
-  num_rounds: int = 3
-  seed_epochs: Optional[int] = None  # epochs of round 0 (seed DPO); None = train.epochs
-  round_epochs: Optional[int] = None  # epochs of rounds >= 1; None = train.epochs
-  seed_learning_rate: Optional[float] = None  # peak lr of round 0; None = train.learning_rate
-  round_learning_rate: Optional[float] = None  # peak lr of rounds >= 1; None = train.learning_rate
-  # Reference of the implicit-reward judge: the SFT model (authors' code) or the previous policy.
-  annotation_reference: Literal["sft", "previous"] = "sft"
-  # Reference of the DPO loss in rounds >= 1: the previous round's policy (authors' code) or SFT.
-  train_reference: Literal["previous", "sft"] = "previous"
-  # Train round t on all pairs so far (Algorithm 1) instead of only its new pairs (authors' code).
-  accumulate: bool = False
-  # Re-solve the follower (worst-case atoms) every this many leader steps; None = once per round.
-  follower_refresh_steps: Optional[int] = None
-  num_eval_prompts: int = 0  # held-out prompts scored after every round; 0 = no evaluation
-  log_every_steps: int = 1  # train metrics logged (and the non-finite guard checked) every k steps
-
-  def __post_init__(self):
-    if self.num_rounds < 0:
-      raise ValueError(f"rounds.num_rounds must be >= 0, got {self.num_rounds}")
-    for name in ("seed_epochs", "round_epochs", "follower_refresh_steps"):
-      value = getattr(self, name)
-      if value is not None and value < 1:
-        raise ValueError(f"rounds.{name} must be >= 1 or null, got {value}")
-    for name in ("seed_learning_rate", "round_learning_rate"):
-      value = getattr(self, name)
-      if value is not None and not value > 0:
-        raise ValueError(f"rounds.{name} must be > 0 or null, got {value}")
-    if self.log_every_steps < 1:
-      raise ValueError(f"rounds.log_every_steps must be >= 1, got {self.log_every_steps}")
-    if self.num_eval_prompts < 0:
-      raise ValueError(f"rounds.num_eval_prompts must be >= 0, got {self.num_eval_prompts}")
-
-
-@dataclasses.dataclass(frozen=True)
-class ExperimentConfig:
-  """A whole SSAPO run; ``configs/*.yaml`` files have exactly this nesting."""
-
-  model: ModelConfig  # the initial policy (and SFT reference)
-  output_dir: str  # run directory: config.yaml, metrics.jsonl, checkpoints/, phase outputs (local or gs://)
-  data: DataConfig = DataConfig()  # seed preferences, prompt pools, tokenisation, batching
-  sampling: SamplingConfig = SamplingConfig()  # response generation of rounds >= 1
-  train: TrainConfig = TrainConfig()  # the leader (policy) update
-  dro: DroConfig = DroConfig()  # the follower: worst-case distribution in the Wasserstein ball
-  mesh: MeshConfig = MeshConfig()  # device mesh and multi-host set-up
-  rounds: RoundsConfig = RoundsConfig()  # the SSAPO loop
-  checkpoint: CheckpointConfig = CheckpointConfig()  # save interval and retention
-  seed: int = 42  # global seed: data shuffling, sampling and train keys derive from it
-
-  def __post_init__(self):
-    if not self.output_dir:
-      raise ValueError("output_dir must be set (a local directory or gs://bucket/path)")
-    if len(self.data.pool_sizes) < self.rounds.num_rounds:
-      raise ValueError(f"rounds.num_rounds={self.rounds.num_rounds} needs one prompt pool per "
-                       f"round, but data.pool_sizes={list(self.data.pool_sizes)} has "
-                       f"{len(self.data.pool_sizes)}")
-
-  def train_for_round(self, round_index: int) -> TrainConfig:
-    """`TrainConfig` of one round: the seed round (0) or a later one, with per-round lr/epochs."""
-    if round_index < 0 or round_index > self.rounds.num_rounds:
-      raise ValueError(f"round_index must be in [0, {self.rounds.num_rounds}], got {round_index}")
-    seed_round = round_index == 0
-    lr = self.rounds.seed_learning_rate if seed_round else self.rounds.round_learning_rate
-    epochs = self.rounds.seed_epochs if seed_round else self.rounds.round_epochs
-    return dataclasses.replace(
-        self.train,
-        learning_rate=self.train.learning_rate if lr is None else lr,
-        epochs=self.train.epochs if epochs is None else epochs)
-
-
-def load_experiment(yaml_path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
-  """`load_config` for `ExperimentConfig`."""
-  return load_config(ExperimentConfig, yaml_path, overrides)
+def __getattr__(name):
+  if name in _MOVED:
+    from ssapo_jax import experiment  # pylint: disable=import-outside-toplevel
+    return getattr(experiment, name)
+  raise AttributeError(f"module 'ssapo_jax.config' has no attribute {name!r}")

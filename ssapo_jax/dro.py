@@ -53,17 +53,21 @@ weighted by size). `random_groups` is the paper's §4.3, `chunk_groups` the auth
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional
+import typing
+from typing import Literal, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-SPACES = ("probability", "margin")
+from ssapo_jax.config import check_choices
+from ssapo_jax.losses import SPACES, Space
+
 _OSQP_EQ_SCALE = 10.0  # equality rows weighted 10x (= 100x ADMM step on them, as OSQP does)
-METHODS = ("exact", "osqp")
-GROUPINGS = ("none", "random", "chunks", "quantile")
-WINDOW_METHODS = ("range", "quantile", "fixed")
+Method = Literal["exact", "osqp"]
+Grouping = Literal["none", "random", "chunks", "quantile"]
+WindowMethod = Literal["range", "quantile", "fixed"]
+METHODS, GROUPINGS, WINDOW_METHODS = (typing.get_args(t) for t in (Method, Grouping, WindowMethod))
 
 
 def _float_dtype():
@@ -752,35 +756,32 @@ class DroConfig:
 
   epsilon: float = 0.01  # radius of the 1-Wasserstein ball, in xi units (mean transport per pair)
   num_pieces: int = 6  # K, tangent pieces of the loss (paper: K = 6)
-  space: str = "probability"  # "probability": xi = σ(margin_scale·m); "margin": xi = margin_scale·m
-  margin_scale: float = 0.1  # maps implicit-reward margins m to xi (authors: σ(0.1·m))
-  grouping: str = "none"  # "none" | "random" (paper §4.3) | "chunks" (authors' code) | "quantile"
+  # "probability": xi = σ(margin_scale·m); "margin": xi = margin_scale·m. The leader's robust
+  # loss works in the same space (the experiment config copies it to train.robust_space).
+  space: Space = "probability"
+  # Maps implicit-reward margins m to xi (authors: σ(0.1·m) with β = 0.1); None = train.beta,
+  # resolved by the experiment config.
+  margin_scale: Optional[float] = None
+  grouping: Grouping = "none"  # none | random (paper §4.3) | chunks (authors' code) | quantile
   group_size: int = 100  # G, points per group (paper default 100)
-  method: str = "exact"  # "exact" (sorted dual) | "osqp" (jaxopt BoxOSQP on the LP)
+  method: Method = "exact"  # exact (sorted dual) | osqp (jaxopt BoxOSQP on the LP)
   per_atom_cap: bool = False  # authors' extra |q_ik| <= epsilon (exact: bisection on λ)
-  window_method: str = "range"  # margin-space knot window: "range" | "quantile" | "fixed"
+  window_method: WindowMethod = "range"  # margin-space knot window: range | quantile | fixed
   window: Optional[tuple[float, float]] = None  # (lo, hi) for window_method="fixed"
   window_tau: float = 1.0  # padding of the "range" window, in xi units
   window_quantile: float = 0.05  # lower quantile level of the "quantile" window
 
   def __post_init__(self):
+    check_choices(self, "dro")
     if not (np.isfinite(self.epsilon) and self.epsilon >= 0):
       raise ValueError(f"dro.epsilon must be finite and >= 0, got {self.epsilon}")
     if not isinstance(self.num_pieces, int) or self.num_pieces < 1:
       raise ValueError(f"dro.num_pieces must be an int >= 1, got {self.num_pieces!r}")
-    if self.space not in SPACES:
-      raise ValueError(f"dro.space must be one of {list(SPACES)}, got {self.space!r}")
-    if not (np.isfinite(self.margin_scale) and self.margin_scale > 0):
-      raise ValueError(f"dro.margin_scale must be finite and > 0, got {self.margin_scale}")
-    if self.grouping not in GROUPINGS:
-      raise ValueError(f"dro.grouping must be one of {list(GROUPINGS)}, got {self.grouping!r}")
+    if self.margin_scale is not None and not (np.isfinite(self.margin_scale)
+                                              and self.margin_scale > 0):
+      raise ValueError(f"dro.margin_scale must be finite and > 0 or null, got {self.margin_scale}")
     if not isinstance(self.group_size, int) or self.group_size < 1:
       raise ValueError(f"dro.group_size must be an int >= 1, got {self.group_size!r}")
-    if self.method not in METHODS:
-      raise ValueError(f"dro.method must be one of {list(METHODS)}, got {self.method!r}")
-    if self.window_method not in WINDOW_METHODS:
-      raise ValueError(f"dro.window_method must be one of {list(WINDOW_METHODS)}, got "
-                       f"{self.window_method!r}")
     if self.window_method == "fixed":
       if self.window is None or len(self.window) != 2 or not self.window[0] < self.window[1]:
         raise ValueError(f"dro.window must be (lo, hi) with lo < hi for window_method='fixed', "
@@ -797,6 +798,9 @@ class DroConfig:
 def margins_to_xi(margins, config: DroConfig) -> jax.Array:
   """``[num_pairs]`` follower variable from implicit-reward margins: ``σ(scale·m)`` in
   probability space (the authors' ``σ(0.1·(r_w − r_l))``), ``scale·m`` in margin space."""
+  if config.margin_scale is None:
+    raise ValueError("dro.margin_scale is null: it defaults to train.beta when an ExperimentConfig "
+                     "resolves; set it explicitly to use DroConfig on its own")
   m = jnp.asarray(margins, _float_dtype())
   z = config.margin_scale * m
   return jax.nn.sigmoid(z) if config.space == "probability" else z

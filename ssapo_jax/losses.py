@@ -1,6 +1,6 @@
 """Sequence log-probabilities and the DPO family of preference losses (pure, jit/vmap/grad-safe).
 
-Conventions (design.md): log-probs and losses are float32 even for bf16 logits; per-example
+Conventions: log-probs and losses are float32 even for bf16 logits; per-example
 ``weights`` multiply per-example losses and the batch takes the mean, so uniform weights are ones
 and a distribution p over N pairs enters as ``N * p`` (exact under gradient accumulation and
 data-parallel sharding). Metric names follow TRL's DPOTrainer.
@@ -12,7 +12,8 @@ Every DPO variant is a small function of the policy/reference log-ratios registe
 from __future__ import annotations
 
 import math
-from typing import Callable
+import typing
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -233,7 +234,9 @@ def dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
   return _weighted_mean(losses, weights), _reward_metrics(pc, pr, rc, rr, beta, losses)
 
 
-ROBUST_SPACES = ("probability", "margin")
+# Where the robust loss (and the follower, `ssapo_jax.dro`) places the atoms: on σ(βΔ) or on βΔ.
+Space = Literal["probability", "margin"]
+SPACES: tuple[str, ...] = typing.get_args(Space)
 
 
 def robust_dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
@@ -264,8 +267,8 @@ def robust_dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.A
   Returns:
     ``(loss, metrics)`` as `dpo_loss`.
   """
-  if space not in ROBUST_SPACES:
-    raise ValueError(f"Unknown space {space!r}; accepted: {list(ROBUST_SPACES)}")
+  if space not in SPACES:
+    raise ValueError(f"Unknown space {space!r}; accepted: {list(SPACES)}")
   if not floor > 0:
     raise ValueError(f"floor must be > 0, got {floor}")
   pc, pr, rc, rr = _as_f32(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,

@@ -26,12 +26,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ssapo_jax.pipeline.rundir import is_remote
+
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
-
-
-def _is_remote(path: str) -> bool:
-  return "://" in path
 
 
 def to_json_value(value: Any, *, name: str = "value") -> Any:
@@ -79,7 +77,7 @@ class MetricsLogger:
     self.enabled = bool(enabled)
     self.output_dir = os.fspath(output_dir)
     self.path = os.path.join(self.output_dir, METRICS_FILENAME)
-    self._remote = _is_remote(self.output_dir)
+    self._remote = is_remote(self.output_dir)
     self._remote_lines: list[str] = []
     self._file = None
     self._tb = None

@@ -57,11 +57,6 @@ class SamplingConfig:
       if getattr(self, name) < 1:
         raise ValueError(f"sampling.{name} must be >= 1, got {getattr(self, name)}")
 
-  def generate_kwargs(self) -> dict:
-    """Keyword arguments of `generate` that this config sets."""
-    return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                max_new_tokens=self.max_new_tokens, num_samples=self.num_samples)
-
 
 class Generation(NamedTuple):
   """Sampled responses; rows are prompt-major (prompt b's samples at rows b*S .. b*S+S-1).

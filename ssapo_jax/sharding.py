@@ -261,12 +261,6 @@ def batch_spec(ndim: int, batch_size: int, mesh: Mesh) -> PartitionSpec:
   return logical_to_spec(("batch",) + (None,) * (ndim - 1), (batch_size,) + (1,) * (ndim - 1), mesh)
 
 
-def batch_shardings(batch: Any, mesh: Mesh) -> Any:
-  """`NamedSharding` per leaf of a batch pytree (every leaf batch-leading)."""
-  return jax.tree.map(lambda x: NamedSharding(mesh, batch_spec(np.ndim(x), np.shape(x)[0], mesh)),
-                      batch)
-
-
 def num_batch_shards(mesh: Mesh) -> int:
   """How many ways the batch dimension is split (``data * fsdp``)."""
   return mesh.shape["data"] * mesh.shape["fsdp"]
@@ -348,6 +342,14 @@ def host_local_rows(x: jax.Array) -> np.ndarray:
   return np.concatenate([blocks[s] for s in starts])
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+  """A (possibly multi-host) global array as numpy on every host: all rows, in order."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 def put_global(x: Any, sharding: NamedSharding) -> jax.Array:
   """Places a value that every process holds in full onto a (possibly multi-host) sharding.
 
@@ -403,11 +405,3 @@ def assert_params_sufficiently_sharded(params: Any, shardings: Any, *, max_repli
     top = ", ".join(f"{path} ({n} elements)" for n, path in offenders[:5])
     raise ValueError(f"{frac:.1%} of parameter elements are replicated (allowed "
                      f"{max_replicated:.1%}); largest: {top}")
-
-
-def device_summary(mesh: Mesh) -> str:
-  """One line describing the processes, devices and mesh, for logs."""
-  kinds = {d.device_kind for d in mesh.devices.flat}
-  return (f"process {jax.process_index()}/{jax.process_count()}, {mesh.devices.size} devices "
-          f"({', '.join(sorted(kinds))}), mesh {dict(mesh.shape)}")
-

@@ -43,7 +43,7 @@ def write_jsonl(path, rows):
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
   path = tmp_path_factory.mktemp("tok")
-  tk.build_test_tokenizer(path, WORDS)
+  tk.build_word_tokenizer(path, WORDS)
   return tk.load_tokenizer(path)
 
 

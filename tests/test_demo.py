@@ -67,7 +67,7 @@ def test_world_is_cached(small_world):
 
 def test_smoke_demo_runs_arms_through_the_real_pipeline(tmp_path):
   """`ssapo-demo --smoke`: every artifact exists, numbers in range, runs made by ssapo-train."""
-  from ssapo_jax import config as cfg_lib
+  from ssapo_jax.experiment import load_experiment
   from ssapo_jax.demo import arms, cli
 
   out = tmp_path / "demo"
@@ -80,7 +80,7 @@ def test_smoke_demo_runs_arms_through_the_real_pipeline(tmp_path):
   for name, arm in results["arms"].items():
     (run_dir,) = arm["run_dirs"]
     # Made by ssapo-train: resolved config, split manifest, checkpoints, metrics, HF policies.
-    cfg = cfg_lib.load_experiment(os.path.join(run_dir, "config.yaml"))
+    cfg = load_experiment(os.path.join(run_dir, "config.yaml"))
     assert cfg.model.path == os.path.join(str(out), "world", "sft_model")
     for sub in ("split_manifest.json", "metrics.jsonl", "checkpoints", "final_policy/config.json"):
       assert os.path.exists(os.path.join(run_dir, sub)), sub

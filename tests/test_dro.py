@@ -446,7 +446,7 @@ def test_to_loss_atoms_feeds_robust_dpo_loss():
 
   rng = np.random.default_rng(8)
   margins = rng.normal(5, 10, 300)
-  config = dro.DroConfig(epsilon=0.02, grouping="random", group_size=100)
+  config = dro.DroConfig(epsilon=0.02, margin_scale=0.1, grouping="random", group_size=100)
   worst = dro.solve_follower(margins, config, key=jax.random.key(0))
   weights, shifts = dro.to_loss_atoms(worst)
   assert weights.shape == shifts.shape == (300, 6) and weights.dtype == jnp.float32
@@ -476,7 +476,8 @@ def test_solve_follower_options_and_summary():
   key = jax.random.key(1)
   for grouping in ("none", "random", "chunks", "quantile"):
     for space in ("probability", "margin"):
-      config = dro.DroConfig(space=space, grouping=grouping, group_size=100, num_pieces=4)
+      config = dro.DroConfig(space=space, margin_scale=0.1, grouping=grouping, group_size=100,
+                             num_pieces=4)
       worst = dro.solve_follower(margins, config, key=key)
       expected_groups = 1 if grouping == "none" else 5
       assert worst.dual.shape == (expected_groups,)
@@ -486,8 +487,11 @@ def test_solve_follower_options_and_summary():
       assert summary["dro/budget_spent"] <= 0.01 * (1 + 1e-5)
       assert summary["dro/objective"] >= summary["dro/center_objective"] - 1e-6
       assert summary["dro/worst_mean"] <= summary["dro/xi_mean"] + 1e-6  # mass moves left
-  config = dro.DroConfig(space="margin", window_method="fixed", window=(-2.0, 2.0))
+  config = dro.DroConfig(space="margin", margin_scale=0.1, window_method="fixed", window=(-2.0, 2.0))
   assert dro.solve_follower(margins, config, key=key).atom_weights.shape == (500, 6)
+  # On its own a DroConfig has no margin scale: an experiment config resolves it to train.beta.
+  with pytest.raises(ValueError, match="margin_scale is null"):
+    dro.solve_follower(margins, dro.DroConfig(), key=key)
   with pytest.raises(ValueError, match="margins"):
     dro.solve_follower(np.array([1.0, np.nan]), dro.DroConfig(), key=key)
 

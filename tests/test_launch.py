@@ -8,14 +8,13 @@ import pathlib
 import shlex
 import subprocess
 import sys
-import types
 
 import pytest
 import yaml
 
 from ssapo_jax import cli
-from ssapo_jax import config as cfg_lib
 from ssapo_jax.checkpoint import Checkpointer, checkpoint_dir
+from ssapo_jax.experiment import load_experiment
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny_cpu.yaml")
@@ -31,13 +30,10 @@ def model_dir(tmp_path):
 
 @pytest.fixture
 def fake_rounds(monkeypatch):
-  """Stands in for ssapo_jax.rounds (written separately) and records how the CLI calls it."""
+  """Stands in for the pipeline's `run` and records how the CLI calls it."""
   calls = []
-  module = types.ModuleType("ssapo_jax.rounds")
-  module.run = lambda config, *, resume: calls.append((config, resume))
-  monkeypatch.setitem(sys.modules, "ssapo_jax.rounds", module)
-  import ssapo_jax
-  monkeypatch.setattr(ssapo_jax, "rounds", module, raising=False)
+  from ssapo_jax.pipeline import run as pipeline
+  monkeypatch.setattr(pipeline, "run", lambda config, *, resume: calls.append((config, resume)))
   return calls
 
 
@@ -93,7 +89,7 @@ def test_run_saves_resolved_config_and_resumes_by_default(tmp_path, model_dir, f
   assert cli.main(argv) == 0
   config, resume = fake_rounds[-1]
   assert resume is False and config.output_dir == str(out) and config.rounds.num_eval_prompts == 4
-  assert cfg_lib.load_experiment(out / "config.yaml") == config
+  assert load_experiment(out / "config.yaml") == config
   # --resume without a checkpoint is an error.
   assert cli.main([*argv, "--resume"]) == 2
   assert "no checkpoint in" in capsys.readouterr().err

@@ -20,7 +20,7 @@ import _multihost_worker as w
 from ssapo_jax import sharding as shd
 from ssapo_jax.data.tokenize import left_pad
 from ssapo_jax.models import load_hf
-from ssapo_jax.models.testing import save_tiny_hf
+from ssapo_jax.testing.hf_torch import save_tiny_hf
 from ssapo_jax.sampling import (SamplingConfig, decode, filter_logits, gather_samples, generate,
                                 plan_batches, prompt_padding_fraction)
 from ssapo_jax import sampling
@@ -144,8 +144,8 @@ def test_filter_logits_against_numpy():
 
 
 def test_decode_stops_at_eos(tmp_path):
-  from ssapo_jax.models.tokenizer import build_test_tokenizer
-  tok = build_test_tokenizer(tmp_path, ["hello", "world", "again"])
+  from ssapo_jax.models.tokenizer import build_word_tokenizer
+  tok = build_word_tokenizer(tmp_path, ["hello", "world", "again"])
   h, w, a = tok.convert_tokens_to_ids(["hello", "world", "again"])
   eos, pad = tok.eos_token_id, tok.pad_token_id
   tokens = np.array([[h, w, eos, pad], [a, h, a, w], [eos, pad, pad, pad]])
@@ -164,9 +164,8 @@ def test_argument_errors(models):
              top_p=0.0)
   with pytest.raises(ValueError, match="sampling.top_k"):
     SamplingConfig(top_k=-1)
-  cfg = SamplingConfig(temperature=0.0, max_new_tokens=3, num_samples=1)
-  g = generate(model, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0),
-               **cfg.generate_kwargs())
+  g = generate(model, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), temperature=0.0,
+               max_new_tokens=3, num_samples=1)
   assert g.tokens.shape == (3, 3)
 
 

@@ -10,7 +10,7 @@ WORDS = "hello world how are you fine thanks . ? sort the digits".split()
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp("tok")
-  tk.build_test_tokenizer(path, WORDS)
+  tk.build_word_tokenizer(path, WORDS)
   return path
 
 
@@ -60,7 +60,7 @@ def test_multi_turn_and_batch_equals_single(tok_dir):
 
 def test_no_chat_template_error_names_path(tmp_path):
   path = tmp_path / "plain"
-  tk.build_test_tokenizer(path, WORDS, chat_template=None)
+  tk.build_word_tokenizer(path, WORDS, chat_template=None)
   tok = tk.load_tokenizer(path)
   with pytest.raises(ValueError, match="has no chat template") as info:
     tk.chat_prompt_ids(tok, "hello")
@@ -71,14 +71,14 @@ def test_response_ids_eos_and_fingerprint(tok_dir, tmp_path):
   tok = tk.load_tokenizer(tok_dir)
   assert tk.response_ids_batch(tok, ["fine thanks", "."]) == [[12, 13, 2], [14, 2]]
   assert tk.response_ids_batch(tok, ["fine"], add_eos=False) == [[12]]
-  other = tk.build_test_tokenizer(tmp_path / "other", WORDS[::-1])
+  other = tk.build_word_tokenizer(tmp_path / "other", WORDS[::-1])
   assert tk.tokenizer_fingerprint(tok) == tk.tokenizer_fingerprint(tk.load_tokenizer(tok_dir))
   assert tk.tokenizer_fingerprint(tok) != tk.tokenizer_fingerprint(other)
 
 
 def test_bad_words_and_missing_dir(tmp_path):
   with pytest.raises(ValueError, match="without whitespace"):
-    tk.build_test_tokenizer(tmp_path / "x", ["two words"])
+    tk.build_word_tokenizer(tmp_path / "x", ["two words"])
   with pytest.raises(ValueError, match="not a directory"):
     tk.load_tokenizer(tmp_path / "missing")
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Literal
 
+from ssapo_jax.config import check_choices
 from ssapo_jax.data import validate as V
-from ssapo_jax.data.seed import SEED_METHODS
-from ssapo_jax.data.tokenize import ON_TRUNCATION, TRUNCATION_MODES
+from ssapo_jax.data.seed import SeedMethod
+from ssapo_jax.data.tokenize import OnTruncation, TruncationMode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +21,7 @@ class DataConfig:
   eval_source: str | None = None    # Held-out eval prompts; None = rows left after seed and pools.
   split: str = "train"              # Split of datasets/tfds sources.
   data_dir: str | None = None       # tfds data directory.
-  format: str = "auto"              # auto | ultrafeedback | plain (pairs).
+  format: Literal["auto", "ultrafeedback", "plain"] = "auto"  # Pair format; auto detects it.
   prompt_column: str = "prompt"     # Column names in the source.
   chosen_column: str = "chosen"
   rejected_column: str = "rejected"
@@ -27,20 +29,18 @@ class DataConfig:
   system_message: str | None = None  # Inserted first in every prompt; "" for zephyr, None for Llama.
   max_length: int = 2048            # Longest prompt + response, tokens.
   max_prompt_length: int = 1024     # Longest prompt, tokens.
-  truncation_mode: str = "keep_end"  # keep_end | keep_start (of the prompt; TRL's names).
-  on_truncation: str = "truncate"   # truncate | skip | error for responses cut by max_length.
+  truncation_mode: TruncationMode = "keep_end"  # Of the prompt: keep_end | keep_start (TRL's names).
+  on_truncation: OnTruncation = "truncate"  # Responses cut by max_length: truncate | skip | error.
   bucket_size: int = 64             # Padded sequence length is a multiple of this.
   bucket_window: int = 1            # Global batches per length-sorting window (1 = off).
-  shuffle_seed: int = 42            # Loader shuffle seed (epoch order).
-  seed_method: str = "random"       # random | farthest_point (appendix G.2).
+  seed_method: SeedMethod = "random"  # random | farthest_point (appendix G.2).
   seed_size: int | float = 2000     # Labelled seed: count, or fraction of all rows.
   pool_sizes: tuple[int | float, ...] = (8000, 20000, 30000)  # Per-round prompt pools.
   split_seed: int = 42              # Shuffle seed of the seed/pool split (authors: 42).
-  cache_dir: str | None = None      # Tokenised-dataset cache; None = no cache.
+  cache_dir: str | None = None      # Tokenised-seed cache; None = <output_dir>/cache.
 
   def __post_init__(self):
-    if self.format not in ("auto", "ultrafeedback", "plain"):
-      raise ValueError(f"data.format must be auto, ultrafeedback or plain, got {self.format!r}")
+    check_choices(self, "data")
     try:
       V.resolve_policy(self.policy)
     except ValueError as e:
@@ -51,16 +51,9 @@ class DataConfig:
     if not 0 < self.max_prompt_length < self.max_length:
       raise ValueError(f"data.max_prompt_length must be in (0, max_length={self.max_length}), "
                        f"got {self.max_prompt_length}")
-    if self.truncation_mode not in TRUNCATION_MODES:
-      raise ValueError(f"data.truncation_mode must be one of {TRUNCATION_MODES}, "
-                       f"got {self.truncation_mode!r}")
-    if self.on_truncation not in ON_TRUNCATION:
-      raise ValueError(f"data.on_truncation must be one of {ON_TRUNCATION}, got {self.on_truncation!r}")
     for name in ("bucket_size", "bucket_window"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"data.{name} must be an int >= 1, got {getattr(self, name)!r}")
-    if self.seed_method not in SEED_METHODS:
-      raise ValueError(f"data.seed_method must be one of {SEED_METHODS}, got {self.seed_method!r}")
     sizes = [("seed_size", self.seed_size)] + [(f"pool_sizes[{i}]", s)
                                                for i, s in enumerate(self.pool_sizes)]
     for name, s in sizes:
@@ -70,8 +63,3 @@ class DataConfig:
         raise ValueError(f"data.{name} must be a count >= 0 or a fraction in (0, 1], got {s!r}")
     if not isinstance(self.pool_sizes, tuple):
       object.__setattr__(self, "pool_sizes", tuple(self.pool_sizes))
-
-  @property
-  def columns(self) -> dict[str, str]:
-    return {"prompt_column": self.prompt_column, "chosen_column": self.chosen_column,
-            "rejected_column": self.rejected_column}

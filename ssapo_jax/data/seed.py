@@ -14,13 +14,16 @@ import dataclasses
 import functools
 import json
 import os
+import typing
 from collections.abc import Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-SEED_METHODS = ("random", "farthest_point")
+SeedMethod = Literal["random", "farthest_point"]
+SEED_METHODS: tuple[str, ...] = typing.get_args(SeedMethod)
 
 
 @functools.partial(jax.jit, static_argnames=("num",))

@@ -26,16 +26,18 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
-from typing import Any
+import typing
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
 from ssapo_jax.data import validate as V
 from ssapo_jax.models import tokenizer as tk
 
-TRUNCATION_MODES = ("keep_start", "keep_end")
-ON_TRUNCATION = ("truncate", "skip", "error")
+TruncationMode = Literal["keep_start", "keep_end"]
+OnTruncation = Literal["truncate", "skip", "error"]
+TRUNCATION_MODES, ON_TRUNCATION = typing.get_args(TruncationMode), typing.get_args(OnTruncation)
 PAIR_EXTRAS = ("weights", "ref_chosen_logps", "ref_rejected_logps", "atom_weights", "atom_shifts")
 
 
@@ -233,6 +235,17 @@ def tokenize_prompts(prompts: Sequence[V.PromptRecord | Sequence[Mapping[str, st
 
 def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
+
+
+def fixed_size_batches(num_rows: int, batch_size: int) -> Iterator[tuple[list[int], int]]:
+  """Row indices in batches of exactly ``batch_size``, so a jitted pass compiles once.
+
+  Yields ``(indices, num_real)``: a short last batch repeats its last row; keep the first
+  ``num_real`` results of each batch.
+  """
+  for start in range(0, num_rows, batch_size):
+    chunk = list(range(start, min(start + batch_size, num_rows)))
+    yield chunk + [chunk[-1]] * (batch_size - len(chunk)), len(chunk)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], *, pad_id: int, multiple: int = 1,

@@ -1,8 +1,8 @@
 """The demo's arms, each run through the real pipeline, and their oracle scoring.
 
-Every arm is an `ssapo_jax.config.ExperimentConfig` loaded from ``configs/tiny_cpu.yaml`` with
+Every arm is an `ssapo_jax.experiment.ExperimentConfig` loaded from ``configs/tiny_cpu.yaml`` with
 dotted overrides (exactly what ``ssapo-train configs/tiny_cpu.yaml key=value ...`` builds) and
-run with `ssapo_jax.rounds.run`. The arms:
+run with `ssapo_jax.pipeline.run.run`. The arms:
 
 * ``seed_dpo``    (a) DPO on the labelled seed only (round 0, no self-annotation);
 * ``self_eps0``   (b) self-annotated DPO rounds with ε = 0 (the SPA-like ablation);
@@ -212,7 +212,6 @@ def arm_overrides(arm: Arm, mode: DemoMode, world: world_lib.World, run_dir: str
       f"data.seed_size={seed_size!r}",
       f"data.pool_sizes={pools}",
       f"data.split_seed={seed}",
-      f"data.shuffle_seed={seed}",
       f"seed={seed}",
       f"rounds.num_rounds={num_rounds}",
       f"sampling.max_new_tokens={world.config.max_new_tokens}",
@@ -252,10 +251,11 @@ def _drop_stale_run(run_dir: str, overrides: Sequence[str]) -> None:
   with the same config is resumed/reused by the pipeline instead)."""
   import shutil
   from ssapo_jax import config as cfg_lib
+  from ssapo_jax.experiment import load_experiment
   saved = os.path.join(run_dir, cfg_lib.CONFIG_FILENAME)
   if not os.path.isfile(saved):
     return
-  new = cfg_lib.dump_yaml(cfg_lib.load_experiment(repo_config_path(), overrides))
+  new = cfg_lib.dump_yaml(load_experiment(repo_config_path(), overrides))
   with open(saved) as f:
     if f.read() != new:
       shutil.rmtree(run_dir)

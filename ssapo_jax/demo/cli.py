@@ -2,7 +2,7 @@
 
 Builds an offline world (tokenizer, a tiny Llama SFT model trained from scratch on imperfect
 demonstrations, an oracle-labelled preference pool), then runs the arms of the experiment
-through the real ``ssapo-train`` pipeline (`ssapo_jax.rounds.run` on ``configs/tiny_cpu.yaml``
+through the real ``ssapo-train`` pipeline (`ssapo_jax.pipeline.run.run` on ``configs/tiny_cpu.yaml``
 plus overrides) and scores every round's greedy outputs with the oracle. See docs/demo.md.
 
     ssapo-demo                     # default mode: < 10 minutes on 2 CPU cores

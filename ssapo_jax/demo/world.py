@@ -290,7 +290,7 @@ def build_world(root: str, config: WorldConfig = WorldConfig(), *, progress: boo
   os.makedirs(root, exist_ok=True)
   rng = np.random.default_rng(config.seed)
   model_dir = os.path.join(root, "sft_model")
-  tokenizer = tk.build_test_tokenizer(model_dir, task.VOCAB_WORDS)
+  tokenizer = tk.build_word_tokenizer(model_dir, task.VOCAB_WORDS)
   tokenizer = tk.load_tokenizer(model_dir)
 
   # Held-out evaluation prompts first, so that no pool prompt repeats one.

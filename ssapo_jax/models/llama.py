@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+import typing
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,8 @@ from flax import nnx
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]  # per-decoder-layer remat
+REMAT_POLICIES: tuple[str, ...] = typing.get_args(RematPolicy)
 
 # The NNX metadata key holding logical axis names (flax 0.12 renamed `sharding_names` to
 # `out_sharding`); read and written only through `_param` and `_axes_of`.

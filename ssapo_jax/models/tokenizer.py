@@ -3,9 +3,9 @@
 * `load_tokenizer` reads a tokenizer from a local model directory (no hub access).
 * `chat_prompt_ids` applies the chat template with the generation prompt, optionally
   inserting a system message first (the paper inserts an empty one for zephyr).
-* `build_test_tokenizer` builds a small word-level ``PreTrainedTokenizerFast`` with the
+* `build_word_tokenizer` builds a small word-level ``PreTrainedTokenizerFast`` with the
   ``tokenizers`` library and a zephyr-like Jinja chat template, and saves it with
-  ``save_pretrained`` so tests and the demo can work offline.
+  ``save_pretrained`` (the offline demo's tokenizer, and the tests').
 """
 
 from __future__ import annotations
@@ -164,11 +164,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
   return h.hexdigest()
 
 
-def build_test_tokenizer(path: str | os.PathLike, words: Iterable[str], *,
+def build_word_tokenizer(path: str | os.PathLike, words: Iterable[str], *,
                          chat_template: str | None = ZEPHYR_LIKE_TEMPLATE,
                          lowercase: bool = False,
                          model_max_length: int = 4096) -> transformers.PreTrainedTokenizerFast:
-  """Builds and saves a small word-level tokenizer for tests and the offline demo.
+  """Builds and saves a word-level tokenizer over ``words`` (the offline demo's and the tests').
 
   Vocabulary: ids 0-3 are ``<pad>``, ``<s>``, ``</s>``, ``<unk>``; then the role tokens
   ``<|system|>``, ``<|user|>``, ``<|assistant|>``; then ``words`` in first-seen order

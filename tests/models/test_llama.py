@@ -10,7 +10,7 @@ import torch
 from flax import nnx
 
 from ssapo_jax.models import Llama, LlamaConfig, load_hf, logical_axes
-from ssapo_jax.models.testing import FAMILIES, save_tiny_hf
+from ssapo_jax.testing.hf_torch import FAMILIES, save_tiny_hf
 
 LOGICAL_NAMES = {"vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm"}
 
@@ -193,7 +193,7 @@ def test_logical_axes_cover_every_parameter():
 
 
 def test_config_from_hf_and_back():
-  from ssapo_jax.models.testing import tiny_hf_config
+  from ssapo_jax.testing.hf_torch import tiny_hf_config
   import transformers
   for family in FAMILIES:
     hf_config = tiny_hf_config(family)

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from ssapo_jax.models import CheckpointError, Llama, LlamaConfig, load_hf, logical_axes, save_hf
 from ssapo_jax.models.params import read_config
-from ssapo_jax.models.testing import save_tiny_hf
+from ssapo_jax.testing.hf_torch import save_tiny_hf
 
 
 def _inputs():
@@ -65,9 +65,9 @@ def test_round_trip_through_transformers(tmp_path, family):
 
 
 def test_save_bfloat16_single_file_with_tokenizer(tmp_path, checkpoint):
-  from ssapo_jax.models.tokenizer import build_test_tokenizer
+  from ssapo_jax.models.tokenizer import build_word_tokenizer
   path, hf = checkpoint
-  tok = build_test_tokenizer(tmp_path / "tok", ["hello", "world"])
+  tok = build_word_tokenizer(tmp_path / "tok", ["hello", "world"])
   model = load_hf(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   out = tmp_path / "out"
   save_hf(model, out, tokenizer=tok)

@@ -1,8 +1,6 @@
-"""Tiny offline worlds for tests, benchmarks and examples (no hub downloads).
-
-`write_tiny_run` writes what a real SSAPO run reads: a random-weight Llama-family model in
-Hugging Face format with a word-level tokenizer and chat template, and a preference jsonl file.
-"""
+"""What a real SSAPO run reads, tiny: a random-weight Llama in Hugging Face format with a
+word-level tokenizer and chat template (`write_tiny_model`), and a preference jsonl file
+(`write_tiny_preferences`)."""
 
 from __future__ import annotations
 
@@ -13,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from ssapo_jax.models import Llama, LlamaConfig, save_hf
-from ssapo_jax.models.tokenizer import build_test_tokenizer
+from ssapo_jax.models.tokenizer import build_word_tokenizer
 
 WORDS = tuple(f"w{i}" for i in range(48))
 
@@ -21,7 +19,7 @@ WORDS = tuple(f"w{i}" for i in range(48))
 def write_tiny_model(path: str, *, seed: int = 0, hidden_size: int = 32, num_layers: int = 2,
                      words=WORDS) -> str:
   """A random 2-layer Llama with the test tokenizer, saved in HF format at ``path``."""
-  tokenizer = build_test_tokenizer(path, words)
+  tokenizer = build_word_tokenizer(path, words)
   config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
                        intermediate_size=2 * hidden_size, num_layers=num_layers,
                        num_heads=4, num_kv_heads=2, head_dim=hidden_size // 4,

@@ -1,4 +1,4 @@
-"""End-to-end SSAPO rounds on a tiny random model (ssapo_jax/rounds.py through `ssapo-train`).
+"""End-to-end SSAPO rounds on a tiny random model (ssapo_jax/pipeline/ through `ssapo-train`).
 
 Every run is a real subprocess of ``launch/train.py``, so kill-and-resume uses a real SIGKILL.
 Tolerances: a resumed run must equal the uninterrupted one bitwise (same device count, CPU);
@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 
 from ssapo_jax.testing import write_tiny_model, write_tiny_preferences
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CONFIG = """\
 output_dir: {out}
@@ -80,14 +80,12 @@ def _losses(out):
 def uninterrupted(world, tmp_path_factory):
   tmp = tmp_path_factory.mktemp("runs")
   out = str(tmp / "full")
-  start = time.perf_counter()
   _run(_config(world, out, str(tmp)))
-  return out, time.perf_counter() - start
+  return out
 
 
 def test_two_rounds_write_every_artifact(uninterrupted):
-  out, seconds = uninterrupted
-  assert seconds < 180, f"two tiny rounds took {seconds:.0f} s"
+  out = uninterrupted
   with open(os.path.join(out, "split_manifest.json")) as f:
     manifest = json.load(f)
   assert manifest["counts"]["seed"] == 32 and [len(p) for p in manifest["pool_rows"]] == [32, 32]
@@ -133,7 +131,7 @@ def test_two_rounds_write_every_artifact(uninterrupted):
 def test_final_policy_loads_in_transformers(uninterrupted):
   import torch
   import transformers
-  out, _ = uninterrupted
+  out = uninterrupted
   model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "final_policy"))
   tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.join(out, "final_policy"))
   ids = tokenizer("w1 w2 w3", return_tensors="pt").input_ids
@@ -197,7 +195,7 @@ def test_sigkill_and_resume_gives_identical_parameters(world, uninterrupted, tmp
   assert _kill_when(config, lambda: KILL_POINTS[point](out)), "the run ended before the kill point"
   assert not os.path.exists(os.path.join(out, "final_policy"))
   _run(config)  # resumes by default
-  full, _ = uninterrupted
+  full = uninterrupted
   expected, got = _final_params(full), _final_params(out)
   assert expected.keys() == got.keys()
   for name in expected:
@@ -221,15 +219,17 @@ def test_sharded_mesh_matches_single_device(world, tmp_path):
 def test_farthest_point_seed_uses_sft_prompt_embeddings(world, tmp_path):
   """prepare_data's batched, left-padded embeddings + FPS equal a one-prompt-at-a-time reference."""
   import jax.numpy as jnp
-  from ssapo_jax import config as cfg_lib, rounds
+  from ssapo_jax.data import load_preferences
+  from ssapo_jax.experiment import load_experiment
   from ssapo_jax.models import load_hf
+  from ssapo_jax.pipeline.runtime import prepare_data
   from ssapo_jax.models.tokenizer import chat_prompt_ids, load_tokenizer
-  config = cfg_lib.load_experiment(_config(world, str(tmp_path / "fps"), str(tmp_path)), [
+  config = load_experiment(_config(world, str(tmp_path / "fps"), str(tmp_path)), [
       "data.seed_method=farthest_point", "data.seed_size=5", "sampling.batch_size=8"])
   tokenizer = load_tokenizer(config.model.path)
   sft = load_hf(config.model.path)
-  data = rounds.prepare_data(config, str(tmp_path), sft=sft, tokenizer=tokenizer)
-  pairs = rounds.load_preferences(config.data.source)
+  data = prepare_data(config, str(tmp_path), sft=sft, tokenizer=tokenizer)
+  pairs = load_preferences(config.data.source)
   # Reference embeddings: each prompt alone, unpadded, last position of the final hidden states.
   emb = np.stack([np.asarray(sft.hidden_states(jnp.asarray([ids]), jnp.ones((1, len(ids)), int))[0, -1])
                   for ids in (chat_prompt_ids(tokenizer, p.prompt) for p in pairs)])

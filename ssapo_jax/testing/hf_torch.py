@@ -1,9 +1,9 @@
-"""Tiny random Hugging Face checkpoints for tests and demos (no hub downloads).
+"""Tiny random transformers (PyTorch) checkpoints for tests and benchmarks (no hub downloads).
 
 ``save_tiny_hf(path, family)`` builds a 2-layer transformers PyTorch model with random weights,
 ``save_pretrained``s it into ``path`` and returns it (eval mode, float32), so tests can load the
 same weights into `Llama` with `load_hf` and compare against the PyTorch reference.
-Requires torch (a test dependency).
+Requires torch (the test extra): only tests and benchmarks import this module.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The sharded DPO / robust-DPO train step, its optimizer, and batched log-prob scoring.
+"""The sharded DPO / robust-DPO train step, its train state and its optimizer.
 
 Functional boundary (flax's ``01_functional_api.py``): the policy is split once with
 ``nnx.split`` outside jit; the step sees only pytrees (`TrainState`, `PreferenceBatch`) and
@@ -19,17 +19,16 @@ One step (`train_step`):
    unchanged) and is counted; `check_finite_progress` stops the run when it keeps happening.
 
 `make_train_step` jits it with ``in_shardings``/``out_shardings`` from `ssapo_jax.sharding`
-and donates the state. `make_compute_logps` / `compute_logps` score arbitrary (prompt,
-response) sequences with the same sharding, for reference log-probs and self-annotation.
+and donates the state. Scoring sequences outside the step (reference log-probs,
+self-annotation) is `ssapo_jax.train.scoring`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
-import os
-from typing import Any, Callable, Iterable, Literal, Sequence
+import typing
+from typing import Any, Callable, Literal
 
 import flax.struct
 import jax
@@ -41,31 +40,37 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ssapo_jax import sharding as shd
 from ssapo_jax.batch import PreferenceBatch, concat_pairs, split_pairs
-from ssapo_jax.losses import LOSS_TYPES, ROBUST_SPACES, dpo_loss, robust_dpo_loss
+from ssapo_jax.config import check_choices, derived
+from ssapo_jax.losses import LOSS_TYPES, Space, dpo_loss, robust_dpo_loss
+from ssapo_jax.models.llama import RematPolicy
 
 Metrics = dict[str, jax.Array]
 
-OBJECTIVES = ("dpo", "robust")
-SCHEDULES = ("cosine", "linear", "constant")
-REFERENCE_MODES = ("precomputed", "in_step")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# Per-decoder-layer rematerialisation policies (applied by the model; see LlamaConfig.remat).
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+Objective = Literal["dpo", "robust"]
+Schedule = Literal["cosine", "linear", "constant"]
+ReferenceMode = Literal["precomputed", "in_step"]
+ComputeDtype = Literal[tuple(DTYPES)]
+LossType = Literal[tuple(LOSS_TYPES)]
+OBJECTIVES, SCHEDULES, REFERENCE_MODES = (typing.get_args(t)
+                                          for t in (Objective, Schedule, ReferenceMode))
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Hyperparameters of the policy update (one SSAPO round's leader step)."""
 
-  objective: Literal["dpo", "robust"] = "dpo"  # dpo: weighted dpo_loss; robust: robust_dpo_loss on the batch's follower atoms
+  objective: Objective = "dpo"  # dpo: weighted dpo_loss; robust: robust_dpo_loss on the batch's follower atoms
   beta: float = 0.1  # DPO inverse temperature β of the implicit reward
-  loss_type: str = "sigmoid"  # dpo_loss variant (a key of losses.LOSS_TYPES); objective=dpo only
+  loss_type: LossType = "sigmoid"  # dpo_loss variant (a key of losses.LOSS_TYPES); objective=dpo only
   label_smoothing: float = 0.0  # dpo_loss label smoothing ε; objective=dpo only
-  robust_space: Literal["probability", "margin"] = "probability"  # robust atoms live on σ(βΔ) (authors' code) or on βΔ
+  # Robust atoms live on σ(βΔ) (authors' code) or on βΔ. Not a config key: an experiment copies
+  # dro.space here, so the leader and the follower cannot disagree.
+  robust_space: Space = derived("probability", "dro.space")
   robust_floor: float = 1e-6  # clamp of the shifted probability in robust_dpo_loss
   learning_rate: float = 5e-7  # peak AdamW learning rate
   warmup_ratio: float = 0.1  # fraction of steps with linear warm-up from 0 (paper: 0.1)
-  schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up, to 0 at the last step
+  schedule: Schedule = "cosine"  # decay after warm-up, to 0 at the last step
   weight_decay: float = 0.0  # AdamW decoupled weight decay (matrices only, not norm scales)
   adam_b1: float = 0.9  # AdamW β1
   adam_b2: float = 0.999  # AdamW β2
@@ -74,26 +79,14 @@ class TrainConfig:
   global_batch_size: int = 32  # pairs per optimizer step, over all hosts and micro-batches
   micro_batches: int = 1  # gradient-accumulation micro-batches per step (lax.scan)
   epochs: int = 1  # passes over the round's pairs
-  compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # forward/backward dtype
+  compute_dtype: ComputeDtype = "bfloat16"  # forward/backward dtype
   param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights and Adam moments
-  remat: Literal["none", "full", "dots", "dots_no_batch"] = "full"  # activation rematerialisation policy
-  reference: Literal["precomputed", "in_step"] = "precomputed"  # ref log-probs from the batch, or a frozen model in the step
+  remat: RematPolicy = "full"  # activation rematerialisation policy
+  reference: ReferenceMode = "precomputed"  # ref log-probs from the batch, or a frozen model in the step
   max_nonfinite_steps: int = 10  # abort after this many consecutive skipped (non-finite) steps
-  seed: int = 0  # seed of the train-state RNG key
 
   def __post_init__(self):
-    def choice(name, value, options):
-      if value not in options:
-        raise ValueError(f"train.{name} must be one of {list(options)}, got {value!r}")
-
-    choice("objective", self.objective, OBJECTIVES)
-    choice("loss_type", self.loss_type, LOSS_TYPES)
-    choice("robust_space", self.robust_space, ROBUST_SPACES)
-    choice("schedule", self.schedule, SCHEDULES)
-    choice("compute_dtype", self.compute_dtype, DTYPES)
-    choice("param_dtype", self.param_dtype, ("float32", "bfloat16"))
-    choice("remat", self.remat, REMAT_POLICIES)
-    choice("reference", self.reference, REFERENCE_MODES)
+    check_choices(self, "train")
     positive = {"beta": self.beta, "robust_floor": self.robust_floor,
                 "learning_rate": self.learning_rate, "adam_eps": self.adam_eps}
     for name, value in positive.items():
@@ -119,11 +112,6 @@ class TrainConfig:
   def micro_batch_size(self) -> int:
     """Pairs per micro-batch (over all hosts)."""
     return self.global_batch_size // self.micro_batches
-
-
-def num_train_steps(num_pairs: int, config: TrainConfig) -> int:
-  """Optimizer steps for ``epochs`` passes over ``num_pairs`` (a last partial batch counts)."""
-  return config.epochs * math.ceil(num_pairs / config.global_batch_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,8 +259,9 @@ def create_train_state(model: nnx.Module, config: TrainConfig, mesh: Mesh, *,
     model: an NNX model with the `ssapo_jax.models.Llama` interface (``sequence_logps``).
     config: train config.
     mesh: device mesh.
-    num_train_steps: optimizer steps of the schedule (`num_train_steps`).
-    key: PRNG key; defaults to ``jax.random.key(config.seed)``.
+    num_train_steps: optimizer steps of the schedule.
+    key: PRNG key of ``TrainState.rng`` (a run passes its ``train`` seed stream); defaults to
+      ``jax.random.key(0)``. The step splits it but draws nothing from it today.
   """
   graphdef, params, rest = split_model(model, config)
   dtype = DTYPES[config.param_dtype]
@@ -280,7 +269,7 @@ def create_train_state(model: nnx.Module, config: TrainConfig, mesh: Mesh, *,
                         params)
   tx = make_optimizer(config, num_train_steps)
   schedule = make_schedule(config, num_train_steps)
-  key = jax.random.key(config.seed) if key is None else key
+  key = jax.random.key(0) if key is None else key
   template = TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.eval_shape(tx.init, params),
       rng=key, nonfinite_consecutive=jnp.zeros((), jnp.int32),
@@ -520,168 +509,3 @@ def make_train_step(config: TrainConfig, mesh: Mesh, state: TrainState,
 
   return jax.jit(step, in_shardings=(s_shard, b_shard), out_shardings=(s_shard, repl),
                  donate_argnums=0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Batched log-prob scoring (reference log-probs, self-annotation).
-# ---------------------------------------------------------------------------------------------
-
-
-def make_compute_logps(mesh: Mesh, graphdef: Any, params: Any, rest: Any = None, *,
-                       compute_dtype: str = "float32", average: bool = False,
-                       ) -> Callable[..., jax.Array]:
-  """Jitted, sharded ``logps_fn(params, ids, mask, loss_mask) -> [B] float32``.
-
-  Args:
-    mesh: device mesh; sequences are sharded over ``("data", "fsdp")``.
-    graphdef: the model graph (``TrainState.graphdef`` or ``split_model(model)[0]``).
-    params: parameters (only structure and logical axes are read).
-    rest: the model's non-parameter state (``split_model(model)[2]``); None for none.
-    compute_dtype: forward dtype (parameters are cast to it).
-    average: average instead of sum over ``loss_mask`` tokens.
-
-  Returns:
-    A function of ``params``, ``ids``, ``mask``, ``loss_mask`` (each ``[B, T]``, global
-    arrays or numpy on one host) giving replicated ``[B]`` float32 log-probs of the tokens
-    where ``loss_mask`` is 1, each scored given all earlier tokens.
-  """
-  dtype = DTYPES[compute_dtype]
-  p_shard = param_shardings(params, mesh)
-  rest = nnx.State({}) if rest is None else rest
-  r_shard = jax.tree.map(lambda _: shd.replicated(mesh), rest)
-  tok = NamedSharding(mesh, PartitionSpec(shd.BATCH_AXES))
-
-  def logps(params, rest, ids, mask, loss_mask):
-    model = nnx.merge(graphdef, _cast_floats(params, dtype), rest)
-    return model.sequence_logps(ids, mask, loss_mask, average=average).astype(jnp.float32)
-
-  jitted = jax.jit(logps, in_shardings=(p_shard, r_shard, tok, tok, tok),
-                   out_shardings=shd.replicated(mesh))
-
-  def logps_fn(params, ids, mask, loss_mask):
-    return jitted(params, rest, ids, mask, loss_mask)
-
-  return logps_fn
-
-
-def compute_logps(logps_fn: Callable[..., jax.Array], params: Any, mesh: Mesh,
-                  sequences: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], *,
-                  batch_size: int) -> np.ndarray:
-  """Summed log-probs of every sequence, batch by batch, as numpy ``[N]`` float32.
-
-  Args:
-    logps_fn: from `make_compute_logps`.
-    params: the parameters to score with (sharded as the train state's).
-    mesh: device mesh.
-    sequences: iterable of host-local ``(ids, mask, loss_mask)`` numpy batches, each
-      ``[n, T]`` with ``n <= batch_size // num_processes`` rows (a short last batch is padded).
-      On several hosts each yields its own rows; the result holds this host's rows.
-    batch_size: global rows per call (fixed, so the pass compiles once); must divide over
-      ``data * fsdp``.
-
-  Returns:
-    ``[N]`` float32 over this host's rows, in input order.
-  """
-  shd.check_batch_divisible(batch_size, mesh, what="compute_logps batch_size")
-  nproc = jax.process_count()
-  if batch_size % nproc:
-    raise ValueError(f"compute_logps batch_size {batch_size} is not divisible by the "
-                     f"{nproc} processes")
-  local = batch_size // nproc
-  rows = shd.host_batch_rows(mesh, batch_size)
-  out = []
-  for ids, mask, loss_mask in sequences:
-    n = ids.shape[0]
-    if n > local:
-      raise ValueError(f"compute_logps got a batch of {n} rows per host; at most {local}")
-    pad = [(0, local - n), (0, 0)]
-    arrays = [np.pad(np.asarray(a, np.int32), pad) for a in (ids, mask, loss_mask)]
-    global_arrays = shd.global_batch(mesh, tuple(arrays))
-    logps = np.asarray(logps_fn(params, *global_arrays))  # replicated [batch_size]
-    out.append(logps[rows][:n])
-  return np.concatenate(out) if out else np.zeros((0,), np.float32)
-
-
-def _iter_pair_sides(batches: Sequence[PreferenceBatch], side: str):
-  for b in batches:
-    yield (np.asarray(getattr(b, f"{side}_ids")), np.asarray(getattr(b, f"{side}_mask")),
-           np.asarray(getattr(b, f"{side}_loss_mask")))
-
-
-def params_fingerprint(params: Any) -> str:
-  """A short hex key of a parameter pytree: paths, shapes, dtypes and two checksums per array.
-
-  The checksums (sum and sum of squares with a position-dependent sign pattern, computed on
-  device in float32) change with any real weight update without moving the weights to host.
-  """
-  flat, _ = jax.tree_util.tree_flatten_with_path(params)
-
-  @jax.jit
-  def sums(x):
-    x = x.astype(jnp.float32).reshape(-1)
-    sign = jnp.where(jnp.arange(x.shape[0]) % 3 == 0, -1.0, 1.0)
-    return jnp.stack([jnp.sum(x * sign), jnp.sum(x * x)])
-
-  h = hashlib.sha256()
-  for path, x in flat:
-    h.update(f"{jax.tree_util.keystr(path)}:{x.shape}:{x.dtype}".encode())
-    h.update(np.asarray(sums(x)).tobytes())
-  return h.hexdigest()[:16]
-
-
-def data_fingerprint(batches: Sequence[PreferenceBatch]) -> str:
-  """A short hex key of the token arrays and masks of host-local `PreferenceBatch`es."""
-  h = hashlib.sha256()
-  for b in batches:
-    for side in ("chosen", "rejected"):
-      for a in (getattr(b, f"{side}_ids"), getattr(b, f"{side}_mask"),
-                getattr(b, f"{side}_loss_mask")):
-        a = np.ascontiguousarray(np.asarray(a, np.int32))
-        h.update(str(a.shape).encode())
-        h.update(a.tobytes())
-  return h.hexdigest()[:16]
-
-
-def precompute_ref_logps(logps_fn: Callable[..., jax.Array], ref_params: Any, mesh: Mesh,
-                         batches: Sequence[PreferenceBatch], *, batch_size: int,
-                         cache_dir: str | os.PathLike | None = None,
-                         model_fingerprint: str | None = None,
-                         ) -> tuple[np.ndarray, np.ndarray]:
-  """Reference log-probs of the chosen and rejected side of every pair (once per round).
-
-  Like TRL's ``precompute_ref_log_probs``: one scoring pass over the round's pairs so the
-  train step needs no second model. With ``cache_dir`` the result is stored as
-  ``ref_logps-<model>-<data>-p<process>.npz`` keyed by `params_fingerprint` (or
-  ``model_fingerprint``) and `data_fingerprint`, and reused when both keys match.
-
-  Args:
-    logps_fn: from `make_compute_logps`.
-    ref_params: reference-model parameters.
-    mesh: device mesh.
-    batches: this host's `PreferenceBatch`es (numpy), in order.
-    batch_size: global rows per scoring call.
-    cache_dir: where to cache (the round's data directory); None disables caching.
-    model_fingerprint: overrides `params_fingerprint` (e.g. a checkpoint id).
-
-  Returns:
-    ``(ref_chosen_logps, ref_rejected_logps)``, numpy ``[N]`` float32 over this host's pairs.
-  """
-  path = None
-  if cache_dir is not None:
-    key_m = model_fingerprint or params_fingerprint(ref_params)
-    key_d = data_fingerprint(batches)
-    path = os.path.join(os.fspath(cache_dir),
-                        f"ref_logps-{key_m}-{key_d}-p{jax.process_index()}.npz")
-    if os.path.exists(path):
-      with np.load(path) as cached:
-        return cached["chosen"], cached["rejected"]
-  chosen = compute_logps(logps_fn, ref_params, mesh, _iter_pair_sides(batches, "chosen"),
-                         batch_size=batch_size)
-  rejected = compute_logps(logps_fn, ref_params, mesh, _iter_pair_sides(batches, "rejected"),
-                           batch_size=batch_size)
-  if path is not None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, chosen=chosen, rejected=rejected)
-    os.replace(tmp, path)
-  return chosen, rejected

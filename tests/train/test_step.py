@@ -1,4 +1,4 @@
-"""Tests of ssapo_jax.train: the sharded step against an independent single-device reference.
+"""Tests of ssapo_jax/train/step.py: the sharded step against an independent single-device reference.
 
 The reference (`_reference_run`) is written here from the formulas, independently of the
 code under test: token log-probs from the model's full logits with ``jax.nn.log_softmax``,
@@ -242,39 +242,6 @@ def test_nonfinite_step_is_skipped_and_counted():
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
 
-# ----------------------------------------------------------------------------- compute_logps
-
-
-def test_compute_logps_matches_full_logits_and_caches(tmp_path):
-  mesh = _mesh((2, 2, 2))
-  model = w.tiny_model(seed=3)
-  graphdef, params, rest = tr.split_model(model)
-  params = shd.shard_params(params, tr.param_shardings(params, mesh))
-  logps_fn = tr.make_compute_logps(mesh, graphdef, params, rest)
-  batches = [w.make_batch(20), jax.tree.map(lambda x: x[:5], w.make_batch(21))]  # short last
-  seqs = [(b.chosen_ids, b.chosen_mask, b.chosen_loss_mask) for b in batches]
-  got = tr.compute_logps(logps_fn, params, mesh, seqs, batch_size=8)
-  ids, mask, loss_mask = (np.concatenate([s[i] for s in seqs]) for i in range(3))
-  expected = _ref_seq_logps(w.tiny_model(seed=3), jnp.asarray(ids), jnp.asarray(mask),
-                            jnp.asarray(loss_mask))
-  assert got.shape == (13,) and got.dtype == np.float32
-  np.testing.assert_allclose(got, np.asarray(expected), rtol=1e-5, atol=1e-4)
-
-  chosen, rejected = tr.precompute_ref_logps(logps_fn, params, mesh, batches, batch_size=8,
-                                             cache_dir=tmp_path)
-  np.testing.assert_allclose(chosen, got, rtol=1e-6)
-  files = list(tmp_path.iterdir())
-  assert len(files) == 1
-  np.savez(files[0], chosen=chosen + 1.0, rejected=rejected)  # a cache hit reads the file
-  again, _ = tr.precompute_ref_logps(logps_fn, params, mesh, batches, batch_size=8,
-                                     cache_dir=tmp_path)
-  np.testing.assert_allclose(again, chosen + 1.0)
-  other = jax.tree.map(lambda x: x * 1.01, params)  # different weights: a new cache key
-  assert tr.params_fingerprint(other) != tr.params_fingerprint(params)
-  tr.precompute_ref_logps(logps_fn, other, mesh, batches, batch_size=8, cache_dir=tmp_path)
-  assert len(list(tmp_path.iterdir())) == 2
-
-
 # ----------------------------------------------------------------------------- learning
 
 
@@ -299,7 +266,7 @@ def test_loss_decreases_and_generalises_on_a_preference_rule():
   cfg = tr.TrainConfig(learning_rate=1e-2, warmup_ratio=0.1, global_batch_size=16,
                        micro_batches=2, epochs=5, compute_dtype="float32", beta=0.5,
                        remat="none")
-  steps = tr.num_train_steps(64, cfg)
+  steps = cfg.epochs * (64 // cfg.global_batch_size)
   state = tr.create_train_state(w.tiny_model(), cfg, mesh, num_train_steps=steps)
   logps_fn = tr.make_compute_logps(mesh, state.graphdef, state.params, state.rest)
 
@@ -347,7 +314,7 @@ def test_two_processes_match_single_process(tmp_path):
   rows of every global batch, give the single-process losses and log-probs."""
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(root, "tests", "_multihost_worker.py"), "--process_id",

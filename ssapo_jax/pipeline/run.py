@@ -1,0 +1,149 @@
+"""SSAPO rounds end to end (paper §4, Algorithm 1): the loop, its resume point and the exports.
+
+Round 0 trains π_0 from the SFT model on the labelled seed with DPO (reference: SFT). Round
+t ≥ 1, with π_{t−1}: `phases.generate`, `phases.annotate`, `phases.follower`, then
+`leader.train_round` trains π_t (reference π_{t−1}, or SFT with ``rounds.train_reference=sft``)
+and `phases.evaluate` writes greedy outputs; π_t is exported in Hugging Face format.
+
+The train state is checkpointed (orbax) every ``checkpoint.save_every_steps`` steps and at each
+round's end, and every phase output is cached in ``round_<t>/``, so a run killed anywhere resumes
+to the same parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from typing import Any
+
+import jax
+
+from ssapo_jax import sharding as shd
+from ssapo_jax import train as tr
+from ssapo_jax.checkpoint import Checkpointer, checkpoint_dir
+from ssapo_jax.experiment import ExperimentConfig
+from ssapo_jax.metrics import MetricsLogger
+from ssapo_jax.models import Llama, save_hf
+from ssapo_jax.models.tokenizer import load_tokenizer
+from ssapo_jax.pipeline import leader, phases, rundir
+from ssapo_jax.pipeline.runtime import Runtime, load_model, prepare_data, scorer_for
+
+ROUND_DONE = "round_done"
+
+
+def resume_point(ckpt: Checkpointer) -> tuple[int, int | None, int]:
+  """``(round, checkpoint step to restore or None, global step)`` of the newest readable
+  checkpoint's metadata (an unreadable one is skipped with a warning)."""
+  for step in reversed(ckpt.all_steps()):
+    try:
+      meta = ckpt.restore_metadata(step)
+    except Exception as e:  # orbax raises many types for unreadable files
+      warnings.warn(f"checkpoint {step} metadata unreadable ({type(e).__name__}: {e}); "
+                    "trying an older one")
+      continue
+    if meta["phase"] == ROUND_DONE:
+      return meta["round"] + 1, None, meta["global_step"]
+    return meta["round"], step, meta["global_step"]
+  return 0, None, 0
+
+
+def _restore_train_state(rt: Runtime, t: int, init: Llama, step: int):
+  """The train-phase state of round t at checkpoint ``step`` (with fallback to older ones)."""
+  restored = rt.ckpt.restore(leader.new_train_state(rt, t, init, 1))  # newest readable
+  meta = restored.metadata
+  if meta["phase"] == ROUND_DONE and meta["round"] == t - 1:
+    return None, None, meta["global_step"]  # fell back to the start of round t
+  if meta["phase"] != "train" or meta["round"] != t:
+    raise RuntimeError(f"checkpoint {restored.step} in {rt.ckpt.directory} is {meta}, expected "
+                       f"round {t}; delete the newer broken checkpoints or start with --no-resume")
+  if restored.step != step:
+    warnings.warn(f"resuming round {t} from checkpoint {restored.step} instead of {step}")
+  return restored.state, meta, meta["global_step"]
+
+
+def _export_policy(rt: Runtime, t: int, policy: Llama) -> None:
+  """Saves π_t in Hugging Face format to ``round_<t>/policy`` (atomically)."""
+  if jax.process_index() != 0:
+    return
+  final = os.path.join(rt.round_dir(t), "policy")
+  tmp = final + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  save_hf(policy, tmp, tokenizer=rt.tokenizer)
+  shutil.rmtree(final, ignore_errors=True)
+  os.replace(tmp, final)
+
+
+def run(config: ExperimentConfig, *, resume: bool = True) -> dict[int, dict[str, Any]]:
+  """Runs (or resumes) every round of ``config``; returns the per-round summaries.
+
+  Writes under ``config.output_dir``: ``split_manifest.json``, ``metrics.jsonl`` and
+  ``tensorboard/``, ``checkpoints/``, ``round_<t>/`` (``generations.npz``, ``pairs/``,
+  ``train_set/``, ``follower.json``, ``eval_generations.json``, ``summary.json``, ``policy/``)
+  and ``final_policy/`` (Hugging Face format). A remote (``gs://``) output directory gets
+  checkpoints and metrics directly; the phase outputs are written to a local mirror on every
+  host and copied up by process 0 after each phase (and down again when a run resumes).
+  """
+  workdir = rundir.local_workdir(config.output_dir)
+  os.makedirs(workdir, exist_ok=True)
+  if resume and rundir.is_remote(config.output_dir):
+    rundir.pull(config.output_dir, workdir)
+  mesh = shd.make_mesh(config.mesh)
+  tokenizer = load_tokenizer(config.model.resolved_tokenizer_path)
+  sft = load_model(config.model.path, config, mesh)
+  data = prepare_data(config, workdir, sft=sft, tokenizer=tokenizer)
+  rundir.push(config.output_dir, workdir, "split_manifest.json")
+  ckpt = Checkpointer(checkpoint_dir(config.output_dir), config=config.checkpoint)
+  first_round, resume_step, global_step = resume_point(ckpt) if resume else (0, None, 0)
+  logger = MetricsLogger(config.output_dir, resume_step=global_step if resume else -1)
+  rt = Runtime(config=config, mesh=mesh, tokenizer=tokenizer, sft=sft, data=data, ckpt=ckpt,
+               logger=logger, workdir=workdir,
+               scorer=scorer_for(config, mesh, tokenizer.pad_token_id))
+  summaries = {}
+  try:
+    for t in range(first_round, config.rounds.num_rounds + 1):
+      rel = f"round_{t}"
+      os.makedirs(rt.round_dir(t), exist_ok=True)
+      policy = rt.policy(t - 1)
+      resume_state = resume_meta = None
+      if t == first_round and resume_step is not None:
+        resume_state, resume_meta, global_step = _restore_train_state(rt, t, policy, resume_step)
+      if t > 0:
+        gen = phases.generate(rt, t, policy)
+        rundir.push(config.output_dir, workdir, rel)
+        phases.annotate(rt, t, policy, gen)
+        rundir.push(config.output_dir, workdir, rel)
+      reference = (policy if t > 0 and config.rounds.train_reference == "previous" else sft)
+      dataset, judge_logps = phases.follower(rt, t, policy, reference)
+      rundir.push(config.output_dir, workdir, rel)
+      state, global_step = leader.train_round(rt, t, policy, dataset, judge_logps,
+                                              resume_state=resume_state, resume_meta=resume_meta,
+                                              global_step=global_step)
+      rt.policies[t] = tr.merge_params(state)
+      rt.policies.pop(t - 2, None)  # keep π_{t-1} and π_t: all that later rounds read
+      _export_policy(rt, t, rt.policies[t])
+      phases.evaluate(rt, t, rt.policies[t])
+      summary = {"round": t, "global_step": global_step, "num_pairs": len(dataset)}
+      follower = os.path.join(rt.round_dir(t), "follower.json")
+      if os.path.exists(follower):
+        with open(follower) as f:
+          summary["follower"] = json.load(f)
+      if jax.process_index() == 0:
+        rundir.atomic_json(os.path.join(rt.round_dir(t), "summary.json"), summary)
+      rundir.push(config.output_dir, workdir, rel)
+      summaries[t] = summary
+      global_step += 1  # the round-end checkpoint gets a step of its own
+      ckpt.save(global_step, state, {"round": t, "phase": ROUND_DONE, "global_step": global_step},
+                force=True)
+      ckpt.wait()
+    last = os.path.join(rt.round_dir(config.rounds.num_rounds), "policy")
+    if jax.process_index() == 0 and os.path.isdir(last):
+      final = os.path.join(workdir, "final_policy")
+      shutil.rmtree(final, ignore_errors=True)
+      shutil.copytree(last, final)
+      rundir.push(config.output_dir, workdir, "final_policy")
+  finally:
+    ckpt.close()
+    logger.close()
+  return summaries
