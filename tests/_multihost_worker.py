@@ -9,7 +9,8 @@ runs `run_steps` on a (2, 2, 2) mesh spanning both processes (4 simulated CPU de
 gloo collectives), each process loading only its rows of every global batch, and writes
 its losses and reference log-probs as JSON. With ``--task sample`` it instead samples
 `sampler_prompts` with `ssapo_jax.sampling.Sampler` on that mesh and writes the prompts this
-process sampled and the gathered samples.
+process sampled and the gathered samples; with ``--task check_run --config_text T`` it runs
+`ssapo_jax.pipeline.hosts.check_same_run(T)` and writes the error it raised (or null).
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ def main(argv=None):
   parser.add_argument("--num_processes", type=int, required=True)
   parser.add_argument("--coordinator", required=True)
   parser.add_argument("--out", required=True)
-  parser.add_argument("--task", choices=("train", "sample"), default="train")
+  parser.add_argument("--task", choices=("train", "sample", "check_run"), default="train")
+  parser.add_argument("--config_text", default="")
   args = parser.parse_args(argv)
 
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
@@ -152,6 +154,17 @@ def main(argv=None):
                                num_processes=args.num_processes, process_id=args.process_id)
   assert shd.initialize_distributed(mesh_config)
   mesh = shd.make_mesh(mesh_config)
+  if args.task == "check_run":
+    from ssapo_jax.pipeline import hosts
+    try:
+      hosts.check_same_run(args.config_text)
+      error = None
+    except RuntimeError as e:
+      error = str(e)
+    with open(args.out, "w") as f:
+      json.dump({"error": error}, f)
+    jax.distributed.shutdown()
+    return
   if args.task == "sample":
     result = _sample_task(mesh)
     result.update(process_count=jax.process_count(), devices=jax.device_count())

@@ -12,6 +12,7 @@ to the same parameters.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -23,11 +24,12 @@ import jax
 from ssapo_jax import sharding as shd
 from ssapo_jax import train as tr
 from ssapo_jax.checkpoint import Checkpointer, checkpoint_dir
+from ssapo_jax.config import dump_yaml
 from ssapo_jax.experiment import ExperimentConfig
 from ssapo_jax.metrics import MetricsLogger
 from ssapo_jax.models import Llama, save_hf
 from ssapo_jax.models.tokenizer import load_tokenizer
-from ssapo_jax.pipeline import leader, phases, rundir
+from ssapo_jax.pipeline import hosts, leader, phases, rundir
 from ssapo_jax.pipeline.runtime import Runtime, load_model, prepare_data, scorer_for
 
 ROUND_DONE = "round_done"
@@ -85,6 +87,9 @@ def run(config: ExperimentConfig, *, resume: bool = True) -> dict[int, dict[str,
   checkpoints and metrics directly; the phase outputs are written to a local mirror on every
   host and copied up by process 0 after each phase (and down again when a run resumes).
   """
+  # Every process must run the same resolved config and code (only its process id differs).
+  hosts.check_same_run(dump_yaml(dataclasses.replace(
+      config, mesh=dataclasses.replace(config.mesh, process_id=None, local_device_ids=None))))
   workdir = rundir.local_workdir(config.output_dir)
   os.makedirs(workdir, exist_ok=True)
   if resume and rundir.is_remote(config.output_dir):
@@ -92,7 +97,7 @@ def run(config: ExperimentConfig, *, resume: bool = True) -> dict[int, dict[str,
   mesh = shd.make_mesh(config.mesh)
   tokenizer = load_tokenizer(config.model.resolved_tokenizer_path)
   sft = load_model(config.model.path, config, mesh)
-  data = prepare_data(config, workdir, sft=sft, tokenizer=tokenizer)
+  data = prepare_data(config, workdir, sft=sft, tokenizer=tokenizer, mesh=mesh)
   rundir.push(config.output_dir, workdir, "split_manifest.json")
   ckpt = Checkpointer(checkpoint_dir(config.output_dir), config=config.checkpoint)
   first_round, resume_step, global_step = resume_point(ckpt) if resume else (0, None, 0)
@@ -110,12 +115,12 @@ def run(config: ExperimentConfig, *, resume: bool = True) -> dict[int, dict[str,
       if t == first_round and resume_step is not None:
         resume_state, resume_meta, global_step = _restore_train_state(rt, t, policy, resume_step)
       if t > 0:
-        gen = phases.generate(rt, t, policy)
+        gen = phases.generate(rt, t, policy, step=global_step)
         rundir.push(config.output_dir, workdir, rel)
-        phases.annotate(rt, t, policy, gen)
+        phases.annotate(rt, t, policy, gen, step=global_step)
         rundir.push(config.output_dir, workdir, rel)
       reference = (policy if t > 0 and config.rounds.train_reference == "previous" else sft)
-      dataset, judge_logps = phases.follower(rt, t, policy, reference)
+      dataset, judge_logps = phases.follower(rt, t, policy, reference, step=global_step)
       rundir.push(config.output_dir, workdir, rel)
       state, global_step = leader.train_round(rt, t, policy, dataset, judge_logps,
                                               resume_state=resume_state, resume_meta=resume_meta,
@@ -123,13 +128,14 @@ def run(config: ExperimentConfig, *, resume: bool = True) -> dict[int, dict[str,
       rt.policies[t] = tr.merge_params(state)
       rt.policies.pop(t - 2, None)  # keep π_{t-1} and π_t: all that later rounds read
       _export_policy(rt, t, rt.policies[t])
-      phases.evaluate(rt, t, rt.policies[t])
+      phases.evaluate(rt, t, rt.policies[t], step=global_step)
       summary = {"round": t, "global_step": global_step, "num_pairs": len(dataset)}
       follower = os.path.join(rt.round_dir(t), "follower.json")
-      if os.path.exists(follower):
+      if hosts.is_leader() and os.path.exists(follower):
         with open(follower) as f:
           summary["follower"] = json.load(f)
-      if jax.process_index() == 0:
+      summary = hosts.broadcast_json(summary)
+      if hosts.is_leader():
         rundir.atomic_json(os.path.join(rt.round_dir(t), "summary.json"), summary)
       rundir.push(config.output_dir, workdir, rel)
       summaries[t] = summary
