@@ -73,6 +73,24 @@ def barrier(name: str) -> None:
     _multihost().sync_global_devices(name)
 
 
+def shared_directory(path: str) -> bool:
+  """True if every process sees the files process 0 writes in ``path`` (one shared filesystem),
+  False for per-host local directories."""
+  if jax.process_count() == 1:
+    return True
+  import uuid  # pylint: disable=import-outside-toplevel
+  probe = os.path.join(path, f".shared-probe-{broadcast_json(uuid.uuid4().hex if is_leader() else None)}")
+  if is_leader():
+    with open(probe, "w"):
+      pass
+  barrier("ssapo-shared-probe-written")
+  seen = np.asarray(_multihost().process_allgather(np.int32(os.path.exists(probe))))
+  barrier("ssapo-shared-probe-read")
+  if is_leader():
+    os.remove(probe)
+  return bool(seen.all())
+
+
 def read_npz(path: str) -> dict[str, np.ndarray]:
   """Process 0's copy of the npz file ``path``, on every process."""
   found = None

@@ -65,6 +65,24 @@ def _restore_train_state(rt: Runtime, t: int, init: Llama, step: int):
   return restored.state, meta, meta["global_step"]
 
 
+class _NoCheckpoints:
+  """Stands in for `Checkpointer` when the processes do not share the output directory."""
+
+  directory = None
+
+  def all_steps(self) -> list[int]:
+    return []
+
+  def save(self, *args, **kwargs) -> bool:
+    return False
+
+  def wait(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
 def _export_policy(rt: Runtime, t: int, policy: Llama) -> None:
   """Saves π_t in Hugging Face format to ``round_<t>/policy`` (atomically)."""
   if jax.process_index() != 0:
@@ -99,7 +117,13 @@ def run(config: ExperimentConfig, *, resume: bool = True) -> dict[int, dict[str,
   sft = load_model(config.model.path, config, mesh)
   data = prepare_data(config, workdir, sft=sft, tokenizer=tokenizer, mesh=mesh)
   rundir.push(config.output_dir, workdir, "split_manifest.json")
-  ckpt = Checkpointer(checkpoint_dir(config.output_dir), config=config.checkpoint)
+  if rundir.is_remote(config.output_dir) or hosts.shared_directory(workdir):
+    ckpt = Checkpointer(checkpoint_dir(config.output_dir), config=config.checkpoint)
+  else:
+    warnings.warn(f"{config.output_dir} is a separate directory on each host: no checkpoints "
+                  "(orbax needs one directory all processes see); a relaunch resumes from the "
+                  "finished phases on process 0")
+    ckpt = _NoCheckpoints()
   first_round, resume_step, global_step = resume_point(ckpt) if resume else (0, None, 0)
   logger = MetricsLogger(config.output_dir, resume_step=global_step if resume else -1)
   rt = Runtime(config=config, mesh=mesh, tokenizer=tokenizer, sft=sft, data=data, ckpt=ckpt,
