@@ -70,17 +70,16 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(config, *overrides, out_dirs=None, log_dir):
-  """Starts both processes (4 devices each); ``out_dirs`` gives each its own output_dir."""
+def _launch(config, *overrides, cwds=(None, None), log_dir):
+  """Starts both processes (4 devices each) with the same command, in ``cwds``."""
   port = _free_port()
   procs = []
   for i in range(2):
-    extra = [f"output_dir={out_dirs[i]}"] if out_dirs else []
-    log = open(os.path.join(log_dir, f"p{i}.log"), "a")
-    procs.append(subprocess.Popen(
-        _cmd(config, *overrides, *extra, "mesh.num_processes=2", f"mesh.process_id={i}",
-             f"mesh.coordinator_address=127.0.0.1:{port}"),
-        env=_env(4), stdout=log, stderr=subprocess.STDOUT))
+    with open(os.path.join(log_dir, f"p{i}.log"), "a") as log:
+      procs.append(subprocess.Popen(
+          _cmd(config, *overrides, "mesh.num_processes=2", f"mesh.process_id={i}",
+               f"mesh.coordinator_address=127.0.0.1:{port}"),
+          env=_env(4), stdout=log, stderr=subprocess.STDOUT, cwd=cwds[i]))
   return procs
 
 
@@ -169,13 +168,30 @@ def test_two_processes_equal_one_process(world, one_process, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_with_per_host_output_dirs(world, one_process, tmp_path):
+  """The same relative ``output_dir`` from two working directories: a local directory per
+  host. Process 0's holds every phase output; process 1 received them by broadcast."""
   ref, _ = one_process
-  dirs = [str(tmp_path / f"host{i}") for i in range(2)]
-  config = _config(world, dirs[0], tmp_path)
-  _finish(_launch(config, out_dirs=dirs, log_dir=tmp_path), tmp_path)
-  _assert_same_run(dirs[0], ref)
-  # Process 1 wrote no shared phase outputs: it received them by broadcast.
-  assert not os.path.exists(os.path.join(dirs[1], "round_1", "generations.npz"))
+  hosts = [tmp_path / f"host{i}" for i in range(2)]
+  for h in hosts:
+    h.mkdir()
+  config = _config(world, "run", tmp_path)
+  _finish(_launch(config, cwds=hosts, log_dir=tmp_path), tmp_path)
+  _assert_same_run(str(hosts[0] / "run"), ref)
+  assert not os.path.exists(hosts[1] / "run" / "round_1" / "generations.npz")
+  assert "no checkpoints" in _log(tmp_path, 0)
+
+
+def _has_train_checkpoint(out, round_index):
+  ckpt = os.path.join(out, "checkpoints")
+  for step in os.listdir(ckpt) if os.path.isdir(ckpt) else []:
+    try:
+      with open(os.path.join(ckpt, step, "meta", "metadata")) as f:
+        meta = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if meta.get("round") == round_index and meta.get("phase") == "train":
+      return True
+  return False
 
 
 def _kill_one_when(procs, ready, *, timeout=600):
@@ -198,13 +214,14 @@ def test_killed_process_stops_the_other_and_relaunch_finishes(world, one_process
   out = str(tmp_path / "run")
   config = _config(world, out, tmp_path)
   procs = _launch(config, log_dir=tmp_path)
-  if point == "generate":
-    ready = lambda: os.path.isdir(os.path.join(out, "round_1"))
-  else:
-    ready = lambda: os.path.exists(os.path.join(out, "round_1", "annotation.npz")) and any(
-        d.isdigit() and int(d) > 0 for d in os.listdir(os.path.join(out, "checkpoints")))
+  if point == "generate":  # round 1 has started, its samples are not saved yet
+    ready = lambda: (os.path.isdir(os.path.join(out, "round_1"))
+                     and not os.path.exists(os.path.join(out, "round_1", "generations.npz")))
+  else:  # a round-1 training checkpoint exists, the round has not finished
+    ready = lambda: _has_train_checkpoint(out, 1)
   code, waited = _kill_one_when(procs, ready)
-  assert code != 0 and waited < TIMEOUT + 120
+  assert code != 0 and waited < TIMEOUT + 120, (code, waited)
+  assert not os.path.exists(os.path.join(out, "final_policy"))
   _finish(_launch(config, log_dir=tmp_path), tmp_path)
   pa, pb = _final_params(out), _final_params(ref)
   for k in pa:
