@@ -179,8 +179,8 @@ class PhaseClock:
              new_tokens: int | None = None, padding_fraction: float | None = None,
              pairs: int | None = None) -> dict[str, float]:
     """Logs ``wall_seconds`` and, where given, ``new_tokens``/``tokens_per_second_per_chip``,
-    ``pairs_scored``/``pairs_per_second`` and ``padding_fraction``; prints the summary line
-    on process 0. Returns the metrics."""
+    ``pairs``/``pairs_per_second`` (pairs scored, or trained) and ``padding_fraction``; prints
+    the summary line on process 0. Returns the metrics."""
     seconds = time.perf_counter() - self.start
     metrics: dict[str, float] = {"wall_seconds": seconds}
     line = [f"round {round_index} {phase}: {seconds:.1f} s"]
@@ -189,8 +189,8 @@ class PhaseClock:
       metrics.update(new_tokens=new_tokens, tokens_per_second_per_chip=rate)
       line.append(f"{new_tokens:,} new tokens, {rate:,.1f} tokens/s/chip")
     if pairs is not None:
-      metrics.update(pairs_scored=pairs, pairs_per_second=pairs / max(seconds, 1e-9))
-      line.append(f"{pairs:,} pairs scored, {metrics['pairs_per_second']:,.1f} pairs/s")
+      metrics.update(pairs=pairs, pairs_per_second=pairs / max(seconds, 1e-9))
+      line.append(f"{pairs:,} pairs, {metrics['pairs_per_second']:,.1f} pairs/s")
     if padding_fraction is not None:
       metrics["padding_fraction"] = padding_fraction
       line.append(f"padding {padding_fraction:.1%}")

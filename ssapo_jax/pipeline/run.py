@@ -146,9 +146,13 @@ def run(config: ExperimentConfig, *, resume: bool = True) -> dict[int, dict[str,
       reference = (policy if t > 0 and config.rounds.train_reference == "previous" else sft)
       dataset, judge_logps = phases.follower(rt, t, policy, reference, step=global_step)
       rundir.push(config.output_dir, workdir, rel)
+      clock = hosts.PhaseClock()
       state, global_step = leader.train_round(rt, t, policy, dataset, judge_logps,
                                               resume_state=resume_state, resume_meta=resume_meta,
                                               global_step=global_step)
+      epochs = config.train_for_round(t).epochs
+      clock.report(logger, global_step, "train", t, chips=mesh.devices.size,
+                   pairs=epochs * len(dataset))
       rt.policies[t] = tr.merge_params(state)
       rt.policies.pop(t - 2, None)  # keep π_{t-1} and π_t: all that later rounds read
       _export_policy(rt, t, rt.policies[t])
