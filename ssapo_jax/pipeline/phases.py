@@ -9,11 +9,13 @@
 4. `evaluate`: greedy responses to held-out prompts (``eval_generations.json``).
 
 Each phase writes its output under ``round_<t>/`` atomically and returns it from there when it is
-present, so a resumed run repeats no finished phase. Across processes every phase does 1/P of the
-work (the sampler and the scorer feed each process's rows of every global batch), gathers the
-results by global index, and leaves the files to process 0 (`ssapo_jax.pipeline.hosts`). Each
-phase logs its wall time and throughput (``metrics.jsonl``, one printed line) at ``step``. Keys come from the run's named seed streams
+present, so a resumed run repeats no finished phase. Keys come from the run's named seed streams
 (`ssapo_jax.experiment.stream_key`).
+
+Across processes every phase does 1/P of the work (the sampler and the scorer feed each process's
+rows of every global batch), gathers the results by global index, and leaves the files to process
+0 (`ssapo_jax.pipeline.hosts`). Each phase logs its wall time and throughput (``metrics.jsonl``,
+one printed line) at global step ``step``.
 """
 
 from __future__ import annotations
