@@ -134,9 +134,9 @@ def _assert_same_run(out, ref):
       for k in ("tokens", "mask", "prompt_index", "chosen_row", "rejected_row"):
         if k in y:
           np.testing.assert_array_equal(x[k], y[k], err_msg=f"round {t} {name} {k}")
-    pairs_a, pairs_b = load_round(os.path.join(a, "pairs")), load_round(os.path.join(b, "pairs"))
+    pairs_a, pairs_b = (load_round(os.path.join(d, "pairs"))[0] for d in (a, b))
     assert pairs_a["chosen"] == pairs_b["chosen"] and pairs_a["rejected"] == pairs_b["rejected"]
-    set_a, set_b = (load_round(os.path.join(d, "train_set")) for d in (a, b))
+    set_a, set_b = (load_round(os.path.join(d, "train_set"))[0] for d in (a, b))
     for k in ("atom_weights", "atom_shifts"):
       np.testing.assert_allclose(np.asarray(set_a[k]), np.asarray(set_b[k]), atol=1e-6)
   la, lb = _losses(out), _losses(ref)
