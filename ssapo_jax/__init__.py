@@ -19,7 +19,8 @@ __version__ = "0.1.0"
 _LAZY = {
     **dict.fromkeys(("Llama", "LlamaConfig", "load_hf", "save_hf", "logical_axes",
                      "CheckpointError"), "ssapo_jax.models"),
-    **dict.fromkeys(("generate", "decode", "Generation", "SamplingConfig"), "ssapo_jax.sampling"),
+    **dict.fromkeys(("generate", "decode", "Generation", "SamplingConfig", "Sampler",
+                     "gather_samples"), "ssapo_jax.sampling"),
     **dict.fromkeys(("MeshConfig", "make_mesh", "initialize_distributed", "global_batch",
                      "host_batch_rows", "LOGICAL_AXIS_RULES"), "ssapo_jax.sharding"),
     **dict.fromkeys(("TrainConfig", "TrainState", "create_train_state", "make_train_step",

@@ -37,7 +37,7 @@ import hashlib
 import json
 import os
 import warnings
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -654,7 +654,6 @@ def robust_dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.A
   per_row = jnp.sum(atom_weights * atom_losses, axis=-1)
   metrics = _reward_metrics(pc, pr, rc, rr, beta, keep)
   if rpo_alpha is not None:
-    lc = jnp.maximum(_masked(jnp.asarray(chosen_lengths, dtype), keep, 1.0), 1.0)
     nll = -pc if chosen_nll is None else _masked(jnp.asarray(chosen_nll, dtype), keep)
     sft = _masked(nll / _mean_chosen_length(chosen_lengths, rows.valid, mean_chosen_length, dtype),
                   keep)

@@ -1,22 +1,37 @@
 """Batched sampling from a `ssapo_jax.models.Llama` with a KV cache, jitted end to end.
 
-`generate` prefills left-padded prompts once, then runs a ``lax.while_loop`` over the cache that
-samples one token per step (greedy, temperature, top-k, top-p) and exits early when every row
-has emitted an end-of-sequence token. All randomness comes from the ``key`` argument: step
-``t`` uses ``fold_in(key, t)``, so a key always gives the same samples.
+`generate` prefills one batch of left-padded prompts, then runs a ``lax.while_loop`` over the
+cache that samples one token per step (greedy, temperature, top-k, top-p) and exits early when
+every row has emitted an end-of-sequence token.
+
+`Sampler` samples many prompts on a device mesh: prompts are grouped into length-bucketed
+batches (`plan_batches`), each batch is sharded over the batch axes ``(data, fsdp)`` with the
+attention heads, MLP and vocabulary over ``tensor``, the parameters are laid out for decoding
+once per call (`sharding.DECODE_AXIS_RULES`: tensor-parallel, no FSDP gathers inside the loop),
+and each process feeds only its rows of every batch and reads back only its rows.
+
+All randomness comes from the ``key`` argument: sample ``j`` of the prompt with global index
+``i`` draws step ``t`` with ``fold_in(fold_in(fold_in(key, i), j), t)``. The samples of a prompt
+therefore depend on the key, its index and its padded length only, not on the other prompts of
+its batch, the mesh or the number of processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple, Sequence
+import time
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from tqdm.auto import tqdm
 
+from ssapo_jax import sharding as shd
+from ssapo_jax.data.tokenize import left_pad, round_up
 from ssapo_jax.models.llama import Llama, positions_from_mask
 
 
@@ -78,82 +93,140 @@ def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> j
   return logits
 
 
-def _sample(logits, key, *, temperature, top_k, top_p):
-  """Next tokens ``[B]`` int32 from ``logits [B, V]`` float32."""
+def _sample(logits, keys, *, temperature, top_k, top_p):
+  """Next tokens ``[R]`` int32 from ``logits [R, V]`` float32, row r drawn with ``keys[r]``."""
   if temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  draw = lambda k, row: jax.random.categorical(k, row)
+  return jax.vmap(draw)(keys, logits).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "graphdef", "max_new_tokens", "temperature", "top_p", "top_k", "num_samples",
-    "eos_token_ids", "pad_token_id"))
-def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, max_new_tokens, temperature,
-              top_p, top_k, num_samples, eos_token_ids, pad_token_id):
-  model: Llama = nnx.merge(graphdef, state)
-  ids = jnp.repeat(prompt_ids.astype(jnp.int32), num_samples, axis=0)  # [B*S, P] prompt-major
-  mask = jnp.repeat(prompt_mask.astype(jnp.int32), num_samples, axis=0)
-  rows, prompt_len = ids.shape
-  total = prompt_len + max_new_tokens
-  cache = model.init_cache(rows, total)
-  kv_mask = jnp.concatenate([mask, jnp.zeros((rows, max_new_tokens), jnp.int32)], axis=1)
+class _Settings(NamedTuple):
+  """Static arguments of `_generate` (hashable)."""
+
+  max_new_tokens: int
+  temperature: float
+  top_p: float
+  top_k: int
+  num_samples: int
+  eos_token_ids: tuple[int, ...]
+  pad_token_id: int
+
+
+def _constrain(mesh, x, logical_axes):
+  """``x`` laid out by the logical axes on ``mesh``; unchanged without a mesh."""
+  if mesh is None:
+    return x
+  spec = shd.logical_to_spec(logical_axes, x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "settings", "mesh"))
+def _generate(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key, *,
+              settings: _Settings, mesh=None):
+  """The sampling loop. Returns ``(Generation, decode steps run)``; rows prompt-major.
+
+  With a ``mesh`` the rows, the KV cache (batch over ``(data, fsdp)``, kv heads over
+  ``tensor``) and the outputs are constrained to it; the parameters keep the layout they
+  arrive in, which stays fixed for the whole loop.
+  """
+  s = settings
+  model: Llama = nnx.merge(graphdef, params, rest)
+  b, prompt_len = prompt_ids.shape
+  rows, n = b * s.num_samples, s.max_new_tokens
+
+  def per_row(x):  # [B, ...] -> [B*S, ...], prompt-major, without moving rows across shards
+    x = jnp.broadcast_to(x[:, None], (b, s.num_samples) + x.shape[1:])
+    return x.reshape((rows,) + x.shape[2:])
+
+  by_row = lambda x: _constrain(mesh, x, ("batch",) + (None,) * (x.ndim - 1))
+  ids = by_row(per_row(prompt_ids.astype(jnp.int32)))
+  mask = by_row(per_row(prompt_mask.astype(jnp.int32)))
+  sample_index = jnp.tile(jnp.arange(s.num_samples, dtype=jnp.int32), b)
+  row_keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(key, i), j))(
+      per_row(prompt_index.astype(jnp.int32)), sample_index)
+  cache_layout = lambda c: jax.tree.map(
+      lambda x: _constrain(mesh, x, ("batch", None, "kv_heads", "head_dim")), c)
+  cache = cache_layout(model.init_cache(rows, prompt_len + n))
+  kv_mask = by_row(jnp.concatenate([mask, jnp.zeros((rows, n), jnp.int32)], axis=1))
   logits, cache = model.decode(ids, positions_from_mask(mask), cache, cache_index=0,
                                kv_mask=kv_mask)
-  next_pos = jnp.sum(mask, axis=-1).astype(jnp.int32)  # [B*S]
-  eos = jnp.asarray(eos_token_ids if eos_token_ids else (-1,), jnp.int32)
+  eos = jnp.asarray(s.eos_token_ids if s.eos_token_ids else (-1,), jnp.int32)
+  last_logits = lambda x: by_row(x[:, -1].astype(jnp.float32))  # full vocabulary per row
 
   init = dict(
       step=jnp.zeros((), jnp.int32),
-      logits=logits[:, -1].astype(jnp.float32),
-      cache=cache,
+      logits=last_logits(logits),
+      cache=cache_layout(cache),
       kv_mask=kv_mask,
-      pos=next_pos,
+      pos=jnp.sum(mask, axis=-1).astype(jnp.int32),  # [B*S] next RoPE position
       done=jnp.zeros((rows,), bool),
-      tokens=jnp.full((rows, max_new_tokens), pad_token_id, jnp.int32),
-      mask=jnp.zeros((rows, max_new_tokens), jnp.int32),
-      logps=jnp.zeros((rows, max_new_tokens), jnp.float32),
+      tokens=by_row(jnp.full((rows, n), s.pad_token_id, jnp.int32)),
+      mask=by_row(jnp.zeros((rows, n), jnp.int32)),
+      logps=by_row(jnp.zeros((rows, n), jnp.float32)),
   )
 
-  def cond(s):
-    return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
+  def cond(c):
+    return (c["step"] < n) & ~jnp.all(c["done"])
 
-  def body(s):
-    step = s["step"]
-    token = _sample(s["logits"], jax.random.fold_in(key, step), temperature=temperature,
-                    top_k=top_k, top_p=top_p)
-    live = ~s["done"]
-    logp = jnp.take_along_axis(jax.nn.log_softmax(s["logits"], axis=-1), token[:, None],
+  def body(c):
+    step = c["step"]
+    step_keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
+    token = _sample(c["logits"], step_keys, temperature=s.temperature, top_k=s.top_k,
+                    top_p=s.top_p)
+    live = ~c["done"]
+    logp = jnp.take_along_axis(jax.nn.log_softmax(c["logits"], axis=-1), token[:, None],
                                axis=-1)[:, 0]
-    token = jnp.where(live, token, pad_token_id)
-    done = s["done"] | (live & jnp.isin(token, eos))
+    token = jnp.where(live, token, s.pad_token_id)
+    done = c["done"] | (live & jnp.isin(token, eos))
     slot = prompt_len + step
     kv_mask = jax.lax.dynamic_update_slice_in_dim(
-        s["kv_mask"], jnp.ones((rows, 1), jnp.int32), slot, axis=1)
-    logits, cache = model.decode(token[:, None], s["pos"][:, None], s["cache"],
+        c["kv_mask"], jnp.ones((rows, 1), jnp.int32), slot, axis=1)
+    logits, cache = model.decode(token[:, None], c["pos"][:, None], c["cache"],
                                  cache_index=slot, kv_mask=kv_mask)
     col = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v[:, None], step, axis=1)
     return dict(
         step=step + 1,
-        logits=logits[:, -1].astype(jnp.float32),
-        cache=cache,
+        logits=last_logits(logits),
+        cache=cache_layout(cache),
         kv_mask=kv_mask,
-        pos=s["pos"] + 1,
+        pos=c["pos"] + 1,
         done=done,
-        tokens=col(s["tokens"], token),
-        mask=col(s["mask"], live.astype(jnp.int32)),
-        logps=col(s["logps"], jnp.where(live, logp, 0.0)),
+        tokens=col(c["tokens"], token),
+        mask=col(c["mask"], live.astype(jnp.int32)),
+        logps=col(c["logps"], jnp.where(live, logp, 0.0)),
     )
 
   out = jax.lax.while_loop(cond, body, init)
-  return Generation(out["tokens"], out["mask"], out["logps"])
+  gen = Generation(by_row(out["tokens"]), by_row(out["mask"]), by_row(out["logps"]))
+  return gen, out["step"]
+
+
+def _settings(config, *, max_new_tokens, temperature, top_p, top_k, num_samples, eos_token_ids,
+              pad_token_id) -> _Settings:
+  """Validated `_Settings`; EOS and pad ids default to the model config's."""
+  if eos_token_ids is None:
+    eos_token_ids = config.eos_token_ids
+  elif isinstance(eos_token_ids, (int, np.integer)):
+    eos_token_ids = (int(eos_token_ids),)
+  eos_token_ids = tuple(int(e) for e in eos_token_ids)
+  if pad_token_id is None:
+    pad_token_id = (config.pad_token_id if config.pad_token_id is not None
+                    else eos_token_ids[0] if eos_token_ids else 0)
+  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or num_samples < 1:
+    raise ValueError(f"generate: invalid sampling arguments temperature={temperature}, "
+                     f"top_p={top_p}, top_k={top_k}, max_new_tokens={max_new_tokens}, "
+                     f"num_samples={num_samples}")
+  return _Settings(int(max_new_tokens), float(temperature), float(top_p), int(top_k),
+                   int(num_samples), eos_token_ids, int(pad_token_id))
 
 
 def generate(model: Llama, prompt_ids, prompt_mask, key: jax.Array, *, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              num_samples: int = 1, eos_token_ids: Sequence[int] | int | None = None,
-             pad_token_id: int | None = None) -> Generation:
-  """Samples ``num_samples`` continuations of each left-padded prompt.
+             pad_token_id: int | None = None, prompt_index=None) -> Generation:
+  """Samples ``num_samples`` continuations of each left-padded prompt (one batch, plain jit).
 
   Args:
     model: the policy.
@@ -166,23 +239,14 @@ def generate(model: Llama, prompt_ids, prompt_mask, key: jax.Array, *, max_new_t
     num_samples: S independent samples per prompt.
     eos_token_ids: tokens that end a response (default: the model config's).
     pad_token_id: filler after the end (default: config pad, else the first EOS, else 0).
+    prompt_index: ``[B]`` int the prompts' indices that seed their keys (default ``0..B-1``).
 
   Returns:
     `Generation` with ``[B*S, N]`` arrays, prompt-major rows.
   """
-  cfg = model.config
-  if eos_token_ids is None:
-    eos_token_ids = cfg.eos_token_ids
-  elif isinstance(eos_token_ids, (int, np.integer)):
-    eos_token_ids = (int(eos_token_ids),)
-  eos_token_ids = tuple(int(e) for e in eos_token_ids)
-  if pad_token_id is None:
-    pad_token_id = (cfg.pad_token_id if cfg.pad_token_id is not None
-                    else eos_token_ids[0] if eos_token_ids else 0)
-  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or num_samples < 1:
-    raise ValueError(f"generate: invalid sampling arguments temperature={temperature}, "
-                     f"top_p={top_p}, top_k={top_k}, max_new_tokens={max_new_tokens}, "
-                     f"num_samples={num_samples}")
+  settings = _settings(model.config, max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_p=top_p, top_k=top_k, num_samples=num_samples,
+                       eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
   if prompt_ids.ndim != 2 or prompt_mask.shape != prompt_ids.shape:
     raise ValueError(f"generate: prompt_ids {prompt_ids.shape} and prompt_mask "
                      f"{prompt_mask.shape} must both be [B, P]")
@@ -193,11 +257,261 @@ def generate(model: Llama, prompt_ids, prompt_mask, key: jax.Array, *, max_new_t
                        "prompt_mask)")
     if (m.sum(axis=1) == 0).any():
       raise ValueError("generate: every prompt needs at least one real token")
-  graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key,
-                   max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                   top_p=float(top_p), top_k=int(top_k), num_samples=int(num_samples),
-                   eos_token_ids=eos_token_ids, pad_token_id=int(pad_token_id))
+  if prompt_index is None:
+    prompt_index = np.arange(prompt_ids.shape[0], dtype=np.int32)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  gen, _ = _generate(graphdef, params, rest, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask),
+                     jnp.asarray(prompt_index, jnp.int32), key, settings=settings)
+  return gen
+
+
+# ------------------------------------------------------------------------------ many prompts
+
+
+class PromptBatch(NamedTuple):
+  """One `generate` call of a sampling plan.
+
+  Attributes:
+    indices: ``[B]`` global indices of the prompts; rows past ``num_real`` repeat the last
+      real prompt (same index, so the same samples: they never lengthen the loop).
+    num_real: how many leading rows are distinct prompts.
+    length: padded prompt length P (the longest prompt rounded up to the bucket size).
+  """
+
+  indices: np.ndarray
+  num_real: int
+  length: int
+
+
+def plan_batches(lengths: Sequence[int], *, batch_size: int, bucket_size: int = 1,
+                 bucketed: bool = True) -> list[PromptBatch]:
+  """Groups prompts into fixed-size batches for sampling.
+
+  Bucketed, prompts are ordered by length (longest first, so an out-of-memory batch fails
+  first; ties keep their order) before they are cut into batches, so a short prompt is padded
+  only to its batch neighbours' length. Unbucketed, batches follow the input order. The plan
+  depends only on ``lengths`` and the arguments, so every process computes the same one.
+  """
+  lengths = np.asarray(lengths, np.int64)
+  if batch_size < 1 or bucket_size < 1:
+    raise ValueError(f"plan_batches: batch_size {batch_size} and bucket_size {bucket_size} "
+                     "must be >= 1")
+  if lengths.size and lengths.min() < 1:
+    raise ValueError(f"plan_batches: prompt {int(np.argmin(lengths))} is empty")
+  order = np.argsort(-lengths, kind="stable") if bucketed else np.arange(lengths.size)
+  plan = []
+  for start in range(0, lengths.size, batch_size):
+    chunk = order[start:start + batch_size]
+    filler = np.full(batch_size - chunk.size, chunk[-1])
+    plan.append(PromptBatch(np.concatenate([chunk, filler]), int(chunk.size),
+                            round_up(int(lengths[chunk].max()), bucket_size)))
+  return plan
+
+
+def prompt_padding_fraction(plan: Sequence[PromptBatch], lengths: Sequence[int]) -> float:
+  """Fraction of the prompt positions a plan computes that are padding (filler rows included)."""
+  lengths = np.asarray(lengths, np.int64)
+  real = sum(int(lengths[b.indices[:b.num_real]].sum()) for b in plan)
+  slots = sum(b.indices.size * b.length for b in plan)
+  return 1.0 - real / max(slots, 1)
+
+
+@dataclasses.dataclass
+class RolloutStats:
+  """Work of one `Sampler.sample` call, summed over all processes.
+
+  Token counts are per sampled row (a prompt counts ``num_samples`` times); slots are the
+  positions computed: prefill ``rows * P`` plus one per row and decode step.
+  """
+
+  prompts: int = 0
+  rows: int = 0  # rows computed, filler included
+  prompt_tokens: int = 0
+  new_tokens: int = 0  # generated tokens of real rows, EOS included
+  prompt_slots: int = 0
+  decode_slots: int = 0
+  seconds: float = 0.0
+  devices: int = 1
+
+  @property
+  def padding_fraction(self) -> float:
+    """Share of the computed token positions that carry no real token."""
+    real = self.prompt_tokens + self.new_tokens
+    return 1.0 - real / max(self.prompt_slots + self.decode_slots, 1)
+
+  @property
+  def tokens_per_second_per_chip(self) -> float:
+    return self.new_tokens / max(self.seconds, 1e-9) / self.devices
+
+  def as_metrics(self) -> dict[str, float]:
+    """Flat numbers for ``metrics.jsonl``."""
+    return {"prompts": self.prompts, "rows": self.rows, "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens, "seconds": self.seconds,
+            "padding_fraction": self.padding_fraction,
+            "tokens_per_second": self.new_tokens / max(self.seconds, 1e-9),
+            "tokens_per_second_per_chip": self.tokens_per_second_per_chip}
+
+
+class Samples(NamedTuple):
+  """This process's share of a `Sampler.sample` call; prompt-major rows, ascending prompts.
+
+  Attributes:
+    prompt_index: ``[m]`` int64 global indices of the prompts this process sampled.
+    tokens: ``[m*S, N]`` int32, pad after the end.
+    mask: ``[m*S, N]`` int32, 1 up to and including the EOS token.
+    logps: ``[m*S, N]`` float32 log-probabilities (temperature 1), 0 where ``mask`` is 0.
+    stats: the call's `RolloutStats` (global).
+  """
+
+  prompt_index: np.ndarray
+  tokens: np.ndarray
+  mask: np.ndarray
+  logps: np.ndarray
+  stats: RolloutStats
+
+
+def _sum_over_processes(values: np.ndarray) -> np.ndarray:
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
+
+
+class Sampler:
+  """Samples many prompts on a mesh, each process doing its share of every batch.
+
+  Args:
+    mesh: the device mesh; batches are split over ``data * fsdp`` (which must be a multiple
+      of the number of processes), heads/MLP/vocabulary over ``tensor``.
+    config: `SamplingConfig` (limits, filtering, samples per prompt, prompts per batch B,
+      which must divide over ``data * fsdp``).
+    pad_token_id, eos_token_ids: the tokenizer's.
+    bucket_size: padded prompt lengths are multiples of this (``data.bucket_size``).
+    bucketed: order prompts by length before batching (`plan_batches`).
+
+  Samples of a prompt are the same for the same key whatever the mesh and process count
+  (with the same ``config.batch_size``, which fixes the batches and so the padded lengths).
+  """
+
+  def __init__(self, mesh, config: SamplingConfig, *, pad_token_id: int,
+               eos_token_ids: Sequence[int] | int, bucket_size: int = 1, bucketed: bool = True):
+    ways, nproc = shd.num_batch_shards(mesh), jax.process_count()
+    if ways % nproc:
+      raise ValueError(f"sampling splits batches over data*fsdp = {ways} ways, which must be a "
+                       f"multiple of the {nproc} processes (mesh {dict(mesh.shape)})")
+    shd.check_batch_divisible(config.batch_size, mesh, what="sampling.batch_size")
+    self.mesh, self.config = mesh, config
+    self.pad_token_id = int(pad_token_id)
+    self.eos_token_ids = ((int(eos_token_ids),) if isinstance(eos_token_ids, (int, np.integer))
+                          else tuple(int(e) for e in eos_token_ids))
+    self.bucket_size, self.bucketed = bucket_size, bucketed
+
+  def decode_layout(self, model: Llama) -> tuple[Any, Any, Any]:
+    """``(graphdef, params, rest)`` with the parameters placed by `DECODE_AXIS_RULES`.
+
+    One all-gather of the FSDP shards per call; decoding then reads the local copies. Each
+    device holds ``1 / tensor`` of the model.
+    """
+    from ssapo_jax.models import logical_axes  # pylint: disable=import-outside-toplevel
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    p_shard = shd.logical_shardings(params, logical_axes(params), self.mesh,
+                                    rules=shd.DECODE_AXIS_RULES)
+    r_shard = jax.tree.map(lambda _: shd.replicated(self.mesh), rest)
+    params, rest = jax.jit(lambda p, r: (p, r), out_shardings=(p_shard, r_shard))(params, rest)
+    return graphdef, params, rest
+
+  def sample(self, model: Llama, prompts: Sequence[Sequence[int]], key: jax.Array, *,
+             temperature: float | None = None, num_samples: int | None = None,
+             desc: str = "sample") -> Samples:
+    """Samples every prompt; returns this process's rows.
+
+    Args:
+      model: the policy (parameters on ``mesh`` in any layout).
+      prompts: all prompts as token id lists (every process passes the same list).
+      key: PRNG key.
+      temperature, num_samples: override the config's (evaluation samples greedily once).
+      desc: progress-bar label.
+    """
+    c = self.config
+    temperature = c.temperature if temperature is None else temperature
+    num_samples = c.num_samples if num_samples is None else num_samples
+    settings = _settings(model.config, max_new_tokens=c.max_new_tokens, temperature=temperature,
+                         top_p=c.top_p, top_k=c.top_k, num_samples=num_samples,
+                         eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id)
+    start_time = time.perf_counter()
+    lengths = [len(p) for p in prompts]
+    plan = plan_batches(lengths, batch_size=c.batch_size, bucket_size=self.bucket_size,
+                        bucketed=self.bucketed)
+    graphdef, params, rest = self.decode_layout(model)
+    key = shd.put_global(key, shd.replicated(self.mesh))
+    rows = shd.host_batch_rows(self.mesh, c.batch_size)
+    sharding = lambda ndim: NamedSharding(self.mesh, shd.batch_spec(ndim, c.batch_size, self.mesh))
+    to_global = lambda x: jax.make_array_from_process_local_data(
+        sharding(x.ndim), x, (c.batch_size,) + x.shape[1:])
+    index, tokens, mask, logps = [], [], [], []
+    # [prompt tokens, new tokens, prompt slots, decode slots] of this process's real rows.
+    counts = np.zeros(4, np.int64)
+    for batch in tqdm(plan, desc=desc, leave=False):
+      local = batch.indices[rows]
+      real = np.arange(c.batch_size)[rows] < batch.num_real
+      ids, pmask = left_pad([prompts[i] for i in local], pad_id=self.pad_token_id,
+                            length=batch.length)
+      gen, steps = _generate(graphdef, params, rest, to_global(ids), to_global(pmask),
+                                to_global(local.astype(np.int32)), key, settings=settings,
+                                mesh=self.mesh)
+      steps = int(steps.addressable_data(0))
+      out = [shd.host_local_rows(x).reshape(local.size, num_samples, -1) for x in gen]
+      index.append(local[real])
+      for acc, x in zip((tokens, mask, logps), out):
+        acc.append(x[real])
+      # Slots cover every computed row (filler too); the slots of one row are counted once.
+      counts += [int(pmask[real].sum()) * num_samples, int(out[1][real].sum()),
+                 local.size * num_samples * batch.length, local.size * num_samples * steps]
+    counts = _sum_over_processes(counts)
+    index = np.concatenate(index) if index else np.zeros((0,), np.int64)
+    order = np.argsort(index, kind="stable")
+    stack = lambda parts, dtype: (np.concatenate(parts)[order].reshape(
+        -1, c.max_new_tokens) if parts else np.zeros((0, c.max_new_tokens), dtype))
+    stats = RolloutStats(prompts=len(prompts), rows=len(plan) * c.batch_size * num_samples,
+                         prompt_tokens=int(counts[0]), new_tokens=int(counts[1]),
+                         prompt_slots=int(counts[2]), decode_slots=int(counts[3]),
+                         seconds=time.perf_counter() - start_time,
+                         devices=self.mesh.devices.size)
+    return Samples(index[order], stack(tokens, np.int32), stack(mask, np.int32),
+                   stack(logps, np.float32), stats)
+
+
+def gather_samples(samples: Samples, num_prompts: int) -> Generation:
+  """Every process's `Samples` in prompt order, on every process (numpy `Generation`).
+
+  Deterministic: rows are placed by their global prompt index.
+  """
+  if jax.process_count() == 1:
+    gathered = [samples]
+  else:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    m = samples.prompt_index.size
+    most = int(np.max(multihost_utils.process_allgather(np.array([m]))))
+    s = samples.tokens.shape[0] // max(m, 1) if m else 0
+    s = int(np.max(multihost_utils.process_allgather(np.array([s]))))
+    pad_rows = lambda x: np.pad(x, [(0, (most - m) * s)] + [(0, 0)] * (x.ndim - 1))
+    parts = multihost_utils.process_allgather(
+        (np.pad(samples.prompt_index, (0, most - m), constant_values=-1),
+         pad_rows(samples.tokens), pad_rows(samples.mask), pad_rows(samples.logps)))
+    gathered = [Samples(*(np.asarray(x[p]) for x in parts), samples.stats)
+                for p in range(jax.process_count())]
+  index = np.concatenate([g.prompt_index for g in gathered])
+  keep = index >= 0
+  if sorted(index[keep].tolist()) != list(range(num_prompts)):
+    raise ValueError(f"gather_samples: the processes sampled prompts {sorted(index[keep])[:8]}"
+                     f"..., expected each of 0..{num_prompts - 1} once")
+  order = np.argsort(np.where(keep, index, num_prompts), kind="stable")[:num_prompts]
+  fields = []
+  for name in ("tokens", "mask", "logps"):
+    x = np.concatenate([getattr(g, name) for g in gathered])
+    x = x.reshape(index.size, -1, x.shape[-1])[order]
+    fields.append(x.reshape(-1, x.shape[-1]))
+  return Generation(*fields)
 
 
 def decode(tokenizer, tokens, mask, *, eos_token_ids: Sequence[int] | None = None,

@@ -50,6 +50,12 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),        # stacked-layer axis when layers are scanned
 )
 
+# Parameter layout for autoregressive decoding: the training rules without FSDP, so every
+# device holds its tensor-parallel slice of every weight for the whole sampling loop instead
+# of all-gathering the FSDP shards at every generated token.
+DECODE_AXIS_RULES = tuple((name, None if name == "embed" else axes)
+                          for name, axes in LOGICAL_AXIS_RULES)
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -66,6 +72,9 @@ class MeshConfig:
   num_processes: int | None = None  # total processes (hosts); None = auto-detect / single process
   process_id: int | None = None  # this process's index in [0, num_processes); None = auto-detect
   local_device_ids: tuple[int, ...] | None = None  # devices this process uses; None = all visible
+  # Seconds without a heartbeat after which jax.distributed declares a process dead; every other
+  # process then exits non-zero (a killed peer never leaves the rest hanging).
+  coordination_timeout_seconds: int = 100
 
   def __post_init__(self):
     sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
@@ -82,6 +91,9 @@ class MeshConfig:
         raise ValueError("mesh.process_id is set but mesh.num_processes is not")
       if not 0 <= self.process_id < self.num_processes:
         raise ValueError(f"mesh.process_id must be in [0, {self.num_processes}), got {self.process_id}")
+    if self.coordination_timeout_seconds < 1:
+      raise ValueError(f"mesh.coordination_timeout_seconds must be >= 1, got "
+                       f"{self.coordination_timeout_seconds}")
     if (self.num_processes or 1) > 1 and self.coordinator_address is None:
       raise ValueError(f"mesh.num_processes={self.num_processes} needs mesh.coordinator_address "
                        "(host:port of process 0); leave both unset on TPU pods to auto-detect")
@@ -126,19 +138,27 @@ def initialize_distributed(config: MeshConfig) -> bool:
   nodes, localhost tests); on a multi-host TPU slice the peers are auto-detected. A single
   process does nothing. Must run before any other JAX call touches the devices. Idempotent.
 
+  ``config.coordination_timeout_seconds`` is the heartbeat timeout: when a process dies (or
+  hangs) the coordination service notices within that time and every other process aborts
+  with a non-zero status, so a relaunch of all processes can resume from the checkpoints.
+
   Returns:
     True if ``jax.distributed`` is (now) initialised.
   """
   if jax.distributed.is_initialized():
     return True
   if config.num_processes is not None and config.num_processes > 1:
+    # CPU processes (tests, CPU clusters) need a cross-process collectives backend; this
+    # setting touches only the CPU client.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=config.coordinator_address, num_processes=config.num_processes,
         process_id=config.process_id,
-        local_device_ids=list(config.local_device_ids) if config.local_device_ids else None)
+        local_device_ids=list(config.local_device_ids) if config.local_device_ids else None,
+        heartbeat_timeout_seconds=config.coordination_timeout_seconds)
     return True
   if config.num_processes is None and _tpu_pod_detected():
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=config.coordination_timeout_seconds)
     return True
   return False
 
@@ -297,6 +317,29 @@ def global_batch(mesh: Mesh, host_local_batch: Any) -> Any:
     return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
   return jax.tree.map(to_global, host_local_batch)
+
+
+def host_local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a global array sharded on dimension 0 only, as numpy (the inverse
+  of `global_batch`).
+
+  Reads only the addressable shards (replicas over other axes are read once), so it works for
+  arrays spanning several processes.
+
+  Raises:
+    ValueError: if this process's rows are not one contiguous block.
+  """
+  blocks: dict[int, np.ndarray] = {}
+  for shard in x.addressable_shards:
+    start, stop, _ = shard.index[0].indices(x.shape[0]) if x.ndim else (0, 1, 1)
+    if start not in blocks:
+      blocks[start] = np.asarray(shard.data)
+  starts = sorted(blocks)
+  for a, b in zip(starts, starts[1:]):
+    if a + blocks[a].shape[0] != b:
+      raise ValueError(f"process {jax.process_index()} holds non-contiguous rows of a "
+                       f"{x.shape} array (blocks at {starts})")
+  return np.concatenate([blocks[s] for s in starts])
 
 
 def to_host(x: jax.Array) -> np.ndarray:

@@ -7,7 +7,10 @@ As a script (one per process)::
 
 runs `run_steps` on a (2, 2, 2) mesh spanning both processes (4 simulated CPU devices each,
 gloo collectives), each process loading only its rows of every global batch, and writes
-its losses and reference log-probs as JSON.
+its losses and reference log-probs as JSON. With ``--task sample`` it instead samples
+`sampler_prompts` with `ssapo_jax.sampling.Sampler` on that mesh and writes the prompts this
+process sampled and the gathered samples; with ``--task check_run --config_text T`` it runs
+`ssapo_jax.pipeline.hosts.check_same_run(T)` and writes the error it raised (or null).
 """
 
 from __future__ import annotations
@@ -93,12 +96,49 @@ def run_steps(mesh, config, *, num_steps: int = NUM_STEPS, num_train_steps: int 
   return losses, state
 
 
+def sampler_prompts(num: int = 13, seed: int = 0) -> list[list[int]]:
+  """Prompts of 2..16 tokens for the sampler tests (one padded length with bucket size 16)."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  return [rng.integers(3, 64, int(rng.integers(2, 17))).tolist() for _ in range(num)]
+
+
+def sampler(mesh, **overrides):
+  """The tests' `Sampler`: 2 samples of 6 tokens per prompt, batches of 8, bucket size 16."""
+  from ssapo_jax.sampling import Sampler, SamplingConfig
+  config = SamplingConfig(**{**dict(temperature=1.0, max_new_tokens=6, num_samples=2,
+                                    batch_size=8), **overrides})
+  return Sampler(mesh, config, pad_token_id=0, eos_token_ids=(2,), bucket_size=16)
+
+
+def sharded_tiny_model(mesh, seed: int = 0):
+  """`tiny_model` with its parameters in the train layout on ``mesh``."""
+  from flax import nnx
+  from ssapo_jax import sharding as shd
+  from ssapo_jax import train as tr
+  graphdef, params, rest = nnx.split(tiny_model(seed), nnx.Param, ...)
+  return nnx.merge(graphdef, shd.shard_params(params, tr.param_shardings(params, mesh)), rest)
+
+
+def _sample_task(mesh) -> dict:
+  import jax
+  from ssapo_jax.sampling import gather_samples
+  prompts = sampler_prompts()
+  out = sampler(mesh).sample(sharded_tiny_model(mesh), prompts, jax.random.key(7))
+  gen = gather_samples(out, len(prompts))
+  return {"prompt_index": out.prompt_index.tolist(), "local_rows": int(out.tokens.shape[0]),
+          "tokens": gen.tokens.tolist(), "logps": gen.logps.tolist(),
+          "new_tokens": out.stats.new_tokens}
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--process_id", type=int, required=True)
   parser.add_argument("--num_processes", type=int, required=True)
   parser.add_argument("--coordinator", required=True)
   parser.add_argument("--out", required=True)
+  parser.add_argument("--task", choices=("train", "sample", "check_run"), default="train")
+  parser.add_argument("--config_text", default="")
   args = parser.parse_args(argv)
 
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
@@ -114,6 +154,24 @@ def main(argv=None):
                                num_processes=args.num_processes, process_id=args.process_id)
   assert shd.initialize_distributed(mesh_config)
   mesh = shd.make_mesh(mesh_config)
+  if args.task == "check_run":
+    from ssapo_jax.pipeline import hosts
+    try:
+      hosts.check_same_run(args.config_text)
+      error = None
+    except RuntimeError as e:
+      error = str(e)
+    with open(args.out, "w") as f:
+      json.dump({"error": error}, f)
+    jax.distributed.shutdown()
+    return
+  if args.task == "sample":
+    result = _sample_task(mesh)
+    result.update(process_count=jax.process_count(), devices=jax.device_count())
+    with open(args.out, "w") as f:
+      json.dump(result, f)
+    jax.distributed.shutdown()
+    return
   losses, state = run_steps(mesh, train_config())
 
   # Score this host's rows of two batches with the trained parameters.

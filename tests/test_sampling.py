@@ -1,15 +1,29 @@
 """Tests for ssapo_jax/sampling.py against transformers' generate and numpy references."""
 
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
 import torch
+from jax.sharding import PartitionSpec
 
+import _multihost_worker as w
+from ssapo_jax import sharding as shd
+from ssapo_jax.data.tokenize import left_pad
 from ssapo_jax.models import load_hf
 from ssapo_jax.testing.hf_torch import save_tiny_hf
-from ssapo_jax.sampling import SamplingConfig, decode, filter_logits, generate
+from ssapo_jax.sampling import (SamplingConfig, decode, filter_logits, gather_samples, generate,
+                                plan_batches, prompt_padding_fraction)
+from ssapo_jax import sampling
 
 EOS = 2
 
@@ -153,3 +167,156 @@ def test_argument_errors(models):
   g = generate(model, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), temperature=0.0,
                max_new_tokens=3, num_samples=1)
   assert g.tokens.shape == (3, 3)
+
+
+# ----------------------------------------------------------------------------- many prompts
+
+MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (1, 4, 2)]
+KEY = 7
+
+
+def _mesh(shape):
+  return shd.make_mesh(shd.MeshConfig(*shape), jax.devices()[:math.prod(shape)])
+
+
+def _sample(shape):
+  mesh = _mesh(shape)
+  prompts = w.sampler_prompts()
+  return w.sampler(mesh).sample(w.sharded_tiny_model(mesh), prompts, jax.random.key(KEY))
+
+
+@pytest.fixture(scope="module")
+def single_device():
+  """The (1, 1, 1) samples: ``(prompts, Samples, gathered Generation)``."""
+  prompts = w.sampler_prompts()
+  out = _sample((1, 1, 1))
+  return prompts, out, gather_samples(out, len(prompts))
+
+
+def test_plan_batches_cover_every_prompt_once():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(1, 50, 23)
+  for bucketed in (False, True):
+    plan = plan_batches(lengths, batch_size=4, bucket_size=8, bucketed=bucketed)
+    real = np.concatenate([b.indices[:b.num_real] for b in plan])
+    assert sorted(real.tolist()) == list(range(23))
+    for b in plan:
+      assert b.indices.shape == (4,)
+      assert (b.indices[b.num_real:] == b.indices[b.num_real - 1]).all()
+      assert b.length == -(-lengths[b.indices].max() // 8) * 8
+    if not bucketed:
+      np.testing.assert_array_equal(real, np.arange(23))
+    slots = sum(4 * b.length for b in plan)
+    assert prompt_padding_fraction(plan, lengths) == pytest.approx(1 - lengths.sum() / slots)
+  unbucketed = plan_batches(lengths, batch_size=4, bucket_size=8, bucketed=False)
+  bucketed = plan_batches(lengths, batch_size=4, bucket_size=8)
+  assert (prompt_padding_fraction(bucketed, lengths)
+          < prompt_padding_fraction(unbucketed, lengths))
+  with pytest.raises(ValueError, match="prompt 2 is empty"):
+    plan_batches([3, 1, 0], batch_size=2)
+
+
+def test_sampler_rows_equal_sampling_each_prompt_alone(single_device):
+  """Keys come from the prompt's global index: `generate` on one prompt with its index (same
+  padded length, 16) gives the sampler's rows, whatever else shared the batch."""
+  prompts, out, gen = single_device
+  model = w.tiny_model(0)
+  for i in (0, 5, 12):
+    ids, mask = left_pad([prompts[i]], pad_id=0, length=16)
+    alone = generate(model, ids, mask, jax.random.key(KEY), max_new_tokens=6, temperature=1.0,
+                     num_samples=2, eos_token_ids=(2,), pad_token_id=0, prompt_index=[i])
+    np.testing.assert_array_equal(gen.tokens[2 * i:2 * i + 2], np.asarray(alone.tokens))
+    np.testing.assert_allclose(gen.logps[2 * i:2 * i + 2], np.asarray(alone.logps), atol=1e-5)
+  # Stats: 13 prompts in 2 batches of 8 (3 filler rows), 2 samples each, prompts padded to 16.
+  s = out.stats
+  assert (s.prompts, s.rows, s.prompt_slots) == (13, 32, 32 * 16)
+  assert s.prompt_tokens == 2 * sum(map(len, prompts))
+  assert s.new_tokens == int(gen.mask.sum())
+  assert s.decode_slots <= 32 * 6
+  assert s.padding_fraction == pytest.approx(
+      1 - (s.prompt_tokens + s.new_tokens) / (s.prompt_slots + s.decode_slots))
+  np.testing.assert_array_equal(out.prompt_index, np.arange(13))
+
+
+@pytest.mark.parametrize("shape", MESHES[1:])
+def test_sampler_same_samples_on_every_mesh(single_device, shape):
+  _, _, ref = single_device
+  gen = gather_samples(_sample(shape), 13)
+  np.testing.assert_array_equal(gen.tokens, ref.tokens)
+  np.testing.assert_array_equal(gen.mask, ref.mask)
+  np.testing.assert_allclose(gen.logps, ref.logps, atol=1e-5)
+
+
+def test_decode_layout_is_gathered_once_outside_the_loop():
+  """Decoding parameters drop the FSDP axis (heads stay over ``tensor``), so the compiled
+  sampling loop on an FSDP mesh contains no all-gather."""
+  mesh = _mesh((1, 8, 1))
+  model = w.sharded_tiny_model(mesh)
+  assert model.layers[0].attn.q_proj[...].sharding.spec == PartitionSpec("fsdp", None, None)
+  sampler = w.sampler(mesh)
+  graphdef, params, rest = sampler.decode_layout(model)
+  assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(params))
+  settings = sampling._settings(model.config, max_new_tokens=4, temperature=1.0, top_p=1.0,
+                                top_k=0, num_samples=2, eos_token_ids=(2,), pad_token_id=0)
+  rows = jax.sharding.NamedSharding(mesh, shd.batch_spec(2, 8, mesh))
+  ids = jax.device_put(np.ones((8, 16), np.int32), rows)
+  index = jax.device_put(np.arange(8, dtype=np.int32),
+                         jax.sharding.NamedSharding(mesh, shd.batch_spec(1, 8, mesh)))
+  key = shd.put_global(jax.random.key(0), shd.replicated(mesh))
+  hlo = sampling._generate.lower(graphdef, params, rest, ids, ids, index, key,
+                                 settings=settings, mesh=mesh).compile().as_text()
+  assert "while" in hlo and not re.search(r"all-gather", hlo)
+
+  mesh = _mesh((1, 4, 2))
+  _, params, _ = w.sampler(mesh).decode_layout(w.sharded_tiny_model(mesh))
+  q = params["layers"][0]["attn"]["q_proj"]
+  assert q.sharding.spec == PartitionSpec(None, "tensor", None)  # [D, N, H]: heads over tensor
+
+
+def test_sampler_argument_errors():
+  with pytest.raises(ValueError, match="sampling.batch_size 6 is not divisible by data\\*fsdp = 4"):
+    w.sampler(_mesh((1, 4, 1)), batch_size=6)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_sample_their_share(tmp_path, single_device):
+  """2 processes x 4 CPU devices: each samples only its rows of every batch (its half), and
+  the gathered samples equal one process's."""
+  prompts, _, ref = single_device
+  port = _free_port()
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(root, "tests", "_multihost_worker.py"), "--task", "sample",
+       "--process_id", str(i), "--num_processes", "2", "--coordinator", f"127.0.0.1:{port}",
+       "--out", str(tmp_path / f"p{i}.json")], env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT) for i in range(2)]
+  outputs = []
+  for p in procs:
+    try:
+      out, _ = p.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    outputs.append(out.decode(errors="replace"))
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  results = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+  assert [r["process_count"] for r in results] == [2, 2]
+  # Process i holds rows 4i..4i+3 of each batch of 8 (mesh (2, 2, 2)).
+  plan = plan_batches([len(p) for p in prompts], batch_size=8, bucket_size=16)
+  for i, r in enumerate(results):
+    share = [int(x) for b in plan for j, x in enumerate(b.indices)
+             if 4 * i <= j < 4 * i + 4 and j < b.num_real]
+    assert r["prompt_index"] == sorted(share)
+    assert r["local_rows"] == 2 * len(share)
+    np.testing.assert_array_equal(np.array(r["tokens"]), ref.tokens)
+    np.testing.assert_allclose(np.array(r["logps"]), ref.logps, atol=1e-5)
+    assert r["new_tokens"] == int(ref.mask.sum())

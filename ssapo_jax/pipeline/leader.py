@@ -5,6 +5,7 @@ metrics, checkpoints every ``checkpoint.save_every_steps`` steps with the loader
 resumes from such a checkpoint. With ``rounds.follower_refresh_steps`` it re-solves the follower
 on the current policy's margins every so many steps (paper eq. 7–8); each refresh's atoms are
 saved under ``follower_refresh/`` so a resumed run uses the atoms in force at its checkpoint.
+Process 0 reads and writes those files and broadcasts what it finds (`hosts`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ssapo_jax.data import LoaderCursor, PreferenceLoader, with_pair_columns
 from ssapo_jax.errors import NonFiniteError
 from ssapo_jax.experiment import stream_seed
 from ssapo_jax.models import Llama
-from ssapo_jax.pipeline import rundir
+from ssapo_jax.pipeline import hosts, rundir
 from ssapo_jax.pipeline.phases import follower_atoms
 from ssapo_jax.pipeline.runtime import Runtime
 from ssapo_jax.runrecord import message, progress
@@ -33,17 +34,21 @@ def _refresh_path(rt: Runtime, t: int, round_step: int) -> str:
 
 
 def _latest_refresh(rt: Runtime, t: int, round_step: int) -> str | None:
+  """Process 0's newest saved refresh at or before ``round_step`` (broadcast), or None."""
   folder = os.path.join(rt.round_dir(t), "follower_refresh")
-  if not os.path.isdir(folder):
-    return None
-  steps = sorted(int(f[5:13]) for f in os.listdir(folder) if f.endswith(".npz") and f[5:13].isdigit())
-  steps = [s for s in steps if s <= round_step]
-  return _refresh_path(rt, t, steps[-1]) if steps else None
+  latest = None
+  if hosts.is_leader() and os.path.isdir(folder):
+    steps = sorted(int(f[5:13]) for f in os.listdir(folder)
+                   if f.endswith(".npz") and f[5:13].isdigit())
+    steps = [s for s in steps if s <= round_step]
+    latest = _refresh_path(rt, t, steps[-1]) if steps else None
+  return hosts.broadcast_json(latest)
 
 
 def _with_saved_atoms(dataset, path: str):
-  with np.load(path) as f:
-    return with_pair_columns(dataset, atom_weights=f["atom_weights"], atom_shifts=f["atom_shifts"])
+  atoms = hosts.read_npz(path)
+  return with_pair_columns(dataset, atom_weights=atoms["atom_weights"],
+                           atom_shifts=atoms["atom_shifts"])
 
 
 def refresh_follower(rt: Runtime, t: int, state, dataset, judge_logps, round_step: int):
@@ -56,9 +61,10 @@ def refresh_follower(rt: Runtime, t: int, state, dataset, judge_logps, round_ste
   margins = ((pol_c - judge_logps["judge_chosen_logps"])
              - (pol_r - judge_logps["judge_rejected_logps"]))
   weights, shifts, summary = follower_atoms(rt, t, margins)
-  path = _refresh_path(rt, t, round_step)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  rundir.atomic_npz(path, atom_weights=weights, atom_shifts=shifts)
+  if hosts.is_leader():
+    path = _refresh_path(rt, t, round_step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rundir.atomic_npz(path, atom_weights=weights, atom_shifts=shifts)
   return with_pair_columns(dataset, atom_weights=weights, atom_shifts=shifts), summary
 
 
@@ -111,7 +117,7 @@ def train_round(rt: Runtime, t: int, init: Llama, dataset, judge_logps, *,
   tokens, last = 0, time.perf_counter()
   while True:
     if refresh and done > 0 and done % refresh == 0 and done < num_steps:
-      if os.path.exists(_refresh_path(rt, t, done)):  # resumed exactly at a refresh point
+      if _latest_refresh(rt, t, done) == _refresh_path(rt, t, done):  # resumed at a refresh
         dataset = _with_saved_atoms(dataset, _refresh_path(rt, t, done))
       else:
         dataset, summary = refresh_follower(rt, t, state, dataset, judge_logps, done)

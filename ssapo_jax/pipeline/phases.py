@@ -11,6 +11,11 @@
 Each phase writes its output under ``round_<t>/`` atomically and returns it from there when it is
 present, so a resumed run repeats no finished phase. Keys come from the run's named seed streams
 (`ssapo_jax.experiment.stream_key`).
+
+Across processes every phase does 1/P of the work (the sampler and the scorer feed each process's
+rows of every global batch), gathers the results by global index, and leaves the files to process
+0 (`ssapo_jax.pipeline.hosts`). Each phase logs its wall time and throughput (``metrics.jsonl``,
+one printed line) at global step ``step``.
 """
 
 from __future__ import annotations
@@ -24,34 +29,25 @@ import numpy as np
 
 from ssapo_jax import annotate as annotation
 from ssapo_jax import dro
-from ssapo_jax import sharding as shd
-from ssapo_jax.data import left_pad, pairs_from_token_ids, save_round, tokenize_pairs, with_pair_columns
-from ssapo_jax.data.tokenize import fixed_size_batches
+from ssapo_jax.data import pairs_from_token_ids, save_round, tokenize_pairs, with_pair_columns
 from ssapo_jax.models import Llama
-from ssapo_jax.pipeline import rundir
+from ssapo_jax.pipeline import hosts, rundir
 from ssapo_jax.pipeline.runtime import Runtime
-from ssapo_jax.runrecord import progress
-from ssapo_jax.sampling import decode
-from ssapo_jax.sampling import generate as sample
+from ssapo_jax.sampling import RolloutStats, Sampler, decode, gather_samples
 
 
 def _sample_all(rt: Runtime, model: Llama, prompt_ids: list, key, *, temperature: float,
-                num_samples: int, desc: str) -> dict[str, np.ndarray]:
-  """Samples every prompt in fixed-size batches; host arrays ``tokens``/``mask``
-  ``[num_prompts * num_samples, max_new_tokens]``, prompt-major rows."""
-  s = rt.config.sampling
-  pad, eos = rt.tokenizer.pad_token_id, rt.tokenizer.eos_token_id
-  tokens, masks = [], []
-  batches = fixed_size_batches(len(prompt_ids), s.batch_size)  # one compilation per round
-  for b, (chunk, n) in enumerate(progress(batches, desc=desc)):
-    ids, mask = left_pad([prompt_ids[i] for i in chunk], pad_id=pad,
-                         multiple=rt.config.data.bucket_size)
-    gen = sample(model, ids, mask, jax.random.fold_in(key, b), max_new_tokens=s.max_new_tokens,
-                 temperature=temperature, top_p=s.top_p, top_k=s.top_k, num_samples=num_samples,
-                 eos_token_ids=(eos,), pad_token_id=pad)
-    tokens.append(shd.to_host(gen.tokens)[:n * num_samples])
-    masks.append(shd.to_host(gen.mask)[:n * num_samples])
-  return {"tokens": np.concatenate(tokens), "mask": np.concatenate(masks)}
+                num_samples: int, desc: str) -> tuple[dict[str, np.ndarray], RolloutStats]:
+  """Samples every prompt with the sharded `Sampler` (each process its share), gathered on every
+  process: host arrays ``tokens``/``mask`` ``[num_prompts * num_samples, max_new_tokens]``,
+  prompt-major rows, and the call's `RolloutStats`."""
+  sampler = Sampler(rt.mesh, rt.config.sampling, pad_token_id=rt.tokenizer.pad_token_id,
+                    eos_token_ids=rt.tokenizer.eos_token_id,
+                    bucket_size=rt.config.data.bucket_size)
+  out = sampler.sample(model, prompt_ids, key, temperature=temperature,
+                       num_samples=num_samples, desc=desc)
+  gen = gather_samples(out, len(prompt_ids))
+  return {"tokens": gen.tokens, "mask": gen.mask}, out.stats
 
 
 def _responses(gen: dict[str, np.ndarray]) -> list[list[int]]:
@@ -59,29 +55,35 @@ def _responses(gen: dict[str, np.ndarray]) -> list[list[int]]:
   return [row[:n].tolist() for row, n in zip(gen["tokens"], lengths)]
 
 
-def _load_npz(path: str) -> dict[str, np.ndarray]:
-  with np.load(path) as f:
-    return dict(f)
+def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+  rundir.atomic_npz(path, **arrays)
 
 
-def generate(rt: Runtime, t: int, policy: Llama) -> dict[str, np.ndarray]:
+def generate(rt: Runtime, t: int, policy: Llama, *, step: int = 0) -> dict[str, np.ndarray]:
   """Round t's samples from π_{t−1}, cached in ``generations.npz``."""
-  path = os.path.join(rt.round_dir(t), "generations.npz")
-  if os.path.exists(path):
-    return _load_npz(path)
-  s = rt.config.sampling
-  gen = _sample_all(rt, policy, rt.prompt_ids(rt.data.pools[t - 1]), rt.config.key("generate", t),
-                    temperature=s.temperature, num_samples=s.num_samples,
-                    desc=f"round {t}: generate")
-  rundir.atomic_npz(path, **gen)  # every host keeps its own copy of what it needs to resume
-  return gen
+  def compute():
+    clock = hosts.PhaseClock()
+    s = rt.config.sampling
+    gen, stats = _sample_all(rt, policy, rt.prompt_ids(rt.data.pools[t - 1]),
+                             rt.config.key("generate", t), temperature=s.temperature,
+                             num_samples=s.num_samples, desc=f"round {t}: generate")
+    clock.report(rt.logger, step, "generate", t, chips=rt.mesh.devices.size,
+                 new_tokens=stats.new_tokens, padding_fraction=stats.padding_fraction)
+    return gen
+
+  return hosts.cached_npz(os.path.join(rt.round_dir(t), "generations.npz"), compute,
+                          save=_save_npz)
 
 
-def annotate(rt: Runtime, t: int, policy: Llama, gen: dict[str, np.ndarray]) -> dict:
+def annotate(rt: Runtime, t: int, policy: Llama, gen: dict[str, np.ndarray], *,
+             step: int = 0) -> dict:
   """Implicit rewards of every sample and best/worst selection (``pairs/``, ``annotation.npz``)."""
-  cache = os.path.join(rt.round_dir(t), "annotation.npz")
-  if os.path.exists(cache):
-    return _load_npz(cache)
+  return hosts.cached_npz(os.path.join(rt.round_dir(t), "annotation.npz"),
+                          lambda: _annotate(rt, t, policy, gen, step), save=_save_npz)
+
+
+def _annotate(rt: Runtime, t: int, policy: Llama, gen: dict[str, np.ndarray], step: int) -> dict:
+  clock = hosts.PhaseClock()
   cfg = rt.config
   n = cfg.sampling.num_samples
   prompts = rt.data.pools[t - 1]
@@ -99,7 +101,7 @@ def annotate(rt: Runtime, t: int, policy: Llama, gen: dict[str, np.ndarray]) -> 
   result = {"prompt_index": usable, "chosen_row": usable * n + sel.chosen_idx[usable],
             "rejected_row": usable * n + sel.rejected_idx[usable], "margin": sel.margin[usable],
             "rewards": rewards}
-  if jax.process_index() == 0:
+  if hosts.is_leader():
     texts = decode(rt.tokenizer, gen["tokens"], gen["mask"])
     save_round(os.path.join(rt.round_dir(t), "pairs"), {
         "row": [prompts[i].row for i in usable],
@@ -111,7 +113,9 @@ def annotate(rt: Runtime, t: int, policy: Llama, gen: dict[str, np.ndarray]) -> 
                                "annotation_reference": cfg.rounds.annotation_reference},
         settings={"sampling": dataclasses.asdict(cfg.sampling)},
         counts={"prompts": len(prompts), "usable_pairs": int(usable.size)})
-  rundir.atomic_npz(cache, **result)
+  # Pairs scored: every (prompt, response) under the policy and the judge.
+  clock.report(rt.logger, step, "annotate", t, chips=rt.mesh.devices.size,
+               pairs=2 * len(responses))
   return result
 
 
@@ -124,8 +128,8 @@ def round_pairs(rt: Runtime, t: int):
     cache_dir = d.cache_dir if d.cache_dir is not None else os.path.join(rt.workdir, "cache")
     return tokenize_pairs(rt.data.seed_pairs, rt.tokenizer, system_message=d.system_message,
                           cache_dir=cache_dir, **opts)
-  gen = _load_npz(os.path.join(rt.round_dir(t), "generations.npz"))
-  ann = _load_npz(os.path.join(rt.round_dir(t), "annotation.npz"))
+  gen = hosts.read_npz(os.path.join(rt.round_dir(t), "generations.npz"))
+  ann = hosts.read_npz(os.path.join(rt.round_dir(t), "annotation.npz"))
   prompt_ids = rt.prompt_ids(rt.data.pools[t - 1])
   lengths = gen["mask"].sum(axis=1)
   idx = ann["prompt_index"]
@@ -137,15 +141,22 @@ def round_pairs(rt: Runtime, t: int):
 
 
 def follower_atoms(rt: Runtime, t: int, margins: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
-  """The follower's worst case over ``margins [N]`` -> ``(atom_weights, atom_shifts, summary)``."""
+  """The follower's worst case over ``margins [N]`` -> ``(atom_weights, atom_shifts, summary)``.
+
+  Solved once, on process 0 (a fraction of a second), and broadcast to the other processes.
+  """
   cfg = rt.config
-  worst = dro.solve_follower(margins, cfg.dro, key=cfg.key("follower", t))
-  weights, shifts = map(np.asarray, dro.to_loss_atoms(worst))
-  summary = dro.summarize(worst, dro.margins_to_xi(margins, cfg.dro))
-  return weights, shifts, summary
+  atoms = summary = None
+  if hosts.is_leader():
+    worst = dro.solve_follower(margins, cfg.dro, key=cfg.key("follower", t))
+    weights, shifts = map(np.asarray, dro.to_loss_atoms(worst))
+    atoms = {"atom_weights": weights, "atom_shifts": shifts}
+    summary = dro.summarize(worst, dro.margins_to_xi(margins, cfg.dro))
+  atoms, summary = hosts.broadcast_npz(atoms), hosts.broadcast_json(summary)
+  return atoms["atom_weights"], atoms["atom_shifts"], summary
 
 
-def follower(rt: Runtime, t: int, policy: Llama, reference: Llama):
+def follower(rt: Runtime, t: int, policy: Llama, reference: Llama, *, step: int = 0):
   """Round t's training set with reference log-probs and follower atoms (``train_set/``).
 
   The set is round t's pairs (authors' code) or, with ``rounds.accumulate``, the pairs of
@@ -159,6 +170,7 @@ def follower(rt: Runtime, t: int, policy: Llama, reference: Llama):
     which a follower refresh reuses.
   """
   import datasets  # pylint: disable=import-outside-toplevel
+  clock = hosts.PhaseClock()
   sets = [round_pairs(rt, s) for s in (range(t + 1) if rt.config.rounds.accumulate else [t])]
   dataset = datasets.concatenate_datasets(sets) if len(sets) > 1 else sets[0]
   cache = rt.round_dir(t)
@@ -166,6 +178,7 @@ def follower(rt: Runtime, t: int, policy: Llama, reference: Llama):
   extras = {"ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r}
   judge_logps = {}
   n = len(dataset)
+  scored = 1  # models the pairs were scored under
   if t == 0:
     extras["atom_weights"], extras["atom_shifts"] = np.ones((n, 1)), np.zeros((n, 1))
   else:
@@ -174,32 +187,38 @@ def follower(rt: Runtime, t: int, policy: Llama, reference: Llama):
                     else rt.scorer.pairs(policy, dataset, cache_dir=cache))
     judge_c, judge_r = ((ref_c, ref_r) if judge is reference
                         else rt.scorer.pairs(judge, dataset, cache_dir=cache))
+    scored += (reference is not policy) + (judge is not reference)
     margins = (pol_c - judge_c) - (pol_r - judge_r)
     extras["atom_weights"], extras["atom_shifts"], summary = follower_atoms(rt, t, margins)
     judge_logps = {"judge_chosen_logps": judge_c, "judge_rejected_logps": judge_r}
-    if jax.process_index() == 0:
+    if hosts.is_leader():
       rundir.atomic_json(os.path.join(rt.round_dir(t), "follower.json"),
                          {**summary, "num_pairs": n, "refresh_step": 0})
   dataset = with_pair_columns(dataset, **extras)
-  if jax.process_index() == 0:
+  if hosts.is_leader():
     save_round(os.path.join(rt.round_dir(t), "train_set"),
                {**{c: dataset[c] for c in dataset.column_names}, **judge_logps},
                round_index=t, settings={"dro": dataclasses.asdict(rt.config.dro),
                                         "accumulate": rt.config.rounds.accumulate},
                counts={"pairs": n})
+  clock.report(rt.logger, step, "follower", t, chips=rt.mesh.devices.size, pairs=scored * n)
   return dataset, judge_logps
 
 
-def evaluate(rt: Runtime, t: int, policy: Llama) -> None:
+def evaluate(rt: Runtime, t: int, policy: Llama, *, step: int = 0) -> None:
   """Greedy responses to the eval prompts as AlpacaEval JSON (``eval_generations.json``)."""
   path = os.path.join(rt.round_dir(t), "eval_generations.json")
-  if not rt.data.eval_prompts or os.path.exists(path):
+  if not rt.data.eval_prompts or hosts.broadcast_json(hosts.is_leader() and os.path.exists(path)):
     return
-  gen = _sample_all(rt, policy, rt.prompt_ids(rt.data.eval_prompts), rt.config.key("evaluate", t),
-                    temperature=0.0, num_samples=1, desc=f"round {t}: evaluate")
+  clock = hosts.PhaseClock()
+  gen, stats = _sample_all(rt, policy, rt.prompt_ids(rt.data.eval_prompts),
+                           rt.config.key("evaluate", t), temperature=0.0, num_samples=1,
+                           desc=f"round {t}: evaluate")
   texts = decode(rt.tokenizer, gen["tokens"], gen["mask"])
   name = f"{os.path.basename(os.path.normpath(rt.workdir))}-round{t}"
   records = [{"instruction": p.prompt[-1]["content"], "output": o, "generator": name,
               "dataset": "ssapo_eval"} for p, o in zip(rt.data.eval_prompts, texts)]
-  if jax.process_index() == 0:
+  if hosts.is_leader():
     rundir.atomic_json(path, records)
+  clock.report(rt.logger, step, "evaluate", t, chips=rt.mesh.devices.size,
+               new_tokens=stats.new_tokens, padding_fraction=stats.padding_fraction)

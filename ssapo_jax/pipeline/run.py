@@ -12,6 +12,7 @@ to the same parameters.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,12 +25,13 @@ import jax
 from ssapo_jax import sharding as shd
 from ssapo_jax import train as tr
 from ssapo_jax.checkpoint import Checkpointer, checkpoint_dir
+from ssapo_jax.config import dump_yaml
 from ssapo_jax.errors import CheckpointError
 from ssapo_jax.experiment import ExperimentConfig
 from ssapo_jax.metrics import MetricsLogger
 from ssapo_jax.models import Llama, save_hf
 from ssapo_jax.models.tokenizer import load_tokenizer
-from ssapo_jax.pipeline import leader, phases, rundir
+from ssapo_jax.pipeline import hosts, leader, phases, rundir
 from ssapo_jax.pipeline.runtime import Runtime, load_model, prepare_data, scorer_for
 from ssapo_jax.runrecord import message
 
@@ -70,6 +72,24 @@ def _restore_train_state(rt: Runtime, t: int, init: Llama, step: int):
   return restored.state, meta, meta["global_step"]
 
 
+class _NoCheckpoints:
+  """Stands in for `Checkpointer` when the processes do not share the output directory."""
+
+  directory = None
+
+  def all_steps(self) -> list[int]:
+    return []
+
+  def save(self, *args, **kwargs) -> bool:
+    return False
+
+  def wait(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
 def _export_policy(rt: Runtime, t: int, policy: Llama) -> None:
   """Saves π_t in Hugging Face format to ``round_<t>/policy`` (atomically)."""
   if jax.process_index() != 0:
@@ -108,9 +128,18 @@ def run(config: ExperimentConfig, *, resume: bool = True,
   ``run already complete, nothing to do``. ``config_change`` (``config_version``,
   ``config_file``, ``changed``) is logged to ``metrics.jsonl`` at the step it takes effect.
   """
+  # Every process must run the same resolved config and code (only its process id differs).
+  hosts.check_same_run(dump_yaml(dataclasses.replace(
+      config, mesh=dataclasses.replace(config.mesh, process_id=None, local_device_ids=None))))
   workdir = rundir.local_workdir(config.output_dir)
   os.makedirs(workdir, exist_ok=True)
-  ckpt = Checkpointer(checkpoint_dir(config.output_dir), config=config.checkpoint)
+  if rundir.is_remote(config.output_dir) or hosts.shared_directory(workdir):
+    ckpt = Checkpointer(checkpoint_dir(config.output_dir), config=config.checkpoint)
+  else:
+    warnings.warn(f"{config.output_dir} is a separate directory on each host: no checkpoints "
+                  "(orbax needs one directory all processes see); a relaunch resumes from the "
+                  "finished phases on process 0")
+    ckpt = _NoCheckpoints()
   first_round, resume_step, global_step = resume_point(ckpt) if resume else (0, None, 0)
   if first_round > config.rounds.num_rounds:
     ckpt.close()
@@ -127,7 +156,7 @@ def run(config: ExperimentConfig, *, resume: bool = True,
   mesh = shd.make_mesh(config.mesh)
   tokenizer = load_tokenizer(config.model.resolved_tokenizer_path)
   sft = load_model(config.model.path, config, mesh)
-  data = prepare_data(config, workdir, sft=sft, tokenizer=tokenizer)
+  data = prepare_data(config, workdir, sft=sft, tokenizer=tokenizer, mesh=mesh)
   rundir.push(config.output_dir, workdir, "split_manifest.json")
   logger = MetricsLogger(config.output_dir, resume_step=global_step if resume else -1)
   if config_change:
@@ -148,47 +177,31 @@ def run(config: ExperimentConfig, *, resume: bool = True,
       if t == first_round and resume_step is not None:
         resume_state, resume_meta, global_step = _restore_train_state(rt, t, policy, resume_step)
       if t > 0:
-        clock = time.perf_counter()
-        gen = phases.generate(rt, t, policy)
+        gen = phases.generate(rt, t, policy, step=global_step)
         rundir.push(config.output_dir, workdir, rel)
-        seconds = time.perf_counter() - clock
-        new_tokens = int(gen["mask"].sum())
-        message(f"round {t} generate: {len(data.pools[t - 1])} prompts x "
-                f"{config.sampling.num_samples} samples, {new_tokens} new tokens in "
-                f"{seconds:.1f} s ({new_tokens / max(seconds, 1e-9):.0f} tokens/s)")
-        clock = time.perf_counter()
-        annotation = phases.annotate(rt, t, policy, gen)
+        phases.annotate(rt, t, policy, gen, step=global_step)
         rundir.push(config.output_dir, workdir, rel)
-        message(f"round {t} annotate: {len(annotation['prompt_index'])} pairs from "
-                f"{len(data.pools[t - 1])} prompts in {time.perf_counter() - clock:.1f} s")
       reference = (policy if t > 0 and config.rounds.train_reference == "previous" else sft)
-      clock = time.perf_counter()
-      dataset, judge_logps = phases.follower(rt, t, policy, reference)
+      dataset, judge_logps = phases.follower(rt, t, policy, reference, step=global_step)
       rundir.push(config.output_dir, workdir, rel)
-      message(f"round {t} follower: {len(dataset)} pairs scored and weighted in "
-              f"{time.perf_counter() - clock:.1f} s")
-      clock, first_step = time.perf_counter(), global_step
+      clock = hosts.PhaseClock()
       state, global_step = leader.train_round(rt, t, policy, dataset, judge_logps,
                                               resume_state=resume_state, resume_meta=resume_meta,
                                               global_step=global_step)
-      seconds = time.perf_counter() - clock
-      message(f"round {t} train: {global_step - first_step} steps in {seconds:.1f} s "
-              f"({(global_step - first_step) / max(seconds, 1e-9):.2f} steps/s); global step "
-              f"{global_step}")
+      epochs = config.train_for_round(t).epochs
+      clock.report(logger, global_step, "train", t, chips=mesh.devices.size,
+                   pairs=epochs * len(dataset))
       rt.policies[t] = tr.merge_params(state)
       rt.policies.pop(t - 2, None)  # keep π_{t-1} and π_t: all that later rounds read
       _export_policy(rt, t, rt.policies[t])
-      clock = time.perf_counter()
-      phases.evaluate(rt, t, rt.policies[t])
-      if data.eval_prompts:
-        message(f"round {t} evaluate: {len(data.eval_prompts)} prompts in "
-                f"{time.perf_counter() - clock:.1f} s -> {rt.round_dir(t)}/eval_generations.json")
+      phases.evaluate(rt, t, rt.policies[t], step=global_step)
       summary = {"round": t, "global_step": global_step, "num_pairs": len(dataset)}
       follower = os.path.join(rt.round_dir(t), "follower.json")
-      if os.path.exists(follower):
+      if hosts.is_leader() and os.path.exists(follower):
         with open(follower) as f:
           summary["follower"] = json.load(f)
-      if jax.process_index() == 0:
+      summary = hosts.broadcast_json(summary)
+      if hosts.is_leader():
         rundir.atomic_json(os.path.join(rt.round_dir(t), "summary.json"), summary)
       rundir.push(config.output_dir, workdir, rel)
       summaries[t] = summary
@@ -201,8 +214,9 @@ def run(config: ExperimentConfig, *, resume: bool = True,
     ckpt.close()
     logger.close()
   out = config.output_dir
-  message(f"run complete: rounds {first_round}..{config.rounds.num_rounds} in "
-          f"{time.perf_counter() - start:.0f} s, global step {global_step}; final policy: "
-          f"{out}/final_policy; eval generations: {out}/round_<t>/eval_generations.json; "
-          f"metrics: {out}/metrics.jsonl and {out}/tensorboard; log: {out}/run.log")
+  if hosts.is_leader():
+    message(f"run complete: rounds {first_round}..{config.rounds.num_rounds} in "
+            f"{time.perf_counter() - start:.0f} s, global step {global_step}; final policy: "
+            f"{out}/final_policy; eval generations: {out}/round_<t>/eval_generations.json; "
+            f"metrics: {out}/metrics.jsonl and {out}/tensorboard; log: {out}/run.log")
   return summaries

@@ -86,10 +86,13 @@ def load_model(path: str, config: ExperimentConfig, mesh) -> Llama:
                  remat=t.remat, attention=config.model.attention, mesh=mesh)
 
 
-def prompt_embeddings(model: Llama, tokenizer, prompts, config: ExperimentConfig) -> np.ndarray:
+def prompt_embeddings(model: Llama, tokenizer, prompts, config: ExperimentConfig,
+                      mesh) -> np.ndarray:
   """``[N, D]`` float32 embeddings of chat-templated prompts for farthest-point seeding.
 
   The SFT model's last-layer hidden state at each prompt's last token (paper, appendix G.2).
+  Batches of ``sampling.batch_size`` prompts are sharded over ``(data, fsdp)``: each process
+  feeds and computes only its rows, then the rows are gathered in order on every process.
   """
   d = config.data
   ids = tokenize_prompts(prompts, tokenizer, max_prompt_length=d.max_prompt_length,
@@ -102,15 +105,18 @@ def prompt_embeddings(model: Llama, tokenizer, prompts, config: ExperimentConfig
     return last_token_embeddings(hidden, prompt_mask).astype(jnp.float32)
 
   out = []
-  batches = fixed_size_batches(len(ids), config.sampling.batch_size)
-  for chunk, n in progress(batches, desc="embed prompts"):
+  size = config.sampling.batch_size
+  rows = shd.host_batch_rows(mesh, size)
+  for chunk, n in progress(fixed_size_batches(len(ids), size), desc="embed prompts"):
     prompt_ids, prompt_mask = left_pad([ids[i] for i in chunk], pad_id=tokenizer.pad_token_id,
-                                       multiple=d.bucket_size)
-    out.append(shd.to_host(embed(state, prompt_ids, prompt_mask))[:n])
+                                       multiple=d.bucket_size)  # one length for the whole batch
+    local = shd.global_batch(mesh, (prompt_ids[rows], prompt_mask[rows]))
+    out.append(shd.to_host(embed(state, *local))[:n])
   return np.concatenate(out)
 
 
-def prepare_data(config: ExperimentConfig, workdir: str, *, sft: Llama, tokenizer) -> RunData:
+def prepare_data(config: ExperimentConfig, workdir: str, *, sft: Llama, tokenizer,
+                 mesh) -> RunData:
   """Loads and validates the sources, splits seed/pools and writes ``split_manifest.json``.
 
   The labelled seed is ``data.seed_size`` pairs of ``data.source`` (``random`` or
@@ -124,7 +130,7 @@ def prepare_data(config: ExperimentConfig, workdir: str, *, sft: Llama, tokenize
                            rejected_column=d.rejected_column, **load_opts)
   embeddings = None
   if d.seed_method == "farthest_point":
-    embeddings = prompt_embeddings(sft, tokenizer, [p.prompt for p in pairs], config)
+    embeddings = prompt_embeddings(sft, tokenizer, [p.prompt for p in pairs], config, mesh)
   split = dict(seed_size=d.seed_size, method=d.seed_method, seed=d.split_seed,
                embeddings=embeddings)
   if d.prompt_source is None:

@@ -263,7 +263,9 @@ def test_farthest_point_seed_uses_sft_prompt_embeddings(world, tmp_path):
       "data.seed_method=farthest_point", "data.seed_size=5", "sampling.batch_size=8"])
   tokenizer = load_tokenizer(config.model.path)
   sft = load_hf(config.model.path)
-  data = prepare_data(config, str(tmp_path), sft=sft, tokenizer=tokenizer)
+  from ssapo_jax.sharding import make_mesh
+  data = prepare_data(config, str(tmp_path), sft=sft, tokenizer=tokenizer,
+                      mesh=make_mesh(config.mesh))
   pairs = load_preferences(config.data.source)
   # Reference embeddings: each prompt alone, unpadded, last position of the final hidden states.
   emb = np.stack([np.asarray(sft.hidden_states(jnp.asarray([ids]), jnp.ones((1, len(ids)), int))[0, -1])

@@ -1,0 +1,228 @@
+"""SSAPO rounds across processes: 2 processes x 4 simulated CPU devices on localhost against one
+process with 8 devices and the same (2, 2, 2) mesh (ssapo_jax/pipeline/ through `ssapo-train`).
+
+Each process is the same ``launch/train.py`` command plus ``mesh.num_processes=2
+mesh.process_id=i mesh.coordinator_address=127.0.0.1:PORT``. Tolerances: samples, pairs and
+follower atoms equal (atoms to 1e-6), losses to 1e-4 relative, exported policy to 1e-5.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from ssapo_jax.data import load_round
+from ssapo_jax.testing import write_tiny_model, write_tiny_preferences
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TIMEOUT = 15  # mesh.coordination_timeout_seconds of these runs
+
+CONFIG = """\
+output_dir: {out}
+seed: 0
+model: {{path: {world}/model}}
+data: {{source: {world}/prefs.jsonl, max_length: 64, max_prompt_length: 32, bucket_size: 16,
+        seed_size: 32, pool_sizes: [32, 32]}}
+sampling: {{temperature: 0.7, max_new_tokens: 8, num_samples: 2, batch_size: 16}}
+train: {{beta: 0.1, objective: robust, learning_rate: 1.0e-3, global_batch_size: 8,
+         compute_dtype: float32, remat: none}}
+dro: {{epsilon: 0.05}}
+rounds: {{num_rounds: 2, num_eval_prompts: 8, follower_refresh_steps: 2}}
+checkpoint: {{save_every_steps: 2, keep: 3}}
+mesh: {{data: 2, fsdp: 2, tensor: 2, coordination_timeout_seconds: {timeout}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  root = tmp_path_factory.mktemp("world")
+  write_tiny_model(str(root / "model"))
+  write_tiny_preferences(str(root / "prefs.jsonl"), 200)
+  return str(root)
+
+
+def _config(world, out, folder) -> str:
+  path = os.path.join(folder, f"{os.path.basename(out)}.yaml")
+  with open(path, "w") as f:
+    f.write(CONFIG.format(out=out, world=world, timeout=TIMEOUT))
+  return path
+
+
+def _env(devices: int) -> dict:
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+
+
+def _cmd(config, *overrides):
+  return [sys.executable, os.path.join(REPO, "launch", "train.py"), config, *overrides]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(config, *overrides, cwds=(None, None), log_dir):
+  """Starts both processes (4 devices each) with the same command, in ``cwds``."""
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    with open(os.path.join(log_dir, f"p{i}.log"), "a") as log:
+      procs.append(subprocess.Popen(
+          _cmd(config, *overrides, "mesh.num_processes=2", f"mesh.process_id={i}",
+               f"mesh.coordinator_address=127.0.0.1:{port}"),
+          env=_env(4), stdout=log, stderr=subprocess.STDOUT, cwd=cwds[i]))
+  return procs
+
+
+def _log(log_dir, i) -> str:
+  with open(os.path.join(log_dir, f"p{i}.log")) as f:
+    return f.read()
+
+
+def _finish(procs, log_dir, timeout=900):
+  deadline = time.time() + timeout
+  for p in procs:
+    try:
+      p.wait(timeout=max(deadline - time.time(), 1))
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, _log(log_dir, i)[-4000:]
+
+
+def _final_params(out):
+  return load_file(os.path.join(out, "final_policy", "model.safetensors"))
+
+
+def _losses(out):
+  with open(os.path.join(out, "metrics.jsonl")) as f:
+    return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+
+
+def _npz(path):
+  with np.load(path) as f:
+    return dict(f)
+
+
+@pytest.fixture(scope="module")
+def one_process(world, tmp_path_factory):
+  """The run on one process with 8 devices and the (2, 2, 2) mesh."""
+  folder = tmp_path_factory.mktemp("one")
+  out = str(folder / "run")
+  config = _config(world, out, folder)
+  proc = subprocess.run(_cmd(config), env=_env(8), capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return out, config
+
+
+def _assert_same_run(out, ref):
+  for t in (1, 2):
+    a, b = (os.path.join(d, f"round_{t}") for d in (out, ref))
+    for name in ("generations.npz", "annotation.npz"):
+      x, y = _npz(os.path.join(a, name)), _npz(os.path.join(b, name))
+      for k in ("tokens", "mask", "prompt_index", "chosen_row", "rejected_row"):
+        if k in y:
+          np.testing.assert_array_equal(x[k], y[k], err_msg=f"round {t} {name} {k}")
+    pairs_a, pairs_b = (load_round(os.path.join(d, "pairs"))[0] for d in (a, b))
+    assert pairs_a["chosen"] == pairs_b["chosen"] and pairs_a["rejected"] == pairs_b["rejected"]
+    set_a, set_b = (load_round(os.path.join(d, "train_set"))[0] for d in (a, b))
+    for k in ("atom_weights", "atom_shifts"):
+      np.testing.assert_allclose(np.asarray(set_a[k]), np.asarray(set_b[k]), atol=1e-6)
+  la, lb = _losses(out), _losses(ref)
+  assert [s for s, _ in la] == [s for s, _ in lb]
+  np.testing.assert_allclose([l for _, l in la], [l for _, l in lb], rtol=1e-4)
+  pa, pb = _final_params(out), _final_params(ref)
+  assert pa.keys() == pb.keys()
+  for k in pa:
+    np.testing.assert_allclose(pa[k], pb[k], atol=1e-5, err_msg=k)
+
+
+def test_two_processes_equal_one_process(world, one_process, tmp_path):
+  ref, _ = one_process
+  out = str(tmp_path / "run")
+  config = _config(world, out, tmp_path)
+  _finish(_launch(config, log_dir=tmp_path), tmp_path)
+  _assert_same_run(out, ref)
+  # Throughput accounting: one record and one printed line per phase.
+  with open(os.path.join(out, "metrics.jsonl")) as f:
+    records = [r for r in map(json.loads, f) if "wall_seconds" in r]
+  gen = [r for r in records if r["phase"] == "generate" and r["round"] == 1]
+  assert len(gen) == 1 and gen[0]["new_tokens"] > 0 and 0 <= gen[0]["padding_fraction"] < 1
+  assert gen[0]["tokens_per_second_per_chip"] > 0
+  assert {r["phase"] for r in records} >= {"generate", "annotate", "follower", "evaluate"}
+  log0 = _log(tmp_path, 0)
+  assert "round 1 generate:" in log0 and "tokens/s/chip" in log0
+  assert "round 1 generate:" not in _log(tmp_path, 1)  # only process 0 prints
+
+
+@pytest.mark.slow
+def test_two_processes_with_per_host_output_dirs(world, one_process, tmp_path):
+  """The same relative ``output_dir`` from two working directories: a local directory per
+  host. Process 0's holds every phase output; process 1 received them by broadcast."""
+  ref, _ = one_process
+  hosts = [tmp_path / f"host{i}" for i in range(2)]
+  for h in hosts:
+    h.mkdir()
+  config = _config(world, "run", tmp_path)
+  _finish(_launch(config, cwds=hosts, log_dir=tmp_path), tmp_path)
+  _assert_same_run(str(hosts[0] / "run"), ref)
+  assert not os.path.exists(hosts[1] / "run" / "round_1" / "generations.npz")
+  assert "no checkpoints" in _log(tmp_path, 0)
+
+
+def _has_train_checkpoint(out, round_index):
+  ckpt = os.path.join(out, "checkpoints")
+  for step in os.listdir(ckpt) if os.path.isdir(ckpt) else []:
+    try:
+      with open(os.path.join(ckpt, step, "meta", "metadata")) as f:
+        meta = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if meta.get("round") == round_index and meta.get("phase") == "train":
+      return True
+  return False
+
+
+def _kill_one_when(procs, ready, *, timeout=600):
+  deadline = time.time() + timeout
+  while not ready():
+    assert time.time() < deadline, "the run never reached the kill point"
+    assert all(p.poll() is None for p in procs), "a process exited before the kill point"
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGKILL)
+  killed = time.time()
+  procs[0].wait(timeout=TIMEOUT + 120)
+  return procs[0].returncode, time.time() - killed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["generate", "train"])
+def test_killed_process_stops_the_other_and_relaunch_finishes(world, one_process, tmp_path,
+                                                                point):
+  ref, _ = one_process
+  out = str(tmp_path / "run")
+  config = _config(world, out, tmp_path)
+  procs = _launch(config, log_dir=tmp_path)
+  if point == "generate":  # round 1 has started, its samples are not saved yet
+    ready = lambda: (os.path.isdir(os.path.join(out, "round_1"))
+                     and not os.path.exists(os.path.join(out, "round_1", "generations.npz")))
+  else:  # a round-1 training checkpoint exists, the round has not finished
+    ready = lambda: _has_train_checkpoint(out, 1)
+  code, waited = _kill_one_when(procs, ready)
+  assert code != 0 and waited < TIMEOUT + 120, (code, waited)
+  assert not os.path.exists(os.path.join(out, "final_policy"))
+  _finish(_launch(config, log_dir=tmp_path), tmp_path)
+  pa, pb = _final_params(out), _final_params(ref)
+  for k in pa:
+    np.testing.assert_allclose(pa[k], pb[k], atol=1e-5, err_msg=k)
