@@ -91,15 +91,19 @@ class _NoCheckpoints:
 
 
 def _export_policy(rt: Runtime, t: int, policy: Llama) -> None:
-  """Saves π_t in Hugging Face format to ``round_<t>/policy`` (atomically)."""
-  if jax.process_index() != 0:
-    return
+  """Saves π_t in Hugging Face format to ``round_<t>/policy`` (atomically; process 0 writes).
+
+  Every process calls `save_hf`: parameters that span processes are gathered to the hosts one
+  tensor at a time, a collective all of them take part in.
+  """
   final = os.path.join(rt.round_dir(t), "policy")
   tmp = final + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
+  if hosts.is_leader():
+    shutil.rmtree(tmp, ignore_errors=True)
   save_hf(policy, tmp, tokenizer=rt.tokenizer)
-  shutil.rmtree(final, ignore_errors=True)
-  os.replace(tmp, final)
+  if hosts.is_leader():
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
 
 
 def _copy_final_policy(config: ExperimentConfig, workdir: str) -> None:
