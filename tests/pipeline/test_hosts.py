@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from ssapo_jax import runrecord
 from ssapo_jax.pipeline import hosts
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,15 +41,16 @@ def test_phase_clock_logs_and_prints(capsys):
       self.records.append((step, dict(metrics), context))
 
   logger = Logger()
-  metrics = hosts.PhaseClock().report(logger, 7, "generate", 1, chips=8, new_tokens=800,
-                                      padding_fraction=0.25, pairs=10)
+  with runrecord.run_log(None):
+    metrics = hosts.PhaseClock().report(logger, 7, "generate", 1, chips=8, new_tokens=800,
+                                        padding_fraction=0.25, pairs=10)
   step, logged, context = logger.records[0]
   assert (step, context) == (7, {"round": 1, "phase": "generate"})
   assert logged == metrics
   assert metrics["tokens_per_second_per_chip"] == pytest.approx(
       800 / metrics["wall_seconds"] / 8)
   assert metrics["pairs_per_second"] == pytest.approx(10 / metrics["wall_seconds"])
-  line = capsys.readouterr().out.strip()
+  line = capsys.readouterr().err.strip()
   assert line.startswith("[ssapo] round 1 generate:") and "padding 25.0%" in line
 
 
