@@ -278,7 +278,7 @@ def test_rotation_keeps_the_checkpoint_that_verified(tmp_path, mesh):
   assert _steps_on_disk(directory) == [2, 3]
   _corrupt(directory / "3", "overwrite_data")
   with Checkpointer(directory, config=config) as ckpt:
-    with pytest.warns(UserWarning, match=r"checkpoint 3 .*checksum mismatch in \[.params.\].*falling back to step 2"):
+    with pytest.warns(UserWarning, match=r"checkpoint 3 .*(checksum mismatch|non-finite values) in \[.params.\].*falling back to step 2"):
       assert ckpt.restore(abstract_like(_random_state(mesh, 0))).step == 2
     with pytest.warns(UserWarning, match=r"deleting checkpoints \[3\]"):
       ckpt.save(3, _random_state(mesh, 30), {"step": 3}, force=True)

@@ -224,7 +224,9 @@ def test_sigkill_and_resume_gives_identical_parameters(world, uninterrupted, tmp
   assert "taking over the stale lock" in proc.stderr
   if point.endswith("_corrupted"):
     step = os.path.basename(newest)
-    assert f"checkpoint {step} in" in proc.stderr and "checksum mismatch" in proc.stderr
+    assert f"checkpoint {step} in" in proc.stderr
+    # The corrupted bytes fail the checksum, or decode to NaN first: verification catches both.
+    assert "checksum mismatch" in proc.stderr or "non-finite values" in proc.stderr
     assert "falling back to step" in proc.stderr
   log = open(os.path.join(out, "run.log")).read()
   assert "resuming from checkpoint step" in log and "run complete" in log
