@@ -520,7 +520,8 @@ def lower_generate(sampling_config, config, mesh, *, prompt_len: int):
   s = sampling_config
   graphdef, state = nnx.split(_abstract_model(config))
   state = _abstract(state, tr.param_shardings(state, mesh))
-  prompts = jax.ShapeDtypeStruct((s.batch_size, prompt_len), jnp.int32)
+  prompts = jax.ShapeDtypeStruct((s.batch_size, prompt_len), jnp.int32,
+                                 sharding=sampling.prompt_sharding(state, s.batch_size))
   key = jax.eval_shape(lambda: jax.random.key(0))
   eos = config.eos_token_ids or (0,)
   lowered = sampling._generate.lower(  # pylint: disable=protected-access
@@ -618,7 +619,6 @@ def compile_program(name: str, lower, chip: Chip, num_chips: int, model_flops: f
 def plan(experiment, config, devices, chip: Chip, *, programs: Sequence[str] = PROGRAMS,
          log=None) -> list[ProgramPlan]:
   """Compiles ``programs`` of ``experiment`` with architecture ``config`` for ``devices``."""
-  import jax  # pylint: disable=import-outside-toplevel
   from ssapo_jax import sharding as shd  # pylint: disable=import-outside-toplevel
   mesh = shd.make_mesh(experiment.mesh, devices)
   t, s, d = experiment.train, experiment.sampling, experiment.data
@@ -643,9 +643,8 @@ def plan(experiment, config, devices, chip: Chip, *, programs: Sequence[str] = P
     if log is not None:
       log(f"compiling {name} ...")
     lower, flops, hardware, trips = builders[name]
-    with jax.set_mesh(mesh):  # the context mesh, as a run sets it (shard_map'd kernels read it)
-      out.append(compile_program(name, lower, chip, len(devices), flops, hardware,
-                                 unknown_trip_count=trips))
+    out.append(compile_program(name, lower, chip, len(devices), flops, hardware,
+                               unknown_trip_count=trips))
   return out
 
 

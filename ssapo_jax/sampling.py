@@ -17,6 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax.sharding import NamedSharding
+
+from ssapo_jax import sharding as shd
 from ssapo_jax.models.llama import Llama, positions_from_mask
 
 
@@ -154,6 +157,17 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, max_new_tokens, 
   return Generation(out["tokens"], out["mask"], out["logps"])
 
 
+def prompt_sharding(state, batch_size: int) -> NamedSharding | None:
+  """Rows over the batch axes of the mesh that the model's parameters live on (None when they
+  are not on a mesh), so the prompts, KV cache and logits split like a train batch instead of
+  being replicated on every device."""
+  for leaf in jax.tree.leaves(state):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+      return NamedSharding(sharding.mesh, shd.batch_spec(2, batch_size, sharding.mesh))
+  return None
+
+
 def generate(model: Llama, prompt_ids, prompt_mask, key: jax.Array, *, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              num_samples: int = 1, eos_token_ids: Sequence[int] | int | None = None,
@@ -199,6 +213,10 @@ def generate(model: Llama, prompt_ids, prompt_mask, key: jax.Array, *, max_new_t
     if (m.sum(axis=1) == 0).any():
       raise ValueError("generate: every prompt needs at least one real token")
   graphdef, state = nnx.split(model)
+  sharding = prompt_sharding(state, prompt_ids.shape[0])
+  if sharding is not None and not isinstance(prompt_ids, jax.core.Tracer):
+    prompt_ids = jax.device_put(np.asarray(prompt_ids), sharding)
+    prompt_mask = jax.device_put(np.asarray(prompt_mask), sharding)
   return _generate(graphdef, state, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key,
                    max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                    top_p=float(top_p), top_k=int(top_k), num_samples=int(num_samples),

@@ -327,10 +327,17 @@ def _sequence_logps(graphdef, params, rest, ids, mask, loss_mask, *, compute_dty
 
 
 def _pair_loss(params, ref_params, rest, micro: PreferenceBatch, *, graphdef,
-               config: TrainConfig) -> tuple[jax.Array, Metrics]:
+               config: TrainConfig, mesh: Mesh | None = None) -> tuple[jax.Array, Metrics]:
   """Mean (over the micro-batch) weighted loss and TRL metrics for one micro-batch."""
   compute_dtype = DTYPES[config.compute_dtype]
   ids, mask, loss_mask = concat_pairs(micro)
+  if mesh is not None:
+    # The forward runs on 2b sequences: shard those over the batch axes. A micro-batch of b
+    # pairs that does not divide over data*fsdp (kept whole on every device) still splits as
+    # 2b sequences, instead of every device computing all of them.
+    seq = NamedSharding(mesh, shd.batch_spec(2, ids.shape[0], mesh))
+    ids, mask, loss_mask = (jax.lax.with_sharding_constraint(a, seq)
+                            for a in (ids, mask, loss_mask))
   policy_logps = _sequence_logps(graphdef, params, rest, ids, mask, loss_mask,
                                  compute_dtype=compute_dtype)  # [2b]
   policy_chosen, policy_rejected = split_pairs(policy_logps)
@@ -391,7 +398,7 @@ def train_step(state: TrainState, batch: PreferenceBatch, *, config: TrainConfig
 
   def loss_fn(params, micro):
     loss, metrics = _pair_loss(params, ref_params, state.rest, micro, graphdef=state.graphdef,
-                               config=config)
+                               config=config, mesh=mesh)
     # Scale the micro-batch mean to its share of the global mean: sum over micro-batches of
     # mean_j * (b / B) = sum_i w_i loss_i / B exactly.
     return loss / num_micro, metrics

@@ -154,3 +154,35 @@ def test_argument_errors(models):
   g = generate(model, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0),
                **cfg.generate_kwargs())
   assert g.tokens.shape == (3, 3)
+
+
+def test_sharded_model_samples_the_same_with_prompts_split_over_the_batch_axes(models):
+  """With the parameters on a mesh the prompts (so the KV cache) split over (data, fsdp):
+  the same greedy tokens, and a smaller per-device working set than replicated prompts."""
+  from flax import nnx
+  from ssapo_jax import sampling
+  from ssapo_jax import sharding as shd
+  from ssapo_jax import train as tr
+  _, model = models
+  rng = np.random.RandomState(4)
+  ids = rng.randint(3, 128, (8, 7))
+  mask = np.ones_like(ids)
+  kw = dict(max_new_tokens=6, temperature=0.0, eos_token_ids=(EOS,), pad_token_id=0)
+  ref = generate(model, ids, mask, jax.random.key(0), **kw)
+  mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=4, tensor=2), jax.devices()[:8])
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  sharded = nnx.merge(graphdef, shd.shard_params(params, tr.param_shardings(params, mesh)), rest)
+  got = generate(sharded, ids, mask, jax.random.key(0), **kw)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
+  graphdef, state = nnx.split(sharded)
+  spec = sampling.prompt_sharding(state, 8)
+  assert spec.spec == jax.sharding.PartitionSpec("fsdp", None)
+
+  def temp_bytes(prompt_sharding):
+    prompts = jax.ShapeDtypeStruct(ids.shape, jnp.int32, sharding=prompt_sharding)
+    compiled = sampling._generate.lower(graphdef, state, prompts, prompts, jax.random.key(0),
+                                        num_samples=1, top_p=1.0, top_k=0, **kw).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  assert temp_bytes(spec) < temp_bytes(replicated)
