@@ -7,6 +7,12 @@ separately and excluded from throughput.
 
   python benchmarks/model.py            # 4 layers, hidden 256, vocab 32K, seq 256, batch 8
   python benchmarks/model.py --quick    # tiny smoke run
+  python benchmarks/model.py --compile-depths 2,8,32   # compile time of forward+backward only
+
+``--compile-depths`` lowers and compiles the forward+backward (summed sequence log-probs,
+``remat="full"`` as in training) of a random model at each depth from abstract parameters,
+with the width flags (default hidden 256), and prints wall and process CPU seconds per depth
+(CPU seconds are the stable figure on a shared machine).
 """
 
 from __future__ import annotations
@@ -35,6 +41,33 @@ def _timeit(fn, repeats):
   return (time.perf_counter() - start) / repeats
 
 
+def compile_seconds(depths, args):
+  """Seconds to lower + compile the forward+backward for each number of layers."""
+  from flax import nnx
+  from ssapo_jax.models import Llama, LlamaConfig
+
+  ids = jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32)
+  out = {}
+  for layers in depths:
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                         intermediate_size=int(args.hidden * 2.75), num_layers=layers,
+                         num_heads=max(1, args.hidden // 64),
+                         num_kv_heads=max(1, args.hidden // 128), head_dim=64, remat="full")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
+
+    def loss(state, ids):
+      model = nnx.merge(graphdef, state)
+      mask = jnp.ones_like(ids)
+      return -jnp.sum(model.sequence_logps(ids, mask, mask))
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    jax.jit(jax.value_and_grad(loss)).lower(state, ids).compile()
+    out[layers] = time.perf_counter() - t0
+    print(f"compile forward+backward: layers={layers} wall {out[layers]:.1f}s "
+          f"cpu {time.process_time() - c0:.1f}s", flush=True)
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--layers", type=int, default=4)
@@ -46,7 +79,15 @@ def main():
   parser.add_argument("--new-tokens", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--compile-depths", default="",
+                      help="comma-separated layer counts: only measure compile time")
   args = parser.parse_args()
+  if args.compile_depths:
+    print(f"# {time.strftime('%Y-%m-%d')} {platform.node()} cpus={os.cpu_count()} "
+          f"jax={jax.__version__} backend={jax.default_backend()} hidden={args.hidden} "
+          f"vocab={args.vocab} seq={args.seq} batch={args.batch}")
+    compile_seconds([int(d) for d in args.compile_depths.split(",")], args)
+    return
   if args.quick:
     args.layers, args.hidden, args.vocab, args.seq, args.batch = 2, 64, 512, 32, 2
     args.prompt, args.new_tokens, args.repeats = 8, 8, 1

@@ -398,6 +398,8 @@ class ModelConfig:
 
   path: str  # local HF model directory (config.json, *.safetensors, tokenizer files)
   tokenizer_path: Optional[str] = None  # tokenizer directory; None = `path`
+  # Attention kernel (LlamaConfig.attention): auto = splash on TPU, cudnn on GPU (bf16), else xla.
+  attention: Literal["auto", "xla", "splash", "cudnn"] = "auto"
 
   def __post_init__(self):
     if not self.path:

@@ -158,11 +158,8 @@ def _load_model(path: str, config: ExperimentConfig, mesh) -> Llama:
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise FileNotFoundError(f"no Hugging Face model in {path!r} (config.json missing)")
   t = config.train
-  model = load_hf(path, dtype=tr.DTYPES[t.compute_dtype], param_dtype=tr.DTYPES[t.param_dtype],
-                  remat=t.remat)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  params = shd.shard_params(params, tr.param_shardings(params, mesh))
-  return nnx.merge(graphdef, params, rest)
+  return load_hf(path, dtype=tr.DTYPES[t.compute_dtype], param_dtype=tr.DTYPES[t.param_dtype],
+                 remat=t.remat, attention=config.model.attention, mesh=mesh)
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -91,9 +91,9 @@ def test_large_params_and_adam_state_really_are_sharded():
 
   tc = tr.TrainConfig(global_batch_size=8, compute_dtype="float32", remat="none")
   state = tr.create_train_state(Llama(cfg, rngs=nnx.Rngs(0)), tc, mesh, num_train_steps=10)
-  q = state.params["layers"][0]["attn"]["q_proj"][...]  # [D, N, H] = (embed, q_heads, head_dim)
-  assert q.sharding.spec == P("fsdp", "tensor", None)
-  assert {s.data.shape for s in q.addressable_shards} == {(64, 2, 32)}
+  q = state.params["layers"]["attn"]["q_proj"][...]  # [L, D, N, H] (layers, embed, q_heads, head_dim)
+  assert q.sharding.spec == P(None, "fsdp", "tensor", None)
+  assert {s.data.shape for s in q.addressable_shards} == {(cfg.num_layers, 64, 2, 32)}
   for leaf in jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state):
     if leaf.size >= 1024:
       shard_size = math.prod(leaf.addressable_shards[0].data.shape)

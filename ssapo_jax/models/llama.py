@@ -10,8 +10,13 @@ Shape letters: B batch, T query length, S key length, D embed, N query heads, K 
 G = N // K query heads per kv head, H head dim, F MLP hidden, V vocab.
 
 Every parameter is an ``nnx.Param`` carrying logical axis names (``"vocab"``, ``"embed"``,
-``"q_heads"``, ``"kv_heads"``, ``"head_dim"``, ``"mlp"``, ``"norm"``) in its sharding
-metadata; `logical_axes` reads them back for ``ssapo_jax.sharding``.
+``"q_heads"``, ``"kv_heads"``, ``"head_dim"``, ``"mlp"``, ``"norm"``, ``"layers"``) in its
+sharding metadata; `logical_axes` reads them back for ``ssapo_jax.sharding``.
+
+The decoder layers are stacked: every layer parameter has a leading ``[L]`` axis (logical name
+``"layers"``) and the layers run in one ``jax.lax.scan`` (rematerialised per layer), so the
+compiled program does not grow with depth. Sliding/full attention patterns are a per-layer
+index into the distinct windows, scanned alongside the parameters.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from ssapo_jax.models.attention import IMPLEMENTATIONS, attention, resolve_implementation
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -76,10 +83,12 @@ class LlamaConfig:
   pad_token_id: int | None = None      # ← pad_token_id
   # Runtime choices (not from HF): compute dtype, parameter dtype, rematerialisation policy:
   # "none"; "full" (save only layer inputs); "dots" (save matmul outputs,
-  # jax.checkpoint_policies.dots_saveable); "dots_no_batch" (dots_with_no_batch_dims_saveable).
+  # jax.checkpoint_policies.dots_saveable); "dots_no_batch" (dots_with_no_batch_dims_saveable);
+  # attention kernel (ssapo_jax.models.attention): auto | xla | splash | cudnn.
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
+  attention: str = "auto"
 
   def __post_init__(self):
     object.__setattr__(self, "dtype", _dtype_name(self.dtype))
@@ -96,6 +105,9 @@ class LlamaConfig:
                        f"num_kv_heads ({self.num_kv_heads})")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"LlamaConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    if self.attention not in IMPLEMENTATIONS:
+      raise ValueError(f"LlamaConfig.attention must be one of {IMPLEMENTATIONS}, got "
+                       f"{self.attention!r}")
     rope_type = self.rope_type
     if rope_type not in SUPPORTED_ROPE_TYPES:
       raise ValueError(f"LlamaConfig.rope_scaling rope_type must be one of "
@@ -121,13 +133,24 @@ class LlamaConfig:
       return self.sliding_window
     return None
 
+  @property
+  def windows(self) -> tuple[int | None, ...]:
+    """The distinct attention windows, in order of first use (``(None,)`` = all full)."""
+    return tuple(dict.fromkeys(self.layer_window(i) for i in range(self.num_layers)))
+
+  def window_indices(self) -> np.ndarray:
+    """``[L]`` int32: each layer's index into `windows`."""
+    return np.asarray([self.windows.index(self.layer_window(i)) for i in range(self.num_layers)],
+                      np.int32)
+
   # ---- Hugging Face conversion
 
   @classmethod
   def from_hf(cls, hf_config, **overrides) -> "LlamaConfig":
     """Builds a config from a ``transformers`` config object or a ``config.json`` dict.
 
-    ``overrides`` set runtime fields (``dtype``, ``param_dtype``, ``remat``) or any other field.
+    ``overrides`` set runtime fields (``dtype``, ``param_dtype``, ``remat``, ``attention``) or
+    any other field.
     Raises ValueError for an unsupported ``model_type``, activation or RoPE type.
     """
     import transformers  # local import: only needed for conversion
@@ -370,11 +393,10 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class Attention(nnx.Module):
   """Grouped-query self-attention with RoPE, optional q/k/v bias and sliding window."""
 
-  def __init__(self, config: LlamaConfig, *, window: int | None, rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     c = config
     pd = c.param_dtype
     self.config = c
-    self.window = window
     self.q_proj = _param(rngs.params(), _normal, (c.hidden_size, c.num_heads, c.head_dim),
                          ("embed", "q_heads", "head_dim"), pd)
     self.k_proj = _param(rngs.params(), _normal, (c.hidden_size, c.num_kv_heads, c.head_dim),
@@ -405,31 +427,34 @@ class Attention(nnx.Module):
       v = v + self.v_bias[...].astype(dt)
     return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
 
-  def attend(self, q, k, v, q_slots, k_slots, kv_mask):
-    """Masked attention.
+  def attend(self, q, k, v, q_slots, k_slots, kv_mask, window_index, *, cached: bool = False):
+    """Masked attention and the output projection.
 
     Args:
       q: ``[B, T, N, H]``; k, v: ``[B, S, K, H]``.
       q_slots: ``[T]`` int, index of each query in the (cached) sequence.
       k_slots: ``[S]`` int, index of each key.
       kv_mask: ``[B, S]`` 1 where the key is a real token.
+      window_index: int scalar (may be traced), this layer's index into `LlamaConfig.windows`.
+      cached: keys and values come from a KV cache. Then the attention is the ``xla`` einsum
+        path whatever `LlamaConfig.attention` says: the fused kernels here need queries and
+        keys of one sequence.
 
     Returns:
       ``[B, T, D]`` in the dtype of ``q``.
     """
     c = self.config
-    b, t, n, h = q.shape
-    kh = k.shape[2]
-    qg = q.reshape(b, t, kh, n // kh, h)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k,
-                        preferred_element_type=jnp.float32) * (h ** -0.5)
-    allowed = k_slots[None, :] <= q_slots[:, None]  # [T, S] causal
-    if self.window is not None:
-      allowed &= k_slots[None, :] > q_slots[:, None] - self.window
-    allowed = allowed[None, :, :] & (kv_mask[:, None, :] > 0)  # [B, T, S]
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
+    impl = "xla" if cached else resolve_implementation(c.attention, q.dtype)
+
+    def attend_with(window):
+      return lambda q, k, v: attention(q, k, v, q_slots=q_slots, k_slots=k_slots,
+                                       kv_mask=kv_mask, window=window, implementation=impl)
+
+    branches = [attend_with(w) for w in c.windows]
+    if len(branches) == 1:
+      out = branches[0](q, k, v)
+    else:  # mixed sliding/full layers: the window is static inside each branch
+      out = jax.lax.switch(window_index, branches, q, k, v)
     out = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(q.dtype))
     if c.o_bias:
       out = out + self.o_bias[...].astype(q.dtype)
@@ -470,33 +495,36 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
   """Pre-norm block: ``x + attn(norm(x))`` then ``h + mlp(norm(h))``."""
 
-  def __init__(self, config: LlamaConfig, *, window: int | None, rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     c = config
     self.input_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=c.param_dtype,
                               rngs=rngs)
-    self.attn = Attention(c, window=window, rngs=rngs)
+    self.attn = Attention(c, rngs=rngs)
     self.post_attn_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps,
                                   param_dtype=c.param_dtype, rngs=rngs)
     self.mlp = MLP(c, rngs=rngs)
 
-  def __call__(self, x, cos, sin, q_slots, kv_mask, cache=None, cache_index=None):
-    """x ``[B, T, D]``; with ``cache=(k, v)`` each ``[B, S, K, H]`` the new keys/values are
-    written at slots ``cache_index .. cache_index + T - 1`` and attention runs over the cache.
+  def __call__(self, x, cos, sin, q_slots, kv_mask, window_index, cache=None, cache_index=None):
+    """One layer on x ``[B, T, D]``; ``window_index`` selects its `LlamaConfig.windows` entry.
 
-    Returns ``(y [B, T, D], new_cache or None)``.
+    With ``cache=(k, v)``, each ``[B, S, K, H]``, the new keys/values are placed at slots
+    ``cache_index .. cache_index + T - 1`` and attention runs over the whole cache.
+
+    Returns ``(y [B, T, D], (k, v))``: the new tokens' keys and values ``[B, T, K, H]`` (in the
+    cache dtype when a cache is given), for the caller to write into its cache.
     """
     q, k, v = self.attn.project_qkv(self.input_norm(x), cos, sin)
     if cache is None:
-      k_all, v_all, k_slots, new_cache = k, v, q_slots, None
+      k_all, v_all, k_slots = k, v, q_slots
     else:
       ck, cv = cache
-      k_all = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-      v_all = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+      k, v = k.astype(ck.dtype), v.astype(cv.dtype)
+      k_all = jax.lax.dynamic_update_slice_in_dim(ck, k, cache_index, axis=1).astype(q.dtype)
+      v_all = jax.lax.dynamic_update_slice_in_dim(cv, v, cache_index, axis=1).astype(q.dtype)
       k_slots = jnp.arange(ck.shape[1])
-      new_cache = (k_all, v_all)
-      k_all, v_all = k_all.astype(q.dtype), v_all.astype(q.dtype)
-    h = x + self.attn.attend(q, k_all, v_all, q_slots, k_slots, kv_mask)
-    return h + self.mlp(self.post_attn_norm(h)), new_cache
+    h = x + self.attn.attend(q, k_all, v_all, q_slots, k_slots, kv_mask, window_index,
+                             cached=cache is not None)
+    return h + self.mlp(self.post_attn_norm(h)), (k, v)
 
 
 _POLICIES = {
@@ -507,10 +535,10 @@ _POLICIES = {
 
 
 class KVCache(NamedTuple):
-  """Per-layer keys and values, each ``[B, S, K, H]`` (compute dtype)."""
+  """Keys and values of every layer, each ``[L, B, S, K, H]`` (compute dtype)."""
 
-  keys: tuple[jax.Array, ...]
-  values: tuple[jax.Array, ...]
+  keys: jax.Array
+  values: jax.Array
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -526,9 +554,11 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 class Llama(nnx.Module):
   """Llama-family causal LM.
 
-  Parameters (logical axes): ``embed.embedding [V, D] (vocab, embed)``; per layer
-  ``attn.q_proj [D, N, H]``, ``attn.k_proj``/``v_proj [D, K, H]``, ``attn.o_proj [N, H, D]``,
-  ``mlp.gate_proj``/``up_proj [D, F]``, ``mlp.down_proj [F, D]``, norm scales ``[D] (norm)``;
+  Parameters (logical axes): ``embedding [V, D] (vocab, embed)``; stacked over the ``L``
+  layers, ``layers.attn.q_proj [L, D, N, H]``, ``layers.attn.k_proj``/``v_proj [L, D, K, H]``,
+  ``layers.attn.o_proj [L, N, H, D]``, ``layers.mlp.gate_proj``/``up_proj [L, D, F]``,
+  ``layers.mlp.down_proj [L, F, D]``, ``layers.input_norm.scale``/``post_attn_norm.scale
+  [L, D]`` (the leading axis is ``layers``); ``final_norm.scale [D] (norm)``;
   ``lm_head [V, D] (vocab, embed)`` unless embeddings are tied.
   """
 
@@ -537,8 +567,13 @@ class Llama(nnx.Module):
     self.config = c
     self.embedding = _param(rngs.params(), _normal, (c.vocab_size, c.hidden_size),
                             ("vocab", "embed"), c.param_dtype)
-    self.layers = nnx.List([DecoderLayer(c, window=c.layer_window(i), rngs=rngs)
-                            for i in range(c.num_layers)])
+
+    @nnx.split_rngs(splits=c.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def stacked_layers(rngs):
+      return DecoderLayer(c, rngs=rngs)
+
+    self.layers = stacked_layers(rngs)
     self.final_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=c.param_dtype,
                               rngs=rngs)
     if not c.tie_word_embeddings:
@@ -554,22 +589,37 @@ class Llama(nnx.Module):
     return (self.embedding if self.config.tie_word_embeddings else self.lm_head)[...]
 
   def _run_layers(self, x, cos, sin, q_slots, kv_mask, cache=None, cache_index=None):
-    new_keys, new_values = [], []
-    for i, layer in enumerate(self.layers):
-      layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-      if self.config.remat != "none" and cache is None:
-        def block(layer, x, cos, sin, q_slots, kv_mask):
-          return layer(x, cos, sin, q_slots, kv_mask)[0]
-        x = nnx.remat(block, policy=_POLICIES[self.config.remat])(
-            layer, x, cos, sin, q_slots, kv_mask)
-        layer_cache = None
-      else:
-        x, layer_cache = layer(x, cos, sin, q_slots, kv_mask, layer_cache, cache_index)
-      if layer_cache is not None:
-        new_keys.append(layer_cache[0])
-        new_values.append(layer_cache[1])
-    new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values))
-    return self.final_norm(x), new_cache
+    """The layer stack in one ``lax.scan``; returns ``(final-normed x, new cache or None)``."""
+    c = self.config
+    graphdef, stacked = nnx.split(self.layers)
+    window_indices = jnp.asarray(c.window_indices())
+
+    def layer(params, x, window_index, layer_cache=None):
+      return nnx.merge(graphdef, params)(x, cos, sin, q_slots, kv_mask, window_index,
+                                         layer_cache, cache_index)
+
+    if cache is None:
+      def body(x, xs):
+        params, window_index = xs
+        return layer(params, x, window_index)[0], None
+      if c.remat != "none":
+        body = jax.checkpoint(body, policy=_POLICIES[c.remat], prevent_cse=False)
+      x, _ = jax.lax.scan(body, x, (stacked, window_indices))
+      return self.final_norm(x), None
+
+    # The cache rides in the carry so each step writes only the new tokens, in place.
+    def cached_body(carry, xs):
+      x, keys, values = carry
+      params, window_index, i = xs
+      x, (k, v) = layer(params, x, window_index, (keys[i], values[i]))
+      at = (i, 0, cache_index, 0, 0)
+      keys = jax.lax.dynamic_update_slice(keys, k[None], at)
+      values = jax.lax.dynamic_update_slice(values, v[None], at)
+      return (x, keys, values), None
+
+    xs = (stacked, window_indices, jnp.arange(c.num_layers))
+    (x, keys, values), _ = jax.lax.scan(cached_body, (x, cache.keys, cache.values), xs)
+    return self.final_norm(x), KVCache(keys, values)
 
   def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array,
                     positions: jax.Array | None = None) -> jax.Array:
@@ -619,12 +669,11 @@ class Llama(nnx.Module):
   # ---- KV-cache decoding
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
-    """Zero cache for ``max_length`` slots: per layer ``[B, S, K, H]``."""
+    """Zero cache for ``max_length`` slots: keys and values ``[L, B, S, K, H]``."""
     c = self.config
-    shape = (batch_size, max_length, c.num_kv_heads, c.head_dim)
+    shape = (c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim)
     dtype = self.dtype if dtype is None else dtype
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers))
-    return KVCache(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers)))
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
   def decode(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache, *,
              cache_index: jax.Array | int, kv_mask: jax.Array) -> tuple[jax.Array, KVCache]:
@@ -634,7 +683,8 @@ class Llama(nnx.Module):
     rows, so prompts are left-padded). ``positions [B, T]`` are their RoPE positions and
     ``kv_mask [B, S]`` marks valid slots (including the new ones). Numerics equal the full
     forward (same masks, same dtypes); dynamic RoPE uses the longest position of this call,
-    as transformers' cached decoding does.
+    as transformers' cached decoding does. Attention against the cache is the ``xla`` einsum
+    path whatever `LlamaConfig.attention` says (see `Attention.attend`).
     """
     x = self.embedding[...].astype(self.dtype)[input_ids]
     cos, sin = _rope_cos_sin(self.config, positions, self.dtype)

@@ -1,30 +1,36 @@
 """Hugging Face safetensors import/export for `Llama` (Llama, Mistral, Qwen2 checkpoints).
 
 The mapping is one table (`_LAYER_TABLE` plus three global rows): HF tensor name → NNX
-parameter path and a layout transform. Import is strict in both directions: a checkpoint
-tensor with nowhere to go, a parameter left unfilled or a shape mismatch raises
-`CheckpointError` naming every offending tensor.
+parameter path, layer index (our layer parameters are stacked on a leading ``[L]`` axis, so
+``model.layers.3.mlp.up_proj.weight`` is row 3 of ``layers.mlp.up_proj``) and a layout
+transform. Import is strict in both directions: a checkpoint tensor with nowhere to go, a
+parameter left unfilled or a shape mismatch raises `CheckpointError` naming every offending
+tensor.
 
-Loading starts from ``nnx.eval_shape`` (no random init), memory-maps each safetensors file and
-places one tensor at a time, so host memory stays near one copy of the model.
+Loading starts from ``nnx.eval_shape`` (no random init) and memory-maps each safetensors file.
+With a mesh or shardings, every parameter is built with ``jax.make_array_from_callback``: each
+device's block is read from the file slice it covers (``safe_open(...).get_slice``), so no
+device ever holds a full tensor it does not own and each host reads only what its devices need.
+Saving streams tensor by tensor: the safetensors header is written from the shapes first, then
+each tensor is fetched to host (from the shards, one layer at a time) and appended.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors' numpy reader)
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
-from ssapo_jax.models.llama import Llama, LlamaConfig, SUPPORTED_MODEL_TYPES
+from ssapo_jax.models.llama import Llama, LlamaConfig, SUPPORTED_MODEL_TYPES, logical_axes
 
 
 class CheckpointError(ValueError):
@@ -44,7 +50,7 @@ _GLOBAL_TABLE = (
     ("lm_head.weight", "lm_head", IDENTITY),
 )
 
-# HF suffix after ``model.layers.{i}.`` -> our suffix after ``layers.{i}.``.
+# HF suffix after ``model.layers.{i}.`` -> our suffix after ``layers.`` (row i of the stack).
 _LAYER_TABLE = (
     ("input_layernorm.weight", "input_norm.scale", IDENTITY),
     ("post_attention_layernorm.weight", "post_attn_norm.scale", IDENTITY),
@@ -68,15 +74,16 @@ _LAYER_TABLE = (
 _IGNORABLE = (re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),)
 
 
-def tensor_mapping(config: LlamaConfig, param_paths) -> dict[str, tuple[str, str]]:
-  """HF tensor name -> (our dotted parameter path, transform) for the parameters that exist."""
+def tensor_mapping(config: LlamaConfig, param_paths) -> dict[str, tuple[str, int | None, str]]:
+  """HF tensor name -> (our dotted parameter path, layer row or None, transform), for the
+  parameters that exist; embeddings, norm and head first, then layer by layer."""
   paths = set(param_paths)
   table = {}
   for hf, ours, kind in _GLOBAL_TABLE:
-    table[hf] = (ours, kind)
+    table[hf] = (ours, None, kind)
   for i in range(config.num_layers):
     for hf, ours, kind in _LAYER_TABLE:
-      table[f"model.layers.{i}.{hf}"] = (f"layers.{i}.{ours}", kind)
+      table[f"model.layers.{i}.{hf}"] = (f"layers.{ours}", i, kind)
   return {hf: v for hf, v in table.items() if v[0] in paths}
 
 
@@ -97,12 +104,47 @@ def hf_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
   raise ValueError(f"unknown transform {kind!r}")
 
 
-def to_ours(array: np.ndarray, shape: tuple[int, ...], kind: str) -> np.ndarray:
-  """HF layout -> our layout (``shape``)."""
-  if kind in (IDENTITY, RESHAPE):
-    return array.reshape(shape)
-  if kind in (IN_HEADS, OUT_HEADS, TRANSPOSE):
-    return np.ascontiguousarray(array.T).reshape(shape)
+def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> list[tuple[int, int]]:
+  bounds = []
+  for sl, dim in zip(index, shape):
+    start, stop, step = sl.indices(dim)
+    if step != 1:
+      raise ValueError(f"strided index {index} is not a shard")
+    bounds.append((start, stop))
+  return bounds
+
+
+def read_block(tensor, shape: tuple[int, ...], kind: str,
+               index: tuple[slice, ...]) -> np.ndarray:
+  """The block ``index`` of our layout (``shape``) read from an HF tensor.
+
+  Args:
+    tensor: the HF tensor, or a lazy ``safe_open(...).get_slice(name)``; only the HF rows and
+      columns that the block needs are read.
+    shape: our (unstacked) shape of the parameter.
+    kind: the layout transform.
+    index: one slice per dimension of ``shape``.
+  """
+  b = _bounds(index, shape)
+  if kind == IDENTITY or (kind == RESHAPE and len(shape) == 1):
+    return np.asarray(tensor[tuple(slice(lo, hi) for lo, hi in b)])
+  if kind == RESHAPE:  # HF [X*H] -> [X, H]
+    (x0, x1), (h0, h1) = b[0], b[1]
+    width = shape[1]
+    return np.asarray(tensor[x0 * width:x1 * width]).reshape(x1 - x0, width)[:, h0:h1]
+  if kind == TRANSPOSE:  # HF [F, D] -> [D, F]
+    (d0, d1), (f0, f1) = b
+    return np.asarray(tensor[f0:f1, d0:d1]).T
+  if kind == IN_HEADS:  # HF [X*H, D] -> [D, X, H]
+    (d0, d1), (x0, x1), (h0, h1) = b
+    width = shape[2]
+    rows = np.asarray(tensor[x0 * width:x1 * width, d0:d1]).T
+    return rows.reshape(d1 - d0, x1 - x0, width)[:, :, h0:h1]
+  if kind == OUT_HEADS:  # HF [D, N*H] -> [N, H, D]
+    (n0, n1), (h0, h1), (d0, d1) = b
+    width = shape[1]
+    cols = np.asarray(tensor[d0:d1, n0 * width:n1 * width]).T
+    return cols.reshape(n1 - n0, width, d1 - d0)[:, h0:h1, :]
   raise ValueError(f"unknown transform {kind!r}")
 
 
@@ -181,23 +223,30 @@ def _open(file: str):
     raise CheckpointError(f"cannot read safetensors file {file}: {e}") from e
 
 
-def _placer(shardings, flat_paths) -> Callable[[str, np.ndarray], jax.Array]:
+def _target_shardings(abs_params, flat, mesh, shardings) -> dict[str, jax.sharding.Sharding]:
+  """Dotted path -> final sharding of every parameter ({} = default device)."""
+  if mesh is not None and shardings is not None:
+    raise ValueError("load_hf takes mesh or shardings, not both")
+  if mesh is not None:
+    from ssapo_jax.sharding import logical_to_spec  # pylint: disable=import-outside-toplevel
+    axes = {_path_str(p): a for p, a in nnx.to_flat_state(logical_axes(abs_params))}
+    return {p: NamedSharding(mesh, logical_to_spec(axes[p], var.shape, mesh))
+            for p, var in flat.items()}
   if shardings is None:
-    return lambda path, array: jax.device_put(array)
-  if callable(shardings) and not isinstance(shardings, (dict, nnx.State)):
-    return shardings
-  flat = {_path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(
-      shardings, is_leaf=lambda x: isinstance(x, (jax.sharding.Sharding, nnx.Variable)))[0]}
-  flat = {k.removesuffix(".value"): (v.get_value() if isinstance(v, nnx.Variable) else v)
-          for k, v in flat.items()}
-  missing = sorted(set(flat_paths) - set(flat))
+    return {}
+  leaves = jax.tree_util.tree_flatten_with_path(
+      shardings, is_leaf=lambda x: isinstance(x, (jax.sharding.Sharding, nnx.Variable)))[0]
+  out = {_path_str(p).removesuffix(".value"): (s.get_value() if isinstance(s, nnx.Variable) else s)
+         for p, s in leaves}
+  missing = sorted(set(flat) - set(out))
   if missing:
     raise ValueError(f"shardings has no entry for parameters {missing[:10]}")
-  return lambda path, array: jax.device_put(array, flat[path])
+  return out
 
 
 def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
-            shardings=None, remat: str = "none") -> Llama:
+            remat: str = "none", attention: str = "auto", mesh: jax.sharding.Mesh | None = None,
+            shardings=None) -> Llama:
   """Loads a local Hugging Face Llama/Mistral/Qwen2 directory into a `Llama`.
 
   Args:
@@ -205,10 +254,16 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float
       ``model-XXXXX-of-YYYYY.safetensors`` plus ``model.safetensors.index.json``.
     dtype: compute dtype of the model.
     param_dtype: dtype parameters are stored in (cast from the checkpoint dtype).
-    shardings: None (default device), a pytree of ``jax.sharding.Sharding`` with the structure
-      of ``nnx.state(model, nnx.Param)``, or a callable ``(dotted_path, np.ndarray) ->
-      jax.Array`` that places each tensor.
     remat: rematerialisation policy (`LlamaConfig.remat`).
+    attention: attention implementation (`LlamaConfig.attention`).
+    mesh: place every parameter on its sharding under ``ssapo_jax.sharding``'s logical-axis
+      rules for this mesh.
+    shardings: instead of ``mesh``, a pytree of ``jax.sharding.Sharding`` with the structure
+      of ``nnx.state(model, nnx.Param)``. With neither, parameters go to the default device.
+
+  With a mesh or shardings each device's block is read from the file and placed directly
+  (``jax.make_array_from_callback``): no device holds more than its shard, and each process
+  reads only the blocks of its own devices.
 
   Raises:
     CheckpointError: unsupported model_type, missing/extra tensors, shape mismatch, unreadable
@@ -216,12 +271,12 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float
   """
   path = os.fspath(path)
   config = LlamaConfig.from_hf(read_config(path), dtype=dtype, param_dtype=param_dtype,
-                               remat=remat)
+                               remat=remat, attention=attention)
   abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
   graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
   flat = _flat_params(abs_params)
   mapping = tensor_mapping(config, flat)
-  place = _placer(shardings, flat)
+  targets = _target_shardings(abs_params, flat, mesh, shardings)
   files = _weight_files(path)
 
   extra = []
@@ -232,43 +287,124 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float
       if name == "lm_head.weight" and config.tie_word_embeddings:
         continue  # some tied checkpoints store the (identical) head anyway
       extra.append(name)
-  present = {n for names in files.values() for n in names}
-  missing = sorted(set(mapping) - present)
+  file_of = {n: file for file, names in files.items() for n in names}
+  missing = sorted(set(mapping) - set(file_of))
   if extra or missing:
     raise CheckpointError(f"{path}: checkpoint does not match {config.model_type} config; "
                           f"missing tensors: {missing}; unexpected tensors: {sorted(extra)}")
 
-  values: dict[str, jax.Array] = {}
-  bad_shapes = []
   pdt = jnp.dtype(param_dtype)
-  for file, names in files.items():
-    full = os.path.join(path, file)
-    with _open(full) as f:
-      for name in names:
-        if name not in mapping:
-          continue
-        ours, kind = mapping[name]
-        target = tuple(flat[ours].shape)
-        expected = hf_shape(target, kind)
-        try:
-          shape = tuple(f.get_slice(name).get_shape())
-        except Exception as e:
-          raise CheckpointError(f"{full}: tensor {name} is not readable ({e})") from e
-        if shape != expected:
-          bad_shapes.append(f"{name}: expected {expected}, found {shape}")
-          continue
-        try:
-          array = f.get_tensor(name)
-        except Exception as e:
-          raise CheckpointError(f"{full}: tensor {name} is not readable ({e})") from e
-        values[ours] = place(ours, to_ours(array, target, kind).astype(pdt))
-        del array
-  if bad_shapes:
-    raise CheckpointError(f"{path}: tensor shapes do not match the config: {bad_shapes}")
+  with contextlib.ExitStack() as stack:
+    handles = {file: stack.enter_context(_open(os.path.join(path, file))) for file in files}
+    # our path -> {layer row or None: lazy HF slice}; every shape checked before any read.
+    sources: dict[str, dict[int | None, object]] = {}
+    kinds: dict[str, str] = {}
+    bad_shapes = []
+    for name, (ours, layer, kind) in mapping.items():
+      full = os.path.join(path, file_of[name])
+      try:
+        lazy = handles[file_of[name]].get_slice(name)
+        shape = tuple(lazy.get_shape())
+      except Exception as e:
+        raise CheckpointError(f"{full}: tensor {name} is not readable ({e})") from e
+      target = tuple(flat[ours].shape)[0 if layer is None else 1:]
+      expected = hf_shape(target, kind)
+      if shape != expected:
+        bad_shapes.append(f"{name}: expected {expected}, found {shape}")
+      sources.setdefault(ours, {})[layer] = lazy
+      kinds[ours] = kind
+    if bad_shapes:
+      raise CheckpointError(f"{path}: tensor shapes do not match the config: {bad_shapes}")
 
-  for p, var in flat.items():
-    var.set_value(values[p])
+    for ours, var in flat.items():
+      shape = tuple(var.shape)
+      reader = _BlockReader(sources[ours], kinds[ours], shape, pdt, path=f"{path}: {ours}")
+      if ours in targets:
+        value = jax.make_array_from_callback(shape, targets[ours], reader)
+      else:
+        value = jax.device_put(reader(tuple(slice(None) for _ in shape)))
+      var.set_value(value)
   return nnx.merge(graphdef, abs_params, rest)
+
+
+class _BlockReader:
+  """``index -> np.ndarray`` of one parameter, read block-wise from its HF tensor(s).
+
+  A stacked layer parameter ``[L, ...]`` reads each covered layer's tensor; blocks already
+  read (replicas on several devices) are reused.
+  """
+
+  def __init__(self, sources, kind, shape, dtype, *, path):
+    self.sources, self.kind, self.shape, self.dtype, self.path = sources, kind, shape, dtype, path
+    self.stacked = None not in sources
+    self.blocks = {}
+
+  def __call__(self, index):
+    index = tuple(index) + (slice(None),) * (len(self.shape) - len(index))
+    key = tuple(tuple(b) for b in _bounds(index, self.shape))
+    if key not in self.blocks:
+      try:
+        if self.stacked:
+          (l0, l1), inner = key[0], index[1:]
+          block = np.stack([read_block(self.sources[i], self.shape[1:], self.kind, inner)
+                            for i in range(l0, l1)])
+        else:
+          block = read_block(self.sources[None], self.shape, self.kind, index)
+      except CheckpointError:
+        raise
+      except Exception as e:
+        raise CheckpointError(f"{self.path} is not readable ({e})") from e
+      self.blocks[key] = np.ascontiguousarray(block.astype(self.dtype))
+    return self.blocks[key]
+
+
+# safetensors dtype names (the format's header) of the dtypes we write.
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+
+
+def _host_block(x: jax.Array, layer: int | None) -> np.ndarray:
+  """``x`` (or its row ``layer``) on this host, assembled from the shards without a device
+  gather; arrays spanning several processes are all-gathered one tensor at a time (every
+  process must call)."""
+  if not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    part = x if layer is None else x[layer]
+    return np.asarray(multihost_utils.process_allgather(part, tiled=True))
+  shape = x.shape if layer is None else x.shape[1:]
+  out = np.empty(shape, x.dtype)
+  for shard in x.addressable_shards:
+    if shard.replica_id != 0:
+      continue
+    index = shard.index
+    if layer is None:
+      out[index] = np.asarray(shard.data)
+      continue
+    lo, hi, _ = index[0].indices(x.shape[0])
+    if lo <= layer < hi:
+      out[index[1:]] = np.asarray(shard.data[layer - lo])
+  return out
+
+
+def _write_safetensors(file: str, names: list[str], shapes: dict, dtype, produce) -> None:
+  """Writes a safetensors file tensor by tensor: the header from the shapes, then each
+  ``produce(name)`` (an array of ``shapes[name]``) appended, so one tensor is in memory."""
+  header, offset = {}, 0
+  for name in names:
+    nbytes = int(np.prod(shapes[name])) * dtype.itemsize
+    header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype.name], "shape": list(shapes[name]),
+                    "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  header["__metadata__"] = {"format": "pt"}
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+  with open(file, "wb") as f:
+    f.write(len(blob).to_bytes(8, "little"))
+    f.write(blob)
+    for name in names:
+      array = np.ascontiguousarray(produce(name), dtype=dtype)
+      if array.shape != tuple(shapes[name]):
+        raise ValueError(f"{name}: produced shape {array.shape}, expected {shapes[name]}")
+      f.write(array.tobytes())
 
 
 def save_hf(model: Llama, path: str | os.PathLike, *, tokenizer=None,
@@ -278,74 +414,75 @@ def save_hf(model: Llama, path: str | os.PathLike, *, tokenizer=None,
   ``transformers.AutoModelForCausalLM.from_pretrained(path)`` and vLLM load the result.
 
   Args:
-    model: the model to save.
+    model: the model to save (parameters on any sharding).
     path: output directory (created).
     tokenizer: optional HF tokenizer, saved alongside (``tokenizer.save_pretrained``).
     shard_size: maximum bytes per safetensors file; more than one file adds
       ``model.safetensors.index.json``.
     dtype: dtype of the saved tensors (default: the model's ``param_dtype``).
 
-  Tensors are fetched to host one at a time; only one shard is held in host memory.
-  Single-process only: multi-host sharded arrays must be gathered first.
+  Streams one HF tensor at a time: each is assembled on the host from its device shards (no
+  gather onto one device) and appended to its file, so host memory holds one tensor. Only
+  process 0 writes; when parameters span several processes every process must call this
+  (each tensor is then all-gathered to the hosts in turn).
   """
   import transformers
 
   path = os.fspath(path)
-  os.makedirs(path, exist_ok=True)
+  writer = jax.process_index() == 0
   config = model.config
   out_dtype = jnp.dtype(dtype or config.param_dtype)
-  hf_dict = config.to_hf_dict()
-  hf_dict["dtype"] = hf_dict["torch_dtype"] = out_dtype.name
-  hf_config = transformers.CONFIG_MAPPING[config.model_type](
-      **{k: v for k, v in hf_dict.items() if k != "model_type"})
-  hf_config.save_pretrained(path)
-  gen = transformers.GenerationConfig(bos_token_id=config.bos_token_id,
-                                      eos_token_id=hf_dict["eos_token_id"],
-                                      pad_token_id=config.pad_token_id)
-  gen.save_pretrained(path)
-
   flat = _flat_params(model)
   mapping = tensor_mapping(config, flat)
-  order = list(mapping)  # table order: embeddings, norm, head, then layer by layer
+  shapes = {}
+  for hf_name, (ours, layer, kind) in mapping.items():
+    ours_shape = tuple(flat[ours].shape)[0 if layer is None else 1:]
+    shapes[hf_name] = hf_shape(ours_shape, kind)
 
-  shards: list[dict[str, np.ndarray]] = [{}]
-  sizes = [0]
-  tmp_names = []
+  # Files planned from the shapes: table order (embeddings, norm, head, then layer by layer).
+  groups: list[list[str]] = [[]]
+  size = 0
+  for hf_name in mapping:
+    nbytes = int(np.prod(shapes[hf_name])) * out_dtype.itemsize
+    if groups[-1] and size + nbytes > shard_size:
+      groups.append([])
+      size = 0
+    groups[-1].append(hf_name)
+    size += nbytes
+  n = len(groups)
+  finals = ["model.safetensors"] if n == 1 else [
+      f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
-  def flush():
-    index = len(tmp_names)
-    name = f"shard-{index}.tmp.safetensors"
-    save_file(shards[-1], os.path.join(path, name), metadata={"format": "pt"})
-    tmp_names.append((name, list(shards[-1])))
-    shards[-1] = {}
-    sizes[-1] = 0
+  def produce(hf_name):
+    ours, layer, kind = mapping[hf_name]
+    return to_hf(_host_block(flat[ours].get_value(), layer).astype(out_dtype), kind)
 
-  total = 0
-  for hf_name in order:
-    ours, kind = mapping[hf_name]
-    array = np.asarray(jax.device_get(flat[ours].get_value())).astype(out_dtype)
-    array = to_hf(array, kind)
-    if sizes[-1] and sizes[-1] + array.nbytes > shard_size:
-      flush()
-    shards[-1][hf_name] = array
-    sizes[-1] += array.nbytes
-    total += array.nbytes
-  flush()
-
-  n = len(tmp_names)
-  for stale in os.listdir(path):  # remove weights of an earlier save into the same dir
-    if stale.endswith(".safetensors") and not stale.endswith(".tmp.safetensors"):
-      os.remove(os.path.join(path, stale))
-  index_file = os.path.join(path, "model.safetensors.index.json")
-  if os.path.exists(index_file):
-    os.remove(index_file)
-  weight_map = {}
-  for i, (tmp, names) in enumerate(tmp_names):
-    final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-    os.replace(os.path.join(path, tmp), os.path.join(path, final))
-    weight_map.update({name: final for name in names})
-  if n > 1:
-    with open(index_file, "w") as f:
+  if writer:
+    os.makedirs(path, exist_ok=True)
+    hf_dict = config.to_hf_dict()
+    hf_dict["dtype"] = hf_dict["torch_dtype"] = out_dtype.name
+    hf_config = transformers.CONFIG_MAPPING[config.model_type](
+        **{k: v for k, v in hf_dict.items() if k != "model_type"})
+    hf_config.save_pretrained(path)
+    gen = transformers.GenerationConfig(bos_token_id=config.bos_token_id,
+                                        eos_token_id=hf_dict["eos_token_id"],
+                                        pad_token_id=config.pad_token_id)
+    gen.save_pretrained(path)
+    for stale in os.listdir(path):  # weights of an earlier save into the same dir
+      if stale.endswith(".safetensors") or stale == "model.safetensors.index.json":
+        os.remove(os.path.join(path, stale))
+  for group, final in zip(groups, finals):
+    if writer:
+      tmp = os.path.join(path, final + ".tmp")
+      _write_safetensors(tmp, group, shapes, out_dtype, produce)
+      os.replace(tmp, os.path.join(path, final))
+    else:
+      for hf_name in group:  # take part in the all-gathers
+        produce(hf_name)
+  if writer and n > 1:
+    total = sum(int(np.prod(s)) * out_dtype.itemsize for s in shapes.values())
+    weight_map = {name: final for group, final in zip(groups, finals) for name in group}
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-  if tokenizer is not None:
+  if writer and tokenizer is not None:
     tokenizer.save_pretrained(path)

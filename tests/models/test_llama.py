@@ -12,7 +12,7 @@ from flax import nnx
 from ssapo_jax.models import Llama, LlamaConfig, load_hf, logical_axes
 from ssapo_jax.models.testing import FAMILIES, save_tiny_hf
 
-LOGICAL_NAMES = {"vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm"}
+LOGICAL_NAMES = {"vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm", "layers"}
 
 
 def _batch(seq=12, vocab=128, seed=0):
@@ -60,6 +60,25 @@ def test_logits_match_transformers(tiny, family):
   assert out.shape == ref.shape == (3, 12, 128)
   real = mask > 0
   np.testing.assert_array_less(np.abs(out - ref)[real].max(), 1e-4)
+
+
+def _rebuilt(model, **runtime):
+  """``model`` with the same parameters and runtime config fields replaced."""
+  config = dataclasses.replace(model.config, **runtime)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, nnx.state(model))
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2_sliding", "llama_mqa_tied_bias"])
+def test_splash_attention_logits_match_transformers(tiny, family):
+  """attention="splash" (Pallas interpret mode on CPU): sliding, mixed and MQA layers."""
+  hf, model = tiny(family)
+  ids, mask = _batch()
+  ref = _torch_logits(hf, ids, mask)
+  splash = _rebuilt(model, attention="splash")
+  out = np.asarray(jax.jit(lambda m, i, a: m(i, a))(splash, jnp.asarray(ids, jnp.int32),
+                                                    jnp.asarray(mask, jnp.int32)))
+  np.testing.assert_array_less(np.abs(out - ref)[mask > 0].max(), 1e-4)
 
 
 def test_left_and_right_padding_agree(tiny):
@@ -121,9 +140,7 @@ def test_chunked_logps_gradient_matches_naive(tiny, remat):
     tok = jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
     return jnp.sum(tok * loss_mask[:, 1:])
 
-  remat_config = dataclasses.replace(model.config, remat=remat)
-  remat_graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(remat_config, rngs=nnx.Rngs(0))))
-  remat_model = nnx.merge(remat_graphdef, nnx.state(model))
+  remat_model = _rebuilt(model, remat=remat)
   chunked = lambda m: jnp.sum(m.sequence_logps(ids, mask, loss_mask, vocab_chunk_size=40))
   g_ref = nnx.jit(nnx.grad(naive))(model)
   g = nnx.jit(nnx.grad(chunked))(remat_model)
@@ -187,7 +204,9 @@ def test_logical_axes_cover_every_parameter():
     names = flat_axes[path]
     assert len(names) == var.ndim, path
     assert set(names) <= LOGICAL_NAMES, (path, names)
-  assert flat_axes[("layers", 0, "attn", "q_proj")] == ("embed", "q_heads", "head_dim")
+    if path[0] == "layers":  # stacked: one leading row per decoder layer
+      assert names[0] == "layers" and var.shape[0] == config.num_layers, (path, names)
+  assert flat_axes[("layers", "attn", "q_proj")] == ("layers", "embed", "q_heads", "head_dim")
   assert flat_axes[("lm_head",)] == ("vocab", "embed")
   assert logical_axes(model) == axes
 

@@ -1,0 +1,171 @@
+"""Causal grouped-query attention behind one signature, with a kernel chosen per backend.
+
+`attention` computes ``softmax(q k^T / sqrt(H) + mask) v`` for one decoder layer. The
+implementation is `LlamaConfig.attention`:
+
+* ``"xla"``: einsums with float32 ``[B, K, G, T, S]`` scores (the reference; the CPU default,
+  and the only one that runs against a KV cache, where queries and keys differ in length).
+* ``"splash"``: TPU splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``),
+  causal or sliding-window, padding through segment ids, under ``shard_map`` over the batch
+  axes (and heads over ``tensor``) of the context mesh (``jax.set_mesh``). Elsewhere it runs in
+  Pallas interpret mode, which is slow and only for tests.
+* ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU; bfloat16/float16).
+* ``"auto"``: splash on TPU, cudnn on GPU with a 16-bit compute dtype, xla otherwise.
+
+Shape letters as in ``models/llama.py``: B batch, T queries, S keys, N query heads, K kv heads,
+G = N // K, H head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
+# Splash tiles the sequence in blocks of this many tokens (a multiple of the TPU lane width);
+# shorter or ragged sequences are padded up to a multiple of it.
+_SPLASH_BLOCK = 512
+_SPLASH_MIN_BLOCK = 128
+
+
+def resolve_implementation(name: str, dtype, backend: str | None = None) -> str:
+  """The concrete implementation for ``name`` (`IMPLEMENTATIONS`) on ``backend``.
+
+  Raises:
+    ValueError: an unknown name, or ``cudnn`` with a compute dtype it does not support.
+  """
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f"attention must be one of {IMPLEMENTATIONS}, got {name!r}")
+  backend = backend or jax.default_backend()
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if name == "auto":
+    return "splash" if backend == "tpu" else "cudnn" if backend == "gpu" and half else "xla"
+  if name == "cudnn" and not half:
+    raise ValueError(f"attention='cudnn' needs a bfloat16/float16 compute dtype, got "
+                     f"{jnp.dtype(dtype).name}")
+  return name
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_slots: jax.Array,
+              k_slots: jax.Array, kv_mask: jax.Array, window: int | None,
+              implementation: str = "xla") -> jax.Array:
+  """Causal (optionally sliding-window) attention over real keys.
+
+  Args:
+    q: ``[B, T, N, H]`` queries (RoPE applied), compute dtype.
+    k, v: ``[B, S, K, H]`` keys and values.
+    q_slots: ``[T]`` int, index of each query in the (cached) sequence.
+    k_slots: ``[S]`` int, index of each key.
+    kv_mask: ``[B, S]`` 1 where the key is a real token.
+    window: keys with ``q_slot - k_slot >= window`` are masked; None = full causal.
+    implementation: ``"xla"``, ``"splash"`` or ``"cudnn"`` (already resolved). splash and
+      cudnn need self-attention (``S == T`` and ``q_slots == k_slots == arange(T)``).
+
+  Returns:
+    ``[B, T, N, H]`` in the dtype of ``q``. Rows of padding queries are unspecified
+    (they differ between implementations); rows of real queries agree.
+  """
+  if implementation == "xla":
+    return _xla_attention(q, k, v, q_slots, k_slots, kv_mask, window)
+  if q.shape[1] != k.shape[1]:
+    raise ValueError(f"attention={implementation!r} needs self-attention (T == S), got "
+                     f"T={q.shape[1]}, S={k.shape[1]}; use 'xla' with a KV cache")
+  if implementation == "splash":
+    return splash_attention(q, k, v, kv_mask, window)
+  if implementation == "cudnn":
+    return jax_nn_attention(q, k, v, kv_mask, window, implementation="cudnn")
+  raise ValueError(f"unknown attention implementation {implementation!r}")
+
+
+def _xla_attention(q, k, v, q_slots, k_slots, kv_mask, window):
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  qg = q.reshape(b, t, kh, n // kh, h)
+  scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k,
+                      preferred_element_type=jnp.float32) * (h ** -0.5)
+  allowed = k_slots[None, :] <= q_slots[:, None]  # [T, S] causal
+  if window is not None:
+    allowed &= k_slots[None, :] > q_slots[:, None] - window
+  allowed = allowed[None, :, :] & (kv_mask[:, None, :] > 0)  # [B, T, S]
+  scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
+
+
+def jax_nn_attention(q, k, v, kv_mask, window, *, implementation: str):
+  """Self-attention through ``jax.nn.dot_product_attention`` (``implementation`` "cudnn" or
+  "xla"; the latter checks the masks on CPU). Shapes as `attention`."""
+  b, t = q.shape[:2]
+  mask = jnp.broadcast_to(kv_mask[:, None, None, :] > 0, (b, 1, t, t))  # [B, 1, T, S]
+  return jax.nn.dot_product_attention(
+      q, k, v, mask=mask, scale=q.shape[-1] ** -0.5, is_causal=True,
+      local_window_size=None if window is None else (window - 1, 0),
+      implementation=implementation)
+
+
+# ----------------------------------------------------------------------------- splash
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(seq_len: int, num_heads: int, window: int | None, interpret: bool):
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+  shape = (seq_len, seq_len)
+  if window is None:
+    mask = splash.CausalMask(shape)
+  else:
+    mask = splash.LocalMask(shape, window_size=(window - 1, 0), offset=0)
+  block = min(_SPLASH_BLOCK, seq_len)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                            block_q_dq=block, block_kv_dq=block)
+  return splash.make_splash_mha(splash.MultiHeadMask([mask] * num_heads), block_sizes=sizes,
+                                head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash_local(q, k, v, segment_ids, window):
+  """Splash on one device's block: q ``[b, T, n, H]``, k/v ``[b, T, k, H]``, ids ``[b, T]``."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+  t = q.shape[1]
+  interpret = jax.default_backend() != "tpu"
+  with jax.ensure_compile_time_eval():  # the kernel's mask tables are constants, cached
+    kernel = _splash_kernel(t, q.shape[2], window, interpret)
+  scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q * scale, k, v))  # [b, heads, T, H]
+  ids = splash.SegmentIds(q=segment_ids, kv=segment_ids)
+  out = jax.vmap(kernel)(qt, kt, vt, segment_ids=ids)
+  return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+
+
+def splash_attention(q, k, v, kv_mask, window):
+  """Splash self-attention; padding keys get segment id 0, real tokens 1. Shapes as `attention`.
+
+  The sequence is padded to a multiple of the kernel block. Under a context mesh with
+  ``data``/``fsdp``/``tensor`` axes the kernel runs in ``shard_map``: batch over the batch axes
+  and heads over ``tensor`` where they divide (`ssapo_jax.sharding.logical_to_spec`).
+  """
+  from ssapo_jax import sharding as shd
+
+  t = q.shape[1]
+  block = _SPLASH_MIN_BLOCK if t <= _SPLASH_BLOCK else _SPLASH_BLOCK
+  padded = -(-t // block) * block
+  segment_ids = (kv_mask > 0).astype(jnp.int32)
+  if padded != t:
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, padded - t)] + [(0, 0)] * (x.ndim - 2))
+    q, k, v, segment_ids = pad(q), pad(k), pad(v), pad(segment_ids)
+  fn = functools.partial(_splash_local, window=window)
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.size > 1 and set(shd.MESH_AXES) <= set(mesh.axis_names):
+    q_spec = shd.logical_to_spec(("batch", None, "q_heads", None), q.shape, mesh)
+    k_spec = shd.logical_to_spec(("batch", None, "kv_heads", None), k.shape, mesh)
+    if q_spec[2] != k_spec[2]:  # heads must split alike to keep each group with its kv head
+      q_spec = k_spec = PartitionSpec(q_spec[0], None, None, None)
+    ids_spec = PartitionSpec(q_spec[0], None)
+    fn = jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, ids_spec),
+                       out_specs=q_spec, check_vma=False)
+  return fn(q, k, v, segment_ids)[:, :t]
