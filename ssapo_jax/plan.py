@@ -437,8 +437,9 @@ def model_config(experiment, *, arch: str | None = None, num_layers: int | None 
                      f"one of {', '.join(PRESETS)} to plan without the checkpoint")
   t = experiment.train
   changes = dict(dtype=t.compute_dtype, param_dtype=t.param_dtype, remat=t.remat)
-  if getattr(config, "attention", None) == "auto":
-    changes["attention"] = "splash"  # what "auto" picks on the TPU this plan compiles for
+  attention = getattr(experiment.model, "attention", "auto")
+  # What "auto" picks on the TPU this plan compiles for (the host's backend is the CPU).
+  changes["attention"] = "splash" if attention == "auto" else attention
   if num_layers is not None:
     changes["num_layers"] = num_layers
     if config.layer_types:
@@ -482,7 +483,8 @@ def lower_train_step(train_config, config, mesh, *, seq_len: int, num_atoms: int
   batch = PreferenceBatch(tok, tok, tok, tok, tok, tok, vec, vec, vec, atom, atom)
   batch = _abstract(batch, tr.batch_shardings(mesh, t))
   step = tr.make_train_step(t, mesh, template)
-  return step.lower(state, batch), 2 * b * seq
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # read by shard_map kernels (splash)
+    return step.lower(state, batch), 2 * b * seq
 
 
 def scoring_batch_size(train_config, mesh) -> int:
@@ -506,7 +508,8 @@ def lower_score_logps(config, mesh, *, rows: int, seq_len: int):
   tok = jax.ShapeDtypeStruct((rows, seq), jnp.int32,
                              sharding=NamedSharding(mesh, PartitionSpec(shd.BATCH_AXES)))
   # The outer jit only traces into the inner, sharded one: the compiled program is the same.
-  return jax.jit(logps_fn).lower(params, tok, tok, tok), rows * seq
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    return jax.jit(logps_fn).lower(params, tok, tok, tok), rows * seq
 
 
 def lower_generate(sampling_config, config, mesh, *, prompt_len: int):
@@ -524,10 +527,11 @@ def lower_generate(sampling_config, config, mesh, *, prompt_len: int):
                                  sharding=sampling.prompt_sharding(state, s.batch_size))
   key = jax.eval_shape(lambda: jax.random.key(0))
   eos = config.eos_token_ids or (0,)
-  lowered = sampling._generate.lower(  # pylint: disable=protected-access
-      graphdef, state, prompts, prompts, key, max_new_tokens=s.max_new_tokens,
-      temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, num_samples=s.num_samples,
-      eos_token_ids=tuple(eos), pad_token_id=int(config.pad_token_id or 0))
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    lowered = sampling._generate.lower(  # pylint: disable=protected-access
+        graphdef, state, prompts, prompts, key, max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, num_samples=s.num_samples,
+        eos_token_ids=tuple(eos), pad_token_id=int(config.pad_token_id or 0))
   return lowered, s.batch_size * s.num_samples * s.max_new_tokens
 
 
