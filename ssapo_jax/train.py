@@ -523,7 +523,9 @@ def make_train_step(config: TrainConfig, mesh: Mesh, state: TrainState,
   repl = shd.replicated(mesh)
 
   def step(state, batch):
-    return train_step(state, batch, config=config, mesh=mesh)
+    # The mesh as trace context: shard_map'd kernels (splash attention) read it.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return train_step(state, batch, config=config, mesh=mesh)
 
   return jax.jit(step, in_shardings=(s_shard, b_shard), out_shardings=(s_shard, repl),
                  donate_argnums=0)
@@ -560,7 +562,8 @@ def make_compute_logps(mesh: Mesh, graphdef: Any, params: Any, rest: Any = None,
 
   def logps(params, rest, ids, mask, loss_mask):
     model = nnx.merge(graphdef, _cast_floats(params, dtype), rest)
-    return model.sequence_logps(ids, mask, loss_mask, average=average).astype(jnp.float32)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # as in `make_train_step`
+      return model.sequence_logps(ids, mask, loss_mask, average=average).astype(jnp.float32)
 
   jitted = jax.jit(logps, in_shardings=(p_shard, r_shard, tok, tok, tok),
                    out_shardings=shd.replicated(mesh))
