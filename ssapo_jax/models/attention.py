@@ -22,8 +22,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec
+
+from ssapo_jax import sharding as shd
 
 IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
 # Splash tiles the sequence in blocks of this many tokens (a multiple of the TPU lane width);
@@ -149,8 +150,6 @@ def splash_attention(q, k, v, kv_mask, window):
   ``data``/``fsdp``/``tensor`` axes the kernel runs in ``shard_map``: batch over the batch axes
   and heads over ``tensor`` where they divide (`ssapo_jax.sharding.logical_to_spec`).
   """
-  from ssapo_jax import sharding as shd
-
   t = q.shape[1]
   block = _SPLASH_MIN_BLOCK if t <= _SPLASH_BLOCK else _SPLASH_BLOCK
   padded = -(-t // block) * block

@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding
 from safetensors import safe_open
 
 from ssapo_jax.models.llama import Llama, LlamaConfig, SUPPORTED_MODEL_TYPES, logical_axes
+from ssapo_jax.sharding import logical_to_spec
 
 
 class CheckpointError(ValueError):
@@ -228,7 +229,6 @@ def _target_shardings(abs_params, flat, mesh, shardings) -> dict[str, jax.shardi
   if mesh is not None and shardings is not None:
     raise ValueError("load_hf takes mesh or shardings, not both")
   if mesh is not None:
-    from ssapo_jax.sharding import logical_to_spec  # pylint: disable=import-outside-toplevel
     axes = {_path_str(p): a for p, a in nnx.to_flat_state(logical_axes(abs_params))}
     return {p: NamedSharding(mesh, logical_to_spec(axes[p], var.shape, mesh))
             for p, var in flat.items()}
@@ -354,7 +354,7 @@ class _BlockReader:
         raise
       except Exception as e:
         raise CheckpointError(f"{self.path} is not readable ({e})") from e
-      self.blocks[key] = np.ascontiguousarray(block.astype(self.dtype))
+      self.blocks[key] = np.ascontiguousarray(block.astype(self.dtype, copy=False))
     return self.blocks[key]
 
 
@@ -404,7 +404,7 @@ def _write_safetensors(file: str, names: list[str], shapes: dict, dtype, produce
       array = np.ascontiguousarray(produce(name), dtype=dtype)
       if array.shape != tuple(shapes[name]):
         raise ValueError(f"{name}: produced shape {array.shape}, expected {shapes[name]}")
-      f.write(array.tobytes())
+      f.write(array.reshape(-1).view(np.uint8).data)  # no bytes copy
 
 
 def save_hf(model: Llama, path: str | os.PathLike, *, tokenizer=None,
@@ -455,7 +455,7 @@ def save_hf(model: Llama, path: str | os.PathLike, *, tokenizer=None,
 
   def produce(hf_name):
     ours, layer, kind = mapping[hf_name]
-    return to_hf(_host_block(flat[ours].get_value(), layer).astype(out_dtype), kind)
+    return to_hf(_host_block(flat[ours].get_value(), layer).astype(out_dtype, copy=False), kind)
 
   if writer:
     os.makedirs(path, exist_ok=True)

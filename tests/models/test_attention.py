@@ -58,9 +58,13 @@ CASES = [  # (window, heads, kv_heads)
     (None, 4, 4),  # multi-head
     (3, 4, 1),     # sliding window, one kv head
 ]
+# Interpret-mode splash is slow on CPU: two cases in the default suite, all with -m slow.
+_SLOW = pytest.mark.slow
+SPLASH_CASES = [CASES[0], pytest.param(*CASES[1], marks=_SLOW),
+                pytest.param(*CASES[2], marks=_SLOW), CASES[3]]
 
 
-@pytest.mark.parametrize("window,heads,kv_heads", CASES)
+@pytest.mark.parametrize("window,heads,kv_heads", SPLASH_CASES)
 def test_splash_matches_xla(window, heads, kv_heads):
   q, k, v, mask = _inputs(heads=heads, kv_heads=kv_heads)
   _check_against_xla(attn.splash_attention, q, k, v, mask, window)
@@ -84,6 +88,7 @@ def test_splash_under_mesh_shards_batch_and_heads():
   assert "shard_map" in lowered.as_text() or "sdy.manual_computation" in lowered.as_text()
 
 
+@pytest.mark.slow
 def test_splash_on_multiple_blocks():
   """A sequence longer than one kernel block (block 512 after padding to 1,024)."""
   q, k, v, mask = _inputs(batch=2, seq=600, heads=2, kv_heads=1, head_dim=8)

@@ -69,7 +69,9 @@ def _rebuilt(model, **runtime):
   return nnx.merge(graphdef, nnx.state(model))
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2_sliding", "llama_mqa_tied_bias"])
+@pytest.mark.parametrize("family", [  # interpret mode is slow: one in the default suite
+    "qwen2_sliding", pytest.param("mistral", marks=pytest.mark.slow),
+    pytest.param("llama_mqa_tied_bias", marks=pytest.mark.slow)])
 def test_splash_attention_logits_match_transformers(tiny, family):
   """attention="splash" (Pallas interpret mode on CPU): sliding, mixed and MQA layers."""
   hf, model = tiny(family)
