@@ -651,6 +651,11 @@ def plan(experiment, config, devices, chip: Chip, *, programs: Sequence[str] = P
     lower, flops, hardware, trips = builders[name]
     out.append(compile_program(name, lower, chip, len(devices), flops, hardware,
                                unknown_trip_count=trips))
+    if log is not None:
+      p = out[-1]
+      log(f"{name}: {p.total_bytes / GiB:.2f} GiB of {p.capacity_bytes / GiB:.1f} GiB per chip "
+          f"({'fits' if p.fits else 'does NOT fit'}), compiled in {p.compile_seconds:.0f} s, "
+          f"roofline MFU {100 * p.mfu:.0f}%")
   return out
 
 
