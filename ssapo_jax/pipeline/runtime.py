@@ -20,7 +20,7 @@ from ssapo_jax.experiment import ExperimentConfig
 from ssapo_jax.metrics import MetricsLogger
 from ssapo_jax.models import Llama, load_hf
 from ssapo_jax.runrecord import progress
-from ssapo_jax.train import DTYPES, Scorer
+from ssapo_jax.train import DTYPES, Scorer, scoring_batch_size
 
 
 @dataclasses.dataclass
@@ -72,7 +72,7 @@ class Runtime:
 
 def scorer_for(config: ExperimentConfig, mesh, pad_id: int) -> Scorer:
   """The run's `Scorer`: batches of the train micro-batch size (at least one row per shard)."""
-  return Scorer(mesh, pad_id, max(config.train.micro_batch_size, shd.num_batch_shards(mesh)),
+  return Scorer(mesh, pad_id, scoring_batch_size(config.train, mesh),
                 bucket_size=config.data.bucket_size, compute_dtype=config.train.compute_dtype)
 
 

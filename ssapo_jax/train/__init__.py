@@ -2,7 +2,8 @@
 (`scoring`). Everything public in both is re-exported here (``from ssapo_jax import train``)."""
 
 from ssapo_jax.train.scoring import (Scorer, compute_logps, data_fingerprint, gather_batches,
-                                     make_compute_logps, params_fingerprint, precompute_ref_logps)
+                                     make_compute_logps, params_fingerprint, precompute_ref_logps,
+                                     scoring_batch_size)
 from ssapo_jax.train.step import (DTYPES, OBJECTIVES, REFERENCE_MODES, SCHEDULES, Metrics,
                                   NonFiniteError, TrainConfig, TrainState, abstract_train_state,
                                   batch_shardings,
@@ -15,5 +16,5 @@ __all__ = [
     "TrainConfig", "TrainState", "abstract_train_state", "batch_shardings", "check_finite_progress", "compute_logps",
     "create_train_state", "data_fingerprint", "gather_batches", "make_compute_logps",
     "make_optimizer", "make_schedule", "make_train_step", "merge_params", "params_fingerprint",
-    "precompute_ref_logps", "param_shardings", "split_model", "state_shardings", "train_step",
+    "precompute_ref_logps", "param_shardings", "scoring_batch_size", "split_model", "state_shardings", "train_step",
 ]

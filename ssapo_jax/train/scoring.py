@@ -56,7 +56,9 @@ def make_compute_logps(mesh: Mesh, graphdef: Any, params: Any, rest: Any = None,
 
   def logps(params, rest, ids, mask, loss_mask):
     model = nnx.merge(graphdef, _cast_floats(params, dtype), rest)
-    return model.sequence_logps(ids, mask, loss_mask, average=average).astype(jnp.float32)
+    # The mesh as trace context: shard_map'd kernels (splash attention) read it.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return model.sequence_logps(ids, mask, loss_mask, average=average).astype(jnp.float32)
 
   jitted = jax.jit(logps, in_shardings=(p_shard, r_shard, tok, tok, tok),
                    out_shardings=shd.replicated(mesh))
@@ -202,6 +204,12 @@ def gather_batches(values: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 @dataclasses.dataclass
+def scoring_batch_size(config, mesh: Mesh) -> int:
+  """Rows per scoring call for train config ``config``: its micro-batch, at least one row per
+  batch shard of ``mesh`` (so every device gets rows)."""
+  return max(config.micro_batch_size, shd.num_batch_shards(mesh))
+
+
 class Scorer:
   """Summed response log-probs of any model on ``mesh``, in fixed-size sharded batches.
 

@@ -381,7 +381,7 @@ def _pair_logps(graphdef, params, rest, ids, mask, loss_mask, *, config: TrainCo
 
 
 def _pair_loss(params, ref_params, rest, micro: PreferenceBatch, *, graphdef, config: TrainConfig,
-               num_real_rows: jax.Array, mean_chosen_length: jax.Array,
+               num_real_rows: jax.Array, mean_chosen_length: jax.Array, mesh: Mesh | None = None,
                ) -> tuple[jax.Array, Metrics]:
   """One micro-batch's share of the global loss and its TRL metrics (means over its kept rows).
 
@@ -390,6 +390,13 @@ def _pair_loss(params, ref_params, rest, micro: PreferenceBatch, *, graphdef, co
   mean over the real rows exactly.
   """
   ids, mask, loss_mask = concat_pairs(micro)
+  if mesh is not None:
+    # The forward runs on 2b sequences: shard those over the batch axes. A micro-batch of b
+    # pairs that does not divide over data*fsdp (kept whole on every device) still splits as
+    # 2b sequences, instead of every device computing all of them.
+    seq = NamedSharding(mesh, shd.batch_spec(2, ids.shape[0], mesh))
+    ids, mask, loss_mask = (jax.lax.with_sharding_constraint(a, seq)
+                            for a in (ids, mask, loss_mask))
   policy = _pair_logps(graphdef, params, rest, ids, mask, loss_mask, config=config,
                        log_sum_sq=config.use_weighting)
   if ref_params is None:
@@ -468,7 +475,7 @@ def train_step(state: TrainState, batch: PreferenceBatch, *, config: TrainConfig
   def loss_fn(params, micro):
     return _pair_loss(params, ref_params, state.rest, micro, graphdef=state.graphdef,
                       config=config, num_real_rows=num_real_rows,
-                      mean_chosen_length=mean_chosen_length)
+                      mean_chosen_length=mean_chosen_length, mesh=mesh)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   p_shardings = param_shardings(state.params, mesh) if mesh is not None else None
@@ -590,7 +597,9 @@ def make_train_step(config: TrainConfig, mesh: Mesh, state: TrainState,
   repl = shd.replicated(mesh)
 
   def step(state, batch):
-    return train_step(state, batch, config=config, mesh=mesh)
+    # The mesh as trace context: shard_map'd kernels (splash attention) read it.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return train_step(state, batch, config=config, mesh=mesh)
 
   return jax.jit(step, in_shardings=(s_shard, b_shard), out_shardings=(s_shard, repl),
                  donate_argnums=0)

@@ -517,3 +517,23 @@ def test_step_with_token_level_options_matches_losses_module(options):
                                   loss_type=cfg.loss_type, loss_weights=cfg.loss_weights,
                                   rejected_lengths=pairs.rejected_lengths, **common)
   np.testing.assert_allclose(loss, float(expected), rtol=2e-5)
+
+
+def test_splash_attention_runs_in_shard_map_inside_the_jitted_step_and_scoring():
+  """make_train_step / make_compute_logps trace under the mesh, so the splash kernel is
+  shard_map'd over the batch axes instead of being handed whole, unsharded arrays."""
+  from ssapo_jax.batch import make_preference_batch
+  from ssapo_jax.models import Llama, LlamaConfig
+  cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=16, attention="splash")
+  mesh = _mesh((1, 8, 1))
+  t = tr.TrainConfig(global_batch_size=8, micro_batches=1, compute_dtype="float32")
+  state = tr.create_train_state(Llama(cfg, rngs=nnx.Rngs(0)), t, mesh, num_train_steps=4)
+  ids = np.random.default_rng(0).integers(3, 128, (8, 128)).astype(np.int32)
+  ones = np.ones_like(ids)
+  batch = make_preference_batch(ids, ones, ones, ids, ones, ones)
+  step_text = tr.make_train_step(t, mesh, state).lower(state, batch).as_text()
+  assert "sdy.manual_computation" in step_text
+  logps_fn = tr.make_compute_logps(mesh, state.graphdef, state.params, state.rest)
+  score_text = jax.jit(logps_fn).lower(state.params, ids, ones, ones).as_text()
+  assert "sdy.manual_computation" in score_text

@@ -1,0 +1,231 @@
+"""ssapo-plan: slice names, analytic flops, loop-scaled HLO bytes, and a small AOT plan for TPU."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ssapo_jax import plan
+from ssapo_jax import train as tr
+from ssapo_jax.models import Llama, LlamaConfig
+from ssapo_jax.models.presets import PRESETS, preset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_slice_names_map_to_libtpu_topologies():
+  assert plan.tpu_slice("v5p-32").topology == "v5:2x2x4"
+  assert plan.tpu_slice("v5p-32").num_chips == 16  # v5p names count TensorCores, 2 per chip
+  assert plan.tpu_slice("v4-8").num_chips == 4
+  assert plan.tpu_slice("v4-128").wrap == (True, True, True)
+  assert plan.tpu_slice("v5litepod-64").topology == "v5e:8x8"  # v5e names count chips
+  assert plan.tpu_slice("v6e-256").num_chips == 256
+  for family, sizes in (("v4", (8, 16, 32, 64, 128)), ("v5p", (8, 16, 32, 64, 128)),
+                        ("v5litepod", (8, 16, 32, 64, 256)), ("v6e", (8, 16, 32, 64, 256))):
+    for size in sizes:
+      s = plan.tpu_slice(f"{family}-{size}")
+      assert s.num_chips == (size // 2 if family in ("v4", "v5p") else size)
+  with pytest.raises(ValueError, match="unknown TPU slice 'v5p-33'.*v5p-32"):
+    plan.tpu_slice("v5p-33")
+
+
+@pytest.mark.parametrize("name,published", [("mistral-7b", 7.24e9), ("llama3-8b", 8.03e9),
+                                            ("llama3.2-1b", 1.24e9), ("llama3.2-3b", 3.21e9)])
+def test_presets_have_the_published_parameter_counts(name, published):
+  model = nnx.eval_shape(lambda: Llama(preset(name), rngs=nnx.Rngs(0)))
+  total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert abs(total - published) / published < 0.005
+
+
+def _counted_matmul_params(config):
+  """Matrices of the abstract model, the input embedding left out (it is a lookup)."""
+  params = nnx.state(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))), nnx.Param)
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  total = sum(x.size for path, x in flat if x.ndim >= 2)
+  if not config.tie_word_embeddings:
+    total -= config.vocab_size * config.hidden_size
+  return total
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_train_flops_are_six_params_tokens_plus_attention(name):
+  config = preset(name)
+  t = tr.TrainConfig(global_batch_size=32, micro_batches=4)
+  seq, chips = 2048, 16
+  tokens = 2 * 32 * seq
+  params = _counted_matmul_params(config)
+  assert plan.matmul_params(config) == params
+  attention = 12 * config.num_layers * config.num_heads * config.head_dim * seq * tokens  # PaLM
+  per_chip = plan.train_step_flops(config, t, seq) / chips
+  assert per_chip == pytest.approx((6 * params * tokens + attention) / chips, rel=1e-12)
+  # The reference in the step adds one forward pass: 2 * params * tokens plus its attention.
+  in_step = tr.TrainConfig(global_batch_size=32, micro_batches=4, reference="in_step")
+  assert plan.train_step_flops(config, in_step, seq) == pytest.approx(
+      (8 * params * tokens + attention * 4 / 3), rel=1e-12)
+
+
+def test_hardware_flops_match_xla_on_cpu():
+  # XLA's own count of a compiled step (one micro-batch, one vocabulary chunk, no remat, so no
+  # loop is undercounted) agrees with the analytic hardware flops: dots dominate.
+  config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=64, dtype="float32")
+  t = tr.TrainConfig(global_batch_size=8, micro_batches=1, remat="none", compute_dtype="float32")
+  mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1])
+  lowered, tokens = plan.lower_train_step(t, config, mesh, seq_len=64)
+  assert tokens == 2 * 8 * 64
+  xla = lowered.compile().cost_analysis()["flops"]
+  analytic = plan.train_step_hardware_flops(config, t, 64)
+  assert analytic == pytest.approx(xla, rel=0.1)
+
+
+def test_hlo_bytes_scale_with_loop_trip_counts():
+  x = jnp.ones((256, 256), jnp.float32)
+
+  def loop(n):
+    def f(x):
+      return jax.lax.scan(lambda c, _: (jnp.tanh(c @ x), None), x, None, length=n)[0]
+    return plan.hlo_cost(jax.jit(f).lower(x).compile().as_text())
+
+  two, ten = loop(2), loop(10)
+  assert two.unknown_loops == ten.unknown_loops == 0
+  body = (ten.bytes_accessed - two.bytes_accessed) / 8
+  # One iteration reads c and x and writes c @ x, then tanh reads and writes it (f32).
+  assert body == pytest.approx(5 * 256 * 256 * 4, rel=0.1)
+
+
+def test_hlo_trip_count_from_the_condition_when_not_annotated():
+  # TPU HLO carries no known_trip_count: the bound comes from the condition's compare.
+  hlo = """
+%body (p: (s32[], f32[1024])) -> (s32[], f32[1024]) {
+  %p = (s32[], f32[1024]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[1024]{0} get-tuple-element(%p), index=1
+  %y = f32[1024]{0} negate(%x)
+  ROOT %t = (s32[], f32[1024]{0}) tuple(%i, %y)
+}
+
+%cond (q: (s32[], f32[1024])) -> pred[] {
+  %q = (s32[], f32[1024]{0}) parameter(0)
+  %c = s32[] constant(7)
+  %j = s32[] get-tuple-element(%q), index=0
+  ROOT %lt = pred[] compare(%j, %c), direction=LT
+}
+
+ENTRY %main (a: f32[1024]) -> f32[1024] {
+  %a = f32[1024]{0} parameter(0)
+  %z = s32[] constant(0)
+  %init = (s32[], f32[1024]{0}) tuple(%z, %a)
+  %w = (s32[], f32[1024]{0}) while(%init), condition=%cond, body=%body
+  ROOT %r = f32[1024]{0} get-tuple-element(%w), index=1
+}
+"""
+  cost = plan.hlo_cost(hlo)
+  assert cost.unknown_loops == 0
+  assert cost.bytes_accessed == 7 * 2 * 1024 * 4  # negate reads and writes 4 KiB, 7 times
+
+
+def test_plan_without_libtpu_says_how_to_install(monkeypatch, capsys):
+  monkeypatch.setattr(plan, "libtpu_available", lambda: False)
+  status = plan.main([os.path.join(REPO, "configs", "zephyr_7b_ultrafeedback.yaml"),
+                      "--arch", "mistral-7b", "--topology", "v5p-32"])
+  assert status == 2
+  err = capsys.readouterr().err
+  assert "libtpu is not installed" in err and 'pip install -e ".[tpu]"' in err
+
+
+def test_plan_rejects_bad_input(capsys):
+  config = os.path.join(REPO, "configs", "zephyr_7b_ultrafeedback.yaml")
+  assert plan.main([config, "--topology", "v5p-33"]) == 2
+  assert "unknown TPU slice 'v5p-33'" in capsys.readouterr().err
+  assert plan.main([config, "--topology", "v5p-32"]) == 2  # no checkpoint and no --arch
+  assert "pass --arch" in capsys.readouterr().err
+
+
+def _tiny_model_dir(tmp_path):
+  d = tmp_path / "model"
+  d.mkdir()
+  (d / "config.json").write_text(json.dumps(dict(
+      model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=256,
+      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+      max_position_embeddings=256, rms_norm_eps=1e-5, hidden_act="silu", bos_token_id=1,
+      eos_token_id=2, pad_token_id=0)))
+  return d
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not plan.libtpu_available(),
+                    reason='libtpu is not installed (pip install -e ".[tpu]")')
+def test_plan_compiles_a_small_config_for_v5litepod_8(tmp_path, monkeypatch, capsys):
+  model = _tiny_model_dir(tmp_path)
+  out = tmp_path / "plan.json"
+  # A chip with 1 MiB of HBM: the programs compile and measure, and the plan reports the misfit.
+  small = plan.Chip("tiny TPU", plan.CHIPS["v5e"].peak_flops, 1024 ** 2,
+                    plan.CHIPS["v5e"].hbm_bandwidth)
+  monkeypatch.setitem(plan.CHIPS, "v5e", small)
+  status = plan.main([os.path.join(REPO, "configs", "tiny_cpu.yaml"), f"model.path={model}",
+                      "--topology", "v5litepod-8", "--json", str(out)])
+  captured = capsys.readouterr()
+  report = json.loads(out.read_text())
+  assert report["num_chips"] == 8 and report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert set(report["programs"]) == {"train_step", "score_logps", "generate"}
+  for name, p in report["programs"].items():
+    assert p["hbm_total_bytes"] > 0 and p["hbm_capacity_bytes"] == 1024 ** 2
+    assert p["fits"] == (p["hbm_total_bytes"] <= 1024 ** 2)
+    assert p["compile_seconds"] > 0 and p["compile_cpu_seconds"] > 0
+    assert p["flops"] > 0 and 0 < p["estimated_mfu"] <= 1
+    assert name in captured.out
+  train = report["programs"]["train_step"]
+  cfg = LlamaConfig.from_hf(json.loads((model / "config.json").read_text()))
+  tokens = 2 * 8 * 128  # tiny_cpu.yaml: global batch 8, max_length 128
+  attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 128 * tokens
+  assert train["flops"] == pytest.approx((6 * _counted_matmul_params(cfg) * tokens + attention)
+                                         / 8, rel=1e-9)
+  misfits = [n for n, p in report["programs"].items() if not p["fits"]]
+  assert status == (1 if misfits else 0)
+  for name in misfits:
+    assert f"{name} does not fit v5litepod-8" in captured.err
+
+
+def test_package_imports_without_optional_data_dependencies():
+  # A GPU image may lack these; the model, train step, sampler, plan and the accelerator
+  # benchmark must import without them.
+  code = "\n".join([
+      "import sys, importlib.util",
+      "for m in ('jaxopt', 'datasets', 'tensorflow_datasets', 'grain', 'tensorboardX'):",
+      "  sys.modules[m] = None",
+      "import ssapo_jax, ssapo_jax.train, ssapo_jax.sampling, ssapo_jax.models, ssapo_jax.plan",
+      f"spec = importlib.util.spec_from_file_location('acc', {os.path.join(REPO, 'benchmarks', 'accelerator.py')!r})",
+      "spec.loader.exec_module(importlib.util.module_from_spec(spec))",
+      "print('ok')",
+  ])
+  env = dict(os.environ, PYTHONPATH=REPO)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip().endswith("ok")
+
+
+@pytest.mark.slow
+def test_accelerator_small_runs_on_cpu(tmp_path):
+  out = tmp_path / "accelerator.json"
+  env = dict(os.environ, PYTHONPATH=REPO)
+  run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "accelerator.py"),
+                        "--small", "--json", str(out)], capture_output=True, text=True, env=env,
+                       timeout=1200)
+  assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+  report = json.loads(out.read_text())
+  assert report["small"] and "accelerator check" in run.stdout
+  att = report["attention"]
+  assert max(att["max_rel_error"].values()) < 0.05  # bf16 kernels agree with the xla path
+  assert report["train_step"]["loss_finite"] and report["train_step"]["tokens_per_s"] > 0
+  assert report["sampler"]["tokens_per_s"] > 0
+  cap = report["capacity"]
+  assert cap["largest"] == "tiny-64" and [m["fits"] for m in cap["models"]] == [True, False]
+  assert math.isfinite(report["train_step"]["mfu"])
+  assert np.isfinite(report["peak_flops"])
