@@ -203,13 +203,13 @@ def gather_batches(values: np.ndarray, batch_size: int) -> np.ndarray:
   return gathered.transpose(1, 0, 2).reshape(-1)
 
 
-@dataclasses.dataclass
 def scoring_batch_size(config, mesh: Mesh) -> int:
   """Rows per scoring call for train config ``config``: its micro-batch, at least one row per
   batch shard of ``mesh`` (so every device gets rows)."""
   return max(config.micro_batch_size, shd.num_batch_shards(mesh))
 
 
+@dataclasses.dataclass
 class Scorer:
   """Summed response log-probs of any model on ``mesh``, in fixed-size sharded batches.
 
