@@ -252,7 +252,8 @@ def test_decode_layout_is_gathered_once_outside_the_loop():
   sampling loop on an FSDP mesh contains no all-gather."""
   mesh = _mesh((1, 8, 1))
   model = w.sharded_tiny_model(mesh)
-  assert model.layers[0].attn.q_proj[...].sharding.spec == PartitionSpec("fsdp", None, None)
+  # [L, D, N, H]: the stacked layers' q projection, embedding dim over fsdp.
+  assert model.layers.attn.q_proj[...].sharding.spec == PartitionSpec(None, "fsdp", None, None)
   sampler = w.sampler(mesh)
   graphdef, params, rest = sampler.decode_layout(model)
   assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(params))
@@ -269,8 +270,8 @@ def test_decode_layout_is_gathered_once_outside_the_loop():
 
   mesh = _mesh((1, 4, 2))
   _, params, _ = w.sampler(mesh).decode_layout(w.sharded_tiny_model(mesh))
-  q = params["layers"][0]["attn"]["q_proj"]
-  assert q.sharding.spec == PartitionSpec(None, "tensor", None)  # [D, N, H]: heads over tensor
+  q = params["layers"]["attn"]["q_proj"]
+  assert q.sharding.spec == PartitionSpec(None, None, "tensor", None)  # [L, D, N, H]: heads over tensor
 
 
 def test_sampler_argument_errors():
