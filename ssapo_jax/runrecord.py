@@ -72,6 +72,12 @@ def version_filename(version: int) -> str:
   return CONFIG_FILENAME if version == 0 else f"config.{version}.yaml"
 
 
+# Where a run lives and how its processes find each other, not what it computes: a run moved to
+# another directory, or relaunched with another coordinator port, is the same run.
+PLACEMENT_KEYS = frozenset({"output_dir", "mesh.process_id", "mesh.coordinator_address",
+                            "mesh.local_device_ids"})
+
+
 def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
   """``["key.sub: old -> new", ...]`` for every leaf value that differs (dicts compared by key)."""
   if isinstance(old, dict) and isinstance(new, dict):
@@ -100,7 +106,8 @@ def check_config(resolved: dict, output_dir: str, *, allow_change: bool) -> Conf
     return ConfigVersion(0, os.fspath(_dir(output_dir) / CONFIG_FILENAME))
   latest, path = versions[-1]
   old = yaml.safe_load(_dir(path).read_text()) or {}
-  changes = tuple(config_changes(old, resolved))
+  changes = tuple(c for c in config_changes(old, resolved)
+                  if c.split(":", 1)[0] not in PLACEMENT_KEYS)
   if not changes:
     return ConfigVersion(latest, path, written=True)
   if not allow_change:

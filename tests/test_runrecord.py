@@ -52,6 +52,18 @@ def test_versions_are_never_overwritten(tmp_path):
     write_config(second, "x: 1\n")
 
 
+def test_moved_or_relaunched_run_is_the_same_run(tmp_path):
+  """The output directory and the processes' addresses place a run; they are not a change."""
+  out = tmp_path / "run"
+  placed = {**CONFIG, "mesh": {"process_id": 0, "coordinator_address": "10.0.0.1:1234", "fsdp": 8}}
+  _record(out, placed)
+  moved = {**placed, "output_dir": "elsewhere",
+           "mesh": {"process_id": 1, "coordinator_address": "10.0.0.2:999", "fsdp": 8}}
+  assert _record(out, moved).changes == ()
+  with pytest.raises(ConfigChangedError, match="mesh.fsdp: 8 -> 4"):
+    _record(out, {**moved, "mesh": {**moved["mesh"], "fsdp": 4}})
+
+
 def test_run_log_keeps_messages_and_final_progress_states(tmp_path, capsys):
   with run_log(str(tmp_path)):
     message("resuming from checkpoint step 7 (round 1, phase train)")
