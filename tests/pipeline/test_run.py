@@ -166,6 +166,8 @@ def _has_train_checkpoint(out, round_index):
   if not os.path.isdir(ckpt):
     return False
   for step in os.listdir(ckpt):
+    if not step.isdigit():  # an asynchronous save still in its temporary directory
+      continue
     meta = os.path.join(ckpt, step, "meta", "metadata")
     try:
       with open(meta) as f:
