@@ -513,7 +513,8 @@ def test_to_loss_atoms_rejects_a_lossy_reduction_of_capped_rows():
   """With the per-atom cap a row can carry three atoms: num_atoms=2 would drop mass, so it
   raises naming a row; keeping every column is exact."""
   margins = np.random.default_rng(1).normal(0, 1, 500)
-  config = dro.DroConfig(epsilon=0.01, grouping="random", group_size=100, per_atom_cap=True)
+  config = dro.DroConfig(epsilon=0.01, grouping="random", group_size=100, per_atom_cap=True,
+                         margin_scale=0.1)
   worst = dro.solve_follower(margins, config, key=jax.random.key(0))
   nonzero = np.count_nonzero(np.asarray(worst.atom_weights) > 0, axis=1)
   assert np.any(nonzero > 2)
