@@ -365,7 +365,8 @@ def test_finished_run_config_record_and_check(world, uninterrupted, tmp_path):
   assert yaml.safe_load(open(os.path.join(out, "config.1.yaml")))["rounds"]["log_every_steps"] == 2
   records = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
   assert records[-1]["config_version"] == 1 and records[-1]["config_file"] == "config.1.yaml"
-  assert records[-1]["step"] == max(r["step"] for r in records[:-1])  # where it took effect
+  # It takes effect at the step the run resumes from: its newest (round-end) checkpoint's.
+  assert records[-1]["step"] == int(os.path.basename(_newest_checkpoint(out)))
   assert records[-1]["changed"] == "rounds.log_every_steps: 1 -> 2"
   log = open(os.path.join(out, "run.log")).read()
   assert log.count("run already complete, nothing to do") == 2
