@@ -81,8 +81,11 @@ class MetricsLogger:
     self._remote_lines: list[str] = []
     self._file = None
     self._tb = None
-    if not self.enabled:
-      return
+    self._tensorboard = tensorboard
+    if self.enabled:
+      self._open(resume_step)
+
+  def _open(self, resume_step: int | None) -> None:
     kept = self._read_existing(resume_step)
     if self._remote:
       self._remote_lines = kept
@@ -92,7 +95,7 @@ class MetricsLogger:
         with open(self.path, "w") as f:
           f.writelines(kept)
       self._file = open(self.path, "a")
-    if tensorboard:
+    if self._tensorboard:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(
           os.path.join(self.output_dir, TENSORBOARD_SUBDIR),
@@ -100,6 +103,23 @@ class MetricsLogger:
           # Event files are named by the second they were opened; a unique suffix keeps a quick
           # restart from overwriting the previous file.
           filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+
+  def rewind(self, step: int) -> None:
+    """Drops the records logged after ``step``, as ``resume_step=step`` would have.
+
+    For a resume that falls back to an older checkpoint than the one the logger was opened for
+    (the newest failed verification): the steps after ``step`` are about to be run again.
+    """
+    if not self.enabled:
+      return
+    self.flush()
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+    self._open(step)
 
   def _read_existing(self, resume_step: int | None) -> list[str]:
     """Existing JSONL lines, keeping only those with ``step <= resume_step`` when it is given."""

@@ -113,6 +113,22 @@ def test_resume_appends_and_drops_records_after_the_checkpoint(tmp_path):
   assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
 
 
+def test_rewind_drops_records_after_a_fallback_checkpoint(tmp_path):
+  with MetricsLogger(tmp_path, enabled=True) as logger:
+    for step in range(1, 8):
+      logger.log(step, {"loss": float(step)})
+  # Opened to resume from step 7, whose checkpoint then fails verification: it falls back to 5.
+  with MetricsLogger(tmp_path, enabled=True, resume_step=7) as logger:
+    logger.rewind(5)
+    logger.log(6, {"loss": 60.0})
+  assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [
+      (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0), (6, 60.0)]
+  files = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"),
+                 key=lambda p: p.stat().st_mtime_ns)
+  purge = [e for e in _read_events(files[-1]) if e.HasField("session_log")]
+  assert [(e.session_log.status, e.step) for e in purge] == [(event_pb2.SessionLog.START, 6)]
+
+
 def test_disabled_writes_nothing_and_clashes_are_errors(tmp_path):
   logger = MetricsLogger(tmp_path / "off", enabled=False)
   assert logger.log(1, {"loss": 1.0}) is None

@@ -179,7 +179,11 @@ def run(config: ExperimentConfig, *, resume: bool = True,
       policy = rt.policy(t - 1)
       resume_state = resume_meta = None
       if t == first_round and resume_step is not None:
-        resume_state, resume_meta, global_step = _restore_train_state(rt, t, policy, resume_step)
+        resume_state, resume_meta, restored_step = _restore_train_state(rt, t, policy,
+                                                                        resume_step)
+        if restored_step < global_step:  # the newest checkpoint failed; steps after it rerun
+          logger.rewind(restored_step)
+        global_step = restored_step
       if t > 0:
         gen = phases.generate(rt, t, policy, step=global_step)
         rundir.push(config.output_dir, workdir, rel)
