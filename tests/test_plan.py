@@ -197,6 +197,31 @@ def test_plan_compiles_a_small_config_for_v5litepod_8(tmp_path, monkeypatch, cap
     assert f"{name} does not fit v5litepod-8" in captured.err
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not plan.libtpu_available(),
+                    reason='libtpu is not installed (pip install -e ".[tpu]")')
+def test_splash_compiles_to_the_mosaic_kernel_for_a_tpu_topology():
+  """The plan's attention is the TPU kernel (one Mosaic custom call per direction), not the
+  interpret-mode emulation, whose loops would be planned instead of the kernel."""
+  from ssapo_jax import sharding as shd
+  from ssapo_jax.models import attention as attn
+  devices = plan.topology_devices(plan.tpu_slice("v5litepod-8"))
+  mesh = jax.sharding.Mesh(np.asarray(devices).reshape(1, 8, 1), shd.MESH_AXES)
+  shape = jax.ShapeDtypeStruct((8, 512, 4, 128), jnp.bfloat16,
+                               sharding=jax.NamedSharding(mesh, jax.P(("data", "fsdp"))))
+  mask = jax.ShapeDtypeStruct((8, 512), jnp.int32,
+                              sharding=jax.NamedSharding(mesh, jax.P(("data", "fsdp"))))
+
+  def loss(q, k, v, kv_mask):
+    return attn.splash_attention(q, k, v, kv_mask, None).astype(jnp.float32).sum()
+
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(shape, shape, shape, mask).compile()
+  text = hlo.as_text()
+  assert text.count("tpu_custom_call") >= 2  # forward and backward kernels
+  assert " while(" not in text
+
+
 def test_package_imports_without_optional_data_dependencies():
   # A GPU image may lack these; the model, train step, sampler, plan and the accelerator
   # benchmark must import without them.

@@ -128,12 +128,19 @@ def _splash_kernel(seq_len: int, num_heads: int, window: int | None, interpret: 
                                 head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def _splash_local(q, k, v, segment_ids, window):
+def _target_platform() -> str:
+  """The platform the traced program is for: the context mesh's devices, else the default
+  backend. They differ when a CPU host compiles for a TPU topology (`ssapo-plan`), where the
+  kernel must lower to Mosaic, not to interpret mode's XLA loops."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return getattr(device, "platform", None) or jax.default_backend()
+
+
+def _splash_local(q, k, v, segment_ids, window, interpret):
   """Splash on one device's block: q ``[b, T, n, H]``, k/v ``[b, T, k, H]``, ids ``[b, T]``."""
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
   t = q.shape[1]
-  interpret = jax.default_backend() != "tpu"
   with jax.ensure_compile_time_eval():  # the kernel's mask tables are constants, cached
     kernel = _splash_kernel(t, q.shape[2], window, interpret)
   scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
@@ -157,7 +164,7 @@ def splash_attention(q, k, v, kv_mask, window):
   if padded != t:
     pad = lambda x: jnp.pad(x, [(0, 0), (0, padded - t)] + [(0, 0)] * (x.ndim - 2))
     q, k, v, segment_ids = pad(q), pad(k), pad(v), pad(segment_ids)
-  fn = functools.partial(_splash_local, window=window)
+  fn = functools.partial(_splash_local, window=window, interpret=_target_platform() != "tpu")
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty and mesh.size > 1 and set(shd.MESH_AXES) <= set(mesh.axis_names):
     q_spec = shd.logical_to_spec(("batch", None, "q_heads", None), q.shape, mesh)
