@@ -112,6 +112,10 @@ class MetricsLogger:
     """
     if not self.enabled:
       return
+    self._close_files()
+    self._open(step)
+
+  def _close_files(self) -> None:
     self.flush()
     if self._file is not None:
       self._file.close()
@@ -119,7 +123,6 @@ class MetricsLogger:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
-    self._open(step)
 
   def _read_existing(self, resume_step: int | None) -> list[str]:
     """Existing JSONL lines, keeping only those with ``step <= resume_step`` when it is given."""
@@ -179,13 +182,7 @@ class MetricsLogger:
     """Flushes and closes the files; further `log` calls are errors."""
     if not self.enabled:
       return
-    self.flush()
-    if self._file is not None:
-      self._file.close()
-      self._file = None
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+    self._close_files()
     self.enabled = False
 
   def __enter__(self) -> "MetricsLogger":

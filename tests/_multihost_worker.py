@@ -131,6 +131,39 @@ def _sample_task(mesh) -> dict:
           "new_tokens": out.stats.new_tokens}
 
 
+def run_two_processes(out_dir, *task_args: str, timeout: float = 240) -> list[dict]:
+  """Runs this file as processes 0 and 1 of one job (4 simulated CPU devices each, coordinator
+  on localhost) with ``task_args``; returns the JSON each wrote, or fails with its output."""
+  import socket
+  import subprocess
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  outs = [os.path.join(out_dir, f"p{i}.json") for i in range(2)]
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), *task_args, "--process_id", str(i),
+       "--num_processes", "2", "--coordinator", f"127.0.0.1:{port}", "--out", outs[i]],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  logs = []
+  for p in procs:
+    try:
+      logs.append(p.communicate(timeout=timeout)[0].decode(errors="replace"))
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  results = []
+  for path in outs:
+    with open(path) as f:
+      results.append(json.load(f))
+  return results
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--process_id", type=int, required=True)

@@ -77,6 +77,7 @@ def test_world_is_cached(small_world):
   assert changed is None
 
 
+@pytest.mark.slow  # about 2.5 minutes; the pipeline it drives is covered by tests/pipeline
 def test_smoke_demo_runs_arms_through_the_real_pipeline(tmp_path):
   """`ssapo-demo --smoke`: every artifact exists, numbers in range, runs made by ssapo-train."""
   from ssapo_jax.experiment import load_experiment

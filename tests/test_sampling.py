@@ -1,12 +1,7 @@
 """Tests for ssapo_jax/sampling.py against transformers' generate and numpy references."""
 
-import json
 import math
-import os
 import re
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -279,37 +274,11 @@ def test_sampler_argument_errors():
     w.sampler(_mesh((1, 4, 1)), batch_size=6)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_sample_their_share(tmp_path, single_device):
   """2 processes x 4 CPU devices: each samples only its rows of every batch (its half), and
   the gathered samples equal one process's."""
   prompts, _, ref = single_device
-  port = _free_port()
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.join(root, "tests", "_multihost_worker.py"), "--task", "sample",
-       "--process_id", str(i), "--num_processes", "2", "--coordinator", f"127.0.0.1:{port}",
-       "--out", str(tmp_path / f"p{i}.json")], env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT) for i in range(2)]
-  outputs = []
-  for p in procs:
-    try:
-      out, _ = p.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-    outputs.append(out.decode(errors="replace"))
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
-  results = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+  results = w.run_two_processes(str(tmp_path), "--task", "sample")
   assert [r["process_count"] for r in results] == [2, 2]
   # Process i holds rows 4i..4i+3 of each batch of 8 (mesh (2, 2, 2)).
   plan = plan_batches([len(p) for p in prompts], batch_size=8, bucket_size=16)

@@ -11,57 +11,27 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from ssapo_jax.data import load_round
-from ssapo_jax.testing import write_tiny_model, write_tiny_preferences
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pipeline_runs import command as _cmd, env as _env, final_params as _final_params
+from pipeline_runs import losses as _losses, write_config, write_world
+
 TIMEOUT = 15  # mesh.coordination_timeout_seconds of these runs
-
-CONFIG = """\
-output_dir: {out}
-seed: 0
-model: {{path: {world}/model}}
-data: {{source: {world}/prefs.jsonl, max_length: 64, max_prompt_length: 32, bucket_size: 16,
-        seed_size: 32, pool_sizes: [32, 32]}}
-sampling: {{temperature: 0.7, max_new_tokens: 8, num_samples: 2, batch_size: 16}}
-train: {{beta: 0.1, objective: robust, learning_rate: 1.0e-3, global_batch_size: 8,
-         compute_dtype: float32, remat: none}}
-dro: {{epsilon: 0.05}}
-rounds: {{num_rounds: 2, num_eval_prompts: 8, follower_refresh_steps: 2}}
-checkpoint: {{save_every_steps: 2, keep: 3}}
-mesh: {{data: 2, fsdp: 2, tensor: 2, coordination_timeout_seconds: {timeout}}}
-"""
+MESH = f"mesh: {{data: 2, fsdp: 2, tensor: 2, coordination_timeout_seconds: {TIMEOUT}}}\n"
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-  root = tmp_path_factory.mktemp("world")
-  write_tiny_model(str(root / "model"))
-  write_tiny_preferences(str(root / "prefs.jsonl"), 200)
-  return str(root)
+  return write_world(str(tmp_path_factory.mktemp("world")))
 
 
 def _config(world, out, folder) -> str:
-  path = os.path.join(folder, f"{os.path.basename(out)}.yaml")
-  with open(path, "w") as f:
-    f.write(CONFIG.format(out=out, world=world, timeout=TIMEOUT))
-  return path
-
-
-def _env(devices: int) -> dict:
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
-
-
-def _cmd(config, *overrides):
-  return [sys.executable, os.path.join(REPO, "launch", "train.py"), config, *overrides]
+  return write_config(world, out, str(folder), extra=MESH)
 
 
 def _free_port() -> int:
@@ -99,15 +69,6 @@ def _finish(procs, log_dir, timeout=900):
       raise
   for i, p in enumerate(procs):
     assert p.returncode == 0, _log(log_dir, i)[-4000:]
-
-
-def _final_params(out):
-  return load_file(os.path.join(out, "final_policy", "model.safetensors"))
-
-
-def _losses(out):
-  with open(os.path.join(out, "metrics.jsonl")) as f:
-    return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
 
 
 def _npz(path):

@@ -9,55 +9,22 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
-from ssapo_jax.testing import write_tiny_model, write_tiny_preferences
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-CONFIG = """\
-output_dir: {out}
-seed: 0
-model: {{path: {world}/model}}
-data: {{source: {world}/prefs.jsonl, max_length: 64, max_prompt_length: 32, bucket_size: 16,
-        seed_size: 32, pool_sizes: [32, 32]}}
-sampling: {{temperature: 0.7, max_new_tokens: 8, num_samples: 2, batch_size: 16}}
-train: {{beta: 0.1, objective: robust, learning_rate: 1.0e-3, global_batch_size: 8,
-         compute_dtype: float32, remat: none}}
-dro: {{epsilon: 0.05}}
-rounds: {{num_rounds: 2, num_eval_prompts: 8, follower_refresh_steps: 2}}
-checkpoint: {{save_every_steps: 2, keep: 3}}
-"""
+from pipeline_runs import command as _cmd, env as _env, final_params as _final_params
+from pipeline_runs import losses as _losses, write_config, write_world
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-  root = tmp_path_factory.mktemp("world")
-  write_tiny_model(str(root / "model"))
-  write_tiny_preferences(str(root / "prefs.jsonl"), 200)
-  return str(root)
+  return write_world(str(tmp_path_factory.mktemp("world")))
 
 
 def _config(world, out, tmp_path) -> str:
-  path = os.path.join(tmp_path, f"{os.path.basename(out)}.yaml")
-  with open(path, "w") as f:
-    f.write(CONFIG.format(out=out, world=world))
-  return path
-
-
-def _env(devices: int) -> dict:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
-  return env
-
-
-def _cmd(config, *overrides):
-  return [sys.executable, os.path.join(REPO, "launch", "train.py"), config, *overrides]
+  return write_config(world, out, str(tmp_path))
 
 
 def _run(config, *overrides, devices=8):
@@ -65,15 +32,6 @@ def _run(config, *overrides, devices=8):
                         text=True, timeout=1200)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc
-
-
-def _final_params(out):
-  return load_file(os.path.join(out, "final_policy", "model.safetensors"))
-
-
-def _losses(out):
-  with open(os.path.join(out, "metrics.jsonl")) as f:
-    return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +205,9 @@ def test_sigkill_and_resume_gives_identical_parameters(world, uninterrupted, tmp
   assert _losses(out) == _losses(full)
 
 
+# Slow (about 3 minutes): the two-process test in test_multihost.py runs the pipeline sharded
+# over 8 devices in the default suite.
+@pytest.mark.slow
 def test_sharded_mesh_matches_single_device(world, tmp_path):
   single, sharded = str(tmp_path / "single"), str(tmp_path / "sharded")
   # Sampling uses the same keys on both meshes; float noise in the logits could only change a
@@ -260,6 +221,7 @@ def test_sharded_mesh_matches_single_device(world, tmp_path):
   np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=1e-4)
 
 
+@pytest.mark.slow  # about 4 minutes: a full run with an embedding pass over every prompt
 def test_farthest_point_seed_uses_sft_prompt_embeddings(world, tmp_path):
   """prepare_data's batched, left-padded embeddings + FPS equal a one-prompt-at-a-time reference."""
   import jax.numpy as jnp

@@ -8,12 +8,7 @@ accumulation, no sharding, no optax.
 """
 
 import dataclasses
-import json
 import math
-import os
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -304,36 +299,13 @@ def test_loss_decreases_and_generalises_on_a_preference_rule():
 # ----------------------------------------------------------------------------- multi-host
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
+# Slow: the default suite's two-process round (tests/pipeline/test_multihost.py) runs this step
+# on two processes end to end.
+@pytest.mark.slow
 def test_two_processes_match_single_process(tmp_path):
   """2 processes x 4 CPU devices (gloo collectives, local coordinator), each loading only its
   rows of every global batch, give the single-process losses and log-probs."""
-  port = _free_port()
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.join(root, "tests", "_multihost_worker.py"), "--process_id",
-       str(i), "--num_processes", "2", "--coordinator", f"localhost:{port}", "--out",
-       str(tmp_path / f"p{i}.json")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-           for i in range(2)]
-  outputs = []
-  for p in procs:
-    try:
-      out, _ = p.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-    outputs.append(out.decode(errors="replace"))
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
-  results = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+  results = w.run_two_processes(str(tmp_path))
 
   mesh = _mesh(w.MESH_SHAPE)
   losses, state = w.run_steps(mesh, w.train_config())
