@@ -512,7 +512,7 @@ def lower_score_logps(config, mesh, *, rows: int, seq_len: int):
 def lower_generate(sampling_config, config, mesh, *, prompt_len: int):
   """``(lowered, new tokens)`` of the KV-cache sampler on one batch of ``prompt_len``-token
   prompts, laid out as `ssapo_jax.sampling.Sampler` runs it: prompts over the batch axes,
-  parameters in the decode layout (`sharding.DECODE_AXIS_RULES`)."""
+  parameters in the decode layout (`sharding.DECODE_AXIS_RULES`) and the compute dtype."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
@@ -524,6 +524,9 @@ def lower_generate(sampling_config, config, mesh, *, prompt_len: int):
   graphdef, params, rest = nnx.split(_abstract_model(config), nnx.Param, ...)
   params = _abstract(params, shd.logical_shardings(params, logical_axes(params), mesh,
                                                    rules=shd.DECODE_AXIS_RULES))
+  params = jax.tree.map(  # as `Sampler.decode_layout` casts them
+      lambda x: jax.ShapeDtypeStruct(x.shape, sampling.decode_dtype(x.dtype, config.dtype),
+                                     sharding=x.sharding), params)
   rest = _abstract(rest, jax.tree.map(lambda _: shd.replicated(mesh), rest))
   rows = lambda ndim: NamedSharding(mesh, shd.batch_spec(ndim, s.batch_size, mesh))
   prompts = jax.ShapeDtypeStruct((s.batch_size, prompt_len), jnp.int32, sharding=rows(2))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.special
 import torch
+from flax import nnx
 from jax.sharding import PartitionSpec
 
 import _multihost_worker as w
@@ -267,6 +268,25 @@ def test_decode_layout_is_gathered_once_outside_the_loop():
   _, params, _ = w.sampler(mesh).decode_layout(w.sharded_tiny_model(mesh))
   q = params["layers"]["attn"]["q_proj"]
   assert q.sharding.spec == PartitionSpec(None, None, "tensor", None)  # [L, D, N, H]: heads over tensor
+
+
+def test_decode_layout_casts_to_the_compute_dtype_with_the_same_samples():
+  """A bfloat16-compute model with float32 master weights decodes from bfloat16 copies (half
+  the memory and bytes per token) and samples exactly what its float32 weights give."""
+  mesh = _mesh((1, 8, 1))
+  model = w.tiny_model(dtype="bfloat16")
+  graphdef, params, rest = w.sampler(mesh).decode_layout(model)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+  _, master, _ = nnx.split(model, nnx.Param, ...)
+  assert {x.dtype for x in jax.tree.leaves(master)} == {jnp.dtype(jnp.float32)}
+  settings = sampling._settings(model.config, max_new_tokens=6, temperature=1.0, top_p=1.0,
+                                top_k=0, num_samples=2, eos_token_ids=(2,), pad_token_id=0)
+  ids, mask = left_pad(w.sampler_prompts(8), pad_id=0)
+  args = (jnp.asarray(ids), jnp.asarray(mask), jnp.arange(8, dtype=jnp.int32), jax.random.key(3))
+  cast, _ = sampling._generate(graphdef, params, rest, *args, settings=settings)
+  full, _ = sampling._generate(graphdef, master, rest, *args, settings=settings)
+  np.testing.assert_array_equal(np.asarray(cast.tokens), np.asarray(full.tokens))
+  np.testing.assert_array_equal(np.asarray(cast.logps), np.asarray(full.logps))
 
 
 def test_sampler_argument_errors():
