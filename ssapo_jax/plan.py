@@ -270,14 +270,21 @@ class HloCost:
   unknown_loops: int  # while loops without a known trip count (scaled by the default)
 
 
-def _fusion_access(instrs: list[_Instr], shapes: dict[str, str]
-                   ) -> tuple[dict[int, float], float | None]:
-  """For a fused computation: bytes read of each parameter that is only sliced (by argument
-  position), and the bytes written when the root is an in-place dynamic-update-slice."""
+def _fusion_access(name: str, comps: dict[str, list[_Instr]], shapes: dict[str, dict[str, str]],
+                   memo: dict) -> tuple[dict[int, float], float | None]:
+  """For fused computation ``name``: bytes read of each parameter that is only sliced (by
+  argument position), looking through nested fusions (a scanned layer's weight is sliced out of
+  the ``[L, ...]`` stack inside an inner fusion), and the bytes written when the root is an
+  in-place dynamic-update-slice."""
+  if name in memo:
+    return memo[name]
+  instrs, types = comps.get(name, []), shapes.get(name, {})
   numbers = {i.name: int(i.args) for i in instrs if i.op == "parameter" and i.args.isdigit()}
   sliced: dict[str, float] = {}
   other_use: set[str] = set()
   for i in instrs:
+    inner = (_fusion_access(_attr_computations(i.attrs, "calls")[0], comps, shapes, memo)[0]
+             if i.op == "fusion" and _attr_computations(i.attrs, "calls") else None)
     for pos, operand in enumerate(i.operands):
       if operand not in numbers:
         continue
@@ -285,13 +292,16 @@ def _fusion_access(instrs: list[_Instr], shapes: dict[str, str]
         sliced[operand] = sliced.get(operand, 0.0) + _shape_bytes(i.type)
       elif i.op == "dynamic-update-slice" and pos == 0:
         sliced.setdefault(operand, 0.0)  # updated in place: not read
+      elif inner is not None and pos in inner:
+        sliced[operand] = sliced.get(operand, 0.0) + inner[pos]
       else:
         other_use.add(operand)
   root = instrs[-1] if instrs else None
   write = None
   if root is not None and root.op == "dynamic-update-slice" and len(root.operands) > 1:
-    write = _shape_bytes(shapes.get(root.operands[1], ""))
-  return {numbers[n]: b for n, b in sliced.items() if n not in other_use}, write
+    write = _shape_bytes(types.get(root.operands[1], ""))
+  memo[name] = ({numbers[n]: b for n, b in sliced.items() if n not in other_use}, write)
+  return memo[name]
 
 
 def hlo_cost(hlo_text: str, *, unknown_trip_count: int = 1) -> HloCost:
@@ -317,9 +327,7 @@ def hlo_cost(hlo_text: str, *, unknown_trip_count: int = 1) -> HloCost:
     called = _attr_computations(i.attrs, "calls") if i.op == "fusion" else []
     if not called:
       return sum(operand_bytes) + _shape_bytes(i.type)
-    if called[0] not in access:
-      access[called[0]] = _fusion_access(comps.get(called[0], []), shapes.get(called[0], {}))
-    sliced, write = access[called[0]]
+    sliced, write = _fusion_access(called[0], comps, shapes, access)
     read = sum(sliced.get(pos, b) for pos, b in enumerate(operand_bytes))
     return read + (_shape_bytes(i.type) if write is None else write)
 

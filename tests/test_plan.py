@@ -135,6 +135,37 @@ ENTRY %main (a: f32[1024]) -> f32[1024] {
   assert cost.bytes_accessed == 7 * (2 * 1024 * 4 + 4 + 4 + 1)
 
 
+def test_hlo_bytes_of_a_stacked_weight_sliced_in_a_nested_fusion():
+  # A scanned layer's weight: the [L, D, F] stack enters a fusion whose inner fusion slices out
+  # one layer (as TPU HLO fuses it); only that [D, F] slice is read, not the whole stack.
+  hlo = """
+%slice_layer (w: f32[4,64,32], i: s32[]) -> f32[64,32] {
+  %w = f32[4,64,32]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %z = s32[] constant(0)
+  %ds = f32[1,64,32]{2,1,0} dynamic-slice(%w, %i, %z, %z), dynamic_slice_sizes={1,64,32}
+  ROOT %sq = f32[64,32]{1,0} bitcast(%ds)
+}
+
+%matmul (x: f32[8,64], w: f32[4,64,32], i: s32[]) -> f32[8,32] {
+  %x = f32[8,64]{1,0} parameter(0)
+  %w = f32[4,64,32]{2,1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %layer = f32[64,32]{1,0} fusion(%w, %i), kind=kLoop, calls=%slice_layer
+  ROOT %d = f32[8,32]{1,0} dot(%x, %layer), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (x: f32[8,64], w: f32[4,64,32], i: s32[]) -> f32[8,32] {
+  %x = f32[8,64]{1,0} parameter(0)
+  %w = f32[4,64,32]{2,1,0} parameter(1)
+  %i = s32[] parameter(2)
+  ROOT %f = f32[8,32]{1,0} fusion(%x, %w, %i), kind=kOutput, calls=%matmul
+}
+"""
+  # Reads x (8*64), one layer (64*32) and i; writes the [8, 32] result.
+  assert plan.hlo_cost(hlo).bytes_accessed == 4 * (8 * 64 + 64 * 32 + 1 + 8 * 32)
+
+
 def test_plan_without_libtpu_says_how_to_install(monkeypatch, capsys):
   monkeypatch.setattr(plan, "libtpu_available", lambda: False)
   status = plan.main([os.path.join(REPO, "configs", "zephyr_7b_ultrafeedback.yaml"),
