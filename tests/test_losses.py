@@ -187,25 +187,25 @@ def test_length_losses_without_lengths_raise(kwargs):
     losses.dpo_loss(pc, pr, rc, rr, chosen_lengths=LENGTHS, **kwargs)
 
 
-@pytest.mark.parametrize("beta", [0.0, -0.1])
-def test_nonpositive_beta_raises(beta):
-  pc, pr, rc, rr = _random_logps(0)
-  with pytest.raises(ValueError, match="beta must be > 0"):
-    losses.dpo_loss(pc, pr, rc, rr, beta=beta)
-  atoms = np.ones((B, 1), np.float32)
-  with pytest.raises(ValueError, match="beta must be > 0"):
-    losses.robust_dpo_loss(pc, pr, rc, rr, atoms, 0 * atoms, beta=beta)
-
-
-def test_negative_weights_raise_naming_the_row():
-  pc, pr, rc, rr = _random_logps(0)
+def _negative_row_5():
   weights = np.ones(B, np.float32)
   weights[5] = -0.5
-  with pytest.raises(ValueError, match="row 5"):
-    losses.dpo_loss(pc, pr, rc, rr, weights=weights)
+  return weights
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (lambda: {"beta": 0.0}, "beta must be > 0"),
+    (lambda: {"beta": -0.1}, "beta must be > 0"),
+    (lambda: {"weights": _negative_row_5()}, "row 5"),
+])
+def test_bad_beta_and_negative_weights_raise(kwargs, message):
+  """Both losses reject β ≤ 0 and negative weights (naming the row) before any computation."""
+  pc, pr, rc, rr = _random_logps(0)
+  with pytest.raises(ValueError, match=message):
+    losses.dpo_loss(pc, pr, rc, rr, **kwargs())
   atoms = np.ones((B, 1), np.float32)
-  with pytest.raises(ValueError, match="row 5"):
-    losses.robust_dpo_loss(pc, pr, rc, rr, atoms, 0 * atoms, weights=weights)
+  with pytest.raises(ValueError, match=message):
+    losses.robust_dpo_loss(pc, pr, rc, rr, atoms, 0 * atoms, **kwargs())
 
 
 def test_option_errors():

@@ -33,19 +33,25 @@ def _neg_log_sigmoid(z):
   return np.logaddexp(0.0, -z)
 
 
+def _experiment(tmp_path, template: str, *, num_pairs: int):
+  """The resolved config of ``template`` over a tiny model and ``num_pairs`` preferences."""
+  from ssapo_jax.experiment import load_experiment
+  world = tmp_path / "world"
+  write_tiny_model(str(world / "model"))
+  write_tiny_preferences(str(world / "prefs.jsonl"), num_pairs)
+  path = tmp_path / "config.yaml"
+  path.write_text(template.format(out=tmp_path / "run", world=world))
+  return load_experiment(path)
+
+
 def test_margin_space_round_trains_on_margin_space_atoms(tmp_path, monkeypatch):
   import datasets
   from ssapo_jax.data import LoaderCursor, PreferenceLoader
-  from ssapo_jax.experiment import load_experiment, stream_seed
+  from ssapo_jax.experiment import stream_seed
   from ssapo_jax.pipeline import run as pipeline
   from ssapo_jax.train import step as step_lib
 
-  world = tmp_path / "world"
-  write_tiny_model(str(world / "model"))
-  write_tiny_preferences(str(world / "prefs.jsonl"), 120)
-  path = tmp_path / "margin.yaml"
-  path.write_text(CONFIG.format(out=tmp_path / "run", world=world))
-  config = load_experiment(path)
+  config = _experiment(tmp_path, CONFIG, num_pairs=120)
   assert config.train.robust_space == "margin" and config.dro.margin_scale == 0.1
 
   traced_spaces = []
@@ -125,16 +131,10 @@ def test_restored_state_is_not_saved_before_a_finite_step(tmp_path, monkeypatch)
   from ssapo_jax import sharding
   from ssapo_jax.checkpoint import Checkpointer, checkpoint_dir
   from ssapo_jax.errors import NonFiniteError
-  from ssapo_jax.experiment import load_experiment
   from ssapo_jax.pipeline import run as pipeline
   from ssapo_jax.runrecord import run_log
 
-  world = tmp_path / "world"
-  write_tiny_model(str(world / "model"))
-  write_tiny_preferences(str(world / "prefs.jsonl"), 40)
-  path = tmp_path / "guard.yaml"
-  path.write_text(GUARD_CONFIG.format(out=tmp_path / "run", world=world))
-  config = load_experiment(path)
+  config = _experiment(tmp_path, GUARD_CONFIG, num_pairs=40)
   pipeline.run(config, resume=False)  # 4 steps: train checkpoints 1, 2, 3 and round_done 5
   out = config.output_dir
   with Checkpointer(checkpoint_dir(out)) as ckpt:
