@@ -47,6 +47,7 @@ from ssapo_jax import sharding as shd  # noqa: E402
 from ssapo_jax import train as tr  # noqa: E402
 from ssapo_jax.batch import make_preference_batch  # noqa: E402
 from ssapo_jax.models import Llama, LlamaConfig  # noqa: E402
+from ssapo_jax.models.llama import REMAT_POLICIES  # noqa: E402
 from ssapo_jax.models.presets import preset  # noqa: E402
 
 GiB = 1024 ** 3
@@ -233,9 +234,12 @@ def bench_train(sz: Sizes, peak: float, remat: str) -> dict:
 
 
 def bench_sampler(sz: Sizes) -> dict:
-  """New tokens/s of `generate` (float32 weights as a run loads them, bf16 compute)."""
+  """New tokens/s of `generate` (bf16 compute, from the bf16 copies of float32 master weights
+  that `Sampler.decode_layout` decodes from)."""
   config = dataclasses.replace(sz.train_model, dtype="bfloat16", param_dtype="float32")
-  model = Llama(config, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(Llama(config, rngs=nnx.Rngs(0)), nnx.Param, ...)
+  params = jax.tree.map(lambda x: x.astype(sampling.decode_dtype(x.dtype, config.dtype)), params)
+  model = nnx.merge(graphdef, params, rest)
   rng = np.random.default_rng(0)
   prompts = rng.integers(3, config.vocab_size, (sz.sample_batch, sz.sample_prompt), np.int32)
   mask = np.ones_like(prompts)
@@ -338,7 +342,7 @@ def format_report(r: dict) -> str:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--small", action="store_true", help="reduced sizes (CPU, about a minute)")
-  p.add_argument("--remat", default="none", choices=tr.REMAT_POLICIES,
+  p.add_argument("--remat", default="none", choices=REMAT_POLICIES,
                  help="remat policy of the timed train step (default none: the 1B step fits)")
   p.add_argument("--json", default=None, help="write the report here")
   args = p.parse_args(argv)
