@@ -154,9 +154,11 @@ def _corrupt_array_data(step_dir: str) -> None:
   decodable values with every file and the metadata intact, so only the checkpoint's
   fingerprint can tell.
 
-  Written through tensorstore rather than by overwriting bytes of a file: an OCDBT data file
-  also holds superseded B-tree nodes and copies that a restore never reads, so bytes overwritten
-  at a fixed offset may leave the restored state untouched (and then resuming from it is right).
+  Written through tensorstore rather than by overwriting bytes of a file: much of a checkpoint's
+  OCDBT data is never read by a restore (overwriting the middle 200 bytes of each of a pipeline
+  checkpoint's 11 data files in turn changed the restored state for one of them), so bytes
+  overwritten at a fixed offset may leave the restored state untouched, and resuming from it
+  is then right.
   """
   import tensorstore as ts
   spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{step_dir}/state",
