@@ -444,10 +444,9 @@ def model_config(experiment, *, arch: str | None = None, num_layers: int | None 
     raise ValueError(f"model.path {experiment.model.path!r} has no config.json; pass --arch with "
                      f"one of {', '.join(PRESETS)} to plan without the checkpoint")
   t = experiment.train
-  changes = dict(dtype=t.compute_dtype, param_dtype=t.param_dtype, remat=t.remat)
-  attention = getattr(experiment.model, "attention", "auto")
-  # What "auto" picks on the TPU this plan compiles for (the host's backend is the CPU).
-  changes["attention"] = "splash" if attention == "auto" else attention
+  # "auto" resolves when traced under the slice's mesh: splash, as on the TPU itself.
+  changes = dict(dtype=t.compute_dtype, param_dtype=t.param_dtype, remat=t.remat,
+                 attention=experiment.model.attention)
   if num_layers is not None:
     changes["num_layers"] = num_layers
     if config.layer_types:
@@ -493,9 +492,8 @@ def lower_train_step(train_config, config, mesh, *, seq_len: int, num_atoms: int
                           weights=vec, valid=vec, ref_chosen_logps=vec, ref_rejected_logps=vec,
                           atom_weights=atom, atom_shifts=atom)
   batch = _abstract(batch, tr.batch_shardings(mesh, t))
-  step = tr.make_train_step(t, mesh, template)
-  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # read by shard_map kernels (splash)
-    return step.lower(state, batch), 2 * b * seq
+  step = tr.make_train_step(t, mesh, template)  # traces under the mesh (splash, shard_map)
+  return step.lower(state, batch), 2 * b * seq
 
 
 def lower_score_logps(config, mesh, *, rows: int, seq_len: int):
@@ -512,9 +510,9 @@ def lower_score_logps(config, mesh, *, rows: int, seq_len: int):
   seq = seq_len
   tok = jax.ShapeDtypeStruct((rows, seq), jnp.int32,
                              sharding=NamedSharding(mesh, PartitionSpec(shd.BATCH_AXES)))
-  # The outer jit only traces into the inner, sharded one: the compiled program is the same.
-  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-    return jax.jit(logps_fn).lower(params, tok, tok, tok), rows * seq
+  # The outer jit only traces into the inner, sharded one (which traces under the mesh): the
+  # compiled program is the same.
+  return jax.jit(logps_fn).lower(params, tok, tok, tok), rows * seq
 
 
 def lower_generate(sampling_config, config, mesh, *, prompt_len: int):
@@ -544,9 +542,8 @@ def lower_generate(sampling_config, config, mesh, *, prompt_len: int):
       config, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
       top_k=s.top_k, num_samples=s.num_samples, eos_token_ids=tuple(config.eos_token_ids or (0,)),
       pad_token_id=int(config.pad_token_id or 0))
-  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-    lowered = sampling._generate.lower(  # pylint: disable=protected-access
-        graphdef, params, rest, prompts, prompts, index, key, settings=settings, mesh=mesh)
+  lowered = sampling._generate.lower(  # pylint: disable=protected-access
+      graphdef, params, rest, prompts, prompts, index, key, settings=settings, mesh=mesh)
   return lowered, s.batch_size * s.num_samples * s.max_new_tokens
 
 

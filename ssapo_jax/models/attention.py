@@ -33,15 +33,24 @@ _SPLASH_BLOCK = 512
 _SPLASH_MIN_BLOCK = 128
 
 
+def _target_platform() -> str:
+  """The platform the traced program is for: the context mesh's devices, else the default
+  backend. They differ when a CPU host compiles for a TPU topology (`ssapo-plan`), where the
+  kernel must lower to Mosaic, not to interpret mode's XLA loops."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return getattr(device, "platform", None) or jax.default_backend()
+
+
 def resolve_implementation(name: str, dtype, backend: str | None = None) -> str:
-  """The concrete implementation for ``name`` (`IMPLEMENTATIONS`) on ``backend``.
+  """The concrete implementation for ``name`` (`IMPLEMENTATIONS`) on ``backend`` (default: the
+  platform the traced program is for, `_target_platform`).
 
   Raises:
     ValueError: an unknown name, or ``cudnn`` with a compute dtype it does not support.
   """
   if name not in IMPLEMENTATIONS:
     raise ValueError(f"attention must be one of {IMPLEMENTATIONS}, got {name!r}")
-  backend = backend or jax.default_backend()
+  backend = backend or _target_platform()
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   if name == "auto":
     return "splash" if backend == "tpu" else "cudnn" if backend == "gpu" and half else "xla"
@@ -126,14 +135,6 @@ def _splash_kernel(seq_len: int, num_heads: int, window: int | None, interpret: 
                             block_q_dq=block, block_kv_dq=block)
   return splash.make_splash_mha(splash.MultiHeadMask([mask] * num_heads), block_sizes=sizes,
                                 head_shards=1, q_seq_shards=1, interpret=interpret)
-
-
-def _target_platform() -> str:
-  """The platform the traced program is for: the context mesh's devices, else the default
-  backend. They differ when a CPU host compiles for a TPU topology (`ssapo-plan`), where the
-  kernel must lower to Mosaic, not to interpret mode's XLA loops."""
-  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-  return getattr(device, "platform", None) or jax.default_backend()
 
 
 def _splash_local(q, k, v, segment_ids, window, interpret):

@@ -99,15 +99,17 @@ def test_splash_on_multiple_blocks():
 
 
 def test_splash_targets_the_context_meshs_platform():
-  """Under a mesh of TPU devices the kernel lowers for the TPU (Mosaic), even when the host
-  that traces it is a CPU: `ssapo-plan` compiles for a topology from a CPU machine, and
+  """Under a mesh of TPU devices ``auto`` picks splash and the kernel lowers for the TPU
+  (Mosaic), even when the host that traces it is a CPU: `ssapo-plan` compiles for a topology from a CPU machine, and
   interpret mode there would plan an emulation's loops instead of the kernel."""
   from jax._src.mesh import AbstractDevice, AbstractMesh  # no public constructor in JAX 0.10
   tpu = AbstractMesh((2,), ("fsdp",), abstract_device=AbstractDevice(
       device_kind="TPU v5", num_cores=None, platform="tpu"))
   with jax.sharding.use_abstract_mesh(tpu):
     assert attn._target_platform() == "tpu"
+    assert attn.resolve_implementation("auto", jnp.bfloat16) == "splash"  # what the TPU runs
   assert attn._target_platform() == jax.default_backend() == "cpu"
+  assert attn.resolve_implementation("auto", jnp.bfloat16) == "xla"
 
 
 def test_resolve_implementation():
