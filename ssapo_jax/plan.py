@@ -709,7 +709,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--topology", required=True,
                  help=f"Cloud TPU slice: {', '.join(SLICES)}")
   p.add_argument("--arch", default=None,
-                 help="architecture preset (mistral-7b, llama3-8b, llama3.2-1b) when model.path "
+                 help="architecture preset (mistral-7b, llama3-8b, llama3.2-3b, llama3.2-1b) when model.path "
                       "holds no config.json")
   p.add_argument("--num-layers", type=int, default=None,
                  help="plan a model truncated to this many decoder layers (quick checks)")
