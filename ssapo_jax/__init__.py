@@ -7,7 +7,7 @@ The pure functions (losses, self-annotation, the follower) import eagerly; the h
 import importlib
 
 from ssapo_jax.annotate import SelectedPairs, agreement_rate, implicit_reward, select_pairs
-from ssapo_jax.batch import PreferenceBatch, concat_pairs, make_preference_batch, split_pairs
+from ssapo_jax.batch import PreferenceBatch, concat_pairs, make_preference_batch
 from ssapo_jax.dro import (DroConfig, WorstCase, chunk_groups, margins_to_xi, quantile_groups,
                            random_groups, solve_follower, summarize, tangent_pieces,
                            to_loss_atoms, worst_case)

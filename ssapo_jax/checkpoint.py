@@ -430,6 +430,37 @@ def _jsonable(metadata: Mapping[str, Any]) -> dict[str, Any]:
   return json.loads(json.dumps(dict(metadata), default=convert))
 
 
+class NoCheckpoints:
+  """Stands in for `Checkpointer` where the processes do not share a directory: saves nothing
+  and has no steps, so a relaunch resumes from the finished phases only."""
+
+  directory = None
+
+  def all_steps(self) -> list[int]:
+    return []
+
+  def save(self, *args, **kwargs) -> bool:
+    return False
+
+  def wait(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def open_checkpointer(output_dir: str, *, shared: bool,
+                      config: CheckpointConfig = CheckpointConfig()) -> Checkpointer | NoCheckpoints:
+  """The run's `Checkpointer` in ``<output_dir>/checkpoints``, or `NoCheckpoints` (with a
+  warning) when ``shared`` is False: orbax needs one directory every process sees."""
+  if shared:
+    return Checkpointer(checkpoint_dir(output_dir), config=config)
+  warnings.warn(f"{output_dir} is a separate directory on each host: no checkpoints (orbax "
+                "needs one directory all processes see); a relaunch resumes from the finished "
+                "phases on process 0")
+  return NoCheckpoints()
+
+
 def checkpoint_dir(output_dir: str | os.PathLike) -> str:
   """The checkpoint directory of a run: ``<output_dir>/checkpoints``."""
   return os.path.join(os.fspath(output_dir), CHECKPOINT_SUBDIR)

@@ -134,15 +134,16 @@ def _run(args: argparse.Namespace) -> int:
 
   # Imported late: config errors must not depend on the training stack.
   from ssapo_jax import runrecord
-  from ssapo_jax.pipeline import rundir, run as pipeline
+  from ssapo_jax import rundir
+  from ssapo_jax.pipeline import run as pipeline
   from ssapo_jax.runlock import run_lock
-  leader = jax.process_index() == 0
+  process0 = jax.process_index() == 0
   # run.log first, so that taking over a stale lock is logged too.
-  with runrecord.run_log(rundir.local_workdir(config.output_dir), enabled=leader), \
+  with runrecord.run_log(rundir.local_workdir(config.output_dir), enabled=process0), \
        run_lock(config.output_dir, process_index=jax.process_index(), force=args.force_unlock,
                 log=runrecord.message):
     change = None
-    if leader:
+    if process0:
       runrecord.write_config(version, cfg_lib.dump_yaml(config))
     if version.changes:
       name = os.path.basename(version.path)

@@ -32,7 +32,7 @@ def check_model(config) -> Any:
   """The model directory (config.json, every safetensors header) and tokenizer; returns it."""
   from ssapo_jax.models.params import check_hf_dir
   from ssapo_jax.models.tokenizer import load_tokenizer
-  from ssapo_jax.pipeline.rundir import is_remote
+  from ssapo_jax.rundir import is_remote
   path = config.model.path
   if is_remote(path):
     raise CheckpointError(f"model.path={path!r}: the model must be a local directory (copy it "
@@ -109,7 +109,7 @@ def check_output_dir(config, *, allow_config_change: bool = False):
   Returns the `runrecord.ConfigVersion` the run will record.
   """
   from ssapo_jax import config as cfg_lib
-  from ssapo_jax.pipeline.rundir import is_remote
+  from ssapo_jax.rundir import is_remote
   from ssapo_jax.runlock import RunLockedError, locked_message, read_owner
   from ssapo_jax.runrecord import check_config
   out = config.output_dir

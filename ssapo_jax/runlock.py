@@ -196,7 +196,7 @@ class RunLock:
     """Takes the lock; raises `RunLockedError` (exit status 4) when a live run holds it."""
     if self._held:
       return self
-    from ssapo_jax.pipeline.rundir import is_remote
+    from ssapo_jax.rundir import is_remote
     if is_remote(self.output_dir):
       self._acquire_by_record()
     else:

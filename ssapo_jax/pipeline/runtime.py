@@ -12,13 +12,15 @@ import numpy as np
 from flax import nnx
 
 from ssapo_jax import sharding as shd
-from ssapo_jax.checkpoint import Checkpointer
+from ssapo_jax.checkpoint import Checkpointer, NoCheckpoints
 from ssapo_jax.data import (PromptRecord, last_token_embeddings, left_pad, load_preferences,
                             load_prompts, save_manifest, select_rows, split_rows, tokenize_prompts)
 from ssapo_jax.data.tokenize import fixed_size_batches
 from ssapo_jax.experiment import ExperimentConfig
 from ssapo_jax.metrics import MetricsLogger
-from ssapo_jax.models import Llama, load_hf
+from ssapo_jax.models import CausalLM, load_hf
+from ssapo_jax.models.tokenizer import load_tokenizer
+from ssapo_jax.rundir import RunDir
 from ssapo_jax.runrecord import progress
 from ssapo_jax.train import DTYPES, Scorer, scoring_batch_size
 
@@ -39,16 +41,42 @@ class Runtime:
   config: ExperimentConfig
   mesh: Any
   tokenizer: Any
-  sft: Llama  # the initial policy π_{-1} (and SFT reference)
+  sft: CausalLM  # the initial policy π_{-1} (and SFT reference)
   data: RunData
-  ckpt: Checkpointer
+  ckpt: Checkpointer | NoCheckpoints
   logger: MetricsLogger
-  workdir: str  # local directory of the phase outputs (= output_dir unless that is remote)
+  rundir: RunDir  # the output directory and its local working copy
   scorer: Scorer
-  policies: dict[int, Llama] = dataclasses.field(default_factory=dict)  # round -> π_t in memory
+  policies: dict[int, CausalLM] = dataclasses.field(default_factory=dict)  # round -> π_t
+
+  @classmethod
+  def build(cls, config: ExperimentConfig, rundir: RunDir, *, ckpt, logger) -> "Runtime":
+    """Builds the mesh, tokenizer, SFT model, data split and scorer of a run (the split
+    manifest is written and pushed). The returned runtime closes ``ckpt`` and ``logger`` when
+    used as a context manager."""
+    mesh = shd.make_mesh(config.mesh)
+    tokenizer = load_tokenizer(config.model.resolved_tokenizer_path)
+    sft = load_model(config.model.path, config, mesh)
+    data = prepare_data(config, rundir.workdir, sft=sft, tokenizer=tokenizer, mesh=mesh)
+    rundir.push("split_manifest.json")
+    return cls(config=config, mesh=mesh, tokenizer=tokenizer, sft=sft, data=data, ckpt=ckpt,
+               logger=logger, rundir=rundir,
+               scorer=scorer_for(config, mesh, tokenizer.pad_token_id))
+
+  def __enter__(self) -> "Runtime":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.ckpt.close()
+    self.logger.close()
+
+  @property
+  def workdir(self) -> str:
+    """Local directory of the phase outputs (= output_dir unless that is remote)."""
+    return self.rundir.workdir
 
   def round_dir(self, t: int) -> str:
-    return os.path.join(self.workdir, f"round_{t}")
+    return self.rundir.round_dir(t)
 
   def prompt_ids(self, prompts) -> list[list[int]]:
     """Chat-templated, truncated prompt token ids (unpadded)."""
@@ -56,7 +84,7 @@ class Runtime:
     return tokenize_prompts(prompts, self.tokenizer, max_prompt_length=d.max_prompt_length,
                             truncation_mode=d.truncation_mode, system_message=d.system_message)
 
-  def policy(self, t: int) -> Llama:
+  def policy(self, t: int) -> CausalLM:
     """π_t: trained in this process, else its export from round t (π_{-1} = the SFT model)."""
     if t < 0:
       return self.sft
@@ -65,7 +93,7 @@ class Runtime:
                                     self.mesh)
     return self.policies[t]
 
-  def judge(self, t: int) -> Llama:
+  def judge(self, t: int) -> CausalLM:
     """π_annot of round t: the SFT model or π_{t−2} (``rounds.annotation_reference``)."""
     return self.policy(t - 2) if self.config.rounds.annotation_reference == "previous" else self.sft
 
@@ -76,7 +104,7 @@ def scorer_for(config: ExperimentConfig, mesh, pad_id: int) -> Scorer:
                 bucket_size=config.data.bucket_size, compute_dtype=config.train.compute_dtype)
 
 
-def load_model(path: str, config: ExperimentConfig, mesh) -> Llama:
+def load_model(path: str, config: ExperimentConfig, mesh) -> CausalLM:
   """A local HF checkpoint, its parameters placed with the mesh's partition rules."""
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise FileNotFoundError(f"no Hugging Face model in {path!r} (config.json missing)")
@@ -86,7 +114,7 @@ def load_model(path: str, config: ExperimentConfig, mesh) -> Llama:
                  remat=t.remat, attention=config.model.attention, mesh=mesh)
 
 
-def prompt_embeddings(model: Llama, tokenizer, prompts, config: ExperimentConfig,
+def prompt_embeddings(model: CausalLM, tokenizer, prompts, config: ExperimentConfig,
                       mesh) -> np.ndarray:
   """``[N, D]`` float32 embeddings of chat-templated prompts for farthest-point seeding.
 
@@ -97,7 +125,7 @@ def prompt_embeddings(model: Llama, tokenizer, prompts, config: ExperimentConfig
   d = config.data
   ids = tokenize_prompts(prompts, tokenizer, max_prompt_length=d.max_prompt_length,
                          truncation_mode=d.truncation_mode, system_message=d.system_message)
-  graphdef, state = nnx.split(model)
+  graphdef, state = nnx.split(model)  # the whole model: hidden_states reads buffers too
 
   @jax.jit
   def embed(state, prompt_ids, prompt_mask):
@@ -115,7 +143,7 @@ def prompt_embeddings(model: Llama, tokenizer, prompts, config: ExperimentConfig
   return np.concatenate(out)
 
 
-def prepare_data(config: ExperimentConfig, workdir: str, *, sft: Llama, tokenizer,
+def prepare_data(config: ExperimentConfig, workdir: str, *, sft: CausalLM, tokenizer,
                  mesh) -> RunData:
   """Loads and validates the sources, splits seed/pools and writes ``split_manifest.json``.
 
