@@ -103,14 +103,28 @@ def check_data(config) -> DataSummary:
   return DataSummary(reports, seed, pools, min(available, config.rounds.num_eval_prompts))
 
 
-def check_output_dir(config, *, allow_config_change: bool = False):
-  """Writable, not locked by a live run, and either new or holding this config (or allowed).
+def check_lock(config, *, force_unlock: bool = False) -> str | None:
+  """Whether the run may take the output directory's lock (`runlock.check_owner`'s rule).
+
+  Returns what taking it over will say (a stale lock; another host's with ``force_unlock``),
+  or None when there is no lock.
+
+  Raises:
+    RunLockedError: a live run on this host holds it, or another host does without
+      ``force_unlock``.
+  """
+  from ssapo_jax.runlock import check_owner, read_owner
+  return check_owner(config.output_dir, read_owner(config.output_dir), force=force_unlock)
+
+
+def check_output_dir(config, *, allow_config_change: bool = False, force_unlock: bool = False):
+  """Writable, not locked by a live run (see `check_lock`), and either new or holding this
+  config (or allowed).
 
   Returns the `runrecord.ConfigVersion` the run will record.
   """
   from ssapo_jax import config as cfg_lib
   from ssapo_jax.pipeline.rundir import is_remote
-  from ssapo_jax.runlock import RunLockedError, locked_message, read_owner
   from ssapo_jax.runrecord import check_config
   out = config.output_dir
   if out.startswith("gs://"):
@@ -123,12 +137,14 @@ def check_output_dir(config, *, allow_config_change: bool = False):
     existing = os.path.abspath(out)
     while not os.path.exists(existing):
       existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-      raise RunDirError(f"output_dir={out!r} is not writable ({existing} is not a writable "
-                        "directory)")
-  owner = read_owner(out)
-  if owner is not None and owner.pid != os.getpid() and owner.is_alive():
-    raise RunLockedError(locked_message(out, owner))
+    if not os.path.isdir(existing):
+      where = ("is a file" if existing == os.path.abspath(out)
+               else f"cannot be created: {existing} is a file")
+      raise RunDirError(f"output_dir={out!r} {where}, not a directory; choose a directory path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+      raise RunDirError(f"output_dir={out!r} is not writable: no write permission on "
+                        f"directory {existing}")
+  check_lock(config, force_unlock=force_unlock)
   return check_config(cfg_lib.to_dict(config), out, allow_change=allow_config_change)
 
 
@@ -144,11 +160,12 @@ def check_mesh(config):
   return mesh
 
 
-def check_inputs(config, *, allow_config_change: bool = False):
+def check_inputs(config, *, allow_config_change: bool = False, force_unlock: bool = False):
   """Everything a run reads, checked before it writes: ``(tokenizer, DataSummary, ConfigVersion)``."""
   tokenizer = check_model(config)
   data = check_data(config)
-  version = check_output_dir(config, allow_config_change=allow_config_change)
+  version = check_output_dir(config, allow_config_change=allow_config_change,
+                             force_unlock=force_unlock)
   return tokenizer, data, version
 
 
@@ -183,6 +200,8 @@ def plan_lines(config, data: DataSummary, mesh) -> list[str]:
       lines.append(f"round {t}: {prompts} prompts x {s.num_samples} samples, at most {pairs} "
                    f"pairs, {epochs} epoch(s), at most {steps} steps")
     total += steps
-  lines.append(f"total: at most {total} optimizer steps; {data.eval_prompts} eval prompts per "
-               f"round; output in {config.output_dir}")
+  ends = r.num_rounds + 1  # run.py: each round's end checkpoint takes a global step of its own
+  lines.append(f"total: at most {total} optimizer steps, so at most global step {total + ends} "
+               f"(the {ends} round-end checkpoints take one global step each); "
+               f"{data.eval_prompts} eval prompts per round; output in {config.output_dir}")
   return lines

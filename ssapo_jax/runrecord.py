@@ -7,9 +7,10 @@ overwritten. A resumed run whose resolved config differs is refused with the dif
 ``config.1.yaml``, ``config.2.yaml``, … and the run logs to ``metrics.jsonl`` the step at which
 it took effect.
 
-**run.log.** The one-line messages a run prints (resume point, per-phase summaries, the
-end-of-run summary) go to stderr and, with a timestamp, to ``<output_dir>/run.log``; each
-`progress` bar stays on screen when it ends and leaves its final state in ``run.log``.
+**run.log.** The one-line messages a run prints (resume point, data and per-phase summaries,
+the end-of-run summary) go to stderr and, with a timestamp, to ``<output_dir>/run.log``; each
+`progress` bar stays on screen when it ends and leaves its final state in ``run.log``, and
+``ssapo-train`` adds the error or interruption that ended a run (`log_only`).
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from ssapo_jax.errors import RunDirError
 RUN_LOG_FILENAME = "run.log"
 _VERSION = re.compile(r"^config(?:\.(\d+))?\.yaml$")
 
-# Messages (stderr and run.log) and progress bars' final states (run.log only).
+# Messages (stderr and run.log), progress bars' final states and errors (run.log only: the
+# command line prints errors itself).
 LOGGER = logging.getLogger("ssapo_jax.run")
 _BARS = logging.getLogger("ssapo_jax.progress")
+_FILE_ONLY = logging.getLogger("ssapo_jax.run_file")
 
 
 class ConfigChangedError(RunDirError):
@@ -153,10 +156,10 @@ def run_log(log_dir: str | None, *, enabled: bool = True) -> Iterator[None]:
       os.makedirs(log_dir, exist_ok=True)
       file = logging.FileHandler(os.path.join(log_dir, RUN_LOG_FILENAME), encoding="utf-8")
       file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-      for logger in (LOGGER, _BARS):
+      for logger in (LOGGER, _BARS, _FILE_ONLY):
         logger.addHandler(file)
         handlers.append((logger, file))
-  for logger in (LOGGER, _BARS):
+  for logger in (LOGGER, _BARS, _FILE_ONLY):
     logger.setLevel(logging.INFO)
     logger.propagate = False
   try:
@@ -171,6 +174,33 @@ def run_log(log_dir: str | None, *, enabled: bool = True) -> Iterator[None]:
 def message(text: str) -> None:
   """One line for the user: stderr and run.log (inside `run_log`), else nowhere."""
   LOGGER.info(text)
+
+
+def say(text: str) -> None:
+  """A library summary line (data counts): `message` inside `run_log`, else printed (stdout)."""
+  if LOGGER.handlers:
+    message(text)
+  else:
+    print(text)
+
+
+def log_only(text: str) -> None:
+  """A line for run.log alone (inside `run_log`): what the command line already printed."""
+  _FILE_ONLY.info(text)
+
+
+def position() -> str | None:
+  """Where the run is, from its open progress bars (``round 1: train 12/40``), innermost last;
+  None when no bar is open."""
+  from tqdm import tqdm as std_tqdm  # every tqdm subclass registers its bars here
+  bars = sorted((b for b in list(std_tqdm._instances) if not getattr(b, "disable", False)),
+                key=lambda b: abs(getattr(b, "pos", 0)))
+  parts = []
+  for bar in bars:
+    desc = (bar.desc or "").rstrip(": ")
+    done = f"{bar.n}/{bar.total}" if bar.total else f"{bar.n}"
+    parts.append(f"{desc} {done}".strip())
+  return ", ".join(parts) or None
 
 
 class _Progress(tqdm):

@@ -16,6 +16,7 @@ A jsonl file whose bytes are not all UTF-8 is re-read line by line so the bad ro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -38,11 +39,20 @@ def looks_like_path(source: str) -> bool:
 
 
 def check_source_exists(source: str | os.PathLike) -> None:
-  """Raises `DataError` when a path-like ``source`` does not exist (no download is tried)."""
+  """Raises `DataError` when a path-like ``source`` does not exist, cannot be read, or is an
+  empty file or directory (no download is tried)."""
   source = os.fspath(source)
-  if not source.startswith("tfds:") and looks_like_path(source) and not os.path.exists(
-      os.path.expanduser(source)):
+  if source.startswith("tfds:") or not looks_like_path(source):
+    return
+  path = os.path.expanduser(source)
+  if not os.path.exists(path):
     raise DataError(f"{source}: no such file or directory")
+  if not os.access(path, os.R_OK | (os.X_OK if os.path.isdir(path) else 0)):
+    raise DataError(f"{source}: not readable (permission denied)")
+  if os.path.isdir(path) and not any(not name.startswith(".") for name in os.listdir(path)):
+    raise DataError(f"{source}: empty directory (no data files)")
+  if os.path.isfile(path) and os.path.getsize(path) == 0:
+    raise DataError(f"{source}: empty file (no rows)")
 
 
 def _require_columns(name: str, column_names, columns: Mapping[str, str], roles) -> None:
@@ -115,13 +125,34 @@ def _tfds_rows(spec: str, *, split: str, data_dir: str | None) -> Iterator[tuple
     yield i, dict(source[i])
 
 
+@contextlib.contextmanager
+def _progress_bars(shown: bool):
+  """Hides the `datasets` library's own progress bars unless ``shown`` (restored afterwards);
+  never turns them on (``ssapo-train`` hides them for a whole run outside ``--verbose``)."""
+  from datasets.utils import logging as ds_logging
+  was = ds_logging.is_progress_bar_enabled()
+  if not shown:
+    ds_logging.disable_progress_bar()
+  try:
+    yield
+  finally:
+    (ds_logging.enable_progress_bar if was else ds_logging.disable_progress_bar)()
+
+
 def read_rows(source: str | os.PathLike, *, split: str = "train", data_dir: str | None = None,
-              cache_dir: str | None = None) -> tuple[str, Iterator[tuple[int, Any]], list[str]]:
+              cache_dir: str | None = None,
+              verbose: bool = True) -> tuple[str, Iterator[tuple[int, Any]], list[str]]:
   """Opens ``source``; returns ``(name, rows, column_names)``.
 
   ``rows`` yields ``(row_index, row_dict)``; a row the reader could not decode yields a row
-  problem in place of the dict, for the validation policy to handle.
+  problem in place of the dict, for the validation policy to handle. ``verbose=False`` hides
+  the `datasets` progress bars while the source is read.
   """
+  with _progress_bars(verbose):
+    return _read_rows(source, split=split, data_dir=data_dir, cache_dir=cache_dir)
+
+
+def _read_rows(source, *, split, data_dir, cache_dir):
   import datasets
   source = os.fspath(source)
   check_source_exists(source)
@@ -140,7 +171,11 @@ def read_rows(source: str | os.PathLike, *, split: str = "train", data_dir: str 
       first, rows = _peek(_tfds_rows(source, split=split, data_dir=None))
       return source, rows, list(first or ())
     else:
-      ds = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
+      try:
+        ds = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
+      except Exception as e:  # noqa: BLE001 - EmptyDatasetError, no loader for the files, ...
+        raise DataError(f"{source}: not a dataset directory `datasets` can read "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     return source, _dataset_rows(ds), list(ds.column_names)
   if os.path.isfile(source):
     ext = os.path.splitext(source)[1].lower()
@@ -197,7 +232,7 @@ def load_preferences(source: str | os.PathLike, *, format: str = "auto", split: 
                      data_dir: str | None = None, prompt_column: str = "prompt",
                      chosen_column: str = "chosen", rejected_column: str = "rejected",
                      policy: str | Mapping[str, str] = "error", cache_dir: str | None = None,
-                     verbose: bool = True) -> V.Records:
+                     verbose: bool = True, duplicates: str = "drop") -> V.Records:
   """Loads and validates labelled preference pairs.
 
   Args:
@@ -212,7 +247,9 @@ def load_preferences(source: str | os.PathLike, *, format: str = "auto", split: 
     policy: ``"error"`` (default), ``"skip"``, or a mapping reason -> policy (see
       `ssapo_jax.data.validate.REASONS`); skipped rows are counted and printed.
     cache_dir: `datasets` cache directory.
-    verbose: print the validation summary.
+    verbose: print the validation summary (and show the `datasets` progress bars).
+    duplicates: ``"drop"`` (default) rows whose prompt an earlier row had, counted as
+      ``duplicate_prompt`` in the report, or ``"keep"`` them (still counted).
 
   Returns:
     `Records` (a list) of `PreferencePair`, with ``.report`` and ``.source``.
@@ -223,26 +260,29 @@ def load_preferences(source: str | os.PathLike, *, format: str = "auto", split: 
   if format not in ("auto", "ultrafeedback", "plain"):
     raise ValueError(f"format must be 'auto', 'ultrafeedback' or 'plain', got {format!r}")
   columns = _columns(prompt_column, chosen_column, rejected_column)
-  name, rows, column_names = read_rows(source, split=split, data_dir=data_dir, cache_dir=cache_dir)
+  name, rows, column_names = read_rows(source, split=split, data_dir=data_dir, cache_dir=cache_dir,
+                                       verbose=verbose)
   first, rows = _peek(rows)
   _require_columns(name, column_names, columns, ("chosen", "rejected"))
   fmt = detect_format(column_names, columns, first) if format == "auto" else format
   if fmt == "plain":  # ultrafeedback rows carry their prompt in the conversation
     _require_columns(name, column_names, columns, ("prompt",))
   return V.validate_rows(rows, source=name, kind="pair", fmt=fmt, columns=columns, policy=policy,
-                         verbose=verbose)
+                         verbose=verbose, duplicates=duplicates)
 
 
 def load_prompts(source: str | os.PathLike, *, split: str = "train", data_dir: str | None = None,
                  prompt_column: str = "prompt", policy: str | Mapping[str, str] = "error",
-                 cache_dir: str | None = None, verbose: bool = True) -> V.Records:
+                 cache_dir: str | None = None, verbose: bool = True,
+                 duplicates: str = "drop") -> V.Records:
   """Loads and validates unlabelled prompts (text or message lists) -> `Records` of `PromptRecord`.
 
   Works on prompt-only sources and on preference sources (only the prompt column is read).
   Arguments as in `load_preferences`.
   """
   columns = _columns(prompt_column, "chosen", "rejected")
-  name, rows, column_names = read_rows(source, split=split, data_dir=data_dir, cache_dir=cache_dir)
+  name, rows, column_names = read_rows(source, split=split, data_dir=data_dir, cache_dir=cache_dir,
+                                       verbose=verbose)
   _require_columns(name, column_names, columns, ("prompt",))
   return V.validate_rows(rows, source=name, kind="prompt", fmt="prompt", columns=columns,
-                         policy=policy, verbose=verbose)
+                         policy=policy, verbose=verbose, duplicates=duplicates)
