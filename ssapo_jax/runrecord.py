@@ -37,6 +37,7 @@ _VERSION = re.compile(r"^config(?:\.(\d+))?\.yaml$")
 LOGGER = logging.getLogger("ssapo_jax.run")
 _BARS = logging.getLogger("ssapo_jax.progress")
 _FILE_ONLY = logging.getLogger("ssapo_jax.run_file")
+_ACTIVE = 0  # open `run_log` contexts (on every process, logging or not)
 
 
 class ConfigChangedError(RunDirError):
@@ -146,7 +147,9 @@ def run_log(log_dir: str | None, *, enabled: bool = True) -> Iterator[None]:
     log_dir: local directory of ``run.log`` (None: stderr only).
     enabled: False on processes other than 0 of a multi-host run: they stay silent.
   """
+  global _ACTIVE
   handlers = []
+  _ACTIVE += 1
   if enabled:
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setFormatter(logging.Formatter("[ssapo] %(message)s"))
@@ -165,6 +168,7 @@ def run_log(log_dir: str | None, *, enabled: bool = True) -> Iterator[None]:
   try:
     yield
   finally:
+    _ACTIVE -= 1
     for logger, handler in handlers:
       logger.removeHandler(handler)
     for handler in {h for _, h in handlers}:
@@ -177,8 +181,9 @@ def message(text: str) -> None:
 
 
 def say(text: str) -> None:
-  """A library summary line (data counts): `message` inside `run_log`, else printed (stdout)."""
-  if LOGGER.handlers:
+  """A library summary line (data counts): `message` inside `run_log` (silent on processes
+  other than 0), else printed (stdout)."""
+  if _ACTIVE:
     message(text)
   else:
     print(text)

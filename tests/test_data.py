@@ -326,12 +326,28 @@ def test_system_message_and_cache(tok, tmp_path, capsys):
   assert tok.convert_ids_to_tokens(ds[0]["prompt_ids"])[:3] == ["<s>", "<|system|>", "</s>"]
   again = D.tokenize_pairs(pairs, tok, max_length=32, max_prompt_length=16, system_message="",
                            cache_dir=str(tmp_path))
-  assert "loaded tokenised pairs from cache" in capsys.readouterr().out
+  assert "pairs (from cache" in capsys.readouterr().out
   assert again.to_dict() == ds.to_dict()
   other = D.tokenize_pairs(pairs, tok, max_length=32, max_prompt_length=16,
                            cache_dir=str(tmp_path), verbose=False)
   assert other[0]["prompt_ids"] != ds[0]["prompt_ids"]
   assert len([p for p in tmp_path.iterdir() if p.name.startswith("pairs-")]) == 2
+
+
+def test_prompt_truncations_are_counted_and_logged_inside_a_run(tok, tmp_path, capsys):
+  from ssapo_jax import runrecord
+  prompts = ["hello", "one two three four", "one two three four five six"]
+  lengths = [len(tk.chat_prompt_ids(tok, p)) for p in prompts]
+  cut = sum(n > 7 for n in lengths)
+  assert 0 < cut < len(prompts)  # the case exercises both sides
+  D.tokenize_prompts(prompts, tok, max_prompt_length=7, report="round 1 prompts")
+  line = (f"round 1 prompts: 3 prompts, truncated (keep_end) to max_prompt_length=7 in {cut}")
+  assert line in capsys.readouterr().out
+  with runrecord.run_log(str(tmp_path)):  # inside a run: stderr and run.log, not stdout
+    D.tokenize_prompts(prompts, tok, max_prompt_length=7, report="round 1 prompts")
+  captured = capsys.readouterr()
+  assert line in captured.err and line not in captured.out
+  assert line in (tmp_path / "run.log").read_text()
 
 
 def test_prompt_tokenisation_left_pad_and_pairs_from_ids(tok):

@@ -64,7 +64,8 @@ def generate(rt: Runtime, t: int, policy: Llama, *, step: int = 0) -> dict[str, 
   def compute():
     clock = hosts.PhaseClock()
     s = rt.config.sampling
-    gen, stats = _sample_all(rt, policy, rt.prompt_ids(rt.data.pools[t - 1]),
+    gen, stats = _sample_all(rt, policy, rt.prompt_ids(rt.data.pools[t - 1],
+                                                       report=f"round {t} prompts"),
                              rt.config.key("generate", t), temperature=s.temperature,
                              num_samples=s.num_samples, desc=f"round {t}: generate")
     clock.report(rt.logger, step, "generate", t, chips=rt.mesh.devices.size,
@@ -127,7 +128,7 @@ def round_pairs(rt: Runtime, t: int):
   if t == 0:
     cache_dir = d.cache_dir if d.cache_dir is not None else os.path.join(rt.workdir, "cache")
     return tokenize_pairs(rt.data.seed_pairs, rt.tokenizer, system_message=d.system_message,
-                          cache_dir=cache_dir, **opts)
+                          cache_dir=cache_dir, **{**opts, "verbose": True})  # truncation counts
   gen = hosts.read_npz(os.path.join(rt.round_dir(t), "generations.npz"))
   ann = hosts.read_npz(os.path.join(rt.round_dir(t), "annotation.npz"))
   prompt_ids = rt.prompt_ids(rt.data.pools[t - 1])
@@ -211,7 +212,8 @@ def evaluate(rt: Runtime, t: int, policy: Llama, *, step: int = 0) -> None:
   if not rt.data.eval_prompts or hosts.broadcast_json(hosts.is_leader() and os.path.exists(path)):
     return
   clock = hosts.PhaseClock()
-  gen, stats = _sample_all(rt, policy, rt.prompt_ids(rt.data.eval_prompts),
+  gen, stats = _sample_all(rt, policy, rt.prompt_ids(rt.data.eval_prompts,
+                                                     report=f"round {t} eval prompts"),
                            rt.config.key("evaluate", t), temperature=0.0, num_samples=1,
                            desc=f"round {t}: evaluate")
   texts = decode(rt.tokenizer, gen["tokens"], gen["mask"])

@@ -50,11 +50,13 @@ class Runtime:
   def round_dir(self, t: int) -> str:
     return os.path.join(self.workdir, f"round_{t}")
 
-  def prompt_ids(self, prompts) -> list[list[int]]:
-    """Chat-templated, truncated prompt token ids (unpadded)."""
+  def prompt_ids(self, prompts, *, report: str | None = None) -> list[list[int]]:
+    """Chat-templated, truncated prompt token ids (unpadded); ``report`` names the prompts in
+    the truncation count it then logs."""
     d = self.config.data
     return tokenize_prompts(prompts, self.tokenizer, max_prompt_length=d.max_prompt_length,
-                            truncation_mode=d.truncation_mode, system_message=d.system_message)
+                            truncation_mode=d.truncation_mode, system_message=d.system_message,
+                            report=report)
 
   def policy(self, t: int) -> Llama:
     """π_t: trained in this process, else its export from round t (π_{-1} = the SFT model)."""
