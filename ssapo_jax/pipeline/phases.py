@@ -114,9 +114,9 @@ def _annotate(rt: Runtime, t: int, policy: Llama, gen: dict[str, np.ndarray], st
                                "annotation_reference": cfg.rounds.annotation_reference},
         settings={"sampling": dataclasses.asdict(cfg.sampling)},
         counts={"prompts": len(prompts), "usable_pairs": int(usable.size)})
-  # Pairs scored: every (prompt, response) under the policy and the judge.
+  # Sequences scored: every (prompt, response) under the policy and the judge.
   clock.report(rt.logger, step, "annotate", t, chips=rt.mesh.devices.size,
-               pairs=2 * len(responses))
+               sequences=2 * len(responses))
   return result
 
 
@@ -202,7 +202,9 @@ def follower(rt: Runtime, t: int, policy: Llama, reference: Llama, *, step: int 
                round_index=t, settings={"dro": dataclasses.asdict(rt.config.dro),
                                         "accumulate": rt.config.rounds.accumulate},
                counts={"pairs": n})
-  clock.report(rt.logger, step, "follower", t, chips=rt.mesh.devices.size, pairs=scored * n)
+  # The round's n pairs; each pair's chosen and rejected sequence under each scoring model.
+  clock.report(rt.logger, step, "follower", t, chips=rt.mesh.devices.size, pairs=n,
+               sequences=2 * scored * n)
   return dataset, judge_logps
 
 
