@@ -16,7 +16,6 @@ A jsonl file whose bytes are not all UTF-8 is re-read line by line so the bad ro
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -125,34 +124,13 @@ def _tfds_rows(spec: str, *, split: str, data_dir: str | None) -> Iterator[tuple
     yield i, dict(source[i])
 
 
-@contextlib.contextmanager
-def _progress_bars(shown: bool):
-  """Hides the `datasets` library's own progress bars unless ``shown`` (restored afterwards);
-  never turns them on (``ssapo-train`` hides them for a whole run outside ``--verbose``)."""
-  from datasets.utils import logging as ds_logging
-  was = ds_logging.is_progress_bar_enabled()
-  if not shown:
-    ds_logging.disable_progress_bar()
-  try:
-    yield
-  finally:
-    (ds_logging.enable_progress_bar if was else ds_logging.disable_progress_bar)()
-
-
 def read_rows(source: str | os.PathLike, *, split: str = "train", data_dir: str | None = None,
-              cache_dir: str | None = None,
-              verbose: bool = True) -> tuple[str, Iterator[tuple[int, Any]], list[str]]:
+              cache_dir: str | None = None) -> tuple[str, Iterator[tuple[int, Any]], list[str]]:
   """Opens ``source``; returns ``(name, rows, column_names)``.
 
   ``rows`` yields ``(row_index, row_dict)``; a row the reader could not decode yields a row
-  problem in place of the dict, for the validation policy to handle. ``verbose=False`` hides
-  the `datasets` progress bars while the source is read.
+  problem in place of the dict, for the validation policy to handle.
   """
-  with _progress_bars(verbose):
-    return _read_rows(source, split=split, data_dir=data_dir, cache_dir=cache_dir)
-
-
-def _read_rows(source, *, split, data_dir, cache_dir):
   import datasets
   source = os.fspath(source)
   check_source_exists(source)
@@ -247,7 +225,7 @@ def load_preferences(source: str | os.PathLike, *, format: str = "auto", split: 
     policy: ``"error"`` (default), ``"skip"``, or a mapping reason -> policy (see
       `ssapo_jax.data.validate.REASONS`); skipped rows are counted and printed.
     cache_dir: `datasets` cache directory.
-    verbose: print the validation summary (and show the `datasets` progress bars).
+    verbose: print the validation summary.
     duplicates: ``"drop"`` (default) rows whose prompt an earlier row had, counted as
       ``duplicate_prompt`` in the report, or ``"keep"`` them (still counted).
 
@@ -260,8 +238,7 @@ def load_preferences(source: str | os.PathLike, *, format: str = "auto", split: 
   if format not in ("auto", "ultrafeedback", "plain"):
     raise ValueError(f"format must be 'auto', 'ultrafeedback' or 'plain', got {format!r}")
   columns = _columns(prompt_column, chosen_column, rejected_column)
-  name, rows, column_names = read_rows(source, split=split, data_dir=data_dir, cache_dir=cache_dir,
-                                       verbose=verbose)
+  name, rows, column_names = read_rows(source, split=split, data_dir=data_dir, cache_dir=cache_dir)
   first, rows = _peek(rows)
   _require_columns(name, column_names, columns, ("chosen", "rejected"))
   fmt = detect_format(column_names, columns, first) if format == "auto" else format
@@ -281,8 +258,7 @@ def load_prompts(source: str | os.PathLike, *, split: str = "train", data_dir: s
   Arguments as in `load_preferences`.
   """
   columns = _columns(prompt_column, "chosen", "rejected")
-  name, rows, column_names = read_rows(source, split=split, data_dir=data_dir, cache_dir=cache_dir,
-                                       verbose=verbose)
+  name, rows, column_names = read_rows(source, split=split, data_dir=data_dir, cache_dir=cache_dir)
   _require_columns(name, column_names, columns, ("prompt",))
   return V.validate_rows(rows, source=name, kind="prompt", fmt="prompt", columns=columns,
                          policy=policy, verbose=verbose, duplicates=duplicates)
