@@ -220,6 +220,10 @@ CASES = [
          lambda e: [TINY, *e.inputs(_jsonl(e, [_row(i % 200) for i in range(250)])), "--check"],
          0, ("250 rows, 200 kept, skipped 50 (duplicate_prompt=50)",
              "at most global step 43 (the 3 round-end checkpoints")),
+    Case("prompt_source_overlaps_seed",  # prompt_source = the pairs' own prompts: the seed's go
+         lambda e: [TINY, *e.inputs(), f"data.prompt_source={e.world / 'prefs.jsonl'}", "--check"],
+         0, ("data.prompt_source: 64 more left out: their prompt is in the labelled seed",
+             "round 1: 64 prompts")),
     Case("datasets_bars_hidden",
          lambda e: [TINY, *e.inputs(_jsonl(e, [_row(i) for i in range(200)])), "--check"], 0,
          ("ssapo-train: checking the config and inputs",), absent=("Generating train split",)),
@@ -285,3 +289,24 @@ def test_bad_input(case: Case, world, tmp_path, monkeypatch, capsys):
       assert words in log, (words, log)
   if case.after is not None:
     case.after(env)
+
+
+def test_the_run_keeps_each_prompt_in_one_of_seed_pools_and_held_out(world, tmp_path):
+  """`prepare_data` with a prompt source and an eval source that overlap the pairs."""
+  from ssapo_jax.data import prompt_key
+  from ssapo_jax.experiment import load_experiment
+  from ssapo_jax.pipeline.runtime import prepare_data
+  env = Env(world, tmp_path)
+  rows = [json.loads(line) for line in (world / "prefs.jsonl").read_text().splitlines()]
+  evals = tmp_path / "evals.jsonl"  # 16 prompts of the pairs, as a held-out set
+  evals.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows[::12]))
+  config = load_experiment(TINY, env.inputs(f"data.prompt_source={world / 'prefs.jsonl'}",
+                                            f"data.eval_source={evals}",
+                                            "data.pool_sizes=[48, 48]"))
+  data = prepare_data(config, str(tmp_path), sft=None, tokenizer=None, mesh=None)
+  parts = [data.seed_pairs, *data.pools, data.eval_prompts]
+  keys = [{prompt_key(r.prompt) for r in part} for part in parts]
+  assert [len(k) for k in keys] == [64, 48, 48, 16]  # 200 - 64 - 16 = 120 prompts for pools
+  for i in range(len(keys)):
+    for j in range(i + 1, len(keys)):
+      assert not keys[i] & keys[j], (i, j)

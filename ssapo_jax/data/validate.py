@@ -232,10 +232,6 @@ def normalise_prompt(row: Mapping[str, Any], index: int, columns: Mapping[str, s
   return PromptRecord(prompt=_prompt_messages(row.get(pc), pc), row=index)
 
 
-def _prompt_key(prompt: list[dict[str, str]]) -> tuple:
-  return tuple((m["role"], m["content"].strip()) for m in prompt)
-
-
 def validate_rows(rows, *, source: str, kind: str, fmt: str, columns: Mapping[str, str],
                   policy: str | Mapping[str, str] = "error", verbose: bool = True,
                   duplicates: str = "drop") -> Records:
@@ -247,6 +243,7 @@ def validate_rows(rows, *, source: str, kind: str, fmt: str, columns: Mapping[st
   ``duplicates="drop"`` (default), dropped, so a prompt is in one of seed, pools and
   held-out set; ``"keep"`` keeps it. The summary line goes to `runrecord.say` when verbose.
   """
+  from ssapo_jax.data.seed import prompt_key  # one definition of "the same prompt"
   if duplicates not in ("drop", "keep"):
     raise ValueError(f"duplicates must be 'drop' or 'keep', got {duplicates!r}")
   policies = resolve_policy(policy)
@@ -265,7 +262,7 @@ def validate_rows(rows, *, source: str, kind: str, fmt: str, columns: Mapping[st
         raise DataValidationError(source, index, p.field, p.reason, p.detail) from None
       report.skipped[p.reason] += 1
       continue
-    key = _prompt_key(rec.prompt)
+    key = prompt_key(rec.prompt)
     first = seen.setdefault(key, rec)
     if first is not rec:
       report.duplicate_prompts += 1
