@@ -191,7 +191,7 @@ def _run(args: argparse.Namespace) -> int:
       pipeline.run(config, resume=resume, config_change=change)
     except KeyboardInterrupt:
       where = runrecord.position()
-      runrecord.message(f"interrupted at {where or 'a phase boundary'}; {RESUME_HINT}")
+      runrecord.message(f"interrupted at {where or 'start-up'}; {RESUME_HINT}")
       return EXIT_INTERRUPTED
     except SsapoError as e:  # printed by `main`; run.log gets it too
       runrecord.log_only(f"error: {one_line(e)}")

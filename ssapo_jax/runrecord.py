@@ -175,8 +175,12 @@ def run_log(log_dir: str | None, *, enabled: bool = True) -> Iterator[None]:
       handler.close()
 
 
+_LAST: list[str] = []  # the latest `message`, for `position` when no progress bar is open
+
+
 def message(text: str) -> None:
   """One line for the user: stderr and run.log (inside `run_log`), else nowhere."""
+  _LAST[:] = [text]
   LOGGER.info(text)
 
 
@@ -195,8 +199,9 @@ def log_only(text: str) -> None:
 
 
 def position() -> str | None:
-  """Where the run is, from its open progress bars (``round 1: train 12/40``), innermost last;
-  None when no bar is open."""
+  """Where the run is: its open progress bars (``round 1: train 12/40``), innermost last, or
+  else the phase after the latest message (``the phase after "round 1 follower: …"``); None
+  before any."""
   from tqdm import tqdm as std_tqdm  # every tqdm subclass registers its bars here
   bars = sorted((b for b in list(std_tqdm._instances) if not getattr(b, "disable", False)),
                 key=lambda b: abs(getattr(b, "pos", 0)))
@@ -205,7 +210,12 @@ def position() -> str | None:
     desc = (bar.desc or "").rstrip(": ")
     done = f"{bar.n}/{bar.total}" if bar.total else f"{bar.n}"
     parts.append(f"{desc} {done}".strip())
-  return ", ".join(parts) or None
+  if parts:
+    return ", ".join(parts)
+  if _LAST:
+    latest = _LAST[0] if len(_LAST[0]) <= 80 else _LAST[0][:77] + "..."
+    return f'the phase after "{latest}"'
+  return None
 
 
 class _Progress(tqdm):
