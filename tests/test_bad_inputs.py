@@ -18,7 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -82,8 +82,9 @@ def _finished_run(env: Env) -> None:
   """A run directory whose config.yaml is tiny_cpu's and whose newest checkpoint says the last
   round (2) is done, as `pipeline.run` leaves it."""
   import jax.numpy as jnp
+
   from ssapo_jax import config as cfg_lib
-  from ssapo_jax.checkpoint import Checkpointer, CheckpointConfig, checkpoint_dir
+  from ssapo_jax.checkpoint import CheckpointConfig, Checkpointer, checkpoint_dir
   from ssapo_jax.experiment import load_experiment
   config = load_experiment(TINY, env.inputs())
   version = runrecord.check_config(cfg_lib.to_dict(config), str(env.out), allow_change=False)
@@ -187,8 +188,8 @@ CASES = [
          ("pid 123 on host another-host", "rerun with --force-unlock"),
          setup=lambda e: _lock(e, pid=123, host="another-host"), after=_lock_kept),
     Case("foreign_lock_force_check", lambda e: [TINY, *e.inputs(), "--force-unlock", "--check"],
-         0, ("would start by --force-unlock: taking over the lock of pid 123 on host "
-             "another-host", "--check: OK"),
+         0, (("would start by --force-unlock: taking over the lock of pid 123 on host "
+              "another-host"), "--check: OK"),
          setup=lambda e: _lock(e, pid=123, host="another-host"), after=_lock_kept),
     Case("foreign_lock_force_run", lambda e: [TINY, *e.inputs(), "--force-unlock"], 0,
          ("--force-unlock: taking over the lock of pid 123 on host another-host",),
@@ -252,6 +253,7 @@ def _snapshot(root: pathlib.Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input(case: Case, world, tmp_path, monkeypatch, capsys):
   import datasets
+
   from ssapo_jax import plan
   from ssapo_jax.pipeline import run as pipeline
 

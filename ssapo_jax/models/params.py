@@ -201,7 +201,7 @@ def check_hf_dir(path: str | os.PathLike) -> dict:
   shapes = {}
   for file in files:
     with _open(os.path.join(path, file)) as f:  # validates the header against the file size
-      for name in f.keys():
+      for name in f.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
         shapes[name] = tuple(f.get_slice(name).get_shape())
   # The tensors config.json implies (shapes only: nnx.eval_shape allocates nothing).
   try:

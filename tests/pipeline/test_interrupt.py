@@ -7,7 +7,6 @@ import subprocess
 import time
 
 import pytest
-
 from pipeline_runs import command, env, write_config, write_world
 
 
@@ -34,9 +33,10 @@ def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(tmp_path):
   lines = [line for line in stderr.splitlines() if "interrupted at" in line]
   assert len(lines) == 1 and lines[0].startswith("[ssapo] interrupted at round "), stderr[-3000:]
   assert lines[0].endswith("; rerun the same command to resume")
-  assert lines[0].removeprefix("[ssapo] ") in open(os.path.join(out, "run.log")).read()
+  with open(os.path.join(out, "run.log")) as f:
+    assert lines[0].removeprefix("[ssapo] ") in f.read()
   assert not os.path.exists(os.path.join(out, "run.lock"))
   rerun = subprocess.run(command(config), env=env(8), capture_output=True, text=True,
-                         timeout=1200)
+                         timeout=1200, check=False)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "resuming" in rerun.stderr and "run complete" in rerun.stderr
