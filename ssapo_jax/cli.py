@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
     return e.exit_code
   except KeyboardInterrupt:  # Ctrl-C before the run started (the run itself handles its own)
-    print(f"{PROG}: interrupted during the pre-run checks; nothing was written", file=sys.stderr)
+    print(f"{PROG}: interrupted before the run started; {RESUME_HINT}", file=sys.stderr)
     return EXIT_INTERRUPTED
 
 
