@@ -161,7 +161,7 @@ def tokenize_pairs(pairs: Sequence[V.PreferencePair], tokenizer, *, max_length: 
                    system_message: str | None = None, add_bos: bool | None = None,
                    add_eos: bool = True, on_truncation: str = "truncate",
                    extras: Mapping[str, Any] | None = None, cache_dir: str | None = None,
-                   batch_size: int = 1024, verbose: bool = True):
+                   batch_size: int = 1024, verbose: bool = True, source: str | None = None):
   """Tokenises preference pairs in batches into a pair dataset (module docstring).
 
   Args:
@@ -180,13 +180,14 @@ def tokenize_pairs(pairs: Sequence[V.PreferencePair], tokenizer, *, max_length: 
       reloaded from there next time.
     batch_size: texts per batched tokenizer call.
     verbose: print the truncation summary (to the run's log inside `runrecord.run_log`).
+    source: what the summary calls the pairs (default: their ``.source``, else "pairs").
 
   Returns:
     A `datasets.Dataset` with the columns of the module docstring.
   """
   import datasets
   _check_lengths(max_length, max_prompt_length, truncation_mode)
-  source = getattr(pairs, "source", "") or "pairs"
+  source = source or getattr(pairs, "source", "") or "pairs"
   extras = _check_extras(extras, len(pairs))
   key = None
   if cache_dir is not None:

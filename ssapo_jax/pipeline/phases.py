@@ -128,7 +128,8 @@ def round_pairs(rt: Runtime, t: int):
   if t == 0:
     cache_dir = d.cache_dir if d.cache_dir is not None else os.path.join(rt.workdir, "cache")
     return tokenize_pairs(rt.data.seed_pairs, rt.tokenizer, system_message=d.system_message,
-                          cache_dir=cache_dir, **{**opts, "verbose": True})  # truncation counts
+                          cache_dir=cache_dir, source="round 0 labelled seed",
+                          **{**opts, "verbose": True})  # its truncation counts, in run.log
   gen = hosts.read_npz(os.path.join(rt.round_dir(t), "generations.npz"))
   ann = hosts.read_npz(os.path.join(rt.round_dir(t), "annotation.npz"))
   prompt_ids = rt.prompt_ids(rt.data.pools[t - 1])
