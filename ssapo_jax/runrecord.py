@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import sys
+import weakref
 from typing import Any, Iterator
 
 import yaml
@@ -202,14 +203,16 @@ def position() -> str | None:
   """Where the run is: its open progress bars (``round 1: train 12/40``), innermost last, or
   else the phase after the latest message (``the phase after "round 1 follower: …"``); None
   before any."""
-  from tqdm import tqdm as std_tqdm  # every tqdm subclass registers its bars here
-  bars = sorted((b for b in list(std_tqdm._instances) if not getattr(b, "disable", False)),
-                key=lambda b: abs(getattr(b, "pos", 0)))
+  from tqdm import tqdm as std_tqdm  # every enabled tqdm bar registers itself here
+  shown = [b for b in list(std_tqdm._instances) if not getattr(b, "disable", False)]
+  bars = sorted(shown, key=lambda b: abs(getattr(b, "pos", 0)))
+  bars += [b for b in list(_OPEN) if b.disable]  # ours, hidden: desc and update count
   parts = []
   for bar in bars:
-    desc = (bar.desc or "").rstrip(": ")
-    done = f"{bar.n}/{bar.total}" if bar.total else f"{bar.n}"
-    parts.append(f"{desc} {done}".strip())
+    desc = (getattr(bar, "label", None) or getattr(bar, "desc", "") or "").rstrip(": ")
+    n = bar.done if bar.disable else bar.n
+    total = getattr(bar, "total", None)
+    parts.append(f"{desc} {n}/{total}".strip() if total else f"{desc} {n}".strip())
   if parts:
     return ", ".join(parts)
   if _LAST:
@@ -218,10 +221,25 @@ def position() -> str | None:
   return None
 
 
+_OPEN: "weakref.WeakSet[_Progress]" = weakref.WeakSet()  # `progress` bars not yet closed
+
+
 class _Progress(tqdm):
-  """A tqdm bar that stays when it ends and logs its final state to run.log."""
+  """A tqdm bar that stays when it ends and logs its final state to run.log; it counts its
+  `update` steps even when disabled (``TQDM_DISABLE``), for `position`."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.label = kwargs.get("desc") or ""  # a disabled tqdm keeps no desc
+    self.done = kwargs.get("initial", 0)
+    _OPEN.add(self)
+
+  def update(self, n=1):
+    self.done += n
+    return super().update(n)
 
   def close(self):
+    _OPEN.discard(self)
     if not self.disable and not getattr(self, "_logged", False):
       self._logged = True
       _BARS.info(self.format_meter(**self.format_dict))

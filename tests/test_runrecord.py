@@ -100,3 +100,7 @@ def test_position_names_the_open_bar_else_the_phase_after_the_latest_message(tmp
     assert runrecord.position() == "round 1: train 3/8"
     bar.close()
     assert runrecord.position().startswith("the phase after")
+    hidden = runrecord.progress(total=4, desc="round 2: train", disable=True)  # TQDM_DISABLE
+    hidden.update(1)
+    assert runrecord.position() == "round 2: train 1/4"
+    hidden.close()
