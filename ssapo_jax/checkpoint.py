@@ -63,8 +63,9 @@ class CheckpointConfig:
   def __post_init__(self):
     if self.save_every_steps < 1:
       raise ValueError(f"checkpoint.save_every_steps must be >= 1, got {self.save_every_steps}")
-    if self.keep < 1:
-      raise ValueError(f"checkpoint.keep must be >= 1, got {self.keep}")
+    if self.keep < 2:  # the newest checkpoint may be unreadable: keep one to fall back to
+      raise ValueError(f"checkpoint.keep must be >= 2 (a fallback when the newest checkpoint "
+                       f"is unreadable), got {self.keep}")
 
 
 class Restored(NamedTuple):

@@ -202,6 +202,18 @@ def _check_sections(config: ExperimentConfig) -> None:
                          f"{config.dro.epsilon} > 0 trains the robust objective (the sigmoid "
                          f"loss under the follower's worst case); set dro.epsilon=0 or "
                          f"{key}={robust!r}")
+  # Self-annotation needs two different responses per prompt: with fewer samples, or with
+  # greedy sampling (every sample identical), no prompt yields a pair and round 1 would fail
+  # after round 0 had trained.
+  s = config.sampling
+  if config.rounds.num_rounds > 0 and s.num_samples < 2:
+    raise ValueError(f"sampling.num_samples={s.num_samples}: self-annotation rounds "
+                     f"(rounds.num_rounds={config.rounds.num_rounds}) need at least 2 samples per "
+                     "prompt to form a chosen/rejected pair")
+  if config.rounds.num_rounds > 0 and s.temperature == 0:
+    raise ValueError(f"sampling.temperature=0 is greedy decoding: all sampling.num_samples="
+                     f"{s.num_samples} responses to a prompt are identical, so self-annotation "
+                     "finds no pair; use a temperature > 0 (e.g. 0.7)")
   if config.rounds.train_reference == "sft" and config.train.reference == "in_step":
     raise ValueError("rounds.train_reference=sft needs train.reference=precomputed: with in_step "
                      "the reference is the policy a round starts from (the previous policy)")

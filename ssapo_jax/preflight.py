@@ -26,6 +26,8 @@ class DataSummary:
   seed_pairs: int
   pool_prompts: list[int]  # per round t >= 1
   eval_prompts: int
+  # config key -> records left out because their prompt is in the seed or eval set
+  left_out: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def check_model(config) -> Any:
@@ -65,8 +67,13 @@ def _keyed(key: str, source: str, load):
 
 
 def check_data(config) -> DataSummary:
-  """Loads and validates every data source (no tokenisation) and sizes the seed/pool split."""
-  from ssapo_jax.data import load_preferences, load_prompts, split_rows
+  """Loads and validates every data source (no tokenisation) and sizes the seed/pool split.
+
+  Sizes follow `pipeline.runtime.prepare_data`: the eval prompts are left out of the pairs, and
+  the seed and eval prompts out of ``data.prompt_source``, so that each prompt is in one of
+  seed, pools and held-out set (with ``farthest_point`` the sizes are those of a random seed).
+  """
+  from ssapo_jax.data import exclude_prompts, load_preferences, load_prompts, split_rows
   d = config.data
   opts = dict(split=d.split, data_dir=d.data_dir, prompt_column=d.prompt_column, policy=d.policy,
               verbose=False)
@@ -74,23 +81,29 @@ def check_data(config) -> DataSummary:
       d.source, format=d.format, chosen_column=d.chosen_column,
       rejected_column=d.rejected_column, **opts))
   reports = {"data.source": pairs.report}
+  left_out = {}
+  evals = []
+  if d.eval_source is not None:
+    loaded = _keyed("data.eval_source", d.eval_source, lambda: load_prompts(d.eval_source, **opts))
+    reports["data.eval_source"] = loaded.report
+    evals = list(loaded)[:config.rounds.num_eval_prompts]
+    pairs, left_out["data.source"] = exclude_prompts(pairs, evals)
   prompts = None
   if d.prompt_source is not None:
     prompts = _keyed("data.prompt_source", d.prompt_source,
                      lambda: load_prompts(d.prompt_source, **opts))
     reports["data.prompt_source"] = prompts.report
-  evals = None
-  if d.eval_source is not None:
-    evals = _keyed("data.eval_source", d.eval_source, lambda: load_prompts(d.eval_source, **opts))
-    reports["data.eval_source"] = evals.report
   try:
     if prompts is None:
       manifest = split_rows(len(pairs), seed_size=d.seed_size, pool_sizes=d.pool_sizes,
                             seed=d.split_seed)
       seed = len(manifest.seed_rows)
     else:
+      seed_rows = split_rows(len(pairs), seed_size=d.seed_size, seed=d.split_seed).seed_rows
+      seed = len(seed_rows)
+      prompts, left_out["data.prompt_source"] = exclude_prompts(
+          prompts, [pairs[i] for i in seed_rows], evals)
       manifest = split_rows(len(prompts), seed_size=0, pool_sizes=d.pool_sizes, seed=d.split_seed)
-      seed = len(split_rows(len(pairs), seed_size=d.seed_size, seed=d.split_seed).seed_rows)
   except ValueError as e:
     raise DataError(f"data.seed_size/data.pool_sizes do not fit the data: {e}") from None
   pools = [len(rows) for rows in manifest.pool_rows][:config.rounds.num_rounds]
@@ -99,18 +112,33 @@ def check_data(config) -> DataSummary:
   for t, n in enumerate(pools):
     if n == 0:
       raise DataError(f"data.pool_sizes[{t}] gives round {t + 1} no prompts")
-  available = len(evals) if evals is not None else len(manifest.rest_rows)
-  return DataSummary(reports, seed, pools, min(available, config.rounds.num_eval_prompts))
+  available = len(evals) if d.eval_source is not None else len(manifest.rest_rows)
+  return DataSummary(reports, seed, pools, min(available, config.rounds.num_eval_prompts),
+                     {k: v for k, v in left_out.items() if v})
 
 
-def check_output_dir(config, *, allow_config_change: bool = False):
-  """Writable, not locked by a live run, and either new or holding this config (or allowed).
+def check_lock(config, *, force_unlock: bool = False) -> str | None:
+  """Whether the run may take the output directory's lock (`runlock.check_owner`'s rule).
+
+  Returns what taking it over will say (a stale lock; another host's with ``force_unlock``),
+  or None when there is no lock.
+
+  Raises:
+    RunLockedError: a live run on this host holds it, or another host does without
+      ``force_unlock``.
+  """
+  from ssapo_jax.runlock import check_owner, read_owner
+  return check_owner(config.output_dir, read_owner(config.output_dir), force=force_unlock)
+
+
+def check_output_dir(config, *, allow_config_change: bool = False, force_unlock: bool = False):
+  """Writable, not locked by a live run (see `check_lock`), and either new or holding this
+  config (or allowed).
 
   Returns the `runrecord.ConfigVersion` the run will record.
   """
   from ssapo_jax import config as cfg_lib
   from ssapo_jax.rundir import is_remote
-  from ssapo_jax.runlock import RunLockedError, locked_message, read_owner
   from ssapo_jax.runrecord import check_config
   out = config.output_dir
   if out.startswith("gs://"):
@@ -123,12 +151,14 @@ def check_output_dir(config, *, allow_config_change: bool = False):
     existing = os.path.abspath(out)
     while not os.path.exists(existing):
       existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-      raise RunDirError(f"output_dir={out!r} is not writable ({existing} is not a writable "
-                        "directory)")
-  owner = read_owner(out)
-  if owner is not None and owner.pid != os.getpid() and owner.is_alive():
-    raise RunLockedError(locked_message(out, owner))
+    if not os.path.isdir(existing):
+      where = ("is a file" if existing == os.path.abspath(out)
+               else f"cannot be created: {existing} is a file")
+      raise RunDirError(f"output_dir={out!r} {where}, not a directory; choose a directory path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+      raise RunDirError(f"output_dir={out!r} is not writable: no write permission on "
+                        f"directory {existing}")
+  check_lock(config, force_unlock=force_unlock)
   return check_config(cfg_lib.to_dict(config), out, allow_change=allow_config_change)
 
 
@@ -144,11 +174,12 @@ def check_mesh(config):
   return mesh
 
 
-def check_inputs(config, *, allow_config_change: bool = False):
+def check_inputs(config, *, allow_config_change: bool = False, force_unlock: bool = False):
   """Everything a run reads, checked before it writes: ``(tokenizer, DataSummary, ConfigVersion)``."""
   tokenizer = check_model(config)
   data = check_data(config)
-  version = check_output_dir(config, allow_config_change=allow_config_change)
+  version = check_output_dir(config, allow_config_change=allow_config_change,
+                             force_unlock=force_unlock)
   return tokenizer, data, version
 
 
@@ -159,6 +190,9 @@ def plan_lines(config, data: DataSummary, mesh) -> list[str]:
     skipped = ", ".join(f"{k}={v}" for k, v in sorted(report.skipped.items())) or "none"
     lines.append(f"{key} {report.source}: {report.num_rows} rows, {report.num_kept} kept, "
                  f"skipped {sum(report.skipped.values())} ({skipped})")
+    if data.left_out.get(key):
+      lines.append(f"{key}: {data.left_out[key]} more left out: their prompt is in the "
+                   "labelled seed or the eval prompts")
   m = dict(mesh.shape)
   lines.append(f"mesh: {mesh.devices.size} devices as data={m['data']} fsdp={m['fsdp']} "
                f"tensor={m['tensor']}")
@@ -183,6 +217,8 @@ def plan_lines(config, data: DataSummary, mesh) -> list[str]:
       lines.append(f"round {t}: {prompts} prompts x {s.num_samples} samples, at most {pairs} "
                    f"pairs, {epochs} epoch(s), at most {steps} steps")
     total += steps
-  lines.append(f"total: at most {total} optimizer steps; {data.eval_prompts} eval prompts per "
-               f"round; output in {config.output_dir}")
+  ends = r.num_rounds + 1  # run.py: each round's end checkpoint takes a global step of its own
+  lines.append(f"total: at most {total} optimizer steps, so at most global step {total + ends} "
+               f"(the {ends} round-end checkpoints take one global step each); "
+               f"{data.eval_prompts} eval prompts per round; output in {config.output_dir}")
   return lines

@@ -178,10 +178,12 @@ class PhaseClock:
 
   def report(self, logger, step: int, phase: str, round_index: int, *, chips: int,
              new_tokens: int | None = None, padding_fraction: float | None = None,
-             pairs: int | None = None) -> dict[str, float]:
+             pairs: int | None = None, sequences: int | None = None) -> dict[str, float]:
     """Logs ``wall_seconds`` and, where given, ``new_tokens``/``tokens_per_second_per_chip``,
-    ``pairs``/``pairs_per_second`` (pairs scored, or trained) and ``padding_fraction``; prints
-    the summary line on process 0. Returns the metrics."""
+    ``pairs``/``pairs_per_second`` (preference pairs handled, or trained),
+    ``sequences``/``sequences_per_second`` (prompt + response sequences scored, each under
+    each model) and ``padding_fraction``; prints the summary line on process 0. Returns the
+    metrics."""
     seconds = time.perf_counter() - self.start
     metrics: dict[str, float] = {"wall_seconds": seconds}
     line = [f"round {round_index} {phase}: {seconds:.1f} s"]
@@ -192,6 +194,10 @@ class PhaseClock:
     if pairs is not None:
       metrics.update(pairs=pairs, pairs_per_second=pairs / max(seconds, 1e-9))
       line.append(f"{pairs:,} pairs, {metrics['pairs_per_second']:,.1f} pairs/s")
+    if sequences is not None:
+      metrics.update(sequences=sequences, sequences_per_second=sequences / max(seconds, 1e-9))
+      line.append(f"{sequences:,} sequences scored, "
+                  f"{metrics['sequences_per_second']:,.1f} sequences/s")
     if padding_fraction is not None:
       metrics["padding_fraction"] = padding_fraction
       line.append(f"padding {padding_fraction:.1%}")

@@ -82,7 +82,8 @@ def generate(rt: Runtime, t: int, policy: CausalLM, *, step: int = 0) -> dict[st
   def compute():
     clock = hosts.PhaseClock()
     s = rt.config.sampling
-    gen, stats = _sample_all(rt, policy, rt.prompt_ids(rt.data.pools[t - 1]),
+    gen, stats = _sample_all(rt, policy, rt.prompt_ids(rt.data.pools[t - 1],
+                                                       report=f"round {t} prompts"),
                              rt.config.key("generate", t), temperature=s.temperature,
                              num_samples=s.num_samples, desc=f"round {t}: generate")
     clock.report(rt.logger, step, "generate", t, chips=rt.mesh.devices.size,
@@ -132,9 +133,9 @@ def _annotate(rt: Runtime, t: int, policy: CausalLM, gen: dict[str, np.ndarray],
                                "annotation_reference": cfg.rounds.annotation_reference},
         settings={"sampling": dataclasses.asdict(cfg.sampling)},
         counts={"prompts": len(prompts), "usable_pairs": int(usable.size)})
-  # Pairs scored: every (prompt, response) under the policy and the judge.
+  # Sequences scored: every (prompt, response) under the policy and the judge.
   clock.report(rt.logger, step, "annotate", t, chips=rt.mesh.devices.size,
-               pairs=2 * len(responses))
+               sequences=2 * len(responses))
   return result
 
 
@@ -146,7 +147,8 @@ def round_pairs(rt: Runtime, t: int):
   if t == 0:
     cache_dir = d.cache_dir if d.cache_dir is not None else os.path.join(rt.workdir, "cache")
     return tokenize_pairs(rt.data.seed_pairs, rt.tokenizer, system_message=d.system_message,
-                          cache_dir=cache_dir, **opts)
+                          cache_dir=cache_dir, source="round 0 labelled seed",
+                          **{**opts, "verbose": True})  # its truncation counts, in run.log
   gen = hosts.read_npz(os.path.join(rt.round_dir(t), "generations.npz"))
   ann = hosts.read_npz(os.path.join(rt.round_dir(t), "annotation.npz"))
   prompt_ids = rt.prompt_ids(rt.data.pools[t - 1])
@@ -222,7 +224,9 @@ def train_set(rt: Runtime, t: int, policy: CausalLM, reference: CausalLM, *, ste
                round_index=t, settings={"dro": dataclasses.asdict(rt.config.dro),
                                         "accumulate": rt.config.rounds.accumulate},
                counts={"pairs": n})
-  clock.report(rt.logger, step, "follower", t, chips=rt.mesh.devices.size, pairs=scored * n)
+  # The round's n pairs; each pair's chosen and rejected sequence under each scoring model.
+  clock.report(rt.logger, step, "follower", t, chips=rt.mesh.devices.size, pairs=n,
+               sequences=2 * scored * n)
   return dataset, judge_logps
 
 
@@ -233,7 +237,8 @@ def evaluate(rt: Runtime, t: int, policy: CausalLM, *, step: int = 0) -> None:
   if not rt.data.eval_prompts or hosts.broadcast_json(hosts.is_process0() and os.path.exists(path)):
     return
   clock = hosts.PhaseClock()
-  gen, stats = _sample_all(rt, policy, rt.prompt_ids(rt.data.eval_prompts),
+  gen, stats = _sample_all(rt, policy, rt.prompt_ids(rt.data.eval_prompts,
+                                                     report=f"round {t} eval prompts"),
                            rt.config.key("evaluate", t), temperature=0.0, num_samples=1,
                            desc=f"round {t}: evaluate")
   texts = decode(rt.tokenizer, gen["tokens"], gen["mask"])

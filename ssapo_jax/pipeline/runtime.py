@@ -13,15 +13,16 @@ from flax import nnx
 
 from ssapo_jax import sharding as shd
 from ssapo_jax.checkpoint import Checkpointer, NoCheckpoints
-from ssapo_jax.data import (PromptRecord, last_token_embeddings, left_pad, load_preferences,
-                            load_prompts, save_manifest, select_rows, split_rows, tokenize_prompts)
+from ssapo_jax.data import (PromptRecord, exclude_prompts, last_token_embeddings, left_pad,
+                            load_preferences, load_prompts, save_manifest, select_rows,
+                            split_rows, tokenize_prompts)
 from ssapo_jax.data.tokenize import fixed_size_batches
 from ssapo_jax.experiment import ExperimentConfig
 from ssapo_jax.metrics import MetricsLogger
 from ssapo_jax.models import CausalLM, load_hf
 from ssapo_jax.models.tokenizer import load_tokenizer
 from ssapo_jax.rundir import RunDir
-from ssapo_jax.runrecord import progress
+from ssapo_jax.runrecord import message, progress
 from ssapo_jax.train import DTYPES, Scorer, scoring_batch_size
 
 
@@ -78,11 +79,13 @@ class Runtime:
   def round_dir(self, t: int) -> str:
     return self.rundir.round_dir(t)
 
-  def prompt_ids(self, prompts) -> list[list[int]]:
-    """Chat-templated, truncated prompt token ids (unpadded)."""
+  def prompt_ids(self, prompts, *, report: str | None = None) -> list[list[int]]:
+    """Chat-templated, truncated prompt token ids (unpadded); ``report`` names the prompts in
+    the truncation count it then logs."""
     d = self.config.data
     return tokenize_prompts(prompts, self.tokenizer, max_prompt_length=d.max_prompt_length,
-                            truncation_mode=d.truncation_mode, system_message=d.system_message)
+                            truncation_mode=d.truncation_mode, system_message=d.system_message,
+                            report=report)
 
   def policy(self, t: int) -> CausalLM:
     """π_t: trained in this process, else its export from round t (π_{-1} = the SFT model)."""
@@ -156,6 +159,12 @@ def prepare_data(config: ExperimentConfig, workdir: str, *, sft: CausalLM, token
                    policy=d.policy)
   pairs = load_preferences(d.source, format=d.format, chosen_column=d.chosen_column,
                            rejected_column=d.rejected_column, **load_opts)
+  held_out = []  # each prompt in one of seed, pools and held-out set (`exclude_prompts`)
+  if d.eval_source is not None:
+    held_out = list(load_prompts(d.eval_source, **load_opts))[:config.rounds.num_eval_prompts]
+    pairs, left = exclude_prompts(pairs, held_out)
+    if left:
+      message(f"data.source: left out {left} pairs whose prompt is in data.eval_source")
   embeddings = None
   if d.seed_method == "farthest_point":
     embeddings = prompt_embeddings(sft, tokenizer, [p.prompt for p in pairs], config, mesh)
@@ -168,17 +177,20 @@ def prepare_data(config: ExperimentConfig, workdir: str, *, sft: CausalLM, token
     seed_rows = manifest.seed_rows
   else:
     prompts = load_prompts(d.prompt_source, **load_opts)
+    seed_rows = split_rows([p.row for p in pairs], source=d.source, **split).seed_rows
+    prompts, left = exclude_prompts(prompts, select_rows(pairs, seed_rows), held_out)
+    if left:
+      message(f"data.prompt_source: left out {left} prompts already in the labelled seed or "
+              "data.eval_source")
     manifest = split_rows([p.row for p in prompts], seed_size=0, pool_sizes=d.pool_sizes,
                           seed=d.split_seed, source=d.prompt_source)
-    seed_rows = split_rows([p.row for p in pairs], source=d.source, **split).seed_rows
     manifest = dataclasses.replace(manifest, seed_rows=seed_rows)
   seed = select_rows(pairs, seed_rows)
   pools = [select_rows(prompts, rows) for rows in manifest.pool_rows]
   if d.eval_source is not None:
-    eval_prompts = list(load_prompts(d.eval_source, **load_opts))
+    eval_prompts = held_out
   else:
-    eval_prompts = select_rows(prompts, manifest.rest_rows)
-  eval_prompts = eval_prompts[:config.rounds.num_eval_prompts]
+    eval_prompts = select_rows(prompts, manifest.rest_rows)[:config.rounds.num_eval_prompts]
   if jax.process_index() == 0:
     save_manifest(manifest, os.path.join(workdir, "split_manifest.json"))
   if not seed:
