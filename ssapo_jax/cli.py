@@ -212,5 +212,5 @@ def _run_complete(config) -> bool:
     return False
   from ssapo_jax.pipeline.run import resume_point
   with Checkpointer(directory, config=config.checkpoint) as ckpt:
-    first_round, _, _ = resume_point(ckpt)
-  return first_round > config.rounds.num_rounds
+    start = resume_point(ckpt)
+  return start.round > config.rounds.num_rounds

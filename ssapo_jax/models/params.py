@@ -179,13 +179,13 @@ def check_hf_dir(path: str | os.PathLike) -> dict:
         shapes[name] = tuple(f.get_slice(name).get_shape())
   # The tensors config.json implies (shapes only: nnx.eval_shape allocates nothing).
   try:
-    llama_config = LlamaConfig.from_hf(config)
+    model_config = family_for(config["model_type"]).config_cls.from_hf(config)
   except (KeyError, ValueError, TypeError) as e:
     raise CheckpointError(f"{os.path.join(path, 'config.json')}: not a usable model config "
                           f"({type(e).__name__}: {e})") from None
-  flat = _flat_params(nnx.eval_shape(lambda: Llama(llama_config, rngs=nnx.Rngs(0))))
-  mapping = tensor_mapping(llama_config, flat)
-  _check_names(path, llama_config, mapping, files)
+  flat = _flat_params(build_model(model_config, abstract=True))
+  mapping = tensor_mapping(model_config, flat)
+  _check_names(path, model_config, mapping, files)
   bad_shapes = [f"{name}: expected {expected}, found {shapes[name]}"
                 for name, expected in _expected_hf_shapes(mapping, flat).items()
                 if name in shapes and shapes[name] != expected]
@@ -203,7 +203,7 @@ def _expected_hf_shapes(mapping, flat) -> dict[str, tuple[int, ...]]:
   return out
 
 
-def _check_names(path, config: LlamaConfig, mapping, files) -> dict[str, str]:
+def _check_names(path, config, mapping, files) -> dict[str, str]:
   """Every tensor the config needs is in the files and no file holds one we cannot place;
   returns tensor name -> file. Raises `CheckpointError` listing the differences."""
   extra = []
