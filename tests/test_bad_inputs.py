@@ -169,6 +169,9 @@ CASES = [
     Case("unreadable_data_dir", lambda e: [TINY, *e.inputs(f"data.source={e.tmp / 'odd'}")],
          3, ("data.source", "not a dataset directory"),
          setup=lambda e: ((e.tmp / "odd").mkdir(), (e.tmp / "odd" / "x.bin").write_bytes(b"\0"))),
+    Case("data_source_not_a_path_nor_a_name",  # refused by the hub client before any network
+         lambda e: [TINY, *e.inputs("data.source=no such dataset")], 3,
+         ("data.source", "could not load it as a dataset name"), absent=("Traceback",)),
     Case("bad_row_is_0_based", lambda e: [TINY, *e.inputs(_jsonl(e, [_row(0), _row(1),
                                                                          {"prompt": "w1"}]))],
          3, ("row 2 (0-based)", "'chosen'", "missing_field")),

@@ -172,7 +172,12 @@ def read_rows(source: str | os.PathLike, *, split: str = "train", data_dir: str 
         raise V.DataValidationError(source, None, None, V.INVALID_UTF8,
                                     f"byte offset {e.start}") from None
       raise ValueError(f"{source}: could not be read as {_EXT_BUILDERS[ext]}: {e}") from e
-  ds = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
+  try:
+    ds = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
+  except Exception as e:  # noqa: BLE001 - not on the hub or in its cache, offline, bad name...
+    raise DataError(f"{source}: no such file or directory, and `datasets` could not load it as "
+                    f"a dataset name ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+                    ) from None
   return source, _dataset_rows(ds), list(ds.column_names)
 
 
