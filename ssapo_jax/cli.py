@@ -147,13 +147,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0
   _quiet_libraries(args.verbose)
   from ssapo_jax import preflight
-  _, data, version = preflight.check_inputs(config, allow_config_change=args.allow_config_change,
-                                            force_unlock=args.force_unlock)
+  checked = preflight.check_inputs(config, allow_config_change=args.allow_config_change,
+                                   force_unlock=args.force_unlock)
+  data, version = checked.data, checked.version
 
   from ssapo_jax.sharding import initialize_distributed
   initialize_distributed(config.mesh)  # before any other JAX call touches the devices
   import jax
-  mesh = preflight.check_mesh(config)
+  mesh = checked.mesh = preflight.check_mesh(config)
   resume = decide_resume(args.resume, config.output_dir)
   if args.check:
     for line in preflight.plan_lines(config, data, mesh):
@@ -189,7 +190,7 @@ def _run(args: argparse.Namespace) -> int:
       change = {"config_version": version.version, "config_file": name,
                 "changed": "; ".join(version.changes)}
     try:
-      pipeline.run(config, resume=resume, config_change=change)
+      pipeline.run(config, resume=resume, config_change=change, preflight=checked)
     except KeyboardInterrupt:
       where = runrecord.position()
       runrecord.message(f"interrupted at {where or 'start-up'}; {RESUME_HINT}")

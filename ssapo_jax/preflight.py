@@ -66,23 +66,53 @@ def _keyed(key: str, source: str, load):
     raise DataError(f"{key}={source!r}: {e}") from None
 
 
-def check_data(config) -> DataSummary:
-  """Loads and validates every data source (no tokenisation) and sizes the seed/pool split.
+@dataclasses.dataclass
+class Sources:
+  """A run's validated records, loaded once (by the pre-run checks, reused by the run).
 
-  Sizes follow `pipeline.runtime.prepare_data`: the eval prompts are left out of the pairs, and
-  the seed and eval prompts out of ``data.prompt_source``, so that each prompt is in one of
-  seed, pools and held-out set (with ``farthest_point`` the sizes are those of a random seed).
+  Attributes:
+    pairs: ``data.source``'s preference records, without those whose prompt is held out.
+    prompts: ``data.prompt_source``'s prompt records, or None (the pools come from ``pairs``).
+    evals: the held-out prompts of ``data.eval_source`` (at most ``rounds.num_eval_prompts``),
+      or None (they come from the rows the split leaves over).
+    reports: config key -> `ValidationReport` of each source.
+    left_out: config key -> records left out because their prompt is held out.
   """
-  from ssapo_jax.data import exclude_prompts, load_preferences, load_prompts, split_rows
+
+  pairs: list
+  prompts: list | None
+  evals: list | None
+  reports: dict[str, Any]
+  left_out: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class DataSplit:
+  """The run's one seed/pool split (`split_data`)."""
+
+  seed_pairs: list  # the labelled seed's PreferencePair records
+  pools: list  # per round t >= 1, the PromptRecord list of pool t
+  eval_prompts: list  # the held-out prompts evaluated each round
+  manifest: Any  # `SplitManifest` of source rows (``split_manifest.json``)
+  left_out: dict[str, int]  # config key -> records left out because their prompt is taken
+
+
+def load_sources(config, *, verbose: bool = False) -> Sources:
+  """Loads and validates every data source (no tokenisation); `DataError` names the key.
+
+  The eval prompts are left out of the pairs, so each prompt is in one of seed, pools and
+  held-out set.
+  """
+  from ssapo_jax.data import exclude_prompts, load_preferences, load_prompts
   d = config.data
   opts = dict(split=d.split, data_dir=d.data_dir, prompt_column=d.prompt_column, policy=d.policy,
-              verbose=False)
+              verbose=verbose)
   pairs = _keyed("data.source", d.source, lambda: load_preferences(
       d.source, format=d.format, chosen_column=d.chosen_column,
       rejected_column=d.rejected_column, **opts))
   reports = {"data.source": pairs.report}
   left_out = {}
-  evals = []
+  evals = None
   if d.eval_source is not None:
     loaded = _keyed("data.eval_source", d.eval_source, lambda: load_prompts(d.eval_source, **opts))
     reports["data.eval_source"] = loaded.report
@@ -93,28 +123,62 @@ def check_data(config) -> DataSummary:
     prompts = _keyed("data.prompt_source", d.prompt_source,
                      lambda: load_prompts(d.prompt_source, **opts))
     reports["data.prompt_source"] = prompts.report
+  return Sources(list(pairs), None if prompts is None else list(prompts), evals, reports,
+                 left_out)
+
+
+def split_data(config, sources: Sources, *, embeddings=None) -> DataSplit:
+  """The run's seed/pool split of ``sources``: the one place it is made (`DataError` when the
+  sizes do not fit the data).
+
+  The labelled seed is ``data.seed_size`` pairs (``random``, or ``farthest_point`` on
+  ``embeddings(pairs) -> [N, D]``; without ``embeddings`` a random seed of the same size); the
+  round pools are the remaining prompts of ``data.source`` (or of ``data.prompt_source``, less
+  the seed's and eval prompts), in the authors' shuffled order.
+  """
+  from ssapo_jax.data import PromptRecord, exclude_prompts, select_rows, split_rows
+  d = config.data
+  pairs, left_out = sources.pairs, dict(sources.left_out)
+  method = d.seed_method if embeddings is not None else "random"
+  split = dict(seed_size=d.seed_size, method=method, seed=d.split_seed,
+               embeddings=None if method == "random" else embeddings(pairs))
   try:
-    if prompts is None:
-      manifest = split_rows(len(pairs), seed_size=d.seed_size, pool_sizes=d.pool_sizes,
-                            seed=d.split_seed)
-      seed = len(manifest.seed_rows)
+    if sources.prompts is None:
+      prompts = [PromptRecord(prompt=p.prompt, row=p.row) for p in pairs]
+      manifest = split_rows([p.row for p in pairs], pool_sizes=d.pool_sizes, source=d.source,
+                            **split)
+      seed_rows = manifest.seed_rows
     else:
-      seed_rows = split_rows(len(pairs), seed_size=d.seed_size, seed=d.split_seed).seed_rows
-      seed = len(seed_rows)
+      seed_rows = split_rows([p.row for p in pairs], source=d.source, **split).seed_rows
       prompts, left_out["data.prompt_source"] = exclude_prompts(
-          prompts, [pairs[i] for i in seed_rows], evals)
-      manifest = split_rows(len(prompts), seed_size=0, pool_sizes=d.pool_sizes, seed=d.split_seed)
+          sources.prompts, select_rows(pairs, seed_rows), sources.evals or [])
+      manifest = split_rows([p.row for p in prompts], seed_size=0, pool_sizes=d.pool_sizes,
+                            seed=d.split_seed, source=d.prompt_source)
+      manifest = dataclasses.replace(manifest, seed_rows=seed_rows)
   except ValueError as e:
     raise DataError(f"data.seed_size/data.pool_sizes do not fit the data: {e}") from None
-  pools = [len(rows) for rows in manifest.pool_rows][:config.rounds.num_rounds]
-  if seed == 0:
+  seed = select_rows(pairs, seed_rows)
+  pools = [select_rows(prompts, rows) for rows in manifest.pool_rows]
+  if not seed:
     raise DataError(f"data.seed_size={d.seed_size} selects no labelled pair from {d.source}")
-  for t, n in enumerate(pools):
-    if n == 0:
+  for t in range(config.rounds.num_rounds):
+    if not pools[t]:
       raise DataError(f"data.pool_sizes[{t}] gives round {t + 1} no prompts")
-  available = len(evals) if d.eval_source is not None else len(manifest.rest_rows)
-  return DataSummary(reports, seed, pools, min(available, config.rounds.num_eval_prompts),
-                     {k: v for k, v in left_out.items() if v})
+  evals = (sources.evals if sources.evals is not None
+           else select_rows(prompts, manifest.rest_rows)[:config.rounds.num_eval_prompts])
+  return DataSplit(seed, pools, evals, manifest, {k: v for k, v in left_out.items() if v})
+
+
+def check_data(config, sources: Sources | None = None) -> DataSummary:
+  """Sizes the seed/pool split of the sources (`load_sources`, `split_data`) for the plan.
+
+  With ``farthest_point`` the sizes are those of a random seed (the same counts).
+  """
+  sources = load_sources(config) if sources is None else sources
+  split = split_data(config, sources)
+  return DataSummary(sources.reports, len(split.seed_pairs),
+                     [len(p) for p in split.pools][:config.rounds.num_rounds],
+                     len(split.eval_prompts), split.left_out)
 
 
 def check_lock(config, *, force_unlock: bool = False) -> str | None:
@@ -174,13 +238,26 @@ def check_mesh(config):
   return mesh
 
 
-def check_inputs(config, *, allow_config_change: bool = False, force_unlock: bool = False):
-  """Everything a run reads, checked before it writes: ``(tokenizer, DataSummary, ConfigVersion)``."""
+@dataclasses.dataclass
+class Preflight:
+  """What the pre-run checks built, for the run to reuse instead of loading it again."""
+
+  tokenizer: Any
+  sources: Sources
+  data: DataSummary
+  version: Any  # the `runrecord.ConfigVersion` the run records
+  mesh: Any = None  # `check_mesh`'s mesh, once the processes have started (`ssapo-train`)
+
+
+def check_inputs(config, *, allow_config_change: bool = False,
+                 force_unlock: bool = False) -> Preflight:
+  """Everything a run reads, checked before it writes (`Preflight`)."""
   tokenizer = check_model(config)
-  data = check_data(config)
+  sources = load_sources(config)
+  data = check_data(config, sources)
   version = check_output_dir(config, allow_config_change=allow_config_change,
                              force_unlock=force_unlock)
-  return tokenizer, data, version
+  return Preflight(tokenizer, sources, data, version)
 
 
 def plan_lines(config, data: DataSummary, mesh) -> list[str]:

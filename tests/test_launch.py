@@ -39,7 +39,7 @@ def fake_rounds(monkeypatch):
   """Stands in for the pipeline's `run` and records how the CLI calls it."""
   calls = []
 
-  def run(config, *, resume, config_change=None):
+  def run(config, *, resume, config_change=None, preflight=None):
     calls.append((config, resume, config_change))
 
   from ssapo_jax.pipeline import run as pipeline

@@ -23,6 +23,7 @@ from ssapo_jax.metrics import MetricsLogger
 from ssapo_jax.pipeline import hosts
 from ssapo_jax.pipeline.round import ROUND_DONE, ResumePoint, run_round
 from ssapo_jax.pipeline.runtime import Runtime
+from ssapo_jax.preflight import Preflight
 from ssapo_jax.rundir import RunDir
 from ssapo_jax.runrecord import message
 
@@ -61,7 +62,8 @@ def _finish_complete_run(config: ExperimentConfig, rundir: RunDir) -> dict:
 
 
 def run(config: ExperimentConfig, *, resume: bool = True,
-        config_change: dict[str, Any] | None = None) -> dict[int, dict[str, Any]]:
+        config_change: dict[str, Any] | None = None,
+        preflight: Preflight | None = None) -> dict[int, dict[str, Any]]:
   """Runs (or resumes) every round of ``config``; returns the per-round summaries.
 
   Writes under ``config.output_dir``: ``split_manifest.json``, ``metrics.jsonl`` and
@@ -73,7 +75,9 @@ def run(config: ExperimentConfig, *, resume: bool = True,
 
   A resumed run whose last round is done returns at once with ``run already complete, nothing
   to do`` and records nothing. ``config_change`` (``config_version``, ``config_file``,
-  ``changed``) is logged to ``metrics.jsonl`` at the step it takes effect.
+  ``changed``) is logged to ``metrics.jsonl`` at the step it takes effect. ``preflight``
+  (`preflight.check_inputs`, as ``ssapo-train`` runs it) gives the tokenizer and the loaded data
+  sources, which the run then does not load again.
   """
   # Every process must run the same resolved config and code (only its process id differs).
   hosts.check_same_run(dump_yaml(dataclasses.replace(
@@ -95,7 +99,7 @@ def run(config: ExperimentConfig, *, resume: bool = True,
     message(f"resuming after round {start.round - 1} (checkpoint step {start.global_step}); "
             f"round {start.round} starts")
   summaries, global_step = {}, start.global_step
-  with Runtime.build(config, rundir, ckpt=ckpt, logger=logger) as rt:
+  with Runtime.build(config, rundir, ckpt=ckpt, logger=logger, preflight=preflight) as rt:
     for t in range(start.round, config.rounds.num_rounds + 1):
       resume_here = start if t == start.round else ResumePoint(t, None, global_step)
       summaries[t], global_step = run_round(rt, t, resume_here)
