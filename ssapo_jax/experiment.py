@@ -35,6 +35,7 @@ from ssapo_jax.checkpoint import CheckpointConfig
 from ssapo_jax.config import check_choices, load_config
 from ssapo_jax.data.config import DataConfig
 from ssapo_jax.dro import DroConfig
+from ssapo_jax.losses import check_atom_scale
 from ssapo_jax.sampling import SamplingConfig
 from ssapo_jax.sharding import MeshConfig
 from ssapo_jax.train.step import TrainConfig
@@ -159,7 +160,11 @@ class ExperimentConfig:
     # scale defaults to β.
     scale = self.train.beta if self.dro.margin_scale is None else self.dro.margin_scale
     object.__setattr__(self, "dro", dataclasses.replace(self.dro, margin_scale=scale))
-    object.__setattr__(self, "train", dataclasses.replace(self.train, robust_space=self.dro.space))
+    object.__setattr__(self, "train", dataclasses.replace(
+        self.train, robust_space=self.dro.space, robust_margin_scale=scale,
+        robust_allow_scale_mismatch=self.dro.allow_scale_mismatch))
+    if self.train.objective == "robust" or self.rounds.num_rounds > 0:
+      check_atom_scale(scale, self.train.beta, allow_scale_mismatch=self.dro.allow_scale_mismatch)
 
   def train_for_round(self, round_index: int) -> TrainConfig:
     """`TrainConfig` of one round: the seed round (0) or a later one, with per-round lr/epochs."""
