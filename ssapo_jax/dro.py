@@ -365,6 +365,9 @@ def _validate(xi, epsilon, slopes, intercepts, support, group_ids, num_groups, v
       raise ValueError("worst_case: pass num_groups when group_ids are traced (under jit)")
     group_ids = jnp.asarray(group_ids, jnp.int32)
   valid = jnp.ones(n, bool) if valid is None else jnp.asarray(valid).astype(bool)
+  # Replicated on an Explicit mesh: the solvers gather by sorted index (see `unsharded_along`).
+  valid, group_ids = unsharded_along(valid), unsharded_along(group_ids)
+  xi = unsharded_along(jnp.asarray(xi))
   lo, hi = jnp.asarray(lo, dtype), jnp.asarray(hi, dtype)
   # Invalid rows sit at lo with no reach (below), so whatever they held cannot leak.
   xi = jnp.where(valid, jnp.asarray(xi, dtype), lo)
@@ -990,7 +993,10 @@ def solve_follower(margins, config: DroConfig, *, valid=None, key: jax.Array | N
                        f"{int(c_v.sum())} valid rows, {int(bad.sum())} non-finite, first at "
                        f"index {int(np.argmax(bad)) if bad.any() else None}")
   valid = jnp.ones(n, bool) if valid is None else jnp.asarray(valid).astype(bool)
-  xi = margins_to_xi(margins, config)
+  # The follower is a small O(N log N) computation with gathers by sorted index, so on an
+  # Explicit mesh it runs replicated (no-op on Auto meshes and off a mesh).
+  valid = unsharded_along(valid)
+  xi = unsharded_along(margins_to_xi(margins, config))
   xi = jnp.where(valid, xi, jnp.zeros((), xi.dtype))
   if config.space == "probability":
     slopes, intercepts = tangent_pieces(config.num_pieces)
