@@ -2,16 +2,19 @@
 
 The pure functions (losses, self-annotation, the follower) import eagerly; the heavier pieces
 (models, data, training, the pipeline) are re-exported lazily so ``import ssapo_jax`` stays light.
+``__all__`` is the public API (``dir(ssapo_jax)`` lists exactly it); everything else lives in
+the submodules (``ssapo_jax.dro.summarize``, ``ssapo_jax.pipeline.run.run``, ...).
 """
 
-import importlib
+import importlib as _importlib
 
 from ssapo_jax.annotate import SelectedPairs, agreement_rate, implicit_reward, select_pairs
 from ssapo_jax.batch import PreferenceBatch, concat_pairs, make_preference_batch, split_pairs
-from ssapo_jax.dro import (DroConfig, WorstCase, chunk_groups, margins_to_xi, quantile_groups,
-                           random_groups, solve_follower, summarize, tangent_pieces,
-                           to_loss_atoms, worst_case)
-from ssapo_jax.losses import LOSS_TYPES, dpo_loss, robust_dpo_loss, sequence_logps
+from ssapo_jax.dro import (DroConfig, WorstCase, chunk_groups, follower_atoms, group_ids_on_device,
+                           margins_to_xi, quantile_groups, random_groups, solve_follower,
+                           tangent_pieces, to_loss_atoms, worst_case)
+from ssapo_jax.losses import (LOSS_TYPES, LossAtoms, check_atoms, dpo_loss, f_divergence_scores,
+                              pair_logps, robust_dpo_loss, sequence_logps)
 
 __version__ = "0.1.0"
 
@@ -19,8 +22,8 @@ __version__ = "0.1.0"
 _LAZY = {
     **dict.fromkeys(("Llama", "LlamaConfig", "load_hf", "save_hf", "logical_axes",
                      "CheckpointError"), "ssapo_jax.models"),
-    **dict.fromkeys(("generate", "decode", "Generation", "SamplingConfig", "Sampler",
-                     "gather_samples"), "ssapo_jax.sampling"),
+    **dict.fromkeys(("generate", "Generation", "SamplingConfig", "Sampler", "gather_samples"),
+                    "ssapo_jax.sampling"),
     **dict.fromkeys(("MeshConfig", "make_mesh", "initialize_distributed", "global_batch",
                      "host_batch_rows", "LOGICAL_AXIS_RULES"), "ssapo_jax.sharding"),
     **dict.fromkeys(("TrainConfig", "TrainState", "create_train_state", "make_train_step",
@@ -35,15 +38,30 @@ _LAZY = {
                      "stream_key"), "ssapo_jax.experiment"),
     **dict.fromkeys(("Checkpointer", "CheckpointConfig"), "ssapo_jax.checkpoint"),
     "MetricsLogger": "ssapo_jax.metrics",
-    "run": "ssapo_jax.pipeline.run",
 }
+
+__all__ = [
+    # Losses.
+    "LOSS_TYPES", "LossAtoms", "check_atoms", "dpo_loss", "f_divergence_scores", "pair_logps",
+    "robust_dpo_loss", "sequence_logps",
+    # Self-annotation.
+    "SelectedPairs", "agreement_rate", "implicit_reward", "select_pairs",
+    # The follower.
+    "DroConfig", "WorstCase", "chunk_groups", "follower_atoms", "group_ids_on_device",
+    "margins_to_xi", "quantile_groups", "random_groups", "solve_follower", "tangent_pieces",
+    "to_loss_atoms", "worst_case",
+    # Preference batches.
+    "PreferenceBatch", "concat_pairs", "make_preference_batch", "split_pairs",
+    # Lazily imported: models, sampling, sharding, training, data, configs, checkpoints.
+    *_LAZY,
+]
 
 
 def __getattr__(name):
   if name in _LAZY:
-    return getattr(importlib.import_module(_LAZY[name]), name)
+    return getattr(_importlib.import_module(_LAZY[name]), name)
   raise AttributeError(f"module 'ssapo_jax' has no attribute {name!r}")
 
 
 def __dir__():
-  return sorted(list(globals()) + list(_LAZY))
+  return sorted(__all__)

@@ -62,6 +62,7 @@ import numpy as np
 
 from ssapo_jax.config import check_choices
 from ssapo_jax.losses import SPACES, LossAtoms, Space, unsharded_along
+from ssapo_jax.fielddocs import document_fields
 
 _OSQP_EQ_SCALE = 10.0  # equality rows weighted 10x (= 100x ADMM step on them, as OSQP does)
 Method = Literal["exact", "osqp"]
@@ -830,6 +831,7 @@ def summarize(worst: WorstCase, xi) -> dict[str, float]:
   }
 
 
+@document_fields
 @dataclasses.dataclass(frozen=True)
 class DroConfig:
   """Follower settings (paper §2, §5; defaults follow the paper's best Mistral run)."""

@@ -39,6 +39,7 @@ from ssapo_jax.losses import check_atom_scale
 from ssapo_jax.sampling import SamplingConfig
 from ssapo_jax.sharding import MeshConfig
 from ssapo_jax.train.step import TrainConfig
+from ssapo_jax.fielddocs import document_fields
 
 # What each named stream draws: sampling of round t, the follower's random groups, the train
 # state's key, the loader's epoch order, and greedy evaluation (which draws nothing today).
@@ -64,6 +65,7 @@ def stream_seed(seed: int, stream: str, round_index: int) -> int:
   return int(np.asarray(bits)) >> 1
 
 
+@document_fields
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The initial (SFT) policy: a local Hugging Face model directory.
@@ -89,6 +91,7 @@ class ModelConfig:
     return self.tokenizer_path or self.path
 
 
+@document_fields
 @dataclasses.dataclass(frozen=True)
 class RoundsConfig:
   """The SSAPO loop: round 0 trains on the seed pairs, rounds 1..num_rounds self-annotate.
@@ -133,6 +136,7 @@ class RoundsConfig:
       raise ValueError(f"rounds.num_eval_prompts must be >= 0, got {self.num_eval_prompts}")
 
 
+@document_fields
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
   """A whole SSAPO run; ``configs/*.yaml`` files have exactly this nesting.

@@ -17,3 +17,17 @@ def test_pure_functions_do_not_import_heavy_dependencies():
   import subprocess
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "False"
+
+
+def test_dir_lists_exactly_the_public_api():
+  """``dir(ssapo_jax)`` is ``__all__`` (no ``importlib``, no submodule names), and every name
+  in it resolves."""
+  assert sorted(dir(ssapo_jax)) == sorted(ssapo_jax.__all__)
+  assert len(set(ssapo_jax.__all__)) == len(ssapo_jax.__all__)
+  for name in ssapo_jax.__all__:
+    assert getattr(ssapo_jax, name) is not None, name
+  for vague in ("importlib", "run", "decode", "summarize", "config"):
+    assert vague not in dir(ssapo_jax)
+  public = [n for n in vars(ssapo_jax) if not n.startswith("_") and n not in ssapo_jax.__all__]
+  # Submodules become attributes once imported; they stay reachable but are not the API.
+  assert all(type(getattr(ssapo_jax, n)).__name__ == "module" for n in public), public

@@ -48,6 +48,7 @@ from ssapo_jax.losses import (BATCH_COUPLED_LOSS_TYPES, LOSS_TYPES, FDivergence,
                               LossType, Space, check_loss_options, dpo_loss, pair_logps,
                               robust_dpo_loss)
 from ssapo_jax.models.llama import RematPolicy
+from ssapo_jax.fielddocs import document_fields
 
 Metrics = dict[str, jax.Array]
 
@@ -60,6 +61,7 @@ OBJECTIVES, SCHEDULES, REFERENCE_MODES = (typing.get_args(t)
                                           for t in (Objective, Schedule, ReferenceMode))
 
 
+@document_fields
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Hyperparameters of the policy update (one SSAPO round's leader step)."""
@@ -79,9 +81,9 @@ class TrainConfig:
   # Robust atoms live on σ(βΔ) (authors' code) or on βΔ. Not a config key: an experiment copies
   # dro.space here, so the leader and the follower cannot disagree.
   robust_space: Space = derived("probability", "dro.space")
-  # The follower's margin scale (its atoms are checked against beta) and whether a difference is
-  # deliberate; copied from dro.margin_scale / dro.allow_scale_mismatch like robust_space.
+  # The follower's margin scale, checked against beta (not a config key: dro.margin_scale).
   robust_margin_scale: float | None = derived(None, "dro.margin_scale")  # None = beta
+  # Accept robust_margin_scale != beta (not a config key: dro.allow_scale_mismatch).
   robust_allow_scale_mismatch: bool = derived(False, "dro.allow_scale_mismatch")
   robust_floor: float = 1e-6  # clamp of the shifted probability in robust_dpo_loss
   learning_rate: float = 5e-7  # peak AdamW learning rate
