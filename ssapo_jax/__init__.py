@@ -59,7 +59,9 @@ __all__ = [
 
 def __getattr__(name):
   if name in _LAZY:
-    return getattr(_importlib.import_module(_LAZY[name]), name)
+    value = getattr(_importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # cached: later look-ups (and pdoc) see a plain attribute
+    return value
   raise AttributeError(f"module 'ssapo_jax' has no attribute {name!r}")
 
 
