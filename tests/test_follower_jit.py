@@ -16,7 +16,7 @@ def _pieces():
   return dro.tangent_pieces(6)
 
 
-@pytest.mark.parametrize("per_atom_cap", [False, True])
+@pytest.mark.parametrize("per_atom_cap", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_invalid_rows_take_no_mass_and_no_budget(per_atom_cap):
   """Padding rows (holding NaN) leave the valid rows' answer exactly as without them."""
   rng = np.random.default_rng(0)
@@ -47,8 +47,11 @@ def test_invalid_rows_take_no_mass_and_no_budget(per_atom_cap):
   assert np.abs(moved(unmasked)[where] - moved(alone)).max() > 1e-3
 
 
-@pytest.mark.parametrize("grouping, space", [("none", "probability"), ("chunks", "probability"),
-                                             ("quantile", "margin"), ("none", "margin")])
+@pytest.mark.parametrize("grouping, space", [
+    ("quantile", "margin"),
+    pytest.param("chunks", "probability", marks=pytest.mark.slow),
+    pytest.param("none", "probability", marks=pytest.mark.slow),
+    pytest.param("none", "margin", marks=pytest.mark.slow)])
 def test_jitted_follower_on_a_padded_batch_equals_eager_on_the_real_rows(grouping, space):
   rng = np.random.default_rng(1)
   n, size = 50, 64
@@ -164,7 +167,8 @@ def test_loss_family_on_an_8_device_mesh(mesh):
     np.testing.assert_allclose(got[name], value, rtol=2e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("grouping", ["none", "quantile", "random"])
+@pytest.mark.parametrize("grouping", [pytest.param("none", marks=pytest.mark.slow),
+                                      pytest.param("quantile", marks=pytest.mark.slow), "random"])
 def test_follower_on_an_8_device_mesh(mesh, grouping):
   n = 64
   margins = np.random.default_rng(6).normal(1, 5, n).astype(np.float32)
