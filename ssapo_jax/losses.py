@@ -686,14 +686,16 @@ class LossAtoms:
     return self
 
 
-def check_atoms(atoms: LossAtoms, batch: int | None = None, *, tol: float = 1e-5) -> None:
+def check_atoms(atoms: LossAtoms, batch: int | None = None, *, valid=None,
+                tol: float = 1e-5) -> None:
   """Raises ``ValueError`` when ``atoms`` are malformed.
 
   Always (shapes and static fields are known under jit): ``weights`` and ``shifts`` are both
   ``[B, K]`` with ``K ≥ 1`` (and ``B = batch`` when given), and ``space`` is one of `SPACES`.
   On concrete arrays (outside jit): weights are finite and ``≥ 0``, every row sums to 1 within
   ``tol``, shifts are finite, and atoms with ``margin_scale=None`` have zero shifts; the message
-  names the first bad row. Under jit these value checks cannot raise; they are emitted as
+  names the first bad row. Rows where ``valid`` (optional ``[B]``) is False are not
+  value-checked (padding may hold anything). Under jit these value checks cannot raise; they are emitted as
   ``checkify.debug_check`` instead, a no-op unless the caller wraps its function with
   ``checkify.checkify(f, errors=checkify.user_checks)``, which then returns them as errors.
   """
@@ -713,8 +715,11 @@ def check_atoms(atoms: LossAtoms, batch: int | None = None, *, tol: float = 1e-5
                                              and atoms.margin_scale > 0):
     raise ValueError(f"atoms.margin_scale must be finite and > 0 or None, got {atoms.margin_scale}")
   w, s = _concrete(atoms.weights), _concrete(atoms.shifts)
-  if w is None or s is None:
-    weights, shifts = jnp.asarray(atoms.weights), jnp.asarray(atoms.shifts)
+  v = np.ones(w_shape[0], bool) if valid is None else _concrete(valid)
+  if w is None or s is None or v is None:
+    rows = (jnp.ones(w_shape[0], bool) if valid is None else jnp.asarray(valid) > 0)[:, None]
+    weights = jnp.where(rows, jnp.asarray(atoms.weights), 1.0 / w_shape[1])
+    shifts = jnp.where(rows, jnp.asarray(atoms.shifts), 0.0)
     total = jnp.sum(weights, axis=1)
     checkify.debug_check(jnp.all(jnp.isfinite(weights) & (weights >= 0)),
                          "atoms.weights must be finite and >= 0")
@@ -725,7 +730,9 @@ def check_atoms(atoms: LossAtoms, batch: int | None = None, *, tol: float = 1e-5
       checkify.debug_check(jnp.all(shifts == 0),
                            "atoms with margin_scale=None must have zero shifts")
     return
-  w, s = w.astype(np.float64), s.astype(np.float64)
+  rows = (np.asarray(v) > 0)[:, None]
+  w = np.where(rows, w.astype(np.float64), 1.0 / w_shape[1])
+  s = np.where(rows, s.astype(np.float64), 0.0)
   bad = ~np.isfinite(w) | (w < 0)
   if bad.any():
     row = int(np.argwhere(bad)[0, 0])
@@ -788,8 +795,8 @@ def robust_dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.A
 
   Rows are kept, weighted and averaged as in `dpo_loss`; the options shared with it
   (``valid``, ``num_real_rows``, ``rpo_alpha`` with ``chosen_lengths``/``chosen_nll``/
-  ``mean_chosen_length``, ``reference_free``) mean the same. Padding rows (``valid`` 0) still
-  need well-formed atoms (`LossAtoms.point`'s row, say); the follower gives them that.
+  ``mean_chosen_length``, ``reference_free``) mean the same. The atoms of padding rows
+  (``valid`` 0) are neither checked nor read.
 
   Checks (`check_atoms`, `check_atom_scale`), all before any array work: the atoms' shapes and
   ``space`` (always, also under jit); their values (outside jit: ``ValueError`` naming the row;
@@ -822,7 +829,7 @@ def robust_dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.A
     raise ValueError("rpo_alpha needs chosen_lengths (response token counts)")
   pc, pr, rc, rr = _as_float(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                              ref_rejected_logps)
-  check_atoms(atoms, pc.shape[0])
+  check_atoms(atoms, pc.shape[0], valid=valid)
   if atoms.space != space:
     raise ValueError(f"atoms were solved in space={atoms.space!r} but the loss uses "
                      f"space={space!r}; the follower and the leader must agree (dro.space)")

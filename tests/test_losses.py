@@ -593,3 +593,16 @@ def test_sequence_logps_rejects_out_of_range_labels():
       logits, labels, mask)
   with pytest.raises(Exception, match="outside the vocabulary"):
     err.throw()
+
+
+def test_padding_rows_atoms_are_not_checked():
+  pc, pr, rc, rr = _random_logps(8, n=3)
+  w = np.array([[0.5, 0.5], [1.0, 0.0], [0.0, 0.0]])  # row 2 is padding, all-zero weights
+  s = np.array([[0.0, 0.1], [0.0, 0.0], [np.nan, 0.0]])
+  valid = np.array([True, True, False])
+  loss, _ = losses.robust_dpo_loss(pc, pr, rc, rr, _atoms(w, s), valid=valid)
+  expected = np_robust(*[a.astype(np.float64) for a in (pc, pr, rc, rr)], w, np.nan_to_num(s),
+                       beta=0.1, space="probability")[:2].sum() / 2
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  with pytest.raises(ValueError, match="row 2"):
+    losses.robust_dpo_loss(pc, pr, rc, rr, _atoms(w, s))
