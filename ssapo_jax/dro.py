@@ -61,8 +61,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssapo_jax.config import check_choices
-from ssapo_jax.losses import SPACES, LossAtoms, Space, unsharded_along
 from ssapo_jax.fielddocs import document_fields
+from ssapo_jax.losses import SPACES, LossAtoms, Space, unsharded_along
 
 _OSQP_EQ_SCALE = 10.0  # equality rows weighted 10x (= 100x ADMM step on them, as OSQP does)
 Method = Literal["exact", "osqp"]

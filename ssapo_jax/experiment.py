@@ -35,11 +35,11 @@ from ssapo_jax.checkpoint import CheckpointConfig
 from ssapo_jax.config import check_choices, load_config
 from ssapo_jax.data.config import DataConfig
 from ssapo_jax.dro import DroConfig
+from ssapo_jax.fielddocs import document_fields
 from ssapo_jax.losses import check_atom_scale
 from ssapo_jax.sampling import SamplingConfig
 from ssapo_jax.sharding import MeshConfig
 from ssapo_jax.train.step import TrainConfig
-from ssapo_jax.fielddocs import document_fields
 
 # What each named stream draws: sampling of round t, the follower's random groups, the train
 # state's key, the loader's epoch order, and greedy evaluation (which draws nothing today).

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from ssapo_jax import sharding as shd
 from ssapo_jax.data.tokenize import left_pad, round_up
-from ssapo_jax.models.llama import Llama, positions_from_mask
 from ssapo_jax.fielddocs import document_fields
+from ssapo_jax.models.llama import Llama, positions_from_mask
 
 
 @document_fields

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
 from ssapo_jax.fielddocs import document_fields
 
 MESH_AXES = ("data", "fsdp", "tensor")

@@ -44,11 +44,11 @@ from ssapo_jax import sharding as shd
 from ssapo_jax.batch import PreferenceBatch, concat_pairs
 from ssapo_jax.config import check_choices, derived
 from ssapo_jax.errors import NonFiniteError  # re-exported
+from ssapo_jax.fielddocs import document_fields
 from ssapo_jax.losses import (BATCH_COUPLED_LOSS_TYPES, LOSS_TYPES, FDivergence, LossAtoms,
                               LossType, Space, check_loss_options, dpo_loss, pair_logps,
                               robust_dpo_loss)
 from ssapo_jax.models.llama import RematPolicy
-from ssapo_jax.fielddocs import document_fields
 
 Metrics = dict[str, jax.Array]
 
