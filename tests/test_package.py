@@ -59,3 +59,19 @@ def test_api_reference_builds_with_every_public_name_documented(tmp_path):
     assert "ssapo_jax.annotate.undocumented" in builder["missing_docstrings"]()
   finally:
     del annotate.undocumented
+
+
+def test_help_shows_every_config_field():
+  """help() of each config section lists every field with its comment from the source."""
+  import dataclasses
+  import pydoc
+  for name in ("DroConfig", "TrainConfig", "DataConfig", "SamplingConfig", "MeshConfig",
+               "CheckpointConfig", "ModelConfig", "RoundsConfig", "ExperimentConfig"):
+    cls = getattr(ssapo_jax, name)
+    text = pydoc.render_doc(cls, renderer=pydoc.plaintext)
+    assert "(undocumented)" not in text, name
+    for field in dataclasses.fields(cls):
+      assert f"  {field.name} (" in text, (name, field.name)
+  text = pydoc.render_doc(ssapo_jax.DroConfig, renderer=pydoc.plaintext)
+  assert "epsilon (default 0.01): radius of the 1-Wasserstein ball" in text
+  assert "allow_scale_mismatch (default False): Let margin_scale differ" in text
