@@ -50,10 +50,12 @@ class PreferenceBatch:
 
   @property
   def batch_size(self) -> int:
+    """Number of pairs ``B``."""
     return self.chosen_ids.shape[0]
 
   @property
   def seq_len(self) -> int:
+    """Padded sequence length ``T``."""
     return self.chosen_ids.shape[1]
 
   @property

@@ -45,6 +45,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ssapo_jax.errors import CheckpointError, NonFiniteError
+from ssapo_jax.fielddocs import document_fields
 
 _STATE = "state"
 _META = "meta"
@@ -52,6 +53,7 @@ _FINGERPRINT = "fingerprint"
 CHECKPOINT_SUBDIR = "checkpoints"  # checkpoints live in <output_dir>/checkpoints
 
 
+@document_fields
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   """When to save and how many checkpoints to keep."""

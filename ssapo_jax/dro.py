@@ -61,7 +61,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssapo_jax.config import check_choices
-from ssapo_jax.losses import SPACES, Space
+from ssapo_jax.fielddocs import document_fields
+from ssapo_jax.losses import SPACES, LossAtoms, Space, unsharded_along
 
 _OSQP_EQ_SCALE = 10.0  # equality rows weighted 10x (= 100x ADMM step on them, as OSQP does)
 Method = Literal["exact", "osqp"]
@@ -191,7 +192,7 @@ def quantile_groups(xi, group_size: int) -> jax.Array:
   if xi.ndim != 1:
     raise ValueError(f"quantile_groups: xi must be [num_points], got shape {xi.shape}")
   _check_group_args(xi.shape[0], group_size)
-  order = jnp.argsort(xi, stable=True)
+  order = jnp.argsort(unsharded_along(xi), stable=True)
   return jnp.zeros(xi.shape[0], jnp.int32).at[order].set(
       jnp.arange(xi.shape[0], dtype=jnp.int32) // group_size)
 
@@ -232,19 +233,39 @@ class WorstCase(NamedTuple):
 
 
 def worst_case(xi, *, epsilon, slopes, intercepts, support, group_ids=None,
-               num_groups: Optional[int] = None, method: str = "exact",
-               per_atom_cap: bool = False, osqp_tol: float = 1e-5,
+               num_groups: Optional[int] = None, valid=None, max_group_size: Optional[int] = None,
+               method: str = "exact", per_atom_cap: bool = False, osqp_tol: float = 1e-5,
                osqp_maxiter: int = 4000, osqp_polish: bool = True) -> WorstCase:
   """Worst-case distribution of the finite program of Thm 3.3, per group.
 
+  Under ``jax.jit``: every method runs traced, with static shapes (``num_pairs``,
+  ``num_pieces``, ``num_groups``, ``max_group_size``) and traced values; pass ``num_groups``
+  (and, for ``per_atom_cap`` or ``"osqp"``, which pad groups to a common width,
+  ``max_group_size``), since they cannot be read off traced ``group_ids``. Value checks
+  (finite, inside the support, ids in range) run only on concrete inputs.
+
+  Differentiable: the solution is piecewise smooth in ``epsilon`` and ``xi`` and ``jax.grad``
+  goes through it (the sorts and the fractional split are differentiable almost everywhere);
+  for the exact method ``d objective / d epsilon`` equals the budget's dual (one group), and
+  ``d objective / d xi_i`` is the slope of the active piece at the point's atoms, divided by
+  ``N`` (tested against finite differences).
+
   Args:
-    xi: ``[num_pairs]`` centres ``xi_i`` inside ``support``.
+    xi: ``[num_pairs]`` centres ``xi_i`` inside ``support`` (valid rows; invalid ones may hold
+      anything, NaN included).
     epsilon: radius ``ε ≥ 0`` of the ball (average transport per point), the same for each group.
     slopes, intercepts: ``[num_pieces]`` pieces ``ℓ_k(z) = a_k z + b_k`` (see `tangent_pieces`).
     support: ``(lo, hi)`` with ``lo ≤ hi``; atoms stay inside.
     group_ids: optional ``[num_pairs]`` ints in ``[0, num_groups)``; None is one group.
     num_groups: number of groups; inferred as ``max(group_ids) + 1`` when the ids are concrete
       (pass it when calling under ``jax.jit``).
+    valid: optional ``[num_pairs]`` bool; invalid rows (padding of a fixed-shape batch) carry
+      no mass in the objective and no budget (a group's budget is ``ε`` times its number of
+      valid rows) and come back as one atom of weight 1 and shift 0, so they leave the valid
+      rows' answer exactly as without them. Default all valid.
+    max_group_size: static bound on a group's number of rows, the padded width of the
+      ``per_atom_cap``/``"osqp"`` paths; needed there when ``group_ids`` are traced (a larger
+      group is then a precondition violation). Default: read from concrete ids.
     method: ``"exact"`` (sorted dual, the default; bisection on λ with the cap) or ``"osqp"``
       (jaxopt `BoxOSQP` on the LP).
     per_atom_cap: add the authors' cap ``|q_ik| ≤ ε`` (needs concrete ``group_ids``).
@@ -262,21 +283,22 @@ def worst_case(xi, *, epsilon, slopes, intercepts, support, group_ids=None,
   """
   if method not in METHODS:
     raise ValueError(f"worst_case: unknown method {method!r}; accepted: {list(METHODS)}")
-  xi, slopes, intercepts, lo, hi, epsilon, group_ids, num_groups = _validate(
-      xi, epsilon, slopes, intercepts, support, group_ids, num_groups)
+  xi, slopes, intercepts, lo, hi, epsilon, group_ids, num_groups, valid = _validate(
+      xi, epsilon, slopes, intercepts, support, group_ids, num_groups, valid)
   if method == "exact" and per_atom_cap:
-    slot, width = _pad_layout(group_ids, num_groups, "per_atom_cap=True")
-    return _solve_bisection(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot,
+    slot, width = _pad_layout(group_ids, num_groups, max_group_size, "per_atom_cap=True")
+    return _solve_bisection(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, valid,
                             num_groups=num_groups, width=width, per_atom_cap=True)
   if method == "exact":
-    return _solve_exact(xi, slopes, intercepts, lo, hi, epsilon, group_ids,
+    return _solve_exact(xi, slopes, intercepts, lo, hi, epsilon, group_ids, valid,
                         num_groups=num_groups)
-  return _solve_osqp(xi, slopes, intercepts, lo, hi, epsilon, group_ids, num_groups=num_groups,
+  return _solve_osqp(xi, slopes, intercepts, lo, hi, epsilon, group_ids, valid,
+                     num_groups=num_groups, max_group_size=max_group_size,
                      per_atom_cap=per_atom_cap, tol=osqp_tol, maxiter=osqp_maxiter,
                      polish=osqp_polish)
 
 
-def _validate(xi, epsilon, slopes, intercepts, support, group_ids, num_groups):
+def _validate(xi, epsilon, slopes, intercepts, support, group_ids, num_groups, valid):
   dtype = _float_dtype()
   if jnp.ndim(xi) != 1:
     raise ValueError(f"worst_case: xi must be [num_pairs], got shape {jnp.shape(xi)}")
@@ -302,8 +324,16 @@ def _validate(xi, epsilon, slopes, intercepts, support, group_ids, num_groups):
     c = _concrete(arr)
     if c is not None and not np.all(np.isfinite(c)):
       raise ValueError(f"worst_case: {name} must be finite, got {c}")
+  n = jnp.shape(xi)[0]
+  if valid is not None and (jnp.shape(valid) != (n,)):
+    raise ValueError(f"worst_case: valid must be [num_pairs] = [{n}], got shape {jnp.shape(valid)}")
+  c_valid = np.ones(n, bool) if valid is None else _concrete(valid)
   c_xi = _concrete(xi)
-  if c_xi is not None:
+  if c_xi is not None and c_valid is not None:
+    c_valid = c_valid.astype(bool)
+    if not c_valid.any():
+      raise ValueError("worst_case: valid has no True row; expected at least one point")
+    c_xi = np.where(c_valid, c_xi, np.nan_to_num(c_xi[c_valid][0]))
     bad = ~np.isfinite(c_xi)
     if bad.any():
       raise ValueError(f"worst_case: xi has {int(bad.sum())} non-finite value(s), first at index "
@@ -315,7 +345,6 @@ def _validate(xi, epsilon, slopes, intercepts, support, group_ids, num_groups):
         i = int(np.argmax(out))
         raise ValueError(f"worst_case: xi must lie in the support [{float(c_lo)}, {float(c_hi)}]; "
                          f"{int(out.sum())} value(s) outside, first xi[{i}] = {c_xi[i]}")
-  n = jnp.shape(xi)[0]
   if group_ids is None:
     if num_groups not in (None, 1):
       raise ValueError(f"worst_case: num_groups={num_groups} given without group_ids")
@@ -336,9 +365,15 @@ def _validate(xi, epsilon, slopes, intercepts, support, group_ids, num_groups):
     elif num_groups is None:
       raise ValueError("worst_case: pass num_groups when group_ids are traced (under jit)")
     group_ids = jnp.asarray(group_ids, jnp.int32)
-  return (jnp.asarray(xi, dtype), jnp.asarray(slopes, dtype), jnp.asarray(intercepts, dtype),
-          jnp.asarray(lo, dtype), jnp.asarray(hi, dtype), jnp.asarray(epsilon, dtype),
-          group_ids, int(num_groups))
+  valid = jnp.ones(n, bool) if valid is None else jnp.asarray(valid).astype(bool)
+  # Replicated on an Explicit mesh: the solvers gather by sorted index (see `unsharded_along`).
+  valid, group_ids = unsharded_along(valid), unsharded_along(group_ids)
+  xi = unsharded_along(jnp.asarray(xi))
+  lo, hi = jnp.asarray(lo, dtype), jnp.asarray(hi, dtype)
+  # Invalid rows sit at lo with no reach (below), so whatever they held cannot leak.
+  xi = jnp.where(valid, jnp.asarray(xi, dtype), lo)
+  return (xi, jnp.asarray(slopes, dtype), jnp.asarray(intercepts, dtype), lo, hi,
+          jnp.asarray(epsilon, dtype), group_ids, int(num_groups), valid)
 
 
 def _segment_exclusive_suffix_sum(values, segment_start):
@@ -360,7 +395,7 @@ def _segment_exclusive_suffix_sum(values, segment_start):
 
 
 @jax.jit(static_argnames=("num_groups",))
-def _solve_exact(xi, slopes, intercepts, lo, hi, epsilon, group_ids, *, num_groups):
+def _solve_exact(xi, slopes, intercepts, lo, hi, epsilon, group_ids, valid, *, num_groups):
   n, num_pieces = xi.shape[0], slopes.shape[0]
   dtype = xi.dtype
   zero = jnp.zeros((), dtype)
@@ -369,7 +404,8 @@ def _solve_exact(xi, slopes, intercepts, lo, hi, epsilon, group_ids, *, num_grou
   loss_xi = jnp.max(piece_xi, axis=1)                           # ℓ̃(xi)
   piece_lo, piece_hi = lo * slopes + intercepts, hi * slopes + intercepts
   k_lo, k_hi = jnp.argmax(piece_lo), jnp.argmax(piece_hi)
-  d_lo, d_hi = xi - lo, hi - xi                                 # transport to each boundary
+  # Transport to each boundary; an invalid row has none, so it has no option but to stay.
+  d_lo, d_hi = jnp.where(valid, xi - lo, zero), jnp.where(valid, hi - xi, zero)
   g_lo = jnp.where(d_lo > 0, jnp.max(piece_lo) - loss_xi, zero)  # gain of moving there
   g_hi = jnp.where(d_hi > 0, jnp.max(piece_hi) - loss_xi, zero)
 
@@ -402,11 +438,12 @@ def _solve_exact(xi, slopes, intercepts, lo, hi, epsilon, group_ids, *, num_grou
   gid = jnp.concatenate([group_ids, group_ids])
   order = jnp.concatenate([jnp.zeros(n, jnp.int32), jnp.ones(n, jnp.int32)])
   idx = jnp.arange(2 * n, dtype=jnp.int32)
-  gid_s, lam_s, _, idx_s = jax.lax.sort((gid, lam, order, idx), num_keys=3)
+  gid_s, lam_s, _, idx_s = jax.lax.sort(
+      tuple(unsharded_along(x) for x in (gid, lam, order, idx)), num_keys=3)
   drop_s = drop[idx_s]
   seg_start = jnp.concatenate([jnp.ones(1, bool), gid_s[1:] != gid_s[:-1]])
   rest = _segment_exclusive_suffix_sum(drop_s, seg_start)  # cost left if this one is applied
-  counts = jax.ops.segment_sum(jnp.ones(n, dtype), group_ids, num_segments=num_groups)
+  counts = jax.ops.segment_sum(valid.astype(dtype), group_ids, num_segments=num_groups)
   budget = (counts * epsilon)[gid_s]
   partial = (rest + drop_s - budget) / jnp.where(drop_s > 0, drop_s, 1)
   applied = jnp.where(drop_s <= 0, zero,
@@ -429,19 +466,22 @@ def _solve_exact(xi, slopes, intercepts, lo, hi, epsilon, group_ids, *, num_grou
   at = lambda k: (jnp.reshape(k, (-1, 1)) == pieces).astype(dtype)  # one-hot over pieces
   s = w_stay[:, None] * at(k_stay) + w_lo[:, None] * at(k_lo) + w_hi[:, None] * at(k_hi)
   q = (w_lo * d_lo)[:, None] * at(k_lo) - (w_hi * d_hi)[:, None] * at(k_hi)
-  return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, dual, num_groups)
+  return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, dual, num_groups,
+                 valid)
 
 
-def _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, dual, num_groups):
-  """Objective, budget and shifts from a feasible ``(s, q)``."""
+def _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, dual, num_groups, valid):
+  """Objective, budget and shifts from a feasible ``(s, q)``; invalid rows count for nothing."""
   dtype = xi.dtype
   shifts = jnp.where(s > 0, q / jnp.where(s > 0, s, 1), 0.0)
   value = jnp.sum(s * (xi[:, None] * slopes + intercepts) - slopes * q, axis=1)  # [N]
+  value = jnp.where(valid, value, 0.0)
+  loss_xi = jnp.where(valid, loss_xi, 0.0)
   safe = jnp.maximum(counts, 1)
   group_obj = jax.ops.segment_sum(value, group_ids, num_segments=num_groups) / safe
   spent = jax.ops.segment_sum(jnp.sum(jnp.abs(q), axis=1), group_ids,
                               num_segments=num_groups) / safe
-  n = jnp.asarray(xi.shape[0], dtype)
+  n = jnp.maximum(jnp.sum(valid), 1).astype(dtype)
   return WorstCase(atom_weights=s, atom_shifts=shifts, objective=jnp.sum(value) / n,
                    dual=dual, group_objectives=group_obj, budget_spent=spent,
                    center_objective=jnp.sum(loss_xi) / n)
@@ -488,12 +528,24 @@ def _point_response(lam, xi, slopes, intercepts, d_lo, d_hi, cap):
   return s, r, jnp.sum(r, axis=1)
 
 
-def _pad_layout(group_ids, num_groups, who):
-  """Slot of each point inside its group and the common group width (concrete ids only)."""
+def _pad_layout(group_ids, num_groups, max_group_size, who):
+  """Slot of each point inside its group and the common group width.
+
+  Concrete ids: computed here, width = the largest group. Traced ids: the slot is a rank
+  computed on device (one stable sort) and the width is the static ``max_group_size``.
+  """
   c_g = _concrete(group_ids)
   if c_g is None:
-    raise ValueError(f"worst_case: {who} needs concrete group_ids (it pads groups to a common "
-                     f"size); call it outside jit")
+    if max_group_size is None:
+      raise ValueError(f"worst_case: {who} pads groups to a common width; with traced "
+                       f"group_ids (under jit) pass max_group_size")
+    n = group_ids.shape[0]
+    order = jnp.argsort(unsharded_along(group_ids), stable=True)
+    sorted_g = group_ids[order]
+    pos = jnp.arange(n, dtype=jnp.int32)
+    first = jax.ops.segment_min(pos, sorted_g, num_segments=num_groups)
+    slot = jnp.zeros(n, jnp.int32).at[order].set(pos - first[sorted_g])
+    return slot, int(min(max_group_size, n))
   n = c_g.shape[0]
   counts_np = np.bincount(c_g, minlength=num_groups)
   order = np.argsort(c_g, kind="stable")
@@ -560,12 +612,12 @@ def _bisect_groups(x_pad, d_lo, d_hi, real, slopes, intercepts, epsilon, cap, co
 
 
 @jax.jit(static_argnames=("num_groups", "width", "per_atom_cap"))
-def _solve_bisection(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, *, num_groups,
-                     width, per_atom_cap, lam_lo=None, lam_hi=None):
+def _solve_bisection(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, valid, *,
+                     num_groups, width, per_atom_cap, lam_lo=None, lam_hi=None):
   """Exact solution by bisection on λ (the capped program, or the plain one as a polish)."""
   dtype = xi.dtype
-  counts = jax.ops.segment_sum(jnp.ones_like(xi), group_ids, num_segments=num_groups)
-  real = _pad(jnp.ones_like(xi, bool), group_ids, slot, num_groups, width, False)
+  counts = jax.ops.segment_sum(valid.astype(dtype), group_ids, num_segments=num_groups)
+  real = _pad(valid, group_ids, slot, num_groups, width, False)
   x_pad = _pad(xi, group_ids, slot, num_groups, width, lo)
   d_lo = jnp.where(real, x_pad - lo, 0.0)
   d_hi = jnp.where(real, hi - x_pad, 0.0)
@@ -575,17 +627,18 @@ def _solve_bisection(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, *
   s, r = s[group_ids, slot], r[group_ids, slot]
   q = -jnp.sign(slopes) * r
   loss_xi = jnp.max(xi[:, None] * slopes + intercepts, axis=1)
-  return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, lam, num_groups)
+  return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, lam, num_groups,
+                 valid)
 
 
 # --------------------------------------------------------------------------------------------
 # Generic path: the LP per group with jaxopt's BoxOSQP.
 
 
-def _solve_osqp(xi, slopes, intercepts, lo, hi, epsilon, group_ids, *, num_groups,
-                per_atom_cap, tol, maxiter, polish):
-  slot, width = _pad_layout(group_ids, num_groups, "method='osqp'")
-  raw = _osqp_core(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot,
+def _solve_osqp(xi, slopes, intercepts, lo, hi, epsilon, group_ids, valid, *, num_groups,
+                max_group_size, per_atom_cap, tol, maxiter, polish):
+  slot, width = _pad_layout(group_ids, num_groups, max_group_size, "method='osqp'")
+  raw = _osqp_core(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, valid,
                    num_groups=num_groups, width=width, per_atom_cap=bool(per_atom_cap),
                    tol=float(tol), maxiter=int(maxiter))
   if not polish:
@@ -595,7 +648,7 @@ def _solve_osqp(xi, slopes, intercepts, lo, hi, epsilon, group_ids, *, num_group
   # OSQP bracket does not hold). The polished point is kept where it is at least as good.
   a_max = jnp.max(jnp.abs(slopes))
   half = 1e-2 * a_max + 10 * tol
-  polished = _solve_bisection(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot,
+  polished = _solve_bisection(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, valid,
                               num_groups=num_groups, width=width,
                               per_atom_cap=bool(per_atom_cap),
                               lam_lo=jnp.maximum(raw.dual - half, 0.0),
@@ -604,21 +657,22 @@ def _solve_osqp(xi, slopes, intercepts, lo, hi, epsilon, group_ids, *, num_group
   keep = better[group_ids][:, None]
   s = jnp.where(keep, polished.atom_weights, raw.atom_weights)
   q = s * jnp.where(keep, polished.atom_shifts, raw.atom_shifts)
-  counts = jax.ops.segment_sum(jnp.ones_like(xi), group_ids, num_segments=num_groups)
+  counts = jax.ops.segment_sum(valid.astype(xi.dtype), group_ids, num_segments=num_groups)
   dual = jnp.where(better, polished.dual, raw.dual)
   loss_xi = jnp.max(xi[:, None] * slopes + intercepts, axis=1)
-  return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, dual, num_groups)
+  return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, dual, num_groups,
+                 valid)
 
 
 @jax.jit(static_argnames=("num_groups", "width", "per_atom_cap", "tol", "maxiter"))
-def _osqp_core(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, *, num_groups, width,
-               per_atom_cap, tol, maxiter):
+def _osqp_core(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, valid, *, num_groups,
+               width, per_atom_cap, tol, maxiter):
   from jaxopt import BoxOSQP  # imported lazily: only this path needs it
 
   dtype = xi.dtype
   num_pieces = slopes.shape[0]
-  counts = jax.ops.segment_sum(jnp.ones_like(xi), group_ids, num_segments=num_groups)
-  real = _pad(jnp.ones_like(xi, bool), group_ids, slot, num_groups, width, False)
+  counts = jax.ops.segment_sum(valid.astype(dtype), group_ids, num_segments=num_groups)
+  real = _pad(valid, group_ids, slot, num_groups, width, False)
   x_pad = _pad(xi, group_ids, slot, num_groups, width, lo)
   # Padded slots get an empty support (reach 0, so nothing moves) and no objective weight.
   d_lo = jnp.where(real, x_pad - lo, 0.0)
@@ -668,9 +722,12 @@ def _osqp_core(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, *, num_
   m, u, reach = m[group_ids, slot], u[group_ids, slot], reach[group_ids, slot]   # [N, K]
   s = jnp.clip(m, 0, None) + jnp.clip(u, 0, None)
   q = -jnp.sign(slopes) * reach * jnp.clip(m, 0, None)
-  s, q = _repair(s, q, xi - lo, hi - xi, epsilon, group_ids, counts, num_groups, per_atom_cap)
+  zero = jnp.zeros((), dtype)
+  s, q = _repair(s, q, jnp.where(valid, xi - lo, zero), jnp.where(valid, hi - xi, zero), epsilon,
+                 group_ids, counts, num_groups, per_atom_cap)
   loss_xi = jnp.max(xi[:, None] * slopes + intercepts, axis=1)
-  return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, lam, num_groups)
+  return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, lam, num_groups,
+                 valid)
 
 
 def _repair(s, q, d_lo, d_hi, epsilon, group_ids, counts, num_groups, per_atom_cap):
@@ -693,15 +750,20 @@ def _repair(s, q, d_lo, d_hi, epsilon, group_ids, counts, num_groups, per_atom_c
 # Glue for the leader, the rounds and logging.
 
 
-def to_loss_atoms(worst: WorstCase, *, num_atoms: Optional[int] = None,
-                  dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
-  """``(atom_weights, atom_shifts)`` in the convention of `losses.robust_dpo_loss`.
+def to_loss_atoms(worst: WorstCase, config: Optional[DroConfig] = None, *,
+                  space: Optional[str] = None, margin_scale: Optional[float] = None,
+                  num_atoms: Optional[int] = None, dtype=jnp.float32) -> LossAtoms:
+  """The `LossAtoms` of `losses.robust_dpo_loss` from a `WorstCase`.
 
-  ``atom_weights = s`` (rows sum to 1) and ``atom_shifts = q / s`` (0 where ``s = 0``), so the
-  leader's atom is ``xi_i − shift``.
+  ``weights = s`` (rows sum to 1) and ``shifts = q / s`` (0 where ``s = 0``), so the leader's
+  atom is ``xi_i − shift``. The atoms carry the space and margin scale they were solved in,
+  from ``config`` or given explicitly (``space``/``margin_scale`` override it).
 
   Args:
     worst: a `WorstCase`.
+    config: the `DroConfig` the worst case was solved with (its ``space``, ``margin_scale``).
+    space: ``"probability"`` or ``"margin"``; default ``config.space`` (else probability).
+    margin_scale: default ``config.margin_scale``; None only for atoms that are all shift 0.
     num_atoms: keep the ``num_atoms`` heaviest atoms of each row, ``[num_pairs, num_atoms]``
       (atoms are not tied to pieces in the loss). Only a lossless reduction is accepted: on
       concrete input a row with mass outside its ``num_atoms`` heaviest atoms raises
@@ -714,7 +776,7 @@ def to_loss_atoms(worst: WorstCase, *, num_atoms: Optional[int] = None,
     dtype: output dtype (float32 for the loss).
 
   Returns:
-    ``(atom_weights [num_pairs, K'], atom_shifts [num_pairs, K'])``.
+    `LossAtoms` with ``weights``/``shifts`` ``[num_pairs, K']``.
   """
   weights, shifts = worst.atom_weights, worst.atom_shifts
   if num_atoms is not None:
@@ -734,7 +796,12 @@ def to_loss_atoms(worst: WorstCase, *, num_atoms: Optional[int] = None,
       shifts = jnp.take_along_axis(shifts, order, axis=1)
       weights = weights / jnp.sum(weights, axis=1, keepdims=True)
   shifts = jnp.where(weights > 0, shifts, 0.0)
-  return weights.astype(dtype), shifts.astype(dtype)
+  if space is None:
+    space = "probability" if config is None else config.space
+  if margin_scale is None and config is not None:
+    margin_scale = config.margin_scale
+  return LossAtoms(weights.astype(dtype), shifts.astype(dtype), space=space,
+                   margin_scale=None if margin_scale is None else float(margin_scale))
 
 
 def summarize(worst: WorstCase, xi) -> dict[str, float]:
@@ -764,6 +831,7 @@ def summarize(worst: WorstCase, xi) -> dict[str, float]:
   }
 
 
+@document_fields
 @dataclasses.dataclass(frozen=True)
 class DroConfig:
   """Follower settings (paper §2, §5; defaults follow the paper's best Mistral run)."""
@@ -784,6 +852,9 @@ class DroConfig:
   window: Optional[tuple[float, float]] = None  # (lo, hi) for window_method="fixed"
   window_tau: float = 1.0  # padding of the "range" window, in xi units
   window_quantile: float = 0.05  # lower quantile level of the "quantile" window
+  # Let margin_scale differ from train.beta on purpose: the follower then solves at σ(scale·m)
+  # while the leader's loss reads σ(β·m) (the authors' Llama-3 run: 0.1 with β = 0.05).
+  allow_scale_mismatch: bool = False
 
   def __post_init__(self):
     check_choices(self, "dro")
@@ -820,44 +891,149 @@ def margins_to_xi(margins, config: DroConfig) -> jax.Array:
   return jax.nn.sigmoid(z) if config.space == "probability" else z
 
 
-def solve_follower(margins, config: DroConfig, *, key: jax.Array) -> WorstCase:
-  """One follower step of a round: margins → xi → pieces, support, groups → `worst_case`.
+def _masked_window(x, valid, config: DroConfig):
+  """`margin_window` of the valid rows of ``x``, on device (traced-safe); ``(lo, hi)`` scalars."""
+  if config.window_method == "fixed":
+    return (jnp.asarray(config.window[0], x.dtype), jnp.asarray(config.window[1], x.dtype))
+  if config.window_method == "range":
+    lo = jnp.min(jnp.where(valid, x, jnp.inf)) - config.window_tau
+    hi = jnp.max(jnp.where(valid, x, -jnp.inf)) + config.window_tau
+    pad = config.window_tau if config.window_tau > 0 else 1.0
+  else:
+    q = jnp.nanquantile(jnp.where(valid, x, jnp.nan),
+                        jnp.asarray([config.window_quantile, 1 - config.window_quantile], x.dtype))
+    lo, hi = q[0], q[1]
+    pad = config.window_tau if config.window_tau > 0 else 1.0
+  degenerate = ~(hi > lo)  # as `margin_window`: widen a single-point window
+  return jnp.where(degenerate, lo - pad, lo), jnp.where(degenerate, hi + pad, hi)
+
+
+def _margin_pieces(lo, hi, num_pieces: int):
+  """`tangent_pieces` in margin space for a traced window ``[lo, hi]``."""
+  if num_pieces == 1:
+    knots = jnp.reshape((lo + hi) / 2, (1,))
+  else:
+    knots = lo + (hi - lo) * jnp.linspace(0.0, 1.0, num_pieces, dtype=lo.dtype)
+  slopes = -jax.nn.sigmoid(-knots)                      # −σ(−t)
+  intercepts = jnp.logaddexp(0.0, -knots) - slopes * knots  # −log σ(t) − a t
+  return slopes, intercepts
+
+
+def group_ids_on_device(xi, valid, config: DroConfig, *, key=None) -> tuple[jax.Array, int]:
+  """``([num_pairs] int32 ids, num_groups)`` of ``config.grouping``, traced-safe.
+
+  The valid rows are ordered (none/chunks: by index; random: a uniform permutation of
+  ``key``; quantile: by ``xi``) and cut into consecutive groups of ``group_size``; invalid rows
+  follow them, so they only fill groups' tails or empty groups. ``num_groups =
+  ceil(num_pairs / group_size)`` is static (1 for ``"none"``); groups past the valid rows are
+  empty (no rows, no budget). With every row valid the ids equal `chunk_groups`,
+  `random_groups` (same key) and `quantile_groups`.
+  """
+  n = xi.shape[0]
+  if config.grouping == "none":
+    return jnp.zeros(n, jnp.int32), 1
+  size = config.group_size
+  invalid = (~valid).astype(jnp.int32)
+  if config.grouping == "random":
+    if key is None:
+      raise ValueError("dro.grouping='random' draws its groups: pass key=")
+    perm = jax.random.permutation(key, n)
+    order = perm[jnp.argsort(unsharded_along(invalid[perm]), stable=True)]
+  elif config.grouping == "chunks":
+    order = jnp.argsort(unsharded_along(invalid), stable=True)
+  else:  # quantile
+    keys = (unsharded_along(invalid), unsharded_along(xi), jnp.arange(n, dtype=jnp.int32))
+    order = jax.lax.sort(keys, num_keys=3)[2]
+  ids = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32) // size)
+  return ids, -(-n // size)
+
+
+def solve_follower(margins, config: DroConfig, *, valid=None, key: jax.Array | None = None
+                   ) -> WorstCase:
+  """One follower step: margins → ξ → pieces, support, groups → `worst_case`.
+
+  Runs eagerly and under ``jax.jit`` alike (``config`` is static: a frozen dataclass, pass it by
+  closure or ``static_argnames``). Everything is computed on device from the arrays: ξ, the
+  margin-space knot window and support (over the valid rows), and the grouping
+  (`group_ids_on_device`), so for a fixed ``num_pairs`` a jitted caller compiles once, whatever
+  the values and the number of valid rows. Pad a varying number of pairs to a fixed size and
+  mark the padding with ``valid``: padding rows get no mass and no budget.
+
+  What needs concrete input, and why: the value checks (finite margins, at least one valid row)
+  raise ``ValueError`` only eagerly, since a traced value cannot raise; under jit they are
+  preconditions. Every method runs under jit (``per_atom_cap`` and ``"osqp"`` pad groups to
+  ``group_size`` rows, a static width).
+
+  Differentiable in ``config.epsilon`` (pass ε traced through `worst_case` to differentiate)
+  and in the margins (through ξ): see `worst_case`.
 
   Args:
-    margins: ``[num_pairs]`` implicit-reward margins ``r_w − r_l`` of this round's pairs.
-    config: a `DroConfig`.
-    key: PRNG key (used by ``grouping="random"``).
+    margins: ``[num_pairs]`` implicit-reward margins ``r_w − r_l``.
+    config: a `DroConfig` with a numeric ``margin_scale``.
+    valid: optional ``[num_pairs]`` bool (default all rows).
+    key: PRNG key, needed only by ``grouping="random"`` (optional otherwise).
 
   Returns:
-    The `WorstCase` over ``xi = margins_to_xi(margins, config)``; feed it to `to_loss_atoms`.
+    The `WorstCase` over ``xi = margins_to_xi(margins, config)``; `to_loss_atoms` turns it into
+    the loss's `LossAtoms` (`follower_atoms` does both).
   """
-  m = np.asarray(margins, np.float64)
-  if m.ndim != 1 or m.size == 0 or not np.all(np.isfinite(m)):
-    raise ValueError(f"solve_follower: margins must be a non-empty finite [num_pairs] array, got "
-                     f"shape {m.shape} with {int(np.sum(~np.isfinite(m)))} non-finite values")
-  xi = margins_to_xi(m, config)
+  if jnp.ndim(margins) != 1 or jnp.shape(margins)[0] == 0:
+    raise ValueError(f"solve_follower: margins must be a non-empty [num_pairs] array, got shape "
+                     f"{jnp.shape(margins)}")
+  n = jnp.shape(margins)[0]
+  if valid is not None and jnp.shape(valid) != (n,):
+    raise ValueError(f"solve_follower: valid must be [num_pairs] = [{n}], got shape "
+                     f"{jnp.shape(valid)}")
+  if config.grouping == "random" and key is None:
+    raise ValueError("solve_follower: dro.grouping='random' draws its groups: pass key=")
+  c_m, c_v = _concrete(margins), (np.ones(n, bool) if valid is None else _concrete(valid))
+  if c_m is not None and c_v is not None:
+    c_v = c_v.astype(bool)
+    bad = ~np.isfinite(np.asarray(c_m, np.float64)) & c_v
+    if bad.any() or not c_v.any():
+      raise ValueError(f"solve_follower: margins must be finite on at least one valid row; got "
+                       f"{int(c_v.sum())} valid rows, {int(bad.sum())} non-finite, first at "
+                       f"index {int(np.argmax(bad)) if bad.any() else None}")
+  valid = jnp.ones(n, bool) if valid is None else jnp.asarray(valid).astype(bool)
+  # The follower is a small O(N log N) computation with gathers by sorted index, so on an
+  # Explicit mesh it runs replicated (no-op on Auto meshes and off a mesh).
+  valid = unsharded_along(valid)
+  xi = unsharded_along(margins_to_xi(margins, config))
+  xi = jnp.where(valid, xi, jnp.zeros((), xi.dtype))
   if config.space == "probability":
     slopes, intercepts = tangent_pieces(config.num_pieces)
     support = (0.0, 1.0)
   else:
-    x = np.asarray(xi, np.float64)
-    if config.window_method == "fixed":
-      window = tuple(float(w) for w in config.window)
-    else:
-      window = margin_window(x, method=config.window_method, tau=config.window_tau,
-                             quantile=config.window_quantile)
-    slopes, intercepts = tangent_pieces(config.num_pieces, space="margin", window=window)
-    # The support is the window widened to hold every point (paper: [a_t, b_t]).
-    support = (min(window[0], float(x.min())), max(window[1], float(x.max())))
-  n = m.size
-  if config.grouping == "none":
-    group_ids = None
-  elif config.grouping == "random":
-    group_ids = random_groups(n, config.group_size, key=key)
-  elif config.grouping == "chunks":
-    group_ids = chunk_groups(n, config.group_size)
-  else:
-    group_ids = quantile_groups(xi, config.group_size)
+    lo, hi = _masked_window(xi, valid, config)
+    slopes, intercepts = _margin_pieces(lo, hi, config.num_pieces)
+    # The support is the window widened to hold every valid point (paper: [a_t, b_t]).
+    support = (jnp.minimum(lo, jnp.min(jnp.where(valid, xi, jnp.inf))),
+               jnp.maximum(hi, jnp.max(jnp.where(valid, xi, -jnp.inf))))
+  group_ids, num_groups = group_ids_on_device(xi, valid, config, key=key)
+  group_size = n if config.grouping == "none" else config.group_size
   return worst_case(xi, epsilon=config.epsilon, slopes=slopes, intercepts=intercepts,
-                    support=support, group_ids=group_ids, method=config.method,
+                    support=support, group_ids=group_ids, num_groups=num_groups, valid=valid,
+                    max_group_size=group_size, method=config.method,
                     per_atom_cap=config.per_atom_cap)
+
+
+def follower_atoms(margins, config: DroConfig, *, valid=None, key: jax.Array | None = None,
+                   num_atoms: Optional[int] = None, dtype=jnp.float32) -> LossAtoms:
+  """The follower for research loops: margins → the leader's `LossAtoms`, jittable.
+
+  ``to_loss_atoms(solve_follower(margins, config, valid=valid, key=key), config=config)``;
+  see `solve_follower` for what runs under jit (all of it, for fixed shapes) and what is checked
+  only eagerly. ``num_atoms`` keeps the heaviest atoms of each row (`to_loss_atoms`). The
+  atoms carry ``config.space`` and ``config.margin_scale``, which `losses.robust_dpo_loss`
+  checks against its own ``space`` and ``beta``. Invalid rows come back as one atom of weight 1
+  and shift 0 (mask them in the loss with ``valid``).
+
+  Example (a fixed batch of 64 slots, any number of them real)::
+
+    @jax.jit
+    def atoms_for(margins, valid, key):
+      return follower_atoms(margins, DroConfig(epsilon=0.01, margin_scale=0.1),
+                            valid=valid, key=key)
+  """
+  worst = solve_follower(margins, config, valid=valid, key=key)
+  return to_loss_atoms(worst, config=config, num_atoms=num_atoms, dtype=dtype)

@@ -35,6 +35,8 @@ from ssapo_jax.checkpoint import CheckpointConfig
 from ssapo_jax.config import check_choices, load_config
 from ssapo_jax.data.config import DataConfig
 from ssapo_jax.dro import DroConfig
+from ssapo_jax.fielddocs import document_fields
+from ssapo_jax.losses import check_atom_scale
 from ssapo_jax.sampling import SamplingConfig
 from ssapo_jax.sharding import MeshConfig
 from ssapo_jax.train.step import TrainConfig
@@ -64,6 +66,7 @@ def stream_seed(seed: int, stream: str, round_index: int) -> int:
   return int(np.asarray(bits)) >> 1
 
 
+@document_fields
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The initial (SFT) policy: a local Hugging Face model directory.
@@ -89,6 +92,7 @@ class ModelConfig:
     return self.tokenizer_path or self.path
 
 
+@document_fields
 @dataclasses.dataclass(frozen=True)
 class RoundsConfig:
   """The SSAPO loop: round 0 trains on the seed pairs, rounds 1..num_rounds self-annotate.
@@ -133,6 +137,7 @@ class RoundsConfig:
       raise ValueError(f"rounds.num_eval_prompts must be >= 0, got {self.num_eval_prompts}")
 
 
+@document_fields
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
   """A whole SSAPO run; ``configs/*.yaml`` files have exactly this nesting.
@@ -161,8 +166,11 @@ class ExperimentConfig:
     scale = self.train.beta if self.dro.margin_scale is None else self.dro.margin_scale
     object.__setattr__(self, "dro", dataclasses.replace(self.dro, margin_scale=scale))
     object.__setattr__(self, "train", dataclasses.replace(
-        self.train, robust_space=self.dro.space,
+        self.train, robust_space=self.dro.space, robust_margin_scale=scale,
+        robust_allow_scale_mismatch=self.dro.allow_scale_mismatch,
         objective="robust" if self.dro.epsilon > 0 else "dpo"))
+    if self.train.objective == "robust" or self.rounds.num_rounds > 0:
+      check_atom_scale(scale, self.train.beta, allow_scale_mismatch=self.dro.allow_scale_mismatch)
 
   def train_for_round(self, round_index: int) -> TrainConfig:
     """`TrainConfig` of one round: the seed round (0) or a later one, with per-round lr/epochs."""

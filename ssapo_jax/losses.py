@@ -19,11 +19,31 @@ import math
 import typing
 from typing import Callable, Literal, NamedTuple, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
+from jax.sharding import PartitionSpec
 
 Metrics = dict[str, jax.Array]
+
+
+def unsharded_along(x: jax.Array, axis: int = 0) -> jax.Array:
+  """``x`` resharded so that ``axis`` is not split over a mesh axis (a no-op otherwise).
+
+  Sorting needs its operand whole along the sorted axis. Under a mesh with
+  ``AxisType.Explicit`` axes the operand's type carries its sharding and ``jnp.sort`` raises
+  ``ShardingTypeError`` on a batch-sharded array, so the sorts here (`aot`, `aot_unpaired`,
+  the follower's breakpoint sort, `quantile_groups`) replicate that axis first; under Auto
+  meshes and outside a mesh the type carries no sharding and XLA's partitioner does it.
+  """
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  if spec is None or len(spec) <= axis or spec[axis] is None:
+    return x
+  new = list(spec)
+  new[axis] = None
+  return jax.sharding.reshard(x, PartitionSpec(*new))
 
 
 def sequence_logps(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array, *,
@@ -33,7 +53,11 @@ def sequence_logps(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array, *
   Args:
     logits: ``[B, T, V]`` (any float dtype, e.g. bf16), already aligned with ``labels``:
       ``logits[:, t]`` scores ``labels[:, t]``.
-    labels: ``[B, T]`` int token ids; values at masked positions are ignored (may be -100).
+    labels: ``[B, T]`` int token ids in ``[0, V)`` where the mask counts; values at masked
+      positions are ignored (may be -100). An out-of-range counted label raises ``ValueError``
+      (naming its row and position) when ``labels`` is concrete; under jit it cannot raise, so
+      it is a precondition there: the row's result is NaN, and ``checkify.checkify`` of the
+      caller with ``errors=checkify.user_checks`` reports it as an error instead.
     loss_mask: ``[B, T]`` 1 where the token counts, 0 elsewhere.
     average: divide by the number of counted tokens (an all-zero mask row gives 0).
 
@@ -45,12 +69,29 @@ def sequence_logps(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array, *
   if logits.ndim != 3 or labels.shape != logits.shape[:2] or loss_mask.shape != labels.shape:
     raise ValueError(f"sequence_logps expects logits [B,T,V] and labels/loss_mask [B,T]; got "
                      f"logits {logits.shape}, labels {labels.shape}, loss_mask {loss_mask.shape}")
+  vocab = logits.shape[-1]
+  concrete = _concrete(labels), _concrete(loss_mask)
+  if concrete[0] is not None and concrete[1] is not None:
+    bad = (concrete[1] > 0) & ((concrete[0] < 0) | (concrete[0] >= vocab))
+    if bad.any():
+      row, pos = (int(i) for i in np.argwhere(bad)[0])
+      raise ValueError(f"sequence_logps: labels[{row}, {pos}] = {int(concrete[0][row, pos])} is "
+                       f"outside the vocabulary [0, {vocab}) at a counted position "
+                       f"({int(bad.sum())} such labels)")
+  else:
+    counted = loss_mask > 0
+    in_range = (labels >= 0) & (labels < vocab)
+    checkify.debug_check(jnp.all(in_range | ~counted),
+                         f"sequence_logps: a counted label is outside the vocabulary [0, {vocab})")
   mask = loss_mask.astype(jnp.float32)
-  safe_labels = jnp.where(loss_mask > 0, labels, 0).astype(jnp.int32)
+  in_vocab = (labels >= 0) & (labels < vocab)
+  safe_labels = jnp.where((loss_mask > 0) & in_vocab, labels, 0).astype(jnp.int32)
   max_logit = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)).astype(jnp.float32)
   sum_exp = jnp.sum(jnp.exp(logits.astype(jnp.float32) - max_logit), axis=-1)
   label_logits = jnp.take_along_axis(logits, safe_labels[..., None], axis=-1)[..., 0]
   token_logps = label_logits.astype(jnp.float32) - max_logit[..., 0] - jnp.log(sum_exp)
+  # An out-of-range counted label (a precondition under jit) makes its row NaN, not a wrong value.
+  token_logps = jnp.where(in_vocab | (loss_mask <= 0), token_logps, jnp.nan)
   total = jnp.sum(token_logps * mask, axis=-1)
   if average:
     return total / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
@@ -128,10 +169,15 @@ def _exo_pair(t: LossTerms) -> jax.Array:
   computes them in float32 whatever the input dtype, so it differs from the formula by
   ~1e-8 relative.
   """
-  eps = t.label_smoothing if t.label_smoothing > 0 else 1e-3
   z = t.beta * (t.chosen_scores - t.rejected_scores)
-  return (jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - math.log1p(-eps))
-          + jax.nn.sigmoid(-z) * (jax.nn.log_sigmoid(-z) - math.log(eps)))
+  if _concrete(t.label_smoothing) is None:  # traced (an array under jit): the same, on device
+    eps = jnp.where(t.label_smoothing > 0, t.label_smoothing, 1e-3).astype(z.dtype)
+    log_keep, log_eps = jnp.log1p(-eps), jnp.log(eps)
+  else:
+    eps = float(t.label_smoothing) if float(t.label_smoothing) > 0 else 1e-3
+    log_keep, log_eps = math.log1p(-eps), math.log(eps)
+  return (jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - log_keep)
+          + jax.nn.sigmoid(-z) * (jax.nn.log_sigmoid(-z) - log_eps))
 
 
 def _bco_pair(t: LossTerms) -> jax.Array:
@@ -172,6 +218,7 @@ def _apo_down(t: LossTerms) -> jax.Array:
 
 def _sorted_into_kept(values: jax.Array, keep: jax.Array) -> jax.Array:
   """Sorts the kept rows' values ascending and writes them back into the kept rows in order."""
+  values, keep = unsharded_along(values), unsharded_along(keep)
   ordered = jnp.sort(jnp.where(keep, values, jnp.inf))
   rank = jnp.clip(jnp.cumsum(keep) - 1, 0, values.shape[0] - 1)
   return jnp.where(keep, ordered[rank], 0)
@@ -265,15 +312,16 @@ def f_divergence_scores(logratios: jax.Array, f_divergence_type: str = "reverse_
                         alpha: float = 0.5) -> jax.Array:
   """f-DPO scores ``f'(π/ref)`` of log-ratios ``[B]`` (Wang et al. 2023, Table 1).
 
-  reverse KL: ``log t``; forward KL: ``1 − 1/t``; Jensen-Shannon: ``log 2 + log σ(log t)``;
-  α-divergence: ``(t^(α−1) − 1)/(α − 1)`` with the exponent clamped at 80, as TRL (reverse KL
-  for ``|α − 1| < 1e-6``).
+  reverse KL: ``log t``; forward KL: ``1 − 1/t`` (the α = 0 case of the α-divergence, with its
+  exponent ``−log t`` clamped at 80 the same way, so a log-ratio of −1e4 stays finite);
+  Jensen-Shannon: ``log 2 + log σ(log t)``; α-divergence: ``(t^(α−1) − 1)/(α − 1)`` with the
+  exponent clamped at 80, as TRL (reverse KL for ``|α − 1| < 1e-6``).
   """
   if f_divergence_type == "reverse_kl" or (f_divergence_type == "alpha_divergence"
                                            and abs(alpha - 1.0) < 1e-6):
     return logratios
   if f_divergence_type == "forward_kl":
-    return 1 - jnp.exp(-logratios)
+    return 1 - jnp.exp(jnp.minimum(-logratios, 80.0))
   if f_divergence_type == "js_divergence":
     return math.log(2) + jax.nn.log_sigmoid(logratios)
   if f_divergence_type == "alpha_divergence":
@@ -383,7 +431,20 @@ def check_loss_options(loss_type: str | Sequence[str] = "sigmoid", *, beta: floa
   if not isinstance(beta, jax.core.Tracer) and not beta > 0:
     raise ValueError(f"beta must be > 0, got {beta}")
   users = [name for name in types if name in _SMOOTHING_RANGES]
-  if label_smoothing != 0 and not users:
+  if _concrete(label_smoothing) is None:
+    # A traced label_smoothing (e.g. swept under jit or vmap) cannot be range-checked here: its
+    # range is a precondition (`dpo_loss`'s docstring); whether a type reads it is static.
+    if not users:
+      raise ValueError(f"label_smoothing is a traced array but loss_type {list(types)} does not "
+                       f"use it; accepted: 0 (it applies to {sorted(_SMOOTHING_RANGES)})")
+    if jnp.ndim(label_smoothing) != 0:
+      raise ValueError(f"label_smoothing must be a scalar, got shape {jnp.shape(label_smoothing)}")
+    users, label_smoothing = [], 0.0  # checked: a user exists; its value is a precondition
+  elif np.ndim(label_smoothing) != 0:
+    raise ValueError(f"label_smoothing must be a scalar, got shape {np.shape(label_smoothing)}")
+  else:
+    label_smoothing = float(label_smoothing)
+  if not users and label_smoothing != 0:
     raise ValueError(f"label_smoothing={label_smoothing} has no effect on loss_type {list(types)}; "
                      f"accepted: 0 (it applies to {sorted(_SMOOTHING_RANGES)})")
   for name in users:
@@ -512,6 +573,8 @@ def dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
     loss_weights: λ_k per loss type; default 1 each.
     label_smoothing: ε for ``sigmoid``/``aot``/``aot_unpaired`` ([0, 0.5]), ``robust``
       ([0, 0.5)) and ``exo_pair`` ([0, 1); 0 means 1e-3); must be 0 when no type uses it.
+      A float or a scalar array: a traced value (under jit, vmap or grad) is accepted when a
+      chosen type uses it, and its range is then a precondition (it cannot be checked there).
     weights: optional ``[B]`` per-pair multipliers (>= 0); a distribution p over N pairs enters
       as ``N * p``. ``aot``/``aot_unpaired`` sort rows, so they accept only weights 0 and 1.
     valid: optional ``[B]`` 1 on real rows, 0 on padding rows; default all real.
@@ -585,10 +648,134 @@ Space = Literal["probability", "margin"]
 SPACES: tuple[str, ...] = typing.get_args(Space)
 
 
+@flax.struct.dataclass
+class LossAtoms:
+  """The follower's worst-case atoms for `robust_dpo_loss`, and the space they were made in.
+
+  A pytree: ``weights`` and ``shifts`` are its leaves (they go through jit, vmap, sharding and
+  optax like any array); ``space`` and ``margin_scale`` are static metadata (part of the tree
+  structure, so a change re-traces instead of being silently ignored).
+
+  Pair ``i`` carries ``K`` atoms ``z_ik = x_i − shifts[i, k]`` of mass ``weights[i, k]``, with
+  ``x_i = σ(margin_scale·m_i)`` (``space="probability"``) or ``margin_scale·m_i``
+  (``space="margin"``) for the pair's implicit-reward margin ``m_i``.
+
+  Attributes:
+    weights: ``[B, K]`` float, non-negative, each row sums to 1 (the follower's ``s_ik``).
+    shifts: ``[B, K]`` float, ``q_ik / s_ik`` (0 where the weight is 0).
+    space: ``"probability"`` or ``"margin"`` (static): where the atoms live.
+    margin_scale: the scale that mapped margins to ``x`` when the atoms were solved (static); the
+      loss reads ``x`` at ``β·m``, so it must equal the loss's ``beta`` unless the caller allows a
+      mismatch. None marks atoms that hold at any scale (every shift 0, e.g. `LossAtoms.point`).
+  """
+
+  weights: jax.Array
+  shifts: jax.Array
+  space: str = flax.struct.field(pytree_node=False, default="probability")
+  margin_scale: float | None = flax.struct.field(pytree_node=False, default=None)
+
+  @classmethod
+  def point(cls, batch: int, *, space: str = "probability", dtype=jnp.float32) -> "LossAtoms":
+    """One atom of weight 1 and shift 0 per row (``[batch, 1]``): plain sigmoid DPO."""
+    return cls(jnp.ones((batch, 1), dtype), jnp.zeros((batch, 1), dtype), space=space,
+               margin_scale=None)
+
+  def check(self, batch: int | None = None) -> "LossAtoms":
+    """Validates the atoms; returns them unchanged (see `check_atoms`)."""
+    check_atoms(self, batch)
+    return self
+
+
+def check_atoms(atoms: LossAtoms, batch: int | None = None, *, valid=None,
+                tol: float = 1e-5) -> None:
+  """Raises ``ValueError`` when ``atoms`` are malformed.
+
+  Always (shapes and static fields are known under jit): ``weights`` and ``shifts`` are both
+  ``[B, K]`` with ``K ≥ 1`` (and ``B = batch`` when given), and ``space`` is one of `SPACES`.
+  On concrete arrays (outside jit): weights are finite and ``≥ 0``, every row sums to 1 within
+  ``tol``, shifts are finite, and atoms with ``margin_scale=None`` have zero shifts; the message
+  names the first bad row. Rows where ``valid`` (optional ``[B]``) is False are not
+  value-checked (padding may hold anything). Under jit these value checks cannot raise; they are emitted as
+  ``checkify.debug_check`` instead, a no-op unless the caller wraps its function with
+  ``checkify.checkify(f, errors=checkify.user_checks)``, which then returns them as errors.
+  """
+  if not isinstance(atoms, LossAtoms):
+    raise TypeError(f"atoms must be a LossAtoms (weights [B, K], shifts [B, K], space, "
+                    f"margin_scale), got {type(atoms).__name__}; wrap raw arrays with "
+                    f"LossAtoms(weights, shifts, space=..., margin_scale=...)")
+  if atoms.space not in SPACES:
+    raise ValueError(f"atoms.space must be one of {list(SPACES)}, got {atoms.space!r}")
+  w_shape, s_shape = jnp.shape(atoms.weights), jnp.shape(atoms.shifts)
+  if len(w_shape) != 2 or w_shape != s_shape or w_shape[1] < 1:
+    raise ValueError(f"atoms.weights {w_shape} and atoms.shifts {s_shape} must both be [B, K] "
+                     f"with K >= 1")
+  if batch is not None and w_shape[0] != batch:
+    raise ValueError(f"atoms have {w_shape[0]} rows; the loss has B = {batch} pairs")
+  if atoms.margin_scale is not None and not (np.isfinite(atoms.margin_scale)
+                                             and atoms.margin_scale > 0):
+    raise ValueError(f"atoms.margin_scale must be finite and > 0 or None, got {atoms.margin_scale}")
+  w, s = _concrete(atoms.weights), _concrete(atoms.shifts)
+  v = np.ones(w_shape[0], bool) if valid is None else _concrete(valid)
+  if w is None or s is None or v is None:
+    rows = (jnp.ones(w_shape[0], bool) if valid is None else jnp.asarray(valid) > 0)[:, None]
+    weights = jnp.where(rows, jnp.asarray(atoms.weights), 1.0 / w_shape[1])
+    shifts = jnp.where(rows, jnp.asarray(atoms.shifts), 0.0)
+    total = jnp.sum(weights, axis=1)
+    checkify.debug_check(jnp.all(jnp.isfinite(weights) & (weights >= 0)),
+                         "atoms.weights must be finite and >= 0")
+    checkify.debug_check(jnp.all(jnp.abs(total - 1) <= tol),
+                         f"atoms.weights rows must sum to 1 within {tol}")
+    checkify.debug_check(jnp.all(jnp.isfinite(shifts)), "atoms.shifts must be finite")
+    if atoms.margin_scale is None:
+      checkify.debug_check(jnp.all(shifts == 0),
+                           "atoms with margin_scale=None must have zero shifts")
+    return
+  rows = (np.asarray(v) > 0)[:, None]
+  w = np.where(rows, w.astype(np.float64), 1.0 / w_shape[1])
+  s = np.where(rows, s.astype(np.float64), 0.0)
+  bad = ~np.isfinite(w) | (w < 0)
+  if bad.any():
+    row = int(np.argwhere(bad)[0, 0])
+    raise ValueError(f"atoms.weights must be finite and >= 0; row {row} is {w[row].tolist()}")
+  total = w.sum(axis=1)
+  bad = np.abs(total - 1) > tol
+  if bad.any():
+    row = int(np.argmax(bad))
+    raise ValueError(f"atoms.weights rows must sum to 1 within {tol}; row {row} sums to "
+                     f"{total[row]!r} ({int(bad.sum())} such rows)")
+  bad = ~np.isfinite(s)
+  if bad.any():
+    raise ValueError(f"atoms.shifts must be finite; row {int(np.argwhere(bad)[0, 0])} is not")
+  if atoms.margin_scale is None and np.any(s != 0):
+    raise ValueError(f"atoms with margin_scale=None hold at any scale only with zero shifts; row "
+                     f"{int(np.argwhere(s != 0)[0, 0])} has a non-zero shift: give the "
+                     f"margin_scale the follower used")
+
+
+def check_atom_scale(margin_scale: float | None, beta, *, allow_scale_mismatch: bool = False,
+                     rtol: float = 1e-6) -> None:
+  """Raises ``ValueError`` when atoms solved at ``margin_scale`` are used by a loss at ``beta``.
+
+  The follower reads each pair at ``x = σ(margin_scale·m)`` (or ``margin_scale·m``) and the loss
+  at ``σ(β·m)``: unless the two scales agree, the worst case was computed at another point than
+  the one the loss shifts. ``allow_scale_mismatch=True`` accepts it on purpose (the authors'
+  Llama-3 run: ``σ(0.1·m)`` in the follower with ``β = 0.05``; see ``dro.allow_scale_mismatch``).
+  ``margin_scale=None`` (scale-free atoms) and a traced ``beta`` are not checked.
+  """
+  if margin_scale is None or allow_scale_mismatch or isinstance(beta, jax.core.Tracer):
+    return
+  if not math.isclose(float(margin_scale), float(beta), rel_tol=rtol):
+    raise ValueError(f"atoms were solved with margin_scale={margin_scale} but the loss uses "
+                     f"beta={beta}; set them equal (dro.margin_scale: null follows train.beta) "
+                     f"or pass allow_scale_mismatch=True (dro.allow_scale_mismatch: true) to "
+                     f"keep the difference on purpose")
+
+
 def robust_dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
                     ref_chosen_logps: jax.Array, ref_rejected_logps: jax.Array,
-                    atom_weights: jax.Array, atom_shifts: jax.Array, *, beta: float = 0.1,
+                    atoms: LossAtoms, *, beta: float = 0.1,
                     space: str = "probability", floor: float = 1e-6,
+                    allow_scale_mismatch: bool = False,
                     weights: jax.Array | None = None, valid: jax.Array | None = None,
                     num_real_rows: jax.Array | int | None = None,
                     chosen_lengths: jax.Array | None = None, chosen_nll: jax.Array | None = None,
@@ -608,15 +795,23 @@ def robust_dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.A
 
   Rows are kept, weighted and averaged as in `dpo_loss`; the options shared with it
   (``valid``, ``num_real_rows``, ``rpo_alpha`` with ``chosen_lengths``/``chosen_nll``/
-  ``mean_chosen_length``, ``reference_free``) mean the same.
+  ``mean_chosen_length``, ``reference_free``) mean the same. The atoms of padding rows
+  (``valid`` 0) are neither checked nor read.
+
+  Checks (`check_atoms`, `check_atom_scale`), all before any array work: the atoms' shapes and
+  ``space`` (always, also under jit); their values (outside jit: ``ValueError`` naming the row;
+  under jit: ``checkify`` checks, see `check_atoms`); ``atoms.space == space``; and
+  ``atoms.margin_scale == beta`` unless ``allow_scale_mismatch``.
 
   Args:
     policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: ``[B]``.
-    atom_weights: ``[B, K]`` non-negative, rows sum to 1 (the follower's ``s_ik``).
-    atom_shifts: ``[B, K]`` (the follower's ``q_ik / s_ik``).
+    atoms: `LossAtoms` with ``weights``/``shifts`` ``[B, K]`` (the follower's answer, e.g.
+      `ssapo_jax.dro.follower_atoms`).
     beta: inverse temperature of the implicit reward (> 0).
-    space: ``"probability"`` or ``"margin"``.
+    space: ``"probability"`` or ``"margin"``; must equal ``atoms.space``.
     floor: lower clamp of the shifted probability (probability space only).
+    allow_scale_mismatch: accept atoms whose ``margin_scale`` differs from ``beta`` (a
+      deliberate choice, as the authors' Llama-3 run; see `check_atom_scale`).
     weights: optional ``[B]`` per-pair multipliers (>= 0), as in `dpo_loss`.
 
   Returns:
@@ -634,9 +829,12 @@ def robust_dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.A
     raise ValueError("rpo_alpha needs chosen_lengths (response token counts)")
   pc, pr, rc, rr = _as_float(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                              ref_rejected_logps)
-  if atom_weights.shape != atom_shifts.shape or atom_weights.shape[:1] != pc.shape:
-    raise ValueError(f"atom_weights {atom_weights.shape} and atom_shifts {atom_shifts.shape} "
-                     f"must both be [B, K] with B = {pc.shape[0]}")
+  check_atoms(atoms, pc.shape[0], valid=valid)
+  if atoms.space != space:
+    raise ValueError(f"atoms were solved in space={atoms.space!r} but the loss uses "
+                     f"space={space!r}; the follower and the leader must agree (dro.space)")
+  check_atom_scale(atoms.margin_scale, beta, allow_scale_mismatch=allow_scale_mismatch)
+  atom_weights, atom_shifts = atoms.weights, atoms.shifts
   dtype, batch = pc.dtype, pc.shape[0]
   rows = _rows(batch, dtype, weights, valid, num_real_rows)
   keep = rows.keep

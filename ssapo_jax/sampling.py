@@ -33,9 +33,11 @@ from tqdm.auto import tqdm
 from ssapo_jax import sharding as shd
 from ssapo_jax.data.tokenize import left_pad, round_up
 from ssapo_jax.models import logical_axes, split_params
+from ssapo_jax.fielddocs import document_fields
 from ssapo_jax.models.llama import Llama, positions_from_mask
 
 
+@document_fields
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """How a round samples responses (the ``sampling`` section of an experiment config)."""

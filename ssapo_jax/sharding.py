@@ -29,6 +29,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from ssapo_jax.fielddocs import document_fields
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -57,6 +59,7 @@ DECODE_AXIS_RULES = tuple((name, None if name == "embed" else axes)
                           for name, axes in LOGICAL_AXIS_RULES)
 
 
+@document_fields
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """Shape of the device mesh and the multi-host set-up.

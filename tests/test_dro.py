@@ -448,9 +448,12 @@ def test_to_loss_atoms_feeds_robust_dpo_loss():
   margins = rng.normal(5, 10, 300)
   config = dro.DroConfig(epsilon=0.02, margin_scale=0.1, grouping="random", group_size=100)
   worst = dro.solve_follower(margins, config, key=jax.random.key(0))
-  weights, shifts = dro.to_loss_atoms(worst)
+  atoms = dro.to_loss_atoms(worst, config)
+  weights, shifts = atoms.weights, atoms.shifts
   assert weights.shape == shifts.shape == (300, 6) and weights.dtype == jnp.float32
-  w2, s2 = dro.to_loss_atoms(worst, num_atoms=2)
+  assert atoms.space == "probability" and atoms.margin_scale == 0.1
+  atoms2 = dro.to_loss_atoms(worst, config, num_atoms=2)
+  w2, s2 = atoms2.weights, atoms2.shifts
   assert w2.shape == (300, 2)
   # Lossless compaction: the same multiset of (weight, shift) per row.
   for row in range(300):
@@ -462,7 +465,7 @@ def test_to_loss_atoms_feeds_robust_dpo_loss():
   beta = 0.1
   logps = jnp.asarray(margins / beta * config.margin_scale, jnp.float32)
   zeros = jnp.zeros_like(logps)
-  loss, _ = robust_dpo_loss(logps, zeros, zeros, zeros, w2, s2, beta=beta, floor=1e-12)
+  loss, _ = robust_dpo_loss(logps, zeros, zeros, zeros, atoms2, beta=beta, floor=1e-12)
   xi = np.asarray(dro.margins_to_xi(margins, config), np.float64)
   z = np.clip(xi[:, None] - np.asarray(s2, np.float64), 1e-12, None)
   expected = np.mean(np.sum(np.asarray(w2) * -np.log(z), axis=1))
@@ -520,5 +523,5 @@ def test_to_loss_atoms_rejects_a_lossy_reduction_of_capped_rows():
   assert np.any(nonzero > 2)
   with pytest.raises(ValueError, match=f"row {int(np.argmax(nonzero > 2))} has"):
     dro.to_loss_atoms(worst, num_atoms=2)
-  weights, shifts = dro.to_loss_atoms(worst, num_atoms=int(nonzero.max()))
+  weights = dro.to_loss_atoms(worst, config, num_atoms=int(nonzero.max())).weights
   np.testing.assert_allclose(np.sort(np.asarray(weights), 1)[:, ::-1].sum(1), 1.0, rtol=1e-6)

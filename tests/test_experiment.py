@@ -117,7 +117,8 @@ def test_margin_scale_defaults_to_beta_and_shows_resolved(tmp_path):
   assert config.dro.margin_scale == 0.05
   printed = yaml.safe_load(cfg_lib.dump_yaml(config))
   assert printed["dro"]["margin_scale"] == 0.05 and printed["train"]["beta"] == 0.05
-  explicit = load_experiment(TINY, ["train.beta=0.05", "dro.margin_scale=1.0"])
+  explicit = load_experiment(TINY, ["train.beta=0.05", "dro.margin_scale=1.0",
+                                    "dro.allow_scale_mismatch=true"])
   assert explicit.dro.margin_scale == 1.0
   # The saved resolved config reloads to the same values (the scale is then explicit).
   assert load_experiment(cfg_lib.save_resolved(config, tmp_path)) == config

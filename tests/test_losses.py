@@ -205,7 +205,7 @@ def test_bad_beta_and_negative_weights_raise(kwargs, message):
     losses.dpo_loss(pc, pr, rc, rr, **kwargs())
   atoms = np.ones((B, 1), np.float32)
   with pytest.raises(ValueError, match=message):
-    losses.robust_dpo_loss(pc, pr, rc, rr, atoms, 0 * atoms, **kwargs())
+    losses.robust_dpo_loss(pc, pr, rc, rr, losses.LossAtoms.point(B), **kwargs())
 
 
 def test_option_errors():
@@ -308,13 +308,13 @@ def test_robust_zero_weight_and_padding_rows_are_removed_exactly():
   valid = np.arange(B) < B - 1
   pc = pc.copy()
   pc[2] = np.nan
-  loss, m = losses.robust_dpo_loss(pc, pr, rc, rr, w, s, weights=weights, valid=valid)
+  loss, m = losses.robust_dpo_loss(pc, pr, rc, rr, _atoms(w, s), weights=weights, valid=valid)
   expected = np_robust(*[a.astype(np.float64) for a in (pc, pr, rc, rr)], w, s, beta=0.1,
                        space="probability")
   keep = valid & (weights > 0)
   np.testing.assert_allclose(loss, expected[keep].sum() / valid.sum(), rtol=1e-5)
   assert m["losses"][2] == 0.0 and np.isfinite(m["rewards/chosen"])
-  g = jax.grad(lambda x: losses.robust_dpo_loss(x, pr, rc, rr, w, s, weights=weights,
+  g = jax.grad(lambda x: losses.robust_dpo_loss(x, pr, rc, rr, _atoms(w, s), weights=weights,
                                                 valid=valid)[0])(pc)
   assert g[2] == 0.0 and g[B - 1] == 0.0 and np.all(np.isfinite(g))
 
@@ -322,7 +322,7 @@ def test_robust_zero_weight_and_padding_rows_are_removed_exactly():
 def test_robust_rpo_alpha_and_reference_free():
   pc, pr, rc, rr = _random_logps(34)
   ones, zeros = np.ones((B, 1), np.float32), np.zeros((B, 1), np.float32)
-  robust, rm = losses.robust_dpo_loss(pc, pr, rc, rr, ones, zeros, rpo_alpha=0.3,
+  robust, rm = losses.robust_dpo_loss(pc, pr, rc, rr, losses.LossAtoms.point(B), rpo_alpha=0.3,
                                       chosen_lengths=LENGTHS, reference_free=True)
   plain, pm = losses.dpo_loss(pc, pr, rc, rr, rpo_alpha=0.3, chosen_lengths=LENGTHS,
                               rejected_lengths=LENGTHS, reference_free=True)
@@ -410,6 +410,12 @@ def test_sequence_logps_shape_errors():
 
 # ---------------------------------------------------------------- robust_dpo_loss
 
+def _atoms(w, s, space="probability", margin_scale=0.1):
+  """Test atoms at the losses' default beta (0.1)."""
+  return losses.LossAtoms(jnp.asarray(w, jnp.float32), jnp.asarray(s, jnp.float32), space=space,
+                          margin_scale=margin_scale)
+
+
 def np_robust(pc, pr, rc, rr, w, s, *, beta, space, floor=1e-6):
   z = beta * ((pc - rc) - (pr - rr))
   if space == "probability":
@@ -424,7 +430,8 @@ def np_robust(pc, pr, rc, rr, w, s, *, beta, space, floor=1e-6):
 def test_robust_single_zero_shift_atom_is_sigmoid_dpo(space):
   pc, pr, rc, rr = _random_logps(21)
   ones, zeros = np.ones((B, 1), np.float32), np.zeros((B, 1), np.float32)
-  robust, rm = losses.robust_dpo_loss(pc, pr, rc, rr, ones, zeros, beta=0.1, space=space)
+  robust, rm = losses.robust_dpo_loss(pc, pr, rc, rr, losses.LossAtoms.point(B, space=space),
+                                      beta=0.1, space=space)
   plain, pm = losses.dpo_loss(pc, pr, rc, rr, beta=0.1)
   np.testing.assert_array_equal(rm["losses"], pm["losses"])
   np.testing.assert_array_equal(robust, plain)
@@ -439,7 +446,8 @@ def test_robust_matches_numpy_with_several_atoms(space):
   s = (rng.uniform(0, 0.6, (B, k)) if space == "probability" else rng.normal(0, 2, (B, k))).astype(np.float32)
   s[:, 0] = 0.0
   weights = rng.uniform(0, 2, B).astype(np.float32)
-  loss, m = losses.robust_dpo_loss(pc, pr, rc, rr, w, s, beta=0.1, space=space, weights=weights)
+  loss, m = losses.robust_dpo_loss(pc, pr, rc, rr, _atoms(w, s, space), beta=0.1, space=space,
+                                   weights=weights)
   expected = np_robust(*[a.astype(np.float64) for a in (pc, pr, rc, rr)], w, s, beta=0.1, space=space)
   np.testing.assert_allclose(m["losses"], expected, rtol=1e-5)
   np.testing.assert_allclose(loss, np.mean(weights * expected), rtol=1e-5)
@@ -452,7 +460,7 @@ def test_robust_floor_clamps_with_zero_gradient():
   s = np.array([[0.9, 0.0]] * 3, np.float32)
 
   def f(pc):
-    return losses.robust_dpo_loss(pc, zeros, zeros, zeros, w, s, beta=0.1, floor=1e-6)[1]["losses"]
+    return losses.robust_dpo_loss(pc, zeros, zeros, zeros, _atoms(w, s), beta=0.1, floor=1e-6)[1]["losses"]
 
   out = f(zeros)
   assert np.all(np.isfinite(out))
@@ -462,7 +470,7 @@ def test_robust_floor_clamps_with_zero_gradient():
   np.testing.assert_allclose(grad, -0.7 * 0.1 * 0.5, rtol=1e-6)
   # And with only the clamped atom the gradient is exactly zero.
   g_clamped = jax.grad(lambda pc: losses.robust_dpo_loss(
-      pc, zeros, zeros, zeros, np.ones((3, 1), np.float32), np.full((3, 1), 0.9, np.float32))[0])(zeros)
+      pc, zeros, zeros, zeros, _atoms(np.ones((3, 1)), np.full((3, 1), 0.9)))[0])(zeros)
   np.testing.assert_array_equal(g_clamped, 0.0)
 
 
@@ -470,6 +478,131 @@ def test_robust_rejects_bad_arguments():
   pc, pr, rc, rr = _random_logps(0, n=2)
   w = np.ones((2, 1), np.float32)
   with pytest.raises(ValueError, match="space"):
-    losses.robust_dpo_loss(pc, pr, rc, rr, w, 0 * w, space="logit")
-  with pytest.raises(ValueError, match="atom_weights"):
-    losses.robust_dpo_loss(pc, pr, rc, rr, np.ones((3, 1)), np.zeros((3, 1)))
+    losses.robust_dpo_loss(pc, pr, rc, rr, _atoms(w, 0 * w), space="logit")
+  with pytest.raises(ValueError, match="3 rows; the loss has B = 2"):
+    losses.robust_dpo_loss(pc, pr, rc, rr, _atoms(np.ones((3, 1)), np.zeros((3, 1))))
+  with pytest.raises(TypeError, match="LossAtoms"):
+    losses.robust_dpo_loss(pc, pr, rc, rr, w)
+
+
+# ---------------------------------------------------------------- atoms are checked
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: _atoms(np.ones(2), np.zeros(2)), r"must both be \[B, K\]"),  # 1-D [B] atoms
+    (lambda: _atoms(np.ones((2, 2)), np.zeros((2, 3))), r"must both be \[B, K\]"),
+    (lambda: _atoms([[1.5, -0.5], [0.5, 0.5]], np.zeros((2, 2))), "row 0"),  # negative
+    (lambda: _atoms([[0.5, 0.5], [0.5, 0.4]], np.zeros((2, 2))), "row 1 sums to"),
+    (lambda: _atoms([[1.0], [1.0]], [[0.1], [np.inf]]), "shifts must be finite"),
+    (lambda: _atoms([[1.0], [1.0]], [[0.1], [0.0]], margin_scale=None), "zero shifts"),
+])
+def test_malformed_atoms_raise(make, message):
+  pc, pr, rc, rr = _random_logps(0, n=2)
+  with pytest.raises(ValueError, match=message):
+    losses.robust_dpo_loss(pc, pr, rc, rr, make())
+
+
+def test_atoms_of_another_space_or_scale_raise_unless_allowed():
+  pc, pr, rc, rr = _random_logps(3, n=4)
+  w, s = np.full((4, 2), 0.5), np.array([[0.0, 0.1]] * 4)
+  with pytest.raises(ValueError, match="space='margin' but the loss uses space='probability'"):
+    losses.robust_dpo_loss(pc, pr, rc, rr, _atoms(w, s, space="margin"))
+  with pytest.raises(ValueError, match="margin_scale=0.1 but the loss uses beta=0.05"):
+    losses.robust_dpo_loss(pc, pr, rc, rr, _atoms(w, s), beta=0.05)
+  # The deliberate mismatch (authors' Llama-3 run) computes the same formula at beta.
+  allowed, m = losses.robust_dpo_loss(pc, pr, rc, rr, _atoms(w, s), beta=0.05,
+                                      allow_scale_mismatch=True)
+  expected = np_robust(*[a.astype(np.float64) for a in (pc, pr, rc, rr)], w, s, beta=0.05,
+                       space="probability")
+  np.testing.assert_allclose(m["losses"], expected, rtol=1e-5)
+  # Zero-shift atoms hold at any scale.
+  losses.robust_dpo_loss(pc, pr, rc, rr, losses.LossAtoms.point(4), beta=0.05)
+
+
+def test_atom_checks_under_jit_are_checkify_checks():
+  """Under jit values cannot raise: shapes still do, values report through checkify."""
+  from jax.experimental import checkify
+  pc, pr, rc, rr = _random_logps(4, n=2)
+
+  @jax.jit
+  def loss(w, s):
+    return losses.robust_dpo_loss(pc, pr, rc, rr, _atoms(w, s))[0]
+
+  bad_w, s = jnp.asarray([[0.5, 0.5], [0.9, 0.0]]), jnp.zeros((2, 2))
+  assert np.isfinite(loss(bad_w, s))  # plain jit: a documented precondition
+  err, _ = checkify.checkify(loss, errors=checkify.user_checks)(bad_w, s)
+  with pytest.raises(Exception, match="rows must sum to 1"):
+    err.throw()
+  err, _ = checkify.checkify(loss, errors=checkify.user_checks)(jnp.full((2, 2), 0.5), s)
+  assert err.get() is None
+  with pytest.raises(ValueError, match=r"\[B, K\]"):
+    jax.jit(lambda w: losses.robust_dpo_loss(pc, pr, rc, rr, _atoms(w, w))[0])(jnp.ones(2))
+
+
+# ---------------------------------------------------------------- edge cases
+
+def test_forward_kl_is_clamped_like_the_alpha_divergence():
+  lr = jnp.asarray([-1e4, -100.0, -1.0, 0.0, 3.0])
+  fkl = losses.f_divergence_scores(lr, "forward_kl")
+  assert np.all(np.isfinite(fkl))
+  # forward KL is the alpha = 0 divergence, with the same clamp of the exponent at 80.
+  np.testing.assert_allclose(fkl, losses.f_divergence_scores(lr, "alpha_divergence", 0.0),
+                             rtol=1e-6)
+  np.testing.assert_allclose(fkl[2:], 1 - np.exp(-np.asarray(lr[2:], np.float64)), rtol=1e-6)
+  pc, pr, rc, rr = _random_logps(5)
+  pc = pc.copy()
+  pc[0] = -1e4
+  loss, _ = losses.dpo_loss(pc, pr, rc, rr, f_divergence_type="forward_kl")
+  assert np.isfinite(loss)
+
+
+@pytest.mark.parametrize("loss_type, ls", [("sigmoid", 0.2), ("robust", 0.1), ("exo_pair", 0.0),
+                                           ("exo_pair", 0.3), ("aot", 0.2)])
+def test_label_smoothing_may_be_traced(loss_type, ls):
+  pc, pr, rc, rr = _random_logps(6)
+  eager, _ = losses.dpo_loss(pc, pr, rc, rr, loss_type=loss_type, label_smoothing=ls)
+  traced = jax.jit(lambda e: losses.dpo_loss(pc, pr, rc, rr, loss_type=loss_type,
+                                             label_smoothing=e)[0])(jnp.float32(ls))
+  np.testing.assert_allclose(traced, eager, rtol=1e-6)
+  # A sweep over ε with vmap, and its gradient in ε.
+  sweep = jax.vmap(lambda e: losses.dpo_loss(pc, pr, rc, rr, loss_type=loss_type,
+                                             label_smoothing=e)[0])(jnp.asarray([ls, ls]))
+  np.testing.assert_allclose(sweep, [eager, eager], rtol=1e-6)
+
+
+def test_traced_label_smoothing_on_a_type_that_ignores_it_raises():
+  pc, pr, rc, rr = _random_logps(7)
+  with pytest.raises(ValueError, match="traced array but loss_type"):
+    jax.jit(lambda e: losses.dpo_loss(pc, pr, rc, rr, loss_type="hinge",
+                                      label_smoothing=e)[0])(jnp.float32(0.1))
+  with pytest.raises(ValueError, match="scalar"):
+    losses.dpo_loss(pc, pr, rc, rr, label_smoothing=np.zeros(2))
+
+
+def test_sequence_logps_rejects_out_of_range_labels():
+  from jax.experimental import checkify
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 5)), jnp.float32)
+  labels = np.array([[1, 2, 3], [4, 5, -100]])
+  mask = np.array([[1, 1, 1], [1, 1, 0]])
+  with pytest.raises(ValueError, match=r"labels\[1, 1\] = 5 is outside the vocabulary \[0, 5\)"):
+    losses.sequence_logps(logits, labels, mask)
+  ok = losses.sequence_logps(logits, np.where(labels == 5, 0, labels), mask)  # -100 masked
+  assert np.all(np.isfinite(ok))
+  out = jax.jit(losses.sequence_logps)(logits, labels, mask)
+  assert np.isfinite(out[0]) and np.isnan(out[1])  # under jit: NaN, never a wrong number
+  err, _ = checkify.checkify(jax.jit(losses.sequence_logps), errors=checkify.user_checks)(
+      logits, labels, mask)
+  with pytest.raises(Exception, match="outside the vocabulary"):
+    err.throw()
+
+
+def test_padding_rows_atoms_are_not_checked():
+  pc, pr, rc, rr = _random_logps(8, n=3)
+  w = np.array([[0.5, 0.5], [1.0, 0.0], [0.0, 0.0]])  # row 2 is padding, all-zero weights
+  s = np.array([[0.0, 0.1], [0.0, 0.0], [np.nan, 0.0]])
+  valid = np.array([True, True, False])
+  loss, _ = losses.robust_dpo_loss(pc, pr, rc, rr, _atoms(w, s), valid=valid)
+  expected = np_robust(*[a.astype(np.float64) for a in (pc, pr, rc, rr)], w, np.nan_to_num(s),
+                       beta=0.1, space="probability")[:2].sum() / 2
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  with pytest.raises(ValueError, match="row 2"):
+    losses.robust_dpo_loss(pc, pr, rc, rr, _atoms(w, s))

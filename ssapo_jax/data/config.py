@@ -10,8 +10,10 @@ from ssapo_jax.config import check_choices
 from ssapo_jax.data import validate as V
 from ssapo_jax.data.seed import SeedMethod
 from ssapo_jax.data.tokenize import OnTruncation, TruncationMode
+from ssapo_jax.fielddocs import document_fields
 
 
+@document_fields
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Where the data comes from and how it becomes batches (paper defaults)."""
@@ -23,8 +25,8 @@ class DataConfig:
   data_dir: str | None = None       # tfds data directory.
   format: Literal["auto", "ultrafeedback", "plain"] = "auto"  # Pair format; auto detects it.
   prompt_column: str = "prompt"     # Column names in the source.
-  chosen_column: str = "chosen"
-  rejected_column: str = "rejected"
+  chosen_column: str = "chosen"     # column of the chosen response
+  rejected_column: str = "rejected"  # column of the rejected response
   policy: str | Mapping[str, str] = "error"  # error | skip | {reason: error|skip, default: ...}.
   system_message: str | None = None  # Inserted first in every prompt; "" for zephyr, None for Llama.
   max_length: int = 2048            # Longest prompt + response, tokens.

@@ -34,10 +34,12 @@ class LoaderCursor:
   step: int = 0
 
   def to_dict(self) -> dict[str, int]:
+    """``{"epoch", "step"}`` as plain ints (for JSON and checkpoints)."""
     return {"epoch": int(self.epoch), "step": int(self.step)}
 
   @classmethod
   def from_dict(cls, d) -> "LoaderCursor":
+    """The cursor `to_dict` wrote."""
     return cls(epoch=int(d["epoch"]), step=int(d["step"]))
 
 
@@ -112,11 +114,13 @@ class PreferenceLoader:
 
   @property
   def batches_per_epoch(self) -> int:
+    """Global batches in one pass (a partial last batch counts unless ``drop_remainder``)."""
     g = self.global_batch_size
     return self.num_pairs // g if self.drop_remainder else -(-self.num_pairs // g)
 
   @property
   def host_batch_size(self) -> int:
+    """Rows of each global batch that this host loads."""
     return self.global_batch_size // self.num_hosts
 
   def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
@@ -186,6 +190,7 @@ class PreferenceLoader:
     return make_preference_batch(*chosen, *rejected, weights=weights, valid=real, **kwargs)
 
   def next_cursor(self, cursor: LoaderCursor) -> LoaderCursor:
+    """The cursor of the batch after ``cursor`` (the next epoch's first after the last)."""
     if cursor.step + 1 < self.batches_per_epoch:
       return LoaderCursor(cursor.epoch, cursor.step + 1)
     return LoaderCursor(cursor.epoch + 1, 0)

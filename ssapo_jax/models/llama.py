@@ -125,6 +125,7 @@ class LlamaConfig:
 
   @property
   def rope_type(self) -> str:
+    """The RoPE variant (``rope_scaling``'s ``rope_type``; ``"default"`` for plain RoPE)."""
     return dict(self.rope_scaling).get("rope_type", "default")
 
   def layer_window(self, i: int) -> int | None:
@@ -566,6 +567,7 @@ class Llama(nnx.Module):
 
   @property
   def dtype(self):
+    """The compute dtype (``config.dtype``) as a numpy dtype."""
     return jnp.dtype(self.config.dtype)
 
   def unembedding(self) -> jax.Array:

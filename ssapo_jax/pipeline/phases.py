@@ -170,7 +170,8 @@ def follower_atoms(rt: Runtime, t: int, margins: np.ndarray) -> tuple[np.ndarray
   atoms = summary = None
   if hosts.is_process0():
     worst = dro.solve_follower(margins, cfg.dro, key=cfg.key("follower", t))
-    weights, shifts = map(np.asarray, dro.to_loss_atoms(worst))
+    loss_atoms = dro.to_loss_atoms(worst, cfg.dro)
+    weights, shifts = np.asarray(loss_atoms.weights), np.asarray(loss_atoms.shifts)
     atoms = {"atom_weights": weights, "atom_shifts": shifts}
     summary = dro.summarize(worst, dro.margins_to_xi(margins, cfg.dro))
   atoms, summary = hosts.broadcast_npz(atoms), hosts.broadcast_json(summary)

@@ -45,8 +45,10 @@ from ssapo_jax import sharding as shd
 from ssapo_jax.batch import PreferenceBatch, concat_pairs
 from ssapo_jax.config import check_choices, derived
 from ssapo_jax.errors import NonFiniteError  # re-exported
-from ssapo_jax.losses import (BATCH_COUPLED_LOSS_TYPES, LOSS_TYPES, FDivergence, LossType, Space,
-                              check_loss_options, dpo_loss, pair_logps, robust_dpo_loss)
+from ssapo_jax.fielddocs import document_fields
+from ssapo_jax.losses import (BATCH_COUPLED_LOSS_TYPES, LOSS_TYPES, FDivergence, LossAtoms,
+                              LossType, Space, check_loss_options, dpo_loss, pair_logps,
+                              robust_dpo_loss)
 from ssapo_jax.models import logical_axes, split_params
 from ssapo_jax.models.llama import RematPolicy
 
@@ -61,6 +63,7 @@ OBJECTIVES, SCHEDULES, REFERENCE_MODES = (typing.get_args(t)
                                           for t in (Objective, Schedule, ReferenceMode))
 
 
+@document_fields
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Hyperparameters of the policy update (one SSAPO round's leader step)."""
@@ -82,6 +85,10 @@ class TrainConfig:
   # Robust atoms live on σ(βΔ) (authors' code) or on βΔ. Not a config key: an experiment copies
   # dro.space here, so the leader and the follower cannot disagree.
   robust_space: Space = derived("probability", "dro.space")
+  # The follower's margin scale, checked against beta (not a config key: dro.margin_scale).
+  robust_margin_scale: float | None = derived(None, "dro.margin_scale")  # None = beta
+  # Accept robust_margin_scale != beta (not a config key: dro.allow_scale_mismatch).
+  robust_allow_scale_mismatch: bool = derived(False, "dro.allow_scale_mismatch")
   robust_floor: float = 1e-6  # clamp of the shifted probability in robust_dpo_loss
   learning_rate: float = 5e-7  # peak AdamW learning rate
   warmup_ratio: float = 0.1  # fraction of steps with linear warm-up from 0 (paper: 0.1)
@@ -393,10 +400,14 @@ def _pair_loss(params, ref_params, rest, micro: PreferenceBatch, *, graphdef, co
               mean_chosen_length=mean_chosen_length, rpo_alpha=config.rpo_alpha,
               reference_free=config.reference_free)
   if config.objective == "robust":
+    # A TrainConfig built on its own has no follower scale: dro.margin_scale's default, beta.
+    scale = config.beta if config.robust_margin_scale is None else config.robust_margin_scale
+    atoms = LossAtoms(micro.atom_weights, micro.atom_shifts, space=config.robust_space,
+                      margin_scale=scale)
     loss, metrics = robust_dpo_loss(
-        policy.chosen_logps, policy.rejected_logps, ref_chosen, ref_rejected, micro.atom_weights,
-        micro.atom_shifts, beta=config.beta, space=config.robust_space, floor=config.robust_floor,
-        **rows)
+        policy.chosen_logps, policy.rejected_logps, ref_chosen, ref_rejected, atoms,
+        beta=config.beta, space=config.robust_space, floor=config.robust_floor,
+        allow_scale_mismatch=config.robust_allow_scale_mismatch, **rows)
   else:
     loss, metrics = dpo_loss(
         policy.chosen_logps, policy.rejected_logps, ref_chosen, ref_rejected, beta=config.beta,

@@ -480,8 +480,10 @@ def test_step_with_token_level_options_matches_losses_module(options):
                 chosen_nll=pairs.chosen_nll, rpo_alpha=cfg.rpo_alpha,
                 reference_free=cfg.reference_free, beta=cfg.beta)
   if cfg.objective == "robust":
-    expected, _ = losses.robust_dpo_loss(pairs.chosen_logps, pairs.rejected_logps, *ref,
-                                         b.atom_weights, b.atom_shifts, **common)
+    atoms = losses.LossAtoms(b.atom_weights, b.atom_shifts, space=cfg.robust_space,
+                             margin_scale=cfg.beta)
+    expected, _ = losses.robust_dpo_loss(pairs.chosen_logps, pairs.rejected_logps, *ref, atoms,
+                                         space=cfg.robust_space, **common)
   else:
     expected, _ = losses.dpo_loss(pairs.chosen_logps, pairs.rejected_logps, *ref,
                                   loss_type=cfg.loss_type, loss_weights=cfg.loss_weights,
