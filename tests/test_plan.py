@@ -103,36 +103,114 @@ def test_hlo_bytes_scale_with_loop_trip_counts():
   assert body == pytest.approx(5 * 256 * 256 * 4, rel=0.1)
 
 
-def test_hlo_trip_count_from_the_condition_when_not_annotated():
-  # TPU HLO carries no known_trip_count: the bound comes from the condition's compare.
-  hlo = """
-%body (p: (s32[], f32[1024])) -> (s32[], f32[1024]) {
-  %p = (s32[], f32[1024]{0}) parameter(0)
-  %i = s32[] get-tuple-element(%p), index=0
-  %x = f32[1024]{0} get-tuple-element(%p), index=1
-  %y = f32[1024]{0} negate(%x)
-  ROOT %t = (s32[], f32[1024]{0}) tuple(%i, %y)
+_WINDOWED_LOOP = """
+%add_two (a: s32[]) -> s32[] {
+  %a = s32[] parameter(0)
+  %two = s32[] constant(2)
+  ROOT %sum = s32[] add(%a, %two)
 }
 
-%cond (q: (s32[], f32[1024])) -> pred[] {
-  %q = (s32[], f32[1024]{0}) parameter(0)
-  %c = s32[] constant(7)
+%body (p: (s32[], f32[1024], f32[1024])) -> (s32[], f32[1024], f32[1024]) {
+  %p = (s32[], f32[1024]{0}, f32[1024]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[1024]{0} get-tuple-element(%p), index=1
+  %acc = f32[1024]{0} get-tuple-element(%p), index=2
+  %y = f32[1024]{0} negate(%x)
+  %next = s32[] fusion(%i), kind=kLoop, calls=%add_two
+  %scratch = f32[1024]{0:S(1)} copy(%x)
+  %perm = f32[1024]{0} collective-permute(%x), channel_id=1, source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+  ROOT %t = (s32[], f32[1024]{0}, f32[1024]{0}) tuple(%next, %y, %perm)
+}
+
+%less (a: s32[], b: s32[]) -> pred[] {
+  %a = s32[] parameter(0)
+  %b = s32[] parameter(1)
+  ROOT %lt = pred[] compare(%a, %b), direction=LT
+}
+
+%cond (q: (s32[], f32[1024], f32[1024])) -> pred[] {
+  %q = (s32[], f32[1024]{0}, f32[1024]{0}) parameter(0)
+  %c = s32[] constant(8)
   %j = s32[] get-tuple-element(%q), index=0
-  ROOT %lt = pred[] compare(%j, %c), direction=LT
+  ROOT %go = pred[] fusion(%j, %c), kind=kLoop, calls=%less
 }
 
 ENTRY %main (a: f32[1024]) -> f32[1024] {
   %a = f32[1024]{0} parameter(0)
   %z = s32[] constant(0)
-  %init = (s32[], f32[1024]{0}) tuple(%z, %a)
-  %w = (s32[], f32[1024]{0}) while(%init), condition=%cond, body=%body
+  %init = (s32[], f32[1024]{0}, f32[1024]{0}) tuple(%z, %a, %a)
+  %w = (s32[], f32[1024]{0}, f32[1024]{0}) while(%init), condition=%cond, body=%body
   ROOT %r = f32[1024]{0} get-tuple-element(%w), index=1
 }
 """
+
+
+def test_windowed_einsum_loop_counts_its_true_trip_count():
+  # TPU HLO carries no known_trip_count, and an FSDP windowed-einsum loop steps its counter by
+  # 2 (``i < 8``: 4 trips, not 8). The increment sits in a fusion, the compare in another.
+  cost = plan.hlo_cost(_WINDOWED_LOOP)
+  assert cost.unknown_loops == 0 and cost.loops == (("body", 4),)
+  # Per trip: negate reads and writes 4 KiB; the permute reads 4 KiB and writes 4 KiB; the
+  # copy to on-chip memory (S(1)) reads 4 KiB and writes nothing to HBM; the increment reads
+  # and writes an s32 (4 + 4); the condition's fusion reads two s32 and writes a pred.
+  body = 2 * 4096 + 2 * 4096 + 4096 + (4 + 4)
+  assert cost.bytes_accessed == 4 * body + 5 * (4 + 4 + 1)  # the condition runs once more
+  (permute,) = cost.collectives
+  assert permute.kind == "collective-permute" and permute.count == 4
+  assert permute.operand_bytes == permute.wire_bytes == 4 * 4096
+
+
+def test_data_dependent_loop_is_unknown():
+  # A bound read from the loop state's array (a sampler stopping at EOS) is not a trip count.
+  hlo = _WINDOWED_LOOP.replace("%c = s32[] constant(8)",
+                               "%c = s32[] reduce-precision(%j), exponent_bits=8, mantissa_bits=7")
+  cost = plan.hlo_cost(hlo, unknown_trip_count=3)
+  assert cost.unknown_loops == 1 and cost.loops == (("body", None),)
+  # The default trip count (3) scales the body; the condition now also reads and writes j.
+  body = 2 * 4096 + 2 * 4096 + 4096 + (4 + 4)
+  assert cost.bytes_accessed == 3 * body + 4 * ((4 + 4) + (4 + 4 + 1))
+
+
+def test_parser_keeps_instructions_whose_attributes_span_lines():
+  # The splash kernel's custom call carries a frontend attribute with a newline: its
+  # continuation line starts with ``}}``, which once ended the computation there.
+  hlo = """
+%body (p: (s32[], f32[256])) -> (s32[], f32[256]) {
+  %p = (s32[], f32[256]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[256]{0} get-tuple-element(%p), index=1
+  %k = f32[256]{0} custom-call(%x), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={"name": "splash
+}}, backend_config={"custom_call_config": {"body": "abc{("}}
+  %y = f32[256]{0} negate(%k)
+  %one = s32[] constant(1)
+  %n = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[256]{0}) tuple(%n, %y)
+}
+
+%cond (q: (s32[], f32[256])) -> pred[] {
+  %q = (s32[], f32[256]{0}) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %c = s32[] constant(5)
+  ROOT %lt = pred[] compare(%j, %c), direction=LT
+}
+
+ENTRY %main (a: f32[256]) -> f32[256] {
+  %a = f32[256]{0} parameter(0)
+  %z = s32[] constant(0)
+  %init = (s32[], f32[256]{0}) tuple(%z, %a)
+  %w = (s32[], f32[256]{0}) while(%init), condition=%cond, body=%body
+  ROOT %r = f32[256]{0} get-tuple-element(%w), index=1
+}
+"""
+  comps, entry = plan.parse_hlo(hlo)
+  assert entry == "main"
+  assert [i.op for i in comps["body"]] == ["parameter", "get-tuple-element", "get-tuple-element",
+                                           "custom-call", "negate", "constant", "add", "tuple"]
   cost = plan.hlo_cost(hlo)
-  assert cost.unknown_loops == 0
-  # Per trip: negate reads and writes 4 KiB; the condition's compare reads two s32, writes a pred.
-  assert cost.bytes_accessed == 7 * (2 * 1024 * 4 + 4 + 4 + 1)
+  assert cost.loops == (("body", 5),)
+  # Per trip: the custom call and the negate each read and write 1 KiB; the add 4 + 4 + 4;
+  # the compare 4 + 4 + 1 (once more at the exit).
+  assert cost.bytes_accessed == 5 * (4 * 1024 + 12 + 9) + 9
 
 
 def test_hlo_bytes_of_a_stacked_weight_sliced_in_a_nested_fusion():
