@@ -1,5 +1,6 @@
 """ssapo-plan: slice names, analytic flops, loop-scaled HLO bytes, and a small AOT plan for TPU."""
 
+import dataclasses
 import json
 import math
 import os
@@ -172,14 +173,16 @@ def test_data_dependent_loop_is_unknown():
 
 
 def test_parser_keeps_instructions_whose_attributes_span_lines():
-  # The splash kernel's custom call carries a frontend attribute with a newline: its
-  # continuation line starts with ``}}``, which once ended the computation there.
+  # The splash kernel's custom call carries a frontend attribute printed over three lines (as
+  # libtpu 0.0.42.1 prints it): its last line starts with ``}}``, which once ended the
+  # computation there. Brackets inside strings do not count.
   hlo = """
 %body (p: (s32[], f32[256])) -> (s32[], f32[256]) {
   %p = (s32[], f32[256]{0}) parameter(0)
   %i = s32[] get-tuple-element(%p), index=0
   %x = f32[256]{0} get-tuple-element(%p), index=1
-  %k = f32[256]{0} custom-call(%x), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={"name": "splash
+  %k = f32[256]{0} custom-call(%x), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
+"xprof_metadata":"{\\"block_q\\": 512, \\"note\\": \\"}{(\\"}"
 }}, backend_config={"custom_call_config": {"body": "abc{("}}
   %y = f32[256]{0} negate(%k)
   %one = s32[] constant(1)
@@ -369,3 +372,146 @@ def test_accelerator_small_runs_on_cpu(tmp_path):
   assert cap["largest"] == "tiny-64" and [m["fits"] for m in cap["models"]] == [True, False]
   assert math.isfinite(report["train_step"]["mfu"])
   assert np.isfinite(report["peak_flops"])
+
+
+def test_loop_free_bytes_match_xla_cost_analysis():
+  # Without loops XLA's own count is exact: the parser must agree within 5%.
+  def f(a, b, c):
+    h = jnp.tanh(a @ b) * 2.0 + jnp.exp(a[:, :256]).sum()
+    return jax.nn.softmax(h @ c, axis=-1), h.mean(axis=0)
+
+  args = (jnp.ones((128, 512)), jnp.ones((512, 256)), jnp.ones((256, 64)))
+  compiled = jax.jit(f).lower(*args).compile()
+  cost = plan.hlo_cost(compiled.as_text())
+  assert cost.loops == () and cost.on_chip_bytes == 0
+  assert cost.bytes_accessed == pytest.approx(compiled.cost_analysis()["bytes accessed"],
+                                              rel=0.05)
+
+
+def test_fsdp_collectives_match_a_hand_computed_volume():
+  # FSDP over 8 devices: the forward all-gathers the [512, 256] f32 weight from its [64, 256]
+  # shards; the weight gradient is reduced over the 8 devices (CPU XLA: an all-reduce of the
+  # whole [512, 256] gradient, then each keeps its shard).
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((8,), ("fsdp",), devices=jax.devices()[:8])
+  rows = NamedSharding(mesh, P("fsdp", None))
+  w = jax.ShapeDtypeStruct((512, 256), jnp.float32, sharding=rows)
+  x = jax.ShapeDtypeStruct((64, 512), jnp.float32, sharding=rows)
+  grad = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w) ** 2)), out_shardings=rows)
+  cost = plan.hlo_cost(grad.lower(w, x).compile().as_text())
+  by_kind = {c.kind: c for c in cost.collectives}
+  shard, full = 64 * 256 * 4, 512 * 256 * 4
+  gather = by_kind["all-gather"]
+  assert gather.group == tuple(range(8)) and gather.count == 1
+  assert gather.operand_bytes == shard and gather.wire_bytes == 7 * shard  # 7 shards received
+  reduce = by_kind.get("all-reduce") or by_kind["reduce-scatter"]
+  if reduce.kind == "all-reduce":  # a reduce-scatter then an all-gather, ring volume 2 (n-1)/n
+    assert reduce.wire_bytes == 2 * 7 / 8 * full
+  else:
+    assert reduce.wire_bytes == 7 / 8 * full
+  # Over a 2 x 4 chip grid without wrap-around the 8-chip ring drives one lane per dimension:
+  # 2 links of 45 GB/s per direction, plus 7 ring steps of 1 us latency.
+  chip = plan.Chip("test", 1e12, 2 ** 30, 1e12, link_bandwidth=4.5e10, links=4)
+  coords = [(i % 2, i // 2) for i in range(8)]
+  seconds = plan.collective_seconds(gather, chip, coords, wrap=(False, False))
+  assert seconds == pytest.approx(7 * shard / (2 * 4.5e10) + 7 * 1e-6, rel=1e-12)
+  # Wrapped 4-chip dimension: its ring closes, so it drives both directions (3 lanes in all).
+  assert plan._ring_lanes(tuple(range(8)), coords, (False, True)) == 3
+  assert plan._ring_lanes((0, 2, 4, 6), coords, (False, True)) == 2  # the whole wrapped column
+  assert plan._ring_lanes((0, 1), coords, (True, True)) == 1  # 2 chips share one link
+
+
+_OOM = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (20.15G) exceeds available HBM (15.75G).")  # libtpu 0.0.42.1, verbatim
+
+
+def test_out_of_memory_compile_becomes_a_row():
+  assert plan.parse_out_of_memory(_OOM) == (int(20.15 * 2 ** 30), int(15.75 * 2 ** 30))
+  assert plan.parse_out_of_memory("INVALID_ARGUMENT: bad shapes") is None
+
+  class Lowered:
+    def compile(self):
+      raise RuntimeError(_OOM)
+
+  chip = plan.CHIPS["v5e"]
+  p = plan.compile_program("train_step", lambda: (Lowered(), 1024), chip, 8, 8e12, 1e13)
+  assert not p.fits and p.requested_bytes == int(20.15 * 2 ** 30)
+  assert p.total_bytes == p.requested_bytes and p.capacity_bytes == chip.hbm_bytes
+  report = p.to_json()
+  assert report["fits"] is False and report["error"].startswith("RESOURCE_EXHAUSTED")
+  assert "NO" in plan.format_table([p])
+
+  class Broken:
+    def compile(self):
+      raise RuntimeError("INTERNAL: something else")
+
+  with pytest.raises(RuntimeError, match="something else"):  # only OOM is a result
+    plan.compile_program("train_step", lambda: (Broken(), 1), chip, 8, 1.0, 1.0)
+
+
+def _zephyr():
+  return plan.load_experiment(os.path.join(REPO, "configs", "zephyr_7b_ultrafeedback.yaml"))
+
+
+def test_phase_residency_holds_only_what_each_phase_needs():
+  from ssapo_jax.pipeline import residency
+  exp = _zephyr()  # annotation reference SFT, train reference previous, float32 master weights
+  n, shards = 7_241_732_096, 16
+  master = n * 4 / shards
+  seed = {p.name: p for p in residency.phases(exp, num_params=n, shards=shards, round_index=0)}
+  assert list(seed) == ["follower", "training"]
+  later = {p.name: p for p in residency.phases(exp, num_params=n, shards=shards, round_index=2)}
+  assert list(later) == ["sampling", "scoring", "follower", "training"]
+  assert [p.program for p in later.values()] == ["generate", "score_logps", "score_logps",
+                                                 "train_step"]
+  # Sampling and scoring keep pi_1's master copy beside the program and nothing else: no
+  # optimizer moments (nothing holds them outside the train step), the SFT judge on the host.
+  for name in ("sampling", "scoring"):
+    assert later[name].hbm_bytes == master
+    assert [h.name for h in later[name].held if h.where == "hbm"] == [
+        "policy pi_1 (master, float32)"]
+  assert later["sampling"].host_bytes == master  # the SFT model, needed by the scoring
+  # The follower's reference is pi_1 itself (train_reference previous): nothing beside it; the
+  # judge's log-probs are cached, so it is not resident. Training holds only its TrainState.
+  assert later["follower"].hbm_bytes == 0 and later["training"].hbm_bytes == 0
+  assert all("moment" not in h.name for p in later.values() for h in p.held)
+  assert seed["training"].host_bytes == master  # the SFT model waits for round 1's scoring
+  # With the SFT model as the train reference the follower holds pi_1 beside the SFT pass.
+  sft_ref = dataclasses.replace(exp, rounds=dataclasses.replace(exp.rounds,
+                                                                train_reference="sft"))
+  follower = residency.phases(sft_ref, num_params=n, shards=shards, round_index=2)[2]
+  assert follower.name == "follower" and follower.hbm_bytes == master
+  assert residency.resident_bytes(later["sampling"], 10 * 2 ** 30) == 10 * 2 ** 30 + master
+
+
+def _fake_plan(name, step_seconds, compile_seconds, total_bytes=2 ** 30):
+  return plan.ProgramPlan(
+      name=name, tokens=1, argument_bytes=total_bytes, temp_bytes=0, output_bytes=0,
+      alias_bytes=0, code_bytes=0, capacity_bytes=95 * 2 ** 30, compile_seconds=compile_seconds,
+      compile_cpu_seconds=compile_seconds, flops=1.0, flops_causal=1.0,
+      hardware_flops=step_seconds * 1e12, bytes_accessed=0.0, on_chip_bytes=0.0, wire_bytes=0.0,
+      collective_count=0.0, comm_seconds=step_seconds / 2, unknown_loops=0, peak_flops=1e12,
+      hbm_bandwidth=1e12)
+
+
+def test_run_estimate_counts_every_call_of_the_paper_run():
+  exp = _zephyr()
+  plans = [_fake_plan("train_step", 1.0, 180), _fake_plan("score_logps", 0.1, 30),
+           _fake_plan("generate", 2.0, 60)]
+  phases, shapes = plan.run_estimate(exp, plans, 16)
+  calls = {(p.round_index, p.phase): p.calls for p in phases}
+  # Seed: 2,000 pairs, 3 epochs at 32 pairs per step; reference log-probs of 4,000 sequences
+  # at 16 rows per call (max(micro-batch 8, 16 batch shards)).
+  assert calls[0, "training"] == 63 * 3 and calls[0, "follower"] == 250
+  # Round 1: 8,000 prompts at 64 per sampler call; 16,000 samples scored twice; 8,000 pairs.
+  assert calls[1, "sampling"] == 125 and calls[1, "scoring"] == 2 * 1000
+  assert calls[1, "follower"] == 1000 and calls[1, "training"] == 250
+  assert calls[3, "sampling"] == math.ceil(30000 / 64) and calls[3, "training"] == 938
+  by = {(p.round_index, p.phase): p for p in phases}
+  assert by[1, "sampling"].seconds == 125 * 3.0  # 2 s roofline + 1 s of collectives, serial
+  assert by[1, "sampling"].seconds_overlap == 125 * 2.0
+  # Shapes: 1024 / 64 prompt buckets; 2048 / 64 sequence buckets, the train step per round too.
+  assert shapes["shapes"]["generate"]["count"] == 16
+  assert shapes["shapes"]["train_step"]["count"] == 32 * 4
+  assert shapes["compile_seconds"] == 16 * 60 + 32 * 30 + 128 * 180
+  assert "total" in plan.format_run(phases, shapes)
