@@ -36,6 +36,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -972,13 +973,13 @@ class ProgramPlan:
 def compile_program(name: str, lower, chip: Chip, num_chips: int, model_flops: float,
                     hardware_flops: float, *, causal_flops: float | None = None,
                     unknown_trip_count: int = 1, coords=None,
-                    wrap: Sequence[bool] = ()) -> ProgramPlan:
+                    wrap: Sequence[bool] = (), hlo_path: str | None = None) -> ProgramPlan:
   """Lowers (``lower() -> (lowered, tokens)``) and compiles one program and measures it.
 
   A compile that runs out of HBM becomes a plan with ``error`` set (`parse_out_of_memory`);
   any other error propagates. ``coords`` are the chip coordinates of the program's devices in
   its device-assignment order and ``wrap`` the slice's wrap-around per dimension (the
-  interconnect model, `collective_seconds`).
+  interconnect model, `collective_seconds`). ``hlo_path``: also write the compiled HLO there.
   """
   start, start_cpu = time.perf_counter(), time.process_time()
   lowered, tokens = lower()
@@ -1003,7 +1004,11 @@ def compile_program(name: str, lower, chip: Chip, num_chips: int, model_flops: f
         error=str(e).strip().splitlines()[0][:500], **common)
   seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
   memory = compiled.memory_analysis()
-  cost = hlo_cost(compiled.as_text(), unknown_trip_count=unknown_trip_count)
+  text = compiled.as_text()
+  if hlo_path is not None:
+    with open(hlo_path, "w") as f:
+      f.write(text)
+  cost = hlo_cost(text, unknown_trip_count=unknown_trip_count)
   return ProgramPlan(
       argument_bytes=int(memory.argument_size_in_bytes),
       temp_bytes=int(memory.temp_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
@@ -1023,10 +1028,11 @@ def device_coords(devices) -> list[tuple[int, ...]] | None:
 
 
 def plan(experiment, config, devices, chip: Chip, *, programs: Sequence[str] = PROGRAMS,
-         log=None, wrap: Sequence[bool] = ()) -> list[ProgramPlan]:
+         log=None, wrap: Sequence[bool] = (), hlo_dir: str | None = None) -> list[ProgramPlan]:
   """Compiles ``programs`` of ``experiment`` with architecture ``config`` for ``devices``.
 
   A program that does not fit is a plan with ``error`` set; the others are still compiled.
+  ``hlo_dir``: write each compiled module there as ``<program>.hlo.txt``.
   """
   from ssapo_jax import sharding as shd  # pylint: disable=import-outside-toplevel
   from ssapo_jax import train as tr  # pylint: disable=import-outside-toplevel
@@ -1056,7 +1062,9 @@ def plan(experiment, config, devices, chip: Chip, *, programs: Sequence[str] = P
       log(f"compiling {name} ...")
     lower, flops, causal, hardware, trips = builders[name]
     p = compile_program(name, lower, chip, len(devices), flops, hardware, causal_flops=causal,
-                        unknown_trip_count=trips, coords=coords, wrap=wrap)
+                        unknown_trip_count=trips, coords=coords, wrap=wrap,
+                        hlo_path=(None if hlo_dir is None else
+                                  os.path.join(hlo_dir, f"{name}.hlo.txt")))
     out.append(p)
     if log is None:
       continue
@@ -1295,6 +1303,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--run", action="store_true",
                  help="also estimate the whole configured run (all three programs needed)")
   p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+  p.add_argument("--hlo-dir", default=None,
+                 help="also write each compiled program's HLO text to this directory")
   return p.parse_args(argv)
 
 
@@ -1322,7 +1332,10 @@ def main(argv=None) -> int:
   log(f"{slice_.name}: {slice_.num_chips} x {chip.name} ({slice_.topology}); "
       f"{config.model_type} {config.num_layers} layers, {matmul_params(config) / 1e9:.2f}B "
       "matmul parameters")
-  plans = plan(experiment, config, devices, chip, programs=programs, log=log, wrap=slice_.wrap)
+  if args.hlo_dir:
+    os.makedirs(args.hlo_dir, exist_ok=True)
+  plans = plan(experiment, config, devices, chip, programs=programs, log=log, wrap=slice_.wrap,
+               hlo_dir=args.hlo_dir)
   print(format_table(plans))
   mesh_shape = dict(zip(shd.MESH_AXES, shd.resolve_mesh_shape(experiment.mesh, len(devices))))
   params = num_params(config)
