@@ -295,7 +295,9 @@ def test_plan_compiles_a_small_config_for_v5litepod_8(tmp_path, monkeypatch, cap
     assert p["hbm_total_bytes"] > 0 and p["hbm_capacity_bytes"] == 1024 ** 2
     assert p["fits"] == (p["hbm_total_bytes"] <= 1024 ** 2)
     assert p["compile_seconds"] > 0 and p["compile_cpu_seconds"] > 0
-    assert p["flops"] > 0 and 0 < p["estimated_mfu"] <= 1
+    assert p["flops"] > 0 and 0 < p["mfu_palm"] <= p["mfu_palm_overlap"] <= 1
+    assert p["flops_causal"] <= p["flops"] and p["unknown_loops"] == 0
+    assert p["step_seconds_overlap"] <= p["step_seconds"]
     assert name in captured.out
   train = report["programs"]["train_step"]
   cfg = LlamaConfig.from_hf(json.loads((model / "config.json").read_text()))
@@ -307,6 +309,9 @@ def test_plan_compiles_a_small_config_for_v5litepod_8(tmp_path, monkeypatch, cap
   assert status == (1 if misfits else 0)
   for name in misfits:
     assert f"{name} does not fit v5litepod-8" in captured.err
+  assert [(f["round_index"], f["phase"]) for f in report["phases"]] == [
+      (0, "follower"), (0, "training"), (1, "sampling"), (1, "scoring"), (1, "follower"),
+      (1, "training")]
 
 
 @pytest.mark.slow
@@ -392,7 +397,8 @@ def test_fsdp_collectives_match_a_hand_computed_volume():
   # FSDP over 8 devices: the forward all-gathers the [512, 256] f32 weight from its [64, 256]
   # shards; the weight gradient is reduced over the 8 devices (CPU XLA: an all-reduce of the
   # whole [512, 256] gradient, then each keeps its shard).
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
   mesh = jax.make_mesh((8,), ("fsdp",), devices=jax.devices()[:8])
   rows = NamedSharding(mesh, P("fsdp", None))
   w = jax.ShapeDtypeStruct((512, 256), jnp.float32, sharding=rows)
@@ -515,3 +521,107 @@ def test_run_estimate_counts_every_call_of_the_paper_run():
   assert shapes["shapes"]["train_step"]["count"] == 32 * 4
   assert shapes["compile_seconds"] == 16 * 60 + 32 * 30 + 128 * 180
   assert "total" in plan.format_run(phases, shapes)
+
+
+def _xla_scaled_bytes(text: str) -> float:
+  """Bytes accessed of a compiled module counted without the plan's parser: XLA's own cost
+  analysis of each loop body (the body made the module's entry, parsed by XLA), scaled by its
+  trip count. XLA counts on-chip (S(1)) arrays too."""
+  import jaxlib._hlo as xla_hlo
+  from jax._src.lib import _jax
+  client = jax.devices("cpu")[0].client
+  lines = text.splitlines()
+
+  def cost(entry):
+    out = []
+    for line in lines:
+      if line.startswith("HloModule"):
+        line = line.split(",")[0]  # the entry layout is the old entry's
+      line = line.removeprefix("ENTRY ")
+      m = plan._COMPUTATION.match(line)
+      out.append("ENTRY " + line if m and m.group(2) == entry else line)
+    module = xla_hlo.hlo_module_from_text("\n".join(out))
+    return _jax.hlo_module_cost_analysis(client, module).get("bytes accessed", 0.0)
+
+  comps, entry = plan.parse_hlo(text)
+  memo = {}
+
+  def total(comp):  # XLA counts each nested body once: replace that by trips x its total
+    if comp not in memo:
+      t = cost(comp)
+      for i in comps[comp]:
+        if i.op == "while":
+          trips = plan.loop_trip_count(comps, comp, i)
+          body = plan._attr_computations(i.attrs, "body")[0]
+          cond = plan._attr_computations(i.attrs, "condition")[0]
+          t += trips * total(body) - cost(body) + trips * cost(cond)
+      memo[comp] = t
+    return memo[comp]
+
+  return total(entry)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not plan.libtpu_available(),
+                    reason='libtpu is not installed (pip install -e ".[tpu]")')
+def test_splash_layer_body_is_parsed_whole_and_bytes_match_xla():
+  """A scanned splash decoder layer compiled for TPU: every instruction of every computation is
+  parsed (XLA's own parser is the reference), the layer loop counts its layers, and the byte
+  total agrees with XLA's per-body cost analysis scaled by the trip counts."""
+  import jaxlib._hlo as xla_hlo
+
+  from ssapo_jax import sharding as shd
+  config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=3,
+                       num_heads=2, num_kv_heads=1, head_dim=128, dtype="bfloat16",
+                       param_dtype="float32", remat="full", attention="splash")
+  t = tr.TrainConfig(global_batch_size=16, micro_batches=2, compute_dtype="bfloat16",
+                     remat="full")
+  devices = plan.topology_devices(plan.tpu_slice("v5litepod-8"))
+  mesh = jax.sharding.Mesh(np.asarray(devices).reshape(1, 8, 1), shd.MESH_AXES)
+  lowered, _ = plan.lower_train_step(t, config, mesh, seq_len=512)
+  text = lowered.compile().as_text()
+  comps, _ = plan.parse_hlo(text)
+  xla = {c.name: len(c.instructions()) for c in xla_hlo.hlo_module_from_text(text).computations()}
+  assert {c: len(v) for c, v in comps.items()} == xla
+  cost = plan.hlo_cost(text)
+  assert cost.unknown_loops == 0
+  trips = dict(cost.loops)
+  assert t.micro_batches in trips.values() and config.num_layers in trips.values()
+  splash = {b for b, instrs in comps.items()
+            if any(i.op == "custom-call" and "tpu_custom_call" in i.attrs for i in instrs)}
+  assert splash
+  for b in splash:  # instructions follow the kernel's call (once the computation's cut-off)
+    assert [i.op for i in comps[b]][-1] != "custom-call"
+
+  def reaches(comp, seen=()):
+    called = {c for i in comps[comp] for key in ("calls", "to_apply", "body")
+              for c in plan._attr_computations(i.attrs, key)}
+    return bool(called & splash) or any(reaches(c, seen + (comp,)) for c in called
+                                         if c not in seen)
+
+  layers = [b for b, n in cost.loops if n == config.num_layers]
+  assert any(b in splash or reaches(b) for b in layers)  # the scanned layer calls the kernel
+  ours = cost.bytes_accessed + cost.on_chip_bytes
+  assert ours == pytest.approx(_xla_scaled_bytes(text), rel=0.10)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not plan.libtpu_available(),
+                    reason='libtpu is not installed (pip install -e ".[tpu]")')
+def test_eight_b_train_step_does_not_fit_v5litepod_8(tmp_path, capsys):
+  """The 8B train step (float32 master weights and Adam moments) needs more than a 16 GiB v5e
+  chip: XLA's RESOURCE_EXHAUSTED becomes a row, the JSON is written and the scoring pass is
+  still planned."""
+  out = tmp_path / "plan.json"
+  status = plan.main([os.path.join(REPO, "configs", "llama3_8b_instruct_ultrafeedback.yaml"),
+                      "--arch", "llama3-8b", "--topology", "v5litepod-8",
+                      "--programs", "train_step,score_logps", "--json", str(out)])
+  captured = capsys.readouterr()
+  assert status == 1
+  report = json.loads(out.read_text())
+  train, score = report["programs"]["train_step"], report["programs"]["score_logps"]
+  assert train["fits"] is False and "RESOURCE_EXHAUSTED" in train["error"]
+  assert train["requested_bytes"] > 0 and train["hbm_capacity_bytes"] == 16 * 2 ** 30
+  assert "train_step does not fit v5litepod-8" in captured.err
+  assert "flops" in score and score["hbm_total_bytes"] > 0
+  assert "score_logps" in captured.out
