@@ -64,35 +64,40 @@ class Chip:
   link_bandwidth: float = 0.0  # interconnect bytes/s per link and direction (ICI, NVLink)
   links: int = 0  # interconnect links per chip (ICI: 2 per torus dimension)
   hop_latency: float = 1e-6  # seconds per collective step (one hop of a ring)
+  node_size: int = 0  # GPUs per NVLink domain (0: a TPU torus)
+  scale_out_bandwidth: float = 0.0  # bytes/s per GPU and direction between nodes (InfiniBand)
 
 
 # One table of the datasheet numbers every estimate uses. ICI per link and direction: v5p's
 # 1,200 GB/s bidirectional per chip over 6 links is 100 GB/s (9e10 used, as the JAX scaling
-# book's table); v4 and v5e 4.5e10, v6e 9e10. NVLink 4: 18 links of 25 GB/s per direction.
+# book's table); v4 and v5e 4.5e10, v6e 9e10. GPUs: NVLink through the node's switches is one
+# all-to-all lane per GPU (H100/H200: 18 links x 25 GB/s = 450 GB/s per direction; A100 300),
+# and 400 Gb/s InfiniBand per GPU between nodes (50 GB/s).
 CHIPS: dict[str, Chip] = {
     "v4": Chip("TPU v4", 275e12, 32 * GiB, 1228e9, 4.5e10, 6),
     "v5e": Chip("TPU v5e", 197e12, 16 * GiB, 819e9, 4.5e10, 4),
     "v5p": Chip("TPU v5p", 459e12, 95 * GiB, 2765e9, 9e10, 6),
     "v6e": Chip("TPU v6e", 918e12, 32 * GiB, 1640e9, 9e10, 4),
-    "h100": Chip("NVIDIA H100 SXM", 989e12, 80 * 10 ** 9, 3350e9, 25e9, 18),
-    "h200": Chip("NVIDIA H200 SXM", 989e12, 141 * 10 ** 9, 4800e9, 25e9, 18),
-    "a100": Chip("NVIDIA A100 80GB SXM", 312e12, 80 * 10 ** 9, 2039e9, 25e9, 12),
+    "h100": Chip("NVIDIA H100 SXM", 989e12, 80 * 10 ** 9, 3350e9, 450e9, 1, 1e-5, 8, 50e9),
+    "h200": Chip("NVIDIA H200 SXM", 989e12, 141 * 10 ** 9, 4800e9, 450e9, 1, 1e-5, 8, 50e9),
+    "a100": Chip("NVIDIA A100 80GB SXM", 312e12, 80 * 10 ** 9, 2039e9, 300e9, 1, 1e-5, 8, 25e9),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Slice:
-  """A Cloud TPU slice: its chip and how libtpu describes its topology."""
+  """A Cloud TPU slice (or GPU nodes): its chip and how the compiler describes its topology."""
 
-  name: str  # Cloud TPU accelerator type, e.g. v5p-32
+  name: str  # Cloud TPU accelerator type, e.g. v5p-32; GPU nodes: h100-8, h200-16, ...
   chip: str  # key of CHIPS
-  topology: str  # libtpu topology name, e.g. v5:2x2x4 (chips per dimension)
-  chip_config: str  # "megacore" (v4/v5p: one device per chip) or "default"
-  wrap: tuple[bool, bool, bool]  # torus wrap-around per dimension
+  topology: str  # libtpu topology name, e.g. v5:2x2x4 (chips per dimension); GPU: 1x<nodes>x8
+  chip_config: str  # "megacore" (v4/v5p: one device per chip) or "default"; GPU: ""
+  wrap: tuple[bool, ...]  # torus wrap-around per dimension
+  platform: str = "tpu"  # "tpu" or "cuda"
 
   @property
   def num_chips(self) -> int:
-    return math.prod(int(d) for d in self.topology.split(":")[1].split("x"))
+    return math.prod(int(d) for d in self.topology.split(":")[-1].split("x"))
 
 
 def _slices() -> dict[str, Slice]:
@@ -109,6 +114,12 @@ def _slices() -> dict[str, Slice]:
     for size, (shape, wrap) in shapes.items():
       name = f"{family}-{size}"
       table[name] = Slice(name, chip, f"{prefix}:{shape}", chip_config, wrap)
+  # GPU nodes of 8 (NVLink inside a node): the CUDA plugin's mock topology
+  # "<slices>x<nodes>x<GPUs per node>", compiled against a target description (no GPU needed).
+  for chip in ("h100", "h200"):
+    for nodes in (1, 2, 4, 8):
+      name = f"{chip}-{8 * nodes}"
+      table[name] = Slice(name, chip, f"1x{nodes}x8", "", (), platform="cuda")
   return table
 
 
@@ -116,7 +127,7 @@ SLICES: dict[str, Slice] = _slices()
 
 
 def tpu_slice(name: str) -> Slice:
-  """The `Slice` called ``name`` (``v5p-32``); ValueError listing the known names."""
+  """The `Slice` called ``name`` (``v5p-32``, ``h100-8``); ValueError listing the known names."""
   if name not in SLICES:
     raise ValueError(f"unknown TPU slice {name!r}; known: {', '.join(SLICES)}")
   return SLICES[name]
@@ -132,12 +143,87 @@ def libtpu_available() -> bool:
   return importlib.util.find_spec("libtpu") is not None
 
 
+GPU_HINT = ('compiling for a GPU without one needs the CUDA PJRT plugin (no CUDA libraries): '
+            'pip install -e ".[gpu-plan]" (jax-cuda12-plugin and jax-cuda12-pjrt of the '
+            'installed jax version)')
+
+
+def cuda_plugin_available() -> bool:
+  """True when JAX's CUDA PJRT plugin is importable (the ``gpu-plan`` extra)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  try:
+    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+  except ModuleNotFoundError:
+    return False
+
+
+def gpu_target_config(chip: Chip) -> str:
+  """A ``stream_executor.GpuTargetConfigProto`` (text) describing an SXM Hopper GPU with the
+  chip's memory and bandwidth: what XLA compiles against instead of a present device (figures
+  from XLA's own ``h100_sxm.txtpb``; the H200 is the same GH100 die with more, faster HBM)."""
+  return f"""gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {int(chip.hbm_bandwidth)}
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: {int(chip.hbm_bytes)}
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{
+    major: 9
+    minor: 0
+  }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{
+  major: 9
+  minor: 8
+  patch: 0
+}}
+device_description_str: "{chip.name}"
+"""
+
+
+def _gpu_devices(slice_: Slice) -> list:
+  if not cuda_plugin_available():
+    raise RuntimeError(f"the CUDA plugin is not installed; {GPU_HINT}")
+  # The plugin checks the local CUDA libraries when it registers; compiling needs none.
+  os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  try:
+    topo = topologies.get_topology_desc(
+        platform="cuda", topology_name="", topology=slice_.topology,
+        target_config=gpu_target_config(CHIPS[slice_.chip]))
+  except Exception as e:  # the plugin raises JaxRuntimeError / NotImplementedError
+    raise RuntimeError(f"the CUDA plugin could not describe {slice_.name} "
+                       f"({slice_.topology}): {e}") from e
+  return list(topo.devices)
+
+
 def topology_devices(slice_: Slice) -> list:
-  """The slice's compile-only TPU devices (one per chip), via libtpu; no TPU needed.
+  """The slice's compile-only devices (one per chip): TPU via libtpu, GPU via the CUDA PJRT
+  plugin and a target description (`gpu_target_config`); no accelerator needed.
 
   Raises:
-    RuntimeError: libtpu is missing (with the install command) or rejects the topology.
+    RuntimeError: libtpu (or the CUDA plugin) is missing, with the install command, or rejects
+      the topology.
   """
+  if slice_.platform == "cuda":
+    devices = _gpu_devices(slice_)
+    if len(devices) != slice_.num_chips:
+      raise RuntimeError(f"the CUDA plugin gave {len(devices)} devices for {slice_.name}; "
+                         f"expected {slice_.num_chips}")
+    return devices
   if not libtpu_available():
     raise RuntimeError(f"libtpu is not installed; {LIBTPU_HINT}")
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
@@ -695,6 +781,12 @@ def collective_seconds(c: Collective, chip: Chip, coords: Sequence[Sequence[int]
   it ignores contention between concurrent collectives and multi-hop routing."""
   if chip.link_bandwidth <= 0:
     return float("nan")
+  if chip.node_size:  # GPUs: NVLink inside a node, the scale-out network between nodes
+    inside = len({g // chip.node_size for g in c.group}) <= 1
+    bandwidth = chip.link_bandwidth if inside else chip.scale_out_bandwidth
+    steps = 1 if c.kind in ("collective-permute", "collective-broadcast") else max(
+        len(c.group) - 1, 1)
+    return c.wire_bytes / bandwidth + c.count * steps * chip.hop_latency
   if c.kind in ("collective-permute", "collective-broadcast"):
     lanes, steps = 1, 1
   else:
