@@ -35,6 +35,19 @@ def test_slice_names_map_to_libtpu_topologies():
       assert s.num_chips == (size // 2 if family in ("v4", "v5p") else size)
   with pytest.raises(ValueError, match="unknown TPU slice 'v5p-33'.*v5p-32"):
     plan.tpu_slice("v5p-33")
+  # GPU nodes of 8, as the CUDA plugin's mock topology <slices>x<nodes>x<GPUs per node>.
+  assert plan.tpu_slice("h100-16").topology == "1x2x8" and plan.tpu_slice("h100-16").num_chips == 16
+  assert plan.tpu_slice("h200-8").platform == "cuda" and plan.tpu_slice("v5p-8").platform == "tpu"
+  config = plan.gpu_target_config(plan.CHIPS["h200"])
+  assert "device_memory_size: 141000000000" in config and "memory_bandwidth: 4800000000000" in config
+
+
+def test_gpu_collectives_use_nvlink_inside_a_node_and_the_network_between():
+  chip = plan.CHIPS["h100"]
+  inside = plan.Collective("all-gather", tuple(range(8)), 1, 1e9, 7e9)
+  across = plan.Collective("all-gather", tuple(range(16)), 1, 1e9, 15e9)
+  assert plan.collective_seconds(inside, chip) == pytest.approx(7e9 / 450e9 + 7 * 1e-5)
+  assert plan.collective_seconds(across, chip) == pytest.approx(15e9 / 50e9 + 15 * 1e-5)
 
 
 @pytest.mark.parametrize("name,published", [("mistral-7b", 7.24e9), ("llama3-8b", 8.03e9),
@@ -625,3 +638,20 @@ def test_eight_b_train_step_does_not_fit_v5litepod_8(tmp_path, capsys):
   assert "train_step does not fit v5litepod-8" in captured.err
   assert "flops" in score and score["hbm_total_bytes"] > 0
   assert "score_logps" in captured.out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not plan.cuda_plugin_available(),
+                    reason='the CUDA plugin is not installed (pip install -e ".[gpu-plan]")')
+def test_plan_compiles_for_h100_nodes_without_a_gpu(tmp_path):
+  model = _tiny_model_dir(tmp_path)
+  out = tmp_path / "plan.json"
+  run = subprocess.run(  # a fresh process: the plugin registers when JAX first discovers plugins
+      [sys.executable, "-m", "ssapo_jax.plan", os.path.join(REPO, "configs", "tiny_cpu.yaml"),
+       f"model.path={model}", "--topology", "h100-8", "--json", str(out)],
+      capture_output=True, text=True, env=dict(os.environ), timeout=1200, check=False)
+  assert run.returncode == 0, run.stderr[-2000:]
+  report = json.loads(out.read_text())
+  assert report["chip"] == "NVIDIA H100 SXM" and report["num_chips"] == 8
+  for p in report["programs"].values():
+    assert p["fits"] and p["hbm_total_bytes"] > 0 and p["bytes_accessed"] > 0
