@@ -227,7 +227,7 @@ def bench_train(sz: Sizes, peak: float, remat: str) -> dict:
   seconds = statistics.median(times)
   tokens = 2 * sz.train_pairs * sz.train_len
   flops = plan.train_step_flops(config, t, sz.train_len)
-  return {"params": plan.matmul_params(config), "pairs": sz.train_pairs, "seq_len": sz.train_len,
+  return {"params": config.matmul_params(), "pairs": sz.train_pairs, "seq_len": sz.train_len,
           "remat": remat, "compile_s": compile_s, "step_ms": 1e3 * seconds,
           "tokens_per_s": tokens / seconds, "mfu": flops / seconds / peak,
           "loss_finite": bool(np.isfinite(float(metrics["loss"])))}
@@ -271,7 +271,7 @@ def bench_capacity(sz: Sizes, capacity: int) -> dict:
     total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
              - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
     fits = total <= capacity
-    rows.append({"model": name, "params": plan.matmul_params(config), "hbm_bytes": int(total),
+    rows.append({"model": name, "params": config.matmul_params(), "hbm_bytes": int(total),
                  "fits": fits, "compile_s": time.perf_counter() - start})
     if not fits:
       break  # larger ones will not fit either

@@ -39,9 +39,10 @@ from ssapo_jax.sampling import SamplingConfig
 from ssapo_jax.sharding import MeshConfig
 from ssapo_jax.train.step import TrainConfig
 
-# What each named stream draws: sampling of round t, the follower's random groups, the train
-# state's key, the loader's epoch order, and greedy evaluation (which draws nothing today).
-SeedStream = Literal["generate", "follower", "train", "shuffle", "evaluate"]
+# What each named stream draws: sampling of round t, the follower's random groups, the loader's
+# epoch order, and greedy evaluation (which draws nothing today). Streams are hashed by name,
+# so removing one changes no other stream's keys.
+SeedStream = Literal["generate", "follower", "shuffle", "evaluate"]
 SEED_STREAMS: tuple[str, ...] = typing.get_args(SeedStream)
 
 

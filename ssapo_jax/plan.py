@@ -698,22 +698,12 @@ def hlo_cost(hlo_text: str, *, unknown_trip_count: int = 1) -> HloCost:
 # ---------------------------------------------------------------------------------------------
 
 
-def matmul_params(config) -> int:
-  """Parameters that multiply every token: attention and MLP matrices of all layers and the
-  LM head (the input embedding is a lookup; norms and biases are negligible and left out)."""
-  c = config
-  attention = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-  mlp = 3 * c.hidden_size * c.intermediate_size
-  return c.num_layers * (attention + mlp) + c.vocab_size * c.hidden_size
-
-
 def forward_flops(config, num_tokens: float, context: float, *, causal: bool = False) -> float:
   """Model flops of a forward pass over ``num_tokens`` tokens that each attend to ``context``
-  keys: ``2 * matmul_params`` per token plus ``QK^T`` and ``PV``. PaLM's convention counts the
-  full ``context x context`` square; ``causal=True`` halves it (MaxText's convention)."""
-  c = config
-  attention = 4.0 * c.num_layers * c.num_heads * c.head_dim * context * (0.5 if causal else 1.0)
-  return num_tokens * (2.0 * matmul_params(c) + attention)
+  keys (the model config's own count, `CausalLMConfig.forward_flops`: PaLM's convention, the
+  full ``context x context`` square). ``causal=True`` halves the attention square (MaxText's
+  convention): attention flops are linear in the context, so it is the count at half of it."""
+  return config.forward_flops(num_tokens, context * (0.5 if causal else 1.0))
 
 
 def train_step_flops(config, train_config, seq_len: int, *, causal: bool = False) -> float:
@@ -835,101 +825,63 @@ def model_config(experiment, *, arch: str | None = None, num_layers: int | None 
   return dataclasses.replace(config, **changes)
 
 
-def _abstract(tree, shardings):
-  import jax  # pylint: disable=import-outside-toplevel
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
 def _abstract_model(config):
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-
-  from ssapo_jax.models import Llama  # pylint: disable=import-outside-toplevel
-  return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  from ssapo_jax.models import build_model  # pylint: disable=import-outside-toplevel
+  return build_model(config, abstract=True)
 
 
-def lower_train_step(train_config, config, mesh, *, seq_len: int, num_atoms: int = 1):
-  """``(lowered, tokens)`` of the jitted train step on an abstract, sharded `TrainState`
-  and a global batch of ``[global_batch_size, seq_len]`` pairs with ``num_atoms`` atoms."""
+def abstract_batch(train_config, mesh, *, seq_len: int, num_atoms: int = 1):
+  """The global `PreferenceBatch` the train step takes, as sharded ``ShapeDtypeStruct``s:
+  ``[global_batch_size, seq_len]`` int32 tokens, ``[global_batch_size]`` float32 columns and
+  ``[global_batch_size, num_atoms]`` float32 follower atoms (`PreferenceLoader`'s dtypes)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   from ssapo_jax import train as tr  # pylint: disable=import-outside-toplevel
   from ssapo_jax.batch import PreferenceBatch  # pylint: disable=import-outside-toplevel
-  t = train_config
-  graphdef, params, rest = tr.split_model(_abstract_model(config), t)
-  tx = tr.make_optimizer(t, 1000)
-  scalar = jax.ShapeDtypeStruct((), jnp.int32)
-  template = tr.TrainState(
-      step=scalar, params=params, opt_state=jax.eval_shape(tx.init, params),
-      rng=jax.eval_shape(lambda: jax.random.key(0)), nonfinite_consecutive=scalar,
-      nonfinite_total=scalar, rest=rest, ref_params=params if t.reference == "in_step" else None,
-      graphdef=graphdef, tx=tx, schedule=tr.make_schedule(t, 1000))
-  state = _abstract(template, tr.state_shardings(template, mesh))
-  b, seq = t.global_batch_size, seq_len
-  tok = jax.ShapeDtypeStruct((b, seq), jnp.int32)
+  b = train_config.global_batch_size
+  tok = jax.ShapeDtypeStruct((b, seq_len), jnp.int32)
   vec = jax.ShapeDtypeStruct((b,), jnp.float32)
   atom = jax.ShapeDtypeStruct((b, num_atoms), jnp.float32)
   batch = PreferenceBatch(chosen_ids=tok, chosen_mask=tok, chosen_loss_mask=tok,
                           rejected_ids=tok, rejected_mask=tok, rejected_loss_mask=tok,
                           weights=vec, valid=vec, ref_chosen_logps=vec, ref_rejected_logps=vec,
                           atom_weights=atom, atom_shifts=atom)
-  batch = _abstract(batch, tr.batch_shardings(mesh, t))
-  step = tr.make_train_step(t, mesh, template)  # traces under the mesh (splash, shard_map)
-  return step.lower(state, batch), 2 * b * seq
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch,
+                      tr.batch_shardings(mesh, train_config))
+
+
+def lower_train_step(train_config, config, mesh, *, seq_len: int, num_atoms: int = 1,
+                     num_train_steps: int = 1000):
+  """``(lowered, tokens)`` of the run's train step: `train.create_train_state` (abstract) and
+  `train.make_train_step`, the functions the run calls, on a global batch of
+  ``[global_batch_size, seq_len]`` pairs with ``num_atoms`` atoms."""
+  from ssapo_jax import train as tr  # pylint: disable=import-outside-toplevel
+  t = train_config
+  state = tr.create_train_state(_abstract_model(config), t, mesh,
+                                num_train_steps=num_train_steps, abstract=True)
+  step = tr.make_train_step(t, mesh, state)  # traces under the mesh (splash, shard_map)
+  batch = abstract_batch(t, mesh, seq_len=seq_len, num_atoms=num_atoms)
+  return step.lower(state, batch), 2 * t.global_batch_size * seq_len
 
 
 def lower_score_logps(config, mesh, *, rows: int, seq_len: int):
-  """``(lowered, tokens)`` of the sharded log-prob pass (reference log-probs, annotation)
-  over ``[rows, seq_len]`` sequences, in the model config's compute dtype."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
-
-  from ssapo_jax import sharding as shd  # pylint: disable=import-outside-toplevel
+  """``(lowered, tokens)`` of the run's scoring pass (`train.Scorer.lower`: reference
+  log-probs, annotation) over ``[rows, seq_len]`` sequences in the model's compute dtype."""
   from ssapo_jax import train as tr  # pylint: disable=import-outside-toplevel
-  graphdef, params, rest = tr.split_model(_abstract_model(config))
-  params = _abstract(params, tr.param_shardings(params, mesh))
-  logps_fn = tr.make_compute_logps(mesh, graphdef, params, rest, compute_dtype=config.dtype)
-  seq = seq_len
-  tok = jax.ShapeDtypeStruct((rows, seq), jnp.int32,
-                             sharding=NamedSharding(mesh, PartitionSpec(shd.BATCH_AXES)))
-  # The outer jit only traces into the inner, sharded one (which traces under the mesh): the
-  # compiled program is the same.
-  return jax.jit(logps_fn).lower(params, tok, tok, tok), rows * seq
+  scorer = tr.Scorer(mesh, 0, rows, compute_dtype=config.dtype)
+  return scorer.lower(_abstract_model(config), seq_len), rows * seq_len
 
 
 def lower_generate(sampling_config, config, mesh, *, prompt_len: int):
-  """``(lowered, new tokens)`` of the KV-cache sampler on one batch of ``prompt_len``-token
-  prompts, laid out as `ssapo_jax.sampling.Sampler` runs it: prompts over the batch axes,
-  parameters in the decode layout (`sharding.DECODE_AXIS_RULES`) and the compute dtype."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
-
-  from ssapo_jax import sampling  # pylint: disable=import-outside-toplevel
-  from ssapo_jax import sharding as shd  # pylint: disable=import-outside-toplevel
-  from ssapo_jax.models import logical_axes  # pylint: disable=import-outside-toplevel
+  """``(lowered, new tokens)`` of the run's sampler (`sampling.Sampler.lower`) on one batch of
+  ``prompt_len``-token prompts: prompts over the batch axes, parameters in the decode layout."""
+  from ssapo_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
   s = sampling_config
-  graphdef, params, rest = nnx.split(_abstract_model(config), nnx.Param, ...)
-  params = _abstract(params, shd.logical_shardings(params, logical_axes(params), mesh,
-                                                   rules=shd.DECODE_AXIS_RULES))
-  params = jax.tree.map(  # as `Sampler.decode_layout` casts them
-      lambda x: jax.ShapeDtypeStruct(x.shape, sampling.decode_dtype(x.dtype, config.dtype),
-                                     sharding=x.sharding), params)
-  rest = _abstract(rest, jax.tree.map(lambda _: shd.replicated(mesh), rest))
-  rows = lambda ndim: NamedSharding(mesh, shd.batch_spec(ndim, s.batch_size, mesh))
-  prompts = jax.ShapeDtypeStruct((s.batch_size, prompt_len), jnp.int32, sharding=rows(2))
-  index = jax.ShapeDtypeStruct((s.batch_size,), jnp.int32, sharding=rows(1))
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  settings = sampling._settings(  # pylint: disable=protected-access
-      config, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-      top_k=s.top_k, num_samples=s.num_samples, eos_token_ids=tuple(config.eos_token_ids or (0,)),
-      pad_token_id=int(config.pad_token_id or 0))
-  lowered = sampling._generate.lower(  # pylint: disable=protected-access
-      graphdef, params, rest, prompts, prompts, index, key, settings=settings, mesh=mesh)
-  return lowered, s.batch_size * s.num_samples * s.max_new_tokens
+  sampler = Sampler(mesh, s, pad_token_id=int(config.pad_token_id or 0),
+                    eos_token_ids=tuple(config.eos_token_ids or (0,)))
+  return (sampler.lower(_abstract_model(config), prompt_len),
+          s.batch_size * s.num_samples * s.max_new_tokens)
 
 
 PROGRAMS = ("train_step", "score_logps", "generate")
@@ -1422,7 +1374,7 @@ def main(argv=None) -> int:
   chip = CHIPS[slice_.chip]
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
   log(f"{slice_.name}: {slice_.num_chips} x {chip.name} ({slice_.topology}); "
-      f"{config.model_type} {config.num_layers} layers, {matmul_params(config) / 1e9:.2f}B "
+      f"{config.model_type} {config.num_layers} layers, {config.matmul_params() / 1e9:.2f}B "
       "matmul parameters")
   if args.hlo_dir:
     os.makedirs(args.hlo_dir, exist_ok=True)
@@ -1449,7 +1401,7 @@ def main(argv=None) -> int:
         "config": args.config, "overrides": list(args.overrides), "topology": slice_.name,
         "libtpu_topology": slice_.topology, "chip": chip.name, "num_chips": slice_.num_chips,
         "mesh": mesh_shape, "model_type": config.model_type,
-        "num_layers": config.num_layers, "matmul_params": matmul_params(config),
+        "num_layers": config.num_layers, "matmul_params": config.matmul_params(),
         "num_params": params, "peak_flops": chip.peak_flops, "hbm_bandwidth": chip.hbm_bandwidth,
         "link_bandwidth": chip.link_bandwidth, "links": chip.links,
         "programs": {p.name: p.to_json() for p in plans},

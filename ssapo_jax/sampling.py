@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ssapo_jax import sharding as shd
 from ssapo_jax.data.tokenize import left_pad, round_up
+from ssapo_jax.models import logical_axes, split_params
 from ssapo_jax.models.llama import Llama, positions_from_mask
 
 
@@ -268,13 +269,39 @@ def generate(model: Llama, prompt_ids, prompt_mask, key: jax.Array, *, max_new_t
       raise ValueError("generate: every prompt needs at least one real token")
   if prompt_index is None:
     prompt_index = np.arange(prompt_ids.shape[0], dtype=np.int32)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  graphdef, params, rest = split_params(model)
   gen, _ = _generate(graphdef, params, rest, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask),
                      jnp.asarray(prompt_index, jnp.int32), key, settings=settings)
   return gen
 
 
 # ------------------------------------------------------------------------------ many prompts
+
+
+def decode_layout(model: Llama, mesh, *, abstract: bool = False) -> tuple[Any, Any, Any]:
+  """``(graphdef, params, rest)`` of ``model`` for decoding on ``mesh``: parameters placed by
+  `DECODE_AXIS_RULES`, in the compute dtype (`decode_dtype`); the one place that layout is built.
+
+  One all-gather of the FSDP shards per call; decoding then reads the local copies. Each
+  device holds ``1 / tensor`` of the model: for a bfloat16 run with float32 master weights,
+  half of what the float32 copies would take, and half the bytes each decode step reads. With
+  ``abstract`` (``model`` may be abstract too), ``jax.ShapeDtypeStruct`` leaves with those
+  shardings, nothing allocated.
+  """
+  graphdef, params, rest = split_params(model)
+  p_shard = shd.logical_shardings(params, logical_axes(params), mesh, rules=shd.DECODE_AXIS_RULES)
+  r_shard = jax.tree.map(lambda _: shd.replicated(mesh), rest)
+  cast = lambda x: x.astype(decode_dtype(x.dtype, model.config.dtype))  # noqa: E731
+  to_layout = lambda p, r: (jax.tree.map(cast, p), r)  # noqa: E731
+  if abstract:
+    shapes = jax.eval_shape(to_layout, params, rest)
+    params, rest = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+        (p_shard, r_shard))
+    return graphdef, params, rest
+  params, rest = jax.jit(to_layout, out_shardings=(p_shard, r_shard))(params, rest)
+  return graphdef, params, rest
+
 
 
 class PromptBatch(NamedTuple):
@@ -415,23 +442,32 @@ class Sampler:
                           else tuple(int(e) for e in eos_token_ids))
     self.bucket_size, self.bucketed = bucket_size, bucketed
 
-  def decode_layout(self, model: Llama) -> tuple[Any, Any, Any]:
-    """``(graphdef, params, rest)`` with the parameters placed by `DECODE_AXIS_RULES`, in
-    the compute dtype (`decode_dtype`).
+  def decode_layout(self, model: Llama, *, abstract: bool = False) -> tuple[Any, Any, Any]:
+    """`decode_layout` of ``model`` on this sampler's mesh."""
+    return decode_layout(model, self.mesh, abstract=abstract)
 
-    One all-gather of the FSDP shards per call; decoding then reads the local copies. Each
-    device holds ``1 / tensor`` of the model: for a bfloat16 run with float32 master weights,
-    half of what the float32 copies would take, and half the bytes each decode step reads.
-    """
-    from ssapo_jax.models import logical_axes  # pylint: disable=import-outside-toplevel
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    p_shard = shd.logical_shardings(params, logical_axes(params), self.mesh,
-                                    rules=shd.DECODE_AXIS_RULES)
-    r_shard = jax.tree.map(lambda _: shd.replicated(self.mesh), rest)
-    cast = lambda x: x.astype(decode_dtype(x.dtype, model.config.dtype))
-    params, rest = jax.jit(lambda p, r: (jax.tree.map(cast, p), r),
-                           out_shardings=(p_shard, r_shard))(params, rest)
-    return graphdef, params, rest
+  def settings(self, model: Llama, *, temperature: float | None = None,
+               num_samples: int | None = None) -> _Settings:
+    """The static settings of `_generate` for ``model`` (the config's, or these overrides)."""
+    c = self.config
+    return _settings(model.config, max_new_tokens=c.max_new_tokens,
+                     temperature=c.temperature if temperature is None else temperature,
+                     top_p=c.top_p, top_k=c.top_k,
+                     num_samples=c.num_samples if num_samples is None else num_samples,
+                     eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id)
+
+  def lower(self, model: Llama, prompt_len: int) -> jax.stages.Lowered:
+    """The decoding program `sample` runs on one batch of ``prompt_len``-token prompts,
+    lowered (``model`` may be abstract): what `ssapo-plan` compiles."""
+    graphdef, params, rest = self.decode_layout(model, abstract=True)
+    b = self.config.batch_size
+    rows = lambda ndim: NamedSharding(self.mesh, shd.batch_spec(ndim, b, self.mesh))  # noqa: E731
+    prompts = jax.ShapeDtypeStruct((b, prompt_len), jnp.int32, sharding=rows(2))
+    index = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rows(1))
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                               sharding=shd.replicated(self.mesh))
+    return _generate.lower(graphdef, params, rest, prompts, prompts, index, key,
+                           settings=self.settings(model), mesh=self.mesh)
 
   def sample(self, model: Llama, prompts: Sequence[Sequence[int]], key: jax.Array, *,
              temperature: float | None = None, num_samples: int | None = None,
@@ -446,11 +482,8 @@ class Sampler:
       desc: progress-bar label.
     """
     c = self.config
-    temperature = c.temperature if temperature is None else temperature
     num_samples = c.num_samples if num_samples is None else num_samples
-    settings = _settings(model.config, max_new_tokens=c.max_new_tokens, temperature=temperature,
-                         top_p=c.top_p, top_k=c.top_k, num_samples=num_samples,
-                         eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id)
+    settings = self.settings(model, temperature=temperature, num_samples=num_samples)
     start_time = time.perf_counter()
     lengths = [len(p) for p in prompts]
     plan = plan_batches(lengths, batch_size=c.batch_size, bucket_size=self.bucket_size,

@@ -77,7 +77,7 @@ def test_train_flops_are_six_params_tokens_plus_attention(name):
   seq, chips = 2048, 16
   tokens = 2 * 32 * seq
   params = _counted_matmul_params(config)
-  assert plan.matmul_params(config) == params
+  assert config.matmul_params() == params
   attention = 12 * config.num_layers * config.num_heads * config.head_dim * seq * tokens  # PaLM
   per_chip = plan.train_step_flops(config, t, seq) / chips
   assert per_chip == pytest.approx((6 * params * tokens + attention) / chips, rel=1e-12)
@@ -655,3 +655,44 @@ def test_plan_compiles_for_h100_nodes_without_a_gpu(tmp_path):
   assert report["chip"] == "NVIDIA H100 SXM" and report["num_chips"] == 8
   for p in report["programs"].values():
     assert p["fits"] and p["hbm_total_bytes"] > 0 and p["bytes_accessed"] > 0
+
+
+# ----------------------------------------------------------------------------- same programs
+
+
+def _fingerprint(lowered) -> str:
+  """The lowered module's text without source locations (equal programs, equal text)."""
+  return lowered.as_text(debug_info=False)
+
+
+def test_plan_lowers_exactly_the_run_programs():
+  """The plan's train step, scoring pass and sampler are the run's own builders: the same
+  lowered module as the run's (a real train state and batch, a real `Scorer` and `Sampler`)."""
+  import _multihost_worker as w
+  from ssapo_jax import sharding as shd
+  from ssapo_jax.sampling import Sampler, SamplingConfig
+  mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=2, tensor=2))
+  cfg = w.train_config(objective="robust", micro_batches=2)
+  model = w.tiny_model()
+  state = tr.create_train_state(model, cfg, mesh, num_train_steps=7)
+  run_step = tr.make_train_step(cfg, mesh, state)
+  batch = w.make_batch(0)
+  run_lowered = run_step.lower(state, shd.global_batch(mesh, batch))
+  plan_lowered, _ = plan.lower_train_step(cfg, model.config, mesh, seq_len=batch.chosen_ids.shape[1],
+                                          num_atoms=batch.atom_weights.shape[1], num_train_steps=7)
+  assert _fingerprint(plan_lowered) == _fingerprint(run_lowered)
+  other, _ = plan.lower_train_step(cfg, model.config, mesh, seq_len=batch.chosen_ids.shape[1] + 8,
+                                   num_atoms=batch.atom_weights.shape[1], num_train_steps=7)
+  assert _fingerprint(other) != _fingerprint(run_lowered)  # the comparison can fail
+
+  scorer = tr.Scorer(mesh, 0, 8, compute_dtype=model.config.dtype)
+  fn, params = scorer._split(model)  # pylint: disable=protected-access
+  tok = shd.global_batch(mesh, np.ones((8, 16), np.int32))
+  run_score = fn.lower(params, tok, tok, tok)
+  plan_score, _ = plan.lower_score_logps(model.config, mesh, rows=8, seq_len=16)
+  assert _fingerprint(plan_score) == _fingerprint(run_score)
+
+  s = SamplingConfig(max_new_tokens=4, batch_size=8, num_samples=2, temperature=1.0)
+  sampler = Sampler(mesh, s, pad_token_id=0, eos_token_ids=(0,))
+  assert (_fingerprint(sampler.lower(model, 12))
+          == _fingerprint(plan.lower_generate(s, model.config, mesh, prompt_len=12)[0]))

@@ -1,4 +1,5 @@
-"""Llama-family models in Flax NNX and Hugging Face checkpoint import/export."""
+"""Causal LMs in Flax NNX: the `CausalLM` interface and family registry, the Llama family,
+and Hugging Face checkpoint import/export."""
 
 import logging
 
@@ -16,11 +17,19 @@ class _NoTorchNotice(logging.Filter):
 
 logging.getLogger("transformers").addFilter(_NoTorchNotice())
 
-from ssapo_jax.models.llama import KVCache
+from ssapo_jax.models.base import CausalLM
+from ssapo_jax.models.base import CausalLMConfig
+from ssapo_jax.models.base import KVCache
+from ssapo_jax.models.base import ModelFamily
+from ssapo_jax.models.base import build_model
+from ssapo_jax.models.base import family_for
+from ssapo_jax.models.base import logical_axes
+from ssapo_jax.models.base import register_family
+from ssapo_jax.models.base import split_params
+from ssapo_jax.models.base import supported_model_types
 from ssapo_jax.models.llama import Llama
 from ssapo_jax.models.llama import LlamaConfig
 from ssapo_jax.models.llama import chunked_token_logps
-from ssapo_jax.models.llama import logical_axes
 from ssapo_jax.models.llama import positions_from_mask
 from ssapo_jax.models.params import CheckpointError
 from ssapo_jax.models.params import load_hf

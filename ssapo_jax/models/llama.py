@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -32,15 +32,13 @@ import numpy as np
 from flax import nnx
 
 from ssapo_jax.models.attention import IMPLEMENTATIONS, attention, resolve_implementation
+from ssapo_jax.models.base import KVCache, ModelFamily, annotated_param, logical_axes, register_family
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]  # per-decoder-layer remat
 REMAT_POLICIES: tuple[str, ...] = typing.get_args(RematPolicy)
 
-# The NNX metadata key holding logical axis names (flax 0.12 renamed `sharding_names` to
-# `out_sharding`); read and written only through `_param` and `_axes_of`.
-_AXES_KEY = "out_sharding"
 
 
 def _dtype_name(dtype) -> str:
@@ -233,6 +231,19 @@ class LlamaConfig:
     kwargs.update(overrides)
     return cls(**kwargs)
 
+  def matmul_params(self) -> int:
+    """Parameters that multiply every token: attention and MLP matrices of all layers and the
+    LM head (the input embedding is a lookup; norms and biases are negligible and left out)."""
+    attention = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+    mlp = 3 * self.hidden_size * self.intermediate_size
+    return self.num_layers * (attention + mlp) + self.vocab_size * self.hidden_size
+
+  def forward_flops(self, num_tokens: float, context: float) -> float:
+    """Model flops of a forward pass over ``num_tokens`` tokens that each attend to
+    ``context`` keys on average: ``2 * matmul_params`` per token plus ``QK^T`` and ``PV``."""
+    attention = 4.0 * self.num_layers * self.num_heads * self.head_dim * context
+    return num_tokens * (2.0 * self.matmul_params() + attention)
+
   def to_hf_dict(self) -> dict:
     """A ``config.json`` dict that ``transformers.AutoConfig`` reads back to this architecture."""
     rope = {"rope_theta": self.rope_theta, "rope_type": "default"}
@@ -288,32 +299,10 @@ class LlamaConfig:
 
 def _param(key: jax.Array, init, shape: tuple[int, ...], axes: tuple[str | None, ...],
            dtype) -> nnx.Param:
-  """Creates an ``nnx.Param`` annotated with logical axis names (the one place that does)."""
+  """Creates an initialised ``nnx.Param`` annotated with logical axis names."""
   if len(axes) != len(shape):
     raise ValueError(f"logical axes {axes} do not match parameter shape {shape}")
-  # eager_sharding=False: the names are logical; ssapo_jax.sharding maps them to mesh axes.
-  return nnx.Param(init(key, shape, dtype), eager_sharding=False, **{_AXES_KEY: tuple(axes)})
-
-
-def _axes_of(variable) -> tuple[str | None, ...] | None:
-  axes = variable.get_metadata().get(_AXES_KEY)
-  return None if axes is None else tuple(axes)
-
-
-def logical_axes(params_state) -> Any:
-  """Logical axis names of every parameter.
-
-  Args:
-    params_state: ``nnx.state(model, nnx.Param)`` (or a model).
-
-  Returns:
-    A pytree with the structure of ``params_state`` whose leaves are tuples of logical axis
-    names (one per array dimension) or None for an unannotated variable.
-  """
-  if isinstance(params_state, nnx.Module):
-    params_state = nnx.state(params_state, nnx.Param)
-  return jax.tree.map(_axes_of, params_state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return annotated_param(init(key, shape, dtype), axes)
 
 
 _normal = jax.nn.initializers.normal(stddev=0.02)
@@ -534,13 +523,6 @@ _POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-class KVCache(NamedTuple):
-  """Keys and values of every layer, each ``[L, B, S, K, H]`` (compute dtype)."""
-
-  keys: jax.Array
-  values: jax.Array
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -771,3 +753,36 @@ def chunked_token_logps(hidden: jax.Array, unembedding: jax.Array, labels: jax.A
     return token_logps
   # log Σ p² = log Σ exp(2(x − max)) − 2 log Σ exp(x − max).
   return token_logps, jax.lax.stop_gradient(jnp.log(run_sum_sq) - 2 * jnp.log(run_sum))
+
+
+# ----------------------------------------------------------------------------- HF names
+
+HF_GLOBAL_TENSORS = (
+    ("model.embed_tokens.weight", "embedding", "identity"),
+    ("model.norm.weight", "final_norm.scale", "identity"),
+    ("lm_head.weight", "lm_head", "identity"),
+)
+
+# HF suffix after ``model.layers.{i}.`` -> our suffix after ``layers.`` (row i of the stack).
+HF_LAYER_TENSORS = (
+    ("input_layernorm.weight", "input_norm.scale", "identity"),
+    ("post_attention_layernorm.weight", "post_attn_norm.scale", "identity"),
+    ("self_attn.q_proj.weight", "attn.q_proj", "in_heads"),
+    ("self_attn.k_proj.weight", "attn.k_proj", "in_heads"),
+    ("self_attn.v_proj.weight", "attn.v_proj", "in_heads"),
+    ("self_attn.o_proj.weight", "attn.o_proj", "out_heads"),
+    ("self_attn.q_proj.bias", "attn.q_bias", "reshape"),
+    ("self_attn.k_proj.bias", "attn.k_bias", "reshape"),
+    ("self_attn.v_proj.bias", "attn.v_bias", "reshape"),
+    ("self_attn.o_proj.bias", "attn.o_bias", "reshape"),
+    ("mlp.gate_proj.weight", "mlp.gate_proj", "transpose"),
+    ("mlp.up_proj.weight", "mlp.up_proj", "transpose"),
+    ("mlp.down_proj.weight", "mlp.down_proj", "transpose"),
+    ("mlp.gate_proj.bias", "mlp.gate_bias", "reshape"),
+    ("mlp.up_proj.bias", "mlp.up_bias", "reshape"),
+    ("mlp.down_proj.bias", "mlp.down_bias", "reshape"),
+)
+
+
+register_family(SUPPORTED_MODEL_TYPES, ModelFamily("llama", LlamaConfig, Llama,
+                                                   HF_GLOBAL_TENSORS, HF_LAYER_TENSORS))

@@ -1,6 +1,7 @@
-"""Hugging Face safetensors import/export for `Llama` (Llama, Mistral, Qwen2 checkpoints).
+"""Hugging Face safetensors import/export for the registered model families (`models.base`).
 
-The mapping is one table (`_LAYER_TABLE` plus three global rows): HF tensor name → NNX
+The mapping is the family's tables (`ModelFamily.hf_layer_tensors` plus its global rows): HF
+tensor name → NNX
 parameter path, layer index (our layer parameters are stacked on a leading ``[L]`` axis, so
 ``model.layers.3.mlp.up_proj.weight`` is row 3 of ``layers.mlp.up_proj``) and a layout
 transform. Import is strict in both directions: a checkpoint tensor with nowhere to go, a
@@ -31,56 +32,29 @@ from jax.sharding import NamedSharding
 from safetensors import safe_open
 
 from ssapo_jax.errors import CheckpointError  # re-exported
-from ssapo_jax.models.llama import Llama, LlamaConfig, SUPPORTED_MODEL_TYPES, logical_axes
+from ssapo_jax.models.base import CausalLM, build_model, family_for, logical_axes, split_params
+from ssapo_jax.models.base import supported_model_types
 from ssapo_jax.sharding import logical_to_spec
 
 
-# Layout transforms between HF ``torch.nn.Linear`` weights ``[out, in]`` and our einsum kernels.
-IDENTITY = "identity"      # same array (embeddings, norm scales, lm_head [V, D])
-IN_HEADS = "in_heads"      # HF [X*H, D] -> ours [D, X, H]   (q/k/v projections)
-OUT_HEADS = "out_heads"    # HF [D, N*H] -> ours [N, H, D]   (o projection)
-TRANSPOSE = "transpose"    # HF [F, D]   -> ours [D, F]      (MLP)
-RESHAPE = "reshape"        # HF [X*H]    -> ours [X, H]      (biases)
-
-_GLOBAL_TABLE = (
-    ("model.embed_tokens.weight", "embedding", IDENTITY),
-    ("model.norm.weight", "final_norm.scale", IDENTITY),
-    ("lm_head.weight", "lm_head", IDENTITY),
-)
-
-# HF suffix after ``model.layers.{i}.`` -> our suffix after ``layers.`` (row i of the stack).
-_LAYER_TABLE = (
-    ("input_layernorm.weight", "input_norm.scale", IDENTITY),
-    ("post_attention_layernorm.weight", "post_attn_norm.scale", IDENTITY),
-    ("self_attn.q_proj.weight", "attn.q_proj", IN_HEADS),
-    ("self_attn.k_proj.weight", "attn.k_proj", IN_HEADS),
-    ("self_attn.v_proj.weight", "attn.v_proj", IN_HEADS),
-    ("self_attn.o_proj.weight", "attn.o_proj", OUT_HEADS),
-    ("self_attn.q_proj.bias", "attn.q_bias", RESHAPE),
-    ("self_attn.k_proj.bias", "attn.k_bias", RESHAPE),
-    ("self_attn.v_proj.bias", "attn.v_bias", RESHAPE),
-    ("self_attn.o_proj.bias", "attn.o_bias", RESHAPE),
-    ("mlp.gate_proj.weight", "mlp.gate_proj", TRANSPOSE),
-    ("mlp.up_proj.weight", "mlp.up_proj", TRANSPOSE),
-    ("mlp.down_proj.weight", "mlp.down_proj", TRANSPOSE),
-    ("mlp.gate_proj.bias", "mlp.gate_bias", RESHAPE),
-    ("mlp.up_proj.bias", "mlp.up_bias", RESHAPE),
-    ("mlp.down_proj.bias", "mlp.down_bias", RESHAPE),
-)
+IDENTITY, IN_HEADS, OUT_HEADS, TRANSPOSE, RESHAPE = (
+    "identity", "in_heads", "out_heads", "transpose", "reshape")  # see `base.HfTensor`
 
 # Checkpoint tensors that carry no parameters of ours (old Llama checkpoints store RoPE buffers).
 _IGNORABLE = (re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),)
 
 
-def tensor_mapping(config: LlamaConfig, param_paths) -> dict[str, tuple[str, int | None, str]]:
+def tensor_mapping(config, param_paths) -> dict[str, tuple[str, int | None, str]]:
   """HF tensor name -> (our dotted parameter path, layer row or None, transform), for the
-  parameters that exist; embeddings, norm and head first, then layer by layer."""
+  parameters that exist; embeddings, norm and head first, then layer by layer (the tables of
+  ``config.model_type``'s registered family)."""
+  family = family_for(config.model_type)
   paths = set(param_paths)
   table = {}
-  for hf, ours, kind in _GLOBAL_TABLE:
+  for hf, ours, kind in family.hf_global_tensors:
     table[hf] = (ours, None, kind)
   for i in range(config.num_layers):
-    for hf, ours, kind in _LAYER_TABLE:
+    for hf, ours, kind in family.hf_layer_tensors:
       table[f"model.layers.{i}.{hf}"] = (f"layers.{ours}", i, kind)
   return {hf: v for hf, v in table.items() if v[0] in paths}
 
@@ -181,9 +155,9 @@ def read_config(path: str | os.PathLike) -> dict:
       config = json.load(f)
     except json.JSONDecodeError as e:
       raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
-  if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
+  if config.get("model_type") not in supported_model_types():
     raise CheckpointError(f"{cfg_file}: unsupported model_type {config.get('model_type')!r}; "
-                          f"supported: {SUPPORTED_MODEL_TYPES}")
+                          f"supported: {supported_model_types()}")
   return config
 
 
@@ -259,8 +233,9 @@ def _target_shardings(abs_params, flat, mesh, shardings) -> dict[str, jax.shardi
 
 def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
             remat: str = "none", attention: str = "auto", mesh: jax.sharding.Mesh | None = None,
-            shardings=None) -> Llama:
-  """Loads a local Hugging Face Llama/Mistral/Qwen2 directory into a `Llama`.
+            shardings=None) -> CausalLM:
+  """Loads a local Hugging Face model directory into its registered family's model
+  (`ssapo_jax.models.family_for`; today Llama, Mistral and Qwen2 checkpoints).
 
   Args:
     path: directory with ``config.json`` and ``model.safetensors`` or sharded
@@ -283,10 +258,10 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float
       safetensors file.
   """
   path = os.fspath(path)
-  config = LlamaConfig.from_hf(read_config(path), dtype=dtype, param_dtype=param_dtype,
-                               remat=remat, attention=attention)
-  abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-  graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
+  hf = read_config(path)
+  config = family_for(hf["model_type"]).config_cls.from_hf(
+      hf, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
+  graphdef, abs_params, rest = split_params(build_model(config, abstract=True))
   flat = _flat_params(abs_params)
   mapping = tensor_mapping(config, flat)
   targets = _target_shardings(abs_params, flat, mesh, shardings)
@@ -420,7 +395,7 @@ def _write_safetensors(file: str, names: list[str], shapes: dict, dtype, produce
       f.write(array.reshape(-1).view(np.uint8).data)  # no bytes copy
 
 
-def save_hf(model: Llama, path: str | os.PathLike, *, tokenizer=None,
+def save_hf(model: CausalLM, path: str | os.PathLike, *, tokenizer=None,
             shard_size: int = 5 * 1024**3, dtype=None) -> None:
   """Writes ``model`` as a Hugging Face directory (``config.json``, safetensors, index).
 

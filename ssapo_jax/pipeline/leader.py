@@ -80,12 +80,11 @@ def new_train_state(rt: Runtime, t: int, init: Llama, num_train_steps: int, *,
                     abstract: bool = False):
   """Round t's initial `TrainState` from ``init`` (its key from the ``train`` seed stream).
 
-  With ``abstract``, its shapes, dtypes and shardings only (`train.abstract_train_state`): the
-  target a checkpoint is restored into, with nothing allocated.
+  With ``abstract``, its shapes, dtypes and shardings only: the target a checkpoint is
+  restored into, with nothing allocated.
   """
-  make = tr.abstract_train_state if abstract else tr.create_train_state
-  return make(init, rt.config.train_for_round(t), rt.mesh, num_train_steps=num_train_steps,
-              key=rt.config.key("train", t))
+  return tr.create_train_state(init, rt.config.train_for_round(t), rt.mesh,
+                               num_train_steps=num_train_steps, abstract=abstract)
 
 
 def train_round(rt: Runtime, t: int, init: Llama, dataset, judge_logps, *,

@@ -5,7 +5,7 @@ from ssapo_jax.train.scoring import (Scorer, compute_logps, data_fingerprint, ga
                                      make_compute_logps, params_fingerprint, precompute_ref_logps,
                                      scoring_batch_size)
 from ssapo_jax.train.step import (DTYPES, OBJECTIVES, REFERENCE_MODES, SCHEDULES, Metrics,
-                                  NonFiniteError, TrainConfig, TrainState, abstract_train_state,
+                                  NonFiniteError, TrainConfig, TrainState, init_train_state,
                                   batch_shardings,
                                   check_finite_progress, create_train_state, make_optimizer,
                                   make_schedule, make_train_step, merge_params, param_shardings,
@@ -13,7 +13,7 @@ from ssapo_jax.train.step import (DTYPES, OBJECTIVES, REFERENCE_MODES, SCHEDULES
 
 __all__ = [
     "DTYPES", "Metrics", "NonFiniteError", "OBJECTIVES", "REFERENCE_MODES", "SCHEDULES", "Scorer",
-    "TrainConfig", "TrainState", "abstract_train_state", "batch_shardings", "check_finite_progress", "compute_logps",
+    "TrainConfig", "TrainState", "init_train_state", "batch_shardings", "check_finite_progress", "compute_logps",
     "create_train_state", "data_fingerprint", "gather_batches", "make_compute_logps",
     "make_optimizer", "make_schedule", "make_train_step", "merge_params", "params_fingerprint",
     "precompute_ref_logps", "param_shardings", "scoring_batch_size", "split_model", "state_shardings", "train_step",

@@ -66,6 +66,8 @@ def make_compute_logps(mesh: Mesh, graphdef: Any, params: Any, rest: Any = None,
   def logps_fn(params, ids, mask, loss_mask):
     return jitted(params, rest, ids, mask, loss_mask)
 
+  logps_fn.lower = lambda params, ids, mask, loss_mask: jitted.lower(  # what ssapo-plan compiles
+      params, jax.eval_shape(lambda r: r, rest), ids, mask, loss_mask)
   return logps_fn
 
 
@@ -235,6 +237,16 @@ class Scorer:
       self._fns[graphdef] = make_compute_logps(self.mesh, graphdef, params, rest,
                                                compute_dtype=self.compute_dtype)
     return self._fns[graphdef], params
+
+  def lower(self, model: nnx.Module, seq_len: int) -> jax.stages.Lowered:
+    """The pass `sequences` and `pairs` run on one ``[batch_size, seq_len]`` batch, lowered
+    (``model`` may be abstract): what `ssapo-plan` compiles."""
+    logps_fn, params = self._split(model)
+    tok = jax.ShapeDtypeStruct((self.batch_size, seq_len), jnp.int32,
+                               sharding=NamedSharding(self.mesh, PartitionSpec(shd.BATCH_AXES)))
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          params, param_shardings(params, self.mesh))
+    return logps_fn.lower(params, tok, tok, tok)
 
   def sequences(self, model: nnx.Module, prompts: Sequence[Sequence[int]],
                 responses: Sequence[Sequence[int]]) -> np.ndarray:

@@ -17,7 +17,7 @@ One step (`train_step`):
    the micro-batching and sharding; length-aware losses get the response lengths from the
    loss masks;
 4. global-norm clipping and AdamW with linear warm-up then cosine/linear decay (optax);
-5. a non-finite loss or gradient skips the update (parameters, optimizer state, step and RNG
+5. a non-finite loss or gradient skips the update (parameters, optimizer state and step
    unchanged) and is counted; `check_finite_progress` stops the run when it keeps happening.
 
 `make_train_step` jits it with ``in_shardings``/``out_shardings`` from `ssapo_jax.sharding`
@@ -28,6 +28,7 @@ self-annotation) is `ssapo_jax.train.scoring`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from typing import Any, Callable, Literal
@@ -46,6 +47,7 @@ from ssapo_jax.config import check_choices, derived
 from ssapo_jax.errors import NonFiniteError  # re-exported
 from ssapo_jax.losses import (BATCH_COUPLED_LOSS_TYPES, LOSS_TYPES, FDivergence, LossType, Space,
                               check_loss_options, dpo_loss, pair_logps, robust_dpo_loss)
+from ssapo_jax.models import logical_axes, split_params
 from ssapo_jax.models.llama import RematPolicy
 
 Metrics = dict[str, jax.Array]
@@ -155,6 +157,9 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------
 
 
+# Memoised: equal configs give the same transformation objects, so `TrainState`s built for the
+# same round (the run's, the restore target, the plan's) have equal tree structures.
+@functools.lru_cache(maxsize=64)
 def make_schedule(config: TrainConfig, num_steps: int) -> optax.Schedule:
   """Learning rate per optimizer step: linear warm-up from 0, then decay to 0 at ``num_steps``.
 
@@ -182,6 +187,7 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+@functools.lru_cache(maxsize=64)
 def make_optimizer(config: TrainConfig, num_steps: int) -> optax.GradientTransformation:
   """Global-norm clipping then AdamW on the `make_schedule` learning rate."""
   parts = []
@@ -206,7 +212,6 @@ class TrainState:
     step: ``[]`` int32, optimizer updates applied (skipped steps do not count).
     params: policy parameters (``nnx.State`` of ``nnx.Param``), ``param_dtype``.
     opt_state: optax state, sharded like ``params``.
-    rng: PRNG key, split on every applied step.
     nonfinite_consecutive: ``[]`` int32, skipped steps since the last applied one.
     nonfinite_total: ``[]`` int32, skipped steps so far.
     rest: the model's non-parameter state (buffers), passed through unchanged.
@@ -219,7 +224,6 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-  rng: jax.Array
   nonfinite_consecutive: jax.Array
   nonfinite_total: jax.Array
   rest: Any
@@ -229,19 +233,14 @@ class TrainState:
   schedule: optax.Schedule = flax.struct.field(pytree_node=False)
 
 
-def _logical_axes(params) -> Any:
-  from ssapo_jax.models import logical_axes  # pylint: disable=import-outside-toplevel
-  return logical_axes(params)
-
-
 def param_shardings(params: Any, mesh: Mesh) -> Any:
   """`NamedSharding` of each parameter from the model's logical axes and `LOGICAL_AXIS_RULES`."""
-  return shd.logical_shardings(params, _logical_axes(params), mesh)
+  return shd.logical_shardings(params, logical_axes(params), mesh)
 
 
 def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
   """Shardings for every leaf of ``state``: parameters and their optimizer moments by the
-  logical-axis rules, everything else (step counts, scalars, RNG, buffers) replicated."""
+  logical-axis rules, everything else (step counts, scalars, buffers) replicated."""
   p_shard = param_shardings(state.params, mesh)
   repl = shd.replicated(mesh)
   opt_shard = optax.tree_map_params(
@@ -249,21 +248,22 @@ def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
       transform_non_params=lambda _: repl,
       is_leaf=lambda x: isinstance(x, NamedSharding))
   return state.replace(
-      step=repl, params=p_shard, opt_state=opt_shard, rng=repl, nonfinite_consecutive=repl,
+      step=repl, params=p_shard, opt_state=opt_shard, nonfinite_consecutive=repl,
       nonfinite_total=repl, rest=jax.tree.map(lambda _: repl, state.rest),
       ref_params=None if state.ref_params is None else p_shard)
 
 
 def split_model(model: nnx.Module, config: TrainConfig | None = None) -> tuple[Any, Any, Any]:
-  """``(graphdef, params, rest)``: the model's graph, its ``nnx.Param`` state and other state.
+  """``(graphdef, params, rest)`` of ``model`` (`ssapo_jax.models.split_params`), with the
+  graph rebuilt for the train config's runtime choices.
 
-  With ``config``, the graph is rebuilt for the train config's runtime choices: the model
-  config (``model.config``, a dataclass with ``dtype``/``param_dtype``/``remat`` fields as
-  `ssapo_jax.models.LlamaConfig`) gets ``dtype=compute_dtype``, ``param_dtype`` and ``remat``
-  from ``config``, so the forward runs in the compute dtype and each decoder layer is
-  rematerialised under the configured policy. Parameters are not copied.
+  With ``config``, the model config (``model.config``, a dataclass with
+  ``dtype``/``param_dtype``/``remat`` fields as `ssapo_jax.models.LlamaConfig`) gets
+  ``dtype=compute_dtype``, ``param_dtype`` and ``remat`` from ``config``, so the forward runs
+  in the compute dtype and each decoder layer is rematerialised under the configured policy.
+  Parameters are not copied.
   """
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  graphdef, params, rest = split_params(model)
   model_config = getattr(model, "config", None)
   if config is None or not dataclasses.is_dataclass(model_config):
     return graphdef, params, rest
@@ -275,84 +275,64 @@ def split_model(model: nnx.Module, config: TrainConfig | None = None) -> tuple[A
     return graphdef, params, rest
   new_config = dataclasses.replace(model_config, **runtime)
   abstract = nnx.eval_shape(lambda: type(model)(new_config, rngs=nnx.Rngs(0)))
-  new_graphdef, new_params, _ = nnx.split(abstract, nnx.Param, ...)
+  new_graphdef, new_params, _ = split_params(abstract)
   if jax.tree.structure(new_params) != jax.tree.structure(params):
     raise ValueError(f"rebuilding {type(model).__name__} with {runtime} changed its parameter "
                      "tree; cannot apply the train config's runtime choices")
   return new_graphdef, params, rest
 
 
-def create_train_state(model: nnx.Module, config: TrainConfig, mesh: Mesh, *,
-                       num_train_steps: int, key: jax.Array | None = None) -> TrainState:
-  """Splits ``model`` and builds the sharded initial `TrainState`.
+def init_train_state(params: Any, rest: Any, *, graphdef: Any, config: TrainConfig,
+                     num_train_steps: int) -> TrainState:
+  """The initial `TrainState` from split parameters (pure and traceable).
 
-  Parameters are cast to ``config.param_dtype`` and placed on their shardings; the optimizer
-  state is initialised inside a jit whose outputs carry the same shardings, so no full
-  replica of the Adam moments ever exists on one device. With ``reference="in_step"`` the
-  current parameters are also kept, frozen, as the reference.
+  Parameters are cast to ``config.param_dtype`` (fresh buffers: the step donates the state,
+  and the model they came from, e.g. the SFT reference, keeps its own); the optimizer state is
+  ``tx.init``; with ``reference="in_step"`` a second copy of the parameters is kept, frozen, as
+  the reference. `create_train_state` runs this under jit with the state's shardings, and its
+  abstract version is ``jax.eval_shape`` of this same function.
+  """
+  dtype = DTYPES[config.param_dtype]
+  params = jax.tree.map(lambda x: (x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                                   else jnp.copy(x)), params)
+  tx = make_optimizer(config, num_train_steps)
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(
+      step=zero, params=params, opt_state=tx.init(params), nonfinite_consecutive=zero,
+      nonfinite_total=zero, rest=rest,
+      ref_params=(jax.tree.map(jnp.copy, params) if config.reference == "in_step" else None),
+      graphdef=graphdef, tx=tx, schedule=make_schedule(config, num_train_steps))
+
+
+def create_train_state(model: nnx.Module, config: TrainConfig, mesh: Mesh, *,
+                       num_train_steps: int, abstract: bool = False) -> TrainState:
+  """The sharded initial `TrainState` of ``model``: the one builder of the run and the plan.
+
+  `init_train_state` runs inside one jit whose outputs carry the state's shardings
+  (`state_shardings`), so no full replica of the parameters or the Adam moments ever exists on
+  one device.
 
   Args:
-    model: an NNX model with the `ssapo_jax.models.Llama` interface (``token_logps``).
+    model: an NNX causal LM (`ssapo_jax.models.CausalLM`); may be abstract
+      (``nnx.eval_shape``) when ``abstract`` is set.
     config: train config.
     mesh: device mesh.
     num_train_steps: optimizer steps of the schedule.
-    key: PRNG key of ``TrainState.rng`` (a run passes its ``train`` seed stream); defaults to
-      ``jax.random.key(0)``. The step splits it but draws nothing from it today.
+    abstract: return ``jax.ShapeDtypeStruct`` leaves with their shardings instead (the
+      ``jax.eval_shape`` of the same function): the target a checkpoint is restored into and
+      the state `ssapo-plan` compiles against; nothing is allocated.
   """
   graphdef, params, rest = split_model(model, config)
-  dtype = DTYPES[config.param_dtype]
-  params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                        params)
-  tx = make_optimizer(config, num_train_steps)
-  schedule = make_schedule(config, num_train_steps)
-  key = jax.random.key(0) if key is None else key
-  template = TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.eval_shape(tx.init, params),
-      rng=key, nonfinite_consecutive=jnp.zeros((), jnp.int32),
-      nonfinite_total=jnp.zeros((), jnp.int32), rest=rest,
-      ref_params=params if config.reference == "in_step" else None, graphdef=graphdef, tx=tx, schedule=schedule)
-  shardings = state_shardings(template, mesh)
-  # Fresh buffers: the step donates the state, and `model` (e.g. the SFT reference) must
-  # keep its own parameters alive.
-  params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)(
-      shd.shard_params(params, shardings.params))
+  init = functools.partial(init_train_state, graphdef=graphdef, config=config,
+                           num_train_steps=num_train_steps)
+  shapes = jax.eval_shape(init, params, rest)
+  shardings = state_shardings(shapes, mesh)
+  if abstract:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, shardings)
+  params = shd.shard_params(params, shardings.params)
   rest = shd.shard_params(rest, shardings.rest)
-  ref_params = (None if config.reference != "in_step"
-                else jax.tree.map(jnp.copy, params))  # a distinct buffer: params get donated
-
-  init_opt = jax.jit(tx.init, out_shardings=shardings.opt_state)
-  repl = shd.replicated(mesh)
-  zero = np.zeros((), np.int32)
-  return TrainState(
-      step=shd.put_global(zero, repl), params=params,
-      opt_state=init_opt(params), rng=shd.put_global(key, repl),
-      nonfinite_consecutive=shd.put_global(zero, repl),
-      nonfinite_total=shd.put_global(zero, repl), rest=rest,
-      ref_params=ref_params, graphdef=graphdef, tx=tx, schedule=schedule)
-
-
-def abstract_train_state(model: nnx.Module, config: TrainConfig, mesh: Mesh, *,
-                         num_train_steps: int, key: jax.Array | None = None) -> TrainState:
-  """`create_train_state`'s result as ``jax.ShapeDtypeStruct`` leaves with their shardings.
-
-  The restore target of a checkpoint (`Checkpointer.restore`): nothing is allocated, so a
-  restored state never has a materialised template beside it.
-  """
-  graphdef, params, rest = split_model(model, config)
-  dtype = DTYPES[config.param_dtype]
-  params = jax.eval_shape(lambda p: jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, p), params)
-  tx = make_optimizer(config, num_train_steps)
-  key = jax.random.key(0) if key is None else key
-  scalar = jax.ShapeDtypeStruct((), jnp.int32)
-  template = TrainState(
-      step=scalar, params=params, opt_state=jax.eval_shape(tx.init, params),
-      rng=jax.ShapeDtypeStruct(key.shape, key.dtype), nonfinite_consecutive=scalar,
-      nonfinite_total=scalar, rest=jax.eval_shape(lambda r: r, rest),
-      ref_params=params if config.reference == "in_step" else None, graphdef=graphdef, tx=tx,
-      schedule=make_schedule(config, num_train_steps))
-  return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                      template, state_shardings(template, mesh))
+  return jax.jit(init, out_shardings=shardings)(params, rest)
 
 
 def merge_params(state: TrainState, *, params: Any | None = None) -> nnx.Module:
@@ -518,7 +498,6 @@ def train_step(state: TrainState, batch: PreferenceBatch, *, config: TrainConfig
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
-  new_rng, _ = jax.random.split(state.rng)
 
   def keep(new, old):
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -528,9 +507,6 @@ def train_step(state: TrainState, batch: PreferenceBatch, *, config: TrainConfig
   new_state = state.replace(
       step=state.step + (1 - skipped), params=keep(new_params, state.params),
       opt_state=keep(new_opt_state, state.opt_state),
-      rng=jax.random.wrap_key_data(keep(jax.random.key_data(new_rng),
-                                        jax.random.key_data(state.rng)),
-                                   impl=jax.random.key_impl(state.rng)),
       nonfinite_consecutive=consecutive, nonfinite_total=state.nonfinite_total + skipped)
   metrics = dict(metrics)
   metrics.update({
