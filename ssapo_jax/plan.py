@@ -1207,7 +1207,7 @@ def run_estimate(experiment, plans: Sequence[ProgramPlan], mesh_batch_shards: in
   per prompt at most). Calls run at the planned shapes (the longest bucket), so the times bound
   a run whose samples stop at EOS from above. Also returns the compiled shapes the run needs:
   one per length bucket of ``data.bucket_size`` for each program (sampling buckets the prompt,
-  scoring and training the whole sequence) and the measured compile time of each.
+  scoring and training the whole sequence) and the compile CPU seconds of each as planned.
   """
   by_name = {p.name: p for p in plans}
   missing = sorted({"train_step", "score_logps", "generate"} - set(by_name))
@@ -1248,12 +1248,13 @@ def run_estimate(experiment, plans: Sequence[ProgramPlan], mesh_batch_shards: in
           f"{r.num_eval_prompts} greedy held-out prompts")
   del tr
   buckets = lambda length: math.ceil(length / d.bucket_size)
+  # Compile time per shape: the plan's CPU seconds (its wall time here depends on the load).
   shapes = {  # program: (distinct shapes, compile seconds per shape as planned)
-      "generate": (buckets(d.max_prompt_length), by_name["generate"].compile_seconds),
-      "score_logps": (buckets(d.max_length), by_name["score_logps"].compile_seconds),
+      "generate": (buckets(d.max_prompt_length), by_name["generate"].compile_cpu_seconds),
+      "score_logps": (buckets(d.max_length), by_name["score_logps"].compile_cpu_seconds),
       # A train step per length bucket, and per round (each round has its own schedule).
       "train_step": (buckets(d.max_length) * (r.num_rounds + 1),
-                     by_name["train_step"].compile_seconds),
+                     by_name["train_step"].compile_cpu_seconds),
   }
   compile_seconds = sum(n * sec for n, sec in shapes.values())
   return out, {"shapes": {k: {"count": n, "compile_seconds_each": sec}
@@ -1321,7 +1322,7 @@ def format_run(phases: Sequence[RunPhase], shapes: dict[str, Any]) -> str:
   lo, hi = sum(p.seconds_overlap for p in phases), sum(p.seconds for p in phases)
   compile_h = shapes["compile_seconds"] / 3600
   rows.append(("", "compile", "", str(sum(v["count"] for v in shapes["shapes"].values())),
-               f"{compile_h:.2f}", "distinct shapes x compile time per shape (as planned here)"))
+               f"{compile_h:.2f}", "distinct shapes x compile CPU seconds per shape (as planned here)"))
   rows.append(("", "total", "", "", f"{lo / 3600 + compile_h:.1f}-{hi / 3600 + compile_h:.1f}",
                "hours, perfect overlap - no overlap of collectives"))
   return _table(("round", "phase", "program", "calls", "hours", "what"), rows)
