@@ -595,7 +595,10 @@ def test_splash_layer_body_is_parsed_whole_and_bytes_match_xla():
   text = lowered.compile().as_text()
   comps, _ = plan.parse_hlo(text)
   xla = {c.name: len(c.instructions()) for c in xla_hlo.hlo_module_from_text(text).computations()}
-  assert {c: len(v) for c, v in comps.items()} == xla
+  # XLA's parser adds an ``async_wrapped`` computation around each async op it reads back;
+  # every computation of the text has the same instructions in both.
+  assert {c: len(v) for c, v in comps.items()} == {
+      c: n for c, n in xla.items() if not c.startswith("async_wrapped")}
   cost = plan.hlo_cost(text)
   assert cost.unknown_loops == 0
   trips = dict(cost.loops)
