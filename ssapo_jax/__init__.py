@@ -1,22 +1,24 @@
 """ssapo_jax: Stackelberg Self-Annotated Preference Optimization in JAX/Flax.
 
-The pure functions (losses, self-annotation, the follower) import eagerly; the heavier pieces
-(models, data, training, the pipeline) are re-exported lazily so ``import ssapo_jax`` stays light.
+Every name is re-exported lazily (imported on first access), so ``import ssapo_jax`` does not
+import JAX: the command-line tools can print their first line before JAX loads.
 """
 
 import importlib
-
-from ssapo_jax.annotate import SelectedPairs, agreement_rate, implicit_reward, select_pairs
-from ssapo_jax.batch import PreferenceBatch, concat_pairs, make_preference_batch, split_pairs
-from ssapo_jax.dro import (DroConfig, WorstCase, chunk_groups, margins_to_xi, quantile_groups,
-                           random_groups, solve_follower, summarize, tangent_pieces,
-                           to_loss_atoms, worst_case)
-from ssapo_jax.losses import LOSS_TYPES, dpo_loss, robust_dpo_loss, sequence_logps
 
 __version__ = "0.1.0"
 
 # name -> module that defines it, imported on first access.
 _LAZY = {
+    **dict.fromkeys(("SelectedPairs", "agreement_rate", "implicit_reward", "select_pairs"),
+                    "ssapo_jax.annotate"),
+    **dict.fromkeys(("PreferenceBatch", "concat_pairs", "make_preference_batch"),
+                    "ssapo_jax.batch"),
+    **dict.fromkeys(("DroConfig", "WorstCase", "chunk_groups", "margins_to_xi", "quantile_groups",
+                     "random_groups", "solve_follower", "summarize", "tangent_pieces",
+                     "to_loss_atoms", "worst_case"), "ssapo_jax.dro"),
+    **dict.fromkeys(("LOSS_TYPES", "dpo_loss", "robust_dpo_loss", "sequence_logps"),
+                    "ssapo_jax.losses"),
     **dict.fromkeys(("Llama", "LlamaConfig", "load_hf", "save_hf", "logical_axes",
                      "CheckpointError"), "ssapo_jax.models"),
     **dict.fromkeys(("generate", "decode", "Generation", "SamplingConfig", "Sampler",

@@ -112,9 +112,3 @@ def concat_pairs(batch: PreferenceBatch) -> tuple[jax.Array, jax.Array, jax.Arra
   return (jnp.concatenate([batch.chosen_ids, batch.rejected_ids], axis=0),
           jnp.concatenate([batch.chosen_mask, batch.rejected_mask], axis=0),
           jnp.concatenate([batch.chosen_loss_mask, batch.rejected_loss_mask], axis=0))
-
-
-def split_pairs(values: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Inverse of `concat_pairs` for per-sequence values ``[2B, ...]`` -> two ``[B, ...]``."""
-  half = values.shape[0] // 2
-  return values[:half], values[half:]

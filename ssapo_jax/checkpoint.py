@@ -63,8 +63,9 @@ class CheckpointConfig:
   def __post_init__(self):
     if self.save_every_steps < 1:
       raise ValueError(f"checkpoint.save_every_steps must be >= 1, got {self.save_every_steps}")
-    if self.keep < 1:
-      raise ValueError(f"checkpoint.keep must be >= 1, got {self.keep}")
+    if self.keep < 2:  # the newest checkpoint may be unreadable: keep one to fall back to
+      raise ValueError(f"checkpoint.keep must be >= 2 (a fallback when the newest checkpoint "
+                       f"is unreadable), got {self.keep}")
 
 
 class Restored(NamedTuple):
@@ -428,6 +429,37 @@ def _jsonable(metadata: Mapping[str, Any]) -> dict[str, Any]:
                     "serialisable; store arrays in the state pytree instead")
 
   return json.loads(json.dumps(dict(metadata), default=convert))
+
+
+class NoCheckpoints:
+  """Stands in for `Checkpointer` where the processes do not share a directory: saves nothing
+  and has no steps, so a relaunch resumes from the finished phases only."""
+
+  directory = None
+
+  def all_steps(self) -> list[int]:
+    return []
+
+  def save(self, *args, **kwargs) -> bool:
+    return False
+
+  def wait(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def open_checkpointer(output_dir: str, *, shared: bool,
+                      config: CheckpointConfig = CheckpointConfig()) -> Checkpointer | NoCheckpoints:
+  """The run's `Checkpointer` in ``<output_dir>/checkpoints``, or `NoCheckpoints` (with a
+  warning) when ``shared`` is False: orbax needs one directory every process sees."""
+  if shared:
+    return Checkpointer(checkpoint_dir(output_dir), config=config)
+  warnings.warn(f"{output_dir} is a separate directory on each host: no checkpoints (orbax "
+                "needs one directory all processes see); a relaunch resumes from the finished "
+                "phases on process 0")
+  return NoCheckpoints()
 
 
 def checkpoint_dir(output_dir: str | os.PathLike) -> str:

@@ -428,15 +428,3 @@ def save_resolved(config: Any, output_dir: str | os.PathLike) -> str:
   path = directory / CONFIG_FILENAME
   path.write_text(dump_yaml(config))
   return os.fspath(path)
-
-
-# The experiment schema moved to `ssapo_jax.experiment`; these names stay importable from here for
-# one release.
-_MOVED = ("ExperimentConfig", "ModelConfig", "RoundsConfig", "load_experiment")
-
-
-def __getattr__(name):
-  if name in _MOVED:
-    from ssapo_jax import experiment  # pylint: disable=import-outside-toplevel
-    return getattr(experiment, name)
-  raise AttributeError(f"module 'ssapo_jax.config' has no attribute {name!r}")

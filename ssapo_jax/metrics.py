@@ -1,4 +1,5 @@
-"""Metrics logging: JSON lines in ``<output_dir>/metrics.jsonl`` plus TensorBoard event files.
+"""Metrics logging: `MetricsLogger` writes each record to its sinks (`MetricsSink`): JSON lines
+in ``<output_dir>/metrics.jsonl`` and TensorBoard event files by default.
 
 One JSON object per `MetricsLogger.log` call::
 
@@ -22,11 +23,11 @@ import json
 import math
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from ssapo_jax.pipeline.rundir import is_remote
+from ssapo_jax.rundir import is_remote
 
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
@@ -58,51 +59,137 @@ def to_json_value(value: Any, *, name: str = "value") -> Any:
   raise ValueError(f"metric {name!r} has unsupported type {type(value).__name__}: {value!r}")
 
 
+class MetricsSink(Protocol):
+  """Where metric records go. `MetricsLogger` owns the records; a sink only stores them.
+
+  ``open(resume_step)`` (re)opens the sink; with a ``resume_step`` the sink drops whatever it
+  holds past that step (a resumed run reruns those steps). ``write`` gets the whole record and
+  its numeric metrics (``scalars``, the values to plot).
+  """
+
+  def open(self, resume_step: int | None) -> None: ...
+
+  def write(self, record: Mapping[str, Any], scalars: Mapping[str, float]) -> None: ...
+
+  def flush(self) -> None: ...
+
+  def close(self) -> None: ...
+
+
+class JsonlSink:
+  """``<output_dir>/metrics.jsonl``: one strict-JSON record per line (rewritten whole on each
+  flush when the directory is remote)."""
+
+  def __init__(self, output_dir: str):
+    self.output_dir = output_dir
+    self.path = os.path.join(output_dir, METRICS_FILENAME)
+    self._remote = is_remote(output_dir)
+    self._remote_lines: list[str] = []
+    self._file = None
+
+  def _existing(self, resume_step: int | None) -> list[str]:
+    """Existing lines, keeping only those with ``step <= resume_step`` when it is given."""
+    from etils import epath
+    path = epath.Path(self.path)
+    if not path.exists():
+      return []
+    lines = [line + "\n" for line in path.read_text().splitlines() if line.strip()]
+    if resume_step is None:
+      return lines
+    return [line for line in lines if json.loads(line).get("step", -1) <= resume_step]
+
+  def open(self, resume_step: int | None) -> None:
+    kept = self._existing(resume_step)
+    if self._remote:
+      self._remote_lines = kept
+      return
+    os.makedirs(self.output_dir, exist_ok=True)
+    if resume_step is not None:
+      with open(self.path, "w") as f:
+        f.writelines(kept)
+    self._file = open(self.path, "a")
+
+  def write(self, record: Mapping[str, Any], scalars: Mapping[str, float]) -> None:
+    line = json.dumps(record, allow_nan=False) + "\n"
+    if self._remote:
+      self._remote_lines.append(line)
+    else:
+      self._file.write(line)
+      self._file.flush()
+
+  def flush(self) -> None:
+    if self._remote:
+      from etils import epath
+      epath.Path(self.path).write_text("".join(self._remote_lines))
+    elif self._file is not None:
+      self._file.flush()
+
+  def close(self) -> None:
+    self.flush()
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+
+
+class TensorBoardSink:
+  """TensorBoard event files in ``<output_dir>/tensorboard`` (``tensorboardX``): each numeric
+  metric as a scalar tagged by its name (TRL's ``rewards/chosen`` etc. group naturally)."""
+
+  def __init__(self, output_dir: str):
+    self.logdir = os.path.join(output_dir, TENSORBOARD_SUBDIR)
+    self._writer = None
+
+  def open(self, resume_step: int | None) -> None:
+    from tensorboardX import SummaryWriter
+    self._writer = SummaryWriter(
+        self.logdir, purge_step=None if resume_step is None else resume_step + 1,
+        # Event files are named by the second they were opened; a unique suffix keeps a quick
+        # restart from overwriting the previous file.
+        filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+
+  def write(self, record: Mapping[str, Any], scalars: Mapping[str, float]) -> None:
+    for key, value in scalars.items():
+      self._writer.add_scalar(key, value, global_step=int(record["step"]))
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+
 class MetricsLogger:
-  """Appends metric records to ``metrics.jsonl`` and TensorBoard (``tensorboardX``).
+  """Writes metric records to a list of `MetricsSink`s: ``metrics.jsonl`` and TensorBoard by
+  default.
 
   Args:
     output_dir: the run directory (local path, or ``gs://...``: the JSONL is then rewritten on each
       flush and TensorBoard needs tensorboardX's GCS support).
     enabled: whether this process writes; default ``jax.process_index() == 0``.
-    tensorboard: also write TensorBoard event files.
+    tensorboard: also write TensorBoard event files (with the default sinks).
     resume_step: when resuming from a checkpoint at this step, drop records logged after it.
+    sinks: the sinks to write to instead of the default `JsonlSink` (and `TensorBoardSink`).
   """
 
   def __init__(self, output_dir: str | os.PathLike, *, enabled: bool | None = None,
-               tensorboard: bool = True, resume_step: int | None = None):
+               tensorboard: bool = True, resume_step: int | None = None,
+               sinks: Sequence[MetricsSink] | None = None):
     if enabled is None:
       import jax
       enabled = jax.process_index() == 0
     self.enabled = bool(enabled)
     self.output_dir = os.fspath(output_dir)
     self.path = os.path.join(self.output_dir, METRICS_FILENAME)
-    self._remote = is_remote(self.output_dir)
-    self._remote_lines: list[str] = []
-    self._file = None
-    self._tb = None
-    self._tensorboard = tensorboard
+    if sinks is None:
+      sinks = [JsonlSink(self.output_dir)] + ([TensorBoardSink(self.output_dir)]
+                                              if tensorboard else [])
+    self.sinks = list(sinks)
     if self.enabled:
-      self._open(resume_step)
-
-  def _open(self, resume_step: int | None) -> None:
-    kept = self._read_existing(resume_step)
-    if self._remote:
-      self._remote_lines = kept
-    else:
-      os.makedirs(self.output_dir, exist_ok=True)
-      if resume_step is not None:
-        with open(self.path, "w") as f:
-          f.writelines(kept)
-      self._file = open(self.path, "a")
-    if self._tensorboard:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(
-          os.path.join(self.output_dir, TENSORBOARD_SUBDIR),
-          purge_step=None if resume_step is None else resume_step + 1,
-          # Event files are named by the second they were opened; a unique suffix keeps a quick
-          # restart from overwriting the previous file.
-          filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+      for sink in self.sinks:
+        sink.open(resume_step)
 
   def rewind(self, step: int) -> None:
     """Drops the records logged after ``step``, as ``resume_step=step`` would have.
@@ -112,28 +199,9 @@ class MetricsLogger:
     """
     if not self.enabled:
       return
-    self._close_files()
-    self._open(step)
-
-  def _close_files(self) -> None:
-    self.flush()
-    if self._file is not None:
-      self._file.close()
-      self._file = None
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
-
-  def _read_existing(self, resume_step: int | None) -> list[str]:
-    """Existing JSONL lines, keeping only those with ``step <= resume_step`` when it is given."""
-    from etils import epath
-    path = epath.Path(self.path)
-    if not path.exists():
-      return []
-    lines = [line + "\n" for line in path.read_text().splitlines() if line.strip()]
-    if resume_step is None:
-      return lines
-    return [line for line in lines if json.loads(line).get("step", -1) <= resume_step]
+    for sink in self.sinks:
+      sink.close()
+      sink.open(step)
 
   def log(self, step: int, metrics: Mapping[str, Any], **context: Any) -> dict[str, Any] | None:
     """Writes one record ``{"step", **context, **metrics, "time"}``; returns it (None if disabled).
@@ -153,36 +221,24 @@ class MetricsLogger:
         raise ValueError(f"metric {key!r} clashes with a context field of the same name")
       record[key] = to_json_value(value, name=key)
     record["time"] = time.time()
-    line = json.dumps(record, allow_nan=False) + "\n"
-    if self._remote:
-      self._remote_lines.append(line)
-    else:
-      self._file.write(line)
-      self._file.flush()
-    if self._tb is not None:
-      for key, value in metrics.items():
-        if isinstance(value, str) or value is None:
-          continue
-        self._tb.add_scalar(key, float(np.asarray(value).reshape(())), global_step=int(step))
+    scalars = {k: float(np.asarray(v).reshape(())) for k, v in metrics.items()
+               if not (isinstance(v, str) or v is None)}
+    for sink in self.sinks:
+      sink.write(record, scalars)
     return record
 
   def flush(self) -> None:
     """Pushes buffered records to storage."""
-    if not self.enabled:
-      return
-    if self._remote:
-      from etils import epath
-      epath.Path(self.path).write_text("".join(self._remote_lines))
-    elif self._file is not None:
-      self._file.flush()
-    if self._tb is not None:
-      self._tb.flush()
+    if self.enabled:
+      for sink in self.sinks:
+        sink.flush()
 
   def close(self) -> None:
-    """Flushes and closes the files; further `log` calls are errors."""
+    """Flushes and closes the sinks; further `log` calls are errors."""
     if not self.enabled:
       return
-    self._close_files()
+    for sink in self.sinks:
+      sink.close()
     self.enabled = False
 
   def __enter__(self) -> "MetricsLogger":

@@ -26,13 +26,15 @@ class DataSummary:
   seed_pairs: int
   pool_prompts: list[int]  # per round t >= 1
   eval_prompts: int
+  # config key -> records left out because their prompt is in the seed or eval set
+  left_out: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def check_model(config) -> Any:
   """The model directory (config.json, every safetensors header) and tokenizer; returns it."""
   from ssapo_jax.models.params import check_hf_dir
   from ssapo_jax.models.tokenizer import load_tokenizer
-  from ssapo_jax.pipeline.rundir import is_remote
+  from ssapo_jax.rundir import is_remote
   path = config.model.path
   if is_remote(path):
     raise CheckpointError(f"model.path={path!r}: the model must be a local directory (copy it "
@@ -64,53 +66,143 @@ def _keyed(key: str, source: str, load):
     raise DataError(f"{key}={source!r}: {e}") from None
 
 
-def check_data(config) -> DataSummary:
-  """Loads and validates every data source (no tokenisation) and sizes the seed/pool split."""
-  from ssapo_jax.data import load_preferences, load_prompts, split_rows
+@dataclasses.dataclass
+class Sources:
+  """A run's validated records, loaded once (by the pre-run checks, reused by the run).
+
+  Attributes:
+    pairs: ``data.source``'s preference records, without those whose prompt is held out.
+    prompts: ``data.prompt_source``'s prompt records, or None (the pools come from ``pairs``).
+    evals: the held-out prompts of ``data.eval_source`` (at most ``rounds.num_eval_prompts``),
+      or None (they come from the rows the split leaves over).
+    reports: config key -> `ValidationReport` of each source.
+    left_out: config key -> records left out because their prompt is held out.
+  """
+
+  pairs: list
+  prompts: list | None
+  evals: list | None
+  reports: dict[str, Any]
+  left_out: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class DataSplit:
+  """The run's one seed/pool split (`split_data`)."""
+
+  seed_pairs: list  # the labelled seed's PreferencePair records
+  pools: list  # per round t >= 1, the PromptRecord list of pool t
+  eval_prompts: list  # the held-out prompts evaluated each round
+  manifest: Any  # `SplitManifest` of source rows (``split_manifest.json``)
+  left_out: dict[str, int]  # config key -> records left out because their prompt is taken
+
+
+def load_sources(config, *, verbose: bool = False) -> Sources:
+  """Loads and validates every data source (no tokenisation); `DataError` names the key.
+
+  The eval prompts are left out of the pairs, so each prompt is in one of seed, pools and
+  held-out set.
+  """
+  from ssapo_jax.data import exclude_prompts, load_preferences, load_prompts
   d = config.data
   opts = dict(split=d.split, data_dir=d.data_dir, prompt_column=d.prompt_column, policy=d.policy,
-              verbose=False)
+              verbose=verbose)
   pairs = _keyed("data.source", d.source, lambda: load_preferences(
       d.source, format=d.format, chosen_column=d.chosen_column,
       rejected_column=d.rejected_column, **opts))
   reports = {"data.source": pairs.report}
+  left_out = {}
+  evals = None
+  if d.eval_source is not None:
+    loaded = _keyed("data.eval_source", d.eval_source, lambda: load_prompts(d.eval_source, **opts))
+    reports["data.eval_source"] = loaded.report
+    evals = list(loaded)[:config.rounds.num_eval_prompts]
+    pairs, left_out["data.source"] = exclude_prompts(pairs, evals)
   prompts = None
   if d.prompt_source is not None:
     prompts = _keyed("data.prompt_source", d.prompt_source,
                      lambda: load_prompts(d.prompt_source, **opts))
     reports["data.prompt_source"] = prompts.report
-  evals = None
-  if d.eval_source is not None:
-    evals = _keyed("data.eval_source", d.eval_source, lambda: load_prompts(d.eval_source, **opts))
-    reports["data.eval_source"] = evals.report
+  return Sources(list(pairs), None if prompts is None else list(prompts), evals, reports,
+                 left_out)
+
+
+def split_data(config, sources: Sources, *, embeddings=None) -> DataSplit:
+  """The run's seed/pool split of ``sources``: the one place it is made (`DataError` when the
+  sizes do not fit the data).
+
+  The labelled seed is ``data.seed_size`` pairs (``random``, or ``farthest_point`` on
+  ``embeddings(pairs) -> [N, D]``; without ``embeddings`` a random seed of the same size); the
+  round pools are the remaining prompts of ``data.source`` (or of ``data.prompt_source``, less
+  the seed's and eval prompts), in the authors' shuffled order.
+  """
+  from ssapo_jax.data import PromptRecord, exclude_prompts, select_rows, split_rows
+  d = config.data
+  pairs, left_out = sources.pairs, dict(sources.left_out)
+  method = d.seed_method if embeddings is not None else "random"
+  split = dict(seed_size=d.seed_size, method=method, seed=d.split_seed,
+               embeddings=None if method == "random" else embeddings(pairs))
   try:
-    if prompts is None:
-      manifest = split_rows(len(pairs), seed_size=d.seed_size, pool_sizes=d.pool_sizes,
-                            seed=d.split_seed)
-      seed = len(manifest.seed_rows)
+    if sources.prompts is None:
+      prompts = [PromptRecord(prompt=p.prompt, row=p.row) for p in pairs]
+      manifest = split_rows([p.row for p in pairs], pool_sizes=d.pool_sizes, source=d.source,
+                            **split)
+      seed_rows = manifest.seed_rows
     else:
-      manifest = split_rows(len(prompts), seed_size=0, pool_sizes=d.pool_sizes, seed=d.split_seed)
-      seed = len(split_rows(len(pairs), seed_size=d.seed_size, seed=d.split_seed).seed_rows)
+      seed_rows = split_rows([p.row for p in pairs], source=d.source, **split).seed_rows
+      prompts, left_out["data.prompt_source"] = exclude_prompts(
+          sources.prompts, select_rows(pairs, seed_rows), sources.evals or [])
+      manifest = split_rows([p.row for p in prompts], seed_size=0, pool_sizes=d.pool_sizes,
+                            seed=d.split_seed, source=d.prompt_source)
+      manifest = dataclasses.replace(manifest, seed_rows=seed_rows)
   except ValueError as e:
     raise DataError(f"data.seed_size/data.pool_sizes do not fit the data: {e}") from None
-  pools = [len(rows) for rows in manifest.pool_rows][:config.rounds.num_rounds]
-  if seed == 0:
+  seed = select_rows(pairs, seed_rows)
+  pools = [select_rows(prompts, rows) for rows in manifest.pool_rows]
+  if not seed:
     raise DataError(f"data.seed_size={d.seed_size} selects no labelled pair from {d.source}")
-  for t, n in enumerate(pools):
-    if n == 0:
+  for t in range(config.rounds.num_rounds):
+    if not pools[t]:
       raise DataError(f"data.pool_sizes[{t}] gives round {t + 1} no prompts")
-  available = len(evals) if evals is not None else len(manifest.rest_rows)
-  return DataSummary(reports, seed, pools, min(available, config.rounds.num_eval_prompts))
+  evals = (sources.evals if sources.evals is not None
+           else select_rows(prompts, manifest.rest_rows)[:config.rounds.num_eval_prompts])
+  return DataSplit(seed, pools, evals, manifest, {k: v for k, v in left_out.items() if v})
 
 
-def check_output_dir(config, *, allow_config_change: bool = False):
-  """Writable, not locked by a live run, and either new or holding this config (or allowed).
+def check_data(config, sources: Sources | None = None) -> DataSummary:
+  """Sizes the seed/pool split of the sources (`load_sources`, `split_data`) for the plan.
+
+  With ``farthest_point`` the sizes are those of a random seed (the same counts).
+  """
+  sources = load_sources(config) if sources is None else sources
+  split = split_data(config, sources)
+  return DataSummary(sources.reports, len(split.seed_pairs),
+                     [len(p) for p in split.pools][:config.rounds.num_rounds],
+                     len(split.eval_prompts), split.left_out)
+
+
+def check_lock(config, *, force_unlock: bool = False) -> str | None:
+  """Whether the run may take the output directory's lock (`runlock.check_owner`'s rule).
+
+  Returns what taking it over will say (a stale lock; another host's with ``force_unlock``),
+  or None when there is no lock.
+
+  Raises:
+    RunLockedError: a live run on this host holds it, or another host does without
+      ``force_unlock``.
+  """
+  from ssapo_jax.runlock import check_owner, read_owner
+  return check_owner(config.output_dir, read_owner(config.output_dir), force=force_unlock)
+
+
+def check_output_dir(config, *, allow_config_change: bool = False, force_unlock: bool = False):
+  """Writable, not locked by a live run (see `check_lock`), and either new or holding this
+  config (or allowed).
 
   Returns the `runrecord.ConfigVersion` the run will record.
   """
   from ssapo_jax import config as cfg_lib
-  from ssapo_jax.pipeline.rundir import is_remote
-  from ssapo_jax.runlock import RunLockedError, locked_message, read_owner
+  from ssapo_jax.rundir import is_remote
   from ssapo_jax.runrecord import check_config
   out = config.output_dir
   if out.startswith("gs://"):
@@ -123,12 +215,14 @@ def check_output_dir(config, *, allow_config_change: bool = False):
     existing = os.path.abspath(out)
     while not os.path.exists(existing):
       existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-      raise RunDirError(f"output_dir={out!r} is not writable ({existing} is not a writable "
-                        "directory)")
-  owner = read_owner(out)
-  if owner is not None and owner.pid != os.getpid() and owner.is_alive():
-    raise RunLockedError(locked_message(out, owner))
+    if not os.path.isdir(existing):
+      where = ("is a file" if existing == os.path.abspath(out)
+               else f"cannot be created: {existing} is a file")
+      raise RunDirError(f"output_dir={out!r} {where}, not a directory; choose a directory path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+      raise RunDirError(f"output_dir={out!r} is not writable: no write permission on "
+                        f"directory {existing}")
+  check_lock(config, force_unlock=force_unlock)
   return check_config(cfg_lib.to_dict(config), out, allow_change=allow_config_change)
 
 
@@ -144,12 +238,26 @@ def check_mesh(config):
   return mesh
 
 
-def check_inputs(config, *, allow_config_change: bool = False):
-  """Everything a run reads, checked before it writes: ``(tokenizer, DataSummary, ConfigVersion)``."""
+@dataclasses.dataclass
+class Preflight:
+  """What the pre-run checks built, for the run to reuse instead of loading it again."""
+
+  tokenizer: Any
+  sources: Sources
+  data: DataSummary
+  version: Any  # the `runrecord.ConfigVersion` the run records
+  mesh: Any = None  # `check_mesh`'s mesh, once the processes have started (`ssapo-train`)
+
+
+def check_inputs(config, *, allow_config_change: bool = False,
+                 force_unlock: bool = False) -> Preflight:
+  """Everything a run reads, checked before it writes (`Preflight`)."""
   tokenizer = check_model(config)
-  data = check_data(config)
-  version = check_output_dir(config, allow_config_change=allow_config_change)
-  return tokenizer, data, version
+  sources = load_sources(config)
+  data = check_data(config, sources)
+  version = check_output_dir(config, allow_config_change=allow_config_change,
+                             force_unlock=force_unlock)
+  return Preflight(tokenizer, sources, data, version)
 
 
 def plan_lines(config, data: DataSummary, mesh) -> list[str]:
@@ -159,6 +267,9 @@ def plan_lines(config, data: DataSummary, mesh) -> list[str]:
     skipped = ", ".join(f"{k}={v}" for k, v in sorted(report.skipped.items())) or "none"
     lines.append(f"{key} {report.source}: {report.num_rows} rows, {report.num_kept} kept, "
                  f"skipped {sum(report.skipped.values())} ({skipped})")
+    if data.left_out.get(key):
+      lines.append(f"{key}: {data.left_out[key]} more left out: their prompt is in the "
+                   "labelled seed or the eval prompts")
   m = dict(mesh.shape)
   lines.append(f"mesh: {mesh.devices.size} devices as data={m['data']} fsdp={m['fsdp']} "
                f"tensor={m['tensor']}")
@@ -183,6 +294,8 @@ def plan_lines(config, data: DataSummary, mesh) -> list[str]:
       lines.append(f"round {t}: {prompts} prompts x {s.num_samples} samples, at most {pairs} "
                    f"pairs, {epochs} epoch(s), at most {steps} steps")
     total += steps
-  lines.append(f"total: at most {total} optimizer steps; {data.eval_prompts} eval prompts per "
-               f"round; output in {config.output_dir}")
+  ends = r.num_rounds + 1  # run.py: each round's end checkpoint takes a global step of its own
+  lines.append(f"total: at most {total} optimizer steps, so at most global step {total + ends} "
+               f"(the {ends} round-end checkpoints take one global step each); "
+               f"{data.eval_prompts} eval prompts per round; output in {config.output_dir}")
   return lines

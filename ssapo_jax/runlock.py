@@ -8,7 +8,8 @@ and removed when the run ends, however it ends short of SIGKILL.
 * A lock whose owner is dead (same host, no process with that pid and start time) is stale: the
   next run takes it over and says so. A kill -9 leaves such a lock behind.
 * A lock owned by another host cannot be checked from here; ``ssapo-train --force-unlock``
-  removes it after the user has made sure that run is gone.
+  takes it (in the pre-run checks and ``--check`` too, saying whose lock it was) after the user
+  has made sure that run is gone. A live run on this host keeps its lock even then.
 * On a local filesystem the lock file is also held with ``flock`` while the run lives, so two
   runs starting at the same instant cannot both take over a stale lock. Object stores
   (``gs://``) have no such primitive; there the check-then-write is best effort.
@@ -100,10 +101,43 @@ def _path(output_dir: str):
   return epath.Path(output_dir) / LOCK_FILENAME
 
 
-def locked_message(output_dir: str, owner: LockOwner) -> str:
-  return (f"output_dir {output_dir} is locked by another run: {owner.describe()}. Wait for it "
-          f"to finish, or use another output_dir; if that run is gone (e.g. its host was "
-          f"lost), rerun with --force-unlock")
+def locked_message(output_dir: str, owner: LockOwner, *, forced: bool = False) -> str:
+  """Why ``owner``'s lock stops this run. ``--force-unlock`` is suggested only for a lock that
+  cannot be checked from here (another host): a live run on this host keeps its lock."""
+  here = owner.host == socket.gethostname()
+  text = f"output_dir {output_dir} is locked by another run: {owner.describe()}"
+  if here and forced:
+    return (f"{text}, which is still running on this host, so --force-unlock does not take its "
+            f"lock. Wait for it to finish, stop it (kill {owner.pid}), or use another output_dir")
+  if here:
+    return (f"{text}, which is still running on this host. Wait for it to finish, stop it "
+            f"(kill {owner.pid}), or use another output_dir")
+  return (f"{text}; its state cannot be checked from this host. Wait for it to finish, or use "
+          f"another output_dir; if that run is gone (e.g. its host was lost), rerun with "
+          f"--force-unlock")
+
+
+def check_owner(output_dir: str, owner: LockOwner | None, *, force: bool = False) -> str | None:
+  """Decides whether a run may take a lock held by ``owner``; the one rule for the lock and for
+  the pre-run checks.
+
+  Returns None when there is no lock to take over (none, or this process's own), else what to
+  say when it is taken over (a stale lock on this host; another host's lock with ``force``).
+
+  Raises:
+    RunLockedError: a live run on this host holds it (``force`` or not), or another host does
+      and ``force`` is False.
+  """
+  me = LockOwner.this_process()
+  if owner is None or (owner.host == me.host and owner.pid == me.pid):
+    return None
+  if owner.host == me.host:
+    if owner.is_alive():
+      raise RunLockedError(locked_message(output_dir, owner, forced=force))
+    return f"taking over the stale lock of {owner.describe()}, which is no longer running"
+  if not force:
+    raise RunLockedError(locked_message(output_dir, owner))
+  return f"--force-unlock: taking over the lock of {owner.describe()}"
 
 
 class RunLock:
@@ -137,12 +171,13 @@ class RunLock:
       except BlockingIOError:  # a live process holds it (on this host or via the filesystem)
         owner = _parse(os.read(fd, 1 << 16).decode(errors="replace"))
         os.close(fd)
-        if self.force:
-          self.log(f"--force-unlock: removing the lock of {owner.describe() if owner else '?'}; "
-                   "that process still holds it, so it may keep writing")
+        if self.force and owner is not None and owner.host != self.owner.host:
+          self.log(f"--force-unlock: removing the lock of {owner.describe()}; that process "
+                   "still holds it through the shared filesystem, so it may keep writing")
           os.unlink(path)
           continue
-        raise RunLockedError(locked_message(self.output_dir, owner or LockOwner("?", -1)))
+        owner = owner or LockOwner(self.owner.host, -1)
+        raise RunLockedError(locked_message(self.output_dir, owner, forced=self.force))
       except OSError:  # no flock on this filesystem: fall back to the recorded owner
         os.close(fd)
         self._acquire_by_record()
@@ -164,16 +199,9 @@ class RunLock:
 
   def _take_over(self, previous: LockOwner | None) -> None:
     """Checks a lock file that no live process holds; raises unless it may be taken."""
-    if previous is None:
-      return
-    if self.force:
-      self.log(f"--force-unlock: taking over the lock of {previous.describe()}")
-    elif previous.host != self.owner.host:
-      raise RunLockedError(locked_message(self.output_dir, previous))
-    elif previous.is_alive() and previous.pid != self.owner.pid:
-      raise RunLockedError(locked_message(self.output_dir, previous))
-    else:
-      self.log(f"taking over the stale lock of {previous.describe()}, which is no longer running")
+    said = check_owner(self.output_dir, previous, force=self.force)
+    if said is not None:
+      self.log(said)
 
   def _record(self) -> str:
     return json.dumps(dataclasses.asdict(self.owner))
@@ -196,7 +224,7 @@ class RunLock:
     """Takes the lock; raises `RunLockedError` (exit status 4) when a live run holds it."""
     if self._held:
       return self
-    from ssapo_jax.pipeline.rundir import is_remote
+    from ssapo_jax.rundir import is_remote
     if is_remote(self.output_dir):
       self._acquire_by_record()
     else:

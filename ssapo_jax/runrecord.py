@@ -7,9 +7,10 @@ overwritten. A resumed run whose resolved config differs is refused with the dif
 ``config.1.yaml``, ``config.2.yaml``, … and the run logs to ``metrics.jsonl`` the step at which
 it took effect.
 
-**run.log.** The one-line messages a run prints (resume point, per-phase summaries, the
-end-of-run summary) go to stderr and, with a timestamp, to ``<output_dir>/run.log``; each
-`progress` bar stays on screen when it ends and leaves its final state in ``run.log``.
+**run.log.** The one-line messages a run prints (resume point, data and per-phase summaries,
+the end-of-run summary) go to stderr and, with a timestamp, to ``<output_dir>/run.log``; each
+`progress` bar stays on screen when it ends and leaves its final state in ``run.log``, and
+``ssapo-train`` adds the error or interruption that ended a run (`log_only`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import os
 import re
 import sys
+import weakref
 from typing import Any, Iterator
 
 import yaml
@@ -31,9 +33,12 @@ from ssapo_jax.errors import RunDirError
 RUN_LOG_FILENAME = "run.log"
 _VERSION = re.compile(r"^config(?:\.(\d+))?\.yaml$")
 
-# Messages (stderr and run.log) and progress bars' final states (run.log only).
+# Messages (stderr and run.log), progress bars' final states and errors (run.log only: the
+# command line prints errors itself).
 LOGGER = logging.getLogger("ssapo_jax.run")
 _BARS = logging.getLogger("ssapo_jax.progress")
+_FILE_ONLY = logging.getLogger("ssapo_jax.run_file")
+_ACTIVE = 0  # open `run_log` contexts (on every process, logging or not)
 
 
 class ConfigChangedError(RunDirError):
@@ -143,7 +148,9 @@ def run_log(log_dir: str | None, *, enabled: bool = True) -> Iterator[None]:
     log_dir: local directory of ``run.log`` (None: stderr only).
     enabled: False on processes other than 0 of a multi-host run: they stay silent.
   """
+  global _ACTIVE
   handlers = []
+  _ACTIVE += 1
   if enabled:
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setFormatter(logging.Formatter("[ssapo] %(message)s"))
@@ -153,30 +160,86 @@ def run_log(log_dir: str | None, *, enabled: bool = True) -> Iterator[None]:
       os.makedirs(log_dir, exist_ok=True)
       file = logging.FileHandler(os.path.join(log_dir, RUN_LOG_FILENAME), encoding="utf-8")
       file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-      for logger in (LOGGER, _BARS):
+      for logger in (LOGGER, _BARS, _FILE_ONLY):
         logger.addHandler(file)
         handlers.append((logger, file))
-  for logger in (LOGGER, _BARS):
+  for logger in (LOGGER, _BARS, _FILE_ONLY):
     logger.setLevel(logging.INFO)
     logger.propagate = False
   try:
     yield
   finally:
+    _ACTIVE -= 1
     for logger, handler in handlers:
       logger.removeHandler(handler)
     for handler in {h for _, h in handlers}:
       handler.close()
 
 
+_LAST: list[str] = []  # the latest `message`, for `position` when no progress bar is open
+
+
 def message(text: str) -> None:
   """One line for the user: stderr and run.log (inside `run_log`), else nowhere."""
+  _LAST[:] = [text]
   LOGGER.info(text)
 
 
+def say(text: str) -> None:
+  """A library summary line (data counts): `message` inside `run_log` (silent on processes
+  other than 0), else printed (stdout)."""
+  if _ACTIVE:
+    message(text)
+  else:
+    print(text)
+
+
+def log_only(text: str) -> None:
+  """A line for run.log alone (inside `run_log`): what the command line already printed."""
+  _FILE_ONLY.info(text)
+
+
+def position() -> str | None:
+  """Where the run is: its open progress bars (``round 1: train 12/40``), innermost last, or
+  else the phase after the latest message (``the phase after "round 1 follower: …"``); None
+  before any."""
+  from tqdm import tqdm as std_tqdm  # every enabled tqdm bar registers itself here
+  shown = [b for b in list(std_tqdm._instances) if not getattr(b, "disable", False)]
+  bars = sorted(shown, key=lambda b: abs(getattr(b, "pos", 0)))
+  bars += [b for b in list(_OPEN) if b.disable]  # ours, hidden: desc and update count
+  parts = []
+  for bar in bars:
+    desc = (getattr(bar, "label", None) or getattr(bar, "desc", "") or "").rstrip(": ")
+    n = bar.done if bar.disable else bar.n
+    total = getattr(bar, "total", None)
+    parts.append(f"{desc} {n}/{total}".strip() if total else f"{desc} {n}".strip())
+  if parts:
+    return ", ".join(parts)
+  if _LAST:
+    latest = _LAST[0] if len(_LAST[0]) <= 80 else _LAST[0][:77] + "..."
+    return f'the phase after "{latest}"'
+  return None
+
+
+_OPEN: "weakref.WeakSet[_Progress]" = weakref.WeakSet()  # `progress` bars not yet closed
+
+
 class _Progress(tqdm):
-  """A tqdm bar that stays when it ends and logs its final state to run.log."""
+  """A tqdm bar that stays when it ends and logs its final state to run.log; it counts its
+  `update` steps even when disabled (``TQDM_DISABLE``), for `position`."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.label = kwargs.get("desc") or ""  # a disabled tqdm keeps no desc
+    self.done = kwargs.get("initial", 0)
+    _OPEN.add(self)
+
+  def update(self, n=1):
+    self.done += n
+    return super().update(n)
 
   def close(self):
+    _OPEN.discard(self)
     if not self.disable and not getattr(self, "_logged", False):
       self._logged = True
       _BARS.info(self.format_meter(**self.format_dict))

@@ -379,14 +379,6 @@ class RolloutStats:
   def tokens_per_second_per_chip(self) -> float:
     return self.new_tokens / max(self.seconds, 1e-9) / self.devices
 
-  def as_metrics(self) -> dict[str, float]:
-    """Flat numbers for ``metrics.jsonl``."""
-    return {"prompts": self.prompts, "rows": self.rows, "prompt_tokens": self.prompt_tokens,
-            "new_tokens": self.new_tokens, "seconds": self.seconds,
-            "padding_fraction": self.padding_fraction,
-            "tokens_per_second": self.new_tokens / max(self.seconds, 1e-9),
-            "tokens_per_second_per_chip": self.tokens_per_second_per_chip}
-
 
 class Samples(NamedTuple):
   """This process's share of a `Sampler.sample` call; prompt-major rows, ascending prompts.

@@ -117,6 +117,44 @@ def test_missing_source_file_is_a_data_error(tmp_path):
     D.load_prompts(tmp_path / "nope.jsonl")
 
 
+def test_empty_or_unreadable_sources_are_data_errors(tmp_path):
+  from ssapo_jax.errors import DataError
+  (tmp_path / "empty_dir").mkdir()
+  (tmp_path / "empty.jsonl").write_text("")
+  (tmp_path / "odd_dir").mkdir()
+  (tmp_path / "odd_dir" / "notes.bin").write_bytes(b"\x00\x01")
+  cases = [(tmp_path / "empty_dir", "empty directory (no data files)"),
+           (tmp_path / "empty.jsonl", "empty file (no rows)"),
+           (tmp_path / "odd_dir", "not a dataset directory `datasets` can read")]
+  for source, words in cases:
+    for load in (D.load_preferences, D.load_prompts):
+      with pytest.raises(DataError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        load(str(source))
+
+
+def test_duplicate_prompts_are_counted_and_dropped_by_default(tmp_path, capsys):
+  rows = [plain_row(0), plain_row(1), plain_row(0),  # row 2 repeats row 0 entirely
+          {**plain_row(1), "chosen": "another answer"},  # row 3: row 1's prompt, other pair
+          plain_row(2)]
+  path = write_jsonl(tmp_path / "dups.jsonl", rows)
+  recs = D.load_preferences(path)
+  assert [r.row for r in recs] == [0, 1, 4]
+  r = recs.report
+  assert (r.num_rows, r.num_kept, r.duplicate_prompts, r.identical_rows) == (5, 3, 2, 1)
+  assert dict(r.skipped) == {"duplicate_prompt": 2}
+  assert ("kept 3 of 5 rows; skipped 2 (duplicate_prompt=2); 2 rows repeat an earlier prompt "
+          "(1 identical rows)") in capsys.readouterr().out
+  prompts = D.load_prompts(path, verbose=False)
+  assert [p.row for p in prompts] == [0, 1, 4]
+  kept = D.load_preferences(path, duplicates="keep", verbose=False)
+  assert [p.row for p in kept] == [0, 1, 2, 3, 4] and kept.report.duplicate_prompts == 2
+  # So a split of the records cannot put one prompt into two of seed, pools and held-out.
+  split = D.split_rows([p.row for p in recs], seed_size=1, pool_sizes=(1,), seed=0)
+  groups = [set(split.seed_rows), set(split.pool_rows[0]), set(split.rest_rows)]
+  texts = [{json.dumps(rows[i]["prompt"]) for i in g} for g in groups]
+  assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+
+
 def _tfds_builder_cls():
   import tensorflow_datasets as tfds
 
@@ -178,19 +216,21 @@ def test_bad_row_error_names_row_and_field(tmp_path, bad, fmt, field, reason):
     D.load_preferences(path, format=fmt)
   e = info.value
   assert (e.source, e.row, e.field, e.reason) == (path, 2, field, reason)
-  assert path in str(e) and "row 2" in str(e)
+  assert path in str(e) and "row 2 (0-based)" in str(e)
 
 
 def test_skip_policy_counts_and_prints(tmp_path, capsys):
   rows = [GOOD, BAD_CASES[0][0], GOOD, BAD_CASES[2][0], BAD_CASES[4][0], BAD_CASES[3][0],
           BAD_CASES[2][0], GOOD, b"{not json\n"]
   path = write_jsonl(tmp_path / "mixed.jsonl", rows)
-  recs = D.load_preferences(path, format="plain", policy="skip")
+  recs = D.load_preferences(path, format="plain", policy="skip", duplicates="keep")
   assert [r.row for r in recs] == [0, 2, 7]
   assert dict(recs.report.skipped) == {"missing_field": 1, "empty_text": 2, "invalid_utf8": 1,
                                        "identical_responses": 1, "invalid_json": 1}
+  assert (recs.report.duplicate_prompts, recs.report.identical_rows) == (2, 2)  # rows 2 and 7
   out = capsys.readouterr().out
   assert "kept 3 of 9 rows; skipped 6" in out and "empty_text=2" in out
+  assert "2 rows repeat an earlier prompt (2 identical rows, kept)" in out
   # Per-reason policy: skipping only empty text still errors on the first other problem.
   with pytest.raises(D.DataValidationError) as info:
     D.load_preferences(path, format="plain", policy={"empty_text": "skip"})
@@ -286,12 +326,28 @@ def test_system_message_and_cache(tok, tmp_path, capsys):
   assert tok.convert_ids_to_tokens(ds[0]["prompt_ids"])[:3] == ["<s>", "<|system|>", "</s>"]
   again = D.tokenize_pairs(pairs, tok, max_length=32, max_prompt_length=16, system_message="",
                            cache_dir=str(tmp_path))
-  assert "loaded tokenised pairs from cache" in capsys.readouterr().out
+  assert "pairs (from cache" in capsys.readouterr().out
   assert again.to_dict() == ds.to_dict()
   other = D.tokenize_pairs(pairs, tok, max_length=32, max_prompt_length=16,
                            cache_dir=str(tmp_path), verbose=False)
   assert other[0]["prompt_ids"] != ds[0]["prompt_ids"]
   assert len([p for p in tmp_path.iterdir() if p.name.startswith("pairs-")]) == 2
+
+
+def test_prompt_truncations_are_counted_and_logged_inside_a_run(tok, tmp_path, capsys):
+  from ssapo_jax import runrecord
+  prompts = ["hello", "one two three four", "one two three four five six"]
+  lengths = [len(tk.chat_prompt_ids(tok, p)) for p in prompts]
+  cut = sum(n > 7 for n in lengths)
+  assert 0 < cut < len(prompts)  # the case exercises both sides
+  D.tokenize_prompts(prompts, tok, max_prompt_length=7, report="round 1 prompts")
+  line = (f"round 1 prompts: 3 prompts, truncated (keep_end) to max_prompt_length=7 in {cut}")
+  assert line in capsys.readouterr().out
+  with runrecord.run_log(str(tmp_path)):  # inside a run: stderr and run.log, not stdout
+    D.tokenize_prompts(prompts, tok, max_prompt_length=7, report="round 1 prompts")
+  captured = capsys.readouterr()
+  assert line in captured.err and line not in captured.out
+  assert line in (tmp_path / "run.log").read_text()
 
 
 def test_prompt_tokenisation_left_pad_and_pairs_from_ids(tok):

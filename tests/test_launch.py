@@ -39,7 +39,7 @@ def fake_rounds(monkeypatch):
   """Stands in for the pipeline's `run` and records how the CLI calls it."""
   calls = []
 
-  def run(config, *, resume, config_change=None):
+  def run(config, *, resume, config_change=None, preflight=None):
     calls.append((config, resume, config_change))
 
   from ssapo_jax.pipeline import run as pipeline
@@ -62,7 +62,8 @@ def test_config_errors_are_one_line_with_exit_status_2(capsys):
   ]
   for argv, fragment in cases:
     assert cli.main(argv) == ConfigError.exit_code == 2, argv
-    err = capsys.readouterr().err
+    first, err = capsys.readouterr().err.split("\n", 1)
+    assert first.startswith("ssapo-train: checking the config and inputs")  # before the imports
     assert err.startswith("ssapo-train: error: ") and fragment in err, (argv, err)
     assert "Traceback" not in err and err.count("\n") == 1
 
@@ -168,7 +169,8 @@ def test_run_records_config_and_resumes_by_default(tmp_path, world, fake_rounds,
   assert "no checkpoint in" in capsys.readouterr().err
   # Once the run has a checkpoint, resuming is the default; --no-resume starts afresh.
   with Checkpointer(checkpoint_dir(out)) as ckpt:
-    ckpt.save(3, {"x": np.zeros(2)}, {"round": 0}, force=True)
+    ckpt.save(3, {"x": np.zeros(2)}, {"round": 0, "phase": "train", "global_step": 3},
+              force=True)
   assert cli.main(argv) == 0 and fake_rounds[-1][1] is True
   assert cli.main([*argv, "--no-resume"]) == 0 and fake_rounds[-1][1] is False
   # A changed config is refused with the difference, before anything is written ...
@@ -209,7 +211,8 @@ def test_check_prints_the_plan_and_writes_nothing(tmp_path, world, fake_rounds, 
   assert "at most 2048 tokens per step" in printed
   assert "round 0: 64 labelled pairs, 3 epoch(s), 24 steps" in printed
   assert "round 1: 64 prompts x 4 samples, at most 64 pairs, 1 epoch(s), at most 8 steps" in printed
-  assert "total: at most 40 optimizer steps; 8 eval prompts per round" in printed
+  assert ("total: at most 40 optimizer steps, so at most global step 43 (the 3 round-end "
+          "checkpoints take one global step each); 8 eval prompts per round") in printed
   assert "--check: OK (would start a new run)" in printed
   assert not fake_rounds and not out.exists()
   assert cli.main([TINY, *_inputs(world), f"output_dir={out}", "--check", "mesh.tensor=3"]) == 2

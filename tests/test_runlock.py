@@ -45,7 +45,12 @@ def test_acquire_records_the_owner_and_release_removes_it(tmp_path):
     with pytest.raises(RunLockedError) as e:  # a second holder, even in the same process
       RunLock(out).acquire()
     assert f"pid {os.getpid()} on host {socket.gethostname()}" in str(e.value)
-    assert "--force-unlock" in str(e.value) and isinstance(e.value, RunDirError)
+    # A live run on this host: the flag would not help, so the message does not suggest it.
+    assert "still running on this host" in str(e.value) and isinstance(e.value, RunDirError)
+    assert "--force-unlock" not in str(e.value)
+    with pytest.raises(RunLockedError, match="--force-unlock does not take its lock"):
+      RunLock(out, force=True).acquire()
+    assert read_owner(out) == lock.owner
     assert e.value.exit_code == 4
   assert not os.path.exists(os.path.join(out, LOCK_FILENAME))
   with RunLock(out):  # free again
@@ -65,11 +70,15 @@ def test_stale_lock_of_a_dead_process_is_taken_over_with_a_message(tmp_path):
 def test_live_owner_without_flock_and_other_hosts_are_refused_unless_forced(tmp_path):
   out = str(tmp_path / "run")
   _write_lock(out, pid=os.getppid())  # alive, same host, no flock held
-  with pytest.raises(RunLockedError, match=f"pid {os.getppid()}"):
+  with pytest.raises(RunLockedError, match=f"pid {os.getppid()}") as e:
     RunLock(out).acquire()
+  assert "--force-unlock" not in str(e.value)
+  with pytest.raises(RunLockedError, match="still running on this host, so --force-unlock"):
+    RunLock(out, force=True).acquire()
   _write_lock(out, pid=123, host="another-host")
-  with pytest.raises(RunLockedError, match="pid 123 on host another-host"):
+  with pytest.raises(RunLockedError, match="pid 123 on host another-host") as e:
     RunLock(out).acquire()
+  assert "rerun with --force-unlock" in str(e.value)
   messages = []
   with RunLock(out, force=True, log=messages.append):
     assert read_owner(out).host == socket.gethostname()

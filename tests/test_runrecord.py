@@ -87,3 +87,20 @@ def test_run_log_disabled_on_other_processes(tmp_path, capsys):
   with run_log(str(tmp_path / "p1"), enabled=False):
     message("hidden")
   assert not os.path.exists(tmp_path / "p1" / "run.log") and "hidden" not in capsys.readouterr().err
+
+
+def test_position_names_the_open_bar_else_the_phase_after_the_latest_message(tmp_path):
+  """What `ssapo-train` says after "interrupted at" (Ctrl-C)."""
+  from ssapo_jax import runrecord
+  with runrecord.run_log(str(tmp_path)):
+    runrecord.message("round 1 follower: 1.0 s, 64 pairs")
+    assert runrecord.position() == 'the phase after "round 1 follower: 1.0 s, 64 pairs"'
+    bar = runrecord.progress(total=8, desc="round 1: train")
+    bar.update(3)
+    assert runrecord.position() == "round 1: train 3/8"
+    bar.close()
+    assert runrecord.position().startswith("the phase after")
+    hidden = runrecord.progress(total=4, desc="round 2: train", disable=True)  # TQDM_DISABLE
+    hidden.update(1)
+    assert runrecord.position() == "round 2: train 1/4"
+    hidden.close()

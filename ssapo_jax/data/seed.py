@@ -170,6 +170,20 @@ def load_manifest(path: str | os.PathLike) -> SplitManifest:
                        rest_rows=np.asarray(d["rest_rows"], np.int64), settings=d["settings"])
 
 
+def prompt_key(prompt) -> tuple:
+  """What makes two prompts the same: their messages' roles and stripped contents."""
+  return tuple((m["role"], m["content"].strip()) for m in prompt)
+
+
+def exclude_prompts(records: Sequence, *others: Sequence) -> tuple[list, int]:
+  """``records`` without those whose prompt is in any of ``others`` (records with ``.prompt``),
+  and how many were left out: the run keeps each prompt in one of seed, pools and held-out set
+  when they come from different sources. Order is kept."""
+  taken = {prompt_key(r.prompt) for other in others for r in other}
+  kept = [r for r in records if prompt_key(r.prompt) not in taken]
+  return kept, len(records) - len(kept)
+
+
 def select_rows(records: Sequence, rows: Sequence[int]) -> list:
   """The records whose ``.row`` is in ``rows``, in the order of ``rows``."""
   by_row = {r.row: r for r in records}

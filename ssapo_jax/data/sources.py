@@ -38,11 +38,20 @@ def looks_like_path(source: str) -> bool:
 
 
 def check_source_exists(source: str | os.PathLike) -> None:
-  """Raises `DataError` when a path-like ``source`` does not exist (no download is tried)."""
+  """Raises `DataError` when a path-like ``source`` does not exist, cannot be read, or is an
+  empty file or directory (no download is tried)."""
   source = os.fspath(source)
-  if not source.startswith("tfds:") and looks_like_path(source) and not os.path.exists(
-      os.path.expanduser(source)):
+  if source.startswith("tfds:") or not looks_like_path(source):
+    return
+  path = os.path.expanduser(source)
+  if not os.path.exists(path):
     raise DataError(f"{source}: no such file or directory")
+  if not os.access(path, os.R_OK | (os.X_OK if os.path.isdir(path) else 0)):
+    raise DataError(f"{source}: not readable (permission denied)")
+  if os.path.isdir(path) and not any(not name.startswith(".") for name in os.listdir(path)):
+    raise DataError(f"{source}: empty directory (no data files)")
+  if os.path.isfile(path) and os.path.getsize(path) == 0:
+    raise DataError(f"{source}: empty file (no rows)")
 
 
 def _require_columns(name: str, column_names, columns: Mapping[str, str], roles) -> None:
@@ -140,7 +149,11 @@ def read_rows(source: str | os.PathLike, *, split: str = "train", data_dir: str 
       first, rows = _peek(_tfds_rows(source, split=split, data_dir=None))
       return source, rows, list(first or ())
     else:
-      ds = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
+      try:
+        ds = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
+      except Exception as e:  # noqa: BLE001 - EmptyDatasetError, no loader for the files, ...
+        raise DataError(f"{source}: not a dataset directory `datasets` can read "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     return source, _dataset_rows(ds), list(ds.column_names)
   if os.path.isfile(source):
     ext = os.path.splitext(source)[1].lower()
@@ -159,7 +172,12 @@ def read_rows(source: str | os.PathLike, *, split: str = "train", data_dir: str 
         raise V.DataValidationError(source, None, None, V.INVALID_UTF8,
                                     f"byte offset {e.start}") from None
       raise ValueError(f"{source}: could not be read as {_EXT_BUILDERS[ext]}: {e}") from e
-  ds = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
+  try:
+    ds = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
+  except Exception as e:  # noqa: BLE001 - not on the hub or in its cache, offline, bad name...
+    raise DataError(f"{source}: no such file or directory, and `datasets` could not load it as "
+                    f"a dataset name ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+                    ) from None
   return source, _dataset_rows(ds), list(ds.column_names)
 
 
@@ -197,7 +215,7 @@ def load_preferences(source: str | os.PathLike, *, format: str = "auto", split: 
                      data_dir: str | None = None, prompt_column: str = "prompt",
                      chosen_column: str = "chosen", rejected_column: str = "rejected",
                      policy: str | Mapping[str, str] = "error", cache_dir: str | None = None,
-                     verbose: bool = True) -> V.Records:
+                     verbose: bool = True, duplicates: str = "drop") -> V.Records:
   """Loads and validates labelled preference pairs.
 
   Args:
@@ -213,6 +231,8 @@ def load_preferences(source: str | os.PathLike, *, format: str = "auto", split: 
       `ssapo_jax.data.validate.REASONS`); skipped rows are counted and printed.
     cache_dir: `datasets` cache directory.
     verbose: print the validation summary.
+    duplicates: ``"drop"`` (default) rows whose prompt an earlier row had, counted as
+      ``duplicate_prompt`` in the report, or ``"keep"`` them (still counted).
 
   Returns:
     `Records` (a list) of `PreferencePair`, with ``.report`` and ``.source``.
@@ -230,12 +250,13 @@ def load_preferences(source: str | os.PathLike, *, format: str = "auto", split: 
   if fmt == "plain":  # ultrafeedback rows carry their prompt in the conversation
     _require_columns(name, column_names, columns, ("prompt",))
   return V.validate_rows(rows, source=name, kind="pair", fmt=fmt, columns=columns, policy=policy,
-                         verbose=verbose)
+                         verbose=verbose, duplicates=duplicates)
 
 
 def load_prompts(source: str | os.PathLike, *, split: str = "train", data_dir: str | None = None,
                  prompt_column: str = "prompt", policy: str | Mapping[str, str] = "error",
-                 cache_dir: str | None = None, verbose: bool = True) -> V.Records:
+                 cache_dir: str | None = None, verbose: bool = True,
+                 duplicates: str = "drop") -> V.Records:
   """Loads and validates unlabelled prompts (text or message lists) -> `Records` of `PromptRecord`.
 
   Works on prompt-only sources and on preference sources (only the prompt column is read).
@@ -245,4 +266,4 @@ def load_prompts(source: str | os.PathLike, *, split: str = "train", data_dir: s
   name, rows, column_names = read_rows(source, split=split, data_dir=data_dir, cache_dir=cache_dir)
   _require_columns(name, column_names, columns, ("prompt",))
   return V.validate_rows(rows, source=name, kind="prompt", fmt="prompt", columns=columns,
-                         policy=policy, verbose=verbose)
+                         policy=policy, verbose=verbose, duplicates=duplicates)

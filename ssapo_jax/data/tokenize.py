@@ -130,12 +130,23 @@ def _build_dataset(rows, prompts, chosens, rejecteds, p_trunc, r_trunc, extras, 
     features[name] = (datasets.Sequence(datasets.Value("float32")) if arr.ndim == 2
                       else datasets.Value("float32"))
   ds = datasets.Dataset.from_dict(data, features=datasets.Features(features))
+  counts = {"pairs": len(rows), "prompt_truncated": int(np.sum(p_trunc)),
+            "response_truncated": int(np.sum(r_trunc)), "skipped": len(rows) - len(idx)}
   if verbose:
-    n, n_p, n_r = len(rows), int(np.sum(p_trunc)), int(np.sum(r_trunc))
-    skipped = n - len(idx)
-    print(f"[ssapo_jax.data] {source}: tokenised {n} pairs; prompt truncated in {n_p}, "
-          f"responses truncated ({V.TOO_LONG}) in {n_r}; skipped {skipped} ({V.TOO_LONG})")
-  return ds
+    _say_truncations(source, counts)
+  return ds, counts
+
+
+_COUNTS_FILE = "ssapo_truncations.json"  # beside a cached dataset: its truncation counts
+
+
+def _say_truncations(source: str, counts: Mapping[str, int], cached: str | None = None) -> None:
+  """The truncation summary of a tokenisation (`runrecord.say`)."""
+  from ssapo_jax.runrecord import say
+  where = f" (from cache {cached})" if cached else ""
+  say(f"[ssapo_jax.data] {source}: tokenised {counts['pairs']} pairs{where}; prompt truncated "
+      f"in {counts['prompt_truncated']}, responses truncated ({V.TOO_LONG}) in "
+      f"{counts['response_truncated']}; skipped {counts['skipped']} ({V.TOO_LONG})")
 
 
 def _records_fingerprint(pairs) -> str:
@@ -150,7 +161,7 @@ def tokenize_pairs(pairs: Sequence[V.PreferencePair], tokenizer, *, max_length: 
                    system_message: str | None = None, add_bos: bool | None = None,
                    add_eos: bool = True, on_truncation: str = "truncate",
                    extras: Mapping[str, Any] | None = None, cache_dir: str | None = None,
-                   batch_size: int = 1024, verbose: bool = True):
+                   batch_size: int = 1024, verbose: bool = True, source: str | None = None):
   """Tokenises preference pairs in batches into a pair dataset (module docstring).
 
   Args:
@@ -168,14 +179,15 @@ def tokenize_pairs(pairs: Sequence[V.PreferencePair], tokenizer, *, max_length: 
     cache_dir: if set, the result is saved under a key of (records, tokenizer, options) and
       reloaded from there next time.
     batch_size: texts per batched tokenizer call.
-    verbose: print the truncation summary.
+    verbose: print the truncation summary (to the run's log inside `runrecord.run_log`).
+    source: what the summary calls the pairs (default: their ``.source``, else "pairs").
 
   Returns:
     A `datasets.Dataset` with the columns of the module docstring.
   """
   import datasets
   _check_lengths(max_length, max_prompt_length, truncation_mode)
-  source = getattr(pairs, "source", "") or "pairs"
+  source = source or getattr(pairs, "source", "") or "pairs"
   extras = _check_extras(extras, len(pairs))
   key = None
   if cache_dir is not None:
@@ -189,9 +201,12 @@ def tokenize_pairs(pairs: Sequence[V.PreferencePair], tokenizer, *, max_length: 
       h.update(np.ascontiguousarray(extras[name]).tobytes())
     key = os.path.join(cache_dir, f"pairs-{h.hexdigest()[:24]}")
     if os.path.isdir(key):
-      if verbose:
-        print(f"[ssapo_jax.data] {source}: loaded tokenised pairs from cache {key}")
-      return datasets.load_from_disk(key)
+      ds = datasets.load_from_disk(key)
+      counts_file = os.path.join(key, _COUNTS_FILE)
+      if verbose and os.path.isfile(counts_file):  # a resumed run's log says them too
+        with open(counts_file) as f:
+          _say_truncations(source, json.load(f), cached=key)
+      return ds
   prompts, chosens, rejecteds = [], [], []
   for start in range(0, len(pairs), batch_size):
     chunk = pairs[start:start + batch_size]
@@ -202,12 +217,14 @@ def tokenize_pairs(pairs: Sequence[V.PreferencePair], tokenizer, *, max_length: 
   p, c, r, pt, rt = _truncate_pairs(prompts, chosens, rejecteds, max_length=max_length,
                                     max_prompt_length=max_prompt_length,
                                     truncation_mode=truncation_mode, bos_id=tokenizer.bos_token_id)
-  ds = _build_dataset([x.row for x in pairs], p, c, r, pt, rt, extras,
-                      on_truncation=on_truncation, source=source, verbose=verbose)
+  ds, counts = _build_dataset([x.row for x in pairs], p, c, r, pt, rt, extras,
+                              on_truncation=on_truncation, source=source, verbose=verbose)
   if key is not None:
     os.makedirs(cache_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-")
     ds.save_to_disk(tmp)
+    with open(os.path.join(tmp, _COUNTS_FILE), "w") as f:
+      json.dump(counts, f)
     try:
       os.rename(tmp, key)
     except OSError:  # Another process wrote it first.
@@ -219,8 +236,12 @@ def tokenize_pairs(pairs: Sequence[V.PreferencePair], tokenizer, *, max_length: 
 def tokenize_prompts(prompts: Sequence[V.PromptRecord | Sequence[Mapping[str, str]] | str],
                      tokenizer, *, max_prompt_length: int, truncation_mode: str = "keep_end",
                      system_message: str | None = None, add_bos: bool | None = None,
-                     batch_size: int = 1024) -> list[list[int]]:
-  """Chat-templated prompt ids (with generation prompt) for sampling, truncated like pairs."""
+                     batch_size: int = 1024, report: str | None = None) -> list[list[int]]:
+  """Chat-templated prompt ids (with generation prompt) for sampling, truncated like pairs.
+
+  With ``report`` (what the prompts are, e.g. ``"round 1 prompts"``) the number of prompts
+  cut to ``max_prompt_length`` is said (`runrecord.say`: the run's log inside a run).
+  """
   if max_prompt_length <= 0:
     raise ValueError(f"max_prompt_length must be > 0, got {max_prompt_length}")
   out = []
@@ -229,6 +250,11 @@ def tokenize_prompts(prompts: Sequence[V.PromptRecord | Sequence[Mapping[str, st
              for p in prompts[start:start + batch_size]]
     out += tk.chat_prompt_ids_batch(tokenizer, chunk, system_message=system_message,
                                     add_bos=add_bos)
+  if report is not None:
+    from ssapo_jax.runrecord import say
+    cut = sum(len(x) > max_prompt_length for x in out)
+    say(f"[ssapo_jax.data] {report}: {len(out)} prompts, truncated ({truncation_mode}) to "
+        f"max_prompt_length={max_prompt_length} in {cut}")
   return [truncate_prompt(x, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode,
                           bos_id=tokenizer.bos_token_id) for x in out]
 
@@ -330,7 +356,7 @@ def pairs_from_token_ids(prompt_ids: Sequence[Sequence[int]],
                                     truncation_mode=truncation_mode, bos_id=bos_id)
   rows = list(range(n)) if rows is None else [int(x) for x in rows]
   return _build_dataset(rows, p, c, r, pt, rt, _check_extras(extras, n),
-                        on_truncation=on_truncation, source=source, verbose=verbose)
+                        on_truncation=on_truncation, source=source, verbose=verbose)[0]
 
 
 def with_pair_columns(dataset, **columns):

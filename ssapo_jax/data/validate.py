@@ -33,6 +33,9 @@ PROMPT_MISMATCH = "prompt_mismatch"      # chosen/rejected conversations differ 
 INVALID_UTF8 = "invalid_utf8"            # Bytes that are not UTF-8 (or lone surrogates).
 INVALID_JSON = "invalid_json"            # A jsonl line that is not a JSON object.
 TOO_LONG = "too_long"                    # Needed response truncation (see tokenize.py).
+# The prompt of an earlier row again: dropped (counted) so that one prompt cannot land in two
+# of seed, pools and held-out set; not a policy reason (``duplicates="keep"`` keeps them).
+DUPLICATE_PROMPT = "duplicate_prompt"
 REASONS = (MISSING_FIELD, WRONG_TYPE, EMPTY_TEXT, IDENTICAL_RESPONSES, UNKNOWN_ROLE,
            LAST_NOT_ASSISTANT, LAST_NOT_USER, PROMPT_MISMATCH, INVALID_UTF8, INVALID_JSON)
 ROLES = ("system", "user", "assistant")
@@ -46,7 +49,9 @@ class DataValidationError(DataError):
   def __init__(self, source: str, row: int | None, field: str | None, reason: str,
                detail: str = ""):
     self.source, self.row, self.field, self.reason, self.detail = source, row, field, reason, detail
-    where = f"{source}: row {row}" if row is not None else f"{source}"
+    # Rows count from 0 over the records (a jsonl file's non-blank lines): say so, since
+    # editors number lines from 1.
+    where = f"{source}: row {row} (0-based)" if row is not None else f"{source}"
     if field is not None:
       where += f", field {field!r}"
     super().__init__(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
@@ -77,16 +82,28 @@ class PromptRecord:
 
 @dataclasses.dataclass
 class ValidationReport:
-  """Counts of one validation pass; ``skipped`` maps reason -> number of rows."""
+  """Counts of one validation pass; ``skipped`` maps reason -> number of rows.
+
+  ``duplicate_prompts`` counts valid rows whose prompt an earlier valid row already had
+  (dropped as ``skipped["duplicate_prompt"]`` unless kept), ``identical_rows`` those of them
+  that repeat the earlier row entirely.
+  """
   source: str
   num_rows: int = 0
   num_kept: int = 0
   skipped: Counter = dataclasses.field(default_factory=Counter)
+  duplicate_prompts: int = 0
+  identical_rows: int = 0
 
   def summary(self) -> str:
     parts = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
+    dups = ""
+    if self.duplicate_prompts:
+      kept = "" if self.skipped.get(DUPLICATE_PROMPT) else ", kept"
+      dups = (f"; {self.duplicate_prompts} rows repeat an earlier prompt "
+              f"({self.identical_rows} identical rows{kept})")
     return (f"[ssapo_jax.data] {self.source}: kept {self.num_kept} of {self.num_rows} rows; "
-            f"skipped {sum(self.skipped.values())} ({parts})")
+            f"skipped {sum(self.skipped.values())} ({parts}){dups}")
 
 
 class Records(list):
@@ -216,14 +233,22 @@ def normalise_prompt(row: Mapping[str, Any], index: int, columns: Mapping[str, s
 
 
 def validate_rows(rows, *, source: str, kind: str, fmt: str, columns: Mapping[str, str],
-                  policy: str | Mapping[str, str] = "error", verbose: bool = True) -> Records:
+                  policy: str | Mapping[str, str] = "error", verbose: bool = True,
+                  duplicates: str = "drop") -> Records:
   """Normalises and validates ``rows`` (an iterable of ``(index, row dict or problem)``).
 
   A problem already found by the reader (``_RowProblem`` in place of the dict) goes through
   the same policy. Raises `DataValidationError` for a reason whose policy is ``"error"``.
+  A row whose prompt (messages, stripped) an earlier valid row had is counted and, with
+  ``duplicates="drop"`` (default), dropped, so a prompt is in one of seed, pools and
+  held-out set; ``"keep"`` keeps it. The summary line goes to `runrecord.say` when verbose.
   """
+  from ssapo_jax.data.seed import prompt_key  # one definition of "the same prompt"
+  if duplicates not in ("drop", "keep"):
+    raise ValueError(f"duplicates must be 'drop' or 'keep', got {duplicates!r}")
   policies = resolve_policy(policy)
   report = ValidationReport(source=source)
+  seen: dict[tuple, object] = {}
   out = []
   for index, row in rows:
     report.num_rows += 1
@@ -237,10 +262,19 @@ def validate_rows(rows, *, source: str, kind: str, fmt: str, columns: Mapping[st
         raise DataValidationError(source, index, p.field, p.reason, p.detail) from None
       report.skipped[p.reason] += 1
       continue
+    key = prompt_key(rec.prompt)
+    first = seen.setdefault(key, rec)
+    if first is not rec:
+      report.duplicate_prompts += 1
+      report.identical_rows += dataclasses.replace(first, row=rec.row) == rec
+      if duplicates == "drop":
+        report.skipped[DUPLICATE_PROMPT] += 1
+        continue
     out.append(rec)
   report.num_kept = len(out)
   if verbose:
-    print(report.summary())
+    from ssapo_jax.runrecord import say  # the run's log when inside one, else stdout
+    say(report.summary())
   if not out:
     raise ValueError(f"{source}: no valid rows remain ({report.summary()})")
   return Records(out, source=source, report=report)

@@ -61,16 +61,16 @@ class DemoMode:
 def make_arms(*, epsilon: float) -> dict[str, Arm]:
   """The five arms (see the module docstring)."""
   arms = [
-      Arm("seed_dpo", "(a) DPO on seed only", ("dro.epsilon=0", "train.objective=dpo"),
+      Arm("seed_dpo", "(a) DPO on seed only", ("dro.epsilon=0",),
           self_annotated=False, flat=True, color="tab:blue"),
-      Arm("self_eps0", "(b) self-annotated DPO, ε=0", ("dro.epsilon=0", "train.objective=dpo"),
+      Arm("self_eps0", "(b) self-annotated DPO, ε=0", ("dro.epsilon=0",),
           self_annotated=True, color="tab:orange"),
-      Arm("ssapo", f"(c) SSAPO, ε={epsilon:g}", (f"dro.epsilon={epsilon}", "train.objective=robust"),
+      Arm("ssapo", f"(c) SSAPO, ε={epsilon:g}", (f"dro.epsilon={epsilon}",),
           self_annotated=True, color="tab:green"),
-      Arm("all_labels", "(d) DPO on all pool labels", ("dro.epsilon=0", "train.objective=dpo"),
+      Arm("all_labels", "(d) DPO on all pool labels", ("dro.epsilon=0",),
           self_annotated=False, all_labels=True, flat=True, color="tab:red"),
       Arm("ssapo_noisy", f"(e) SSAPO ε={epsilon:g}, 25% seed flipped",
-          (f"dro.epsilon={epsilon}", "train.objective=robust"), self_annotated=True,
+          (f"dro.epsilon={epsilon}",), self_annotated=True,
           flipped_seed=True, color="tab:purple"),
   ]
   return {a.name: a for a in arms}

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from ssapo_jax import sampling
 from ssapo_jax.demo import task
 from ssapo_jax.models import tokenizer as tk
+from ssapo_jax.models.base import split_params
 from ssapo_jax.models.llama import Llama, LlamaConfig
 from ssapo_jax.models.params import load_hf, save_hf
 
@@ -193,7 +194,7 @@ def train_sft(model: Llama, tokenizer, config: WorldConfig, rng: np.random.Gener
                                                 max(1, config.sft_steps // 20), config.sft_steps,
                                                 end_value=config.sft_learning_rate * 0.1)
   optimizer = optax.adamw(schedule, weight_decay=0.01)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  graphdef, params, rest = split_params(model)
   opt_state = optimizer.init(params)
 
   @jax.jit

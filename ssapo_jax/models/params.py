@@ -171,10 +171,59 @@ def check_hf_dir(path: str | os.PathLike) -> dict:
   if not os.path.isdir(path):
     raise CheckpointError(f"{path}: not a directory (expected a local Hugging Face model dir)")
   config = read_config(path)
-  for file in _weight_files(path):
-    with _open(os.path.join(path, file)):  # validates the header against the file size
-      pass
+  files = _weight_files(path)
+  shapes = {}
+  for file in files:
+    with _open(os.path.join(path, file)) as f:  # validates the header against the file size
+      for name in f.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
+        shapes[name] = tuple(f.get_slice(name).get_shape())
+  # The tensors config.json implies (shapes only: nnx.eval_shape allocates nothing).
+  try:
+    model_config = family_for(config["model_type"]).config_cls.from_hf(config)
+  except (KeyError, ValueError, TypeError) as e:
+    raise CheckpointError(f"{os.path.join(path, 'config.json')}: not a usable model config "
+                          f"({type(e).__name__}: {e})") from None
+  flat = _flat_params(build_model(model_config, abstract=True))
+  mapping = tensor_mapping(model_config, flat)
+  _check_names(path, model_config, mapping, files)
+  bad_shapes = [f"{name}: expected {expected}, found {shapes[name]}"
+                for name, expected in _expected_hf_shapes(mapping, flat).items()
+                if name in shapes and shapes[name] != expected]
+  if bad_shapes:
+    raise CheckpointError(f"{path}: tensor shapes do not match config.json: {bad_shapes[:5]}"
+                          + (f" and {len(bad_shapes) - 5} more" if len(bad_shapes) > 5 else ""))
   return config
+
+
+def _expected_hf_shapes(mapping, flat) -> dict[str, tuple[int, ...]]:
+  """HF tensor name -> the shape our parameters need it to have."""
+  out = {}
+  for name, (ours, layer, kind) in mapping.items():
+    out[name] = hf_shape(tuple(flat[ours].shape)[0 if layer is None else 1:], kind)
+  return out
+
+
+def _check_names(path, config, mapping, files) -> dict[str, str]:
+  """Every tensor the config needs is in the files and no file holds one we cannot place;
+  returns tensor name -> file. Raises `CheckpointError` listing the differences."""
+  extra = []
+  for names in files.values():
+    for name in names:
+      if name in mapping or any(p.fullmatch(name) for p in _IGNORABLE):
+        continue
+      if name == "lm_head.weight" and config.tie_word_embeddings:
+        continue  # some tied checkpoints store the (identical) head anyway
+      extra.append(name)
+  file_of = {n: file for file, names in files.items() for n in names}
+  missing = sorted(set(mapping) - set(file_of))
+  if extra or missing:
+    def show(names):
+      return f"{names[:5]}" + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise CheckpointError(f"{path}: the weights do not match config.json "
+                          f"(num_hidden_layers={config.num_layers}, model_type "
+                          f"{config.model_type}); missing tensors: {show(missing)}; "
+                          f"unexpected tensors: {show(sorted(extra))}")
+  return file_of
 
 
 def _weight_files(path) -> dict[str, list[str]]:
@@ -267,19 +316,7 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float
   targets = _target_shardings(abs_params, flat, mesh, shardings)
   files = _weight_files(path)
 
-  extra = []
-  for names in files.values():
-    for name in names:
-      if name in mapping or any(p.fullmatch(name) for p in _IGNORABLE):
-        continue
-      if name == "lm_head.weight" and config.tie_word_embeddings:
-        continue  # some tied checkpoints store the (identical) head anyway
-      extra.append(name)
-  file_of = {n: file for file, names in files.items() for n in names}
-  missing = sorted(set(mapping) - set(file_of))
-  if extra or missing:
-    raise CheckpointError(f"{path}: checkpoint does not match {config.model_type} config; "
-                          f"missing tensors: {missing}; unexpected tensors: {sorted(extra)}")
+  file_of = _check_names(path, config, mapping, files)
 
   pdt = jnp.dtype(param_dtype)
   with contextlib.ExitStack() as stack:

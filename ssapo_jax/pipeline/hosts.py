@@ -28,7 +28,7 @@ import ssapo_jax
 from ssapo_jax.runrecord import message
 
 
-def is_leader() -> bool:
+def is_process0() -> bool:
   """True on process 0, the process that writes shared files."""
   return jax.process_index() == 0
 
@@ -43,8 +43,8 @@ def broadcast_bytes(data: bytes | None) -> bytes:
   if jax.process_count() == 1:
     return data
   mh = _multihost()
-  size = int(np.asarray(mh.broadcast_one_to_all(np.int64(len(data) if is_leader() else 0))))
-  buf = np.frombuffer(data, np.uint8) if is_leader() else np.zeros(size, np.uint8)
+  size = int(np.asarray(mh.broadcast_one_to_all(np.int64(len(data) if is_process0() else 0))))
+  buf = np.frombuffer(data, np.uint8) if is_process0() else np.zeros(size, np.uint8)
   return np.asarray(mh.broadcast_one_to_all(buf), np.uint8).tobytes()
 
 
@@ -52,7 +52,7 @@ def broadcast_json(obj: Any) -> Any:
   """Process 0's JSON-serialisable ``obj`` on every process."""
   if jax.process_count() == 1:
     return obj
-  return json.loads(broadcast_bytes(json.dumps(obj).encode() if is_leader() else None))
+  return json.loads(broadcast_bytes(json.dumps(obj).encode() if is_process0() else None))
 
 
 def broadcast_npz(arrays: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
@@ -60,7 +60,7 @@ def broadcast_npz(arrays: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]
   if jax.process_count() == 1:
     return arrays
   data = None
-  if is_leader():
+  if is_process0():
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     data = buf.getvalue()
@@ -80,14 +80,14 @@ def shared_directory(path: str) -> bool:
   if jax.process_count() == 1:
     return True
   import uuid  # pylint: disable=import-outside-toplevel
-  probe = os.path.join(path, f".shared-probe-{broadcast_json(uuid.uuid4().hex if is_leader() else None)}")
-  if is_leader():
+  probe = os.path.join(path, f".shared-probe-{broadcast_json(uuid.uuid4().hex if is_process0() else None)}")
+  if is_process0():
     with open(probe, "w"):
       pass
   barrier("ssapo-shared-probe-written")
   seen = np.asarray(_multihost().process_allgather(np.int32(os.path.exists(probe))))
   barrier("ssapo-shared-probe-read")
-  if is_leader():
+  if is_process0():
     os.remove(probe)
   return bool(seen.all())
 
@@ -95,7 +95,7 @@ def shared_directory(path: str) -> bool:
 def read_npz(path: str) -> dict[str, np.ndarray]:
   """Process 0's copy of the npz file ``path``, on every process."""
   found = None
-  if is_leader():
+  if is_process0():
     with np.load(path) as f:
       found = dict(f)
   return broadcast_npz(found)
@@ -106,13 +106,13 @@ def cached_npz(path: str, compute: Callable[[], dict[str, np.ndarray]], *,
   """Process 0's ``path`` if it exists (broadcast to all), else ``compute()`` on every process
   (each doing its share) and saved by process 0 with ``save(path, result)``."""
   found = None
-  if is_leader() and os.path.exists(path):
+  if is_process0() and os.path.exists(path):
     with np.load(path) as f:
       found = dict(f)
   if broadcast_json(found is not None):
     return broadcast_npz(found)
   result = compute()
-  if is_leader():
+  if is_process0():
     save(path, result)
   return result
 
@@ -178,10 +178,12 @@ class PhaseClock:
 
   def report(self, logger, step: int, phase: str, round_index: int, *, chips: int,
              new_tokens: int | None = None, padding_fraction: float | None = None,
-             pairs: int | None = None) -> dict[str, float]:
+             pairs: int | None = None, sequences: int | None = None) -> dict[str, float]:
     """Logs ``wall_seconds`` and, where given, ``new_tokens``/``tokens_per_second_per_chip``,
-    ``pairs``/``pairs_per_second`` (pairs scored, or trained) and ``padding_fraction``; prints
-    the summary line on process 0. Returns the metrics."""
+    ``pairs``/``pairs_per_second`` (preference pairs handled, or trained),
+    ``sequences``/``sequences_per_second`` (prompt + response sequences scored, each under
+    each model) and ``padding_fraction``; prints the summary line on process 0. Returns the
+    metrics."""
     seconds = time.perf_counter() - self.start
     metrics: dict[str, float] = {"wall_seconds": seconds}
     line = [f"round {round_index} {phase}: {seconds:.1f} s"]
@@ -192,11 +194,15 @@ class PhaseClock:
     if pairs is not None:
       metrics.update(pairs=pairs, pairs_per_second=pairs / max(seconds, 1e-9))
       line.append(f"{pairs:,} pairs, {metrics['pairs_per_second']:,.1f} pairs/s")
+    if sequences is not None:
+      metrics.update(sequences=sequences, sequences_per_second=sequences / max(seconds, 1e-9))
+      line.append(f"{sequences:,} sequences scored, "
+                  f"{metrics['sequences_per_second']:,.1f} sequences/s")
     if padding_fraction is not None:
       metrics["padding_fraction"] = padding_fraction
       line.append(f"padding {padding_fraction:.1%}")
     if logger is not None:
       logger.log(step, metrics, round=round_index, phase=phase)
-    if is_leader():
+    if is_process0():
       message(", ".join(line))
     return metrics

@@ -1,32 +1,140 @@
-"""The leader's side of a round: training π_t on the round's set, with the follower refreshed.
+"""The leader's side of a round: training π_t on the round's set (the Stackelberg policy).
 
-`train_round` runs the pure sharded step (`ssapo_jax.train`) over the round's loader, logs
-metrics, checkpoints every ``checkpoint.save_every_steps`` steps with the loader cursor, and
-resumes from such a checkpoint. With ``rounds.follower_refresh_steps`` it re-solves the follower
-on the current policy's margins every so many steps (paper eq. 7–8); each refresh's atoms are
-saved under ``follower_refresh/`` so a resumed run uses the atoms in force at its checkpoint.
-Process 0 reads and writes those files and broadcasts what it finds (`hosts`).
+`train_round` builds the round's train state and loader and runs `step_loop`: the pure sharded
+step (`ssapo_jax.train`) over the batches, with one hook per concern around each step:
+
+* `FollowerRefresh` (``rounds.follower_refresh_steps``): re-solves the follower on the current
+  policy's margins every so many steps (paper eq. 7–8) and swaps the batches' atoms; each
+  refresh's atoms are saved under ``follower_refresh/`` so a resumed run uses the atoms in force
+  at its checkpoint;
+* `MetricsHook`: tokens per second, the finite-progress guard, ``metrics.jsonl`` and the
+  progress bar every ``rounds.log_every_steps`` steps;
+* `CheckpointHook`: a checkpoint every ``checkpoint.save_every_steps`` steps with the loader
+  cursor, never of a restored state before a finite step.
+
+Process 0 reads and writes the refresh files and broadcasts what it finds (`hosts`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-from typing import Any
+from typing import Any, Protocol, Sequence
 
 import jax
 import numpy as np
 
+from ssapo_jax import rundir
 from ssapo_jax import sharding as shd
 from ssapo_jax import train as tr
 from ssapo_jax.data import LoaderCursor, PreferenceLoader, with_pair_columns
 from ssapo_jax.errors import NonFiniteError
 from ssapo_jax.experiment import stream_seed
-from ssapo_jax.models import Llama
-from ssapo_jax.pipeline import hosts, rundir
+from ssapo_jax.models import CausalLM
+from ssapo_jax.pipeline import hosts
 from ssapo_jax.pipeline.phases import follower_atoms
 from ssapo_jax.pipeline.runtime import Runtime
 from ssapo_jax.runrecord import message, progress
+
+
+# ----------------------------------------------------------------------------- the step loop
+
+
+class RoundBatches:
+  """The round's batches from a cursor on; `set_dataset` swaps the pairs (new atoms) in place,
+  keeping the position."""
+
+  def __init__(self, rt: Runtime, t: int, dataset, cursor: LoaderCursor):
+    self.rt, self.t, self.train_cfg = rt, t, rt.config.train_for_round(t)
+    self.dataset = dataset
+    self.loader = self._loader(dataset)
+    self.iterator = self.loader.iterator(cursor, num_epochs=self.train_cfg.epochs)
+
+  def _loader(self, dataset) -> PreferenceLoader:
+    d = self.rt.config.data
+    return PreferenceLoader(dataset, global_batch_size=self.train_cfg.global_batch_size,
+                            seed=stream_seed(self.rt.config.seed, "shuffle", self.t),
+                            pad_id=self.rt.tokenizer.pad_token_id, bucket_size=d.bucket_size,
+                            bucket_window=d.bucket_window, num_hosts=jax.process_count(),
+                            host_index=jax.process_index())
+
+  @property
+  def num_steps(self) -> int:
+    return self.train_cfg.epochs * self.loader.batches_per_epoch
+
+  @property
+  def cursor(self) -> LoaderCursor:
+    return self.iterator.cursor
+
+  def set_dataset(self, dataset) -> None:
+    self.dataset = dataset
+    self.loader = self._loader(dataset)
+    self.iterator = self.loader.iterator(self.iterator.cursor, num_epochs=self.train_cfg.epochs)
+
+  def next(self):
+    """This host's next batch (numpy), or None after the last."""
+    return next(self.iterator, None)
+
+
+@dataclasses.dataclass
+class StepContext:
+  """What the hooks see: the round, its progress, the current state and the last step's output.
+
+  Attributes:
+    t: the round.
+    done: steps of the round done (``epoch * batches_per_epoch + step``).
+    num_steps: steps of the round.
+    global_step: the run's step counter.
+    state: the current `TrainState` (after the step, in ``after_step``).
+    batches: the round's `RoundBatches`.
+    batch: the last step's host-local batch (numpy), in ``after_step``.
+    metrics: the last step's metrics (device scalars), in ``after_step``.
+    since_restore: steps run since a restored state (0 for a fresh round).
+  """
+
+  t: int
+  done: int
+  num_steps: int
+  global_step: int
+  state: Any
+  batches: RoundBatches
+  batch: Any = None
+  metrics: dict | None = None
+  since_restore: int = 0
+
+
+class StepHook(Protocol):
+  """One concern around the train step; every method may do nothing."""
+
+  def before_step(self, ctx: StepContext) -> None: ...
+
+  def after_step(self, ctx: StepContext) -> None: ...
+
+  def end(self, ctx: StepContext) -> None: ...
+
+
+def step_loop(step_fn, ctx: StepContext, hooks: Sequence[StepHook]) -> StepContext:
+  """Runs ``step_fn`` over ``ctx.batches`` to the round's end, calling the hooks around each
+  step (in order); returns the final context."""
+  while True:
+    for hook in hooks:
+      hook.before_step(ctx)
+    batch = ctx.batches.next()
+    if batch is None:
+      break
+    ctx.state, ctx.metrics = step_fn(ctx.state, shd.global_batch(ctx.batches.rt.mesh, batch))
+    ctx.batch = batch
+    ctx.done, ctx.global_step, ctx.since_restore = (ctx.done + 1, ctx.global_step + 1,
+                                                    ctx.since_restore + 1)
+    for hook in hooks:
+      hook.after_step(ctx)
+  for hook in hooks:
+    hook.end(ctx)
+  return ctx
+
+
+# ----------------------------------------------------------------------------- hooks
 
 
 def _refresh_path(rt: Runtime, t: int, round_step: int) -> str:
@@ -37,7 +145,7 @@ def _latest_refresh(rt: Runtime, t: int, round_step: int) -> str | None:
   """Process 0's newest saved refresh at or before ``round_step`` (broadcast), or None."""
   folder = os.path.join(rt.round_dir(t), "follower_refresh")
   latest = None
-  if hosts.is_leader() and os.path.isdir(folder):
+  if hosts.is_process0() and os.path.isdir(folder):
     steps = sorted(int(f[5:13]) for f in os.listdir(folder)
                    if f.endswith(".npz") and f[5:13].isdigit())
     steps = [s for s in steps if s <= round_step]
@@ -61,24 +169,119 @@ def refresh_follower(rt: Runtime, t: int, state, dataset, judge_logps, round_ste
   margins = ((pol_c - judge_logps["judge_chosen_logps"])
              - (pol_r - judge_logps["judge_rejected_logps"]))
   weights, shifts, summary = follower_atoms(rt, t, margins)
-  if hosts.is_leader():
+  if hosts.is_process0():
     path = _refresh_path(rt, t, round_step)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     rundir.atomic_npz(path, atom_weights=weights, atom_shifts=shifts)
   return with_pair_columns(dataset, atom_weights=weights, atom_shifts=shifts), summary
 
 
-def _loader(rt: Runtime, dataset, t: int, train_cfg) -> PreferenceLoader:
-  d = rt.config.data
-  return PreferenceLoader(dataset, global_batch_size=train_cfg.global_batch_size,
-                          seed=stream_seed(rt.config.seed, "shuffle", t), pad_id=rt.tokenizer.pad_token_id,
-                          bucket_size=d.bucket_size, bucket_window=d.bucket_window,
-                          num_hosts=jax.process_count(), host_index=jax.process_index())
+@dataclasses.dataclass
+class FollowerRefresh:
+  """Every ``every`` steps, the follower's atoms from the current policy (saved, or reloaded
+  when a resumed run reaches a refresh it already made)."""
+
+  rt: Runtime
+  judge_logps: dict
+  every: int
+
+  def start(self, ctx: StepContext) -> None:
+    """A resumed round trains on the atoms in force at its checkpoint."""
+    if ctx.done > 0 and (latest := _latest_refresh(self.rt, ctx.t, ctx.done)) is not None:
+      ctx.batches.set_dataset(_with_saved_atoms(ctx.batches.dataset, latest))
+
+  def before_step(self, ctx: StepContext) -> None:
+    if not (ctx.done > 0 and ctx.done % self.every == 0 and ctx.done < ctx.num_steps):
+      return
+    path = _refresh_path(self.rt, ctx.t, ctx.done)
+    if _latest_refresh(self.rt, ctx.t, ctx.done) == path:  # resumed at a refresh
+      dataset = _with_saved_atoms(ctx.batches.dataset, path)
+    else:
+      dataset, summary = refresh_follower(self.rt, ctx.t, ctx.state, ctx.batches.dataset,
+                                          self.judge_logps, ctx.done)
+      self.rt.logger.log(ctx.global_step, summary, round=ctx.t, round_step=ctx.done)
+    ctx.batches.set_dataset(dataset)
+
+  def after_step(self, ctx: StepContext) -> None:
+    pass
+
+  def end(self, ctx: StepContext) -> None:
+    pass
 
 
-def new_train_state(rt: Runtime, t: int, init: Llama, num_train_steps: int, *,
+class MetricsHook:
+  """Every ``rounds.log_every_steps`` steps (and the last): the finite-progress guard, tokens
+  per second since the last record, a ``metrics.jsonl`` record and the progress bar."""
+
+  def __init__(self, rt: Runtime, ctx: StepContext):
+    self.rt, self.train_cfg = rt, rt.config.train_for_round(ctx.t)
+    self.bar = progress(total=ctx.num_steps, initial=ctx.done, desc=f"round {ctx.t}: train")
+    self.tokens, self.last = 0, time.perf_counter()
+
+  def before_step(self, ctx: StepContext) -> None:
+    pass
+
+  def after_step(self, ctx: StepContext) -> None:
+    b = ctx.batch
+    self.tokens += int(b.chosen_mask.sum() + b.rejected_mask.sum()) * jax.process_count()
+    self.bar.update(1)
+    if ctx.done % self.rt.config.rounds.log_every_steps and ctx.done != ctx.num_steps:
+      return
+    metrics = {k: float(v) for k, v in ctx.metrics.items() if np.ndim(v) == 0}
+    tr.check_finite_progress(metrics, self.train_cfg)
+    now = time.perf_counter()
+    metrics["tokens_per_second"] = self.tokens / max(now - self.last, 1e-9)
+    self.tokens, self.last = 0, now
+    self.rt.logger.log(ctx.global_step, metrics, round=ctx.t, round_step=ctx.done)
+    self.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+
+  def end(self, ctx: StepContext) -> None:
+    self.bar.close()
+
+
+class CheckpointHook:
+  """A checkpoint every ``checkpoint.save_every_steps`` steps (not at the round's end: the run
+  saves that), with the loader cursor. A restored state is saved again only after a finite
+  step, and a round that ends without one since its restore raises `NonFiniteError`."""
+
+  def __init__(self, rt: Runtime, restored: bool):
+    self.rt = rt
+    self.finite_since_restore = not restored
+
+  def _finite_since_restore(self, ctx: StepContext) -> bool:
+    # One scalar read, only until the first finite step after a restore.
+    if not self.finite_since_restore:
+      self.finite_since_restore = int(ctx.metrics["nonfinite/consecutive"]) < ctx.since_restore
+    return self.finite_since_restore
+
+  def before_step(self, ctx: StepContext) -> None:
+    pass
+
+  def after_step(self, ctx: StepContext) -> None:
+    if ctx.done % self.rt.config.checkpoint.save_every_steps or ctx.done >= ctx.num_steps:
+      return
+    if not self._finite_since_restore(ctx):
+      message(f"round {ctx.t}: no finite step since the restore; not saving checkpoint "
+              f"{ctx.global_step}")
+      return
+    self.rt.ckpt.save(ctx.global_step, ctx.state,
+                      {"round": ctx.t, "phase": "train", "round_step": ctx.done,
+                       "cursor": ctx.batches.cursor.to_dict(), "global_step": ctx.global_step},
+                      force=True)
+
+  def end(self, ctx: StepContext) -> None:
+    if ctx.since_restore and not self._finite_since_restore(ctx):
+      raise NonFiniteError(f"round {ctx.t} ended without a finite step since its restore from "
+                           "a checkpoint; its state is not saved. Likely causes: corrupted "
+                           "inputs (train_set, model files), then train.learning_rate")
+
+
+# ----------------------------------------------------------------------------- the round
+
+
+def new_train_state(rt: Runtime, t: int, init: CausalLM, num_train_steps: int, *,
                     abstract: bool = False):
-  """Round t's initial `TrainState` from ``init`` (its key from the ``train`` seed stream).
+  """Round t's initial `TrainState` from ``init`` (`train.create_train_state`).
 
   With ``abstract``, its shapes, dtypes and shardings only: the target a checkpoint is
   restored into, with nothing allocated.
@@ -87,7 +290,7 @@ def new_train_state(rt: Runtime, t: int, init: Llama, num_train_steps: int, *,
                                num_train_steps=num_train_steps, abstract=abstract)
 
 
-def train_round(rt: Runtime, t: int, init: Llama, dataset, judge_logps, *,
+def train_round(rt: Runtime, t: int, init: CausalLM, dataset, judge_logps, *,
                 resume_state, resume_meta, global_step: int) -> tuple[Any, int]:
   """Trains round t from ``init`` on ``dataset``; resumes from a restored state and metadata.
 
@@ -95,64 +298,23 @@ def train_round(rt: Runtime, t: int, init: Llama, dataset, judge_logps, *,
   """
   cfg = rt.config
   train_cfg = cfg.train_for_round(t)
-  loader = _loader(rt, dataset, t, train_cfg)
-  num_steps = train_cfg.epochs * loader.batches_per_epoch
-  state = new_train_state(rt, t, init, num_steps)
   cursor = LoaderCursor()
+  if resume_state is not None:
+    cursor = LoaderCursor.from_dict(resume_meta["cursor"])
+  batches = RoundBatches(rt, t, dataset, cursor)
+  state = new_train_state(rt, t, init, batches.num_steps)
   if resume_state is not None:
     # Same structure and shardings; the round's static optimizer/schedule come from `state`.
     state = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(resume_state))
-    cursor = LoaderCursor.from_dict(resume_meta["cursor"])
-  done = cursor.epoch * loader.batches_per_epoch + cursor.step
-  refresh = cfg.rounds.follower_refresh_steps if t > 0 else None
-  if refresh and done > 0 and (latest := _latest_refresh(rt, t, done)) is not None:
-    dataset = _with_saved_atoms(dataset, latest)  # the atoms in force at the checkpoint
-    loader = _loader(rt, dataset, t, train_cfg)
-  step_fn = tr.make_train_step(train_cfg, rt.mesh, state)
-  it = loader.iterator(cursor, num_epochs=train_cfg.epochs)
-  bar = progress(total=num_steps, initial=done, desc=f"round {t}: train")
-  # A restored state is saved again only after a finite step: never re-save a bad state.
-  since_restore, finite_since_restore = 0, resume_state is None
-  tokens, last = 0, time.perf_counter()
-  while True:
-    if refresh and done > 0 and done % refresh == 0 and done < num_steps:
-      if _latest_refresh(rt, t, done) == _refresh_path(rt, t, done):  # resumed at a refresh
-        dataset = _with_saved_atoms(dataset, _refresh_path(rt, t, done))
-      else:
-        dataset, summary = refresh_follower(rt, t, state, dataset, judge_logps, done)
-        rt.logger.log(global_step, summary, round=t, round_step=done)
-      loader = _loader(rt, dataset, t, train_cfg)
-      it = loader.iterator(it.cursor, num_epochs=train_cfg.epochs)
-    try:
-      batch = next(it)
-    except StopIteration:
-      break
-    tokens += int(batch.chosen_mask.sum() + batch.rejected_mask.sum()) * jax.process_count()
-    state, metrics = step_fn(state, shd.global_batch(rt.mesh, batch))
-    done, global_step, since_restore = done + 1, global_step + 1, since_restore + 1
-    bar.update(1)
-    if done % cfg.rounds.log_every_steps == 0 or done == num_steps:
-      metrics = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
-      tr.check_finite_progress(metrics, train_cfg)
-      now = time.perf_counter()
-      metrics["tokens_per_second"] = tokens / max(now - last, 1e-9)
-      tokens, last = 0, now
-      rt.logger.log(global_step, metrics, round=t, round_step=done)
-      bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-    if done % cfg.checkpoint.save_every_steps == 0 and done < num_steps:
-      if not finite_since_restore:  # one scalar read, only until the first finite step
-        finite_since_restore = int(metrics["nonfinite/consecutive"]) < since_restore
-      if not finite_since_restore:
-        message(f"round {t}: no finite step since the restore; not saving checkpoint "
-                f"{global_step}")
-        continue
-      rt.ckpt.save(global_step, state, {"round": t, "phase": "train", "round_step": done,
-                                         "cursor": it.cursor.to_dict(),
-                                         "global_step": global_step}, force=True)
-  bar.close()
-  if not finite_since_restore and since_restore:
-    if int(metrics["nonfinite/consecutive"]) >= since_restore:
-      raise NonFiniteError(f"round {t} ended without a finite step since its restore from a "
-                           "checkpoint; its state is not saved. Likely causes: corrupted inputs "
-                           "(train_set, model files), then train.learning_rate")
-  return state, global_step
+  ctx = StepContext(t=t, done=cursor.epoch * batches.loader.batches_per_epoch + cursor.step,
+                    num_steps=batches.num_steps, global_step=global_step, state=state,
+                    batches=batches)
+  hooks: list[StepHook] = []
+  every = cfg.rounds.follower_refresh_steps if t > 0 else None
+  if every:
+    refresh = FollowerRefresh(rt, judge_logps, every)
+    refresh.start(ctx)
+    hooks.append(refresh)
+  hooks += [MetricsHook(rt, ctx), CheckpointHook(rt, restored=resume_state is not None)]
+  ctx = step_loop(tr.make_train_step(train_cfg, rt.mesh, state), ctx, hooks)
+  return ctx.state, ctx.global_step

@@ -3,13 +3,14 @@
 1. `generate`: ``sampling.num_samples`` responses per prompt of pool t (``generations.npz``);
 2. `annotate`: implicit reward ``log π_{t−1}(y|x) − log π_annot(y|x)`` (π_annot = SFT or
    π_{t−2}); best vs worst response become chosen/rejected (``pairs/``, ``annotation.npz``);
-3. `follower`: the round's training set with reference log-probs and the worst-case atoms in the
-   ε-Wasserstein ball around the margins (``train_set/``, ``follower.json``); round 0 is the
-   labelled seed with plain-DPO atoms;
+3. `train_set`: the round's training set with reference log-probs and the follower's
+   worst-case atoms in the ε-Wasserstein ball around the margins (``train_set/``,
+   ``follower.json``); round 0 is the labelled seed with plain-DPO atoms;
 4. `evaluate`: greedy responses to held-out prompts (``eval_generations.json``).
 
 Each phase writes its output under ``round_<t>/`` atomically and returns it from there when it is
-present, so a resumed run repeats no finished phase. Keys come from the run's named seed streams
+present, so a resumed run repeats no finished phase; when it returns, the round directory is
+copied up to a remote output directory (`round_phase`). Keys come from the run's named seed streams
 (`ssapo_jax.experiment.stream_key`).
 
 Across processes every phase does 1/P of the work (the sampler and the scorer feed each process's
@@ -21,8 +22,10 @@ one printed line) at global step ``step``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+from typing import Callable
 
 import jax
 import numpy as np
@@ -30,13 +33,27 @@ import numpy as np
 from ssapo_jax import annotate as annotation
 from ssapo_jax import dro
 from ssapo_jax.data import pairs_from_token_ids, save_round, tokenize_pairs, with_pair_columns
-from ssapo_jax.models import Llama
-from ssapo_jax.pipeline import hosts, rundir
+from ssapo_jax.models import CausalLM
+from ssapo_jax import rundir
+from ssapo_jax.pipeline import hosts
 from ssapo_jax.pipeline.runtime import Runtime
 from ssapo_jax.sampling import RolloutStats, Sampler, decode, gather_samples
 
 
-def _sample_all(rt: Runtime, model: Llama, prompt_ids: list, key, *, temperature: float,
+def round_phase(phase: Callable) -> Callable:
+  """Marks ``phase(rt, t, ...)`` as a phase of round t: once it returns, ``round_<t>/`` is
+  pushed to a remote output directory (a no-op for a local one)."""
+
+  @functools.wraps(phase)
+  def run_phase(rt: Runtime, t: int, *args, **kwargs):
+    out = phase(rt, t, *args, **kwargs)
+    rt.rundir.push(f"round_{t}")
+    return out
+
+  return run_phase
+
+
+def _sample_all(rt: Runtime, model: CausalLM, prompt_ids: list, key, *, temperature: float,
                 num_samples: int, desc: str) -> tuple[dict[str, np.ndarray], RolloutStats]:
   """Samples every prompt with the sharded `Sampler` (each process its share), gathered on every
   process: host arrays ``tokens``/``mask`` ``[num_prompts * num_samples, max_new_tokens]``,
@@ -59,12 +76,14 @@ def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
   rundir.atomic_npz(path, **arrays)
 
 
-def generate(rt: Runtime, t: int, policy: Llama, *, step: int = 0) -> dict[str, np.ndarray]:
+@round_phase
+def generate(rt: Runtime, t: int, policy: CausalLM, *, step: int = 0) -> dict[str, np.ndarray]:
   """Round t's samples from π_{t−1}, cached in ``generations.npz``."""
   def compute():
     clock = hosts.PhaseClock()
     s = rt.config.sampling
-    gen, stats = _sample_all(rt, policy, rt.prompt_ids(rt.data.pools[t - 1]),
+    gen, stats = _sample_all(rt, policy, rt.prompt_ids(rt.data.pools[t - 1],
+                                                       report=f"round {t} prompts"),
                              rt.config.key("generate", t), temperature=s.temperature,
                              num_samples=s.num_samples, desc=f"round {t}: generate")
     clock.report(rt.logger, step, "generate", t, chips=rt.mesh.devices.size,
@@ -75,14 +94,15 @@ def generate(rt: Runtime, t: int, policy: Llama, *, step: int = 0) -> dict[str, 
                           save=_save_npz)
 
 
-def annotate(rt: Runtime, t: int, policy: Llama, gen: dict[str, np.ndarray], *,
+@round_phase
+def annotate(rt: Runtime, t: int, policy: CausalLM, gen: dict[str, np.ndarray], *,
              step: int = 0) -> dict:
   """Implicit rewards of every sample and best/worst selection (``pairs/``, ``annotation.npz``)."""
   return hosts.cached_npz(os.path.join(rt.round_dir(t), "annotation.npz"),
                           lambda: _annotate(rt, t, policy, gen, step), save=_save_npz)
 
 
-def _annotate(rt: Runtime, t: int, policy: Llama, gen: dict[str, np.ndarray], step: int) -> dict:
+def _annotate(rt: Runtime, t: int, policy: CausalLM, gen: dict[str, np.ndarray], step: int) -> dict:
   clock = hosts.PhaseClock()
   cfg = rt.config
   n = cfg.sampling.num_samples
@@ -101,7 +121,7 @@ def _annotate(rt: Runtime, t: int, policy: Llama, gen: dict[str, np.ndarray], st
   result = {"prompt_index": usable, "chosen_row": usable * n + sel.chosen_idx[usable],
             "rejected_row": usable * n + sel.rejected_idx[usable], "margin": sel.margin[usable],
             "rewards": rewards}
-  if hosts.is_leader():
+  if hosts.is_process0():
     texts = decode(rt.tokenizer, gen["tokens"], gen["mask"])
     save_round(os.path.join(rt.round_dir(t), "pairs"), {
         "row": [prompts[i].row for i in usable],
@@ -113,9 +133,9 @@ def _annotate(rt: Runtime, t: int, policy: Llama, gen: dict[str, np.ndarray], st
                                "annotation_reference": cfg.rounds.annotation_reference},
         settings={"sampling": dataclasses.asdict(cfg.sampling)},
         counts={"prompts": len(prompts), "usable_pairs": int(usable.size)})
-  # Pairs scored: every (prompt, response) under the policy and the judge.
+  # Sequences scored: every (prompt, response) under the policy and the judge.
   clock.report(rt.logger, step, "annotate", t, chips=rt.mesh.devices.size,
-               pairs=2 * len(responses))
+               sequences=2 * len(responses))
   return result
 
 
@@ -127,7 +147,8 @@ def round_pairs(rt: Runtime, t: int):
   if t == 0:
     cache_dir = d.cache_dir if d.cache_dir is not None else os.path.join(rt.workdir, "cache")
     return tokenize_pairs(rt.data.seed_pairs, rt.tokenizer, system_message=d.system_message,
-                          cache_dir=cache_dir, **opts)
+                          cache_dir=cache_dir, source="round 0 labelled seed",
+                          **{**opts, "verbose": True})  # its truncation counts, in run.log
   gen = hosts.read_npz(os.path.join(rt.round_dir(t), "generations.npz"))
   ann = hosts.read_npz(os.path.join(rt.round_dir(t), "annotation.npz"))
   prompt_ids = rt.prompt_ids(rt.data.pools[t - 1])
@@ -147,7 +168,7 @@ def follower_atoms(rt: Runtime, t: int, margins: np.ndarray) -> tuple[np.ndarray
   """
   cfg = rt.config
   atoms = summary = None
-  if hosts.is_leader():
+  if hosts.is_process0():
     worst = dro.solve_follower(margins, cfg.dro, key=cfg.key("follower", t))
     weights, shifts = map(np.asarray, dro.to_loss_atoms(worst))
     atoms = {"atom_weights": weights, "atom_shifts": shifts}
@@ -156,13 +177,14 @@ def follower_atoms(rt: Runtime, t: int, margins: np.ndarray) -> tuple[np.ndarray
   return atoms["atom_weights"], atoms["atom_shifts"], summary
 
 
-def follower(rt: Runtime, t: int, policy: Llama, reference: Llama, *, step: int = 0):
+@round_phase
+def train_set(rt: Runtime, t: int, policy: CausalLM, reference: CausalLM, *, step: int = 0):
   """Round t's training set with reference log-probs and follower atoms (``train_set/``).
 
   The set is round t's pairs (authors' code) or, with ``rounds.accumulate``, the pairs of
   rounds 0..t (Algorithm 1). For t ≥ 1 the follower runs on the implicit-reward margins of the
-  whole set, ``(log π_{t−1} − log π_annot)(chosen) − (…)(rejected)``; round 0 is plain DPO
-  (one atom of weight 1 and shift 0).
+  whole set, ``(log π_{t−1} − log π_annot)(chosen) − (…)(rejected)``; round 0 and ε = 0 are
+  plain DPO (one atom of weight 1 and shift 0, no follower).
 
   Returns:
     ``(dataset, judge_logps)``: the pair dataset with ``ref_*_logps`` and ``atom_*`` columns,
@@ -179,7 +201,8 @@ def follower(rt: Runtime, t: int, policy: Llama, reference: Llama, *, step: int 
   judge_logps = {}
   n = len(dataset)
   scored = 1  # models the pairs were scored under
-  if t == 0:
+  if t == 0 or rt.config.train.objective == "dpo":
+    # Round 0, or ε = 0 (plain DPO): one atom of weight 1 and shift 0, no follower to solve.
     extras["atom_weights"], extras["atom_shifts"] = np.ones((n, 1)), np.zeros((n, 1))
   else:
     judge = rt.judge(t)
@@ -191,34 +214,38 @@ def follower(rt: Runtime, t: int, policy: Llama, reference: Llama, *, step: int 
     margins = (pol_c - judge_c) - (pol_r - judge_r)
     extras["atom_weights"], extras["atom_shifts"], summary = follower_atoms(rt, t, margins)
     judge_logps = {"judge_chosen_logps": judge_c, "judge_rejected_logps": judge_r}
-    if hosts.is_leader():
+    if hosts.is_process0():
       rundir.atomic_json(os.path.join(rt.round_dir(t), "follower.json"),
                          {**summary, "num_pairs": n, "refresh_step": 0})
   dataset = with_pair_columns(dataset, **extras)
-  if hosts.is_leader():
+  if hosts.is_process0():
     save_round(os.path.join(rt.round_dir(t), "train_set"),
                {**{c: dataset[c] for c in dataset.column_names}, **judge_logps},
                round_index=t, settings={"dro": dataclasses.asdict(rt.config.dro),
                                         "accumulate": rt.config.rounds.accumulate},
                counts={"pairs": n})
-  clock.report(rt.logger, step, "follower", t, chips=rt.mesh.devices.size, pairs=scored * n)
+  # The round's n pairs; each pair's chosen and rejected sequence under each scoring model.
+  clock.report(rt.logger, step, "follower", t, chips=rt.mesh.devices.size, pairs=n,
+               sequences=2 * scored * n)
   return dataset, judge_logps
 
 
-def evaluate(rt: Runtime, t: int, policy: Llama, *, step: int = 0) -> None:
+@round_phase
+def evaluate(rt: Runtime, t: int, policy: CausalLM, *, step: int = 0) -> None:
   """Greedy responses to the eval prompts as AlpacaEval JSON (``eval_generations.json``)."""
   path = os.path.join(rt.round_dir(t), "eval_generations.json")
-  if not rt.data.eval_prompts or hosts.broadcast_json(hosts.is_leader() and os.path.exists(path)):
+  if not rt.data.eval_prompts or hosts.broadcast_json(hosts.is_process0() and os.path.exists(path)):
     return
   clock = hosts.PhaseClock()
-  gen, stats = _sample_all(rt, policy, rt.prompt_ids(rt.data.eval_prompts),
+  gen, stats = _sample_all(rt, policy, rt.prompt_ids(rt.data.eval_prompts,
+                                                     report=f"round {t} eval prompts"),
                            rt.config.key("evaluate", t), temperature=0.0, num_samples=1,
                            desc=f"round {t}: evaluate")
   texts = decode(rt.tokenizer, gen["tokens"], gen["mask"])
   name = f"{os.path.basename(os.path.normpath(rt.workdir))}-round{t}"
   records = [{"instruction": p.prompt[-1]["content"], "output": o, "generator": name,
               "dataset": "ssapo_eval"} for p, o in zip(rt.data.eval_prompts, texts)]
-  if hosts.is_leader():
+  if hosts.is_process0():
     rundir.atomic_json(path, records)
   clock.report(rt.logger, step, "evaluate", t, chips=rt.mesh.devices.size,
                new_tokens=stats.new_tokens, padding_fraction=stats.padding_fraction)

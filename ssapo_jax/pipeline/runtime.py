@@ -12,14 +12,16 @@ import numpy as np
 from flax import nnx
 
 from ssapo_jax import sharding as shd
-from ssapo_jax.checkpoint import Checkpointer
-from ssapo_jax.data import (PromptRecord, last_token_embeddings, left_pad, load_preferences,
-                            load_prompts, save_manifest, select_rows, split_rows, tokenize_prompts)
+from ssapo_jax.checkpoint import Checkpointer, NoCheckpoints
+from ssapo_jax.data import last_token_embeddings, left_pad, save_manifest, tokenize_prompts
 from ssapo_jax.data.tokenize import fixed_size_batches
 from ssapo_jax.experiment import ExperimentConfig
 from ssapo_jax.metrics import MetricsLogger
-from ssapo_jax.models import Llama, load_hf
-from ssapo_jax.runrecord import progress
+from ssapo_jax.models import CausalLM, load_hf
+from ssapo_jax.models.tokenizer import load_tokenizer
+from ssapo_jax.preflight import Preflight, Sources, load_sources, split_data
+from ssapo_jax.rundir import RunDir
+from ssapo_jax.runrecord import message, progress
 from ssapo_jax.train import DTYPES, Scorer, scoring_batch_size
 
 
@@ -39,24 +41,57 @@ class Runtime:
   config: ExperimentConfig
   mesh: Any
   tokenizer: Any
-  sft: Llama  # the initial policy π_{-1} (and SFT reference)
+  sft: CausalLM  # the initial policy π_{-1} (and SFT reference)
   data: RunData
-  ckpt: Checkpointer
+  ckpt: Checkpointer | NoCheckpoints
   logger: MetricsLogger
-  workdir: str  # local directory of the phase outputs (= output_dir unless that is remote)
+  rundir: RunDir  # the output directory and its local working copy
   scorer: Scorer
-  policies: dict[int, Llama] = dataclasses.field(default_factory=dict)  # round -> π_t in memory
+  policies: dict[int, CausalLM] = dataclasses.field(default_factory=dict)  # round -> π_t
+
+  @classmethod
+  def build(cls, config: ExperimentConfig, rundir: RunDir, *, ckpt, logger,
+            preflight: Preflight | None = None) -> "Runtime":
+    """Builds the mesh, tokenizer, SFT model, data split and scorer of a run (the split
+    manifest is written and pushed), reusing the mesh, tokenizer and loaded sources of the
+    pre-run checks when given. The returned runtime closes ``ckpt`` and ``logger`` when used as a
+    context manager."""
+    mesh = (shd.make_mesh(config.mesh) if preflight is None or preflight.mesh is None
+            else preflight.mesh)
+    tokenizer = (load_tokenizer(config.model.resolved_tokenizer_path) if preflight is None
+                 else preflight.tokenizer)
+    sft = load_model(config.model.path, config, mesh)
+    data = prepare_data(config, rundir.workdir, sft=sft, tokenizer=tokenizer, mesh=mesh,
+                        sources=None if preflight is None else preflight.sources)
+    rundir.push("split_manifest.json")
+    return cls(config=config, mesh=mesh, tokenizer=tokenizer, sft=sft, data=data, ckpt=ckpt,
+               logger=logger, rundir=rundir,
+               scorer=scorer_for(config, mesh, tokenizer.pad_token_id))
+
+  def __enter__(self) -> "Runtime":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.ckpt.close()
+    self.logger.close()
+
+  @property
+  def workdir(self) -> str:
+    """Local directory of the phase outputs (= output_dir unless that is remote)."""
+    return self.rundir.workdir
 
   def round_dir(self, t: int) -> str:
-    return os.path.join(self.workdir, f"round_{t}")
+    return self.rundir.round_dir(t)
 
-  def prompt_ids(self, prompts) -> list[list[int]]:
-    """Chat-templated, truncated prompt token ids (unpadded)."""
+  def prompt_ids(self, prompts, *, report: str | None = None) -> list[list[int]]:
+    """Chat-templated, truncated prompt token ids (unpadded); ``report`` names the prompts in
+    the truncation count it then logs."""
     d = self.config.data
     return tokenize_prompts(prompts, self.tokenizer, max_prompt_length=d.max_prompt_length,
-                            truncation_mode=d.truncation_mode, system_message=d.system_message)
+                            truncation_mode=d.truncation_mode, system_message=d.system_message,
+                            report=report)
 
-  def policy(self, t: int) -> Llama:
+  def policy(self, t: int) -> CausalLM:
     """π_t: trained in this process, else its export from round t (π_{-1} = the SFT model)."""
     if t < 0:
       return self.sft
@@ -65,7 +100,7 @@ class Runtime:
                                     self.mesh)
     return self.policies[t]
 
-  def judge(self, t: int) -> Llama:
+  def judge(self, t: int) -> CausalLM:
     """π_annot of round t: the SFT model or π_{t−2} (``rounds.annotation_reference``)."""
     return self.policy(t - 2) if self.config.rounds.annotation_reference == "previous" else self.sft
 
@@ -76,7 +111,7 @@ def scorer_for(config: ExperimentConfig, mesh, pad_id: int) -> Scorer:
                 bucket_size=config.data.bucket_size, compute_dtype=config.train.compute_dtype)
 
 
-def load_model(path: str, config: ExperimentConfig, mesh) -> Llama:
+def load_model(path: str, config: ExperimentConfig, mesh) -> CausalLM:
   """A local HF checkpoint, its parameters placed with the mesh's partition rules."""
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise FileNotFoundError(f"no Hugging Face model in {path!r} (config.json missing)")
@@ -86,7 +121,7 @@ def load_model(path: str, config: ExperimentConfig, mesh) -> Llama:
                  remat=t.remat, attention=config.model.attention, mesh=mesh)
 
 
-def prompt_embeddings(model: Llama, tokenizer, prompts, config: ExperimentConfig,
+def prompt_embeddings(model: CausalLM, tokenizer, prompts, config: ExperimentConfig,
                       mesh) -> np.ndarray:
   """``[N, D]`` float32 embeddings of chat-templated prompts for farthest-point seeding.
 
@@ -97,7 +132,7 @@ def prompt_embeddings(model: Llama, tokenizer, prompts, config: ExperimentConfig
   d = config.data
   ids = tokenize_prompts(prompts, tokenizer, max_prompt_length=d.max_prompt_length,
                          truncation_mode=d.truncation_mode, system_message=d.system_message)
-  graphdef, state = nnx.split(model)
+  graphdef, state = nnx.split(model)  # the whole model: hidden_states reads buffers too
 
   @jax.jit
   def embed(state, prompt_ids, prompt_mask):
@@ -115,47 +150,26 @@ def prompt_embeddings(model: Llama, tokenizer, prompts, config: ExperimentConfig
   return np.concatenate(out)
 
 
-def prepare_data(config: ExperimentConfig, workdir: str, *, sft: Llama, tokenizer,
-                 mesh) -> RunData:
-  """Loads and validates the sources, splits seed/pools and writes ``split_manifest.json``.
+def prepare_data(config: ExperimentConfig, workdir: str, *, sft: CausalLM, tokenizer, mesh,
+                 sources: Sources | None = None) -> RunData:
+  """The run's seed/pool split (`preflight.split_data` of ``sources``, loaded when not given);
+  process 0 writes ``split_manifest.json``.
 
-  The labelled seed is ``data.seed_size`` pairs of ``data.source`` (``random`` or
-  ``farthest_point`` on SFT prompt embeddings); the round pools are the remaining prompts of
-  the source (or of ``data.prompt_source``), in the authors' shuffled order.
+  With ``data.seed_method=farthest_point`` the seed is chosen on the SFT model's prompt
+  embeddings (`prompt_embeddings`).
   """
-  d = config.data
-  load_opts = dict(split=d.split, data_dir=d.data_dir, prompt_column=d.prompt_column,
-                   policy=d.policy)
-  pairs = load_preferences(d.source, format=d.format, chosen_column=d.chosen_column,
-                           rejected_column=d.rejected_column, **load_opts)
+  sources = load_sources(config) if sources is None else sources
   embeddings = None
-  if d.seed_method == "farthest_point":
-    embeddings = prompt_embeddings(sft, tokenizer, [p.prompt for p in pairs], config, mesh)
-  split = dict(seed_size=d.seed_size, method=d.seed_method, seed=d.split_seed,
-               embeddings=embeddings)
-  if d.prompt_source is None:
-    prompts = [PromptRecord(prompt=p.prompt, row=p.row) for p in pairs]
-    manifest = split_rows([p.row for p in pairs], pool_sizes=d.pool_sizes, source=d.source,
-                          **split)
-    seed_rows = manifest.seed_rows
-  else:
-    prompts = load_prompts(d.prompt_source, **load_opts)
-    manifest = split_rows([p.row for p in prompts], seed_size=0, pool_sizes=d.pool_sizes,
-                          seed=d.split_seed, source=d.prompt_source)
-    seed_rows = split_rows([p.row for p in pairs], source=d.source, **split).seed_rows
-    manifest = dataclasses.replace(manifest, seed_rows=seed_rows)
-  seed = select_rows(pairs, seed_rows)
-  pools = [select_rows(prompts, rows) for rows in manifest.pool_rows]
-  if d.eval_source is not None:
-    eval_prompts = list(load_prompts(d.eval_source, **load_opts))
-  else:
-    eval_prompts = select_rows(prompts, manifest.rest_rows)
-  eval_prompts = eval_prompts[:config.rounds.num_eval_prompts]
+  if config.data.seed_method == "farthest_point":
+    embeddings = lambda pairs: prompt_embeddings(sft, tokenizer, [p.prompt for p in pairs],  # noqa: E731
+                                                 config, mesh)
+  split = split_data(config, sources, embeddings=embeddings)
+  if split.left_out.get("data.source"):
+    message(f"data.source: left out {split.left_out['data.source']} pairs whose prompt is in "
+            "data.eval_source")
+  if split.left_out.get("data.prompt_source"):
+    message(f"data.prompt_source: left out {split.left_out['data.prompt_source']} prompts "
+            "already in the labelled seed or data.eval_source")
   if jax.process_index() == 0:
-    save_manifest(manifest, os.path.join(workdir, "split_manifest.json"))
-  if not seed:
-    raise ValueError(f"data.seed_size={d.seed_size} selects no labelled pair from {d.source}")
-  for t in range(config.rounds.num_rounds):
-    if not pools[t]:
-      raise ValueError(f"data.pool_sizes[{t}] gives round {t + 1} no prompts")
-  return RunData(seed_pairs=seed, pools=pools, eval_prompts=eval_prompts)
+    save_manifest(split.manifest, os.path.join(workdir, "split_manifest.json"))
+  return RunData(seed_pairs=split.seed_pairs, pools=split.pools, eval_prompts=split.eval_prompts)

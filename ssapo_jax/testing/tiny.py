@@ -30,16 +30,21 @@ def write_tiny_model(path: str, *, seed: int = 0, hidden_size: int = 32, num_lay
 
 
 def write_tiny_preferences(path: str, num_rows: int, *, seed: int = 0, words=WORDS) -> str:
-  """``num_rows`` plain-format preference rows (prompt, chosen, rejected) as jsonl."""
+  """``num_rows`` plain-format preference rows (prompt, chosen, rejected) as jsonl; no two
+  rows share a prompt."""
   rng = np.random.default_rng(seed)
   text = lambda n: " ".join(rng.choice(words, size=n))  # noqa: E731
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  prompts = set()
   with open(path, "w") as f:
     for _ in range(num_rows):
+      prompt = text(int(rng.integers(2, 8)))
+      while prompt in prompts:  # distinct prompts: loaders drop repeated ones
+        prompt = text(int(rng.integers(2, 8)))
+      prompts.add(prompt)
       chosen = text(int(rng.integers(2, 6)))
       rejected = text(int(rng.integers(2, 6)))
       while rejected == chosen:
         rejected = text(int(rng.integers(2, 6)))
-      f.write(json.dumps({"prompt": text(int(rng.integers(2, 8))), "chosen": chosen,
-                          "rejected": rejected}) + "\n")
+      f.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
   return path

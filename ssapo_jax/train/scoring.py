@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ssapo_jax import sharding as shd
 from ssapo_jax.batch import PreferenceBatch
+from ssapo_jax.checkpoint import fingerprint
 from ssapo_jax.data.loader import LoaderCursor, PreferenceLoader
 from ssapo_jax.data.tokenize import fixed_size_batches, round_up
 from ssapo_jax.train.step import DTYPES, _cast_floats, param_shardings, split_model
@@ -115,25 +116,12 @@ def _iter_pair_sides(batches: Sequence[PreferenceBatch], side: str):
            np.asarray(getattr(b, f"{side}_loss_mask")))
 
 
-@jax.jit
-def _checksums(x: jax.Array) -> jax.Array:
-  """``[2]`` float32: a signed sum and the sum of squares of ``x`` (compiled once per shape)."""
-  x = x.astype(jnp.float32).reshape(-1)
-  sign = jnp.where(jnp.arange(x.shape[0]) % 3 == 0, -1.0, 1.0)
-  return jnp.stack([jnp.sum(x * sign), jnp.sum(x * x)])
-
-
 def params_fingerprint(params: Any) -> str:
-  """A short hex key of a parameter pytree: paths, shapes, dtypes and two checksums per array.
-
-  The checksums (sum and sum of squares with a position-dependent sign pattern, computed on
-  device in float32) change with any real weight update without moving the weights to host.
-  """
-  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  """A short hex key of a parameter pytree: `checkpoint.fingerprint`'s per-leaf paths, shapes,
+  dtypes and bit checksums (computed on device; equal bits give equal keys on any mesh)."""
   h = hashlib.sha256()
-  for path, x in flat:
-    h.update(f"{jax.tree_util.keystr(path)}:{x.shape}:{x.dtype}".encode())
-    h.update(np.asarray(_checksums(x)).tobytes())
+  for leaf in fingerprint(params):
+    h.update(f"{leaf['path']}:{leaf['shape']}:{leaf['dtype']}:{leaf['checksum']}".encode())
   return h.hexdigest()[:16]
 
 

@@ -65,7 +65,9 @@ OBJECTIVES, SCHEDULES, REFERENCE_MODES = (typing.get_args(t)
 class TrainConfig:
   """Hyperparameters of the policy update (one SSAPO round's leader step)."""
 
-  objective: Objective = "dpo"  # dpo: weighted dpo_loss; robust: robust_dpo_loss on the batch's follower atoms
+  # dpo: weighted dpo_loss; robust: robust_dpo_loss on the batch's follower atoms. Not a config
+  # key: an experiment derives it from dro.epsilon (robust iff ε > 0), its one robustness knob.
+  objective: Objective = derived("dpo", "dro.epsilon")
   beta: float = 0.1  # DPO inverse temperature β of the implicit reward
   loss_type: LossType | tuple[LossType, ...] = "sigmoid"  # dpo_loss variant(s) (keys of losses.LOSS_TYPES), summed with loss_weights; objective=dpo only
   loss_weights: tuple[float, ...] | None = None  # weight of each loss_type in the sum (TRL's loss_weights); None = 1 each

@@ -18,7 +18,7 @@ model: {{path: {world}/model}}
 data: {{source: {world}/prefs.jsonl, max_length: 64, max_prompt_length: 32, bucket_size: 16,
         seed_size: 32, pool_sizes: [32, 32]}}
 sampling: {{temperature: 0.7, max_new_tokens: 8, num_samples: 2, batch_size: 16}}
-train: {{beta: 0.1, objective: robust, learning_rate: 1.0e-3, global_batch_size: 8,
+train: {{beta: 0.1, learning_rate: 1.0e-3, global_batch_size: 8,
          compute_dtype: float32, remat: none}}
 dro: {{epsilon: 0.05}}
 rounds: {{num_rounds: 2, num_eval_prompts: 8, follower_refresh_steps: 2}}

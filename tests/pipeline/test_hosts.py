@@ -43,15 +43,17 @@ def test_phase_clock_logs_and_prints(capsys):
   logger = Logger()
   with runrecord.run_log(None):
     metrics = hosts.PhaseClock().report(logger, 7, "generate", 1, chips=8, new_tokens=800,
-                                        padding_fraction=0.25, pairs=10)
+                                        padding_fraction=0.25, pairs=10, sequences=40)
   step, logged, context = logger.records[0]
   assert (step, context) == (7, {"round": 1, "phase": "generate"})
   assert logged == metrics
   assert metrics["tokens_per_second_per_chip"] == pytest.approx(
       800 / metrics["wall_seconds"] / 8)
   assert metrics["pairs_per_second"] == pytest.approx(10 / metrics["wall_seconds"])
+  assert metrics["sequences_per_second"] == pytest.approx(40 / metrics["wall_seconds"])
   line = capsys.readouterr().err.strip()
   assert line.startswith("[ssapo] round 1 generate:") and "padding 25.0%" in line
+  assert "10 pairs, " in line and "40 sequences scored, " in line
 
 
 def test_code_fingerprint_is_stable_hex():

@@ -21,7 +21,7 @@ model: {{path: {world}/model}}
 data: {{source: {world}/prefs.jsonl, max_length: 64, max_prompt_length: 32, bucket_size: 16,
         seed_size: 24, pool_sizes: [48]}}
 sampling: {{temperature: 1.0, max_new_tokens: 8, num_samples: 4, batch_size: 16}}
-train: {{beta: 0.1, objective: robust, learning_rate: 1.0e-3, global_batch_size: 8,
+train: {{beta: 0.1, learning_rate: 1.0e-3, global_batch_size: 8,
          compute_dtype: float32, remat: none}}
 dro: {{epsilon: 0.05, space: margin}}
 rounds: {{num_rounds: 1}}
@@ -115,8 +115,9 @@ seed: 0
 model: {{path: {world}/model}}
 data: {{source: {world}/prefs.jsonl, max_length: 64, max_prompt_length: 32, bucket_size: 16,
         seed_size: 32, pool_sizes: []}}
-train: {{beta: 0.1, objective: dpo, learning_rate: 1.0e-3, global_batch_size: 8,
+train: {{beta: 0.1, learning_rate: 1.0e-3, global_batch_size: 8,
          compute_dtype: float32, remat: none}}
+dro: {{epsilon: 0}}
 rounds: {{num_rounds: 0}}
 checkpoint: {{save_every_steps: 1, keep: 10}}
 """

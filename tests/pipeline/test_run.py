@@ -300,7 +300,8 @@ def test_second_run_on_a_locked_directory_exits_4(world, tmp_path):
                             timeout=300)
     assert second.returncode == 4
     line = _error_line(second)
-    assert f"is locked by another run: pid {first.pid} on host" in line and "--force-unlock" in line
+    assert f"is locked by another run: pid {first.pid} on host" in line
+    assert "still running on this host" in line and "--force-unlock" not in line
     assert first.poll() is None  # the first run goes on
   finally:
     os.killpg(first.pid, signal.SIGKILL)
@@ -326,16 +327,17 @@ def test_finished_run_config_record_and_check(world, uninterrupted, tmp_path):
   assert "rounds.log_every_steps: 1 -> 2" in line and "--allow-config-change" in line
   assert open(os.path.join(out, "config.yaml")).read() == recorded
   assert not os.path.exists(os.path.join(out, "config.1.yaml"))
+  # Allowed on a finished run, the change would train nothing: it is not recorded, so the
+  # history keeps saying which config trained the policy (issue 25).
+  metrics = open(os.path.join(out, "metrics.jsonl")).read()
   proc = _run(config, "rounds.log_every_steps=2", "--allow-config-change")
-  assert "recorded as config.1.yaml" in proc.stderr and "run already complete" in proc.stderr
+  assert "run already complete, nothing ran" in proc.stderr and "not recorded" in proc.stderr
+  assert "recorded as config.1.yaml" not in proc.stderr
   assert open(os.path.join(out, "config.yaml")).read() == recorded
-  import yaml
-  assert yaml.safe_load(open(os.path.join(out, "config.1.yaml")))["rounds"]["log_every_steps"] == 2
-  records = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
-  assert records[-1]["config_version"] == 1 and records[-1]["config_file"] == "config.1.yaml"
-  # It takes effect at the step the run resumes from: its newest (round-end) checkpoint's.
-  assert records[-1]["step"] == int(os.path.basename(_newest_checkpoint(out)))
-  assert records[-1]["changed"] == "rounds.log_every_steps: 1 -> 2"
+  assert not os.path.exists(os.path.join(out, "config.1.yaml"))
+  assert open(os.path.join(out, "metrics.jsonl")).read() == metrics
+  proc = _run(config)  # the config that trained it is still the run's
+  assert "run already complete, nothing to do" in proc.stderr
   log = open(os.path.join(out, "run.log")).read()
   assert log.count("run already complete, nothing to do") == 2
 

@@ -1,4 +1,4 @@
-"""Tests for ssapo_jax/pipeline/rundir.py: atomic phase outputs and the local mirror of a remote run."""
+"""Tests for ssapo_jax/rundir.py: atomic phase outputs and the local mirror of a remote run."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from ssapo_jax.pipeline import rundir
+from ssapo_jax import rundir
 
 
 @pytest.fixture

@@ -3,11 +3,13 @@
 Phase outputs (samples, annotations, datasets, exports) are written with local file APIs. When
 ``output_dir`` is remote (``gs://``), every host writes them to a local mirror (`local_workdir`),
 process 0 copies each finished phase up (`push`), and a resumed run copies them down (`pull`).
-Checkpoints (orbax) and metrics write to the remote directory directly.
+Checkpoints (orbax) and metrics write to the remote directory directly. `RunDir` bundles these
+for one run; the pipeline's cached phases push their own outputs through it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -86,3 +88,47 @@ def push(output_dir: str, workdir: str, rel: str) -> None:
       continue  # already copied: phase outputs are deterministic and written once
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_bytes(open(path, "rb").read())
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+  """One run's output directory and its local working copy.
+
+  Attributes:
+    output_dir: where the run's outputs live (a local path or ``gs://…``).
+    workdir: where phase outputs are written with local file APIs: ``output_dir`` itself, or
+      the local mirror of a remote one (`local_workdir`).
+  """
+
+  output_dir: str
+  workdir: str
+
+  @classmethod
+  def open(cls, output_dir: str) -> "RunDir":
+    """The run directory of ``output_dir``, its working copy created."""
+    workdir = local_workdir(output_dir)
+    os.makedirs(workdir, exist_ok=True)
+    return cls(output_dir, workdir)
+
+  @property
+  def remote(self) -> bool:
+    return is_remote(self.output_dir)
+
+  def path(self, *parts: str) -> str:
+    """A path inside the working copy."""
+    return os.path.join(self.workdir, *parts)
+
+  def round_dir(self, t: int) -> str:
+    """``round_<t>/`` in the working copy (created)."""
+    path = self.path(f"round_{t}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+  def push(self, rel: str) -> None:
+    """Copies ``rel`` (a file or a tree of the working copy) up to a remote output directory."""
+    push(self.output_dir, self.workdir, rel)
+
+  def pull(self) -> None:
+    """Copies a remote run's phase outputs into the working copy (a resumed run)."""
+    if self.remote:
+      pull(self.output_dir, self.workdir)
