@@ -1322,7 +1322,7 @@ def format_run(phases: Sequence[RunPhase], shapes: dict[str, Any]) -> str:
   lo, hi = sum(p.seconds_overlap for p in phases), sum(p.seconds for p in phases)
   compile_h = shapes["compile_seconds"] / 3600
   rows.append(("", "compile", "", str(sum(v["count"] for v in shapes["shapes"].values())),
-               f"{compile_h:.2f}", "distinct shapes x compile CPU seconds per shape (as planned here)"))
+               f"{compile_h:.2f}", "distinct shapes x compile CPU seconds per shape, as planned"))
   rows.append(("", "total", "", "", f"{lo / 3600 + compile_h:.1f}-{hi / 3600 + compile_h:.1f}",
                "hours, perfect overlap - no overlap of collectives"))
   return _table(("round", "phase", "program", "calls", "hours", "what"), rows)

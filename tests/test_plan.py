@@ -39,7 +39,8 @@ def test_slice_names_map_to_libtpu_topologies():
   assert plan.tpu_slice("h100-16").topology == "1x2x8" and plan.tpu_slice("h100-16").num_chips == 16
   assert plan.tpu_slice("h200-8").platform == "cuda" and plan.tpu_slice("v5p-8").platform == "tpu"
   config = plan.gpu_target_config(plan.CHIPS["h200"])
-  assert "device_memory_size: 141000000000" in config and "memory_bandwidth: 4800000000000" in config
+  assert "device_memory_size: 141000000000" in config
+  assert "memory_bandwidth: 4800000000000" in config
 
 
 def test_gpu_collectives_use_nvlink_inside_a_node_and_the_network_between():
@@ -132,7 +133,7 @@ _WINDOWED_LOOP = """
   %y = f32[1024]{0} negate(%x)
   %next = s32[] fusion(%i), kind=kLoop, calls=%add_two
   %scratch = f32[1024]{0:S(1)} copy(%x)
-  %perm = f32[1024]{0} collective-permute(%x), channel_id=1, source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+  %perm = f32[1024]{0} collective-permute(%x), source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
   ROOT %t = (s32[], f32[1024]{0}, f32[1024]{0}) tuple(%next, %y, %perm)
 }
 
@@ -194,7 +195,7 @@ def test_parser_keeps_instructions_whose_attributes_span_lines():
   %p = (s32[], f32[256]{0}) parameter(0)
   %i = s32[] get-tuple-element(%p), index=0
   %x = f32[256]{0} get-tuple-element(%p), index=1
-  %k = f32[256]{0} custom-call(%x), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
+  %k = f32[256]{0} custom-call(%x), custom_call_target="k", frontend_attributes={kernel_metadata={
 "xprof_metadata":"{\\"block_q\\": 512, \\"note\\": \\"}{(\\"}"
 }}, backend_config={"custom_call_config": {"body": "abc{("}}
   %y = f32[256]{0} negate(%k)
