@@ -296,8 +296,7 @@ def test_plan_compiles_a_small_config_for_v5litepod_8(tmp_path, monkeypatch, cap
   model = _tiny_model_dir(tmp_path)
   out = tmp_path / "plan.json"
   # A chip with 1 MiB of HBM: the programs compile and measure, and the plan reports the misfit.
-  small = plan.Chip("tiny TPU", plan.CHIPS["v5e"].peak_flops, 1024 ** 2,
-                    plan.CHIPS["v5e"].hbm_bandwidth)
+  small = dataclasses.replace(plan.CHIPS["v5e"], name="tiny TPU", hbm_bytes=1024 ** 2)
   monkeypatch.setitem(plan.CHIPS, "v5e", small)
   status = plan.main([os.path.join(REPO, "configs", "tiny_cpu.yaml"), f"model.path={model}",
                       "--topology", "v5litepod-8", "--json", str(out)])
@@ -310,7 +309,9 @@ def test_plan_compiles_a_small_config_for_v5litepod_8(tmp_path, monkeypatch, cap
     assert p["fits"] == (p["hbm_total_bytes"] <= 1024 ** 2)
     assert p["compile_seconds"] > 0 and p["compile_cpu_seconds"] > 0
     assert p["flops"] > 0 and 0 < p["mfu_palm"] <= p["mfu_palm_overlap"] <= 1
-    assert p["flops_causal"] <= p["flops"] and p["unknown_loops"] == 0
+    assert p["flops_causal"] <= p["flops"]
+    # Only the sampler's decode loop has no trip count (it stops at EOS): max_new_tokens.
+    assert p["unknown_loops"] == (name == "generate")
     assert p["step_seconds_overlap"] <= p["step_seconds"]
     assert name in captured.out
   train = report["programs"]["train_step"]
