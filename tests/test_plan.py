@@ -1,5 +1,6 @@
 """ssapo-plan: slice names, analytic flops, loop-scaled HLO bytes, and a small AOT plan for TPU."""
 
+import dataclasses
 import json
 import math
 import os
@@ -34,6 +35,20 @@ def test_slice_names_map_to_libtpu_topologies():
       assert s.num_chips == (size // 2 if family in ("v4", "v5p") else size)
   with pytest.raises(ValueError, match="unknown TPU slice 'v5p-33'.*v5p-32"):
     plan.tpu_slice("v5p-33")
+  # GPU nodes of 8, as the CUDA plugin's mock topology <slices>x<nodes>x<GPUs per node>.
+  assert plan.tpu_slice("h100-16").topology == "1x2x8" and plan.tpu_slice("h100-16").num_chips == 16
+  assert plan.tpu_slice("h200-8").platform == "cuda" and plan.tpu_slice("v5p-8").platform == "tpu"
+  config = plan.gpu_target_config(plan.CHIPS["h200"])
+  assert "device_memory_size: 141000000000" in config
+  assert "memory_bandwidth: 4800000000000" in config
+
+
+def test_gpu_collectives_use_nvlink_inside_a_node_and_the_network_between():
+  chip = plan.CHIPS["h100"]
+  inside = plan.Collective("all-gather", tuple(range(8)), 1, 1e9, 7e9)
+  across = plan.Collective("all-gather", tuple(range(16)), 1, 1e9, 15e9)
+  assert plan.collective_seconds(inside, chip) == pytest.approx(7e9 / 450e9 + 7 * 1e-5)
+  assert plan.collective_seconds(across, chip) == pytest.approx(15e9 / 50e9 + 15 * 1e-5)
 
 
 @pytest.mark.parametrize("name,published", [("mistral-7b", 7.24e9), ("llama3-8b", 8.03e9),
@@ -103,36 +118,116 @@ def test_hlo_bytes_scale_with_loop_trip_counts():
   assert body == pytest.approx(5 * 256 * 256 * 4, rel=0.1)
 
 
-def test_hlo_trip_count_from_the_condition_when_not_annotated():
-  # TPU HLO carries no known_trip_count: the bound comes from the condition's compare.
-  hlo = """
-%body (p: (s32[], f32[1024])) -> (s32[], f32[1024]) {
-  %p = (s32[], f32[1024]{0}) parameter(0)
-  %i = s32[] get-tuple-element(%p), index=0
-  %x = f32[1024]{0} get-tuple-element(%p), index=1
-  %y = f32[1024]{0} negate(%x)
-  ROOT %t = (s32[], f32[1024]{0}) tuple(%i, %y)
+_WINDOWED_LOOP = """
+%add_two (a: s32[]) -> s32[] {
+  %a = s32[] parameter(0)
+  %two = s32[] constant(2)
+  ROOT %sum = s32[] add(%a, %two)
 }
 
-%cond (q: (s32[], f32[1024])) -> pred[] {
-  %q = (s32[], f32[1024]{0}) parameter(0)
-  %c = s32[] constant(7)
+%body (p: (s32[], f32[1024], f32[1024])) -> (s32[], f32[1024], f32[1024]) {
+  %p = (s32[], f32[1024]{0}, f32[1024]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[1024]{0} get-tuple-element(%p), index=1
+  %acc = f32[1024]{0} get-tuple-element(%p), index=2
+  %y = f32[1024]{0} negate(%x)
+  %next = s32[] fusion(%i), kind=kLoop, calls=%add_two
+  %scratch = f32[1024]{0:S(1)} copy(%x)
+  %perm = f32[1024]{0} collective-permute(%x), source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+  ROOT %t = (s32[], f32[1024]{0}, f32[1024]{0}) tuple(%next, %y, %perm)
+}
+
+%less (a: s32[], b: s32[]) -> pred[] {
+  %a = s32[] parameter(0)
+  %b = s32[] parameter(1)
+  ROOT %lt = pred[] compare(%a, %b), direction=LT
+}
+
+%cond (q: (s32[], f32[1024], f32[1024])) -> pred[] {
+  %q = (s32[], f32[1024]{0}, f32[1024]{0}) parameter(0)
+  %c = s32[] constant(8)
   %j = s32[] get-tuple-element(%q), index=0
-  ROOT %lt = pred[] compare(%j, %c), direction=LT
+  ROOT %go = pred[] fusion(%j, %c), kind=kLoop, calls=%less
 }
 
 ENTRY %main (a: f32[1024]) -> f32[1024] {
   %a = f32[1024]{0} parameter(0)
   %z = s32[] constant(0)
-  %init = (s32[], f32[1024]{0}) tuple(%z, %a)
-  %w = (s32[], f32[1024]{0}) while(%init), condition=%cond, body=%body
+  %init = (s32[], f32[1024]{0}, f32[1024]{0}) tuple(%z, %a, %a)
+  %w = (s32[], f32[1024]{0}, f32[1024]{0}) while(%init), condition=%cond, body=%body
   ROOT %r = f32[1024]{0} get-tuple-element(%w), index=1
 }
 """
+
+
+def test_windowed_einsum_loop_counts_its_true_trip_count():
+  # TPU HLO carries no known_trip_count, and an FSDP windowed-einsum loop steps its counter by
+  # 2 (``i < 8``: 4 trips, not 8). The increment sits in a fusion, the compare in another.
+  cost = plan.hlo_cost(_WINDOWED_LOOP)
+  assert cost.unknown_loops == 0 and cost.loops == (("body", 4),)
+  # Per trip: negate reads and writes 4 KiB; the permute reads 4 KiB and writes 4 KiB; the
+  # copy to on-chip memory (S(1)) reads 4 KiB and writes nothing to HBM; the increment reads
+  # and writes an s32 (4 + 4); the condition's fusion reads two s32 and writes a pred.
+  body = 2 * 4096 + 2 * 4096 + 4096 + (4 + 4)
+  assert cost.bytes_accessed == 4 * body + 5 * (4 + 4 + 1)  # the condition runs once more
+  (permute,) = cost.collectives
+  assert permute.kind == "collective-permute" and permute.count == 4
+  assert permute.operand_bytes == permute.wire_bytes == 4 * 4096
+
+
+def test_data_dependent_loop_is_unknown():
+  # A bound read from the loop state's array (a sampler stopping at EOS) is not a trip count.
+  hlo = _WINDOWED_LOOP.replace("%c = s32[] constant(8)",
+                               "%c = s32[] reduce-precision(%j), exponent_bits=8, mantissa_bits=7")
+  cost = plan.hlo_cost(hlo, unknown_trip_count=3)
+  assert cost.unknown_loops == 1 and cost.loops == (("body", None),)
+  # The default trip count (3) scales the body; the condition now also reads and writes j.
+  body = 2 * 4096 + 2 * 4096 + 4096 + (4 + 4)
+  assert cost.bytes_accessed == 3 * body + 4 * ((4 + 4) + (4 + 4 + 1))
+
+
+def test_parser_keeps_instructions_whose_attributes_span_lines():
+  # The splash kernel's custom call carries a frontend attribute printed over three lines (as
+  # libtpu 0.0.42.1 prints it): its last line starts with ``}}``, which once ended the
+  # computation there. Brackets inside strings do not count.
+  hlo = """
+%body (p: (s32[], f32[256])) -> (s32[], f32[256]) {
+  %p = (s32[], f32[256]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[256]{0} get-tuple-element(%p), index=1
+  %k = f32[256]{0} custom-call(%x), custom_call_target="k", frontend_attributes={kernel_metadata={
+"xprof_metadata":"{\\"block_q\\": 512, \\"note\\": \\"}{(\\"}"
+}}, backend_config={"custom_call_config": {"body": "abc{("}}
+  %y = f32[256]{0} negate(%k)
+  %one = s32[] constant(1)
+  %n = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[256]{0}) tuple(%n, %y)
+}
+
+%cond (q: (s32[], f32[256])) -> pred[] {
+  %q = (s32[], f32[256]{0}) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %c = s32[] constant(5)
+  ROOT %lt = pred[] compare(%j, %c), direction=LT
+}
+
+ENTRY %main (a: f32[256]) -> f32[256] {
+  %a = f32[256]{0} parameter(0)
+  %z = s32[] constant(0)
+  %init = (s32[], f32[256]{0}) tuple(%z, %a)
+  %w = (s32[], f32[256]{0}) while(%init), condition=%cond, body=%body
+  ROOT %r = f32[256]{0} get-tuple-element(%w), index=1
+}
+"""
+  comps, entry = plan.parse_hlo(hlo)
+  assert entry == "main"
+  assert [i.op for i in comps["body"]] == ["parameter", "get-tuple-element", "get-tuple-element",
+                                           "custom-call", "negate", "constant", "add", "tuple"]
   cost = plan.hlo_cost(hlo)
-  assert cost.unknown_loops == 0
-  # Per trip: negate reads and writes 4 KiB; the condition's compare reads two s32, writes a pred.
-  assert cost.bytes_accessed == 7 * (2 * 1024 * 4 + 4 + 4 + 1)
+  assert cost.loops == (("body", 5),)
+  # Per trip: the custom call and the negate each read and write 1 KiB; the add 4 + 4 + 4;
+  # the compare 4 + 4 + 1 (once more at the exit).
+  assert cost.bytes_accessed == 5 * (4 * 1024 + 12 + 9) + 9
 
 
 def test_hlo_bytes_of_a_stacked_weight_sliced_in_a_nested_fusion():
@@ -201,8 +296,7 @@ def test_plan_compiles_a_small_config_for_v5litepod_8(tmp_path, monkeypatch, cap
   model = _tiny_model_dir(tmp_path)
   out = tmp_path / "plan.json"
   # A chip with 1 MiB of HBM: the programs compile and measure, and the plan reports the misfit.
-  small = plan.Chip("tiny TPU", plan.CHIPS["v5e"].peak_flops, 1024 ** 2,
-                    plan.CHIPS["v5e"].hbm_bandwidth)
+  small = dataclasses.replace(plan.CHIPS["v5e"], name="tiny TPU", hbm_bytes=1024 ** 2)
   monkeypatch.setitem(plan.CHIPS, "v5e", small)
   status = plan.main([os.path.join(REPO, "configs", "tiny_cpu.yaml"), f"model.path={model}",
                       "--topology", "v5litepod-8", "--json", str(out)])
@@ -214,7 +308,11 @@ def test_plan_compiles_a_small_config_for_v5litepod_8(tmp_path, monkeypatch, cap
     assert p["hbm_total_bytes"] > 0 and p["hbm_capacity_bytes"] == 1024 ** 2
     assert p["fits"] == (p["hbm_total_bytes"] <= 1024 ** 2)
     assert p["compile_seconds"] > 0 and p["compile_cpu_seconds"] > 0
-    assert p["flops"] > 0 and 0 < p["estimated_mfu"] <= 1
+    assert p["flops"] > 0 and 0 < p["mfu_palm"] <= p["mfu_palm_overlap"] <= 1
+    assert p["flops_causal"] <= p["flops"]
+    # Only the sampler's decode loop has no trip count (it stops at EOS): max_new_tokens.
+    assert p["unknown_loops"] == (name == "generate")
+    assert p["step_seconds_overlap"] <= p["step_seconds"]
     assert name in captured.out
   train = report["programs"]["train_step"]
   cfg = LlamaConfig.from_hf(json.loads((model / "config.json").read_text()))
@@ -226,6 +324,9 @@ def test_plan_compiles_a_small_config_for_v5litepod_8(tmp_path, monkeypatch, cap
   assert status == (1 if misfits else 0)
   for name in misfits:
     assert f"{name} does not fit v5litepod-8" in captured.err
+  assert [(f["round_index"], f["phase"]) for f in report["phases"]] == [
+      (0, "follower"), (0, "training"), (1, "sampling"), (1, "scoring"), (1, "follower"),
+      (1, "training")]
 
 
 @pytest.mark.slow
@@ -291,6 +392,274 @@ def test_accelerator_small_runs_on_cpu(tmp_path):
   assert cap["largest"] == "tiny-64" and [m["fits"] for m in cap["models"]] == [True, False]
   assert math.isfinite(report["train_step"]["mfu"])
   assert np.isfinite(report["peak_flops"])
+
+
+def test_loop_free_bytes_match_xla_cost_analysis():
+  # Without loops XLA's own count is exact: the parser must agree within 5%.
+  def f(a, b, c):
+    h = jnp.tanh(a @ b) * 2.0 + jnp.exp(a[:, :256]).sum()
+    return jax.nn.softmax(h @ c, axis=-1), h.mean(axis=0)
+
+  args = (jnp.ones((128, 512)), jnp.ones((512, 256)), jnp.ones((256, 64)))
+  compiled = jax.jit(f).lower(*args).compile()
+  cost = plan.hlo_cost(compiled.as_text())
+  assert cost.loops == () and cost.on_chip_bytes == 0
+  assert cost.bytes_accessed == pytest.approx(compiled.cost_analysis()["bytes accessed"],
+                                              rel=0.05)
+
+
+def test_fsdp_collectives_match_a_hand_computed_volume():
+  # FSDP over 8 devices: the forward all-gathers the [512, 256] f32 weight from its [64, 256]
+  # shards; the weight gradient is reduced over the 8 devices (CPU XLA: an all-reduce of the
+  # whole [512, 256] gradient, then each keeps its shard).
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.make_mesh((8,), ("fsdp",), devices=jax.devices()[:8])
+  rows = NamedSharding(mesh, P("fsdp", None))
+  w = jax.ShapeDtypeStruct((512, 256), jnp.float32, sharding=rows)
+  x = jax.ShapeDtypeStruct((64, 512), jnp.float32, sharding=rows)
+  grad = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w) ** 2)), out_shardings=rows)
+  cost = plan.hlo_cost(grad.lower(w, x).compile().as_text())
+  by_kind = {c.kind: c for c in cost.collectives}
+  shard, full = 64 * 256 * 4, 512 * 256 * 4
+  gather = by_kind["all-gather"]
+  assert gather.group == tuple(range(8)) and gather.count == 1
+  assert gather.operand_bytes == shard and gather.wire_bytes == 7 * shard  # 7 shards received
+  reduce = by_kind.get("all-reduce") or by_kind["reduce-scatter"]
+  if reduce.kind == "all-reduce":  # a reduce-scatter then an all-gather, ring volume 2 (n-1)/n
+    assert reduce.wire_bytes == 2 * 7 / 8 * full
+  else:
+    assert reduce.wire_bytes == 7 / 8 * full
+  # Over a 2 x 4 chip grid without wrap-around the 8-chip ring drives one lane per dimension:
+  # 2 links of 45 GB/s per direction, plus 7 ring steps of 1 us latency.
+  chip = plan.Chip("test", 1e12, 2 ** 30, 1e12, link_bandwidth=4.5e10, links=4)
+  coords = [(i % 2, i // 2) for i in range(8)]
+  seconds = plan.collective_seconds(gather, chip, coords, wrap=(False, False))
+  assert seconds == pytest.approx(7 * shard / (2 * 4.5e10) + 7 * 1e-6, rel=1e-12)
+  # Wrapped 4-chip dimension: its ring closes, so it drives both directions (3 lanes in all).
+  assert plan._ring_lanes(tuple(range(8)), coords, (False, True)) == 3
+  assert plan._ring_lanes((0, 2, 4, 6), coords, (False, True)) == 2  # the whole wrapped column
+  assert plan._ring_lanes((0, 1), coords, (True, True)) == 1  # 2 chips share one link
+
+
+_OOM = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (20.15G) exceeds available HBM (15.75G).")  # libtpu 0.0.42.1, verbatim
+
+
+def test_out_of_memory_compile_becomes_a_row():
+  assert plan.parse_out_of_memory(_OOM) == (int(20.15 * 2 ** 30), int(15.75 * 2 ** 30))
+  assert plan.parse_out_of_memory("INVALID_ARGUMENT: bad shapes") is None
+
+  class Lowered:
+    def compile(self):
+      raise RuntimeError(_OOM)
+
+  chip = plan.CHIPS["v5e"]
+  p = plan.compile_program("train_step", lambda: (Lowered(), 1024), chip, 8, 8e12, 1e13)
+  assert not p.fits and p.requested_bytes == int(20.15 * 2 ** 30)
+  assert p.total_bytes == p.requested_bytes and p.capacity_bytes == chip.hbm_bytes
+  report = p.to_json()
+  assert report["fits"] is False and report["error"].startswith("RESOURCE_EXHAUSTED")
+  assert "NO" in plan.format_table([p])
+
+  class Broken:
+    def compile(self):
+      raise RuntimeError("INTERNAL: something else")
+
+  with pytest.raises(RuntimeError, match="something else"):  # only OOM is a result
+    plan.compile_program("train_step", lambda: (Broken(), 1), chip, 8, 1.0, 1.0)
+
+
+def _zephyr():
+  return plan.load_experiment(os.path.join(REPO, "configs", "zephyr_7b_ultrafeedback.yaml"))
+
+
+def test_phase_residency_holds_only_what_each_phase_needs():
+  from ssapo_jax.pipeline import residency
+  exp = _zephyr()  # annotation reference SFT, train reference previous, float32 master weights
+  n, shards = 7_241_732_096, 16
+  master = n * 4 / shards
+  seed = {p.name: p for p in residency.phases(exp, num_params=n, shards=shards, round_index=0)}
+  assert list(seed) == ["follower", "training"]
+  later = {p.name: p for p in residency.phases(exp, num_params=n, shards=shards, round_index=2)}
+  assert list(later) == ["sampling", "scoring", "follower", "training"]
+  assert [p.program for p in later.values()] == ["generate", "score_logps", "score_logps",
+                                                 "train_step"]
+  # Sampling and scoring keep pi_1's master copy beside the program and nothing else: no
+  # optimizer moments (nothing holds them outside the train step), the SFT judge on the host.
+  for name in ("sampling", "scoring"):
+    assert later[name].hbm_bytes == master
+    assert [h.name for h in later[name].held if h.where == "hbm"] == [
+        "policy pi_1 (master, float32)"]
+  assert later["sampling"].host_bytes == master  # the SFT model, needed by the scoring
+  # The follower's reference is pi_1 itself (train_reference previous): nothing beside it; the
+  # judge's log-probs are cached, so it is not resident. Training holds only its TrainState.
+  assert later["follower"].hbm_bytes == 0 and later["training"].hbm_bytes == 0
+  assert all("moment" not in h.name for p in later.values() for h in p.held)
+  assert seed["training"].host_bytes == master  # the SFT model waits for round 1's scoring
+  # With the SFT model as the train reference the follower holds pi_1 beside the SFT pass.
+  sft_ref = dataclasses.replace(exp, rounds=dataclasses.replace(exp.rounds,
+                                                                train_reference="sft"))
+  follower = residency.phases(sft_ref, num_params=n, shards=shards, round_index=2)[2]
+  assert follower.name == "follower" and follower.hbm_bytes == master
+  assert residency.resident_bytes(later["sampling"], 10 * 2 ** 30) == 10 * 2 ** 30 + master
+
+
+def _fake_plan(name, step_seconds, compile_seconds, total_bytes=2 ** 30):
+  return plan.ProgramPlan(
+      name=name, tokens=1, argument_bytes=total_bytes, temp_bytes=0, output_bytes=0,
+      alias_bytes=0, code_bytes=0, capacity_bytes=95 * 2 ** 30, compile_seconds=compile_seconds,
+      compile_cpu_seconds=compile_seconds / 2, flops=1.0, flops_causal=1.0,
+      hardware_flops=step_seconds * 1e12, bytes_accessed=0.0, on_chip_bytes=0.0, wire_bytes=0.0,
+      collective_count=0.0, comm_seconds=step_seconds / 2, unknown_loops=0, peak_flops=1e12,
+      hbm_bandwidth=1e12)
+
+
+def test_run_estimate_counts_every_call_of_the_paper_run():
+  exp = _zephyr()
+  plans = [_fake_plan("train_step", 1.0, 180), _fake_plan("score_logps", 0.1, 30),
+           _fake_plan("generate", 2.0, 60)]
+  phases, shapes = plan.run_estimate(exp, plans, 16)
+  calls = {(p.round_index, p.phase): p.calls for p in phases}
+  # Seed: 2,000 pairs, 3 epochs at 32 pairs per step; reference log-probs of 4,000 sequences
+  # at 16 rows per call (max(micro-batch 8, 16 batch shards)).
+  assert calls[0, "training"] == 63 * 3 and calls[0, "follower"] == 250
+  # Round 1: 8,000 prompts at 64 per sampler call; 16,000 samples scored twice; 8,000 pairs.
+  assert calls[1, "sampling"] == 125 and calls[1, "scoring"] == 2 * 1000
+  assert calls[1, "follower"] == 1000 and calls[1, "training"] == 250
+  assert calls[3, "sampling"] == math.ceil(30000 / 64) and calls[3, "training"] == 938
+  by = {(p.round_index, p.phase): p for p in phases}
+  assert by[1, "sampling"].seconds == 125 * 3.0  # 2 s roofline + 1 s of collectives, serial
+  assert by[1, "sampling"].seconds_overlap == 125 * 2.0
+  # Shapes: 1024 / 64 prompt buckets; 2048 / 64 sequence buckets, the train step per round too.
+  assert shapes["shapes"]["generate"]["count"] == 16
+  assert shapes["shapes"]["train_step"]["count"] == 32 * 4
+  assert shapes["compile_seconds"] == (16 * 60 + 32 * 30 + 128 * 180) / 2  # CPU seconds
+  assert "total" in plan.format_run(phases, shapes)
+
+
+def _xla_scaled_bytes(text: str) -> float:
+  """Bytes accessed of a compiled module counted without the plan's parser: XLA's own cost
+  analysis of each loop body (the body made the module's entry, parsed by XLA), scaled by its
+  trip count. XLA counts on-chip (S(1)) arrays too."""
+  import jaxlib._hlo as xla_hlo
+  from jax._src.lib import _jax
+  client = jax.devices("cpu")[0].client
+  lines = text.splitlines()
+
+  def cost(entry):
+    out = []
+    for line in lines:
+      if line.startswith("HloModule"):
+        line = line.split(",")[0]  # the entry layout is the old entry's
+      line = line.removeprefix("ENTRY ")
+      m = plan._COMPUTATION.match(line)
+      out.append("ENTRY " + line if m and m.group(2) == entry else line)
+    module = xla_hlo.hlo_module_from_text("\n".join(out))
+    return _jax.hlo_module_cost_analysis(client, module).get("bytes accessed", 0.0)
+
+  comps, entry = plan.parse_hlo(text)
+  memo = {}
+
+  def total(comp):  # XLA counts each nested body once: replace that by trips x its total
+    if comp not in memo:
+      t = cost(comp)
+      for i in comps[comp]:
+        if i.op == "while":
+          trips = plan.loop_trip_count(comps, comp, i)
+          body = plan._attr_computations(i.attrs, "body")[0]
+          cond = plan._attr_computations(i.attrs, "condition")[0]
+          t += trips * total(body) - cost(body) + trips * cost(cond)
+      memo[comp] = t
+    return memo[comp]
+
+  return total(entry)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not plan.libtpu_available(),
+                    reason='libtpu is not installed (pip install -e ".[tpu]")')
+def test_splash_layer_body_is_parsed_whole_and_bytes_match_xla():
+  """A scanned splash decoder layer compiled for TPU: every instruction of every computation is
+  parsed (XLA's own parser is the reference), the layer loop counts its layers, and the byte
+  total agrees with XLA's per-body cost analysis scaled by the trip counts."""
+  import jaxlib._hlo as xla_hlo
+
+  from ssapo_jax import sharding as shd
+  config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=3,
+                       num_heads=2, num_kv_heads=1, head_dim=128, dtype="bfloat16",
+                       param_dtype="float32", remat="full", attention="splash")
+  t = tr.TrainConfig(global_batch_size=16, micro_batches=2, compute_dtype="bfloat16",
+                     remat="full")
+  devices = plan.topology_devices(plan.tpu_slice("v5litepod-8"))
+  mesh = jax.sharding.Mesh(np.asarray(devices).reshape(1, 8, 1), shd.MESH_AXES)
+  lowered, _ = plan.lower_train_step(t, config, mesh, seq_len=512)
+  text = lowered.compile().as_text()
+  comps, _ = plan.parse_hlo(text)
+  xla = {c.name: len(c.instructions()) for c in xla_hlo.hlo_module_from_text(text).computations()}
+  # XLA's parser adds an ``async_wrapped`` computation around each async op it reads back;
+  # every computation of the text has the same instructions in both.
+  assert {c: len(v) for c, v in comps.items()} == {
+      c: n for c, n in xla.items() if not c.startswith("async_wrapped")}
+  cost = plan.hlo_cost(text)
+  assert cost.unknown_loops == 0
+  trips = dict(cost.loops)
+  assert t.micro_batches in trips.values() and config.num_layers in trips.values()
+  splash = {b for b, instrs in comps.items()
+            if any(i.op == "custom-call" and "tpu_custom_call" in i.attrs for i in instrs)}
+  assert splash
+  for b in splash:  # instructions follow the kernel's call (once the computation's cut-off)
+    assert [i.op for i in comps[b]][-1] != "custom-call"
+
+  def reaches(comp, seen=()):
+    called = {c for i in comps[comp] for key in ("calls", "to_apply", "body")
+              for c in plan._attr_computations(i.attrs, key)}
+    return bool(called & splash) or any(reaches(c, seen + (comp,)) for c in called
+                                         if c not in seen)
+
+  layers = [b for b, n in cost.loops if n == config.num_layers]
+  assert any(b in splash or reaches(b) for b in layers)  # the scanned layer calls the kernel
+  ours = cost.bytes_accessed + cost.on_chip_bytes
+  assert ours == pytest.approx(_xla_scaled_bytes(text), rel=0.10)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not plan.libtpu_available(),
+                    reason='libtpu is not installed (pip install -e ".[tpu]")')
+def test_eight_b_train_step_does_not_fit_v5litepod_8(tmp_path, capsys):
+  """The 8B train step (float32 master weights and Adam moments) needs more than a 16 GiB v5e
+  chip: XLA's RESOURCE_EXHAUSTED becomes a row, the JSON is written and the scoring pass is
+  still planned."""
+  out = tmp_path / "plan.json"
+  status = plan.main([os.path.join(REPO, "configs", "llama3_8b_instruct_ultrafeedback.yaml"),
+                      "--arch", "llama3-8b", "--topology", "v5litepod-8",
+                      "--programs", "train_step,score_logps", "--json", str(out)])
+  captured = capsys.readouterr()
+  assert status == 1
+  report = json.loads(out.read_text())
+  train, score = report["programs"]["train_step"], report["programs"]["score_logps"]
+  assert train["fits"] is False and "RESOURCE_EXHAUSTED" in train["error"]
+  assert train["requested_bytes"] > 0 and train["hbm_capacity_bytes"] == 16 * 2 ** 30
+  assert "train_step does not fit v5litepod-8" in captured.err
+  assert "flops" in score and score["hbm_total_bytes"] > 0
+  assert "score_logps" in captured.out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not plan.cuda_plugin_available(),
+                    reason='the CUDA plugin is not installed (pip install -e ".[gpu-plan]")')
+def test_plan_compiles_for_h100_nodes_without_a_gpu(tmp_path):
+  model = _tiny_model_dir(tmp_path)
+  out = tmp_path / "plan.json"
+  run = subprocess.run(  # a fresh process: the plugin registers when JAX first discovers plugins
+      [sys.executable, "-m", "ssapo_jax.plan", os.path.join(REPO, "configs", "tiny_cpu.yaml"),
+       f"model.path={model}", "--topology", "h100-8", "--json", str(out)],
+      capture_output=True, text=True, env=dict(os.environ), timeout=1200, check=False)
+  assert run.returncode == 0, run.stderr[-2000:]
+  report = json.loads(out.read_text())
+  assert report["chip"] == "NVIDIA H100 SXM" and report["num_chips"] == 8
+  for p in report["programs"].values():
+    assert p["fits"] and p["hbm_total_bytes"] > 0 and p["bytes_accessed"] > 0
 
 
 # ----------------------------------------------------------------------------- same programs

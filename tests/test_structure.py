@@ -24,6 +24,9 @@ FLOORS = {
     "ssapo_jax.train": 2, "ssapo_jax.sampling": 2,
     "ssapo_jax.experiment": 3, "ssapo_jax.plan": 3, "ssapo_jax.preflight": 3,
     "ssapo_jax.pipeline": 4,
+    # What each phase holds on the chip: arithmetic over the config, shared by the run and the
+    # plan (which sits below the pipeline), so it imports nothing.
+    "ssapo_jax.pipeline.residency": 0,
     "ssapo_jax.cli": 5, "ssapo_jax.demo": 5, "ssapo_jax.testing": 5,
 }
 
