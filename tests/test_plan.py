@@ -474,7 +474,7 @@ def _zephyr():
   return plan.load_experiment(os.path.join(REPO, "configs", "zephyr_7b_ultrafeedback.yaml"))
 
 
-def test_phase_residency_holds_only_what_each_phase_needs():
+def test_phase_residency_is_what_the_run_holds():
   from ssapo_jax.pipeline import residency
   exp = _zephyr()  # annotation reference SFT, train reference previous, float32 master weights
   n, shards = 7_241_732_096, 16
@@ -485,24 +485,24 @@ def test_phase_residency_holds_only_what_each_phase_needs():
   assert list(later) == ["sampling", "scoring", "follower", "training"]
   assert [p.program for p in later.values()] == ["generate", "score_logps", "score_logps",
                                                  "train_step"]
-  # Sampling and scoring keep pi_1's master copy beside the program and nothing else: no
-  # optimizer moments (nothing holds them outside the train step), the SFT judge on the host.
-  for name in ("sampling", "scoring"):
-    assert later[name].hbm_bytes == master
-    assert [h.name for h in later[name].held if h.where == "hbm"] == [
-        "policy pi_1 (master, float32)"]
-  assert later["sampling"].host_bytes == master  # the SFT model, needed by the scoring
-  # The follower's reference is pi_1 itself (train_reference previous): nothing beside it; the
-  # judge's log-probs are cached, so it is not resident. Training holds only its TrainState.
-  assert later["follower"].hbm_bytes == 0 and later["training"].hbm_bytes == 0
+  # Round 2 holds the SFT model (the judge) and pi_1 (policy, reference); no optimizer moments.
+  assert [h.name for h in later["sampling"].held] == ["SFT model (master, float32)",
+                                                      "policy pi_1 (master, float32)"]
+  assert later["sampling"].hbm_bytes == 2 * master and later["sampling"].host_bytes == 0
+  # Scoring the SFT judge, the follower's pi_1 reference: the other model beside the program.
+  assert later["scoring"].hbm_bytes == master and later["follower"].hbm_bytes == master
+  assert later["training"].hbm_bytes == 2 * master
   assert all("moment" not in h.name for p in later.values() for h in p.held)
-  assert seed["training"].host_bytes == master  # the SFT model waits for round 1's scoring
-  # With the SFT model as the train reference the follower holds pi_1 beside the SFT pass.
-  sft_ref = dataclasses.replace(exp, rounds=dataclasses.replace(exp.rounds,
-                                                                train_reference="sft"))
-  follower = residency.phases(sft_ref, num_params=n, shards=shards, round_index=2)[2]
-  assert follower.name == "follower" and follower.hbm_bytes == master
-  assert residency.resident_bytes(later["sampling"], 10 * 2 ** 30) == 10 * 2 ** 30 + master
+  assert seed["follower"].hbm_bytes == 0 and seed["training"].hbm_bytes == master
+  # The previous policy as judge keeps pi_{t-2} too, and the run drops exactly what it says.
+  prev = dataclasses.replace(exp, rounds=dataclasses.replace(exp.rounds,
+                                                             annotation_reference="previous"))
+  assert residency.models_held(prev.rounds, 2) == (-1, 1, 0)
+  assert residency.models_held(exp.rounds, 2) == (-1, 1)
+  assert residency.phases(prev, num_params=n, shards=shards)[0].hbm_bytes == 2 * master  # t=1
+  assert residency.phases(prev, num_params=n, shards=shards,
+                          round_index=2)[0].hbm_bytes == 3 * master
+  assert residency.resident_bytes(later["sampling"], 10 * 2 ** 30) == 10 * 2 ** 30 + 2 * master
 
 
 def _fake_plan(name, step_seconds, compile_seconds, total_bytes=2 ** 30):

@@ -1,27 +1,28 @@
 """What an SSAPO run holds in accelerator memory in each phase of a round (jax-free arithmetic).
 
-One description of the pipeline's residency, shared by the run and by ``ssapo-plan``: the plan
-adds each phase's compiled program to what `phases` says is held beside it, so a phase's
-resident bytes are "its program plus everything else the run keeps on the chip then".
+One description of the pipeline's residency, shared by the run and by ``ssapo-plan``: the run
+keeps exactly the models `models_held` names (`pipeline.round` drops the others at the end of
+each round), and the plan adds each phase's compiled program to what `phases` says is held
+beside it, so a phase's resident bytes are "its program plus everything else the run keeps on
+the chip then".
 
-The target behaviour (each phase holds only what it needs):
+What the run holds through round t >= 1: the SFT model (π_{-1}: round 0's reference, the judge
+with ``annotation_reference: sft``, the train reference with ``train_reference: sft``), π_{t-1}
+(the sampler's policy, the train reference) and, with ``annotation_reference: previous``, π_{t-2}
+(the judge). No train state outside training: a round's TrainState, with its optimizer
+moments, lives only inside `pipeline.round.run_round`.
 
-* ``sampling`` (round t >= 1, `pipeline.phases.generate`): the `generate` program holds the
-  decode-layout copy of pi_{t-1}; beside it only pi_{t-1}'s master parameters (needed by the
-  scoring next). No train state: round t-1's optimizer moments are dropped once its round-end
-  checkpoint is written. The annotation reference (SFT, or pi_{t-2}) waits in host memory.
-* ``scoring`` (`phases.annotate`): the `score_logps` program holds the model it scores, the
-  policy and then the judge; beside it pi_{t-1}'s master parameters while the judge is scored.
-  The judge is brought from host memory for its pass and returned (or dropped) after it.
-* ``follower`` (reference log-probs of the round's pairs, `phases.follower`): the `score_logps`
-  program holds the train reference; beside it pi_{t-1} when the reference is another model
-  (SFT). The judge is not resident: its log-probs are cached by the scoring.
+* ``sampling`` (`phases.generate`): the `generate` program holds the decode-layout copy of
+  π_{t-1}; beside it every held model's master parameters.
+* ``scoring`` (`phases.annotate`): the `score_logps` program holds the model it scores; beside
+  it the other held models.
+* ``follower`` (`phases.train_set`: reference log-probs): the program holds the train
+  reference; beside it the other held models.
 * ``training`` (`leader.train_round`): the `train_step` program holds the whole TrainState
-  (master parameters, optimizer moments, a reference in the step); nothing beside it. Models
-  needed in later rounds (SFT as judge or reference, pi_{t-1} as pi_{t+1}'s judge) wait in host
-  memory.
+  (fresh master parameters, optimizer moments, a reference in the step); beside it every held
+  model (π_{t-1}, the round's starting point, stays held).
 
-Round 0 has ``follower`` (SFT reference log-probs of the seed) and ``training`` only.
+Models are not offloaded to host memory: every held model is on the chip (``where="hbm"``).
 """
 
 from __future__ import annotations
@@ -70,6 +71,23 @@ def model_bytes(num_params: int, dtype: str, shards: int) -> float:
   return num_params * _DTYPE_BYTES[dtype] / shards
 
 
+def models_held(rounds, round_index: int) -> tuple[int, ...]:
+  """Rounds s whose policy π_s the run keeps on the chip through round ``round_index`` (-1 is
+  the SFT model, always kept): π_{t-1}, and π_{t-2} when it is the judge
+  (``rounds.annotation_reference: previous``)."""
+  t = round_index
+  held = [-1]
+  if t >= 1:
+    held.append(t - 1)
+  if t >= 2 and rounds.annotation_reference == "previous":
+    held.append(t - 2)
+  return tuple(held)
+
+
+def _model_name(s: int) -> str:
+  return "SFT model" if s < 0 else f"policy pi_{s}"
+
+
 def phases(experiment, *, num_params: int, shards: int, round_index: int = 1) -> list[Phase]:
   """The phases of round ``round_index`` of ``experiment`` and what each holds beside its
   program, per chip, for a model of ``num_params`` parameters whose master copy is sharded over
@@ -77,7 +95,7 @@ def phases(experiment, *, num_params: int, shards: int, round_index: int = 1) ->
 
   Args:
     experiment: an `ssapo_jax.experiment.ExperimentConfig` (reads ``train.param_dtype``,
-      ``train.reference``, ``rounds.annotation_reference``, ``rounds.train_reference``).
+      ``rounds.annotation_reference``, ``rounds.train_reference``).
     num_params: parameters of the policy (all of them: embeddings, norms, LM head).
     shards: chips each parameter is split over.
     round_index: 0 (the seed round: follower and training) or a later round (all four phases).
@@ -88,30 +106,19 @@ def phases(experiment, *, num_params: int, shards: int, round_index: int = 1) ->
   t_cfg, r = experiment.train, experiment.rounds
   master = model_bytes(num_params, t_cfg.param_dtype, shards)
   t = round_index
-  policy = "SFT model" if t == 0 else f"policy pi_{t - 1}"
-  judge = ("SFT model" if r.annotation_reference == "sft" else
-           ("SFT model" if t < 2 else f"policy pi_{t - 2}"))
-  reference = ("SFT model" if t == 0 or r.train_reference == "sft" else policy)
-  # Models a later round reads: SFT as judge or train reference; pi_{t-1} as pi_{t+1}'s judge.
-  later = []
-  if r.annotation_reference == "sft" or r.train_reference == "sft":
-    later.append("SFT model")
-  if r.annotation_reference == "previous" and t >= 1 and t < r.num_rounds:
-    later.append(policy)
-  host = lambda names, exclude=(): tuple(
-      Held(f"{n} (master, {t_cfg.param_dtype})", master, "host")
-      for n in dict.fromkeys(names) if n not in exclude)
-  resident = lambda name: Held(f"{name} (master, {t_cfg.param_dtype})", master, "hbm")
+  held = [_model_name(s) for s in models_held(r, t)]
+  policy = _model_name(t - 1)
+  judge = _model_name(-1 if r.annotation_reference == "sft" else t - 2)
+  reference = _model_name(-1 if t == 0 or r.train_reference == "sft" else t - 1)
+  beside = lambda exclude=None: tuple(  # noqa: E731
+      Held(f"{n} (master, {t_cfg.param_dtype})", master, "hbm") for n in held if n != exclude)
   out = []
   if t >= 1:
-    out.append(Phase("sampling", "generate",
-                     (resident(policy),) + host([judge] + later, exclude=(policy,))))
-    out.append(Phase("scoring", "score_logps",
-                     (resident(policy),) + host(later, exclude=(policy, judge))))
-  follower_held = (resident(policy),) if reference != policy else ()
-  out.append(Phase("follower", "score_logps",
-                   follower_held + host(later, exclude=(policy, reference))))
-  out.append(Phase("training", "train_step", host(later)))
+    out.append(Phase("sampling", "generate", beside()))
+    # The policy and then the judge are scored; either way one held model is the program's.
+    out.append(Phase("scoring", "score_logps", beside(judge if judge in held else policy)))
+  out.append(Phase("follower", "score_logps", beside(reference)))
+  out.append(Phase("training", "train_step", beside()))
   return out
 
 

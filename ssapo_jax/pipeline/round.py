@@ -6,8 +6,9 @@ judge log-probs, the follower's atoms), then `leader.train_round` trains π_t (r
 or SFT with ``rounds.train_reference=sft``); π_t is exported in Hugging Face format and
 `phases.evaluate` writes its greedy outputs. The round ends with a checkpoint of its own step.
 
-What stays on the devices between rounds is π_{t−1} and π_t (and the SFT model): the train
-state, with its optimizer moments, lives only inside `run_round`.
+What stays on the devices between rounds is what `residency.models_held` names for the next
+round (the SFT model, π_t, and π_{t−1} when it is the next judge): the train state, with its
+optimizer moments, lives only inside `run_round`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ssapo_jax import train as tr
 from ssapo_jax.errors import CheckpointError
 from ssapo_jax.models import CausalLM, save_hf
 from ssapo_jax.pipeline import hosts, leader, phases
+from ssapo_jax.pipeline.residency import models_held
 from ssapo_jax.pipeline.runtime import Runtime
 from ssapo_jax.runrecord import message
 
@@ -109,7 +111,6 @@ def _train_and_export(rt: Runtime, t: int, policy: CausalLM, resume: ResumePoint
   clock.report(rt.logger, global_step, "train", t, chips=rt.mesh.devices.size,
                pairs=rt.config.train_for_round(t).epochs * len(dataset))
   rt.policies[t] = tr.merge_params(state)
-  rt.policies.pop(t - 2, None)  # keep π_{t-1} and π_t: all that later rounds read
   export_policy(rt, t, rt.policies[t])
   return state, global_step, len(dataset)
 
@@ -124,6 +125,9 @@ def run_round(rt: Runtime, t: int, resume: ResumePoint = ResumePoint()) -> tuple
   state, global_step, num_pairs = _train_and_export(rt, t, policy, resume)
   phases.evaluate(rt, t, rt.policies[t], step=global_step)
   summary = _summary(rt, t, global_step, num_pairs)
+  keep = models_held(rt.config.rounds, t + 1)  # what the next round reads (and the plan counts)
+  for s in [s for s in rt.policies if s not in keep]:
+    rt.policies.pop(s)
   global_step += 1  # the round-end checkpoint gets a step of its own
   rt.ckpt.save(global_step, state, {"round": t, "phase": ROUND_DONE, "global_step": global_step},
                force=True)

@@ -62,8 +62,21 @@ def test_margin_space_round_trains_on_margin_space_atoms(tmp_path, monkeypatch):
     return real_loss(*args, space=space, **kwargs)
 
   monkeypatch.setattr(step_lib, "robust_dpo_loss", spy)
+  from ssapo_jax.pipeline.residency import models_held
+  held_after = {}  # round -> the policies the run keeps on the devices after it
+  real_round = pipeline.run_round
+
+  def recording_round(rt, t, *args, **kwargs):
+    out = real_round(rt, t, *args, **kwargs)
+    held_after[t] = sorted(rt.policies)
+    return out
+
+  monkeypatch.setattr(pipeline, "run_round", recording_round)
   pipeline.run(config, resume=False)
   assert traced_spaces and set(traced_spaces) == {"margin"}
+  # The run holds what the residency the plan counts says, no more (the SFT model is rt.sft).
+  assert held_after and all(held == [s for s in models_held(config.rounds, t + 1) if s >= 0]
+                            for t, held in held_after.items())
 
   out = config.output_dir
   train_set = datasets.load_from_disk(os.path.join(out, "round_1", "train_set", "data"))
