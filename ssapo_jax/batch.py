@@ -257,8 +257,8 @@ def pack_pair_rows(sequences, real, *, seq_len: int, micro_batches: int = 1,
     per_micro.append([[mine[k] for k in b] for b in bins])
   need = max((len(b) for b in per_micro), default=0)
   r = next(n for n in row_buckets(p_total // m, row_multiple) if n >= max(need, 1))
-  rows = [[(slot + side * p_total, prompt, response) for slot, side, prompt, response in b]
-          for b in per_micro]
+  rows = [[[(slot + side * p_total, prompt, response) for slot, side, prompt, response in b]
+           for b in bins] for bins in per_micro]
   # Strided: micro-batch j owns rows j, j+M, ...
   out = _fill_rows({k * m + j: b for j, bins in enumerate(rows) for k, b in enumerate(bins)},
                    num_rows=m * r, seq_len=seq_len, num_sequences=2 * p_total, pad_id=pad_id)
