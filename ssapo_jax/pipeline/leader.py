@@ -70,10 +70,13 @@ def refresh_follower(rt: Runtime, t: int, state, dataset, judge_logps, round_ste
 
 def _loader(rt: Runtime, dataset, t: int, train_cfg) -> PreferenceLoader:
   d = rt.config.data
+  packing = dict(packing=True, pack_length=d.resolved_pack_length,
+                 micro_batches=train_cfg.micro_batches,
+                 row_multiple=tr.packed_row_multiple(rt.mesh, train_cfg)) if d.packing else {}
   return PreferenceLoader(dataset, global_batch_size=train_cfg.global_batch_size,
                           seed=stream_seed(rt.config.seed, "shuffle", t), pad_id=rt.tokenizer.pad_token_id,
                           bucket_size=d.bucket_size, bucket_window=d.bucket_window,
-                          num_hosts=jax.process_count(), host_index=jax.process_index())
+                          num_hosts=jax.process_count(), host_index=jax.process_index(), **packing)
 
 
 def new_train_state(rt: Runtime, t: int, init: Llama, num_train_steps: int, *,
@@ -109,7 +112,7 @@ def train_round(rt: Runtime, t: int, init: Llama, dataset, judge_logps, *,
   if refresh and done > 0 and (latest := _latest_refresh(rt, t, done)) is not None:
     dataset = _with_saved_atoms(dataset, latest)  # the atoms in force at the checkpoint
     loader = _loader(rt, dataset, t, train_cfg)
-  step_fn = tr.make_train_step(train_cfg, rt.mesh, state)
+  step_fn = tr.make_train_step(train_cfg, rt.mesh, state, packed=cfg.data.packing)
   it = loader.iterator(cursor, num_epochs=train_cfg.epochs)
   bar = progress(total=num_steps, initial=done, desc=f"round {t}: train")
   # A restored state is saved again only after a finite step: never re-save a bad state.
@@ -128,7 +131,8 @@ def train_round(rt: Runtime, t: int, init: Llama, dataset, judge_logps, *,
       batch = next(it)
     except StopIteration:
       break
-    tokens += int(batch.chosen_mask.sum() + batch.rejected_mask.sum()) * jax.process_count()
+    tokens += int(np.sum(batch.segment_ids > 0) if cfg.data.packing else
+                  batch.chosen_mask.sum() + batch.rejected_mask.sum()) * jax.process_count()
     state, metrics = step_fn(state, shd.global_batch(rt.mesh, batch))
     done, global_step, since_restore = done + 1, global_step + 1, since_restore + 1
     bar.update(1)

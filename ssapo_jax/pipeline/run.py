@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 
+from ssapo_jax import compilation
 from ssapo_jax import sharding as shd
 from ssapo_jax import train as tr
 from ssapo_jax.checkpoint import Checkpointer, checkpoint_dir
@@ -137,6 +138,7 @@ def run(config: ExperimentConfig, *, resume: bool = True,
       config, mesh=dataclasses.replace(config.mesh, process_id=None, local_device_ids=None))))
   workdir = rundir.local_workdir(config.output_dir)
   os.makedirs(workdir, exist_ok=True)
+  compilation.enable_cache(config.compilation, workdir)  # before the first compile
   if rundir.is_remote(config.output_dir) or hosts.shared_directory(workdir):
     ckpt = Checkpointer(checkpoint_dir(config.output_dir), config=config.checkpoint)
   else:

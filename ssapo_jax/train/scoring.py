@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ssapo_jax import compilation
 from ssapo_jax import sharding as shd
 from ssapo_jax.batch import PreferenceBatch, pack_sequence_rows, sequence_sums
 from ssapo_jax.data.loader import LoaderCursor, PreferenceLoader
@@ -57,6 +58,7 @@ def make_compute_logps(mesh: Mesh, graphdef: Any, params: Any, rest: Any = None,
   tok = NamedSharding(mesh, PartitionSpec(shd.BATCH_AXES))
 
   def logps(params, rest, ids, mask, loss_mask):
+    compilation.record_program("score", ids.shape)  # once per traced shape
     model = nnx.merge(graphdef, _cast_floats(params, dtype), rest)
     # The mesh as trace context: shard_map'd kernels (splash attention) read it.
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
@@ -91,6 +93,7 @@ def make_compute_packed_logps(mesh: Mesh, graphdef: Any, params: Any, rest: Any 
   tok = NamedSharding(mesh, PartitionSpec(shd.BATCH_AXES))
 
   def logps(params, rest, ids, segment_ids, positions, loss_mask, sequence_index):
+    compilation.record_program("score_packed", ids.shape)  # once per traced shape
     model = nnx.merge(graphdef, _cast_floats(params, dtype), rest)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       token = model.token_logps(ids, segment_ids, positions=positions).astype(jnp.float32)

@@ -41,6 +41,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ssapo_jax import compilation
 from ssapo_jax import sharding as shd
 from ssapo_jax.batch import PackedPreferenceBatch, PreferenceBatch, concat_pairs, sequence_sums
 from ssapo_jax.config import check_choices, derived
@@ -676,6 +677,8 @@ def make_train_step(config: TrainConfig, mesh: Mesh, state: TrainState, *, packe
   repl = shd.replicated(mesh)
 
   def step(state, batch):
+    # Runs once per traced shape: the run's count of train-step programs (compilation.stats).
+    compilation.record_program("train_step", (batch.ids if packed else batch.chosen_ids).shape)
     # The mesh as trace context: shard_map'd kernels (splash attention) read it.
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       return train_step(state, batch, config=config, mesh=mesh)
