@@ -140,19 +140,32 @@ def test_packed_attention_is_block_diagonal_in_every_implementation():
 # ----------------------------------------------------------------------------- model level
 
 
-@pytest.mark.parametrize("attention", ["xla", "splash"])
-def test_packed_scoring_equals_unpacked(attention):
-  """Per-sequence log-probs of the packed scorer equal the plain scorer's (float32, 1e-5)."""
+@pytest.mark.parametrize("attention", ["xla", pytest.param("splash", marks=pytest.mark.slow)])
+def test_packed_scoring_equals_unpacked(attention, tmp_path):
+  """Per-sequence log-probs of the packed scorer equal the plain scorer's (float32, 1e-5),
+  for token lists (`Scorer.sequences`) and a pair dataset (`Scorer.pairs`, cached)."""
+  from ssapo_jax.data import pairs_from_token_ids
   pairs = _random_pairs(2, 10)
   prompts = [p for p, _, _ in pairs] * 2
   responses = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
   mesh = _mesh((2, 1, 1))
-  reference = Scorer(mesh, 0, 4, bucket_size=8).sequences(w.tiny_model(), prompts, responses)
+  plain_scorer = Scorer(mesh, 0, 4, bucket_size=8)
+  reference = plain_scorer.sequences(w.tiny_model(), prompts, responses)
   model = w.tiny_model(attention=attention)
-  packed = Scorer(mesh, 0, 4, bucket_size=8, packing=True,
-                  pack_length=128 if attention == "splash" else 32).sequences(
-                      model, prompts, responses)
-  np.testing.assert_allclose(packed, reference, rtol=1e-5, atol=1e-5)
+  scorer = Scorer(mesh, 0, 4, bucket_size=8, packing=True,
+                  pack_length=128 if attention == "splash" else 32)
+  np.testing.assert_allclose(scorer.sequences(model, prompts, responses), reference,
+                             rtol=1e-5, atol=1e-5)
+  if attention == "xla":
+    ds = pairs_from_token_ids(*([list(x[k]) for x in pairs] for k in range(3)), eos_id=63,
+                              max_length=32, max_prompt_length=16, add_eos=False,
+                              verbose=False)
+    want = plain_scorer.pairs(w.tiny_model(), ds)
+    for _ in range(2):  # computed, then read back from the cache
+      got = scorer.pairs(model, ds, cache_dir=str(tmp_path))
+      for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert len(list(tmp_path.glob("ref_logps-packed-*.npz"))) == 1
 
 
 def _step_loss_and_gradient(cfg, batch, mesh, *, model, packed):
@@ -170,8 +183,8 @@ def _step_loss_and_gradient(cfg, batch, mesh, *, model, packed):
 
 @pytest.mark.parametrize("attention,objective,mesh_shape", [
     ("xla", "dpo", (2, 2, 2)),
-    ("xla", "robust", (1, 1, 1)),
-    ("splash", "dpo", (2, 1, 1)),
+    pytest.param("xla", "robust", (1, 1, 1), marks=pytest.mark.slow),
+    pytest.param("splash", "dpo", (2, 1, 1), marks=pytest.mark.slow),
 ])
 def test_packed_step_equals_unpacked(attention, objective, mesh_shape):
   """One step on a packed partial batch (2 micro-batches, 2 filler slots) has the loss,
