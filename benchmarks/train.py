@@ -114,8 +114,8 @@ def packing_benchmark(args):
                           micro_batches=args.micro_batches, compute_dtype=args.dtype,
                           remat="none", beta=0.1)
   pack_length = -(-args.max_length // args.bucket_size) * args.bucket_size
-  results = {}
   compilation.start_counting()
+  runs, results = {}, {}
   for mode in ("padded", "packed"):
     packed = mode == "packed"
     loader = PreferenceLoader(ds, global_batch_size=args.pairs, seed=0, pad_id=0,
@@ -123,7 +123,7 @@ def packing_benchmark(args):
                               pack_length=pack_length, micro_batches=args.micro_batches)
     epoch = list(loader.iterator(num_epochs=1))
     state = tr.create_train_state(Llama(cfg, rngs=nnx.Rngs(0)), config, mesh,
-                                  num_train_steps=2 * len(epoch))
+                                  num_train_steps=(2 + args.repeats) * len(epoch))
     step = tr.make_train_step(config, mesh, state, packed=packed)
     gbatches = [shd.global_batch(mesh, b) for b in epoch]
     compilation.reset_stats()
@@ -134,25 +134,30 @@ def packing_benchmark(args):
       losses.append(float(metrics["loss"]))
     warm_s = time.perf_counter() - t0
     shapes = sorted({tuple(s) for s in compilation.stats()["compile/shapes"]["train_step"]})
-    times = []
-    for _ in range(args.repeats):
-      t0 = time.perf_counter()
-      for b in gbatches:
-        state, metrics = step(state, b)
-      jax.block_until_ready(metrics["loss"])
-      times.append(time.perf_counter() - t0)
     if packed:
       real = sum(int((b.segment_ids > 0).sum()) for b in epoch)
       cells = sum(b.ids.size for b in epoch)
     else:
       real = sum(int(b.chosen_mask.sum() + b.rejected_mask.sum()) for b in epoch)
       cells = sum(b.chosen_ids.size + b.rejected_ids.size for b in epoch)
-    epoch_s = statistics.median(times)
+    runs[mode] = [step, state, gbatches, []]
     results[mode] = {"steps": len(epoch), "shapes": [list(s) for s in shapes],
                      "useful_tokens": real, "token_cells": cells,
                      "padding_fraction": 1 - real / cells, "warmup_epoch_s": warm_s,
-                     "epoch_s": epoch_s, "epoch_s_all": times,
-                     "useful_tokens_per_s": real / epoch_s, "first_losses": losses[:3]}
+                     "first_losses": losses[:3]}
+  for _ in range(args.repeats):  # interleaved, so a change in machine load hits both
+    for mode, run in runs.items():
+      step, state, gbatches, times = run
+      t0 = time.perf_counter()
+      for b in gbatches:
+        state, metrics = step(state, b)
+      jax.block_until_ready(metrics["loss"])
+      times.append(time.perf_counter() - t0)
+      run[1] = state
+  for mode, (_, _, _, times) in runs.items():
+    epoch_s = statistics.median(times)
+    results[mode].update(epoch_s=epoch_s, epoch_s_all=times,
+                         useful_tokens_per_s=results[mode]["useful_tokens"] / epoch_s)
   result = {
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
