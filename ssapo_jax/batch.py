@@ -263,7 +263,7 @@ def pack_pair_rows(sequences, real, *, seq_len: int, micro_batches: int = 1,
   out = _fill_rows({k * m + j: b for j, bins in enumerate(rows) for k, b in enumerate(bins)},
                    num_rows=m * r, seq_len=seq_len, num_sequences=2 * p_total, pad_id=pad_id)
   lengths = out.pop("lengths")
-  return dict(out, chosen_lengths=lengths[:p_total], rejected_lengths=lengths[p_total:])
+  return {**out, "chosen_lengths": lengths[:p_total], "rejected_lengths": lengths[p_total:]}
 
 
 def _fill_rows(rows: dict, *, num_rows: int, seq_len: int, num_sequences: int, pad_id: int):
@@ -285,8 +285,8 @@ def _fill_rows(rows: dict, *, num_rows: int, seq_len: int, num_sequences: int, p
       index[row, at:at + length] = k
       lengths[k] = max(length - max(lp, 1), 0)
       at += length
-  return dict(ids=ids, segment_ids=seg, positions=pos, loss_mask=loss, sequence_index=index,
-              lengths=lengths)
+  return {"ids": ids, "segment_ids": seg, "positions": pos, "loss_mask": loss,
+          "sequence_index": index, "lengths": lengths}
 
 
 def pack_sequence_rows(prompts, responses, *, seq_len: int, max_sequences: int,

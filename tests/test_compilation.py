@@ -40,7 +40,8 @@ def test_second_process_like_compile_hits_the_cache_and_is_counted(tmp_path, fre
   assert second["compile/cache_hits"] >= 1 and second["compile/cache_misses"] == 0
   assert second["compile/shapes"] == {"f": [[7, 3]]}
   compilation.write_stats(str(tmp_path / "s.json"))
-  assert json.load(open(tmp_path / "s.json"))["compile/cache_hits"] >= 1
+  with open(tmp_path / "s.json") as f:
+    assert json.load(f)["compile/cache_hits"] >= 1
 
 
 def test_config_validation():

@@ -297,7 +297,7 @@ def test_packed_batches_cover_every_pair_once_whole_and_resume_exactly(micro_bat
 
 def test_packing_pads_less_than_bucketed_padding():
   ds, *_ = toy_dataset(n=64, seed=1)
-  kw = dict(global_batch_size=16, seed=0, bucket_size=8, pad_id=0)
+  kw = {"global_batch_size": 16, "seed": 0, "bucket_size": 8, "pad_id": 0}
   plain = D.PreferenceLoader(ds, **kw)
   packed = D.PreferenceLoader(ds, packing=True, pack_length=32, **kw)
   cells = lambda b: b.ids.size if hasattr(b, "ids") else 2 * b.chosen_ids.size

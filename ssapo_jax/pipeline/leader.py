@@ -70,9 +70,9 @@ def refresh_follower(rt: Runtime, t: int, state, dataset, judge_logps, round_ste
 
 def _loader(rt: Runtime, dataset, t: int, train_cfg) -> PreferenceLoader:
   d = rt.config.data
-  packing = dict(packing=True, pack_length=d.resolved_pack_length,
-                 micro_batches=train_cfg.micro_batches,
-                 row_multiple=tr.packed_row_multiple(rt.mesh, train_cfg)) if d.packing else {}
+  packing = {"packing": True, "pack_length": d.resolved_pack_length,
+             "micro_batches": train_cfg.micro_batches,
+             "row_multiple": tr.packed_row_multiple(rt.mesh, train_cfg)} if d.packing else {}
   return PreferenceLoader(dataset, global_batch_size=train_cfg.global_batch_size,
                           seed=stream_seed(rt.config.seed, "shuffle", t), pad_id=rt.tokenizer.pad_token_id,
                           bucket_size=d.bucket_size, bucket_window=d.bucket_window,

@@ -9,10 +9,11 @@ import json
 import os
 
 import pytest
-
-from pipeline_runs import losses as _losses, write_config, write_world
-from ssapo_jax.batch import row_buckets
+from pipeline_runs import losses as _losses
+from pipeline_runs import write_config, write_world
 from test_run import KILL_POINTS, _kill_when, _run
+
+from ssapo_jax.batch import row_buckets
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,21 @@ passes (checked with its ``xla`` implementation: cuDNN itself needs a GPU).
 import dataclasses
 import math
 
+import _multihost_worker as w
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-import _multihost_worker as w
 from ssapo_jax import sharding as shd
 from ssapo_jax import train as tr
-from ssapo_jax.batch import (PackedPreferenceBatch, first_fit_decreasing, make_preference_batch,
-                             pack_pair_rows, row_buckets)
+from ssapo_jax.batch import (
+  PackedPreferenceBatch,
+  first_fit_decreasing,
+  make_preference_batch,
+  pack_pair_rows,
+  row_buckets,
+)
 from ssapo_jax.models import attention as attn
 from ssapo_jax.train.scoring import Scorer
 
@@ -195,9 +199,10 @@ def test_packed_step_equals_unpacked(attention, objective, mesh_shape):
   valid = np.ones(g, np.float32)
   valid[-2:] = 0.0
   atoms = rng.dirichlet(np.ones(3), g).astype(np.float32)
-  extras = dict(weights=rng.uniform(0.5, 1.5, g) * valid, valid=valid,
-                ref_chosen_logps=rng.normal(-30, 3, g), ref_rejected_logps=rng.normal(-30, 3, g),
-                atom_weights=atoms, atom_shifts=rng.uniform(0, 0.1, (g, 3)).astype(np.float32))
+  extras = {"weights": rng.uniform(0.5, 1.5, g) * valid, "valid": valid,
+            "ref_chosen_logps": rng.normal(-30, 3, g), "ref_rejected_logps": rng.normal(-30, 3, g),
+            "atom_weights": atoms,
+            "atom_shifts": rng.uniform(0, 0.1, (g, 3)).astype(np.float32)}
   cfg = w.train_config(objective=objective, rpo_alpha=0.5, use_weighting=objective == "dpo")
   mesh = _mesh(mesh_shape)
   t = 128 if attention == "splash" else 32
@@ -220,7 +225,7 @@ def test_packed_step_equals_unpacked(attention, objective, mesh_shape):
 def test_packed_step_rejects_ld_alpha():
   cfg = w.train_config(reference="in_step", ld_alpha=0.5)
   pairs = _random_pairs(4, w.GLOBAL_BATCH)
-  packed = _packed_batch(pairs, dict(valid=np.ones(w.GLOBAL_BATCH)), seq_len=32,
+  packed = _packed_batch(pairs, {"valid": np.ones(w.GLOBAL_BATCH)}, seq_len=32,
                          micro_batches=2, row_multiple=1)
   mesh = _mesh((1, 1, 1))
   state = tr.create_train_state(w.tiny_model(), cfg, mesh, num_train_steps=1)
