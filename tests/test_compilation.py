@@ -5,6 +5,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from ssapo_jax import compilation
@@ -28,14 +29,15 @@ def test_second_process_like_compile_hits_the_cache_and_is_counted(tmp_path, fre
     compilation.record_program("f", x.shape)
     return jnp.sin(x) * 3.0 + 1.2345  # a program no other test compiles
 
-  jax.jit(f)(jnp.ones((7, 3)))
+  x = np.ones((7, 3), np.float32)  # numpy: no other program (jnp.ones) is compiled
+  jax.jit(f)(x)
   first = compilation.stats()
   assert first["compile/programs"] >= 1 and first["compile/cache_misses"] >= 1
   assert first["compile/cache_hits"] == 0
   assert os.listdir(path)  # written to the persistent cache
   jax.clear_caches()  # what a new process starts with: no in-memory executables
   compilation.reset_stats()
-  jax.jit(f)(jnp.ones((7, 3)))
+  jax.jit(f)(x)
   second = compilation.stats()
   assert second["compile/cache_hits"] >= 1 and second["compile/cache_misses"] == 0
   assert second["compile/shapes"] == {"f": [[7, 3]]}
