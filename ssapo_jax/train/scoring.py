@@ -256,7 +256,8 @@ class Scorer:
     compute_dtype: forward dtype (a key of `DTYPES`).
     packing: pack each call's ``2 * batch_size`` sequences into rows (``data.packing``).
     pack_length: tokens per packed row; None = the call's longest sequence rounded up to
-      ``bucket_size`` (a run passes ``data.max_length`` rounded up: one ``T`` for all calls).
+      ``bucket_size`` (a run passes ``data.max_length`` rounded up: one ``T`` for all calls;
+      a call with a longer sequence uses that instead).
   """
 
   mesh: Mesh
@@ -278,8 +279,11 @@ class Scorer:
           self.mesh, graphdef, params, rest, num_sequences=size, compute_dtype=self.compute_dtype)
     fn = self._fns[("packed", graphdef)]
     n = len(prompts)
-    t = self.pack_length or round_up(max((len(p) + len(r) for p, r in zip(prompts, responses)),
-                                         default=1), self.bucket_size)
+    longest = round_up(max((len(p) + len(r) for p, r in zip(prompts, responses)), default=1),
+                       self.bucket_size)
+    # A sequence longer than pack_length (prompt + sampled response past max_length) widens
+    # the rows of this call instead of failing: one more shape, only when it happens.
+    t = max(self.pack_length or 0, longest)
     nproc, out = jax.process_count(), []
     for start in range(0, n, size):
       packed = pack_sequence_rows(prompts[start:start + size], responses[start:start + size],
