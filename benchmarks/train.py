@@ -15,6 +15,14 @@ rely on, so the matmul rate stands in for it).
 
     python benchmarks/train.py                 # defaults: ~5M-parameter Llama, 8 pairs x 128
     python benchmarks/train.py --reference in_step --json out.json
+
+``--packing`` measures something else: useful (non-padding) tokens/s of the ssapo_jax step with
+packed sequences (``data.packing``) against the padded batches of the default loader, over
+one epoch of the same pairs after a warm-up epoch that compiles every shape, on a generated
+length distribution shaped like UltraFeedback (`ultrafeedback_like_lengths`); it also reports
+the padding fraction and the number of step shapes of both.
+
+    python benchmarks/train.py --packing --json packing.json
 """
 
 from __future__ import annotations
@@ -49,7 +57,129 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
   p.add_argument("--repeats", type=int, default=3, help="alternating JAX/PyTorch repeats")
   p.add_argument("--json", default=None, help="write the results here")
+  g = p.add_argument_group("--packing: packed against padded batches")
+  g.add_argument("--packing", action="store_true", help="run the packing benchmark instead")
+  g.add_argument("--num_pairs", type=int, default=256, help="pairs in the generated epoch")
+  g.add_argument("--max_length", type=int, default=512,
+                 help="longest prompt + response (UltraFeedback: 2048; the lengths are scaled "
+                      "by max_length / 2048)")
+  g.add_argument("--bucket_size", type=int, default=64, help="padded lengths round up to this")
   return p.parse_args(argv)
+
+
+def ultrafeedback_like_lengths(n: int, max_length: int, rng):
+  """``(prompt, chosen, rejected)`` token counts ``[n]`` shaped like UltraFeedback's.
+
+  At ``max_length = 2048`` (the paper's): prompt ~ lognormal(median 120, sigma 0.9) clipped to
+  [8, 1024]; each response ~ lognormal(median 260, sigma 0.7), clipped so prompt + response <=
+  max_length: most pairs are a few hundred tokens, with a long tail to the limit. Other
+  ``max_length`` values scale every length by ``max_length / 2048``.
+  """
+  import numpy as np
+  scale = max_length / 2048
+  prompt = np.clip(rng.lognormal(np.log(120 * scale), 0.9, n), 8 * scale, 1024 * scale)
+  prompt = np.maximum(prompt.astype(int), 1)
+  responses = []
+  for _ in range(2):
+    r = rng.lognormal(np.log(260 * scale), 0.7, n).astype(int)
+    responses.append(np.clip(r, 1, max_length - prompt))
+  return prompt, responses[0], responses[1]
+
+
+def packing_benchmark(args):
+  """Useful tokens/s, padding fraction and shapes: packed against padded batches (see the
+  module docstring)."""
+  import jax
+  import numpy as np
+  from flax import nnx
+  from ssapo_jax import compilation
+  from ssapo_jax import sharding as shd
+  from ssapo_jax import train as tr
+  from ssapo_jax.data import PreferenceLoader, pairs_from_token_ids
+  from ssapo_jax.models import Llama, LlamaConfig
+
+  rng = np.random.default_rng(0)
+  lp, lc, lr = ultrafeedback_like_lengths(args.num_pairs, args.max_length, rng)
+  toks = lambda n: list(rng.integers(3, args.vocab, int(n)))
+  ds = pairs_from_token_ids([toks(n) for n in lp], [toks(n) for n in lc], [toks(n) for n in lr],
+                            eos_id=2, max_length=args.max_length,
+                            max_prompt_length=args.max_length // 2, add_eos=False,
+                            verbose=False)
+  cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                    intermediate_size=args.intermediate, num_layers=args.layers,
+                    num_heads=args.heads, num_kv_heads=args.kv_heads,
+                    head_dim=args.hidden // args.heads, attention="xla")
+  mesh = shd.make_mesh(shd.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+  config = tr.TrainConfig(learning_rate=1e-5, global_batch_size=args.pairs,
+                          micro_batches=args.micro_batches, compute_dtype=args.dtype,
+                          remat="none", beta=0.1)
+  pack_length = -(-args.max_length // args.bucket_size) * args.bucket_size
+  compilation.start_counting()
+  runs, results = {}, {}
+  for mode in ("padded", "packed"):
+    packed = mode == "packed"
+    loader = PreferenceLoader(ds, global_batch_size=args.pairs, seed=0, pad_id=0,
+                              bucket_size=args.bucket_size, packing=packed,
+                              pack_length=pack_length, micro_batches=args.micro_batches)
+    epoch = list(loader.iterator(num_epochs=1))
+    state = tr.create_train_state(Llama(cfg, rngs=nnx.Rngs(0)), config, mesh,
+                                  num_train_steps=(2 + args.repeats) * len(epoch))
+    step = tr.make_train_step(config, mesh, state, packed=packed)
+    gbatches = [shd.global_batch(mesh, b) for b in epoch]
+    compilation.reset_stats()
+    t0 = time.perf_counter()
+    losses = []
+    for b in gbatches:  # warm-up epoch: compiles every shape
+      state, metrics = step(state, b)
+      losses.append(float(metrics["loss"]))
+    warm_s = time.perf_counter() - t0
+    shapes = sorted({tuple(s) for s in compilation.stats()["compile/shapes"]["train_step"]})
+    if packed:
+      real = sum(int((b.segment_ids > 0).sum()) for b in epoch)
+      cells = sum(b.ids.size for b in epoch)
+    else:
+      real = sum(int(b.chosen_mask.sum() + b.rejected_mask.sum()) for b in epoch)
+      cells = sum(b.chosen_ids.size + b.rejected_ids.size for b in epoch)
+    runs[mode] = [step, state, gbatches, []]
+    results[mode] = {"steps": len(epoch), "shapes": [list(s) for s in shapes],
+                     "useful_tokens": real, "token_cells": cells,
+                     "padding_fraction": 1 - real / cells, "warmup_epoch_s": warm_s,
+                     "first_losses": losses[:3]}
+  for _ in range(args.repeats):  # interleaved, so a change in machine load hits both
+    for mode, run in runs.items():
+      step, state, gbatches, times = run
+      t0 = time.perf_counter()
+      for b in gbatches:
+        state, metrics = step(state, b)
+      jax.block_until_ready(metrics["loss"])
+      times.append(time.perf_counter() - t0)
+      run[1] = state
+  for mode, (_, _, _, times) in runs.items():
+    epoch_s = statistics.median(times)
+    results[mode].update(epoch_s=epoch_s, epoch_s_all=times,
+                         useful_tokens_per_s=results[mode]["useful_tokens"] / epoch_s)
+  result = {
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
+      "jax": jax.__version__,
+      "model": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
+                "kv_heads": args.kv_heads, "vocab": args.vocab, "dtype": args.dtype},
+      "pairs_per_step": args.pairs, "micro_batches": args.micro_batches,
+      "num_pairs": args.num_pairs, "max_length": args.max_length, "pack_length": pack_length,
+      "bucket_size": args.bucket_size,
+      "lengths": {"prompt_median": float(np.median(lp)),
+                  "response_median": float(np.median(np.r_[lc, lr])),
+                  "sequence_mean": float(np.mean(np.r_[lp + lc, lp + lr])),
+                  "sequence_p99": float(np.percentile(np.r_[lp + lc, lp + lr], 99))},
+      **results,
+      "speedup_packed_over_padded": (results["packed"]["useful_tokens_per_s"]
+                                     / results["padded"]["useful_tokens_per_s"]),
+  }
+  print(json.dumps(result, indent=2))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=2)
+  return result
 
 
 def make_data(args, rng):
@@ -131,6 +261,8 @@ class TorchDPO:
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.packing:
+    return packing_benchmark(args)
   import jax
   import numpy as np
   import torch

@@ -114,3 +114,199 @@ def concat_pairs(batch: PreferenceBatch) -> tuple[jax.Array, jax.Array, jax.Arra
   return (jnp.concatenate([batch.chosen_ids, batch.rejected_ids], axis=0),
           jnp.concatenate([batch.chosen_mask, batch.rejected_mask], axis=0),
           jnp.concatenate([batch.chosen_loss_mask, batch.rejected_loss_mask], axis=0))
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed batches: several sequences share a row.
+# ---------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class PackedPreferenceBatch:
+  """``P`` preference pairs whose ``2P`` sequences are packed into ``R`` rows of ``T`` tokens.
+
+  Each sequence (prompt + response, chosen or rejected) lies whole in one row, as one segment;
+  attention never crosses a segment (`ssapo_jax.models.attention`: the mask is the segment
+  ids) and positions restart at 0 in every segment, so a sequence's log-probs equal its
+  unpacked ones. The per-pair fields are those of `PreferenceBatch`.
+
+  Micro-batches (`ssapo_jax.train.step`) are strided in both rows and pairs: micro-batch ``j``
+  of ``M`` holds rows ``j, j+M, ...`` and pair slots ``j, j+M, ...``, and the packer puts a
+  pair's sequences only in rows of its own micro-batch (`pack_pair_rows`). With ``M = 1`` any
+  placement is valid.
+
+  Attributes:
+    ids: ``[R, T]`` int32 tokens, segments back to back, padding after the last one.
+    segment_ids: ``[R, T]`` int32, 1, 2, ... per segment within its row, 0 on padding.
+    positions: ``[R, T]`` int32 RoPE position within the segment (0 on its first token).
+    loss_mask: ``[R, T]`` int32, 1 on response tokens (never on a segment's first token).
+    sequence_index: ``[R, T]`` int32 sequence of each token: ``i`` for the chosen and
+      ``P + i`` for the rejected side of pair slot ``i``, ``2P`` on padding.
+    chosen_lengths, rejected_lengths: ``[P]`` int32 response token counts (as
+      `PreferenceBatch.chosen_lengths`).
+    weights, valid, ref_chosen_logps, ref_rejected_logps: ``[P]`` float32.
+    atom_weights, atom_shifts: ``[P, K]`` float32.
+  """
+
+  ids: jax.Array
+  segment_ids: jax.Array
+  positions: jax.Array
+  loss_mask: jax.Array
+  sequence_index: jax.Array
+  chosen_lengths: jax.Array
+  rejected_lengths: jax.Array
+  weights: jax.Array
+  valid: jax.Array
+  ref_chosen_logps: jax.Array
+  ref_rejected_logps: jax.Array
+  atom_weights: jax.Array
+  atom_shifts: jax.Array
+
+  @property
+  def batch_size(self) -> int:
+    """Pairs ``P`` (not rows)."""
+    return self.weights.shape[0]
+
+  @property
+  def num_rows(self) -> int:
+    return self.ids.shape[0]
+
+  @property
+  def seq_len(self) -> int:
+    return self.ids.shape[1]
+
+
+def first_fit_decreasing(lengths, capacity: int) -> list[list[int]]:
+  """Bins of at most ``capacity`` total length; each item (index into ``lengths``) whole in one.
+
+  First-fit decreasing (ties by index, so the result is a pure function of ``lengths``): at
+  most ``11/9 OPT + 1`` bins. Raises ValueError for an item longer than ``capacity``.
+  """
+  lengths = np.asarray(lengths, np.int64)
+  if lengths.size and lengths.max() > capacity:
+    raise ValueError(f"a sequence of {int(lengths.max())} tokens does not fit a packed row of "
+                     f"{capacity}")
+  bins: list[list[int]] = []
+  free: list[int] = []
+  for i in np.argsort(-lengths, kind="stable"):
+    n = int(lengths[i])
+    for b, room in enumerate(free):
+      if n <= room:
+        bins[b].append(int(i))
+        free[b] -= n
+        break
+    else:
+      bins.append([int(i)])
+      free.append(capacity - n)
+  return bins
+
+
+def row_buckets(pairs_per_micro: int, row_multiple: int = 1) -> tuple[int, ...]:
+  """The packed row counts per micro-batch: ``ceil(2p / 2^k)`` rounded up to ``row_multiple``.
+
+  The largest, ``2p`` (rounded), holds any micro-batch of ``p`` pairs (each sequence fits a
+  row alone), so a batch never overflows into a new shape; a run compiles at most
+  ``len(row_buckets(...))`` train-step shapes (about ``log2(2p) + 1``).
+  """
+  if pairs_per_micro < 1 or row_multiple < 1:
+    raise ValueError(f"pairs_per_micro {pairs_per_micro} and row_multiple {row_multiple} must "
+                     "be >= 1")
+  out, n = set(), 2 * pairs_per_micro
+  while True:
+    out.add(-(-n // row_multiple) * row_multiple)
+    if n == 1:
+      break
+    n = -(-n // 2)
+  return tuple(sorted(out))
+
+
+def pack_pair_rows(sequences, real, *, seq_len: int, micro_batches: int = 1,
+                   row_multiple: int = 1, pad_id: int = 0) -> dict[str, np.ndarray]:
+  """Packs the sequences of ``P`` pair slots into ``R = M * r`` rows of ``seq_len`` tokens.
+
+  Args:
+    sequences: ``P`` tuples ``(prompt, chosen, rejected)`` of 1-D int token arrays.
+    real: ``[P]`` 0 for filler slots of a partial batch (their sequences are not packed: they
+      score 0 and have ``valid = 0``).
+    seq_len: ``T``, tokens per row.
+    micro_batches: ``M``; pair slot ``i`` goes to a row of micro-batch ``i % M``.
+    row_multiple: ``r`` is a `row_buckets` entry (a multiple of this).
+    pad_id: token of the padding.
+
+  Returns:
+    numpy ``ids``, ``segment_ids``, ``positions``, ``loss_mask``, ``sequence_index`` (each
+    ``[R, T]``) and ``chosen_lengths``, ``rejected_lengths`` (``[P]``), as
+    `PackedPreferenceBatch`.
+  """
+  p_total, m = len(sequences), micro_batches
+  if p_total % m:
+    raise ValueError(f"{p_total} pair slots do not split into {m} micro-batches")
+  real = np.asarray(real) > 0
+  seqs = []  # (slot, side, prompt, response)
+  for i, (prompt, chosen, rejected) in enumerate(sequences):
+    if real[i]:
+      seqs += [(i, 0, prompt, chosen), (i, 1, prompt, rejected)]
+  per_micro = []
+  for j in range(m):
+    mine = [s for s in seqs if s[0] % m == j]
+    bins = first_fit_decreasing([len(s[2]) + len(s[3]) for s in mine], seq_len)
+    per_micro.append([[mine[k] for k in b] for b in bins])
+  need = max((len(b) for b in per_micro), default=0)
+  r = next(n for n in row_buckets(p_total // m, row_multiple) if n >= max(need, 1))
+  rows = [[[(slot + side * p_total, prompt, response) for slot, side, prompt, response in b]
+           for b in bins] for bins in per_micro]
+  # Strided: micro-batch j owns rows j, j+M, ...
+  out = _fill_rows({k * m + j: b for j, bins in enumerate(rows) for k, b in enumerate(bins)},
+                   num_rows=m * r, seq_len=seq_len, num_sequences=2 * p_total, pad_id=pad_id)
+  lengths = out.pop("lengths")
+  return {**out, "chosen_lengths": lengths[:p_total], "rejected_lengths": lengths[p_total:]}
+
+
+def _fill_rows(rows: dict, *, num_rows: int, seq_len: int, num_sequences: int, pad_id: int):
+  """Writes ``rows {row: [(sequence index, prompt, response), ...]}`` into `PackedPreferenceBatch`
+  token arrays ``[num_rows, seq_len]``; also ``lengths [num_sequences]`` (scored tokens)."""
+  shape = (num_rows, seq_len)
+  ids = np.full(shape, pad_id, np.int32)
+  seg, pos, loss = (np.zeros(shape, np.int32) for _ in range(3))
+  index = np.full(shape, num_sequences, np.int32)
+  lengths = np.zeros((num_sequences,), np.int32)
+  for row, row_seqs in rows.items():
+    at = 0
+    for n, (k, prompt, response) in enumerate(row_seqs):
+      lp, length = len(prompt), len(prompt) + len(response)
+      ids[row, at:at + lp], ids[row, at + lp:at + length] = prompt, response
+      seg[row, at:at + length] = n + 1
+      pos[row, at:at + length] = np.arange(length)
+      loss[row, at + max(lp, 1):at + length] = 1  # a segment's first token is never scored
+      index[row, at:at + length] = k
+      lengths[k] = max(length - max(lp, 1), 0)
+      at += length
+  return {"ids": ids, "segment_ids": seg, "positions": pos, "loss_mask": loss,
+          "sequence_index": index, "lengths": lengths}
+
+
+def pack_sequence_rows(prompts, responses, *, seq_len: int, max_sequences: int,
+                       row_multiple: int = 1, pad_id: int = 0) -> dict[str, np.ndarray]:
+  """Packs ``n <= max_sequences`` (prompt, response) sequences into rows for scoring.
+
+  The row count is a `row_buckets` entry for ``max_sequences / 2`` pairs (the scorer's buckets
+  are the train step's). Sequence ``k`` gets ``sequence_index`` ``k``; padding
+  ``max_sequences``. Returns the token arrays of `pack_pair_rows` (no lengths).
+  """
+  n = len(prompts)
+  if n > max_sequences:
+    raise ValueError(f"{n} sequences > max_sequences={max_sequences}")
+  bins = first_fit_decreasing([len(p) + len(r) for p, r in zip(prompts, responses)], seq_len)
+  r = next(c for c in row_buckets(-(-max_sequences // 2), row_multiple) if c >= max(len(bins), 1))
+  out = _fill_rows({row: [(k, prompts[k], responses[k]) for k in b] for row, b in enumerate(bins)},
+                   num_rows=r, seq_len=seq_len, num_sequences=max_sequences, pad_id=pad_id)
+  out.pop("lengths")
+  return out
+
+
+def sequence_sums(values: jax.Array, sequence_index: jax.Array, num_sequences: int) -> jax.Array:
+  """``[num_sequences]`` sums of ``values [R, T]`` per `PackedPreferenceBatch.sequence_index`
+  (``[R, T]``); entries with index ``>= num_sequences`` (padding) are dropped."""
+  return jax.ops.segment_sum(values.reshape(-1), sequence_index.reshape(-1),
+                             num_segments=num_sequences + 1)[:num_sequences]

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from ssapo_jax.checkpoint import CheckpointConfig
+from ssapo_jax.compilation import CompilationConfig
 from ssapo_jax.config import check_choices, load_config
 from ssapo_jax.data.config import DataConfig
 from ssapo_jax.dro import DroConfig
@@ -155,6 +156,7 @@ class ExperimentConfig:
   mesh: MeshConfig = MeshConfig()  # device mesh and multi-host set-up
   rounds: RoundsConfig = RoundsConfig()  # the SSAPO loop
   checkpoint: CheckpointConfig = CheckpointConfig()  # save interval and retention
+  compilation: CompilationConfig = CompilationConfig()  # persistent compilation cache
   seed: int = 42  # the run's seed: every random draw derives from it (`stream_key`)
 
   def __post_init__(self):

@@ -219,3 +219,96 @@ def test_split_rows_farthest_point_partitions():
   assert sorted(everything.tolist()) == list(range(30))
   with pytest.raises(ValueError, match="needs embeddings"):
     D.split_rows(30, seed_size=6, method="farthest_point")
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def _decode_packed(b, prompts):
+  """{(pair, side): tokens} of a packed batch, decoded from its rows alone (the toy's response
+  tokens name their pair and side); checks each sequence is whole and contiguous in one row."""
+  out = {}
+  num_slots = b.batch_size
+  for s in np.unique(b.sequence_index):
+    if s == 2 * num_slots:
+      continue
+    rows, cols = np.nonzero(b.sequence_index == s)
+    assert len(set(rows)) == 1, "a sequence split over rows"
+    assert np.array_equal(cols, np.arange(cols[0], cols[0] + len(cols))), "not contiguous"
+    row = rows[0]
+    toks = b.ids[row, cols]
+    np.testing.assert_array_equal(b.positions[row, cols], np.arange(len(cols)))
+    assert len(set(b.segment_ids[row, cols])) == 1 and b.segment_ids[row, cols[0]] > 0
+    first = toks[b.loss_mask[row, cols] > 0][0]
+    pair, side = (int(first) - 1, "chosen") if first > 0 else (-int(first) - 1, "rejected")
+    assert (s < num_slots) == (side == "chosen")
+    assert (pair, side) not in out
+    out[(pair, side)] = (s % num_slots, toks)
+  return out
+
+
+@pytest.mark.parametrize("micro_batches,window", [(1, 1), (2, 3)])
+def test_packed_batches_cover_every_pair_once_whole_and_resume_exactly(micro_batches, window):
+  ds, prompts, chosen, rejected, ex = toy_dataset()
+  loader = D.PreferenceLoader(ds, global_batch_size=4, seed=3, bucket_size=8, pad_id=0,
+                              bucket_window=window, packing=True, pack_length=24,
+                              micro_batches=micro_batches)
+  shapes = set(loader.packed_shapes())
+  assert len(shapes) <= 4  # row_buckets(4 / M): 1, 2, 4, 8 (M = 1) or 1, 2, 4 (M = 2)
+  for epoch in range(2):
+    seen = []
+    for step in range(loader.batches_per_epoch):
+      b = loader.batch_at(D.LoaderCursor(epoch, step))
+      assert b.ids.shape in shapes and b.batch_size == 4
+      decoded = _decode_packed(b, prompts)
+      pairs = sorted({p for p, _ in decoded})
+      for (pair, side), (slot, toks) in decoded.items():
+        resp = chosen if side == "chosen" else rejected
+        np.testing.assert_array_equal(toks, prompts[pair] + resp[pair])
+        rows = np.nonzero(b.sequence_index == (slot if side == "chosen" else slot + 4))[0]
+        assert rows[0] % micro_batches == slot % micro_batches  # in its micro-batch's rows
+        assert b.valid[slot] == 1
+        np.testing.assert_allclose(b.weights[slot], ex["weights"][pair], rtol=1e-6)
+        np.testing.assert_allclose(b.ref_chosen_logps[slot], -pair)
+        np.testing.assert_array_equal(b.chosen_lengths[slot], len(chosen[pair]))
+      assert all((p, "rejected") in decoded for p in pairs)  # never half a pair
+      np.testing.assert_array_equal(b.valid.sum(), len(pairs))  # fillers are not packed
+      assert b.weights[b.valid == 0].sum() == 0
+      seen += pairs
+    assert sorted(seen) == list(range(23))  # every pair exactly once per epoch
+  # Resume: from any cursor the batches are those of the uninterrupted iteration.
+  full = batches(loader)
+  assert_batches_equal(batches(loader, D.LoaderCursor(1, 2)), full[loader.batches_per_epoch + 2:])
+  # Two hosts: their slices are the single-host batch's rows and pairs.
+  hosts = [D.PreferenceLoader(ds, global_batch_size=4, seed=3, bucket_size=8, pad_id=0,
+                              bucket_window=window, packing=True, pack_length=24,
+                              micro_batches=micro_batches, num_hosts=2, host_index=h,
+                              row_multiple=2) for h in range(2)]
+  one = D.PreferenceLoader(ds, global_batch_size=4, seed=3, bucket_size=8, pad_id=0,
+                           bucket_window=window, packing=True, pack_length=24,
+                           micro_batches=micro_batches, row_multiple=2)
+  for step in range(one.batches_per_epoch):
+    whole = one.batch_at(D.LoaderCursor(0, step))
+    parts = [h.batch_at(D.LoaderCursor(0, step)) for h in hosts]
+    for name in whole.__dataclass_fields__:
+      np.testing.assert_array_equal(np.concatenate([getattr(p, name) for p in parts]),
+                                    getattr(whole, name), err_msg=name)
+
+
+def test_packing_pads_less_than_bucketed_padding():
+  ds, *_ = toy_dataset(n=64, seed=1)
+  kw = {"global_batch_size": 16, "seed": 0, "bucket_size": 8, "pad_id": 0}
+  plain = D.PreferenceLoader(ds, **kw)
+  packed = D.PreferenceLoader(ds, packing=True, pack_length=32, **kw)
+  cells = lambda b: b.ids.size if hasattr(b, "ids") else 2 * b.chosen_ids.size
+  real = sum(int((b.segment_ids > 0).sum()) for b in batches(packed, num_epochs=1))
+  assert real == sum(int(b.chosen_mask.sum() + b.rejected_mask.sum())
+                     for b in batches(plain, num_epochs=1))
+  assert (sum(cells(b) for b in batches(packed, num_epochs=1))
+          < 0.8 * sum(cells(b) for b in batches(plain, num_epochs=1)))
+
+
+def test_packing_rejects_a_sequence_longer_than_a_row():
+  ds, *_ = toy_dataset()
+  with pytest.raises(ValueError, match="pack_length"):
+    D.PreferenceLoader(ds, global_batch_size=4, packing=True, pack_length=8)

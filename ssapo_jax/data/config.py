@@ -35,6 +35,8 @@ class DataConfig:
   on_truncation: OnTruncation = "truncate"  # Responses cut by max_length: truncate | skip | error.
   bucket_size: int = 64             # Padded sequence length is a multiple of this.
   bucket_window: int = 1            # Global batches per length-sorting window (1 = off).
+  packing: bool = False             # Pack sequences whole into rows of pack_length (train and scoring).
+  pack_length: int | None = None    # Tokens per packed row; None = max_length rounded up to bucket_size.
   seed_method: SeedMethod = "random"  # random | farthest_point (appendix G.2).
   seed_size: int | float = 2000     # Labelled seed: count, or fraction of all rows.
   pool_sizes: tuple[int | float, ...] = (8000, 20000, 30000)  # Per-round prompt pools.
@@ -56,6 +58,12 @@ class DataConfig:
     for name in ("bucket_size", "bucket_window"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"data.{name} must be an int >= 1, got {getattr(self, name)!r}")
+    if not isinstance(self.packing, bool):
+      raise ValueError(f"data.packing must be true or false, got {self.packing!r}")
+    if self.pack_length is not None and (not isinstance(self.pack_length, int)
+                                         or self.pack_length < self.max_length):
+      raise ValueError(f"data.pack_length must be an int >= data.max_length={self.max_length} "
+                       f"(a packed row holds any sequence), got {self.pack_length!r}")
     sizes = [("seed_size", self.seed_size)] + [(f"pool_sizes[{i}]", s)
                                                for i, s in enumerate(self.pool_sizes)]
     for name, s in sizes:
@@ -65,3 +73,10 @@ class DataConfig:
         raise ValueError(f"data.{name} must be a count >= 0 or a fraction in (0, 1], got {s!r}")
     if not isinstance(self.pool_sizes, tuple):
       object.__setattr__(self, "pool_sizes", tuple(self.pool_sizes))
+
+  @property
+  def resolved_pack_length(self) -> int:
+    """Tokens per packed row: ``pack_length``, else ``max_length`` rounded up to ``bucket_size``."""
+    if self.pack_length is not None:
+      return self.pack_length
+    return -(-self.max_length // self.bucket_size) * self.bucket_size

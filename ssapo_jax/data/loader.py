@@ -10,6 +10,13 @@ row; the train step's mean is over the real rows only). Its length
 ``T`` is the longest sequence of the *global* batch rounded up to ``bucket_size``, so
 every host builds the same ``[G / num_hosts, T]`` slice shape.
 
+With ``packing``, the pairs of each global batch are the same (same order, same cursor), but
+their ``2G`` sequences are packed whole into rows of ``pack_length`` tokens
+(`ssapo_jax.batch.pack_pair_rows`, first-fit decreasing per micro-batch) and the batch is a
+`PackedPreferenceBatch`. Its row count comes from the fixed ladder `row_buckets` (at most
+about ``log2(2G / M) + 1`` shapes, `packed_shapes`), whose top holds any batch, so no batch
+makes a new shape.
+
 The position is a `LoaderCursor` ``(epoch, step)``: everything is a pure function of
 ``(seed, epoch, step)``, so a run resumed from a saved cursor sees exactly the batches it
 would have seen. The loader is single-process NumPy over memory-resident arrays (building a
@@ -23,7 +30,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ssapo_jax.batch import PreferenceBatch, make_preference_batch
+from ssapo_jax.batch import (PackedPreferenceBatch, PreferenceBatch, make_preference_batch,
+                              pack_pair_rows, row_buckets)
 from ssapo_jax.data.tokenize import PAIR_EXTRAS, round_up
 
 
@@ -69,12 +77,22 @@ class PreferenceLoader:
     max_length: if set, a pair longer than this raises (the tokenizer should have cut it).
     num_hosts, host_index: this process's share of each global batch (rows
       ``[h * G / H, (h + 1) * G / H)``); default single host.
+    packing: yield `PackedPreferenceBatch`es (``data.packing``).
+    pack_length: tokens per packed row ``T``; default the longest sequence of the dataset
+      rounded up to ``bucket_size`` (pass ``data.max_length`` rounded up for one ``T`` across
+      rounds).
+    micro_batches: the train step's ``M``; each micro-batch's pairs are packed in its own
+      rows.
+    row_multiple: packed rows per micro-batch are a multiple of this (default ``num_hosts``;
+      the train step's `packed_row_multiple` so that rows shard like pairs).
   """
 
   def __init__(self, dataset, *, global_batch_size: int, seed: int = 0, pad_id: int = 0,
                bucket_size: int = 64, shuffle: bool = True, bucket_window: int = 1,
                drop_remainder: bool = False, max_length: int | None = None,
-               num_hosts: int = 1, host_index: int = 0):
+               num_hosts: int = 1, host_index: int = 0, packing: bool = False,
+               pack_length: int | None = None, micro_batches: int = 1,
+               row_multiple: int | None = None):
     if global_batch_size <= 0 or global_batch_size % num_hosts:
       raise ValueError(f"global_batch_size must be a positive multiple of num_hosts={num_hosts}, "
                        f"got {global_batch_size}")
@@ -111,6 +129,20 @@ class PreferenceLoader:
         self._extras[name] = arr
     if ("atom_weights" in self._extras) != ("atom_shifts" in self._extras):
       raise ValueError("dataset has only one of atom_weights / atom_shifts")
+    self.packing, self.micro_batches = packing, micro_batches
+    self.row_multiple = num_hosts if row_multiple is None else row_multiple
+    longest = int(max((lp + lc).max(), (lp + lr).max()))
+    self.pack_length = round_up(longest, bucket_size) if pack_length is None else pack_length
+    if packing:
+      if micro_batches < 1 or global_batch_size % micro_batches:
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
+                         f"micro_batches={micro_batches}")
+      if (micro_batches * self.row_multiple) % num_hosts:
+        raise ValueError(f"packed rows (micro_batches={micro_batches} x a multiple of "
+                         f"row_multiple={self.row_multiple}) do not split over {num_hosts} hosts")
+      if longest > self.pack_length:
+        raise ValueError(f"a sequence of {longest} tokens does not fit pack_length="
+                         f"{self.pack_length}")
 
   @property
   def batches_per_epoch(self) -> int:
@@ -176,9 +208,41 @@ class PreferenceLoader:
       loss[j, lp:lp + lr] = 1
     return ids, mask, loss
 
-  def batch_at(self, cursor: LoaderCursor) -> PreferenceBatch:
-    """This host's slice of the global batch at ``cursor`` (numpy `PreferenceBatch`)."""
+  def packed_shapes(self) -> tuple[tuple[int, int], ...]:
+    """The global ``(rows, T)`` shapes a packed batch can have (the train step's programs)."""
+    m = self.micro_batches
+    return tuple((m * r, self.pack_length)
+                 for r in row_buckets(self.global_batch_size // m, self.row_multiple))
+
+  def _packed_batch_at(self, idx: np.ndarray, real: np.ndarray) -> PackedPreferenceBatch:
+    # Every host packs the whole global batch (index work only) and keeps its rows and pairs.
+    seqs = [(self._p[self._po[i]:self._po[i + 1]], self._c[self._co[i]:self._co[i + 1]],
+             self._r[self._ro[i]:self._ro[i + 1]]) for i in idx]
+    packed = pack_pair_rows(seqs, real, seq_len=self.pack_length,
+                            micro_batches=self.micro_batches, row_multiple=self.row_multiple,
+                            pad_id=self.pad_id)
+    rows = packed["ids"].shape[0] // self.num_hosts
+    row_sl = slice(self.host_index * rows, (self.host_index + 1) * rows)
+    hb = self.host_batch_size
+    sl = slice(self.host_index * hb, (self.host_index + 1) * hb)
+    idx, real = idx[sl], real[sl]
+    pairs = make_preference_batch(*(np.zeros((hb, 1), np.int32),) * 6, weights=real * (
+        self._extras["weights"][idx] if "weights" in self._extras else 1.0), valid=real,
+        **{name: self._extras[name][idx] for name in PAIR_EXTRAS[1:] if name in self._extras})
+    return PackedPreferenceBatch(
+        **{k: packed[k][row_sl] for k in ("ids", "segment_ids", "positions", "loss_mask",
+                                          "sequence_index")},
+        chosen_lengths=packed["chosen_lengths"][sl], rejected_lengths=packed["rejected_lengths"][sl],
+        weights=pairs.weights, valid=pairs.valid, ref_chosen_logps=pairs.ref_chosen_logps,
+        ref_rejected_logps=pairs.ref_rejected_logps, atom_weights=pairs.atom_weights,
+        atom_shifts=pairs.atom_shifts)
+
+  def batch_at(self, cursor: LoaderCursor) -> PreferenceBatch | PackedPreferenceBatch:
+    """This host's slice of the global batch at ``cursor`` (numpy `PreferenceBatch`, or
+    `PackedPreferenceBatch` with ``packing``)."""
     idx, real = self.batch_indices(cursor)
+    if self.packing:
+      return self._packed_batch_at(idx, real)
     t = round_up(int(self._lengths[idx].max()), self.bucket_size)
     hb = self.host_batch_size
     sl = slice(self.host_index * hb, (self.host_index + 1) * hb)

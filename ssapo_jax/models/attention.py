@@ -70,7 +70,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_slots: jax.Array,
     k, v: ``[B, S, K, H]`` keys and values.
     q_slots: ``[T]`` int, index of each query in the (cached) sequence.
     k_slots: ``[S]`` int, index of each key.
-    kv_mask: ``[B, S]`` 1 where the key is a real token.
+    kv_mask: ``[B, S]`` segment id of each key: 0 on padding, > 0 on real tokens (1 for a
+      plain row; 1, 2, ... for the sequences of a packed row). A query attends only keys of
+      its own segment, the id at its slot ``kv_mask[:, q_slots]`` (a no-op for 0/1 masks).
     window: keys with ``q_slot - k_slot >= window`` are masked; None = full causal.
     implementation: ``"xla"``, ``"splash"`` or ``"cudnn"`` (already resolved). splash and
       cudnn need self-attention (``S == T`` and ``q_slots == k_slots == arange(T)``).
@@ -101,6 +103,8 @@ def _xla_attention(q, k, v, q_slots, k_slots, kv_mask, window):
   if window is not None:
     allowed &= k_slots[None, :] > q_slots[:, None] - window
   allowed = allowed[None, :, :] & (kv_mask[:, None, :] > 0)  # [B, T, S]
+  # Packed rows: block-diagonal by segment (a query's segment is the id at its own slot).
+  allowed &= jnp.take(kv_mask, q_slots, axis=1)[:, :, None] == kv_mask[:, None, :]
   scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
   return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
@@ -109,8 +113,10 @@ def _xla_attention(q, k, v, q_slots, k_slots, kv_mask, window):
 def jax_nn_attention(q, k, v, kv_mask, window, *, implementation: str):
   """Self-attention through ``jax.nn.dot_product_attention`` (``implementation`` "cudnn" or
   "xla"; the latter checks the masks on CPU). Shapes as `attention`."""
-  b, t = q.shape[:2]
-  mask = jnp.broadcast_to(kv_mask[:, None, None, :] > 0, (b, 1, t, t))  # [B, 1, T, S]
+  # Packed rows: a block-diagonal mask by segment id (cuDNN takes it as a dense mask input;
+  # jax.nn.dot_product_attention exposes no segment ids).
+  mask = ((kv_mask[:, None, None, :] > 0)
+          & (kv_mask[:, None, :, None] == kv_mask[:, None, None, :]))  # [B, 1, T, S]
   return jax.nn.dot_product_attention(
       q, k, v, mask=mask, scale=q.shape[-1] ** -0.5, is_causal=True,
       local_window_size=None if window is None else (window - 1, 0),
@@ -152,7 +158,8 @@ def _splash_local(q, k, v, segment_ids, window, interpret):
 
 
 def splash_attention(q, k, v, kv_mask, window):
-  """Splash self-attention; padding keys get segment id 0, real tokens 1. Shapes as `attention`.
+  """Splash self-attention; the segment ids are ``kv_mask`` (0 padding, 1 or the packed
+  sequence's id on real tokens). Shapes as `attention`.
 
   The sequence is padded to a multiple of the kernel block. Under a context mesh with
   ``data``/``fsdp``/``tensor`` axes the kernel runs in ``shard_map``: batch over the batch axes
@@ -161,7 +168,7 @@ def splash_attention(q, k, v, kv_mask, window):
   t = q.shape[1]
   block = _SPLASH_MIN_BLOCK if t <= _SPLASH_BLOCK else _SPLASH_BLOCK
   padded = -(-t // block) * block
-  segment_ids = (kv_mask > 0).astype(jnp.int32)
+  segment_ids = kv_mask.astype(jnp.int32)  # packed rows: one id per sequence
   if padded != t:
     pad = lambda x: jnp.pad(x, [(0, 0), (0, padded - t)] + [(0, 0)] * (x.ndim - 2))
     q, k, v, segment_ids = pad(q), pad(k), pad(v), pad(segment_ids)

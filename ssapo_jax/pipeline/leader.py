@@ -52,12 +52,15 @@ class RoundBatches:
     self.iterator = self.loader.iterator(cursor, num_epochs=self.train_cfg.epochs)
 
   def _loader(self, dataset) -> PreferenceLoader:
-    d = self.rt.config.data
-    return PreferenceLoader(dataset, global_batch_size=self.train_cfg.global_batch_size,
+    d, t_cfg = self.rt.config.data, self.train_cfg
+    packing = {"packing": True, "pack_length": d.resolved_pack_length,
+               "micro_batches": t_cfg.micro_batches,
+               "row_multiple": tr.packed_row_multiple(self.rt.mesh, t_cfg)} if d.packing else {}
+    return PreferenceLoader(dataset, global_batch_size=t_cfg.global_batch_size,
                             seed=stream_seed(self.rt.config.seed, "shuffle", self.t),
                             pad_id=self.rt.tokenizer.pad_token_id, bucket_size=d.bucket_size,
                             bucket_window=d.bucket_window, num_hosts=jax.process_count(),
-                            host_index=jax.process_index())
+                            host_index=jax.process_index(), **packing)
 
   @property
   def num_steps(self) -> int:
@@ -223,7 +226,9 @@ class MetricsHook:
 
   def after_step(self, ctx: StepContext) -> None:
     b = ctx.batch
-    self.tokens += int(b.chosen_mask.sum() + b.rejected_mask.sum()) * jax.process_count()
+    real = (np.sum(b.segment_ids > 0) if self.rt.config.data.packing
+            else b.chosen_mask.sum() + b.rejected_mask.sum())
+    self.tokens += int(real) * jax.process_count()
     self.bar.update(1)
     if ctx.done % self.rt.config.rounds.log_every_steps and ctx.done != ctx.num_steps:
       return
@@ -316,5 +321,6 @@ def train_round(rt: Runtime, t: int, init: CausalLM, dataset, judge_logps, *,
     refresh.start(ctx)
     hooks.append(refresh)
   hooks += [MetricsHook(rt, ctx), CheckpointHook(rt, restored=resume_state is not None)]
-  ctx = step_loop(tr.make_train_step(train_cfg, rt.mesh, state), ctx, hooks)
+  ctx = step_loop(tr.make_train_step(train_cfg, rt.mesh, state, packed=cfg.data.packing), ctx,
+                  hooks)
   return ctx.state, ctx.global_step

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 
+from ssapo_jax import compilation
 from ssapo_jax.checkpoint import Checkpointer, NoCheckpoints, open_checkpointer
 from ssapo_jax.config import dump_yaml
 from ssapo_jax.experiment import ExperimentConfig
@@ -83,6 +84,7 @@ def run(config: ExperimentConfig, *, resume: bool = True,
   hosts.check_same_run(dump_yaml(dataclasses.replace(
       config, mesh=dataclasses.replace(config.mesh, process_id=None, local_device_ids=None))))
   rundir = RunDir.open(config.output_dir)
+  compilation.enable_cache(config.compilation, rundir.workdir)  # before the first compile
   ckpt = open_checkpointer(config.output_dir, config=config.checkpoint,
                            shared=rundir.remote or hosts.shared_directory(rundir.workdir))
   start = resume_point(ckpt) if resume else ResumePoint()

@@ -108,7 +108,8 @@ class Runtime:
 def scorer_for(config: ExperimentConfig, mesh, pad_id: int) -> Scorer:
   """The run's `Scorer`: batches of the train micro-batch size (at least one row per shard)."""
   return Scorer(mesh, pad_id, scoring_batch_size(config.train, mesh),
-                bucket_size=config.data.bucket_size, compute_dtype=config.train.compute_dtype)
+                bucket_size=config.data.bucket_size, compute_dtype=config.train.compute_dtype,
+                packing=config.data.packing, pack_length=config.data.resolved_pack_length)
 
 
 def load_model(path: str, config: ExperimentConfig, mesh) -> CausalLM:

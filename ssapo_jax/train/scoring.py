@@ -7,7 +7,9 @@ cache keyed by `params_fingerprint` and `data_fingerprint`.
 
 `Scorer` bundles these for a run: built from the mesh, the pad id and the batch size, it scores
 (prompt, response) token lists (`Scorer.sequences`) and tokenised pair datasets
-(`Scorer.pairs`), compiling one pass per model graph and shape.
+(`Scorer.pairs`), compiling one pass per model graph and shape. With ``packing`` it packs the
+sequences of each call into rows of ``pack_length`` tokens (`make_compute_packed_logps`), the
+row counts from the train step's ladder (`ssapo_jax.batch.row_buckets`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ssapo_jax import compilation
 from ssapo_jax import sharding as shd
-from ssapo_jax.batch import PreferenceBatch
+from ssapo_jax.batch import PreferenceBatch, pack_sequence_rows, sequence_sums
 from ssapo_jax.checkpoint import fingerprint
 from ssapo_jax.data.loader import LoaderCursor, PreferenceLoader
 from ssapo_jax.data.tokenize import fixed_size_batches, round_up
@@ -56,6 +59,7 @@ def make_compute_logps(mesh: Mesh, graphdef: Any, params: Any, rest: Any = None,
   tok = NamedSharding(mesh, PartitionSpec(shd.BATCH_AXES))
 
   def logps(params, rest, ids, mask, loss_mask):
+    compilation.record_program("score", ids.shape)  # once per traced shape
     model = nnx.merge(graphdef, _cast_floats(params, dtype), rest)
     # The mesh as trace context: shard_map'd kernels (splash attention) read it.
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
@@ -70,6 +74,37 @@ def make_compute_logps(mesh: Mesh, graphdef: Any, params: Any, rest: Any = None,
   logps_fn.lower = lambda params, ids, mask, loss_mask: jitted.lower(  # what ssapo-plan compiles
       params, jax.eval_shape(lambda r: r, rest), ids, mask, loss_mask)
   return logps_fn
+
+
+PACKED_FIELDS = ("ids", "segment_ids", "positions", "loss_mask", "sequence_index")
+
+
+def make_compute_packed_logps(mesh: Mesh, graphdef: Any, params: Any, rest: Any = None, *,
+                              num_sequences: int, compute_dtype: str = "float32",
+                              ) -> Callable[..., jax.Array]:
+  """Jitted ``fn(params, ids, segment_ids, positions, loss_mask, sequence_index) -> [S]``.
+
+  The packed counterpart of `make_compute_logps`: the token arrays are ``[R, T]`` packed rows
+  (`ssapo_jax.batch.pack_sequence_rows`), rows sharded over ``("data", "fsdp")``; the result
+  is the replicated ``[num_sequences]`` float32 summed log-probs of each sequence's
+  ``loss_mask`` tokens (0 for unused indices). Compiles once per row count.
+  """
+  dtype = DTYPES[compute_dtype]
+  p_shard = param_shardings(params, mesh)
+  rest = nnx.State({}) if rest is None else rest
+  r_shard = jax.tree.map(lambda _: shd.replicated(mesh), rest)
+  tok = NamedSharding(mesh, PartitionSpec(shd.BATCH_AXES))
+
+  def logps(params, rest, ids, segment_ids, positions, loss_mask, sequence_index):
+    compilation.record_program("score_packed", ids.shape)  # once per traced shape
+    model = nnx.merge(graphdef, _cast_floats(params, dtype), rest)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      token = model.token_logps(ids, segment_ids, positions=positions).astype(jnp.float32)
+    return sequence_sums(token * loss_mask[:, 1:], sequence_index[:, 1:], num_sequences)
+
+  jitted = jax.jit(logps, in_shardings=(p_shard, r_shard) + (tok,) * 5,
+                   out_shardings=shd.replicated(mesh))
+  return lambda params, *arrays: jitted(params, rest, *arrays)
 
 
 def compute_logps(logps_fn: Callable[..., jax.Array], params: Any, mesh: Mesh,
@@ -209,6 +244,10 @@ class Scorer:
     batch_size: global rows per call (divides over ``data * fsdp`` and the processes).
     bucket_size: padded sequence lengths are multiples of this.
     compute_dtype: forward dtype (a key of `DTYPES`).
+    packing: pack each call's ``2 * batch_size`` sequences into rows (``data.packing``).
+    pack_length: tokens per packed row; None = the call's longest sequence rounded up to
+      ``bucket_size`` (a run passes ``data.max_length`` rounded up: one ``T`` for all calls;
+      a call with a longer sequence uses that instead).
   """
 
   mesh: Mesh
@@ -216,7 +255,35 @@ class Scorer:
   batch_size: int
   bucket_size: int = 1
   compute_dtype: str = "float32"
+  packing: bool = False
+  pack_length: int | None = None
   _fns: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+
+  def _packed_scores(self, model: nnx.Module, prompts, responses) -> np.ndarray:
+    """``[N]`` float32 log-probs, ``2 * batch_size`` sequences packed per call. Every host packs
+    the whole call and feeds its rows; the result is replicated, so nothing is gathered."""
+    graphdef, params, rest = split_model(model)
+    size = 2 * self.batch_size
+    if ("packed", graphdef) not in self._fns:
+      self._fns[("packed", graphdef)] = make_compute_packed_logps(
+          self.mesh, graphdef, params, rest, num_sequences=size, compute_dtype=self.compute_dtype)
+    fn = self._fns[("packed", graphdef)]
+    n = len(prompts)
+    longest = round_up(max((len(p) + len(r) for p, r in zip(prompts, responses)), default=1),
+                       self.bucket_size)
+    # A sequence longer than pack_length (prompt + sampled response past max_length) widens
+    # the rows of this call instead of failing: one more shape, only when it happens.
+    t = max(self.pack_length or 0, longest)
+    nproc, out = jax.process_count(), []
+    for start in range(0, n, size):
+      packed = pack_sequence_rows(prompts[start:start + size], responses[start:start + size],
+                                  seq_len=t, max_sequences=size, pad_id=self.pad_id,
+                                  row_multiple=shd.num_batch_shards(self.mesh))
+      rows = packed["ids"].shape[0] // nproc
+      sl = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+      arrays = shd.global_batch(self.mesh, tuple(packed[k][sl] for k in PACKED_FIELDS))
+      out.append(np.asarray(fn(params, *arrays))[:min(size, n - start)])
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
   def _split(self, model: nnx.Module):
     """``(logps_fn, params)``; the jitted function is built once per model graph."""
@@ -239,6 +306,9 @@ class Scorer:
   def sequences(self, model: nnx.Module, prompts: Sequence[Sequence[int]],
                 responses: Sequence[Sequence[int]]) -> np.ndarray:
     """``[N]`` float32 log-probs of each response given its prompt (unpadded token id lists)."""
+    if self.packing:
+      return self._packed_scores(model, [np.asarray(p) for p in prompts],
+                                 [np.asarray(r) for r in responses])
     size, pad = self.batch_size, self.pad_id
     rows = shd.host_batch_rows(self.mesh, size)
 
@@ -265,6 +335,8 @@ class Scorer:
     One pass over a tokenised pair dataset in dataset order; with ``cache_dir`` the result is
     cached there by model and data fingerprints (`precompute_ref_logps`).
     """
+    if self.packing:
+      return self._packed_pairs(model, dataset, cache_dir)
     size = self.batch_size
     loader = PreferenceLoader(dataset, global_batch_size=size, shuffle=False, pad_id=self.pad_id,
                               bucket_size=self.bucket_size, num_hosts=jax.process_count(),
@@ -281,3 +353,32 @@ class Scorer:
       full[order] = gather_batches(values, size)  # the padded copies write equal values
       out.append(full)
     return out[0], out[1]
+
+  def _packed_pairs(self, model: nnx.Module, dataset, cache_dir) -> tuple[np.ndarray, np.ndarray]:
+    """`pairs` with packing: chosen then rejected sides in dataset order, cached like
+    `precompute_ref_logps` (``ref_logps-packed-<model>-<data>.npz``)."""
+    cols = {k: [np.asarray(x, np.int32) for x in dataset[k]]
+            for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    path = None
+    if cache_dir is not None:
+      h = hashlib.sha256()
+      for k in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        for x in cols[k]:
+          h.update(len(x).to_bytes(4, "little"))
+          h.update(x.tobytes())
+      _, params, _ = split_model(model)
+      path = os.path.join(os.fspath(cache_dir), f"ref_logps-packed-{params_fingerprint(params)}-"
+                          f"{h.hexdigest()[:16]}.npz")
+      if os.path.exists(path):
+        with np.load(path) as cached:
+          return cached["chosen"], cached["rejected"]
+    n = len(cols["prompt_ids"])
+    scores = self._packed_scores(model, cols["prompt_ids"] * 2,
+                                 cols["chosen_ids"] + cols["rejected_ids"])
+    chosen, rejected = scores[:n], scores[n:]
+    if path is not None and jax.process_index() == 0:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      tmp = path + ".tmp.npz"
+      np.savez(tmp, chosen=chosen, rejected=rejected)
+      os.replace(tmp, path)
+    return chosen, rejected

@@ -41,14 +41,15 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ssapo_jax import compilation
 from ssapo_jax import sharding as shd
-from ssapo_jax.batch import PreferenceBatch, concat_pairs
+from ssapo_jax.batch import PackedPreferenceBatch, PreferenceBatch, concat_pairs, sequence_sums
 from ssapo_jax.config import check_choices, derived
 from ssapo_jax.errors import NonFiniteError  # re-exported
 from ssapo_jax.fielddocs import document_fields
 from ssapo_jax.losses import (BATCH_COUPLED_LOSS_TYPES, LOSS_TYPES, FDivergence, LossAtoms,
-                              LossType, Space, check_loss_options, dpo_loss, pair_logps,
-                              robust_dpo_loss)
+                              LossType, PairLogps, Space, check_loss_options, dpo_loss,
+                              pair_logps, robust_dpo_loss)
 from ssapo_jax.models import logical_axes, split_params
 from ssapo_jax.models.llama import RematPolicy
 
@@ -369,15 +370,51 @@ def _pair_logps(graphdef, params, rest, ids, mask, loss_mask, *, config: TrainCo
                     token_log_sum_sq=token_log_sum_sq)
 
 
-def _pair_loss(params, ref_params, rest, micro: PreferenceBatch, *, graphdef, config: TrainConfig,
-               num_real_rows: jax.Array, mean_chosen_length: jax.Array, mesh: Mesh | None = None,
-               ) -> tuple[jax.Array, Metrics]:
-  """One micro-batch's share of the global loss and its TRL metrics (means over its kept rows).
+def _packed_pair_logps(graphdef, params, rest, micro: PackedPreferenceBatch, *,
+                      config: TrainConfig, log_sum_sq: bool, num_micro: int) -> PairLogps:
+  """`losses.pair_logps` of a packed micro-batch: token log-probs summed per segment.
 
-  The loss is ``Σ_{kept i} w_i loss_i / num_real_rows``, with ``num_real_rows`` and
-  ``mean_chosen_length`` taken over the global batch, so micro-batch shares sum to the global
-  mean over the real rows exactly.
+  ``micro.sequence_index`` holds global pair slots; micro-batches are strided (slot ``s`` is
+  local slot ``s // num_micro`` of its micro-batch), so the index is mapped to the
+  micro-batch's ``2p`` sequences here.
   """
+  model = nnx.merge(graphdef, _cast_floats(params, DTYPES[config.compute_dtype]), rest)
+  out = model.token_logps(micro.ids, micro.segment_ids, positions=micro.positions,
+                          log_sum_sq=log_sum_sq)
+  token_logps, token_log_sum_sq = out if log_sum_sq else (out, None)
+  token_logps = token_logps.astype(jnp.float32)
+  p = micro.batch_size
+  g = p * num_micro
+  idx = micro.sequence_index[:, 1:]  # the sequence of each scored (target) token
+  local = jnp.where(idx < g, idx // num_micro,
+                    jnp.where(idx < 2 * g, p + (idx - g) // num_micro, 2 * p))
+  mask = micro.loss_mask[:, 1:].astype(jnp.float32)
+  plain = sequence_sums(token_logps * mask, local, 2 * p)
+  lengths = sequence_sums(mask, local, 2 * p)
+  pair_weights = None
+  if token_log_sum_sq is not None:  # WPO (losses.wpo_weights) per segment
+    aligned = sequence_sums((token_logps - token_log_sum_sq) * mask, local, 2 * p)
+    seq = jax.lax.stop_gradient(jnp.exp(aligned / jnp.maximum(lengths, 1.0)))
+    pair_weights = seq[:p] * seq[p:]
+  return PairLogps(plain[:p], plain[p:], lengths[:p], lengths[p:], -plain[:p], pair_weights)
+
+
+def _policy_and_ref_logps(params, ref_params, rest, micro, *, graphdef, config: TrainConfig,
+                          mesh: Mesh | None, num_micro: int):
+  """``(policy PairLogps, ref chosen [b], ref rejected [b])`` of a plain or packed micro-batch."""
+  if isinstance(micro, PackedPreferenceBatch):
+    if mesh is not None:  # rows over the batch axes, as the plain path's 2b sequences
+      rows = NamedSharding(mesh, shd.batch_spec(2, micro.num_rows, mesh))
+      micro = micro.replace(**{k: jax.lax.with_sharding_constraint(getattr(micro, k), rows)
+                               for k in ("ids", "segment_ids", "positions", "loss_mask",
+                                         "sequence_index")})
+    logps = functools.partial(_packed_pair_logps, graphdef, micro=micro, config=config,
+                              num_micro=num_micro)
+    policy = logps(params, rest, log_sum_sq=config.use_weighting)
+    if ref_params is None:
+      return policy, micro.ref_chosen_logps, micro.ref_rejected_logps
+    ref = jax.lax.stop_gradient(logps(ref_params, rest, log_sum_sq=False))
+    return policy, ref.chosen_logps, ref.rejected_logps
   ids, mask, loss_mask = concat_pairs(micro)
   if mesh is not None:
     # The forward runs on 2b sequences: shard those over the batch axes. A micro-batch of b
@@ -389,11 +426,25 @@ def _pair_loss(params, ref_params, rest, micro: PreferenceBatch, *, graphdef, co
   policy = _pair_logps(graphdef, params, rest, ids, mask, loss_mask, config=config,
                        log_sum_sq=config.use_weighting)
   if ref_params is None:
-    ref_chosen, ref_rejected = micro.ref_chosen_logps, micro.ref_rejected_logps
-  else:
-    ref = jax.lax.stop_gradient(_pair_logps(graphdef, ref_params, rest, ids, mask, loss_mask,
-                                            config=config, log_sum_sq=False))
-    ref_chosen, ref_rejected = ref.chosen_logps, ref.rejected_logps
+    return policy, micro.ref_chosen_logps, micro.ref_rejected_logps
+  ref = jax.lax.stop_gradient(_pair_logps(graphdef, ref_params, rest, ids, mask, loss_mask,
+                                          config=config, log_sum_sq=False))
+  return policy, ref.chosen_logps, ref.rejected_logps
+
+
+def _pair_loss(params, ref_params, rest, micro: PreferenceBatch | PackedPreferenceBatch, *,
+               graphdef, config: TrainConfig, num_real_rows: jax.Array,
+               mean_chosen_length: jax.Array, mesh: Mesh | None = None, num_micro: int = 1,
+               ) -> tuple[jax.Array, Metrics]:
+  """One micro-batch's share of the global loss and its TRL metrics (means over its kept rows).
+
+  The loss is ``Σ_{kept i} w_i loss_i / num_real_rows``, with ``num_real_rows`` and
+  ``mean_chosen_length`` taken over the global batch, so micro-batch shares sum to the global
+  mean over the real rows exactly. Plain and packed micro-batches give the same loss.
+  """
+  policy, ref_chosen, ref_rejected = _policy_and_ref_logps(
+      params, ref_params, rest, micro, graphdef=graphdef, config=config, mesh=mesh,
+      num_micro=num_micro)
   weights = micro.weights if policy.wpo_weights is None else micro.weights * policy.wpo_weights
   rows = dict(weights=weights, valid=micro.valid, num_real_rows=num_real_rows,
               chosen_lengths=policy.chosen_lengths, chosen_nll=policy.chosen_nll,
@@ -429,13 +480,15 @@ def _split_micro(x: jax.Array, num_micro: int) -> jax.Array:
   return x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
 
 
-def train_step(state: TrainState, batch: PreferenceBatch, *, config: TrainConfig,
-               mesh: Mesh | None = None) -> tuple[TrainState, Metrics]:
+def train_step(state: TrainState, batch: PreferenceBatch | PackedPreferenceBatch, *,
+               config: TrainConfig, mesh: Mesh | None = None) -> tuple[TrainState, Metrics]:
   """One optimizer step on a global batch of ``config.global_batch_size`` pairs (pure).
 
   Args:
     state: the train state.
-    batch: `PreferenceBatch` with ``[B, T]`` token arrays, ``B = global_batch_size``; uses
+    batch: `PreferenceBatch` with ``[B, T]`` token arrays, ``B = global_batch_size``, or a
+      `PackedPreferenceBatch` of ``B`` pairs in ``[R, T]`` rows packed for
+      ``config.micro_batches`` (the loss, gradient and metrics equal the plain batch's); uses
       ``weights``, the reference log-probs (``reference="precomputed"``) and the follower
       atoms (``objective="robust"``).
     config: train config (static).
@@ -449,6 +502,9 @@ def train_step(state: TrainState, batch: PreferenceBatch, *, config: TrainConfig
     ``learning_rate``, ``nonfinite/skipped`` (1 if this step was skipped),
     ``nonfinite/consecutive`` and ``nonfinite/total``.
   """
+  if isinstance(batch, PackedPreferenceBatch) and config.ld_alpha is not None:
+    raise ValueError("train.ld_alpha needs data.packing=false (LD-DPO weights tokens by their "
+                     "rank in the response; packed batches sum whole segments)")
   if batch.batch_size != config.global_batch_size:
     raise ValueError(f"batch has {batch.batch_size} pairs; train.global_batch_size is "
                      f"{config.global_batch_size}")
@@ -468,7 +524,7 @@ def train_step(state: TrainState, batch: PreferenceBatch, *, config: TrainConfig
   def loss_fn(params, micro):
     return _pair_loss(params, ref_params, state.rest, micro, graphdef=state.graphdef,
                       config=config, num_real_rows=num_real_rows,
-                      mean_chosen_length=mean_chosen_length, mesh=mesh)
+                      mean_chosen_length=mean_chosen_length, mesh=mesh, num_micro=num_micro)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   p_shardings = param_shardings(state.params, mesh) if mesh is not None else None
@@ -567,7 +623,27 @@ def batch_shardings(mesh: Mesh, config: TrainConfig) -> PreferenceBatch:
                          atom_weights=tok, atom_shifts=tok)
 
 
-def make_train_step(config: TrainConfig, mesh: Mesh, state: TrainState,
+def packed_row_multiple(mesh: Mesh, config: TrainConfig) -> int:
+  """Packed rows per micro-batch are a multiple of this, so that the ``M * r`` rows of a packed
+  batch split over ``data * fsdp`` like its pairs (the loader's ``row_multiple``)."""
+  shards = shd.num_batch_shards(mesh)
+  return shards // math.gcd(shards, config.micro_batches)
+
+
+def packed_batch_shardings(mesh: Mesh, config: TrainConfig) -> PackedPreferenceBatch:
+  """`NamedSharding` of each `PackedPreferenceBatch` field: rows and pairs over the batch axes
+  (rows are a multiple of `packed_row_multiple` per micro-batch, so they divide alike)."""
+  plain = batch_shardings(mesh, config)
+  tok = plain.chosen_ids
+  return PackedPreferenceBatch(
+      ids=tok, segment_ids=tok, positions=tok, loss_mask=tok, sequence_index=tok,
+      chosen_lengths=plain.weights, rejected_lengths=plain.weights, weights=plain.weights,
+      valid=plain.valid, ref_chosen_logps=plain.ref_chosen_logps,
+      ref_rejected_logps=plain.ref_rejected_logps, atom_weights=plain.atom_weights,
+      atom_shifts=plain.atom_shifts)
+
+
+def make_train_step(config: TrainConfig, mesh: Mesh, state: TrainState, *, packed: bool = False,
                     ) -> Callable[[TrainState, PreferenceBatch], tuple[TrainState, Metrics]]:
   """`train_step` jitted for ``mesh``: sharded in/out, the state donated.
 
@@ -576,16 +652,20 @@ def make_train_step(config: TrainConfig, mesh: Mesh, state: TrainState,
     mesh: device mesh.
     state: the state from `create_train_state` (or an abstract copy); only its structure,
       static fields and parameter axes are read.
+    packed: the step takes `PackedPreferenceBatch`es (``data.packing``); it compiles once per
+      row count (`ssapo_jax.batch.row_buckets`).
 
   Returns:
     ``step(state, batch) -> (state, metrics)``; ``batch`` is a global `PreferenceBatch`
     (see `ssapo_jax.sharding.global_batch`). The input state is donated: do not reuse it.
   """
   s_shard = state_shardings(state, mesh)
-  b_shard = batch_shardings(mesh, config)
+  b_shard = (packed_batch_shardings if packed else batch_shardings)(mesh, config)
   repl = shd.replicated(mesh)
 
   def step(state, batch):
+    # Runs once per traced shape: the run's count of train-step programs (compilation.stats).
+    compilation.record_program("train_step", (batch.ids if packed else batch.chosen_ids).shape)
     # The mesh as trace context: shard_map'd kernels (splash attention) read it.
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       return train_step(state, batch, config=config, mesh=mesh)
