@@ -159,10 +159,9 @@ def _generate(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key
       lambda x: _constrain(mesh, x, ("layers", "batch", None, "kv_heads", "head_dim")), c)
   cache = cache_layout(model.init_cache(rows, prompt_len + n))
   kv_mask = by_row(jnp.concatenate([mask, jnp.zeros((rows, n), jnp.int32)], axis=1))
-  logits, cache = model.decode(ids, positions_from_mask(mask), cache, cache_index=0,
-                               kv_mask=kv_mask)
+  logits, cache = model.prefill(ids, positions_from_mask(mask), cache, kv_mask=kv_mask)
   eos = jnp.asarray(s.eos_token_ids if s.eos_token_ids else (-1,), jnp.int32)
-  last_logits = lambda x: by_row(x[:, -1].astype(jnp.float32))  # full vocabulary per row
+  last_logits = lambda x: by_row(x.astype(jnp.float32))  # [B*S, V], full vocabulary per row
 
   init = dict(
       step=jnp.zeros((), jnp.int32),
@@ -197,7 +196,7 @@ def _generate(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key
     col = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v[:, None], step, axis=1)
     return dict(
         step=step + 1,
-        logits=last_logits(logits),
+        logits=last_logits(logits[:, -1]),
         cache=cache_layout(cache),
         kv_mask=kv_mask,
         pos=c["pos"] + 1,
