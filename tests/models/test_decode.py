@@ -93,9 +93,13 @@ def _check_in_place(devices=None):
     assert not big, f"{n} layers: the step moves cache-sized buffers {big}"
     # The returned cache is the donated one (keys and values, float32).
     assert c.memory_analysis().alias_size_in_bytes >= 2 * 4 * cache_elements
-  # The scan body runs once per layer, and XLA's analysis counts it once: a body that does
-  # not grow with depth means bytes per step linear in depth (the old body copied the whole
-  # cache, so its bytes grew with depth and a step's with depth squared).
+  if devices is not None:
+    # TPU: the bytes XLA's analysis reports for these tiny shapes are dominated by padding
+    # to (8, 128) tiles and vary with fusion; the copy and alias checks above are the test.
+    return
+  # The scan body runs once per layer, and XLA's CPU analysis counts it once: a body that
+  # does not grow with depth means bytes per step linear in depth (the old body copied the
+  # whole cache, so its bytes grew with depth and a step's with depth squared).
   layer_bytes = 2 * 4 * B * S * 2 * 8  # one layer's keys and values
   bytes_ = {n: c.cost_analysis()["bytes accessed"] for n, c in compiled.items()}
   temp = {n: c.memory_analysis().temp_size_in_bytes for n, c in compiled.items()}
@@ -127,6 +131,9 @@ def test_sampling_loop_moves_no_cache_sized_buffer():
 
 @pytest.mark.slow
 def test_decode_step_updates_the_cache_in_place_on_tpu():
+  """The same step compiled for a TPU chip (v5e, ahead of time through libtpu): no cache-sized
+  copy or transpose in its loop, and the donated cache is the returned one. (The TPU compile
+  of the old read-before-write layer had no such copy either: the copies were CPU's.)"""
   from ssapo_jax import plan
   if not plan.libtpu_available():
     pytest.skip('libtpu is not installed (pip install -e ".[tpu]")')
