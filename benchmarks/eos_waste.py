@@ -97,7 +97,7 @@ def main():
   (r1, t1), (r2, t2) = [tuple(float(v) for v in x.split(":")) for x in args.step_ms.split(",")]
   b = (t2 - t1) / (r2 - r1)
   a = t1 - b * r1
-  step_ms = lambda r: a + b * r  # noqa: E731
+  step_ms = lambda r: a + b * r
 
   rng = np.random.default_rng(0)
   from ssapo_jax.demo import task  # pylint: disable=import-outside-toplevel

@@ -40,6 +40,10 @@ import platform
 import tempfile
 import time
 
+# A CPU comparison with transformers: keep JAX off any TPU runtime installed for ssapo-plan
+# (libtpu would also hold its machine-wide lock); set JAX_PLATFORMS to run elsewhere.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 import jax
 import jax.numpy as jnp
 import numpy as np
