@@ -21,8 +21,8 @@ It prints
   attention, float32), greedy and sampled, at
   each ``--batches`` size with ``--prompt``-token prompts (``--long-prompt`` adds a run whose
   cache ends at that prompt + new tokens, e.g. 960 + 64 = 1024 slots, batch 8);
-* the time of one jitted decode step (cache donated, one token per row) at each cache length
-  of ``--step-lengths``, which should be nearly flat: the step reads the cache once.
+* the wall and process CPU time of one jitted decode step (cache donated, one token per row)
+  at each cache length of ``--step-lengths``.
 
   nice -n 10 python benchmarks/model.py --decode            # the issue 22 figures
   nice -n 10 python benchmarks/model.py --decode --jax-only # ours only (e.g. an older tree)
@@ -126,8 +126,10 @@ def _min_time(fn, repeats):
   return min(times)
 
 
-def decode_step_seconds(model, batch: int, slots: int, repeats: int) -> float:
-  """Seconds of one jitted decode step (one token per row, cache of ``slots`` donated)."""
+def decode_step_seconds(model, batch: int, slots: int, repeats: int) -> tuple[float, float]:
+  """``(wall, cpu)`` seconds of one jitted decode step (one token per row, cache of ``slots``
+  donated): the fastest of 3 rounds of ``repeats`` steps. CPU seconds are the process's, all
+  threads: on a shared machine they move less with the load than wall time."""
   from flax import nnx
   graphdef, state = nnx.split(model)
 
@@ -147,12 +149,13 @@ def decode_step_seconds(model, batch: int, slots: int, repeats: int) -> float:
     jax.block_until_ready(carry[1])
 
   run(2)  # compile
-  times = []
+  walls, cpus = [], []
   for _ in range(3):
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     run(repeats)
-    times.append((time.perf_counter() - start) / repeats)
-  return min(times)
+    walls.append((time.perf_counter() - start) / repeats)
+    cpus.append((time.process_time() - cpu) / repeats)
+  return min(walls), min(cpus)
 
 
 def decode_suite(args):
@@ -217,9 +220,11 @@ def decode_suite(args):
       print(line, flush=True)
   for batch in args.step_batches:
     times = {s: decode_step_seconds(model, batch, s, args.step_repeats) for s in args.step_lengths}
-    print(f"decode step batch={batch}: " + "  ".join(
-        f"cache {s}: {1e3 * t:.1f} ms" for s, t in times.items())
-          + f"  (max/min {max(times.values()) / min(times.values()):.2f})", flush=True)
+    for i, what in ((0, "wall"), (1, "cpu")):
+      t = {s: v[i] for s, v in times.items()}
+      print(f"decode step batch={batch} {what}: " + "  ".join(
+          f"cache {s}: {1e3 * v:.0f} ms" for s, v in t.items())
+            + f"  (max/min {max(t.values()) / min(t.values()):.2f})", flush=True)
 
 
 def main():

@@ -136,7 +136,7 @@ def _generate(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key
               settings: _Settings, mesh=None):
   """The sampling loop. Returns ``(Generation, decode steps run)``; rows prompt-major.
 
-  With a ``mesh`` the rows, the KV cache ``[L, B, S, K, H]`` (batch over ``(data, fsdp)``, kv
+  With a ``mesh`` the rows, the KV cache ``[L, B, K, S, H]`` (batch over ``(data, fsdp)``, kv
   heads over ``tensor``) and the outputs are constrained to it; the parameters keep the layout
   they arrive in, which stays fixed for the whole loop. The mesh is also the trace context, so
   the prefill's attention kernel is the one for the mesh's platform (splash on TPU, under
@@ -169,7 +169,7 @@ def _sample_loop(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, 
   row_keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(key, i), j))(
       per_row(prompt_index.astype(jnp.int32)), sample_index)
   cache_layout = lambda c: jax.tree.map(
-      lambda x: _constrain(mesh, x, ("layers", "batch", None, "kv_heads", "head_dim")), c)
+      lambda x: _constrain(mesh, x, ("layers", "batch", "kv_heads", None, "head_dim")), c)
   cache = cache_layout(model.init_cache(rows, prompt_len + n))
   kv_mask = by_row(jnp.concatenate([mask, jnp.zeros((rows, n), jnp.int32)], axis=1))
   logits, cache = model.prefill(ids, positions_from_mask(mask), cache, kv_mask=kv_mask)

@@ -499,7 +499,12 @@ class MLP(nnx.Module):
 
 
 class KVCache(NamedTuple):
-  """Keys and values of every layer, each ``[L, B, S, K, H]`` (compute dtype)."""
+  """Keys and values of every layer, each ``[L, B, K, S, H]`` (compute dtype).
+
+  Slots after the kv heads: a layer's ``[B, K, S, H]`` slice is the operand layout of the
+  attention einsums (batch ``B, K``, contraction over ``H`` or ``S``), so a decode step reads
+  it as stored instead of transposing a copy of it for every layer and step.
+  """
 
   keys: jax.Array
   values: jax.Array
@@ -528,14 +533,14 @@ class DecoderLayer(nnx.Module):
     """One layer on x ``[B, T, D]``; ``window_index`` selects its `LlamaConfig.windows` entry.
 
     Without a cache, attention runs over the ``T`` tokens (``kv_mask [B, T]``). With ``cache``,
-    the stacked `KVCache` of every layer (``[L, B, S, K, H]``), the new keys/values are first
+    the stacked `KVCache` of every layer (``[L, B, K, S, H]``), the new keys/values are first
     written into layer ``layer_index``'s slots ``cache_index .. cache_index + T - 1``
     (``kv_mask [B, S]``), then:
 
     * ``prefill`` (the cache holds nothing before ``cache_index`` = 0, static): attention runs
       over the ``T`` new tokens only, through `LlamaConfig.attention`'s kernel, with queries
       in chunks of `PREFILL_QUERY_CHUNK` on the ``xla`` path: no ``[B, heads, T, S]`` scores;
-    * otherwise attention reads the layer's ``[B, S, K, H]`` slice back from the written
+    * otherwise attention reads the layer's ``[B, K, S, H]`` slice back from the written
       cache. Writing before reading is what lets XLA update the cache carry in place: a slice
       read before the write keeps the old cache alive, and the compiled step copies it.
 
@@ -546,16 +551,17 @@ class DecoderLayer(nnx.Module):
       out = self.attn.attend(q, k, v, q_slots, q_slots, kv_mask, window_index)
     else:
       k, v = k.astype(cache.keys.dtype), v.astype(cache.values.dtype)
-      at = (layer_index, 0, cache_index, 0, 0)
-      cache = KVCache(jax.lax.dynamic_update_slice(cache.keys, k[None], at),
-                      jax.lax.dynamic_update_slice(cache.values, v[None], at))
+      at = (layer_index, 0, 0, cache_index, 0)
+      put = lambda c, x: jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2)[None], at)
+      cache = KVCache(put(cache.keys, k), put(cache.values, v))
       if prefill:
         t = x.shape[1]
         out = self.attn.attend(q, k.astype(q.dtype), v.astype(q.dtype), q_slots, q_slots,
                                kv_mask[:, :t], window_index,
                                query_chunk_size=PREFILL_QUERY_CHUNK)
       else:
-        read = lambda c: jax.lax.dynamic_index_in_dim(c, layer_index, 0, keepdims=False)
+        read = lambda c: jnp.swapaxes(  # [B, S, K, H] view of [B, K, S, H]; XLA folds it
+            jax.lax.dynamic_index_in_dim(c, layer_index, 0, keepdims=False), 1, 2)
         k_all, v_all = read(cache.keys).astype(q.dtype), read(cache.values).astype(q.dtype)
         out = self.attn.attend(q, k_all, v_all, q_slots, jnp.arange(k_all.shape[1]), kv_mask,
                                window_index, cached=True)
@@ -706,9 +712,9 @@ class Llama(nnx.Module):
   # ---- KV-cache decoding
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
-    """Zero cache for ``max_length`` slots: keys and values ``[L, B, S, K, H]``."""
+    """Zero cache for ``max_length`` slots: keys and values ``[L, B, K, S, H]``."""
     c = self.config
-    shape = (c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim)
+    shape = (c.num_layers, batch_size, c.num_kv_heads, max_length, c.head_dim)
     dtype = self.dtype if dtype is None else dtype
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
