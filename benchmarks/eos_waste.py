@@ -17,9 +17,10 @@ For each it also simulates refilling (ended rows take the next prompts' rows eve
 steps, continuous batching) and compaction: every ``K`` steps the live rows are gathered into a
 batch of the next power of two (at least ``--min-rows``, one compiled program per size), and
 reports the row-steps and the modelled time saved. The time model is a decode step of
-``a + b * rows`` seconds, fitted to two measured step times (``--step-ms``, from
-``benchmarks/model.py --decode``), plus a gather of the live rows' caches per compaction
-(``--gather-ms``).
+``a + b * rows`` seconds, fitted to two measured step times (``--step-ms``, e.g. from
+``benchmarks/model.py --decode --step-batches 8,64``; default flat: memory-bound accelerator
+decoding, where a step costs the same whatever its rows), plus a gather of the live rows'
+caches per compaction (``--gather-ms``).
 
   python benchmarks/eos_waste.py
 """
@@ -89,14 +90,19 @@ def main():
   p.add_argument("--every", type=int, default=32,
                  help="UltraFeedback-like: steps between compactions/refills (tiny world: 4)")
   p.add_argument("--min-rows", type=int, default=8)
-  p.add_argument("--step-ms", default="8:118,64:379",
-                 help="measured decode step times 'rows:ms,rows:ms' for the time model")
+  p.add_argument("--step-ms", default=None,
+                 help="measured decode step times 'rows:ms,rows:ms' for a time model "
+                      "a + b * rows (default: a step's time does not depend on its rows, as "
+                      "in memory-bound accelerator decoding)")
   p.add_argument("--gather-ms", type=float, default=0.0,
                  help="modelled cost of one compaction (gather of the live rows' caches)")
   args = p.parse_args()
-  (r1, t1), (r2, t2) = [tuple(float(v) for v in x.split(":")) for x in args.step_ms.split(",")]
-  b = (t2 - t1) / (r2 - r1)
-  a = t1 - b * r1
+  if args.step_ms:
+    (r1, t1), (r2, t2) = [tuple(float(v) for v in x.split(":")) for x in args.step_ms.split(",")]
+    b = (t2 - t1) / (r2 - r1)
+    a = t1 - b * r1
+  else:
+    a, b = 1.0, 0.0
   step_ms = lambda r: a + b * r
 
   rng = np.random.default_rng(0)
@@ -105,8 +111,8 @@ def main():
   uf = np.maximum(1, np.round(rng.lognormal(np.log(args.median), args.sigma, 58_000))).astype(int)
   # (name, lengths, rows per call, max_new_tokens, steps between compactions/refills)
   cases = [("tiny world", tiny, 512, 12, 4), ("UltraFeedback-like", uf, 128, 300, args.every)]
-  print(f"# step model: {a:.1f} + {b:.2f} * rows ms (from {args.step_ms}); compaction to "
-        f"powers of two >= {args.min_rows} rows")
+  print(f"# step model: {a:.1f} + {b:.2f} * rows ms ({args.step_ms or 'flat in rows'}); "
+        f"compaction to powers of two >= {args.min_rows} rows")
   for name, lengths, rows, max_new, every in cases:
     frac, slots = waste(lengths, rows, max_new)
     capped = float((lengths >= max_new).mean())
@@ -121,8 +127,7 @@ def main():
     print(f"  compacted every {every} steps: row-steps -{1 - c_slots / slots:.0%}, "
           f"modelled decode time x{base_ms / comp_ms:.2f} faster")
     print(f"  refilled every {every} steps: row-steps -{1 - r_steps * rows / slots:.0%}, "
-          f"modelled decode time x{base_ms / refill_ms:.2f} faster "
-          f"(x{slots / (r_steps * rows):.2f} where a step's time does not depend on its rows)")
+          f"modelled decode time x{base_ms / refill_ms:.2f} faster")
 
 
 if __name__ == "__main__":
