@@ -201,6 +201,7 @@ def decode_suite(args):
       line = (f"generate batch={batch} prompt={prompt_len} new={args.new_tokens} "
               f"cache={prompt_len + args.new_tokens} {mode}: jax {new / jax_t:,.0f} tok/s "
               f"({jax_t:.2f} s, compile {compile_s:.0f} s)")
+      print(line, flush=True)  # before the (slow) transformers run
       if not args.jax_only:
         def torch_gen():
           with torch.no_grad():
@@ -215,9 +216,8 @@ def decode_suite(args):
             hf.generate(torch.tensor(prompts[:, :8]), max_new_tokens=2, pad_token_id=0)
           warmed.append(True)
         torch_t = min(_timed(torch_gen) for _ in range(args.torch_repeats))
-        line += (f"  transformers {new / torch_t:,.0f} tok/s ({torch_t:.2f} s)  "
-                 f"ratio {torch_t / jax_t:.1f}x")
-      print(line, flush=True)
+        print(f"  transformers {new / torch_t:,.0f} tok/s ({torch_t:.2f} s)  "
+              f"ratio jax/transformers {torch_t / jax_t:.1f}x", flush=True)
   for batch in args.step_batches:
     times = {s: decode_step_seconds(model, batch, s, args.step_repeats) for s in args.step_lengths}
     for i, what in ((0, "wall"), (1, "cpu")):
