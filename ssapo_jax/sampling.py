@@ -139,10 +139,23 @@ def _generate(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key
               settings: _Settings, mesh=None):
   """The sampling loop. Returns ``(Generation, decode steps run)``; rows prompt-major.
 
-  With a ``mesh`` the rows, the KV cache ``[L, B, S, K, H]`` (batch over ``(data, fsdp)``, kv
+  With a ``mesh`` the rows, the KV cache ``[L, B, K, S, H]`` (batch over ``(data, fsdp)``, kv
   heads over ``tensor``) and the outputs are constrained to it; the parameters keep the layout
-  they arrive in, which stays fixed for the whole loop.
+  they arrive in, which stays fixed for the whole loop. The mesh is also the trace context, so
+  the prefill's attention kernel is the one for the mesh's platform (splash on TPU, under
+  ``shard_map`` over the mesh; `ssapo_jax.models.attention`).
   """
+  if mesh is None:
+    return _sample_loop(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key,
+                        settings, None)
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    return _sample_loop(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key,
+                        settings, mesh)
+
+
+def _sample_loop(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key, settings,
+                 mesh):
+  """`_generate`'s body (traced under its mesh context)."""
   s = settings
   model: Llama = nnx.merge(graphdef, params, rest)
   b, prompt_len = prompt_ids.shape
@@ -159,13 +172,12 @@ def _generate(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key
   row_keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(key, i), j))(
       per_row(prompt_index.astype(jnp.int32)), sample_index)
   cache_layout = lambda c: jax.tree.map(
-      lambda x: _constrain(mesh, x, ("layers", "batch", None, "kv_heads", "head_dim")), c)
+      lambda x: _constrain(mesh, x, ("layers", "batch", "kv_heads", None, "head_dim")), c)
   cache = cache_layout(model.init_cache(rows, prompt_len + n))
   kv_mask = by_row(jnp.concatenate([mask, jnp.zeros((rows, n), jnp.int32)], axis=1))
-  logits, cache = model.decode(ids, positions_from_mask(mask), cache, cache_index=0,
-                               kv_mask=kv_mask)
+  logits, cache = model.prefill(ids, positions_from_mask(mask), cache, kv_mask=kv_mask)
   eos = jnp.asarray(s.eos_token_ids if s.eos_token_ids else (-1,), jnp.int32)
-  last_logits = lambda x: by_row(x[:, -1].astype(jnp.float32))  # full vocabulary per row
+  last_logits = lambda x: by_row(x.astype(jnp.float32))  # [B*S, V], full vocabulary per row
 
   init = dict(
       step=jnp.zeros((), jnp.int32),
@@ -200,7 +212,7 @@ def _generate(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key
     col = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v[:, None], step, axis=1)
     return dict(
         step=step + 1,
-        logits=last_logits(logits),
+        logits=last_logits(logits[:, -1]),
         cache=cache_layout(cache),
         kv_mask=kv_mask,
         pos=c["pos"] + 1,

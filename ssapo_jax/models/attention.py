@@ -5,6 +5,8 @@ implementation is `LlamaConfig.attention`:
 
 * ``"xla"``: einsums with float32 ``[B, K, G, T, S]`` scores (the reference; the CPU default,
   and the only one that runs against a KV cache, where queries and keys differ in length).
+  With ``query_chunk_size`` the queries run in chunks of that many (a ``lax.map``), so only
+  ``[B, K, G, chunk, S]`` scores exist at a time; each query's row is computed as unchunked.
 * ``"splash"``: TPU splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``),
   causal or sliding-window, padding through segment ids, under ``shard_map`` over the batch
   axes (and heads over ``tensor``) of the context mesh (``jax.set_mesh``). Elsewhere it runs in
@@ -62,7 +64,7 @@ def resolve_implementation(name: str, dtype, backend: str | None = None) -> str:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_slots: jax.Array,
               k_slots: jax.Array, kv_mask: jax.Array, window: int | None,
-              implementation: str = "xla") -> jax.Array:
+              implementation: str = "xla", query_chunk_size: int | None = None) -> jax.Array:
   """Causal (optionally sliding-window) attention over real keys.
 
   Args:
@@ -76,12 +78,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_slots: jax.Array,
     window: keys with ``q_slot - k_slot >= window`` are masked; None = full causal.
     implementation: ``"xla"``, ``"splash"`` or ``"cudnn"`` (already resolved). splash and
       cudnn need self-attention (``S == T`` and ``q_slots == k_slots == arange(T)``).
+    query_chunk_size: ``xla`` only: compute the queries in chunks of this many (None = all
+      at once); the fused kernels tile on their own.
 
   Returns:
     ``[B, T, N, H]`` in the dtype of ``q``. Rows of padding queries are unspecified
     (they differ between implementations); rows of real queries agree.
   """
   if implementation == "xla":
+    if query_chunk_size and q.shape[1] > query_chunk_size:
+      return _chunked_xla_attention(q, k, v, q_slots, k_slots, kv_mask, window,
+                                    int(query_chunk_size))
     return _xla_attention(q, k, v, q_slots, k_slots, kv_mask, window)
   if q.shape[1] != k.shape[1]:
     raise ValueError(f"attention={implementation!r} needs self-attention (T == S), got "
@@ -108,6 +115,23 @@ def _xla_attention(q, k, v, q_slots, k_slots, kv_mask, window):
   scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
   return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
+
+
+def _chunked_xla_attention(q, k, v, q_slots, k_slots, kv_mask, window, chunk):
+  """`_xla_attention` over query chunks of ``chunk`` (T padded up to a multiple of it).
+
+  A ``lax.map`` (a loop, not a vmap) so only one chunk's ``[B, K, G, chunk, S]`` float32 scores
+  are live; the padded queries (slot -1: no key allowed) are dropped.
+  """
+  b, t, n, h = q.shape
+  num = -(-t // chunk)
+  pad = num * chunk - t
+  q = jnp.pad(q, [(0, 0), (0, pad), (0, 0), (0, 0)])
+  q_slots = jnp.pad(q_slots, (0, pad), constant_values=-1)
+  qc = jnp.moveaxis(q.reshape(b, num, chunk, n, h), 1, 0)  # [num, B, chunk, N, H]
+  out = jax.lax.map(lambda a: _xla_attention(a[0], k, v, a[1], k_slots, kv_mask, window),
+                    (qc, q_slots.reshape(num, chunk)))
+  return jnp.moveaxis(out, 0, 1).reshape(b, num * chunk, n, h)[:, :t]
 
 
 def jax_nn_attention(q, k, v, kv_mask, window, *, implementation: str):

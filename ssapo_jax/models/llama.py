@@ -419,7 +419,8 @@ class Attention(nnx.Module):
       v = v + self.v_bias[...].astype(dt)
     return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
 
-  def attend(self, q, k, v, q_slots, k_slots, kv_mask, window_index, *, cached: bool = False):
+  def attend(self, q, k, v, q_slots, k_slots, kv_mask, window_index, *, cached: bool = False,
+             query_chunk_size: int | None = None):
     """Masked attention and the output projection.
 
     Args:
@@ -431,6 +432,8 @@ class Attention(nnx.Module):
       cached: keys and values come from a KV cache. Then the attention is the ``xla`` einsum
         path whatever `LlamaConfig.attention` says: the fused kernels here need queries and
         keys of one sequence.
+      query_chunk_size: on the ``xla`` path, compute the queries in chunks of this many
+        (`ssapo_jax.models.attention.attention`); the fused kernels ignore it.
 
     Returns:
       ``[B, T, D]`` in the dtype of ``q``.
@@ -440,7 +443,8 @@ class Attention(nnx.Module):
 
     def attend_with(window):
       return lambda q, k, v: attention(q, k, v, q_slots=q_slots, k_slots=k_slots,
-                                       kv_mask=kv_mask, window=window, implementation=impl)
+                                       kv_mask=kv_mask, window=window, implementation=impl,
+                                       query_chunk_size=query_chunk_size)
 
     branches = [attend_with(w) for w in c.windows]
     if len(branches) == 1:
@@ -484,6 +488,24 @@ class MLP(nnx.Module):
     return out
 
 
+class KVCache(NamedTuple):
+  """Keys and values of every layer, each ``[L, B, K, S, H]`` (compute dtype).
+
+  Slots after the kv heads: a layer's ``[B, K, S, H]`` slice is the operand layout of the
+  attention einsums (batch ``B, K``, contraction over ``H`` or ``S``), so a decode step reads
+  it as stored instead of transposing a copy of it for every layer and step.
+  """
+
+  keys: jax.Array
+  values: jax.Array
+
+
+# Prefill on the ``xla`` attention path computes this many queries at a time, so its float32
+# scores are ``[B, heads, 128, P]`` rather than ``[B, heads, P, P + N]``. On CPU a 1024-token
+# prefill's temporaries fell from 108 MB to 10 MB (2 rows, 4 heads); 256 left 27 MB.
+PREFILL_QUERY_CHUNK = 128
+
+
 class DecoderLayer(nnx.Module):
   """Pre-norm block: ``x + attn(norm(x))`` then ``h + mlp(norm(h))``."""
 
@@ -496,27 +518,45 @@ class DecoderLayer(nnx.Module):
                                   param_dtype=c.param_dtype, rngs=rngs)
     self.mlp = MLP(c, rngs=rngs)
 
-  def __call__(self, x, cos, sin, q_slots, kv_mask, window_index, cache=None, cache_index=None):
+  def __call__(self, x, cos, sin, q_slots, kv_mask, window_index, cache=None, cache_index=None,
+               layer_index=None, prefill: bool = False):
     """One layer on x ``[B, T, D]``; ``window_index`` selects its `LlamaConfig.windows` entry.
 
-    With ``cache=(k, v)``, each ``[B, S, K, H]``, the new keys/values are placed at slots
-    ``cache_index .. cache_index + T - 1`` and attention runs over the whole cache.
+    Without a cache, attention runs over the ``T`` tokens (``kv_mask [B, T]``). With ``cache``,
+    the stacked `KVCache` of every layer (``[L, B, K, S, H]``), the new keys/values are first
+    written into layer ``layer_index``'s slots ``cache_index .. cache_index + T - 1``
+    (``kv_mask [B, S]``), then:
 
-    Returns ``(y [B, T, D], (k, v))``: the new tokens' keys and values ``[B, T, K, H]`` (in the
-    cache dtype when a cache is given), for the caller to write into its cache.
+    * ``prefill`` (the cache holds nothing before ``cache_index`` = 0, static): attention runs
+      over the ``T`` new tokens only, through `LlamaConfig.attention`'s kernel, with queries
+      in chunks of `PREFILL_QUERY_CHUNK` on the ``xla`` path: no ``[B, heads, T, S]`` scores;
+    * otherwise attention reads the layer's ``[B, K, S, H]`` slice back from the written
+      cache. Writing before reading is what lets XLA update the cache carry in place: a slice
+      read before the write keeps the old cache alive, and the compiled step copies it.
+
+    Returns ``(y [B, T, D], cache)``: the updated `KVCache` (None without a cache).
     """
     q, k, v = self.attn.project_qkv(self.input_norm(x), cos, sin)
     if cache is None:
-      k_all, v_all, k_slots = k, v, q_slots
+      out = self.attn.attend(q, k, v, q_slots, q_slots, kv_mask, window_index)
     else:
-      ck, cv = cache
-      k, v = k.astype(ck.dtype), v.astype(cv.dtype)
-      k_all = jax.lax.dynamic_update_slice_in_dim(ck, k, cache_index, axis=1).astype(q.dtype)
-      v_all = jax.lax.dynamic_update_slice_in_dim(cv, v, cache_index, axis=1).astype(q.dtype)
-      k_slots = jnp.arange(ck.shape[1])
-    h = x + self.attn.attend(q, k_all, v_all, q_slots, k_slots, kv_mask, window_index,
-                             cached=cache is not None)
-    return h + self.mlp(self.post_attn_norm(h)), (k, v)
+      k, v = k.astype(cache.keys.dtype), v.astype(cache.values.dtype)
+      at = (layer_index, 0, 0, cache_index, 0)
+      put = lambda c, x: jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2)[None], at)
+      cache = KVCache(put(cache.keys, k), put(cache.values, v))
+      if prefill:
+        t = x.shape[1]
+        out = self.attn.attend(q, k.astype(q.dtype), v.astype(q.dtype), q_slots, q_slots,
+                               kv_mask[:, :t], window_index,
+                               query_chunk_size=PREFILL_QUERY_CHUNK)
+      else:
+        read = lambda c: jnp.swapaxes(  # [B, S, K, H] view of [B, K, S, H]; XLA folds it
+            jax.lax.dynamic_index_in_dim(c, layer_index, 0, keepdims=False), 1, 2)
+        k_all, v_all = read(cache.keys).astype(q.dtype), read(cache.values).astype(q.dtype)
+        out = self.attn.attend(q, k_all, v_all, q_slots, jnp.arange(k_all.shape[1]), kv_mask,
+                               window_index, cached=True)
+    h = x + out
+    return h + self.mlp(self.post_attn_norm(h)), cache
 
 
 _POLICIES = {
@@ -574,15 +614,16 @@ class Llama(nnx.Module):
     """The LM head matrix ``[V, D]`` (the embedding when tied), parameter dtype."""
     return (self.embedding if self.config.tie_word_embeddings else self.lm_head)[...]
 
-  def _run_layers(self, x, cos, sin, q_slots, kv_mask, cache=None, cache_index=None):
+  def _run_layers(self, x, cos, sin, q_slots, kv_mask, cache=None, cache_index=None,
+                  prefill: bool = False):
     """The layer stack in one ``lax.scan``; returns ``(final-normed x, new cache or None)``."""
     c = self.config
     graphdef, stacked = nnx.split(self.layers)
     window_indices = jnp.asarray(c.window_indices())
 
-    def layer(params, x, window_index, layer_cache=None):
-      return nnx.merge(graphdef, params)(x, cos, sin, q_slots, kv_mask, window_index,
-                                         layer_cache, cache_index)
+    def layer(params, x, window_index, cache=None, layer_index=None):
+      return nnx.merge(graphdef, params)(x, cos, sin, q_slots, kv_mask, window_index, cache,
+                                         cache_index, layer_index, prefill)
 
     if cache is None:
       def body(x, xs):
@@ -593,19 +634,16 @@ class Llama(nnx.Module):
       x, _ = jax.lax.scan(body, x, (stacked, window_indices))
       return self.final_norm(x), None
 
-    # The cache rides in the carry so each step writes only the new tokens, in place.
+    # The whole cache rides in the carry; each layer writes its new tokens into it in place
+    # (`DecoderLayer`), so a step moves the new tokens plus one read of each layer's slice.
     def cached_body(carry, xs):
-      x, keys, values = carry
+      x, cache = carry
       params, window_index, i = xs
-      x, (k, v) = layer(params, x, window_index, (keys[i], values[i]))
-      at = (i, 0, cache_index, 0, 0)
-      keys = jax.lax.dynamic_update_slice(keys, k[None], at)
-      values = jax.lax.dynamic_update_slice(values, v[None], at)
-      return (x, keys, values), None
+      return layer(params, x, window_index, cache, i), None
 
     xs = (stacked, window_indices, jnp.arange(c.num_layers))
-    (x, keys, values), _ = jax.lax.scan(cached_body, (x, cache.keys, cache.values), xs)
-    return self.final_norm(x), KVCache(keys, values)
+    (x, cache), _ = jax.lax.scan(cached_body, (x, KVCache(*cache)), xs)
+    return self.final_norm(x), cache
 
   def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array,
                     positions: jax.Array | None = None) -> jax.Array:
@@ -665,9 +703,9 @@ class Llama(nnx.Module):
   # ---- KV-cache decoding
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
-    """Zero cache for ``max_length`` slots: keys and values ``[L, B, S, K, H]``."""
+    """Zero cache for ``max_length`` slots: keys and values ``[L, B, K, S, H]``."""
     c = self.config
-    shape = (c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim)
+    shape = (c.num_layers, batch_size, c.num_kv_heads, max_length, c.head_dim)
     dtype = self.dtype if dtype is None else dtype
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
@@ -687,6 +725,23 @@ class Llama(nnx.Module):
     q_slots = cache_index + jnp.arange(input_ids.shape[1])
     h, cache = self._run_layers(x, cos, sin, q_slots, kv_mask, cache, cache_index)
     logits = jnp.einsum("BTD,VD->BTV", h, self.unembedding().astype(h.dtype))
+    return logits, cache
+
+  def prefill(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache, *,
+              kv_mask: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Writes left-padded prompts into an empty cache; returns ``(logits [B, V], cache)``.
+
+    ``input_ids [B, P]`` go to slots ``0 .. P - 1``; ``positions [B, P]`` are their RoPE
+    positions and ``kv_mask [B, S]`` marks valid slots (the prompt's real tokens). Equals
+    `decode` at ``cache_index=0`` with its logits at the last position, without the waste:
+    attention runs over the prompt only, through the configured kernel (chunked queries on the
+    ``xla`` path, see `DecoderLayer`), and only the last position goes through the LM head.
+    """
+    x = self.embedding[...].astype(self.dtype)[input_ids]
+    cos, sin = _rope_cos_sin(self.config, positions, self.dtype)
+    q_slots = jnp.arange(input_ids.shape[1])
+    h, cache = self._run_layers(x, cos, sin, q_slots, kv_mask, cache, 0, prefill=True)
+    logits = jnp.einsum("BD,VD->BV", h[:, -1], self.unembedding().astype(h.dtype))
     return logits, cache
 
 
