@@ -1,4 +1,4 @@
-"""Batched sampling from a `ssapo_jax.models.Llama` with a KV cache, jitted end to end.
+"""Batched sampling from a causal LM (`ssapo_jax.models.CausalLM`) with a KV cache, jitted end to end.
 
 `generate` prefills one batch of left-padded prompts, then runs a ``lax.while_loop`` over the
 cache that samples one token per step (greedy, temperature, top-k, top-p) and exits early when
@@ -34,7 +34,8 @@ from ssapo_jax import sharding as shd
 from ssapo_jax.data.tokenize import left_pad, round_up
 from ssapo_jax.models import logical_axes, split_params
 from ssapo_jax.fielddocs import document_fields
-from ssapo_jax.models.llama import Llama, positions_from_mask
+from ssapo_jax.models import CausalLM
+from ssapo_jax.models.llama import positions_from_mask
 
 
 @document_fields
@@ -157,7 +158,7 @@ def _sample_loop(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, 
                  mesh):
   """`_generate`'s body (traced under its mesh context)."""
   s = settings
-  model: Llama = nnx.merge(graphdef, params, rest)
+  model: CausalLM = nnx.merge(graphdef, params, rest)
   b, prompt_len = prompt_ids.shape
   rows, n = b * s.num_samples, s.max_new_tokens
 
@@ -246,7 +247,7 @@ def _settings(config, *, max_new_tokens, temperature, top_p, top_k, num_samples,
                    int(num_samples), eos_token_ids, int(pad_token_id))
 
 
-def generate(model: Llama, prompt_ids, prompt_mask, key: jax.Array, *, max_new_tokens: int,
+def generate(model: CausalLM, prompt_ids, prompt_mask, key: jax.Array, *, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              num_samples: int = 1, eos_token_ids: Sequence[int] | int | None = None,
              pad_token_id: int | None = None, prompt_index=None) -> Generation:
@@ -292,7 +293,7 @@ def generate(model: Llama, prompt_ids, prompt_mask, key: jax.Array, *, max_new_t
 # ------------------------------------------------------------------------------ many prompts
 
 
-def decode_layout(model: Llama, mesh, *, abstract: bool = False) -> tuple[Any, Any, Any]:
+def decode_layout(model: CausalLM, mesh, *, abstract: bool = False) -> tuple[Any, Any, Any]:
   """``(graphdef, params, rest)`` of ``model`` for decoding on ``mesh``: parameters placed by
   `DECODE_AXIS_RULES`, in the compute dtype (`decode_dtype`); the one place that layout is built.
 
@@ -448,11 +449,11 @@ class Sampler:
                           else tuple(int(e) for e in eos_token_ids))
     self.bucket_size, self.bucketed = bucket_size, bucketed
 
-  def decode_layout(self, model: Llama, *, abstract: bool = False) -> tuple[Any, Any, Any]:
+  def decode_layout(self, model: CausalLM, *, abstract: bool = False) -> tuple[Any, Any, Any]:
     """`decode_layout` of ``model`` on this sampler's mesh."""
     return decode_layout(model, self.mesh, abstract=abstract)
 
-  def settings(self, model: Llama, *, temperature: float | None = None,
+  def settings(self, model: CausalLM, *, temperature: float | None = None,
                num_samples: int | None = None) -> _Settings:
     """The static settings of `_generate` for ``model`` (the config's, or these overrides)."""
     c = self.config
@@ -462,7 +463,7 @@ class Sampler:
                      num_samples=c.num_samples if num_samples is None else num_samples,
                      eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id)
 
-  def lower(self, model: Llama, prompt_len: int) -> jax.stages.Lowered:
+  def lower(self, model: CausalLM, prompt_len: int) -> jax.stages.Lowered:
     """The decoding program `sample` runs on one batch of ``prompt_len``-token prompts,
     lowered (``model`` may be abstract): what `ssapo-plan` compiles."""
     graphdef, params, rest = self.decode_layout(model, abstract=True)
@@ -475,7 +476,7 @@ class Sampler:
     return _generate.lower(graphdef, params, rest, prompts, prompts, index, key,
                            settings=self.settings(model), mesh=self.mesh)
 
-  def sample(self, model: Llama, prompts: Sequence[Sequence[int]], key: jax.Array, *,
+  def sample(self, model: CausalLM, prompts: Sequence[Sequence[int]], key: jax.Array, *,
              temperature: float | None = None, num_samples: int | None = None,
              desc: str = "sample") -> Samples:
     """Samples every prompt; returns this process's rows.

@@ -61,7 +61,12 @@ def split_params(model: nnx.Module) -> tuple[Any, Any, Any]:
 
 
 class KVCache(NamedTuple):
-  """Keys and values of every layer, ``[L, B, S, K, H]`` each (layers stacked)."""
+  """Keys and values of every layer, each ``[L, B, K, S, H]`` (layers stacked, compute dtype).
+
+  Slots after the kv heads: a layer's ``[B, K, S, H]`` slice is the operand layout of the
+  attention einsums (batch ``B, K``, contraction over ``H`` or ``S``), so a decode step reads
+  it as stored instead of transposing a copy of it for every layer and step.
+  """
 
   keys: jax.Array
   values: jax.Array
@@ -117,6 +122,10 @@ class CausalLM(Protocol):
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
     """A zero `KVCache` with ``max_length`` slots."""
+
+  def prefill(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache, *,
+              kv_mask: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Writes ``[B, P]`` left-padded prompts into an empty cache; ``(last logits [B, V], cache)``."""
 
   def decode(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache, *,
              cache_index: jax.Array | int, kv_mask: jax.Array) -> tuple[jax.Array, KVCache]:

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from ssapo_jax.models.attention import IMPLEMENTATIONS, attention, resolve_implementation
-from ssapo_jax.models.base import KVCache, ModelFamily, annotated_param, logical_axes, register_family
+from ssapo_jax.models.base import KVCache, ModelFamily, annotated_param, register_family
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -486,18 +486,6 @@ class MLP(nnx.Module):
     if self.bias:
       out = out + self.down_bias[...].astype(dt)
     return out
-
-
-class KVCache(NamedTuple):
-  """Keys and values of every layer, each ``[L, B, K, S, H]`` (compute dtype).
-
-  Slots after the kv heads: a layer's ``[B, K, S, H]`` slice is the operand layout of the
-  attention einsums (batch ``B, K``, contraction over ``H`` or ``S``), so a decode step reads
-  it as stored instead of transposing a copy of it for every layer and step.
-  """
-
-  keys: jax.Array
-  values: jax.Array
 
 
 # Prefill on the ``xla`` attention path computes this many queries at a time, so its float32
