@@ -89,8 +89,12 @@ def _prompt_text(prompt) -> str:
   return users[-1]
 
 
-def score_generations(path: str, sft_scores: dict[str, float]) -> dict:
+def score_generations(path: str, sft_scores: dict[str, float], *,
+                      score_fn=task.oracle_scores) -> dict:
   """Oracle scores of an AlpacaEval-format generations file against the SFT greedy baseline.
+
+  ``score_fn(prompts, responses) -> [n] scores in [0, 1]`` is the oracle (default: the synthetic
+  task's; the real-model study passes its IFEval-style judge).
 
   Returns ``win_rate`` (ties half), ``mean_score``, ``exact`` and ``num_prompts``.
   """
@@ -103,19 +107,21 @@ def score_generations(path: str, sft_scores: dict[str, float]) -> dict:
   if missing:
     raise ValueError(f"{path}: {len(missing)} instructions are not among the demo's evaluation "
                      f"prompts, e.g. {missing[0]!r}")
-  scores = task.oracle_scores(prompts, [r["output"] for r in rows])
+  scores = np.asarray(score_fn(prompts, [r["output"] for r in rows]))
   baseline = np.array([sft_scores[p] for p in prompts])
   return {"win_rate": task.win_rate(scores, baseline), "mean_score": float(scores.mean()),
           "exact": float(np.mean(scores == 1.0)), "num_prompts": len(rows)}
 
 
-def pair_agreement(prompts: Sequence, chosen: Sequence[str], rejected: Sequence[str]) -> dict:
-  """How often the oracle agrees with a round's chosen/rejected labels.
+def pair_agreement(prompts: Sequence, chosen: Sequence[str], rejected: Sequence[str], *,
+                   prefers_fn=task.oracle_prefers) -> dict:
+  """How often the oracle (``prefers_fn(prompt, a, b) -> +1/0/-1``) agrees with a round's
+  chosen/rejected labels.
 
   ``agreement`` is computed over the pairs the oracle does not score equal; ``oracle_ties`` is
   the fraction it scores equal.
   """
-  prefs = np.array([task.oracle_prefers(_prompt_text(p), c, r)
+  prefs = np.array([prefers_fn(_prompt_text(p), c, r)
                     for p, c, r in zip(prompts, chosen, rejected)])
   decided = prefs != 0
   return {"agreement": float(np.mean(prefs[decided] > 0)) if decided.any() else None,
@@ -222,7 +228,8 @@ def arm_overrides(arm: Arm, mode: DemoMode, world: world_lib.World, run_dir: str
   ]
 
 
-def score_run(run_dir: str, sft_scores: dict[str, float]) -> list[dict]:
+def score_run(run_dir: str, sft_scores: dict[str, float], *, score_fn=task.oracle_scores,
+              prefers_fn=task.oracle_prefers) -> list[dict]:
   """Oracle measurements of every finished round of one run directory (see `report`)."""
   from ssapo_jax.data.rounds_io import load_round
   out = []
@@ -231,12 +238,13 @@ def score_run(run_dir: str, sft_scores: dict[str, float]) -> list[dict]:
     rdir = os.path.join(run_dir, f"round_{t}")
     with open(os.path.join(rdir, "summary.json")) as f:
       summary = json.load(f)
-    m = {"round": t, **score_generations(os.path.join(rdir, "eval_generations.json"), sft_scores),
+    m = {"round": t, **score_generations(os.path.join(rdir, "eval_generations.json"), sft_scores,
+                                         score_fn=score_fn),
          "num_train_pairs": summary.get("num_pairs"), "agreement": None, "oracle_ties": None}
     if os.path.isdir(os.path.join(rdir, "pairs")):
       ds, _ = load_round(os.path.join(rdir, "pairs"))
       prompts = [json.loads(p) for p in ds["prompt"]]
-      m.update(pair_agreement(prompts, ds["chosen"], ds["rejected"]))
+      m.update(pair_agreement(prompts, ds["chosen"], ds["rejected"], prefers_fn=prefers_fn))
       margins = np.asarray(ds["margin"], np.float64)
       m["margin_quantiles"] = np.quantile(margins, [0.1, 0.5, 0.9]).tolist()
     if "follower" in summary:
