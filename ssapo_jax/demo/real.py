@@ -247,6 +247,18 @@ def run_real(out: str, mode: RealMode, *, num_seeds: int | None = None, log=prin
   results = {n: {"label": arms[n].label, "runs": {}} for n in mode.arms}
   agreement = {"before": [], "after": []}
   timings = {}
+
+  def write(seeds_done):  # after every seed, so a long study leaves usable partial results
+    doc = {"mode": dataclasses.asdict(mode), "num_seeds": seeds_done, "world": s,
+           "overrides": list(demo_mode.overrides), "arms": results, "agreement": agreement,
+           "arm_seconds": timings, "elapsed_seconds": time.time() - started,
+           "machine": f"{os.cpu_count()} CPU cores, JAX {jax.__version__} on "
+                      f"{jax.devices()[0].platform}"}
+    world_lib.write_json(os.path.join(out, "results.json"), doc)
+    with open(os.path.join(out, "results.md"), "w") as f:
+      f.write(format_markdown(doc) + "\n")
+    return doc
+
   for seed in range(num_seeds):
     for name in mode.arms:
       log(f"\n[real] seed {seed}: arm {arms[name].label}")
@@ -259,16 +271,8 @@ def run_real(out: str, mode: RealMode, *, num_seeds: int | None = None, log=prin
       if name == "self_eps0" and os.path.isdir(pairs):
         agreement["after"].append(results[name]["runs"][f"seed_{seed}"][-1]["agreement"])
         agreement["before"].append(sft_preference_agreement(world.model_path, pairs)["agreement"])
-  doc = {"mode": dataclasses.asdict(mode), "num_seeds": num_seeds, "world": s,
-         "overrides": list(demo_mode.overrides), "arms": results, "agreement": agreement,
-         "arm_seconds": timings, "elapsed_seconds": time.time() - started,
-         "machine": f"{os.cpu_count()} CPU cores, JAX {jax.__version__} on "
-                    f"{jax.devices()[0].platform}"}
-  world_lib.write_json(os.path.join(out, "results.json"), doc)
-  table = format_markdown(doc)
-  with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(table + "\n")
-  log("\n" + table)
+    doc = write(seed + 1)
+  log("\n" + format_markdown(doc))
   log(f"\n[real] {mode.name}: {num_seeds} seed(s), {doc['elapsed_seconds']:.0f} s; "
       f"{os.path.join(out, 'results.json')}")
   return doc
