@@ -56,6 +56,7 @@ class DemoMode:
   epsilon: float
   arms: tuple[str, ...]
   overrides: tuple[str, ...] = ()  # extra config overrides for every arm
+  seed_size: int | float = SEED_FRACTION  # the labelled seed: a fraction of the pool, or a count
 
 
 def make_arms(*, epsilon: float) -> dict[str, Arm]:
@@ -205,9 +206,10 @@ def arm_overrides(arm: Arm, mode: DemoMode, world: world_lib.World, run_dir: str
                   seed: int, source: str, prompt_source: str | None) -> list[str]:
   """The dotted overrides of one arm and seed (what one would pass to ``ssapo-train``)."""
   # The ceiling labels every pool pair: an explicit count (1.0 would read as one row).
-  seed_size = world.stats["pool_pairs"] if arm.all_labels else SEED_FRACTION
+  seed_size = world.stats["pool_pairs"] if arm.all_labels else mode.seed_size
   num_rounds = mode.num_rounds if arm.self_annotated else 0
-  left = world.config.pool_prompts - round(world.stats["pool_pairs"] * seed_size)
+  seed_rows = seed_size if isinstance(seed_size, int) else round(world.stats["pool_pairs"] * seed_size)
+  left = world.config.pool_prompts - seed_rows
   per_round = min(mode.round_prompts, left // max(1, num_rounds)) if num_rounds else 0
   pools = "[" + ",".join([str(per_round)] * num_rounds) + "]"
   extra = [f"data.prompt_source={prompt_source}"] if prompt_source else []
@@ -277,11 +279,11 @@ def run_arm(arm: Arm, mode: DemoMode, world: world_lib.World, out: str, *, seed:
   os.makedirs(data_dir, exist_ok=True)
   source = world.pool_path
   if arm.flipped_seed:
-    source = _seed_file(world, data_dir, split_seed=seed, seed_size=SEED_FRACTION,
+    source = _seed_file(world, data_dir, split_seed=seed, seed_size=mode.seed_size,
                         flip_fraction=0.25)
   prompt_source = None
   if arm.self_annotated:
-    prompt_source = _round_prompts_file(world, data_dir, split_seed=seed, seed_size=SEED_FRACTION)
+    prompt_source = _round_prompts_file(world, data_dir, split_seed=seed, seed_size=mode.seed_size)
   overrides = arm_overrides(arm, mode, world, run_dir, seed=seed, source=source,
                             prompt_source=prompt_source)
   with open(os.path.join(data_dir, f"{arm.name}.command.txt"), "w") as f:

@@ -196,8 +196,11 @@ def sft_preference_agreement(model_dir: str, pairs_dir: str) -> dict:
           else None, "num_pairs": len(prefs), "judge_ties": float(np.mean(prefs == 0))}
 
 
-def _demo_mode(mode: RealMode) -> arms_lib.DemoMode:
-  return arms_lib.DemoMode(name=f"real-{mode.name}", world=_world_config(mode),
+def _demo_mode(mode: RealMode, pool_pairs: int) -> arms_lib.DemoMode:
+  # The seed is 1/30 of the labelled pool, as a count of at least 2 pairs (a tiny pool's 1/30
+  # would select none).
+  seed_size = max(2, round(pool_pairs * arms_lib.SEED_FRACTION))
+  return arms_lib.DemoMode(name=f"real-{mode.name}", world=_world_config(mode), seed_size=seed_size,
                            num_seeds=mode.num_seeds, num_rounds=1,
                            round_prompts=mode.round_prompts, epsilon=mode.epsilon, arms=mode.arms,
                            overrides=(*REAL_OVERRIDES, f"sampling.num_samples={mode.num_samples}",
@@ -239,7 +242,7 @@ def run_real(out: str, mode: RealMode, *, num_seeds: int | None = None, log=prin
   log(f"[real] SFT greedy judge score {s['sft_greedy_score']:.3f}, samples "
       f"{s['sft_sample_score']:.3f}; pool {s['pool_pairs']} judge-labelled pairs "
       f"({s['pool_ties_dropped']} ties dropped) in {s['build_seconds']:.0f} s")
-  demo_mode = _demo_mode(mode)
+  demo_mode = _demo_mode(mode, s["pool_pairs"])
   arms = arms_lib.make_arms(epsilon=mode.epsilon)
   with open(world.sft_eval_path) as f:
     sft_scores = {r["instruction"]: float(r["score"]) for r in json.load(f)}
@@ -250,6 +253,7 @@ def run_real(out: str, mode: RealMode, *, num_seeds: int | None = None, log=prin
 
   def write(seeds_done):  # after every seed, so a long study leaves usable partial results
     doc = {"mode": dataclasses.asdict(mode), "num_seeds": seeds_done, "world": s,
+           "seed_pairs": demo_mode.seed_size,
            "overrides": list(demo_mode.overrides), "arms": results, "agreement": agreement,
            "arm_seconds": timings, "elapsed_seconds": time.time() - started,
            "machine": f"{os.cpu_count()} CPU cores, JAX {jax.__version__} on "
