@@ -56,6 +56,7 @@ class DemoMode:
   epsilon: float
   arms: tuple[str, ...]
   overrides: tuple[str, ...] = ()  # extra config overrides for every arm
+  seed_size: int | float = SEED_FRACTION  # the labelled seed: a fraction of the pool, or a count
 
 
 def make_arms(*, epsilon: float) -> dict[str, Arm]:
@@ -89,8 +90,12 @@ def _prompt_text(prompt) -> str:
   return users[-1]
 
 
-def score_generations(path: str, sft_scores: dict[str, float]) -> dict:
+def score_generations(path: str, sft_scores: dict[str, float], *,
+                      score_fn=task.oracle_scores) -> dict:
   """Oracle scores of an AlpacaEval-format generations file against the SFT greedy baseline.
+
+  ``score_fn(prompts, responses) -> [n] scores in [0, 1]`` is the oracle (default: the synthetic
+  task's; the real-model study passes its IFEval-style judge).
 
   Returns ``win_rate`` (ties half), ``mean_score``, ``exact`` and ``num_prompts``.
   """
@@ -103,19 +108,21 @@ def score_generations(path: str, sft_scores: dict[str, float]) -> dict:
   if missing:
     raise ValueError(f"{path}: {len(missing)} instructions are not among the demo's evaluation "
                      f"prompts, e.g. {missing[0]!r}")
-  scores = task.oracle_scores(prompts, [r["output"] for r in rows])
+  scores = np.asarray(score_fn(prompts, [r["output"] for r in rows]))
   baseline = np.array([sft_scores[p] for p in prompts])
   return {"win_rate": task.win_rate(scores, baseline), "mean_score": float(scores.mean()),
           "exact": float(np.mean(scores == 1.0)), "num_prompts": len(rows)}
 
 
-def pair_agreement(prompts: Sequence, chosen: Sequence[str], rejected: Sequence[str]) -> dict:
-  """How often the oracle agrees with a round's chosen/rejected labels.
+def pair_agreement(prompts: Sequence, chosen: Sequence[str], rejected: Sequence[str], *,
+                   prefers_fn=task.oracle_prefers) -> dict:
+  """How often the oracle (``prefers_fn(prompt, a, b) -> +1/0/-1``) agrees with a round's
+  chosen/rejected labels.
 
   ``agreement`` is computed over the pairs the oracle does not score equal; ``oracle_ties`` is
   the fraction it scores equal.
   """
-  prefs = np.array([task.oracle_prefers(_prompt_text(p), c, r)
+  prefs = np.array([prefers_fn(_prompt_text(p), c, r)
                     for p, c, r in zip(prompts, chosen, rejected)])
   decided = prefs != 0
   return {"agreement": float(np.mean(prefs[decided] > 0)) if decided.any() else None,
@@ -199,9 +206,10 @@ def arm_overrides(arm: Arm, mode: DemoMode, world: world_lib.World, run_dir: str
                   seed: int, source: str, prompt_source: str | None) -> list[str]:
   """The dotted overrides of one arm and seed (what one would pass to ``ssapo-train``)."""
   # The ceiling labels every pool pair: an explicit count (1.0 would read as one row).
-  seed_size = world.stats["pool_pairs"] if arm.all_labels else SEED_FRACTION
+  seed_size = world.stats["pool_pairs"] if arm.all_labels else mode.seed_size
   num_rounds = mode.num_rounds if arm.self_annotated else 0
-  left = world.config.pool_prompts - round(world.stats["pool_pairs"] * seed_size)
+  seed_rows = seed_size if isinstance(seed_size, int) else round(world.stats["pool_pairs"] * seed_size)
+  left = world.config.pool_prompts - seed_rows
   per_round = min(mode.round_prompts, left // max(1, num_rounds)) if num_rounds else 0
   pools = "[" + ",".join([str(per_round)] * num_rounds) + "]"
   extra = [f"data.prompt_source={prompt_source}"] if prompt_source else []
@@ -222,7 +230,8 @@ def arm_overrides(arm: Arm, mode: DemoMode, world: world_lib.World, run_dir: str
   ]
 
 
-def score_run(run_dir: str, sft_scores: dict[str, float]) -> list[dict]:
+def score_run(run_dir: str, sft_scores: dict[str, float], *, score_fn=task.oracle_scores,
+              prefers_fn=task.oracle_prefers) -> list[dict]:
   """Oracle measurements of every finished round of one run directory (see `report`)."""
   from ssapo_jax.data.rounds_io import load_round
   out = []
@@ -231,12 +240,13 @@ def score_run(run_dir: str, sft_scores: dict[str, float]) -> list[dict]:
     rdir = os.path.join(run_dir, f"round_{t}")
     with open(os.path.join(rdir, "summary.json")) as f:
       summary = json.load(f)
-    m = {"round": t, **score_generations(os.path.join(rdir, "eval_generations.json"), sft_scores),
+    m = {"round": t, **score_generations(os.path.join(rdir, "eval_generations.json"), sft_scores,
+                                         score_fn=score_fn),
          "num_train_pairs": summary.get("num_pairs"), "agreement": None, "oracle_ties": None}
     if os.path.isdir(os.path.join(rdir, "pairs")):
       ds, _ = load_round(os.path.join(rdir, "pairs"))
       prompts = [json.loads(p) for p in ds["prompt"]]
-      m.update(pair_agreement(prompts, ds["chosen"], ds["rejected"]))
+      m.update(pair_agreement(prompts, ds["chosen"], ds["rejected"], prefers_fn=prefers_fn))
       margins = np.asarray(ds["margin"], np.float64)
       m["margin_quantiles"] = np.quantile(margins, [0.1, 0.5, 0.9]).tolist()
     if "follower" in summary:
@@ -269,11 +279,11 @@ def run_arm(arm: Arm, mode: DemoMode, world: world_lib.World, out: str, *, seed:
   os.makedirs(data_dir, exist_ok=True)
   source = world.pool_path
   if arm.flipped_seed:
-    source = _seed_file(world, data_dir, split_seed=seed, seed_size=SEED_FRACTION,
+    source = _seed_file(world, data_dir, split_seed=seed, seed_size=mode.seed_size,
                         flip_fraction=0.25)
   prompt_source = None
   if arm.self_annotated:
-    prompt_source = _round_prompts_file(world, data_dir, split_seed=seed, seed_size=SEED_FRACTION)
+    prompt_source = _round_prompts_file(world, data_dir, split_seed=seed, seed_size=mode.seed_size)
   overrides = arm_overrides(arm, mode, world, run_dir, seed=seed, source=source,
                             prompt_source=prompt_source)
   with open(os.path.join(data_dir, f"{arm.name}.command.txt"), "w") as f:

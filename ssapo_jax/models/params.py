@@ -432,6 +432,23 @@ def _write_safetensors(file: str, names: list[str], shapes: dict, dtype, produce
       f.write(array.reshape(-1).view(np.uint8).data)  # no bytes copy
 
 
+def write_hf_config(config, path: str, dtype) -> None:
+  """Writes ``config.json`` and ``generation_config.json`` of ``config`` into ``path`` (created),
+  recording ``dtype`` as the weights' dtype (what `save_hf` and the GGUF importer write)."""
+  import transformers
+
+  os.makedirs(path, exist_ok=True)
+  hf_dict = config.to_hf_dict()
+  hf_dict["dtype"] = hf_dict["torch_dtype"] = jnp.dtype(dtype).name
+  hf_config = transformers.CONFIG_MAPPING[config.model_type](
+      **{k: v for k, v in hf_dict.items() if k != "model_type"})
+  hf_config.save_pretrained(path)
+  gen = transformers.GenerationConfig(bos_token_id=config.bos_token_id,
+                                      eos_token_id=hf_dict["eos_token_id"],
+                                      pad_token_id=config.pad_token_id)
+  gen.save_pretrained(path)
+
+
 def save_hf(model: CausalLM, path: str | os.PathLike, *, tokenizer=None,
             shard_size: int = 5 * 1024**3, dtype=None) -> None:
   """Writes ``model`` as a Hugging Face directory (``config.json``, safetensors, index).
@@ -451,8 +468,6 @@ def save_hf(model: CausalLM, path: str | os.PathLike, *, tokenizer=None,
   process 0 writes; when parameters span several processes every process must call this
   (each tensor is then all-gathered to the hosts in turn).
   """
-  import transformers
-
   path = os.fspath(path)
   writer = jax.process_index() == 0
   config = model.config
@@ -483,16 +498,7 @@ def save_hf(model: CausalLM, path: str | os.PathLike, *, tokenizer=None,
     return to_hf(_host_block(flat[ours].get_value(), layer).astype(out_dtype, copy=False), kind)
 
   if writer:
-    os.makedirs(path, exist_ok=True)
-    hf_dict = config.to_hf_dict()
-    hf_dict["dtype"] = hf_dict["torch_dtype"] = out_dtype.name
-    hf_config = transformers.CONFIG_MAPPING[config.model_type](
-        **{k: v for k, v in hf_dict.items() if k != "model_type"})
-    hf_config.save_pretrained(path)
-    gen = transformers.GenerationConfig(bos_token_id=config.bos_token_id,
-                                        eos_token_id=hf_dict["eos_token_id"],
-                                        pad_token_id=config.pad_token_id)
-    gen.save_pretrained(path)
+    write_hf_config(config, path, out_dtype)
     for stale in os.listdir(path):  # weights of an earlier save into the same dir
       if stale.endswith(".safetensors") or stale == "model.safetensors.index.json":
         os.remove(os.path.join(path, stale))
