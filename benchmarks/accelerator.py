@@ -41,8 +41,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ssapo_jax import plan  # noqa: E402
-from ssapo_jax import sampling  # noqa: E402
+from ssapo_jax import (
+  plan,  # noqa: E402
+  sampling,  # noqa: E402
+)
 from ssapo_jax import sharding as shd  # noqa: E402
 from ssapo_jax import train as tr  # noqa: E402
 from ssapo_jax.batch import make_preference_batch  # noqa: E402

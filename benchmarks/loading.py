@@ -52,7 +52,9 @@ def _measure(mode: str, path: str) -> dict:
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={_DEVICES}"
   os.environ["JAX_PLATFORMS"] = "cpu"
   import tracemalloc
+
   import jax
+
   from ssapo_jax import sharding as shd
   from ssapo_jax.models import params as params_lib
 
@@ -86,6 +88,7 @@ def _measure(mode: str, path: str) -> dict:
     model = params_lib.load_hf(path, mesh=mesh)
   elif mode == "load_then_shard":
     from flax import nnx
+
     from ssapo_jax.models import logical_axes
     model = params_lib.load_hf(path)
     sample()
@@ -121,6 +124,7 @@ def main():
 
   import jax
   from flax import nnx
+
   from ssapo_jax.models import Llama, LlamaConfig, save_hf
 
   path = tempfile.mkdtemp()

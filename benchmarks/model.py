@@ -52,8 +52,8 @@ import numpy as np
 import torch
 
 from ssapo_jax.models import load_hf
-from ssapo_jax.testing.hf_torch import save_tiny_hf
 from ssapo_jax.sampling import generate
+from ssapo_jax.testing.hf_torch import save_tiny_hf
 
 # transformers config fields of the random stand-ins for real models (`--preset`).
 PRESETS = {
@@ -76,6 +76,7 @@ def _timeit(fn, repeats):
 def compile_seconds(depths, args):
   """Seconds to lower + compile the forward+backward for each number of layers."""
   from flax import nnx
+
   from ssapo_jax.models import Llama, LlamaConfig
 
   ids = jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32)

@@ -43,8 +43,14 @@ from ssapo_jax import sharding as shd  # noqa: E402
 from ssapo_jax import train as tr  # noqa: E402
 from ssapo_jax.data.tokenize import left_pad  # noqa: E402
 from ssapo_jax.models import Llama, LlamaConfig  # noqa: E402
-from ssapo_jax.sampling import (Sampler, SamplingConfig, gather_samples, generate,  # noqa: E402
-                                plan_batches, prompt_padding_fraction)
+from ssapo_jax.sampling import (  # noqa: E402
+  Sampler,
+  SamplingConfig,
+  gather_samples,
+  generate,
+  plan_batches,
+  prompt_padding_fraction,
+)
 
 EOS, PAD = 1, 0
 

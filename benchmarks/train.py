@@ -92,6 +92,7 @@ def packing_benchmark(args):
   import jax
   import numpy as np
   from flax import nnx
+
   from ssapo_jax import compilation
   from ssapo_jax import sharding as shd
   from ssapo_jax import train as tr
@@ -146,7 +147,7 @@ def packing_benchmark(args):
                      "padding_fraction": 1 - real / cells, "warmup_epoch_s": warm_s,
                      "first_losses": losses[:3]}
   for _ in range(args.repeats):  # interleaved, so a change in machine load hits both
-    for mode, run in runs.items():
+    for run in runs.values():
       step, state, gbatches, times = run
       t0 = time.perf_counter()
       for b in gbatches:
@@ -267,6 +268,7 @@ def main(argv=None):
   import numpy as np
   import torch
   import transformers
+
   from ssapo_jax import sharding as shd
   from ssapo_jax import train as tr
   from ssapo_jax.batch import concat_pairs, make_preference_batch

@@ -1,5 +1,6 @@
 import jax
 import jax.numpy as jnp
+
 import ssapo_jax as sj
 
 k_policy, k_ref = jax.random.split(jax.random.key(0))

@@ -460,7 +460,7 @@ def open_checkpointer(output_dir: str, *, shared: bool,
     return Checkpointer(checkpoint_dir(output_dir), config=config)
   warnings.warn(f"{output_dir} is a separate directory on each host: no checkpoints (orbax "
                 "needs one directory all processes see); a relaunch resumes from the finished "
-                "phases on process 0")
+                "phases on process 0", stacklevel=2)
   return NoCheckpoints()
 
 

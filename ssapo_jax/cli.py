@@ -172,8 +172,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
   # Imported late: config errors must not depend on the training stack.
-  from ssapo_jax import runrecord
-  from ssapo_jax import rundir
+  from ssapo_jax import rundir, runrecord
   from ssapo_jax.pipeline import run as pipeline
   from ssapo_jax.runlock import run_lock
   process0 = jax.process_index() == 0

@@ -26,7 +26,7 @@ import functools
 import os
 import types
 import typing
-from typing import Any, Literal, Mapping, Optional, Sequence, TypeVar, Union
+from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
 
 import yaml
 

@@ -177,7 +177,7 @@ class RunLock:
           os.unlink(path)
           continue
         owner = owner or LockOwner(self.owner.host, -1)
-        raise RunLockedError(locked_message(self.output_dir, owner, forced=self.force))
+        raise RunLockedError(locked_message(self.output_dir, owner, forced=self.force)) from None
       except OSError:  # no flock on this filesystem: fall back to the recorded owner
         os.close(fd)
         self._acquire_by_record()

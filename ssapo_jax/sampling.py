@@ -32,9 +32,8 @@ from tqdm.auto import tqdm
 
 from ssapo_jax import sharding as shd
 from ssapo_jax.data.tokenize import left_pad, round_up
-from ssapo_jax.models import logical_axes, split_params
 from ssapo_jax.fielddocs import document_fields
-from ssapo_jax.models import CausalLM
+from ssapo_jax.models import CausalLM, logical_axes, split_params
 from ssapo_jax.models.llama import positions_from_mask
 
 

@@ -38,6 +38,7 @@ def tiny_model_config(**overrides):
 
 def tiny_model(seed: int = 0, **overrides):
   from flax import nnx
+
   from ssapo_jax.models import Llama
   return Llama(tiny_model_config(**overrides), rngs=nnx.Rngs(seed))
 
@@ -46,6 +47,7 @@ def make_batch(seed: int, *, batch_size: int = GLOBAL_BATCH, seq_len: int = SEQ_
                num_atoms: int = NUM_ATOMS, vocab: int = 64):
   """A numpy `PreferenceBatch` with right padding, random weights, ref log-probs and atoms."""
   import numpy as np
+
   from ssapo_jax.batch import make_preference_batch
   rng = np.random.default_rng(seed)
 
@@ -82,6 +84,7 @@ def run_steps(mesh, config, *, num_steps: int = NUM_STEPS, num_train_steps: int 
   Every process passes only its rows of each global batch. Returns ``(losses, state)``.
   """
   import jax
+
   from ssapo_jax import sharding as shd
   from ssapo_jax import train as tr
   model = tiny_model() if model is None else model
@@ -114,6 +117,7 @@ def sampler(mesh, **overrides):
 def sharded_tiny_model(mesh, seed: int = 0):
   """`tiny_model` with its parameters in the train layout on ``mesh``."""
   from flax import nnx
+
   from ssapo_jax import sharding as shd
   from ssapo_jax import train as tr
   graphdef, params, rest = nnx.split(tiny_model(seed), nnx.Param, ...)
@@ -122,6 +126,7 @@ def sharded_tiny_model(mesh, seed: int = 0):
 
 def _sample_task(mesh) -> dict:
   import jax
+
   from ssapo_jax.sampling import gather_samples
   prompts = sampler_prompts()
   out = sampler(mesh).sample(sharded_tiny_model(mesh), prompts, jax.random.key(7))

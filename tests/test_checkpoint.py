@@ -10,11 +10,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ssapo_jax import checkpoint as ckpt_lib
-from ssapo_jax.checkpoint import (CheckpointConfig, Checkpointer, abstract_like, checkpoint_dir,
-                                  fingerprint, has_checkpoint)
+from ssapo_jax.checkpoint import (
+  CheckpointConfig,
+  Checkpointer,
+  abstract_like,
+  checkpoint_dir,
+  fingerprint,
+  has_checkpoint,
+)
 from ssapo_jax.errors import CheckpointError, NonFiniteError
 
 
@@ -297,7 +304,8 @@ def test_rotation_keeps_the_checkpoint_that_verified(tmp_path, mesh):
 
 def test_abstract_restore_equals_materialised_restore(tmp_path, mesh):
   """Issue 13: restoring into the abstract train state (no arrays) gives bitwise today's restore."""
-  from ssapo_jax import sharding as shd, train as tr
+  from ssapo_jax import sharding as shd
+  from ssapo_jax import train as tr
   from ssapo_jax.models import load_hf
   from ssapo_jax.testing import write_tiny_model
   model = load_hf(write_tiny_model(str(tmp_path / "model")))

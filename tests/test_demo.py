@@ -80,8 +80,8 @@ def test_world_is_cached(small_world):
 @pytest.mark.slow  # about 2.5 minutes; the pipeline it drives is covered by tests/pipeline
 def test_smoke_demo_runs_arms_through_the_real_pipeline(tmp_path):
   """`ssapo-demo --smoke`: every artifact exists, numbers in range, runs made by ssapo-train."""
-  from ssapo_jax.experiment import load_experiment
   from ssapo_jax.demo import arms, cli
+  from ssapo_jax.experiment import load_experiment
 
   out = tmp_path / "demo"
   assert cli.main(["--smoke", "--out", str(out)]) == 0

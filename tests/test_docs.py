@@ -31,6 +31,7 @@ def test_own_small_model_without_torch(tmp_path, monkeypatch):
 def _config_keys(cls, prefix=""):
   """Every config key of a config dataclass (dotted), as the YAML loader accepts them."""
   import dataclasses
+
   from ssapo_jax import config as cfg_lib
   for name, (_, tp) in cfg_lib._fields(cls).items():
     if dataclasses.is_dataclass(tp):

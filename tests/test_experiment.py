@@ -16,8 +16,14 @@ import yaml
 from ssapo_jax import config as cfg_lib
 from ssapo_jax.config import ConfigError
 from ssapo_jax.dro import DroConfig
-from ssapo_jax.experiment import (SEED_STREAMS, ExperimentConfig, ModelConfig, load_experiment,
-                                  stream_key, stream_seed)
+from ssapo_jax.experiment import (
+  SEED_STREAMS,
+  ExperimentConfig,
+  ModelConfig,
+  load_experiment,
+  stream_key,
+  stream_seed,
+)
 from ssapo_jax.train import TrainConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

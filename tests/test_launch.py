@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import shlex
+import shutil
 import subprocess
 import sys
-
-import shutil
 
 import numpy as np
 import pytest

@@ -151,7 +151,8 @@ def test_gradients_match_finite_differences(loss_type):
     gc, gr = jax.grad(f, argnums=(0, 1))(jnp.asarray(pc), jnp.asarray(pr))
     h = 1e-6
     for i in range(4):
-      e = np.zeros(4); e[i] = h
+      e = np.zeros(4)
+      e[i] = h
       fd_c = (f(jnp.asarray(pc + e), jnp.asarray(pr)) - f(jnp.asarray(pc - e), jnp.asarray(pr))) / (2 * h)
       fd_r = (f(jnp.asarray(pc), jnp.asarray(pr + e)) - f(jnp.asarray(pc), jnp.asarray(pr - e))) / (2 * h)
       np.testing.assert_allclose(gc[i], fd_c, rtol=1e-5, atol=1e-8)
@@ -203,7 +204,6 @@ def test_bad_beta_and_negative_weights_raise(kwargs, message):
   pc, pr, rc, rr = _random_logps(0)
   with pytest.raises(ValueError, match=message):
     losses.dpo_loss(pc, pr, rc, rr, **kwargs())
-  atoms = np.ones((B, 1), np.float32)
   with pytest.raises(ValueError, match=message):
     losses.robust_dpo_loss(pc, pr, rc, rr, losses.LossAtoms.point(B), **kwargs())
 
@@ -321,7 +321,6 @@ def test_robust_zero_weight_and_padding_rows_are_removed_exactly():
 
 def test_robust_rpo_alpha_and_reference_free():
   pc, pr, rc, rr = _random_logps(34)
-  ones, zeros = np.ones((B, 1), np.float32), np.zeros((B, 1), np.float32)
   robust, rm = losses.robust_dpo_loss(pc, pr, rc, rr, losses.LossAtoms.point(B), rpo_alpha=0.3,
                                       chosen_lengths=LENGTHS, reference_free=True)
   plain, pm = losses.dpo_loss(pc, pr, rc, rr, rpo_alpha=0.3, chosen_lengths=LENGTHS,
@@ -398,7 +397,8 @@ def test_sequence_logps_bf16_logits_give_float32_close_to_float32_path():
 def test_sequence_logps_gradient_is_softmax_minus_onehot():
   logits, labels, mask = _logits_case(4)
   g = jax.grad(lambda x: losses.sequence_logps(x, labels, mask).sum())(logits)
-  p = np.exp(logits - logits.max(-1, keepdims=True)); p /= p.sum(-1, keepdims=True)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
   onehot = np.eye(logits.shape[-1])[np.where(mask > 0, labels, 0)]
   np.testing.assert_allclose(g, (onehot - p) * mask[..., None], atol=1e-6)
 
@@ -429,7 +429,6 @@ def np_robust(pc, pr, rc, rr, w, s, *, beta, space, floor=1e-6):
 @pytest.mark.parametrize("space", ["probability", "margin"])
 def test_robust_single_zero_shift_atom_is_sigmoid_dpo(space):
   pc, pr, rc, rr = _random_logps(21)
-  ones, zeros = np.ones((B, 1), np.float32), np.zeros((B, 1), np.float32)
   robust, rm = losses.robust_dpo_loss(pc, pr, rc, rr, losses.LossAtoms.point(B, space=space),
                                       beta=0.1, space=space)
   plain, pm = losses.dpo_loss(pc, pr, rc, rr, beta=0.1)

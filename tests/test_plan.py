@@ -683,6 +683,7 @@ def test_plan_lowers_exactly_the_run_programs():
   """The plan's train step, scoring pass and sampler are the run's own builders: the same
   lowered module as the run's (a real train state and batch, a real `Scorer` and `Sampler`)."""
   import _multihost_worker as w
+
   from ssapo_jax import sharding as shd
   from ssapo_jax.sampling import Sampler, SamplingConfig
   mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=2, tensor=2))

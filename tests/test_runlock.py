@@ -11,7 +11,14 @@ import sys
 import pytest
 
 from ssapo_jax.errors import RunDirError
-from ssapo_jax.runlock import LOCK_FILENAME, LockOwner, RunLock, RunLockedError, read_owner, run_lock
+from ssapo_jax.runlock import (
+  LOCK_FILENAME,
+  LockOwner,
+  RunLock,
+  RunLockedError,
+  read_owner,
+  run_lock,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,8 +8,16 @@ import pytest
 import yaml
 
 from ssapo_jax.errors import RunDirError
-from ssapo_jax.runrecord import (ConfigChangedError, check_config, config_changes, config_versions,
-                                 message, progress, run_log, write_config)
+from ssapo_jax.runrecord import (
+  ConfigChangedError,
+  check_config,
+  config_changes,
+  config_versions,
+  message,
+  progress,
+  run_log,
+  write_config,
+)
 
 CONFIG = {"output_dir": "runs/x", "train": {"beta": 0.1, "epochs": 1}, "data": {"pool_sizes": [4, 4]}}
 

@@ -3,6 +3,7 @@
 import math
 import re
 
+import _multihost_worker as w
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,14 +13,20 @@ import torch
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-import _multihost_worker as w
+from ssapo_jax import sampling
 from ssapo_jax import sharding as shd
 from ssapo_jax.data.tokenize import left_pad
 from ssapo_jax.models import load_hf
+from ssapo_jax.sampling import (
+  SamplingConfig,
+  decode,
+  filter_logits,
+  gather_samples,
+  generate,
+  plan_batches,
+  prompt_padding_fraction,
+)
 from ssapo_jax.testing.hf_torch import save_tiny_hf
-from ssapo_jax.sampling import (SamplingConfig, decode, filter_logits, gather_samples, generate,
-                                plan_batches, prompt_padding_fraction)
-from ssapo_jax import sampling
 
 EOS = 2
 

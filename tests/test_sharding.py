@@ -2,13 +2,14 @@
 
 import math
 
+import _multihost_worker as w
 import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import _multihost_worker as w
 from ssapo_jax import sharding as shd
 from ssapo_jax import train as tr
 from ssapo_jax.models import Llama, logical_axes

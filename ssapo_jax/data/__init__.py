@@ -7,15 +7,36 @@ See docs/data.md. Public entry points: `load_preferences`, `load_prompts`,
 from ssapo_jax.data.config import DataConfig
 from ssapo_jax.data.loader import LoaderCursor, LoaderIterator, PreferenceLoader
 from ssapo_jax.data.rounds_io import RoundCard, load_round, save_round
-from ssapo_jax.data.seed import (SplitManifest, exclude_prompts, farthest_point_sampling,
-                                 last_token_embeddings, load_manifest, prompt_key, save_manifest,
-                                 select_rows, split_rows)
+from ssapo_jax.data.seed import (
+                                 SplitManifest,
+                                 exclude_prompts,
+                                 farthest_point_sampling,
+                                 last_token_embeddings,
+                                 load_manifest,
+                                 prompt_key,
+                                 save_manifest,
+                                 select_rows,
+                                 split_rows,
+)
 from ssapo_jax.data.sources import detect_format, load_preferences, load_prompts, read_rows
-from ssapo_jax.data.tokenize import (PAIR_EXTRAS, left_pad, pairs_from_token_ids, strip_response,
-                                     tokenize_pairs, tokenize_prompts, truncate_prompt,
-                                     with_pair_columns)
-from ssapo_jax.data.validate import (REASONS, DataValidationError, PreferencePair, PromptRecord,
-                                     Records, ValidationReport)
+from ssapo_jax.data.tokenize import (
+                                 PAIR_EXTRAS,
+                                 left_pad,
+                                 pairs_from_token_ids,
+                                 strip_response,
+                                 tokenize_pairs,
+                                 tokenize_prompts,
+                                 truncate_prompt,
+                                 with_pair_columns,
+)
+from ssapo_jax.data.validate import (
+                                 REASONS,
+                                 DataValidationError,
+                                 PreferencePair,
+                                 PromptRecord,
+                                 Records,
+                                 ValidationReport,
+)
 
 __all__ = [
     "DataConfig", "DataValidationError", "LoaderCursor", "LoaderIterator", "PAIR_EXTRAS",

@@ -30,8 +30,13 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ssapo_jax.batch import (PackedPreferenceBatch, PreferenceBatch, make_preference_batch,
-                              pack_pair_rows, row_buckets)
+from ssapo_jax.batch import (
+  PackedPreferenceBatch,
+  PreferenceBatch,
+  make_preference_batch,
+  pack_pair_rows,
+  row_buckets,
+)
 from ssapo_jax.data.tokenize import PAIR_EXTRAS, round_up
 
 

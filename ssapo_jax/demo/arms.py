@@ -260,6 +260,7 @@ def _drop_stale_run(run_dir: str, overrides: Sequence[str]) -> None:
   """Removes a demo run directory whose saved config differs (a finished or interrupted run
   with the same config is resumed/reused by the pipeline instead)."""
   import shutil
+
   from ssapo_jax import config as cfg_lib
   from ssapo_jax.experiment import load_experiment
   saved = os.path.join(run_dir, cfg_lib.CONFIG_FILENAME)

@@ -57,11 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   if args.real:
     return _main_real(args)
-  from ssapo_jax.demo import arms
-  from ssapo_jax.demo import world as world_lib
-
   # Every arm compiles the same programs; a persistent cache lets later arms reuse them.
   import jax
+
+  from ssapo_jax.demo import arms
+  from ssapo_jax.demo import world as world_lib
   jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.out),
                                                               "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)

@@ -17,20 +17,17 @@ class _NoTorchNotice(logging.Filter):
 
 logging.getLogger("transformers").addFilter(_NoTorchNotice())
 
-from ssapo_jax.models.base import CausalLM
-from ssapo_jax.models.base import CausalLMConfig
-from ssapo_jax.models.base import KVCache
-from ssapo_jax.models.base import ModelFamily
-from ssapo_jax.models.base import build_model
-from ssapo_jax.models.base import family_for
-from ssapo_jax.models.base import logical_axes
-from ssapo_jax.models.base import register_family
-from ssapo_jax.models.base import split_params
-from ssapo_jax.models.base import supported_model_types
-from ssapo_jax.models.llama import Llama
-from ssapo_jax.models.llama import LlamaConfig
-from ssapo_jax.models.llama import chunked_token_logps
-from ssapo_jax.models.llama import positions_from_mask
-from ssapo_jax.models.params import CheckpointError
-from ssapo_jax.models.params import load_hf
-from ssapo_jax.models.params import save_hf
+from ssapo_jax.models.base import (
+  CausalLM,
+  CausalLMConfig,
+  KVCache,
+  ModelFamily,
+  build_model,
+  family_for,
+  logical_axes,
+  register_family,
+  split_params,
+  supported_model_types,
+)
+from ssapo_jax.models.llama import Llama, LlamaConfig, chunked_token_logps, positions_from_mask
+from ssapo_jax.models.params import CheckpointError, load_hf, save_hf

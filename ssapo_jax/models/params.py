@@ -32,10 +32,15 @@ from jax.sharding import NamedSharding
 from safetensors import safe_open
 
 from ssapo_jax.errors import CheckpointError  # re-exported
-from ssapo_jax.models.base import CausalLM, build_model, family_for, logical_axes, split_params
-from ssapo_jax.models.base import supported_model_types
+from ssapo_jax.models.base import (
+  CausalLM,
+  build_model,
+  family_for,
+  logical_axes,
+  split_params,
+  supported_model_types,
+)
 from ssapo_jax.sharding import logical_to_spec
-
 
 IDENTITY, IN_HEADS, OUT_HEADS, TRANSPOSE, RESHAPE = (
     "identity", "in_heads", "out_heads", "transpose", "reshape")  # see `base.HfTensor`

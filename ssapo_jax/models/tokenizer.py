@@ -186,7 +186,7 @@ def build_word_tokenizer(path: str | os.PathLike, words: Iterable[str], *,
     The tokenizer (also reloadable with `load_tokenizer(path)`).
   """
   import tokenizers
-  from tokenizers import models, normalizers, pre_tokenizers, decoders
+  from tokenizers import decoders, models, normalizers, pre_tokenizers
 
   specials = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, *ROLE_TOKENS]
   vocab: dict[str, int] = {}

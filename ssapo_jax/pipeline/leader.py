@@ -39,7 +39,6 @@ from ssapo_jax.pipeline.phases import follower_atoms
 from ssapo_jax.pipeline.runtime import Runtime
 from ssapo_jax.runrecord import message, progress
 
-
 # ----------------------------------------------------------------------------- the step loop
 
 

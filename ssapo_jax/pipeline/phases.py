@@ -31,10 +31,9 @@ import jax
 import numpy as np
 
 from ssapo_jax import annotate as annotation
-from ssapo_jax import dro
+from ssapo_jax import dro, rundir
 from ssapo_jax.data import pairs_from_token_ids, save_round, tokenize_pairs, with_pair_columns
 from ssapo_jax.models import CausalLM
-from ssapo_jax import rundir
 from ssapo_jax.pipeline import hosts
 from ssapo_jax.pipeline.runtime import Runtime
 from ssapo_jax.sampling import RolloutStats, Sampler, decode, gather_samples

@@ -37,7 +37,7 @@ def resume_point(ckpt: Checkpointer | NoCheckpoints) -> ResumePoint:
       meta = ckpt.restore_metadata(step)
     except Exception as e:  # orbax raises many types for unreadable files
       warnings.warn(f"checkpoint {step} metadata unreadable ({type(e).__name__}: {e}); "
-                    "trying an older one")
+                    "trying an older one", stacklevel=2)
       continue
     if meta["phase"] == ROUND_DONE:
       return ResumePoint(meta["round"] + 1, None, meta["global_step"])

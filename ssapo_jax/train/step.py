@@ -36,7 +36,6 @@ from typing import Any, Callable, Literal
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -47,9 +46,19 @@ from ssapo_jax.batch import PackedPreferenceBatch, PreferenceBatch, concat_pairs
 from ssapo_jax.config import check_choices, derived
 from ssapo_jax.errors import NonFiniteError  # re-exported
 from ssapo_jax.fielddocs import document_fields
-from ssapo_jax.losses import (BATCH_COUPLED_LOSS_TYPES, LOSS_TYPES, FDivergence, LossAtoms,
-                              LossType, PairLogps, Space, check_loss_options, dpo_loss,
-                              pair_logps, robust_dpo_loss)
+from ssapo_jax.losses import (
+  BATCH_COUPLED_LOSS_TYPES,
+  LOSS_TYPES,
+  FDivergence,
+  LossAtoms,
+  LossType,
+  PairLogps,
+  Space,
+  check_loss_options,
+  dpo_loss,
+  pair_logps,
+  robust_dpo_loss,
+)
 from ssapo_jax.models import logical_axes, split_params
 from ssapo_jax.models.llama import RematPolicy
 

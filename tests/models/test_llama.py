@@ -228,8 +228,9 @@ def test_logical_axes_cover_every_parameter():
 
 
 def test_config_from_hf_and_back():
-  from ssapo_jax.testing.hf_torch import tiny_hf_config
   import transformers
+
+  from ssapo_jax.testing.hf_torch import tiny_hf_config
   for family in FAMILIES:
     hf_config = tiny_hf_config(family)
     config = LlamaConfig.from_hf(hf_config)

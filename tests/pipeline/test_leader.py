@@ -46,6 +46,7 @@ def _experiment(tmp_path, template: str, *, num_pairs: int):
 
 def test_margin_space_round_trains_on_margin_space_atoms(tmp_path, monkeypatch):
   import datasets
+
   from ssapo_jax.data import LoaderCursor, PreferenceLoader
   from ssapo_jax.experiment import stream_seed
   from ssapo_jax.pipeline import run as pipeline

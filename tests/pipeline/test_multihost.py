@@ -15,11 +15,13 @@ import time
 
 import numpy as np
 import pytest
+from pipeline_runs import command as _cmd
+from pipeline_runs import env as _env
+from pipeline_runs import final_params as _final_params
+from pipeline_runs import losses as _losses
+from pipeline_runs import write_config, write_world
 
 from ssapo_jax.data import load_round
-
-from pipeline_runs import command as _cmd, env as _env, final_params as _final_params
-from pipeline_runs import losses as _losses, write_config, write_world
 
 TIMEOUT = 15  # mesh.coordination_timeout_seconds of these runs
 MESH = f"mesh: {{data: 2, fsdp: 2, tensor: 2, coordination_timeout_seconds: {TIMEOUT}}}\n"

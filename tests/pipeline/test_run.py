@@ -13,9 +13,11 @@ import time
 
 import numpy as np
 import pytest
-
-from pipeline_runs import command as _cmd, env as _env, final_params as _final_params
-from pipeline_runs import losses as _losses, write_config, write_world
+from pipeline_runs import command as _cmd
+from pipeline_runs import env as _env
+from pipeline_runs import final_params as _final_params
+from pipeline_runs import losses as _losses
+from pipeline_runs import write_config, write_world
 
 
 @pytest.fixture(scope="module")
@@ -229,11 +231,12 @@ def test_sharded_mesh_matches_single_device(world, tmp_path):
 def test_farthest_point_seed_uses_sft_prompt_embeddings(world, tmp_path):
   """prepare_data's batched, left-padded embeddings + FPS equal a one-prompt-at-a-time reference."""
   import jax.numpy as jnp
+
   from ssapo_jax.data import load_preferences
   from ssapo_jax.experiment import load_experiment
   from ssapo_jax.models import load_hf
-  from ssapo_jax.pipeline.runtime import prepare_data
   from ssapo_jax.models.tokenizer import chat_prompt_ids, load_tokenizer
+  from ssapo_jax.pipeline.runtime import prepare_data
   config = load_experiment(_config(world, str(tmp_path / "fps"), str(tmp_path)), [
       "data.seed_method=farthest_point", "data.seed_size=5", "sampling.batch_size=8"])
   tokenizer = load_tokenizer(config.model.path)

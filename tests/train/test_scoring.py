@@ -3,11 +3,11 @@ fingerprint cache and the `Scorer` (fixed-size batches, tokenised pair datasets)
 
 import math
 
+import _multihost_worker as w
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import _multihost_worker as w
 from ssapo_jax import sharding as shd
 from ssapo_jax import train as tr
 

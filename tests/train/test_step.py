@@ -10,13 +10,13 @@ accumulation, no sharding, no optax.
 import dataclasses
 import math
 
+import _multihost_worker as w
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-import _multihost_worker as w
 from ssapo_jax import sharding as shd
 from ssapo_jax import train as tr
 from ssapo_jax.batch import make_preference_batch
@@ -274,7 +274,7 @@ def test_loss_decreases_and_generalises_on_a_preference_rule():
   train_pairs, held_out = with_ref(train_pairs), with_ref(held_out)
   step = tr.make_train_step(cfg, mesh, state)
   losses = []
-  for epoch in range(cfg.epochs):
+  for _ in range(cfg.epochs):
     for b in chunks(train_pairs):
       state, m = step(state, shd.global_batch(mesh, b))
       losses.append(float(m["loss"]))
