@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from safetensors import safe_open
 
+from ssapo_jax import sharding as shd
 from ssapo_jax.errors import CheckpointError  # re-exported
 from ssapo_jax.models.llama import Llama, LlamaConfig, SUPPORTED_MODEL_TYPES, logical_axes
 from ssapo_jax.sharding import logical_to_spec
@@ -380,9 +381,7 @@ def _host_block(x: jax.Array, layer: int | None) -> np.ndarray:
   gather; arrays spanning several processes are all-gathered one tensor at a time (every
   process must call)."""
   if not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    part = x if layer is None else x[layer]
-    return np.asarray(multihost_utils.process_allgather(part, tiled=True))
+    return shd.to_host(x if layer is None else x[layer])
   shape = x.shape if layer is None else x.shape[1:]
   out = np.empty(shape, x.dtype)
   for shard in x.addressable_shards:

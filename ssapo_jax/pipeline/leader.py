@@ -133,7 +133,7 @@ def train_round(rt: Runtime, t: int, init: Llama, dataset, judge_logps, *,
     done, global_step, since_restore = done + 1, global_step + 1, since_restore + 1
     bar.update(1)
     if done % cfg.rounds.log_every_steps == 0 or done == num_steps:
-      metrics = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+      metrics = {k: float(v) for k, v in shd.to_host(metrics).items() if np.ndim(v) == 0}
       tr.check_finite_progress(metrics, train_cfg)
       now = time.perf_counter()
       metrics["tokens_per_second"] = tokens / max(now - last, 1e-9)

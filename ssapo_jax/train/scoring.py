@@ -102,7 +102,7 @@ def compute_logps(logps_fn: Callable[..., jax.Array], params: Any, mesh: Mesh,
     pad = [(0, local - n), (0, 0)]
     arrays = [np.pad(np.asarray(a, np.int32), pad) for a in (ids, mask, loss_mask)]
     global_arrays = shd.global_batch(mesh, tuple(arrays))
-    logps = np.asarray(logps_fn(params, *global_arrays))  # replicated [batch_size]
+    logps = shd.to_host(logps_fn(params, *global_arrays))  # [batch_size], every row
     out.append(logps[rows][:n])
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
@@ -131,7 +131,7 @@ def params_fingerprint(params: Any) -> str:
   h = hashlib.sha256()
   for path, x in flat:
     h.update(f"{jax.tree_util.keystr(path)}:{x.shape}:{x.dtype}".encode())
-    h.update(np.asarray(_checksums(x)).tobytes())
+    h.update(shd.to_host(_checksums(x)).tobytes())
   return h.hexdigest()[:16]
 
 
