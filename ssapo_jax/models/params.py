@@ -34,6 +34,7 @@ from ssapo_jax import sharding as shd
 from ssapo_jax.errors import CheckpointError  # re-exported
 from ssapo_jax.models.llama import Llama, LlamaConfig, SUPPORTED_MODEL_TYPES, logical_axes
 from ssapo_jax.sharding import logical_to_spec
+from ssapo_jax.storage import local_copy
 
 
 # Layout transforms between HF ``torch.nn.Linear`` weights ``[out, in]`` and our einsum kernels.
@@ -261,11 +262,12 @@ def _target_shardings(abs_params, flat, mesh, shardings) -> dict[str, jax.shardi
 def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
             remat: str = "none", attention: str = "auto", mesh: jax.sharding.Mesh | None = None,
             shardings=None) -> Llama:
-  """Loads a local Hugging Face Llama/Mistral/Qwen2 directory into a `Llama`.
+  """Loads a Hugging Face Llama/Mistral/Qwen2 directory into a `Llama`.
 
   Args:
     path: directory with ``config.json`` and ``model.safetensors`` or sharded
-      ``model-XXXXX-of-YYYYY.safetensors`` plus ``model.safetensors.index.json``.
+      ``model-XXXXX-of-YYYYY.safetensors`` plus ``model.safetensors.index.json``; local, or a
+      ``gs://`` folder (copied to this host first, `ssapo_jax.storage.local_copy`).
     dtype: compute dtype of the model.
     param_dtype: dtype parameters are stored in (cast from the checkpoint dtype).
     remat: rematerialisation policy (`LlamaConfig.remat`).
@@ -283,7 +285,7 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float
     CheckpointError: unsupported model_type, missing/extra tensors, shape mismatch, unreadable
       safetensors file.
   """
-  path = os.fspath(path)
+  path = local_copy(path)  # a gs:// folder: this host's copy
   config = LlamaConfig.from_hf(read_config(path), dtype=dtype, param_dtype=param_dtype,
                                remat=remat, attention=attention)
   abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))

@@ -20,6 +20,7 @@ from ssapo_jax.experiment import ExperimentConfig
 from ssapo_jax.metrics import MetricsLogger
 from ssapo_jax.models import Llama, load_hf
 from ssapo_jax.runrecord import progress
+from ssapo_jax.storage import local_copy
 from ssapo_jax.train import DTYPES, Scorer, scoring_batch_size
 
 
@@ -78,6 +79,7 @@ def scorer_for(config: ExperimentConfig, mesh, pad_id: int) -> Scorer:
 
 def load_model(path: str, config: ExperimentConfig, mesh) -> Llama:
   """A local HF checkpoint, its parameters placed with the mesh's partition rules."""
+  path = local_copy(path)  # a gs:// folder: this host's copy
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise FileNotFoundError(f"no Hugging Face model in {path!r} (config.json missing)")
   t = config.train

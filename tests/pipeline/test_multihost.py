@@ -1,9 +1,19 @@
 """SSAPO rounds across processes: 2 processes x 4 simulated CPU devices on localhost against one
-process with 8 devices and the same (2, 2, 2) mesh (ssapo_jax/pipeline/ through `ssapo-train`).
+process with 8 devices and the same mesh (ssapo_jax/pipeline/ through `ssapo-train`).
 
 Each process is the same ``launch/train.py`` command plus ``mesh.num_processes=2
 mesh.process_id=i mesh.coordinator_address=127.0.0.1:PORT``. Tolerances: samples, pairs and
 follower atoms equal (atoms to 1e-6), losses to 1e-4 relative, exported policy to 1e-5.
+
+The mesh matrix ``(data, fsdp, tensor)``; process 0 holds devices 0-3, so what each mesh splits
+across the two processes is:
+
+* ``(1, 8, 1)`` -- the shipped configs' shape: parameters, optimizer state and batches (default
+  suite, and the kill/relaunch tests);
+* ``(1, 4, 2)`` -- parameters and optimizer state (FSDP) and batches; tensor parallelism within
+  a process;
+* ``(8, 1, 1)`` -- the batch only (every process holds whole parameters);
+* ``(2, 4, 1)`` and ``(2, 2, 2)`` -- mixes: the batch over ``data``, within-process FSDP/tensor.
 """
 
 import json
@@ -22,7 +32,10 @@ from pipeline_runs import command as _cmd, env as _env, final_params as _final_p
 from pipeline_runs import losses as _losses, write_config, write_world
 
 TIMEOUT = 15  # mesh.coordination_timeout_seconds of these runs
-MESH = f"mesh: {{data: 2, fsdp: 2, tensor: 2, coordination_timeout_seconds: {TIMEOUT}}}\n"
+FSDP = (1, 8, 1)  # the shipped configs' mesh (fsdp: -1) on 8 devices
+MESHES = [pytest.param(FSDP, id="1-8-1")] + [
+    pytest.param(m, id="-".join(map(str, m)), marks=pytest.mark.slow)
+    for m in ((1, 4, 2), (8, 1, 1), (2, 4, 1), (2, 2, 2))]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +43,11 @@ def world(tmp_path_factory):
   return write_world(str(tmp_path_factory.mktemp("world")))
 
 
-def _config(world, out, folder) -> str:
-  return write_config(world, out, str(folder), extra=MESH)
+def _config(world, out, folder, mesh=FSDP) -> str:
+  data, fsdp, tensor = mesh
+  return write_config(world, out, str(folder), extra=(
+      f"mesh: {{data: {data}, fsdp: {fsdp}, tensor: {tensor}, "
+      f"coordination_timeout_seconds: {TIMEOUT}}}\n"))
 
 
 def _free_port() -> int:
@@ -77,14 +93,25 @@ def _npz(path):
 
 
 @pytest.fixture(scope="module")
-def one_process(world, tmp_path_factory):
-  """The run on one process with 8 devices and the (2, 2, 2) mesh."""
-  folder = tmp_path_factory.mktemp("one")
-  out = str(folder / "run")
-  config = _config(world, out, folder)
-  proc = subprocess.run(_cmd(config), env=_env(8), capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return out, config
+def one_process_runs(world, tmp_path_factory):
+  """``ref(mesh)``: the output directory of the run on one process with 8 devices and ``mesh``
+  (run once per mesh and module)."""
+  done = {}
+
+  def ref(mesh=FSDP):
+    if mesh not in done:
+      folder = tmp_path_factory.mktemp("one")
+      out = str(folder / "run")
+      config = _config(world, out, folder, mesh)
+      start = time.perf_counter()
+      proc = subprocess.run(_cmd(config), env=_env(8), capture_output=True, text=True,
+                            timeout=900)
+      assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+      print(f"one process, mesh {mesh}: {time.perf_counter() - start:.1f} s")
+      done[mesh] = out
+    return done[mesh]
+
+  return ref
 
 
 def _assert_same_run(out, ref):
@@ -109,11 +136,14 @@ def _assert_same_run(out, ref):
     np.testing.assert_allclose(pa[k], pb[k], atol=1e-5, err_msg=k)
 
 
-def test_two_processes_equal_one_process(world, one_process, tmp_path):
-  ref, _ = one_process
+@pytest.mark.parametrize("mesh", MESHES)
+def test_two_processes_equal_one_process(world, one_process_runs, tmp_path, mesh):
+  ref = one_process_runs(mesh)
   out = str(tmp_path / "run")
-  config = _config(world, out, tmp_path)
+  config = _config(world, out, tmp_path, mesh)
+  start = time.perf_counter()
   _finish(_launch(config, log_dir=tmp_path), tmp_path)
+  print(f"two processes, mesh {mesh}: {time.perf_counter() - start:.1f} s")
   _assert_same_run(out, ref)
   # Throughput accounting: one record and one printed line per phase.
   with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -128,10 +158,10 @@ def test_two_processes_equal_one_process(world, one_process, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_with_per_host_output_dirs(world, one_process, tmp_path):
+def test_two_processes_with_per_host_output_dirs(world, one_process_runs, tmp_path):
   """The same relative ``output_dir`` from two working directories: a local directory per
   host. Process 0's holds every phase output; process 1 received them by broadcast."""
-  ref, _ = one_process
+  ref = one_process_runs()
   hosts = [tmp_path / f"host{i}" for i in range(2)]
   for h in hosts:
     h.mkdir()
@@ -169,9 +199,9 @@ def _kill_one_when(procs, ready, *, timeout=600):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["generate", "train"])
-def test_killed_process_stops_the_other_and_relaunch_finishes(world, one_process, tmp_path,
+def test_killed_process_stops_the_other_and_relaunch_finishes(world, one_process_runs, tmp_path,
                                                                 point):
-  ref, _ = one_process
+  ref = one_process_runs()
   out = str(tmp_path / "run")
   config = _config(world, out, tmp_path)
   procs = _launch(config, log_dir=tmp_path)
