@@ -394,6 +394,10 @@ def put_global(x: Any, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
+def _identity(*xs):
+  return xs
+
+
 def _reshard(arrays: tuple, shardings: tuple) -> tuple:
   """Global arrays moved onto ``shardings`` by one jitted identity (a device-side collective
   where layouts differ; an array that already has its sharding is returned unchanged)."""
@@ -401,7 +405,7 @@ def _reshard(arrays: tuple, shardings: tuple) -> tuple:
           if not x.sharding.is_equivalent_to(s, x.ndim)]
   if not todo:
     return arrays
-  moved = jax.jit(lambda *xs: xs, out_shardings=tuple(shardings[i] for i in todo))(
+  moved = jax.jit(_identity, out_shardings=tuple(shardings[i] for i in todo))(
       *(arrays[i] for i in todo))
   out = list(arrays)
   for i, y in zip(todo, moved):
