@@ -295,11 +295,11 @@ def test_tpu_pod_dry_run_commands():
 
 @pytest.mark.parametrize("config, accelerator, line", [
     ("configs/zephyr_7b_ultrafeedback.yaml", "v4-32",
-     "# mesh on v4-32 (16 devices, 4 hosts x 4): data=1 fsdp=16 tensor=1; parameters and "
-     "optimizer state in 16 shards across hosts, batches in 16 shards across hosts"),
+     ("# mesh on v4-32 (16 devices, 4 hosts x 4): data=1 fsdp=16 tensor=1; parameters and "
+      "optimizer state in 16 shards across hosts, batches in 16 shards across hosts")),
     ("configs/llama3_8b_instruct_ultrafeedback.yaml", "v5p-64",
-     "# mesh on v5p-64 (32 devices, 8 hosts x 4): data=1 fsdp=32 tensor=1; parameters and "
-     "optimizer state in 32 shards across hosts, batches in 32 shards across hosts"),
+     ("# mesh on v5p-64 (32 devices, 8 hosts x 4): data=1 fsdp=32 tensor=1; parameters and "
+      "optimizer state in 32 shards across hosts, batches in 32 shards across hosts")),
 ])
 def test_tpu_pod_dry_run_shows_the_shipped_configs_mesh(config, accelerator, line):
   """The paper configs' ``fsdp: -1`` on a pod: every parameter split over all chips, across the

@@ -18,6 +18,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import sys
 import time
 from typing import Any, Callable
 
@@ -215,7 +217,6 @@ def tpu_slice(accelerator_type: str) -> tuple[int, int]:
   Raises:
     ValueError: for a name of another form.
   """
-  import re  # pylint: disable=import-outside-toplevel
   match = re.fullmatch(r"(v2|v3|v4|v5p|v5litepod|v5e|v6e)-(\d+)", accelerator_type)
   if not match:
     raise ValueError(f"--accelerator-type {accelerator_type!r}: expected e.g. v4-32, v5p-64, "
@@ -253,7 +254,6 @@ def main(argv=None) -> int:
   """``python -m ssapo_jax.pipeline.hosts ACCELERATOR_TYPE CONFIG [key=value ...]``: prints
   `pod_mesh_summary` (``launch/tpu_pod.sh --dry-run``); exit status 2 if the mesh does not
   fit."""
-  import sys  # pylint: disable=import-outside-toplevel
   from ssapo_jax.experiment import load_experiment  # pylint: disable=import-outside-toplevel
   args = sys.argv[1:] if argv is None else argv
   accelerator, config_path, overrides = args[0], args[1], [a for a in args[2:] if "=" in a]

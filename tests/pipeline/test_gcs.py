@@ -77,7 +77,8 @@ def _upload(local: str, url: str) -> None:
       src = os.path.join(folder, name)
       dst = epath.Path(url) / os.path.relpath(src, local)
       dst.parent.mkdir(parents=True, exist_ok=True)
-      dst.write_bytes(open(src, "rb").read())
+      with open(src, "rb") as f:
+        dst.write_bytes(f.read())
 
 
 @pytest.fixture(scope="module")
