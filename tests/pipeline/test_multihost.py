@@ -31,7 +31,8 @@ from ssapo_jax.data import load_round
 from pipeline_runs import command as _cmd, env as _env, final_params as _final_params
 from pipeline_runs import losses as _losses, write_config, write_world
 
-TIMEOUT = 15  # mesh.coordination_timeout_seconds of these runs
+TIMEOUT = 60  # mesh.coordination_timeout_seconds of these runs (starved processes on a loaded
+# machine miss heartbeats for tens of seconds)
 RUN_TIMEOUT = 3600  # seconds a whole run may take: generous for shared, overloaded CI machines
 FSDP = (1, 8, 1)  # the shipped configs' mesh (fsdp: -1) on 8 devices
 MESHES = [pytest.param(FSDP, id="1-8-1")] + [
