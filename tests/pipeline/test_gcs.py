@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -47,6 +48,9 @@ def gcs():
   module's tests run. Returns those settings (for subprocesses)."""
   server = FakeGCSServer()
   server.start()
+  # The wrapper pipes the server's log to stderr and never reads it: once the pipe's buffer is
+  # full the server blocks on its next log line and every request hangs. Drain it.
+  threading.Thread(target=server._process.stderr.read, daemon=True).start()  # noqa: SLF001
   settings = emulator_env(server.url)
   saved = {k: os.environ.get(k) for k in settings}
   os.environ.update(settings)
@@ -209,18 +213,22 @@ RUN_TIMEOUT = 3600  # seconds; generous for shared, overloaded CI machines
 @pytest.mark.slow
 def test_whole_run_on_gcs_killed_and_resumed_equals_local_run(gcs, world, gcs_model, tmp_path):
   from ssapo_jax.pipeline import rundir
+  # One persistent compilation cache: the relaunched run reuses the first one's programs.
+  cache = dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   local_out = str(tmp_path / "local")
   local_config = write_config(world, local_out, str(tmp_path))
-  proc = subprocess.run(_cmd(local_config, *ONE_ROUND), env=_env(1), capture_output=True,
-                        text=True, timeout=RUN_TIMEOUT)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "local.log", "w") as log:  # the reference runs beside the gs:// run
+    local = subprocess.Popen(_cmd(local_config, *ONE_ROUND), env=dict(_env(1), **cache),
+                             stdout=log, stderr=subprocess.STDOUT)
 
   out = f"gs://{BUCKET}/run"
   config = write_config(world, out, str(tmp_path))
-  env = dict(_env(1), **gcs)
+  env = dict(_env(1), **gcs, **cache)
   overrides = (f"model.path={gcs_model}", *ONE_ROUND)
-  first = subprocess.Popen(_cmd(config, *overrides), env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  with open(tmp_path / "first.log", "w") as log:  # a file: a pipe nobody reads fills and blocks
+    first = subprocess.Popen(_cmd(config, *overrides), env=env, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
   try:
     deadline = time.time() + RUN_TIMEOUT
     while "run.lock" not in _gcs_ls(out):
@@ -231,7 +239,8 @@ def test_whole_run_on_gcs_killed_and_resumed_equals_local_run(gcs, world, gcs_mo
     assert second.returncode == 4, second.stderr[-2000:]
     assert f"is locked by another run: pid {first.pid} on host" in second.stderr
     while not _has_round_train_checkpoint(out, 1):  # mid-round: round 1 is training
-      assert first.poll() is None and time.time() < deadline, first.stdout.read()[-3000:]
+      assert first.poll() is None and time.time() < deadline, (
+          (tmp_path / "first.log").read_text()[-3000:])
       time.sleep(0.2)
     os.killpg(first.pid, signal.SIGKILL)
   finally:
@@ -246,6 +255,7 @@ def test_whole_run_on_gcs_killed_and_resumed_equals_local_run(gcs, world, gcs_mo
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "taking over the stale lock" in proc.stderr and "resuming from checkpoint" in proc.stderr
   assert "run.lock" not in _gcs_ls(out)
+  assert local.wait(timeout=RUN_TIMEOUT) == 0, (tmp_path / "local.log").read_text()[-3000:]
   expected, got = _final_params(local_out), _final_remote_params(out)
   assert expected.keys() == got.keys()
   for name in expected:
