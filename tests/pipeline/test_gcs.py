@@ -180,17 +180,21 @@ def test_model_and_tokenizer_load_from_gcs(gcs, world, gcs_model, tmp_path):
 
 
 def _gcs_ls(url: str) -> list[str]:
-  from etils import epath
-  path = epath.Path(url)
-  return sorted(p.name for p in path.iterdir()) if path.exists() else []
+  """Names in a gs:// folder, listed now (gcsfs caches listings: polling needs ``refresh``)."""
+  import gcsfs
+  try:
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1]
+                  for p in gcsfs.GCSFileSystem().ls(url, detail=False, refresh=True))
+  except FileNotFoundError:
+    return []
 
 
 def _has_round_train_checkpoint(out: str, round_index: int) -> bool:
-  from etils import epath
+  import gcsfs
+  fs = gcsfs.GCSFileSystem()
   for step in _gcs_ls(f"{out}/checkpoints"):
-    meta = epath.Path(f"{out}/checkpoints/{step}/meta/metadata")
     try:
-      data = json.loads(meta.read_text())
+      data = json.loads(fs.cat_file(f"{out}/checkpoints/{step}/meta/metadata"))
     except (OSError, ValueError):
       continue
     if data.get("round") == round_index and data.get("phase") == "train":
