@@ -11,7 +11,8 @@
 #                      together with model.path=/tmp/zephyr)
 #   --skip-install     reuse the code and virtualenv already on the workers
 #   --detach           run in the background on the workers (log: ~/ssapo_train.log)
-#   --dry-run          print the commands instead of running them
+#   --dry-run          print the mesh the config gets on the slice (first line, a comment) and
+#                      the commands, instead of running them
 #
 # Every worker runs the same command; jax.distributed is initialised on each host (TPU peers are
 # auto-detected), outputs and checkpoints go to the gs:// output directory (orbax writes GCS).
@@ -63,6 +64,22 @@ TPU=(gcloud compute tpus tpu-vm)
 WHERE=(--zone="$ZONE" --project="$PROJECT")
 
 show() { printf '%q ' "$@"; printf '\n'; }
+
+# 0. The mesh the config (with its overrides) resolves to on this slice; a mesh that does not fit
+#    the slice's devices stops here. Needs ssapo_jax's dependencies locally (PYTHON, default
+#    python3); without them the line says so.
+if ((DRY_RUN)); then
+  set +e
+  MESH_LINE="$(PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" JAX_PLATFORMS=cpu \
+    "${PYTHON:-python3}" -m ssapo_jax.pipeline.hosts "$ACCELERATOR" "${ARGS[@]}" 2>&1)"
+  status=$?
+  set -e
+  case $status in
+    0) echo "# $MESH_LINE" ;;
+    2) die "$(tail -n 1 <<<"$MESH_LINE")" ;;
+    *) echo "# mesh: not computed (${PYTHON:-python3} cannot import ssapo_jax: $(tail -n 1 <<<"$MESH_LINE"))" ;;
+  esac
+fi
 run() { if ((DRY_RUN)); then show "$@"; else "$@"; fi; }
 ssh_all() { run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="$1"; }
 

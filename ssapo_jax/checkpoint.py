@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ssapo_jax import sharding as shd
 from ssapo_jax.errors import CheckpointError, NonFiniteError
 from ssapo_jax.fielddocs import document_fields
 
@@ -170,7 +171,8 @@ def fingerprint(state: Any) -> list[dict[str, Any]]:
   """
   paths_leaves = jax.tree_util.tree_leaves_with_path(state)
   leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for _, x in paths_leaves]
-  parts = jax.device_get([_leaf_parts(x) for x in leaves])  # one transfer at the end
+  # Per-shard digests live on this process's devices: one transfer at the end.
+  parts = shd.to_host([_leaf_parts(x) for x in leaves])
   local = np.zeros((len(leaves), 3), np.uint32)  # per leaf: two sums, number of non-finite parts
   for i, leaf_parts in enumerate(parts):
     for sums, finite in leaf_parts:
@@ -424,7 +426,7 @@ def _jsonable(metadata: Mapping[str, Any]) -> dict[str, Any]:
 
   def convert(obj):
     if hasattr(obj, "shape") and hasattr(obj, "dtype") and getattr(obj, "size", 2) == 1:
-      return obj.reshape(()).item() if hasattr(obj, "reshape") else obj.item()
+      return shd.to_host(obj).reshape(()).item()
     if isinstance(obj, (tuple, set, frozenset)):
       return list(obj)
     raise TypeError(f"checkpoint metadata holds {type(obj).__name__} {obj!r}, which is not JSON "

@@ -34,11 +34,11 @@ def check_model(config) -> Any:
   """The model directory (config.json, every safetensors header) and tokenizer; returns it."""
   from ssapo_jax.models.params import check_hf_dir
   from ssapo_jax.models.tokenizer import load_tokenizer
-  from ssapo_jax.rundir import is_remote
-  path = config.model.path
-  if is_remote(path):
-    raise CheckpointError(f"model.path={path!r}: the model must be a local directory (copy it "
-                          "to each host first, e.g. with gsutil -m cp -r)")
+  from ssapo_jax.storage import local_copy
+  try:
+    path = local_copy(config.model.path)  # a gs:// folder: this host's copy
+  except (FileNotFoundError, OSError) as e:
+    raise CheckpointError(f"model.path={config.model.path!r} is not readable ({e})") from None
   if not os.path.isdir(path):
     raise CheckpointError(f"model.path={path!r} is not a directory: download the model first "
                           f"(huggingface-cli download <org>/<model> --local-dir {path}) or set "

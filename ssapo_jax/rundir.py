@@ -19,6 +19,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from ssapo_jax.storage import is_remote  # noqa: F401  (re-exported: the run directory's test)
+
 
 def atomic_json(path: str, obj: Any) -> None:
   tmp = f"{path}.tmp{jax.process_index()}"
@@ -31,10 +33,6 @@ def atomic_npz(path: str, **arrays) -> None:
   tmp = f"{path}.tmp{jax.process_index()}.npz"
   np.savez(tmp, **arrays)
   os.replace(tmp, path)
-
-
-def is_remote(path: str) -> bool:
-  return "://" in path
 
 
 def local_workdir(output_dir: str) -> str:

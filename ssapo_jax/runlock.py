@@ -11,8 +11,12 @@ and removed when the run ends, however it ends short of SIGKILL.
   takes it (in the pre-run checks and ``--check`` too, saying whose lock it was) after the user
   has made sure that run is gone. A live run on this host keeps its lock even then.
 * On a local filesystem the lock file is also held with ``flock`` while the run lives, so two
-  runs starting at the same instant cannot both take over a stale lock. Object stores
-  (``gs://``) have no such primitive; there the check-then-write is best effort.
+  runs starting at the same instant cannot both take over a stale lock.
+* On Cloud Storage (``gs://``) every change of the lock object is conditional on its generation
+  (`_GcsObject`): it is created only if absent (``ifGenerationMatch=0``), a stale lock is
+  replaced only if it is still the generation that was read, and a run deletes only the
+  generation it wrote. Of two runs racing for one directory exactly one gets the lock. Other
+  object stores get a check-then-write (best effort).
 
 Multi-host runs take the lock on process 0 only (`run_lock` with ``process_index``).
 """
@@ -101,6 +105,51 @@ def _path(output_dir: str):
   return epath.Path(output_dir) / LOCK_FILENAME
 
 
+class _GcsObject:
+  """One Cloud Storage object changed only under generation preconditions (gcsfs' JSON API
+  client, so ``STORAGE_EMULATOR_HOST`` and the usual credentials apply).
+
+  Every write and delete names the generation it expects (0: the object must not exist); when
+  another writer got there first the request fails with HTTP 412, raised as `FileExistsError`.
+  """
+
+  def __init__(self, url: str):
+    import gcsfs  # pylint: disable=import-outside-toplevel
+    self.fs = gcsfs.GCSFileSystem()
+    self.bucket, self.key, _ = self.fs.split_path(url)
+
+  def read(self) -> tuple[str, int] | None:
+    """``(text, generation)`` of the current object, or None when there is none."""
+    try:
+      meta = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, json_out=True)
+      generation = int(meta["generation"])
+      _, data = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, alt="media",
+                             generation=str(generation))
+    except FileNotFoundError:
+      return None
+    return data.decode(errors="replace"), generation
+
+  def write(self, text: str, *, if_generation_match: int) -> int:
+    """Writes ``text`` if the object's generation is ``if_generation_match``; returns the new
+    generation. Raises `FileExistsError` otherwise."""
+    # A multipart upload (metadata part, then the content): the upload type whose
+    # preconditions every GCS implementation checks, the emulators included.
+    body = (f'--==lock==\nContent-Type: application/json; charset=UTF-8\n\n'
+            f'{json.dumps({"name": self.key})}\n--==lock==\nContent-Type: application/json\n\n'
+            f'{text}\n--==lock==--').encode()
+    meta = self.fs.call(
+        "POST", f"{self.fs._location}/upload/storage/v1/b/{{}}/o", self.bucket,  # pylint: disable=protected-access
+        uploadType="multipart", ifGenerationMatch=str(if_generation_match),
+        headers={"Content-Type": 'multipart/related; boundary="==lock=="'}, data=body,
+        json_out=True)
+    return int(meta["generation"])
+
+  def delete(self, *, if_generation_match: int) -> None:
+    """Deletes the object if it is still generation ``if_generation_match``."""
+    self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key,
+                 ifGenerationMatch=str(if_generation_match))
+
+
 def locked_message(output_dir: str, owner: LockOwner, *, forced: bool = False) -> str:
   """Why ``owner``'s lock stops this run. ``--force-unlock`` is suggested only for a lock that
   cannot be checked from here (another host): a live run on this host keeps its lock."""
@@ -156,6 +205,7 @@ class RunLock:
     self.log = log
     self.owner = LockOwner.this_process()
     self._fd: int | None = None
+    self._generation: int | None = None  # of the gs:// lock object this run wrote
     self._held = False
 
   # -- local filesystem: the file plus flock ------------------------------------------------------
@@ -206,7 +256,29 @@ class RunLock:
   def _record(self) -> str:
     return json.dumps(dataclasses.asdict(self.owner))
 
-  # -- object stores (and filesystems without flock) ------------------------------------------
+  # -- Cloud Storage: generation preconditions ---------------------------------------------------
+
+  def _acquire_gcs(self) -> None:
+    obj = _GcsObject(str(_path(self.output_dir)))
+    expected = 0  # create only if absent
+    while True:
+      try:
+        self._generation = obj.write(self._record(), if_generation_match=expected)
+        return
+      except FileExistsError:
+        if expected:  # another run replaced the stale lock between our read and write
+          current = obj.read()
+          raise RunLockedError(locked_message(
+              self.output_dir, (_parse(current[0]) if current else None) or LockOwner("?", -1))
+          ) from None
+      current = obj.read()
+      if current is None:  # released in the meantime: try to create it again
+        continue
+      text, generation = current
+      self._take_over(_parse(text))  # raises unless the lock is stale (or forced)
+      expected = generation
+
+  # -- other object stores (and filesystems without flock) -----------------------------------
 
   def _acquire_by_record(self) -> None:
     path = _path(self.output_dir)
@@ -224,8 +296,10 @@ class RunLock:
     """Takes the lock; raises `RunLockedError` (exit status 4) when a live run holds it."""
     if self._held:
       return self
-    from ssapo_jax.rundir import is_remote
-    if is_remote(self.output_dir):
+    from ssapo_jax.storage import is_remote
+    if self.output_dir.startswith("gs://"):
+      self._acquire_gcs()
+    elif is_remote(self.output_dir):
       self._acquire_by_record()
     else:
       self._acquire_local()
@@ -238,9 +312,15 @@ class RunLock:
       return
     self._held = False
     try:
-      if read_owner(self.output_dir) == self.owner:
+      if self._generation is not None:  # only the generation this run wrote
+        obj = _GcsObject(str(_path(self.output_dir)))
+        current = obj.read()  # the read also spares stores that ignore the precondition
+        if current is not None and current[1] == self._generation:
+          obj.delete(if_generation_match=self._generation)
+        self._generation = None
+      elif read_owner(self.output_dir) == self.owner:
         _path(self.output_dir).unlink()
-    except OSError:
+    except OSError:  # FileExistsError: no longer ours (forced unlock); FileNotFoundError: gone
       pass
     if self._fd is not None:
       os.close(self._fd)  # drops the flock

@@ -345,32 +345,92 @@ def host_local_rows(x: jax.Array) -> np.ndarray:
   return np.concatenate([blocks[s] for s in starts])
 
 
-def to_host(x: jax.Array) -> np.ndarray:
-  """A (possibly multi-host) global array as numpy on every host: all rows, in order."""
-  if jax.process_count() > 1:
+def to_host(tree: Any) -> Any:
+  """Every array of ``tree`` as numpy on every host, whole: THE way to read device values.
+
+  Correct for any sharding and any number of processes: an array this process can read alone
+  (fully addressable, or fully replicated) is copied from its local devices; one that spans
+  processes with parts held elsewhere (e.g. FSDP-sharded parameters on a pod) is all-gathered
+  with ``process_allgather``. Whether a collective runs depends only on the arrays' shardings,
+  which are the same on every process, so every process must make the same call (as for any
+  other step of the program). Non-array leaves (Python scalars, numpy) pass through as numpy.
+  Use `host_local_rows` instead where only this process's rows are wanted.
+
+  Args:
+    tree: a pytree of `jax.Array`s / numpy arrays / scalars.
+
+  Returns:
+    The same pytree of numpy arrays (shape and dtype unchanged).
+  """
+
+  def read(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(x)
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
+
+  return jax.tree.map(read, tree)
+
+
+def _is_global(x: Any) -> bool:
+  """An array some of whose shards live in another process (it cannot be read locally)."""
+  return isinstance(x, jax.Array) and not x.is_fully_addressable
 
 
 def put_global(x: Any, sharding: NamedSharding) -> jax.Array:
-  """Places a value that every process holds in full onto a (possibly multi-host) sharding.
+  """Places a value onto a (possibly multi-host) sharding.
 
-  Each process copies only the slices its own devices need, so this works with one or many
-  processes (``jax.device_put`` of a process-local array cannot target remote devices).
+  ``x`` is either a value every process holds in full (numpy, a scalar, a process-local
+  `jax.Array`): each process then copies only the slices its own devices need (``jax.device_put``
+  of a process-local array cannot target remote devices); or an already global `jax.Array`
+  (e.g. parameters sharded across processes): it is resharded on the devices, never fetched
+  to a host, and returned as is when it already has ``sharding``.
   """
   if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
     data = put_global(jax.random.key_data(x), sharding)
     return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  if _is_global(x):
+    return _reshard((x,), (sharding,))[0]
   if jax.process_count() == 1:
     return jax.device_put(x, sharding)
   host = np.asarray(x)
   return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
+def _identity(*xs):
+  return xs
+
+
+def _reshard(arrays: tuple, shardings: tuple) -> tuple:
+  """Global arrays moved onto ``shardings`` by one jitted identity (a device-side collective
+  where layouts differ; an array that already has its sharding is returned unchanged)."""
+  todo = [i for i, (x, s) in enumerate(zip(arrays, shardings))
+          if not x.sharding.is_equivalent_to(s, x.ndim)]
+  if not todo:
+    return arrays
+  moved = jax.jit(_identity, out_shardings=tuple(shardings[i] for i in todo))(
+      *(arrays[i] for i in todo))
+  out = list(arrays)
+  for i, y in zip(todo, moved):
+    out[i] = y
+  return tuple(out)
+
+
 def shard_params(params: Any, shardings: Any) -> Any:
-  """Places a parameter pytree that every process holds in full onto its shardings."""
-  return jax.tree.map(put_global, params, shardings)
+  """Places a parameter pytree onto its shardings (`put_global` for every leaf).
+
+  Leaves may be host values every process holds in full, or global arrays already sharded
+  (across processes too): those are resharded on the devices, all in one jitted call.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  targets = treedef.flatten_up_to(shardings)
+  out = [None if _is_global(x) else put_global(x, s) for x, s in zip(leaves, targets)]
+  glob = [i for i, x in enumerate(leaves) if _is_global(x)]
+  if glob:
+    moved = _reshard(tuple(leaves[i] for i in glob), tuple(targets[i] for i in glob))
+    for i, y in zip(glob, moved):
+      out[i] = y
+  return jax.tree.unflatten(treedef, out)
 
 
 def replicated_fraction(params: Any, shardings: Any) -> float:

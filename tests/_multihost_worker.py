@@ -10,7 +10,9 @@ gloo collectives), each process loading only its rows of every global batch, and
 its losses and reference log-probs as JSON. With ``--task sample`` it instead samples
 `sampler_prompts` with `ssapo_jax.sampling.Sampler` on that mesh and writes the prompts this
 process sampled and the gathered samples; with ``--task check_run --config_text T`` it runs
-`ssapo_jax.pipeline.hosts.check_same_run(T)` and writes the error it raised (or null).
+`ssapo_jax.pipeline.hosts.check_same_run(T)` and writes the error it raised (or null); with
+``--task place --mesh 1,8,1`` it places `tiny_model`'s parameters on a mesh that splits them
+across the processes and writes what `place_task` reads back.
 """
 
 from __future__ import annotations
@@ -136,6 +138,42 @@ def _sample_task(mesh) -> dict:
           "new_tokens": out.stats.new_tokens}
 
 
+def place_task(mesh) -> dict:
+  """Parameters split across processes: placed from host values, re-placed as the global arrays
+  they now are (`shard_params` must not fetch them), resharded to the decode layout, read back
+  with `to_host`, and turned into a train state (`create_train_state` of a model whose
+  parameters are global: the crash of issue 20)."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from ssapo_jax import sharding as shd
+  from ssapo_jax import train as tr
+  graphdef, host, rest = nnx.split(tiny_model(3), nnx.Param, ...)
+  host = jax.tree.map(np.asarray, host)
+  shardings = tr.param_shardings(host, mesh)
+  placed = shd.shard_params(host, shardings)
+  # Parts held by the other process only: neither readable here alone nor a full copy.
+  split = [not (x.is_fully_addressable or x.is_fully_replicated) for x in jax.tree.leaves(placed)]
+  again = shd.shard_params(placed, shardings)
+  same_objects = all(a is b for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(again)))
+  from ssapo_jax.models import logical_axes
+  decode = shd.logical_shardings(host, logical_axes(host), mesh, rules=shd.DECODE_AXIS_RULES)
+  moved = shd.shard_params(placed, decode)
+  moved_ok = all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in
+                 zip(jax.tree.leaves(moved), jax.tree.leaves(decode)))
+  read = shd.to_host(moved)
+  state = tr.create_train_state(nnx.merge(graphdef, placed, rest), train_config(), mesh,
+                                num_train_steps=2)
+  state_read = shd.to_host(state.params)
+  return {"split": int(sum(split)), "leaves": len(split), "same_objects": same_objects,
+          "resharded": moved_ok,
+          "sums": [float(np.sum(x, dtype=np.float64)) for x in jax.tree.leaves(read)],
+          "state_sums": [float(np.sum(x, dtype=np.float64))
+                         for x in jax.tree.leaves(state_read)],
+          "expected": [float(np.sum(x, dtype=np.float64)) for x in jax.tree.leaves(host)]}
+
+
 def run_two_processes(out_dir, *task_args: str, timeout: float = 240) -> list[dict]:
   """Runs this file as processes 0 and 1 of one job (4 simulated CPU devices each, coordinator
   on localhost) with ``task_args``; returns the JSON each wrote, or fails with its output."""
@@ -175,7 +213,10 @@ def main(argv=None):
   parser.add_argument("--num_processes", type=int, required=True)
   parser.add_argument("--coordinator", required=True)
   parser.add_argument("--out", required=True)
-  parser.add_argument("--task", choices=("train", "sample", "check_run"), default="train")
+  parser.add_argument("--task", choices=("train", "sample", "check_run", "place"),
+                      default="train")
+  parser.add_argument("--mesh", default=",".join(map(str, MESH_SHAPE)),
+                      help="data,fsdp,tensor sizes of the mesh over both processes")
   parser.add_argument("--config_text", default="")
   args = parser.parse_args(argv)
 
@@ -188,7 +229,8 @@ def main(argv=None):
   from ssapo_jax import sharding as shd
   from ssapo_jax import train as tr
 
-  mesh_config = shd.MeshConfig(*MESH_SHAPE, coordinator_address=args.coordinator,
+  mesh_config = shd.MeshConfig(*map(int, args.mesh.split(",")),
+                               coordinator_address=args.coordinator,
                                num_processes=args.num_processes, process_id=args.process_id)
   assert shd.initialize_distributed(mesh_config)
   mesh = shd.make_mesh(mesh_config)
@@ -201,6 +243,11 @@ def main(argv=None):
       error = str(e)
     with open(args.out, "w") as f:
       json.dump({"error": error}, f)
+    jax.distributed.shutdown()
+    return
+  if args.task == "place":
+    with open(args.out, "w") as f:
+      json.dump(place_task(mesh), f)
     jax.distributed.shutdown()
     return
   if args.task == "sample":

@@ -231,10 +231,14 @@ def test_launch_train_py_subprocess_gives_clean_error(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def _dry_run(script: str, *args: str) -> list[list[str]]:
+def _dry_run(script: str, *args: str, comments: list | None = None) -> list[list[str]]:
+  """The commands a dry run prints, split into words; its comment lines go to ``comments``."""
   result = subprocess.run(["bash", str(REPO / "launch" / script), "--dry-run", *args],
-                          capture_output=True, text=True, timeout=60, check=True)
-  return [shlex.split(line) for line in result.stdout.splitlines() if line.strip()]
+                          capture_output=True, text=True, timeout=120, check=True)
+  lines = [line for line in result.stdout.splitlines() if line.strip()]
+  if comments is not None:
+    comments.extend(line for line in lines if line.startswith("#"))
+  return [shlex.split(line) for line in lines if not line.startswith("#")]
 
 
 def test_gpu_node_dry_run_and_flags_are_valid_xla_flags():
@@ -267,7 +271,7 @@ TPU_ARGS = ["--name", "ssapo-v4", "--zone", "us-central2-b", "--accelerator-type
 def test_tpu_pod_dry_run_commands():
   lines = _dry_run("tpu_pod.sh", *TPU_ARGS, "--spot", "--stage",
                    "gs://bucket/models/zephyr=/tmp/zephyr", TINY, "model.path=/tmp/zephyr",
-                   "dro_epsilon_example=0.05")
+                   "dro.epsilon=0.05")
   describe, create = (lines[0][:lines[0].index("||")], lines[0][lines[0].index("||") + 1:])
   where = ["--zone=us-central2-b", "--project=my-proj"]
   assert describe == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "ssapo-v4", *where,
@@ -284,10 +288,43 @@ def test_tpu_pod_dry_run_commands():
   assert train_words[:2] == ["cd", "HOME/ssapo_jax_src"]
   run = train_words[train_words.index("&&") + 1:]
   assert run == ["HOME/ssapo_venv/bin/python", "-m", "ssapo_jax.cli", "configs/tiny_cpu.yaml",
-                 "model.path=/tmp/zephyr", "dro_epsilon_example=0.05",
+                 "model.path=/tmp/zephyr", "dro.epsilon=0.05",
                  "--output-dir=gs://bucket/runs/zephyr"]
   scp = [l for l in lines if l[4:5] == ["scp"]]
   assert scp and all("--worker=all" in l for l in scp)
+
+
+@pytest.mark.parametrize("config, accelerator, line", [
+    ("configs/zephyr_7b_ultrafeedback.yaml", "v4-32",
+     ("# mesh on v4-32 (16 devices, 4 hosts x 4): data=1 fsdp=16 tensor=1; parameters and "
+      "optimizer state in 16 shards across hosts, batches in 16 shards across hosts")),
+    ("configs/llama3_8b_instruct_ultrafeedback.yaml", "v5p-64",
+     ("# mesh on v5p-64 (32 devices, 8 hosts x 4): data=1 fsdp=32 tensor=1; parameters and "
+      "optimizer state in 32 shards across hosts, batches in 32 shards across hosts")),
+])
+def test_tpu_pod_dry_run_shows_the_shipped_configs_mesh(config, accelerator, line):
+  """The paper configs' ``fsdp: -1`` on a pod: every parameter split over all chips, across the
+  hosts (what tests/pipeline/test_multihost.py runs as the (1, 8, 1) mesh on 2 processes)."""
+  args = [*TPU_ARGS, config]
+  args[args.index("--accelerator-type") + 1] = accelerator
+  comments = []
+  _dry_run("tpu_pod.sh", *args, comments=comments)
+  assert comments == [line]
+  # An explicit mesh that does not fit the slice stops before anything runs.
+  result = subprocess.run(["bash", str(REPO / "launch" / "tpu_pod.sh"), "--dry-run", *args,
+                           "mesh.fsdp=8", "mesh.data=1"], capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 2 and not result.stdout
+  assert "make data*fsdp*tensor =" in result.stderr
+
+
+def test_tpu_slice_devices_and_hosts():
+  from ssapo_jax.pipeline.hosts import tpu_slice
+  assert tpu_slice("v3-32") == (32, 4)  # cores are devices, 8 per host
+  assert tpu_slice("v4-8") == (4, 1) and tpu_slice("v5p-128") == (64, 16)  # one device per chip
+  assert tpu_slice("v5litepod-8") == (8, 1) and tpu_slice("v6e-64") == (64, 16)
+  with pytest.raises(ValueError, match="expected e.g. v4-32"):
+    tpu_slice("tpu7x-32")
 
 
 def test_tpu_pod_skip_install_detach_and_argument_errors():

@@ -113,3 +113,39 @@ def test_global_batch_and_host_rows_single_process():
   assert {s.data.shape for s in g.chosen_ids.addressable_shards} == {(2, w.SEQ_LEN)}
   with pytest.raises(ValueError, match="not divisible by data\\*fsdp = 4"):
     shd.global_batch(mesh, jax.tree.map(lambda x: x[:6], batch))
+
+
+def test_put_global_and_to_host_single_process():
+  """Host values are placed; an array already on its sharding is returned as is, one on another
+  sharding is moved on the devices; `to_host` reads every leaf whole (pytrees, scalars)."""
+  mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=8, tensor=1))
+  x = np.arange(64 * 4, dtype=np.float32).reshape(64, 4)
+  rows, cols = NamedSharding(mesh, P("fsdp", None)), shd.replicated(mesh)
+  a = shd.put_global(x, rows)
+  assert a.sharding == rows and {s.data.shape for s in a.addressable_shards} == {(8, 4)}
+  assert shd.put_global(a, rows) is a
+  tree = shd.shard_params({"a": a, "b": x, "c": a}, {"a": rows, "b": rows, "c": cols})
+  assert tree["a"] is a and tree["c"].sharding.is_fully_replicated
+  host = shd.to_host({"tree": tree, "scalar": 3, "key": jax.numpy.float32(2.5)})
+  for k in "abc":
+    np.testing.assert_array_equal(host["tree"][k], x)
+  assert host["scalar"] == 3 and host["key"] == np.float32(2.5)
+
+
+def test_parameters_split_across_two_processes(tmp_path):
+  """Mesh (1, 8, 1) over 2 processes x 4 devices: every weight matrix is split across the
+  processes. Placing, re-placing (no fetch), resharding, reading back and building a train
+  state from global parameters all work and give the host values."""
+  results = w.run_two_processes(str(tmp_path), "--task", "place", "--mesh", "1,8,1")
+  mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=8, tensor=1))
+  params = nnx.split(w.tiny_model(3), nnx.Param, ...)[1]
+  sharded = [not s.is_fully_replicated
+             for s in jax.tree.leaves(tr.param_shardings(params, mesh),
+                                      is_leaf=lambda s: isinstance(s, NamedSharding))]
+  assert sum(sharded) >= 4  # every weight matrix; only the norm scales stay whole
+  for r in results:
+    assert (r["split"], r["leaves"]) == (sum(sharded), len(sharded))
+    assert r["same_objects"] and r["resharded"]
+    np.testing.assert_allclose(r["sums"], r["expected"], rtol=1e-6)
+    np.testing.assert_allclose(r["state_sums"], r["expected"], rtol=1e-6)
+  assert results[0]["sums"] == results[1]["sums"]

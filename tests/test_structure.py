@@ -19,7 +19,7 @@ FLOORS = {
     "ssapo_jax.errors": 0, "ssapo_jax.config": 0, "ssapo_jax.rundir": 0, "ssapo_jax.metrics": 0,
     "ssapo_jax.runlock": 0, "ssapo_jax.runrecord": 0, "ssapo_jax.sharding": 0,
     "ssapo_jax.batch": 0, "ssapo_jax.losses": 0, "ssapo_jax.annotate": 0, "ssapo_jax.dro": 0,
-    "ssapo_jax.checkpoint": 0, "ssapo_jax.fielddocs": 0, "ssapo_jax.compilation": 0,
+    "ssapo_jax.checkpoint": 0, "ssapo_jax.fielddocs": 0, "ssapo_jax.compilation": 0, "ssapo_jax.storage": 0,
     "ssapo_jax.models": 1, "ssapo_jax.data": 1,
     "ssapo_jax.train": 2, "ssapo_jax.sampling": 2,
     "ssapo_jax.experiment": 3, "ssapo_jax.plan": 3, "ssapo_jax.preflight": 3,

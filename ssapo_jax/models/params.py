@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from safetensors import safe_open
 
+from ssapo_jax import sharding as shd
 from ssapo_jax.errors import CheckpointError  # re-exported
 from ssapo_jax.models.base import (
   CausalLM,
@@ -41,6 +42,7 @@ from ssapo_jax.models.base import (
   supported_model_types,
 )
 from ssapo_jax.sharding import logical_to_spec
+from ssapo_jax.storage import local_copy
 
 IDENTITY, IN_HEADS, OUT_HEADS, TRANSPOSE, RESHAPE = (
     "identity", "in_heads", "out_heads", "transpose", "reshape")  # see `base.HfTensor`
@@ -293,7 +295,8 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float
 
   Args:
     path: directory with ``config.json`` and ``model.safetensors`` or sharded
-      ``model-XXXXX-of-YYYYY.safetensors`` plus ``model.safetensors.index.json``.
+      ``model-XXXXX-of-YYYYY.safetensors`` plus ``model.safetensors.index.json``; local, or a
+      ``gs://`` folder (copied to this host first, `ssapo_jax.storage.local_copy`).
     dtype: compute dtype of the model.
     param_dtype: dtype parameters are stored in (cast from the checkpoint dtype).
     remat: rematerialisation policy (`LlamaConfig.remat`).
@@ -311,7 +314,7 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float
     CheckpointError: unsupported model_type, missing/extra tensors, shape mismatch, unreadable
       safetensors file.
   """
-  path = os.fspath(path)
+  path = local_copy(path)  # a gs:// folder: this host's copy
   hf = read_config(path)
   config = family_for(hf["model_type"]).config_cls.from_hf(
       hf, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
@@ -397,9 +400,7 @@ def _host_block(x: jax.Array, layer: int | None) -> np.ndarray:
   gather; arrays spanning several processes are all-gathered one tensor at a time (every
   process must call)."""
   if not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    part = x if layer is None else x[layer]
-    return np.asarray(multihost_utils.process_allgather(part, tiled=True))
+    return shd.to_host(x if layer is None else x[layer])
   shape = x.shape if layer is None else x.shape[1:]
   out = np.empty(shape, x.dtype)
   for shard in x.addressable_shards:

@@ -16,6 +16,8 @@ from typing import Any
 
 import transformers
 
+from ssapo_jax.storage import local_copy
+
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
 PAD_TOKEN = "<pad>"
@@ -37,13 +39,14 @@ Message = Mapping[str, str]
 
 
 def load_tokenizer(path: str | os.PathLike, **kwargs: Any) -> transformers.PreTrainedTokenizerBase:
-  """Loads a tokenizer from a local directory (``local_files_only``; never the hub).
+  """Loads a tokenizer from a local directory (``local_files_only``; never the hub), or from a
+  ``gs://`` folder through this host's copy of it (`ssapo_jax.storage.local_copy`).
 
   A pad token is set to the EOS token when the tokenizer has none (Llama-style
   tokenizers), because batching needs one; the sequences are masked, so its id only fills
   padding.
   """
-  path = os.fspath(path)
+  path = local_copy(path)
   if not os.path.isdir(path):
     raise ValueError(f"tokenizer path {path!r} is not a directory; expected a local model "
                      "directory containing tokenizer files")

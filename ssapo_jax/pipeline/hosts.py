@@ -18,6 +18,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import sys
 import time
 from typing import Any, Callable
 
@@ -206,3 +208,73 @@ class PhaseClock:
     if is_process0():
       message(", ".join(line))
     return metrics
+
+
+# ----------------------------------------------------------------------------- TPU slices
+
+
+def tpu_slice(accelerator_type: str) -> tuple[int, int]:
+  """``(JAX devices, hosts)`` of a Cloud TPU slice named as ``gcloud`` names it.
+
+  v2/v3 names count cores, each a JAX device, 8 per host; v4/v5p names count TensorCores, two
+  per chip and one JAX device per chip, 4 chips per host; v5e (``v5litepod``) and v6e names
+  count chips, 4 per host in multi-host slices (up to 8 on one host).
+
+  Raises:
+    ValueError: for a name of another form.
+  """
+  match = re.fullmatch(r"(v2|v3|v4|v5p|v5litepod|v5e|v6e)-(\d+)", accelerator_type)
+  if not match:
+    raise ValueError(f"--accelerator-type {accelerator_type!r}: expected e.g. v4-32, v5p-64, "
+                     "v5litepod-16 or v6e-16")
+  family, n = match.group(1), int(match.group(2))
+  if family in ("v2", "v3"):
+    return n, max(n // 8, 1)
+  if family in ("v4", "v5p"):
+    return n // 2, max(n // 8, 1)
+  return n, 1 if n <= 8 else n // 4
+
+
+def pod_mesh_summary(config, accelerator_type: str) -> str:
+  """One line: the ``(data, fsdp, tensor)`` mesh ``config`` gets on a TPU slice, and what it
+  splits across hosts.
+
+  Raises:
+    ValueError: if the configured mesh does not fit the slice's devices.
+  """
+  from ssapo_jax.sharding import resolve_mesh_shape  # pylint: disable=import-outside-toplevel
+  devices, hosts = tpu_slice(accelerator_type)
+  data, fsdp, tensor = resolve_mesh_shape(config.mesh, devices)
+  per_host = devices // hosts
+  # Devices are laid out host by host, tensor fastest: an axis block wider than one host's
+  # devices crosses hosts.
+  params_across = hosts > 1 and fsdp * tensor > per_host
+  batch_across = hosts > 1 and data * fsdp > 1 and (data * fsdp * tensor > per_host)
+  return (f"mesh on {accelerator_type} ({devices} devices, {hosts} hosts x {per_host}): "
+          f"data={data} fsdp={fsdp} tensor={tensor}; parameters and optimizer state in "
+          f"{fsdp * tensor} shards{' across hosts' if params_across else ''}, batches in "
+          f"{data * fsdp} shards{' across hosts' if batch_across else ''}")
+
+
+def main(argv=None) -> int:
+  """``python -m ssapo_jax.pipeline.hosts ACCELERATOR_TYPE CONFIG [key=value ...]``: prints
+  `pod_mesh_summary` (``launch/tpu_pod.sh --dry-run``); exit status 2 if the mesh does not
+  fit."""
+  from ssapo_jax.experiment import load_experiment  # pylint: disable=import-outside-toplevel
+  args = sys.argv[1:] if argv is None else argv
+  accelerator, config_path, overrides = args[0], args[1], [a for a in args[2:] if "=" in a]
+  try:
+    config = load_experiment(config_path, overrides)
+  except ValueError as e:  # ConfigError: an unknown key, a bad value
+    print(f"{config_path}: {e}", file=sys.stderr)
+    return 2
+  try:
+    print(pod_mesh_summary(config, accelerator))
+  except ValueError as e:
+    print(f"mesh: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -233,7 +233,7 @@ class MetricsHook:
     self.bar.update(1)
     if ctx.done % self.rt.config.rounds.log_every_steps and ctx.done != ctx.num_steps:
       return
-    metrics = {k: float(v) for k, v in ctx.metrics.items() if np.ndim(v) == 0}
+    metrics = {k: float(v) for k, v in shd.to_host(ctx.metrics).items() if np.ndim(v) == 0}
     tr.check_finite_progress(metrics, self.train_cfg)
     now = time.perf_counter()
     metrics["tokens_per_second"] = self.tokens / max(now - self.last, 1e-9)
@@ -257,7 +257,8 @@ class CheckpointHook:
   def _finite_since_restore(self, ctx: StepContext) -> bool:
     # One scalar read, only until the first finite step after a restore.
     if not self.finite_since_restore:
-      self.finite_since_restore = int(ctx.metrics["nonfinite/consecutive"]) < ctx.since_restore
+      consecutive = int(shd.to_host(ctx.metrics["nonfinite/consecutive"]))
+      self.finite_since_restore = consecutive < ctx.since_restore
     return self.finite_since_restore
 
   def before_step(self, ctx: StepContext) -> None:

@@ -22,6 +22,7 @@ from ssapo_jax.models.tokenizer import load_tokenizer
 from ssapo_jax.preflight import Preflight, Sources, load_sources, split_data
 from ssapo_jax.rundir import RunDir
 from ssapo_jax.runrecord import message, progress
+from ssapo_jax.storage import local_copy
 from ssapo_jax.train import DTYPES, Scorer, scoring_batch_size
 
 
@@ -114,6 +115,7 @@ def scorer_for(config: ExperimentConfig, mesh, pad_id: int) -> Scorer:
 
 def load_model(path: str, config: ExperimentConfig, mesh) -> CausalLM:
   """A local HF checkpoint, its parameters placed with the mesh's partition rules."""
+  path = local_copy(path)  # a gs:// folder: this host's copy
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise FileNotFoundError(f"no Hugging Face model in {path!r} (config.json missing)")
   t = config.train

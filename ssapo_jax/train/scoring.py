@@ -140,7 +140,7 @@ def compute_logps(logps_fn: Callable[..., jax.Array], params: Any, mesh: Mesh,
     pad = [(0, local - n), (0, 0)]
     arrays = [np.pad(np.asarray(a, np.int32), pad) for a in (ids, mask, loss_mask)]
     global_arrays = shd.global_batch(mesh, tuple(arrays))
-    logps = np.asarray(logps_fn(params, *global_arrays))  # replicated [batch_size]
+    logps = shd.to_host(logps_fn(params, *global_arrays))  # [batch_size], every row
     out.append(logps[rows][:n])
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 

@@ -1,9 +1,19 @@
 """SSAPO rounds across processes: 2 processes x 4 simulated CPU devices on localhost against one
-process with 8 devices and the same (2, 2, 2) mesh (ssapo_jax/pipeline/ through `ssapo-train`).
+process with 8 devices and the same mesh (ssapo_jax/pipeline/ through `ssapo-train`).
 
 Each process is the same ``launch/train.py`` command plus ``mesh.num_processes=2
 mesh.process_id=i mesh.coordinator_address=127.0.0.1:PORT``. Tolerances: samples, pairs and
 follower atoms equal (atoms to 1e-6), losses to 1e-4 relative, exported policy to 1e-5.
+
+The mesh matrix ``(data, fsdp, tensor)``; process 0 holds devices 0-3, so what each mesh splits
+across the two processes is:
+
+* ``(1, 8, 1)`` -- the shipped configs' shape: parameters, optimizer state and batches (default
+  suite, and the kill/relaunch tests);
+* ``(1, 4, 2)`` -- parameters and optimizer state (FSDP) and batches; tensor parallelism within
+  a process;
+* ``(8, 1, 1)`` -- the batch only (every process holds whole parameters);
+* ``(2, 4, 1)`` and ``(2, 2, 2)`` -- mixes: the batch over ``data``, within-process FSDP/tensor.
 """
 
 import json
@@ -23,8 +33,13 @@ from pipeline_runs import write_config, write_world
 
 from ssapo_jax.data import load_round
 
-TIMEOUT = 15  # mesh.coordination_timeout_seconds of these runs
-MESH = f"mesh: {{data: 2, fsdp: 2, tensor: 2, coordination_timeout_seconds: {TIMEOUT}}}\n"
+TIMEOUT = 60  # mesh.coordination_timeout_seconds of these runs (starved processes on a loaded
+# machine miss heartbeats for tens of seconds)
+RUN_TIMEOUT = 3600  # seconds a whole run may take: generous for shared, overloaded CI machines
+FSDP = (1, 8, 1)  # the shipped configs' mesh (fsdp: -1) on 8 devices
+MESHES = [pytest.param(FSDP, id="1-8-1")] + [
+    pytest.param(m, id="-".join(map(str, m)), marks=pytest.mark.slow)
+    for m in ((1, 4, 2), (8, 1, 1), (2, 4, 1), (2, 2, 2))]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +47,11 @@ def world(tmp_path_factory):
   return write_world(str(tmp_path_factory.mktemp("world")))
 
 
-def _config(world, out, folder) -> str:
-  return write_config(world, out, str(folder), extra=MESH)
+def _config(world, out, folder, mesh=FSDP) -> str:
+  data, fsdp, tensor = mesh
+  return write_config(world, out, str(folder), extra=(
+      f"mesh: {{data: {data}, fsdp: {fsdp}, tensor: {tensor}, "
+      f"coordination_timeout_seconds: {TIMEOUT}}}\n"))
 
 
 def _free_port() -> int:
@@ -60,7 +78,7 @@ def _log(log_dir, i) -> str:
     return f.read()
 
 
-def _finish(procs, log_dir, timeout=900):
+def _finish(procs, log_dir, timeout=RUN_TIMEOUT):
   deadline = time.time() + timeout
   for p in procs:
     try:
@@ -78,15 +96,46 @@ def _npz(path):
     return dict(f)
 
 
+class _OneProcessRuns:
+  """The runs on one process with 8 devices, once per mesh: ``start(mesh)`` launches one in the
+  background (to overlap with a two-process run), ``runs(mesh)`` waits for it and returns its
+  output directory."""
+
+  def __init__(self, world, tmp_path_factory):
+    self.world, self.factory = world, tmp_path_factory
+    self.started, self.done = {}, {}
+
+  def start(self, mesh=FSDP) -> None:
+    if mesh in self.started or mesh in self.done:
+      return
+    folder = self.factory.mktemp("one")
+    out = str(folder / "run")
+    config = _config(self.world, out, folder, mesh)
+    log = open(folder / "log", "w")  # noqa: SIM115 (closed in __call__)
+    proc = subprocess.Popen(_cmd(config), env=_env(8), stdout=log, stderr=subprocess.STDOUT)
+    self.started[mesh] = (proc, out, log, time.perf_counter())
+
+  def __call__(self, mesh=FSDP) -> str:
+    if mesh not in self.done:
+      self.start(mesh)
+      proc, out, log, start = self.started.pop(mesh)
+      try:
+        proc.wait(timeout=RUN_TIMEOUT)
+      finally:
+        if proc.poll() is None:
+          proc.kill()
+        log.close()
+      with open(log.name) as f:
+        assert proc.returncode == 0, f.read()[-4000:]
+      print(f"one process, mesh {mesh}: {time.perf_counter() - start:.1f} s")
+      self.done[mesh] = out
+    return self.done[mesh]
+
+
 @pytest.fixture(scope="module")
-def one_process(world, tmp_path_factory):
-  """The run on one process with 8 devices and the (2, 2, 2) mesh."""
-  folder = tmp_path_factory.mktemp("one")
-  out = str(folder / "run")
-  config = _config(world, out, folder)
-  proc = subprocess.run(_cmd(config), env=_env(8), capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return out, config
+def one_process_runs(world, tmp_path_factory):
+  """`_OneProcessRuns` of the module."""
+  return _OneProcessRuns(world, tmp_path_factory)
 
 
 def _assert_same_run(out, ref):
@@ -111,11 +160,14 @@ def _assert_same_run(out, ref):
     np.testing.assert_allclose(pa[k], pb[k], atol=1e-5, err_msg=k)
 
 
-def test_two_processes_equal_one_process(world, one_process, tmp_path):
-  ref, _ = one_process
+@pytest.mark.parametrize("mesh", MESHES)
+def test_two_processes_equal_one_process(world, one_process_runs, tmp_path, mesh):
+  ref = one_process_runs(mesh)  # first, alone: the two wall times below compare
   out = str(tmp_path / "run")
-  config = _config(world, out, tmp_path)
+  config = _config(world, out, tmp_path, mesh)
+  start = time.perf_counter()
   _finish(_launch(config, log_dir=tmp_path), tmp_path)
+  print(f"two processes, mesh {mesh}: {time.perf_counter() - start:.1f} s")
   _assert_same_run(out, ref)
   # Throughput accounting: one record and one printed line per phase.
   with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -130,10 +182,10 @@ def test_two_processes_equal_one_process(world, one_process, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_with_per_host_output_dirs(world, one_process, tmp_path):
+def test_two_processes_with_per_host_output_dirs(world, one_process_runs, tmp_path):
   """The same relative ``output_dir`` from two working directories: a local directory per
   host. Process 0's holds every phase output; process 1 received them by broadcast."""
-  ref, _ = one_process
+  ref = one_process_runs()
   hosts = [tmp_path / f"host{i}" for i in range(2)]
   for h in hosts:
     h.mkdir()
@@ -157,7 +209,7 @@ def _has_train_checkpoint(out, round_index):
   return False
 
 
-def _kill_one_when(procs, ready, *, timeout=600):
+def _kill_one_when(procs, ready, *, timeout=RUN_TIMEOUT):
   deadline = time.time() + timeout
   while not ready():
     assert time.time() < deadline, "the run never reached the kill point"
@@ -165,15 +217,15 @@ def _kill_one_when(procs, ready, *, timeout=600):
     time.sleep(0.2)
   procs[1].send_signal(signal.SIGKILL)
   killed = time.time()
-  procs[0].wait(timeout=TIMEOUT + 120)
+  procs[0].wait(timeout=TIMEOUT + 300)
   return procs[0].returncode, time.time() - killed
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["generate", "train"])
-def test_killed_process_stops_the_other_and_relaunch_finishes(world, one_process, tmp_path,
+def test_killed_process_stops_the_other_and_relaunch_finishes(world, one_process_runs, tmp_path,
                                                                 point):
-  ref, _ = one_process
+  one_process_runs.start()  # the reference runs beside the two processes
   out = str(tmp_path / "run")
   config = _config(world, out, tmp_path)
   procs = _launch(config, log_dir=tmp_path)
@@ -183,9 +235,10 @@ def test_killed_process_stops_the_other_and_relaunch_finishes(world, one_process
   else:  # a round-1 training checkpoint exists, the round has not finished
     ready = lambda: _has_train_checkpoint(out, 1)
   code, waited = _kill_one_when(procs, ready)
-  assert code != 0 and waited < TIMEOUT + 120, (code, waited)
+  assert code != 0 and waited < TIMEOUT + 300, (code, waited)
   assert not os.path.exists(os.path.join(out, "final_policy"))
   _finish(_launch(config, log_dir=tmp_path), tmp_path)
+  ref = one_process_runs()
   pa, pb = _final_params(out), _final_params(ref)
   for k in pa:
     np.testing.assert_allclose(pa[k], pb[k], atol=1e-5, err_msg=k)
