@@ -52,7 +52,7 @@ from ssapo_jax.models import Llama, LlamaConfig  # noqa: E402
 from ssapo_jax.models.llama import REMAT_POLICIES  # noqa: E402
 from ssapo_jax.models.presets import preset  # noqa: E402
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,23 +76,53 @@ class Sizes:
 
 
 def _tiny(layers: int, hidden: int) -> LlamaConfig:
-  return LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden,
-                     num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=hidden // 4,
-                     eos_token_ids=(2,), pad_token_id=0)
+  return LlamaConfig(
+    vocab_size=512,
+    hidden_size=hidden,
+    intermediate_size=2 * hidden,
+    num_layers=layers,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=hidden // 4,
+    eos_token_ids=(2,),
+    pad_token_id=0,
+  )
 
 
 def sizes(small: bool) -> Sizes:
   if small:
-    return Sizes(attn_batch=2, attn_len=128, attn_heads=4, attn_kv_heads=2, attn_head_dim=32,
-                 train_model=_tiny(2, 64), train_pairs=2, train_len=64, sample_batch=4,
-                 sample_prompt=16, sample_new=8,
-                 ladder=(("tiny-64", _tiny(2, 64)), ("tiny-128", _tiny(2, 128))),
-                 capacity_len=64, timed_steps=2)
-  return Sizes(attn_batch=4, attn_len=2048, attn_heads=32, attn_kv_heads=8, attn_head_dim=128,
-               train_model=preset("llama3.2-1b"), train_pairs=4, train_len=2048,
-               sample_batch=64, sample_prompt=128, sample_new=300,
-               ladder=tuple((n, preset(n)) for n in ("llama3.2-1b", "llama3.2-3b", "llama3-8b")),
-               capacity_len=2048, timed_steps=5)
+    return Sizes(
+      attn_batch=2,
+      attn_len=128,
+      attn_heads=4,
+      attn_kv_heads=2,
+      attn_head_dim=32,
+      train_model=_tiny(2, 64),
+      train_pairs=2,
+      train_len=64,
+      sample_batch=4,
+      sample_prompt=16,
+      sample_new=8,
+      ladder=(("tiny-64", _tiny(2, 64)), ("tiny-128", _tiny(2, 128))),
+      capacity_len=64,
+      timed_steps=2,
+    )
+  return Sizes(
+    attn_batch=4,
+    attn_len=2048,
+    attn_heads=32,
+    attn_kv_heads=8,
+    attn_head_dim=128,
+    train_model=preset("llama3.2-1b"),
+    train_pairs=4,
+    train_len=2048,
+    sample_batch=64,
+    sample_prompt=128,
+    sample_new=300,
+    ladder=tuple((n, preset(n)) for n in ("llama3.2-1b", "llama3.2-3b", "llama3-8b")),
+    capacity_len=2048,
+    timed_steps=5,
+  )
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -101,9 +131,16 @@ def sizes(small: bool) -> Sizes:
 def chip_of(device) -> plan.Chip | None:
   """The `plan.CHIPS` entry of a device, from its kind (None on CPU or an unknown device)."""
   kind = device.device_kind.lower()
-  for needle, key in (("h200", "h200"), ("h100", "h100"), ("a100", "a100"),
-                      ("v5 lite", "v5e"), ("v5e", "v5e"), ("v6", "v6e"), ("v5", "v5p"),
-                      ("v4", "v4")):
+  for needle, key in (
+    ("h200", "h200"),
+    ("h100", "h100"),
+    ("a100", "a100"),
+    ("v5 lite", "v5e"),
+    ("v5e", "v5e"),
+    ("v6", "v6e"),
+    ("v5", "v5p"),
+    ("v4", "v4"),
+  ):
     if needle in kind:
       return plan.CHIPS[key]
   return None
@@ -119,7 +156,7 @@ def measured_peak(dtype=jnp.bfloat16, n: int = 1024) -> float:
   for _ in range(reps):
     out = f(a)
   out.block_until_ready()
-  return reps * 2 * n ** 3 / (time.perf_counter() - start)
+  return reps * 2 * n**3 / (time.perf_counter() - start)
 
 
 def timed(fn, *args, reps: int) -> float:
@@ -142,7 +179,7 @@ def device_capacity(small: bool) -> int:
   stats = jax.devices()[0].memory_stats() or {}
   if "bytes_limit" in stats:
     return int(stats["bytes_limit"])
-  return 8 * 1024 ** 2 if small else 16 * GiB
+  return 8 * 1024**2 if small else 16 * GiB
 
 
 # ------------------------------------------------------------------------------ sections
@@ -151,6 +188,7 @@ def device_capacity(small: bool) -> int:
 def bench_attention(sz: Sizes, small: bool) -> dict:
   """Fused attention (the backend's ``auto`` choice) against ``xla``: values, grads, times."""
   from ssapo_jax.models import attention as attn  # pylint: disable=import-outside-toplevel
+
   fused = attn.resolve_implementation("auto", jnp.bfloat16)
   if fused == "xla":
     if not small:
@@ -167,12 +205,14 @@ def bench_attention(sz: Sizes, small: bool) -> dict:
 
   def make(impl):
     def f(q, k, v):
-      return attn.attention(q, k, v, q_slots=slots, k_slots=slots, kv_mask=mask, window=None,
-                            implementation=impl)
+      return attn.attention(
+        q, k, v, q_slots=slots, k_slots=slots, kv_mask=mask, window=None, implementation=impl
+      )
 
     def fwd_bwd(q, k, v):
       out, vjp = jax.vjp(f, q, k, v)
       return (out,) + vjp(cot)
+
     return jax.jit(fwd_bwd)
 
   mesh = one_device_mesh()
@@ -187,13 +227,23 @@ def bench_attention(sz: Sizes, small: bool) -> dict:
   for name, a, r in zip(("out", "dq", "dk", "dv"), got, ref):
     a32, r32 = np.asarray(a, np.float32), np.asarray(r, np.float32)
     errors[name] = float(np.max(np.abs(a32 - r32)) / max(np.max(np.abs(r32)), 1e-30))
-  return {"implementation": fused, "shape": [b, t, n, k, h], "max_rel_error": errors,
-          "xla_ms": 1e3 * results["xla"][1], "fused_ms": 1e3 * results[fused][1]}
+  return {
+    "implementation": fused,
+    "shape": [b, t, n, k, h],
+    "max_rel_error": errors,
+    "xla_ms": 1e3 * results["xla"][1],
+    "fused_ms": 1e3 * results[fused][1],
+  }
 
 
 def _train_config(pairs: int, remat: str) -> tr.TrainConfig:
-  return tr.TrainConfig(global_batch_size=pairs, micro_batches=1, compute_dtype="bfloat16",
-                        param_dtype="float32", remat=remat)
+  return tr.TrainConfig(
+    global_batch_size=pairs,
+    micro_batches=1,
+    compute_dtype="bfloat16",
+    param_dtype="float32",
+    remat=remat,
+  )
 
 
 def _random_batch(pairs: int, length: int, vocab: int, seed: int = 0):
@@ -201,14 +251,13 @@ def _random_batch(pairs: int, length: int, vocab: int, seed: int = 0):
   ids = lambda: rng.integers(3, vocab, (pairs, length), dtype=np.int32)  # noqa: E731
   mask = np.ones((pairs, length), np.int32)
   loss_mask = mask.copy()
-  loss_mask[:, :length // 2] = 0  # the first half is the prompt
+  loss_mask[:, : length // 2] = 0  # the first half is the prompt
   return make_preference_batch(ids(), mask, loss_mask, ids(), mask, loss_mask)
 
 
 def bench_train(sz: Sizes, peak: float, remat: str) -> dict:
   """Tokens/s and MFU of the jitted train step (random weights, one device)."""
-  config = dataclasses.replace(sz.train_model, dtype="bfloat16", param_dtype="float32",
-                               remat=remat)
+  config = dataclasses.replace(sz.train_model, dtype="bfloat16", param_dtype="float32", remat=remat)
   t = _train_config(sz.train_pairs, remat)
   mesh = one_device_mesh()
   model = Llama(config, rngs=nnx.Rngs(0))
@@ -229,10 +278,17 @@ def bench_train(sz: Sizes, peak: float, remat: str) -> dict:
   seconds = statistics.median(times)
   tokens = 2 * sz.train_pairs * sz.train_len
   flops = plan.train_step_flops(config, t, sz.train_len)
-  return {"params": config.matmul_params(), "pairs": sz.train_pairs, "seq_len": sz.train_len,
-          "remat": remat, "compile_s": compile_s, "step_ms": 1e3 * seconds,
-          "tokens_per_s": tokens / seconds, "mfu": flops / seconds / peak,
-          "loss_finite": bool(np.isfinite(float(metrics["loss"])))}
+  return {
+    "params": config.matmul_params(),
+    "pairs": sz.train_pairs,
+    "seq_len": sz.train_len,
+    "remat": remat,
+    "compile_s": compile_s,
+    "step_ms": 1e3 * seconds,
+    "tokens_per_s": tokens / seconds,
+    "mfu": flops / seconds / peak,
+    "loss_finite": bool(np.isfinite(float(metrics["loss"]))),
+  }
 
 
 def bench_sampler(sz: Sizes) -> dict:
@@ -245,17 +301,24 @@ def bench_sampler(sz: Sizes) -> dict:
   rng = np.random.default_rng(0)
   prompts = rng.integers(3, config.vocab_size, (sz.sample_batch, sz.sample_prompt), np.int32)
   mask = np.ones_like(prompts)
-  kwargs = dict(max_new_tokens=sz.sample_new, temperature=1.0, eos_token_ids=(-1,),
-                pad_token_id=0)
+  kwargs = dict(max_new_tokens=sz.sample_new, temperature=1.0, eos_token_ids=(-1,), pad_token_id=0)
   start = time.perf_counter()
   jax.block_until_ready(sampling.generate(model, prompts, mask, jax.random.key(0), **kwargs))
   compile_s = time.perf_counter() - start
-  seconds = timed(lambda key: sampling.generate(model, prompts, mask, key, **kwargs),
-                  jax.random.key(1), reps=max(sz.timed_steps // 2, 1))
+  seconds = timed(
+    lambda key: sampling.generate(model, prompts, mask, key, **kwargs),
+    jax.random.key(1),
+    reps=max(sz.timed_steps // 2, 1),
+  )
   new_tokens = sz.sample_batch * sz.sample_new
-  return {"batch": sz.sample_batch, "prompt_len": sz.sample_prompt,
-          "new_tokens": sz.sample_new, "compile_s": compile_s, "seconds": seconds,
-          "tokens_per_s": new_tokens / seconds}
+  return {
+    "batch": sz.sample_batch,
+    "prompt_len": sz.sample_prompt,
+    "new_tokens": sz.sample_new,
+    "compile_s": compile_s,
+    "seconds": seconds,
+    "tokens_per_s": new_tokens / seconds,
+  }
 
 
 def bench_capacity(sz: Sizes, capacity: int) -> dict:
@@ -270,11 +333,22 @@ def bench_capacity(sz: Sizes, capacity: int) -> dict:
     start = time.perf_counter()
     lowered, _ = plan.lower_train_step(t, config, mesh, seq_len=sz.capacity_len)
     memory = lowered.compile().memory_analysis()
-    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-             - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+    total = (
+      memory.argument_size_in_bytes
+      + memory.output_size_in_bytes
+      - memory.alias_size_in_bytes
+      + memory.temp_size_in_bytes
+    )
     fits = total <= capacity
-    rows.append({"model": name, "params": config.matmul_params(), "hbm_bytes": int(total),
-                 "fits": fits, "compile_s": time.perf_counter() - start})
+    rows.append(
+      {
+        "model": name,
+        "params": config.matmul_params(),
+        "hbm_bytes": int(total),
+        "fits": fits,
+        "compile_s": time.perf_counter() - start,
+      }
+    )
     if not fits:
       break  # larger ones will not fit either
     largest = name
@@ -289,27 +363,39 @@ def run(small: bool, remat: str) -> dict:
   chip = chip_of(device)
   peak = chip.peak_flops if chip is not None else measured_peak()
   sz = sizes(small)
-  report = {"date": datetime.date.today().isoformat(), "device": device.device_kind,
-            "backend": jax.default_backend(), "jax": jax.__version__, "small": small,
-            "peak_flops": peak, "peak_source": "datasheet" if chip else "measured matmul"}
-  sections = (("attention", lambda: bench_attention(sz, small)),
-              ("train_step", lambda: bench_train(sz, peak, remat)),
-              ("sampler", lambda: bench_sampler(sz)),
-              ("capacity", lambda: bench_capacity(sz, device_capacity(small))))
+  report = {
+    "date": datetime.date.today().isoformat(),
+    "device": device.device_kind,
+    "backend": jax.default_backend(),
+    "jax": jax.__version__,
+    "small": small,
+    "peak_flops": peak,
+    "peak_source": "datasheet" if chip else "measured matmul",
+  }
+  sections = (
+    ("attention", lambda: bench_attention(sz, small)),
+    ("train_step", lambda: bench_train(sz, peak, remat)),
+    ("sampler", lambda: bench_sampler(sz)),
+    ("capacity", lambda: bench_capacity(sz, device_capacity(small))),
+  )
   for name, fn in sections:
     start = time.perf_counter()
     try:
       report[name] = fn()
     except Exception as e:  # one failing section must not hide the others' numbers
-      report[name] = {"error": f"{type(e).__name__}: {e}",
-                      "traceback": traceback.format_exc(limit=3)}
+      report[name] = {
+        "error": f"{type(e).__name__}: {e}",
+        "traceback": traceback.format_exc(limit=3),
+      }
     report[name]["section_s"] = time.perf_counter() - start
   return report
 
 
 def format_report(r: dict) -> str:
-  lines = [f"accelerator check {r['date']}: {r['device']} ({r['backend']}, jax {r['jax']}), "
-           f"peak {r['peak_flops'] / 1e12:.3g} TFLOP/s ({r['peak_source']})"]
+  lines = [
+    f"accelerator check {r['date']}: {r['device']} ({r['backend']}, jax {r['jax']}), "
+    f"peak {r['peak_flops'] / 1e12:.3g} TFLOP/s ({r['peak_source']})"
+  ]
 
   def row(name, text):
     lines.append(f"  {name:<11} {text}")
@@ -324,28 +410,46 @@ def format_report(r: dict) -> str:
       continue
     if name == "attention":
       errs = ", ".join(f"{k} {v:.1e}" for k, v in s["max_rel_error"].items())
-      row(name, f"{s['implementation']} vs xla {s['shape']}: max rel err {errs}; "
-                f"fwd+bwd {s['fused_ms']:.2f} ms vs {s['xla_ms']:.2f} ms")
+      row(
+        name,
+        f"{s['implementation']} vs xla {s['shape']}: max rel err {errs}; "
+        f"fwd+bwd {s['fused_ms']:.2f} ms vs {s['xla_ms']:.2f} ms",
+      )
     elif name == "train_step":
-      row(name, f"{s['params'] / 1e9:.2f}B params, {s['pairs']} pairs x {s['seq_len']}, "
-                f"remat {s['remat']}: {s['step_ms']:.1f} ms/step, {s['tokens_per_s']:,.0f} "
-                f"tokens/s, MFU {100 * s['mfu']:.1f}%")
+      row(
+        name,
+        f"{s['params'] / 1e9:.2f}B params, {s['pairs']} pairs x {s['seq_len']}, "
+        f"remat {s['remat']}: {s['step_ms']:.1f} ms/step, {s['tokens_per_s']:,.0f} "
+        f"tokens/s, MFU {100 * s['mfu']:.1f}%",
+      )
     elif name == "sampler":
-      row(name, f"batch {s['batch']}, prompt {s['prompt_len']}, {s['new_tokens']} new: "
-                f"{s['seconds']:.2f} s, {s['tokens_per_s']:,.0f} new tokens/s")
+      row(
+        name,
+        f"batch {s['batch']}, prompt {s['prompt_len']}, {s['new_tokens']} new: "
+        f"{s['seconds']:.2f} s, {s['tokens_per_s']:,.0f} new tokens/s",
+      )
     else:
-      fits = "; ".join(f"{m['model']} {m['hbm_bytes'] / GiB:.3g} GiB "
-                       f"{'fits' if m['fits'] else 'does not fit'}" for m in s["models"])
-      row(name, f"largest full-FT train step that fits {s['capacity_bytes'] / GiB:.3g} GiB: "
-                f"{s['largest']} ({fits})")
+      fits = "; ".join(
+        f"{m['model']} {m['hbm_bytes'] / GiB:.3g} GiB {'fits' if m['fits'] else 'does not fit'}"
+        for m in s["models"]
+      )
+      row(
+        name,
+        f"largest full-FT train step that fits {s['capacity_bytes'] / GiB:.3g} GiB: "
+        f"{s['largest']} ({fits})",
+      )
   return "\n".join(lines)
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--small", action="store_true", help="reduced sizes (CPU, about a minute)")
-  p.add_argument("--remat", default="none", choices=REMAT_POLICIES,
-                 help="remat policy of the timed train step (default none: the 1B step fits)")
+  p.add_argument(
+    "--remat",
+    default="none",
+    choices=REMAT_POLICIES,
+    help="remat policy of the timed train step (default none: the 1B step fits)",
+  )
   p.add_argument("--json", default=None, help="write the report here")
   args = p.parse_args(argv)
   report = run(args.small, args.remat)

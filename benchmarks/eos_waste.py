@@ -87,15 +87,26 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--median", type=float, default=180.0)
   p.add_argument("--sigma", type=float, default=0.6)
-  p.add_argument("--every", type=int, default=32,
-                 help="UltraFeedback-like: steps between compactions/refills (tiny world: 4)")
+  p.add_argument(
+    "--every",
+    type=int,
+    default=32,
+    help="UltraFeedback-like: steps between compactions/refills (tiny world: 4)",
+  )
   p.add_argument("--min-rows", type=int, default=8)
-  p.add_argument("--step-ms", default=None,
-                 help="measured decode step times 'rows:ms,rows:ms' for a time model "
-                      "a + b * rows (default: a step's time does not depend on its rows, as "
-                      "in memory-bound accelerator decoding)")
-  p.add_argument("--gather-ms", type=float, default=0.0,
-                 help="modelled cost of one compaction (gather of the live rows' caches)")
+  p.add_argument(
+    "--step-ms",
+    default=None,
+    help="measured decode step times 'rows:ms,rows:ms' for a time model "
+    "a + b * rows (default: a step's time does not depend on its rows, as "
+    "in memory-bound accelerator decoding)",
+  )
+  p.add_argument(
+    "--gather-ms",
+    type=float,
+    default=0.0,
+    help="modelled cost of one compaction (gather of the live rows' caches)",
+  )
   args = p.parse_args()
   if args.step_ms:
     (r1, t1), (r2, t2) = [tuple(float(v) for v in x.split(":")) for x in args.step_ms.split(",")]
@@ -107,12 +118,15 @@ def main():
 
   rng = np.random.default_rng(0)
   from ssapo_jax.demo import task  # pylint: disable=import-outside-toplevel
+
   tiny = np.array([len(task.sample_problem(rng).answer) + 1 for _ in range(4500)])
   uf = np.maximum(1, np.round(rng.lognormal(np.log(args.median), args.sigma, 58_000))).astype(int)
   # (name, lengths, rows per call, max_new_tokens, steps between compactions/refills)
   cases = [("tiny world", tiny, 512, 12, 4), ("UltraFeedback-like", uf, 128, 300, args.every)]
-  print(f"# step model: {a:.1f} + {b:.2f} * rows ms ({args.step_ms or 'flat in rows'}); "
-        f"compaction to powers of two >= {args.min_rows} rows")
+  print(
+    f"# step model: {a:.1f} + {b:.2f} * rows ms ({args.step_ms or 'flat in rows'}); "
+    f"compaction to powers of two >= {args.min_rows} rows"
+  )
   for name, lengths, rows, max_new, every in cases:
     frac, slots = waste(lengths, rows, max_new)
     capped = float((lengths >= max_new).mean())
@@ -121,13 +135,19 @@ def main():
     comp_ms = sum(s * step_ms(w) for w, s in steps_at.items()) + compactions * args.gather_ms
     r_steps = refilled(lengths, rows, max_new, every)
     refill_ms = r_steps * step_ms(rows)
-    print(f"{name}: {lengths.size} responses, {rows} rows per call, max_new_tokens {max_new}, "
-          f"mean length {np.minimum(lengths, max_new).mean():.0f}, {capped:.0%} hit the cap: "
-          f"{frac:.1%} of decode row-steps on ended rows")
-    print(f"  compacted every {every} steps: row-steps -{1 - c_slots / slots:.0%}, "
-          f"modelled decode time x{base_ms / comp_ms:.2f} faster")
-    print(f"  refilled every {every} steps: row-steps -{1 - r_steps * rows / slots:.0%}, "
-          f"modelled decode time x{base_ms / refill_ms:.2f} faster")
+    print(
+      f"{name}: {lengths.size} responses, {rows} rows per call, max_new_tokens {max_new}, "
+      f"mean length {np.minimum(lengths, max_new).mean():.0f}, {capped:.0%} hit the cap: "
+      f"{frac:.1%} of decode row-steps on ended rows"
+    )
+    print(
+      f"  compacted every {every} steps: row-steps -{1 - c_slots / slots:.0%}, "
+      f"modelled decode time x{base_ms / comp_ms:.2f} faster"
+    )
+    print(
+      f"  refilled every {every} steps: row-steps -{1 - r_steps * rows / slots:.0%}, "
+      f"modelled decode time x{base_ms / refill_ms:.2f} faster"
+    )
 
 
 if __name__ == "__main__":

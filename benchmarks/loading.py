@@ -37,6 +37,7 @@ _DEVICES = 8
 def _device_bytes():
   """(largest per-device total, largest single shard) over live arrays, in bytes."""
   import jax
+
   buffers = {}  # (device, buffer address) -> bytes: views of one buffer count once
   for x in jax.live_arrays():
     for shard in x.addressable_shards:
@@ -90,6 +91,7 @@ def _measure(mode: str, path: str) -> dict:
     from flax import nnx
 
     from ssapo_jax.models import logical_axes
+
     model = params_lib.load_hf(path)
     sample()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -104,10 +106,16 @@ def _measure(mode: str, path: str) -> dict:
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   # On CPU a device buffer may be the numpy block itself (zero copy): what is still allocated
   # at the end is such device memory; the peak above it was transient host memory.
-  return {"mode": mode, "seconds": seconds, "host_rss_rise_bytes": rss - rss0,
-          "host_tracemalloc_peak_bytes": traced, "host_tracemalloc_end_bytes": kept,
-          "host_transient_peak_bytes": traced - kept, "device_peak_bytes": peak["device"],
-          "largest_shard_bytes": peak["shard"]}
+  return {
+    "mode": mode,
+    "seconds": seconds,
+    "host_rss_rise_bytes": rss - rss0,
+    "host_tracemalloc_peak_bytes": traced,
+    "host_tracemalloc_end_bytes": kept,
+    "host_transient_peak_bytes": traced - kept,
+    "device_peak_bytes": peak["device"],
+    "largest_shard_bytes": peak["shard"],
+  }
 
 
 def main():
@@ -128,27 +136,42 @@ def main():
   from ssapo_jax.models import Llama, LlamaConfig, save_hf
 
   path = tempfile.mkdtemp()
-  config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                       intermediate_size=int(args.hidden * 2.75), num_layers=args.layers,
-                       num_heads=args.hidden // 64, num_kv_heads=args.hidden // 128, head_dim=64)
+  config = LlamaConfig(
+    vocab_size=args.vocab,
+    hidden_size=args.hidden,
+    intermediate_size=int(args.hidden * 2.75),
+    num_layers=args.layers,
+    num_heads=args.hidden // 64,
+    num_kv_heads=args.hidden // 128,
+    head_dim=64,
+  )
   model = Llama(config, rngs=nnx.Rngs(0))
   nbytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   largest = max(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   save_hf(model, path)
   del model
-  print(f"# {time.strftime('%Y-%m-%d')} jax={jax.__version__} {_DEVICES} CPU devices, "
-        f"model {nbytes / 2**20:.0f} MiB float32 (largest parameter {largest / 2**20:.0f} MiB)")
+  print(
+    f"# {time.strftime('%Y-%m-%d')} jax={jax.__version__} {_DEVICES} CPU devices, "
+    f"model {nbytes / 2**20:.0f} MiB float32 (largest parameter {largest / 2**20:.0f} MiB)"
+  )
   results = {"model_bytes": nbytes, "largest_param_bytes": largest, "runs": []}
   for mode in ("load", "load_then_shard", "save"):
-    out = subprocess.run([sys.executable, __file__, "--measure", mode, path], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+      [sys.executable, __file__, "--measure", mode, path],
+      check=True,
+      capture_output=True,
+      text=True,
+    ).stdout
     r = json.loads(out.strip().splitlines()[-1])
     results["runs"].append(r)
     mib = lambda k: r[k] / 2**20
-    print(f"{mode:16s} {r['seconds']:6.1f}s  host rss +{mib('host_rss_rise_bytes'):6.0f} MiB  "
-          f"tracemalloc peak {mib('host_tracemalloc_peak_bytes'):4.0f} (end {mib('host_tracemalloc_end_bytes'):4.0f}) MiB  "
-          f"device peak {mib('device_peak_bytes'):6.0f} MiB  "
-          f"largest shard {mib('largest_shard_bytes'):5.0f} MiB", flush=True)
+    print(
+      f"{mode:16s} {r['seconds']:6.1f}s  host rss +{mib('host_rss_rise_bytes'):6.0f} MiB  "
+      f"tracemalloc peak {mib('host_tracemalloc_peak_bytes'):4.0f} (end {mib('host_tracemalloc_end_bytes'):4.0f}) MiB  "
+      f"device peak {mib('device_peak_bytes'):6.0f} MiB  "
+      f"largest shard {mib('largest_shard_bytes'):5.0f} MiB",
+      flush=True,
+    )
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=2)

@@ -57,11 +57,19 @@ from ssapo_jax.testing.hf_torch import save_tiny_hf
 
 # transformers config fields of the random stand-ins for real models (`--preset`).
 PRESETS = {
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         head_dim=64, tie_word_embeddings=True, rms_norm_eps=1e-5,
-                         rope_parameters=dict(rope_type="default", rope_theta=100000.0),
-                         max_position_embeddings=8192),
+  "smollm2-135m": dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+    rope_parameters=dict(rope_type="default", rope_theta=100000.0),
+    max_position_embeddings=8192,
+  ),
 }
 
 
@@ -82,10 +90,16 @@ def compile_seconds(depths, args):
   ids = jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32)
   out = {}
   for layers in depths:
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                         intermediate_size=int(args.hidden * 2.75), num_layers=layers,
-                         num_heads=max(1, args.hidden // 64),
-                         num_kv_heads=max(1, args.hidden // 128), head_dim=64, remat="full")
+    config = LlamaConfig(
+      vocab_size=args.vocab,
+      hidden_size=args.hidden,
+      intermediate_size=int(args.hidden * 2.75),
+      num_layers=layers,
+      num_heads=max(1, args.hidden // 64),
+      num_kv_heads=max(1, args.hidden // 128),
+      head_dim=64,
+      remat="full",
+    )
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
 
     def loss(state, ids):
@@ -96,17 +110,22 @@ def compile_seconds(depths, args):
     t0, c0 = time.perf_counter(), time.process_time()
     jax.jit(jax.value_and_grad(loss)).lower(state, ids).compile()
     out[layers] = time.perf_counter() - t0
-    print(f"compile forward+backward: layers={layers} wall {out[layers]:.1f}s "
-          f"cpu {time.process_time() - c0:.1f}s", flush=True)
+    print(
+      f"compile forward+backward: layers={layers} wall {out[layers]:.1f}s "
+      f"cpu {time.process_time() - c0:.1f}s",
+      flush=True,
+    )
   return out
 
 
 def _machine() -> str:
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-  return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} {platform.node()} "
-          f"{platform.processor() or platform.machine()} cpus={os.cpu_count()} "
-          f"load1={load:.1f} nice={os.nice(0)} torch_threads={torch.get_num_threads()} "
-          f"jax={jax.__version__} backend={jax.default_backend()}")
+  return (
+    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} {platform.node()} "
+    f"{platform.processor() or platform.machine()} cpus={os.cpu_count()} "
+    f"load1={load:.1f} nice={os.nice(0)} torch_threads={torch.get_num_threads()} "
+    f"jax={jax.__version__} backend={jax.default_backend()}"
+  )
 
 
 def _timed(fn) -> float:
@@ -132,12 +151,14 @@ def decode_step_seconds(model, batch: int, slots: int, repeats: int) -> tuple[fl
   donated): the fastest of 3 rounds of ``repeats`` steps. CPU seconds are the process's, all
   threads: on a shared machine they move less with the load than wall time."""
   from flax import nnx
+
   graphdef, state = nnx.split(model)
 
   @functools.partial(jax.jit, donate_argnums=1)
   def step(state, cache, token, pos, kv_mask):
-    logits, cache = nnx.merge(graphdef, state).decode(token, pos, cache, cache_index=slots - 1,
-                                                      kv_mask=kv_mask)
+    logits, cache = nnx.merge(graphdef, state).decode(
+      token, pos, cache, cache_index=slots - 1, kv_mask=kv_mask
+    )
     return jnp.argmax(logits, -1).astype(jnp.int32), cache
 
   carry = [model.init_cache(batch, slots), jnp.zeros((batch, 1), jnp.int32)]
@@ -162,6 +183,7 @@ def decode_step_seconds(model, batch: int, slots: int, repeats: int) -> tuple[fl
 def decode_suite(args):
   """Generation tokens/s against transformers and per-step time by cache length."""
   import transformers
+
   if args.model_dir:
     path, what = args.model_dir, f"model {args.model_dir}"
   else:
@@ -171,15 +193,19 @@ def decode_suite(args):
   model = load_hf(path)
   c = model.config
   hf = transformers.AutoModelForCausalLM.from_pretrained(
-      path, attn_implementation="sdpa", dtype=torch.float32).eval()
+    path, attn_implementation="sdpa", dtype=torch.float32
+  ).eval()
   print(f"# {_machine()}")
-  print(f"# {what}: layers={c.num_layers} hidden={c.hidden_size} mlp={c.intermediate_size} "
-        f"heads={c.num_heads}/{c.num_kv_heads} vocab={c.vocab_size} dtype={c.dtype}; "
-        f"transformers {transformers.__version__} (sdpa), torch {torch.__version__}")
+  print(
+    f"# {what}: layers={c.num_layers} hidden={c.hidden_size} mlp={c.intermediate_size} "
+    f"heads={c.num_heads}/{c.num_kv_heads} vocab={c.vocab_size} dtype={c.dtype}; "
+    f"transformers {transformers.__version__} (sdpa), torch {torch.__version__}"
+  )
   rng = np.random.RandomState(0)
   warmed = []
   runs = [(b, args.prompt) for b in args.batches] + (
-      [(8, args.long_prompt)] if args.long_prompt else [])
+    [(8, args.long_prompt)] if args.long_prompt else []
+  )
   for batch, prompt_len in runs:
     prompts = rng.randint(3, c.vocab_size, (batch, prompt_len))
     p_mask = np.ones_like(prompts)
@@ -189,9 +215,15 @@ def decode_suite(args):
       key = jax.random.key(0)
 
       def jax_gen():
-        g = generate(model, jnp.asarray(prompts, jnp.int32), jnp.asarray(p_mask, jnp.int32), key,
-                     max_new_tokens=args.new_tokens, temperature=1.0 if sampled else 0.0,
-                     eos_token_ids=())
+        g = generate(
+          model,
+          jnp.asarray(prompts, jnp.int32),
+          jnp.asarray(p_mask, jnp.int32),
+          key,
+          max_new_tokens=args.new_tokens,
+          temperature=1.0 if sampled else 0.0,
+          eos_token_ids=(),
+        )
         jax.block_until_ready(g.tokens)
 
       t0 = time.perf_counter()
@@ -199,33 +231,51 @@ def decode_suite(args):
       compile_s = time.perf_counter() - t0
       jax_t = _min_time(jax_gen, args.repeats)
       new = batch * args.new_tokens
-      line = (f"generate batch={batch} prompt={prompt_len} new={args.new_tokens} "
-              f"cache={prompt_len + args.new_tokens} {mode}: jax {new / jax_t:,.0f} tok/s "
-              f"({jax_t:.2f} s, compile {compile_s:.0f} s)")
+      line = (
+        f"generate batch={batch} prompt={prompt_len} new={args.new_tokens} "
+        f"cache={prompt_len + args.new_tokens} {mode}: jax {new / jax_t:,.0f} tok/s "
+        f"({jax_t:.2f} s, compile {compile_s:.0f} s)"
+      )
       print(line, flush=True)  # before the (slow) transformers run
       if not args.jax_only:
+
         def torch_gen():
           with torch.no_grad():
-            kw = (dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sampled
-                  else dict(do_sample=False))
-            out = hf.generate(torch.tensor(prompts), attention_mask=torch.tensor(p_mask),
-                              max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                              pad_token_id=0, **kw)
+            kw = (
+              dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+              if sampled
+              else dict(do_sample=False)
+            )
+            out = hf.generate(
+              torch.tensor(prompts),
+              attention_mask=torch.tensor(p_mask),
+              max_new_tokens=args.new_tokens,
+              min_new_tokens=args.new_tokens,
+              pad_token_id=0,
+              **kw,
+            )
           assert out.shape[1] == prompt_len + args.new_tokens
+
         if not warmed:  # transformers compiles nothing: a 2-token call warms it up
           with torch.no_grad():
             hf.generate(torch.tensor(prompts[:, :8]), max_new_tokens=2, pad_token_id=0)
           warmed.append(True)
         torch_t = min(_timed(torch_gen) for _ in range(args.torch_repeats))
-        print(f"  transformers {new / torch_t:,.0f} tok/s ({torch_t:.2f} s)  "
-              f"ratio jax/transformers {torch_t / jax_t:.1f}x", flush=True)
+        print(
+          f"  transformers {new / torch_t:,.0f} tok/s ({torch_t:.2f} s)  "
+          f"ratio jax/transformers {torch_t / jax_t:.1f}x",
+          flush=True,
+        )
   for batch in args.step_batches:
     times = {s: decode_step_seconds(model, batch, s, args.step_repeats) for s in args.step_lengths}
     for i, what in ((0, "wall"), (1, "cpu")):
       t = {s: v[i] for s, v in times.items()}
-      print(f"decode step batch={batch} {what}: " + "  ".join(
-          f"cache {s}: {1e3 * v:.0f} ms" for s, v in t.items())
-            + f"  (max/min {max(t.values()) / min(t.values()):.2f})", flush=True)
+      print(
+        f"decode step batch={batch} {what}: "
+        + "  ".join(f"cache {s}: {1e3 * v:.0f} ms" for s, v in t.items())
+        + f"  (max/min {max(t.values()) / min(t.values()):.2f})",
+        flush=True,
+      )
 
 
 def main():
@@ -239,23 +289,36 @@ def main():
   parser.add_argument("--new-tokens", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--decode", action="store_true",
-                      help="rollout suite on a deep model (see the module docstring)")
+  parser.add_argument(
+    "--decode", action="store_true", help="rollout suite on a deep model (see the module docstring)"
+  )
   parser.add_argument("--preset", default="smollm2-135m", choices=sorted(PRESETS))
-  parser.add_argument("--model-dir", default=None,
-                      help="--decode on this Hugging Face model directory instead of --preset")
+  parser.add_argument(
+    "--model-dir",
+    default=None,
+    help="--decode on this Hugging Face model directory instead of --preset",
+  )
   parser.add_argument("--batches", default="8,64")
   parser.add_argument("--modes", default="greedy,sampled")
-  parser.add_argument("--long-prompt", type=int, default=0,
-                      help="--decode: also batch 8 with prompts of this many tokens")
+  parser.add_argument(
+    "--long-prompt",
+    type=int,
+    default=0,
+    help="--decode: also batch 8 with prompts of this many tokens",
+  )
   parser.add_argument("--step-lengths", default="128,512,1024")
   parser.add_argument("--step-batches", default="8")
   parser.add_argument("--step-repeats", type=int, default=5)
   parser.add_argument("--jax-only", action="store_true", help="--decode: skip transformers")
-  parser.add_argument("--torch-repeats", type=int, default=1,
-                      help="--decode: timed transformers calls (the fastest is reported)")
-  parser.add_argument("--compile-depths", default="",
-                      help="comma-separated layer counts: only measure compile time")
+  parser.add_argument(
+    "--torch-repeats",
+    type=int,
+    default=1,
+    help="--decode: timed transformers calls (the fastest is reported)",
+  )
+  parser.add_argument(
+    "--compile-depths", default="", help="comma-separated layer counts: only measure compile time"
+  )
   args = parser.parse_args()
   if args.decode:
     ints = lambda s: [int(x) for x in s.split(",") if x]
@@ -264,9 +327,11 @@ def main():
     decode_suite(args)
     return
   if args.compile_depths:
-    print(f"# {time.strftime('%Y-%m-%d')} {platform.node()} cpus={os.cpu_count()} "
-          f"jax={jax.__version__} backend={jax.default_backend()} hidden={args.hidden} "
-          f"vocab={args.vocab} seq={args.seq} batch={args.batch}")
+    print(
+      f"# {time.strftime('%Y-%m-%d')} {platform.node()} cpus={os.cpu_count()} "
+      f"jax={jax.__version__} backend={jax.default_backend()} hidden={args.hidden} "
+      f"vocab={args.vocab} seq={args.seq} batch={args.batch}"
+    )
     compile_seconds([int(d) for d in args.compile_depths.split(",")], args)
     return
   if args.quick:
@@ -274,16 +339,27 @@ def main():
     args.prompt, args.new_tokens, args.repeats = 8, 8, 1
 
   path = tempfile.mkdtemp()
-  hf = save_tiny_hf(path, "llama", vocab_size=args.vocab, hidden_size=args.hidden,
-                    intermediate_size=int(args.hidden * 2.75), num_hidden_layers=args.layers,
-                    num_attention_heads=args.hidden // 64, num_key_value_heads=max(1, args.hidden // 128),
-                    max_position_embeddings=max(args.seq, args.prompt + args.new_tokens))
+  hf = save_tiny_hf(
+    path,
+    "llama",
+    vocab_size=args.vocab,
+    hidden_size=args.hidden,
+    intermediate_size=int(args.hidden * 2.75),
+    num_hidden_layers=args.layers,
+    num_attention_heads=args.hidden // 64,
+    num_key_value_heads=max(1, args.hidden // 128),
+    max_position_embeddings=max(args.seq, args.prompt + args.new_tokens),
+  )
   model = load_hf(path)
-  print(f"# {time.strftime('%Y-%m-%d')} {platform.node()} {platform.processor() or platform.machine()}"
-        f" cpus={os.cpu_count()} torch_threads={torch.get_num_threads()} jax={jax.__version__}"
-        f" backend={jax.default_backend()}")
-  print(f"# layers={args.layers} hidden={args.hidden} vocab={args.vocab} seq={args.seq} "
-        f"batch={args.batch} prompt={args.prompt} new_tokens={args.new_tokens}")
+  print(
+    f"# {time.strftime('%Y-%m-%d')} {platform.node()} {platform.processor() or platform.machine()}"
+    f" cpus={os.cpu_count()} torch_threads={torch.get_num_threads()} jax={jax.__version__}"
+    f" backend={jax.default_backend()}"
+  )
+  print(
+    f"# layers={args.layers} hidden={args.hidden} vocab={args.vocab} seq={args.seq} "
+    f"batch={args.batch} prompt={args.prompt} new_tokens={args.new_tokens}"
+  )
 
   rng = np.random.RandomState(0)
   ids = rng.randint(3, args.vocab, (args.batch, args.seq))
@@ -292,6 +368,7 @@ def main():
   # ---- forward + backward
   j_ids, j_mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
   from flax import nnx
+
   graphdef, state = nnx.split(model)
 
   @jax.jit
@@ -299,6 +376,7 @@ def main():
     def loss(state):
       m = nnx.merge(graphdef, state)
       return -jnp.sum(m.sequence_logps(j_ids, j_mask, j_mask))
+
     return jax.value_and_grad(loss)(state)
 
   t0 = time.perf_counter()
@@ -318,8 +396,10 @@ def main():
   torch_fb = _timeit(torch_step, args.repeats)
   hf.eval()
   tokens = args.batch * args.seq
-  print(f"forward+backward tokens/s: jax {tokens / jax_fb:,.0f}  torch {tokens / torch_fb:,.0f}"
-        f"  ratio jax/torch {torch_fb / jax_fb:.2f}  (jax compile {jax_compile:.1f}s)")
+  print(
+    f"forward+backward tokens/s: jax {tokens / jax_fb:,.0f}  torch {tokens / torch_fb:,.0f}"
+    f"  ratio jax/torch {torch_fb / jax_fb:.2f}  (jax compile {jax_compile:.1f}s)"
+  )
 
   # ---- sampling
   prompts = rng.randint(3, args.vocab, (args.batch, args.prompt))
@@ -328,8 +408,15 @@ def main():
   key = jax.random.key(0)
 
   def jax_gen():
-    g = generate(model, jnp.asarray(prompts, jnp.int32), jnp.asarray(p_mask, jnp.int32), key,
-                 max_new_tokens=args.new_tokens, temperature=1.0, eos_token_ids=())
+    g = generate(
+      model,
+      jnp.asarray(prompts, jnp.int32),
+      jnp.asarray(p_mask, jnp.int32),
+      key,
+      max_new_tokens=args.new_tokens,
+      temperature=1.0,
+      eos_token_ids=(),
+    )
     jax.block_until_ready(g.tokens)
 
   t0 = time.perf_counter()
@@ -339,15 +426,25 @@ def main():
 
   def torch_gen():
     with torch.no_grad():
-      out = hf.generate(torch.tensor(prompts), attention_mask=torch.tensor(p_mask),
-                        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
+      out = hf.generate(
+        torch.tensor(prompts),
+        attention_mask=torch.tensor(p_mask),
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        pad_token_id=0,
+      )
     assert out.shape[1] == args.prompt + args.new_tokens
 
   torch_gen_t = _timeit(torch_gen, args.repeats)
   new = args.batch * args.new_tokens
-  print(f"sampling tokens/s: jax {new / jax_gen_t:,.0f}  torch {new / torch_gen_t:,.0f}"
-        f"  ratio jax/torch {torch_gen_t / jax_gen_t:.2f}  (jax compile {gen_compile:.1f}s)")
+  print(
+    f"sampling tokens/s: jax {new / jax_gen_t:,.0f}  torch {new / torch_gen_t:,.0f}"
+    f"  ratio jax/torch {torch_gen_t / jax_gen_t:.2f}  (jax compile {gen_compile:.1f}s)"
+  )
 
 
 if __name__ == "__main__":

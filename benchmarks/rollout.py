@@ -55,8 +55,15 @@ from ssapo_jax.sampling import (  # noqa: E402
 EOS, PAD = 1, 0
 
 
-def ultrafeedback_like_lengths(n: int, rng: np.random.Generator, *, median: float = 100.0,
-                               sigma: float = 0.9, low: int = 8, high: int = 1024) -> np.ndarray:
+def ultrafeedback_like_lengths(
+  n: int,
+  rng: np.random.Generator,
+  *,
+  median: float = 100.0,
+  sigma: float = 0.9,
+  low: int = 8,
+  high: int = 1024,
+) -> np.ndarray:
   """Long-tailed prompt lengths: log-normal (UltraFeedback's prompts: median ~100 tokens, a
   tail past 1K), clipped to ``[low, high]``."""
   return np.clip(np.round(rng.lognormal(np.log(median), sigma, n)), low, high).astype(int)
@@ -66,6 +73,7 @@ def tiny_world_lengths(n: int = 64) -> np.ndarray:
   """Chat-templated lengths of ``n`` demo-task prompts under the demo's tokenizer."""
   from ssapo_jax.demo import task  # pylint: disable=import-outside-toplevel
   from ssapo_jax.models.tokenizer import build_word_tokenizer, chat_prompt_ids_batch
+
   tokenizer = build_word_tokenizer(tempfile.mkdtemp(), task.VOCAB_WORDS)
   rng = np.random.default_rng(0)
   prompts = [task.sample_problem(rng).prompt for _ in range(n)]
@@ -74,29 +82,49 @@ def tiny_world_lengths(n: int = 64) -> np.ndarray:
 
 def padding_table() -> None:
   rng = np.random.default_rng(0)
-  cases = [("tiny world (64 prompts, B=16, bucket 16)", tiny_world_lengths(64), 16, 16),
-           ("UltraFeedback-like (58K prompts, B=64, bucket 64)",
-            ultrafeedback_like_lengths(58_000, rng), 64, 64)]
+  cases = [
+    ("tiny world (64 prompts, B=16, bucket 16)", tiny_world_lengths(64), 16, 16),
+    (
+      "UltraFeedback-like (58K prompts, B=64, bucket 64)",
+      ultrafeedback_like_lengths(58_000, rng),
+      64,
+      64,
+    ),
+  ]
   print("prompt padding fraction (padding / prompt positions computed)")
   for name, lengths, batch, bucket in cases:
     before = prompt_padding_fraction(
-        plan_batches(lengths, batch_size=batch, bucket_size=bucket, bucketed=False), lengths)
+      plan_batches(lengths, batch_size=batch, bucket_size=bucket, bucketed=False), lengths
+    )
     after = prompt_padding_fraction(
-        plan_batches(lengths, batch_size=batch, bucket_size=bucket, bucketed=True), lengths)
-    print(f"  {name}: lengths {lengths.min()}-{lengths.max()} (median "
-          f"{int(np.median(lengths))}); input order {before:.1%} -> bucketed {after:.1%}")
+      plan_batches(lengths, batch_size=batch, bucket_size=bucket, bucketed=True), lengths
+    )
+    print(
+      f"  {name}: lengths {lengths.min()}-{lengths.max()} (median "
+      f"{int(np.median(lengths))}); input order {before:.1%} -> bucketed {after:.1%}"
+    )
 
 
 def replicated_rollout(model, prompts, key, config: SamplingConfig, bucket: int):
   """The replicated path: batches in input order, each a plain-jit `generate` call."""
-  plan = plan_batches([len(p) for p in prompts], batch_size=config.batch_size,
-                      bucket_size=bucket, bucketed=False)
+  plan = plan_batches(
+    [len(p) for p in prompts], batch_size=config.batch_size, bucket_size=bucket, bucketed=False
+  )
   tokens, new = [], 0
   for batch in plan:
     ids, mask = left_pad([prompts[i] for i in batch.indices], pad_id=PAD, length=batch.length)
-    gen = generate(model, ids, mask, key, prompt_index=batch.indices,
-                   max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                   num_samples=config.num_samples, eos_token_ids=(EOS,), pad_token_id=PAD)
+    gen = generate(
+      model,
+      ids,
+      mask,
+      key,
+      prompt_index=batch.indices,
+      max_new_tokens=config.max_new_tokens,
+      temperature=config.temperature,
+      num_samples=config.num_samples,
+      eos_token_ids=(EOS,),
+      pad_token_id=PAD,
+    )
     rows = batch.num_real * config.num_samples
     tokens.append(np.asarray(gen.tokens)[:rows])
     new += int(np.asarray(gen.mask)[:rows].sum())
@@ -121,33 +149,46 @@ def main():
     args.layers, args.hidden, args.vocab, args.prompts = 2, 64, 256, 16
     args.batch, args.max_prompt, args.new_tokens = 8, 64, 8
 
-  print(f"# {time.strftime('%Y-%m-%d')} {platform.node()} "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{jax.device_count()} {jax.devices()[0].platform} devices")
+  print(
+    f"# {time.strftime('%Y-%m-%d')} {platform.node()} "
+    f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    f"{jax.device_count()} {jax.devices()[0].platform} devices"
+  )
   padding_table()
 
   heads = max(1, args.hidden // 64)
-  model_config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                             intermediate_size=int(args.hidden * 2.75), num_layers=args.layers,
-                             num_heads=heads, num_kv_heads=max(1, heads // 2), head_dim=64,
-                             eos_token_ids=(EOS,), pad_token_id=PAD)
+  model_config = LlamaConfig(
+    vocab_size=args.vocab,
+    hidden_size=args.hidden,
+    intermediate_size=int(args.hidden * 2.75),
+    num_layers=args.layers,
+    num_heads=heads,
+    num_kv_heads=max(1, heads // 2),
+    head_dim=64,
+    eos_token_ids=(EOS,),
+    pad_token_id=PAD,
+  )
   mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=-1, tensor=1))
   model = Llama(model_config, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   params = shd.shard_params(params, tr.param_shardings(params, mesh))  # the train layout
   model = nnx.merge(graphdef, params, rest)
   rng = np.random.default_rng(1)
-  lengths = ultrafeedback_like_lengths(args.prompts, rng, median=args.median_prompt, low=4,
-                                       high=args.max_prompt)
+  lengths = ultrafeedback_like_lengths(
+    args.prompts, rng, median=args.median_prompt, low=4, high=args.max_prompt
+  )
   prompts = [rng.integers(2, args.vocab, n).tolist() for n in lengths]
-  config = SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens,
-                          num_samples=args.samples, batch_size=args.batch)
+  config = SamplingConfig(
+    temperature=1.0, max_new_tokens=args.new_tokens, num_samples=args.samples, batch_size=args.batch
+  )
   key = jax.random.key(0)
   n_params = sum(x.size for x in jax.tree.leaves(params))
-  print(f"model: {n_params / 1e6:.1f}M parameters ({args.layers} layers, hidden {args.hidden}, "
-        f"vocab {args.vocab}); {args.prompts} prompts x {args.samples} samples, lengths "
-        f"{lengths.min()}-{lengths.max()} (median {int(np.median(lengths))}), "
-        f"{args.new_tokens} new tokens, batch {args.batch}, mesh {dict(mesh.shape)}")
+  print(
+    f"model: {n_params / 1e6:.1f}M parameters ({args.layers} layers, hidden {args.hidden}, "
+    f"vocab {args.vocab}); {args.prompts} prompts x {args.samples} samples, lengths "
+    f"{lengths.min()}-{lengths.max()} (median {int(np.median(lengths))}), "
+    f"{args.new_tokens} new tokens, batch {args.batch}, mesh {dict(mesh.shape)}"
+  )
 
   replicated_rollout(model, prompts, key, config, args.bucket)  # compile
   start = time.perf_counter()
@@ -155,14 +196,22 @@ def main():
   base = new / (time.perf_counter() - start)
   print(f"  replicated (plain jit)    {base:9,.0f} new tokens/s")
   for bucketed in (False, True):
-    sampler = Sampler(mesh, config, pad_token_id=PAD, eos_token_ids=(EOS,),
-                      bucket_size=args.bucket, bucketed=bucketed)
+    sampler = Sampler(
+      mesh,
+      config,
+      pad_token_id=PAD,
+      eos_token_ids=(EOS,),
+      bucket_size=args.bucket,
+      bucketed=bucketed,
+    )
     sampler.sample(model, prompts, key)  # compile
     out = sampler.sample(model, prompts, key)
     rate = out.stats.new_tokens / out.stats.seconds
     name = "sharded, bucketed  " if bucketed else "sharded, input order"
-    print(f"  {name}      {rate:9,.0f} new tokens/s  ratio {rate / base:5.2f}x  padding "
-          f"{out.stats.padding_fraction:.1%}")
+    print(
+      f"  {name}      {rate:9,.0f} new tokens/s  ratio {rate / base:5.2f}x  padding "
+      f"{out.stats.padding_fraction:.1%}"
+    )
     tokens = gather_samples(out, len(prompts)).tokens
     if not bucketed:
       assert np.array_equal(tokens, ref_tokens), "sharded and replicated samples differ"

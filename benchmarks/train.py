@@ -60,9 +60,13 @@ def parse_args(argv=None):
   g = p.add_argument_group("--packing: packed against padded batches")
   g.add_argument("--packing", action="store_true", help="run the packing benchmark instead")
   g.add_argument("--num_pairs", type=int, default=256, help="pairs in the generated epoch")
-  g.add_argument("--max_length", type=int, default=512,
-                 help="longest prompt + response (UltraFeedback: 2048; the lengths are scaled "
-                      "by max_length / 2048)")
+  g.add_argument(
+    "--max_length",
+    type=int,
+    default=512,
+    help="longest prompt + response (UltraFeedback: 2048; the lengths are scaled "
+    "by max_length / 2048)",
+  )
   g.add_argument("--bucket_size", type=int, default=64, help="padded lengths round up to this")
   return p.parse_args(argv)
 
@@ -76,6 +80,7 @@ def ultrafeedback_like_lengths(n: int, max_length: int, rng):
   ``max_length`` values scale every length by ``max_length / 2048``.
   """
   import numpy as np
+
   scale = max_length / 2048
   prompt = np.clip(rng.lognormal(np.log(120 * scale), 0.9, n), 8 * scale, 1024 * scale)
   prompt = np.maximum(prompt.astype(int), 1)
@@ -102,29 +107,54 @@ def packing_benchmark(args):
   rng = np.random.default_rng(0)
   lp, lc, lr = ultrafeedback_like_lengths(args.num_pairs, args.max_length, rng)
   toks = lambda n: list(rng.integers(3, args.vocab, int(n)))
-  ds = pairs_from_token_ids([toks(n) for n in lp], [toks(n) for n in lc], [toks(n) for n in lr],
-                            eos_id=2, max_length=args.max_length,
-                            max_prompt_length=args.max_length // 2, add_eos=False,
-                            verbose=False)
-  cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                    intermediate_size=args.intermediate, num_layers=args.layers,
-                    num_heads=args.heads, num_kv_heads=args.kv_heads,
-                    head_dim=args.hidden // args.heads, attention="xla")
+  ds = pairs_from_token_ids(
+    [toks(n) for n in lp],
+    [toks(n) for n in lc],
+    [toks(n) for n in lr],
+    eos_id=2,
+    max_length=args.max_length,
+    max_prompt_length=args.max_length // 2,
+    add_eos=False,
+    verbose=False,
+  )
+  cfg = LlamaConfig(
+    vocab_size=args.vocab,
+    hidden_size=args.hidden,
+    intermediate_size=args.intermediate,
+    num_layers=args.layers,
+    num_heads=args.heads,
+    num_kv_heads=args.kv_heads,
+    head_dim=args.hidden // args.heads,
+    attention="xla",
+  )
   mesh = shd.make_mesh(shd.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-  config = tr.TrainConfig(learning_rate=1e-5, global_batch_size=args.pairs,
-                          micro_batches=args.micro_batches, compute_dtype=args.dtype,
-                          remat="none", beta=0.1)
+  config = tr.TrainConfig(
+    learning_rate=1e-5,
+    global_batch_size=args.pairs,
+    micro_batches=args.micro_batches,
+    compute_dtype=args.dtype,
+    remat="none",
+    beta=0.1,
+  )
   pack_length = -(-args.max_length // args.bucket_size) * args.bucket_size
   compilation.start_counting()
   runs, results = {}, {}
   for mode in ("padded", "packed"):
     packed = mode == "packed"
-    loader = PreferenceLoader(ds, global_batch_size=args.pairs, seed=0, pad_id=0,
-                              bucket_size=args.bucket_size, packing=packed,
-                              pack_length=pack_length, micro_batches=args.micro_batches)
+    loader = PreferenceLoader(
+      ds,
+      global_batch_size=args.pairs,
+      seed=0,
+      pad_id=0,
+      bucket_size=args.bucket_size,
+      packing=packed,
+      pack_length=pack_length,
+      micro_batches=args.micro_batches,
+    )
     epoch = list(loader.iterator(num_epochs=1))
-    state = tr.create_train_state(Llama(cfg, rngs=nnx.Rngs(0)), config, mesh,
-                                  num_train_steps=(2 + args.repeats) * len(epoch))
+    state = tr.create_train_state(
+      Llama(cfg, rngs=nnx.Rngs(0)), config, mesh, num_train_steps=(2 + args.repeats) * len(epoch)
+    )
     step = tr.make_train_step(config, mesh, state, packed=packed)
     gbatches = [shd.global_batch(mesh, b) for b in epoch]
     compilation.reset_stats()
@@ -142,10 +172,15 @@ def packing_benchmark(args):
       real = sum(int(b.chosen_mask.sum() + b.rejected_mask.sum()) for b in epoch)
       cells = sum(b.chosen_ids.size + b.rejected_ids.size for b in epoch)
     runs[mode] = [step, state, gbatches, []]
-    results[mode] = {"steps": len(epoch), "shapes": [list(s) for s in shapes],
-                     "useful_tokens": real, "token_cells": cells,
-                     "padding_fraction": 1 - real / cells, "warmup_epoch_s": warm_s,
-                     "first_losses": losses[:3]}
+    results[mode] = {
+      "steps": len(epoch),
+      "shapes": [list(s) for s in shapes],
+      "useful_tokens": real,
+      "token_cells": cells,
+      "padding_fraction": 1 - real / cells,
+      "warmup_epoch_s": warm_s,
+      "first_losses": losses[:3],
+    }
   for _ in range(args.repeats):  # interleaved, so a change in machine load hits both
     for run in runs.values():
       step, state, gbatches, times = run
@@ -157,24 +192,39 @@ def packing_benchmark(args):
       run[1] = state
   for mode, (_, _, _, times) in runs.items():
     epoch_s = statistics.median(times)
-    results[mode].update(epoch_s=epoch_s, epoch_s_all=times,
-                         useful_tokens_per_s=results[mode]["useful_tokens"] / epoch_s)
+    results[mode].update(
+      epoch_s=epoch_s,
+      epoch_s_all=times,
+      useful_tokens_per_s=results[mode]["useful_tokens"] / epoch_s,
+    )
   result = {
-      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-      "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
-      "jax": jax.__version__,
-      "model": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
-                "kv_heads": args.kv_heads, "vocab": args.vocab, "dtype": args.dtype},
-      "pairs_per_step": args.pairs, "micro_batches": args.micro_batches,
-      "num_pairs": args.num_pairs, "max_length": args.max_length, "pack_length": pack_length,
-      "bucket_size": args.bucket_size,
-      "lengths": {"prompt_median": float(np.median(lp)),
-                  "response_median": float(np.median(np.r_[lc, lr])),
-                  "sequence_mean": float(np.mean(np.r_[lp + lc, lp + lr])),
-                  "sequence_p99": float(np.percentile(np.r_[lp + lc, lp + lr], 99))},
-      **results,
-      "speedup_packed_over_padded": (results["packed"]["useful_tokens_per_s"]
-                                     / results["padded"]["useful_tokens_per_s"]),
+    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
+    "jax": jax.__version__,
+    "model": {
+      "hidden": args.hidden,
+      "layers": args.layers,
+      "heads": args.heads,
+      "kv_heads": args.kv_heads,
+      "vocab": args.vocab,
+      "dtype": args.dtype,
+    },
+    "pairs_per_step": args.pairs,
+    "micro_batches": args.micro_batches,
+    "num_pairs": args.num_pairs,
+    "max_length": args.max_length,
+    "pack_length": pack_length,
+    "bucket_size": args.bucket_size,
+    "lengths": {
+      "prompt_median": float(np.median(lp)),
+      "response_median": float(np.median(np.r_[lc, lr])),
+      "sequence_mean": float(np.mean(np.r_[lp + lc, lp + lr])),
+      "sequence_p99": float(np.percentile(np.r_[lp + lc, lp + lr], 99)),
+    },
+    **results,
+    "speedup_packed_over_padded": (
+      results["packed"]["useful_tokens_per_s"] / results["padded"]["useful_tokens_per_s"]
+    ),
   }
   print(json.dumps(result, indent=2))
   if args.json:
@@ -185,6 +235,7 @@ def packing_benchmark(args):
 
 def make_data(args, rng):
   import numpy as np
+
   b, t = args.pairs, args.seq_len
   prompt = t // 4
 
@@ -203,6 +254,7 @@ def matmul_flops_per_s(n=1024, reps=10):
   """Measured float32 dense matmul throughput (FLOP/s) with XLA, as the CPU 'peak'."""
   import jax
   import jax.numpy as jnp
+
   x = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda a: a @ a)
   f(x).block_until_ready()
@@ -219,20 +271,24 @@ class TorchDPO:
   def __init__(self, model, args, num_steps):
     import torch
     import transformers
+
     self.torch = torch
     self.model = model.train()
     self.ref_model = None
     if args.reference == "in_step":
       import copy
+
       self.ref_model = copy.deepcopy(model).eval()
       for p in self.ref_model.parameters():
         p.requires_grad_(False)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
-                                  {"params": no_decay, "weight_decay": 0.0}], lr=1e-5)
+    self.opt = torch.optim.AdamW(
+      [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-5
+    )
     self.sched = transformers.get_cosine_schedule_with_warmup(
-        self.opt, num_warmup_steps=math.ceil(0.1 * num_steps), num_training_steps=num_steps)
+      self.opt, num_warmup_steps=math.ceil(0.1 * num_steps), num_training_steps=num_steps
+    )
     self.beta = 0.1
 
   def _logps(self, model, ids, mask, loss_mask):
@@ -281,10 +337,16 @@ def main(argv=None):
   num_train_steps = 1 + args.repeats * (args.steps + 1)
 
   hf_config = transformers.LlamaConfig(
-      vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-      num_key_value_heads=args.kv_heads, max_position_embeddings=max(2048, args.seq_len),
-      tie_word_embeddings=False, rms_norm_eps=1e-6)
+    vocab_size=args.vocab,
+    hidden_size=args.hidden,
+    intermediate_size=args.intermediate,
+    num_hidden_layers=args.layers,
+    num_attention_heads=args.heads,
+    num_key_value_heads=args.kv_heads,
+    max_position_embeddings=max(2048, args.seq_len),
+    tie_word_embeddings=False,
+    rms_norm_eps=1e-6,
+  )
   torch.manual_seed(0)
   torch_model = transformers.LlamaForCausalLM(hf_config).float()
   num_params = sum(p.numel() for p in torch_model.parameters())
@@ -296,13 +358,21 @@ def main(argv=None):
 
   # --- JAX side: one CPU device (XLA uses all cores), the project's sharded step.
   mesh = shd.make_mesh(shd.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-  config = tr.TrainConfig(learning_rate=1e-5, weight_decay=0.01, global_batch_size=args.pairs,
-                          micro_batches=args.micro_batches, compute_dtype=args.dtype,
-                          remat="none", reference=args.reference, beta=0.1)
+  config = tr.TrainConfig(
+    learning_rate=1e-5,
+    weight_decay=0.01,
+    global_batch_size=args.pairs,
+    micro_batches=args.micro_batches,
+    compute_dtype=args.dtype,
+    remat="none",
+    reference=args.reference,
+    beta=0.1,
+  )
   state = tr.create_train_state(jax_model, config, mesh, num_train_steps=num_train_steps)
   step = tr.make_train_step(config, mesh, state)
-  batch = make_preference_batch(c_ids, c_mask, c_lm, r_ids, r_mask, r_lm,
-                                ref_chosen_logps=ref[0], ref_rejected_logps=ref[1])
+  batch = make_preference_batch(
+    c_ids, c_mask, c_lm, r_ids, r_mask, r_lm, ref_chosen_logps=ref[0], ref_rejected_logps=ref[1]
+  )
   gbatch = shd.global_batch(mesh, batch)
 
   t0 = time.perf_counter()
@@ -333,23 +403,31 @@ def main(argv=None):
   peak = matmul_flops_per_s()
   jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
   result = {
-      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-      "machine": f"{platform.processor() or platform.machine()}, {threads} CPU cores "
-                 f"({platform.platform()})",
-      "jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-      "params": num_params, "pairs": args.pairs, "seq_len": args.seq_len,
-      "tokens_per_step": tokens, "reference": args.reference, "dtype": args.dtype,
-      "micro_batches": args.micro_batches,
-      "first_loss": {"jax": jax_first_loss, "torch": torch_first_loss},
-      "jax_compile_s": compile_s,
-      "step_s": {"jax": jax_s, "torch": torch_s},
-      "step_s_all": {"jax": jax_times, "torch": torch_times},
-      "tokens_per_s": {"jax": tokens / jax_s, "torch": tokens / torch_s},
-      "speedup_jax_over_torch": torch_s / jax_s,
-      "model_flops_per_step": flops_per_token * tokens,
-      "matmul_peak_flops_per_s": peak,
-      "mfu_vs_matmul_peak": {"jax": flops_per_token * tokens / jax_s / peak,
-                             "torch": flops_per_token * tokens / torch_s / peak},
+    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    "machine": f"{platform.processor() or platform.machine()}, {threads} CPU cores "
+    f"({platform.platform()})",
+    "jax": jax.__version__,
+    "torch": torch.__version__,
+    "transformers": transformers.__version__,
+    "params": num_params,
+    "pairs": args.pairs,
+    "seq_len": args.seq_len,
+    "tokens_per_step": tokens,
+    "reference": args.reference,
+    "dtype": args.dtype,
+    "micro_batches": args.micro_batches,
+    "first_loss": {"jax": jax_first_loss, "torch": torch_first_loss},
+    "jax_compile_s": compile_s,
+    "step_s": {"jax": jax_s, "torch": torch_s},
+    "step_s_all": {"jax": jax_times, "torch": torch_times},
+    "tokens_per_s": {"jax": tokens / jax_s, "torch": tokens / torch_s},
+    "speedup_jax_over_torch": torch_s / jax_s,
+    "model_flops_per_step": flops_per_token * tokens,
+    "matmul_peak_flops_per_s": peak,
+    "mfu_vs_matmul_peak": {
+      "jax": flops_per_token * tokens / jax_s / peak,
+      "torch": flops_per_token * tokens / torch_s / peak,
+    },
   }
   print(json.dumps(result, indent=2))
   if args.json:

@@ -27,9 +27,13 @@ MODULES = ("ssapo_jax", "ssapo_jax.losses", "ssapo_jax.dro", "ssapo_jax.annotate
 def _public_names(module) -> list[str]:
   names = getattr(module, "__all__", None)
   if names is None:
-    names = [n for n, v in vars(module).items()
-             if not n.startswith("_") and getattr(v, "__module__", None) == module.__name__
-             and (inspect.isfunction(v) or inspect.isclass(v))]
+    names = [
+      n
+      for n, v in vars(module).items()
+      if not n.startswith("_")
+      and getattr(v, "__module__", None) == module.__name__
+      and (inspect.isfunction(v) or inspect.isclass(v))
+    ]
   return list(names)
 
 
@@ -49,8 +53,9 @@ def missing_docstrings() -> list[str]:
       if not inspect.isclass(obj):
         continue
       for attr, value in vars(obj).items():
-        if attr.startswith("_") or not (inspect.isfunction(value)
-                                        or isinstance(value, (classmethod, staticmethod, property))):
+        if attr.startswith("_") or not (
+          inspect.isfunction(value) or isinstance(value, (classmethod, staticmethod, property))
+        ):
           continue
         func = value.__func__ if isinstance(value, (classmethod, staticmethod)) else value
         if not (inspect.getdoc(func) or "").strip():
@@ -67,10 +72,12 @@ def build(output_dir: str) -> list[str]:
   import pdoc  # the test extra
 
   import ssapo_jax
+
   for name in ssapo_jax.__all__:  # resolve the lazy names so pdoc sees plain attributes
     getattr(ssapo_jax, name)
-  pdoc.render.configure(docformat="google", show_source=False,
-                        footer_text="ssapo_jax API reference")
+  pdoc.render.configure(
+    docformat="google", show_source=False, footer_text="ssapo_jax API reference"
+  )
   pdoc.pdoc(*MODULES, output_directory=pathlib.Path(output_dir))
   return missing_docstrings()
 

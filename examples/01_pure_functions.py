@@ -9,8 +9,8 @@ k_policy, k_ref = jax.random.split(jax.random.key(0))
 # real loop, see examples/02_research_loop.py).
 policy_logps = -20 + 5 * jax.random.normal(k_policy, (8, 4))
 ref_logps = -20 + 5 * jax.random.normal(k_ref, (8, 4))
-rewards = sj.implicit_reward(policy_logps, ref_logps)            # [P, n]
-pairs = sj.select_pairs(rewards)                                 # chosen/rejected idx, margin, usable
+rewards = sj.implicit_reward(policy_logps, ref_logps)  # [P, n]
+pairs = sj.select_pairs(rewards)  # chosen/rejected idx, margin, usable
 
 # The pairs' [P] log-probs: gather with the indices (fixed shapes, so this runs under jit);
 # a prompt without a usable pair stays a row, masked with valid=pairs.usable.
@@ -26,10 +26,11 @@ loss, metrics = sj.dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="sigmoid", valid
 # key= for grouping="random" (the only setting that draws).
 config = sj.DroConfig(epsilon=0.01, margin_scale=0.1)
 follower = jax.jit(sj.follower_atoms, static_argnames="config")
-atoms = follower(pairs.margin, config, valid=pairs.usable)      # LossAtoms [P, K]
+atoms = follower(pairs.margin, config, valid=pairs.usable)  # LossAtoms [P, K]
 
 # The leader's loss under the worst case; the atoms carry their space and margin scale, and a
 # mismatch with space/beta raises (allow_scale_mismatch=True when it is deliberate).
-robust, metrics = sj.robust_dpo_loss(pc, pr, rc, rr, atoms, beta=0.1, space="probability",
-                                     valid=pairs.usable)
+robust, metrics = sj.robust_dpo_loss(
+  pc, pr, rc, rr, atoms, beta=0.1, space="probability", valid=pairs.usable
+)
 print(f"dpo {float(loss):.4f}  robust {float(robust):.4f}  usable {int(pairs.usable.sum())}/8")

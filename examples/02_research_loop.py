@@ -49,8 +49,9 @@ def sequence_logps(model: TinyLM, tokens: jax.Array, prompt_len: int) -> jax.Arr
   return sj.sequence_logps(logits, labels, loss_mask.astype(jnp.int32))
 
 
-def sample(model: TinyLM, prompts: jax.Array, num_samples: int, length: int,
-           key: jax.Array) -> jax.Array:
+def sample(
+  model: TinyLM, prompts: jax.Array, num_samples: int, length: int, key: jax.Array
+) -> jax.Array:
   """``[P * n, Tp + length]``: ``n`` sampled continuations per prompt (rows prompt-major)."""
   tokens = jnp.repeat(prompts, num_samples, axis=0)
   tokens = jnp.pad(tokens, ((0, 0), (0, length)))
@@ -67,8 +68,16 @@ def sample(model: TinyLM, prompts: jax.Array, num_samples: int, length: int,
   return tokens
 
 
-def make_step(graphdef, optimizer, dro_config: sj.DroConfig, *, beta: float, num_samples: int,
-              response_len: int, traces: list):
+def make_step(
+  graphdef,
+  optimizer,
+  dro_config: sj.DroConfig,
+  *,
+  beta: float,
+  num_samples: int,
+  response_len: int,
+  traces: list,
+):
   """The jitted research step ``(params, opt_state, ref_params, prompts, key) -> ...``."""
 
   @jax.jit
@@ -94,31 +103,52 @@ def make_step(graphdef, optimizer, dro_config: sj.DroConfig, *, beta: float, num
       model = nnx.merge(graphdef, params)
       pc = sequence_logps(model, chosen, prompt_len)
       pr = sequence_logps(model, rejected, prompt_len)
-      return sj.robust_dpo_loss(pc, pr, ref_c, ref_r, atoms, beta=beta, space=dro_config.space,
-                                valid=pairs.usable)
+      return sj.robust_dpo_loss(
+        pc, pr, ref_c, ref_r, atoms, beta=beta, space=dro_config.space, valid=pairs.usable
+      )
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss, "usable": jnp.sum(pairs.usable),
-                               "accuracy": metrics["rewards/accuracies"]}
+    return (
+      params,
+      opt_state,
+      {"loss": loss, "usable": jnp.sum(pairs.usable), "accuracy": metrics["rewards/accuracies"]},
+    )
 
   return step
 
 
-def main(*, steps: int = 4, num_prompts: int = 16, num_samples: int = 4, prompt_len: int = 6,
-         response_len: int = 6, vocab: int = 32, dim: int = 32, seed: int = 0) -> dict:
+def main(
+  *,
+  steps: int = 4,
+  num_prompts: int = 16,
+  num_samples: int = 4,
+  prompt_len: int = 6,
+  response_len: int = 6,
+  vocab: int = 32,
+  dim: int = 32,
+  seed: int = 0,
+) -> dict:
   """Runs ``steps`` research steps on random prompts; returns losses and the compile count."""
   beta = 0.1
   graphdef, params = nnx.split(TinyLM(vocab, dim, rngs=nnx.Rngs(seed)))
   ref_params = jax.tree.map(jnp.copy, params)  # the frozen reference: the initial policy
   optimizer = optax.adamw(1e-2)
   opt_state = optimizer.init(params)
-  dro_config = sj.DroConfig(epsilon=0.01, margin_scale=beta, grouping="random",
-                            group_size=max(num_prompts // 2, 1))
+  dro_config = sj.DroConfig(
+    epsilon=0.01, margin_scale=beta, grouping="random", group_size=max(num_prompts // 2, 1)
+  )
   traces = []
-  step = make_step(graphdef, optimizer, dro_config, beta=beta, num_samples=num_samples,
-                   response_len=response_len, traces=traces)
+  step = make_step(
+    graphdef,
+    optimizer,
+    dro_config,
+    beta=beta,
+    num_samples=num_samples,
+    response_len=response_len,
+    traces=traces,
+  )
   key = jax.random.key(seed)
   losses = []
   for _ in range(steps):
@@ -126,8 +156,10 @@ def main(*, steps: int = 4, num_prompts: int = 16, num_samples: int = 4, prompt_
     prompts = jax.random.randint(k_prompts, (num_prompts, prompt_len), 1, vocab)
     params, opt_state, metrics = step(params, opt_state, ref_params, prompts, k_step)
     losses.append(float(metrics["loss"]))
-    print(f"loss {losses[-1]:.4f}  usable pairs {int(metrics['usable'])}/{num_prompts}  "
-          f"reward accuracy {float(metrics['accuracy']):.2f}")
+    print(
+      f"loss {losses[-1]:.4f}  usable pairs {int(metrics['usable'])}/{num_prompts}  "
+      f"reward accuracy {float(metrics['accuracy']):.2f}"
+    )
   print(f"traced {len(traces)} time(s), compiled {step._cache_size()} program(s) for {steps} steps")
   return {"losses": losses, "traces": len(traces), "compiles": step._cache_size()}
 

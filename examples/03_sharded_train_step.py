@@ -22,8 +22,7 @@ import ssapo_jax as sj
 from ssapo_jax import train as tr
 
 
-def random_batch(rng: np.random.Generator, batch: int, seq_len: int, prompt_len: int,
-                 vocab: int):
+def random_batch(rng: np.random.Generator, batch: int, seq_len: int, prompt_len: int, vocab: int):
   """Chosen and rejected sides ``[B, T]``: ids, attention masks (right padding), loss masks."""
 
   def side():
@@ -35,16 +34,33 @@ def random_batch(rng: np.random.Generator, batch: int, seq_len: int, prompt_len:
   return (*side(), *side())
 
 
-def main(*, steps: int = 3, batch: int = 8, seq_len: int = 16, mesh_shape=(2, 2, 2),
-         seed: int = 0) -> dict:
+def main(
+  *, steps: int = 3, batch: int = 8, seq_len: int = 16, mesh_shape=(2, 2, 2), seed: int = 0
+) -> dict:
   """Trains a tiny Llama for ``steps`` robust-DPO steps on a ``mesh_shape`` mesh."""
   beta = 0.1
-  model = sj.Llama(sj.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8),
-                   rngs=nnx.Rngs(seed))
-  config = sj.TrainConfig(objective="robust", beta=beta, learning_rate=1e-3, global_batch_size=batch,
-                          micro_batches=2, compute_dtype="float32", remat="none",
-                          reference="precomputed")
+  model = sj.Llama(
+    sj.LlamaConfig(
+      vocab_size=64,
+      hidden_size=32,
+      intermediate_size=64,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=8,
+    ),
+    rngs=nnx.Rngs(seed),
+  )
+  config = sj.TrainConfig(
+    objective="robust",
+    beta=beta,
+    learning_rate=1e-3,
+    global_batch_size=batch,
+    micro_batches=2,
+    compute_dtype="float32",
+    remat="none",
+    reference="precomputed",
+  )
   data, fsdp, tensor = mesh_shape
   mesh = sj.make_mesh(sj.MeshConfig(data=data, fsdp=fsdp, tensor=tensor))
   state = sj.create_train_state(model, config, mesh, num_train_steps=steps)
@@ -66,13 +82,19 @@ def main(*, steps: int = 3, batch: int = 8, seq_len: int = 16, mesh_shape=(2, 2,
     # The follower on the reference margins (in a real round: the annotating policy's margins).
     atoms = follower(ref_c - ref_r, dro_config)
     local = sj.make_preference_batch(
-        *sides, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
-        atom_weights=np.asarray(atoms.weights), atom_shifts=np.asarray(atoms.shifts))
+      *sides,
+      ref_chosen_logps=ref_c,
+      ref_rejected_logps=ref_r,
+      atom_weights=np.asarray(atoms.weights),
+      atom_shifts=np.asarray(atoms.shifts),
+    )
     local = jax.tree.map(lambda x: x[rows], local)
     state, metrics = step(state, sj.global_batch(mesh, local))
     losses.append(float(metrics["loss"]))
-    print(f"step {len(losses)}: loss {losses[-1]:.4f}  reward margin "
-          f"{float(metrics['rewards/margins']):+.4f}  on {mesh.devices.size} devices")
+    print(
+      f"step {len(losses)}: loss {losses[-1]:.4f}  reward margin "
+      f"{float(metrics['rewards/margins']):+.4f}  on {mesh.devices.size} devices"
+    )
   return {"losses": losses, "devices": int(mesh.devices.size)}
 
 

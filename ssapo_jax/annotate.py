@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 
 
-def implicit_reward(policy_logps: jax.Array, ref_logps: jax.Array, *, beta: float = 1.0) -> jax.Array:
+def implicit_reward(
+  policy_logps: jax.Array, ref_logps: jax.Array, *, beta: float = 1.0
+) -> jax.Array:
   """``beta * (policy_logps − ref_logps)``, float32, same shape as the inputs (e.g. ``[P, n]``)."""
   if policy_logps.shape != ref_logps.shape:
     raise ValueError(f"policy_logps {policy_logps.shape} and ref_logps {ref_logps.shape} differ")
@@ -65,8 +67,12 @@ def select_pairs(rewards: jax.Array, valid: jax.Array | None = None) -> Selected
   return SelectedPairs(chosen_idx, rejected_idx, jnp.where(usable, raw_margin, 0.0), usable)
 
 
-def agreement_rate(chosen_idx: jax.Array, rejected_idx: jax.Array, reference_scores: jax.Array,
-                   usable: jax.Array | None = None) -> jax.Array:
+def agreement_rate(
+  chosen_idx: jax.Array,
+  rejected_idx: jax.Array,
+  reference_scores: jax.Array,
+  usable: jax.Array | None = None,
+) -> jax.Array:
   """Share of usable pairs whose order agrees with ``reference_scores [P, n]`` (e.g. an oracle).
 
   A reference tie counts one half, as AlpacaEval counts ties. Returns a float32 scalar

@@ -71,10 +71,19 @@ class PreferenceBatch:
 
 
 def make_preference_batch(
-    chosen_ids, chosen_mask, chosen_loss_mask,
-    rejected_ids, rejected_mask, rejected_loss_mask, *,
-    weights=None, valid=None, ref_chosen_logps=None, ref_rejected_logps=None,
-    atom_weights=None, atom_shifts=None,
+  chosen_ids,
+  chosen_mask,
+  chosen_loss_mask,
+  rejected_ids,
+  rejected_mask,
+  rejected_loss_mask,
+  *,
+  weights=None,
+  valid=None,
+  ref_chosen_logps=None,
+  ref_rejected_logps=None,
+  atom_weights=None,
+  atom_shifts=None,
 ) -> PreferenceBatch:
   """Builds a `PreferenceBatch` (numpy arrays), filling optional fields with neutral values.
 
@@ -82,11 +91,29 @@ def make_preference_batch(
   weight 1 and shift 0.
   Chosen and rejected sides must share ``[B, T]``; pad them to a common length first.
   """
-  arrays = [np.asarray(a) for a in (chosen_ids, chosen_mask, chosen_loss_mask,
-                                    rejected_ids, rejected_mask, rejected_loss_mask)]
+  arrays = [
+    np.asarray(a)
+    for a in (
+      chosen_ids,
+      chosen_mask,
+      chosen_loss_mask,
+      rejected_ids,
+      rejected_mask,
+      rejected_loss_mask,
+    )
+  ]
   shape = arrays[0].shape
-  for name, a in zip(("chosen_ids", "chosen_mask", "chosen_loss_mask", "rejected_ids",
-                      "rejected_mask", "rejected_loss_mask"), arrays):
+  for name, a in zip(
+    (
+      "chosen_ids",
+      "chosen_mask",
+      "chosen_loss_mask",
+      "rejected_ids",
+      "rejected_mask",
+      "rejected_loss_mask",
+    ),
+    arrays,
+  ):
     if a.shape != shape or a.ndim != 2:
       raise ValueError(f"{name} has shape {a.shape}; expected [B, T] = {shape}")
   batch = shape[0]
@@ -100,21 +127,28 @@ def make_preference_batch(
     atom_weights = np.ones((batch, 1), np.float32)
     atom_shifts = np.zeros((batch, 1), np.float32)
   return PreferenceBatch(
-      chosen_ids=arrays[0].astype(np.int32), chosen_mask=arrays[1].astype(np.int32),
-      chosen_loss_mask=arrays[2].astype(np.int32), rejected_ids=arrays[3].astype(np.int32),
-      rejected_mask=arrays[4].astype(np.int32), rejected_loss_mask=arrays[5].astype(np.int32),
-      weights=vec(weights, 1.0), valid=vec(valid, 1.0), ref_chosen_logps=vec(ref_chosen_logps, 0.0),
-      ref_rejected_logps=vec(ref_rejected_logps, 0.0),
-      atom_weights=np.asarray(atom_weights, np.float32),
-      atom_shifts=np.asarray(atom_shifts, np.float32))
+    chosen_ids=arrays[0].astype(np.int32),
+    chosen_mask=arrays[1].astype(np.int32),
+    chosen_loss_mask=arrays[2].astype(np.int32),
+    rejected_ids=arrays[3].astype(np.int32),
+    rejected_mask=arrays[4].astype(np.int32),
+    rejected_loss_mask=arrays[5].astype(np.int32),
+    weights=vec(weights, 1.0),
+    valid=vec(valid, 1.0),
+    ref_chosen_logps=vec(ref_chosen_logps, 0.0),
+    ref_rejected_logps=vec(ref_rejected_logps, 0.0),
+    atom_weights=np.asarray(atom_weights, np.float32),
+    atom_shifts=np.asarray(atom_shifts, np.float32),
+  )
 
 
 def concat_pairs(batch: PreferenceBatch) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Stacks chosen over rejected along the batch: ``(ids, mask, loss_mask)``, each ``[2B, T]``."""
-  return (jnp.concatenate([batch.chosen_ids, batch.rejected_ids], axis=0),
-          jnp.concatenate([batch.chosen_mask, batch.rejected_mask], axis=0),
-          jnp.concatenate([batch.chosen_loss_mask, batch.rejected_loss_mask], axis=0))
-
+  return (
+    jnp.concatenate([batch.chosen_ids, batch.rejected_ids], axis=0),
+    jnp.concatenate([batch.chosen_mask, batch.rejected_mask], axis=0),
+    jnp.concatenate([batch.chosen_loss_mask, batch.rejected_loss_mask], axis=0),
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,8 +219,9 @@ def first_fit_decreasing(lengths, capacity: int) -> list[list[int]]:
   """
   lengths = np.asarray(lengths, np.int64)
   if lengths.size and lengths.max() > capacity:
-    raise ValueError(f"a sequence of {int(lengths.max())} tokens does not fit a packed row of "
-                     f"{capacity}")
+    raise ValueError(
+      f"a sequence of {int(lengths.max())} tokens does not fit a packed row of {capacity}"
+    )
   bins: list[list[int]] = []
   free: list[int] = []
   for i in np.argsort(-lengths, kind="stable"):
@@ -210,8 +245,9 @@ def row_buckets(pairs_per_micro: int, row_multiple: int = 1) -> tuple[int, ...]:
   ``len(row_buckets(...))`` train-step shapes (about ``log2(2p) + 1``).
   """
   if pairs_per_micro < 1 or row_multiple < 1:
-    raise ValueError(f"pairs_per_micro {pairs_per_micro} and row_multiple {row_multiple} must "
-                     "be >= 1")
+    raise ValueError(
+      f"pairs_per_micro {pairs_per_micro} and row_multiple {row_multiple} must be >= 1"
+    )
   out, n = set(), 2 * pairs_per_micro
   while True:
     out.add(-(-n // row_multiple) * row_multiple)
@@ -221,8 +257,9 @@ def row_buckets(pairs_per_micro: int, row_multiple: int = 1) -> tuple[int, ...]:
   return tuple(sorted(out))
 
 
-def pack_pair_rows(sequences, real, *, seq_len: int, micro_batches: int = 1,
-                   row_multiple: int = 1, pad_id: int = 0) -> dict[str, np.ndarray]:
+def pack_pair_rows(
+  sequences, real, *, seq_len: int, micro_batches: int = 1, row_multiple: int = 1, pad_id: int = 0
+) -> dict[str, np.ndarray]:
   """Packs the sequences of ``P`` pair slots into ``R = M * r`` rows of ``seq_len`` tokens.
 
   Args:
@@ -254,11 +291,21 @@ def pack_pair_rows(sequences, real, *, seq_len: int, micro_batches: int = 1,
     per_micro.append([[mine[k] for k in b] for b in bins])
   need = max((len(b) for b in per_micro), default=0)
   r = next(n for n in row_buckets(p_total // m, row_multiple) if n >= max(need, 1))
-  rows = [[[(slot + side * p_total, prompt, response) for slot, side, prompt, response in b]
-           for b in bins] for bins in per_micro]
+  rows = [
+    [
+      [(slot + side * p_total, prompt, response) for slot, side, prompt, response in b]
+      for b in bins
+    ]
+    for bins in per_micro
+  ]
   # Strided: micro-batch j owns rows j, j+M, ...
-  out = _fill_rows({k * m + j: b for j, bins in enumerate(rows) for k, b in enumerate(bins)},
-                   num_rows=m * r, seq_len=seq_len, num_sequences=2 * p_total, pad_id=pad_id)
+  out = _fill_rows(
+    {k * m + j: b for j, bins in enumerate(rows) for k, b in enumerate(bins)},
+    num_rows=m * r,
+    seq_len=seq_len,
+    num_sequences=2 * p_total,
+    pad_id=pad_id,
+  )
   lengths = out.pop("lengths")
   return {**out, "chosen_lengths": lengths[:p_total], "rejected_lengths": lengths[p_total:]}
 
@@ -275,19 +322,26 @@ def _fill_rows(rows: dict, *, num_rows: int, seq_len: int, num_sequences: int, p
     at = 0
     for n, (k, prompt, response) in enumerate(row_seqs):
       lp, length = len(prompt), len(prompt) + len(response)
-      ids[row, at:at + lp], ids[row, at + lp:at + length] = prompt, response
-      seg[row, at:at + length] = n + 1
-      pos[row, at:at + length] = np.arange(length)
-      loss[row, at + max(lp, 1):at + length] = 1  # a segment's first token is never scored
-      index[row, at:at + length] = k
+      ids[row, at : at + lp], ids[row, at + lp : at + length] = prompt, response
+      seg[row, at : at + length] = n + 1
+      pos[row, at : at + length] = np.arange(length)
+      loss[row, at + max(lp, 1) : at + length] = 1  # a segment's first token is never scored
+      index[row, at : at + length] = k
       lengths[k] = max(length - max(lp, 1), 0)
       at += length
-  return {"ids": ids, "segment_ids": seg, "positions": pos, "loss_mask": loss,
-          "sequence_index": index, "lengths": lengths}
+  return {
+    "ids": ids,
+    "segment_ids": seg,
+    "positions": pos,
+    "loss_mask": loss,
+    "sequence_index": index,
+    "lengths": lengths,
+  }
 
 
-def pack_sequence_rows(prompts, responses, *, seq_len: int, max_sequences: int,
-                       row_multiple: int = 1, pad_id: int = 0) -> dict[str, np.ndarray]:
+def pack_sequence_rows(
+  prompts, responses, *, seq_len: int, max_sequences: int, row_multiple: int = 1, pad_id: int = 0
+) -> dict[str, np.ndarray]:
   """Packs ``n <= max_sequences`` (prompt, response) sequences into rows for scoring.
 
   The row count is a `row_buckets` entry for ``max_sequences / 2`` pairs (the scorer's buckets
@@ -299,8 +353,13 @@ def pack_sequence_rows(prompts, responses, *, seq_len: int, max_sequences: int,
     raise ValueError(f"{n} sequences > max_sequences={max_sequences}")
   bins = first_fit_decreasing([len(p) + len(r) for p, r in zip(prompts, responses)], seq_len)
   r = next(c for c in row_buckets(-(-max_sequences // 2), row_multiple) if c >= max(len(bins), 1))
-  out = _fill_rows({row: [(k, prompts[k], responses[k]) for k in b] for row, b in enumerate(bins)},
-                   num_rows=r, seq_len=seq_len, num_sequences=max_sequences, pad_id=pad_id)
+  out = _fill_rows(
+    {row: [(k, prompts[k], responses[k]) for k in b] for row, b in enumerate(bins)},
+    num_rows=r,
+    seq_len=seq_len,
+    num_sequences=max_sequences,
+    pad_id=pad_id,
+  )
   out.pop("lengths")
   return out
 
@@ -308,5 +367,6 @@ def pack_sequence_rows(prompts, responses, *, seq_len: int, max_sequences: int,
 def sequence_sums(values: jax.Array, sequence_index: jax.Array, num_sequences: int) -> jax.Array:
   """``[num_sequences]`` sums of ``values [R, T]`` per `PackedPreferenceBatch.sequence_index`
   (``[R, T]``); entries with index ``>= num_sequences`` (padding) are dropped."""
-  return jax.ops.segment_sum(values.reshape(-1), sequence_index.reshape(-1),
-                             num_segments=num_sequences + 1)[:num_sequences]
+  return jax.ops.segment_sum(
+    values.reshape(-1), sequence_index.reshape(-1), num_segments=num_sequences + 1
+  )[:num_sequences]

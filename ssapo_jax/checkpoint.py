@@ -67,8 +67,10 @@ class CheckpointConfig:
     if self.save_every_steps < 1:
       raise ValueError(f"checkpoint.save_every_steps must be >= 1, got {self.save_every_steps}")
     if self.keep < 2:  # the newest checkpoint may be unreadable: keep one to fall back to
-      raise ValueError(f"checkpoint.keep must be >= 2 (a fallback when the newest checkpoint "
-                       f"is unreadable), got {self.keep}")
+      raise ValueError(
+        f"checkpoint.keep must be >= 2 (a fallback when the newest checkpoint "
+        f"is unreadable), got {self.keep}"
+      )
 
 
 class Restored(NamedTuple):
@@ -95,6 +97,7 @@ def abstract_like(target: Any) -> Any:
 
 
 # -- fingerprints ----------------------------------------------------------------------------
+
 
 def _words(x: jax.Array) -> jax.Array:
   """The bits of ``x`` as uint32 words (one per element; two for 64-bit types)."""
@@ -131,12 +134,15 @@ def _shard_digest(x: jax.Array, offset: jax.Array, strides: jax.Array):
   w = _words(x)
   position = jnp.zeros(w.shape, jnp.uint32)
   for axis in range(w.ndim):
-    position = position + (jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis)
-                           + offset[axis]) * strides[axis]
-  sums = [jnp.sum(_mix(_mix(w ^ jnp.uint32(seed)) + position * jnp.uint32(0x9E3779B9)),
-                  dtype=jnp.uint32) for seed in (0x243F6A88, 0x85A308D3)]
-  finite = (jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
-            else jnp.asarray(True))
+    position = (
+      position
+      + (jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis) + offset[axis]) * strides[axis]
+    )
+  sums = [
+    jnp.sum(_mix(_mix(w ^ jnp.uint32(seed)) + position * jnp.uint32(0x9E3779B9)), dtype=jnp.uint32)
+    for seed in (0x243F6A88, 0x85A308D3)
+  ]
+  finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.asarray(True)
   return jnp.stack(sums), finite
 
 
@@ -180,12 +186,19 @@ def fingerprint(state: Any) -> list[dict[str, Any]]:
       local[i, 2] += np.uint32(not finite)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     local = np.asarray(multihost_utils.process_allgather(local)).sum(axis=0, dtype=np.uint32)
   out = []
   for (path, _), x, row in zip(paths_leaves, leaves, local):
-    out.append({"path": jax.tree_util.keystr(path), "shape": list(x.shape),
-                "dtype": str(x.dtype), "checksum": f"{int(row[0]):08x}{int(row[1]):08x}",
-                "finite": bool(row[2] == 0)})
+    out.append(
+      {
+        "path": jax.tree_util.keystr(path),
+        "shape": list(x.shape),
+        "dtype": str(x.dtype),
+        "checksum": f"{int(row[0]):08x}{int(row[1]):08x}",
+        "finite": bool(row[2] == 0),
+      }
+    )
   return out
 
 
@@ -198,26 +211,36 @@ def _verify(step: int, state: Any, metadata: dict, saved: Mapping[str, Any] | No
   now = fingerprint(state)
   bad = [leaf["path"] for leaf in now if not leaf["finite"]]
   if bad:
-    raise CheckpointCorrupt(f"checkpoint {step}: non-finite values in {', '.join(bad[:5])}"
-                            + (f" and {len(bad) - 5} more leaves" if len(bad) > 5 else ""))
+    raise CheckpointCorrupt(
+      f"checkpoint {step}: non-finite values in {', '.join(bad[:5])}"
+      + (f" and {len(bad) - 5} more leaves" if len(bad) > 5 else "")
+    )
   if saved is None:
-    warnings.warn(f"checkpoint {step} has no fingerprint (written before checkpoints were "
-                  "verified); restored without checking its checksums", stacklevel=3)
+    warnings.warn(
+      f"checkpoint {step} has no fingerprint (written before checkpoints were "
+      "verified); restored without checking its checksums",
+      stacklevel=3,
+    )
     return
   if saved.get("metadata_sha256") != _meta_hash(metadata):
     raise CheckpointCorrupt(f"checkpoint {step}: metadata does not match its checksum")
   expected = {leaf["path"]: leaf for leaf in saved["leaves"]}
   if set(expected) != {leaf["path"] for leaf in now}:
-    raise CheckpointCorrupt(f"checkpoint {step}: the restored state's leaves differ from the saved "
-                            "ones")
+    raise CheckpointCorrupt(
+      f"checkpoint {step}: the restored state's leaves differ from the saved ones"
+    )
   # A leaf restored into another dtype (orbax casts to the target's) cannot be compared bitwise.
-  mismatched = [leaf["path"] for leaf in now
-                if leaf["dtype"] == expected[leaf["path"]]["dtype"]
-                and leaf["checksum"] != expected[leaf["path"]]["checksum"]]
+  mismatched = [
+    leaf["path"]
+    for leaf in now
+    if leaf["dtype"] == expected[leaf["path"]]["dtype"]
+    and leaf["checksum"] != expected[leaf["path"]]["checksum"]
+  ]
   if mismatched:
-    raise CheckpointCorrupt(f"checkpoint {step}: checksum mismatch in {', '.join(mismatched[:5])}"
-                            + (f" and {len(mismatched) - 5} more leaves"
-                               if len(mismatched) > 5 else ""))
+    raise CheckpointCorrupt(
+      f"checkpoint {step}: checksum mismatch in {', '.join(mismatched[:5])}"
+      + (f" and {len(mismatched) - 5} more leaves" if len(mismatched) > 5 else "")
+    )
 
 
 @dataclasses.dataclass
@@ -244,19 +267,22 @@ class Checkpointer:
     ckpt.wait()
   """
 
-  def __init__(self, directory: str | os.PathLike, *, config: CheckpointConfig = CheckpointConfig()):
+  def __init__(
+    self, directory: str | os.PathLike, *, config: CheckpointConfig = CheckpointConfig()
+  ):
     self.directory = os.fspath(directory)
     self.config = config
     self._verified = _KeepVerified()  # the newest step that verified on restore, never rotated
     keep = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=1,  # the interval is applied by `should_save`, so phase ends can force
-        preservation_policy=keep.AnyPreservationPolicy([keep.LatestN(config.keep), self._verified]),
-        enable_async_checkpointing=config.async_save,
-        create=True,
+      save_interval_steps=1,  # the interval is applied by `should_save`, so phase ends can force
+      preservation_policy=keep.AnyPreservationPolicy([keep.LatestN(config.keep), self._verified]),
+      enable_async_checkpointing=config.async_save,
+      create=True,
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=(_STATE, _META, _FINGERPRINT))
+    self._manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=(_STATE, _META, _FINGERPRINT)
+    )
 
   # -- queries --------------------------------------------------------------------------------
 
@@ -276,8 +302,9 @@ class Checkpointer:
 
   # -- save -----------------------------------------------------------------------------------
 
-  def save(self, step: int, state: Any, metadata: Mapping[str, Any] | None = None, *,
-           force: bool = False) -> bool:
+  def save(
+    self, step: int, state: Any, metadata: Mapping[str, Any] | None = None, *, force: bool = False
+  ) -> bool:
     """Saves `state` and `metadata` as checkpoint `step` (asynchronously if configured).
 
     Args:
@@ -302,24 +329,32 @@ class Checkpointer:
     leaves = fingerprint(state)  # before the (asynchronous) save: the caller may donate `state`
     bad = [leaf["path"] for leaf in leaves if not leaf["finite"]]
     if bad:
-      raise NonFiniteError(f"refusing to save checkpoint {step}: non-finite values in "
-                           f"{', '.join(bad[:5])}; the train state is corrupted (restart from "
-                           "the last checkpoint)")
+      raise NonFiniteError(
+        f"refusing to save checkpoint {step}: non-finite values in "
+        f"{', '.join(bad[:5])}; the train state is corrupted (restart from "
+        "the last checkpoint)"
+      )
     metadata = _jsonable(metadata or {})
     self._manager.wait_until_finished()
     stale = [s for s in self.all_steps() if s >= step]
     if stale:
-      warnings.warn(f"checkpoint directory {self.directory}: deleting checkpoints {stale}, "
-                    f"which are newer than the step {step} being saved (left over from a run "
-                    f"resumed at an earlier step)", stacklevel=2)
+      warnings.warn(
+        f"checkpoint directory {self.directory}: deleting checkpoints {stale}, "
+        f"which are newer than the step {step} being saved (left over from a run "
+        f"resumed at an earlier step)",
+        stacklevel=2,
+      )
       for s in stale:
         self._manager.delete(s)
-    args = ocp.args.Composite(**{
+    args = ocp.args.Composite(
+      **{
         _STATE: ocp.args.StandardSave(state),
         _META: ocp.args.JsonSave(metadata),
-        _FINGERPRINT: ocp.args.JsonSave({"version": 1, "leaves": leaves,
-                                         "metadata_sha256": _meta_hash(metadata)}),
-    })
+        _FINGERPRINT: ocp.args.JsonSave(
+          {"version": 1, "leaves": leaves, "metadata_sha256": _meta_hash(metadata)}
+        ),
+      }
+    )
     return bool(self._manager.save(step, args=args, force=True))
 
   def wait(self) -> None:
@@ -342,7 +377,9 @@ class Checkpointer:
   def restore_metadata(self, step: int | None = None) -> dict[str, Any]:
     """Reads only the JSON metadata of `step` (default: latest); no fallback."""
     step = self._resolve_step(step)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
+    restored = self._manager.restore(
+      step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
+    )
     return dict(restored[_META])
 
   def restore(self, target: Any, step: int | None = None) -> Restored:
@@ -383,10 +420,11 @@ class Checkpointer:
         failures.append(f"step {candidate}: {type(e).__name__}: {_short(e)}")
         older = [s for s in steps if s < candidate]
         warnings.warn(
-            f"checkpoint {candidate} in {self.directory} could not be restored "
-            f"({type(e).__name__}: {_short(e)}); "
-            + (f"falling back to step {older[-1]}" if older else "no older checkpoint left"),
-            stacklevel=2)
+          f"checkpoint {candidate} in {self.directory} could not be restored "
+          f"({type(e).__name__}: {_short(e)}); "
+          + (f"falling back to step {older[-1]}" if older else "no older checkpoint left"),
+          stacklevel=2,
+        )
         continue
       self._verified.steps = {restored.step}
       return restored
@@ -399,20 +437,24 @@ class Checkpointer:
         raise FileNotFoundError(f"no checkpoint in {self.directory}")
       return steps[-1]
     if step not in steps:
-      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
-                              f"available: {steps}")
+      raise FileNotFoundError(
+        f"no checkpoint for step {step} in {self.directory}; available: {steps}"
+      )
     return step
 
   def _restore_step(self, step: int, abstract: Any) -> Restored:
     items = {_STATE: ocp.args.StandardRestore(abstract), _META: ocp.args.JsonRestore()}
     from etils import epath
+
     has_fingerprint = (epath.Path(self.directory) / str(step) / _FINGERPRINT).exists()
     if has_fingerprint:
       items[_FINGERPRINT] = ocp.args.JsonRestore()
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     metadata = restored[_META]
     if not isinstance(metadata, dict):
-      raise ValueError(f"metadata of checkpoint {step} is {type(metadata).__name__}, not a JSON object")
+      raise ValueError(
+        f"metadata of checkpoint {step} is {type(metadata).__name__}, not a JSON object"
+      )
     _verify(step, restored[_STATE], metadata, restored[_FINGERPRINT] if has_fingerprint else None)
     return Restored(step=step, state=restored[_STATE], metadata=metadata)
 
@@ -429,8 +471,10 @@ def _jsonable(metadata: Mapping[str, Any]) -> dict[str, Any]:
       return shd.to_host(obj).reshape(()).item()
     if isinstance(obj, (tuple, set, frozenset)):
       return list(obj)
-    raise TypeError(f"checkpoint metadata holds {type(obj).__name__} {obj!r}, which is not JSON "
-                    "serialisable; store arrays in the state pytree instead")
+    raise TypeError(
+      f"checkpoint metadata holds {type(obj).__name__} {obj!r}, which is not JSON "
+      "serialisable; store arrays in the state pytree instead"
+    )
 
   return json.loads(json.dumps(dict(metadata), default=convert))
 
@@ -454,15 +498,19 @@ class NoCheckpoints:
     pass
 
 
-def open_checkpointer(output_dir: str, *, shared: bool,
-                      config: CheckpointConfig = CheckpointConfig()) -> Checkpointer | NoCheckpoints:
+def open_checkpointer(
+  output_dir: str, *, shared: bool, config: CheckpointConfig = CheckpointConfig()
+) -> Checkpointer | NoCheckpoints:
   """The run's `Checkpointer` in ``<output_dir>/checkpoints``, or `NoCheckpoints` (with a
   warning) when ``shared`` is False: orbax needs one directory every process sees."""
   if shared:
     return Checkpointer(checkpoint_dir(output_dir), config=config)
-  warnings.warn(f"{output_dir} is a separate directory on each host: no checkpoints (orbax "
-                "needs one directory all processes see); a relaunch resumes from the finished "
-                "phases on process 0", stacklevel=2)
+  warnings.warn(
+    f"{output_dir} is a separate directory on each host: no checkpoints (orbax "
+    "needs one directory all processes see); a relaunch resumes from the finished "
+    "phases on process 0",
+    stacklevel=2,
+  )
   return NoCheckpoints()
 
 
@@ -474,6 +522,7 @@ def checkpoint_dir(output_dir: str | os.PathLike) -> str:
 def has_checkpoint(directory: str | os.PathLike) -> bool:
   """True if `directory` holds at least one committed checkpoint step (creates nothing)."""
   from etils import epath
+
   path = epath.Path(directory)
   if not path.exists():
     return False

@@ -42,37 +42,64 @@ class UsageError(ConfigError):
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog=PROG,
-      description="Stackelberg Self-Annotated Preference Optimization (SSAPO) training run.",
-      epilog="Overrides use dotted keys of the config, e.g. dro.epsilon=0.05 "
-             "train.learning_rate=3e-7 rounds.num_rounds=2. See docs/running.md.")
+    prog=PROG,
+    description="Stackelberg Self-Annotated Preference Optimization (SSAPO) training run.",
+    epilog="Overrides use dotted keys of the config, e.g. dro.epsilon=0.05 "
+    "train.learning_rate=3e-7 rounds.num_rounds=2. See docs/running.md.",
+  )
   parser.add_argument("config_path", help="YAML experiment config (see configs/)")
-  parser.add_argument("overrides", nargs="*", metavar="key=value",
-                      help="dotted config overrides; values are YAML (numbers, true/false, null, [lists])")
+  parser.add_argument(
+    "overrides",
+    nargs="*",
+    metavar="key=value",
+    help="dotted config overrides; values are YAML (numbers, true/false, null, [lists])",
+  )
   parser.add_argument("--output-dir", help="run directory (same as output_dir=...); local or gs://")
-  parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
-                      help="continue from the newest checkpoint in <output_dir>/checkpoints "
-                           "(default: resume when one exists; --no-resume starts afresh)")
-  parser.add_argument("--coordinator-address",
-                      help="host:port of process 0 for multi-host runs (mesh.coordinator_address)")
+  parser.add_argument(
+    "--resume",
+    action=argparse.BooleanOptionalAction,
+    default=None,
+    help="continue from the newest checkpoint in <output_dir>/checkpoints "
+    "(default: resume when one exists; --no-resume starts afresh)",
+  )
+  parser.add_argument(
+    "--coordinator-address",
+    help="host:port of process 0 for multi-host runs (mesh.coordinator_address)",
+  )
   parser.add_argument("--num-processes", type=int, help="number of processes (mesh.num_processes)")
   parser.add_argument("--process-id", type=int, help="index of this process (mesh.process_id)")
-  parser.add_argument("--print-config", action="store_true",
-                      help="print the resolved config as YAML and exit without running")
-  parser.add_argument("--check", action="store_true",
-                      help="validate the config, data sources, model directory, tokenizer, "
-                           "output directory and mesh, print what the run would do, and exit "
-                           "(same exit statuses as a run)")
-  parser.add_argument("--allow-config-change", action="store_true",
-                      help="resume a run whose recorded config differs; the new config is kept "
-                           "as config.<n>.yaml beside the old ones")
-  parser.add_argument("--force-unlock", action="store_true",
-                      help="take the output directory's lock even if another run holds it (only "
-                           "after making sure that run is gone, e.g. its host was lost)")
-  parser.add_argument("--debug", action="store_true",
-                      help="print the traceback of errors (normally one line)")
-  parser.add_argument("--verbose", action="store_true",
-                      help="also show the progress bars of the libraries underneath (datasets)")
+  parser.add_argument(
+    "--print-config",
+    action="store_true",
+    help="print the resolved config as YAML and exit without running",
+  )
+  parser.add_argument(
+    "--check",
+    action="store_true",
+    help="validate the config, data sources, model directory, tokenizer, "
+    "output directory and mesh, print what the run would do, and exit "
+    "(same exit statuses as a run)",
+  )
+  parser.add_argument(
+    "--allow-config-change",
+    action="store_true",
+    help="resume a run whose recorded config differs; the new config is kept "
+    "as config.<n>.yaml beside the old ones",
+  )
+  parser.add_argument(
+    "--force-unlock",
+    action="store_true",
+    help="take the output directory's lock even if another run holds it (only "
+    "after making sure that run is gone, e.g. its host was lost)",
+  )
+  parser.add_argument(
+    "--debug", action="store_true", help="print the traceback of errors (normally one line)"
+  )
+  parser.add_argument(
+    "--verbose",
+    action="store_true",
+    help="also show the progress bars of the libraries underneath (datasets)",
+  )
   return parser
 
 
@@ -93,12 +120,14 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
 def decide_resume(requested: bool | None, output_dir: str) -> bool:
   """``--resume``/``--no-resume``, or by default whether the run already has a checkpoint."""
   from ssapo_jax.checkpoint import checkpoint_dir, has_checkpoint
+
   exists = has_checkpoint(checkpoint_dir(output_dir))
   if requested is None:
     return exists
   if requested and not exists:
-    raise UsageError(f"--resume: no checkpoint in {checkpoint_dir(output_dir)}; "
-                     "drop --resume to start a new run")
+    raise UsageError(
+      f"--resume: no checkpoint in {checkpoint_dir(output_dir)}; drop --resume to start a new run"
+    )
   return requested
 
 
@@ -132,6 +161,7 @@ def _quiet_libraries(verbose: bool) -> None:
   if verbose:
     return
   from datasets.utils import logging as ds_logging
+
   ds_logging.disable_progress_bar()
 
 
@@ -141,19 +171,24 @@ def _run(args: argparse.Namespace) -> int:
   print(f"{PROG}: {what} ({args.config_path})", file=sys.stderr, flush=True)
   from ssapo_jax import config as cfg_lib
   from ssapo_jax.experiment import load_experiment
+
   config = load_experiment(args.config_path, [*args.overrides, *_flag_overrides(args)])
   if args.print_config:
     sys.stdout.write(cfg_lib.dump_yaml(config))
     return 0
   _quiet_libraries(args.verbose)
   from ssapo_jax import preflight
-  checked = preflight.check_inputs(config, allow_config_change=args.allow_config_change,
-                                   force_unlock=args.force_unlock)
+
+  checked = preflight.check_inputs(
+    config, allow_config_change=args.allow_config_change, force_unlock=args.force_unlock
+  )
   data, version = checked.data, checked.version
 
   from ssapo_jax.sharding import initialize_distributed
+
   initialize_distributed(config.mesh)  # before any other JAX call touches the devices
   import jax
+
   mesh = checked.mesh = preflight.check_mesh(config)
   resume = decide_resume(args.resume, config.output_dir)
   if args.check:
@@ -166,28 +201,41 @@ def _run(args: argparse.Namespace) -> int:
     return 0
   if version.changes and resume and _run_complete(config):
     # Recording the new config would claim it trained something: record nothing.
-    print(f"{PROG}: run already complete, nothing ran; the config change "
-          f"({'; '.join(version.changes)}) was not recorded (use another output_dir to train "
-          "with it)", file=sys.stderr)
+    print(
+      f"{PROG}: run already complete, nothing ran; the config change "
+      f"({'; '.join(version.changes)}) was not recorded (use another output_dir to train "
+      "with it)",
+      file=sys.stderr,
+    )
     return 0
 
   # Imported late: config errors must not depend on the training stack.
   from ssapo_jax import rundir, runrecord
   from ssapo_jax.pipeline import run as pipeline
   from ssapo_jax.runlock import run_lock
+
   process0 = jax.process_index() == 0
   # run.log first, so that taking over a stale lock is logged too.
-  with runrecord.run_log(rundir.local_workdir(config.output_dir), enabled=process0), \
-       run_lock(config.output_dir, process_index=jax.process_index(), force=args.force_unlock,
-                log=runrecord.message):
+  with (
+    runrecord.run_log(rundir.local_workdir(config.output_dir), enabled=process0),
+    run_lock(
+      config.output_dir,
+      process_index=jax.process_index(),
+      force=args.force_unlock,
+      log=runrecord.message,
+    ),
+  ):
     change = None
     if process0:
       runrecord.write_config(version, cfg_lib.dump_yaml(config))
     if version.changes:
       name = os.path.basename(version.path)
       runrecord.message(f"config changed ({'; '.join(version.changes)}); recorded as {name}")
-      change = {"config_version": version.version, "config_file": name,
-                "changed": "; ".join(version.changes)}
+      change = {
+        "config_version": version.version,
+        "config_file": name,
+        "changed": "; ".join(version.changes),
+      }
     try:
       pipeline.run(config, resume=resume, config_change=change, preflight=checked)
     except KeyboardInterrupt:
@@ -198,8 +246,9 @@ def _run(args: argparse.Namespace) -> int:
       runrecord.log_only(f"error: {one_line(e)}")
       raise
     except Exception as e:
-      runrecord.log_only(f"error (a bug; the traceback is on stderr): {type(e).__name__}: "
-                         f"{one_line(e)}")
+      runrecord.log_only(
+        f"error (a bug; the traceback is on stderr): {type(e).__name__}: {one_line(e)}"
+      )
       raise
   return 0
 
@@ -207,10 +256,12 @@ def _run(args: argparse.Namespace) -> int:
 def _run_complete(config) -> bool:
   """Whether every round of ``config`` is done (the run's newest checkpoint says so)."""
   from ssapo_jax.checkpoint import Checkpointer, checkpoint_dir, has_checkpoint
+
   directory = checkpoint_dir(config.output_dir)
   if not has_checkpoint(directory):
     return False
   from ssapo_jax.pipeline.run import resume_point
+
   with Checkpointer(directory, config=config.checkpoint) as ckpt:
     start = resume_point(ckpt)
   return start.round > config.rounds.num_rounds

@@ -44,15 +44,18 @@ class CompilationConfig:
 
   def __post_init__(self):
     if not self.min_compile_time_secs >= 0:
-      raise ValueError("compilation.min_compile_time_secs must be >= 0, got "
-                       f"{self.min_compile_time_secs}")
+      raise ValueError(
+        f"compilation.min_compile_time_secs must be >= 0, got {self.min_compile_time_secs}"
+      )
     if self.cache_dir is not None and "://" in self.cache_dir:
       raise ValueError(f"compilation.cache_dir must be a local directory, got {self.cache_dir!r}")
 
 
 def _on_event(event: str, **_):
-  key = {"/jax/compilation_cache/cache_hits": "cache_hits",
-         "/jax/compilation_cache/cache_misses": "cache_misses"}.get(event)
+  key = {
+    "/jax/compilation_cache/cache_hits": "cache_hits",
+    "/jax/compilation_cache/cache_misses": "cache_misses",
+  }.get(event)
   if key:
     with _lock:
       _counts[key] += 1
@@ -126,6 +129,7 @@ def enable_cache(config: CompilationConfig, local_run_dir: str) -> str | None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   try:  # JAX decides once per process whether the cache is used; make it decide again.
     from jax._src import compilation_cache  # pylint: disable=import-outside-toplevel
+
     if compilation_cache._cache_checked:  # pylint: disable=protected-access
       compilation_cache.reset_cache()
   except (ImportError, AttributeError):

@@ -117,26 +117,32 @@ def check_choices(config: Any, section: str) -> None:
     if value is None and none_allowed:
       continue
     if not any(type(c) is type(value) and c == value for c in choices):
-      raise ValueError(f"{_join(section, name)} must be one of "
-                       f"{', '.join(repr(c) for c in choices)}; got {value!r}")
+      raise ValueError(
+        f"{_join(section, name)} must be one of "
+        f"{', '.join(repr(c) for c in choices)}; got {value!r}"
+      )
 
 
 def _unknown_key(path: str, key: Any, valid: Sequence[str], cls: type | None = None) -> ConfigError:
   field = _all_fields(cls).get(str(key)) if cls is not None else None
   if field is not None and DERIVED in field[0].metadata:
-    return ConfigError(f"`{_join(path, str(key))}` is not a config key: it follows "
-                       f"`{field[0].metadata[DERIVED]}`; set that instead")
+    return ConfigError(
+      f"`{_join(path, str(key))}` is not a config key: it follows "
+      f"`{field[0].metadata[DERIVED]}`; set that instead"
+    )
   suggestion = difflib.get_close_matches(str(key), list(valid), n=1)
   hint = f" Did you mean `{_join(path, suggestion[0])}`?" if suggestion else ""
   return ConfigError(
-      f"unknown config key `{_join(path, str(key))}`.{hint} "
-      f"Valid keys at {_where(path)}: {', '.join(valid)}")
+    f"unknown config key `{_join(path, str(key))}`.{hint} "
+    f"Valid keys at {_where(path)}: {', '.join(valid)}"
+  )
 
 
 def _bad_value(path: str, value: Any, tp: Any, extra: str = "") -> ConfigError:
   return ConfigError(
-      f"bad value for `{path}`: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
-      + (f" ({extra})" if extra else ""))
+    f"bad value for `{path}`: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+    + (f" ({extra})" if extra else "")
+  )
 
 
 def _convert(value: Any, tp: Any, path: str) -> Any:
@@ -195,8 +201,10 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if not isinstance(value, Mapping):
       raise _bad_value(path, value, tp)
     key_tp, val_tp = args if args else (Any, Any)
-    return {_convert(k, key_tp, f"{path}.<key>"): _convert(v, val_tp, _join(path, str(k)))
-            for k, v in value.items()}
+    return {
+      _convert(k, key_tp, f"{path}.<key>"): _convert(v, val_tp, _join(path, str(k)))
+      for k, v in value.items()
+    }
   if tp is bool:
     if isinstance(value, bool):
       return value
@@ -259,8 +267,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
   if data is None:
     data = {}
   if not isinstance(data, Mapping):
-    raise ConfigError(f"bad value for {_where(path)}: expected a mapping for {cls.__name__}, "
-                      f"got {type(data).__name__} {data!r}")
+    raise ConfigError(
+      f"bad value for {_where(path)}: expected a mapping for {cls.__name__}, "
+      f"got {type(data).__name__} {data!r}"
+    )
   fields = _fields(cls)
   for key in data:
     if key not in fields:
@@ -270,8 +280,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
     if name in data:
       kwargs[name] = _convert(data[name], tp, _join(path, name))
     elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-      raise ConfigError(f"missing required config key `{_join(path, name)}` "
-                        f"(expected {_type_name(tp)})")
+      raise ConfigError(
+        f"missing required config key `{_join(path, name)}` (expected {_type_name(tp)})"
+      )
   try:
     return cls(**kwargs)
   except ConfigError:
@@ -287,8 +298,11 @@ def to_dict(config: Any) -> Any:
   `derived` fields are left out: they are not config keys.
   """
   if dataclasses.is_dataclass(config) and not isinstance(config, type):
-    return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)
-            if DERIVED not in f.metadata}
+    return {
+      f.name: to_dict(getattr(config, f.name))
+      for f in dataclasses.fields(config)
+      if DERIVED not in f.metadata
+    }
   if isinstance(config, (list, tuple)):
     return [to_dict(v) for v in config]
   if isinstance(config, Mapping):
@@ -309,12 +323,14 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
-      raise ConfigError(f"bad override {item!r}: expected key=value with a dotted key, "
-                        "e.g. dro.epsilon=0.05")
+      raise ConfigError(
+        f"bad override {item!r}: expected key=value with a dotted key, e.g. dro.epsilon=0.05"
+      )
     for other, other_item in seen.items():
       if other == key or other.startswith(key + ".") or key.startswith(other + "."):
-        raise ConfigError(f"config key `{key}` is overridden twice on the command line: "
-                          f"{other_item!r} and {item!r}")
+        raise ConfigError(
+          f"config key `{key}` is overridden twice on the command line: {other_item!r} and {item!r}"
+        )
     seen[key] = item
     if raw.strip() == "":
       value: Any = ""
@@ -345,8 +361,9 @@ def _dataclass_member(tp: Any) -> type | None:
   return None
 
 
-def apply_overrides(data: Mapping[str, Any] | None, overrides: Sequence[str],
-                    cls: type | None = None) -> dict[str, Any]:
+def apply_overrides(
+  data: Mapping[str, Any] | None, overrides: Sequence[str], cls: type | None = None
+) -> dict[str, Any]:
   """Returns a copy of nested mapping `data` with dotted ``key=value`` overrides applied.
 
   With `cls` given, each dotted key is checked against the dataclass schema as it is walked, so an
@@ -364,8 +381,10 @@ def apply_overrides(data: Mapping[str, Any] | None, overrides: Sequence[str],
         tp = _field_type(node_cls, path, part)
         next_cls = _dataclass_member(tp)
         if not last and next_cls is None:
-          raise ConfigError(f"bad override {key}=...: `{_join(path, part)}` is a "
-                            f"{_type_name(tp)}, not a section with sub-keys")
+          raise ConfigError(
+            f"bad override {key}=...: `{_join(path, part)}` is a "
+            f"{_type_name(tp)}, not a section with sub-keys"
+          )
         node_cls = next_cls
       if last:
         node[part] = value
@@ -374,8 +393,10 @@ def apply_overrides(data: Mapping[str, Any] | None, overrides: Sequence[str],
         if child is None:
           child = node[part] = {}
         elif not isinstance(child, dict):
-          raise ConfigError(f"bad override {key}=...: `{_join(path, part)}` holds "
-                            f"{child!r}, not a section with sub-keys")
+          raise ConfigError(
+            f"bad override {key}=...: `{_join(path, part)}` holds "
+            f"{child!r}, not a section with sub-keys"
+          )
         node = child
   return result
 
@@ -402,13 +423,15 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
   if data is None:
     return {}
   if not isinstance(data, dict):
-    raise ConfigError(f"config file {path} must hold a mapping at the top level, "
-                      f"got {type(data).__name__}")
+    raise ConfigError(
+      f"config file {path} must hold a mapping at the top level, got {type(data).__name__}"
+    )
   return data
 
 
-def load_config(cls: type[T], yaml_path: str | os.PathLike | None,
-                overrides: Sequence[str] = ()) -> T:
+def load_config(
+  cls: type[T], yaml_path: str | os.PathLike | None, overrides: Sequence[str] = ()
+) -> T:
   """Loads `cls` from a YAML file (or defaults when `yaml_path` is None) plus dotted overrides."""
   data = read_yaml(yaml_path) if yaml_path is not None else {}
   data = apply_overrides(data, overrides, cls)
@@ -423,6 +446,7 @@ def dump_yaml(config: Any) -> str:
 def save_resolved(config: Any, output_dir: str | os.PathLike) -> str:
   """Writes the resolved config to ``<output_dir>/config.yaml`` (local or ``gs://``); returns the path."""
   from etils import epath  # orbax's path library; handles gs:// as well as local paths.
+
   directory = epath.Path(output_dir)
   directory.mkdir(parents=True, exist_ok=True)
   path = directory / CONFIG_FILENAME

@@ -86,8 +86,9 @@ def _concrete(x) -> Optional[np.ndarray]:
 # Pieces.
 
 
-def margin_window(xi, *, method: str = "range", tau: float = 1.0,
-                  quantile: float = 0.05) -> tuple[float, float]:
+def margin_window(
+  xi, *, method: str = "range", tau: float = 1.0, quantile: float = 0.05
+) -> tuple[float, float]:
   """Knot window in margin space from data (paper v3 §2.2).
 
   Args:
@@ -102,8 +103,10 @@ def margin_window(xi, *, method: str = "range", tau: float = 1.0,
   """
   x = np.asarray(xi, np.float64).reshape(-1)
   if x.size == 0 or not np.all(np.isfinite(x)):
-    raise ValueError(f"margin_window: xi must be non-empty and finite, got {x.size} values "
-                     f"with {int(np.sum(~np.isfinite(x)))} non-finite")
+    raise ValueError(
+      f"margin_window: xi must be non-empty and finite, got {x.size} values "
+      f"with {int(np.sum(~np.isfinite(x)))} non-finite"
+    )
   if method == "range":
     if not tau >= 0:
       raise ValueError(f"margin_window: tau must be >= 0, got {tau}")
@@ -120,9 +123,13 @@ def margin_window(xi, *, method: str = "range", tau: float = 1.0,
   return lo, hi
 
 
-def tangent_pieces(num_pieces: int, *, space: str = "probability",
-                   window: Optional[tuple[float, float]] = None,
-                   data=None) -> tuple[jax.Array, jax.Array]:
+def tangent_pieces(
+  num_pieces: int,
+  *,
+  space: str = "probability",
+  window: Optional[tuple[float, float]] = None,
+  data=None,
+) -> tuple[jax.Array, jax.Array]:
   """Slopes and intercepts of tangents whose maximum under-approximates the DPO loss.
 
   * ``space="probability"``: tangents of ``−log p`` at ``p = k/K``, ``k = 1..K``:
@@ -140,8 +147,10 @@ def tangent_pieces(num_pieces: int, *, space: str = "probability",
   k = np.arange(1, num_pieces + 1, dtype=np.float64)
   if space == "probability":
     if window is not None or data is not None:
-      raise ValueError("tangent_pieces: window/data apply to space='margin' only; probability "
-                       "pieces are the tangents at k/K")
+      raise ValueError(
+        "tangent_pieces: window/data apply to space='margin' only; probability "
+        "pieces are the tangents at k/K"
+      )
     knots = k / num_pieces
     slopes = -1.0 / knots
     intercepts = 1.0 - np.log(knots)
@@ -153,9 +162,8 @@ def tangent_pieces(num_pieces: int, *, space: str = "probability",
     lo, hi = (float(w) for w in window)
     if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
       raise ValueError(f"tangent_pieces: window must be finite with lo <= hi, got {window}")
-    knots = (np.array([(lo + hi) / 2]) if num_pieces == 1
-             else np.linspace(lo, hi, num_pieces))
-    slopes = -1.0 / (1.0 + np.exp(knots))          # −σ(−t)
+    knots = np.array([(lo + hi) / 2]) if num_pieces == 1 else np.linspace(lo, hi, num_pieces)
+    slopes = -1.0 / (1.0 + np.exp(knots))  # −σ(−t)
     intercepts = np.logaddexp(0.0, -knots) - slopes * knots  # −log σ(t) − a t
   else:
     raise ValueError(f"tangent_pieces: unknown space {space!r}; accepted: {list(SPACES)}")
@@ -181,8 +189,11 @@ def random_groups(num_points: int, group_size: int, *, key: jax.Array) -> jax.Ar
   (paper §4.3); the last group is smaller when ``group_size`` does not divide ``num_points``."""
   _check_group_args(num_points, group_size)
   perm = jax.random.permutation(key, num_points)
-  return jnp.zeros(num_points, jnp.int32).at[perm].set(
-      jnp.arange(num_points, dtype=jnp.int32) // group_size)
+  return (
+    jnp.zeros(num_points, jnp.int32)
+    .at[perm]
+    .set(jnp.arange(num_points, dtype=jnp.int32) // group_size)
+  )
 
 
 def quantile_groups(xi, group_size: int) -> jax.Array:
@@ -193,8 +204,11 @@ def quantile_groups(xi, group_size: int) -> jax.Array:
     raise ValueError(f"quantile_groups: xi must be [num_points], got shape {xi.shape}")
   _check_group_args(xi.shape[0], group_size)
   order = jnp.argsort(unsharded_along(xi), stable=True)
-  return jnp.zeros(xi.shape[0], jnp.int32).at[order].set(
-      jnp.arange(xi.shape[0], dtype=jnp.int32) // group_size)
+  return (
+    jnp.zeros(xi.shape[0], jnp.int32)
+    .at[order]
+    .set(jnp.arange(xi.shape[0], dtype=jnp.int32) // group_size)
+  )
 
 
 def _check_group_args(num_points, group_size):
@@ -232,10 +246,23 @@ class WorstCase(NamedTuple):
   center_objective: jax.Array
 
 
-def worst_case(xi, *, epsilon, slopes, intercepts, support, group_ids=None,
-               num_groups: Optional[int] = None, valid=None, max_group_size: Optional[int] = None,
-               method: str = "exact", per_atom_cap: bool = False, osqp_tol: float = 1e-5,
-               osqp_maxiter: int = 4000, osqp_polish: bool = True) -> WorstCase:
+def worst_case(
+  xi,
+  *,
+  epsilon,
+  slopes,
+  intercepts,
+  support,
+  group_ids=None,
+  num_groups: Optional[int] = None,
+  valid=None,
+  max_group_size: Optional[int] = None,
+  method: str = "exact",
+  per_atom_cap: bool = False,
+  osqp_tol: float = 1e-5,
+  osqp_maxiter: int = 4000,
+  osqp_polish: bool = True,
+) -> WorstCase:
   """Worst-case distribution of the finite program of Thm 3.3, per group.
 
   Under ``jax.jit``: every method runs traced, with static shapes (``num_pairs``,
@@ -284,18 +311,44 @@ def worst_case(xi, *, epsilon, slopes, intercepts, support, group_ids=None,
   if method not in METHODS:
     raise ValueError(f"worst_case: unknown method {method!r}; accepted: {list(METHODS)}")
   xi, slopes, intercepts, lo, hi, epsilon, group_ids, num_groups, valid = _validate(
-      xi, epsilon, slopes, intercepts, support, group_ids, num_groups, valid)
+    xi, epsilon, slopes, intercepts, support, group_ids, num_groups, valid
+  )
   if method == "exact" and per_atom_cap:
     slot, width = _pad_layout(group_ids, num_groups, max_group_size, "per_atom_cap=True")
-    return _solve_bisection(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, valid,
-                            num_groups=num_groups, width=width, per_atom_cap=True)
+    return _solve_bisection(
+      xi,
+      slopes,
+      intercepts,
+      lo,
+      hi,
+      epsilon,
+      group_ids,
+      slot,
+      valid,
+      num_groups=num_groups,
+      width=width,
+      per_atom_cap=True,
+    )
   if method == "exact":
-    return _solve_exact(xi, slopes, intercepts, lo, hi, epsilon, group_ids, valid,
-                        num_groups=num_groups)
-  return _solve_osqp(xi, slopes, intercepts, lo, hi, epsilon, group_ids, valid,
-                     num_groups=num_groups, max_group_size=max_group_size,
-                     per_atom_cap=per_atom_cap, tol=osqp_tol, maxiter=osqp_maxiter,
-                     polish=osqp_polish)
+    return _solve_exact(
+      xi, slopes, intercepts, lo, hi, epsilon, group_ids, valid, num_groups=num_groups
+    )
+  return _solve_osqp(
+    xi,
+    slopes,
+    intercepts,
+    lo,
+    hi,
+    epsilon,
+    group_ids,
+    valid,
+    num_groups=num_groups,
+    max_group_size=max_group_size,
+    per_atom_cap=per_atom_cap,
+    tol=osqp_tol,
+    maxiter=osqp_maxiter,
+    polish=osqp_polish,
+  )
 
 
 def _validate(xi, epsilon, slopes, intercepts, support, group_ids, num_groups, valid):
@@ -305,8 +358,10 @@ def _validate(xi, epsilon, slopes, intercepts, support, group_ids, num_groups, v
   if jnp.shape(xi)[0] == 0:
     raise ValueError("worst_case: xi is empty; expected at least one point")
   if jnp.ndim(slopes) != 1 or jnp.shape(slopes) != jnp.shape(intercepts) or not jnp.size(slopes):
-    raise ValueError(f"worst_case: slopes and intercepts must both be [num_pieces] with "
-                     f"num_pieces >= 1, got {jnp.shape(slopes)} and {jnp.shape(intercepts)}")
+    raise ValueError(
+      f"worst_case: slopes and intercepts must both be [num_pieces] with "
+      f"num_pieces >= 1, got {jnp.shape(slopes)} and {jnp.shape(intercepts)}"
+    )
   try:
     lo, hi = support
   except (TypeError, ValueError):
@@ -315,8 +370,11 @@ def _validate(xi, epsilon, slopes, intercepts, support, group_ids, num_groups, v
     if jnp.ndim(value) != 0:
       raise ValueError(f"worst_case: {name} must be a scalar, got shape {jnp.shape(value)}")
   c_lo, c_hi, c_eps = _concrete(lo), _concrete(hi), _concrete(epsilon)
-  if c_lo is not None and c_hi is not None and not (
-      np.isfinite(c_lo) and np.isfinite(c_hi) and c_lo <= c_hi):
+  if (
+    c_lo is not None
+    and c_hi is not None
+    and not (np.isfinite(c_lo) and np.isfinite(c_hi) and c_lo <= c_hi)
+  ):
     raise ValueError(f"worst_case: support must be finite with lo <= hi, got ({c_lo}, {c_hi})")
   if c_eps is not None and not (np.isfinite(c_eps) and c_eps >= 0):
     raise ValueError(f"worst_case: epsilon must be finite and >= 0, got {c_eps}")
@@ -336,23 +394,29 @@ def _validate(xi, epsilon, slopes, intercepts, support, group_ids, num_groups, v
     c_xi = np.where(c_valid, c_xi, np.nan_to_num(c_xi[c_valid][0]))
     bad = ~np.isfinite(c_xi)
     if bad.any():
-      raise ValueError(f"worst_case: xi has {int(bad.sum())} non-finite value(s), first at index "
-                       f"{int(np.argmax(bad))}")
+      raise ValueError(
+        f"worst_case: xi has {int(bad.sum())} non-finite value(s), first at index "
+        f"{int(np.argmax(bad))}"
+      )
     if c_lo is not None and c_hi is not None:
       x64 = c_xi.astype(np.float64)
       out = (x64 < float(c_lo)) | (x64 > float(c_hi))
       if out.any():
         i = int(np.argmax(out))
-        raise ValueError(f"worst_case: xi must lie in the support [{float(c_lo)}, {float(c_hi)}]; "
-                         f"{int(out.sum())} value(s) outside, first xi[{i}] = {c_xi[i]}")
+        raise ValueError(
+          f"worst_case: xi must lie in the support [{float(c_lo)}, {float(c_hi)}]; "
+          f"{int(out.sum())} value(s) outside, first xi[{i}] = {c_xi[i]}"
+        )
   if group_ids is None:
     if num_groups not in (None, 1):
       raise ValueError(f"worst_case: num_groups={num_groups} given without group_ids")
     group_ids, num_groups = jnp.zeros(n, jnp.int32), 1
   else:
     if jnp.shape(group_ids) != (n,) or not jnp.issubdtype(jnp.result_type(group_ids), jnp.integer):
-      raise ValueError(f"worst_case: group_ids must be [num_pairs] = [{n}] ints, got shape "
-                       f"{jnp.shape(group_ids)} dtype {jnp.result_type(group_ids)}")
+      raise ValueError(
+        f"worst_case: group_ids must be [num_pairs] = [{n}] ints, got shape "
+        f"{jnp.shape(group_ids)} dtype {jnp.result_type(group_ids)}"
+      )
     c_g = _concrete(group_ids)
     if c_g is not None:
       if c_g.min() < 0:
@@ -360,8 +424,9 @@ def _validate(xi, epsilon, slopes, intercepts, support, group_ids, num_groups, v
       if num_groups is None:
         num_groups = int(c_g.max()) + 1
       elif c_g.max() >= num_groups:
-        raise ValueError(f"worst_case: group_ids must be < num_groups = {num_groups}, found "
-                         f"{c_g.max()}")
+        raise ValueError(
+          f"worst_case: group_ids must be < num_groups = {num_groups}, found {c_g.max()}"
+        )
     elif num_groups is None:
       raise ValueError("worst_case: pass num_groups when group_ids are traced (under jit)")
     group_ids = jnp.asarray(group_ids, jnp.int32)
@@ -372,8 +437,17 @@ def _validate(xi, epsilon, slopes, intercepts, support, group_ids, num_groups, v
   lo, hi = jnp.asarray(lo, dtype), jnp.asarray(hi, dtype)
   # Invalid rows sit at lo with no reach (below), so whatever they held cannot leak.
   xi = jnp.where(valid, jnp.asarray(xi, dtype), lo)
-  return (xi, jnp.asarray(slopes, dtype), jnp.asarray(intercepts, dtype), lo, hi,
-          jnp.asarray(epsilon, dtype), group_ids, int(num_groups), valid)
+  return (
+    xi,
+    jnp.asarray(slopes, dtype),
+    jnp.asarray(intercepts, dtype),
+    lo,
+    hi,
+    jnp.asarray(epsilon, dtype),
+    group_ids,
+    int(num_groups),
+    valid,
+  )
 
 
 def _segment_exclusive_suffix_sum(values, segment_start):
@@ -399,9 +473,9 @@ def _solve_exact(xi, slopes, intercepts, lo, hi, epsilon, group_ids, valid, *, n
   n, num_pieces = xi.shape[0], slopes.shape[0]
   dtype = xi.dtype
   zero = jnp.zeros((), dtype)
-  piece_xi = xi[:, None] * slopes + intercepts                  # [N, K]
+  piece_xi = xi[:, None] * slopes + intercepts  # [N, K]
   k_stay = jnp.argmax(piece_xi, axis=1)
-  loss_xi = jnp.max(piece_xi, axis=1)                           # ℓ̃(xi)
+  loss_xi = jnp.max(piece_xi, axis=1)  # ℓ̃(xi)
   piece_lo, piece_hi = lo * slopes + intercepts, hi * slopes + intercepts
   k_lo, k_hi = jnp.argmax(piece_lo), jnp.argmax(piece_hi)
   # Transport to each boundary; an invalid row has none, so it has no option but to stay.
@@ -417,9 +491,9 @@ def _solve_exact(xi, slopes, intercepts, lo, hi, epsilon, group_ids, valid, *, n
   opt_a, opt_b = jnp.where(a_is_hi, 2, 1), jnp.where(a_is_hi, 1, 2)
   rho_a = jnp.where(d_a > 0, g_a / jnp.where(d_a > 0, d_a, 1), zero)  # λ where A meets stay
   rho_b = jnp.where(d_b > 0, g_b / jnp.where(d_b > 0, d_b, 1), zero)
-  use_a = (g_a > 0) & (g_a > g_b)          # A is optimal just above λ = 0
+  use_a = (g_a > 0) & (g_a > g_b)  # A is optimal just above λ = 0
   use_b = (g_b > 0) & (d_b > 0) & (~use_a | (rho_b > rho_a))  # B is on the envelope
-  both = use_a & use_b                     # then d_a > d_b strictly
+  both = use_a & use_b  # then d_a > d_b strictly
   lam_ab = jnp.where(both, (g_a - g_b) / jnp.where(both, d_a - d_b, 1), zero)
   start = jnp.where(use_a, opt_a, jnp.where(use_b, opt_b, 0))
   # Transition 1: A→B (both), A→stay (A only) or B→stay (B only). Transition 2: B→stay (both).
@@ -439,35 +513,40 @@ def _solve_exact(xi, slopes, intercepts, lo, hi, epsilon, group_ids, valid, *, n
   order = jnp.concatenate([jnp.zeros(n, jnp.int32), jnp.ones(n, jnp.int32)])
   idx = jnp.arange(2 * n, dtype=jnp.int32)
   gid_s, lam_s, _, idx_s = jax.lax.sort(
-      tuple(unsharded_along(x) for x in (gid, lam, order, idx)), num_keys=3)
+    tuple(unsharded_along(x) for x in (gid, lam, order, idx)), num_keys=3
+  )
   drop_s = drop[idx_s]
   seg_start = jnp.concatenate([jnp.ones(1, bool), gid_s[1:] != gid_s[:-1]])
   rest = _segment_exclusive_suffix_sum(drop_s, seg_start)  # cost left if this one is applied
   counts = jax.ops.segment_sum(valid.astype(dtype), group_ids, num_segments=num_groups)
   budget = (counts * epsilon)[gid_s]
   partial = (rest + drop_s - budget) / jnp.where(drop_s > 0, drop_s, 1)
-  applied = jnp.where(drop_s <= 0, zero,
-                      jnp.where(rest >= budget, 1.0,
-                                jnp.where(rest + drop_s <= budget, zero,
-                                          jnp.clip(partial, 0.0, 1.0))))
-  dual = jax.ops.segment_max(jnp.where(applied > 0, lam_s, zero), gid_s,
-                             num_segments=num_groups)
+  applied = jnp.where(
+    drop_s <= 0,
+    zero,
+    jnp.where(
+      rest >= budget, 1.0, jnp.where(rest + drop_s <= budget, zero, jnp.clip(partial, 0.0, 1.0))
+    ),
+  )
+  dual = jax.ops.segment_max(jnp.where(applied > 0, lam_s, zero), gid_s, num_segments=num_groups)
   dual = jnp.maximum(dual, zero)
   phi = jnp.zeros(2 * n, dtype).at[idx_s].set(applied)
   phi1, phi2 = phi[:n], phi[n:]
 
   opts = jnp.arange(3)
-  onehot = lambda o: (o[:, None] == opts).astype(dtype)       # [N, 3]
-  mass = (onehot(start) + phi1[:, None] * (onehot(to1) - onehot(from1))
-          + phi2[:, None] * (onehot(to2) - onehot(from2)))
+  onehot = lambda o: (o[:, None] == opts).astype(dtype)  # [N, 3]
+  mass = (
+    onehot(start)
+    + phi1[:, None] * (onehot(to1) - onehot(from1))
+    + phi2[:, None] * (onehot(to2) - onehot(from2))
+  )
   mass = jnp.clip(mass, 0.0, 1.0)
   w_stay, w_lo, w_hi = mass[:, 0], mass[:, 1], mass[:, 2]
   pieces = jnp.arange(num_pieces)
   at = lambda k: (jnp.reshape(k, (-1, 1)) == pieces).astype(dtype)  # one-hot over pieces
   s = w_stay[:, None] * at(k_stay) + w_lo[:, None] * at(k_lo) + w_hi[:, None] * at(k_hi)
   q = (w_lo * d_lo)[:, None] * at(k_lo) - (w_hi * d_hi)[:, None] * at(k_hi)
-  return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, dual, num_groups,
-                 valid)
+  return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, dual, num_groups, valid)
 
 
 def _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, dual, num_groups, valid):
@@ -479,12 +558,19 @@ def _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, dual, num_
   loss_xi = jnp.where(valid, loss_xi, 0.0)
   safe = jnp.maximum(counts, 1)
   group_obj = jax.ops.segment_sum(value, group_ids, num_segments=num_groups) / safe
-  spent = jax.ops.segment_sum(jnp.sum(jnp.abs(q), axis=1), group_ids,
-                              num_segments=num_groups) / safe
+  spent = (
+    jax.ops.segment_sum(jnp.sum(jnp.abs(q), axis=1), group_ids, num_segments=num_groups) / safe
+  )
   n = jnp.maximum(jnp.sum(valid), 1).astype(dtype)
-  return WorstCase(atom_weights=s, atom_shifts=shifts, objective=jnp.sum(value) / n,
-                   dual=dual, group_objectives=group_obj, budget_spent=spent,
-                   center_objective=jnp.sum(loss_xi) / n)
+  return WorstCase(
+    atom_weights=s,
+    atom_shifts=shifts,
+    objective=jnp.sum(value) / n,
+    dual=dual,
+    group_objectives=group_obj,
+    budget_spent=spent,
+    center_objective=jnp.sum(loss_xi) / n,
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,7 +594,7 @@ def _point_response(lam, xi, slopes, intercepts, d_lo, d_hi, cap):
   dtype = xi.dtype
   lam = jnp.broadcast_to(lam, xi.shape)
   num_pieces = slopes.shape[0]
-  c = xi[:, None] * slopes + intercepts                          # [N, K]
+  c = xi[:, None] * slopes + intercepts  # [N, K]
   loss_xi = jnp.max(c, axis=1, keepdims=True)
   k_stay = jnp.argmax(c, axis=1)
   reach = jnp.where(slopes < 0, d_lo[:, None], jnp.where(slopes > 0, d_hi[:, None], 0.0))
@@ -518,8 +604,9 @@ def _point_response(lam, xi, slopes, intercepts, d_lo, d_hi, cap):
   capacity = jnp.where(eligible, cap / jnp.where(reach > 0, reach, 1.0), 0.0)
   order = jnp.argsort(jnp.where(eligible, -rate, jnp.inf), axis=1, stable=True)
   cap_sorted = jnp.take_along_axis(capacity, order, axis=1)
-  before = jnp.concatenate([jnp.zeros((xi.shape[0], 1), dtype),
-                            jnp.cumsum(cap_sorted, axis=1)[:, :-1]], axis=1)
+  before = jnp.concatenate(
+    [jnp.zeros((xi.shape[0], 1), dtype), jnp.cumsum(cap_sorted, axis=1)[:, :-1]], axis=1
+  )
   fill_sorted = jnp.clip(1.0 - before, 0.0, cap_sorted)
   fill = jnp.zeros_like(fill_sorted).at[jnp.arange(xi.shape[0])[:, None], order].set(fill_sorted)
   rest = jnp.clip(1.0 - jnp.sum(fill, axis=1), 0.0, 1.0)
@@ -537,8 +624,10 @@ def _pad_layout(group_ids, num_groups, max_group_size, who):
   c_g = _concrete(group_ids)
   if c_g is None:
     if max_group_size is None:
-      raise ValueError(f"worst_case: {who} pads groups to a common width; with traced "
-                       f"group_ids (under jit) pass max_group_size")
+      raise ValueError(
+        f"worst_case: {who} pads groups to a common width; with traced "
+        f"group_ids (under jit) pass max_group_size"
+      )
     n = group_ids.shape[0]
     order = jnp.argsort(unsharded_along(group_ids), stable=True)
     sorted_g = group_ids[order]
@@ -559,8 +648,9 @@ def _pad(values, group_ids, slot, num_groups, width, fill):
   return jnp.full((num_groups, width), fill, values.dtype).at[group_ids, slot].set(values)
 
 
-def _bisect_groups(x_pad, d_lo, d_hi, real, slopes, intercepts, epsilon, cap, counts, *,
-                   lam_lo=None, lam_hi=None):
+def _bisect_groups(
+  x_pad, d_lo, d_hi, real, slopes, intercepts, epsilon, cap, counts, *, lam_lo=None, lam_hi=None
+):
   """Exact Lagrangian solution of each padded group ``[G, W]``.
 
   ``λ* = inf{λ ≥ 0 : transport(λ) ≤ N_g ε}`` is found with `jaxopt.Bisection` on the monotone
@@ -583,18 +673,26 @@ def _bisect_groups(x_pad, d_lo, d_hi, real, slopes, intercepts, epsilon, cap, co
   lam_hi = jnp.full(num_groups, default_hi) if lam_hi is None else lam_hi
 
   def one(x, dl, dh, is_real, budget, lo_g, hi_g):
-    transport = lambda lam: jnp.sum(jnp.where(
-        is_real, _point_response(lam, x, slopes, intercepts, dl, dh, cap)[2], 0.0))
+    transport = lambda lam: jnp.sum(
+      jnp.where(is_real, _point_response(lam, x, slopes, intercepts, dl, dh, cap)[2], 0.0)
+    )
     ok = (transport(lo_g) > budget) & (transport(hi_g) <= budget)
     lo_g = jnp.where(ok, lo_g, default_lo)
     hi_g = jnp.where(ok, hi_g, default_hi)
     width = hi_g - lo_g
     # Bisection on t ∈ [0, 1] (constant bracket), λ = lo + t·width; decreasing in t.
-    solver = Bisection(optimality_fun=lambda t: transport(lo_g + t * width) - budget,
-                       lower=0.0, upper=1.0, maxiter=iters, tol=0.0, check_bracket=False,
-                       jit=True, unroll=False)
+    solver = Bisection(
+      optimality_fun=lambda t: transport(lo_g + t * width) - budget,
+      lower=0.0,
+      upper=1.0,
+      maxiter=iters,
+      tol=0.0,
+      check_bracket=False,
+      jit=True,
+      unroll=False,
+    )
     state = solver.run().state
-    at_zero = transport(default_lo) <= budget     # the budget does not bind: λ* = 0
+    at_zero = transport(default_lo) <= budget  # the budget does not bind: λ* = 0
     lam_l = jnp.where(at_zero, default_lo, lo_g + state.low * width)
     lam_h = jnp.where(at_zero, default_lo, lo_g + state.high * width)
     s_l, r_l, t_l = _point_response(lam_l, x, slopes, intercepts, dl, dh, cap)
@@ -612,8 +710,23 @@ def _bisect_groups(x_pad, d_lo, d_hi, real, slopes, intercepts, epsilon, cap, co
 
 
 @jax.jit(static_argnames=("num_groups", "width", "per_atom_cap"))
-def _solve_bisection(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, valid, *,
-                     num_groups, width, per_atom_cap, lam_lo=None, lam_hi=None):
+def _solve_bisection(
+  xi,
+  slopes,
+  intercepts,
+  lo,
+  hi,
+  epsilon,
+  group_ids,
+  slot,
+  valid,
+  *,
+  num_groups,
+  width,
+  per_atom_cap,
+  lam_lo=None,
+  lam_hi=None,
+):
   """Exact solution by bisection on λ (the capped program, or the plain one as a polish)."""
   dtype = xi.dtype
   counts = jax.ops.segment_sum(valid.astype(dtype), group_ids, num_segments=num_groups)
@@ -622,25 +735,53 @@ def _solve_bisection(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, v
   d_lo = jnp.where(real, x_pad - lo, 0.0)
   d_hi = jnp.where(real, hi - x_pad, 0.0)
   cap = epsilon if per_atom_cap else jnp.asarray(jnp.inf, dtype)
-  s, r, lam = _bisect_groups(x_pad, d_lo, d_hi, real, slopes, intercepts, epsilon, cap, counts,
-                             lam_lo=lam_lo, lam_hi=lam_hi)
+  s, r, lam = _bisect_groups(
+    x_pad, d_lo, d_hi, real, slopes, intercepts, epsilon, cap, counts, lam_lo=lam_lo, lam_hi=lam_hi
+  )
   s, r = s[group_ids, slot], r[group_ids, slot]
   q = -jnp.sign(slopes) * r
   loss_xi = jnp.max(xi[:, None] * slopes + intercepts, axis=1)
-  return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, lam, num_groups,
-                 valid)
+  return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, lam, num_groups, valid)
 
 
 # --------------------------------------------------------------------------------------------
 # Generic path: the LP per group with jaxopt's BoxOSQP.
 
 
-def _solve_osqp(xi, slopes, intercepts, lo, hi, epsilon, group_ids, valid, *, num_groups,
-                max_group_size, per_atom_cap, tol, maxiter, polish):
+def _solve_osqp(
+  xi,
+  slopes,
+  intercepts,
+  lo,
+  hi,
+  epsilon,
+  group_ids,
+  valid,
+  *,
+  num_groups,
+  max_group_size,
+  per_atom_cap,
+  tol,
+  maxiter,
+  polish,
+):
   slot, width = _pad_layout(group_ids, num_groups, max_group_size, "method='osqp'")
-  raw = _osqp_core(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, valid,
-                   num_groups=num_groups, width=width, per_atom_cap=bool(per_atom_cap),
-                   tol=float(tol), maxiter=int(maxiter))
+  raw = _osqp_core(
+    xi,
+    slopes,
+    intercepts,
+    lo,
+    hi,
+    epsilon,
+    group_ids,
+    slot,
+    valid,
+    num_groups=num_groups,
+    width=width,
+    per_atom_cap=bool(per_atom_cap),
+    tol=float(tol),
+    maxiter=int(maxiter),
+  )
   if not polish:
     return raw
   # Dual polish: OSQP's budget price brackets λ*; fixing λ separates the LP per point, which is
@@ -648,11 +789,22 @@ def _solve_osqp(xi, slopes, intercepts, lo, hi, epsilon, group_ids, valid, *, nu
   # OSQP bracket does not hold). The polished point is kept where it is at least as good.
   a_max = jnp.max(jnp.abs(slopes))
   half = 1e-2 * a_max + 10 * tol
-  polished = _solve_bisection(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, valid,
-                              num_groups=num_groups, width=width,
-                              per_atom_cap=bool(per_atom_cap),
-                              lam_lo=jnp.maximum(raw.dual - half, 0.0),
-                              lam_hi=jnp.minimum(raw.dual + half, a_max))
+  polished = _solve_bisection(
+    xi,
+    slopes,
+    intercepts,
+    lo,
+    hi,
+    epsilon,
+    group_ids,
+    slot,
+    valid,
+    num_groups=num_groups,
+    width=width,
+    per_atom_cap=bool(per_atom_cap),
+    lam_lo=jnp.maximum(raw.dual - half, 0.0),
+    lam_hi=jnp.minimum(raw.dual + half, a_max),
+  )
   better = polished.group_objectives >= raw.group_objectives
   keep = better[group_ids][:, None]
   s = jnp.where(keep, polished.atom_weights, raw.atom_weights)
@@ -660,13 +812,27 @@ def _solve_osqp(xi, slopes, intercepts, lo, hi, epsilon, group_ids, valid, *, nu
   counts = jax.ops.segment_sum(valid.astype(xi.dtype), group_ids, num_segments=num_groups)
   dual = jnp.where(better, polished.dual, raw.dual)
   loss_xi = jnp.max(xi[:, None] * slopes + intercepts, axis=1)
-  return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, dual, num_groups,
-                 valid)
+  return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, dual, num_groups, valid)
 
 
 @jax.jit(static_argnames=("num_groups", "width", "per_atom_cap", "tol", "maxiter"))
-def _osqp_core(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, valid, *, num_groups,
-               width, per_atom_cap, tol, maxiter):
+def _osqp_core(
+  xi,
+  slopes,
+  intercepts,
+  lo,
+  hi,
+  epsilon,
+  group_ids,
+  slot,
+  valid,
+  *,
+  num_groups,
+  width,
+  per_atom_cap,
+  tol,
+  maxiter,
+):
   from jaxopt import BoxOSQP  # imported lazily: only this path needs it
 
   dtype = xi.dtype
@@ -693,7 +859,7 @@ def _osqp_core(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, valid, 
     stay = (x_g[:, None] * slopes + intercepts) * mask_g[:, None]
     c = (-(stay + jnp.abs(slopes) * reach), -stay)
     row_scale = _OSQP_EQ_SCALE / np.sqrt(2 * num_pieces)
-    norm = jnp.sqrt(jnp.sum(reach ** 2))
+    norm = jnp.sqrt(jnp.sum(reach**2))
     budget_scale = 1.0 / jnp.where(norm > 0, norm, 1.0)
 
     def mv_a(_, x):
@@ -708,26 +874,41 @@ def _osqp_core(xi, slopes, intercepts, lo, hi, epsilon, group_ids, slot, valid, 
       m_cap = jnp.where(reach > 0, 1.0, 0.0) * ones
     lower = (rows, 0 * ones, 0 * ones, jnp.asarray(-jnp.inf, dtype))
     upper = (rows, m_cap, ones, count_g * epsilon * budget_scale)
-    solver = BoxOSQP(matvec_Q=lambda _, x: jax.tree.map(jnp.zeros_like, x), matvec_A=mv_a,
-                     tol=tol, maxiter=maxiter, check_primal_dual_infeasability=False,
-                     implicit_diff=False, jit=True)
-    sol = solver.run(init_params=None, params_obj=(None, c), params_eq=None,
-                     params_ineq=(lower, upper))
+    solver = BoxOSQP(
+      matvec_Q=lambda _, x: jax.tree.map(jnp.zeros_like, x),
+      matvec_A=mv_a,
+      tol=tol,
+      maxiter=maxiter,
+      check_primal_dual_infeasability=False,
+      implicit_diff=False,
+      jit=True,
+    )
+    sol = solver.run(
+      init_params=None, params_obj=(None, c), params_eq=None, params_ineq=(lower, upper)
+    )
     m, u = sol.params.primal[0]
     # The budget row's multiplier, in the row's unscaled units, prices Σ_i; dividing objective
     # and budget by N_g leaves it unchanged, so it is the program's λ.
     return m, u, reach, jnp.abs(sol.params.dual_eq[3]) * budget_scale
 
   m, u, reach, lam = jax.vmap(solve_group)(x_pad, d_lo, d_hi, mask, counts)
-  m, u, reach = m[group_ids, slot], u[group_ids, slot], reach[group_ids, slot]   # [N, K]
+  m, u, reach = m[group_ids, slot], u[group_ids, slot], reach[group_ids, slot]  # [N, K]
   s = jnp.clip(m, 0, None) + jnp.clip(u, 0, None)
   q = -jnp.sign(slopes) * reach * jnp.clip(m, 0, None)
   zero = jnp.zeros((), dtype)
-  s, q = _repair(s, q, jnp.where(valid, xi - lo, zero), jnp.where(valid, hi - xi, zero), epsilon,
-                 group_ids, counts, num_groups, per_atom_cap)
+  s, q = _repair(
+    s,
+    q,
+    jnp.where(valid, xi - lo, zero),
+    jnp.where(valid, hi - xi, zero),
+    epsilon,
+    group_ids,
+    counts,
+    num_groups,
+    per_atom_cap,
+  )
   loss_xi = jnp.max(xi[:, None] * slopes + intercepts, axis=1)
-  return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, lam, num_groups,
-                 valid)
+  return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, lam, num_groups, valid)
 
 
 def _repair(s, q, d_lo, d_hi, epsilon, group_ids, counts, num_groups, per_atom_cap):
@@ -750,9 +931,15 @@ def _repair(s, q, d_lo, d_hi, epsilon, group_ids, counts, num_groups, per_atom_c
 # Glue for the leader, the rounds and logging.
 
 
-def to_loss_atoms(worst: WorstCase, config: Optional[DroConfig] = None, *,
-                  space: Optional[str] = None, margin_scale: Optional[float] = None,
-                  num_atoms: Optional[int] = None, dtype=jnp.float32) -> LossAtoms:
+def to_loss_atoms(
+  worst: WorstCase,
+  config: Optional[DroConfig] = None,
+  *,
+  space: Optional[str] = None,
+  margin_scale: Optional[float] = None,
+  num_atoms: Optional[int] = None,
+  dtype=jnp.float32,
+) -> LossAtoms:
   """The `LossAtoms` of `losses.robust_dpo_loss` from a `WorstCase`.
 
   ``weights = s`` (rows sum to 1) and ``shifts = q / s`` (0 where ``s = 0``), so the leader's
@@ -788,10 +975,11 @@ def to_loss_atoms(worst: WorstCase, config: Optional[DroConfig] = None, *,
         if np.any(nonzero > num_atoms):
           row = int(np.argmax(nonzero > num_atoms))
           raise ValueError(
-              f"to_loss_atoms: num_atoms={num_atoms} would drop mass: row {row} has "
-              f"{int(nonzero[row])} non-zero atoms ({int(np.sum(nonzero > num_atoms))} rows "
-              "have more than num_atoms; per_atom_cap=True solutions can); keep every atom "
-              "with num_atoms=None")
+            f"to_loss_atoms: num_atoms={num_atoms} would drop mass: row {row} has "
+            f"{int(nonzero[row])} non-zero atoms ({int(np.sum(nonzero > num_atoms))} rows "
+            "have more than num_atoms; per_atom_cap=True solutions can); keep every atom "
+            "with num_atoms=None"
+          )
       weights, order = jax.lax.top_k(weights, num_atoms)
       shifts = jnp.take_along_axis(shifts, order, axis=1)
       weights = weights / jnp.sum(weights, axis=1, keepdims=True)
@@ -800,8 +988,12 @@ def to_loss_atoms(worst: WorstCase, config: Optional[DroConfig] = None, *,
     space = "probability" if config is None else config.space
   if margin_scale is None and config is not None:
     margin_scale = config.margin_scale
-  return LossAtoms(weights.astype(dtype), shifts.astype(dtype), space=space,
-                   margin_scale=None if margin_scale is None else float(margin_scale))
+  return LossAtoms(
+    weights.astype(dtype),
+    shifts.astype(dtype),
+    space=space,
+    margin_scale=None if margin_scale is None else float(margin_scale),
+  )
 
 
 def summarize(worst: WorstCase, xi) -> dict[str, float]:
@@ -820,14 +1012,14 @@ def summarize(worst: WorstCase, xi) -> dict[str, float]:
   moved = (s > 0) & (shifts != 0)
   n = s.shape[0]
   return {
-      "dro/objective": float(worst.objective),
-      "dro/center_objective": float(worst.center_objective),
-      "dro/budget_spent": float(np.sum(s * np.abs(shifts)) / n),
-      "dro/mass_moved": float(np.sum(s[moved]) / n),
-      "dro/moved_atoms": float(np.sum(moved)),
-      "dro/dual_max": float(np.max(np.asarray(worst.dual))),
-      "dro/xi_mean": float(np.mean(x)),
-      "dro/worst_mean": float(np.sum(s * (x[:, None] - shifts)) / n),
+    "dro/objective": float(worst.objective),
+    "dro/center_objective": float(worst.center_objective),
+    "dro/budget_spent": float(np.sum(s * np.abs(shifts)) / n),
+    "dro/mass_moved": float(np.sum(s[moved]) / n),
+    "dro/moved_atoms": float(np.sum(moved)),
+    "dro/dual_max": float(np.max(np.asarray(worst.dual))),
+    "dro/xi_mean": float(np.mean(x)),
+    "dro/worst_mean": float(np.sum(s * (x[:, None] - shifts)) / n),
   }
 
 
@@ -862,18 +1054,22 @@ class DroConfig:
       raise ValueError(f"dro.epsilon must be finite and >= 0, got {self.epsilon}")
     if not isinstance(self.num_pieces, int) or self.num_pieces < 1:
       raise ValueError(f"dro.num_pieces must be an int >= 1, got {self.num_pieces!r}")
-    if self.margin_scale is not None and not (np.isfinite(self.margin_scale)
-                                              and self.margin_scale > 0):
+    if self.margin_scale is not None and not (
+      np.isfinite(self.margin_scale) and self.margin_scale > 0
+    ):
       raise ValueError(f"dro.margin_scale must be finite and > 0 or null, got {self.margin_scale}")
     if not isinstance(self.group_size, int) or self.group_size < 1:
       raise ValueError(f"dro.group_size must be an int >= 1, got {self.group_size!r}")
     if self.window_method == "fixed":
       if self.window is None or len(self.window) != 2 or not self.window[0] < self.window[1]:
-        raise ValueError(f"dro.window must be (lo, hi) with lo < hi for window_method='fixed', "
-                         f"got {self.window!r}")
+        raise ValueError(
+          f"dro.window must be (lo, hi) with lo < hi for window_method='fixed', got {self.window!r}"
+        )
     elif self.window is not None:
-      raise ValueError(f"dro.window is only used with window_method='fixed' (got window="
-                       f"{self.window!r} with window_method={self.window_method!r})")
+      raise ValueError(
+        f"dro.window is only used with window_method='fixed' (got window="
+        f"{self.window!r} with window_method={self.window_method!r})"
+      )
     if not self.window_tau >= 0:
       raise ValueError(f"dro.window_tau must be >= 0, got {self.window_tau}")
     if not 0 <= self.window_quantile < 0.5:
@@ -884,8 +1080,10 @@ def margins_to_xi(margins, config: DroConfig) -> jax.Array:
   """``[num_pairs]`` follower variable from implicit-reward margins: ``σ(scale·m)`` in
   probability space (the authors' ``σ(0.1·(r_w − r_l))``), ``scale·m`` in margin space."""
   if config.margin_scale is None:
-    raise ValueError("dro.margin_scale is null: it defaults to train.beta when an ExperimentConfig "
-                     "resolves; set it explicitly to use DroConfig on its own")
+    raise ValueError(
+      "dro.margin_scale is null: it defaults to train.beta when an ExperimentConfig "
+      "resolves; set it explicitly to use DroConfig on its own"
+    )
   m = jnp.asarray(margins, _float_dtype())
   z = config.margin_scale * m
   return jax.nn.sigmoid(z) if config.space == "probability" else z
@@ -900,8 +1098,10 @@ def _masked_window(x, valid, config: DroConfig):
     hi = jnp.max(jnp.where(valid, x, -jnp.inf)) + config.window_tau
     pad = config.window_tau if config.window_tau > 0 else 1.0
   else:
-    q = jnp.nanquantile(jnp.where(valid, x, jnp.nan),
-                        jnp.asarray([config.window_quantile, 1 - config.window_quantile], x.dtype))
+    q = jnp.nanquantile(
+      jnp.where(valid, x, jnp.nan),
+      jnp.asarray([config.window_quantile, 1 - config.window_quantile], x.dtype),
+    )
     lo, hi = q[0], q[1]
     pad = config.window_tau if config.window_tau > 0 else 1.0
   degenerate = ~(hi > lo)  # as `margin_window`: widen a single-point window
@@ -914,7 +1114,7 @@ def _margin_pieces(lo, hi, num_pieces: int):
     knots = jnp.reshape((lo + hi) / 2, (1,))
   else:
     knots = lo + (hi - lo) * jnp.linspace(0.0, 1.0, num_pieces, dtype=lo.dtype)
-  slopes = -jax.nn.sigmoid(-knots)                      # −σ(−t)
+  slopes = -jax.nn.sigmoid(-knots)  # −σ(−t)
   intercepts = jnp.logaddexp(0.0, -knots) - slopes * knots  # −log σ(t) − a t
   return slopes, intercepts
 
@@ -948,8 +1148,9 @@ def group_ids_on_device(xi, valid, config: DroConfig, *, key=None) -> tuple[jax.
   return ids, -(-n // size)
 
 
-def solve_follower(margins, config: DroConfig, *, valid=None, key: jax.Array | None = None
-                   ) -> WorstCase:
+def solve_follower(
+  margins, config: DroConfig, *, valid=None, key: jax.Array | None = None
+) -> WorstCase:
   """One follower step: margins → ξ → pieces, support, groups → `worst_case`.
 
   Runs eagerly and under ``jax.jit`` alike (``config`` is static: a frozen dataclass, pass it by
@@ -978,12 +1179,15 @@ def solve_follower(margins, config: DroConfig, *, valid=None, key: jax.Array | N
     the loss's `LossAtoms` (`follower_atoms` does both).
   """
   if jnp.ndim(margins) != 1 or jnp.shape(margins)[0] == 0:
-    raise ValueError(f"solve_follower: margins must be a non-empty [num_pairs] array, got shape "
-                     f"{jnp.shape(margins)}")
+    raise ValueError(
+      f"solve_follower: margins must be a non-empty [num_pairs] array, got shape "
+      f"{jnp.shape(margins)}"
+    )
   n = jnp.shape(margins)[0]
   if valid is not None and jnp.shape(valid) != (n,):
-    raise ValueError(f"solve_follower: valid must be [num_pairs] = [{n}], got shape "
-                     f"{jnp.shape(valid)}")
+    raise ValueError(
+      f"solve_follower: valid must be [num_pairs] = [{n}], got shape {jnp.shape(valid)}"
+    )
   if config.grouping == "random" and key is None:
     raise ValueError("solve_follower: dro.grouping='random' draws its groups: pass key=")
   c_m, c_v = _concrete(margins), (np.ones(n, bool) if valid is None else _concrete(valid))
@@ -991,9 +1195,11 @@ def solve_follower(margins, config: DroConfig, *, valid=None, key: jax.Array | N
     c_v = c_v.astype(bool)
     bad = ~np.isfinite(np.asarray(c_m, np.float64)) & c_v
     if bad.any() or not c_v.any():
-      raise ValueError(f"solve_follower: margins must be finite on at least one valid row; got "
-                       f"{int(c_v.sum())} valid rows, {int(bad.sum())} non-finite, first at "
-                       f"index {int(np.argmax(bad)) if bad.any() else None}")
+      raise ValueError(
+        f"solve_follower: margins must be finite on at least one valid row; got "
+        f"{int(c_v.sum())} valid rows, {int(bad.sum())} non-finite, first at "
+        f"index {int(np.argmax(bad)) if bad.any() else None}"
+      )
   valid = jnp.ones(n, bool) if valid is None else jnp.asarray(valid).astype(bool)
   # The follower is a small O(N log N) computation with gathers by sorted index, so on an
   # Explicit mesh it runs replicated (no-op on Auto meshes and off a mesh).
@@ -1007,18 +1213,36 @@ def solve_follower(margins, config: DroConfig, *, valid=None, key: jax.Array | N
     lo, hi = _masked_window(xi, valid, config)
     slopes, intercepts = _margin_pieces(lo, hi, config.num_pieces)
     # The support is the window widened to hold every valid point (paper: [a_t, b_t]).
-    support = (jnp.minimum(lo, jnp.min(jnp.where(valid, xi, jnp.inf))),
-               jnp.maximum(hi, jnp.max(jnp.where(valid, xi, -jnp.inf))))
+    support = (
+      jnp.minimum(lo, jnp.min(jnp.where(valid, xi, jnp.inf))),
+      jnp.maximum(hi, jnp.max(jnp.where(valid, xi, -jnp.inf))),
+    )
   group_ids, num_groups = group_ids_on_device(xi, valid, config, key=key)
   group_size = n if config.grouping == "none" else config.group_size
-  return worst_case(xi, epsilon=config.epsilon, slopes=slopes, intercepts=intercepts,
-                    support=support, group_ids=group_ids, num_groups=num_groups, valid=valid,
-                    max_group_size=group_size, method=config.method,
-                    per_atom_cap=config.per_atom_cap)
+  return worst_case(
+    xi,
+    epsilon=config.epsilon,
+    slopes=slopes,
+    intercepts=intercepts,
+    support=support,
+    group_ids=group_ids,
+    num_groups=num_groups,
+    valid=valid,
+    max_group_size=group_size,
+    method=config.method,
+    per_atom_cap=config.per_atom_cap,
+  )
 
 
-def follower_atoms(margins, config: DroConfig, *, valid=None, key: jax.Array | None = None,
-                   num_atoms: Optional[int] = None, dtype=jnp.float32) -> LossAtoms:
+def follower_atoms(
+  margins,
+  config: DroConfig,
+  *,
+  valid=None,
+  key: jax.Array | None = None,
+  num_atoms: Optional[int] = None,
+  dtype=jnp.float32,
+) -> LossAtoms:
   """The follower for research loops: margins → the leader's `LossAtoms`, jittable.
 
   ``to_loss_atoms(solve_follower(margins, config, valid=valid, key=key), config=config)``;

@@ -61,5 +61,7 @@ class NonFiniteError(SsapoError, RuntimeError):
   exit_code = 6
 
 
-EXIT_CODES = {cls.__name__: cls.exit_code
-              for cls in (ConfigError, DataError, RunDirError, CheckpointError, NonFiniteError)}
+EXIT_CODES = {
+  cls.__name__: cls.exit_code
+  for cls in (ConfigError, DataError, RunDirError, CheckpointError, NonFiniteError)
+}

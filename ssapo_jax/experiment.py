@@ -149,7 +149,8 @@ class ExperimentConfig:
   """
 
   model: ModelConfig  # the initial policy (and SFT reference)
-  output_dir: str  # run directory: config.yaml, metrics.jsonl, checkpoints/, phase outputs (local or gs://)
+  # run directory: config.yaml, metrics.jsonl, checkpoints/, phase outputs (local or gs://)
+  output_dir: str
   data: DataConfig = DataConfig()  # seed preferences, prompt pools, tokenisation, batching
   sampling: SamplingConfig = SamplingConfig()  # response generation of rounds >= 1
   train: TrainConfig = TrainConfig()  # the leader (policy) update
@@ -169,10 +170,17 @@ class ExperimentConfig:
     # scale defaults to β.
     scale = self.train.beta if self.dro.margin_scale is None else self.dro.margin_scale
     object.__setattr__(self, "dro", dataclasses.replace(self.dro, margin_scale=scale))
-    object.__setattr__(self, "train", dataclasses.replace(
-        self.train, robust_space=self.dro.space, robust_margin_scale=scale,
+    object.__setattr__(
+      self,
+      "train",
+      dataclasses.replace(
+        self.train,
+        robust_space=self.dro.space,
+        robust_margin_scale=scale,
         robust_allow_scale_mismatch=self.dro.allow_scale_mismatch,
-        objective="robust" if self.dro.epsilon > 0 else "dpo"))
+        objective="robust" if self.dro.epsilon > 0 else "dpo",
+      ),
+    )
     if self.train.objective == "robust" or self.rounds.num_rounds > 0:
       check_atom_scale(scale, self.train.beta, allow_scale_mismatch=self.dro.allow_scale_mismatch)
 
@@ -184,9 +192,10 @@ class ExperimentConfig:
     lr = self.rounds.seed_learning_rate if seed_round else self.rounds.round_learning_rate
     epochs = self.rounds.seed_epochs if seed_round else self.rounds.round_epochs
     return dataclasses.replace(
-        self.train,
-        learning_rate=self.train.learning_rate if lr is None else lr,
-        epochs=self.train.epochs if epochs is None else epochs)
+      self.train,
+      learning_rate=self.train.learning_rate if lr is None else lr,
+      epochs=self.train.epochs if epochs is None else epochs,
+    )
 
   def key(self, stream: str, round_index: int) -> jax.Array:
     """`stream_key` of this run's seed."""
@@ -196,41 +205,57 @@ class ExperimentConfig:
 def _check_sections(config: ExperimentConfig) -> None:
   """The rules between sections; each raises a one-line ValueError naming both keys."""
   if len(config.data.pool_sizes) < config.rounds.num_rounds:
-    raise ValueError(f"rounds.num_rounds={config.rounds.num_rounds} needs one prompt pool per "
-                     f"round, but data.pool_sizes={list(config.data.pool_sizes)} has "
-                     f"{len(config.data.pool_sizes)}")
+    raise ValueError(
+      f"rounds.num_rounds={config.rounds.num_rounds} needs one prompt pool per "
+      f"round, but data.pool_sizes={list(config.data.pool_sizes)} has "
+      f"{len(config.data.pool_sizes)}"
+    )
   if config.rounds.follower_refresh_steps is not None and config.dro.epsilon == 0:
-    raise ValueError(f"rounds.follower_refresh_steps={config.rounds.follower_refresh_steps} "
-                     "re-solves the follower, but dro.epsilon=0 trains plain DPO without one; "
-                     "set dro.epsilon > 0 or rounds.follower_refresh_steps=null")
+    raise ValueError(
+      f"rounds.follower_refresh_steps={config.rounds.follower_refresh_steps} "
+      "re-solves the follower, but dro.epsilon=0 trains plain DPO without one; "
+      "set dro.epsilon > 0 or rounds.follower_refresh_steps=null"
+    )
   if config.dro.epsilon > 0:
     t = config.train
-    plain_only = {"train.loss_type": (t.loss_type, "sigmoid"),
-                  "train.label_smoothing": (t.label_smoothing, 0.0),
-                  "train.f_divergence_type": (t.f_divergence_type, "reverse_kl")}
+    plain_only = {
+      "train.loss_type": (t.loss_type, "sigmoid"),
+      "train.label_smoothing": (t.label_smoothing, 0.0),
+      "train.f_divergence_type": (t.f_divergence_type, "reverse_kl"),
+    }
     for key, (value, robust) in plain_only.items():
       if value != robust:
-        raise ValueError(f"{key}={value!r} is a plain-DPO option, but dro.epsilon="
-                         f"{config.dro.epsilon} > 0 trains the robust objective (the sigmoid "
-                         f"loss under the follower's worst case); set dro.epsilon=0 or "
-                         f"{key}={robust!r}")
+        raise ValueError(
+          f"{key}={value!r} is a plain-DPO option, but dro.epsilon="
+          f"{config.dro.epsilon} > 0 trains the robust objective (the sigmoid "
+          f"loss under the follower's worst case); set dro.epsilon=0 or "
+          f"{key}={robust!r}"
+        )
   # Self-annotation needs two different responses per prompt: with fewer samples, or with
   # greedy sampling (every sample identical), no prompt yields a pair and round 1 would fail
   # after round 0 had trained.
   s = config.sampling
   if config.rounds.num_rounds > 0 and s.num_samples < 2:
-    raise ValueError(f"sampling.num_samples={s.num_samples}: self-annotation rounds "
-                     f"(rounds.num_rounds={config.rounds.num_rounds}) need at least 2 samples per "
-                     "prompt to form a chosen/rejected pair")
+    raise ValueError(
+      f"sampling.num_samples={s.num_samples}: self-annotation rounds "
+      f"(rounds.num_rounds={config.rounds.num_rounds}) need at least 2 samples per "
+      "prompt to form a chosen/rejected pair"
+    )
   if config.rounds.num_rounds > 0 and s.temperature == 0:
-    raise ValueError(f"sampling.temperature=0 is greedy decoding: all sampling.num_samples="
-                     f"{s.num_samples} responses to a prompt are identical, so self-annotation "
-                     "finds no pair; use a temperature > 0 (e.g. 0.7)")
+    raise ValueError(
+      f"sampling.temperature=0 is greedy decoding: all sampling.num_samples="
+      f"{s.num_samples} responses to a prompt are identical, so self-annotation "
+      "finds no pair; use a temperature > 0 (e.g. 0.7)"
+    )
   if config.rounds.train_reference == "sft" and config.train.reference == "in_step":
-    raise ValueError("rounds.train_reference=sft needs train.reference=precomputed: with in_step "
-                     "the reference is the policy a round starts from (the previous policy)")
+    raise ValueError(
+      "rounds.train_reference=sft needs train.reference=precomputed: with in_step "
+      "the reference is the policy a round starts from (the previous policy)"
+    )
 
 
-def load_experiment(yaml_path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
+def load_experiment(
+  yaml_path: str | os.PathLike, overrides: Sequence[str] = ()
+) -> ExperimentConfig:
   """`load_config` for `ExperimentConfig` (a resolved config: see the module docstring)."""
   return load_config(ExperimentConfig, yaml_path, overrides)

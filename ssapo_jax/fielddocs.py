@@ -29,7 +29,7 @@ def field_comments(cls) -> dict[str, str]:
     if tok.type == tokenize.COMMENT:
       comments[tok.start[0]] = tok.string.lstrip("#").strip()
   start = next(i for i, l in enumerate(lines) if l.lstrip().startswith("class "))
-  body = min(len(l) - len(l.lstrip()) for l in lines[start + 1:] if l.strip())  # body indent
+  body = min(len(l) - len(l.lstrip()) for l in lines[start + 1 :] if l.strip())  # body indent
   docs = {}
   for number, line in enumerate(lines, start=1):
     stripped = line.strip()
@@ -65,8 +65,11 @@ def document_fields(cls):
     else:
       default = " (required)"
     text = docs.get(field.name, "(undocumented)")
-    entries.append(textwrap.fill(f"{field.name}{default}: {text}", width=96,
-                                 initial_indent="  ", subsequent_indent="    "))
+    entries.append(
+      textwrap.fill(
+        f"{field.name}{default}: {text}", width=96, initial_indent="  ", subsequent_indent="    "
+      )
+    )
   base = inspect.cleandoc(cls.__doc__ or "")
   cls.__doc__ = base + "\n\nAttributes:\n" + "\n".join(entries) + "\n"
   return cls

@@ -46,8 +46,9 @@ def unsharded_along(x: jax.Array, axis: int = 0) -> jax.Array:
   return jax.sharding.reshard(x, PartitionSpec(*new))
 
 
-def sequence_logps(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array, *,
-                   average: bool = False) -> jax.Array:
+def sequence_logps(
+  logits: jax.Array, labels: jax.Array, loss_mask: jax.Array, *, average: bool = False
+) -> jax.Array:
   """Summed (or averaged) token log-probabilities per sequence.
 
   Args:
@@ -67,22 +68,28 @@ def sequence_logps(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array, *
     ``[B, T, V]`` tensor is materialised.
   """
   if logits.ndim != 3 or labels.shape != logits.shape[:2] or loss_mask.shape != labels.shape:
-    raise ValueError(f"sequence_logps expects logits [B,T,V] and labels/loss_mask [B,T]; got "
-                     f"logits {logits.shape}, labels {labels.shape}, loss_mask {loss_mask.shape}")
+    raise ValueError(
+      f"sequence_logps expects logits [B,T,V] and labels/loss_mask [B,T]; got "
+      f"logits {logits.shape}, labels {labels.shape}, loss_mask {loss_mask.shape}"
+    )
   vocab = logits.shape[-1]
   concrete = _concrete(labels), _concrete(loss_mask)
   if concrete[0] is not None and concrete[1] is not None:
     bad = (concrete[1] > 0) & ((concrete[0] < 0) | (concrete[0] >= vocab))
     if bad.any():
       row, pos = (int(i) for i in np.argwhere(bad)[0])
-      raise ValueError(f"sequence_logps: labels[{row}, {pos}] = {int(concrete[0][row, pos])} is "
-                       f"outside the vocabulary [0, {vocab}) at a counted position "
-                       f"({int(bad.sum())} such labels)")
+      raise ValueError(
+        f"sequence_logps: labels[{row}, {pos}] = {int(concrete[0][row, pos])} is "
+        f"outside the vocabulary [0, {vocab}) at a counted position "
+        f"({int(bad.sum())} such labels)"
+      )
   else:
     counted = loss_mask > 0
     in_range = (labels >= 0) & (labels < vocab)
-    checkify.debug_check(jnp.all(in_range | ~counted),
-                         f"sequence_logps: a counted label is outside the vocabulary [0, {vocab})")
+    checkify.debug_check(
+      jnp.all(in_range | ~counted),
+      f"sequence_logps: a counted label is outside the vocabulary [0, {vocab})",
+    )
   mask = loss_mask.astype(jnp.float32)
   in_vocab = (labels >= 0) & (labels < vocab)
   safe_labels = jnp.where((loss_mask > 0) & in_vocab, labels, 0).astype(jnp.int32)
@@ -176,8 +183,9 @@ def _exo_pair(t: LossTerms) -> jax.Array:
   else:
     eps = float(t.label_smoothing) if float(t.label_smoothing) > 0 else 1e-3
     log_keep, log_eps = math.log1p(-eps), math.log(eps)
-  return (jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - log_keep)
-          + jax.nn.sigmoid(-z) * (jax.nn.log_sigmoid(-z) - log_eps))
+  return jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - log_keep) + jax.nn.sigmoid(-z) * (
+    jax.nn.log_sigmoid(-z) - log_eps
+  )
 
 
 def _bco_pair(t: LossTerms) -> jax.Array:
@@ -201,19 +209,25 @@ def _sppo_hard(t: LossTerms) -> jax.Array:
 def _nca_pair(t: LossTerms) -> jax.Array:
   """NCA, pairwise form (Chen et al. 2024)."""
   chosen, rejected = t.beta * t.chosen_logratios, t.beta * t.rejected_logratios
-  return (-jax.nn.log_sigmoid(chosen) - 0.5 * jax.nn.log_sigmoid(-chosen)
-          - 0.5 * jax.nn.log_sigmoid(-rejected))
+  return (
+    -jax.nn.log_sigmoid(chosen)
+    - 0.5 * jax.nn.log_sigmoid(-chosen)
+    - 0.5 * jax.nn.log_sigmoid(-rejected)
+  )
 
 
 def _apo_zero(t: LossTerms) -> jax.Array:
   """APO-zero (D'Oosterlinck et al. 2024, eq. 7): raise chosen, lower rejected likelihood."""
-  return (1 - jax.nn.sigmoid(t.beta * t.chosen_logratios)) + jax.nn.sigmoid(t.beta * t.rejected_logratios)
+  return (1 - jax.nn.sigmoid(t.beta * t.chosen_logratios)) + jax.nn.sigmoid(
+    t.beta * t.rejected_logratios
+  )
 
 
 def _apo_down(t: LossTerms) -> jax.Array:
   """APO-down (D'Oosterlinck et al. 2024, eq. 8): lower both, rejected more."""
-  return (jax.nn.sigmoid(t.beta * t.chosen_logratios)
-          + (1 - jax.nn.sigmoid(t.beta * (t.chosen_logratios - t.rejected_logratios))))
+  return jax.nn.sigmoid(t.beta * t.chosen_logratios) + (
+    1 - jax.nn.sigmoid(t.beta * (t.chosen_logratios - t.rejected_logratios))
+  )
 
 
 def _sorted_into_kept(values: jax.Array, keep: jax.Array) -> jax.Array:
@@ -249,8 +263,9 @@ def _discopop(t: LossTerms) -> jax.Array:
   stays finite where TRL's product gives ``inf · 0``.
   """
   z = t.beta * (t.chosen_scores - t.rejected_scores)
-  return (-jax.nn.log_sigmoid(z) * jax.nn.sigmoid(-z / t.discopop_tau)
-          + jnp.exp(jax.nn.log_sigmoid(z / t.discopop_tau) - z))
+  return -jax.nn.log_sigmoid(z) * jax.nn.sigmoid(-z / t.discopop_tau) + jnp.exp(
+    jax.nn.log_sigmoid(z / t.discopop_tau) - z
+  )
 
 
 def _sigmoid_norm(t: LossTerms) -> jax.Array:
@@ -273,21 +288,21 @@ def _sft(t: LossTerms) -> jax.Array:
 LossFn = Callable[[LossTerms], jax.Array]
 
 LOSS_TYPES: dict[str, LossFn] = {
-    "sigmoid": _sigmoid,
-    "hinge": _hinge,
-    "ipo": _ipo,
-    "robust": _robust,
-    "exo_pair": _exo_pair,
-    "bco_pair": _bco_pair,
-    "sppo_hard": _sppo_hard,
-    "nca_pair": _nca_pair,
-    "aot": _aot,
-    "aot_unpaired": _aot_unpaired,
-    "apo_zero": _apo_zero,
-    "apo_down": _apo_down,
-    "discopop": _discopop,
-    "sft": _sft,
-    "sigmoid_norm": _sigmoid_norm,
+  "sigmoid": _sigmoid,
+  "hinge": _hinge,
+  "ipo": _ipo,
+  "robust": _robust,
+  "exo_pair": _exo_pair,
+  "bco_pair": _bco_pair,
+  "sppo_hard": _sppo_hard,
+  "nca_pair": _nca_pair,
+  "aot": _aot,
+  "aot_unpaired": _aot_unpaired,
+  "apo_zero": _apo_zero,
+  "apo_down": _apo_down,
+  "discopop": _discopop,
+  "sft": _sft,
+  "sigmoid_norm": _sigmoid_norm,
 }
 LossType = Literal[tuple(LOSS_TYPES)]
 # Types that read the response lengths (`dpo_loss` raises without them).
@@ -298,18 +313,24 @@ BATCH_COUPLED_LOSS_TYPES = frozenset({"aot", "aot_unpaired", "bco_pair"})
 FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
 F_DIVERGENCES: tuple[str, ...] = typing.get_args(FDivergence)
 # Types built on the chosen − rejected score difference, where f-DPO's log Z(x) cancels.
-F_DIVERGENCE_LOSS_TYPES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair",
-                                     "robust", "discopop", "sft"})
+F_DIVERGENCE_LOSS_TYPES = frozenset(
+  {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+)
 
 # Accepted label_smoothing per loss type as (low, high, high_inclusive); types not listed
 # ignore it.
-_SMOOTHING_RANGES = {"sigmoid": (0.0, 0.5, True), "robust": (0.0, 0.5, False),
-                     "exo_pair": (0.0, 1.0, False), "aot": (0.0, 0.5, True),
-                     "aot_unpaired": (0.0, 0.5, True)}
+_SMOOTHING_RANGES = {
+  "sigmoid": (0.0, 0.5, True),
+  "robust": (0.0, 0.5, False),
+  "exo_pair": (0.0, 1.0, False),
+  "aot": (0.0, 0.5, True),
+  "aot_unpaired": (0.0, 0.5, True),
+}
 
 
-def f_divergence_scores(logratios: jax.Array, f_divergence_type: str = "reverse_kl",
-                        alpha: float = 0.5) -> jax.Array:
+def f_divergence_scores(
+  logratios: jax.Array, f_divergence_type: str = "reverse_kl", alpha: float = 0.5
+) -> jax.Array:
   """f-DPO scores ``f'(π/ref)`` of log-ratios ``[B]`` (Wang et al. 2023, Table 1).
 
   reverse KL: ``log t``; forward KL: ``1 − 1/t`` (the α = 0 case of the α-divergence, with its
@@ -317,8 +338,9 @@ def f_divergence_scores(logratios: jax.Array, f_divergence_type: str = "reverse_
   Jensen-Shannon: ``log 2 + log σ(log t)``; α-divergence: ``(t^(α−1) − 1)/(α − 1)`` with the
   exponent clamped at 80, as TRL (reverse KL for ``|α − 1| < 1e-6``).
   """
-  if f_divergence_type == "reverse_kl" or (f_divergence_type == "alpha_divergence"
-                                           and abs(alpha - 1.0) < 1e-6):
+  if f_divergence_type == "reverse_kl" or (
+    f_divergence_type == "alpha_divergence" and abs(alpha - 1.0) < 1e-6
+  ):
     return logratios
   if f_divergence_type == "forward_kl":
     return 1 - jnp.exp(jnp.minimum(-logratios, 80.0))
@@ -326,11 +348,14 @@ def f_divergence_scores(logratios: jax.Array, f_divergence_type: str = "reverse_
     return math.log(2) + jax.nn.log_sigmoid(logratios)
   if f_divergence_type == "alpha_divergence":
     return (jnp.exp(jnp.minimum((alpha - 1.0) * logratios, 80.0)) - 1.0) / (alpha - 1.0)
-  raise ValueError(f"Unknown f_divergence_type {f_divergence_type!r}; accepted: {list(F_DIVERGENCES)}")
+  raise ValueError(
+    f"Unknown f_divergence_type {f_divergence_type!r}; accepted: {list(F_DIVERGENCES)}"
+  )
 
 
-def ld_token_weights(chosen_loss_mask: jax.Array, rejected_loss_mask: jax.Array,
-                     alpha: float) -> tuple[jax.Array, jax.Array]:
+def ld_token_weights(
+  chosen_loss_mask: jax.Array, rejected_loss_mask: jax.Array, alpha: float
+) -> tuple[jax.Array, jax.Array]:
   """LD-DPO (Liu et al. 2024) token weights of each side, ``[B, T]`` float32 each.
 
   1 on the first ``min(len_chosen, len_rejected)`` response tokens (the shared length), ``alpha``
@@ -350,8 +375,9 @@ def ld_token_weights(chosen_loss_mask: jax.Array, rejected_loss_mask: jax.Array,
   return weights(chosen), weights(rejected)
 
 
-def wpo_weights(token_logps: jax.Array, token_log_sum_sq: jax.Array,
-                loss_mask: jax.Array) -> jax.Array:
+def wpo_weights(
+  token_logps: jax.Array, token_log_sum_sq: jax.Array, loss_mask: jax.Array
+) -> jax.Array:
   """WPO sequence weights (Zhou et al. 2024, eq. 2), ``[N]``, without gradient.
 
   ``exp(mean_t (log p_t − log Σ_v p_v(t)²))`` over the response tokens; a pair's weight is its
@@ -369,6 +395,7 @@ def wpo_weights(token_logps: jax.Array, token_log_sum_sq: jax.Array,
 
 class PairLogps(NamedTuple):
   """Per-pair sequence quantities from token log-probs (`pair_logps`); all ``[B]``."""
+
   chosen_logps: jax.Array  # summed (LD-weighted with ld_alpha) response log-probs
   rejected_logps: jax.Array
   chosen_lengths: jax.Array  # response token counts
@@ -377,8 +404,13 @@ class PairLogps(NamedTuple):
   wpo_weights: jax.Array | None  # chosen × rejected WPO weight, or None
 
 
-def pair_logps(token_logps: jax.Array, loss_mask: jax.Array, *, ld_alpha: float | None = None,
-               token_log_sum_sq: jax.Array | None = None) -> PairLogps:
+def pair_logps(
+  token_logps: jax.Array,
+  loss_mask: jax.Array,
+  *,
+  ld_alpha: float | None = None,
+  token_log_sum_sq: jax.Array | None = None,
+) -> PairLogps:
   """Reduces token log-probs of stacked pairs to the per-pair inputs of `dpo_loss`.
 
   Args:
@@ -401,8 +433,9 @@ def pair_logps(token_logps: jax.Array, loss_mask: jax.Array, *, ld_alpha: float 
     seq = wpo_weights(token_logps, token_log_sum_sq, mask)
     pair_weights = seq[:half] * seq[half:]
   lengths = jnp.sum(mask, axis=-1)
-  return PairLogps(logps[:half], logps[half:], lengths[:half], lengths[half:], -plain[:half],
-                   pair_weights)
+  return PairLogps(
+    logps[:half], logps[half:], lengths[:half], lengths[half:], -plain[:half], pair_weights
+  )
 
 
 def _combination(loss_type, loss_weights, rpo_alpha) -> tuple[tuple[str, ...], tuple[float, ...]]:
@@ -422,10 +455,16 @@ def _combination(loss_type, loss_weights, rpo_alpha) -> tuple[tuple[str, ...], t
   return types, lambdas
 
 
-def check_loss_options(loss_type: str | Sequence[str] = "sigmoid", *, beta: float = 0.1,
-                       label_smoothing: float = 0.0, loss_weights: Sequence[float] | None = None,
-                       f_divergence_type: str = "reverse_kl", discopop_tau: float = 0.05,
-                       rpo_alpha: float | None = None) -> tuple[tuple[str, ...], tuple[float, ...]]:
+def check_loss_options(
+  loss_type: str | Sequence[str] = "sigmoid",
+  *,
+  beta: float = 0.1,
+  label_smoothing: float = 0.0,
+  loss_weights: Sequence[float] | None = None,
+  f_divergence_type: str = "reverse_kl",
+  discopop_tau: float = 0.05,
+  rpo_alpha: float | None = None,
+) -> tuple[tuple[str, ...], tuple[float, ...]]:
   """Validates `dpo_loss` options (host-side); returns the ``(types, weights)`` combination."""
   types, lambdas = _combination(loss_type, loss_weights, rpo_alpha)
   if not isinstance(beta, jax.core.Tracer) and not beta > 0:
@@ -435,8 +474,10 @@ def check_loss_options(loss_type: str | Sequence[str] = "sigmoid", *, beta: floa
     # A traced label_smoothing (e.g. swept under jit or vmap) cannot be range-checked here: its
     # range is a precondition (`dpo_loss`'s docstring); whether a type reads it is static.
     if not users:
-      raise ValueError(f"label_smoothing is a traced array but loss_type {list(types)} does not "
-                       f"use it; accepted: 0 (it applies to {sorted(_SMOOTHING_RANGES)})")
+      raise ValueError(
+        f"label_smoothing is a traced array but loss_type {list(types)} does not "
+        f"use it; accepted: 0 (it applies to {sorted(_SMOOTHING_RANGES)})"
+      )
     if jnp.ndim(label_smoothing) != 0:
       raise ValueError(f"label_smoothing must be a scalar, got shape {jnp.shape(label_smoothing)}")
     users, label_smoothing = [], 0.0  # checked: a user exists; its value is a precondition
@@ -445,21 +486,31 @@ def check_loss_options(loss_type: str | Sequence[str] = "sigmoid", *, beta: floa
   else:
     label_smoothing = float(label_smoothing)
   if not users and label_smoothing != 0:
-    raise ValueError(f"label_smoothing={label_smoothing} has no effect on loss_type {list(types)}; "
-                     f"accepted: 0 (it applies to {sorted(_SMOOTHING_RANGES)})")
+    raise ValueError(
+      f"label_smoothing={label_smoothing} has no effect on loss_type {list(types)}; "
+      f"accepted: 0 (it applies to {sorted(_SMOOTHING_RANGES)})"
+    )
   for name in users:
     low, high, inclusive = _SMOOTHING_RANGES[name]
-    ok = low <= label_smoothing and (label_smoothing <= high if inclusive else label_smoothing < high)
+    ok = low <= label_smoothing and (
+      label_smoothing <= high if inclusive else label_smoothing < high
+    )
     if not ok:
       bracket = "]" if inclusive else ")"
-      raise ValueError(f"label_smoothing={label_smoothing} is out of range for loss_type "
-                       f"{name!r}; accepted: [{low}, {high}{bracket}")
+      raise ValueError(
+        f"label_smoothing={label_smoothing} is out of range for loss_type "
+        f"{name!r}; accepted: [{low}, {high}{bracket}"
+      )
   if f_divergence_type not in F_DIVERGENCES:
-    raise ValueError(f"Unknown f_divergence_type {f_divergence_type!r}; accepted: {list(F_DIVERGENCES)}")
+    raise ValueError(
+      f"Unknown f_divergence_type {f_divergence_type!r}; accepted: {list(F_DIVERGENCES)}"
+    )
   if f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_LOSS_TYPES:
-    raise ValueError(f"f_divergence_type={f_divergence_type!r} needs loss types built on the "
-                     f"chosen-rejected score difference; accepted: {sorted(F_DIVERGENCE_LOSS_TYPES)}, "
-                     f"got {list(types)}")
+    raise ValueError(
+      f"f_divergence_type={f_divergence_type!r} needs loss types built on the "
+      f"chosen-rejected score difference; accepted: {sorted(F_DIVERGENCE_LOSS_TYPES)}, "
+      f"got {list(types)}"
+    )
   if "discopop" in types and not discopop_tau > 0:
     raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
   return types, lambdas
@@ -475,7 +526,9 @@ def _concrete(x) -> np.ndarray | None:
 def _as_float(*arrays):
   shapes = {jnp.shape(a) for a in arrays}
   if len(shapes) != 1 or len(next(iter(shapes))) != 1:
-    raise ValueError(f"log-prob inputs must share one [B] shape; got {[jnp.shape(a) for a in arrays]}")
+    raise ValueError(
+      f"log-prob inputs must share one [B] shape; got {[jnp.shape(a) for a in arrays]}"
+    )
   # At least float32 (bf16 is promoted); float64 stays float64 when x64 is enabled.
   dtype = jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
   return [jnp.asarray(a, dtype) for a in arrays]
@@ -483,6 +536,7 @@ def _as_float(*arrays):
 
 class _Rows(NamedTuple):
   """Row bookkeeping shared by `dpo_loss` and `robust_dpo_loss`."""
+
   weights: jax.Array  # [B] per-row multipliers (ones when none were given)
   valid: jax.Array  # [B] bool: real rows (not padding)
   keep: jax.Array  # [B] bool: real rows with nonzero weight, the rows that reach a loss
@@ -495,8 +549,10 @@ def _rows(batch: int, dtype, weights, valid, num_real_rows) -> _Rows:
     raise ValueError(f"weights has shape {w.shape}; expected ({batch},)")
   concrete = _concrete(weights)
   if concrete is not None and np.any(concrete < 0):
-    raise ValueError(f"weights must be >= 0; row {int(np.argmax(concrete < 0))} has "
-                     f"{concrete[np.argmax(concrete < 0)]}")
+    raise ValueError(
+      f"weights must be >= 0; row {int(np.argmax(concrete < 0))} has "
+      f"{concrete[np.argmax(concrete < 0)]}"
+    )
   v = jnp.ones((batch,), bool) if valid is None else jnp.asarray(valid) > 0
   if v.shape != (batch,):
     raise ValueError(f"valid has shape {v.shape}; expected ({batch},)")
@@ -516,8 +572,9 @@ def _mean_chosen_length(lengths, valid, mean_chosen_length, dtype):
     if lengths is None:
       return jnp.ones((), dtype)
     lengths = jnp.maximum(jnp.asarray(lengths, dtype), 1.0)
-    mean_chosen_length = (jnp.sum(jnp.where(valid, lengths, 0))
-                          / jnp.maximum(jnp.sum(valid), 1).astype(dtype))
+    mean_chosen_length = jnp.sum(jnp.where(valid, lengths, 0)) / jnp.maximum(
+      jnp.sum(valid), 1
+    ).astype(dtype)
   return jnp.maximum(jnp.asarray(mean_chosen_length, dtype), 1.0)
 
 
@@ -530,26 +587,38 @@ def _reward_metrics(pc, pr, rc, rr, beta, keep) -> Metrics:
     return jnp.sum(jnp.where(keep, x, 0)) / count
 
   return {
-      "rewards/chosen": mean(chosen_rewards),
-      "rewards/rejected": mean(rejected_rewards),
-      "rewards/accuracies": mean((chosen_rewards > rejected_rewards).astype(pc.dtype)),
-      "rewards/margins": mean(chosen_rewards - rejected_rewards),
-      "logps/chosen": mean(pc),
-      "logps/rejected": mean(pr),
+    "rewards/chosen": mean(chosen_rewards),
+    "rewards/rejected": mean(rejected_rewards),
+    "rewards/accuracies": mean((chosen_rewards > rejected_rewards).astype(pc.dtype)),
+    "rewards/margins": mean(chosen_rewards - rejected_rewards),
+    "logps/chosen": mean(pc),
+    "logps/rejected": mean(pr),
   }
 
 
-def dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
-             ref_chosen_logps: jax.Array, ref_rejected_logps: jax.Array, *,
-             beta: float = 0.1, loss_type: str | Sequence[str] = "sigmoid",
-             loss_weights: Sequence[float] | None = None, label_smoothing: float = 0.0,
-             weights: jax.Array | None = None, valid: jax.Array | None = None,
-             num_real_rows: jax.Array | int | None = None,
-             chosen_lengths: jax.Array | None = None, rejected_lengths: jax.Array | None = None,
-             chosen_nll: jax.Array | None = None, mean_chosen_length: jax.Array | None = None,
-             f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
-             discopop_tau: float = 0.05, rpo_alpha: float | None = None,
-             reference_free: bool = False) -> tuple[jax.Array, Metrics]:
+def dpo_loss(
+  policy_chosen_logps: jax.Array,
+  policy_rejected_logps: jax.Array,
+  ref_chosen_logps: jax.Array,
+  ref_rejected_logps: jax.Array,
+  *,
+  beta: float = 0.1,
+  loss_type: str | Sequence[str] = "sigmoid",
+  loss_weights: Sequence[float] | None = None,
+  label_smoothing: float = 0.0,
+  weights: jax.Array | None = None,
+  valid: jax.Array | None = None,
+  num_real_rows: jax.Array | int | None = None,
+  chosen_lengths: jax.Array | None = None,
+  rejected_lengths: jax.Array | None = None,
+  chosen_nll: jax.Array | None = None,
+  mean_chosen_length: jax.Array | None = None,
+  f_divergence_type: str = "reverse_kl",
+  f_alpha_divergence_coef: float = 0.5,
+  discopop_tau: float = 0.05,
+  rpo_alpha: float | None = None,
+  reference_free: bool = False,
+) -> tuple[jax.Array, Metrics]:
   """DPO-family preference loss: weighted mean over the real rows of a sum of loss terms.
 
   With ``Δ = (π_c − ref_c) − (π_r − ref_r)``: ``sigmoid`` is ``−log σ(βΔ)`` (with label smoothing
@@ -601,14 +670,23 @@ def dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
     per-row ``[B]`` combined loss (0 on dropped rows).
   """
   types, lambdas = check_loss_options(
-      loss_type, beta=beta, label_smoothing=label_smoothing, loss_weights=loss_weights,
-      f_divergence_type=f_divergence_type, discopop_tau=discopop_tau, rpo_alpha=rpo_alpha)
+    loss_type,
+    beta=beta,
+    label_smoothing=label_smoothing,
+    loss_weights=loss_weights,
+    f_divergence_type=f_divergence_type,
+    discopop_tau=discopop_tau,
+    rpo_alpha=rpo_alpha,
+  )
   needs = sorted(LENGTH_LOSS_TYPES & set(types))
   if needs and (chosen_lengths is None or rejected_lengths is None):
-    raise ValueError(f"loss_type {needs} needs chosen_lengths and rejected_lengths (response "
-                     "token counts); the train step takes them from the batch's loss masks")
-  pc, pr, rc, rr = _as_float(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                             ref_rejected_logps)
+    raise ValueError(
+      f"loss_type {needs} needs chosen_lengths and rejected_lengths (response "
+      "token counts); the train step takes them from the batch's loss masks"
+    )
+  pc, pr, rc, rr = _as_float(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+  )
   dtype, batch = pc.dtype, pc.shape[0]
   rows = _rows(batch, dtype, weights, valid, num_real_rows)
   if {"aot", "aot_unpaired"} & set(types):
@@ -621,24 +699,38 @@ def dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
   pc, pr, rc, rr = (_masked(x, keep) for x in (pc, pr, rc, rr))
   ones = jnp.ones((batch,), dtype)
   lc = ones if chosen_lengths is None else _masked(jnp.asarray(chosen_lengths, dtype), keep, 1.0)
-  lr = ones if rejected_lengths is None else _masked(jnp.asarray(rejected_lengths, dtype), keep, 1.0)
+  lr = (
+    ones if rejected_lengths is None else _masked(jnp.asarray(rejected_lengths, dtype), keep, 1.0)
+  )
   lc, lr = jnp.maximum(lc, 1.0), jnp.maximum(lr, 1.0)
   nll = -pc if chosen_nll is None else _masked(jnp.asarray(chosen_nll, dtype), keep)
   chosen_lr, rejected_lr = pc - rc, pr - rr
   terms = LossTerms(
-      chosen_scores=f_divergence_scores(chosen_lr, f_divergence_type, f_alpha_divergence_coef),
-      rejected_scores=f_divergence_scores(rejected_lr, f_divergence_type, f_alpha_divergence_coef),
-      chosen_logratios=chosen_lr, rejected_logratios=rejected_lr, chosen_logps=pc,
-      rejected_logps=pr, ref_chosen_logps=rc, ref_rejected_logps=rr, chosen_lengths=lc,
-      rejected_lengths=lr, chosen_nll=nll,
-      mean_chosen_length=_mean_chosen_length(chosen_lengths, rows.valid, mean_chosen_length, dtype),
-      keep=keep, beta=beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau)
+    chosen_scores=f_divergence_scores(chosen_lr, f_divergence_type, f_alpha_divergence_coef),
+    rejected_scores=f_divergence_scores(rejected_lr, f_divergence_type, f_alpha_divergence_coef),
+    chosen_logratios=chosen_lr,
+    rejected_logratios=rejected_lr,
+    chosen_logps=pc,
+    rejected_logps=pr,
+    ref_chosen_logps=rc,
+    ref_rejected_logps=rr,
+    chosen_lengths=lc,
+    rejected_lengths=lr,
+    chosen_nll=nll,
+    mean_chosen_length=_mean_chosen_length(chosen_lengths, rows.valid, mean_chosen_length, dtype),
+    keep=keep,
+    beta=beta,
+    label_smoothing=label_smoothing,
+    discopop_tau=discopop_tau,
+  )
   per_row = sum(lam * LOSS_TYPES[name](terms) for name, lam in zip(types, lambdas))
   per_row = _masked(per_row, keep)
   loss = jnp.sum(_masked(rows.weights * per_row, keep)) / rows.num_real_rows
   metrics = _reward_metrics(pc, pr, rc, rr, beta, keep)
   if "sft" in types:
-    metrics["nll_loss"] = jnp.sum(_masked(_sft(terms), keep)) / jnp.maximum(jnp.sum(keep), 1).astype(dtype)
+    metrics["nll_loss"] = jnp.sum(_masked(_sft(terms), keep)) / jnp.maximum(
+      jnp.sum(keep), 1
+    ).astype(dtype)
   metrics["losses"] = per_row
   return loss, metrics
 
@@ -677,8 +769,9 @@ class LossAtoms:
   @classmethod
   def point(cls, batch: int, *, space: str = "probability", dtype=jnp.float32) -> "LossAtoms":
     """One atom of weight 1 and shift 0 per row (``[batch, 1]``): plain sigmoid DPO."""
-    return cls(jnp.ones((batch, 1), dtype), jnp.zeros((batch, 1), dtype), space=space,
-               margin_scale=None)
+    return cls(
+      jnp.ones((batch, 1), dtype), jnp.zeros((batch, 1), dtype), space=space, margin_scale=None
+    )
 
   def check(self, batch: int | None = None) -> "LossAtoms":
     """Validates the atoms; returns them unchanged (see `check_atoms`)."""
@@ -686,8 +779,9 @@ class LossAtoms:
     return self
 
 
-def check_atoms(atoms: LossAtoms, batch: int | None = None, *, valid=None,
-                tol: float = 1e-5) -> None:
+def check_atoms(
+  atoms: LossAtoms, batch: int | None = None, *, valid=None, tol: float = 1e-5
+) -> None:
   """Raises ``ValueError`` when ``atoms`` are malformed.
 
   Always (shapes and static fields are known under jit): ``weights`` and ``shifts`` are both
@@ -700,19 +794,23 @@ def check_atoms(atoms: LossAtoms, batch: int | None = None, *, valid=None,
   ``checkify.checkify(f, errors=checkify.user_checks)``, which then returns them as errors.
   """
   if not isinstance(atoms, LossAtoms):
-    raise TypeError(f"atoms must be a LossAtoms (weights [B, K], shifts [B, K], space, "
-                    f"margin_scale), got {type(atoms).__name__}; wrap raw arrays with "
-                    f"LossAtoms(weights, shifts, space=..., margin_scale=...)")
+    raise TypeError(
+      f"atoms must be a LossAtoms (weights [B, K], shifts [B, K], space, "
+      f"margin_scale), got {type(atoms).__name__}; wrap raw arrays with "
+      f"LossAtoms(weights, shifts, space=..., margin_scale=...)"
+    )
   if atoms.space not in SPACES:
     raise ValueError(f"atoms.space must be one of {list(SPACES)}, got {atoms.space!r}")
   w_shape, s_shape = jnp.shape(atoms.weights), jnp.shape(atoms.shifts)
   if len(w_shape) != 2 or w_shape != s_shape or w_shape[1] < 1:
-    raise ValueError(f"atoms.weights {w_shape} and atoms.shifts {s_shape} must both be [B, K] "
-                     f"with K >= 1")
+    raise ValueError(
+      f"atoms.weights {w_shape} and atoms.shifts {s_shape} must both be [B, K] with K >= 1"
+    )
   if batch is not None and w_shape[0] != batch:
     raise ValueError(f"atoms have {w_shape[0]} rows; the loss has B = {batch} pairs")
-  if atoms.margin_scale is not None and not (np.isfinite(atoms.margin_scale)
-                                             and atoms.margin_scale > 0):
+  if atoms.margin_scale is not None and not (
+    np.isfinite(atoms.margin_scale) and atoms.margin_scale > 0
+  ):
     raise ValueError(f"atoms.margin_scale must be finite and > 0 or None, got {atoms.margin_scale}")
   w, s = _concrete(atoms.weights), _concrete(atoms.shifts)
   v = np.ones(w_shape[0], bool) if valid is None else _concrete(valid)
@@ -721,14 +819,17 @@ def check_atoms(atoms: LossAtoms, batch: int | None = None, *, valid=None,
     weights = jnp.where(rows, jnp.asarray(atoms.weights), 1.0 / w_shape[1])
     shifts = jnp.where(rows, jnp.asarray(atoms.shifts), 0.0)
     total = jnp.sum(weights, axis=1)
-    checkify.debug_check(jnp.all(jnp.isfinite(weights) & (weights >= 0)),
-                         "atoms.weights must be finite and >= 0")
-    checkify.debug_check(jnp.all(jnp.abs(total - 1) <= tol),
-                         f"atoms.weights rows must sum to 1 within {tol}")
+    checkify.debug_check(
+      jnp.all(jnp.isfinite(weights) & (weights >= 0)), "atoms.weights must be finite and >= 0"
+    )
+    checkify.debug_check(
+      jnp.all(jnp.abs(total - 1) <= tol), f"atoms.weights rows must sum to 1 within {tol}"
+    )
     checkify.debug_check(jnp.all(jnp.isfinite(shifts)), "atoms.shifts must be finite")
     if atoms.margin_scale is None:
-      checkify.debug_check(jnp.all(shifts == 0),
-                           "atoms with margin_scale=None must have zero shifts")
+      checkify.debug_check(
+        jnp.all(shifts == 0), "atoms with margin_scale=None must have zero shifts"
+      )
     return
   rows = (np.asarray(v) > 0)[:, None]
   w = np.where(rows, w.astype(np.float64), 1.0 / w_shape[1])
@@ -741,19 +842,24 @@ def check_atoms(atoms: LossAtoms, batch: int | None = None, *, valid=None,
   bad = np.abs(total - 1) > tol
   if bad.any():
     row = int(np.argmax(bad))
-    raise ValueError(f"atoms.weights rows must sum to 1 within {tol}; row {row} sums to "
-                     f"{total[row]!r} ({int(bad.sum())} such rows)")
+    raise ValueError(
+      f"atoms.weights rows must sum to 1 within {tol}; row {row} sums to "
+      f"{total[row]!r} ({int(bad.sum())} such rows)"
+    )
   bad = ~np.isfinite(s)
   if bad.any():
     raise ValueError(f"atoms.shifts must be finite; row {int(np.argwhere(bad)[0, 0])} is not")
   if atoms.margin_scale is None and np.any(s != 0):
-    raise ValueError(f"atoms with margin_scale=None hold at any scale only with zero shifts; row "
-                     f"{int(np.argwhere(s != 0)[0, 0])} has a non-zero shift: give the "
-                     f"margin_scale the follower used")
+    raise ValueError(
+      f"atoms with margin_scale=None hold at any scale only with zero shifts; row "
+      f"{int(np.argwhere(s != 0)[0, 0])} has a non-zero shift: give the "
+      f"margin_scale the follower used"
+    )
 
 
-def check_atom_scale(margin_scale: float | None, beta, *, allow_scale_mismatch: bool = False,
-                     rtol: float = 1e-6) -> None:
+def check_atom_scale(
+  margin_scale: float | None, beta, *, allow_scale_mismatch: bool = False, rtol: float = 1e-6
+) -> None:
   """Raises ``ValueError`` when atoms solved at ``margin_scale`` are used by a loss at ``beta``.
 
   The follower reads each pair at ``x = σ(margin_scale·m)`` (or ``margin_scale·m``) and the loss
@@ -765,22 +871,34 @@ def check_atom_scale(margin_scale: float | None, beta, *, allow_scale_mismatch: 
   if margin_scale is None or allow_scale_mismatch or isinstance(beta, jax.core.Tracer):
     return
   if not math.isclose(float(margin_scale), float(beta), rel_tol=rtol):
-    raise ValueError(f"atoms were solved with margin_scale={margin_scale} but the loss uses "
-                     f"beta={beta}; set them equal (dro.margin_scale: null follows train.beta) "
-                     f"or pass allow_scale_mismatch=True (dro.allow_scale_mismatch: true) to "
-                     f"keep the difference on purpose")
+    raise ValueError(
+      f"atoms were solved with margin_scale={margin_scale} but the loss uses "
+      f"beta={beta}; set them equal (dro.margin_scale: null follows train.beta) "
+      f"or pass allow_scale_mismatch=True (dro.allow_scale_mismatch: true) to "
+      f"keep the difference on purpose"
+    )
 
 
-def robust_dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
-                    ref_chosen_logps: jax.Array, ref_rejected_logps: jax.Array,
-                    atoms: LossAtoms, *, beta: float = 0.1,
-                    space: str = "probability", floor: float = 1e-6,
-                    allow_scale_mismatch: bool = False,
-                    weights: jax.Array | None = None, valid: jax.Array | None = None,
-                    num_real_rows: jax.Array | int | None = None,
-                    chosen_lengths: jax.Array | None = None, chosen_nll: jax.Array | None = None,
-                    mean_chosen_length: jax.Array | None = None, rpo_alpha: float | None = None,
-                    reference_free: bool = False) -> tuple[jax.Array, Metrics]:
+def robust_dpo_loss(
+  policy_chosen_logps: jax.Array,
+  policy_rejected_logps: jax.Array,
+  ref_chosen_logps: jax.Array,
+  ref_rejected_logps: jax.Array,
+  atoms: LossAtoms,
+  *,
+  beta: float = 0.1,
+  space: str = "probability",
+  floor: float = 1e-6,
+  allow_scale_mismatch: bool = False,
+  weights: jax.Array | None = None,
+  valid: jax.Array | None = None,
+  num_real_rows: jax.Array | int | None = None,
+  chosen_lengths: jax.Array | None = None,
+  chosen_nll: jax.Array | None = None,
+  mean_chosen_length: jax.Array | None = None,
+  rpo_alpha: float | None = None,
+  reference_free: bool = False,
+) -> tuple[jax.Array, Metrics]:
   """The leader's DPO loss under the follower's worst-case distribution (paper §3).
 
   Each pair i carries K atoms ``z_ik = x_i − shift_ik`` of mass ``atom_weights[i, k]``:
@@ -827,12 +945,15 @@ def robust_dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.A
     raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha}")
   if rpo_alpha is not None and chosen_lengths is None:
     raise ValueError("rpo_alpha needs chosen_lengths (response token counts)")
-  pc, pr, rc, rr = _as_float(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                             ref_rejected_logps)
+  pc, pr, rc, rr = _as_float(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+  )
   check_atoms(atoms, pc.shape[0], valid=valid)
   if atoms.space != space:
-    raise ValueError(f"atoms were solved in space={atoms.space!r} but the loss uses "
-                     f"space={space!r}; the follower and the leader must agree (dro.space)")
+    raise ValueError(
+      f"atoms were solved in space={atoms.space!r} but the loss uses "
+      f"space={space!r}; the follower and the leader must agree (dro.space)"
+    )
   check_atom_scale(atoms.margin_scale, beta, allow_scale_mismatch=allow_scale_mismatch)
   atom_weights, atom_shifts = atoms.weights, atoms.shifts
   dtype, batch = pc.dtype, pc.shape[0]
@@ -853,8 +974,9 @@ def robust_dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.A
   metrics = _reward_metrics(pc, pr, rc, rr, beta, keep)
   if rpo_alpha is not None:
     nll = -pc if chosen_nll is None else _masked(jnp.asarray(chosen_nll, dtype), keep)
-    sft = _masked(nll / _mean_chosen_length(chosen_lengths, rows.valid, mean_chosen_length, dtype),
-                  keep)
+    sft = _masked(
+      nll / _mean_chosen_length(chosen_lengths, rows.valid, mean_chosen_length, dtype), keep
+    )
     per_row = per_row + rpo_alpha * sft
     metrics["nll_loss"] = jnp.sum(sft) / jnp.maximum(jnp.sum(keep), 1).astype(dtype)
   per_row = _masked(per_row, keep)

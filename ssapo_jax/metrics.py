@@ -118,6 +118,7 @@ class JsonlSink:
   def _existing(self, resume_step: int | None) -> list[str]:
     """Existing lines, keeping only those with ``step <= resume_step`` when it is given."""
     from etils import epath
+
     path = epath.Path(self.path)
     if not path.exists():
       return []
@@ -148,6 +149,7 @@ class JsonlSink:
   def flush(self) -> None:
     if self._remote:
       from etils import epath
+
       epath.Path(self.path).write_text("".join(self._remote_lines))
     elif self._file is not None:
       self._file.flush()
@@ -169,11 +171,14 @@ class TensorBoardSink:
 
   def open(self, resume_step: int | None) -> None:
     from tensorboardX import SummaryWriter
+
     self._writer = SummaryWriter(
-        self.logdir, purge_step=None if resume_step is None else resume_step + 1,
-        # Event files are named by the second they were opened; a unique suffix keeps a quick
-        # restart from overwriting the previous file.
-        filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+      self.logdir,
+      purge_step=None if resume_step is None else resume_step + 1,
+      # Event files are named by the second they were opened; a unique suffix keeps a quick
+      # restart from overwriting the previous file.
+      filename_suffix=f".{os.getpid()}.{time.time_ns()}",
+    )
 
   def write(self, record: Mapping[str, Any], scalars: Mapping[str, float]) -> None:
     for key, value in scalars.items():
@@ -206,8 +211,14 @@ class WandbSink:
     run_config: the run's resolved config, recorded as the W&B run's config.
   """
 
-  def __init__(self, output_dir: str, config: WandbConfig, *, local_dir: str | None = None,
-               run_config: Mapping[str, Any] | None = None):
+  def __init__(
+    self,
+    output_dir: str,
+    config: WandbConfig,
+    *,
+    local_dir: str | None = None,
+    run_config: Mapping[str, Any] | None = None,
+  ):
     self.output_dir, self.config = output_dir, config
     self.local_dir = local_dir or output_dir
     self.run_config = dict(run_config) if run_config is not None else None
@@ -220,6 +231,7 @@ class WandbSink:
   def _run_id(self, resume_step: int | None) -> str:
     """The kept id, or a new one (kept) for a fresh start or a first open."""
     from etils import epath
+
     path = epath.Path(self.id_path)
     if not (resume_step is not None and resume_step < 0) and path.exists():
       return path.read_text().strip()
@@ -232,13 +244,22 @@ class WandbSink:
     try:
       import wandb
     except ImportError as e:
-      raise ImportError("metrics.wandb needs the wandb package: pip install 'ssapo-jax[wandb]'"
-                        ) from e
+      raise ImportError(
+        "metrics.wandb needs the wandb package: pip install 'ssapo-jax[wandb]'"
+      ) from e
     os.makedirs(self.local_dir, exist_ok=True)
     c = self.config
-    self.run = wandb.init(project=c.project, entity=c.entity, name=c.name, mode=c.mode,
-                          id=self._run_id(resume_step), resume="allow", dir=self.local_dir,
-                          config=self.run_config, reinit="create_new")
+    self.run = wandb.init(
+      project=c.project,
+      entity=c.entity,
+      name=c.name,
+      mode=c.mode,
+      id=self._run_id(resume_step),
+      resume="allow",
+      dir=self.local_dir,
+      config=self.run_config,
+      reinit="create_new",
+    )
     self.run.define_metric("step")
     self.run.define_metric("*", step_metric="step")
 
@@ -255,9 +276,14 @@ class WandbSink:
       self.run = None
 
 
-def metric_sinks(output_dir: str, config: MetricsConfig | None = None, *,
-                 tensorboard: bool = True, local_dir: str | None = None,
-                 run_config: Mapping[str, Any] | None = None) -> list[MetricsSink]:
+def metric_sinks(
+  output_dir: str,
+  config: MetricsConfig | None = None,
+  *,
+  tensorboard: bool = True,
+  local_dir: str | None = None,
+  run_config: Mapping[str, Any] | None = None,
+) -> list[MetricsSink]:
   """The sinks of a run: `JsonlSink`, `TensorBoardSink` and, with ``config.wandb``, `WandbSink`
   (``local_dir`` and ``run_config`` as there)."""
   sinks: list[MetricsSink] = [JsonlSink(output_dir)]
@@ -281,11 +307,18 @@ class MetricsLogger:
     sinks: the sinks to write to instead of the default `JsonlSink` (and `TensorBoardSink`).
   """
 
-  def __init__(self, output_dir: str | os.PathLike, *, enabled: bool | None = None,
-               tensorboard: bool = True, resume_step: int | None = None,
-               sinks: Sequence[MetricsSink] | None = None):
+  def __init__(
+    self,
+    output_dir: str | os.PathLike,
+    *,
+    enabled: bool | None = None,
+    tensorboard: bool = True,
+    resume_step: int | None = None,
+    sinks: Sequence[MetricsSink] | None = None,
+  ):
     if enabled is None:
       import jax
+
       enabled = jax.process_index() == 0
     self.enabled = bool(enabled)
     self.output_dir = os.fspath(output_dir)
@@ -327,8 +360,11 @@ class MetricsLogger:
         raise ValueError(f"metric {key!r} clashes with a context field of the same name")
       record[key] = to_json_value(value, name=key)
     record["time"] = time.time()
-    scalars = {k: float(np.asarray(v).reshape(())) for k, v in metrics.items()
-               if not (isinstance(v, str) or v is None)}
+    scalars = {
+      k: float(np.asarray(v).reshape(()))
+      for k, v in metrics.items()
+      if not (isinstance(v, str) or v is None)
+    }
     for sink in self.sinks:
       sink.write(record, scalars)
     return record
@@ -357,5 +393,6 @@ class MetricsLogger:
 def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
   """Reads ``<output_dir>/metrics.jsonl`` back as a list of records."""
   from etils import epath
+
   path = epath.Path(os.fspath(output_dir)) / METRICS_FILENAME
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

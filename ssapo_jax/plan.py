@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,13 +74,13 @@ class Chip:
 # all-to-all lane per GPU (H100/H200: 18 links x 25 GB/s = 450 GB/s per direction; A100 300),
 # and 400 Gb/s InfiniBand per GPU between nodes (50 GB/s).
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("TPU v4", 275e12, 32 * GiB, 1228e9, 4.5e10, 6),
-    "v5e": Chip("TPU v5e", 197e12, 16 * GiB, 819e9, 4.5e10, 4),
-    "v5p": Chip("TPU v5p", 459e12, 95 * GiB, 2765e9, 9e10, 6),
-    "v6e": Chip("TPU v6e", 918e12, 32 * GiB, 1640e9, 9e10, 4),
-    "h100": Chip("NVIDIA H100 SXM", 989e12, 80 * 10 ** 9, 3350e9, 450e9, 1, 1e-5, 8, 50e9),
-    "h200": Chip("NVIDIA H200 SXM", 989e12, 141 * 10 ** 9, 4800e9, 450e9, 1, 1e-5, 8, 50e9),
-    "a100": Chip("NVIDIA A100 80GB SXM", 312e12, 80 * 10 ** 9, 2039e9, 300e9, 1, 1e-5, 8, 25e9),
+  "v4": Chip("TPU v4", 275e12, 32 * GiB, 1228e9, 4.5e10, 6),
+  "v5e": Chip("TPU v5e", 197e12, 16 * GiB, 819e9, 4.5e10, 4),
+  "v5p": Chip("TPU v5p", 459e12, 95 * GiB, 2765e9, 9e10, 6),
+  "v6e": Chip("TPU v6e", 918e12, 32 * GiB, 1640e9, 9e10, 4),
+  "h100": Chip("NVIDIA H100 SXM", 989e12, 80 * 10**9, 3350e9, 450e9, 1, 1e-5, 8, 50e9),
+  "h200": Chip("NVIDIA H200 SXM", 989e12, 141 * 10**9, 4800e9, 450e9, 1, 1e-5, 8, 50e9),
+  "a100": Chip("NVIDIA A100 80GB SXM", 312e12, 80 * 10**9, 2039e9, 300e9, 1, 1e-5, 8, 25e9),
 }
 
 
@@ -103,14 +103,27 @@ class Slice:
 def _slices() -> dict[str, Slice]:
   # v4/v5p names count TensorCores (2 per chip, 3-D torus); v5e/v6e names count chips (2-D).
   no_wrap = (False, False, False)
-  three_d = {8: ("2x2x1", no_wrap), 16: ("2x2x2", no_wrap), 32: ("2x2x4", no_wrap),
-             64: ("2x4x4", no_wrap), 128: ("4x4x4", (True, True, True))}
-  two_d = {8: ("2x4", no_wrap), 16: ("4x4", no_wrap), 32: ("4x8", no_wrap),
-           64: ("8x8", no_wrap), 256: ("16x16", (True, True, False))}
+  three_d = {
+    8: ("2x2x1", no_wrap),
+    16: ("2x2x2", no_wrap),
+    32: ("2x2x4", no_wrap),
+    64: ("2x4x4", no_wrap),
+    128: ("4x4x4", (True, True, True)),
+  }
+  two_d = {
+    8: ("2x4", no_wrap),
+    16: ("4x4", no_wrap),
+    32: ("4x8", no_wrap),
+    64: ("8x8", no_wrap),
+    256: ("16x16", (True, True, False)),
+  }
   table = {}
   for family, chip, prefix, chip_config, shapes in (
-      ("v4", "v4", "v4", "megacore", three_d), ("v5p", "v5p", "v5", "megacore", three_d),
-      ("v5litepod", "v5e", "v5e", "default", two_d), ("v6e", "v6e", "v6e", "default", two_d)):
+    ("v4", "v4", "v4", "megacore", three_d),
+    ("v5p", "v5p", "v5", "megacore", three_d),
+    ("v5litepod", "v5e", "v5e", "default", two_d),
+    ("v6e", "v6e", "v6e", "default", two_d),
+  ):
     for size, (shape, wrap) in shapes.items():
       name = f"{family}-{size}"
       table[name] = Slice(name, chip, f"{prefix}:{shape}", chip_config, wrap)
@@ -133,24 +146,30 @@ def tpu_slice(name: str) -> Slice:
   return SLICES[name]
 
 
-LIBTPU_HINT = ('compiling for TPU needs libtpu: pip install -e ".[tpu]" '
-               '(or pip install "jax[tpu]==<the installed jax version>")')
+LIBTPU_HINT = (
+  'compiling for TPU needs libtpu: pip install -e ".[tpu]" '
+  '(or pip install "jax[tpu]==<the installed jax version>")'
+)
 
 
 def libtpu_available() -> bool:
   """True when libtpu is importable (the ``tpu`` extra is installed)."""
   import importlib.util  # pylint: disable=import-outside-toplevel
+
   return importlib.util.find_spec("libtpu") is not None
 
 
-GPU_HINT = ('compiling for a GPU without one needs the CUDA PJRT plugin (no CUDA libraries): '
-            'pip install -e ".[gpu-plan]" (jax-cuda12-plugin and jax-cuda12-pjrt of the '
-            'installed jax version)')
+GPU_HINT = (
+  "compiling for a GPU without one needs the CUDA PJRT plugin (no CUDA libraries): "
+  'pip install -e ".[gpu-plan]" (jax-cuda12-plugin and jax-cuda12-pjrt of the '
+  "installed jax version)"
+)
 
 
 def cuda_plugin_available() -> bool:
   """True when JAX's CUDA PJRT plugin is importable (the ``gpu-plan`` extra)."""
   import importlib.util  # pylint: disable=import-outside-toplevel
+
   try:
     return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
   except ModuleNotFoundError:
@@ -200,13 +219,18 @@ def _gpu_devices(slice_: Slice) -> list:
   # The plugin checks the local CUDA libraries when it registers; compiling needs none.
   os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+
   try:
     topo = topologies.get_topology_desc(
-        platform="cuda", topology_name="", topology=slice_.topology,
-        target_config=gpu_target_config(CHIPS[slice_.chip]))
+      platform="cuda",
+      topology_name="",
+      topology=slice_.topology,
+      target_config=gpu_target_config(CHIPS[slice_.chip]),
+    )
   except Exception as e:  # the plugin raises JaxRuntimeError / NotImplementedError
-    raise RuntimeError(f"the CUDA plugin could not describe {slice_.name} "
-                       f"({slice_.topology}): {e}") from e
+    raise RuntimeError(
+      f"the CUDA plugin could not describe {slice_.name} ({slice_.topology}): {e}"
+    ) from e
   return list(topo.devices)
 
 
@@ -221,22 +245,31 @@ def topology_devices(slice_: Slice) -> list:
   if slice_.platform == "cuda":
     devices = _gpu_devices(slice_)
     if len(devices) != slice_.num_chips:
-      raise RuntimeError(f"the CUDA plugin gave {len(devices)} devices for {slice_.name}; "
-                         f"expected {slice_.num_chips}")
+      raise RuntimeError(
+        f"the CUDA plugin gave {len(devices)} devices for {slice_.name}; "
+        f"expected {slice_.num_chips}"
+      )
     return devices
   if not libtpu_available():
     raise RuntimeError(f"libtpu is not installed; {LIBTPU_HINT}")
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+
   try:
     topo = topologies.get_topology_desc(
-        platform="tpu", topology_name=slice_.topology, chip_config_name=slice_.chip_config,
-        chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=slice_.wrap)
+      platform="tpu",
+      topology_name=slice_.topology,
+      chip_config_name=slice_.chip_config,
+      chips_per_host_bounds=(2, 2, 1),
+      num_slices=1,
+      wrap=slice_.wrap,
+    )
   except Exception as e:  # libtpu raises plain runtime errors
     raise RuntimeError(f"libtpu could not describe {slice_.name} ({slice_.topology}): {e}") from e
   devices = list(topo.devices)
   if len(devices) != slice_.num_chips:
-    raise RuntimeError(f"libtpu gave {len(devices)} devices for {slice_.name}; expected "
-                       f"{slice_.num_chips} chips")
+    raise RuntimeError(
+      f"libtpu gave {len(devices)} devices for {slice_.name}; expected {slice_.num_chips} chips"
+    )
   return devices
 
 
@@ -244,10 +277,31 @@ def topology_devices(slice_: Slice) -> list:
 # Counting flops and bytes in compiled HLO, loops scaled by their trip counts.
 # ---------------------------------------------------------------------------------------------
 
-_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
-                "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
-                "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3b11fnuz": 1, "f8e4m3fnuz": 1,
-                "f8e5m2fnuz": 1, "token": 0}
+_DTYPE_BYTES = {
+  "pred": 1,
+  "s4": 0.5,
+  "u4": 0.5,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+  "f8e4m3fn": 1,
+  "f8e5m2": 1,
+  "f8e4m3b11fnuz": 1,
+  "f8e4m3fnuz": 1,
+  "f8e5m2fnuz": 1,
+  "token": 0,
+}
 # An array type and its optional layout, e.g. ``bf16[8,128]{1,0:T(8,128)(2,1)S(1)}``.
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\](\{[^{}]*\})?")
 # A layout's memory space: S(0) (or none) is HBM; S(1) is on-chip memory (VMEM on TPU).
@@ -257,20 +311,33 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s+=\s+(.*)$", re.DOTALL
 _OPERAND = re.compile(r"%([\w.\-]+)")
 _SCALAR_INT = re.compile(r"^(pred|[su](8|16|32|64))\[\]")
 # Ops that move no HBM bytes of their own (views, plumbing, loop/call wrappers, async halves).
-_FREE_OPS = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while",
-             "conditional", "call", "after-all", "opt-barrier", "partition-id", "replica-id",
-             "add-dependency", "domain"}
+_FREE_OPS = {
+  "parameter",
+  "get-tuple-element",
+  "tuple",
+  "constant",
+  "bitcast",
+  "while",
+  "conditional",
+  "call",
+  "after-all",
+  "opt-barrier",
+  "partition-id",
+  "replica-id",
+  "add-dependency",
+  "domain",
+}
 _SLICE_OPS = ("dynamic-slice", "slice", "gather")
 # Collectives (and the ``-start`` halves of their async forms) and the bytes each chip sends
 # per byte of its operand, over a group of n chips: the ring algorithms' volumes.
 _COLLECTIVE_VOLUME = {
-    "all-gather": lambda n: n - 1,  # receives every other chip's shard of its operand's size
-    "reduce-scatter": lambda n: (n - 1) / n,
-    "all-reduce": lambda n: 2 * (n - 1) / n,  # a reduce-scatter then an all-gather
-    "all-to-all": lambda n: (n - 1) / n,
-    "ragged-all-to-all": lambda n: (n - 1) / n,
-    "collective-permute": lambda n: 1.0,  # to one peer
-    "collective-broadcast": lambda n: 1.0,
+  "all-gather": lambda n: n - 1,  # receives every other chip's shard of its operand's size
+  "reduce-scatter": lambda n: (n - 1) / n,
+  "all-reduce": lambda n: 2 * (n - 1) / n,  # a reduce-scatter then an all-gather
+  "all-to-all": lambda n: (n - 1) / n,
+  "ragged-all-to-all": lambda n: (n - 1) / n,
+  "collective-permute": lambda n: 1.0,  # to one peer
+  "collective-broadcast": lambda n: 1.0,
 }
 
 
@@ -290,8 +357,9 @@ def _array_dims(text: str, *, hbm_only: bool = False) -> list[tuple[str, list[in
 def _shape_bytes(text: str, *, hbm_only: bool = True) -> float:
   """Bytes of the arrays in a type (a tuple type sums its elements); arrays laid out in another
   memory space than HBM (``S(1)``: on-chip) count 0 unless ``hbm_only=False``."""
-  return sum(_DTYPE_BYTES[dt] * math.prod(dims)
-             for dt, dims in _array_dims(text, hbm_only=hbm_only))
+  return sum(
+    _DTYPE_BYTES[dt] * math.prod(dims) for dt, dims in _array_dims(text, hbm_only=hbm_only)
+  )
 
 
 def _split_type(rest: str) -> tuple[str, str]:
@@ -302,7 +370,7 @@ def _split_type(rest: str) -> tuple[str, str]:
       depth += ch == "("
       depth -= ch == ")"
       if depth == 0:
-        return rest[:i + 1], rest[i + 1:].lstrip()
+        return rest[: i + 1], rest[i + 1 :].lstrip()
   head, _, tail = rest.partition(" ")
   return head, tail
 
@@ -333,7 +401,7 @@ def _parse_instruction(text: str) -> _Instr | None:
       end = i
       break
   args = rest[:end]
-  return _Instr(m.group(1), type_text, op.strip(), args, _OPERAND.findall(args), rest[end + 1:])
+  return _Instr(m.group(1), type_text, op.strip(), args, _OPERAND.findall(args), rest[end + 1 :])
 
 
 def _bracket_scan(line: str, depth: int, in_string: bool) -> tuple[int, bool]:
@@ -411,13 +479,26 @@ def _attr_int(attrs: str, key: str) -> int | None:
   return int(m.group(1)) if m else None
 
 
-_BINARY = {"add": lambda a, b: a + b, "subtract": lambda a, b: a - b,
-           "multiply": lambda a, b: a * b, "maximum": max, "minimum": min,
-           "divide": lambda a, b: int(a / b) if b else None,
-           "remainder": lambda a, b: int(math.fmod(a, b)) if b else None,
-           "and": lambda a, b: a & b, "or": lambda a, b: a | b, "xor": lambda a, b: a ^ b}
-_COMPARE = {"LT": lambda a, b: a < b, "LE": lambda a, b: a <= b, "GT": lambda a, b: a > b,
-            "GE": lambda a, b: a >= b, "EQ": lambda a, b: a == b, "NE": lambda a, b: a != b}
+_BINARY = {
+  "add": lambda a, b: a + b,
+  "subtract": lambda a, b: a - b,
+  "multiply": lambda a, b: a * b,
+  "maximum": max,
+  "minimum": min,
+  "divide": lambda a, b: int(a / b) if b else None,
+  "remainder": lambda a, b: int(math.fmod(a, b)) if b else None,
+  "and": lambda a, b: a & b,
+  "or": lambda a, b: a | b,
+  "xor": lambda a, b: a ^ b,
+}
+_COMPARE = {
+  "LT": lambda a, b: a < b,
+  "LE": lambda a, b: a <= b,
+  "GT": lambda a, b: a > b,
+  "GE": lambda a, b: a >= b,
+  "EQ": lambda a, b: a == b,
+  "NE": lambda a, b: a != b,
+}
 
 
 class _ScalarEval:
@@ -483,8 +564,14 @@ class _ScalarEval:
     return None
 
 
-def loop_trip_count(comps: dict[str, list[_Instr]], parent: str, loop: _Instr, *,
-                    evaluator: _ScalarEval | None = None, limit: int = 1_000_000) -> int | None:
+def loop_trip_count(
+  comps: dict[str, list[_Instr]],
+  parent: str,
+  loop: _Instr,
+  *,
+  evaluator: _ScalarEval | None = None,
+  limit: int = 1_000_000,
+) -> int | None:
   """Trips of the ``while`` instruction ``loop`` in computation ``parent``: XLA's
   ``known_trip_count`` when annotated (CPU/GPU), else found by running the loop's integer
   scalars (the induction variable's start, step and bound, through fusions) until the
@@ -531,8 +618,10 @@ def _replica_groups(attrs: str) -> list[tuple[int, ...]] | None:
     return [tuple(int(x) for x in row) for row in ids.reshape(-1, size)]
   m = re.search(r"replica_groups=\{((?:\{[\d,\s]*\},?\s*)*)\}", attrs)
   if m and m.group(1).strip():
-    return [tuple(int(x) for x in g.split(",") if x.strip())
-            for g in re.findall(r"\{([\d,\s]*)\}", m.group(1))]
+    return [
+      tuple(int(x) for x in g.split(",") if x.strip())
+      for g in re.findall(r"\{([\d,\s]*)\}", m.group(1))
+    ]
   m = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", attrs)
   if m:
     return [tuple(int(x) for x in p.split(",")) for p in re.findall(r"\{(\d+,\d+)\}", m.group(1))]
@@ -566,8 +655,13 @@ class HloCost:
     return sum(c.wire_bytes for c in self.collectives)
 
 
-def _fusion_access(name: str, comps: dict[str, list[_Instr]], shapes: dict[str, dict[str, str]],
-                   memo: dict, hbm_only: bool = True) -> tuple[dict[int, float], float | None]:
+def _fusion_access(
+  name: str,
+  comps: dict[str, list[_Instr]],
+  shapes: dict[str, dict[str, str]],
+  memo: dict,
+  hbm_only: bool = True,
+) -> tuple[dict[int, float], float | None]:
   """For fused computation ``name``: bytes read of each parameter that is only sliced (by
   argument position), looking through nested fusions (a scanned layer's weight is sliced out of
   the ``[L, ...]`` stack inside an inner fusion), and the bytes written when the root is an
@@ -579,9 +673,11 @@ def _fusion_access(name: str, comps: dict[str, list[_Instr]], shapes: dict[str, 
   sliced: dict[str, float] = {}
   other_use: set[str] = set()
   for i in instrs:
-    inner = (_fusion_access(_attr_computations(i.attrs, "calls")[0], comps, shapes, memo,
-                            hbm_only)[0]
-             if i.op == "fusion" and _attr_computations(i.attrs, "calls") else None)
+    inner = (
+      _fusion_access(_attr_computations(i.attrs, "calls")[0], comps, shapes, memo, hbm_only)[0]
+      if i.op == "fusion" and _attr_computations(i.attrs, "calls")
+      else None
+    )
     for pos, operand in enumerate(i.operands):
       if operand not in numbers:
         continue
@@ -687,10 +783,13 @@ def hlo_cost(hlo_text: str, *, unknown_trip_count: int = 1) -> HloCost:
 
   visit(entry, 1.0, False)
   return HloCost(
-      bytes_accessed=totals["bytes"], on_chip_bytes=totals["on_chip"],
-      unknown_loops=totals["unknown"],
-      collectives=tuple(Collective(k, g, *v) for (k, g), v in sorted(collectives.items())),
-      instructions=totals["instructions"], loops=tuple(loops))
+    bytes_accessed=totals["bytes"],
+    on_chip_bytes=totals["on_chip"],
+    unknown_loops=totals["unknown"],
+    collectives=tuple(Collective(k, g, *v) for (k, g), v in sorted(collectives.items())),
+    instructions=totals["instructions"],
+    loops=tuple(loops),
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -721,12 +820,16 @@ def train_step_hardware_flops(config, train_config, seq_len: int) -> float:
   tokens = 2 * train_config.global_batch_size * seq_len
   head = 2.0 * config.vocab_size * config.hidden_size * tokens
   decoder = forward_flops(config, tokens, seq_len) - head
-  return (train_step_flops(config, train_config, seq_len) + head
-          + (decoder if train_config.remat == "full" else 0.0))
+  return (
+    train_step_flops(config, train_config, seq_len)
+    + head
+    + (decoder if train_config.remat == "full" else 0.0)
+  )
 
 
-def generate_flops(config, rows: int, prompt_len: int, new_tokens: int, *,
-                   causal: bool = False) -> float:
+def generate_flops(
+  config, rows: int, prompt_len: int, new_tokens: int, *, causal: bool = False
+) -> float:
   """Model flops of sampling ``new_tokens`` for ``rows`` prompts of ``prompt_len`` tokens:
   the prefill (its attention square halved under ``causal``), then one token per step attending
   to the prompt and the tokens so far (the keys it reads: the same in both conventions)."""
@@ -740,8 +843,9 @@ def generate_flops(config, rows: int, prompt_len: int, new_tokens: int, *,
 # ---------------------------------------------------------------------------------------------
 
 
-def _ring_lanes(group: Sequence[int], coords: Sequence[Sequence[int]] | None,
-                wrap: Sequence[bool]) -> int:
+def _ring_lanes(
+  group: Sequence[int], coords: Sequence[Sequence[int]] | None, wrap: Sequence[bool]
+) -> int:
   """Links (one direction each) a ring collective over ``group`` drives at once per chip.
 
   Every torus dimension the group spans carries its own ring (XLA's multi-dimensional
@@ -763,8 +867,12 @@ def _ring_lanes(group: Sequence[int], coords: Sequence[Sequence[int]] | None,
   return max(lanes, 1)
 
 
-def collective_seconds(c: Collective, chip: Chip, coords: Sequence[Sequence[int]] | None = None,
-                       wrap: Sequence[bool] = ()) -> float:
+def collective_seconds(
+  c: Collective,
+  chip: Chip,
+  coords: Sequence[Sequence[int]] | None = None,
+  wrap: Sequence[bool] = (),
+) -> float:
   """Time of collective ``c`` (all its executions) over the chip's links: its ring volume per
   chip over the lanes the group's torus dimensions give (`_ring_lanes`), plus one hop latency
   per ring step (``n - 1`` steps; a permute is one). A model of bandwidth, not a simulation:
@@ -774,8 +882,9 @@ def collective_seconds(c: Collective, chip: Chip, coords: Sequence[Sequence[int]
   if chip.node_size:  # GPUs: NVLink inside a node, the scale-out network between nodes
     inside = len({g // chip.node_size for g in c.group}) <= 1
     bandwidth = chip.link_bandwidth if inside else chip.scale_out_bandwidth
-    steps = 1 if c.kind in ("collective-permute", "collective-broadcast") else max(
-        len(c.group) - 1, 1)
+    steps = (
+      1 if c.kind in ("collective-permute", "collective-broadcast") else max(len(c.group) - 1, 1)
+    )
     return c.wire_bytes / bandwidth + c.count * steps * chip.hop_latency
   if c.kind in ("collective-permute", "collective-broadcast"):
     lanes, steps = 1, 1
@@ -792,6 +901,7 @@ def collective_seconds(c: Collective, chip: Chip, coords: Sequence[Sequence[int]
 def load_experiment(path: str, overrides: Sequence[str] = ()):
   """The experiment config of ``path`` plus dotted overrides (the one place plan reads configs)."""
   from ssapo_jax.experiment import load_experiment as load  # pylint: disable=import-outside-toplevel
+
   return load(path, overrides)
 
 
@@ -806,18 +916,26 @@ def model_config(experiment, *, arch: str | None = None, num_layers: int | None 
   from ssapo_jax.models import LlamaConfig  # pylint: disable=import-outside-toplevel
   from ssapo_jax.models.params import read_config  # pylint: disable=import-outside-toplevel
   from ssapo_jax.models.presets import preset  # pylint: disable=import-outside-toplevel
+
   if arch is not None:
     config = preset(arch)
   elif os.path.isfile(os.path.join(experiment.model.path, "config.json")):
     config = LlamaConfig.from_hf(read_config(experiment.model.path))
   else:
     from ssapo_jax.models.presets import PRESETS  # pylint: disable=import-outside-toplevel
-    raise ValueError(f"model.path {experiment.model.path!r} has no config.json; pass --arch with "
-                     f"one of {', '.join(PRESETS)} to plan without the checkpoint")
+
+    raise ValueError(
+      f"model.path {experiment.model.path!r} has no config.json; pass --arch with "
+      f"one of {', '.join(PRESETS)} to plan without the checkpoint"
+    )
   t = experiment.train
   # "auto" resolves when traced under the slice's mesh: splash, as on the TPU itself.
-  changes = dict(dtype=t.compute_dtype, param_dtype=t.param_dtype, remat=t.remat,
-                 attention=experiment.model.attention)
+  changes = dict(
+    dtype=t.compute_dtype,
+    param_dtype=t.param_dtype,
+    remat=t.remat,
+    attention=experiment.model.attention,
+  )
   if num_layers is not None:
     changes["num_layers"] = num_layers
     if config.layer_types:
@@ -827,6 +945,7 @@ def model_config(experiment, *, arch: str | None = None, num_layers: int | None 
 
 def _abstract_model(config):
   from ssapo_jax.models import build_model  # pylint: disable=import-outside-toplevel
+
   return build_model(config, abstract=True)
 
 
@@ -839,27 +958,44 @@ def abstract_batch(train_config, mesh, *, seq_len: int, num_atoms: int = 1):
 
   from ssapo_jax import train as tr  # pylint: disable=import-outside-toplevel
   from ssapo_jax.batch import PreferenceBatch  # pylint: disable=import-outside-toplevel
+
   b = train_config.global_batch_size
   tok = jax.ShapeDtypeStruct((b, seq_len), jnp.int32)
   vec = jax.ShapeDtypeStruct((b,), jnp.float32)
   atom = jax.ShapeDtypeStruct((b, num_atoms), jnp.float32)
-  batch = PreferenceBatch(chosen_ids=tok, chosen_mask=tok, chosen_loss_mask=tok,
-                          rejected_ids=tok, rejected_mask=tok, rejected_loss_mask=tok,
-                          weights=vec, valid=vec, ref_chosen_logps=vec, ref_rejected_logps=vec,
-                          atom_weights=atom, atom_shifts=atom)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch,
-                      tr.batch_shardings(mesh, train_config))
+  batch = PreferenceBatch(
+    chosen_ids=tok,
+    chosen_mask=tok,
+    chosen_loss_mask=tok,
+    rejected_ids=tok,
+    rejected_mask=tok,
+    rejected_loss_mask=tok,
+    weights=vec,
+    valid=vec,
+    ref_chosen_logps=vec,
+    ref_rejected_logps=vec,
+    atom_weights=atom,
+    atom_shifts=atom,
+  )
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    batch,
+    tr.batch_shardings(mesh, train_config),
+  )
 
 
-def lower_train_step(train_config, config, mesh, *, seq_len: int, num_atoms: int = 1,
-                     num_train_steps: int = 1000):
+def lower_train_step(
+  train_config, config, mesh, *, seq_len: int, num_atoms: int = 1, num_train_steps: int = 1000
+):
   """``(lowered, tokens)`` of the run's train step: `train.create_train_state` (abstract) and
   `train.make_train_step`, the functions the run calls, on a global batch of
   ``[global_batch_size, seq_len]`` pairs with ``num_atoms`` atoms."""
   from ssapo_jax import train as tr  # pylint: disable=import-outside-toplevel
+
   t = train_config
-  state = tr.create_train_state(_abstract_model(config), t, mesh,
-                                num_train_steps=num_train_steps, abstract=True)
+  state = tr.create_train_state(
+    _abstract_model(config), t, mesh, num_train_steps=num_train_steps, abstract=True
+  )
   step = tr.make_train_step(t, mesh, state)  # traces under the mesh (splash, shard_map)
   batch = abstract_batch(t, mesh, seq_len=seq_len, num_atoms=num_atoms)
   return step.lower(state, batch), 2 * t.global_batch_size * seq_len
@@ -869,6 +1005,7 @@ def lower_score_logps(config, mesh, *, rows: int, seq_len: int):
   """``(lowered, tokens)`` of the run's scoring pass (`train.Scorer.lower`: reference
   log-probs, annotation) over ``[rows, seq_len]`` sequences in the model's compute dtype."""
   from ssapo_jax import train as tr  # pylint: disable=import-outside-toplevel
+
   scorer = tr.Scorer(mesh, 0, rows, compute_dtype=config.dtype)
   return scorer.lower(_abstract_model(config), seq_len), rows * seq_len
 
@@ -877,20 +1014,30 @@ def lower_generate(sampling_config, config, mesh, *, prompt_len: int):
   """``(lowered, new tokens)`` of the run's sampler (`sampling.Sampler.lower`) on one batch of
   ``prompt_len``-token prompts: prompts over the batch axes, parameters in the decode layout."""
   from ssapo_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
+
   s = sampling_config
-  sampler = Sampler(mesh, s, pad_token_id=int(config.pad_token_id or 0),
-                    eos_token_ids=tuple(config.eos_token_ids or (0,)))
-  return (sampler.lower(_abstract_model(config), prompt_len),
-          s.batch_size * s.num_samples * s.max_new_tokens)
+  sampler = Sampler(
+    mesh,
+    s,
+    pad_token_id=int(config.pad_token_id or 0),
+    eos_token_ids=tuple(config.eos_token_ids or (0,)),
+  )
+  return (
+    sampler.lower(_abstract_model(config), prompt_len),
+    s.batch_size * s.num_samples * s.max_new_tokens,
+  )
 
 
 PROGRAMS = ("train_step", "score_logps", "generate")
 
-_UNIT = {"": 1, "B": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+_UNIT = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _OOM_PATTERNS = (  # what XLA needs, then what the chip has
-    re.compile(r"required for [^()]*\(([\d.]+)([KMGT]?)i?B?\) exceeds available HBM "
-               r"\(([\d.]+)([KMGT]?)i?B?\)", re.IGNORECASE),
-    re.compile(r"Used ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm", re.IGNORECASE),
+  re.compile(
+    r"required for [^()]*\(([\d.]+)([KMGT]?)i?B?\) exceeds available HBM "
+    r"\(([\d.]+)([KMGT]?)i?B?\)",
+    re.IGNORECASE,
+  ),
+  re.compile(r"Used ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm", re.IGNORECASE),
 )
 
 
@@ -903,8 +1050,10 @@ def parse_out_of_memory(message: str) -> tuple[int, int] | None:
   for pattern in _OOM_PATTERNS:
     m = pattern.search(message)
     if m:
-      return (int(float(m.group(1)) * _UNIT[m.group(2).upper()]),
-              int(float(m.group(3)) * _UNIT[m.group(4).upper()]))
+      return (
+        int(float(m.group(1)) * _UNIT[m.group(2).upper()]),
+        int(float(m.group(3)) * _UNIT[m.group(4).upper()]),
+      )
   return None
 
 
@@ -946,8 +1095,9 @@ class ProgramPlan:
     (what XLA asked for when it did not fit)."""
     if self.error is not None:
       return self.requested_bytes
-    return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
-            + self.code_bytes)
+    return (
+      self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+    )
 
   @property
   def fits(self) -> bool:
@@ -988,36 +1138,61 @@ class ProgramPlan:
 
   def to_json(self) -> dict[str, Any]:
     out = {
-        "hbm_argument_bytes": self.argument_bytes, "hbm_temp_bytes": self.temp_bytes,
-        "hbm_output_bytes": self.output_bytes, "hbm_alias_bytes": self.alias_bytes,
-        "hbm_code_bytes": self.code_bytes, "hbm_total_bytes": self.total_bytes,
-        "hbm_capacity_bytes": self.capacity_bytes, "fits": self.fits,
-        "headroom": self.headroom, "compile_seconds": self.compile_seconds,
-        "compile_cpu_seconds": self.compile_cpu_seconds, "tokens": self.tokens,
+      "hbm_argument_bytes": self.argument_bytes,
+      "hbm_temp_bytes": self.temp_bytes,
+      "hbm_output_bytes": self.output_bytes,
+      "hbm_alias_bytes": self.alias_bytes,
+      "hbm_code_bytes": self.code_bytes,
+      "hbm_total_bytes": self.total_bytes,
+      "hbm_capacity_bytes": self.capacity_bytes,
+      "fits": self.fits,
+      "headroom": self.headroom,
+      "compile_seconds": self.compile_seconds,
+      "compile_cpu_seconds": self.compile_cpu_seconds,
+      "tokens": self.tokens,
     }
     if self.error is not None:
       out.update(requested_bytes=self.requested_bytes, error=self.error)
       return out
-    out.update({
-        "flops": self.flops, "flops_causal": self.flops_causal,
-        "hardware_flops": self.hardware_flops, "bytes_accessed": self.bytes_accessed,
-        "on_chip_bytes": self.on_chip_bytes, "wire_bytes": self.wire_bytes,
-        "collective_count": self.collective_count, "unknown_loops": self.unknown_loops,
-        "compute_seconds": self.compute_seconds, "hbm_seconds": self.hbm_seconds,
-        "comm_seconds": self.comm_seconds, "step_seconds": self.step_seconds,
+    out.update(
+      {
+        "flops": self.flops,
+        "flops_causal": self.flops_causal,
+        "hardware_flops": self.hardware_flops,
+        "bytes_accessed": self.bytes_accessed,
+        "on_chip_bytes": self.on_chip_bytes,
+        "wire_bytes": self.wire_bytes,
+        "collective_count": self.collective_count,
+        "unknown_loops": self.unknown_loops,
+        "compute_seconds": self.compute_seconds,
+        "hbm_seconds": self.hbm_seconds,
+        "comm_seconds": self.comm_seconds,
+        "step_seconds": self.step_seconds,
         "step_seconds_overlap": self.step_seconds_overlap,
         "tokens_per_second": self.tokens_per_second,
-        "mfu_palm": self.mfu(), "mfu_palm_overlap": self.mfu(overlap=True),
-        "mfu_maxtext": self.mfu(causal=True), "mfu_maxtext_overlap": self.mfu(causal=True,
-                                                                              overlap=True),
-    })
+        "mfu_palm": self.mfu(),
+        "mfu_palm_overlap": self.mfu(overlap=True),
+        "mfu_maxtext": self.mfu(causal=True),
+        "mfu_maxtext_overlap": self.mfu(causal=True, overlap=True),
+      }
+    )
     return out
 
 
-def compile_program(name: str, lower, chip: Chip, num_chips: int, model_flops: float,
-                    hardware_flops: float, *, causal_flops: float | None = None,
-                    unknown_trip_count: int = 1, coords=None,
-                    wrap: Sequence[bool] = (), hlo_path: str | None = None) -> ProgramPlan:
+def compile_program(
+  name: str,
+  lower,
+  chip: Chip,
+  num_chips: int,
+  model_flops: float,
+  hardware_flops: float,
+  *,
+  causal_flops: float | None = None,
+  unknown_trip_count: int = 1,
+  coords=None,
+  wrap: Sequence[bool] = (),
+  hlo_path: str | None = None,
+) -> ProgramPlan:
   """Lowers (``lower() -> (lowered, tokens)``) and compiles one program and measures it.
 
   A compile that runs out of HBM becomes a plan with ``error`` set (`parse_out_of_memory`);
@@ -1028,11 +1203,16 @@ def compile_program(name: str, lower, chip: Chip, num_chips: int, model_flops: f
   start, start_cpu = time.perf_counter(), time.process_time()
   lowered, tokens = lower()
   nan = float("nan")
-  common = {"name": name, "tokens": int(tokens), "capacity_bytes": chip.hbm_bytes,
-            "flops": model_flops / num_chips,
-            "flops_causal": (model_flops if causal_flops is None else causal_flops) / num_chips,
-            "hardware_flops": hardware_flops / num_chips, "peak_flops": chip.peak_flops,
-            "hbm_bandwidth": chip.hbm_bandwidth}
+  common = {
+    "name": name,
+    "tokens": int(tokens),
+    "capacity_bytes": chip.hbm_bytes,
+    "flops": model_flops / num_chips,
+    "flops_causal": (model_flops if causal_flops is None else causal_flops) / num_chips,
+    "hardware_flops": hardware_flops / num_chips,
+    "peak_flops": chip.peak_flops,
+    "hbm_bandwidth": chip.hbm_bandwidth,
+  }
   try:
     compiled = lowered.compile()
   except Exception as e:  # XLA raises JaxRuntimeError; only an out-of-memory one is a result
@@ -1040,12 +1220,23 @@ def compile_program(name: str, lower, chip: Chip, num_chips: int, model_flops: f
     if oom is None:
       raise
     return ProgramPlan(
-        argument_bytes=0, temp_bytes=0, output_bytes=0, alias_bytes=0, code_bytes=0,
-        compile_seconds=time.perf_counter() - start,
-        compile_cpu_seconds=time.process_time() - start_cpu, bytes_accessed=nan,
-        on_chip_bytes=nan, wire_bytes=nan, collective_count=nan, comm_seconds=nan,
-        unknown_loops=0, requested_bytes=oom[0],
-        error=str(e).strip().splitlines()[0][:500], **common)
+      argument_bytes=0,
+      temp_bytes=0,
+      output_bytes=0,
+      alias_bytes=0,
+      code_bytes=0,
+      compile_seconds=time.perf_counter() - start,
+      compile_cpu_seconds=time.process_time() - start_cpu,
+      bytes_accessed=nan,
+      on_chip_bytes=nan,
+      wire_bytes=nan,
+      collective_count=nan,
+      comm_seconds=nan,
+      unknown_loops=0,
+      requested_bytes=oom[0],
+      error=str(e).strip().splitlines()[0][:500],
+      **common,
+    )
   seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
   memory = compiled.memory_analysis()
   text = compiled.as_text()
@@ -1054,15 +1245,21 @@ def compile_program(name: str, lower, chip: Chip, num_chips: int, model_flops: f
       f.write(text)
   cost = hlo_cost(text, unknown_trip_count=unknown_trip_count)
   return ProgramPlan(
-      argument_bytes=int(memory.argument_size_in_bytes),
-      temp_bytes=int(memory.temp_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
-      alias_bytes=int(memory.alias_size_in_bytes),
-      code_bytes=int(memory.generated_code_size_in_bytes), compile_seconds=seconds,
-      compile_cpu_seconds=cpu_seconds, bytes_accessed=cost.bytes_accessed,
-      on_chip_bytes=cost.on_chip_bytes, wire_bytes=cost.wire_bytes,
-      collective_count=sum(c.count for c in cost.collectives),
-      comm_seconds=sum(collective_seconds(c, chip, coords, wrap) for c in cost.collectives),
-      unknown_loops=cost.unknown_loops, **common)
+    argument_bytes=int(memory.argument_size_in_bytes),
+    temp_bytes=int(memory.temp_size_in_bytes),
+    output_bytes=int(memory.output_size_in_bytes),
+    alias_bytes=int(memory.alias_size_in_bytes),
+    code_bytes=int(memory.generated_code_size_in_bytes),
+    compile_seconds=seconds,
+    compile_cpu_seconds=cpu_seconds,
+    bytes_accessed=cost.bytes_accessed,
+    on_chip_bytes=cost.on_chip_bytes,
+    wire_bytes=cost.wire_bytes,
+    collective_count=sum(c.count for c in cost.collectives),
+    comm_seconds=sum(collective_seconds(c, chip, coords, wrap) for c in cost.collectives),
+    unknown_loops=cost.unknown_loops,
+    **common,
+  )
 
 
 def device_coords(devices) -> list[tuple[int, ...]] | None:
@@ -1071,8 +1268,17 @@ def device_coords(devices) -> list[tuple[int, ...]] | None:
   return None if any(c is None for c in coords) else [tuple(c) for c in coords]
 
 
-def plan(experiment, config, devices, chip: Chip, *, programs: Sequence[str] = PROGRAMS,
-         log=None, wrap: Sequence[bool] = (), hlo_dir: str | None = None) -> list[ProgramPlan]:
+def plan(
+  experiment,
+  config,
+  devices,
+  chip: Chip,
+  *,
+  programs: Sequence[str] = PROGRAMS,
+  log=None,
+  wrap: Sequence[bool] = (),
+  hlo_dir: str | None = None,
+) -> list[ProgramPlan]:
   """Compiles ``programs`` of ``experiment`` with architecture ``config`` for ``devices``.
 
   A program that does not fit is a plan with ``error`` set; the others are still compiled.
@@ -1080,45 +1286,68 @@ def plan(experiment, config, devices, chip: Chip, *, programs: Sequence[str] = P
   """
   from ssapo_jax import sharding as shd  # pylint: disable=import-outside-toplevel
   from ssapo_jax import train as tr  # pylint: disable=import-outside-toplevel
+
   mesh = shd.make_mesh(experiment.mesh, devices)
   coords = device_coords(list(mesh.devices.flat))
   t, s, d = experiment.train, experiment.sampling, experiment.data
   rows = tr.scoring_batch_size(t, mesh)
   atoms = experiment.dro.num_pieces if t.objective == "robust" else 1
-  score = lambda causal: forward_flops(config, rows * d.max_length, d.max_length,
-                                       causal=causal)
+  score = lambda causal: forward_flops(config, rows * d.max_length, d.max_length, causal=causal)
   sample = lambda causal: generate_flops(
-      config, s.batch_size * s.num_samples, d.max_prompt_length, s.max_new_tokens, causal=causal)
+    config, s.batch_size * s.num_samples, d.max_prompt_length, s.max_new_tokens, causal=causal
+  )
   builders = {  # name: (lower, model flops PaLM / MaxText, hardware flops, unbounded-loop trips)
-      "train_step": (lambda: lower_train_step(t, config, mesh, seq_len=d.max_length,
-                                              num_atoms=atoms),
-                     train_step_flops(config, t, d.max_length),
-                     train_step_flops(config, t, d.max_length, causal=True),
-                     train_step_hardware_flops(config, t, d.max_length), 1),
-      "score_logps": (lambda: lower_score_logps(config, mesh, rows=rows, seq_len=d.max_length),
-                      score(False), score(True), score(False), 1),
-      "generate": (lambda: lower_generate(s, config, mesh, prompt_len=d.max_prompt_length),
-                   sample(False), sample(True), sample(False), s.max_new_tokens),
+    "train_step": (
+      lambda: lower_train_step(t, config, mesh, seq_len=d.max_length, num_atoms=atoms),
+      train_step_flops(config, t, d.max_length),
+      train_step_flops(config, t, d.max_length, causal=True),
+      train_step_hardware_flops(config, t, d.max_length),
+      1,
+    ),
+    "score_logps": (
+      lambda: lower_score_logps(config, mesh, rows=rows, seq_len=d.max_length),
+      score(False),
+      score(True),
+      score(False),
+      1,
+    ),
+    "generate": (
+      lambda: lower_generate(s, config, mesh, prompt_len=d.max_prompt_length),
+      sample(False),
+      sample(True),
+      sample(False),
+      s.max_new_tokens,
+    ),
   }
   out = []
   for name in programs:
     if log is not None:
       log(f"compiling {name} ...")
     lower, flops, causal, hardware, trips = builders[name]
-    p = compile_program(name, lower, chip, len(devices), flops, hardware, causal_flops=causal,
-                        unknown_trip_count=trips, coords=coords, wrap=wrap,
-                        hlo_path=(None if hlo_dir is None else
-                                  os.path.join(hlo_dir, f"{name}.hlo.txt")))
+    p = compile_program(
+      name,
+      lower,
+      chip,
+      len(devices),
+      flops,
+      hardware,
+      causal_flops=causal,
+      unknown_trip_count=trips,
+      coords=coords,
+      wrap=wrap,
+      hlo_path=(None if hlo_dir is None else os.path.join(hlo_dir, f"{name}.hlo.txt")),
+    )
     out.append(p)
     if log is None:
       continue
     if p.error is not None:
-      log(f"{name}: does NOT fit: XLA needs {p.requested_bytes / GiB:.2f} GiB per chip "
-          f"({p.error})")
+      log(f"{name}: does NOT fit: XLA needs {p.requested_bytes / GiB:.2f} GiB per chip ({p.error})")
     else:
-      log(f"{name}: {p.total_bytes / GiB:.2f} GiB of {p.capacity_bytes / GiB:.1f} GiB per chip "
-          f"({'fits' if p.fits else 'does NOT fit'}), compiled in {p.compile_seconds:.0f} s, "
-          f"step {1e3 * p.step_seconds_overlap:.0f}-{1e3 * p.step_seconds:.0f} ms")
+      log(
+        f"{name}: {p.total_bytes / GiB:.2f} GiB of {p.capacity_bytes / GiB:.1f} GiB per chip "
+        f"({'fits' if p.fits else 'does NOT fit'}), compiled in {p.compile_seconds:.0f} s, "
+        f"step {1e3 * p.step_seconds_overlap:.0f}-{1e3 * p.step_seconds:.0f} ms"
+      )
   return out
 
 
@@ -1131,6 +1360,7 @@ def num_params(config) -> int:
   """All parameters of the model (embeddings, norms and LM head included), from its shapes."""
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
+
   return int(sum(x.size for x in jax.tree.leaves(nnx.state(_abstract_model(config), nnx.Param))))
 
 
@@ -1160,10 +1390,12 @@ class PhaseFit:
     return 1.0 - self.resident_bytes / self.capacity_bytes
 
 
-def phase_fits(experiment, plans: Sequence[ProgramPlan], *, num_params: int,
-               shards: int) -> list[PhaseFit]:
+def phase_fits(
+  experiment, plans: Sequence[ProgramPlan], *, num_params: int, shards: int
+) -> list[PhaseFit]:
   """Each phase of the seed round and of a later round whose program was planned."""
   from ssapo_jax.pipeline import residency  # pylint: disable=import-outside-toplevel
+
   by_name = {p.name: p for p in plans}
   out = []
   for t in (0, 1):
@@ -1171,9 +1403,18 @@ def phase_fits(experiment, plans: Sequence[ProgramPlan], *, num_params: int,
       p = by_name.get(ph.program)
       if p is None:
         continue
-      out.append(PhaseFit(
-          t, ph.name, ph.program, p.total_bytes, ph.hbm_bytes, ph.host_bytes, p.capacity_bytes,
-          tuple(f"{h.name} {h.bytes / GiB:.2f} GiB {h.where}" for h in ph.held)))
+      out.append(
+        PhaseFit(
+          t,
+          ph.name,
+          ph.program,
+          p.total_bytes,
+          ph.hbm_bytes,
+          ph.host_bytes,
+          p.capacity_bytes,
+          tuple(f"{h.name} {h.bytes / GiB:.2f} GiB {h.where}" for h in ph.held),
+        )
+      )
   return out
 
 
@@ -1196,8 +1437,9 @@ class RunPhase:
   note: str
 
 
-def run_estimate(experiment, plans: Sequence[ProgramPlan], mesh_batch_shards: int
-                 ) -> tuple[list[RunPhase], dict[str, Any]]:
+def run_estimate(
+  experiment, plans: Sequence[ProgramPlan], mesh_batch_shards: int
+) -> tuple[list[RunPhase], dict[str, Any]]:
   """Every phase of the configured run as calls of the planned programs.
 
   Round 0 scores the seed with the SFT reference and trains ``seed_epochs`` epochs; round t
@@ -1218,13 +1460,17 @@ def run_estimate(experiment, plans: Sequence[ProgramPlan], mesh_batch_shards: in
     raise ValueError(f"--run: {', '.join(bad)} does not fit, so the run cannot be timed")
   d, s, r = experiment.data, experiment.sampling, experiment.rounds
   from ssapo_jax import train as tr  # pylint: disable=import-outside-toplevel
+
   rows = max(experiment.train.micro_batch_size, mesh_batch_shards)
   out = []
 
   def add(t, phase, program, calls, note):
     p = by_name[program]
-    out.append(RunPhase(t, phase, program, calls, calls * p.step_seconds_overlap,
-                        calls * p.step_seconds, note))
+    out.append(
+      RunPhase(
+        t, phase, program, calls, calls * p.step_seconds_overlap, calls * p.step_seconds, note
+      )
+    )
 
   seed = _count(d.seed_size, "data.seed_size")
   for t in range(r.num_rounds + 1):
@@ -1234,32 +1480,55 @@ def run_estimate(experiment, plans: Sequence[ProgramPlan], mesh_batch_shards: in
     else:
       prompts = _count(d.pool_sizes[t - 1], f"data.pool_sizes[{t - 1}]")
       pairs = prompts
-      add(t, "sampling", "generate", math.ceil(prompts / s.batch_size),
-          f"{prompts} prompts x {s.num_samples} samples x {s.max_new_tokens} tokens")
+      add(
+        t,
+        "sampling",
+        "generate",
+        math.ceil(prompts / s.batch_size),
+        f"{prompts} prompts x {s.num_samples} samples x {s.max_new_tokens} tokens",
+      )
       seqs = prompts * s.num_samples
-      add(t, "scoring", "score_logps", 2 * math.ceil(seqs / rows),
-          f"{seqs} samples under the policy and the judge")
-    add(t, "follower", "score_logps", math.ceil(2 * pairs / rows),
-        f"reference log-probs of {pairs} pairs (at most one per prompt)")
+      add(
+        t,
+        "scoring",
+        "score_logps",
+        2 * math.ceil(seqs / rows),
+        f"{seqs} samples under the policy and the judge",
+      )
+    add(
+      t,
+      "follower",
+      "score_logps",
+      math.ceil(2 * pairs / rows),
+      f"reference log-probs of {pairs} pairs (at most one per prompt)",
+    )
     steps = math.ceil(pairs / experiment.train.global_batch_size) * epochs
     add(t, "training", "train_step", steps, f"{epochs} epoch(s) of {pairs} pairs")
     if r.num_eval_prompts and t >= 0:
-      add(t, "evaluate", "generate", math.ceil(r.num_eval_prompts / s.batch_size),
-          f"{r.num_eval_prompts} greedy held-out prompts")
+      add(
+        t,
+        "evaluate",
+        "generate",
+        math.ceil(r.num_eval_prompts / s.batch_size),
+        f"{r.num_eval_prompts} greedy held-out prompts",
+      )
   del tr
   buckets = lambda length: math.ceil(length / d.bucket_size)
   # Compile time per shape: the plan's CPU seconds (its wall time here depends on the load).
   shapes = {  # program: (distinct shapes, compile seconds per shape as planned)
-      "generate": (buckets(d.max_prompt_length), by_name["generate"].compile_cpu_seconds),
-      "score_logps": (buckets(d.max_length), by_name["score_logps"].compile_cpu_seconds),
-      # A train step per length bucket, and per round (each round has its own schedule).
-      "train_step": (buckets(d.max_length) * (r.num_rounds + 1),
-                     by_name["train_step"].compile_cpu_seconds),
+    "generate": (buckets(d.max_prompt_length), by_name["generate"].compile_cpu_seconds),
+    "score_logps": (buckets(d.max_length), by_name["score_logps"].compile_cpu_seconds),
+    # A train step per length bucket, and per round (each round has its own schedule).
+    "train_step": (
+      buckets(d.max_length) * (r.num_rounds + 1),
+      by_name["train_step"].compile_cpu_seconds,
+    ),
   }
   compile_seconds = sum(n * sec for n, sec in shapes.values())
-  return out, {"shapes": {k: {"count": n, "compile_seconds_each": sec}
-                          for k, (n, sec) in shapes.items()},
-               "compile_seconds": compile_seconds}
+  return out, {
+    "shapes": {k: {"count": n, "compile_seconds_each": sec} for k, (n, sec) in shapes.items()},
+    "compile_seconds": compile_seconds,
+  }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1270,8 +1539,10 @@ def run_estimate(experiment, plans: Sequence[ProgramPlan], mesh_batch_shards: in
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
   rows = [tuple(head)] + [tuple(r) for r in rows]
   widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-  lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-           for r in rows]
+  lines = [
+    "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    for r in rows
+  ]
   lines.insert(1, "  ".join("-" * w for w in widths))
   return "\n".join(lines)
 
@@ -1279,77 +1550,178 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def format_table(plans: Sequence[ProgramPlan]) -> str:
   """A fixed-width table of the plans, one row per program. Step times and MFU are given as
   ``perfect overlap - no overlap`` of the collectives."""
-  head = ("program", "args GiB", "temp GiB", "total GiB", "cap GiB", "fits", "free",
-          "compile s", "cpu s", "TFLOP/chip", "HW TFLOP", "HBM GB/chip", "ICI GB/chip",
-          "compute ms", "HBM ms", "comm ms", "step ms", "tokens/s", "MFU PaLM", "MFU MaxText")
+  head = (
+    "program",
+    "args GiB",
+    "temp GiB",
+    "total GiB",
+    "cap GiB",
+    "fits",
+    "free",
+    "compile s",
+    "cpu s",
+    "TFLOP/chip",
+    "HW TFLOP",
+    "HBM GB/chip",
+    "ICI GB/chip",
+    "compute ms",
+    "HBM ms",
+    "comm ms",
+    "step ms",
+    "tokens/s",
+    "MFU PaLM",
+    "MFU MaxText",
+  )
   rows = []
   for p in plans:
     if p.error is not None:
-      rows.append((p.name, "-", "-", f">={p.total_bytes / GiB:.2f}",
-                   f"{p.capacity_bytes / GiB:.1f}", "NO", "-", f"{p.compile_seconds:.0f}",
-                   f"{p.compile_cpu_seconds:.0f}") + ("-",) * 11)
+      rows.append(
+        (
+          p.name,
+          "-",
+          "-",
+          f">={p.total_bytes / GiB:.2f}",
+          f"{p.capacity_bytes / GiB:.1f}",
+          "NO",
+          "-",
+          f"{p.compile_seconds:.0f}",
+          f"{p.compile_cpu_seconds:.0f}",
+        )
+        + ("-",) * 11
+      )
       continue
     pct = lambda x: f"{100 * x:.0f}%"
-    rows.append((
-        p.name, f"{p.argument_bytes / GiB:.2f}", f"{p.temp_bytes / GiB:.2f}",
-        f"{p.total_bytes / GiB:.2f}", f"{p.capacity_bytes / GiB:.1f}",
-        "yes" if p.fits else "NO", pct(p.headroom), f"{p.compile_seconds:.0f}",
-        f"{p.compile_cpu_seconds:.0f}", f"{p.flops / 1e12:.2f}", f"{p.hardware_flops / 1e12:.2f}",
-        f"{p.bytes_accessed / 1e9:.1f}", f"{p.wire_bytes / 1e9:.1f}",
-        f"{1e3 * p.compute_seconds:.0f}", f"{1e3 * p.hbm_seconds:.0f}",
+    rows.append(
+      (
+        p.name,
+        f"{p.argument_bytes / GiB:.2f}",
+        f"{p.temp_bytes / GiB:.2f}",
+        f"{p.total_bytes / GiB:.2f}",
+        f"{p.capacity_bytes / GiB:.1f}",
+        "yes" if p.fits else "NO",
+        pct(p.headroom),
+        f"{p.compile_seconds:.0f}",
+        f"{p.compile_cpu_seconds:.0f}",
+        f"{p.flops / 1e12:.2f}",
+        f"{p.hardware_flops / 1e12:.2f}",
+        f"{p.bytes_accessed / 1e9:.1f}",
+        f"{p.wire_bytes / 1e9:.1f}",
+        f"{1e3 * p.compute_seconds:.0f}",
+        f"{1e3 * p.hbm_seconds:.0f}",
         f"{1e3 * p.comm_seconds:.0f}",
         f"{1e3 * p.step_seconds_overlap:.0f}-{1e3 * p.step_seconds:.0f}",
         f"{p.tokens_per_second:,.0f}",
         f"{pct(p.mfu(overlap=True))}-{pct(p.mfu())}",
-        f"{pct(p.mfu(causal=True, overlap=True))}-{pct(p.mfu(causal=True))}"))
+        f"{pct(p.mfu(causal=True, overlap=True))}-{pct(p.mfu(causal=True))}",
+      )
+    )
   return _table(head, rows)
 
 
 def format_phases(fits: Sequence[PhaseFit]) -> str:
-  head = ("round", "phase", "program", "program GiB", "held GiB", "resident GiB", "cap GiB",
-          "fits", "free", "held beside the program")
-  return _table(head, [
-      ("seed" if f.round_index == 0 else "t>=1", f.phase, f.program,
-       f"{f.program_bytes / GiB:.2f}", f"{f.held_bytes / GiB:.2f}",
-       f"{f.resident_bytes / GiB:.2f}", f"{f.capacity_bytes / GiB:.1f}",
-       "yes" if f.fits else "NO", f"{100 * f.headroom:.0f}%", "; ".join(f.held) or "-")
-      for f in fits])
+  head = (
+    "round",
+    "phase",
+    "program",
+    "program GiB",
+    "held GiB",
+    "resident GiB",
+    "cap GiB",
+    "fits",
+    "free",
+    "held beside the program",
+  )
+  return _table(
+    head,
+    [
+      (
+        "seed" if f.round_index == 0 else "t>=1",
+        f.phase,
+        f.program,
+        f"{f.program_bytes / GiB:.2f}",
+        f"{f.held_bytes / GiB:.2f}",
+        f"{f.resident_bytes / GiB:.2f}",
+        f"{f.capacity_bytes / GiB:.1f}",
+        "yes" if f.fits else "NO",
+        f"{100 * f.headroom:.0f}%",
+        "; ".join(f.held) or "-",
+      )
+      for f in fits
+    ],
+  )
 
 
 def format_run(phases: Sequence[RunPhase], shapes: dict[str, Any]) -> str:
-  rows = [(str(p.round_index), p.phase, p.program, f"{p.calls:,}",
-           f"{p.seconds_overlap / 3600:.2f}-{p.seconds / 3600:.2f}", p.note) for p in phases]
+  rows = [
+    (
+      str(p.round_index),
+      p.phase,
+      p.program,
+      f"{p.calls:,}",
+      f"{p.seconds_overlap / 3600:.2f}-{p.seconds / 3600:.2f}",
+      p.note,
+    )
+    for p in phases
+  ]
   lo, hi = sum(p.seconds_overlap for p in phases), sum(p.seconds for p in phases)
   compile_h = shapes["compile_seconds"] / 3600
-  rows.append(("", "compile", "", str(sum(v["count"] for v in shapes["shapes"].values())),
-               f"{compile_h:.2f}", "distinct shapes x compile CPU seconds per shape, as planned"))
-  rows.append(("", "total", "", "", f"{lo / 3600 + compile_h:.1f}-{hi / 3600 + compile_h:.1f}",
-               "hours, perfect overlap - no overlap of collectives"))
+  rows.append(
+    (
+      "",
+      "compile",
+      "",
+      str(sum(v["count"] for v in shapes["shapes"].values())),
+      f"{compile_h:.2f}",
+      "distinct shapes x compile CPU seconds per shape, as planned",
+    )
+  )
+  rows.append(
+    (
+      "",
+      "total",
+      "",
+      "",
+      f"{lo / 3600 + compile_h:.1f}-{hi / 3600 + compile_h:.1f}",
+      "hours, perfect overlap - no overlap of collectives",
+    )
+  )
   return _table(("round", "phase", "program", "calls", "hours", "what"), rows)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
-      prog="ssapo-plan",
-      description="Compile a config's train step, scoring pass and sampler for a TPU slice "
-                  "ahead of time (no TPU, no weights) and report HBM, flops, collectives, "
-                  "step times, each phase's resident memory and (--run) the whole run's time.")
+    prog="ssapo-plan",
+    description="Compile a config's train step, scoring pass and sampler for a TPU slice "
+    "ahead of time (no TPU, no weights) and report HBM, flops, collectives, "
+    "step times, each phase's resident memory and (--run) the whole run's time.",
+  )
   p.add_argument("config", help="experiment YAML")
   p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batches=2")
-  p.add_argument("--topology", required=True,
-                 help=f"Cloud TPU slice: {', '.join(SLICES)}")
-  p.add_argument("--arch", default=None,
-                 help="architecture preset (mistral-7b, llama3-8b, llama3.2-3b, llama3.2-1b) when model.path "
-                      "holds no config.json")
-  p.add_argument("--num-layers", type=int, default=None,
-                 help="plan a model truncated to this many decoder layers (quick checks)")
-  p.add_argument("--programs", default=",".join(PROGRAMS),
-                 help=f"comma-separated subset of {','.join(PROGRAMS)}")
-  p.add_argument("--run", action="store_true",
-                 help="also estimate the whole configured run (all three programs needed)")
+  p.add_argument("--topology", required=True, help=f"Cloud TPU slice: {', '.join(SLICES)}")
+  p.add_argument(
+    "--arch",
+    default=None,
+    help="architecture preset (mistral-7b, llama3-8b, llama3.2-3b, llama3.2-1b) when model.path "
+    "holds no config.json",
+  )
+  p.add_argument(
+    "--num-layers",
+    type=int,
+    default=None,
+    help="plan a model truncated to this many decoder layers (quick checks)",
+  )
+  p.add_argument(
+    "--programs", default=",".join(PROGRAMS), help=f"comma-separated subset of {','.join(PROGRAMS)}"
+  )
+  p.add_argument(
+    "--run",
+    action="store_true",
+    help="also estimate the whole configured run (all three programs needed)",
+  )
   p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
-  p.add_argument("--hlo-dir", default=None,
-                 help="also write each compiled program's HLO text to this directory")
+  p.add_argument(
+    "--hlo-dir", default=None, help="also write each compiled program's HLO text to this directory"
+  )
   return p.parse_args(argv)
 
 
@@ -1372,20 +1744,32 @@ def main(argv=None) -> int:
     print(f"ssapo-plan: {e}", file=sys.stderr)
     return 2
   from ssapo_jax import sharding as shd  # pylint: disable=import-outside-toplevel
+
   chip = CHIPS[slice_.chip]
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
-  log(f"{slice_.name}: {slice_.num_chips} x {chip.name} ({slice_.topology}); "
-      f"{config.model_type} {config.num_layers} layers, {config.matmul_params() / 1e9:.2f}B "
-      "matmul parameters")
+  log(
+    f"{slice_.name}: {slice_.num_chips} x {chip.name} ({slice_.topology}); "
+    f"{config.model_type} {config.num_layers} layers, {config.matmul_params() / 1e9:.2f}B "
+    "matmul parameters"
+  )
   if args.hlo_dir:
     os.makedirs(args.hlo_dir, exist_ok=True)
-  plans = plan(experiment, config, devices, chip, programs=programs, log=log, wrap=slice_.wrap,
-               hlo_dir=args.hlo_dir)
+  plans = plan(
+    experiment,
+    config,
+    devices,
+    chip,
+    programs=programs,
+    log=log,
+    wrap=slice_.wrap,
+    hlo_dir=args.hlo_dir,
+  )
   print(format_table(plans))
   mesh_shape = dict(zip(shd.MESH_AXES, shd.resolve_mesh_shape(experiment.mesh, len(devices))))
   params = num_params(config)
-  fits = phase_fits(experiment, plans, num_params=params,
-                    shards=mesh_shape["fsdp"] * mesh_shape["tensor"])
+  fits = phase_fits(
+    experiment, plans, num_params=params, shards=mesh_shape["fsdp"] * mesh_shape["tensor"]
+  )
   print()
   print(format_phases(fits))
   run = None
@@ -1399,31 +1783,53 @@ def main(argv=None) -> int:
       print(format_run(*run))
   if args.json:
     report = {
-        "config": args.config, "overrides": list(args.overrides), "topology": slice_.name,
-        "libtpu_topology": slice_.topology, "chip": chip.name, "num_chips": slice_.num_chips,
-        "mesh": mesh_shape, "model_type": config.model_type,
-        "num_layers": config.num_layers, "matmul_params": config.matmul_params(),
-        "num_params": params, "peak_flops": chip.peak_flops, "hbm_bandwidth": chip.hbm_bandwidth,
-        "link_bandwidth": chip.link_bandwidth, "links": chip.links,
-        "programs": {p.name: p.to_json() for p in plans},
-        "phases": [dict(dataclasses.asdict(f), resident_bytes=f.resident_bytes, fits=f.fits,
-                        headroom=f.headroom) for f in fits],
+      "config": args.config,
+      "overrides": list(args.overrides),
+      "topology": slice_.name,
+      "libtpu_topology": slice_.topology,
+      "chip": chip.name,
+      "num_chips": slice_.num_chips,
+      "mesh": mesh_shape,
+      "model_type": config.model_type,
+      "num_layers": config.num_layers,
+      "matmul_params": config.matmul_params(),
+      "num_params": params,
+      "peak_flops": chip.peak_flops,
+      "hbm_bandwidth": chip.hbm_bandwidth,
+      "link_bandwidth": chip.link_bandwidth,
+      "links": chip.links,
+      "programs": {p.name: p.to_json() for p in plans},
+      "phases": [
+        dict(
+          dataclasses.asdict(f), resident_bytes=f.resident_bytes, fits=f.fits, headroom=f.headroom
+        )
+        for f in fits
+      ],
     }
     if run is not None:
-      report["run"] = {"phases": [dataclasses.asdict(p) for p in run[0]], **run[1],
-                       "hours_overlap": sum(p.seconds_overlap for p in run[0]) / 3600,
-                       "hours": sum(p.seconds for p in run[0]) / 3600}
+      report["run"] = {
+        "phases": [dataclasses.asdict(p) for p in run[0]],
+        **run[1],
+        "hours_overlap": sum(p.seconds_overlap for p in run[0]) / 3600,
+        "hours": sum(p.seconds for p in run[0]) / 3600,
+      }
     with open(args.json, "w") as f:
       json.dump(report, f, indent=2)
   too_big = [p for p in plans if not p.fits]
   for p in too_big:
-    print(f"ssapo-plan: {p.name} does not fit {slice_.name}: needs {p.total_bytes / GiB:.1f} GiB "
-          f"of HBM per chip, the chip has {p.capacity_bytes / GiB:.1f} GiB", file=sys.stderr)
+    print(
+      f"ssapo-plan: {p.name} does not fit {slice_.name}: needs {p.total_bytes / GiB:.1f} GiB "
+      f"of HBM per chip, the chip has {p.capacity_bytes / GiB:.1f} GiB",
+      file=sys.stderr,
+    )
   phases_too_big = [f for f in fits if not f.fits and f.program not in {p.name for p in too_big}]
   for f in phases_too_big:
-    print(f"ssapo-plan: the {f.phase} phase does not fit {slice_.name}: its program and what the "
-          f"run holds beside it need {f.resident_bytes / GiB:.1f} GiB per chip, the chip has "
-          f"{f.capacity_bytes / GiB:.1f} GiB", file=sys.stderr)
+    print(
+      f"ssapo-plan: the {f.phase} phase does not fit {slice_.name}: its program and what the "
+      f"run holds beside it need {f.resident_bytes / GiB:.1f} GiB per chip, the chip has "
+      f"{f.capacity_bytes / GiB:.1f} GiB",
+      file=sys.stderr,
+    )
   return 1 if too_big or phases_too_big else 0
 
 

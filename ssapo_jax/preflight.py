@@ -35,22 +35,27 @@ def check_model(config) -> Any:
   from ssapo_jax.models.params import check_hf_dir
   from ssapo_jax.models.tokenizer import load_tokenizer
   from ssapo_jax.storage import local_copy
+
   try:
     path = local_copy(config.model.path)  # a gs:// folder: this host's copy
   except (FileNotFoundError, OSError) as e:
     raise CheckpointError(f"model.path={config.model.path!r} is not readable ({e})") from None
   if not os.path.isdir(path):
-    raise CheckpointError(f"model.path={path!r} is not a directory: download the model first "
-                          f"(huggingface-cli download <org>/<model> --local-dir {path}) or set "
-                          "model.path=/path/to/model")
+    raise CheckpointError(
+      f"model.path={path!r} is not a directory: download the model first "
+      f"(huggingface-cli download <org>/<model> --local-dir {path}) or set "
+      "model.path=/path/to/model"
+    )
   check_hf_dir(path)
   tokenizer_path = config.model.resolved_tokenizer_path
   try:
     tokenizer = load_tokenizer(tokenizer_path)
   except Exception as e:  # transformers raises OSError/ValueError/... for incomplete folders
     key = "model.tokenizer_path" if config.model.tokenizer_path else "model.path"
-    raise CheckpointError(f"{key}={tokenizer_path!r}: no usable tokenizer "
-                          f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    raise CheckpointError(
+      f"{key}={tokenizer_path!r}: no usable tokenizer "
+      f"({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+    ) from None
   if tokenizer.pad_token_id is None:
     raise CheckpointError(f"tokenizer in {tokenizer_path!r} has neither a pad nor an EOS token")
   return tokenizer
@@ -104,27 +109,41 @@ def load_sources(config, *, verbose: bool = False) -> Sources:
   held-out set.
   """
   from ssapo_jax.data import exclude_prompts, load_preferences, load_prompts
+
   d = config.data
-  opts = dict(split=d.split, data_dir=d.data_dir, prompt_column=d.prompt_column, policy=d.policy,
-              verbose=verbose)
-  pairs = _keyed("data.source", d.source, lambda: load_preferences(
-      d.source, format=d.format, chosen_column=d.chosen_column,
-      rejected_column=d.rejected_column, **opts))
+  opts = dict(
+    split=d.split,
+    data_dir=d.data_dir,
+    prompt_column=d.prompt_column,
+    policy=d.policy,
+    verbose=verbose,
+  )
+  pairs = _keyed(
+    "data.source",
+    d.source,
+    lambda: load_preferences(
+      d.source,
+      format=d.format,
+      chosen_column=d.chosen_column,
+      rejected_column=d.rejected_column,
+      **opts,
+    ),
+  )
   reports = {"data.source": pairs.report}
   left_out = {}
   evals = None
   if d.eval_source is not None:
     loaded = _keyed("data.eval_source", d.eval_source, lambda: load_prompts(d.eval_source, **opts))
     reports["data.eval_source"] = loaded.report
-    evals = list(loaded)[:config.rounds.num_eval_prompts]
+    evals = list(loaded)[: config.rounds.num_eval_prompts]
     pairs, left_out["data.source"] = exclude_prompts(pairs, evals)
   prompts = None
   if d.prompt_source is not None:
-    prompts = _keyed("data.prompt_source", d.prompt_source,
-                     lambda: load_prompts(d.prompt_source, **opts))
+    prompts = _keyed(
+      "data.prompt_source", d.prompt_source, lambda: load_prompts(d.prompt_source, **opts)
+    )
     reports["data.prompt_source"] = prompts.report
-  return Sources(list(pairs), None if prompts is None else list(prompts), evals, reports,
-                 left_out)
+  return Sources(list(pairs), None if prompts is None else list(prompts), evals, reports, left_out)
 
 
 def split_data(config, sources: Sources, *, embeddings=None) -> DataSplit:
@@ -137,23 +156,35 @@ def split_data(config, sources: Sources, *, embeddings=None) -> DataSplit:
   the seed's and eval prompts), in the authors' shuffled order.
   """
   from ssapo_jax.data import PromptRecord, exclude_prompts, select_rows, split_rows
+
   d = config.data
   pairs, left_out = sources.pairs, dict(sources.left_out)
   method = d.seed_method if embeddings is not None else "random"
-  split = dict(seed_size=d.seed_size, method=method, seed=d.split_seed,
-               embeddings=None if method == "random" else embeddings(pairs))
+  split = dict(
+    seed_size=d.seed_size,
+    method=method,
+    seed=d.split_seed,
+    embeddings=None if method == "random" else embeddings(pairs),
+  )
   try:
     if sources.prompts is None:
       prompts = [PromptRecord(prompt=p.prompt, row=p.row) for p in pairs]
-      manifest = split_rows([p.row for p in pairs], pool_sizes=d.pool_sizes, source=d.source,
-                            **split)
+      manifest = split_rows(
+        [p.row for p in pairs], pool_sizes=d.pool_sizes, source=d.source, **split
+      )
       seed_rows = manifest.seed_rows
     else:
       seed_rows = split_rows([p.row for p in pairs], source=d.source, **split).seed_rows
       prompts, left_out["data.prompt_source"] = exclude_prompts(
-          sources.prompts, select_rows(pairs, seed_rows), sources.evals or [])
-      manifest = split_rows([p.row for p in prompts], seed_size=0, pool_sizes=d.pool_sizes,
-                            seed=d.split_seed, source=d.prompt_source)
+        sources.prompts, select_rows(pairs, seed_rows), sources.evals or []
+      )
+      manifest = split_rows(
+        [p.row for p in prompts],
+        seed_size=0,
+        pool_sizes=d.pool_sizes,
+        seed=d.split_seed,
+        source=d.prompt_source,
+      )
       manifest = dataclasses.replace(manifest, seed_rows=seed_rows)
   except ValueError as e:
     raise DataError(f"data.seed_size/data.pool_sizes do not fit the data: {e}") from None
@@ -164,8 +195,11 @@ def split_data(config, sources: Sources, *, embeddings=None) -> DataSplit:
   for t in range(config.rounds.num_rounds):
     if not pools[t]:
       raise DataError(f"data.pool_sizes[{t}] gives round {t + 1} no prompts")
-  evals = (sources.evals if sources.evals is not None
-           else select_rows(prompts, manifest.rest_rows)[:config.rounds.num_eval_prompts])
+  evals = (
+    sources.evals
+    if sources.evals is not None
+    else select_rows(prompts, manifest.rest_rows)[: config.rounds.num_eval_prompts]
+  )
   return DataSplit(seed, pools, evals, manifest, {k: v for k, v in left_out.items() if v})
 
 
@@ -176,9 +210,13 @@ def check_data(config, sources: Sources | None = None) -> DataSummary:
   """
   sources = load_sources(config) if sources is None else sources
   split = split_data(config, sources)
-  return DataSummary(sources.reports, len(split.seed_pairs),
-                     [len(p) for p in split.pools][:config.rounds.num_rounds],
-                     len(split.eval_prompts), split.left_out)
+  return DataSummary(
+    sources.reports,
+    len(split.seed_pairs),
+    [len(p) for p in split.pools][: config.rounds.num_rounds],
+    len(split.eval_prompts),
+    split.left_out,
+  )
 
 
 def check_lock(config, *, force_unlock: bool = False) -> str | None:
@@ -192,6 +230,7 @@ def check_lock(config, *, force_unlock: bool = False) -> str | None:
       ``force_unlock``.
   """
   from ssapo_jax.runlock import check_owner, read_owner
+
   return check_owner(config.output_dir, read_owner(config.output_dir), force=force_unlock)
 
 
@@ -204,24 +243,31 @@ def check_output_dir(config, *, allow_config_change: bool = False, force_unlock:
   from ssapo_jax import config as cfg_lib
   from ssapo_jax.rundir import is_remote
   from ssapo_jax.runrecord import check_config
+
   out = config.output_dir
   if out.startswith("gs://"):
     try:
       import gcsfs  # noqa: F401  (etils.epath's Google Cloud Storage backend)
     except ImportError:
-      raise RunDirError(f"output_dir={out!r} needs the gcsfs package to write to Google Cloud "
-                        "Storage: pip install gcsfs") from None
+      raise RunDirError(
+        f"output_dir={out!r} needs the gcsfs package to write to Google Cloud "
+        "Storage: pip install gcsfs"
+      ) from None
   elif not is_remote(out):
     existing = os.path.abspath(out)
     while not os.path.exists(existing):
       existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-      where = ("is a file" if existing == os.path.abspath(out)
-               else f"cannot be created: {existing} is a file")
+      where = (
+        "is a file"
+        if existing == os.path.abspath(out)
+        else f"cannot be created: {existing} is a file"
+      )
       raise RunDirError(f"output_dir={out!r} {where}, not a directory; choose a directory path")
     if not os.access(existing, os.W_OK | os.X_OK):
-      raise RunDirError(f"output_dir={out!r} is not writable: no write permission on "
-                        f"directory {existing}")
+      raise RunDirError(
+        f"output_dir={out!r} is not writable: no write permission on directory {existing}"
+      )
   check_lock(config, force_unlock=force_unlock)
   return check_config(cfg_lib.to_dict(config), out, allow_change=allow_config_change)
 
@@ -229,10 +275,10 @@ def check_output_dir(config, *, allow_config_change: bool = False, force_unlock:
 def check_mesh(config):
   """The device mesh for the available devices, with the batch sizes that must divide it."""
   from ssapo_jax import sharding as shd
+
   try:
     mesh = shd.make_mesh(config.mesh)
-    shd.check_batch_divisible(config.train.global_batch_size, mesh,
-                              what="train.global_batch_size")
+    shd.check_batch_divisible(config.train.global_batch_size, mesh, what="train.global_batch_size")
   except ValueError as e:
     raise ConfigError(f"mesh: {e}") from None
   return mesh
@@ -249,14 +295,16 @@ class Preflight:
   mesh: Any = None  # `check_mesh`'s mesh, once the processes have started (`ssapo-train`)
 
 
-def check_inputs(config, *, allow_config_change: bool = False,
-                 force_unlock: bool = False) -> Preflight:
+def check_inputs(
+  config, *, allow_config_change: bool = False, force_unlock: bool = False
+) -> Preflight:
   """Everything a run reads, checked before it writes (`Preflight`)."""
   tokenizer = check_model(config)
   sources = load_sources(config)
   data = check_data(config, sources)
-  version = check_output_dir(config, allow_config_change=allow_config_change,
-                             force_unlock=force_unlock)
+  version = check_output_dir(
+    config, allow_config_change=allow_config_change, force_unlock=force_unlock
+  )
   return Preflight(tokenizer, sources, data, version)
 
 
@@ -265,20 +313,27 @@ def plan_lines(config, data: DataSummary, mesh) -> list[str]:
   lines = []
   for key, report in data.reports.items():
     skipped = ", ".join(f"{k}={v}" for k, v in sorted(report.skipped.items())) or "none"
-    lines.append(f"{key} {report.source}: {report.num_rows} rows, {report.num_kept} kept, "
-                 f"skipped {sum(report.skipped.values())} ({skipped})")
+    lines.append(
+      f"{key} {report.source}: {report.num_rows} rows, {report.num_kept} kept, "
+      f"skipped {sum(report.skipped.values())} ({skipped})"
+    )
     if data.left_out.get(key):
-      lines.append(f"{key}: {data.left_out[key]} more left out: their prompt is in the "
-                   "labelled seed or the eval prompts")
+      lines.append(
+        f"{key}: {data.left_out[key]} more left out: their prompt is in the "
+        "labelled seed or the eval prompts"
+      )
   m = dict(mesh.shape)
-  lines.append(f"mesh: {mesh.devices.size} devices as data={m['data']} fsdp={m['fsdp']} "
-               f"tensor={m['tensor']}")
+  lines.append(
+    f"mesh: {mesh.devices.size} devices as data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}"
+  )
   r, s = config.rounds, config.sampling
   g = config.train.global_batch_size
   tokens = 2 * g * config.data.max_length
-  lines.append(f"rounds: seed round 0 + {r.num_rounds} self-annotation rounds; "
-               f"global batch {g} pairs, at most {tokens} tokens per step "
-               f"(2 x {g} x data.max_length={config.data.max_length})")
+  lines.append(
+    f"rounds: seed round 0 + {r.num_rounds} self-annotation rounds; "
+    f"global batch {g} pairs, at most {tokens} tokens per step "
+    f"(2 x {g} x data.max_length={config.data.max_length})"
+  )
   total = 0
   pairs_so_far = data.seed_pairs
   for t in range(r.num_rounds + 1):
@@ -291,11 +346,15 @@ def plan_lines(config, data: DataSummary, mesh) -> list[str]:
       pairs = prompts + (pairs_so_far if r.accumulate else 0)
       pairs_so_far += prompts
       steps = epochs * math.ceil(pairs / g)
-      lines.append(f"round {t}: {prompts} prompts x {s.num_samples} samples, at most {pairs} "
-                   f"pairs, {epochs} epoch(s), at most {steps} steps")
+      lines.append(
+        f"round {t}: {prompts} prompts x {s.num_samples} samples, at most {pairs} "
+        f"pairs, {epochs} epoch(s), at most {steps} steps"
+      )
     total += steps
   ends = r.num_rounds + 1  # run.py: each round's end checkpoint takes a global step of its own
-  lines.append(f"total: at most {total} optimizer steps, so at most global step {total + ends} "
-               f"(the {ends} round-end checkpoints take one global step each); "
-               f"{data.eval_prompts} eval prompts per round; output in {config.output_dir}")
+  lines.append(
+    f"total: at most {total} optimizer steps, so at most global step {total + ends} "
+    f"(the {ends} round-end checkpoints take one global step each); "
+    f"{data.eval_prompts} eval prompts per round; output in {config.output_dir}"
+  )
   return lines

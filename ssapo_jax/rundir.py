@@ -49,6 +49,7 @@ _NOT_MIRRORED = ("checkpoints", "tensorboard", "metrics.jsonl", "config.yaml", "
 
 def _remote_path(path: str):
   from etils import epath  # gs://, s3://, … through the backends etils has installed
+
   return epath.Path(path)
 
 
@@ -76,8 +77,11 @@ def push(output_dir: str, workdir: str, rel: str) -> None:
   if not is_remote(output_dir) or jax.process_index() != 0:
     return
   local = os.path.join(workdir, rel)
-  files = [local] if os.path.isfile(local) else [
-      os.path.join(d, f) for d, _, names in os.walk(local) for f in names]
+  files = (
+    [local]
+    if os.path.isfile(local)
+    else [os.path.join(d, f) for d, _, names in os.walk(local) for f in names]
+  )
   for path in files:
     if ".tmp" in os.path.basename(path):
       continue

@@ -94,14 +94,16 @@ def read_owner(output_dir: str) -> LockOwner | None:
 def _parse(text: str) -> LockOwner | None:
   try:
     data = json.loads(text)
-    return LockOwner(str(data["host"]), int(data["pid"]), data.get("start_time"),
-                     float(data.get("acquired", 0.0)))
+    return LockOwner(
+      str(data["host"]), int(data["pid"]), data.get("start_time"), float(data.get("acquired", 0.0))
+    )
   except (ValueError, KeyError, TypeError):
     return None
 
 
 def _path(output_dir: str):
   from etils import epath  # local and gs:// alike
+
   return epath.Path(output_dir) / LOCK_FILENAME
 
 
@@ -115,6 +117,7 @@ class _GcsObject:
 
   def __init__(self, url: str):
     import gcsfs  # pylint: disable=import-outside-toplevel
+
     self.fs = gcsfs.GCSFileSystem()
     self.bucket, self.key, _ = self.fs.split_path(url)
 
@@ -123,8 +126,9 @@ class _GcsObject:
     try:
       meta = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, json_out=True)
       generation = int(meta["generation"])
-      _, data = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, alt="media",
-                             generation=str(generation))
+      _, data = self.fs.call(
+        "GET", "b/{}/o/{}", self.bucket, self.key, alt="media", generation=str(generation)
+      )
     except FileNotFoundError:
       return None
     return data.decode(errors="replace"), generation
@@ -134,20 +138,28 @@ class _GcsObject:
     generation. Raises `FileExistsError` otherwise."""
     # A multipart upload (metadata part, then the content): the upload type whose
     # preconditions every GCS implementation checks, the emulators included.
-    body = (f'--==lock==\nContent-Type: application/json; charset=UTF-8\n\n'
-            f'{json.dumps({"name": self.key})}\n--==lock==\nContent-Type: application/json\n\n'
-            f'{text}\n--==lock==--').encode()
+    body = (
+      f"--==lock==\nContent-Type: application/json; charset=UTF-8\n\n"
+      f"{json.dumps({'name': self.key})}\n--==lock==\nContent-Type: application/json\n\n"
+      f"{text}\n--==lock==--"
+    ).encode()
     meta = self.fs.call(
-        "POST", f"{self.fs._location}/upload/storage/v1/b/{{}}/o", self.bucket,  # pylint: disable=protected-access
-        uploadType="multipart", ifGenerationMatch=str(if_generation_match),
-        headers={"Content-Type": 'multipart/related; boundary="==lock=="'}, data=body,
-        json_out=True)
+      "POST",
+      f"{self.fs._location}/upload/storage/v1/b/{{}}/o",
+      self.bucket,  # pylint: disable=protected-access
+      uploadType="multipart",
+      ifGenerationMatch=str(if_generation_match),
+      headers={"Content-Type": 'multipart/related; boundary="==lock=="'},
+      data=body,
+      json_out=True,
+    )
     return int(meta["generation"])
 
   def delete(self, *, if_generation_match: int) -> None:
     """Deletes the object if it is still generation ``if_generation_match``."""
-    self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key,
-                 ifGenerationMatch=str(if_generation_match))
+    self.fs.call(
+      "DELETE", "b/{}/o/{}", self.bucket, self.key, ifGenerationMatch=str(if_generation_match)
+    )
 
 
 def locked_message(output_dir: str, owner: LockOwner, *, forced: bool = False) -> str:
@@ -156,14 +168,20 @@ def locked_message(output_dir: str, owner: LockOwner, *, forced: bool = False) -
   here = owner.host == socket.gethostname()
   text = f"output_dir {output_dir} is locked by another run: {owner.describe()}"
   if here and forced:
-    return (f"{text}, which is still running on this host, so --force-unlock does not take its "
-            f"lock. Wait for it to finish, stop it (kill {owner.pid}), or use another output_dir")
+    return (
+      f"{text}, which is still running on this host, so --force-unlock does not take its "
+      f"lock. Wait for it to finish, stop it (kill {owner.pid}), or use another output_dir"
+    )
   if here:
-    return (f"{text}, which is still running on this host. Wait for it to finish, stop it "
-            f"(kill {owner.pid}), or use another output_dir")
-  return (f"{text}; its state cannot be checked from this host. Wait for it to finish, or use "
-          f"another output_dir; if that run is gone (e.g. its host was lost), rerun with "
-          f"--force-unlock")
+    return (
+      f"{text}, which is still running on this host. Wait for it to finish, stop it "
+      f"(kill {owner.pid}), or use another output_dir"
+    )
+  return (
+    f"{text}; its state cannot be checked from this host. Wait for it to finish, or use "
+    f"another output_dir; if that run is gone (e.g. its host was lost), rerun with "
+    f"--force-unlock"
+  )
 
 
 def check_owner(output_dir: str, owner: LockOwner | None, *, force: bool = False) -> str | None:
@@ -198,8 +216,7 @@ class RunLock:
     log: where the take-over messages go (one line each).
   """
 
-  def __init__(self, output_dir: str, *, force: bool = False,
-               log: Callable[[str], None] = print):
+  def __init__(self, output_dir: str, *, force: bool = False, log: Callable[[str], None] = print):
     self.output_dir = os.fspath(output_dir)
     self.force = force
     self.log = log
@@ -212,6 +229,7 @@ class RunLock:
 
   def _acquire_local(self) -> None:
     import fcntl
+
     os.makedirs(self.output_dir, exist_ok=True)
     path = os.path.join(self.output_dir, LOCK_FILENAME)
     while True:
@@ -222,8 +240,10 @@ class RunLock:
         owner = _parse(os.read(fd, 1 << 16).decode(errors="replace"))
         os.close(fd)
         if self.force and owner is not None and owner.host != self.owner.host:
-          self.log(f"--force-unlock: removing the lock of {owner.describe()}; that process "
-                   "still holds it through the shared filesystem, so it may keep writing")
+          self.log(
+            f"--force-unlock: removing the lock of {owner.describe()}; that process "
+            "still holds it through the shared filesystem, so it may keep writing"
+          )
           os.unlink(path)
           continue
         owner = owner or LockOwner(self.owner.host, -1)
@@ -268,8 +288,10 @@ class RunLock:
       except FileExistsError:
         if expected:  # another run replaced the stale lock between our read and write
           current = obj.read()
-          raise RunLockedError(locked_message(
-              self.output_dir, (_parse(current[0]) if current else None) or LockOwner("?", -1))
+          raise RunLockedError(
+            locked_message(
+              self.output_dir, (_parse(current[0]) if current else None) or LockOwner("?", -1)
+            )
           ) from None
       current = obj.read()
       if current is None:  # released in the meantime: try to create it again
@@ -287,8 +309,9 @@ class RunLock:
       self._take_over(read_owner(self.output_dir) or None)
     path.write_text(self._record())
     if read_owner(self.output_dir) != self.owner:  # another run wrote at the same moment
-      raise RunLockedError(locked_message(self.output_dir, read_owner(self.output_dir)
-                                           or LockOwner("?", -1)))
+      raise RunLockedError(
+        locked_message(self.output_dir, read_owner(self.output_dir) or LockOwner("?", -1))
+      )
 
   # -- public ---------------------------------------------------------------------------------
 
@@ -297,6 +320,7 @@ class RunLock:
     if self._held:
       return self
     from ssapo_jax.storage import is_remote
+
     if self.output_dir.startswith("gs://"):
       self._acquire_gcs()
     elif is_remote(self.output_dir):
@@ -334,8 +358,13 @@ class RunLock:
 
 
 @contextlib.contextmanager
-def run_lock(output_dir: str, *, process_index: int = 0, force: bool = False,
-             log: Callable[[str], None] = print) -> Iterator[RunLock | None]:
+def run_lock(
+  output_dir: str,
+  *,
+  process_index: int = 0,
+  force: bool = False,
+  log: Callable[[str], None] = print,
+) -> Iterator[RunLock | None]:
   """The run's lock on process 0; other processes of a multi-host run take none."""
   if process_index != 0:
     yield None

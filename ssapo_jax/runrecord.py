@@ -57,6 +57,7 @@ class ConfigVersion:
 
 def _dir(output_dir: str):
   from etils import epath  # local and gs:// alike
+
   return epath.Path(output_dir)
 
 
@@ -79,24 +80,32 @@ def version_filename(version: int) -> str:
 
 # Where a run lives and how its processes find each other, not what it computes: a run moved to
 # another directory, or relaunched with another coordinator port, is the same run.
-PLACEMENT_KEYS = frozenset({"output_dir", "mesh.process_id", "mesh.coordinator_address",
-                            "mesh.local_device_ids"})
+PLACEMENT_KEYS = frozenset(
+  {"output_dir", "mesh.process_id", "mesh.coordinator_address", "mesh.local_device_ids"}
+)
 
 
 def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
   """``["key.sub: old -> new", ...]`` for every leaf value that differs (dicts compared by key)."""
   if isinstance(old, dict) and isinstance(new, dict):
     keys = list(dict.fromkeys([*old, *new]))
-    return [change for key in keys
-            for change in config_changes(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [
+      change
+      for key in keys
+      for change in config_changes(old.get(key), new.get(key), f"{prefix}{key}.")
+    ]
   if old == new:
     return []
   return [f"{prefix.rstrip('.')}: {_show(old)} -> {_show(new)}"]
 
 
 def _show(value: Any) -> str:
-  return yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip().removesuffix(
-      "\n...").removesuffix(" ...")
+  return (
+    yaml.safe_dump(value, default_flow_style=True, width=1 << 16)
+    .strip()
+    .removesuffix("\n...")
+    .removesuffix(" ...")
+  )
 
 
 def check_config(resolved: dict, output_dir: str, *, allow_change: bool) -> ConfigVersion:
@@ -111,17 +120,20 @@ def check_config(resolved: dict, output_dir: str, *, allow_change: bool) -> Conf
     return ConfigVersion(0, os.fspath(_dir(output_dir) / CONFIG_FILENAME))
   latest, path = versions[-1]
   old = yaml.safe_load(_dir(path).read_text()) or {}
-  changes = tuple(c for c in config_changes(old, resolved)
-                  if c.split(":", 1)[0] not in PLACEMENT_KEYS)
+  changes = tuple(
+    c for c in config_changes(old, resolved) if c.split(":", 1)[0] not in PLACEMENT_KEYS
+  )
   if not changes:
     return ConfigVersion(latest, path, written=True)
   if not allow_change:
     raise ConfigChangedError(
-        f"output_dir {output_dir} holds a run with another config ({os.path.basename(path)}); "
-        f"changed: {'; '.join(changes)}. Rerun with --allow-config-change to continue it with "
-        "the new config (recorded as a new version), or use another output_dir")
-  return ConfigVersion(latest + 1,
-                       os.fspath(_dir(output_dir) / version_filename(latest + 1)), changes)
+      f"output_dir {output_dir} holds a run with another config ({os.path.basename(path)}); "
+      f"changed: {'; '.join(changes)}. Rerun with --allow-config-change to continue it with "
+      "the new config (recorded as a new version), or use another output_dir"
+    )
+  return ConfigVersion(
+    latest + 1, os.fspath(_dir(output_dir) / version_filename(latest + 1)), changes
+  )
 
 
 def write_config(version: ConfigVersion, text: str) -> None:
@@ -204,6 +216,7 @@ def position() -> str | None:
   else the phase after the latest message (``the phase after "round 1 follower: …"``); None
   before any."""
   from tqdm import tqdm as std_tqdm  # every enabled tqdm bar registers itself here
+
   shown = [b for b in list(std_tqdm._instances) if not getattr(b, "disable", False)]
   bars = sorted(shown, key=lambda b: abs(getattr(b, "pos", 0)))
   bars += [b for b in list(_OPEN) if b.disable]  # ours, hidden: desc and update count

@@ -42,12 +42,12 @@ from ssapo_jax.models.llama import positions_from_mask
 class SamplingConfig:
   """How a round samples responses (the ``sampling`` section of an experiment config)."""
 
-  temperature: float = 0.7     # softmax temperature; 0 = greedy
-  top_p: float = 1.0           # nucleus mass kept (1 = off)
-  top_k: int = 0               # keep the k most likely tokens (0 = off)
-  max_new_tokens: int = 300    # response length limit, tokens
-  num_samples: int = 2         # independent responses per prompt
-  batch_size: int = 8          # prompts per `generate` call
+  temperature: float = 0.7  # softmax temperature; 0 = greedy
+  top_p: float = 1.0  # nucleus mass kept (1 = off)
+  top_k: int = 0  # keep the k most likely tokens (0 = off)
+  max_new_tokens: int = 300  # response length limit, tokens
+  num_samples: int = 2  # independent responses per prompt
+  batch_size: int = 8  # prompts per `generate` call
 
   def __post_init__(self):
     if self.temperature < 0:
@@ -135,8 +135,18 @@ def _constrain(mesh, x, logical_axes):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "settings", "mesh"))
-def _generate(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key, *,
-              settings: _Settings, mesh=None):
+def _generate(
+  graphdef,
+  params,
+  rest,
+  prompt_ids,
+  prompt_mask,
+  prompt_index,
+  key,
+  *,
+  settings: _Settings,
+  mesh=None,
+):
   """The sampling loop. Returns ``(Generation, decode steps run)``; rows prompt-major.
 
   With a ``mesh`` the rows, the KV cache ``[L, B, K, S, H]`` (batch over ``(data, fsdp)``, kv
@@ -146,15 +156,18 @@ def _generate(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key
   ``shard_map`` over the mesh; `ssapo_jax.models.attention`).
   """
   if mesh is None:
-    return _sample_loop(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key,
-                        settings, None)
+    return _sample_loop(
+      graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key, settings, None
+    )
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-    return _sample_loop(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key,
-                        settings, mesh)
+    return _sample_loop(
+      graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key, settings, mesh
+    )
 
 
-def _sample_loop(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key, settings,
-                 mesh):
+def _sample_loop(
+  graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key, settings, mesh
+):
   """`_generate`'s body (traced under its mesh context)."""
   s = settings
   model: CausalLM = nnx.merge(graphdef, params, rest)
@@ -170,9 +183,11 @@ def _sample_loop(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, 
   mask = by_row(per_row(prompt_mask.astype(jnp.int32)))
   sample_index = jnp.tile(jnp.arange(s.num_samples, dtype=jnp.int32), b)
   row_keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(key, i), j))(
-      per_row(prompt_index.astype(jnp.int32)), sample_index)
+    per_row(prompt_index.astype(jnp.int32)), sample_index
+  )
   cache_layout = lambda c: jax.tree.map(
-      lambda x: _constrain(mesh, x, ("layers", "batch", "kv_heads", None, "head_dim")), c)
+    lambda x: _constrain(mesh, x, ("layers", "batch", "kv_heads", None, "head_dim")), c
+  )
   cache = cache_layout(model.init_cache(rows, prompt_len + n))
   kv_mask = by_row(jnp.concatenate([mask, jnp.zeros((rows, n), jnp.int32)], axis=1))
   logits, cache = model.prefill(ids, positions_from_mask(mask), cache, kv_mask=kv_mask)
@@ -180,15 +195,15 @@ def _sample_loop(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, 
   last_logits = lambda x: by_row(x.astype(jnp.float32))  # [B*S, V], full vocabulary per row
 
   init = dict(
-      step=jnp.zeros((), jnp.int32),
-      logits=last_logits(logits),
-      cache=cache_layout(cache),
-      kv_mask=kv_mask,
-      pos=jnp.sum(mask, axis=-1).astype(jnp.int32),  # [B*S] next RoPE position
-      done=jnp.zeros((rows,), bool),
-      tokens=by_row(jnp.full((rows, n), s.pad_token_id, jnp.int32)),
-      mask=by_row(jnp.zeros((rows, n), jnp.int32)),
-      logps=by_row(jnp.zeros((rows, n), jnp.float32)),
+    step=jnp.zeros((), jnp.int32),
+    logits=last_logits(logits),
+    cache=cache_layout(cache),
+    kv_mask=kv_mask,
+    pos=jnp.sum(mask, axis=-1).astype(jnp.int32),  # [B*S] next RoPE position
+    done=jnp.zeros((rows,), bool),
+    tokens=by_row(jnp.full((rows, n), s.pad_token_id, jnp.int32)),
+    mask=by_row(jnp.zeros((rows, n), jnp.int32)),
+    logps=by_row(jnp.zeros((rows, n), jnp.float32)),
   )
 
   def cond(c):
@@ -197,29 +212,31 @@ def _sample_loop(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, 
   def body(c):
     step = c["step"]
     step_keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
-    token = _sample(c["logits"], step_keys, temperature=s.temperature, top_k=s.top_k,
-                    top_p=s.top_p)
+    token = _sample(c["logits"], step_keys, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
     live = ~c["done"]
-    logp = jnp.take_along_axis(jax.nn.log_softmax(c["logits"], axis=-1), token[:, None],
-                               axis=-1)[:, 0]
+    logp = jnp.take_along_axis(jax.nn.log_softmax(c["logits"], axis=-1), token[:, None], axis=-1)[
+      :, 0
+    ]
     token = jnp.where(live, token, s.pad_token_id)
     done = c["done"] | (live & jnp.isin(token, eos))
     slot = prompt_len + step
     kv_mask = jax.lax.dynamic_update_slice_in_dim(
-        c["kv_mask"], jnp.ones((rows, 1), jnp.int32), slot, axis=1)
-    logits, cache = model.decode(token[:, None], c["pos"][:, None], c["cache"],
-                                 cache_index=slot, kv_mask=kv_mask)
+      c["kv_mask"], jnp.ones((rows, 1), jnp.int32), slot, axis=1
+    )
+    logits, cache = model.decode(
+      token[:, None], c["pos"][:, None], c["cache"], cache_index=slot, kv_mask=kv_mask
+    )
     col = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v[:, None], step, axis=1)
     return dict(
-        step=step + 1,
-        logits=last_logits(logits[:, -1]),
-        cache=cache_layout(cache),
-        kv_mask=kv_mask,
-        pos=c["pos"] + 1,
-        done=done,
-        tokens=col(c["tokens"], token),
-        mask=col(c["mask"], live.astype(jnp.int32)),
-        logps=col(c["logps"], jnp.where(live, logp, 0.0)),
+      step=step + 1,
+      logits=last_logits(logits[:, -1]),
+      cache=cache_layout(cache),
+      kv_mask=kv_mask,
+      pos=c["pos"] + 1,
+      done=done,
+      tokens=col(c["tokens"], token),
+      mask=col(c["mask"], live.astype(jnp.int32)),
+      logps=col(c["logps"], jnp.where(live, logp, 0.0)),
     )
 
   out = jax.lax.while_loop(cond, body, init)
@@ -227,8 +244,9 @@ def _sample_loop(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, 
   return gen, out["step"]
 
 
-def _settings(config, *, max_new_tokens, temperature, top_p, top_k, num_samples, eos_token_ids,
-              pad_token_id) -> _Settings:
+def _settings(
+  config, *, max_new_tokens, temperature, top_p, top_k, num_samples, eos_token_ids, pad_token_id
+) -> _Settings:
   """Validated `_Settings`; EOS and pad ids default to the model config's."""
   if eos_token_ids is None:
     eos_token_ids = config.eos_token_ids
@@ -236,20 +254,45 @@ def _settings(config, *, max_new_tokens, temperature, top_p, top_k, num_samples,
     eos_token_ids = (int(eos_token_ids),)
   eos_token_ids = tuple(int(e) for e in eos_token_ids)
   if pad_token_id is None:
-    pad_token_id = (config.pad_token_id if config.pad_token_id is not None
-                    else eos_token_ids[0] if eos_token_ids else 0)
+    pad_token_id = (
+      config.pad_token_id
+      if config.pad_token_id is not None
+      else eos_token_ids[0]
+      if eos_token_ids
+      else 0
+    )
   if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or num_samples < 1:
-    raise ValueError(f"generate: invalid sampling arguments temperature={temperature}, "
-                     f"top_p={top_p}, top_k={top_k}, max_new_tokens={max_new_tokens}, "
-                     f"num_samples={num_samples}")
-  return _Settings(int(max_new_tokens), float(temperature), float(top_p), int(top_k),
-                   int(num_samples), eos_token_ids, int(pad_token_id))
+    raise ValueError(
+      f"generate: invalid sampling arguments temperature={temperature}, "
+      f"top_p={top_p}, top_k={top_k}, max_new_tokens={max_new_tokens}, "
+      f"num_samples={num_samples}"
+    )
+  return _Settings(
+    int(max_new_tokens),
+    float(temperature),
+    float(top_p),
+    int(top_k),
+    int(num_samples),
+    eos_token_ids,
+    int(pad_token_id),
+  )
 
 
-def generate(model: CausalLM, prompt_ids, prompt_mask, key: jax.Array, *, max_new_tokens: int,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             num_samples: int = 1, eos_token_ids: Sequence[int] | int | None = None,
-             pad_token_id: int | None = None, prompt_index=None) -> Generation:
+def generate(
+  model: CausalLM,
+  prompt_ids,
+  prompt_mask,
+  key: jax.Array,
+  *,
+  max_new_tokens: int,
+  temperature: float = 1.0,
+  top_p: float = 1.0,
+  top_k: int = 0,
+  num_samples: int = 1,
+  eos_token_ids: Sequence[int] | int | None = None,
+  pad_token_id: int | None = None,
+  prompt_index=None,
+) -> Generation:
   """Samples ``num_samples`` continuations of each left-padded prompt (one batch, plain jit).
 
   Args:
@@ -268,24 +311,40 @@ def generate(model: CausalLM, prompt_ids, prompt_mask, key: jax.Array, *, max_ne
   Returns:
     `Generation` with ``[B*S, N]`` arrays, prompt-major rows.
   """
-  settings = _settings(model.config, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, top_k=top_k, num_samples=num_samples,
-                       eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
+  settings = _settings(
+    model.config,
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    top_p=top_p,
+    top_k=top_k,
+    num_samples=num_samples,
+    eos_token_ids=eos_token_ids,
+    pad_token_id=pad_token_id,
+  )
   if prompt_ids.ndim != 2 or prompt_mask.shape != prompt_ids.shape:
-    raise ValueError(f"generate: prompt_ids {prompt_ids.shape} and prompt_mask "
-                     f"{prompt_mask.shape} must both be [B, P]")
+    raise ValueError(
+      f"generate: prompt_ids {prompt_ids.shape} and prompt_mask "
+      f"{prompt_mask.shape} must both be [B, P]"
+    )
   if not isinstance(prompt_mask, jax.core.Tracer):
     m = np.asarray(prompt_mask)
     if (np.diff(m, axis=1) < 0).any():
-      raise ValueError("generate: prompts must be left-padded (found a 0 after a 1 in "
-                       "prompt_mask)")
+      raise ValueError("generate: prompts must be left-padded (found a 0 after a 1 in prompt_mask)")
     if (m.sum(axis=1) == 0).any():
       raise ValueError("generate: every prompt needs at least one real token")
   if prompt_index is None:
     prompt_index = np.arange(prompt_ids.shape[0], dtype=np.int32)
   graphdef, params, rest = split_params(model)
-  gen, _ = _generate(graphdef, params, rest, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask),
-                     jnp.asarray(prompt_index, jnp.int32), key, settings=settings)
+  gen, _ = _generate(
+    graphdef,
+    params,
+    rest,
+    jnp.asarray(prompt_ids),
+    jnp.asarray(prompt_mask),
+    jnp.asarray(prompt_index, jnp.int32),
+    key,
+    settings=settings,
+  )
   return gen
 
 
@@ -310,12 +369,11 @@ def decode_layout(model: CausalLM, mesh, *, abstract: bool = False) -> tuple[Any
   if abstract:
     shapes = jax.eval_shape(to_layout, params, rest)
     params, rest = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-        (p_shard, r_shard))
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, (p_shard, r_shard)
+    )
     return graphdef, params, rest
   params, rest = jax.jit(to_layout, out_shardings=(p_shard, r_shard))(params, rest)
   return graphdef, params, rest
-
 
 
 class PromptBatch(NamedTuple):
@@ -333,8 +391,9 @@ class PromptBatch(NamedTuple):
   length: int
 
 
-def plan_batches(lengths: Sequence[int], *, batch_size: int, bucket_size: int = 1,
-                 bucketed: bool = True) -> list[PromptBatch]:
+def plan_batches(
+  lengths: Sequence[int], *, batch_size: int, bucket_size: int = 1, bucketed: bool = True
+) -> list[PromptBatch]:
   """Groups prompts into fixed-size batches for sampling.
 
   Bucketed, prompts are ordered by length (longest first, so an out-of-memory batch fails
@@ -344,24 +403,30 @@ def plan_batches(lengths: Sequence[int], *, batch_size: int, bucket_size: int = 
   """
   lengths = np.asarray(lengths, np.int64)
   if batch_size < 1 or bucket_size < 1:
-    raise ValueError(f"plan_batches: batch_size {batch_size} and bucket_size {bucket_size} "
-                     "must be >= 1")
+    raise ValueError(
+      f"plan_batches: batch_size {batch_size} and bucket_size {bucket_size} must be >= 1"
+    )
   if lengths.size and lengths.min() < 1:
     raise ValueError(f"plan_batches: prompt {int(np.argmin(lengths))} is empty")
   order = np.argsort(-lengths, kind="stable") if bucketed else np.arange(lengths.size)
   plan = []
   for start in range(0, lengths.size, batch_size):
-    chunk = order[start:start + batch_size]
+    chunk = order[start : start + batch_size]
     filler = np.full(batch_size - chunk.size, chunk[-1])
-    plan.append(PromptBatch(np.concatenate([chunk, filler]), int(chunk.size),
-                            round_up(int(lengths[chunk].max()), bucket_size)))
+    plan.append(
+      PromptBatch(
+        np.concatenate([chunk, filler]),
+        int(chunk.size),
+        round_up(int(lengths[chunk].max()), bucket_size),
+      )
+    )
   return plan
 
 
 def prompt_padding_fraction(plan: Sequence[PromptBatch], lengths: Sequence[int]) -> float:
   """Fraction of the prompt positions a plan computes that are padding (filler rows included)."""
   lengths = np.asarray(lengths, np.int64)
-  real = sum(int(lengths[b.indices[:b.num_real]].sum()) for b in plan)
+  real = sum(int(lengths[b.indices[: b.num_real]].sum()) for b in plan)
   slots = sum(b.indices.size * b.length for b in plan)
   return 1.0 - real / max(slots, 1)
 
@@ -416,6 +481,7 @@ def _sum_over_processes(values: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return values
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
   return np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
 
 
@@ -435,32 +501,51 @@ class Sampler:
   (with the same ``config.batch_size``, which fixes the batches and so the padded lengths).
   """
 
-  def __init__(self, mesh, config: SamplingConfig, *, pad_token_id: int,
-               eos_token_ids: Sequence[int] | int, bucket_size: int = 1, bucketed: bool = True):
+  def __init__(
+    self,
+    mesh,
+    config: SamplingConfig,
+    *,
+    pad_token_id: int,
+    eos_token_ids: Sequence[int] | int,
+    bucket_size: int = 1,
+    bucketed: bool = True,
+  ):
     ways, nproc = shd.num_batch_shards(mesh), jax.process_count()
     if ways % nproc:
-      raise ValueError(f"sampling splits batches over data*fsdp = {ways} ways, which must be a "
-                       f"multiple of the {nproc} processes (mesh {dict(mesh.shape)})")
+      raise ValueError(
+        f"sampling splits batches over data*fsdp = {ways} ways, which must be a "
+        f"multiple of the {nproc} processes (mesh {dict(mesh.shape)})"
+      )
     shd.check_batch_divisible(config.batch_size, mesh, what="sampling.batch_size")
     self.mesh, self.config = mesh, config
     self.pad_token_id = int(pad_token_id)
-    self.eos_token_ids = ((int(eos_token_ids),) if isinstance(eos_token_ids, (int, np.integer))
-                          else tuple(int(e) for e in eos_token_ids))
+    self.eos_token_ids = (
+      (int(eos_token_ids),)
+      if isinstance(eos_token_ids, (int, np.integer))
+      else tuple(int(e) for e in eos_token_ids)
+    )
     self.bucket_size, self.bucketed = bucket_size, bucketed
 
   def decode_layout(self, model: CausalLM, *, abstract: bool = False) -> tuple[Any, Any, Any]:
     """`decode_layout` of ``model`` on this sampler's mesh."""
     return decode_layout(model, self.mesh, abstract=abstract)
 
-  def settings(self, model: CausalLM, *, temperature: float | None = None,
-               num_samples: int | None = None) -> _Settings:
+  def settings(
+    self, model: CausalLM, *, temperature: float | None = None, num_samples: int | None = None
+  ) -> _Settings:
     """The static settings of `_generate` for ``model`` (the config's, or these overrides)."""
     c = self.config
-    return _settings(model.config, max_new_tokens=c.max_new_tokens,
-                     temperature=c.temperature if temperature is None else temperature,
-                     top_p=c.top_p, top_k=c.top_k,
-                     num_samples=c.num_samples if num_samples is None else num_samples,
-                     eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id)
+    return _settings(
+      model.config,
+      max_new_tokens=c.max_new_tokens,
+      temperature=c.temperature if temperature is None else temperature,
+      top_p=c.top_p,
+      top_k=c.top_k,
+      num_samples=c.num_samples if num_samples is None else num_samples,
+      eos_token_ids=self.eos_token_ids,
+      pad_token_id=self.pad_token_id,
+    )
 
   def lower(self, model: CausalLM, prompt_len: int) -> jax.stages.Lowered:
     """The decoding program `sample` runs on one batch of ``prompt_len``-token prompts,
@@ -470,14 +555,31 @@ class Sampler:
     rows = lambda ndim: NamedSharding(self.mesh, shd.batch_spec(ndim, b, self.mesh))  # noqa: E731
     prompts = jax.ShapeDtypeStruct((b, prompt_len), jnp.int32, sharding=rows(2))
     index = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rows(1))
-    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                               sharding=shd.replicated(self.mesh))
-    return _generate.lower(graphdef, params, rest, prompts, prompts, index, key,
-                           settings=self.settings(model), mesh=self.mesh)
+    key = jax.ShapeDtypeStruct(
+      (), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=shd.replicated(self.mesh)
+    )
+    return _generate.lower(
+      graphdef,
+      params,
+      rest,
+      prompts,
+      prompts,
+      index,
+      key,
+      settings=self.settings(model),
+      mesh=self.mesh,
+    )
 
-  def sample(self, model: CausalLM, prompts: Sequence[Sequence[int]], key: jax.Array, *,
-             temperature: float | None = None, num_samples: int | None = None,
-             desc: str = "sample") -> Samples:
+  def sample(
+    self,
+    model: CausalLM,
+    prompts: Sequence[Sequence[int]],
+    key: jax.Array,
+    *,
+    temperature: float | None = None,
+    num_samples: int | None = None,
+    desc: str = "sample",
+  ) -> Samples:
     """Samples every prompt; returns this process's rows.
 
     Args:
@@ -492,45 +594,69 @@ class Sampler:
     settings = self.settings(model, temperature=temperature, num_samples=num_samples)
     start_time = time.perf_counter()
     lengths = [len(p) for p in prompts]
-    plan = plan_batches(lengths, batch_size=c.batch_size, bucket_size=self.bucket_size,
-                        bucketed=self.bucketed)
+    plan = plan_batches(
+      lengths, batch_size=c.batch_size, bucket_size=self.bucket_size, bucketed=self.bucketed
+    )
     graphdef, params, rest = self.decode_layout(model)
     key = shd.put_global(key, shd.replicated(self.mesh))
     rows = shd.host_batch_rows(self.mesh, c.batch_size)
     sharding = lambda ndim: NamedSharding(self.mesh, shd.batch_spec(ndim, c.batch_size, self.mesh))
     to_global = lambda x: jax.make_array_from_process_local_data(
-        sharding(x.ndim), x, (c.batch_size,) + x.shape[1:])
+      sharding(x.ndim), x, (c.batch_size,) + x.shape[1:]
+    )
     index, tokens, mask, logps = [], [], [], []
     # [prompt tokens, new tokens, prompt slots, decode slots] of this process's real rows.
     counts = np.zeros(4, np.int64)
     for batch in tqdm(plan, desc=desc, leave=False):
       local = batch.indices[rows]
       real = np.arange(c.batch_size)[rows] < batch.num_real
-      ids, pmask = left_pad([prompts[i] for i in local], pad_id=self.pad_token_id,
-                            length=batch.length)
-      gen, steps = _generate(graphdef, params, rest, to_global(ids), to_global(pmask),
-                                to_global(local.astype(np.int32)), key, settings=settings,
-                                mesh=self.mesh)
+      ids, pmask = left_pad(
+        [prompts[i] for i in local], pad_id=self.pad_token_id, length=batch.length
+      )
+      gen, steps = _generate(
+        graphdef,
+        params,
+        rest,
+        to_global(ids),
+        to_global(pmask),
+        to_global(local.astype(np.int32)),
+        key,
+        settings=settings,
+        mesh=self.mesh,
+      )
       steps = int(steps.addressable_data(0))
       out = [shd.host_local_rows(x).reshape(local.size, num_samples, -1) for x in gen]
       index.append(local[real])
       for acc, x in zip((tokens, mask, logps), out):
         acc.append(x[real])
       # Slots cover every computed row (filler too); the slots of one row are counted once.
-      counts += [int(pmask[real].sum()) * num_samples, int(out[1][real].sum()),
-                 local.size * num_samples * batch.length, local.size * num_samples * steps]
+      counts += [
+        int(pmask[real].sum()) * num_samples,
+        int(out[1][real].sum()),
+        local.size * num_samples * batch.length,
+        local.size * num_samples * steps,
+      ]
     counts = _sum_over_processes(counts)
     index = np.concatenate(index) if index else np.zeros((0,), np.int64)
     order = np.argsort(index, kind="stable")
-    stack = lambda parts, dtype: (np.concatenate(parts)[order].reshape(
-        -1, c.max_new_tokens) if parts else np.zeros((0, c.max_new_tokens), dtype))
-    stats = RolloutStats(prompts=len(prompts), rows=len(plan) * c.batch_size * num_samples,
-                         prompt_tokens=int(counts[0]), new_tokens=int(counts[1]),
-                         prompt_slots=int(counts[2]), decode_slots=int(counts[3]),
-                         seconds=time.perf_counter() - start_time,
-                         devices=self.mesh.devices.size)
-    return Samples(index[order], stack(tokens, np.int32), stack(mask, np.int32),
-                   stack(logps, np.float32), stats)
+    stack = lambda parts, dtype: (
+      np.concatenate(parts)[order].reshape(-1, c.max_new_tokens)
+      if parts
+      else np.zeros((0, c.max_new_tokens), dtype)
+    )
+    stats = RolloutStats(
+      prompts=len(prompts),
+      rows=len(plan) * c.batch_size * num_samples,
+      prompt_tokens=int(counts[0]),
+      new_tokens=int(counts[1]),
+      prompt_slots=int(counts[2]),
+      decode_slots=int(counts[3]),
+      seconds=time.perf_counter() - start_time,
+      devices=self.mesh.devices.size,
+    )
+    return Samples(
+      index[order], stack(tokens, np.int32), stack(mask, np.int32), stack(logps, np.float32), stats
+    )
 
 
 def gather_samples(samples: Samples, num_prompts: int) -> Generation:
@@ -542,21 +668,30 @@ def gather_samples(samples: Samples, num_prompts: int) -> Generation:
     gathered = [samples]
   else:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
     m = samples.prompt_index.size
     most = int(np.max(multihost_utils.process_allgather(np.array([m]))))
     s = samples.tokens.shape[0] // max(m, 1) if m else 0
     s = int(np.max(multihost_utils.process_allgather(np.array([s]))))
     pad_rows = lambda x: np.pad(x, [(0, (most - m) * s)] + [(0, 0)] * (x.ndim - 1))
     parts = multihost_utils.process_allgather(
-        (np.pad(samples.prompt_index, (0, most - m), constant_values=-1),
-         pad_rows(samples.tokens), pad_rows(samples.mask), pad_rows(samples.logps)))
-    gathered = [Samples(*(np.asarray(x[p]) for x in parts), samples.stats)
-                for p in range(jax.process_count())]
+      (
+        np.pad(samples.prompt_index, (0, most - m), constant_values=-1),
+        pad_rows(samples.tokens),
+        pad_rows(samples.mask),
+        pad_rows(samples.logps),
+      )
+    )
+    gathered = [
+      Samples(*(np.asarray(x[p]) for x in parts), samples.stats) for p in range(jax.process_count())
+    ]
   index = np.concatenate([g.prompt_index for g in gathered])
   keep = index >= 0
   if sorted(index[keep].tolist()) != list(range(num_prompts)):
-    raise ValueError(f"gather_samples: the processes sampled prompts {sorted(index[keep])[:8]}"
-                     f"..., expected each of 0..{num_prompts - 1} once")
+    raise ValueError(
+      f"gather_samples: the processes sampled prompts {sorted(index[keep])[:8]}"
+      f"..., expected each of 0..{num_prompts - 1} once"
+    )
   order = np.argsort(np.where(keep, index, num_prompts), kind="stable")[:num_prompts]
   fields = []
   for name in ("tokens", "mask", "logps"):
@@ -566,8 +701,14 @@ def gather_samples(samples: Samples, num_prompts: int) -> Generation:
   return Generation(*fields)
 
 
-def decode(tokenizer, tokens, mask, *, eos_token_ids: Sequence[int] | None = None,
-           skip_special_tokens: bool = True) -> list[str]:
+def decode(
+  tokenizer,
+  tokens,
+  mask,
+  *,
+  eos_token_ids: Sequence[int] | None = None,
+  skip_special_tokens: bool = True,
+) -> list[str]:
   """Response texts: each row's tokens where ``mask`` is 1, cut before the first EOS.
 
   ``eos_token_ids`` default to ``tokenizer.eos_token_id``.

@@ -39,24 +39,25 @@ BATCH_AXES = ("data", "fsdp")
 # axis whose size does not divide the dimension is dropped for that dimension (see
 # `logical_to_spec`), so tiny test models still shard where they can.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    # Activations / data.
-    ("batch", BATCH_AXES),
-    # Parameters.
-    ("vocab", "tensor"),     # embedding rows and LM-head columns
-    ("embed", "fsdp"),       # model width D: the FSDP axis of every weight matrix
-    ("q_heads", "tensor"),   # N query heads
-    ("kv_heads", "tensor"),  # K key/value heads
-    ("mlp", "tensor"),       # F MLP hidden
-    ("head_dim", None),      # H per-head width
-    ("norm", None),          # RMSNorm scales (tiny)
-    ("layers", None),        # stacked-layer axis when layers are scanned
+  # Activations / data.
+  ("batch", BATCH_AXES),
+  # Parameters.
+  ("vocab", "tensor"),  # embedding rows and LM-head columns
+  ("embed", "fsdp"),  # model width D: the FSDP axis of every weight matrix
+  ("q_heads", "tensor"),  # N query heads
+  ("kv_heads", "tensor"),  # K key/value heads
+  ("mlp", "tensor"),  # F MLP hidden
+  ("head_dim", None),  # H per-head width
+  ("norm", None),  # RMSNorm scales (tiny)
+  ("layers", None),  # stacked-layer axis when layers are scanned
 )
 
 # Parameter layout for autoregressive decoding: the training rules without FSDP, so every
 # device holds its tensor-parallel slice of every weight for the whole sampling loop instead
 # of all-gathering the FSDP shards at every generated token.
-DECODE_AXIS_RULES = tuple((name, None if name == "embed" else axes)
-                          for name, axes in LOGICAL_AXIS_RULES)
+DECODE_AXIS_RULES = tuple(
+  (name, None if name == "embed" else axes) for name, axes in LOGICAL_AXIS_RULES
+)
 
 
 @document_fields
@@ -69,9 +70,11 @@ class MeshConfig:
   """
 
   data: int = 1  # pure data-parallel ways; -1 = the rest
-  fsdp: int = -1  # fully-sharded data-parallel ways (shards params + optimizer state); -1 = the rest
+  # fully-sharded data-parallel ways (shards params + optimizer state); -1 = the rest
+  fsdp: int = -1
   tensor: int = 1  # tensor-parallel ways (heads / MLP / vocab); -1 = the rest
-  coordinator_address: str | None = None  # "host:port" of process 0; None = single process or TPU auto-detect
+  # "host:port" of process 0; None = single process or TPU auto-detect
+  coordinator_address: str | None = None
   num_processes: int | None = None  # total processes (hosts); None = auto-detect / single process
   process_id: int | None = None  # this process's index in [0, num_processes); None = auto-detect
   local_device_ids: tuple[int, ...] | None = None  # devices this process uses; None = all visible
@@ -93,13 +96,18 @@ class MeshConfig:
       if self.num_processes is None:
         raise ValueError("mesh.process_id is set but mesh.num_processes is not")
       if not 0 <= self.process_id < self.num_processes:
-        raise ValueError(f"mesh.process_id must be in [0, {self.num_processes}), got {self.process_id}")
+        raise ValueError(
+          f"mesh.process_id must be in [0, {self.num_processes}), got {self.process_id}"
+        )
     if self.coordination_timeout_seconds < 1:
-      raise ValueError(f"mesh.coordination_timeout_seconds must be >= 1, got "
-                       f"{self.coordination_timeout_seconds}")
+      raise ValueError(
+        f"mesh.coordination_timeout_seconds must be >= 1, got {self.coordination_timeout_seconds}"
+      )
     if (self.num_processes or 1) > 1 and self.coordinator_address is None:
-      raise ValueError(f"mesh.num_processes={self.num_processes} needs mesh.coordinator_address "
-                       "(host:port of process 0); leave both unset on TPU pods to auto-detect")
+      raise ValueError(
+        f"mesh.num_processes={self.num_processes} needs mesh.coordinator_address "
+        "(host:port of process 0); leave both unset on TPU pods to auto-detect"
+      )
 
   @property
   def shape(self) -> tuple[int, int, int]:
@@ -118,20 +126,24 @@ def resolve_mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, 
   if -1 in shape:
     if num_devices % known:
       raise ValueError(
-          f"mesh {dict(zip(MESH_AXES, config.shape))}: the fixed axes multiply to {known}, "
-          f"which does not divide the {num_devices} devices")
+        f"mesh {dict(zip(MESH_AXES, config.shape))}: the fixed axes multiply to {known}, "
+        f"which does not divide the {num_devices} devices"
+      )
     shape[shape.index(-1)] = num_devices // known
   if math.prod(shape) != num_devices:
     raise ValueError(
-        f"mesh {dict(zip(MESH_AXES, shape))} has {math.prod(shape)} devices but "
-        f"{num_devices} are available; make data*fsdp*tensor = {num_devices} or set one axis to -1")
+      f"mesh {dict(zip(MESH_AXES, shape))} has {math.prod(shape)} devices but "
+      f"{num_devices} are available; make data*fsdp*tensor = {num_devices} or set one axis to -1"
+    )
   return tuple(shape)
 
 
 def _tpu_pod_detected() -> bool:
   """True on a multi-host Cloud TPU slice, where ``jax.distributed`` can auto-detect peers."""
   hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return len([h for h in hosts.split(",") if h]) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
+  return (
+    len([h for h in hosts.split(",") if h]) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
+  )
 
 
 def initialize_distributed(config: MeshConfig) -> bool:
@@ -155,10 +167,12 @@ def initialize_distributed(config: MeshConfig) -> bool:
     # setting touches only the CPU client.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
-        coordinator_address=config.coordinator_address, num_processes=config.num_processes,
-        process_id=config.process_id,
-        local_device_ids=list(config.local_device_ids) if config.local_device_ids else None,
-        heartbeat_timeout_seconds=config.coordination_timeout_seconds)
+      coordinator_address=config.coordinator_address,
+      num_processes=config.num_processes,
+      process_id=config.process_id,
+      local_device_ids=list(config.local_device_ids) if config.local_device_ids else None,
+      heartbeat_timeout_seconds=config.coordination_timeout_seconds,
+    )
     return True
   if config.num_processes is None and _tpu_pod_detected():
     jax.distributed.initialize(heartbeat_timeout_seconds=config.coordination_timeout_seconds)
@@ -177,8 +191,9 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
   """
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(config, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  return jax.make_mesh(
+    shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
 
 
 def _rules_dict(rules) -> dict[str, Any]:
@@ -190,8 +205,9 @@ def _rules_dict(rules) -> dict[str, Any]:
   return table
 
 
-def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, *,
-                    rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
+def logical_to_spec(
+  logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, *, rules=LOGICAL_AXIS_RULES
+) -> PartitionSpec:
   """Maps one array's logical axis names to a `PartitionSpec` for ``mesh``.
 
   A mesh axis is kept for a dimension only if it divides that dimension (after any mesh
@@ -236,8 +252,7 @@ def _is_axes_leaf(x) -> bool:
   return isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
 
 
-def logical_shardings(tree: Any, logical_axes: Any, mesh: Mesh, *,
-                      rules=LOGICAL_AXIS_RULES) -> Any:
+def logical_shardings(tree: Any, logical_axes: Any, mesh: Mesh, *, rules=LOGICAL_AXIS_RULES) -> Any:
   """`NamedSharding` for every array in ``tree`` from a matching pytree of logical-axis tuples.
 
   ``logical_axes`` must have ``tree``'s structure with a tuple of names at each array
@@ -247,10 +262,14 @@ def logical_shardings(tree: Any, logical_axes: Any, mesh: Mesh, *,
   axes_leaves = jax.tree.leaves(logical_axes, is_leaf=_is_axes_leaf)
   leaves, treedef = jax.tree.flatten(tree)
   if len(axes_leaves) != len(leaves):
-    raise ValueError(f"logical axes tree has {len(axes_leaves)} entries but the array tree has "
-                     f"{len(leaves)} arrays")
-  out = [NamedSharding(mesh, logical_to_spec(ax, x.shape, mesh, rules=rules))
-         for x, ax in zip(leaves, axes_leaves)]
+    raise ValueError(
+      f"logical axes tree has {len(axes_leaves)} entries but the array tree has "
+      f"{len(leaves)} arrays"
+    )
+  out = [
+    NamedSharding(mesh, logical_to_spec(ax, x.shape, mesh, rules=rules))
+    for x, ax in zip(leaves, axes_leaves)
+  ]
   return jax.tree.unflatten(treedef, out)
 
 
@@ -273,8 +292,9 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, *, what: str = "global ba
   """Raises ValueError unless ``batch_size`` splits evenly over ``data * fsdp``."""
   ways = num_batch_shards(mesh)
   if batch_size % ways:
-    raise ValueError(f"{what} {batch_size} is not divisible by data*fsdp = {ways} "
-                     f"(mesh {dict(mesh.shape)})")
+    raise ValueError(
+      f"{what} {batch_size} is not divisible by data*fsdp = {ways} (mesh {dict(mesh.shape)})"
+    )
 
 
 def host_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:
@@ -294,7 +314,9 @@ def host_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:
     rows.update(range(*index[0].indices(global_batch_size)))
   lo, hi = min(rows), max(rows) + 1
   if hi - lo != len(rows):
-    raise ValueError(f"process {jax.process_index()} holds non-contiguous batch rows {sorted(rows)}")
+    raise ValueError(
+      f"process {jax.process_index()} holds non-contiguous batch rows {sorted(rows)}"
+    )
   return slice(lo, hi)
 
 
@@ -340,8 +362,10 @@ def host_local_rows(x: jax.Array) -> np.ndarray:
   starts = sorted(blocks)
   for a, b in zip(starts, starts[1:]):
     if a + blocks[a].shape[0] != b:
-      raise ValueError(f"process {jax.process_index()} holds non-contiguous rows of a "
-                       f"{x.shape} array (blocks at {starts})")
+      raise ValueError(
+        f"process {jax.process_index()} holds non-contiguous rows of a "
+        f"{x.shape} array (blocks at {starts})"
+      )
   return np.concatenate([blocks[s] for s in starts])
 
 
@@ -367,6 +391,7 @@ def to_host(tree: Any) -> Any:
     if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
       return np.asarray(x)
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
   return jax.tree.map(read, tree)
@@ -404,12 +429,16 @@ def _identity(*xs):
 def _reshard(arrays: tuple, shardings: tuple) -> tuple:
   """Global arrays moved onto ``shardings`` by one jitted identity (a device-side collective
   where layouts differ; an array that already has its sharding is returned unchanged)."""
-  todo = [i for i, (x, s) in enumerate(zip(arrays, shardings))
-          if not x.sharding.is_equivalent_to(s, x.ndim)]
+  todo = [
+    i
+    for i, (x, s) in enumerate(zip(arrays, shardings))
+    if not x.sharding.is_equivalent_to(s, x.ndim)
+  ]
   if not todo:
     return arrays
   moved = jax.jit(_identity, out_shardings=tuple(shardings[i] for i in todo))(
-      *(arrays[i] for i in todo))
+    *(arrays[i] for i in todo)
+  )
   out = list(arrays)
   for i, y in zip(todo, moved):
     out[i] = y
@@ -438,13 +467,13 @@ def replicated_fraction(params: Any, shardings: Any) -> float:
   leaves = jax.tree.leaves(params)
   specs = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
   total = sum(int(np.prod(x.shape)) for x in leaves)
-  repl = sum(int(np.prod(x.shape)) for x, s in zip(leaves, specs)
-             if s.is_fully_replicated)
+  repl = sum(int(np.prod(x.shape)) for x, s in zip(leaves, specs) if s.is_fully_replicated)
   return repl / max(total, 1)
 
 
-def assert_params_sufficiently_sharded(params: Any, shardings: Any, *, max_replicated: float = 0.02,
-                                       min_size: int = 0) -> None:
+def assert_params_sufficiently_sharded(
+  params: Any, shardings: Any, *, max_replicated: float = 0.02, min_size: int = 0
+) -> None:
   """Fails when too much of the model is stored replicated (MaxText's guard of the same name).
 
   Args:
@@ -459,12 +488,19 @@ def assert_params_sufficiently_sharded(params: Any, shardings: Any, *, max_repli
   """
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   specs = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
-  considered = [(jax.tree_util.keystr(p), int(np.prod(x.shape)), s)
-                for (p, x), s in zip(flat, specs) if int(np.prod(x.shape)) >= min_size]
+  considered = [
+    (jax.tree_util.keystr(p), int(np.prod(x.shape)), s)
+    for (p, x), s in zip(flat, specs)
+    if int(np.prod(x.shape)) >= min_size
+  ]
   total = sum(n for _, n, _ in considered)
-  offenders = sorted(((n, path) for path, n, s in considered if s.is_fully_replicated), reverse=True)
+  offenders = sorted(
+    ((n, path) for path, n, s in considered if s.is_fully_replicated), reverse=True
+  )
   frac = sum(n for n, _ in offenders) / max(total, 1)
   if frac > max_replicated:
     top = ", ".join(f"{path} ({n} elements)" for n, path in offenders[:5])
-    raise ValueError(f"{frac:.1%} of parameter elements are replicated (allowed "
-                     f"{max_replicated:.1%}); largest: {top}")
+    raise ValueError(
+      f"{frac:.1%} of parameter elements are replicated (allowed "
+      f"{max_replicated:.1%}); largest: {top}"
+    )

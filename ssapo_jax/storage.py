@@ -53,14 +53,19 @@ def local_copy(path: str | os.PathLike) -> str:
   if not is_remote(path):
     return path
   from etils import epath  # pylint: disable=import-outside-toplevel
+
   remote = epath.Path(path)
   if not remote.is_dir():
     raise FileNotFoundError(f"{path} is not a folder in object storage")
   listing = _listing(remote)
   if not listing:
     raise FileNotFoundError(f"{path} holds no files")
-  root = os.path.join(tempfile.gettempdir(), "ssapo_jax", "remote",
-                      hashlib.sha1(path.rstrip("/").encode()).hexdigest()[:16])
+  root = os.path.join(
+    tempfile.gettempdir(),
+    "ssapo_jax",
+    "remote",
+    hashlib.sha1(path.rstrip("/").encode()).hexdigest()[:16],
+  )
   manifest = os.path.join(root, _MANIFEST)
   try:
     with open(manifest) as f:

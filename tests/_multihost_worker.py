@@ -32,8 +32,16 @@ NUM_ATOMS = 3
 
 def tiny_model_config(**overrides):
   from ssapo_jax.models import LlamaConfig
-  kwargs = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                num_kv_heads=2, head_dim=8)
+
+  kwargs = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+  )
   kwargs.update(overrides)
   return LlamaConfig(**kwargs)
 
@@ -42,15 +50,23 @@ def tiny_model(seed: int = 0, **overrides):
   from flax import nnx
 
   from ssapo_jax.models import Llama
+
   return Llama(tiny_model_config(**overrides), rngs=nnx.Rngs(seed))
 
 
-def make_batch(seed: int, *, batch_size: int = GLOBAL_BATCH, seq_len: int = SEQ_LEN,
-               num_atoms: int = NUM_ATOMS, vocab: int = 64):
+def make_batch(
+  seed: int,
+  *,
+  batch_size: int = GLOBAL_BATCH,
+  seq_len: int = SEQ_LEN,
+  num_atoms: int = NUM_ATOMS,
+  vocab: int = 64,
+):
   """A numpy `PreferenceBatch` with right padding, random weights, ref log-probs and atoms."""
   import numpy as np
 
   from ssapo_jax.batch import make_preference_batch
+
   rng = np.random.default_rng(seed)
 
   def side():
@@ -64,17 +80,31 @@ def make_batch(seed: int, *, batch_size: int = GLOBAL_BATCH, seq_len: int = SEQ_
   atom_shifts = rng.uniform(0.0, 0.3, (batch_size, num_atoms)).astype(np.float32)
   atom_shifts[:, 0] = 0.0
   return make_preference_batch(
-      *side(), *side(), weights=rng.uniform(0.2, 2.0, batch_size),
-      ref_chosen_logps=rng.normal(-25.0, 3.0, batch_size),
-      ref_rejected_logps=rng.normal(-25.0, 3.0, batch_size),
-      atom_weights=atom_weights, atom_shifts=atom_shifts)
+    *side(),
+    *side(),
+    weights=rng.uniform(0.2, 2.0, batch_size),
+    ref_chosen_logps=rng.normal(-25.0, 3.0, batch_size),
+    ref_rejected_logps=rng.normal(-25.0, 3.0, batch_size),
+    atom_weights=atom_weights,
+    atom_shifts=atom_shifts,
+  )
 
 
 def train_config(**overrides):
   from ssapo_jax.train import TrainConfig
-  kwargs = dict(learning_rate=1e-2, warmup_ratio=0.25, schedule="cosine", weight_decay=0.1,
-                max_grad_norm=0.5, global_batch_size=GLOBAL_BATCH, micro_batches=2,
-                compute_dtype="float32", remat="none", beta=0.2)
+
+  kwargs = dict(
+    learning_rate=1e-2,
+    warmup_ratio=0.25,
+    schedule="cosine",
+    weight_decay=0.1,
+    max_grad_norm=0.5,
+    global_batch_size=GLOBAL_BATCH,
+    micro_batches=2,
+    compute_dtype="float32",
+    remat="none",
+    beta=0.2,
+  )
   kwargs.update(overrides)
   return TrainConfig(**kwargs)
 
@@ -89,6 +119,7 @@ def run_steps(mesh, config, *, num_steps: int = NUM_STEPS, num_train_steps: int 
 
   from ssapo_jax import sharding as shd
   from ssapo_jax import train as tr
+
   model = tiny_model() if model is None else model
   state = tr.create_train_state(model, config, mesh, num_train_steps=num_train_steps)
   step = tr.make_train_step(config, mesh, state)
@@ -104,6 +135,7 @@ def run_steps(mesh, config, *, num_steps: int = NUM_STEPS, num_train_steps: int 
 def sampler_prompts(num: int = 13, seed: int = 0) -> list[list[int]]:
   """Prompts of 2..16 tokens for the sampler tests (one padded length with bucket size 16)."""
   import numpy as np
+
   rng = np.random.default_rng(seed)
   return [rng.integers(3, 64, int(rng.integers(2, 17))).tolist() for _ in range(num)]
 
@@ -111,8 +143,10 @@ def sampler_prompts(num: int = 13, seed: int = 0) -> list[list[int]]:
 def sampler(mesh, **overrides):
   """The tests' `Sampler`: 2 samples of 6 tokens per prompt, batches of 8, bucket size 16."""
   from ssapo_jax.sampling import Sampler, SamplingConfig
-  config = SamplingConfig(**{**dict(temperature=1.0, max_new_tokens=6, num_samples=2,
-                                    batch_size=8), **overrides})
+
+  config = SamplingConfig(
+    **{**dict(temperature=1.0, max_new_tokens=6, num_samples=2, batch_size=8), **overrides}
+  )
   return Sampler(mesh, config, pad_token_id=0, eos_token_ids=(2,), bucket_size=16)
 
 
@@ -122,6 +156,7 @@ def sharded_tiny_model(mesh, seed: int = 0):
 
   from ssapo_jax import sharding as shd
   from ssapo_jax import train as tr
+
   graphdef, params, rest = nnx.split(tiny_model(seed), nnx.Param, ...)
   return nnx.merge(graphdef, shd.shard_params(params, tr.param_shardings(params, mesh)), rest)
 
@@ -130,12 +165,17 @@ def _sample_task(mesh) -> dict:
   import jax
 
   from ssapo_jax.sampling import gather_samples
+
   prompts = sampler_prompts()
   out = sampler(mesh).sample(sharded_tiny_model(mesh), prompts, jax.random.key(7))
   gen = gather_samples(out, len(prompts))
-  return {"prompt_index": out.prompt_index.tolist(), "local_rows": int(out.tokens.shape[0]),
-          "tokens": gen.tokens.tolist(), "logps": gen.logps.tolist(),
-          "new_tokens": out.stats.new_tokens}
+  return {
+    "prompt_index": out.prompt_index.tolist(),
+    "local_rows": int(out.tokens.shape[0]),
+    "tokens": gen.tokens.tolist(),
+    "logps": gen.logps.tolist(),
+    "new_tokens": out.stats.new_tokens,
+  }
 
 
 def place_task(mesh) -> dict:
@@ -149,6 +189,7 @@ def place_task(mesh) -> dict:
 
   from ssapo_jax import sharding as shd
   from ssapo_jax import train as tr
+
   graphdef, host, rest = nnx.split(tiny_model(3), nnx.Param, ...)
   host = jax.tree.map(np.asarray, host)
   shardings = tr.param_shardings(host, mesh)
@@ -158,20 +199,27 @@ def place_task(mesh) -> dict:
   again = shd.shard_params(placed, shardings)
   same_objects = all(a is b for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(again)))
   from ssapo_jax.models import logical_axes
+
   decode = shd.logical_shardings(host, logical_axes(host), mesh, rules=shd.DECODE_AXIS_RULES)
   moved = shd.shard_params(placed, decode)
-  moved_ok = all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in
-                 zip(jax.tree.leaves(moved), jax.tree.leaves(decode)))
+  moved_ok = all(
+    x.sharding.is_equivalent_to(s, x.ndim)
+    for x, s in zip(jax.tree.leaves(moved), jax.tree.leaves(decode))
+  )
   read = shd.to_host(moved)
-  state = tr.create_train_state(nnx.merge(graphdef, placed, rest), train_config(), mesh,
-                                num_train_steps=2)
+  state = tr.create_train_state(
+    nnx.merge(graphdef, placed, rest), train_config(), mesh, num_train_steps=2
+  )
   state_read = shd.to_host(state.params)
-  return {"split": int(sum(split)), "leaves": len(split), "same_objects": same_objects,
-          "resharded": moved_ok,
-          "sums": [float(np.sum(x, dtype=np.float64)) for x in jax.tree.leaves(read)],
-          "state_sums": [float(np.sum(x, dtype=np.float64))
-                         for x in jax.tree.leaves(state_read)],
-          "expected": [float(np.sum(x, dtype=np.float64)) for x in jax.tree.leaves(host)]}
+  return {
+    "split": int(sum(split)),
+    "leaves": len(split),
+    "same_objects": same_objects,
+    "resharded": moved_ok,
+    "sums": [float(np.sum(x, dtype=np.float64)) for x in jax.tree.leaves(read)],
+    "state_sums": [float(np.sum(x, dtype=np.float64)) for x in jax.tree.leaves(state_read)],
+    "expected": [float(np.sum(x, dtype=np.float64)) for x in jax.tree.leaves(host)],
+  }
 
 
 def run_two_processes(out_dir, *task_args: str, timeout: float = 240) -> list[dict]:
@@ -179,6 +227,7 @@ def run_two_processes(out_dir, *task_args: str, timeout: float = 240) -> list[di
   on localhost) with ``task_args``; returns the JSON each wrote, or fails with its output."""
   import socket
   import subprocess
+
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -186,10 +235,27 @@ def run_two_processes(out_dir, *task_args: str, timeout: float = 240) -> list[di
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
   outs = [os.path.join(out_dir, f"p{i}.json") for i in range(2)]
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.abspath(__file__), *task_args, "--process_id", str(i),
-       "--num_processes", "2", "--coordinator", f"127.0.0.1:{port}", "--out", outs[i]],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        os.path.abspath(__file__),
+        *task_args,
+        "--process_id",
+        str(i),
+        "--num_processes",
+        "2",
+        "--coordinator",
+        f"127.0.0.1:{port}",
+        "--out",
+        outs[i],
+      ],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+    )
+    for i in range(2)
+  ]
   logs = []
   for p in procs:
     try:
@@ -213,10 +279,12 @@ def main(argv=None):
   parser.add_argument("--num_processes", type=int, required=True)
   parser.add_argument("--coordinator", required=True)
   parser.add_argument("--out", required=True)
-  parser.add_argument("--task", choices=("train", "sample", "check_run", "place"),
-                      default="train")
-  parser.add_argument("--mesh", default=",".join(map(str, MESH_SHAPE)),
-                      help="data,fsdp,tensor sizes of the mesh over both processes")
+  parser.add_argument("--task", choices=("train", "sample", "check_run", "place"), default="train")
+  parser.add_argument(
+    "--mesh",
+    default=",".join(map(str, MESH_SHAPE)),
+    help="data,fsdp,tensor sizes of the mesh over both processes",
+  )
   parser.add_argument("--config_text", default="")
   args = parser.parse_args(argv)
 
@@ -225,17 +293,22 @@ def main(argv=None):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax
   import numpy as np
+
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   from ssapo_jax import sharding as shd
   from ssapo_jax import train as tr
 
-  mesh_config = shd.MeshConfig(*map(int, args.mesh.split(",")),
-                               coordinator_address=args.coordinator,
-                               num_processes=args.num_processes, process_id=args.process_id)
+  mesh_config = shd.MeshConfig(
+    *map(int, args.mesh.split(",")),
+    coordinator_address=args.coordinator,
+    num_processes=args.num_processes,
+    process_id=args.process_id,
+  )
   assert shd.initialize_distributed(mesh_config)
   mesh = shd.make_mesh(mesh_config)
   if args.task == "check_run":
     from ssapo_jax.pipeline import hosts
+
     try:
       hosts.check_same_run(args.config_text)
       error = None
@@ -266,9 +339,16 @@ def main(argv=None):
   seqs = [(b.chosen_ids[rows], b.chosen_mask[rows], b.chosen_loss_mask[rows]) for b in batches]
   logps = tr.compute_logps(logps_fn, state.params, mesh, seqs, batch_size=GLOBAL_BATCH)
   with open(args.out, "w") as f:
-    json.dump({"losses": losses, "rows": [rows.start, rows.stop],
-               "logps": np.asarray(logps).tolist(), "process_count": jax.process_count(),
-               "devices": jax.device_count()}, f)
+    json.dump(
+      {
+        "losses": losses,
+        "rows": [rows.start, rows.stop],
+        "logps": np.asarray(logps).tolist(),
+        "process_count": jax.process_count(),
+        "devices": jax.device_count(),
+      },
+      f,
+    )
   jax.distributed.shutdown()
 
 

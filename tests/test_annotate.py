@@ -23,7 +23,9 @@ def np_select(rewards, valid):
 
 def test_implicit_reward_is_beta_log_ratio():
   pol, ref = np.array([[-3.0, -5.0]]), np.array([[-4.0, -4.5]])
-  np.testing.assert_allclose(annotate.implicit_reward(pol, ref, beta=0.1), 0.1 * (pol - ref), rtol=1e-6)
+  np.testing.assert_allclose(
+    annotate.implicit_reward(pol, ref, beta=0.1), 0.1 * (pol - ref), rtol=1e-6
+  )
   np.testing.assert_allclose(annotate.implicit_reward(pol, ref), pol - ref)
   with pytest.raises(ValueError):
     annotate.implicit_reward(pol, ref[:, :1])
@@ -45,11 +47,16 @@ def test_select_pairs_matches_brute_force(n):
 
 
 def test_ties_invalid_and_degenerate_prompts():
-  rewards = np.array([[1.0, 3.0, 3.0, 0.0, 0.0],     # ties at both ends -> lowest indices
-                      [2.0, 2.0, 2.0, 2.0, 2.0],     # all equal -> unusable
-                      [5.0, 1.0, 9.0, 0.0, 7.0],     # best and worst invalid
-                      [1.0, 2.0, 3.0, 4.0, 5.0],     # one valid response -> unusable
-                      [np.nan, 1.0, np.inf, 0.5, 2.0]], np.float32)
+  rewards = np.array(
+    [
+      [1.0, 3.0, 3.0, 0.0, 0.0],  # ties at both ends -> lowest indices
+      [2.0, 2.0, 2.0, 2.0, 2.0],  # all equal -> unusable
+      [5.0, 1.0, 9.0, 0.0, 7.0],  # best and worst invalid
+      [1.0, 2.0, 3.0, 4.0, 5.0],  # one valid response -> unusable
+      [np.nan, 1.0, np.inf, 0.5, 2.0],
+    ],
+    np.float32,
+  )
   valid = np.ones_like(rewards, bool)
   valid[2, [2, 3]] = False
   valid[3, 1:] = False
@@ -59,14 +66,18 @@ def test_ties_invalid_and_degenerate_prompts():
   np.testing.assert_array_equal(sel.usable, [True, False, True, False, True])
   np.testing.assert_allclose(sel.margin, [3.0, 0.0, 6.0, 0.0, 1.5])
   # Unusable prompts never pair a response with itself as a usable pair.
-  assert not np.any(np.asarray(sel.usable) & (np.asarray(sel.chosen_idx) == np.asarray(sel.rejected_idx)))
+  assert not np.any(
+    np.asarray(sel.usable) & (np.asarray(sel.chosen_idx) == np.asarray(sel.rejected_idx))
+  )
 
 
 def test_agreement_rate_counts_ties_half():
   scores = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [2.0, 1.0]])
   chosen, rejected = np.array([0, 0, 0, 1]), np.array([1, 1, 1, 0])
   usable = np.array([True, True, True, False])
-  np.testing.assert_allclose(annotate.agreement_rate(chosen, rejected, scores, usable), (1 + 0 + 0.5) / 3)
+  np.testing.assert_allclose(
+    annotate.agreement_rate(chosen, rejected, scores, usable), (1 + 0 + 0.5) / 3
+  )
 
 
 def test_select_pairs_rejects_bad_shapes():

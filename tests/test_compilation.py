@@ -16,6 +16,7 @@ def fresh_cache():
   yield
   jax.config.update("jax_compilation_cache_dir", None)
   from jax._src import compilation_cache
+
   compilation_cache.reset_cache()
 
 

@@ -45,31 +45,41 @@ class Outer:
 
 
 def test_from_dict_builds_nested_and_defaults():
-  out = cfg_lib.from_dict(Outer, {"path": "/m", "inner": {"epsilon": 0.5}, "shape": [3, 4],
-                                  "leaf": {"name": "y"}, "table": {"a": 1}})
-  assert out == Outer(path="/m", inner=Inner(epsilon=0.5), shape=(3, 4), leaf=Leaf("y"),
-                      table={"a": 1})
+  out = cfg_lib.from_dict(
+    Outer,
+    {
+      "path": "/m",
+      "inner": {"epsilon": 0.5},
+      "shape": [3, 4],
+      "leaf": {"name": "y"},
+      "table": {"a": 1},
+    },
+  )
+  assert out == Outer(
+    path="/m", inner=Inner(epsilon=0.5), shape=(3, 4), leaf=Leaf("y"), table={"a": 1}
+  )
   assert isinstance(out.shape, tuple) and isinstance(out.inner.epsilon, float)
 
 
 def test_coercions_are_lossless_only():
   # PyYAML reads 5e-7 as a string; ints become floats; integral floats become ints.
-  out = cfg_lib.from_dict(Outer, {"path": 7, "inner": {"epsilon": "5e-7", "num_pieces": 6.0},
-                                  "pair": ["b", 2]})
+  out = cfg_lib.from_dict(
+    Outer, {"path": 7, "inner": {"epsilon": "5e-7", "num_pieces": 6.0}, "pair": ["b", 2]}
+  )
   assert out.path == "7" and out.inner.epsilon == 5e-7 and out.inner.num_pieces == 6
   assert out.pair == ("b", 2.0)
   for data, fragment in [
-      ({"path": "p", "inner": {"num_pieces": 2.5}}, "`inner.num_pieces`: expected int"),
-      ({"path": "p", "inner": {"num_pieces": True}}, "`inner.num_pieces`: expected int"),
-      ({"path": "p", "flag": "yes please"}, "`flag`: expected bool"),
-      ({"path": "p", "flag": 1}, "`flag`: expected bool"),
-      ({"path": "p", "inner": {"solver": "cvx"}}, "`inner.solver`: expected one of 'lp', 'slsqp'"),
-      ({"path": "p", "shape": 3}, "`shape`: expected tuple[int, ...]"),
-      ({"path": "p", "shape": [1, "a"]}, "`shape[1]`: expected int"),
-      ({"path": "p", "pair": ["a"]}, "expected 2 items, got 1"),
-      ({"path": "p", "maybe": "abc"}, "`maybe`: expected int"),
-      ({"path": ["a"]}, "`path`: expected str"),
-      ({"path": "p", "inner": 3}, "expected a mapping for Inner"),
+    ({"path": "p", "inner": {"num_pieces": 2.5}}, "`inner.num_pieces`: expected int"),
+    ({"path": "p", "inner": {"num_pieces": True}}, "`inner.num_pieces`: expected int"),
+    ({"path": "p", "flag": "yes please"}, "`flag`: expected bool"),
+    ({"path": "p", "flag": 1}, "`flag`: expected bool"),
+    ({"path": "p", "inner": {"solver": "cvx"}}, "`inner.solver`: expected one of 'lp', 'slsqp'"),
+    ({"path": "p", "shape": 3}, "`shape`: expected tuple[int, ...]"),
+    ({"path": "p", "shape": [1, "a"]}, "`shape[1]`: expected int"),
+    ({"path": "p", "pair": ["a"]}, "expected 2 items, got 1"),
+    ({"path": "p", "maybe": "abc"}, "`maybe`: expected int"),
+    ({"path": ["a"]}, "`path`: expected str"),
+    ({"path": "p", "inner": 3}, "expected a mapping for Inner"),
   ]:
     with pytest.raises(ConfigError) as e:
       cfg_lib.from_dict(Outer, data)
@@ -92,22 +102,50 @@ def test_missing_required_and_post_init_errors_name_the_path():
 
 
 def test_to_dict_round_trip_through_yaml():
-  out = Outer(path="/m", inner=Inner(epsilon=0.2, solver="slsqp"), maybe=3, shape=(5,),
-              names=["a"], leaf=Leaf("z"), table={"k": 2})
+  out = Outer(
+    path="/m",
+    inner=Inner(epsilon=0.2, solver="slsqp"),
+    maybe=3,
+    shape=(5,),
+    names=["a"],
+    leaf=Leaf("z"),
+    table={"k": 2},
+  )
   data = yaml.safe_load(cfg_lib.dump_yaml(out))
-  assert data["shape"] == [5] and data["inner"] == {"epsilon": 0.2, "num_pieces": 6,
-                                                    "solver": "slsqp"}
+  assert data["shape"] == [5] and data["inner"] == {
+    "epsilon": 0.2,
+    "num_pieces": 6,
+    "solver": "slsqp",
+  }
   assert cfg_lib.from_dict(Outer, data) == out
 
 
 def test_overrides_dotted_yaml_values(tmp_path):
   path = tmp_path / "c.yaml"
   path.write_text("path: /m\ninner:\n  epsilon: 0.01\n")
-  out = cfg_lib.load_config(Outer, path, [
-      "inner.epsilon=0.05", "inner.solver=slsqp", "shape=[4, 8]", "maybe=null", "flag=true",
-      "leaf.name=q", "names=[a, b]", "table={x: 1}"])
-  assert out == Outer(path="/m", inner=Inner(epsilon=0.05, solver="slsqp"), shape=(4, 8),
-                      flag=True, leaf=Leaf("q"), names=["a", "b"], table={"x": 1})
+  out = cfg_lib.load_config(
+    Outer,
+    path,
+    [
+      "inner.epsilon=0.05",
+      "inner.solver=slsqp",
+      "shape=[4, 8]",
+      "maybe=null",
+      "flag=true",
+      "leaf.name=q",
+      "names=[a, b]",
+      "table={x: 1}",
+    ],
+  )
+  assert out == Outer(
+    path="/m",
+    inner=Inner(epsilon=0.05, solver="slsqp"),
+    shape=(4, 8),
+    flag=True,
+    leaf=Leaf("q"),
+    names=["a", "b"],
+    table={"x": 1},
+  )
   assert cfg_lib.load_config(Outer, path, ["maybe=None"]).maybe is None
   assert cfg_lib.load_config(Outer, path, ["maybe=3"]).maybe == 3
   # The file is not modified by overrides.
@@ -118,16 +156,16 @@ def test_override_errors(tmp_path):
   path = tmp_path / "c.yaml"
   path.write_text("path: /m\n")
   cases = [
-      (["inner.epsilom=1"], "Did you mean `inner.epsilon`?"),
-      (["inner.epsilon=1", "inner.epsilon=2"], "overridden twice"),
-      (["leaf={name: a}", "leaf.name=b"], "overridden twice"),
-      (["nope=1"], "Valid keys at the top level: path, inner, maybe"),
-      (["flag.x=1"], "`flag` is a bool, not a section"),
-      (["inner.epsilon"], "expected key=value"),
-      (["=3"], "expected key=value"),
-      (["inner..epsilon=3"], "expected key=value"),
-      (["inner.epsilon=abc"], "bad value for `inner.epsilon`: expected float, got str 'abc'"),
-      (["inner.epsilon=[1"], "not valid YAML"),
+    (["inner.epsilom=1"], "Did you mean `inner.epsilon`?"),
+    (["inner.epsilon=1", "inner.epsilon=2"], "overridden twice"),
+    (["leaf={name: a}", "leaf.name=b"], "overridden twice"),
+    (["nope=1"], "Valid keys at the top level: path, inner, maybe"),
+    (["flag.x=1"], "`flag` is a bool, not a section"),
+    (["inner.epsilon"], "expected key=value"),
+    (["=3"], "expected key=value"),
+    (["inner..epsilon=3"], "expected key=value"),
+    (["inner.epsilon=abc"], "bad value for `inner.epsilon`: expected float, got str 'abc'"),
+    (["inner.epsilon=[1"], "not valid YAML"),
   ]
   for overrides, fragment in cases:
     with pytest.raises(ConfigError) as e:
@@ -158,6 +196,7 @@ def test_save_resolved_reloads_identically(tmp_path):
 def test_union_keeps_a_value_of_a_member_type():
   # data.seed_size is `int | float`: 1.0 is "all rows" (a fraction), 1 is one row.
   from ssapo_jax.data import DataConfig
+
   assert repr(cfg_lib.from_dict(DataConfig, {"seed_size": 1.0}).seed_size) == "1.0"
   assert repr(cfg_lib.from_dict(DataConfig, {"seed_size": 1}).seed_size) == "1"
   assert repr(cfg_lib.from_dict(DataConfig, {"seed_size": "0.5"}).seed_size) == "0.5"
@@ -176,8 +215,11 @@ class WithDerived:
 def test_derived_field_is_not_a_config_key():
   assert cfg_lib.from_dict(WithDerived, {"beta": 0.2}) == WithDerived(beta=0.2)
   assert cfg_lib.to_dict(WithDerived(space="margin")) == {"beta": 0.1, "mode": None}
-  with pytest.raises(ConfigError, match=r"^`sec.space` is not a config key: it follows "
-                                        r"`other.space`; set that instead$"):
+  with pytest.raises(
+    ConfigError,
+    match=r"^`sec.space` is not a config key: it follows "
+    r"`other.space`; set that instead$",
+  ):
     cfg_lib.from_dict(WithDerived, {"space": "margin"}, "sec")
   with pytest.raises(ConfigError, match=r"`space` is not a config key: it follows `other.space`"):
     cfg_lib.apply_overrides({}, ["space=margin"], WithDerived)
@@ -185,8 +227,11 @@ def test_derived_field_is_not_a_config_key():
 
 def test_check_choices_lists_the_valid_choices():
   assert WithDerived(space="margin", mode="b").mode == "b"
-  with pytest.raises(ValueError, match=r"^sec.space must be one of 'probability', 'margin'; "
-                                       r"got 'logit'$"):
+  with pytest.raises(
+    ValueError,
+    match=r"^sec.space must be one of 'probability', 'margin'; "
+    r"got 'logit'$",
+  ):
     WithDerived(space="logit")
   with pytest.raises(ValueError, match=r"^sec.mode must be one of 'a', 'b'; got 'c'$"):
     WithDerived(mode="c")

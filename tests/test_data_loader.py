@@ -18,12 +18,25 @@ def toy_dataset(n=23, seed=0, extras=True):
   rejected = [[-(i + 1)] * int(rng.integers(1, 9)) for i in range(n)]
   ex = None
   if extras:
-    ex = {"weights": rng.uniform(0.5, 2, n), "ref_chosen_logps": -np.arange(n, dtype=float),
-          "ref_rejected_logps": -2 * np.arange(n, dtype=float),
-          "atom_weights": rng.dirichlet(np.ones(3), n), "atom_shifts": rng.normal(size=(n, 3))}
-  ds = D.pairs_from_token_ids(prompts, chosen, rejected, eos_id=10**6, max_length=64,
-                              max_prompt_length=32, add_eos=False, rows=np.arange(n) + 100,
-                              extras=ex, verbose=False)
+    ex = {
+      "weights": rng.uniform(0.5, 2, n),
+      "ref_chosen_logps": -np.arange(n, dtype=float),
+      "ref_rejected_logps": -2 * np.arange(n, dtype=float),
+      "atom_weights": rng.dirichlet(np.ones(3), n),
+      "atom_shifts": rng.normal(size=(n, 3)),
+    }
+  ds = D.pairs_from_token_ids(
+    prompts,
+    chosen,
+    rejected,
+    eos_id=10**6,
+    max_length=64,
+    max_prompt_length=32,
+    add_eos=False,
+    rows=np.arange(n) + 100,
+    extras=ex,
+    verbose=False,
+  )
   return ds, prompts, chosen, rejected, ex
 
 
@@ -42,8 +55,9 @@ def assert_batches_equal(a, b):
 @pytest.mark.parametrize("window", [1, 3])
 def test_batches_decode_to_the_right_pairs(window):
   ds, prompts, chosen, rejected, ex = toy_dataset()
-  loader = D.PreferenceLoader(ds, global_batch_size=4, seed=3, bucket_size=8, pad_id=0,
-                              bucket_window=window)
+  loader = D.PreferenceLoader(
+    ds, global_batch_size=4, seed=3, bucket_size=8, pad_id=0, bucket_window=window
+  )
   assert loader.batches_per_epoch == 6
   seen = []
   for step in range(loader.batches_per_epoch):
@@ -55,12 +69,15 @@ def test_batches_decode_to_the_right_pairs(window):
       for side, resp in (("chosen", chosen), ("rejected", rejected)):
         want = prompts[i] + resp[i]  # Independent reference: concatenate and pad.
         ids = getattr(b, f"{side}_ids")[j]
-        np.testing.assert_array_equal(ids[:len(want)], want)
-        assert np.all(ids[len(want):] == 0)
-        np.testing.assert_array_equal(getattr(b, f"{side}_mask")[j], np.arange(b.seq_len) < len(want))
-        np.testing.assert_array_equal(getattr(b, f"{side}_loss_mask")[j],
-                                      (np.arange(b.seq_len) >= len(prompts[i]))
-                                      & (np.arange(b.seq_len) < len(want)))
+        np.testing.assert_array_equal(ids[: len(want)], want)
+        assert np.all(ids[len(want) :] == 0)
+        np.testing.assert_array_equal(
+          getattr(b, f"{side}_mask")[j], np.arange(b.seq_len) < len(want)
+        )
+        np.testing.assert_array_equal(
+          getattr(b, f"{side}_loss_mask")[j],
+          (np.arange(b.seq_len) >= len(prompts[i])) & (np.arange(b.seq_len) < len(want)),
+        )
     np.testing.assert_allclose(b.weights, real * ex["weights"][idx], rtol=1e-6)
     np.testing.assert_array_equal(b.valid, real)  # the step's mean excludes the filler rows
     np.testing.assert_array_equal(b.chosen_lengths, [len(chosen[i]) for i in idx])
@@ -82,7 +99,9 @@ def test_bucketing_reduces_padding_and_epochs_differ():
   ds, *_ = toy_dataset(n=64, extras=False)
   pad = {}
   for window in (1, 8):
-    loader = D.PreferenceLoader(ds, global_batch_size=4, seed=0, bucket_size=1, bucket_window=window)
+    loader = D.PreferenceLoader(
+      ds, global_batch_size=4, seed=0, bucket_size=1, bucket_window=window
+    )
     bs = batches(loader, num_epochs=1)
     pad[window] = sum(int((1 - b.chosen_mask).sum()) for b in bs)
   assert pad[8] < pad[1]
@@ -98,8 +117,13 @@ def test_bucketing_reduces_padding_and_epochs_differ():
 
 def test_resume_from_any_batch_gives_identical_remainder():
   ds, *_ = toy_dataset()
-  make = lambda: D.PreferenceLoader(ds, global_batch_size=4, seed=5, bucket_size=4,  # noqa: E731
-                                    bucket_window=2)
+  make = lambda: D.PreferenceLoader(
+    ds,
+    global_batch_size=4,
+    seed=5,
+    bucket_size=4,  # noqa: E731
+    bucket_window=2,
+  )
   full = batches(make(), num_epochs=2)
   assert len(full) == 12
   for stop in range(len(full) + 1):
@@ -114,14 +138,16 @@ def test_two_hosts_partition_each_global_batch():
   ds, *_ = toy_dataset()
   kw = dict(global_batch_size=6, seed=9, bucket_size=4, bucket_window=2)
   glob = batches(D.PreferenceLoader(ds, **kw), num_epochs=2)
-  hosts = [batches(D.PreferenceLoader(ds, num_hosts=2, host_index=h, **kw), num_epochs=2)
-           for h in range(2)]
+  hosts = [
+    batches(D.PreferenceLoader(ds, num_hosts=2, host_index=h, **kw), num_epochs=2) for h in range(2)
+  ]
   assert len(hosts[0]) == len(hosts[1]) == len(glob) == 8
   for g, h0, h1 in zip(glob, *hosts):
     assert h0.batch_size == h1.batch_size == 3 and h0.seq_len == h1.seq_len == g.seq_len
     for name in g.__dataclass_fields__:
       np.testing.assert_array_equal(
-          np.concatenate([getattr(h0, name), getattr(h1, name)]), getattr(g, name), err_msg=name)
+        np.concatenate([getattr(h0, name), getattr(h1, name)]), getattr(g, name), err_msg=name
+      )
 
 
 def test_loader_argument_errors():
@@ -149,7 +175,9 @@ def test_with_pair_columns_reach_the_batch():
   sub = ds.select([5, 2])  # An indices mapping over the Arrow table.
   b = D.PreferenceLoader(sub, global_batch_size=2, shuffle=False).batch_at(D.LoaderCursor())
   np.testing.assert_array_equal(b.chosen_loss_mask.sum(1), [len(x) for x in sub["chosen_ids"]])
-  np.testing.assert_array_equal(b.chosen_ids[:, 0], [sub[0]["prompt_ids"][0], sub[1]["prompt_ids"][0]])
+  np.testing.assert_array_equal(
+    b.chosen_ids[:, 0], [sub[0]["prompt_ids"][0], sub[1]["prompt_ids"][0]]
+  )
 
 
 # ----------------------------------------------------------------------------- seed and pools
@@ -182,8 +210,9 @@ def test_farthest_point_errors_and_last_token():
   left = jnp.array([[0, 0, 1, 1], [1, 1, 1, 1]])
   right = jnp.array([[1, 1, 0, 0], [1, 0, 0, 0]])
   np.testing.assert_array_equal(D.last_token_embeddings(hidden, left), hidden[:, 3])
-  np.testing.assert_array_equal(D.last_token_embeddings(hidden, right),
-                                np.stack([hidden[0, 1], hidden[1, 0]]))
+  np.testing.assert_array_equal(
+    D.last_token_embeddings(hidden, right), np.stack([hidden[0, 1], hidden[1, 0]])
+  )
 
 
 def test_split_rows_random_matches_authors_slicing(tmp_path):
@@ -197,7 +226,10 @@ def test_split_rows_random_matches_authors_slicing(tmp_path):
   D.save_manifest(m, tmp_path / "split.json")
   back = D.load_manifest(tmp_path / "split.json")
   assert back.settings == m.settings and json.load(open(tmp_path / "split.json"))["counts"] == {
-      "seed": 5, "pools": [8, 22], "rest": 15}
+    "seed": 5,
+    "pools": [8, 22],
+    "rest": 15,
+  }
   for a, b in zip(back.pool_rows, m.pool_rows):
     np.testing.assert_array_equal(a, b)
   again = D.split_rows(rows, seed_size=0.1, pool_sizes=[8, 0.5], seed=42)
@@ -211,8 +243,9 @@ def test_split_rows_random_matches_authors_slicing(tmp_path):
 
 def test_split_rows_farthest_point_partitions():
   x = np.random.default_rng(1).normal(size=(30, 4))
-  m = D.split_rows(30, seed_size=6, pool_sizes=[10, 10], method="farthest_point", embeddings=x,
-                   seed=0)
+  m = D.split_rows(
+    30, seed_size=6, pool_sizes=[10, 10], method="farthest_point", embeddings=x, seed=0
+  )
   first = int(np.random.default_rng(0).permutation(30)[0])
   assert m.seed_rows.tolist() == fps_reference(x, 6, first)
   everything = np.concatenate([m.seed_rows, *m.pool_rows, m.rest_rows])
@@ -250,9 +283,17 @@ def _decode_packed(b, prompts):
 @pytest.mark.parametrize("micro_batches,window", [(1, 1), (2, 3)])
 def test_packed_batches_cover_every_pair_once_whole_and_resume_exactly(micro_batches, window):
   ds, prompts, chosen, rejected, ex = toy_dataset()
-  loader = D.PreferenceLoader(ds, global_batch_size=4, seed=3, bucket_size=8, pad_id=0,
-                              bucket_window=window, packing=True, pack_length=24,
-                              micro_batches=micro_batches)
+  loader = D.PreferenceLoader(
+    ds,
+    global_batch_size=4,
+    seed=3,
+    bucket_size=8,
+    pad_id=0,
+    bucket_window=window,
+    packing=True,
+    pack_length=24,
+    micro_batches=micro_batches,
+  )
   shapes = set(loader.packed_shapes())
   assert len(shapes) <= 4  # row_buckets(4 / M): 1, 2, 4, 8 (M = 1) or 1, 2, 4 (M = 2)
   for epoch in range(2):
@@ -278,21 +319,44 @@ def test_packed_batches_cover_every_pair_once_whole_and_resume_exactly(micro_bat
     assert sorted(seen) == list(range(23))  # every pair exactly once per epoch
   # Resume: from any cursor the batches are those of the uninterrupted iteration.
   full = batches(loader)
-  assert_batches_equal(batches(loader, D.LoaderCursor(1, 2)), full[loader.batches_per_epoch + 2:])
+  assert_batches_equal(batches(loader, D.LoaderCursor(1, 2)), full[loader.batches_per_epoch + 2 :])
   # Two hosts: their slices are the single-host batch's rows and pairs.
-  hosts = [D.PreferenceLoader(ds, global_batch_size=4, seed=3, bucket_size=8, pad_id=0,
-                              bucket_window=window, packing=True, pack_length=24,
-                              micro_batches=micro_batches, num_hosts=2, host_index=h,
-                              row_multiple=2) for h in range(2)]
-  one = D.PreferenceLoader(ds, global_batch_size=4, seed=3, bucket_size=8, pad_id=0,
-                           bucket_window=window, packing=True, pack_length=24,
-                           micro_batches=micro_batches, row_multiple=2)
+  hosts = [
+    D.PreferenceLoader(
+      ds,
+      global_batch_size=4,
+      seed=3,
+      bucket_size=8,
+      pad_id=0,
+      bucket_window=window,
+      packing=True,
+      pack_length=24,
+      micro_batches=micro_batches,
+      num_hosts=2,
+      host_index=h,
+      row_multiple=2,
+    )
+    for h in range(2)
+  ]
+  one = D.PreferenceLoader(
+    ds,
+    global_batch_size=4,
+    seed=3,
+    bucket_size=8,
+    pad_id=0,
+    bucket_window=window,
+    packing=True,
+    pack_length=24,
+    micro_batches=micro_batches,
+    row_multiple=2,
+  )
   for step in range(one.batches_per_epoch):
     whole = one.batch_at(D.LoaderCursor(0, step))
     parts = [h.batch_at(D.LoaderCursor(0, step)) for h in hosts]
     for name in whole.__dataclass_fields__:
-      np.testing.assert_array_equal(np.concatenate([getattr(p, name) for p in parts]),
-                                    getattr(whole, name), err_msg=name)
+      np.testing.assert_array_equal(
+        np.concatenate([getattr(p, name) for p in parts]), getattr(whole, name), err_msg=name
+      )
 
 
 def test_packing_pads_less_than_bucketed_padding():
@@ -302,10 +366,12 @@ def test_packing_pads_less_than_bucketed_padding():
   packed = D.PreferenceLoader(ds, packing=True, pack_length=32, **kw)
   cells = lambda b: b.ids.size if hasattr(b, "ids") else 2 * b.chosen_ids.size
   real = sum(int((b.segment_ids > 0).sum()) for b in batches(packed, num_epochs=1))
-  assert real == sum(int(b.chosen_mask.sum() + b.rejected_mask.sum())
-                     for b in batches(plain, num_epochs=1))
-  assert (sum(cells(b) for b in batches(packed, num_epochs=1))
-          < 0.8 * sum(cells(b) for b in batches(plain, num_epochs=1)))
+  assert real == sum(
+    int(b.chosen_mask.sum() + b.rejected_mask.sum()) for b in batches(plain, num_epochs=1)
+  )
+  assert sum(cells(b) for b in batches(packed, num_epochs=1)) < 0.8 * sum(
+    cells(b) for b in batches(plain, num_epochs=1)
+  )
 
 
 def test_packing_rejects_a_sequence_longer_than_a_row():

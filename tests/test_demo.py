@@ -9,8 +9,9 @@ import pytest
 from ssapo_jax.demo import task
 from ssapo_jax.demo import world as world_lib
 
-SMALL_WORLD = world_lib.WorldConfig(sft_steps=150, pool_prompts=600, num_eval_prompts=64,
-                                    sample_batch_size=128)
+SMALL_WORLD = world_lib.WorldConfig(
+  sft_steps=150, pool_prompts=600, num_eval_prompts=64, sample_batch_size=128
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,9 @@ def test_world_files_load_through_the_library(small_world):
   prompts = load_prompts(w.eval_prompts_path, verbose=False)
   assert len(prompts) == SMALL_WORLD.num_eval_prompts
   # Held-out prompts never appear in the pool.
-  pool_prompts = {r["prompt"] for r in world_lib.read_jsonl(os.path.join(w.root, "pool_prompts.jsonl"))}
+  pool_prompts = {
+    r["prompt"] for r in world_lib.read_jsonl(os.path.join(w.root, "pool_prompts.jsonl"))
+  }
   assert not pool_prompts & {p.prompt[-1]["content"] for p in prompts}
 
 
@@ -61,12 +64,14 @@ def test_world_labels_and_baseline_agree_with_the_oracle(small_world):
 def test_tiny_cpu_config_runs_on_the_demo_world(small_world, tmp_path, monkeypatch, capsys):
   """The documented order: the demo writes runs/demo/world/, then configs/tiny_cpu.yaml reads it."""
   from ssapo_jax import cli
+
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   os.makedirs(tmp_path / "runs" / "demo")
   os.symlink(small_world.root, tmp_path / "runs" / "demo" / "world")
   monkeypatch.chdir(tmp_path)
   assert cli.main([os.path.join(repo, "configs", "tiny_cpu.yaml"), "--check"]) == 0, (
-      capsys.readouterr().err)
+    capsys.readouterr().err
+  )
   assert "--check: OK" in capsys.readouterr().out
 
 

@@ -12,20 +12,25 @@ from ssapo_jax.demo import ifeval
 P = 'Write about cats. Include the word "blue". Answer in at most 10 words.'
 
 
-@pytest.mark.parametrize("response,score", [
-    ("Blue cats are rare.", 1.0),                                  # both met, case-insensitive
+@pytest.mark.parametrize(
+  "response,score",
+  [
+    ("Blue cats are rare.", 1.0),  # both met, case-insensitive
     ("Cats are lovely animals that sleep all day in the sun.", 0.0),  # 11 words, no "blue"
-    ("My cat has blue eyes and sleeps all day long in sun.", 0.5),   # 12 words
-    ("bluebird cats", 0.5),                                        # "bluebird" is not "blue"
+    ("My cat has blue eyes and sleeps all day long in sun.", 0.5),  # 12 words
+    ("bluebird cats", 0.5),  # "bluebird" is not "blue"
     ("", 0.0),
-])
+  ],
+)
 def test_judge_scores_hand_checked_responses(response, score):
   assert ifeval.judge_score(P, response) == pytest.approx(score)
 
 
 def test_judge_other_constraints_and_length_penalty():
-  p = ('Write about coffee. Write everything in lower case. End your answer with the word '
-       '"warm". Answer with exactly 2 bullet points, each line starting with "- ".')
+  p = (
+    "Write about coffee. Write everything in lower case. End your answer with the word "
+    '"warm". Answer with exactly 2 bullet points, each line starting with "- ".'
+  )
   assert ifeval.judge_score(p, "- coffee is dark\n- and it is warm") == 1.0
   assert ifeval.judge_score(p, "- Coffee is dark\n- and it is warm") == pytest.approx(2 / 3)
   assert ifeval.judge_score(p, "- coffee\n- is\n- warm") == pytest.approx(2 / 3)
@@ -60,6 +65,7 @@ def test_real_study_tiny(tmp_path):
   from ssapo_jax.demo import real
   from ssapo_jax.errors import CheckpointError
   from ssapo_jax.models import gguf as gguf_import
+
   try:
     gguf_import.smollm2_path()
   except CheckpointError as e:

@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _python_block(doc: str, heading: str) -> str:
   text = open(os.path.join(REPO, doc)).read()
-  section = text[text.index(heading):]
+  section = text[text.index(heading) :]
   return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -24,8 +24,9 @@ def test_own_small_model_without_torch(tmp_path, monkeypatch):
   model = load_hf("runs/my_model")
   tokenizer = load_tokenizer("runs/my_model")
   assert model.config.vocab_size == len(tokenizer) and model.config.num_layers == 2
-  assert tokenizer.apply_chat_template([{"role": "user", "content": "sort 3 1 2"}],
-                                       tokenize=False, add_generation_prompt=True)
+  assert tokenizer.apply_chat_template(
+    [{"role": "user", "content": "sort 3 1 2"}], tokenize=False, add_generation_prompt=True
+  )
 
 
 def _config_keys(cls, prefix=""):
@@ -33,6 +34,7 @@ def _config_keys(cls, prefix=""):
   import dataclasses
 
   from ssapo_jax import config as cfg_lib
+
   for name, (_, tp) in cfg_lib._fields(cls).items():
     if dataclasses.is_dataclass(tp):
       yield from _config_keys(tp, f"{prefix}{name}.")
@@ -43,6 +45,7 @@ def _config_keys(cls, prefix=""):
 def test_every_config_key_is_documented_with_its_reader():
   """docs/running.md: one table row per key, naming the component that reads it."""
   from ssapo_jax.experiment import ExperimentConfig
+
   text = open(os.path.join(REPO, "docs", "running.md")).read()
   rows = {}
   for line in text.splitlines():

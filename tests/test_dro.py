@@ -28,18 +28,30 @@ def lp_reference(xi, slopes, intercepts, lo, hi, eps, group_ids=None, per_atom_c
   a_eq = sp.hstack([sp.kron(sp.identity(n), np.ones((1, k))), zeros, zeros])
   d_lo = sp.diags(np.repeat(xi - lo, k))
   d_hi = sp.diags(np.repeat(hi - xi, k))
-  member = sp.csr_matrix((np.ones(nk), (np.repeat(gidx, k), np.arange(nk))),
-                         shape=(groups.size, nk))
-  a_ub = sp.vstack([sp.hstack([-d_lo, eye, -eye]),     # q ≤ s (ξ − lo)
-                    sp.hstack([-d_hi, -eye, eye]),     # −q ≤ s (hi − ξ)
-                    sp.hstack([sp.csr_matrix((groups.size, nk)), member, member])], format="csr")
+  member = sp.csr_matrix(
+    (np.ones(nk), (np.repeat(gidx, k), np.arange(nk))), shape=(groups.size, nk)
+  )
+  a_ub = sp.vstack(
+    [
+      sp.hstack([-d_lo, eye, -eye]),  # q ≤ s (ξ − lo)
+      sp.hstack([-d_hi, -eye, eye]),  # −q ≤ s (hi − ξ)
+      sp.hstack([sp.csr_matrix((groups.size, nk)), member, member]),
+    ],
+    format="csr",
+  )
   counts = np.bincount(gidx)
   b_ub = np.concatenate([np.zeros(2 * nk), counts * eps])
   cap = eps if per_atom_cap else None
-  res = linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=np.ones(n),
-                bounds=[(0, None)] * nk + [(0, cap)] * (2 * nk), method="highs",
-                options={"primal_feasibility_tolerance": 1e-10,
-                         "dual_feasibility_tolerance": 1e-10})
+  res = linprog(
+    c,
+    A_ub=a_ub,
+    b_ub=b_ub,
+    A_eq=a_eq,
+    b_eq=np.ones(n),
+    bounds=[(0, None)] * nk + [(0, cap)] * (2 * nk),
+    method="highs",
+    options={"primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10},
+  )
   assert res.status == 0, res.message
   return -res.fun
 
@@ -60,7 +72,7 @@ def random_instance(rng, n, k, space):
   if space == "probability":
     xi = 1 / (1 + np.exp(-0.1 * rng.normal(8, 10, n)))
     flags = rng.random(n)
-    xi[flags < 0.05] = 0.0   # points on the support boundary
+    xi[flags < 0.05] = 0.0  # points on the support boundary
     xi[flags > 0.95] = 1.0
     slopes, intercepts = pieces(k)
     support = (0.0, 1.0)
@@ -69,7 +81,7 @@ def random_instance(rng, n, k, space):
     slopes, intercepts = pieces(k, space="margin", data=xi)
     support = (float(xi.min()) - rng.uniform(0, 3), float(xi.max()) + rng.uniform(0, 3))
   if n > 3 and rng.random() < 0.3:
-    xi[: n // 3] = xi[0]     # duplicated centres
+    xi[: n // 3] = xi[0]  # duplicated centres
   return xi, np.asarray(slopes), np.asarray(intercepts), support
 
 
@@ -103,8 +115,9 @@ def dual_value(lam, xi, slopes, intercepts, support, eps):
   """g(λ) = λε + mean_i max(ℓ̃(ξ_i), ℓ̃(lo) − λ(ξ_i − lo), ℓ̃(hi) − λ(hi − ξ_i)) (one group)."""
   lo, hi = support
   f = lambda z: surrogate(z, slopes, intercepts)
-  return lam * eps + np.mean(np.maximum.reduce(
-      [f(xi), f(lo) - lam * (xi - lo), f(hi) - lam * (hi - xi)]))
+  return lam * eps + np.mean(
+    np.maximum.reduce([f(xi), f(lo) - lam * (xi - lo), f(hi) - lam * (hi - xi)])
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,8 +138,9 @@ def test_matches_highs_random_instances(seed):
   if seed % 3 == 0 and n > 1:
     group_ids = np.asarray(dro.random_groups(n, max(1, n // 5), key=jax.random.key(seed)))
   with jax.enable_x64(True):
-    worst = dro.worst_case(xi, epsilon=eps, slopes=slopes, intercepts=intercepts,
-                           support=support, group_ids=group_ids)
+    worst = dro.worst_case(
+      xi, epsilon=eps, slopes=slopes, intercepts=intercepts, support=support, group_ids=group_ids
+    )
     assert worst.atom_weights.dtype == jnp.float64
   ref = lp_reference(xi, slopes, intercepts, *support, eps, group_ids)
   np.testing.assert_allclose(float(worst.objective), ref, rtol=1e-6, atol=1e-9)
@@ -146,8 +160,9 @@ def test_matches_highs_sweep(seed):
   if seed % 3 == 0:
     group_ids = np.asarray(dro.quantile_groups(xi, int(rng.integers(1, n + 1))))
   with jax.enable_x64(True):
-    worst = dro.worst_case(xi, epsilon=eps, slopes=slopes, intercepts=intercepts,
-                           support=support, group_ids=group_ids)
+    worst = dro.worst_case(
+      xi, epsilon=eps, slopes=slopes, intercepts=intercepts, support=support, group_ids=group_ids
+    )
   ref = lp_reference(xi, slopes, intercepts, *support, eps, group_ids)
   np.testing.assert_allclose(float(worst.objective), ref, rtol=1e-6, atol=1e-9)
   check_solution(worst, xi, slopes, intercepts, support, eps, group_ids)
@@ -158,8 +173,7 @@ def test_dual_certificate_and_budget_spent_exactly():
   xi, slopes, intercepts, support = random_instance(rng, 500, 6, "probability")
   eps = 0.02
   with jax.enable_x64(True):
-    worst = dro.worst_case(xi, epsilon=eps, slopes=slopes, intercepts=intercepts,
-                           support=support)
+    worst = dro.worst_case(xi, epsilon=eps, slopes=slopes, intercepts=intercepts, support=support)
   lam = float(worst.dual[0])
   assert lam > 0
   # Strong duality: g(λ*) equals the primal value, and λ* minimises g (checked on a grid).
@@ -179,8 +193,9 @@ def test_dual_certificate_and_budget_spent_exactly():
 
 def _solve(xi, slopes, intercepts, support, eps, **kw):
   with jax.enable_x64(True):
-    return dro.worst_case(xi, epsilon=eps, slopes=slopes, intercepts=intercepts,
-                          support=support, **kw)
+    return dro.worst_case(
+      xi, epsilon=eps, slopes=slopes, intercepts=intercepts, support=support, **kw
+    )
 
 
 def test_epsilon_zero_is_identity_and_plain_mean():
@@ -188,8 +203,9 @@ def test_epsilon_zero_is_identity_and_plain_mean():
   for space in ("probability", "margin"):
     xi, slopes, intercepts, support = random_instance(rng, 300, 6, space)
     worst = _solve(xi, slopes, intercepts, support, 0.0)
-    np.testing.assert_allclose(float(worst.objective),
-                               np.mean(surrogate(xi, slopes, intercepts)), rtol=1e-13)
+    np.testing.assert_allclose(
+      float(worst.objective), np.mean(surrogate(xi, slopes, intercepts)), rtol=1e-13
+    )
     assert np.all(np.asarray(worst.atom_shifts) == 0)
     assert np.all(np.max(np.asarray(worst.atom_weights), axis=1) == 1.0)
     assert float(worst.budget_spent[0]) == 0.0
@@ -198,8 +214,10 @@ def test_epsilon_zero_is_identity_and_plain_mean():
 def test_value_non_decreasing_in_epsilon():
   rng = np.random.default_rng(1)
   xi, slopes, intercepts, support = random_instance(rng, 400, 6, "probability")
-  values = [float(_solve(xi, slopes, intercepts, support, e).objective)
-            for e in [0.0, 1e-4, 1e-3, 0.01, 0.05, 0.2, 1.0, 10.0]]
+  values = [
+    float(_solve(xi, slopes, intercepts, support, e).objective)
+    for e in [0.0, 1e-4, 1e-3, 0.01, 0.05, 0.2, 1.0, 10.0]
+  ]
   assert np.all(np.diff(values) >= -1e-12), values
   assert values[-1] > values[0]
 
@@ -256,8 +274,9 @@ def test_one_group_equals_no_grouping_and_groups_are_independent():
   for g in (0, 2, 3):
     rows = gids == g
     alone = _solve(xi[rows], slopes, intercepts, support, 0.02)
-    np.testing.assert_allclose(float(grouped.group_objectives[g]), float(alone.objective),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+      float(grouped.group_objectives[g]), float(alone.objective), rtol=1e-12
+    )
     np.testing.assert_allclose(float(grouped.dual[g]), float(alone.dual[0]), rtol=1e-12)
     total += rows.sum() * float(alone.objective)
   np.testing.assert_allclose(float(grouped.objective), total / 300, rtol=1e-12)
@@ -266,8 +285,13 @@ def test_one_group_equals_no_grouping_and_groups_are_independent():
 def test_edge_cases_single_point_boundary_duplicates_and_huge_budget():
   slopes, intercepts = pieces(6)
   support = (0.0, 1.0)
-  for xi in (np.array([0.7]), np.array([0.0]), np.array([1.0]), np.full(50, 0.4),
-             np.array([0.0, 1.0, 0.5, 0.5])):
+  for xi in (
+    np.array([0.7]),
+    np.array([0.0]),
+    np.array([1.0]),
+    np.full(50, 0.4),
+    np.array([0.0, 1.0, 0.5, 0.5]),
+  ):
     for eps in (0.0, 0.01, 0.5, 100.0):
       worst = _solve(xi, slopes, intercepts, support, eps)
       ref = lp_reference(xi, slopes, intercepts, *support, eps)
@@ -285,9 +309,17 @@ def test_jit_and_float32_have_no_nans():
   rng = np.random.default_rng(6)
   xi, slopes, intercepts, support = random_instance(rng, 1000, 6, "probability")
   gids = np.asarray(dro.chunk_groups(1000, 100))
-  solve = jax.jit(lambda x, e, g: dro.worst_case(x, epsilon=e, slopes=slopes,
-                                                 intercepts=intercepts, support=support,
-                                                 group_ids=g, num_groups=10))
+  solve = jax.jit(
+    lambda x, e, g: dro.worst_case(
+      x,
+      epsilon=e,
+      slopes=slopes,
+      intercepts=intercepts,
+      support=support,
+      group_ids=g,
+      num_groups=10,
+    )
+  )
   worst32 = solve(jnp.asarray(xi, jnp.float32), 0.01, jnp.asarray(gids))
   assert worst32.atom_weights.dtype == jnp.float32
   for leaf in jax.tree.leaves(worst32):
@@ -297,7 +329,9 @@ def test_jit_and_float32_have_no_nans():
   assert np.all(np.asarray(worst32.budget_spent) <= 0.01 * (1 + 1e-5))
 
 
-@pytest.mark.parametrize("bad, match", [
+@pytest.mark.parametrize(
+  "bad, match",
+  [
     (dict(xi=np.array([0.5, np.nan])), "non-finite"),
     (dict(xi=np.array([0.5, np.inf])), "non-finite"),
     (dict(xi=np.array([0.5, 1.2])), "support"),
@@ -310,11 +344,13 @@ def test_jit_and_float32_have_no_nans():
     (dict(group_ids=np.array([0, -1])), ">= 0"),
     (dict(group_ids=np.array([0.0, 1.0])), "ints"),
     (dict(method="simplex"), "method"),
-])
+  ],
+)
 def test_invalid_input_raises(bad, match):
   slopes, intercepts = pieces(6)
-  kwargs = dict(xi=np.array([0.5, 0.6]), epsilon=0.01, slopes=slopes, intercepts=intercepts,
-                support=(0.0, 1.0))
+  kwargs = dict(
+    xi=np.array([0.5, 0.6]), epsilon=0.01, slopes=slopes, intercepts=intercepts, support=(0.0, 1.0)
+  )
   kwargs.update(bad)
   with pytest.raises(ValueError, match=match):
     dro.worst_case(kwargs.pop("xi"), **kwargs)
@@ -367,8 +403,9 @@ def test_group_helpers_partition_with_the_right_sizes():
 # Per-atom cap (exact bisection) and the BoxOSQP path.
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2] + [pytest.param(s, marks=pytest.mark.slow)
-                                              for s in (3, 4, 5)])
+@pytest.mark.parametrize(
+  "seed", [0, 1, 2] + [pytest.param(s, marks=pytest.mark.slow) for s in (3, 4, 5)]
+)
 def test_per_atom_cap_exact_matches_highs(seed):
   rng = np.random.default_rng(40 + seed)
   n = [1, 7, 40, 150, 300, 200][seed]
@@ -412,13 +449,15 @@ def _osqp_instance():
 @pytest.mark.parametrize("cap", [True, False])
 def test_osqp_polished_agrees_with_exact_and_highs(cap):
   xi, slopes, intercepts, gids, eps = _osqp_instance()
-  worst = _solve(xi, slopes, intercepts, (0.0, 1.0), eps, group_ids=gids, method="osqp",
-                 per_atom_cap=cap)
+  worst = _solve(
+    xi, slopes, intercepts, (0.0, 1.0), eps, group_ids=gids, method="osqp", per_atom_cap=cap
+  )
   exact = _solve(xi, slopes, intercepts, (0.0, 1.0), eps, group_ids=gids, per_atom_cap=cap)
   ref = lp_reference(xi, slopes, intercepts, 0.0, 1.0, eps, gids, per_atom_cap=cap)
   np.testing.assert_allclose(float(worst.objective), ref, rtol=1e-9)
-  np.testing.assert_allclose(np.asarray(worst.group_objectives),
-                             np.asarray(exact.group_objectives), rtol=1e-12)
+  np.testing.assert_allclose(
+    np.asarray(worst.group_objectives), np.asarray(exact.group_objectives), rtol=1e-12
+  )
   check_solution(worst, xi, slopes, intercepts, (0.0, 1.0), eps, gids)
 
 
@@ -427,8 +466,18 @@ def test_osqp_raw_admm_is_feasible_and_close(cap, gap):
   """Unpolished BoxOSQP: a feasible (repaired) point below the LP optimum, within the gap measured
   on this instance (1.8e-10 with the cap, 4.8e-3 without; see docs/dro.md)."""
   xi, slopes, intercepts, gids, eps = _osqp_instance()
-  worst = _solve(xi, slopes, intercepts, (0.0, 1.0), eps, group_ids=gids, method="osqp",
-                 per_atom_cap=cap, osqp_polish=False, osqp_tol=1e-10)
+  worst = _solve(
+    xi,
+    slopes,
+    intercepts,
+    (0.0, 1.0),
+    eps,
+    group_ids=gids,
+    method="osqp",
+    per_atom_cap=cap,
+    osqp_polish=False,
+    osqp_tol=1e-10,
+  )
   ref = lp_reference(xi, slopes, intercepts, 0.0, 1.0, eps, gids, per_atom_cap=cap)
   check_solution(worst, xi, slopes, intercepts, (0.0, 1.0), eps, gids)
   if cap:
@@ -479,8 +528,9 @@ def test_solve_follower_options_and_summary():
   key = jax.random.key(1)
   for grouping in ("none", "random", "chunks", "quantile"):
     for space in ("probability", "margin"):
-      config = dro.DroConfig(space=space, margin_scale=0.1, grouping=grouping, group_size=100,
-                             num_pieces=4)
+      config = dro.DroConfig(
+        space=space, margin_scale=0.1, grouping=grouping, group_size=100, num_pieces=4
+      )
       worst = dro.solve_follower(margins, config, key=key)
       expected_groups = 1 if grouping == "none" else 5
       assert worst.dual.shape == (expected_groups,)
@@ -490,7 +540,9 @@ def test_solve_follower_options_and_summary():
       assert summary["dro/budget_spent"] <= 0.01 * (1 + 1e-5)
       assert summary["dro/objective"] >= summary["dro/center_objective"] - 1e-6
       assert summary["dro/worst_mean"] <= summary["dro/xi_mean"] + 1e-6  # mass moves left
-  config = dro.DroConfig(space="margin", margin_scale=0.1, window_method="fixed", window=(-2.0, 2.0))
+  config = dro.DroConfig(
+    space="margin", margin_scale=0.1, window_method="fixed", window=(-2.0, 2.0)
+  )
   assert dro.solve_follower(margins, config, key=key).atom_weights.shape == (500, 6)
   # On its own a DroConfig has no margin scale: an experiment config resolves it to train.beta.
   with pytest.raises(ValueError, match="margin_scale is null"):
@@ -499,12 +551,22 @@ def test_solve_follower_options_and_summary():
     dro.solve_follower(np.array([1.0, np.nan]), dro.DroConfig(), key=key)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("epsilon", -0.1), ("num_pieces", 0), ("space", "logit"), ("margin_scale", 0.0),
-    ("grouping", "kmeans"), ("group_size", 0), ("method", "slsqp"),
-    ("window_method", "auto"), ("window", (1.0, 2.0)), ("window_tau", -1.0),
+@pytest.mark.parametrize(
+  "field, value",
+  [
+    ("epsilon", -0.1),
+    ("num_pieces", 0),
+    ("space", "logit"),
+    ("margin_scale", 0.0),
+    ("grouping", "kmeans"),
+    ("group_size", 0),
+    ("method", "slsqp"),
+    ("window_method", "auto"),
+    ("window", (1.0, 2.0)),
+    ("window_tau", -1.0),
     ("window_quantile", 0.5),
-])
+  ],
+)
 def test_dro_config_rejects_bad_values(field, value):
   with pytest.raises(ValueError, match=field.split("_")[0]):
     dro.DroConfig(**{field: value})
@@ -516,8 +578,9 @@ def test_to_loss_atoms_rejects_a_lossy_reduction_of_capped_rows():
   """With the per-atom cap a row can carry three atoms: num_atoms=2 would drop mass, so it
   raises naming a row; keeping every column is exact."""
   margins = np.random.default_rng(1).normal(0, 1, 500)
-  config = dro.DroConfig(epsilon=0.01, grouping="random", group_size=100, per_atom_cap=True,
-                         margin_scale=0.1)
+  config = dro.DroConfig(
+    epsilon=0.01, grouping="random", group_size=100, per_atom_cap=True, margin_scale=0.1
+  )
   worst = dro.solve_follower(margins, config, key=jax.random.key(0))
   nonzero = np.count_nonzero(np.asarray(worst.atom_weights) > 0, axis=1)
   assert np.any(nonzero > 2)

@@ -15,7 +15,7 @@ EXAMPLES = REPO / "examples"
 
 def _readme_snippet() -> str:
   text = (REPO / "README.md").read_text()
-  section = text[text.index("## Using the pure functions"):]
+  section = text[text.index("## Using the pure functions") :]
   return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -35,8 +35,9 @@ def test_pure_functions_example_runs(capsys):
 
 def test_research_loop_compiles_once_and_learns():
   example = runpy.run_path(str(EXAMPLES / "02_research_loop.py"))
-  result = example["main"](steps=4, num_prompts=8, num_samples=3, prompt_len=4, response_len=4,
-                           vocab=16, dim=16)
+  result = example["main"](
+    steps=4, num_prompts=8, num_samples=3, prompt_len=4, response_len=4, vocab=16, dim=16
+  )
   assert result["traces"] == 1 and result["compiles"] == 1
   # Step 1: policy = reference, so every reward is 0 and no pair is usable: the loss is 0.
   assert result["losses"][0] == 0.0

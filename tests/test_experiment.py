@@ -38,8 +38,11 @@ CONFIG_FILES = sorted((REPO / "configs").glob("*.yaml"))
 
 def test_configs_directory_has_the_three_experiments():
   names = {p.name for p in CONFIG_FILES}
-  assert {"tiny_cpu.yaml", "zephyr_7b_ultrafeedback.yaml",
-          "llama3_8b_instruct_ultrafeedback.yaml"} <= names
+  assert {
+    "tiny_cpu.yaml",
+    "zephyr_7b_ultrafeedback.yaml",
+    "llama3_8b_instruct_ultrafeedback.yaml",
+  } <= names
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
@@ -55,6 +58,7 @@ def test_every_config_file_loads_and_round_trips(path, tmp_path):
       assert key in full, f"{where}{key}"
       if isinstance(value, dict):
         assert_subset(value, full[key], f"{where}{key}.")
+
   assert_subset(raw, resolved, "")
   written = cfg_lib.save_resolved(config, tmp_path)
   assert load_experiment(written) == config
@@ -79,12 +83,15 @@ def test_paper_settings_in_the_7b_configs():
 
 def test_experiment_overrides_and_cross_checks():
   path = REPO / "configs" / "tiny_cpu.yaml"
-  config = load_experiment(path, ["train.learning_rate=3e-5", "mesh.fsdp=2",
-                                          "mesh.data=-1", "rounds.follower_refresh_steps=5"])
+  config = load_experiment(
+    path,
+    ["train.learning_rate=3e-5", "mesh.fsdp=2", "mesh.data=-1", "rounds.follower_refresh_steps=5"],
+  )
   assert config.train.learning_rate == 3e-5 and config.mesh.shape == (-1, 2, 1)
   assert config.rounds.follower_refresh_steps == 5
-  config = load_experiment(path, ["dro.epsilon=0.05", "dro.window_method=fixed",
-                                          "dro.window=[0.0, 1.0]"])
+  config = load_experiment(
+    path, ["dro.epsilon=0.05", "dro.window_method=fixed", "dro.window=[0.0, 1.0]"]
+  )
   assert config.dro.epsilon == 0.05 and config.dro.window == (0.0, 1.0)
   with pytest.raises(ConfigError, match=r"Did you mean `dro.epsilon`\?"):
     load_experiment(path, ["dro.epsilom=0.05"])
@@ -106,13 +113,20 @@ def test_leader_space_follows_the_follower_space():
     assert config.dro.space == config.train.robust_space == space
     assert all(config.train_for_round(t).robust_space == space for t in range(3))
   # The leader's space cannot be written: not in YAML, not as an override, not in the saved file.
-  with pytest.raises(ConfigError, match=r"`train.robust_space` is not a config key: it follows "
-                                        r"`dro.space`"):
+  with pytest.raises(
+    ConfigError,
+    match=r"`train.robust_space` is not a config key: it follows "
+    r"`dro.space`",
+  ):
     load_experiment(TINY, ["train.robust_space=margin"])
   assert "robust_space" not in cfg_lib.to_dict(load_experiment(TINY))["train"]
   # Built in code, a disagreeing leader space is overridden by the follower's.
-  config = ExperimentConfig(model=ModelConfig(path="m"), output_dir="o",
-                            train=TrainConfig(robust_space="margin"), dro=DroConfig())
+  config = ExperimentConfig(
+    model=ModelConfig(path="m"),
+    output_dir="o",
+    train=TrainConfig(robust_space="margin"),
+    dro=DroConfig(),
+  )
   assert config.train.robust_space == "probability"
 
 
@@ -123,8 +137,9 @@ def test_margin_scale_defaults_to_beta_and_shows_resolved(tmp_path):
   assert config.dro.margin_scale == 0.05
   printed = yaml.safe_load(cfg_lib.dump_yaml(config))
   assert printed["dro"]["margin_scale"] == 0.05 and printed["train"]["beta"] == 0.05
-  explicit = load_experiment(TINY, ["train.beta=0.05", "dro.margin_scale=1.0",
-                                    "dro.allow_scale_mismatch=true"])
+  explicit = load_experiment(
+    TINY, ["train.beta=0.05", "dro.margin_scale=1.0", "dro.allow_scale_mismatch=true"]
+  )
   assert explicit.dro.margin_scale == 1.0
   # The saved resolved config reloads to the same values (the scale is then explicit).
   assert load_experiment(cfg_lib.save_resolved(config, tmp_path)) == config
@@ -142,8 +157,11 @@ def test_contradictory_reference_settings_are_rejected_in_one_line():
 
 def _sections():
   config = load_experiment(TINY)
-  return [(f.name, getattr(config, f.name)) for f in dataclasses.fields(config)
-          if dataclasses.is_dataclass(getattr(config, f.name))]
+  return [
+    (f.name, getattr(config, f.name))
+    for f in dataclasses.fields(config)
+    if dataclasses.is_dataclass(getattr(config, f.name))
+  ]
 
 
 def test_every_choice_field_is_a_literal_with_one_error_format():
@@ -160,8 +178,10 @@ def test_every_choice_field_is_a_literal_with_one_error_format():
         continue
       choices = typing.get_args(literal)
       listed = ", ".join(repr(c) for c in choices)
-      with pytest.raises(ValueError, match=f"^{section}.{field.name} must be one of "
-                                           f"{listed}; got 'nope'$".replace("(", r"\(")):
+      with pytest.raises(
+        ValueError,
+        match=f"^{section}.{field.name} must be one of {listed}; got 'nope'$".replace("(", r"\("),
+      ):
         dataclasses.replace(value, **{field.name: "nope"})
       if cfg_lib.DERIVED not in field.metadata:
         with pytest.raises(ConfigError, match=f"expected one of {listed}"):
@@ -175,15 +195,21 @@ def test_seed_streams_are_named_fold_ins():
   data = {k: tuple(np.asarray(jax.random.key_data(v)).tolist()) for k, v in keys.items()}
   assert len(set(data.values())) == len(data)  # every (stream, round) has its own key
   expected = jax.random.fold_in(jax.random.fold_in(jax.random.key(7), zlib.crc32(b"follower")), 2)
-  np.testing.assert_array_equal(jax.random.key_data(keys["follower", 2]),
-                                jax.random.key_data(expected))
+  np.testing.assert_array_equal(
+    jax.random.key_data(keys["follower", 2]), jax.random.key_data(expected)
+  )
   # Unlike `seed + 1` offsets, neighbouring seeds share no stream.
-  other = {tuple(np.asarray(jax.random.key_data(stream_key(8, s, t))).tolist())
-           for s in SEED_STREAMS for t in range(3)}
+  other = {
+    tuple(np.asarray(jax.random.key_data(stream_key(8, s, t))).tolist())
+    for s in SEED_STREAMS
+    for t in range(3)
+  }
   assert not other & set(data.values())
   config = load_experiment(TINY)
-  np.testing.assert_array_equal(jax.random.key_data(config.key("generate", 1)),
-                                jax.random.key_data(stream_key(config.seed, "generate", 1)))
+  np.testing.assert_array_equal(
+    jax.random.key_data(config.key("generate", 1)),
+    jax.random.key_data(stream_key(config.seed, "generate", 1)),
+  )
   seeds = [stream_seed(0, "shuffle", t) for t in range(4)]
   assert len(set(seeds)) == 4 and all(0 <= s < 2**31 for s in seeds)
   with pytest.raises(ValueError, match="unknown seed stream 'sampling'"):

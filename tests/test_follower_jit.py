@@ -23,8 +23,13 @@ def test_invalid_rows_take_no_mass_and_no_budget(per_atom_cap):
   n, pad = 40, 24
   xi = rng.uniform(0.05, 0.95, n)
   slopes, intercepts = _pieces()
-  kw = dict(epsilon=0.05, slopes=slopes, intercepts=intercepts, support=(0.0, 1.0),
-            per_atom_cap=per_atom_cap)
+  kw = dict(
+    epsilon=0.05,
+    slopes=slopes,
+    intercepts=intercepts,
+    support=(0.0, 1.0),
+    per_atom_cap=per_atom_cap,
+  )
   alone = dro.worst_case(xi, **kw)
   where = np.sort(rng.choice(n + pad, n, replace=False))
   padded_xi = np.full(n + pad, np.nan)
@@ -47,17 +52,22 @@ def test_invalid_rows_take_no_mass_and_no_budget(per_atom_cap):
   assert np.abs(moved(unmasked)[where] - moved(alone)).max() > 1e-3
 
 
-@pytest.mark.parametrize("grouping, space", [
+@pytest.mark.parametrize(
+  "grouping, space",
+  [
     ("quantile", "margin"),
     pytest.param("chunks", "probability", marks=pytest.mark.slow),
     pytest.param("none", "probability", marks=pytest.mark.slow),
-    pytest.param("none", "margin", marks=pytest.mark.slow)])
+    pytest.param("none", "margin", marks=pytest.mark.slow),
+  ],
+)
 def test_jitted_follower_on_a_padded_batch_equals_eager_on_the_real_rows(grouping, space):
   rng = np.random.default_rng(1)
   n, size = 50, 64
   margins = rng.normal(2, 6, n)
-  config = dro.DroConfig(epsilon=0.02, margin_scale=0.1, space=space, grouping=grouping,
-                         group_size=20)
+  config = dro.DroConfig(
+    epsilon=0.02, margin_scale=0.1, space=space, grouping=grouping, group_size=20
+  )
   eager = dro.follower_atoms(margins, config)  # no key: this grouping draws nothing
   padded = np.concatenate([margins, np.full(size - n, np.nan)])
   valid = np.arange(size) < n
@@ -109,13 +119,15 @@ def test_worst_case_gradients_in_epsilon_and_xi():
     slopes, intercepts = _pieces()
 
     def objective(eps, x):
-      return dro.worst_case(x, epsilon=eps, slopes=slopes, intercepts=intercepts,
-                            support=(0.0, 1.0)).objective
+      return dro.worst_case(
+        x, epsilon=eps, slopes=slopes, intercepts=intercepts, support=(0.0, 1.0)
+      ).objective
 
     eps = jnp.asarray(0.03)
     d_eps, d_xi = jax.grad(objective, argnums=(0, 1))(eps, xi)
-    dual = dro.worst_case(xi, epsilon=eps, slopes=slopes, intercepts=intercepts,
-                          support=(0.0, 1.0)).dual[0]
+    dual = dro.worst_case(
+      xi, epsilon=eps, slopes=slopes, intercepts=intercepts, support=(0.0, 1.0)
+    ).dual[0]
     np.testing.assert_allclose(d_eps, dual, rtol=1e-9)
     h = 1e-6
     fd_eps = (objective(eps + h, xi) - objective(eps - h, xi)) / (2 * h)
@@ -147,13 +159,22 @@ def test_loss_family_on_an_8_device_mesh(mesh):
   logps = _logps(n, 5)
   lengths = np.full(n, 7.0, np.float32)
   valid = np.arange(n) < 13
-  atoms = losses.LossAtoms(jnp.full((n, 2), 0.5), jnp.asarray([[0.0, 0.05]] * n),
-                           margin_scale=0.1)
+  atoms = losses.LossAtoms(jnp.full((n, 2), 0.5), jnp.asarray([[0.0, 0.05]] * n), margin_scale=0.1)
 
   def all_losses(pc, pr, rc, rr, lengths, valid, atoms):
-    out = {name: losses.dpo_loss(pc, pr, rc, rr, loss_type=name, chosen_lengths=lengths,
-                                 rejected_lengths=lengths, valid=valid)[0]
-           for name in losses.LOSS_TYPES}
+    out = {
+      name: losses.dpo_loss(
+        pc,
+        pr,
+        rc,
+        rr,
+        loss_type=name,
+        chosen_lengths=lengths,
+        rejected_lengths=lengths,
+        valid=valid,
+      )[0]
+      for name in losses.LOSS_TYPES
+    }
     out["robust_dpo"] = losses.robust_dpo_loss(pc, pr, rc, rr, atoms, valid=valid)[0]
     return out
 
@@ -167,8 +188,14 @@ def test_loss_family_on_an_8_device_mesh(mesh):
     np.testing.assert_allclose(got[name], value, rtol=2e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("grouping", [pytest.param("none", marks=pytest.mark.slow),
-                                      pytest.param("quantile", marks=pytest.mark.slow), "random"])
+@pytest.mark.parametrize(
+  "grouping",
+  [
+    pytest.param("none", marks=pytest.mark.slow),
+    pytest.param("quantile", marks=pytest.mark.slow),
+    "random",
+  ],
+)
 def test_follower_on_an_8_device_mesh(mesh, grouping):
   n = 64
   margins = np.random.default_rng(6).normal(1, 5, n).astype(np.float32)
@@ -179,6 +206,7 @@ def test_follower_on_an_8_device_mesh(mesh, grouping):
   with jax.set_mesh(mesh):
     row = NamedSharding(mesh, P("data"))
     got = jax.jit(lambda m, v: dro.follower_atoms(m, config, valid=v, key=key))(
-        jax.device_put(margins, row), jax.device_put(valid, row))
+      jax.device_put(margins, row), jax.device_put(valid, row)
+    )
   np.testing.assert_allclose(got.weights, expected.weights, atol=1e-6)
   np.testing.assert_allclose(got.shifts, expected.shifts, atol=1e-6)

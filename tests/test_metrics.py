@@ -34,12 +34,12 @@ def _read_events(path: pathlib.Path) -> list[event_pb2.Event]:
   """Reads a TFRecord file (u64 length, masked crc, payload, masked crc), checking both CRCs."""
   data, events, pos = path.read_bytes(), [], 0
   while pos < len(data):
-    header = data[pos:pos + 8]
+    header = data[pos : pos + 8]
     (length,) = struct.unpack("<Q", header)
-    (header_crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
+    (header_crc,) = struct.unpack("<I", data[pos + 8 : pos + 12])
     assert header_crc == _masked(_crc32c(header))
-    payload = data[pos + 12:pos + 12 + length]
-    (payload_crc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
+    payload = data[pos + 12 : pos + 12 + length]
+    (payload_crc,) = struct.unpack("<I", data[pos + 12 + length : pos + 16 + length])
     assert payload_crc == _masked(_crc32c(payload))
     events.append(event_pb2.Event.FromString(payload))
     pos += 16 + length
@@ -75,10 +75,19 @@ def test_to_json_value_conversions():
 def test_jsonl_and_tensorboard_round_trip(tmp_path):
   with MetricsLogger(tmp_path, enabled=True) as logger:
     for step in (1, 2, 3):
-      logger.log(step, {"loss": jnp.float32(1.0 / step), "rewards/chosen": np.float32(0.1 * step),
-                        "learning_rate": 5e-7, "tokens_per_second": 1000.0 * step,
-                        "skipped_nonfinite": jnp.int32(step == 3), "rewards/margins": float("nan")},
-                 round=0, phase="train")
+      logger.log(
+        step,
+        {
+          "loss": jnp.float32(1.0 / step),
+          "rewards/chosen": np.float32(0.1 * step),
+          "learning_rate": 5e-7,
+          "tokens_per_second": 1000.0 * step,
+          "skipped_nonfinite": jnp.int32(step == 3),
+          "rewards/margins": float("nan"),
+        },
+        round=0,
+        phase="train",
+      )
   records = read_metrics(tmp_path)
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert all(json.loads(line) == r for line, r in zip(lines, records))  # strict JSON per line
@@ -107,7 +116,11 @@ def test_resume_appends_and_drops_records_after_the_checkpoint(tmp_path):
   with MetricsLogger(tmp_path, enabled=True, tensorboard=False, resume_step=3) as logger:
     logger.log(4, {"loss": 40.0}, round=1)
   assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [
-      (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    (1, 1.0),
+    (2, 2.0),
+    (3, 3.0),
+    (4, 40.0),
+  ]
   # Without resume_step a new logger only appends.
   with MetricsLogger(tmp_path, enabled=True, tensorboard=False) as logger:
     logger.log(5, {"loss": 50.0})
@@ -123,9 +136,16 @@ def test_rewind_drops_records_after_a_fallback_checkpoint(tmp_path):
     logger.rewind(5)
     logger.log(6, {"loss": 60.0})
   assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [
-      (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0), (6, 60.0)]
-  files = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"),
-                 key=lambda p: p.stat().st_mtime_ns)
+    (1, 1.0),
+    (2, 2.0),
+    (3, 3.0),
+    (4, 4.0),
+    (5, 5.0),
+    (6, 60.0),
+  ]
+  files = sorted(
+    (tmp_path / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns
+  )
   purge = [e for e in _read_events(files[-1]) if e.HasField("session_log")]
   assert [(e.session_log.status, e.step) for e in purge] == [(event_pb2.SessionLog.START, 6)]
 
@@ -149,8 +169,9 @@ def test_resume_purges_tensorboard_events_after_the_checkpoint(tmp_path):
       logger.log(step, {"loss": float(step)})
   with MetricsLogger(tmp_path, enabled=True, resume_step=3) as logger:
     logger.log(4, {"loss": 40.0})
-  files = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"),
-                 key=lambda p: p.stat().st_mtime_ns)
+  files = sorted(
+    (tmp_path / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns
+  )
   assert len(files) == 2
   assert [s for s, _ in _scalars(tmp_path)["loss"]] == [1, 2, 3, 4, 5, 4]
   # TensorBoard discards earlier events with step >= 4 when it meets a START session log at 4.
@@ -172,8 +193,8 @@ def _wandb_records(path: pathlib.Path) -> list[bytes]:
     if block - pos % block < 7:
       pos += block - pos % block
       continue
-    crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-    payload = data[pos + 7:pos + 7 + length]
+    crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+    payload = data[pos + 7 : pos + 7 + length]
     assert crc == zlib.crc32(payload, zlib.crc32(bytes([kind])))
     pos += 7 + length
     if kind == 0 and length == 0:  # zero padding at the end of a block
@@ -189,6 +210,7 @@ def _wandb_history(output_dir: pathlib.Path) -> list[tuple[str, list[dict]]]:
   """``(run id, history rows)`` of each offline W&B run under ``output_dir/wandb``, oldest first;
   each row keeps the logged keys (W&B's own ``_step``, ``_runtime``, ``_timestamp`` dropped)."""
   from wandb.proto import wandb_internal_pb2
+
   runs = []
   for path in sorted((output_dir / "wandb").glob("offline-run-*/run-*.wandb")):
     run_id, rows = None, []
@@ -197,17 +219,21 @@ def _wandb_history(output_dir: pathlib.Path) -> list[tuple[str, list[dict]]]:
       if record.WhichOneof("record_type") == "run":
         run_id = record.run.run_id
       elif record.WhichOneof("record_type") == "history":
-        row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-               for item in record.history.item}
+        row = {
+          item.key or "/".join(item.nested_key): json.loads(item.value_json)
+          for item in record.history.item
+        }
         rows.append({k: v for k, v in row.items() if not k.startswith("_")})
     runs.append((run_id, rows))
   return runs
 
 
-def test_wandb_offline_holds_the_jsonl_metrics_and_a_resume_continues_the_run(tmp_path,
-                                                                              monkeypatch):
+def test_wandb_offline_holds_the_jsonl_metrics_and_a_resume_continues_the_run(
+  tmp_path, monkeypatch
+):
   pytest.importorskip("wandb")
   from ssapo_jax.metrics import MetricsConfig, WandbConfig, metric_sinks
+
   monkeypatch.setenv("WANDB_MODE", "offline")
   monkeypatch.setenv("WANDB_SILENT", "true")
   config = MetricsConfig(wandb=WandbConfig(project="ssapo-test", name="t", mode="offline"))

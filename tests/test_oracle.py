@@ -75,7 +75,7 @@ def test_bubble_pass_invariant(digits, k):
   ref = np.sort(digits)
   assert sorted(out.tolist()) == ref.tolist()
   if k:
-    np.testing.assert_array_equal(out[len(digits) - k:], ref[len(digits) - k:])
+    np.testing.assert_array_equal(out[len(digits) - k :], ref[len(digits) - k :])
 
 
 def test_demonstrations_are_imperfect_but_valid():
@@ -94,15 +94,15 @@ def test_demonstrations_are_imperfect_but_valid():
 def test_oracle_score_known_cases():
   prompt = "sort: 7 2 9 4"
   assert task.oracle_score(prompt, "2 4 7 9") == 1.0
-  assert task.oracle_score(prompt, "2 4 9 7") == pytest.approx(0.5)       # 2 substitutions
-  assert task.oracle_score(prompt, "2 4 7") == pytest.approx(0.75)        # 1 deletion
+  assert task.oracle_score(prompt, "2 4 9 7") == pytest.approx(0.5)  # 2 substitutions
+  assert task.oracle_score(prompt, "2 4 7") == pytest.approx(0.75)  # 1 deletion
   assert task.oracle_score(prompt, "2 4 7 9 9 9") == pytest.approx(1 - 2 / 4 - 0.05 * 2)
   assert task.oracle_score(prompt, "") == 0.0
   assert task.oracle_score(prompt, "sort sort sort sort sort sort") == 0.0
   assert task.oracle_score("reverse: 1 2 3", "3 2 1") == 1.0
   assert task.oracle_prefers(prompt, "2 4 7 9", "2 4 9 7") == 1
   assert task.oracle_prefers(prompt, "2 4 9 7", "2 4 9 7") == 0
-  np.testing.assert_allclose(task.oracle_scores([prompt, prompt], ["2 4 7 9", "2 4 7"]), [1, .75])
+  np.testing.assert_allclose(task.oracle_scores([prompt, prompt], ["2 4 7 9", "2 4 7"]), [1, 0.75])
 
 
 def test_win_rate_ties_count_half():

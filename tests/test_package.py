@@ -15,6 +15,7 @@ def test_lazy_names_resolve_to_their_modules():
 def test_pure_functions_do_not_import_heavy_dependencies():
   code = "import ssapo_jax, sys; print('transformers' in sys.modules or 'datasets' in sys.modules)"
   import subprocess
+
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "False"
 
@@ -36,10 +37,12 @@ def test_dir_lists_exactly_the_public_api():
 def test_api_reference_builds_with_every_public_name_documented(tmp_path):
   """docs/build_api.py renders the pdoc reference; a public name without a docstring fails."""
   import runpy
+
   pytest = importlib.import_module("pytest")
   pytest.importorskip("pdoc")
-  builder = runpy.run_path(str(__import__("pathlib").Path(__file__).parents[1] / "docs"
-                               / "build_api.py"))
+  builder = runpy.run_path(
+    str(__import__("pathlib").Path(__file__).parents[1] / "docs" / "build_api.py")
+  )
   missing = builder["build"](str(tmp_path))
   assert not missing, missing
   page = (tmp_path / "ssapo_jax" / "losses.html").read_text()
@@ -65,8 +68,18 @@ def test_help_shows_every_config_field():
   """help() of each config section lists every field with its comment from the source."""
   import dataclasses
   import pydoc
-  for name in ("DroConfig", "TrainConfig", "DataConfig", "SamplingConfig", "MeshConfig",
-               "CheckpointConfig", "ModelConfig", "RoundsConfig", "ExperimentConfig"):
+
+  for name in (
+    "DroConfig",
+    "TrainConfig",
+    "DataConfig",
+    "SamplingConfig",
+    "MeshConfig",
+    "CheckpointConfig",
+    "ModelConfig",
+    "RoundsConfig",
+    "ExperimentConfig",
+  ):
     cls = getattr(ssapo_jax, name)
     text = pydoc.render_doc(cls, renderer=pydoc.plaintext)
     assert "(undocumented)" not in text, name

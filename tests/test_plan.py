@@ -29,8 +29,12 @@ def test_slice_names_map_to_libtpu_topologies():
   assert plan.tpu_slice("v4-128").wrap == (True, True, True)
   assert plan.tpu_slice("v5litepod-64").topology == "v5e:8x8"  # v5e names count chips
   assert plan.tpu_slice("v6e-256").num_chips == 256
-  for family, sizes in (("v4", (8, 16, 32, 64, 128)), ("v5p", (8, 16, 32, 64, 128)),
-                        ("v5litepod", (8, 16, 32, 64, 256)), ("v6e", (8, 16, 32, 64, 256))):
+  for family, sizes in (
+    ("v4", (8, 16, 32, 64, 128)),
+    ("v5p", (8, 16, 32, 64, 128)),
+    ("v5litepod", (8, 16, 32, 64, 256)),
+    ("v6e", (8, 16, 32, 64, 256)),
+  ):
     for size in sizes:
       s = plan.tpu_slice(f"{family}-{size}")
       assert s.num_chips == (size // 2 if family in ("v4", "v5p") else size)
@@ -52,8 +56,10 @@ def test_gpu_collectives_use_nvlink_inside_a_node_and_the_network_between():
   assert plan.collective_seconds(across, chip) == pytest.approx(15e9 / 50e9 + 15 * 1e-5)
 
 
-@pytest.mark.parametrize("name,published", [("mistral-7b", 7.24e9), ("llama3-8b", 8.03e9),
-                                            ("llama3.2-1b", 1.24e9), ("llama3.2-3b", 3.21e9)])
+@pytest.mark.parametrize(
+  "name,published",
+  [("mistral-7b", 7.24e9), ("llama3-8b", 8.03e9), ("llama3.2-1b", 1.24e9), ("llama3.2-3b", 3.21e9)],
+)
 def test_presets_have_the_published_parameter_counts(name, published):
   model = nnx.eval_shape(lambda: Llama(preset(name), rngs=nnx.Rngs(0)))
   total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -86,15 +92,24 @@ def test_train_flops_are_six_params_tokens_plus_attention(name):
   # The reference in the step adds one forward pass: 2 * params * tokens plus its attention.
   in_step = tr.TrainConfig(global_batch_size=32, micro_batches=4, reference="in_step")
   assert plan.train_step_flops(config, in_step, seq) == pytest.approx(
-      (8 * params * tokens + attention * 4 / 3), rel=1e-12)
+    (8 * params * tokens + attention * 4 / 3), rel=1e-12
+  )
 
 
 def test_hardware_flops_match_xla_on_cpu():
   # XLA's own count of a compiled step (one micro-batch, one vocabulary chunk, one layer in the
   # layer scan, no remat, so no loop body runs more than once and none is undercounted) agrees
   # with the analytic hardware flops: dots dominate.
-  config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=1,
-                       num_heads=4, num_kv_heads=2, head_dim=64, dtype="float32")
+  config = LlamaConfig(
+    vocab_size=256,
+    hidden_size=256,
+    intermediate_size=512,
+    num_layers=1,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    dtype="float32",
+  )
   t = tr.TrainConfig(global_batch_size=8, micro_batches=1, remat="none", compute_dtype="float32")
   mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1])
   lowered, tokens = plan.lower_train_step(t, config, mesh, seq_len=64)
@@ -110,6 +125,7 @@ def test_hlo_bytes_scale_with_loop_trip_counts():
   def loop(n):
     def f(x):
       return jax.lax.scan(lambda c, _: (jnp.tanh(c @ x), None), x, None, length=n)[0]
+
     return plan.hlo_cost(jax.jit(f).lower(x).compile().as_text())
 
   two, ten = loop(2), loop(10)
@@ -178,8 +194,9 @@ def test_windowed_einsum_loop_counts_its_true_trip_count():
 
 def test_data_dependent_loop_is_unknown():
   # A bound read from the loop state's array (a sampler stopping at EOS) is not a trip count.
-  hlo = _WINDOWED_LOOP.replace("%c = s32[] constant(8)",
-                               "%c = s32[] reduce-precision(%j), exponent_bits=8, mantissa_bits=7")
+  hlo = _WINDOWED_LOOP.replace(
+    "%c = s32[] constant(8)", "%c = s32[] reduce-precision(%j), exponent_bits=8, mantissa_bits=7"
+  )
   cost = plan.hlo_cost(hlo, unknown_trip_count=3)
   assert cost.unknown_loops == 1 and cost.loops == (("body", None),)
   # The default trip count (3) scales the body; the condition now also reads and writes j.
@@ -222,8 +239,16 @@ ENTRY %main (a: f32[256]) -> f32[256] {
 """
   comps, entry = plan.parse_hlo(hlo)
   assert entry == "main"
-  assert [i.op for i in comps["body"]] == ["parameter", "get-tuple-element", "get-tuple-element",
-                                           "custom-call", "negate", "constant", "add", "tuple"]
+  assert [i.op for i in comps["body"]] == [
+    "parameter",
+    "get-tuple-element",
+    "get-tuple-element",
+    "custom-call",
+    "negate",
+    "constant",
+    "add",
+    "tuple",
+  ]
   cost = plan.hlo_cost(hlo)
   assert cost.loops == (("body", 5),)
   # Per trip: the custom call and the negate each read and write 1 KiB; the add 4 + 4 + 4;
@@ -264,8 +289,15 @@ ENTRY %main (x: f32[8,64], w: f32[4,64,32], i: s32[]) -> f32[8,32] {
 
 def test_plan_without_libtpu_says_how_to_install(monkeypatch, capsys):
   monkeypatch.setattr(plan, "libtpu_available", lambda: False)
-  status = plan.main([os.path.join(REPO, "configs", "zephyr_7b_ultrafeedback.yaml"),
-                      "--arch", "mistral-7b", "--topology", "v5p-32"])
+  status = plan.main(
+    [
+      os.path.join(REPO, "configs", "zephyr_7b_ultrafeedback.yaml"),
+      "--arch",
+      "mistral-7b",
+      "--topology",
+      "v5p-32",
+    ]
+  )
   assert status == 2
   err = capsys.readouterr().err
   assert "libtpu is not installed" in err and 'pip install -e ".[tpu]"' in err
@@ -282,32 +314,55 @@ def test_plan_rejects_bad_input(capsys):
 def _tiny_model_dir(tmp_path):
   d = tmp_path / "model"
   d.mkdir()
-  (d / "config.json").write_text(json.dumps(dict(
-      model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=256,
-      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-      max_position_embeddings=256, rms_norm_eps=1e-5, hidden_act="silu", bos_token_id=1,
-      eos_token_id=2, pad_token_id=0)))
+  (d / "config.json").write_text(
+    json.dumps(
+      dict(
+        model_type="llama",
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        hidden_act="silu",
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+      )
+    )
+  )
   return d
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not plan.libtpu_available(),
-                    reason='libtpu is not installed (pip install -e ".[tpu]")')
+@pytest.mark.skipif(
+  not plan.libtpu_available(), reason='libtpu is not installed (pip install -e ".[tpu]")'
+)
 def test_plan_compiles_a_small_config_for_v5litepod_8(tmp_path, monkeypatch, capsys):
   model = _tiny_model_dir(tmp_path)
   out = tmp_path / "plan.json"
   # A chip with 1 MiB of HBM: the programs compile and measure, and the plan reports the misfit.
-  small = dataclasses.replace(plan.CHIPS["v5e"], name="tiny TPU", hbm_bytes=1024 ** 2)
+  small = dataclasses.replace(plan.CHIPS["v5e"], name="tiny TPU", hbm_bytes=1024**2)
   monkeypatch.setitem(plan.CHIPS, "v5e", small)
-  status = plan.main([os.path.join(REPO, "configs", "tiny_cpu.yaml"), f"model.path={model}",
-                      "--topology", "v5litepod-8", "--json", str(out)])
+  status = plan.main(
+    [
+      os.path.join(REPO, "configs", "tiny_cpu.yaml"),
+      f"model.path={model}",
+      "--topology",
+      "v5litepod-8",
+      "--json",
+      str(out),
+    ]
+  )
   captured = capsys.readouterr()
   report = json.loads(out.read_text())
   assert report["num_chips"] == 8 and report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
   assert set(report["programs"]) == {"train_step", "score_logps", "generate"}
   for name, p in report["programs"].items():
-    assert p["hbm_total_bytes"] > 0 and p["hbm_capacity_bytes"] == 1024 ** 2
-    assert p["fits"] == (p["hbm_total_bytes"] <= 1024 ** 2)
+    assert p["hbm_total_bytes"] > 0 and p["hbm_capacity_bytes"] == 1024**2
+    assert p["fits"] == (p["hbm_total_bytes"] <= 1024**2)
     assert p["compile_seconds"] > 0 and p["compile_cpu_seconds"] > 0
     assert p["flops"] > 0 and 0 < p["mfu_palm"] <= p["mfu_palm_overlap"] <= 1
     assert p["flops_causal"] <= p["flops"]
@@ -319,31 +374,41 @@ def test_plan_compiles_a_small_config_for_v5litepod_8(tmp_path, monkeypatch, cap
   cfg = LlamaConfig.from_hf(json.loads((model / "config.json").read_text()))
   tokens = 2 * 8 * 128  # tiny_cpu.yaml: global batch 8, max_length 128
   attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 128 * tokens
-  assert train["flops"] == pytest.approx((6 * _counted_matmul_params(cfg) * tokens + attention)
-                                         / 8, rel=1e-9)
+  assert train["flops"] == pytest.approx(
+    (6 * _counted_matmul_params(cfg) * tokens + attention) / 8, rel=1e-9
+  )
   misfits = [n for n, p in report["programs"].items() if not p["fits"]]
   assert status == (1 if misfits else 0)
   for name in misfits:
     assert f"{name} does not fit v5litepod-8" in captured.err
   assert [(f["round_index"], f["phase"]) for f in report["phases"]] == [
-      (0, "follower"), (0, "training"), (1, "sampling"), (1, "scoring"), (1, "follower"),
-      (1, "training")]
+    (0, "follower"),
+    (0, "training"),
+    (1, "sampling"),
+    (1, "scoring"),
+    (1, "follower"),
+    (1, "training"),
+  ]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not plan.libtpu_available(),
-                    reason='libtpu is not installed (pip install -e ".[tpu]")')
+@pytest.mark.skipif(
+  not plan.libtpu_available(), reason='libtpu is not installed (pip install -e ".[tpu]")'
+)
 def test_splash_compiles_to_the_mosaic_kernel_for_a_tpu_topology():
   """The plan's attention is the TPU kernel (one Mosaic custom call per direction), not the
   interpret-mode emulation, whose loops would be planned instead of the kernel."""
   from ssapo_jax import sharding as shd
   from ssapo_jax.models import attention as attn
+
   devices = plan.topology_devices(plan.tpu_slice("v5litepod-8"))
   mesh = jax.sharding.Mesh(np.asarray(devices).reshape(1, 8, 1), shd.MESH_AXES)
-  shape = jax.ShapeDtypeStruct((8, 512, 4, 128), jnp.bfloat16,
-                               sharding=jax.NamedSharding(mesh, jax.P(("data", "fsdp"))))
-  mask = jax.ShapeDtypeStruct((8, 512), jnp.int32,
-                              sharding=jax.NamedSharding(mesh, jax.P(("data", "fsdp"))))
+  shape = jax.ShapeDtypeStruct(
+    (8, 512, 4, 128), jnp.bfloat16, sharding=jax.NamedSharding(mesh, jax.P(("data", "fsdp")))
+  )
+  mask = jax.ShapeDtypeStruct(
+    (8, 512), jnp.int32, sharding=jax.NamedSharding(mesh, jax.P(("data", "fsdp")))
+  )
 
   def loss(q, k, v, kv_mask):
     return attn.splash_attention(q, k, v, kv_mask, None).astype(jnp.float32).sum()
@@ -358,7 +423,8 @@ def test_splash_compiles_to_the_mosaic_kernel_for_a_tpu_topology():
 def test_package_imports_without_optional_data_dependencies():
   # A GPU image may lack these; the model, train step, sampler, plan and the accelerator
   # benchmark must import without them.
-  code = "\n".join([
+  code = "\n".join(
+    [
       "import sys, importlib.util",
       "for m in ('jaxopt', 'datasets', 'tensorflow_datasets', 'grain', 'tensorboardX'):",
       "  sys.modules[m] = None",
@@ -368,7 +434,8 @@ def test_package_imports_without_optional_data_dependencies():
       "sys.modules['acc'] = module  # dataclasses resolve annotations through sys.modules",
       "spec.loader.exec_module(module)",
       "print('ok')",
-  ])
+    ]
+  )
   env = dict(os.environ, PYTHONPATH=REPO)
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -379,9 +446,19 @@ def test_package_imports_without_optional_data_dependencies():
 def test_accelerator_small_runs_on_cpu(tmp_path):
   out = tmp_path / "accelerator.json"
   env = dict(os.environ, PYTHONPATH=REPO)
-  run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "accelerator.py"),
-                        "--small", "--json", str(out)], capture_output=True, text=True, env=env,
-                       timeout=1200)
+  run = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(REPO, "benchmarks", "accelerator.py"),
+      "--small",
+      "--json",
+      str(out),
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=1200,
+  )
   assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
   report = json.loads(out.read_text())
   assert report["small"] and "accelerator check" in run.stdout
@@ -405,8 +482,7 @@ def test_loop_free_bytes_match_xla_cost_analysis():
   compiled = jax.jit(f).lower(*args).compile()
   cost = plan.hlo_cost(compiled.as_text())
   assert cost.loops == () and cost.on_chip_bytes == 0
-  assert cost.bytes_accessed == pytest.approx(compiled.cost_analysis()["bytes accessed"],
-                                              rel=0.05)
+  assert cost.bytes_accessed == pytest.approx(compiled.cost_analysis()["bytes accessed"], rel=0.05)
 
 
 def test_fsdp_collectives_match_a_hand_computed_volume():
@@ -415,6 +491,7 @@ def test_fsdp_collectives_match_a_hand_computed_volume():
   # whole [512, 256] gradient, then each keeps its shard).
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
+
   mesh = jax.make_mesh((8,), ("fsdp",), devices=jax.devices()[:8])
   rows = NamedSharding(mesh, P("fsdp", None))
   w = jax.ShapeDtypeStruct((512, 256), jnp.float32, sharding=rows)
@@ -433,7 +510,7 @@ def test_fsdp_collectives_match_a_hand_computed_volume():
     assert reduce.wire_bytes == 7 / 8 * full
   # Over a 2 x 4 chip grid without wrap-around the 8-chip ring drives one lane per dimension:
   # 2 links of 45 GB/s per direction, plus 7 ring steps of 1 us latency.
-  chip = plan.Chip("test", 1e12, 2 ** 30, 1e12, link_bandwidth=4.5e10, links=4)
+  chip = plan.Chip("test", 1e12, 2**30, 1e12, link_bandwidth=4.5e10, links=4)
   coords = [(i % 2, i // 2) for i in range(8)]
   seconds = plan.collective_seconds(gather, chip, coords, wrap=(False, False))
   assert seconds == pytest.approx(7 * shard / (2 * 4.5e10) + 7 * 1e-6, rel=1e-12)
@@ -443,12 +520,14 @@ def test_fsdp_collectives_match_a_hand_computed_volume():
   assert plan._ring_lanes((0, 1), coords, (True, True)) == 1  # 2 chips share one link
 
 
-_OOM = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
-        "temporaries (20.15G) exceeds available HBM (15.75G).")  # libtpu 0.0.42.1, verbatim
+_OOM = (
+  "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+  "temporaries (20.15G) exceeds available HBM (15.75G)."
+)  # libtpu 0.0.42.1, verbatim
 
 
 def test_out_of_memory_compile_becomes_a_row():
-  assert plan.parse_out_of_memory(_OOM) == (int(20.15 * 2 ** 30), int(15.75 * 2 ** 30))
+  assert plan.parse_out_of_memory(_OOM) == (int(20.15 * 2**30), int(15.75 * 2**30))
   assert plan.parse_out_of_memory("INVALID_ARGUMENT: bad shapes") is None
 
   class Lowered:
@@ -457,7 +536,7 @@ def test_out_of_memory_compile_becomes_a_row():
 
   chip = plan.CHIPS["v5e"]
   p = plan.compile_program("train_step", lambda: (Lowered(), 1024), chip, 8, 8e12, 1e13)
-  assert not p.fits and p.requested_bytes == int(20.15 * 2 ** 30)
+  assert not p.fits and p.requested_bytes == int(20.15 * 2**30)
   assert p.total_bytes == p.requested_bytes and p.capacity_bytes == chip.hbm_bytes
   report = p.to_json()
   assert report["fits"] is False and report["error"].startswith("RESOURCE_EXHAUSTED")
@@ -477,6 +556,7 @@ def _zephyr():
 
 def test_phase_residency_is_what_the_run_holds():
   from ssapo_jax.pipeline import residency
+
   exp = _zephyr()  # annotation reference SFT, train reference previous, float32 master weights
   n, shards = 7_241_732_096, 16
   master = n * 4 / shards
@@ -484,11 +564,17 @@ def test_phase_residency_is_what_the_run_holds():
   assert list(seed) == ["follower", "training"]
   later = {p.name: p for p in residency.phases(exp, num_params=n, shards=shards, round_index=2)}
   assert list(later) == ["sampling", "scoring", "follower", "training"]
-  assert [p.program for p in later.values()] == ["generate", "score_logps", "score_logps",
-                                                 "train_step"]
+  assert [p.program for p in later.values()] == [
+    "generate",
+    "score_logps",
+    "score_logps",
+    "train_step",
+  ]
   # Round 2 holds the SFT model (the judge) and pi_1 (policy, reference); no optimizer moments.
-  assert [h.name for h in later["sampling"].held] == ["SFT model (master, float32)",
-                                                      "policy pi_1 (master, float32)"]
+  assert [h.name for h in later["sampling"].held] == [
+    "SFT model (master, float32)",
+    "policy pi_1 (master, float32)",
+  ]
   assert later["sampling"].hbm_bytes == 2 * master and later["sampling"].host_bytes == 0
   # Scoring the SFT judge, the follower's pi_1 reference: the other model beside the program.
   assert later["scoring"].hbm_bytes == master and later["follower"].hbm_bytes == master
@@ -496,30 +582,51 @@ def test_phase_residency_is_what_the_run_holds():
   assert all("moment" not in h.name for p in later.values() for h in p.held)
   assert seed["follower"].hbm_bytes == 0 and seed["training"].hbm_bytes == master
   # The previous policy as judge keeps pi_{t-2} too, and the run drops exactly what it says.
-  prev = dataclasses.replace(exp, rounds=dataclasses.replace(exp.rounds,
-                                                             annotation_reference="previous"))
+  prev = dataclasses.replace(
+    exp, rounds=dataclasses.replace(exp.rounds, annotation_reference="previous")
+  )
   assert residency.models_held(prev.rounds, 2) == (-1, 1, 0)
   assert residency.models_held(exp.rounds, 2) == (-1, 1)
   assert residency.phases(prev, num_params=n, shards=shards)[0].hbm_bytes == 2 * master  # t=1
-  assert residency.phases(prev, num_params=n, shards=shards,
-                          round_index=2)[0].hbm_bytes == 3 * master
-  assert residency.resident_bytes(later["sampling"], 10 * 2 ** 30) == 10 * 2 ** 30 + 2 * master
+  assert (
+    residency.phases(prev, num_params=n, shards=shards, round_index=2)[0].hbm_bytes == 3 * master
+  )
+  assert residency.resident_bytes(later["sampling"], 10 * 2**30) == 10 * 2**30 + 2 * master
 
 
-def _fake_plan(name, step_seconds, compile_seconds, total_bytes=2 ** 30):
+def _fake_plan(name, step_seconds, compile_seconds, total_bytes=2**30):
   return plan.ProgramPlan(
-      name=name, tokens=1, argument_bytes=total_bytes, temp_bytes=0, output_bytes=0,
-      alias_bytes=0, code_bytes=0, capacity_bytes=95 * 2 ** 30, compile_seconds=compile_seconds,
-      compile_cpu_seconds=compile_seconds / 2, flops=1.0, flops_causal=1.0,
-      hardware_flops=step_seconds * 1e12, bytes_accessed=0.0, on_chip_bytes=0.0, wire_bytes=0.0,
-      collective_count=0.0, comm_seconds=step_seconds / 2, unknown_loops=0, peak_flops=1e12,
-      hbm_bandwidth=1e12)
+    name=name,
+    tokens=1,
+    argument_bytes=total_bytes,
+    temp_bytes=0,
+    output_bytes=0,
+    alias_bytes=0,
+    code_bytes=0,
+    capacity_bytes=95 * 2**30,
+    compile_seconds=compile_seconds,
+    compile_cpu_seconds=compile_seconds / 2,
+    flops=1.0,
+    flops_causal=1.0,
+    hardware_flops=step_seconds * 1e12,
+    bytes_accessed=0.0,
+    on_chip_bytes=0.0,
+    wire_bytes=0.0,
+    collective_count=0.0,
+    comm_seconds=step_seconds / 2,
+    unknown_loops=0,
+    peak_flops=1e12,
+    hbm_bandwidth=1e12,
+  )
 
 
 def test_run_estimate_counts_every_call_of_the_paper_run():
   exp = _zephyr()
-  plans = [_fake_plan("train_step", 1.0, 180), _fake_plan("score_logps", 0.1, 30),
-           _fake_plan("generate", 2.0, 60)]
+  plans = [
+    _fake_plan("train_step", 1.0, 180),
+    _fake_plan("score_logps", 0.1, 30),
+    _fake_plan("generate", 2.0, 60),
+  ]
   phases, shapes = plan.run_estimate(exp, plans, 16)
   calls = {(p.round_index, p.phase): p.calls for p in phases}
   # Seed: 2,000 pairs, 3 epochs at 32 pairs per step; reference log-probs of 4,000 sequences
@@ -545,6 +652,7 @@ def _xla_scaled_bytes(text: str) -> float:
   trip count. XLA counts on-chip (S(1)) arrays too."""
   import jaxlib._hlo as xla_hlo
   from jax._src.lib import _jax
+
   client = jax.devices("cpu")[0].client
   lines = text.splitlines()
 
@@ -578,8 +686,9 @@ def _xla_scaled_bytes(text: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not plan.libtpu_available(),
-                    reason='libtpu is not installed (pip install -e ".[tpu]")')
+@pytest.mark.skipif(
+  not plan.libtpu_available(), reason='libtpu is not installed (pip install -e ".[tpu]")'
+)
 def test_splash_layer_body_is_parsed_whole_and_bytes_match_xla():
   """A scanned splash decoder layer compiled for TPU: every instruction of every computation is
   parsed (XLA's own parser is the reference), the layer loop counts its layers, and the byte
@@ -587,11 +696,21 @@ def test_splash_layer_body_is_parsed_whole_and_bytes_match_xla():
   import jaxlib._hlo as xla_hlo
 
   from ssapo_jax import sharding as shd
-  config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=3,
-                       num_heads=2, num_kv_heads=1, head_dim=128, dtype="bfloat16",
-                       param_dtype="float32", remat="full", attention="splash")
-  t = tr.TrainConfig(global_batch_size=16, micro_batches=2, compute_dtype="bfloat16",
-                     remat="full")
+
+  config = LlamaConfig(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_layers=3,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=128,
+    dtype="bfloat16",
+    param_dtype="float32",
+    remat="full",
+    attention="splash",
+  )
+  t = tr.TrainConfig(global_batch_size=16, micro_batches=2, compute_dtype="bfloat16", remat="full")
   devices = plan.topology_devices(plan.tpu_slice("v5litepod-8"))
   mesh = jax.sharding.Mesh(np.asarray(devices).reshape(1, 8, 1), shd.MESH_AXES)
   lowered, _ = plan.lower_train_step(t, config, mesh, seq_len=512)
@@ -601,22 +720,29 @@ def test_splash_layer_body_is_parsed_whole_and_bytes_match_xla():
   # XLA's parser adds an ``async_wrapped`` computation around each async op it reads back;
   # every computation of the text has the same instructions in both.
   assert {c: len(v) for c, v in comps.items()} == {
-      c: n for c, n in xla.items() if not c.startswith("async_wrapped")}
+    c: n for c, n in xla.items() if not c.startswith("async_wrapped")
+  }
   cost = plan.hlo_cost(text)
   assert cost.unknown_loops == 0
   trips = dict(cost.loops)
   assert t.micro_batches in trips.values() and config.num_layers in trips.values()
-  splash = {b for b, instrs in comps.items()
-            if any(i.op == "custom-call" and "tpu_custom_call" in i.attrs for i in instrs)}
+  splash = {
+    b
+    for b, instrs in comps.items()
+    if any(i.op == "custom-call" and "tpu_custom_call" in i.attrs for i in instrs)
+  }
   assert splash
   for b in splash:  # instructions follow the kernel's call (once the computation's cut-off)
     assert [i.op for i in comps[b]][-1] != "custom-call"
 
   def reaches(comp, seen=()):
-    called = {c for i in comps[comp] for key in ("calls", "to_apply", "body")
-              for c in plan._attr_computations(i.attrs, key)}
-    return bool(called & splash) or any(reaches(c, seen + (comp,)) for c in called
-                                         if c not in seen)
+    called = {
+      c
+      for i in comps[comp]
+      for key in ("calls", "to_apply", "body")
+      for c in plan._attr_computations(i.attrs, key)
+    }
+    return bool(called & splash) or any(reaches(c, seen + (comp,)) for c in called if c not in seen)
 
   layers = [b for b, n in cost.loops if n == config.num_layers]
   assert any(b in splash or reaches(b) for b in layers)  # the scanned layer calls the kernel
@@ -625,37 +751,64 @@ def test_splash_layer_body_is_parsed_whole_and_bytes_match_xla():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not plan.libtpu_available(),
-                    reason='libtpu is not installed (pip install -e ".[tpu]")')
+@pytest.mark.skipif(
+  not plan.libtpu_available(), reason='libtpu is not installed (pip install -e ".[tpu]")'
+)
 def test_eight_b_train_step_does_not_fit_v5litepod_8(tmp_path, capsys):
   """The 8B train step (float32 master weights and Adam moments) needs more than a 16 GiB v5e
   chip: XLA's RESOURCE_EXHAUSTED becomes a row, the JSON is written and the scoring pass is
   still planned."""
   out = tmp_path / "plan.json"
-  status = plan.main([os.path.join(REPO, "configs", "llama3_8b_instruct_ultrafeedback.yaml"),
-                      "--arch", "llama3-8b", "--topology", "v5litepod-8",
-                      "--programs", "train_step,score_logps", "--json", str(out)])
+  status = plan.main(
+    [
+      os.path.join(REPO, "configs", "llama3_8b_instruct_ultrafeedback.yaml"),
+      "--arch",
+      "llama3-8b",
+      "--topology",
+      "v5litepod-8",
+      "--programs",
+      "train_step,score_logps",
+      "--json",
+      str(out),
+    ]
+  )
   captured = capsys.readouterr()
   assert status == 1
   report = json.loads(out.read_text())
   train, score = report["programs"]["train_step"], report["programs"]["score_logps"]
   assert train["fits"] is False and "RESOURCE_EXHAUSTED" in train["error"]
-  assert train["requested_bytes"] > 0 and train["hbm_capacity_bytes"] == 16 * 2 ** 30
+  assert train["requested_bytes"] > 0 and train["hbm_capacity_bytes"] == 16 * 2**30
   assert "train_step does not fit v5litepod-8" in captured.err
   assert "flops" in score and score["hbm_total_bytes"] > 0
   assert "score_logps" in captured.out
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not plan.cuda_plugin_available(),
-                    reason='the CUDA plugin is not installed (pip install -e ".[gpu-plan]")')
+@pytest.mark.skipif(
+  not plan.cuda_plugin_available(),
+  reason='the CUDA plugin is not installed (pip install -e ".[gpu-plan]")',
+)
 def test_plan_compiles_for_h100_nodes_without_a_gpu(tmp_path):
   model = _tiny_model_dir(tmp_path)
   out = tmp_path / "plan.json"
   run = subprocess.run(  # a fresh process: the plugin registers when JAX first discovers plugins
-      [sys.executable, "-m", "ssapo_jax.plan", os.path.join(REPO, "configs", "tiny_cpu.yaml"),
-       f"model.path={model}", "--topology", "h100-8", "--json", str(out)],
-      capture_output=True, text=True, env=dict(os.environ), timeout=1200, check=False)
+    [
+      sys.executable,
+      "-m",
+      "ssapo_jax.plan",
+      os.path.join(REPO, "configs", "tiny_cpu.yaml"),
+      f"model.path={model}",
+      "--topology",
+      "h100-8",
+      "--json",
+      str(out),
+    ],
+    capture_output=True,
+    text=True,
+    env=dict(os.environ),
+    timeout=1200,
+    check=False,
+  )
   assert run.returncode == 0, run.stderr[-2000:]
   report = json.loads(out.read_text())
   assert report["chip"] == "NVIDIA H100 SXM" and report["num_chips"] == 8
@@ -669,8 +822,10 @@ def test_plan_compiles_for_h100_nodes_without_a_gpu(tmp_path):
 # `checkify.debug_check` (the atoms' checks inside the loss) numbers its error codes with a
 # process-wide counter, so two traces of one program differ in those constants alone: the code
 # fed to each check's `select(False, code, -1)` is masked.
-_CHECK_CODE = re.compile(r"dense<\d+> : tensor<i32>(\n\s+%\S+ = stablehlo\.constant dense<-1> : "
-                         r"tensor<i32>\n\s+%\S+ = stablehlo\.select)")
+_CHECK_CODE = re.compile(
+  r"dense<\d+> : tensor<i32>(\n\s+%\S+ = stablehlo\.constant dense<-1> : "
+  r"tensor<i32>\n\s+%\S+ = stablehlo\.select)"
+)
 
 
 def _fingerprint(lowered) -> str:
@@ -686,6 +841,7 @@ def test_plan_lowers_exactly_the_run_programs():
 
   from ssapo_jax import sharding as shd
   from ssapo_jax.sampling import Sampler, SamplingConfig
+
   mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=2, tensor=2))
   cfg = w.train_config(objective="robust", micro_batches=2)
   model = w.tiny_model()
@@ -693,11 +849,23 @@ def test_plan_lowers_exactly_the_run_programs():
   run_step = tr.make_train_step(cfg, mesh, state)
   batch = w.make_batch(0)
   run_lowered = run_step.lower(state, shd.global_batch(mesh, batch))
-  plan_lowered, _ = plan.lower_train_step(cfg, model.config, mesh, seq_len=batch.chosen_ids.shape[1],
-                                          num_atoms=batch.atom_weights.shape[1], num_train_steps=7)
+  plan_lowered, _ = plan.lower_train_step(
+    cfg,
+    model.config,
+    mesh,
+    seq_len=batch.chosen_ids.shape[1],
+    num_atoms=batch.atom_weights.shape[1],
+    num_train_steps=7,
+  )
   assert _fingerprint(plan_lowered) == _fingerprint(run_lowered)
-  other, _ = plan.lower_train_step(cfg, model.config, mesh, seq_len=batch.chosen_ids.shape[1] + 8,
-                                   num_atoms=batch.atom_weights.shape[1], num_train_steps=7)
+  other, _ = plan.lower_train_step(
+    cfg,
+    model.config,
+    mesh,
+    seq_len=batch.chosen_ids.shape[1] + 8,
+    num_atoms=batch.atom_weights.shape[1],
+    num_train_steps=7,
+  )
   assert _fingerprint(other) != _fingerprint(run_lowered)  # the comparison can fail
 
   scorer = tr.Scorer(mesh, 0, 8, compute_dtype=model.config.dtype)
@@ -709,5 +877,6 @@ def test_plan_lowers_exactly_the_run_programs():
 
   s = SamplingConfig(max_new_tokens=4, batch_size=8, num_samples=2, temperature=1.0)
   sampler = Sampler(mesh, s, pad_token_id=0, eos_token_ids=(0,))
-  assert (_fingerprint(sampler.lower(model, 12))
-          == _fingerprint(plan.lower_generate(s, model.config, mesh, prompt_len=12)[0]))
+  assert _fingerprint(sampler.lower(model, 12)) == _fingerprint(
+    plan.lower_generate(s, model.config, mesh, prompt_len=12)[0]
+  )

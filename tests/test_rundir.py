@@ -17,7 +17,7 @@ def fake_bucket(tmp_path, monkeypatch):
 
   def remote_path(path):
     assert path.startswith("gs://bucket")
-    return epath.Path(str(root) + path[len("gs://bucket"):])
+    return epath.Path(str(root) + path[len("gs://bucket") :])
 
   monkeypatch.setattr(rundir, "_remote_path", remote_path)
   return root
@@ -51,16 +51,21 @@ def test_push_then_pull_mirrors_phase_outputs(tmp_path, fake_bucket):
     f.write("partial")  # an unfinished write is never copied
   rundir.push(out, work, "round_1")
   copied = sorted(str(p.relative_to(fake_bucket)) for p in fake_bucket.rglob("*") if p.is_file())
-  assert copied == ["run/round_1/generations.npz", "run/round_1/pairs/card.json",
-                    "run/round_1/summary.json"]
+  assert copied == [
+    "run/round_1/generations.npz",
+    "run/round_1/pairs/card.json",
+    "run/round_1/summary.json",
+  ]
   # Checkpoints and metrics live only remotely and are not mirrored down.
   (fake_bucket / "run" / "checkpoints" / "3").mkdir(parents=True)
   (fake_bucket / "run" / "checkpoints" / "3" / "state").write_text("orbax")
   (fake_bucket / "run" / "metrics.jsonl").write_text("{}\n")
   fresh = str(tmp_path / "fresh")
   rundir.pull(out, fresh)
-  pulled = sorted(os.path.relpath(os.path.join(d, f), fresh)
-                  for d, _, names in os.walk(fresh) for f in names)
+  pulled = sorted(
+    os.path.relpath(os.path.join(d, f), fresh) for d, _, names in os.walk(fresh) for f in names
+  )
   assert pulled == ["round_1/generations.npz", "round_1/pairs/card.json", "round_1/summary.json"]
-  np.testing.assert_array_equal(np.load(os.path.join(fresh, "round_1", "generations.npz"))["tokens"],
-                                np.ones((2, 3)))
+  np.testing.assert_array_equal(
+    np.load(os.path.join(fresh, "round_1", "generations.npz"))["tokens"], np.ones((2, 3))
+  )

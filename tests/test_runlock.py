@@ -116,8 +116,9 @@ def test_lock_held_by_another_process_then_killed(tmp_path):
   """A live holder refuses others; after SIGKILL its lock is stale and taken over."""
   out = str(tmp_path / "run")
   env = dict(os.environ, PYTHONPATH=REPO)
-  holder = subprocess.Popen([sys.executable, "-c", HOLDER, out], stdout=subprocess.PIPE,
-                            text=True, env=env)
+  holder = subprocess.Popen(
+    [sys.executable, "-c", HOLDER, out], stdout=subprocess.PIPE, text=True, env=env
+  )
   try:
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(RunLockedError, match=f"pid {holder.pid} on host"):

@@ -19,7 +19,11 @@ from ssapo_jax.runrecord import (
   write_config,
 )
 
-CONFIG = {"output_dir": "runs/x", "train": {"beta": 0.1, "epochs": 1}, "data": {"pool_sizes": [4, 4]}}
+CONFIG = {
+  "output_dir": "runs/x",
+  "train": {"beta": 0.1, "epochs": 1},
+  "data": {"pool_sizes": [4, 4]},
+}
 
 
 def _record(out, resolved, *, allow_change=False):
@@ -30,8 +34,11 @@ def _record(out, resolved, *, allow_change=False):
 
 def test_changes_are_listed_per_leaf():
   new = {**CONFIG, "train": {"beta": 0.2, "epochs": 1}, "data": {"pool_sizes": [4, 8]}, "seed": 3}
-  assert config_changes(CONFIG, new) == ["train.beta: 0.1 -> 0.2", "data.pool_sizes: [4, 4] -> [4, 8]",
-                                         "seed: null -> 3"]
+  assert config_changes(CONFIG, new) == [
+    "train.beta: 0.1 -> 0.2",
+    "data.pool_sizes: [4, 4] -> [4, 8]",
+    "seed: null -> 3",
+  ]
   assert config_changes(CONFIG, CONFIG) == []
 
 
@@ -53,7 +60,10 @@ def test_versions_are_never_overwritten(tmp_path):
   third = _record(out, CONFIG, allow_change=True)  # compared with the latest version
   assert os.path.basename(third.path) == "config.2.yaml"
   assert [os.path.basename(p) for _, p in config_versions(str(out))] == [
-      "config.yaml", "config.1.yaml", "config.2.yaml"]
+    "config.yaml",
+    "config.1.yaml",
+    "config.2.yaml",
+  ]
   assert yaml.safe_load(open(out / "config.yaml")) == CONFIG  # the original record is intact
   assert yaml.safe_load(open(out / "config.1.yaml")) == changed
   with pytest.raises(RunDirError, match="never overwritten"):
@@ -65,8 +75,11 @@ def test_moved_or_relaunched_run_is_the_same_run(tmp_path):
   out = tmp_path / "run"
   placed = {**CONFIG, "mesh": {"process_id": 0, "coordinator_address": "10.0.0.1:1234", "fsdp": 8}}
   _record(out, placed)
-  moved = {**placed, "output_dir": "elsewhere",
-           "mesh": {"process_id": 1, "coordinator_address": "10.0.0.2:999", "fsdp": 8}}
+  moved = {
+    **placed,
+    "output_dir": "elsewhere",
+    "mesh": {"process_id": 1, "coordinator_address": "10.0.0.2:999", "fsdp": 8},
+  }
   assert _record(out, moved).changes == ()
   with pytest.raises(ConfigChangedError, match="mesh.fsdp: 8 -> 4"):
     _record(out, {**moved, "mesh": {**moved["mesh"], "fsdp": 4}})
@@ -100,6 +113,7 @@ def test_run_log_disabled_on_other_processes(tmp_path, capsys):
 def test_position_names_the_open_bar_else_the_phase_after_the_latest_message(tmp_path):
   """What `ssapo-train` says after "interrupted at" (Ctrl-C)."""
   from ssapo_jax import runrecord
+
   with runrecord.run_log(str(tmp_path)):
     runrecord.message("round 1 follower: 1.0 s, 64 pairs")
     assert runrecord.position() == 'the phase after "round 1 follower: 1.0 s, 64 pairs"'

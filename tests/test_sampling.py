@@ -55,10 +55,24 @@ def test_greedy_matches_transformers_generate(tmp_path, family):
   # Make EOS the greedy choice somewhere so early stopping is exercised: the reference
   # decides where each row stops.
   with torch.no_grad():
-    ref = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=10,
-                      do_sample=False, eos_token_id=[EOS, 9], pad_token_id=0)[:, 7:].numpy()
-  g = generate(model, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0),
-               max_new_tokens=10, temperature=0.0, eos_token_ids=(EOS, 9), pad_token_id=0)
+    ref = hf.generate(
+      torch.tensor(ids),
+      attention_mask=torch.tensor(mask),
+      max_new_tokens=10,
+      do_sample=False,
+      eos_token_id=[EOS, 9],
+      pad_token_id=0,
+    )[:, 7:].numpy()
+  g = generate(
+    model,
+    jnp.asarray(ids),
+    jnp.asarray(mask),
+    jax.random.key(0),
+    max_new_tokens=10,
+    temperature=0.0,
+    eos_token_ids=(EOS, 9),
+    pad_token_id=0,
+  )
   ref = np.pad(ref, ((0, 0), (0, 10 - ref.shape[1])))  # HF stops when all rows finished
   np.testing.assert_array_equal(np.asarray(g.tokens), ref)
   # Mask: 1 up to and including the first EOS.
@@ -72,8 +86,15 @@ def test_logps_equal_full_forward_log_softmax(models):
   """Per-token log-probs from the cached loop equal a full forward over prompt + response."""
   _, model = models
   ids, mask = _prompts(1)
-  g = generate(model, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(1),
-               max_new_tokens=8, temperature=1.0, num_samples=2)
+  g = generate(
+    model,
+    jnp.asarray(ids),
+    jnp.asarray(mask),
+    jax.random.key(1),
+    max_new_tokens=8,
+    temperature=1.0,
+    num_samples=2,
+  )
   tokens, gmask = np.asarray(g.tokens), np.asarray(g.mask)
   full_ids = np.concatenate([np.repeat(ids, 2, 0), tokens], 1)
   full_mask = np.concatenate([np.repeat(mask, 2, 0), gmask], 1)
@@ -96,10 +117,24 @@ def test_sampling_is_reproducible_and_prompt_major(models):
   assert a.tokens.shape == (9, 6)
   assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
   # Greedy samples of one prompt are identical and ordered prompt-major.
-  g = generate(model, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0),
-               max_new_tokens=5, temperature=0.0, num_samples=2)
-  g1 = generate(model, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0),
-                max_new_tokens=5, temperature=0.0, num_samples=1)
+  g = generate(
+    model,
+    jnp.asarray(ids),
+    jnp.asarray(mask),
+    jax.random.key(0),
+    max_new_tokens=5,
+    temperature=0.0,
+    num_samples=2,
+  )
+  g1 = generate(
+    model,
+    jnp.asarray(ids),
+    jnp.asarray(mask),
+    jax.random.key(0),
+    max_new_tokens=5,
+    temperature=0.0,
+    num_samples=1,
+  )
   np.testing.assert_array_equal(np.asarray(g.tokens), np.repeat(np.asarray(g1.tokens), 2, 0))
 
 
@@ -121,9 +156,18 @@ def _allowed(logits, *, top_k, top_p):
 def test_top_k_top_p_never_emit_excluded_tokens(models, top_k, top_p):
   _, model = models
   ids, mask = _prompts(3)
-  g = generate(model, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(7),
-               max_new_tokens=6, temperature=0.8, top_k=top_k, top_p=top_p, num_samples=4,
-               eos_token_ids=())
+  g = generate(
+    model,
+    jnp.asarray(ids),
+    jnp.asarray(mask),
+    jax.random.key(7),
+    max_new_tokens=6,
+    temperature=0.8,
+    top_k=top_k,
+    top_p=top_p,
+    num_samples=4,
+    eos_token_ids=(),
+  )
   tokens = np.asarray(g.tokens)
   full_ids = np.concatenate([np.repeat(ids, 4, 0), tokens], 1)
   full_mask = np.concatenate([np.repeat(mask, 4, 0), np.ones_like(tokens)], 1)
@@ -142,12 +186,12 @@ def test_filter_logits_against_numpy():
     allowed = _allowed(logits, top_k=top_k, top_p=top_p)
     for r in range(6):
       assert set(np.flatnonzero(np.isfinite(out[r])).tolist()) == allowed[r]
-      np.testing.assert_array_equal(out[r][np.isfinite(out[r])],
-                                    logits[r][np.isfinite(out[r])])
+      np.testing.assert_array_equal(out[r][np.isfinite(out[r])], logits[r][np.isfinite(out[r])])
 
 
 def test_decode_stops_at_eos(tmp_path):
   from ssapo_jax.models.tokenizer import build_word_tokenizer
+
   tok = build_word_tokenizer(tmp_path, ["hello", "world", "again"])
   h, w, a = tok.convert_tokens_to_ids(["hello", "world", "again"])
   eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -163,12 +207,20 @@ def test_argument_errors(models):
   with pytest.raises(ValueError, match="left-padded"):
     generate(model, jnp.asarray(ids), jnp.asarray(right), jax.random.key(0), max_new_tokens=2)
   with pytest.raises(ValueError, match="top_p"):
-    generate(model, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), max_new_tokens=2,
-             top_p=0.0)
+    generate(
+      model, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), max_new_tokens=2, top_p=0.0
+    )
   with pytest.raises(ValueError, match="sampling.top_k"):
     SamplingConfig(top_k=-1)
-  g = generate(model, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), temperature=0.0,
-               max_new_tokens=3, num_samples=1)
+  g = generate(
+    model,
+    jnp.asarray(ids),
+    jnp.asarray(mask),
+    jax.random.key(0),
+    temperature=0.0,
+    max_new_tokens=3,
+    num_samples=1,
+  )
   assert g.tokens.shape == (3, 3)
 
 
@@ -179,7 +231,7 @@ KEY = 7
 
 
 def _mesh(shape):
-  return shd.make_mesh(shd.MeshConfig(*shape), jax.devices()[:math.prod(shape)])
+  return shd.make_mesh(shd.MeshConfig(*shape), jax.devices()[: math.prod(shape)])
 
 
 def _sample(shape):
@@ -201,11 +253,11 @@ def test_plan_batches_cover_every_prompt_once():
   lengths = rng.integers(1, 50, 23)
   for bucketed in (False, True):
     plan = plan_batches(lengths, batch_size=4, bucket_size=8, bucketed=bucketed)
-    real = np.concatenate([b.indices[:b.num_real] for b in plan])
+    real = np.concatenate([b.indices[: b.num_real] for b in plan])
     assert sorted(real.tolist()) == list(range(23))
     for b in plan:
       assert b.indices.shape == (4,)
-      assert (b.indices[b.num_real:] == b.indices[b.num_real - 1]).all()
+      assert (b.indices[b.num_real :] == b.indices[b.num_real - 1]).all()
       assert b.length == -(-lengths[b.indices].max() // 8) * 8
     if not bucketed:
       np.testing.assert_array_equal(real, np.arange(23))
@@ -213,8 +265,7 @@ def test_plan_batches_cover_every_prompt_once():
     assert prompt_padding_fraction(plan, lengths) == pytest.approx(1 - lengths.sum() / slots)
   unbucketed = plan_batches(lengths, batch_size=4, bucket_size=8, bucketed=False)
   bucketed = plan_batches(lengths, batch_size=4, bucket_size=8)
-  assert (prompt_padding_fraction(bucketed, lengths)
-          < prompt_padding_fraction(unbucketed, lengths))
+  assert prompt_padding_fraction(bucketed, lengths) < prompt_padding_fraction(unbucketed, lengths)
   with pytest.raises(ValueError, match="prompt 2 is empty"):
     plan_batches([3, 1, 0], batch_size=2)
 
@@ -226,10 +277,20 @@ def test_sampler_rows_equal_sampling_each_prompt_alone(single_device):
   model = w.tiny_model(0)
   for i in (0, 5, 12):
     ids, mask = left_pad([prompts[i]], pad_id=0, length=16)
-    alone = generate(model, ids, mask, jax.random.key(KEY), max_new_tokens=6, temperature=1.0,
-                     num_samples=2, eos_token_ids=(2,), pad_token_id=0, prompt_index=[i])
-    np.testing.assert_array_equal(gen.tokens[2 * i:2 * i + 2], np.asarray(alone.tokens))
-    np.testing.assert_allclose(gen.logps[2 * i:2 * i + 2], np.asarray(alone.logps), atol=1e-5)
+    alone = generate(
+      model,
+      ids,
+      mask,
+      jax.random.key(KEY),
+      max_new_tokens=6,
+      temperature=1.0,
+      num_samples=2,
+      eos_token_ids=(2,),
+      pad_token_id=0,
+      prompt_index=[i],
+    )
+    np.testing.assert_array_equal(gen.tokens[2 * i : 2 * i + 2], np.asarray(alone.tokens))
+    np.testing.assert_allclose(gen.logps[2 * i : 2 * i + 2], np.asarray(alone.logps), atol=1e-5)
   # Stats: 13 prompts in 2 batches of 8 (3 filler rows), 2 samples each, prompts padded to 16.
   s = out.stats
   assert (s.prompts, s.rows, s.prompt_slots) == (13, 32, 32 * 16)
@@ -237,7 +298,8 @@ def test_sampler_rows_equal_sampling_each_prompt_alone(single_device):
   assert s.new_tokens == int(gen.mask.sum())
   assert s.decode_slots <= 32 * 6
   assert s.padding_fraction == pytest.approx(
-      1 - (s.prompt_tokens + s.new_tokens) / (s.prompt_slots + s.decode_slots))
+    1 - (s.prompt_tokens + s.new_tokens) / (s.prompt_slots + s.decode_slots)
+  )
   np.testing.assert_array_equal(out.prompt_index, np.arange(13))
 
 
@@ -260,21 +322,37 @@ def test_decode_layout_is_gathered_once_outside_the_loop():
   sampler = w.sampler(mesh)
   graphdef, params, rest = sampler.decode_layout(model)
   assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(params))
-  settings = sampling._settings(model.config, max_new_tokens=4, temperature=1.0, top_p=1.0,
-                                top_k=0, num_samples=2, eos_token_ids=(2,), pad_token_id=0)
+  settings = sampling._settings(
+    model.config,
+    max_new_tokens=4,
+    temperature=1.0,
+    top_p=1.0,
+    top_k=0,
+    num_samples=2,
+    eos_token_ids=(2,),
+    pad_token_id=0,
+  )
   rows = jax.sharding.NamedSharding(mesh, shd.batch_spec(2, 8, mesh))
   ids = jax.device_put(np.ones((8, 16), np.int32), rows)
-  index = jax.device_put(np.arange(8, dtype=np.int32),
-                         jax.sharding.NamedSharding(mesh, shd.batch_spec(1, 8, mesh)))
+  index = jax.device_put(
+    np.arange(8, dtype=np.int32), jax.sharding.NamedSharding(mesh, shd.batch_spec(1, 8, mesh))
+  )
   key = shd.put_global(jax.random.key(0), shd.replicated(mesh))
-  hlo = sampling._generate.lower(graphdef, params, rest, ids, ids, index, key,
-                                 settings=settings, mesh=mesh).compile().as_text()
+  hlo = (
+    sampling._generate.lower(
+      graphdef, params, rest, ids, ids, index, key, settings=settings, mesh=mesh
+    )
+    .compile()
+    .as_text()
+  )
   assert "while" in hlo and not re.search(r"all-gather", hlo)
 
   mesh = _mesh((1, 4, 2))
   _, params, _ = w.sampler(mesh).decode_layout(w.sharded_tiny_model(mesh))
   q = params["layers"]["attn"]["q_proj"]
-  assert q.sharding.spec == PartitionSpec(None, None, "tensor", None)  # [L, D, N, H]: heads over tensor
+  assert q.sharding.spec == PartitionSpec(
+    None, None, "tensor", None
+  )  # [L, D, N, H]: heads over tensor
 
 
 def test_decode_layout_casts_to_the_compute_dtype_with_the_same_samples():
@@ -286,8 +364,16 @@ def test_decode_layout_casts_to_the_compute_dtype_with_the_same_samples():
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
   _, master, _ = nnx.split(model, nnx.Param, ...)
   assert {x.dtype for x in jax.tree.leaves(master)} == {jnp.dtype(jnp.float32)}
-  settings = sampling._settings(model.config, max_new_tokens=6, temperature=1.0, top_p=1.0,
-                                top_k=0, num_samples=2, eos_token_ids=(2,), pad_token_id=0)
+  settings = sampling._settings(
+    model.config,
+    max_new_tokens=6,
+    temperature=1.0,
+    top_p=1.0,
+    top_k=0,
+    num_samples=2,
+    eos_token_ids=(2,),
+    pad_token_id=0,
+  )
   ids, mask = left_pad(w.sampler_prompts(8), pad_id=0)
   args = (jnp.asarray(ids), jnp.asarray(mask), jnp.arange(8, dtype=jnp.int32), jax.random.key(3))
   cast, _ = sampling._generate(graphdef, params, rest, *args, settings=settings)
@@ -310,8 +396,12 @@ def test_two_processes_sample_their_share(tmp_path, single_device):
   # Process i holds rows 4i..4i+3 of each batch of 8 (mesh (2, 2, 2)).
   plan = plan_batches([len(p) for p in prompts], batch_size=8, bucket_size=16)
   for i, r in enumerate(results):
-    share = [int(x) for b in plan for j, x in enumerate(b.indices)
-             if 4 * i <= j < 4 * i + 4 and j < b.num_real]
+    share = [
+      int(x)
+      for b in plan
+      for j, x in enumerate(b.indices)
+      if 4 * i <= j < 4 * i + 4 and j < b.num_real
+    ]
     assert r["prompt_index"] == sorted(share)
     assert r["local_rows"] == 2 * len(share)
     np.testing.assert_array_equal(np.array(r["tokens"]), ref.tokens)

@@ -46,9 +46,11 @@ def test_make_mesh_uses_all_devices_with_named_axes():
 def test_rules_table_names_each_model_axis_once():
   names = [name for name, _ in shd.LOGICAL_AXIS_RULES]
   assert len(names) == len(set(names))
-  model_axes = {a for ax in jax.tree.leaves(logical_axes(w.tiny_model()),
-                                            is_leaf=lambda x: isinstance(x, tuple))
-                for a in ax}
+  model_axes = {
+    a
+    for ax in jax.tree.leaves(logical_axes(w.tiny_model()), is_leaf=lambda x: isinstance(x, tuple))
+    for a in ax
+  }
   assert model_axes <= set(names), model_axes - set(names)
   mesh_axes = set()
   for _, axes in shd.LOGICAL_AXIS_RULES:
@@ -76,8 +78,9 @@ def test_logical_to_spec_drops_non_dividing_and_repeated_axes():
 def test_large_params_and_adam_state_really_are_sharded():
   """A model large enough for the rules: every matrix is split, and each device holds
   1/(fsdp*tensor) of it (checked on the actual per-device shards)."""
-  cfg = w.tiny_model_config(vocab_size=512, hidden_size=128, intermediate_size=256,
-                            num_heads=4, num_kv_heads=2, head_dim=32)
+  cfg = w.tiny_model_config(
+    vocab_size=512, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=32
+  )
   mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=2, tensor=2))
   abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   params = nnx.state(abstract, nnx.Param)
@@ -92,7 +95,9 @@ def test_large_params_and_adam_state_really_are_sharded():
 
   tc = tr.TrainConfig(global_batch_size=8, compute_dtype="float32", remat="none")
   state = tr.create_train_state(Llama(cfg, rngs=nnx.Rngs(0)), tc, mesh, num_train_steps=10)
-  q = state.params["layers"]["attn"]["q_proj"][...]  # [L, D, N, H] (layers, embed, q_heads, head_dim)
+  q = state.params["layers"]["attn"]["q_proj"][
+    ...
+  ]  # [L, D, N, H] (layers, embed, q_heads, head_dim)
   assert q.sharding.spec == P(None, "fsdp", "tensor", None)
   assert {s.data.shape for s in q.addressable_shards} == {(cfg.num_layers, 64, 2, 32)}
   for leaf in jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state):
@@ -139,9 +144,12 @@ def test_parameters_split_across_two_processes(tmp_path):
   results = w.run_two_processes(str(tmp_path), "--task", "place", "--mesh", "1,8,1")
   mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=8, tensor=1))
   params = nnx.split(w.tiny_model(3), nnx.Param, ...)[1]
-  sharded = [not s.is_fully_replicated
-             for s in jax.tree.leaves(tr.param_shardings(params, mesh),
-                                      is_leaf=lambda s: isinstance(s, NamedSharding))]
+  sharded = [
+    not s.is_fully_replicated
+    for s in jax.tree.leaves(
+      tr.param_shardings(params, mesh), is_leaf=lambda s: isinstance(s, NamedSharding)
+    )
+  ]
   assert sum(sharded) >= 4  # every weight matrix; only the norm scales stay whole
   for r in results:
     assert (r["split"], r["leaves"]) == (sum(sharded), len(sharded))

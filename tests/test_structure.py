@@ -16,18 +16,35 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # plumbing, then models and data, the train step and sampler, the experiment schema and the
 # tools built on it, the pipeline, and the entry points.
 FLOORS = {
-    "ssapo_jax.errors": 0, "ssapo_jax.config": 0, "ssapo_jax.rundir": 0, "ssapo_jax.metrics": 0,
-    "ssapo_jax.runlock": 0, "ssapo_jax.runrecord": 0, "ssapo_jax.sharding": 0,
-    "ssapo_jax.batch": 0, "ssapo_jax.losses": 0, "ssapo_jax.annotate": 0, "ssapo_jax.dro": 0,
-    "ssapo_jax.checkpoint": 0, "ssapo_jax.fielddocs": 0, "ssapo_jax.compilation": 0, "ssapo_jax.storage": 0,
-    "ssapo_jax.models": 1, "ssapo_jax.data": 1,
-    "ssapo_jax.train": 2, "ssapo_jax.sampling": 2,
-    "ssapo_jax.experiment": 3, "ssapo_jax.plan": 3, "ssapo_jax.preflight": 3,
-    "ssapo_jax.pipeline": 4,
-    # What each phase holds on the chip: arithmetic over the config, shared by the run and the
-    # plan (which sits below the pipeline), so it imports nothing.
-    "ssapo_jax.pipeline.residency": 0,
-    "ssapo_jax.cli": 5, "ssapo_jax.demo": 5, "ssapo_jax.testing": 5,
+  "ssapo_jax.errors": 0,
+  "ssapo_jax.config": 0,
+  "ssapo_jax.rundir": 0,
+  "ssapo_jax.metrics": 0,
+  "ssapo_jax.runlock": 0,
+  "ssapo_jax.runrecord": 0,
+  "ssapo_jax.sharding": 0,
+  "ssapo_jax.batch": 0,
+  "ssapo_jax.losses": 0,
+  "ssapo_jax.annotate": 0,
+  "ssapo_jax.dro": 0,
+  "ssapo_jax.checkpoint": 0,
+  "ssapo_jax.fielddocs": 0,
+  "ssapo_jax.compilation": 0,
+  "ssapo_jax.storage": 0,
+  "ssapo_jax.models": 1,
+  "ssapo_jax.data": 1,
+  "ssapo_jax.train": 2,
+  "ssapo_jax.sampling": 2,
+  "ssapo_jax.experiment": 3,
+  "ssapo_jax.plan": 3,
+  "ssapo_jax.preflight": 3,
+  "ssapo_jax.pipeline": 4,
+  # What each phase holds on the chip: arithmetic over the config, shared by the run and the
+  # plan (which sits below the pipeline), so it imports nothing.
+  "ssapo_jax.pipeline.residency": 0,
+  "ssapo_jax.cli": 5,
+  "ssapo_jax.demo": 5,
+  "ssapo_jax.testing": 5,
 }
 
 
@@ -38,7 +55,7 @@ def _modules() -> dict[str, str]:
       if name.endswith(".py"):
         path = os.path.join(folder, name)
         rel = os.path.relpath(path[:-3], os.path.dirname(PACKAGE)).replace(os.sep, ".")
-        out[rel[:-len(".__init__")] if rel.endswith(".__init__") else rel] = path
+        out[rel[: -len(".__init__")] if rel.endswith(".__init__") else rel] = path
   return out
 
 
@@ -50,8 +67,10 @@ def import_graph() -> dict[str, set[str]]:
     for node in ast.walk(ast.parse(open(modules[module]).read())):
       targets = []
       if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-        targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
-                   else node.module for a in node.names]
+        targets = [
+          f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+          for a in node.names
+        ]
       elif isinstance(node, ast.Import):
         targets = [a.name for a in node.names]
       graph[module] |= {t for t in targets if t in modules and t not in ("ssapo_jax", module)}
@@ -67,8 +86,12 @@ def floor(module: str) -> int:
 
 def test_every_module_has_a_floor_and_imports_none_above_it():
   graph = import_graph()
-  upward = sorted(f"{m} (floor {floor(m)}) imports {t} (floor {floor(t)})"
-                  for m, targets in graph.items() for t in targets if floor(t) > floor(m))
+  upward = sorted(
+    f"{m} (floor {floor(m)}) imports {t} (floor {floor(t)})"
+    for m, targets in graph.items()
+    for t in targets
+    if floor(t) > floor(m)
+  )
   assert not upward, "\n".join(upward)
 
 
@@ -81,7 +104,7 @@ def test_no_import_cycle():
     stack.append(m)
     for t in sorted(graph[m]):
       if state.get(t) == "open":
-        cycles.append(stack[stack.index(t):] + [t])
+        cycles.append(stack[stack.index(t) :] + [t])
       elif t not in state:
         visit(t)
     stack.pop()

@@ -34,8 +34,9 @@ def test_chat_prompt_ids_matches_template_tokens(tok_dir):
   expected = ["<s>", "<|user|>", "hello", "world", "</s>", "<|assistant|>"]
   assert ids == tok.convert_tokens_to_ids(expected)
   # Independent reference: transformers' own tokenising apply_chat_template, plus BOS.
-  ref = tok.apply_chat_template([{"role": "user", "content": "hello world"}], tokenize=True,
-                                add_generation_prompt=True)
+  ref = tok.apply_chat_template(
+    [{"role": "user", "content": "hello world"}], tokenize=True, add_generation_prompt=True
+  )
   ref = ref["input_ids"] if hasattr(ref, "keys") else ref
   assert ids == [tok.bos_token_id] + list(ref)
 
@@ -44,7 +45,16 @@ def test_system_message_inserted_empty_for_zephyr(tok_dir):
   tok = tk.load_tokenizer(tok_dir)
   ids = tk.chat_prompt_ids(tok, [{"role": "user", "content": "how are you"}], system_message="")
   assert tok.convert_ids_to_tokens(ids) == [
-      "<s>", "<|system|>", "</s>", "<|user|>", "how", "are", "you", "</s>", "<|assistant|>"]
+    "<s>",
+    "<|system|>",
+    "</s>",
+    "<|user|>",
+    "how",
+    "are",
+    "you",
+    "</s>",
+    "<|assistant|>",
+  ]
   # An existing system message is kept, not duplicated.
   msgs = [{"role": "system", "content": "fine"}, {"role": "user", "content": "hello"}]
   ids2 = tk.chat_prompt_ids(tok, msgs, system_message="")
@@ -54,9 +64,14 @@ def test_system_message_inserted_empty_for_zephyr(tok_dir):
 
 def test_multi_turn_and_batch_equals_single(tok_dir):
   tok = tk.load_tokenizer(tok_dir)
-  prompts = ["hello", [{"role": "user", "content": "hello"},
-                       {"role": "assistant", "content": "fine thanks"},
-                       {"role": "user", "content": "how are you ?"}]]
+  prompts = [
+    "hello",
+    [
+      {"role": "user", "content": "hello"},
+      {"role": "assistant", "content": "fine thanks"},
+      {"role": "user", "content": "how are you ?"},
+    ],
+  ]
   batch = tk.chat_prompt_ids_batch(tok, prompts)
   assert batch == [tk.chat_prompt_ids(tok, p) for p in prompts]
   assert tok.convert_ids_to_tokens(batch[1]).count("</s>") == 3
@@ -106,7 +121,12 @@ def test_no_pytorch_notice_when_torch_is_absent(module):
   """transformers prints a notice without torch; importing it through the package does not."""
   env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env.pop("TRANSFORMERS_NO_ADVISORY_WARNINGS", None)
-  proc = subprocess.run([sys.executable, "-c", _HIDE_TORCH.format(module=module)], env=env,
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-c", _HIDE_TORCH.format(module=module)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr
   assert ("PyTorch was not found" in proc.stderr) == (module == "transformers"), proc.stderr

@@ -43,6 +43,7 @@ from ssapo_jax.data.tokenize import PAIR_EXTRAS, round_up
 @dataclasses.dataclass(frozen=True)
 class LoaderCursor:
   """Position of the next batch: ``epoch`` and ``step`` (batch index within the epoch)."""
+
   epoch: int = 0
   step: int = 0
 
@@ -60,6 +61,7 @@ def _ragged(dataset, name):
   """(values, offsets) of a list column, read straight from Arrow."""
   col = dataset.data.column(name).combine_chunks()
   import pyarrow as pa
+
   if isinstance(col, pa.ChunkedArray):
     col = col.chunk(0) if col.num_chunks else pa.array([], type=col.type)
   offsets = np.asarray(col.offsets, np.int64)
@@ -92,25 +94,44 @@ class PreferenceLoader:
       the train step's `packed_row_multiple` so that rows shard like pairs).
   """
 
-  def __init__(self, dataset, *, global_batch_size: int, seed: int = 0, pad_id: int = 0,
-               bucket_size: int = 64, shuffle: bool = True, bucket_window: int = 1,
-               drop_remainder: bool = False, max_length: int | None = None,
-               num_hosts: int = 1, host_index: int = 0, packing: bool = False,
-               pack_length: int | None = None, micro_batches: int = 1,
-               row_multiple: int | None = None):
+  def __init__(
+    self,
+    dataset,
+    *,
+    global_batch_size: int,
+    seed: int = 0,
+    pad_id: int = 0,
+    bucket_size: int = 64,
+    shuffle: bool = True,
+    bucket_window: int = 1,
+    drop_remainder: bool = False,
+    max_length: int | None = None,
+    num_hosts: int = 1,
+    host_index: int = 0,
+    packing: bool = False,
+    pack_length: int | None = None,
+    micro_batches: int = 1,
+    row_multiple: int | None = None,
+  ):
     if global_batch_size <= 0 or global_batch_size % num_hosts:
-      raise ValueError(f"global_batch_size must be a positive multiple of num_hosts={num_hosts}, "
-                       f"got {global_batch_size}")
+      raise ValueError(
+        f"global_batch_size must be a positive multiple of num_hosts={num_hosts}, "
+        f"got {global_batch_size}"
+      )
     if not 0 <= host_index < num_hosts:
       raise ValueError(f"host_index must be in [0, {num_hosts}), got {host_index}")
     if bucket_size <= 0 or bucket_window <= 0:
-      raise ValueError(f"bucket_size and bucket_window must be > 0, got {bucket_size}, {bucket_window}")
+      raise ValueError(
+        f"bucket_size and bucket_window must be > 0, got {bucket_size}, {bucket_window}"
+      )
     self.num_pairs = len(dataset)
     if self.num_pairs == 0:
       raise ValueError("dataset has no pairs")
     if drop_remainder and self.num_pairs < global_batch_size:
-      raise ValueError(f"drop_remainder with {self.num_pairs} pairs < global_batch_size "
-                       f"{global_batch_size} leaves no batch")
+      raise ValueError(
+        f"drop_remainder with {self.num_pairs} pairs < global_batch_size "
+        f"{global_batch_size} leaves no batch"
+      )
     if getattr(dataset, "_indices", None) is not None:  # After select/filter/shuffle.
       dataset = dataset.flatten_indices()
     self.global_batch_size, self.seed, self.pad_id = global_batch_size, seed, pad_id
@@ -123,8 +144,10 @@ class PreferenceLoader:
     self._lengths = lp + np.maximum(lc, lr)
     if max_length is not None and self._lengths.max() > max_length:
       i = int(np.argmax(self._lengths))
-      raise ValueError(f"pair {i} (row {dataset[i]['row']}) has {self._lengths[i]} tokens > "
-                       f"max_length={max_length}")
+      raise ValueError(
+        f"pair {i} (row {dataset[i]['row']}) has {self._lengths[i]} tokens > "
+        f"max_length={max_length}"
+      )
     self.rows = np.asarray(dataset["row"], np.int64)
     self._cache = (None, [])
     self._extras = {}
@@ -140,14 +163,18 @@ class PreferenceLoader:
     self.pack_length = round_up(longest, bucket_size) if pack_length is None else pack_length
     if packing:
       if micro_batches < 1 or global_batch_size % micro_batches:
-        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
-                         f"micro_batches={micro_batches}")
+        raise ValueError(
+          f"global_batch_size {global_batch_size} is not divisible by micro_batches={micro_batches}"
+        )
       if (micro_batches * self.row_multiple) % num_hosts:
-        raise ValueError(f"packed rows (micro_batches={micro_batches} x a multiple of "
-                         f"row_multiple={self.row_multiple}) do not split over {num_hosts} hosts")
+        raise ValueError(
+          f"packed rows (micro_batches={micro_batches} x a multiple of "
+          f"row_multiple={self.row_multiple}) do not split over {num_hosts} hosts"
+        )
       if longest > self.pack_length:
-        raise ValueError(f"a sequence of {longest} tokens does not fit pack_length="
-                         f"{self.pack_length}")
+        raise ValueError(
+          f"a sequence of {longest} tokens does not fit pack_length={self.pack_length}"
+        )
 
   @property
   def batches_per_epoch(self) -> int:
@@ -169,16 +196,19 @@ class PreferenceLoader:
       order = rng.permutation(n)
     if self.bucket_window > 1:
       w = self.bucket_window * g
-      order = np.concatenate([
+      order = np.concatenate(
+        [
           chunk[np.argsort(-self._lengths[chunk], kind="stable")]
-          for chunk in np.split(order, range(w, n, w))])
+          for chunk in np.split(order, range(w, n, w))
+        ]
+      )
     num_full = n // g
-    batches = [order[i * g:(i + 1) * g] for i in range(num_full)]
+    batches = [order[i * g : (i + 1) * g] for i in range(num_full)]
     if self.shuffle and self.bucket_window > 1:
       batch_rng = np.random.default_rng([self.seed, epoch, 1])
       batches = [batches[i] for i in batch_rng.permutation(num_full)]
     if n % g and not self.drop_remainder:
-      batches.append(order[num_full * g:])
+      batches.append(order[num_full * g :])
     return batches
 
   def batch_indices(self, cursor: LoaderCursor) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +224,7 @@ class PreferenceLoader:
     real = np.ones(self.global_batch_size, np.float32)
     if len(idx) < self.global_batch_size:
       fill = self.global_batch_size - len(idx)
-      real[len(idx):] = 0.0
+      real[len(idx) :] = 0.0
       idx = np.concatenate([idx, np.resize(idx, fill)])
     return idx, real
 
@@ -204,43 +234,65 @@ class PreferenceLoader:
     mask = np.zeros((b, t), np.int32)
     loss = np.zeros((b, t), np.int32)
     for j, i in enumerate(idx):
-      p = self._p[self._po[i]:self._po[i + 1]]
-      r = resp[resp_off[i]:resp_off[i + 1]]
+      p = self._p[self._po[i] : self._po[i + 1]]
+      r = resp[resp_off[i] : resp_off[i + 1]]
       lp, lr = len(p), len(r)
       ids[j, :lp] = p
-      ids[j, lp:lp + lr] = r
-      mask[j, :lp + lr] = 1
-      loss[j, lp:lp + lr] = 1
+      ids[j, lp : lp + lr] = r
+      mask[j, : lp + lr] = 1
+      loss[j, lp : lp + lr] = 1
     return ids, mask, loss
 
   def packed_shapes(self) -> tuple[tuple[int, int], ...]:
     """The global ``(rows, T)`` shapes a packed batch can have (the train step's programs)."""
     m = self.micro_batches
-    return tuple((m * r, self.pack_length)
-                 for r in row_buckets(self.global_batch_size // m, self.row_multiple))
+    return tuple(
+      (m * r, self.pack_length) for r in row_buckets(self.global_batch_size // m, self.row_multiple)
+    )
 
   def _packed_batch_at(self, idx: np.ndarray, real: np.ndarray) -> PackedPreferenceBatch:
     # Every host packs the whole global batch (index work only) and keeps its rows and pairs.
-    seqs = [(self._p[self._po[i]:self._po[i + 1]], self._c[self._co[i]:self._co[i + 1]],
-             self._r[self._ro[i]:self._ro[i + 1]]) for i in idx]
-    packed = pack_pair_rows(seqs, real, seq_len=self.pack_length,
-                            micro_batches=self.micro_batches, row_multiple=self.row_multiple,
-                            pad_id=self.pad_id)
+    seqs = [
+      (
+        self._p[self._po[i] : self._po[i + 1]],
+        self._c[self._co[i] : self._co[i + 1]],
+        self._r[self._ro[i] : self._ro[i + 1]],
+      )
+      for i in idx
+    ]
+    packed = pack_pair_rows(
+      seqs,
+      real,
+      seq_len=self.pack_length,
+      micro_batches=self.micro_batches,
+      row_multiple=self.row_multiple,
+      pad_id=self.pad_id,
+    )
     rows = packed["ids"].shape[0] // self.num_hosts
     row_sl = slice(self.host_index * rows, (self.host_index + 1) * rows)
     hb = self.host_batch_size
     sl = slice(self.host_index * hb, (self.host_index + 1) * hb)
     idx, real = idx[sl], real[sl]
-    pairs = make_preference_batch(*(np.zeros((hb, 1), np.int32),) * 6, weights=real * (
-        self._extras["weights"][idx] if "weights" in self._extras else 1.0), valid=real,
-        **{name: self._extras[name][idx] for name in PAIR_EXTRAS[1:] if name in self._extras})
+    pairs = make_preference_batch(
+      *(np.zeros((hb, 1), np.int32),) * 6,
+      weights=real * (self._extras["weights"][idx] if "weights" in self._extras else 1.0),
+      valid=real,
+      **{name: self._extras[name][idx] for name in PAIR_EXTRAS[1:] if name in self._extras},
+    )
     return PackedPreferenceBatch(
-        **{k: packed[k][row_sl] for k in ("ids", "segment_ids", "positions", "loss_mask",
-                                          "sequence_index")},
-        chosen_lengths=packed["chosen_lengths"][sl], rejected_lengths=packed["rejected_lengths"][sl],
-        weights=pairs.weights, valid=pairs.valid, ref_chosen_logps=pairs.ref_chosen_logps,
-        ref_rejected_logps=pairs.ref_rejected_logps, atom_weights=pairs.atom_weights,
-        atom_shifts=pairs.atom_shifts)
+      **{
+        k: packed[k][row_sl]
+        for k in ("ids", "segment_ids", "positions", "loss_mask", "sequence_index")
+      },
+      chosen_lengths=packed["chosen_lengths"][sl],
+      rejected_lengths=packed["rejected_lengths"][sl],
+      weights=pairs.weights,
+      valid=pairs.valid,
+      ref_chosen_logps=pairs.ref_chosen_logps,
+      ref_rejected_logps=pairs.ref_rejected_logps,
+      atom_weights=pairs.atom_weights,
+      atom_shifts=pairs.atom_shifts,
+    )
 
   def batch_at(self, cursor: LoaderCursor) -> PreferenceBatch | PackedPreferenceBatch:
     """This host's slice of the global batch at ``cursor`` (numpy `PreferenceBatch`, or
@@ -264,8 +316,9 @@ class PreferenceLoader:
       return LoaderCursor(cursor.epoch, cursor.step + 1)
     return LoaderCursor(cursor.epoch + 1, 0)
 
-  def iterator(self, cursor: LoaderCursor | None = None, *,
-               num_epochs: int | None = None) -> "LoaderIterator":
+  def iterator(
+    self, cursor: LoaderCursor | None = None, *, num_epochs: int | None = None
+  ) -> "LoaderIterator":
     """A stateful iterator from ``cursor`` (default start) until epoch ``num_epochs``."""
     return LoaderIterator(self, cursor or LoaderCursor(), num_epochs)
 

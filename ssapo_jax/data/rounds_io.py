@@ -32,6 +32,7 @@ PARQUET_NAME = "data.parquet"
 @dataclasses.dataclass(frozen=True)
 class RoundCard:
   """What a round directory holds: round index, models, settings, counts, columns."""
+
   round: int
   models: dict
   settings: dict
@@ -48,9 +49,16 @@ def _to_python(value: Any) -> Any:
   return list(value)
 
 
-def save_round(path: str | os.PathLike, columns: Mapping[str, Any], *, round_index: int,
-               models: Mapping[str, str] | None = None, settings: Mapping[str, Any] | None = None,
-               counts: Mapping[str, int] | None = None, parquet: bool = True) -> RoundCard:
+def save_round(
+  path: str | os.PathLike,
+  columns: Mapping[str, Any],
+  *,
+  round_index: int,
+  models: Mapping[str, str] | None = None,
+  settings: Mapping[str, Any] | None = None,
+  counts: Mapping[str, int] | None = None,
+  parquet: bool = True,
+) -> RoundCard:
   """Writes a round's table and card to ``path`` (replacing an existing round there).
 
   Args:
@@ -66,6 +74,7 @@ def save_round(path: str | os.PathLike, columns: Mapping[str, Any], *, round_ind
     The `RoundCard` written to ``card.json``.
   """
   import datasets
+
   path = os.fspath(path)
   data = {name: _to_python(v) for name, v in columns.items()}
   lengths = {name: len(v) for name, v in data.items()}
@@ -75,11 +84,14 @@ def save_round(path: str | os.PathLike, columns: Mapping[str, Any], *, round_ind
     raise ValueError("save_round needs at least one column")
   table = datasets.Dataset.from_dict(data)
   num_rows = next(iter(lengths.values()))
-  card = RoundCard(round=int(round_index), models=dict(models or {}),
-                   settings=dict(settings or {}),
-                   counts={"num_rows": num_rows, **dict(counts or {})},
-                   columns=list(table.column_names),
-                   created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+  card = RoundCard(
+    round=int(round_index),
+    models=dict(models or {}),
+    settings=dict(settings or {}),
+    counts={"num_rows": num_rows, **dict(counts or {})},
+    columns=list(table.column_names),
+    created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+  )
   json.dumps(dataclasses.asdict(card))  # Fail before writing anything if not serialisable.
   tmp = path + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
@@ -97,6 +109,7 @@ def save_round(path: str | os.PathLike, columns: Mapping[str, Any], *, round_ind
 def load_round(path: str | os.PathLike):
   """Reloads a round directory: ``(dataset, RoundCard)``."""
   import datasets
+
   path = os.fspath(path)
   card_path = os.path.join(path, CARD_NAME)
   if not os.path.isfile(card_path):

@@ -39,8 +39,11 @@ def _farthest_point(unit: jax.Array, first: jax.Array, num: int) -> jax.Array:
     nxt = jnp.argmax(jnp.where(taken, -jnp.inf, dist_sum)).astype(jnp.int32)
     return dist_sum, taken, picked.at[i].set(nxt)
 
-  state = (jnp.zeros((n,), jnp.float32), jnp.zeros((n,), bool),
-           jnp.zeros((num,), jnp.int32).at[0].set(first))
+  state = (
+    jnp.zeros((n,), jnp.float32),
+    jnp.zeros((n,), bool),
+    jnp.zeros((num,), jnp.int32).at[0].set(first),
+  )
   return jax.lax.fori_loop(1, num, body, state)[2]
 
 
@@ -92,23 +95,36 @@ def _count(size: int | float, total: int, what: str) -> int:
 @dataclasses.dataclass(frozen=True)
 class SplitManifest:
   """Which source rows went where: the labelled seed, each round's pool, the held-out rest."""
+
   seed_rows: np.ndarray
   pool_rows: tuple[np.ndarray, ...]
   rest_rows: np.ndarray
   settings: dict
 
   def to_json(self) -> dict:
-    return {"settings": self.settings,
-            "counts": {"seed": len(self.seed_rows), "pools": [len(p) for p in self.pool_rows],
-                       "rest": len(self.rest_rows)},
-            "seed_rows": self.seed_rows.tolist(),
-            "pool_rows": [p.tolist() for p in self.pool_rows],
-            "rest_rows": self.rest_rows.tolist()}
+    return {
+      "settings": self.settings,
+      "counts": {
+        "seed": len(self.seed_rows),
+        "pools": [len(p) for p in self.pool_rows],
+        "rest": len(self.rest_rows),
+      },
+      "seed_rows": self.seed_rows.tolist(),
+      "pool_rows": [p.tolist() for p in self.pool_rows],
+      "rest_rows": self.rest_rows.tolist(),
+    }
 
 
-def split_rows(rows: Sequence[int] | int, *, seed_size: int | float,
-               pool_sizes: Sequence[int | float] = (), method: str = "random",
-               seed: int = 42, embeddings=None, source: str = "") -> SplitManifest:
+def split_rows(
+  rows: Sequence[int] | int,
+  *,
+  seed_size: int | float,
+  pool_sizes: Sequence[int | float] = (),
+  method: str = "random",
+  seed: int = 42,
+  embeddings=None,
+  source: str = "",
+) -> SplitManifest:
   """Chooses the labelled seed and splits the remaining rows into round pools.
 
   The rows are shuffled with ``seed``. ``random`` takes the first ``seed_size`` of the
@@ -145,14 +161,23 @@ def split_rows(rows: Sequence[int] | int, *, seed_size: int | float,
   left = order[~np.isin(order, chosen)]
   counts = [_count(s, len(left), f"pool_sizes[{i}]") for i, s in enumerate(pool_sizes)]
   if sum(counts) > len(left):
-    raise ValueError(f"pool_sizes {list(pool_sizes)} ask for {sum(counts)} rows but only "
-                     f"{len(left)} remain after the seed")
+    raise ValueError(
+      f"pool_sizes {list(pool_sizes)} ask for {sum(counts)} rows but only "
+      f"{len(left)} remain after the seed"
+    )
   ends = np.cumsum([0] + counts)
   pools = tuple(rows[left[a:b]] for a, b in zip(ends[:-1], ends[1:]))
-  settings = {"source": source, "num_rows": n, "method": method, "seed_size": seed_size,
-              "pool_sizes": list(pool_sizes), "seed": seed}
-  return SplitManifest(seed_rows=rows[chosen], pool_rows=pools, rest_rows=rows[left[ends[-1]:]],
-                       settings=settings)
+  settings = {
+    "source": source,
+    "num_rows": n,
+    "method": method,
+    "seed_size": seed_size,
+    "pool_sizes": list(pool_sizes),
+    "seed": seed,
+  }
+  return SplitManifest(
+    seed_rows=rows[chosen], pool_rows=pools, rest_rows=rows[left[ends[-1] :]], settings=settings
+  )
 
 
 def save_manifest(manifest: SplitManifest, path: str | os.PathLike) -> None:
@@ -165,9 +190,12 @@ def save_manifest(manifest: SplitManifest, path: str | os.PathLike) -> None:
 def load_manifest(path: str | os.PathLike) -> SplitManifest:
   with open(path) as f:
     d = json.load(f)
-  return SplitManifest(seed_rows=np.asarray(d["seed_rows"], np.int64),
-                       pool_rows=tuple(np.asarray(p, np.int64) for p in d["pool_rows"]),
-                       rest_rows=np.asarray(d["rest_rows"], np.int64), settings=d["settings"])
+  return SplitManifest(
+    seed_rows=np.asarray(d["seed_rows"], np.int64),
+    pool_rows=tuple(np.asarray(p, np.int64) for p in d["pool_rows"]),
+    rest_rows=np.asarray(d["rest_rows"], np.int64),
+    settings=d["settings"],
+  )
 
 
 def prompt_key(prompt) -> tuple:

@@ -24,17 +24,28 @@ from typing import Any
 from ssapo_jax.data import validate as V
 from ssapo_jax.errors import DataError
 
-_EXT_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow",
-                 ".csv": "csv"}
+_EXT_BUILDERS = {
+  ".jsonl": "json",
+  ".json": "json",
+  ".parquet": "parquet",
+  ".arrow": "arrow",
+  ".csv": "csv",
+}
 DEFAULT_COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
-COLUMN_KEYS = {"prompt": "data.prompt_column", "chosen": "data.chosen_column",
-               "rejected": "data.rejected_column"}  # the config keys that rename each column
+COLUMN_KEYS = {
+  "prompt": "data.prompt_column",
+  "chosen": "data.chosen_column",
+  "rejected": "data.rejected_column",
+}  # the config keys that rename each column
 
 
 def looks_like_path(source: str) -> bool:
   """True if ``source`` names a local file or directory rather than a `datasets`/tfds name."""
-  return (source.startswith((".", "/", "~")) or os.path.isabs(source)
-          or os.path.splitext(source)[1].lower() in _EXT_BUILDERS)
+  return (
+    source.startswith((".", "/", "~"))
+    or os.path.isabs(source)
+    or os.path.splitext(source)[1].lower() in _EXT_BUILDERS
+  )
 
 
 def check_source_exists(source: str | os.PathLike) -> None:
@@ -62,19 +73,25 @@ def _require_columns(name: str, column_names, columns: Mapping[str, str], roles)
   if missing:
     names = ", ".join(repr(columns[r]) for r in missing)
     keys = " and ".join(f"{COLUMN_KEYS[r]}=<column>" for r in missing)
-    raise V.DataValidationError(name, None, columns[missing[0]], V.MISSING_FIELD,
-                                f"no column {names}; the source has columns "
-                                f"{list(column_names)}: set {keys}")
+    raise V.DataValidationError(
+      name,
+      None,
+      columns[missing[0]],
+      V.MISSING_FIELD,
+      f"no column {names}; the source has columns {list(column_names)}: set {keys}",
+    )
 
 
 def _is_tfds_dir(path: str) -> bool:
-  return (os.path.isfile(os.path.join(path, "dataset_info.json"))
-          and os.path.isfile(os.path.join(path, "features.json")))
+  return os.path.isfile(os.path.join(path, "dataset_info.json")) and os.path.isfile(
+    os.path.join(path, "features.json")
+  )
 
 
 def _is_hf_disk_dir(path: str) -> bool:
-  return (os.path.isfile(os.path.join(path, "state.json"))
-          or os.path.isfile(os.path.join(path, "dataset_dict.json")))
+  return os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(
+    os.path.join(path, "dataset_dict.json")
+  )
 
 
 def _jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
@@ -94,7 +111,9 @@ def _jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
         row = V._RowProblem(None, V.INVALID_JSON, str(e))
       else:
         if not isinstance(row, dict):
-          row = V._RowProblem(None, V.INVALID_JSON, f"expected a JSON object, found {type(row).__name__}")
+          row = V._RowProblem(
+            None, V.INVALID_JSON, f"expected a JSON object, found {type(row).__name__}"
+          )
       yield index, row
       index += 1
 
@@ -111,11 +130,13 @@ def _dataset_rows(ds) -> Iterator[tuple[int, dict]]:
   def rows():
     for i in range(len(ds)):
       yield i, {n: c[i] for n, c in zip(names, cols)}
+
   return rows()
 
 
 def _tfds_rows(spec: str, *, split: str, data_dir: str | None) -> Iterator[tuple[int, dict]]:
   import tensorflow_datasets as tfds
+
   if os.path.isdir(spec):
     source = tfds.builder_from_directory(spec).as_data_source(split=split)
   else:
@@ -124,18 +145,24 @@ def _tfds_rows(spec: str, *, split: str, data_dir: str | None) -> Iterator[tuple
     yield i, dict(source[i])
 
 
-def read_rows(source: str | os.PathLike, *, split: str = "train", data_dir: str | None = None,
-              cache_dir: str | None = None) -> tuple[str, Iterator[tuple[int, Any]], list[str]]:
+def read_rows(
+  source: str | os.PathLike,
+  *,
+  split: str = "train",
+  data_dir: str | None = None,
+  cache_dir: str | None = None,
+) -> tuple[str, Iterator[tuple[int, Any]], list[str]]:
   """Opens ``source``; returns ``(name, rows, column_names)``.
 
   ``rows`` yields ``(row_index, row_dict)``; a row the reader could not decode yields a row
   problem in place of the dict, for the validation policy to handle.
   """
   import datasets
+
   source = os.fspath(source)
   check_source_exists(source)
   if source.startswith("tfds:"):
-    spec = source[len("tfds:"):]
+    spec = source[len("tfds:") :]
     first, rows = _peek(_tfds_rows(spec, split=split, data_dir=data_dir))
     return source, rows, list(first or ())
   if os.path.isdir(source):
@@ -152,32 +179,38 @@ def read_rows(source: str | os.PathLike, *, split: str = "train", data_dir: str 
       try:
         ds = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
       except Exception as e:  # noqa: BLE001 - EmptyDatasetError, no loader for the files, ...
-        raise DataError(f"{source}: not a dataset directory `datasets` can read "
-                        f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+        raise DataError(
+          f"{source}: not a dataset directory `datasets` can read "
+          f"({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        ) from None
     return source, _dataset_rows(ds), list(ds.column_names)
   if os.path.isfile(source):
     ext = os.path.splitext(source)[1].lower()
     if ext not in _EXT_BUILDERS:
-      raise ValueError(f"{source}: unsupported file extension {ext!r}; expected one of "
-                       f"{sorted(_EXT_BUILDERS)}")
+      raise ValueError(
+        f"{source}: unsupported file extension {ext!r}; expected one of {sorted(_EXT_BUILDERS)}"
+      )
     try:
-      ds = datasets.load_dataset(_EXT_BUILDERS[ext], data_files=source, split="train",
-                                 cache_dir=cache_dir)
+      ds = datasets.load_dataset(
+        _EXT_BUILDERS[ext], data_files=source, split="train", cache_dir=cache_dir
+      )
       return source, _dataset_rows(ds), list(ds.column_names)
     except Exception as e:  # noqa: BLE001 - undecodable bytes, bad JSON, mixed types...
       if ext == ".jsonl":  # Re-read line by line so the bad row is named.
         first, rows = _peek(_jsonl_rows(source))
         return source, rows, list(first or ())
       if isinstance(e, UnicodeDecodeError):
-        raise V.DataValidationError(source, None, None, V.INVALID_UTF8,
-                                    f"byte offset {e.start}") from None
+        raise V.DataValidationError(
+          source, None, None, V.INVALID_UTF8, f"byte offset {e.start}"
+        ) from None
       raise ValueError(f"{source}: could not be read as {_EXT_BUILDERS[ext]}: {e}") from e
   try:
     ds = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
   except Exception as e:  # noqa: BLE001 - not on the hub or in its cache, offline, bad name...
-    raise DataError(f"{source}: no such file or directory, and `datasets` could not load it as "
-                    f"a dataset name ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
-                    ) from None
+    raise DataError(
+      f"{source}: no such file or directory, and `datasets` could not load it as "
+      f"a dataset name ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+    ) from None
   return source, _dataset_rows(ds), list(ds.column_names)
 
 
@@ -208,14 +241,24 @@ def _peek(rows):
   def chained():
     yield from buffered
     yield from rows
+
   return first, chained()
 
 
-def load_preferences(source: str | os.PathLike, *, format: str = "auto", split: str = "train",
-                     data_dir: str | None = None, prompt_column: str = "prompt",
-                     chosen_column: str = "chosen", rejected_column: str = "rejected",
-                     policy: str | Mapping[str, str] = "error", cache_dir: str | None = None,
-                     verbose: bool = True, duplicates: str = "drop") -> V.Records:
+def load_preferences(
+  source: str | os.PathLike,
+  *,
+  format: str = "auto",
+  split: str = "train",
+  data_dir: str | None = None,
+  prompt_column: str = "prompt",
+  chosen_column: str = "chosen",
+  rejected_column: str = "rejected",
+  policy: str | Mapping[str, str] = "error",
+  cache_dir: str | None = None,
+  verbose: bool = True,
+  duplicates: str = "drop",
+) -> V.Records:
   """Loads and validates labelled preference pairs.
 
   Args:
@@ -249,14 +292,29 @@ def load_preferences(source: str | os.PathLike, *, format: str = "auto", split: 
   fmt = detect_format(column_names, columns, first) if format == "auto" else format
   if fmt == "plain":  # ultrafeedback rows carry their prompt in the conversation
     _require_columns(name, column_names, columns, ("prompt",))
-  return V.validate_rows(rows, source=name, kind="pair", fmt=fmt, columns=columns, policy=policy,
-                         verbose=verbose, duplicates=duplicates)
+  return V.validate_rows(
+    rows,
+    source=name,
+    kind="pair",
+    fmt=fmt,
+    columns=columns,
+    policy=policy,
+    verbose=verbose,
+    duplicates=duplicates,
+  )
 
 
-def load_prompts(source: str | os.PathLike, *, split: str = "train", data_dir: str | None = None,
-                 prompt_column: str = "prompt", policy: str | Mapping[str, str] = "error",
-                 cache_dir: str | None = None, verbose: bool = True,
-                 duplicates: str = "drop") -> V.Records:
+def load_prompts(
+  source: str | os.PathLike,
+  *,
+  split: str = "train",
+  data_dir: str | None = None,
+  prompt_column: str = "prompt",
+  policy: str | Mapping[str, str] = "error",
+  cache_dir: str | None = None,
+  verbose: bool = True,
+  duplicates: str = "drop",
+) -> V.Records:
   """Loads and validates unlabelled prompts (text or message lists) -> `Records` of `PromptRecord`.
 
   Works on prompt-only sources and on preference sources (only the prompt column is read).
@@ -265,5 +323,13 @@ def load_prompts(source: str | os.PathLike, *, split: str = "train", data_dir: s
   columns = _columns(prompt_column, "chosen", "rejected")
   name, rows, column_names = read_rows(source, split=split, data_dir=data_dir, cache_dir=cache_dir)
   _require_columns(name, column_names, columns, ("prompt",))
-  return V.validate_rows(rows, source=name, kind="prompt", fmt="prompt", columns=columns,
-                         policy=policy, verbose=verbose, duplicates=duplicates)
+  return V.validate_rows(
+    rows,
+    source=name,
+    kind="prompt",
+    fmt="prompt",
+    columns=columns,
+    policy=policy,
+    verbose=verbose,
+    duplicates=duplicates,
+  )

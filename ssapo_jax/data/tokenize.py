@@ -41,8 +41,9 @@ TRUNCATION_MODES, ON_TRUNCATION = typing.get_args(TruncationMode), typing.get_ar
 PAIR_EXTRAS = ("weights", "ref_chosen_logps", "ref_rejected_logps", "atom_weights", "atom_shifts")
 
 
-def truncate_prompt(ids: Sequence[int], *, max_prompt_length: int, truncation_mode: str,
-                    bos_id: int | None = None) -> list[int]:
+def truncate_prompt(
+  ids: Sequence[int], *, max_prompt_length: int, truncation_mode: str, bos_id: int | None = None
+) -> list[int]:
   """Cuts a prompt to ``max_prompt_length`` tokens, keeping its start or its end.
 
   With ``keep_end`` a leading ``bos_id`` stays in front of the kept tail.
@@ -55,24 +56,28 @@ def truncate_prompt(ids: Sequence[int], *, max_prompt_length: int, truncation_mo
   if truncation_mode != "keep_end":
     raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
   if bos_id is not None and ids[0] == bos_id and max_prompt_length > 1:
-    return [bos_id] + ids[len(ids) - (max_prompt_length - 1):]
-  return ids[len(ids) - max_prompt_length:]
+    return [bos_id] + ids[len(ids) - (max_prompt_length - 1) :]
+  return ids[len(ids) - max_prompt_length :]
 
 
 def _check_lengths(max_length: int, max_prompt_length: int, truncation_mode: str):
   if not 0 < max_prompt_length < max_length:
-    raise ValueError(f"need 0 < max_prompt_length < max_length, got max_prompt_length="
-                     f"{max_prompt_length}, max_length={max_length}")
+    raise ValueError(
+      f"need 0 < max_prompt_length < max_length, got max_prompt_length="
+      f"{max_prompt_length}, max_length={max_length}"
+    )
   if truncation_mode not in TRUNCATION_MODES:
     raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
 
 
-def _truncate_pairs(prompts, chosens, rejecteds, *, max_length, max_prompt_length,
-                    truncation_mode, bos_id):
+def _truncate_pairs(
+  prompts, chosens, rejecteds, *, max_length, max_prompt_length, truncation_mode, bos_id
+):
   out_p, out_c, out_r, p_trunc, r_trunc = [], [], [], [], []
   for p, c, r in zip(prompts, chosens, rejecteds):
-    p2 = truncate_prompt(p, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode,
-                         bos_id=bos_id)
+    p2 = truncate_prompt(
+      p, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, bos_id=bos_id
+    )
     room = max_length - len(p2)
     out_p.append(p2)
     out_c.append(list(c[:room]))
@@ -90,20 +95,36 @@ def _check_extras(extras: Mapping[str, Any] | None, n: int) -> dict[str, np.ndar
     arr = np.asarray(value, np.float32)
     want = 2 if name.startswith("atom_") else 1
     if arr.ndim != want or arr.shape[0] != n:
-      raise ValueError(f"pair column {name!r} has shape {arr.shape}; expected "
-                       f"{'[N, K]' if want == 2 else '[N]'} with N = {n}")
+      raise ValueError(
+        f"pair column {name!r} has shape {arr.shape}; expected "
+        f"{'[N, K]' if want == 2 else '[N]'} with N = {n}"
+      )
     out[name] = arr
   if ("atom_weights" in out) != ("atom_shifts" in out):
     raise ValueError("atom_weights and atom_shifts must be given together")
   if "atom_weights" in out and out["atom_weights"].shape != out["atom_shifts"].shape:
-    raise ValueError(f"atom_weights {out['atom_weights'].shape} and atom_shifts "
-                     f"{out['atom_shifts'].shape} must have the same shape")
+    raise ValueError(
+      f"atom_weights {out['atom_weights'].shape} and atom_shifts "
+      f"{out['atom_shifts'].shape} must have the same shape"
+    )
   return out
 
 
-def _build_dataset(rows, prompts, chosens, rejecteds, p_trunc, r_trunc, extras, *,
-                   on_truncation: str, source: str, verbose: bool):
+def _build_dataset(
+  rows,
+  prompts,
+  chosens,
+  rejecteds,
+  p_trunc,
+  r_trunc,
+  extras,
+  *,
+  on_truncation: str,
+  source: str,
+  verbose: bool,
+):
   import datasets
+
   if on_truncation not in ON_TRUNCATION:
     raise ValueError(f"on_truncation must be one of {ON_TRUNCATION}, got {on_truncation!r}")
   keep = np.ones(len(rows), bool)
@@ -111,27 +132,40 @@ def _build_dataset(rows, prompts, chosens, rejecteds, p_trunc, r_trunc, extras, 
     for i, t in enumerate(r_trunc):
       if t:
         if on_truncation == "error":
-          raise V.DataValidationError(source, int(rows[i]), "chosen/rejected", V.TOO_LONG,
-                                      "response does not fit max_length")
+          raise V.DataValidationError(
+            source, int(rows[i]), "chosen/rejected", V.TOO_LONG, "response does not fit max_length"
+          )
         keep[i] = False
   idx = np.flatnonzero(keep)
   pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-  data = {"row": np.asarray(rows, np.int64)[idx].tolist(), "prompt_ids": pick(prompts),
-          "chosen_ids": pick(chosens), "rejected_ids": pick(rejecteds),
-          "prompt_truncated": pick(p_trunc), "response_truncated": pick(r_trunc)}
-  features = {"row": datasets.Value("int64"),
-              "prompt_ids": datasets.Sequence(datasets.Value("int32")),
-              "chosen_ids": datasets.Sequence(datasets.Value("int32")),
-              "rejected_ids": datasets.Sequence(datasets.Value("int32")),
-              "prompt_truncated": datasets.Value("bool"),
-              "response_truncated": datasets.Value("bool")}
+  data = {
+    "row": np.asarray(rows, np.int64)[idx].tolist(),
+    "prompt_ids": pick(prompts),
+    "chosen_ids": pick(chosens),
+    "rejected_ids": pick(rejecteds),
+    "prompt_truncated": pick(p_trunc),
+    "response_truncated": pick(r_trunc),
+  }
+  features = {
+    "row": datasets.Value("int64"),
+    "prompt_ids": datasets.Sequence(datasets.Value("int32")),
+    "chosen_ids": datasets.Sequence(datasets.Value("int32")),
+    "rejected_ids": datasets.Sequence(datasets.Value("int32")),
+    "prompt_truncated": datasets.Value("bool"),
+    "response_truncated": datasets.Value("bool"),
+  }
   for name, arr in extras.items():
     data[name] = arr[idx].tolist()
-    features[name] = (datasets.Sequence(datasets.Value("float32")) if arr.ndim == 2
-                      else datasets.Value("float32"))
+    features[name] = (
+      datasets.Sequence(datasets.Value("float32")) if arr.ndim == 2 else datasets.Value("float32")
+    )
   ds = datasets.Dataset.from_dict(data, features=datasets.Features(features))
-  counts = {"pairs": len(rows), "prompt_truncated": int(np.sum(p_trunc)),
-            "response_truncated": int(np.sum(r_trunc)), "skipped": len(rows) - len(idx)}
+  counts = {
+    "pairs": len(rows),
+    "prompt_truncated": int(np.sum(p_trunc)),
+    "response_truncated": int(np.sum(r_trunc)),
+    "skipped": len(rows) - len(idx),
+  }
   if verbose:
     _say_truncations(source, counts)
   return ds, counts
@@ -143,10 +177,13 @@ _COUNTS_FILE = "ssapo_truncations.json"  # beside a cached dataset: its truncati
 def _say_truncations(source: str, counts: Mapping[str, int], cached: str | None = None) -> None:
   """The truncation summary of a tokenisation (`runrecord.say`)."""
   from ssapo_jax.runrecord import say
+
   where = f" (from cache {cached})" if cached else ""
-  say(f"[ssapo_jax.data] {source}: tokenised {counts['pairs']} pairs{where}; prompt truncated "
-      f"in {counts['prompt_truncated']}, responses truncated ({V.TOO_LONG}) in "
-      f"{counts['response_truncated']}; skipped {counts['skipped']} ({V.TOO_LONG})")
+  say(
+    f"[ssapo_jax.data] {source}: tokenised {counts['pairs']} pairs{where}; prompt truncated "
+    f"in {counts['prompt_truncated']}, responses truncated ({V.TOO_LONG}) in "
+    f"{counts['response_truncated']}; skipped {counts['skipped']} ({V.TOO_LONG})"
+  )
 
 
 def _records_fingerprint(pairs) -> str:
@@ -156,12 +193,23 @@ def _records_fingerprint(pairs) -> str:
   return h.hexdigest()
 
 
-def tokenize_pairs(pairs: Sequence[V.PreferencePair], tokenizer, *, max_length: int,
-                   max_prompt_length: int, truncation_mode: str = "keep_end",
-                   system_message: str | None = None, add_bos: bool | None = None,
-                   add_eos: bool = True, on_truncation: str = "truncate",
-                   extras: Mapping[str, Any] | None = None, cache_dir: str | None = None,
-                   batch_size: int = 1024, verbose: bool = True, source: str | None = None):
+def tokenize_pairs(
+  pairs: Sequence[V.PreferencePair],
+  tokenizer,
+  *,
+  max_length: int,
+  max_prompt_length: int,
+  truncation_mode: str = "keep_end",
+  system_message: str | None = None,
+  add_bos: bool | None = None,
+  add_eos: bool = True,
+  on_truncation: str = "truncate",
+  extras: Mapping[str, Any] | None = None,
+  cache_dir: str | None = None,
+  batch_size: int = 1024,
+  verbose: bool = True,
+  source: str | None = None,
+):
   """Tokenises preference pairs in batches into a pair dataset (module docstring).
 
   Args:
@@ -186,6 +234,7 @@ def tokenize_pairs(pairs: Sequence[V.PreferencePair], tokenizer, *, max_length: 
     A `datasets.Dataset` with the columns of the module docstring.
   """
   import datasets
+
   _check_lengths(max_length, max_prompt_length, truncation_mode)
   source = source or getattr(pairs, "source", "") or "pairs"
   extras = _check_extras(extras, len(pairs))
@@ -194,8 +243,19 @@ def tokenize_pairs(pairs: Sequence[V.PreferencePair], tokenizer, *, max_length: 
     h = hashlib.sha256()
     h.update(_records_fingerprint(pairs).encode())
     h.update(tk.tokenizer_fingerprint(tokenizer).encode())
-    h.update(json.dumps([max_length, max_prompt_length, truncation_mode, system_message, add_bos,
-                         add_eos, on_truncation]).encode())
+    h.update(
+      json.dumps(
+        [
+          max_length,
+          max_prompt_length,
+          truncation_mode,
+          system_message,
+          add_bos,
+          add_eos,
+          on_truncation,
+        ]
+      ).encode()
+    )
     for name in sorted(extras):
       h.update(name.encode())
       h.update(np.ascontiguousarray(extras[name]).tobytes())
@@ -209,16 +269,33 @@ def tokenize_pairs(pairs: Sequence[V.PreferencePair], tokenizer, *, max_length: 
       return ds
   prompts, chosens, rejecteds = [], [], []
   for start in range(0, len(pairs), batch_size):
-    chunk = pairs[start:start + batch_size]
-    prompts += tk.chat_prompt_ids_batch(tokenizer, [p.prompt for p in chunk],
-                                        system_message=system_message, add_bos=add_bos)
+    chunk = pairs[start : start + batch_size]
+    prompts += tk.chat_prompt_ids_batch(
+      tokenizer, [p.prompt for p in chunk], system_message=system_message, add_bos=add_bos
+    )
     chosens += tk.response_ids_batch(tokenizer, [p.chosen for p in chunk], add_eos=add_eos)
     rejecteds += tk.response_ids_batch(tokenizer, [p.rejected for p in chunk], add_eos=add_eos)
-  p, c, r, pt, rt = _truncate_pairs(prompts, chosens, rejecteds, max_length=max_length,
-                                    max_prompt_length=max_prompt_length,
-                                    truncation_mode=truncation_mode, bos_id=tokenizer.bos_token_id)
-  ds, counts = _build_dataset([x.row for x in pairs], p, c, r, pt, rt, extras,
-                              on_truncation=on_truncation, source=source, verbose=verbose)
+  p, c, r, pt, rt = _truncate_pairs(
+    prompts,
+    chosens,
+    rejecteds,
+    max_length=max_length,
+    max_prompt_length=max_prompt_length,
+    truncation_mode=truncation_mode,
+    bos_id=tokenizer.bos_token_id,
+  )
+  ds, counts = _build_dataset(
+    [x.row for x in pairs],
+    p,
+    c,
+    r,
+    pt,
+    rt,
+    extras,
+    on_truncation=on_truncation,
+    source=source,
+    verbose=verbose,
+  )
   if key is not None:
     os.makedirs(cache_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-")
@@ -233,10 +310,17 @@ def tokenize_pairs(pairs: Sequence[V.PreferencePair], tokenizer, *, max_length: 
   return ds
 
 
-def tokenize_prompts(prompts: Sequence[V.PromptRecord | Sequence[Mapping[str, str]] | str],
-                     tokenizer, *, max_prompt_length: int, truncation_mode: str = "keep_end",
-                     system_message: str | None = None, add_bos: bool | None = None,
-                     batch_size: int = 1024, report: str | None = None) -> list[list[int]]:
+def tokenize_prompts(
+  prompts: Sequence[V.PromptRecord | Sequence[Mapping[str, str]] | str],
+  tokenizer,
+  *,
+  max_prompt_length: int,
+  truncation_mode: str = "keep_end",
+  system_message: str | None = None,
+  add_bos: bool | None = None,
+  batch_size: int = 1024,
+  report: str | None = None,
+) -> list[list[int]]:
   """Chat-templated prompt ids (with generation prompt) for sampling, truncated like pairs.
 
   With ``report`` (what the prompts are, e.g. ``"round 1 prompts"``) the number of prompts
@@ -246,17 +330,29 @@ def tokenize_prompts(prompts: Sequence[V.PromptRecord | Sequence[Mapping[str, st
     raise ValueError(f"max_prompt_length must be > 0, got {max_prompt_length}")
   out = []
   for start in range(0, len(prompts), batch_size):
-    chunk = [p.prompt if isinstance(p, V.PromptRecord) else p
-             for p in prompts[start:start + batch_size]]
-    out += tk.chat_prompt_ids_batch(tokenizer, chunk, system_message=system_message,
-                                    add_bos=add_bos)
+    chunk = [
+      p.prompt if isinstance(p, V.PromptRecord) else p for p in prompts[start : start + batch_size]
+    ]
+    out += tk.chat_prompt_ids_batch(
+      tokenizer, chunk, system_message=system_message, add_bos=add_bos
+    )
   if report is not None:
     from ssapo_jax.runrecord import say
+
     cut = sum(len(x) > max_prompt_length for x in out)
-    say(f"[ssapo_jax.data] {report}: {len(out)} prompts, truncated ({truncation_mode}) to "
-        f"max_prompt_length={max_prompt_length} in {cut}")
-  return [truncate_prompt(x, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode,
-                          bos_id=tokenizer.bos_token_id) for x in out]
+    say(
+      f"[ssapo_jax.data] {report}: {len(out)} prompts, truncated ({truncation_mode}) to "
+      f"max_prompt_length={max_prompt_length} in {cut}"
+    )
+  return [
+    truncate_prompt(
+      x,
+      max_prompt_length=max_prompt_length,
+      truncation_mode=truncation_mode,
+      bos_id=tokenizer.bos_token_id,
+    )
+    for x in out
+  ]
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -274,8 +370,9 @@ def fixed_size_batches(num_rows: int, batch_size: int) -> Iterator[tuple[list[in
     yield chunk + [chunk[-1]] * (batch_size - len(chunk)), len(chunk)
 
 
-def left_pad(sequences: Sequence[Sequence[int]], *, pad_id: int, multiple: int = 1,
-             length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(
+  sequences: Sequence[Sequence[int]], *, pad_id: int, multiple: int = 1, length: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """Left-pads token sequences for the sampler.
 
   Returns:
@@ -290,13 +387,14 @@ def left_pad(sequences: Sequence[Sequence[int]], *, pad_id: int, multiple: int =
   mask = np.zeros((len(sequences), tp), np.int32)
   for i, s in enumerate(sequences):
     if len(s):
-      ids[i, tp - len(s):] = s
-      mask[i, tp - len(s):] = 1
+      ids[i, tp - len(s) :] = s
+      mask[i, tp - len(s) :] = 1
   return ids, mask
 
 
-def strip_response(ids: Sequence[int], *, eos_id: int, length: int | None = None,
-                   add_eos: bool = True) -> list[int]:
+def strip_response(
+  ids: Sequence[int], *, eos_id: int, length: int | None = None, add_eos: bool = True
+) -> list[int]:
   """A generated response up to and including its first EOS.
 
   ``length`` (if given) is the number of generated tokens to keep instead. A response that
@@ -305,22 +403,31 @@ def strip_response(ids: Sequence[int], *, eos_id: int, length: int | None = None
   """
   ids = [int(x) for x in (ids if length is None else list(ids)[:length])]
   if length is None and eos_id in ids:
-    ids = ids[:ids.index(eos_id) + 1]
+    ids = ids[: ids.index(eos_id) + 1]
   if add_eos and (not ids or ids[-1] != eos_id):
     ids.append(eos_id)
   return ids
 
 
-def pairs_from_token_ids(prompt_ids: Sequence[Sequence[int]],
-                         chosen_response_ids: Sequence[Sequence[int]],
-                         rejected_response_ids: Sequence[Sequence[int]], *, eos_id: int,
-                         max_length: int, max_prompt_length: int,
-                         truncation_mode: str = "keep_end", bos_id: int | None = None,
-                         chosen_lengths: Sequence[int] | None = None,
-                         rejected_lengths: Sequence[int] | None = None, add_eos: bool = True,
-                         rows: Sequence[int] | None = None, extras: Mapping[str, Any] | None = None,
-                         on_truncation: str = "truncate", source: str = "generated",
-                         verbose: bool = True):
+def pairs_from_token_ids(
+  prompt_ids: Sequence[Sequence[int]],
+  chosen_response_ids: Sequence[Sequence[int]],
+  rejected_response_ids: Sequence[Sequence[int]],
+  *,
+  eos_id: int,
+  max_length: int,
+  max_prompt_length: int,
+  truncation_mode: str = "keep_end",
+  bos_id: int | None = None,
+  chosen_lengths: Sequence[int] | None = None,
+  rejected_lengths: Sequence[int] | None = None,
+  add_eos: bool = True,
+  rows: Sequence[int] | None = None,
+  extras: Mapping[str, Any] | None = None,
+  on_truncation: str = "truncate",
+  source: str = "generated",
+  verbose: bool = True,
+):
   """A pair dataset from token ids (after self-annotation), without re-tokenising text.
 
   Args:
@@ -341,22 +448,44 @@ def pairs_from_token_ids(prompt_ids: Sequence[Sequence[int]],
   _check_lengths(max_length, max_prompt_length, truncation_mode)
   n = len(prompt_ids)
   if len(chosen_response_ids) != n or len(rejected_response_ids) != n:
-    raise ValueError(f"prompt_ids has {n} rows but chosen_response_ids has "
-                     f"{len(chosen_response_ids)} and rejected_response_ids "
-                     f"{len(rejected_response_ids)}")
+    raise ValueError(
+      f"prompt_ids has {n} rows but chosen_response_ids has "
+      f"{len(chosen_response_ids)} and rejected_response_ids "
+      f"{len(rejected_response_ids)}"
+    )
   cl = [None] * n if chosen_lengths is None else list(chosen_lengths)
   rl = [None] * n if rejected_lengths is None else list(rejected_lengths)
-  chosens = [strip_response(x, eos_id=eos_id, length=l, add_eos=add_eos)
-             for x, l in zip(chosen_response_ids, cl)]
-  rejecteds = [strip_response(x, eos_id=eos_id, length=l, add_eos=add_eos)
-               for x, l in zip(rejected_response_ids, rl)]
+  chosens = [
+    strip_response(x, eos_id=eos_id, length=l, add_eos=add_eos)
+    for x, l in zip(chosen_response_ids, cl)
+  ]
+  rejecteds = [
+    strip_response(x, eos_id=eos_id, length=l, add_eos=add_eos)
+    for x, l in zip(rejected_response_ids, rl)
+  ]
   prompts = [[int(t) for t in p] for p in prompt_ids]
-  p, c, r, pt, rt = _truncate_pairs(prompts, chosens, rejecteds, max_length=max_length,
-                                    max_prompt_length=max_prompt_length,
-                                    truncation_mode=truncation_mode, bos_id=bos_id)
+  p, c, r, pt, rt = _truncate_pairs(
+    prompts,
+    chosens,
+    rejecteds,
+    max_length=max_length,
+    max_prompt_length=max_prompt_length,
+    truncation_mode=truncation_mode,
+    bos_id=bos_id,
+  )
   rows = list(range(n)) if rows is None else [int(x) for x in rows]
-  return _build_dataset(rows, p, c, r, pt, rt, _check_extras(extras, n),
-                        on_truncation=on_truncation, source=source, verbose=verbose)[0]
+  return _build_dataset(
+    rows,
+    p,
+    c,
+    r,
+    pt,
+    rt,
+    _check_extras(extras, n),
+    on_truncation=on_truncation,
+    source=source,
+    verbose=verbose,
+  )[0]
 
 
 def with_pair_columns(dataset, **columns):
@@ -366,11 +495,13 @@ def with_pair_columns(dataset, **columns):
   reference log-probs once per round, or ``weights=N * p`` after the DRO step.
   """
   import datasets
+
   extras = _check_extras(columns, len(dataset))
   for name, arr in extras.items():
     if name in dataset.column_names:
       dataset = dataset.remove_columns(name)
-    feature = (datasets.Sequence(datasets.Value("float32")) if arr.ndim == 2
-               else datasets.Value("float32"))
+    feature = (
+      datasets.Sequence(datasets.Value("float32")) if arr.ndim == 2 else datasets.Value("float32")
+    )
     dataset = dataset.add_column(name, arr.tolist(), feature=feature)
   return dataset

@@ -22,22 +22,32 @@ from typing import Any
 from ssapo_jax.errors import DataError
 
 # Reasons a row can be rejected; each can be given its own policy.
-MISSING_FIELD = "missing_field"          # Column absent or value None.
-WRONG_TYPE = "wrong_type"                # E.g. a number where text or messages are expected.
-EMPTY_TEXT = "empty_text"                # Empty or whitespace-only text.
+MISSING_FIELD = "missing_field"  # Column absent or value None.
+WRONG_TYPE = "wrong_type"  # E.g. a number where text or messages are expected.
+EMPTY_TEXT = "empty_text"  # Empty or whitespace-only text.
 IDENTICAL_RESPONSES = "identical_responses"  # chosen == rejected (after stripping).
-UNKNOWN_ROLE = "unknown_role"            # Message role not system/user/assistant.
+UNKNOWN_ROLE = "unknown_role"  # Message role not system/user/assistant.
 LAST_NOT_ASSISTANT = "last_not_assistant"  # Response message list not ending in assistant.
-LAST_NOT_USER = "last_not_user"          # Prompt message list not ending in a user turn.
-PROMPT_MISMATCH = "prompt_mismatch"      # chosen/rejected conversations differ before the reply.
-INVALID_UTF8 = "invalid_utf8"            # Bytes that are not UTF-8 (or lone surrogates).
-INVALID_JSON = "invalid_json"            # A jsonl line that is not a JSON object.
-TOO_LONG = "too_long"                    # Needed response truncation (see tokenize.py).
+LAST_NOT_USER = "last_not_user"  # Prompt message list not ending in a user turn.
+PROMPT_MISMATCH = "prompt_mismatch"  # chosen/rejected conversations differ before the reply.
+INVALID_UTF8 = "invalid_utf8"  # Bytes that are not UTF-8 (or lone surrogates).
+INVALID_JSON = "invalid_json"  # A jsonl line that is not a JSON object.
+TOO_LONG = "too_long"  # Needed response truncation (see tokenize.py).
 # The prompt of an earlier row again: dropped (counted) so that one prompt cannot land in two
 # of seed, pools and held-out set; not a policy reason (``duplicates="keep"`` keeps them).
 DUPLICATE_PROMPT = "duplicate_prompt"
-REASONS = (MISSING_FIELD, WRONG_TYPE, EMPTY_TEXT, IDENTICAL_RESPONSES, UNKNOWN_ROLE,
-           LAST_NOT_ASSISTANT, LAST_NOT_USER, PROMPT_MISMATCH, INVALID_UTF8, INVALID_JSON)
+REASONS = (
+  MISSING_FIELD,
+  WRONG_TYPE,
+  EMPTY_TEXT,
+  IDENTICAL_RESPONSES,
+  UNKNOWN_ROLE,
+  LAST_NOT_ASSISTANT,
+  LAST_NOT_USER,
+  PROMPT_MISMATCH,
+  INVALID_UTF8,
+  INVALID_JSON,
+)
 ROLES = ("system", "user", "assistant")
 POLICIES = ("error", "skip")
 FORMATS = ("auto", "ultrafeedback", "plain", "prompt")
@@ -46,8 +56,9 @@ FORMATS = ("auto", "ultrafeedback", "plain", "prompt")
 class DataValidationError(DataError):
   """A bad row: ``source`` (file or dataset), ``row`` (index), ``field``, ``reason``."""
 
-  def __init__(self, source: str, row: int | None, field: str | None, reason: str,
-               detail: str = ""):
+  def __init__(
+    self, source: str, row: int | None, field: str | None, reason: str, detail: str = ""
+  ):
     self.source, self.row, self.field, self.reason, self.detail = source, row, field, reason, detail
     # Rows count from 0 over the records (a jsonl file's non-blank lines): say so, since
     # editors number lines from 1.
@@ -58,7 +69,6 @@ class DataValidationError(DataError):
 
 
 class _RowProblem(Exception):
-
   def __init__(self, field: str | None, reason: str, detail: str = ""):
     super().__init__(reason)
     self.field, self.reason, self.detail = field, reason, detail
@@ -67,6 +77,7 @@ class _RowProblem(Exception):
 @dataclasses.dataclass(frozen=True)
 class PreferencePair:
   """A labelled pair: prompt messages, chosen and rejected assistant texts, source row."""
+
   prompt: list[dict[str, str]]
   chosen: str
   rejected: str
@@ -76,6 +87,7 @@ class PreferencePair:
 @dataclasses.dataclass(frozen=True)
 class PromptRecord:
   """An unlabelled prompt (message list) and its source row."""
+
   prompt: list[dict[str, str]]
   row: int
 
@@ -88,6 +100,7 @@ class ValidationReport:
   (dropped as ``skipped["duplicate_prompt"]`` unless kept), ``identical_rows`` those of them
   that repeat the earlier row entirely.
   """
+
   source: str
   num_rows: int = 0
   num_kept: int = 0
@@ -100,10 +113,14 @@ class ValidationReport:
     dups = ""
     if self.duplicate_prompts:
       kept = "" if self.skipped.get(DUPLICATE_PROMPT) else ", kept"
-      dups = (f"; {self.duplicate_prompts} rows repeat an earlier prompt "
-              f"({self.identical_rows} identical rows{kept})")
-    return (f"[ssapo_jax.data] {self.source}: kept {self.num_kept} of {self.num_rows} rows; "
-            f"skipped {sum(self.skipped.values())} ({parts}){dups}")
+      dups = (
+        f"; {self.duplicate_prompts} rows repeat an earlier prompt "
+        f"({self.identical_rows} identical rows{kept})"
+      )
+    return (
+      f"[ssapo_jax.data] {self.source}: kept {self.num_kept} of {self.num_rows} rows; "
+      f"skipped {sum(self.skipped.values())} ({parts}){dups}"
+    )
 
 
 class Records(list):
@@ -168,7 +185,11 @@ def check_messages(value: Any, field: str, *, last_role: str | None) -> list[dic
   if isinstance(value, Mapping) and "role" in value and "content" in value:
     roles, contents = list(value["role"]), list(value["content"])  # tfds Sequence(dict).
     value = [{"role": r, "content": c} for r, c in zip(roles, contents)]
-  if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) and not hasattr(value, "tolist"):
+  if (
+    isinstance(value, (str, bytes))
+    or not isinstance(value, Sequence)
+    and not hasattr(value, "tolist")
+  ):
     raise _RowProblem(field, WRONG_TYPE, f"expected a message list, found {type(value).__name__}")
   value = list(value)
   if not value:
@@ -198,8 +219,9 @@ def _prompt_messages(value: Any, field: str) -> list[dict[str, str]]:
   return check_messages(value, field, last_role="user")
 
 
-def normalise_pair(row: Mapping[str, Any], index: int, fmt: str,
-                   columns: Mapping[str, str]) -> PreferencePair:
+def normalise_pair(
+  row: Mapping[str, Any], index: int, fmt: str, columns: Mapping[str, str]
+) -> PreferencePair:
   """One row -> `PreferencePair`; raises `_RowProblem` (field, reason) on a bad row."""
   pc, cc, rc = columns["prompt"], columns["chosen"], columns["rejected"]
   if fmt == "ultrafeedback":
@@ -210,8 +232,9 @@ def normalise_pair(row: Mapping[str, Any], index: int, fmt: str,
     if len(chosen) > 1:
       prompt = chosen[:-1]
       if prompt[-1]["role"] != "user":
-        raise _RowProblem(f"{cc}[{len(chosen) - 2}].role", LAST_NOT_USER,
-                          f"found {prompt[-1]['role']!r}")
+        raise _RowProblem(
+          f"{cc}[{len(chosen) - 2}].role", LAST_NOT_USER, f"found {prompt[-1]['role']!r}"
+        )
     else:
       prompt = _prompt_messages(row.get(pc), pc)
     chosen_text, rejected_text = chosen[-1]["content"], rejected[-1]["content"]
@@ -220,21 +243,33 @@ def normalise_pair(row: Mapping[str, Any], index: int, fmt: str,
     chosen_text = check_text(row.get(cc), cc)
     rejected_text = check_text(row.get(rc), rc)
   else:
-    raise ValueError(f"format {fmt!r} is not a preference format; expected 'ultrafeedback' or 'plain'")
+    raise ValueError(
+      f"format {fmt!r} is not a preference format; expected 'ultrafeedback' or 'plain'"
+    )
   if chosen_text.strip() == rejected_text.strip():
     raise _RowProblem(rc, IDENTICAL_RESPONSES)
   return PreferencePair(prompt=prompt, chosen=chosen_text, rejected=rejected_text, row=index)
 
 
-def normalise_prompt(row: Mapping[str, Any], index: int, columns: Mapping[str, str]) -> PromptRecord:
+def normalise_prompt(
+  row: Mapping[str, Any], index: int, columns: Mapping[str, str]
+) -> PromptRecord:
   """One row -> `PromptRecord`; raises `_RowProblem` on a bad row."""
   pc = columns["prompt"]
   return PromptRecord(prompt=_prompt_messages(row.get(pc), pc), row=index)
 
 
-def validate_rows(rows, *, source: str, kind: str, fmt: str, columns: Mapping[str, str],
-                  policy: str | Mapping[str, str] = "error", verbose: bool = True,
-                  duplicates: str = "drop") -> Records:
+def validate_rows(
+  rows,
+  *,
+  source: str,
+  kind: str,
+  fmt: str,
+  columns: Mapping[str, str],
+  policy: str | Mapping[str, str] = "error",
+  verbose: bool = True,
+  duplicates: str = "drop",
+) -> Records:
   """Normalises and validates ``rows`` (an iterable of ``(index, row dict or problem)``).
 
   A problem already found by the reader (``_RowProblem`` in place of the dict) goes through
@@ -244,6 +279,7 @@ def validate_rows(rows, *, source: str, kind: str, fmt: str, columns: Mapping[st
   held-out set; ``"keep"`` keeps it. The summary line goes to `runrecord.say` when verbose.
   """
   from ssapo_jax.data.seed import prompt_key  # one definition of "the same prompt"
+
   if duplicates not in ("drop", "keep"):
     raise ValueError(f"duplicates must be 'drop' or 'keep', got {duplicates!r}")
   policies = resolve_policy(policy)
@@ -255,8 +291,11 @@ def validate_rows(rows, *, source: str, kind: str, fmt: str, columns: Mapping[st
     try:
       if isinstance(row, _RowProblem):
         raise row
-      rec = normalise_prompt(row, index, columns) if kind == "prompt" else normalise_pair(
-          row, index, fmt, columns)
+      rec = (
+        normalise_prompt(row, index, columns)
+        if kind == "prompt"
+        else normalise_pair(row, index, fmt, columns)
+      )
     except _RowProblem as p:
       if policies[p.reason] == "error":
         raise DataValidationError(source, index, p.field, p.reason, p.detail) from None
@@ -274,6 +313,7 @@ def validate_rows(rows, *, source: str, kind: str, fmt: str, columns: Mapping[st
   report.num_kept = len(out)
   if verbose:
     from ssapo_jax.runrecord import say  # the run's log when inside one, else stdout
+
     say(report.summary())
   if not out:
     raise ValueError(f"{source}: no valid rows remain ({report.summary()})")

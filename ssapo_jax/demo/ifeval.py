@@ -31,27 +31,67 @@ from collections.abc import Sequence
 
 import numpy as np
 
-TOPICS = ("cats", "the ocean", "a rainy day", "coffee", "your favourite book", "the moon",
-          "a city at night", "learning to cook", "winter", "friendship", "trains", "gardening",
-          "the internet", "a forest walk", "music", "mountains", "a birthday party", "bicycles",
-          "the history of bread", "space travel", "a quiet library", "the summer holidays",
-          "robots", "honey bees", "a football match", "rivers", "breakfast", "old maps",
-          "volcanoes", "chess")
-WORDS = ("blue", "happy", "morning", "light", "water", "friend", "quiet", "green", "simple",
-         "bright", "small", "warm")
+TOPICS = (
+  "cats",
+  "the ocean",
+  "a rainy day",
+  "coffee",
+  "your favourite book",
+  "the moon",
+  "a city at night",
+  "learning to cook",
+  "winter",
+  "friendship",
+  "trains",
+  "gardening",
+  "the internet",
+  "a forest walk",
+  "music",
+  "mountains",
+  "a birthday party",
+  "bicycles",
+  "the history of bread",
+  "space travel",
+  "a quiet library",
+  "the summer holidays",
+  "robots",
+  "honey bees",
+  "a football match",
+  "rivers",
+  "breakfast",
+  "old maps",
+  "volcanoes",
+  "chess",
+)
+WORDS = (
+  "blue",
+  "happy",
+  "morning",
+  "light",
+  "water",
+  "friend",
+  "quiet",
+  "green",
+  "simple",
+  "bright",
+  "small",
+  "warm",
+)
 LENGTH_FREE_WORDS = 60
 LENGTH_PENALTY = 0.002
 
 _WORD_RE = re.compile(r"[A-Za-z0-9']+")
 _PATTERNS = {
-    "max_words": re.compile(r"Answer in at most (\d+) words\."),
-    "min_words": re.compile(r"Answer in at least (\d+) words\."),
-    "max_sentences": re.compile(r"Use at most (\d+) sentences\."),
-    "include": re.compile(r"Include the word \"(\w+)\"\."),
-    "forbid": re.compile(r"Do not use the word \"(\w+)\"\."),
-    "lowercase": re.compile(r"Write everything in lower case\.()"),
-    "ending": re.compile(r"End your answer with the word \"(\w+)\"\."),
-    "bullets": re.compile(r"Answer with exactly (\d+) bullet points, each line starting with \"- \"\."),
+  "max_words": re.compile(r"Answer in at most (\d+) words\."),
+  "min_words": re.compile(r"Answer in at least (\d+) words\."),
+  "max_sentences": re.compile(r"Use at most (\d+) sentences\."),
+  "include": re.compile(r"Include the word \"(\w+)\"\."),
+  "forbid": re.compile(r"Do not use the word \"(\w+)\"\."),
+  "lowercase": re.compile(r"Write everything in lower case\.()"),
+  "ending": re.compile(r"End your answer with the word \"(\w+)\"\."),
+  "bullets": re.compile(
+    r"Answer with exactly (\d+) bullet points, each line starting with \"- \"\."
+  ),
 }
 # Families that may not share a prompt (contradictory or redundant pairs).
 _EXCLUSIVE = ({"max_words", "min_words"}, {"include", "forbid"}, {"bullets", "max_sentences"})
@@ -68,14 +108,14 @@ def _sentences(text: str) -> int:
 def constraint_sentence(kind: str, arg) -> str:
   """The prompt sentence of one constraint (the `_PATTERNS` templates)."""
   return {
-      "max_words": f"Answer in at most {arg} words.",
-      "min_words": f"Answer in at least {arg} words.",
-      "max_sentences": f"Use at most {arg} sentences.",
-      "include": f"Include the word \"{arg}\".",
-      "forbid": f"Do not use the word \"{arg}\".",
-      "lowercase": "Write everything in lower case.",
-      "ending": f"End your answer with the word \"{arg}\".",
-      "bullets": f"Answer with exactly {arg} bullet points, each line starting with \"- \".",
+    "max_words": f"Answer in at most {arg} words.",
+    "min_words": f"Answer in at least {arg} words.",
+    "max_sentences": f"Use at most {arg} sentences.",
+    "include": f'Include the word "{arg}".',
+    "forbid": f'Do not use the word "{arg}".',
+    "lowercase": "Write everything in lower case.",
+    "ending": f'End your answer with the word "{arg}".',
+    "bullets": f'Answer with exactly {arg} bullet points, each line starting with "- ".',
   }[kind]
 
 

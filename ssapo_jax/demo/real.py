@@ -41,13 +41,14 @@ GENERATOR_SFT = "smollm2-135m-instruct"
 @dataclasses.dataclass(frozen=True)
 class RealMode:
   """Sizes of one real-model study."""
+
   name: str
-  pool_prompts: int          # prompts sampled twice by the SFT model (judge ties left out)
-  num_eval_prompts: int      # held-out prompts, greedy outputs judged after each arm
-  max_new_tokens: int        # response limit, tokens
-  round_prompts: int         # unlabelled prompts of the self-annotated round
+  pool_prompts: int  # prompts sampled twice by the SFT model (judge ties left out)
+  num_eval_prompts: int  # held-out prompts, greedy outputs judged after each arm
+  max_new_tokens: int  # response limit, tokens
+  round_prompts: int  # unlabelled prompts of the self-annotated round
   num_seeds: int
-  num_samples: int = 4       # samples per round prompt (best vs worst by implicit reward)
+  num_samples: int = 4  # samples per round prompt (best vs worst by implicit reward)
   epsilon: float = 0.01
   pool_temperature: float = 0.8
   sample_batch_size: int = 32
@@ -56,12 +57,27 @@ class RealMode:
   arms: tuple[str, ...] = ("self_eps0", "ssapo", "seed_dpo", "all_labels")
 
 
-TINY = RealMode("tiny", pool_prompts=60, num_eval_prompts=8, max_new_tokens=12, round_prompts=16,
-                num_seeds=1, num_samples=2, sample_batch_size=16)
-SMALL = RealMode("small", pool_prompts=240, num_eval_prompts=48, max_new_tokens=40,
-                 round_prompts=120, num_seeds=2)
-MEDIUM = RealMode("medium", pool_prompts=900, num_eval_prompts=150, max_new_tokens=48,
-                  round_prompts=400, num_seeds=3)
+TINY = RealMode(
+  "tiny",
+  pool_prompts=60,
+  num_eval_prompts=8,
+  max_new_tokens=12,
+  round_prompts=16,
+  num_seeds=1,
+  num_samples=2,
+  sample_batch_size=16,
+)
+SMALL = RealMode(
+  "small", pool_prompts=240, num_eval_prompts=48, max_new_tokens=40, round_prompts=120, num_seeds=2
+)
+MEDIUM = RealMode(
+  "medium",
+  pool_prompts=900,
+  num_eval_prompts=150,
+  max_new_tokens=48,
+  round_prompts=400,
+  num_seeds=3,
+)
 MODES = {m.name: m for m in (TINY, SMALL, MEDIUM)}
 
 # Real-model settings on top of configs/tiny_cpu.yaml (its sizes are the synthetic world's):
@@ -69,9 +85,13 @@ MODES = {m.name: m for m in (TINY, SMALL, MEDIUM)}
 # model takes small steps; a 135M model's checkpoints (1.6 GB with Adam state) are not worth
 # writing every 10 steps on a CPU run.
 REAL_OVERRIDES = (
-    "data.max_prompt_length=96", "data.max_length=160", "data.bucket_size=32",
-    "train.learning_rate=5.0e-6", "rounds.round_learning_rate=2.0e-6",
-    "train.global_batch_size=8", "checkpoint.save_every_steps=1000",
+  "data.max_prompt_length=96",
+  "data.max_length=160",
+  "data.bucket_size=32",
+  "train.learning_rate=5.0e-6",
+  "rounds.round_learning_rate=2.0e-6",
+  "train.global_batch_size=8",
+  "checkpoint.save_every_steps=1000",
 )
 
 
@@ -87,10 +107,14 @@ def _distinct(rng, num: int, exclude: set[str]) -> list[str]:
 
 def _world_config(mode: RealMode) -> world_lib.WorldConfig:
   """The synthetic `WorldConfig` fields that `arms.arm_overrides` reads (sizes only)."""
-  return world_lib.WorldConfig(seed=mode.world_seed, pool_prompts=mode.pool_prompts,
-                               num_eval_prompts=mode.num_eval_prompts,
-                               max_new_tokens=max(mode.max_new_tokens, 8),
-                               sample_batch_size=mode.sample_batch_size, sft_steps=1)
+  return world_lib.WorldConfig(
+    seed=mode.world_seed,
+    pool_prompts=mode.pool_prompts,
+    num_eval_prompts=mode.num_eval_prompts,
+    max_new_tokens=max(mode.max_new_tokens, 8),
+    sample_batch_size=mode.sample_batch_size,
+    sft_steps=1,
+  )
 
 
 def build_real_world(root: str, mode: RealMode, *, log=print) -> world_lib.World:
@@ -99,8 +123,11 @@ def build_real_world(root: str, mode: RealMode, *, log=print) -> world_lib.World
   from ssapo_jax.models import tokenizer as tk
   from ssapo_jax.models.params import load_hf
 
-  settings = {k: v for k, v in dataclasses.asdict(mode).items()
-              if k not in ("name", "num_seeds", "round_prompts", "epsilon", "arms")}
+  settings = {
+    k: v
+    for k, v in dataclasses.asdict(mode).items()
+    if k not in ("name", "num_seeds", "round_prompts", "epsilon", "arms")
+  }
   meta_path = os.path.join(root, world_lib.WORLD_FILE)
   wcfg = _world_config(mode)
   if os.path.isfile(meta_path):
@@ -123,13 +150,30 @@ def build_real_world(root: str, mode: RealMode, *, log=print) -> world_lib.World
   k_eval, k_pool = jax.random.split(jax.random.key(mode.world_seed))
   gen = {"max_new_tokens": mode.max_new_tokens, "batch_size": mode.sample_batch_size}
   t_s = time.time()
-  greedy = [r[0] for r in world_lib.generate_responses(
-      model, tokenizer, eval_prompts, k_eval, temperature=0.0, num_samples=1,
-      desc="SFT greedy on eval prompts", **gen)]
+  greedy = [
+    r[0]
+    for r in world_lib.generate_responses(
+      model,
+      tokenizer,
+      eval_prompts,
+      k_eval,
+      temperature=0.0,
+      num_samples=1,
+      desc="SFT greedy on eval prompts",
+      **gen,
+    )
+  ]
   sft_scores = ifeval.judge_scores(eval_prompts, greedy)
-  sampled = world_lib.generate_responses(model, tokenizer, pool_prompts, k_pool,
-                                         temperature=mode.pool_temperature, num_samples=2,
-                                         desc="SFT samples for the pool", **gen)
+  sampled = world_lib.generate_responses(
+    model,
+    tokenizer,
+    pool_prompts,
+    k_pool,
+    temperature=mode.pool_temperature,
+    num_samples=2,
+    desc="SFT samples for the pool",
+    **gen,
+  )
   sample_seconds = time.time() - t_s
   pool, sample_scores, ties = [], [], 0
   for prompt, (a, b) in zip(pool_prompts, sampled):
@@ -139,22 +183,41 @@ def build_real_world(root: str, mode: RealMode, *, log=print) -> world_lib.World
       ties += 1
       continue
     chosen, rejected, sc, sr = (a, b, sa, sb) if sa > sb else (b, a, sb, sa)
-    pool.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                 "chosen_score": sc, "rejected_score": sr})
+    pool.append(
+      {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "chosen_score": sc,
+        "rejected_score": sr,
+      }
+    )
   world_lib.write_jsonl(os.path.join(root, "pool.jsonl"), pool)
-  world_lib.write_jsonl(os.path.join(root, "pool_prompts.jsonl"),
-                        [{"prompt": p} for p in pool_prompts])
-  world_lib.write_jsonl(os.path.join(root, "eval_prompts.jsonl"),
-                        [{"prompt": p} for p in eval_prompts])
-  world_lib.write_json(os.path.join(root, "sft_eval.json"),
-                       [{"instruction": p, "output": o, "generator": GENERATOR_SFT,
-                         "score": float(s)} for p, o, s in zip(eval_prompts, greedy, sft_scores)])
-  stats = {"sft_greedy_score": float(np.mean(sft_scores)),
-           "sft_sample_score": float(np.mean(sample_scores)),
-           "pool_prompts": mode.pool_prompts, "pool_pairs": len(pool), "pool_ties_dropped": ties,
-           "pool_mean_gap": float(np.mean([r["chosen_score"] - r["rejected_score"] for r in pool]))
-           if pool else None,
-           "sample_seconds": sample_seconds, "build_seconds": time.time() - t0}
+  world_lib.write_jsonl(
+    os.path.join(root, "pool_prompts.jsonl"), [{"prompt": p} for p in pool_prompts]
+  )
+  world_lib.write_jsonl(
+    os.path.join(root, "eval_prompts.jsonl"), [{"prompt": p} for p in eval_prompts]
+  )
+  world_lib.write_json(
+    os.path.join(root, "sft_eval.json"),
+    [
+      {"instruction": p, "output": o, "generator": GENERATOR_SFT, "score": float(s)}
+      for p, o, s in zip(eval_prompts, greedy, sft_scores)
+    ],
+  )
+  stats = {
+    "sft_greedy_score": float(np.mean(sft_scores)),
+    "sft_sample_score": float(np.mean(sample_scores)),
+    "pool_prompts": mode.pool_prompts,
+    "pool_pairs": len(pool),
+    "pool_ties_dropped": ties,
+    "pool_mean_gap": float(np.mean([r["chosen_score"] - r["rejected_score"] for r in pool]))
+    if pool
+    else None,
+    "sample_seconds": sample_seconds,
+    "build_seconds": time.time() - t0,
+  }
   world_lib.write_json(meta_path, {"settings": settings, "stats": stats})
   return world_lib.World(root, wcfg, stats)
 
@@ -181,35 +244,64 @@ def sft_preference_agreement(model_dir: str, pairs_dir: str) -> dict:
     ids = np.full((len(seqs), T), tokenizer.pad_token_id, np.int32)
     mask, loss = np.zeros_like(ids), np.zeros_like(ids)
     for i, (a, s) in enumerate(zip(p_ids, seqs)):
-      ids[i, :len(s)], mask[i, :len(s)], loss[i, len(a):len(s)] = s, 1, 1
-    fn = jax.jit(lambda m, i, a, lm: m.sequence_logps(i, a, lm, average=True,
-                                                      vocab_chunk_size=8192))
-    return np.concatenate([np.asarray(fn(model, jnp.asarray(ids[s:s + 16]),
-                                         jnp.asarray(mask[s:s + 16]), jnp.asarray(loss[s:s + 16])))
-                           for s in range(0, len(seqs), 16)])
+      ids[i, : len(s)], mask[i, : len(s)], loss[i, len(a) : len(s)] = s, 1, 1
+    fn = jax.jit(
+      lambda m, i, a, lm: m.sequence_logps(i, a, lm, average=True, vocab_chunk_size=8192)
+    )
+    return np.concatenate(
+      [
+        np.asarray(
+          fn(
+            model,
+            jnp.asarray(ids[s : s + 16]),
+            jnp.asarray(mask[s : s + 16]),
+            jnp.asarray(loss[s : s + 16]),
+          )
+        )
+        for s in range(0, len(seqs), 16)
+      ]
+    )
 
   chosen, rejected = mean_logps(ds["chosen"]), mean_logps(ds["rejected"])
-  prefs = np.array([ifeval.judge_prefers(arms_lib._prompt_text(p), c, r)
-                    for p, c, r in zip(prompts, ds["chosen"], ds["rejected"])])
+  prefs = np.array(
+    [
+      ifeval.judge_prefers(arms_lib._prompt_text(p), c, r)
+      for p, c, r in zip(prompts, ds["chosen"], ds["rejected"])
+    ]
+  )
   sft_says = np.sign(chosen - rejected)  # +1: the SFT model also prefers the chosen response
   decided = (prefs != 0) & (sft_says != 0)
-  return {"agreement": float(np.mean(prefs[decided] == sft_says[decided])) if decided.any()
-          else None, "num_pairs": len(prefs), "judge_ties": float(np.mean(prefs == 0))}
+  return {
+    "agreement": float(np.mean(prefs[decided] == sft_says[decided])) if decided.any() else None,
+    "num_pairs": len(prefs),
+    "judge_ties": float(np.mean(prefs == 0)),
+  }
 
 
 def _demo_mode(mode: RealMode, pool_pairs: int) -> arms_lib.DemoMode:
   # The seed is 1/30 of the labelled pool, as a count of at least 2 pairs (a tiny pool's 1/30
   # would select none).
   seed_size = max(2, round(pool_pairs * arms_lib.SEED_FRACTION))
-  return arms_lib.DemoMode(name=f"real-{mode.name}", world=_world_config(mode), seed_size=seed_size,
-                           num_seeds=mode.num_seeds, num_rounds=1,
-                           round_prompts=mode.round_prompts, epsilon=mode.epsilon, arms=mode.arms,
-                           overrides=(*REAL_OVERRIDES, f"sampling.num_samples={mode.num_samples}",
-                                      f"sampling.batch_size={mode.sample_batch_size}"))
+  return arms_lib.DemoMode(
+    name=f"real-{mode.name}",
+    world=_world_config(mode),
+    seed_size=seed_size,
+    num_seeds=mode.num_seeds,
+    num_rounds=1,
+    round_prompts=mode.round_prompts,
+    epsilon=mode.epsilon,
+    arms=mode.arms,
+    overrides=(
+      *REAL_OVERRIDES,
+      f"sampling.num_samples={mode.num_samples}",
+      f"sampling.batch_size={mode.sample_batch_size}",
+    ),
+  )
 
 
 def format_markdown(doc: dict) -> str:
   """The study's two tables (mean ± std over seeds) as markdown."""
+
   def cell(values, pct=False):
     values = [v for v in values if v is not None]
     if not values:
@@ -217,19 +309,26 @@ def format_markdown(doc: dict) -> str:
     m, s = float(np.mean(values)), float(np.std(values))
     return f"{m:.1%} ± {s:.1%}" if pct else f"{m:.3f} ± {s:.3f}"
 
-  lines = ["| arm | judge score (held-out, greedy) | win rate vs SFT | round-1 label agreement |",
-           "|---|---|---|---|",
-           f"| SFT (SmolLM2-135M-Instruct) | {doc['world']['sft_greedy_score']:.3f} | 50% | |"]
+  lines = [
+    "| arm | judge score (held-out, greedy) | win rate vs SFT | round-1 label agreement |",
+    "|---|---|---|---|",
+    f"| SFT (SmolLM2-135M-Instruct) | {doc['world']['sft_greedy_score']:.3f} | 50% | |",
+  ]
   for arm in doc["arms"].values():
     last = [runs[-1] for runs in arm["runs"].values()]
-    lines.append(f"| {arm['label']} | {cell([r['mean_score'] for r in last])} | "
-                 f"{cell([r['win_rate'] for r in last], pct=True)} | "
-                 f"{cell([r.get('agreement') for r in last], pct=True)} |")
+    lines.append(
+      f"| {arm['label']} | {cell([r['mean_score'] for r in last])} | "
+      f"{cell([r['win_rate'] for r in last], pct=True)} | "
+      f"{cell([r.get('agreement') for r in last], pct=True)} |"
+    )
   a = doc.get("agreement", {})
-  lines += ["", "| implicit reward vs judge, on the seed-DPO policy's own sample pairs | agreement |",
-            "|---|---|",
-            f"| before seed DPO (SFT mean log-prob preference) | {cell(a.get('before', []), True)} |",
-            f"| after seed DPO (β log π/π_SFT, the round-1 labels) | {cell(a.get('after', []), True)} |"]
+  lines += [
+    "",
+    "| implicit reward vs judge, on the seed-DPO policy's own sample pairs | agreement |",
+    "|---|---|",
+    f"| before seed DPO (SFT mean log-prob preference) | {cell(a.get('before', []), True)} |",
+    f"| after seed DPO (β log π/π_SFT, the round-1 labels) | {cell(a.get('after', []), True)} |",
+  ]
   return "\n".join(lines)
 
 
@@ -240,9 +339,11 @@ def run_real(out: str, mode: RealMode, *, num_seeds: int | None = None, log=prin
   out = os.path.abspath(out)
   world = build_real_world(os.path.join(out, "world"), mode, log=log)
   s = world.stats
-  log(f"[real] SFT greedy judge score {s['sft_greedy_score']:.3f}, samples "
-      f"{s['sft_sample_score']:.3f}; pool {s['pool_pairs']} judge-labelled pairs "
-      f"({s['pool_ties_dropped']} ties dropped) in {s['build_seconds']:.0f} s")
+  log(
+    f"[real] SFT greedy judge score {s['sft_greedy_score']:.3f}, samples "
+    f"{s['sft_sample_score']:.3f}; pool {s['pool_pairs']} judge-labelled pairs "
+    f"({s['pool_ties_dropped']} ties dropped) in {s['build_seconds']:.0f} s"
+  )
   demo_mode = _demo_mode(mode, s["pool_pairs"])
   arms = arms_lib.make_arms(epsilon=mode.epsilon)
   with open(world.sft_eval_path) as f:
@@ -253,12 +354,19 @@ def run_real(out: str, mode: RealMode, *, num_seeds: int | None = None, log=prin
   timings = {}
 
   def write(seeds_done):
-    doc = {"mode": dataclasses.asdict(mode), "num_seeds": seeds_done, "world": s,
-           "seed_pairs": demo_mode.seed_size,
-           "overrides": list(demo_mode.overrides), "arms": results, "agreement": agreement,
-           "arm_seconds": timings, "elapsed_seconds": time.time() - started,
-           "machine": f"{os.cpu_count()} CPU cores, JAX {jax.__version__} on "
-                      f"{jax.devices()[0].platform}"}
+    doc = {
+      "mode": dataclasses.asdict(mode),
+      "num_seeds": seeds_done,
+      "world": s,
+      "seed_pairs": demo_mode.seed_size,
+      "overrides": list(demo_mode.overrides),
+      "arms": results,
+      "agreement": agreement,
+      "arm_seconds": timings,
+      "elapsed_seconds": time.time() - started,
+      "machine": f"{os.cpu_count()} CPU cores, JAX {jax.__version__} on "
+      f"{jax.devices()[0].platform}",
+    }
     world_lib.write_json(os.path.join(out, "results.json"), doc)
     with open(os.path.join(out, "results.md"), "w") as f:
       f.write(format_markdown(doc) + "\n")
@@ -271,13 +379,16 @@ def run_real(out: str, mode: RealMode, *, num_seeds: int | None = None, log=prin
       run_dir = arms_lib.run_arm(arms[name], demo_mode, world, out, seed=seed)
       timings[f"seed_{seed}/{name}"] = time.time() - t0
       results[name]["runs"][f"seed_{seed}"] = arms_lib.score_run(
-          run_dir, sft_scores, score_fn=ifeval.judge_scores, prefers_fn=ifeval.judge_prefers)
+        run_dir, sft_scores, score_fn=ifeval.judge_scores, prefers_fn=ifeval.judge_prefers
+      )
       pairs = os.path.join(run_dir, "round_1", "pairs")
       if name == "self_eps0" and os.path.isdir(pairs):
         agreement["after"].append(results[name]["runs"][f"seed_{seed}"][-1]["agreement"])
         agreement["before"].append(sft_preference_agreement(world.model_path, pairs)["agreement"])
       doc = write(seed + 1)  # after every arm: a long study leaves usable partial results
   log("\n" + format_markdown(doc))
-  log(f"\n[real] {mode.name}: {num_seeds} seed(s), {doc['elapsed_seconds']:.0f} s; "
-      f"{os.path.join(out, 'results.json')}")
+  log(
+    f"\n[real] {mode.name}: {num_seeds} seed(s), {doc['elapsed_seconds']:.0f} s; "
+    f"{os.path.join(out, 'results.json')}"
+  )
   return doc

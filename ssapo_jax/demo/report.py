@@ -57,10 +57,12 @@ def _cell(mean, std, pct: bool = False) -> str:
 
 def _metric_cells(row: Mapping) -> tuple[str, str, str, str]:
   """Win rate, oracle score, exact share and self-label agreement of one summary row."""
-  return (_cell(row["win_rate_mean"], row["win_rate_std"]),
-          _cell(row["mean_score_mean"], row["mean_score_std"]),
-          _cell(row["exact_mean"], row["exact_std"], pct=True),
-          _cell(row["agreement_mean"], row["agreement_std"], pct=True))
+  return (
+    _cell(row["win_rate_mean"], row["win_rate_std"]),
+    _cell(row["mean_score_mean"], row["mean_score_std"]),
+    _cell(row["exact_mean"], row["exact_std"], pct=True),
+    _cell(row["agreement_mean"], row["agreement_std"], pct=True),
+  )
 
 
 def format_table(arms: Mapping[str, Mapping]) -> str:
@@ -68,21 +70,26 @@ def format_table(arms: Mapping[str, Mapping]) -> str:
 
   ``arms`` maps an arm name to a dict with ``label`` and ``summary`` (from `summarise`).
   """
-  header = (f"{'arm':<34}{'round':>6}{'win rate vs SFT':>20}{'oracle score':>18}"
-            f"{'exact':>16}{'self-label agreement':>23}")
+  header = (
+    f"{'arm':<34}{'round':>6}{'win rate vs SFT':>20}{'oracle score':>18}"
+    f"{'exact':>16}{'self-label agreement':>23}"
+  )
   lines = [header, "-" * len(header)]
   for arm in arms.values():
     for row in arm["summary"]:
       win, score, exact, agreement = _metric_cells(row)
-      lines.append(f"{arm['label']:<34}{row['round']:>6}{win:>20}{score:>18}{exact:>16}"
-                   f"{agreement:>23}")
+      lines.append(
+        f"{arm['label']:<34}{row['round']:>6}{win:>20}{score:>18}{exact:>16}{agreement:>23}"
+      )
   return "\n".join(lines)
 
 
 def format_markdown(arms: Mapping[str, Mapping]) -> str:
   """The same table in Markdown (for the README and docs/demo.md)."""
-  lines = ["| arm | round | win rate vs SFT | oracle score | exact | self-label agreement |",
-           "|---|---|---|---|---|---|"]
+  lines = [
+    "| arm | round | win rate vs SFT | oracle score | exact | self-label agreement |",
+    "|---|---|---|---|---|---|",
+  ]
   for arm in arms.values():
     for row in arm["summary"]:
       lines.append("| " + " | ".join([arm["label"], str(row["round"]), *_metric_cells(row)]) + " |")
@@ -92,6 +99,7 @@ def format_markdown(arms: Mapping[str, Mapping]) -> str:
 def plot_win_rates(arms: Mapping[str, Mapping], path: str, *, title: str) -> str:
   """Writes a PNG of win rate per round per arm (mean ± s.d. over seeds); returns ``path``."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -103,12 +111,12 @@ def plot_win_rates(arms: Mapping[str, Mapping], path: str, *, title: str) -> str
     ys = np.array([r["win_rate_mean"] for r in rows])
     es = np.array([r["win_rate_std"] or 0.0 for r in rows])
     if len(rows) == 1 and arm.get("flat"):
-      line = ax.axhline(ys[0], linestyle="--", linewidth=1.2, label=arm["label"],
-                        color=arm.get("color"))
+      line = ax.axhline(
+        ys[0], linestyle="--", linewidth=1.2, label=arm["label"], color=arm.get("color")
+      )
       ax.axhspan(ys[0] - es[0], ys[0] + es[0], alpha=0.12, color=line.get_color())
       continue
-    ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=arm["label"],
-                color=arm.get("color"))
+    ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=arm["label"], color=arm.get("color"))
   ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":", label="SFT model (0.5)")
   ax.set_xticks(range(max_round + 1))
   ax.set_xlabel("round (0 = DPO on the labelled seed)")

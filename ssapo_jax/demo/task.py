@@ -48,6 +48,7 @@ def tokens(text: str) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class Problem:
   """One instruction: an operation and its digit sequence."""
+
   op: str
   digits: tuple[int, ...]
 
@@ -85,15 +86,26 @@ def parse_prompt(prompt: str) -> Problem:
     ValueError: the prompt is not ``<op>: <digits>``.
   """
   toks = tokens(prompt)
-  if len(toks) < 3 or toks[0] not in OPERATIONS or toks[1] != ":" or not all(
-      t in DIGITS for t in toks[2:]):
-    raise ValueError(f"prompt {prompt!r} is not a demo instruction; expected "
-                     f"'<op>: <digits>' with op in {OPERATIONS} and single digits")
+  if (
+    len(toks) < 3
+    or toks[0] not in OPERATIONS
+    or toks[1] != ":"
+    or not all(t in DIGITS for t in toks[2:])
+  ):
+    raise ValueError(
+      f"prompt {prompt!r} is not a demo instruction; expected "
+      f"'<op>: <digits>' with op in {OPERATIONS} and single digits"
+    )
   return Problem(toks[0], tuple(int(t) for t in toks[2:]))
 
 
-def sample_problem(rng: np.random.Generator, *, min_len: int = 4, max_len: int = 7,
-                   operations: Sequence[str] = OPERATIONS) -> Problem:
+def sample_problem(
+  rng: np.random.Generator,
+  *,
+  min_len: int = 4,
+  max_len: int = 7,
+  operations: Sequence[str] = OPERATIONS,
+) -> Problem:
   """A random problem: uniform operation, length in [min_len, max_len], digits 0-9."""
   if not 1 <= min_len <= max_len:
     raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
@@ -161,8 +173,10 @@ def win_rate(scores: Sequence[float], baseline_scores: Sequence[float]) -> float
   a = np.asarray(scores, np.float64)
   b = np.asarray(baseline_scores, np.float64)
   if a.shape != b.shape or a.ndim != 1 or a.size == 0:
-    raise ValueError(f"win_rate: scores {a.shape} and baseline_scores {b.shape} must be equal, "
-                     "non-empty 1-D shapes")
+    raise ValueError(
+      f"win_rate: scores {a.shape} and baseline_scores {b.shape} must be equal, "
+      "non-empty 1-D shapes"
+    )
   return float(np.mean((a > b) + 0.5 * (a == b)))
 
 

@@ -52,13 +52,13 @@ GENERATOR_SFT = "demo-sft"
 class WorldConfig:
   """Settings of the demo world (all sizes are small enough for 2 CPU cores)."""
 
-  seed: int = 0                  # world seed: problems, demonstrations, init, samples
+  seed: int = 0  # world seed: problems, demonstrations, init, samples
   # Model (a Llama-family decoder trained from scratch).
   hidden_size: int = 64
   intermediate_size: int = 128
   num_layers: int = 2
   num_heads: int = 4
-  num_kv_heads: int = 2          # grouped-query attention, as Llama 3 / Mistral
+  num_kv_heads: int = 2  # grouped-query attention, as Llama 3 / Mistral
   # Supervised fine-tuning on imperfect demonstrations.
   sft_steps: int = 800
   sft_batch_size: int = 64
@@ -67,20 +67,28 @@ class WorldConfig:
   min_len: int = 4
   max_len: int = 7
   # Preference pool and evaluation prompts.
-  pool_prompts: int = 4500       # prompts sampled twice; oracle ties are left out
+  pool_prompts: int = 4500  # prompts sampled twice; oracle ties are left out
   pool_temperature: float = 1.0
   num_eval_prompts: int = 400
-  max_new_tokens: int = 12       # response limit (answers have at most max_len + EOS tokens)
-  sample_batch_size: int = 512   # prompts per `sampling.generate` call
+  max_new_tokens: int = 12  # response limit (answers have at most max_len + EOS tokens)
+  sample_batch_size: int = 512  # prompts per `sampling.generate` call
 
   def __post_init__(self):
-    for name in ("sft_steps", "sft_batch_size", "pool_prompts", "num_eval_prompts",
-                 "max_new_tokens", "sample_batch_size"):
+    for name in (
+      "sft_steps",
+      "sft_batch_size",
+      "pool_prompts",
+      "num_eval_prompts",
+      "max_new_tokens",
+      "sample_batch_size",
+    ):
       if getattr(self, name) < 1:
         raise ValueError(f"WorldConfig.{name} must be >= 1, got {getattr(self, name)}")
     if self.max_new_tokens < self.max_len + 1:
-      raise ValueError(f"WorldConfig.max_new_tokens ({self.max_new_tokens}) must fit the longest "
-                       f"answer plus EOS ({self.max_len + 1})")
+      raise ValueError(
+        f"WorldConfig.max_new_tokens ({self.max_new_tokens}) must fit the longest "
+        f"answer plus EOS ({self.max_len + 1})"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,60 +147,76 @@ def write_json(path: str, obj) -> None:
 def model_config(tokenizer, config: WorldConfig) -> LlamaConfig:
   """The tiny Llama config for the demo tokenizer."""
   return LlamaConfig(
-      vocab_size=len(tokenizer), hidden_size=config.hidden_size,
-      intermediate_size=config.intermediate_size, num_layers=config.num_layers,
-      num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
-      head_dim=config.hidden_size // config.num_heads, max_position_embeddings=64,
-      bos_token_id=tokenizer.bos_token_id, eos_token_ids=(tokenizer.eos_token_id,),
-      pad_token_id=tokenizer.pad_token_id)
+    vocab_size=len(tokenizer),
+    hidden_size=config.hidden_size,
+    intermediate_size=config.intermediate_size,
+    num_layers=config.num_layers,
+    num_heads=config.num_heads,
+    num_kv_heads=config.num_kv_heads,
+    head_dim=config.hidden_size // config.num_heads,
+    max_position_embeddings=64,
+    bos_token_id=tokenizer.bos_token_id,
+    eos_token_ids=(tokenizer.eos_token_id,),
+    pad_token_id=tokenizer.pad_token_id,
+  )
 
 
 def _pad_right(seqs: Sequence[Sequence[int]], length: int, pad: int) -> np.ndarray:
   out = np.full((len(seqs), length), pad, np.int32)
   for i, s in enumerate(seqs):
-    out[i, :len(s)] = s
+    out[i, : len(s)] = s
   return out
 
 
-def _pad_left(seqs: Sequence[Sequence[int]], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+def _pad_left(
+  seqs: Sequence[Sequence[int]], length: int, pad: int
+) -> tuple[np.ndarray, np.ndarray]:
   ids = np.full((len(seqs), length), pad, np.int32)
   mask = np.zeros((len(seqs), length), np.int32)
   for i, s in enumerate(seqs):
-    ids[i, length - len(s):] = s
-    mask[i, length - len(s):] = 1
+    ids[i, length - len(s) :] = s
+    mask[i, length - len(s) :] = 1
   return ids, mask
 
 
-def sft_sequences(tokenizer, prompts: Sequence[str], responses: Sequence[str],
-                  length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sft_sequences(
+  tokenizer, prompts: Sequence[str], responses: Sequence[str], length: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Right-padded ``[num, length]`` ids, attention mask and response loss mask (incl. EOS)."""
   p_ids = tk.chat_prompt_ids_batch(tokenizer, list(prompts))
   r_ids = tk.response_ids_batch(tokenizer, list(responses))
   seqs = [p + r for p, r in zip(p_ids, r_ids)]
   if max(map(len, seqs)) > length:
-    raise ValueError(f"sft_sequences: a sequence has {max(map(len, seqs))} tokens; "
-                     f"the padded length is {length}")
+    raise ValueError(
+      f"sft_sequences: a sequence has {max(map(len, seqs))} tokens; the padded length is {length}"
+    )
   ids = _pad_right(seqs, length, tokenizer.pad_token_id)
   attn = _pad_right([[1] * len(s) for s in seqs], length, 0)
   loss = _pad_right([[0] * len(p) + [1] * len(r) for p, r in zip(p_ids, r_ids)], length, 0)
   return ids, attn, loss
 
 
-def train_sft(model: Llama, tokenizer, config: WorldConfig, rng: np.random.Generator,
-              *, progress: bool = True) -> list[float]:
+def train_sft(
+  model: Llama, tokenizer, config: WorldConfig, rng: np.random.Generator, *, progress: bool = True
+) -> list[float]:
   """Supervised fine-tuning on fresh imperfect demonstrations each step (in place).
 
   Returns the per-step mean token negative log-likelihood.
   """
   length = 2 * config.max_len + 10
   n_total = config.sft_steps * config.sft_batch_size
-  problems = [task.sample_problem(rng, min_len=config.min_len, max_len=config.max_len)
-              for _ in range(n_total)]
+  problems = [
+    task.sample_problem(rng, min_len=config.min_len, max_len=config.max_len) for _ in range(n_total)
+  ]
   demos = [task.demonstration(p, rng) for p in problems]
   ids, attn, loss_mask = sft_sequences(tokenizer, [p.prompt for p in problems], demos, length)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, config.sft_learning_rate,
-                                                max(1, config.sft_steps // 20), config.sft_steps,
-                                                end_value=config.sft_learning_rate * 0.1)
+  schedule = optax.warmup_cosine_decay_schedule(
+    0.0,
+    config.sft_learning_rate,
+    max(1, config.sft_steps // 20),
+    config.sft_steps,
+    end_value=config.sft_learning_rate * 0.1,
+  )
   optimizer = optax.adamw(schedule, weight_decay=0.01)
   graphdef, params, rest = split_params(model)
   opt_state = optimizer.init(params)
@@ -203,14 +227,19 @@ def train_sft(model: Llama, tokenizer, config: WorldConfig, rng: np.random.Gener
       m = nnx.merge(graphdef, p, rest)
       logps = m.sequence_logps(ids, attn, loss_mask)
       return -jnp.sum(logps) / jnp.sum(loss_mask[:, 1:])
+
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   losses = []
   b = config.sft_batch_size
-  bar = tqdm(range(config.sft_steps), desc="SFT on imperfect demonstrations", disable=not progress,
-             leave=False)
+  bar = tqdm(
+    range(config.sft_steps),
+    desc="SFT on imperfect demonstrations",
+    disable=not progress,
+    leave=False,
+  )
   for i in bar:
     sl = slice(i * b, (i + 1) * b)
     params, opt_state, loss = step(params, opt_state, ids[sl], attn[sl], loss_mask[sl])
@@ -224,10 +253,19 @@ def train_sft(model: Llama, tokenizer, config: WorldConfig, rng: np.random.Gener
 # ----------------------------------------------------------------------------- sampling
 
 
-def generate_responses(model: Llama, tokenizer, prompts: Sequence[str], key: jax.Array, *,
-                       temperature: float, num_samples: int, max_new_tokens: int,
-                       batch_size: int, desc: str = "sampling",
-                       progress: bool = True) -> list[list[str]]:
+def generate_responses(
+  model: Llama,
+  tokenizer,
+  prompts: Sequence[str],
+  key: jax.Array,
+  *,
+  temperature: float,
+  num_samples: int,
+  max_new_tokens: int,
+  batch_size: int,
+  desc: str = "sampling",
+  progress: bool = True,
+) -> list[list[str]]:
   """``num_samples`` responses per prompt with `ssapo_jax.sampling.generate` (greedy at T=0).
 
   Batches are padded to ``batch_size`` prompts so one compiled program serves all of them.
@@ -235,26 +273,34 @@ def generate_responses(model: Llama, tokenizer, prompts: Sequence[str], key: jax
   p_ids = tk.chat_prompt_ids_batch(tokenizer, list(prompts))
   length = max(map(len, p_ids))
   out: list[list[str]] = []
-  for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress,
-                    leave=False):
-    chunk = p_ids[start:start + batch_size]
+  for start in tqdm(
+    range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False
+  ):
+    chunk = p_ids[start : start + batch_size]
     real = len(chunk)
     chunk = chunk + [chunk[-1]] * (batch_size - real)
     ids, mask = _pad_left(chunk, length, tokenizer.pad_token_id)
-    gen = sampling.generate(model, ids, mask, jax.random.fold_in(key, start),
-                            max_new_tokens=max_new_tokens, temperature=temperature,
-                            num_samples=num_samples)
+    gen = sampling.generate(
+      model,
+      ids,
+      mask,
+      jax.random.fold_in(key, start),
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      num_samples=num_samples,
+    )
     texts = sampling.decode(tokenizer, gen.tokens, gen.mask)
     for i in range(real):
-      out.append(texts[i * num_samples:(i + 1) * num_samples])
+      out.append(texts[i * num_samples : (i + 1) * num_samples])
   return out
 
 
 # ----------------------------------------------------------------------------- world
 
 
-def _distinct_prompts(rng: np.random.Generator, num: int, config: WorldConfig,
-                      exclude: set[str]) -> list[str]:
+def _distinct_prompts(
+  rng: np.random.Generator, num: int, config: WorldConfig, exclude: set[str]
+) -> list[str]:
   prompts, seen = [], set(exclude)
   while len(prompts) < num:
     p = task.sample_problem(rng, min_len=config.min_len, max_len=config.max_len).prompt
@@ -280,8 +326,9 @@ def load_world(root: str, config: WorldConfig) -> World | None:
   return World(root, config, meta["stats"])
 
 
-def build_world(root: str, config: WorldConfig = WorldConfig(), *, progress: bool = True,
-                log=print) -> World:
+def build_world(
+  root: str, config: WorldConfig = WorldConfig(), *, progress: bool = True, log=print
+) -> World:
   """Builds (or reuses) the demo world under ``root``; see the module docstring."""
   cached = load_world(root, config)
   if cached is not None:
@@ -300,7 +347,8 @@ def build_world(root: str, config: WorldConfig = WorldConfig(), *, progress: boo
 
   # Demonstration quality on the evaluation prompts (what SFT imitates).
   demo_scores = task.oracle_scores(
-      eval_prompts, [task.demonstration(task.parse_prompt(p), rng) for p in eval_prompts])
+    eval_prompts, [task.demonstration(task.parse_prompt(p), rng) for p in eval_prompts]
+  )
 
   mcfg = model_config(tokenizer, config)
   model = Llama(mcfg, rngs=nnx.Rngs(config.seed))
@@ -312,15 +360,33 @@ def build_world(root: str, config: WorldConfig = WorldConfig(), *, progress: boo
 
   key = jax.random.key(config.seed)
   k_eval, k_pool, k_t1 = jax.random.split(key, 3)
-  gen = dict(max_new_tokens=config.max_new_tokens, batch_size=config.sample_batch_size,
-             progress=progress)
-  greedy = [r[0] for r in generate_responses(model, tokenizer, eval_prompts, k_eval,
-                                             temperature=0.0, num_samples=1,
-                                             desc="SFT greedy on eval prompts", **gen)]
+  gen = dict(
+    max_new_tokens=config.max_new_tokens, batch_size=config.sample_batch_size, progress=progress
+  )
+  greedy = [
+    r[0]
+    for r in generate_responses(
+      model,
+      tokenizer,
+      eval_prompts,
+      k_eval,
+      temperature=0.0,
+      num_samples=1,
+      desc="SFT greedy on eval prompts",
+      **gen,
+    )
+  ]
   sft_scores = task.oracle_scores(eval_prompts, greedy)
-  sampled = generate_responses(model, tokenizer, pool_prompts, k_pool,
-                               temperature=config.pool_temperature, num_samples=2,
-                               desc="SFT samples for the pool", **gen)
+  sampled = generate_responses(
+    model,
+    tokenizer,
+    pool_prompts,
+    k_pool,
+    temperature=config.pool_temperature,
+    num_samples=2,
+    desc="SFT samples for the pool",
+    **gen,
+  )
   pool, sample_scores, ties, empty = [], [], 0, 0
   for prompt, (a, b) in zip(pool_prompts, sampled):
     sa, sb = task.oracle_score(prompt, a), task.oracle_score(prompt, b)
@@ -332,31 +398,43 @@ def build_world(root: str, config: WorldConfig = WorldConfig(), *, progress: boo
       ties += 1
       continue
     chosen, rejected, sc, sr = (a, b, sa, sb) if sa > sb else (b, a, sb, sa)
-    pool.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                 "chosen_score": sc, "rejected_score": sr})
+    pool.append(
+      {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "chosen_score": sc,
+        "rejected_score": sr,
+      }
+    )
   sample_scores = np.array(sample_scores)
 
   write_jsonl(os.path.join(root, "pool.jsonl"), pool)
   write_jsonl(os.path.join(root, "pool_prompts.jsonl"), [{"prompt": p} for p in pool_prompts])
   write_jsonl(os.path.join(root, "eval_prompts.jsonl"), [{"prompt": p} for p in eval_prompts])
-  write_json(os.path.join(root, "sft_eval.json"),
-             [{"instruction": p, "output": o, "generator": GENERATOR_SFT, "score": float(s)}
-              for p, o, s in zip(eval_prompts, greedy, sft_scores)])
+  write_json(
+    os.path.join(root, "sft_eval.json"),
+    [
+      {"instruction": p, "output": o, "generator": GENERATOR_SFT, "score": float(s)}
+      for p, o, s in zip(eval_prompts, greedy, sft_scores)
+    ],
+  )
   stats = {
-      "num_params": int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
-      "vocab_size": mcfg.vocab_size,
-      "sft_nll_first": losses[0], "sft_nll_last": losses[-1],
-      "sft_seconds": sft_seconds,
-      "demonstrations": _score_stats(demo_scores),
-      "sft_greedy": _score_stats(sft_scores),
-      "sft_samples": _score_stats(sample_scores),
-      "optimal": {"mean_score": 1.0, "exact": 1.0},
-      "pool_prompts": config.pool_prompts,
-      "pool_pairs": len(pool),
-      "pool_ties_dropped": ties,
-      "pool_empty_dropped": empty,
-      "pool_mean_gap": float(np.mean([r["chosen_score"] - r["rejected_score"] for r in pool])),
-      "build_seconds": time.time() - t0,
+    "num_params": int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
+    "vocab_size": mcfg.vocab_size,
+    "sft_nll_first": losses[0],
+    "sft_nll_last": losses[-1],
+    "sft_seconds": sft_seconds,
+    "demonstrations": _score_stats(demo_scores),
+    "sft_greedy": _score_stats(sft_scores),
+    "sft_samples": _score_stats(sample_scores),
+    "optimal": {"mean_score": 1.0, "exact": 1.0},
+    "pool_prompts": config.pool_prompts,
+    "pool_pairs": len(pool),
+    "pool_ties_dropped": ties,
+    "pool_empty_dropped": empty,
+    "pool_mean_gap": float(np.mean([r["chosen_score"] - r["rejected_score"] for r in pool])),
+    "build_seconds": time.time() - t0,
   }
   write_json(os.path.join(root, WORLD_FILE), {"config": dataclasses.asdict(config), "stats": stats})
   return World(root, config, stats)

@@ -57,14 +57,24 @@ def resolve_implementation(name: str, dtype, backend: str | None = None) -> str:
   if name == "auto":
     return "splash" if backend == "tpu" else "cudnn" if backend == "gpu" and half else "xla"
   if name == "cudnn" and not half:
-    raise ValueError(f"attention='cudnn' needs a bfloat16/float16 compute dtype, got "
-                     f"{jnp.dtype(dtype).name}")
+    raise ValueError(
+      f"attention='cudnn' needs a bfloat16/float16 compute dtype, got {jnp.dtype(dtype).name}"
+    )
   return name
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_slots: jax.Array,
-              k_slots: jax.Array, kv_mask: jax.Array, window: int | None,
-              implementation: str = "xla", query_chunk_size: int | None = None) -> jax.Array:
+def attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  q_slots: jax.Array,
+  k_slots: jax.Array,
+  kv_mask: jax.Array,
+  window: int | None,
+  implementation: str = "xla",
+  query_chunk_size: int | None = None,
+) -> jax.Array:
   """Causal (optionally sliding-window) attention over real keys.
 
   Args:
@@ -87,12 +97,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_slots: jax.Array,
   """
   if implementation == "xla":
     if query_chunk_size and q.shape[1] > query_chunk_size:
-      return _chunked_xla_attention(q, k, v, q_slots, k_slots, kv_mask, window,
-                                    int(query_chunk_size))
+      return _chunked_xla_attention(
+        q, k, v, q_slots, k_slots, kv_mask, window, int(query_chunk_size)
+      )
     return _xla_attention(q, k, v, q_slots, k_slots, kv_mask, window)
   if q.shape[1] != k.shape[1]:
-    raise ValueError(f"attention={implementation!r} needs self-attention (T == S), got "
-                     f"T={q.shape[1]}, S={k.shape[1]}; use 'xla' with a KV cache")
+    raise ValueError(
+      f"attention={implementation!r} needs self-attention (T == S), got "
+      f"T={q.shape[1]}, S={k.shape[1]}; use 'xla' with a KV cache"
+    )
   if implementation == "splash":
     return splash_attention(q, k, v, kv_mask, window)
   if implementation == "cudnn":
@@ -104,8 +117,7 @@ def _xla_attention(q, k, v, q_slots, k_slots, kv_mask, window):
   b, t, n, h = q.shape
   kh = k.shape[2]
   qg = q.reshape(b, t, kh, n // kh, h)
-  scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k,
-                      preferred_element_type=jnp.float32) * (h ** -0.5)
+  scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * (h**-0.5)
   allowed = k_slots[None, :] <= q_slots[:, None]  # [T, S] causal
   if window is not None:
     allowed &= k_slots[None, :] > q_slots[:, None] - window
@@ -129,8 +141,10 @@ def _chunked_xla_attention(q, k, v, q_slots, k_slots, kv_mask, window, chunk):
   q = jnp.pad(q, [(0, 0), (0, pad), (0, 0), (0, 0)])
   q_slots = jnp.pad(q_slots, (0, pad), constant_values=-1)
   qc = jnp.moveaxis(q.reshape(b, num, chunk, n, h), 1, 0)  # [num, B, chunk, N, H]
-  out = jax.lax.map(lambda a: _xla_attention(a[0], k, v, a[1], k_slots, kv_mask, window),
-                    (qc, q_slots.reshape(num, chunk)))
+  out = jax.lax.map(
+    lambda a: _xla_attention(a[0], k, v, a[1], k_slots, kv_mask, window),
+    (qc, q_slots.reshape(num, chunk)),
+  )
   return jnp.moveaxis(out, 0, 1).reshape(b, num * chunk, n, h)[:, :t]
 
 
@@ -139,12 +153,19 @@ def jax_nn_attention(q, k, v, kv_mask, window, *, implementation: str):
   "xla"; the latter checks the masks on CPU). Shapes as `attention`."""
   # Packed rows: a block-diagonal mask by segment id (cuDNN takes it as a dense mask input;
   # jax.nn.dot_product_attention exposes no segment ids).
-  mask = ((kv_mask[:, None, None, :] > 0)
-          & (kv_mask[:, None, :, None] == kv_mask[:, None, None, :]))  # [B, 1, T, S]
+  mask = (kv_mask[:, None, None, :] > 0) & (
+    kv_mask[:, None, :, None] == kv_mask[:, None, None, :]
+  )  # [B, 1, T, S]
   return jax.nn.dot_product_attention(
-      q, k, v, mask=mask, scale=q.shape[-1] ** -0.5, is_causal=True,
-      local_window_size=None if window is None else (window - 1, 0),
-      implementation=implementation)
+    q,
+    k,
+    v,
+    mask=mask,
+    scale=q.shape[-1] ** -0.5,
+    is_causal=True,
+    local_window_size=None if window is None else (window - 1, 0),
+    implementation=implementation,
+  )
 
 
 # ----------------------------------------------------------------------------- splash
@@ -160,11 +181,23 @@ def _splash_kernel(seq_len: int, num_heads: int, window: int | None, interpret: 
   else:
     mask = splash.LocalMask(shape, window_size=(window - 1, 0), offset=0)
   block = min(_SPLASH_BLOCK, seq_len)
-  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                            block_q_dq=block, block_kv_dq=block)
-  return splash.make_splash_mha(splash.MultiHeadMask([mask] * num_heads), block_sizes=sizes,
-                                head_shards=1, q_seq_shards=1, interpret=interpret)
+  sizes = splash.BlockSizes(
+    block_q=block,
+    block_kv=block,
+    block_kv_compute=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
+  )
+  return splash.make_splash_mha(
+    splash.MultiHeadMask([mask] * num_heads),
+    block_sizes=sizes,
+    head_shards=1,
+    q_seq_shards=1,
+    interpret=interpret,
+  )
 
 
 def _splash_local(q, k, v, segment_ids, window, interpret):
@@ -204,6 +237,7 @@ def splash_attention(q, k, v, kv_mask, window):
     if q_spec[2] != k_spec[2]:  # heads must split alike to keep each group with its kv head
       q_spec = k_spec = PartitionSpec(q_spec[0], None, None, None)
     ids_spec = PartitionSpec(q_spec[0], None)
-    fn = jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, ids_spec),
-                       out_specs=q_spec, check_vma=False)
+    fn = jax.shard_map(
+      fn, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, ids_spec), out_specs=q_spec, check_vma=False
+    )
   return fn(q, k, v, segment_ids)[:, :t]

@@ -108,27 +108,43 @@ class CausalLM(Protocol):
 
   config: Any  # a CausalLMConfig
 
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
-               positions: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array | None = None
+  ) -> jax.Array:
     """Logits ``[B, T, V]`` in the compute dtype."""
 
-  def sequence_logps(self, input_ids: jax.Array, attention_mask: jax.Array,
-                     loss_mask: jax.Array, *, average: bool = False) -> jax.Array:
+  def sequence_logps(
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    loss_mask: jax.Array,
+    *,
+    average: bool = False,
+  ) -> jax.Array:
     """``[B]`` float32 summed (or averaged) log-probs of the tokens where ``loss_mask`` is 1."""
 
-  def token_logps(self, input_ids: jax.Array, attention_mask: jax.Array, *,
-                  log_sum_sq: bool = False) -> Any:
+  def token_logps(
+    self, input_ids: jax.Array, attention_mask: jax.Array, *, log_sum_sq: bool = False
+  ) -> Any:
     """``[B, T - 1]`` float32 next-token log-probs (and ``log Σ p²`` with ``log_sum_sq``)."""
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
     """A zero `KVCache` with ``max_length`` slots."""
 
-  def prefill(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache, *,
-              kv_mask: jax.Array) -> tuple[jax.Array, KVCache]:
+  def prefill(
+    self, input_ids: jax.Array, positions: jax.Array, cache: KVCache, *, kv_mask: jax.Array
+  ) -> tuple[jax.Array, KVCache]:
     """Writes ``[B, P]`` left-padded prompts into an empty cache; ``(last logits [B, V], cache)``."""
 
-  def decode(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache, *,
-             cache_index: jax.Array | int, kv_mask: jax.Array) -> tuple[jax.Array, KVCache]:
+  def decode(
+    self,
+    input_ids: jax.Array,
+    positions: jax.Array,
+    cache: KVCache,
+    *,
+    cache_index: jax.Array | int,
+    kv_mask: jax.Array,
+  ) -> tuple[jax.Array, KVCache]:
     """Runs ``[B, T]`` new tokens against the cache; ``(logits [B, T, V], cache)``."""
 
 
@@ -159,8 +175,9 @@ def register_family(model_types: tuple[str, ...], family: ModelFamily) -> None:
   """Makes `load_hf` read checkpoints whose ``config.json`` has one of ``model_types``."""
   for model_type in model_types:
     if model_type in _FAMILIES and _FAMILIES[model_type] != family:
-      raise ValueError(f"model_type {model_type!r} is already registered to "
-                       f"{_FAMILIES[model_type].name}")
+      raise ValueError(
+        f"model_type {model_type!r} is already registered to {_FAMILIES[model_type].name}"
+      )
     _FAMILIES[model_type] = family
 
 
@@ -172,8 +189,7 @@ def supported_model_types() -> tuple[str, ...]:
 def family_for(model_type: str | None) -> ModelFamily:
   """The registered family of a Hugging Face ``model_type``; ValueError when none is."""
   if model_type not in _FAMILIES:
-    raise ValueError(f"unsupported model_type {model_type!r}; supported: "
-                     f"{supported_model_types()}")
+    raise ValueError(f"unsupported model_type {model_type!r}; supported: {supported_model_types()}")
   return _FAMILIES[model_type]
 
 

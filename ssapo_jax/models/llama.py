@@ -40,7 +40,6 @@ RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]  # per-decoder-la
 REMAT_POLICIES: tuple[str, ...] = typing.get_args(RematPolicy)
 
 
-
 def _dtype_name(dtype) -> str:
   return jnp.dtype(dtype).name
 
@@ -55,32 +54,32 @@ class LlamaConfig:
   Field comments name the Hugging Face ``config.json`` source.
   """
 
-  vocab_size: int                      # ← vocab_size
-  hidden_size: int                     # ← hidden_size (D)
-  intermediate_size: int               # ← intermediate_size (F)
-  num_layers: int                      # ← num_hidden_layers
-  num_heads: int                       # ← num_attention_heads (N)
-  num_kv_heads: int                    # ← num_key_value_heads (K)
-  head_dim: int                        # ← head_dim, else hidden_size // num_attention_heads (H)
-  model_type: str = "llama"            # ← model_type: llama | mistral | qwen2
-  rms_norm_eps: float = 1e-6           # ← rms_norm_eps
-  rope_theta: float = 10000.0          # ← rope_parameters.rope_theta (old: rope_theta)
+  vocab_size: int  # ← vocab_size
+  hidden_size: int  # ← hidden_size (D)
+  intermediate_size: int  # ← intermediate_size (F)
+  num_layers: int  # ← num_hidden_layers
+  num_heads: int  # ← num_attention_heads (N)
+  num_kv_heads: int  # ← num_key_value_heads (K)
+  head_dim: int  # ← head_dim, else hidden_size // num_attention_heads (H)
+  model_type: str = "llama"  # ← model_type: llama | mistral | qwen2
+  rms_norm_eps: float = 1e-6  # ← rms_norm_eps
+  rope_theta: float = 10000.0  # ← rope_parameters.rope_theta (old: rope_theta)
   # ← rope_parameters minus rope_theta (old: rope_scaling), as sorted (key, value) pairs;
   # () means plain RoPE. Keys: rope_type, factor, low_freq_factor, high_freq_factor,
   # original_max_position_embeddings.
   rope_scaling: tuple[tuple[str, Any], ...] = ()
   max_position_embeddings: int = 4096  # ← max_position_embeddings (dynamic RoPE threshold)
-  tie_word_embeddings: bool = False    # ← tie_word_embeddings
-  qkv_bias: bool = False               # ← attention_bias (llama) / always True for qwen2
-  o_bias: bool = False                 # ← attention_bias (llama); False for qwen2/mistral
-  mlp_bias: bool = False               # ← mlp_bias (llama)
-  sliding_window: int | None = None    # ← sliding_window (keys with q - k >= window are masked)
+  tie_word_embeddings: bool = False  # ← tie_word_embeddings
+  qkv_bias: bool = False  # ← attention_bias (llama) / always True for qwen2
+  o_bias: bool = False  # ← attention_bias (llama); False for qwen2/mistral
+  mlp_bias: bool = False  # ← mlp_bias (llama)
+  sliding_window: int | None = None  # ← sliding_window (keys with q - k >= window are masked)
   # ← layer_types ("full_attention" | "sliding_attention"); () = all full attention.
   layer_types: tuple[str, ...] = ()
   max_window_layers: int | None = None  # ← max_window_layers (qwen2, kept for export)
-  bos_token_id: int | None = None      # ← bos_token_id
+  bos_token_id: int | None = None  # ← bos_token_id
   eos_token_ids: tuple[int, ...] = ()  # ← eos_token_id (int or list)
-  pad_token_id: int | None = None      # ← pad_token_id
+  pad_token_id: int | None = None  # ← pad_token_id
   # Runtime choices (not from HF): compute dtype, parameter dtype, rematerialisation policy:
   # "none"; "full" (save only layer inputs); "dots" (save matmul outputs,
   # jax.checkpoint_policies.dots_saveable); "dots_no_batch" (dots_with_no_batch_dims_saveable);
@@ -98,30 +97,39 @@ class LlamaConfig:
     object.__setattr__(self, "layer_types", tuple(self.layer_types))
     object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
     if self.model_type not in SUPPORTED_MODEL_TYPES:
-      raise ValueError(f"LlamaConfig.model_type must be one of {SUPPORTED_MODEL_TYPES}, "
-                       f"got {self.model_type!r}")
+      raise ValueError(
+        f"LlamaConfig.model_type must be one of {SUPPORTED_MODEL_TYPES}, got {self.model_type!r}"
+      )
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"LlamaConfig.num_heads ({self.num_heads}) must be a multiple of "
-                       f"num_kv_heads ({self.num_kv_heads})")
+      raise ValueError(
+        f"LlamaConfig.num_heads ({self.num_heads}) must be a multiple of "
+        f"num_kv_heads ({self.num_kv_heads})"
+      )
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"LlamaConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
     if self.attention not in IMPLEMENTATIONS:
-      raise ValueError(f"LlamaConfig.attention must be one of {IMPLEMENTATIONS}, got "
-                       f"{self.attention!r}")
+      raise ValueError(
+        f"LlamaConfig.attention must be one of {IMPLEMENTATIONS}, got {self.attention!r}"
+      )
     rope_type = self.rope_type
     if rope_type not in SUPPORTED_ROPE_TYPES:
-      raise ValueError(f"LlamaConfig.rope_scaling rope_type must be one of "
-                       f"{SUPPORTED_ROPE_TYPES}, got {rope_type!r}")
+      raise ValueError(
+        f"LlamaConfig.rope_scaling rope_type must be one of "
+        f"{SUPPORTED_ROPE_TYPES}, got {rope_type!r}"
+      )
     if self.layer_types:
       if len(self.layer_types) != self.num_layers:
-        raise ValueError(f"LlamaConfig.layer_types has {len(self.layer_types)} entries; "
-                         f"expected num_layers = {self.num_layers}")
+        raise ValueError(
+          f"LlamaConfig.layer_types has {len(self.layer_types)} entries; "
+          f"expected num_layers = {self.num_layers}"
+        )
       bad = set(self.layer_types) - {"full_attention", "sliding_attention"}
       if bad:
         raise ValueError(f"LlamaConfig.layer_types has unsupported entries {sorted(bad)}")
       if "sliding_attention" in self.layer_types and not self.sliding_window:
-        raise ValueError("LlamaConfig.layer_types has sliding_attention layers but "
-                         "sliding_window is None")
+        raise ValueError(
+          "LlamaConfig.layer_types has sliding_attention layers but sliding_window is None"
+        )
 
   @property
   def rope_type(self) -> str:
@@ -141,8 +149,9 @@ class LlamaConfig:
 
   def window_indices(self) -> np.ndarray:
     """``[L]`` int32: each layer's index into `windows`."""
-    return np.asarray([self.windows.index(self.layer_window(i)) for i in range(self.num_layers)],
-                      np.int32)
+    return np.asarray(
+      [self.windows.index(self.layer_window(i)) for i in range(self.num_layers)], np.int32
+    )
 
   # ---- Hugging Face conversion
 
@@ -159,14 +168,14 @@ class LlamaConfig:
     if isinstance(hf_config, dict):
       model_type = hf_config.get("model_type")
       if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"unsupported model_type {model_type!r} in config; supported: "
-                         f"{SUPPORTED_MODEL_TYPES}")
+        raise ValueError(
+          f"unsupported model_type {model_type!r} in config; supported: {SUPPORTED_MODEL_TYPES}"
+        )
       d = {k: v for k, v in hf_config.items() if k != "model_type"}
       hf_config = transformers.CONFIG_MAPPING[model_type](**d)
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-      raise ValueError(f"unsupported model_type {model_type!r}; supported: "
-                       f"{SUPPORTED_MODEL_TYPES}")
+      raise ValueError(f"unsupported model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
     act = getattr(hf_config, "hidden_act", "silu")
     if act != "silu":
       raise ValueError(f"unsupported hidden_act {act!r} for {model_type}; only 'silu'")
@@ -182,15 +191,25 @@ class LlamaConfig:
       raise ValueError("partial_rotary_factor != 1 is not supported")
     rope.pop("partial_rotary_factor", None)
     if rope_type not in SUPPORTED_ROPE_TYPES:
-      raise ValueError(f"unsupported RoPE type {rope_type!r} in rope_parameters; supported: "
-                       f"{SUPPORTED_ROPE_TYPES}")
+      raise ValueError(
+        f"unsupported RoPE type {rope_type!r} in rope_parameters; supported: {SUPPORTED_ROPE_TYPES}"
+      )
     if rope_type == "default":
       rope = {}
     else:
       rope["rope_type"] = rope_type
-      rope = {k: v for k, v in rope.items() if k in (
-          "rope_type", "factor", "low_freq_factor", "high_freq_factor",
-          "original_max_position_embeddings")}
+      rope = {
+        k: v
+        for k, v in rope.items()
+        if k
+        in (
+          "rope_type",
+          "factor",
+          "low_freq_factor",
+          "high_freq_factor",
+          "original_max_position_embeddings",
+        )
+      }
     num_heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
     num_layers = hf_config.num_hidden_layers
@@ -206,28 +225,28 @@ class LlamaConfig:
     eos = getattr(hf_config, "eos_token_id", None)
     eos = () if eos is None else (tuple(eos) if isinstance(eos, (list, tuple)) else (eos,))
     kwargs = dict(
-        vocab_size=hf_config.vocab_size,
-        hidden_size=hf_config.hidden_size,
-        intermediate_size=hf_config.intermediate_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
-        head_dim=head_dim,
-        model_type=model_type,
-        rms_norm_eps=float(hf_config.rms_norm_eps),
-        rope_theta=rope_theta,
-        rope_scaling=tuple(sorted(rope.items())),
-        max_position_embeddings=hf_config.max_position_embeddings,
-        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        qkv_bias=True if model_type == "qwen2" else bias,
-        o_bias=bias if model_type == "llama" else False,
-        mlp_bias=bool(getattr(hf_config, "mlp_bias", False)) if model_type == "llama" else False,
-        sliding_window=sliding_window if layer_types else None,
-        layer_types=layer_types,
-        max_window_layers=getattr(hf_config, "max_window_layers", None),
-        bos_token_id=getattr(hf_config, "bos_token_id", None),
-        eos_token_ids=eos,
-        pad_token_id=getattr(hf_config, "pad_token_id", None),
+      vocab_size=hf_config.vocab_size,
+      hidden_size=hf_config.hidden_size,
+      intermediate_size=hf_config.intermediate_size,
+      num_layers=num_layers,
+      num_heads=num_heads,
+      num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+      head_dim=head_dim,
+      model_type=model_type,
+      rms_norm_eps=float(hf_config.rms_norm_eps),
+      rope_theta=rope_theta,
+      rope_scaling=tuple(sorted(rope.items())),
+      max_position_embeddings=hf_config.max_position_embeddings,
+      tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+      qkv_bias=True if model_type == "qwen2" else bias,
+      o_bias=bias if model_type == "llama" else False,
+      mlp_bias=bool(getattr(hf_config, "mlp_bias", False)) if model_type == "llama" else False,
+      sliding_window=sliding_window if layer_types else None,
+      layer_types=layer_types,
+      max_window_layers=getattr(hf_config, "max_window_layers", None),
+      bos_token_id=getattr(hf_config, "bos_token_id", None),
+      eos_token_ids=eos,
+      pad_token_id=getattr(hf_config, "pad_token_id", None),
     )
     kwargs.update(overrides)
     return cls(**kwargs)
@@ -249,34 +268,42 @@ class LlamaConfig:
     """A ``config.json`` dict that ``transformers.AutoConfig`` reads back to this architecture."""
     rope = {"rope_theta": self.rope_theta, "rope_type": "default"}
     rope.update(dict(self.rope_scaling))
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-            "qwen2": "Qwen2ForCausalLM"}[self.model_type]
-    eos = (None if not self.eos_token_ids else
-           self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids))
+    arch = {
+      "llama": "LlamaForCausalLM",
+      "mistral": "MistralForCausalLM",
+      "qwen2": "Qwen2ForCausalLM",
+    }[self.model_type]
+    eos = (
+      None
+      if not self.eos_token_ids
+      else self.eos_token_ids[0]
+      if len(self.eos_token_ids) == 1
+      else list(self.eos_token_ids)
+    )
     d = {
-        "architectures": [arch],
-        "model_type": self.model_type,
-        "vocab_size": self.vocab_size,
-        "hidden_size": self.hidden_size,
-        "intermediate_size": self.intermediate_size,
-        "num_hidden_layers": self.num_layers,
-        "num_attention_heads": self.num_heads,
-        "num_key_value_heads": self.num_kv_heads,
-        "head_dim": self.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": self.rms_norm_eps,
-        "rope_theta": self.rope_theta,
-        "rope_parameters": rope,
-        "max_position_embeddings": self.max_position_embeddings,
-        "tie_word_embeddings": self.tie_word_embeddings,
-        "bos_token_id": self.bos_token_id,
-        "eos_token_id": eos,
-        "pad_token_id": self.pad_token_id,
-        "torch_dtype": self.param_dtype,
-        "dtype": self.param_dtype,
-        "initializer_range": 0.02,
-        "attention_dropout": 0.0,
-        "use_cache": True,
+      "architectures": [arch],
+      "model_type": self.model_type,
+      "vocab_size": self.vocab_size,
+      "hidden_size": self.hidden_size,
+      "intermediate_size": self.intermediate_size,
+      "num_hidden_layers": self.num_layers,
+      "num_attention_heads": self.num_heads,
+      "num_key_value_heads": self.num_kv_heads,
+      "head_dim": self.head_dim,
+      "hidden_act": "silu",
+      "rms_norm_eps": self.rms_norm_eps,
+      "rope_theta": self.rope_theta,
+      "rope_parameters": rope,
+      "max_position_embeddings": self.max_position_embeddings,
+      "tie_word_embeddings": self.tie_word_embeddings,
+      "bos_token_id": self.bos_token_id,
+      "eos_token_id": eos,
+      "pad_token_id": self.pad_token_id,
+      "torch_dtype": self.param_dtype,
+      "dtype": self.param_dtype,
+      "initializer_range": 0.02,
+      "attention_dropout": 0.0,
+      "use_cache": True,
     }
     if self.model_type == "llama":
       if self.qkv_bias != self.o_bias:
@@ -289,8 +316,9 @@ class LlamaConfig:
       sliding = bool(self.layer_types)
       d["use_sliding_window"] = sliding
       d["sliding_window"] = self.sliding_window if sliding else None
-      d["max_window_layers"] = (self.max_window_layers if self.max_window_layers is not None
-                                else self.num_layers)
+      d["max_window_layers"] = (
+        self.max_window_layers if self.max_window_layers is not None else self.num_layers
+      )
       d["layer_types"] = list(self.layer_types) or ["full_attention"] * self.num_layers
     return d
 
@@ -298,8 +326,9 @@ class LlamaConfig:
 # ----------------------------------------------------------------------------- params
 
 
-def _param(key: jax.Array, init, shape: tuple[int, ...], axes: tuple[str | None, ...],
-           dtype) -> nnx.Param:
+def _param(
+  key: jax.Array, init, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype
+) -> nnx.Param:
   """Creates an initialised ``nnx.Param`` annotated with logical axis names."""
   if len(axes) != len(shape):
     raise ValueError(f"logical axes {axes} do not match parameter shape {shape}")
@@ -335,8 +364,9 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
   Follows ``transformers.modeling_rope_utils`` (``_compute_llama3_parameters`` etc.).
   """
   dim = config.head_dim
-  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64)
-                                          .astype(np.float32) / dim))
+  inv_freq = 1.0 / (
+    config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)
+  )
   inv_freq = inv_freq.astype(np.float32)
   params = dict(config.rope_scaling)
   rope_type = config.rope_type
@@ -367,7 +397,7 @@ def _rope_cos_sin(config: LlamaConfig, positions: jax.Array, dtype) -> tuple[jax
     factor = dict(config.rope_scaling)["factor"]
     base = config.rope_theta * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
     exps = jnp.asarray(np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)
-    inv_freq = 1.0 / (base ** exps)
+    inv_freq = 1.0 / (base**exps)
   else:
     inv_freq = jnp.asarray(rope_inv_freq(config))
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
@@ -389,21 +419,44 @@ class Attention(nnx.Module):
     c = config
     pd = c.param_dtype
     self.config = c
-    self.q_proj = _param(rngs.params(), _normal, (c.hidden_size, c.num_heads, c.head_dim),
-                         ("embed", "q_heads", "head_dim"), pd)
-    self.k_proj = _param(rngs.params(), _normal, (c.hidden_size, c.num_kv_heads, c.head_dim),
-                         ("embed", "kv_heads", "head_dim"), pd)
-    self.v_proj = _param(rngs.params(), _normal, (c.hidden_size, c.num_kv_heads, c.head_dim),
-                         ("embed", "kv_heads", "head_dim"), pd)
-    self.o_proj = _param(rngs.params(), _normal, (c.num_heads, c.head_dim, c.hidden_size),
-                         ("q_heads", "head_dim", "embed"), pd)
+    self.q_proj = _param(
+      rngs.params(),
+      _normal,
+      (c.hidden_size, c.num_heads, c.head_dim),
+      ("embed", "q_heads", "head_dim"),
+      pd,
+    )
+    self.k_proj = _param(
+      rngs.params(),
+      _normal,
+      (c.hidden_size, c.num_kv_heads, c.head_dim),
+      ("embed", "kv_heads", "head_dim"),
+      pd,
+    )
+    self.v_proj = _param(
+      rngs.params(),
+      _normal,
+      (c.hidden_size, c.num_kv_heads, c.head_dim),
+      ("embed", "kv_heads", "head_dim"),
+      pd,
+    )
+    self.o_proj = _param(
+      rngs.params(),
+      _normal,
+      (c.num_heads, c.head_dim, c.hidden_size),
+      ("q_heads", "head_dim", "embed"),
+      pd,
+    )
     if c.qkv_bias:
-      self.q_bias = _param(rngs.params(), _zeros, (c.num_heads, c.head_dim),
-                           ("q_heads", "head_dim"), pd)
-      self.k_bias = _param(rngs.params(), _zeros, (c.num_kv_heads, c.head_dim),
-                           ("kv_heads", "head_dim"), pd)
-      self.v_bias = _param(rngs.params(), _zeros, (c.num_kv_heads, c.head_dim),
-                           ("kv_heads", "head_dim"), pd)
+      self.q_bias = _param(
+        rngs.params(), _zeros, (c.num_heads, c.head_dim), ("q_heads", "head_dim"), pd
+      )
+      self.k_bias = _param(
+        rngs.params(), _zeros, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), pd
+      )
+      self.v_bias = _param(
+        rngs.params(), _zeros, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), pd
+      )
     if c.o_bias:
       self.o_bias = _param(rngs.params(), _zeros, (c.hidden_size,), ("embed",), pd)
 
@@ -419,8 +472,19 @@ class Attention(nnx.Module):
       v = v + self.v_bias[...].astype(dt)
     return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
 
-  def attend(self, q, k, v, q_slots, k_slots, kv_mask, window_index, *, cached: bool = False,
-             query_chunk_size: int | None = None):
+  def attend(
+    self,
+    q,
+    k,
+    v,
+    q_slots,
+    k_slots,
+    kv_mask,
+    window_index,
+    *,
+    cached: bool = False,
+    query_chunk_size: int | None = None,
+  ):
     """Masked attention and the output projection.
 
     Args:
@@ -442,9 +506,17 @@ class Attention(nnx.Module):
     impl = "xla" if cached else resolve_implementation(c.attention, q.dtype)
 
     def attend_with(window):
-      return lambda q, k, v: attention(q, k, v, q_slots=q_slots, k_slots=k_slots,
-                                       kv_mask=kv_mask, window=window, implementation=impl,
-                                       query_chunk_size=query_chunk_size)
+      return lambda q, k, v: attention(
+        q,
+        k,
+        v,
+        q_slots=q_slots,
+        k_slots=k_slots,
+        kv_mask=kv_mask,
+        window=window,
+        implementation=impl,
+        query_chunk_size=query_chunk_size,
+      )
 
     branches = [attend_with(w) for w in c.windows]
     if len(branches) == 1:
@@ -463,12 +535,15 @@ class MLP(nnx.Module):
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     c = config
     pd = c.param_dtype
-    self.gate_proj = _param(rngs.params(), _normal, (c.hidden_size, c.intermediate_size),
-                            ("embed", "mlp"), pd)
-    self.up_proj = _param(rngs.params(), _normal, (c.hidden_size, c.intermediate_size),
-                          ("embed", "mlp"), pd)
-    self.down_proj = _param(rngs.params(), _normal, (c.intermediate_size, c.hidden_size),
-                            ("mlp", "embed"), pd)
+    self.gate_proj = _param(
+      rngs.params(), _normal, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), pd
+    )
+    self.up_proj = _param(
+      rngs.params(), _normal, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), pd
+    )
+    self.down_proj = _param(
+      rngs.params(), _normal, (c.intermediate_size, c.hidden_size), ("mlp", "embed"), pd
+    )
     self.bias = c.mlp_bias
     if c.mlp_bias:
       self.gate_bias = _param(rngs.params(), _zeros, (c.intermediate_size,), ("mlp",), pd)
@@ -499,15 +574,28 @@ class DecoderLayer(nnx.Module):
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     c = config
-    self.input_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=c.param_dtype,
-                              rngs=rngs)
+    self.input_norm = RMSNorm(
+      c.hidden_size, eps=c.rms_norm_eps, param_dtype=c.param_dtype, rngs=rngs
+    )
     self.attn = Attention(c, rngs=rngs)
-    self.post_attn_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps,
-                                  param_dtype=c.param_dtype, rngs=rngs)
+    self.post_attn_norm = RMSNorm(
+      c.hidden_size, eps=c.rms_norm_eps, param_dtype=c.param_dtype, rngs=rngs
+    )
     self.mlp = MLP(c, rngs=rngs)
 
-  def __call__(self, x, cos, sin, q_slots, kv_mask, window_index, cache=None, cache_index=None,
-               layer_index=None, prefill: bool = False):
+  def __call__(
+    self,
+    x,
+    cos,
+    sin,
+    q_slots,
+    kv_mask,
+    window_index,
+    cache=None,
+    cache_index=None,
+    layer_index=None,
+    prefill: bool = False,
+  ):
     """One layer on x ``[B, T, D]``; ``window_index`` selects its `LlamaConfig.windows` entry.
 
     Without a cache, attention runs over the ``T`` tokens (``kv_mask [B, T]``). With ``cache``,
@@ -534,23 +622,32 @@ class DecoderLayer(nnx.Module):
       cache = KVCache(put(cache.keys, k), put(cache.values, v))
       if prefill:
         t = x.shape[1]
-        out = self.attn.attend(q, k.astype(q.dtype), v.astype(q.dtype), q_slots, q_slots,
-                               kv_mask[:, :t], window_index,
-                               query_chunk_size=PREFILL_QUERY_CHUNK)
+        out = self.attn.attend(
+          q,
+          k.astype(q.dtype),
+          v.astype(q.dtype),
+          q_slots,
+          q_slots,
+          kv_mask[:, :t],
+          window_index,
+          query_chunk_size=PREFILL_QUERY_CHUNK,
+        )
       else:
         read = lambda c: jnp.swapaxes(  # [B, S, K, H] view of [B, K, S, H]; XLA folds it
-            jax.lax.dynamic_index_in_dim(c, layer_index, 0, keepdims=False), 1, 2)
+          jax.lax.dynamic_index_in_dim(c, layer_index, 0, keepdims=False), 1, 2
+        )
         k_all, v_all = read(cache.keys).astype(q.dtype), read(cache.values).astype(q.dtype)
-        out = self.attn.attend(q, k_all, v_all, q_slots, jnp.arange(k_all.shape[1]), kv_mask,
-                               window_index, cached=True)
+        out = self.attn.attend(
+          q, k_all, v_all, q_slots, jnp.arange(k_all.shape[1]), kv_mask, window_index, cached=True
+        )
     h = x + out
     return h + self.mlp(self.post_attn_norm(h)), cache
 
 
 _POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": None,
+  "dots": jax.checkpoint_policies.dots_saveable,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -578,8 +675,9 @@ class Llama(nnx.Module):
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     c = config
     self.config = c
-    self.embedding = _param(rngs.params(), _normal, (c.vocab_size, c.hidden_size),
-                            ("vocab", "embed"), c.param_dtype)
+    self.embedding = _param(
+      rngs.params(), _normal, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.param_dtype
+    )
 
     @nnx.split_rngs(splits=c.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -587,11 +685,13 @@ class Llama(nnx.Module):
       return DecoderLayer(c, rngs=rngs)
 
     self.layers = stacked_layers(rngs)
-    self.final_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=c.param_dtype,
-                              rngs=rngs)
+    self.final_norm = RMSNorm(
+      c.hidden_size, eps=c.rms_norm_eps, param_dtype=c.param_dtype, rngs=rngs
+    )
     if not c.tie_word_embeddings:
-      self.lm_head = _param(rngs.params(), _normal, (c.vocab_size, c.hidden_size),
-                            ("vocab", "embed"), c.param_dtype)
+      self.lm_head = _param(
+        rngs.params(), _normal, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.param_dtype
+      )
 
   @property
   def dtype(self):
@@ -602,21 +702,25 @@ class Llama(nnx.Module):
     """The LM head matrix ``[V, D]`` (the embedding when tied), parameter dtype."""
     return (self.embedding if self.config.tie_word_embeddings else self.lm_head)[...]
 
-  def _run_layers(self, x, cos, sin, q_slots, kv_mask, cache=None, cache_index=None,
-                  prefill: bool = False):
+  def _run_layers(
+    self, x, cos, sin, q_slots, kv_mask, cache=None, cache_index=None, prefill: bool = False
+  ):
     """The layer stack in one ``lax.scan``; returns ``(final-normed x, new cache or None)``."""
     c = self.config
     graphdef, stacked = nnx.split(self.layers)
     window_indices = jnp.asarray(c.window_indices())
 
     def layer(params, x, window_index, cache=None, layer_index=None):
-      return nnx.merge(graphdef, params)(x, cos, sin, q_slots, kv_mask, window_index, cache,
-                                         cache_index, layer_index, prefill)
+      return nnx.merge(graphdef, params)(
+        x, cos, sin, q_slots, kv_mask, window_index, cache, cache_index, layer_index, prefill
+      )
 
     if cache is None:
+
       def body(x, xs):
         params, window_index = xs
         return layer(params, x, window_index)[0], None
+
       if c.remat != "none":
         body = jax.checkpoint(body, policy=_POLICIES[c.remat], prevent_cse=False)
       x, _ = jax.lax.scan(body, x, (stacked, window_indices))
@@ -633,8 +737,9 @@ class Llama(nnx.Module):
     (x, cache), _ = jax.lax.scan(cached_body, (x, KVCache(*cache)), xs)
     return self.final_norm(x), cache
 
-  def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array,
-                    positions: jax.Array | None = None) -> jax.Array:
+  def hidden_states(
+    self, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array | None = None
+  ) -> jax.Array:
     """Final (normed) hidden states ``[B, T, D]`` in the compute dtype."""
     _check_ids(input_ids, attention_mask)
     if positions is None:
@@ -646,8 +751,9 @@ class Llama(nnx.Module):
       h, _ = self._run_layers(x, cos, sin, q_slots, attention_mask)
     return h
 
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
-               positions: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array | None = None
+  ) -> jax.Array:
     """Logits ``[B, T, V]`` (compute dtype) for ``input_ids [B, T]`` int32.
 
     ``attention_mask [B, T]`` is 1 on real tokens; rows may be left- or right-padded.
@@ -656,10 +762,16 @@ class Llama(nnx.Module):
     h = self.hidden_states(input_ids, attention_mask, positions)
     return jnp.einsum("BTD,VD->BTV", h, self.unembedding().astype(h.dtype))
 
-  def sequence_logps(self, input_ids: jax.Array, attention_mask: jax.Array,
-                     loss_mask: jax.Array, *, average: bool = False,
-                     positions: jax.Array | None = None,
-                     vocab_chunk_size: int | None = None) -> jax.Array:
+  def sequence_logps(
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    loss_mask: jax.Array,
+    *,
+    average: bool = False,
+    positions: jax.Array | None = None,
+    vocab_chunk_size: int | None = None,
+  ) -> jax.Array:
     """Per-sequence log-probability ``[B]`` float32 without float32 ``[B, T, V]`` logits.
 
     Sums (or, with ``average``, averages) ``log p(input_ids[:, t] | input_ids[:, :t])`` over
@@ -669,24 +781,36 @@ class Llama(nnx.Module):
     ``vocab_chunk_size`` (default: ``min(V, 8192)``), so at most ``[B, T, chunk]`` logits live.
     """
     mask = loss_mask[:, 1:].astype(jnp.float32)
-    token_logps = self.token_logps(input_ids, attention_mask, positions=positions,
-                                   vocab_chunk_size=vocab_chunk_size)
+    token_logps = self.token_logps(
+      input_ids, attention_mask, positions=positions, vocab_chunk_size=vocab_chunk_size
+    )
     total = jnp.sum(token_logps * mask, axis=-1)
     if average:
       return total / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
     return total
 
-  def token_logps(self, input_ids: jax.Array, attention_mask: jax.Array, *,
-                  positions: jax.Array | None = None, vocab_chunk_size: int | None = None,
-                  log_sum_sq: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+  def token_logps(
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    vocab_chunk_size: int | None = None,
+    log_sum_sq: bool = False,
+  ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """``log p(input_ids[:, t + 1] | input_ids[:, :t + 1])`` as ``[B, T − 1]`` float32.
 
     With ``log_sum_sq``, also ``log Σ_v p_v²`` of each position's next-token distribution
     (``[B, T − 1]``, WPO's alignment term), from the same chunked pass (`chunked_token_logps`).
     """
     h = self.hidden_states(input_ids, attention_mask, positions)[:, :-1]
-    return chunked_token_logps(h, self.unembedding(), input_ids[:, 1:],
-                               vocab_chunk_size=vocab_chunk_size, log_sum_sq=log_sum_sq)
+    return chunked_token_logps(
+      h,
+      self.unembedding(),
+      input_ids[:, 1:],
+      vocab_chunk_size=vocab_chunk_size,
+      log_sum_sq=log_sum_sq,
+    )
 
   # ---- KV-cache decoding
 
@@ -697,8 +821,15 @@ class Llama(nnx.Module):
     dtype = self.dtype if dtype is None else dtype
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
-  def decode(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache, *,
-             cache_index: jax.Array | int, kv_mask: jax.Array) -> tuple[jax.Array, KVCache]:
+  def decode(
+    self,
+    input_ids: jax.Array,
+    positions: jax.Array,
+    cache: KVCache,
+    *,
+    cache_index: jax.Array | int,
+    kv_mask: jax.Array,
+  ) -> tuple[jax.Array, KVCache]:
     """Runs ``input_ids [B, T]`` against the cache and returns ``(logits [B, T, V], cache)``.
 
     The tokens are written at cache slots ``cache_index .. cache_index + T - 1`` (same for all
@@ -715,8 +846,9 @@ class Llama(nnx.Module):
     logits = jnp.einsum("BTD,VD->BTV", h, self.unembedding().astype(h.dtype))
     return logits, cache
 
-  def prefill(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache, *,
-              kv_mask: jax.Array) -> tuple[jax.Array, KVCache]:
+  def prefill(
+    self, input_ids: jax.Array, positions: jax.Array, cache: KVCache, *, kv_mask: jax.Array
+  ) -> tuple[jax.Array, KVCache]:
     """Writes left-padded prompts into an empty cache; returns ``(logits [B, V], cache)``.
 
     ``input_ids [B, P]`` go to slots ``0 .. P - 1``; ``positions [B, P]`` are their RoPE
@@ -737,13 +869,19 @@ def _check_ids(input_ids, attention_mask):
   if input_ids.ndim != 2:
     raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
   if attention_mask.shape != input_ids.shape:
-    raise ValueError(f"attention_mask shape {attention_mask.shape} must equal input_ids shape "
-                     f"{input_ids.shape}")
+    raise ValueError(
+      f"attention_mask shape {attention_mask.shape} must equal input_ids shape {input_ids.shape}"
+    )
 
 
-def chunked_token_logps(hidden: jax.Array, unembedding: jax.Array, labels: jax.Array, *,
-                        vocab_chunk_size: int | None = None, log_sum_sq: bool = False,
-                        ) -> jax.Array | tuple[jax.Array, jax.Array]:
+def chunked_token_logps(
+  hidden: jax.Array,
+  unembedding: jax.Array,
+  labels: jax.Array,
+  *,
+  vocab_chunk_size: int | None = None,
+  log_sum_sq: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """``log softmax(hidden @ unembedding.T)[labels]`` ``[B, T]`` float32, chunked over V.
 
   Args:
@@ -778,11 +916,13 @@ def chunked_token_logps(hidden: jax.Array, unembedding: jax.Array, labels: jax.A
     ids = start + jnp.arange(chunk)
     logits = jnp.where(ids < vocab, logits, -jnp.inf)
     new_max = jnp.maximum(run_max, jnp.max(logits, axis=-1))
-    run_sum = (run_sum * jnp.exp(run_max - new_max)
-               + jnp.sum(jnp.exp(logits - new_max[..., None]), axis=-1))
+    run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.sum(
+      jnp.exp(logits - new_max[..., None]), axis=-1
+    )
     if log_sum_sq:  # Σ exp(2 (x − max)), rescaled like run_sum
-      run_sum_sq = (run_sum_sq * jnp.exp(2 * (run_max - new_max))
-                    + jnp.sum(jnp.exp(2 * (logits - new_max[..., None])), axis=-1))
+      run_sum_sq = run_sum_sq * jnp.exp(2 * (run_max - new_max)) + jnp.sum(
+        jnp.exp(2 * (logits - new_max[..., None])), axis=-1
+      )
     local = labels - start
     in_chunk = (local >= 0) & (local < chunk)
     picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[..., None], axis=-1)[..., 0]
@@ -792,7 +932,8 @@ def chunked_token_logps(hidden: jax.Array, unembedding: jax.Array, labels: jax.A
   starts = jnp.arange(num_chunks) * chunk
   zeros = jnp.zeros((b, t), jnp.float32)
   (run_max, run_sum, run_sum_sq, label_logit), _ = jax.lax.scan(
-      body, (neg, zeros, zeros, zeros), (w, starts))
+    body, (neg, zeros, zeros, zeros), (w, starts)
+  )
   token_logps = label_logit - (run_max + jnp.log(run_sum))
   if not log_sum_sq:
     return token_logps
@@ -803,31 +944,33 @@ def chunked_token_logps(hidden: jax.Array, unembedding: jax.Array, labels: jax.A
 # ----------------------------------------------------------------------------- HF names
 
 HF_GLOBAL_TENSORS = (
-    ("model.embed_tokens.weight", "embedding", "identity"),
-    ("model.norm.weight", "final_norm.scale", "identity"),
-    ("lm_head.weight", "lm_head", "identity"),
+  ("model.embed_tokens.weight", "embedding", "identity"),
+  ("model.norm.weight", "final_norm.scale", "identity"),
+  ("lm_head.weight", "lm_head", "identity"),
 )
 
 # HF suffix after ``model.layers.{i}.`` -> our suffix after ``layers.`` (row i of the stack).
 HF_LAYER_TENSORS = (
-    ("input_layernorm.weight", "input_norm.scale", "identity"),
-    ("post_attention_layernorm.weight", "post_attn_norm.scale", "identity"),
-    ("self_attn.q_proj.weight", "attn.q_proj", "in_heads"),
-    ("self_attn.k_proj.weight", "attn.k_proj", "in_heads"),
-    ("self_attn.v_proj.weight", "attn.v_proj", "in_heads"),
-    ("self_attn.o_proj.weight", "attn.o_proj", "out_heads"),
-    ("self_attn.q_proj.bias", "attn.q_bias", "reshape"),
-    ("self_attn.k_proj.bias", "attn.k_bias", "reshape"),
-    ("self_attn.v_proj.bias", "attn.v_bias", "reshape"),
-    ("self_attn.o_proj.bias", "attn.o_bias", "reshape"),
-    ("mlp.gate_proj.weight", "mlp.gate_proj", "transpose"),
-    ("mlp.up_proj.weight", "mlp.up_proj", "transpose"),
-    ("mlp.down_proj.weight", "mlp.down_proj", "transpose"),
-    ("mlp.gate_proj.bias", "mlp.gate_bias", "reshape"),
-    ("mlp.up_proj.bias", "mlp.up_bias", "reshape"),
-    ("mlp.down_proj.bias", "mlp.down_bias", "reshape"),
+  ("input_layernorm.weight", "input_norm.scale", "identity"),
+  ("post_attention_layernorm.weight", "post_attn_norm.scale", "identity"),
+  ("self_attn.q_proj.weight", "attn.q_proj", "in_heads"),
+  ("self_attn.k_proj.weight", "attn.k_proj", "in_heads"),
+  ("self_attn.v_proj.weight", "attn.v_proj", "in_heads"),
+  ("self_attn.o_proj.weight", "attn.o_proj", "out_heads"),
+  ("self_attn.q_proj.bias", "attn.q_bias", "reshape"),
+  ("self_attn.k_proj.bias", "attn.k_bias", "reshape"),
+  ("self_attn.v_proj.bias", "attn.v_bias", "reshape"),
+  ("self_attn.o_proj.bias", "attn.o_bias", "reshape"),
+  ("mlp.gate_proj.weight", "mlp.gate_proj", "transpose"),
+  ("mlp.up_proj.weight", "mlp.up_proj", "transpose"),
+  ("mlp.down_proj.weight", "mlp.down_proj", "transpose"),
+  ("mlp.gate_proj.bias", "mlp.gate_bias", "reshape"),
+  ("mlp.up_proj.bias", "mlp.up_bias", "reshape"),
+  ("mlp.down_proj.bias", "mlp.down_bias", "reshape"),
 )
 
 
-register_family(SUPPORTED_MODEL_TYPES, ModelFamily("llama", LlamaConfig, Llama,
-                                                   HF_GLOBAL_TENSORS, HF_LAYER_TENSORS))
+register_family(
+  SUPPORTED_MODEL_TYPES,
+  ModelFamily("llama", LlamaConfig, Llama, HF_GLOBAL_TENSORS, HF_LAYER_TENSORS),
+)

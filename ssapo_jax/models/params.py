@@ -45,7 +45,12 @@ from ssapo_jax.sharding import logical_to_spec
 from ssapo_jax.storage import local_copy
 
 IDENTITY, IN_HEADS, OUT_HEADS, TRANSPOSE, RESHAPE = (
-    "identity", "in_heads", "out_heads", "transpose", "reshape")  # see `base.HfTensor`
+  "identity",
+  "in_heads",
+  "out_heads",
+  "transpose",
+  "reshape",
+)  # see `base.HfTensor`
 
 # Checkpoint tensors that carry no parameters of ours (old Llama checkpoints store RoPE buffers).
 _IGNORABLE = (re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),)
@@ -93,8 +98,7 @@ def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> list[tuple[int,
   return bounds
 
 
-def read_block(tensor, shape: tuple[int, ...], kind: str,
-               index: tuple[slice, ...]) -> np.ndarray:
+def read_block(tensor, shape: tuple[int, ...], kind: str, index: tuple[slice, ...]) -> np.ndarray:
   """The block ``index`` of our layout (``shape``) read from an HF tensor.
 
   Args:
@@ -110,19 +114,19 @@ def read_block(tensor, shape: tuple[int, ...], kind: str,
   if kind == RESHAPE:  # HF [X*H] -> [X, H]
     (x0, x1), (h0, h1) = b[0], b[1]
     width = shape[1]
-    return np.asarray(tensor[x0 * width:x1 * width]).reshape(x1 - x0, width)[:, h0:h1]
+    return np.asarray(tensor[x0 * width : x1 * width]).reshape(x1 - x0, width)[:, h0:h1]
   if kind == TRANSPOSE:  # HF [F, D] -> [D, F]
     (d0, d1), (f0, f1) = b
     return np.asarray(tensor[f0:f1, d0:d1]).T
   if kind == IN_HEADS:  # HF [X*H, D] -> [D, X, H]
     (d0, d1), (x0, x1), (h0, h1) = b
     width = shape[2]
-    rows = np.asarray(tensor[x0 * width:x1 * width, d0:d1]).T
+    rows = np.asarray(tensor[x0 * width : x1 * width, d0:d1]).T
     return rows.reshape(d1 - d0, x1 - x0, width)[:, :, h0:h1]
   if kind == OUT_HEADS:  # HF [D, N*H] -> [N, H, D]
     (n0, n1), (h0, h1), (d0, d1) = b
     width = shape[1]
-    cols = np.asarray(tensor[d0:d1, n0 * width:n1 * width]).T
+    cols = np.asarray(tensor[d0:d1, n0 * width : n1 * width]).T
     return cols.reshape(n1 - n0, width, d1 - d0)[:, h0:h1, :]
   raise ValueError(f"unknown transform {kind!r}")
 
@@ -147,8 +151,11 @@ def _path_str(path) -> str:
 
 
 def _flat_params(model_or_state) -> dict[str, nnx.Variable]:
-  state = (nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module)
-           else model_or_state)
+  state = (
+    nnx.state(model_or_state, nnx.Param)
+    if isinstance(model_or_state, nnx.Module)
+    else model_or_state
+  )
   return {_path_str(path): var for path, var in nnx.to_flat_state(state)}
 
 
@@ -163,8 +170,10 @@ def read_config(path: str | os.PathLike) -> dict:
     except json.JSONDecodeError as e:
       raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
   if config.get("model_type") not in supported_model_types():
-    raise CheckpointError(f"{cfg_file}: unsupported model_type {config.get('model_type')!r}; "
-                          f"supported: {supported_model_types()}")
+    raise CheckpointError(
+      f"{cfg_file}: unsupported model_type {config.get('model_type')!r}; "
+      f"supported: {supported_model_types()}"
+    )
   return config
 
 
@@ -188,17 +197,22 @@ def check_hf_dir(path: str | os.PathLike) -> dict:
   try:
     model_config = family_for(config["model_type"]).config_cls.from_hf(config)
   except (KeyError, ValueError, TypeError) as e:
-    raise CheckpointError(f"{os.path.join(path, 'config.json')}: not a usable model config "
-                          f"({type(e).__name__}: {e})") from None
+    raise CheckpointError(
+      f"{os.path.join(path, 'config.json')}: not a usable model config ({type(e).__name__}: {e})"
+    ) from None
   flat = _flat_params(build_model(model_config, abstract=True))
   mapping = tensor_mapping(model_config, flat)
   _check_names(path, model_config, mapping, files)
-  bad_shapes = [f"{name}: expected {expected}, found {shapes[name]}"
-                for name, expected in _expected_hf_shapes(mapping, flat).items()
-                if name in shapes and shapes[name] != expected]
+  bad_shapes = [
+    f"{name}: expected {expected}, found {shapes[name]}"
+    for name, expected in _expected_hf_shapes(mapping, flat).items()
+    if name in shapes and shapes[name] != expected
+  ]
   if bad_shapes:
-    raise CheckpointError(f"{path}: tensor shapes do not match config.json: {bad_shapes[:5]}"
-                          + (f" and {len(bad_shapes) - 5} more" if len(bad_shapes) > 5 else ""))
+    raise CheckpointError(
+      f"{path}: tensor shapes do not match config.json: {bad_shapes[:5]}"
+      + (f" and {len(bad_shapes) - 5} more" if len(bad_shapes) > 5 else "")
+    )
   return config
 
 
@@ -206,7 +220,7 @@ def _expected_hf_shapes(mapping, flat) -> dict[str, tuple[int, ...]]:
   """HF tensor name -> the shape our parameters need it to have."""
   out = {}
   for name, (ours, layer, kind) in mapping.items():
-    out[name] = hf_shape(tuple(flat[ours].shape)[0 if layer is None else 1:], kind)
+    out[name] = hf_shape(tuple(flat[ours].shape)[0 if layer is None else 1 :], kind)
   return out
 
 
@@ -224,12 +238,16 @@ def _check_names(path, config, mapping, files) -> dict[str, str]:
   file_of = {n: file for file, names in files.items() for n in names}
   missing = sorted(set(mapping) - set(file_of))
   if extra or missing:
+
     def show(names):
       return f"{names[:5]}" + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    raise CheckpointError(f"{path}: the weights do not match config.json "
-                          f"(num_hidden_layers={config.num_layers}, model_type "
-                          f"{config.model_type}); missing tensors: {show(missing)}; "
-                          f"unexpected tensors: {show(sorted(extra))}")
+
+    raise CheckpointError(
+      f"{path}: the weights do not match config.json "
+      f"(num_hidden_layers={config.num_layers}, model_type "
+      f"{config.model_type}); missing tensors: {show(missing)}; "
+      f"unexpected tensors: {show(sorted(extra))}"
+    )
   return file_of
 
 
@@ -251,8 +269,10 @@ def _weight_files(path) -> dict[str, list[str]]:
     return files
   names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
   if not names:
-    raise CheckpointError(f"{path}: no *.safetensors weights (PyTorch .bin checkpoints are not "
-                          "supported; re-save with safe_serialization=True)")
+    raise CheckpointError(
+      f"{path}: no *.safetensors weights (PyTorch .bin checkpoints are not "
+      "supported; re-save with safe_serialization=True)"
+    )
   files = {}
   for file in names:
     with _open(os.path.join(path, file)) as f:
@@ -273,23 +293,34 @@ def _target_shardings(abs_params, flat, mesh, shardings) -> dict[str, jax.shardi
     raise ValueError("load_hf takes mesh or shardings, not both")
   if mesh is not None:
     axes = {_path_str(p): a for p, a in nnx.to_flat_state(logical_axes(abs_params))}
-    return {p: NamedSharding(mesh, logical_to_spec(axes[p], var.shape, mesh))
-            for p, var in flat.items()}
+    return {
+      p: NamedSharding(mesh, logical_to_spec(axes[p], var.shape, mesh)) for p, var in flat.items()
+    }
   if shardings is None:
     return {}
   leaves = jax.tree_util.tree_flatten_with_path(
-      shardings, is_leaf=lambda x: isinstance(x, (jax.sharding.Sharding, nnx.Variable)))[0]
-  out = {_path_str(p).removesuffix(".value"): (s.get_value() if isinstance(s, nnx.Variable) else s)
-         for p, s in leaves}
+    shardings, is_leaf=lambda x: isinstance(x, (jax.sharding.Sharding, nnx.Variable))
+  )[0]
+  out = {
+    _path_str(p).removesuffix(".value"): (s.get_value() if isinstance(s, nnx.Variable) else s)
+    for p, s in leaves
+  }
   missing = sorted(set(flat) - set(out))
   if missing:
     raise ValueError(f"shardings has no entry for parameters {missing[:10]}")
   return out
 
 
-def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
-            remat: str = "none", attention: str = "auto", mesh: jax.sharding.Mesh | None = None,
-            shardings=None) -> CausalLM:
+def load_hf(
+  path: str | os.PathLike,
+  *,
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+  remat: str = "none",
+  attention: str = "auto",
+  mesh: jax.sharding.Mesh | None = None,
+  shardings=None,
+) -> CausalLM:
   """Loads a local Hugging Face model directory into its registered family's model
   (`ssapo_jax.models.family_for`; today Llama, Mistral and Qwen2 checkpoints).
 
@@ -317,7 +348,8 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float
   path = local_copy(path)  # a gs:// folder: this host's copy
   hf = read_config(path)
   config = family_for(hf["model_type"]).config_cls.from_hf(
-      hf, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
+    hf, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention
+  )
   graphdef, abs_params, rest = split_params(build_model(config, abstract=True))
   flat = _flat_params(abs_params)
   mapping = tensor_mapping(config, flat)
@@ -340,7 +372,7 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float
         shape = tuple(lazy.get_shape())
       except Exception as e:
         raise CheckpointError(f"{full}: tensor {name} is not readable ({e})") from e
-      target = tuple(flat[ours].shape)[0 if layer is None else 1:]
+      target = tuple(flat[ours].shape)[0 if layer is None else 1 :]
       expected = hf_shape(target, kind)
       if shape != expected:
         bad_shapes.append(f"{name}: expected {expected}, found {shape}")
@@ -379,8 +411,9 @@ class _BlockReader:
       try:
         if self.stacked:
           (l0, l1), inner = key[0], index[1:]
-          block = np.stack([read_block(self.sources[i], self.shape[1:], self.kind, inner)
-                            for i in range(l0, l1)])
+          block = np.stack(
+            [read_block(self.sources[i], self.shape[1:], self.kind, inner) for i in range(l0, l1)]
+          )
         else:
           block = read_block(self.sources[None], self.shape, self.kind, index)
       except CheckpointError:
@@ -422,8 +455,11 @@ def _write_safetensors(file: str, names: list[str], shapes: dict, dtype, produce
   header, offset = {}, 0
   for name in names:
     nbytes = int(np.prod(shapes[name])) * dtype.itemsize
-    header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype.name], "shape": list(shapes[name]),
-                    "data_offsets": [offset, offset + nbytes]}
+    header[name] = {
+      "dtype": _SAFETENSORS_DTYPES[dtype.name],
+      "shape": list(shapes[name]),
+      "data_offsets": [offset, offset + nbytes],
+    }
     offset += nbytes
   header["__metadata__"] = {"format": "pt"}
   blob = json.dumps(header, separators=(",", ":")).encode()
@@ -447,16 +483,25 @@ def write_hf_config(config, path: str, dtype) -> None:
   hf_dict = config.to_hf_dict()
   hf_dict["dtype"] = hf_dict["torch_dtype"] = jnp.dtype(dtype).name
   hf_config = transformers.CONFIG_MAPPING[config.model_type](
-      **{k: v for k, v in hf_dict.items() if k != "model_type"})
+    **{k: v for k, v in hf_dict.items() if k != "model_type"}
+  )
   hf_config.save_pretrained(path)
-  gen = transformers.GenerationConfig(bos_token_id=config.bos_token_id,
-                                      eos_token_id=hf_dict["eos_token_id"],
-                                      pad_token_id=config.pad_token_id)
+  gen = transformers.GenerationConfig(
+    bos_token_id=config.bos_token_id,
+    eos_token_id=hf_dict["eos_token_id"],
+    pad_token_id=config.pad_token_id,
+  )
   gen.save_pretrained(path)
 
 
-def save_hf(model: CausalLM, path: str | os.PathLike, *, tokenizer=None,
-            shard_size: int = 5 * 1024**3, dtype=None) -> None:
+def save_hf(
+  model: CausalLM,
+  path: str | os.PathLike,
+  *,
+  tokenizer=None,
+  shard_size: int = 5 * 1024**3,
+  dtype=None,
+) -> None:
   """Writes ``model`` as a Hugging Face directory (``config.json``, safetensors, index).
 
   ``transformers.AutoModelForCausalLM.from_pretrained(path)`` and vLLM load the result.
@@ -482,7 +527,7 @@ def save_hf(model: CausalLM, path: str | os.PathLike, *, tokenizer=None,
   mapping = tensor_mapping(config, flat)
   shapes = {}
   for hf_name, (ours, layer, kind) in mapping.items():
-    ours_shape = tuple(flat[ours].shape)[0 if layer is None else 1:]
+    ours_shape = tuple(flat[ours].shape)[0 if layer is None else 1 :]
     shapes[hf_name] = hf_shape(ours_shape, kind)
 
   # Files planned from the shapes: table order (embeddings, norm, head, then layer by layer).
@@ -496,8 +541,11 @@ def save_hf(model: CausalLM, path: str | os.PathLike, *, tokenizer=None,
     groups[-1].append(hf_name)
     size += nbytes
   n = len(groups)
-  finals = ["model.safetensors"] if n == 1 else [
-      f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+  finals = (
+    ["model.safetensors"]
+    if n == 1
+    else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+  )
 
   def produce(hf_name):
     ours, layer, kind = mapping[hf_name]

@@ -29,10 +29,10 @@ ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 # is `<|assistant|>`. Newlines in zephyr's template are dropped by the whitespace
 # pre-tokenizer anyway.
 ZEPHYR_LIKE_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+  "{% for message in messages %}"
+  "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+  "{% endfor %}"
+  "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
 Message = Mapping[str, str]
@@ -48,8 +48,10 @@ def load_tokenizer(path: str | os.PathLike, **kwargs: Any) -> transformers.PreTr
   """
   path = local_copy(path)
   if not os.path.isdir(path):
-    raise ValueError(f"tokenizer path {path!r} is not a directory; expected a local model "
-                     "directory containing tokenizer files")
+    raise ValueError(
+      f"tokenizer path {path!r} is not a directory; expected a local model "
+      "directory containing tokenizer files"
+    )
   tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
   if tok.pad_token_id is None and tok.eos_token is not None:
     tok.pad_token = tok.eos_token
@@ -60,8 +62,9 @@ def _tokenizer_name(tokenizer) -> str:
   return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
 
 
-def as_messages(messages_or_prompt: str | Sequence[Message], *,
-                system_message: str | None = None) -> list[dict[str, str]]:
+def as_messages(
+  messages_or_prompt: str | Sequence[Message], *, system_message: str | None = None
+) -> list[dict[str, str]]:
   """Normalises a prompt string or message list to a message list.
 
   A string becomes one user message. With ``system_message`` not None and no system
@@ -77,12 +80,15 @@ def as_messages(messages_or_prompt: str | Sequence[Message], *,
   return messages
 
 
-def chat_prompt_text(tokenizer, messages_or_prompt: str | Sequence[Message], *,
-                     system_message: str | None = None) -> str:
+def chat_prompt_text(
+  tokenizer, messages_or_prompt: str | Sequence[Message], *, system_message: str | None = None
+) -> str:
   """The chat-templated prompt text, ending with the generation prompt."""
   if getattr(tokenizer, "chat_template", None) is None:
-    raise ValueError(f"tokenizer {_tokenizer_name(tokenizer)!r} has no chat template; set "
-                     "tokenizer.chat_template or use a tokenizer that defines one")
+    raise ValueError(
+      f"tokenizer {_tokenizer_name(tokenizer)!r} has no chat template; set "
+      "tokenizer.chat_template or use a tokenizer that defines one"
+    )
   messages = as_messages(messages_or_prompt, system_message=system_message)
   return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
@@ -93,15 +99,21 @@ def _maybe_bos(tokenizer, ids: list[int], add_bos: bool | None) -> list[int]:
     add_bos = bos is not None and not (ids and ids[0] == bos)
   if add_bos:
     if bos is None:
-      raise ValueError(f"add_bos=True but tokenizer {_tokenizer_name(tokenizer)!r} has no BOS token")
+      raise ValueError(
+        f"add_bos=True but tokenizer {_tokenizer_name(tokenizer)!r} has no BOS token"
+      )
     if not (ids and ids[0] == bos):
       ids = [bos] + ids
   return ids
 
 
-def chat_prompt_ids(tokenizer, messages_or_prompt: str | Sequence[Message], *,
-                    system_message: str | None = None,
-                    add_bos: bool | None = None) -> list[int]:
+def chat_prompt_ids(
+  tokenizer,
+  messages_or_prompt: str | Sequence[Message],
+  *,
+  system_message: str | None = None,
+  add_bos: bool | None = None,
+) -> list[int]:
   """Token ids of the chat-templated prompt with the generation prompt.
 
   Args:
@@ -115,8 +127,9 @@ def chat_prompt_ids(tokenizer, messages_or_prompt: str | Sequence[Message], *,
   Returns:
     A list of int token ids.
   """
-  return chat_prompt_ids_batch(tokenizer, [messages_or_prompt], system_message=system_message,
-                               add_bos=add_bos)[0]
+  return chat_prompt_ids_batch(
+    tokenizer, [messages_or_prompt], system_message=system_message, add_bos=add_bos
+  )[0]
 
 
 def encode_batch(tokenizer, texts: Sequence[str]) -> list[list[int]]:
@@ -133,15 +146,21 @@ def encode_batch(tokenizer, texts: Sequence[str]) -> list[list[int]]:
   return [list(x) for x in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
-def chat_prompt_ids_batch(tokenizer, prompts: Sequence[str | Sequence[Message]], *,
-                          system_message: str | None = None,
-                          add_bos: bool | None = None) -> list[list[int]]:
+def chat_prompt_ids_batch(
+  tokenizer,
+  prompts: Sequence[str | Sequence[Message]],
+  *,
+  system_message: str | None = None,
+  add_bos: bool | None = None,
+) -> list[list[int]]:
   """`chat_prompt_ids` for many prompts, tokenised in one batched (Rust) call."""
   texts = [chat_prompt_text(tokenizer, p, system_message=system_message) for p in prompts]
   return [_maybe_bos(tokenizer, x, add_bos) for x in encode_batch(tokenizer, texts)]
 
 
-def response_ids_batch(tokenizer, responses: Sequence[str], *, add_eos: bool = True) -> list[list[int]]:
+def response_ids_batch(
+  tokenizer, responses: Sequence[str], *, add_eos: bool = True
+) -> list[list[int]]:
   """Token ids of response texts (no special tokens added), each followed by EOS if asked."""
   ids = encode_batch(tokenizer, responses)
   eos = tokenizer.eos_token_id
@@ -154,6 +173,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
   """A sha256 hex digest of the vocabulary, normaliser/pre-tokeniser, specials and template."""
   import hashlib
   import json
+
   h = hashlib.sha256()
   backend = getattr(tokenizer, "backend_tokenizer", None)
   if backend is not None:
@@ -161,16 +181,24 @@ def tokenizer_fingerprint(tokenizer) -> str:
   else:
     h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
   h.update(str(getattr(tokenizer, "chat_template", None)).encode())
-  specials = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
-              tokenizer.unk_token_id]
+  specials = [
+    tokenizer.bos_token_id,
+    tokenizer.eos_token_id,
+    tokenizer.pad_token_id,
+    tokenizer.unk_token_id,
+  ]
   h.update(json.dumps(specials).encode())
   return h.hexdigest()
 
 
-def build_word_tokenizer(path: str | os.PathLike, words: Iterable[str], *,
-                         chat_template: str | None = ZEPHYR_LIKE_TEMPLATE,
-                         lowercase: bool = False,
-                         model_max_length: int = 4096) -> transformers.PreTrainedTokenizerFast:
+def build_word_tokenizer(
+  path: str | os.PathLike,
+  words: Iterable[str],
+  *,
+  chat_template: str | None = ZEPHYR_LIKE_TEMPLATE,
+  lowercase: bool = False,
+  model_max_length: int = 4096,
+) -> transformers.PreTrainedTokenizerFast:
   """Builds and saves a word-level tokenizer over ``words`` (the offline demo's and the tests').
 
   Vocabulary: ids 0-3 are ``<pad>``, ``<s>``, ``</s>``, ``<unk>``; then the role tokens
@@ -202,11 +230,18 @@ def build_word_tokenizer(path: str | os.PathLike, words: Iterable[str], *,
     tok.normalizer = normalizers.Lowercase()
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # Joins with spaces.
-  tok.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False)
-                          for s in specials])
+  tok.add_special_tokens(
+    [tokenizers.AddedToken(s, special=True, normalized=False) for s in specials]
+  )
   fast = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
-      unk_token=UNK_TOKEN, model_max_length=model_max_length, padding_side="right")
+    tokenizer_object=tok,
+    bos_token=BOS_TOKEN,
+    eos_token=EOS_TOKEN,
+    pad_token=PAD_TOKEN,
+    unk_token=UNK_TOKEN,
+    model_max_length=model_max_length,
+    padding_side="right",
+  )
   if chat_template is not None:
     fast.chat_template = chat_template
   os.makedirs(path, exist_ok=True)

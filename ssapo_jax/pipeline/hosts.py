@@ -37,6 +37,7 @@ def is_process0() -> bool:
 
 def _multihost():
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
   return multihost_utils
 
 
@@ -82,7 +83,10 @@ def shared_directory(path: str) -> bool:
   if jax.process_count() == 1:
     return True
   import uuid  # pylint: disable=import-outside-toplevel
-  probe = os.path.join(path, f".shared-probe-{broadcast_json(uuid.uuid4().hex if is_process0() else None)}")
+
+  probe = os.path.join(
+    path, f".shared-probe-{broadcast_json(uuid.uuid4().hex if is_process0() else None)}"
+  )
   if is_process0():
     with open(probe, "w"):
       pass
@@ -103,8 +107,12 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
   return broadcast_npz(found)
 
 
-def cached_npz(path: str, compute: Callable[[], dict[str, np.ndarray]], *,
-               save: Callable[[str, dict[str, np.ndarray]], None]) -> dict[str, np.ndarray]:
+def cached_npz(
+  path: str,
+  compute: Callable[[], dict[str, np.ndarray]],
+  *,
+  save: Callable[[str, dict[str, np.ndarray]], None],
+) -> dict[str, np.ndarray]:
   """Process 0's ``path`` if it exists (broadcast to all), else ``compute()`` on every process
   (each doing its share) and saved by process 0 with ``save(path, result)``."""
   found = None
@@ -155,14 +163,17 @@ def check_same_run(resolved_config: str) -> None:
   if bad_config or bad_code:
     what = []
     if bad_config:
-      what.append(f"process(es) {bad_config} resolved a different config than process 0 "
-                  f"(config hash {every[bad_config[0], :4].tobytes().hex()}… vs "
-                  f"{every[0, :4].tobytes().hex()}…)")
+      what.append(
+        f"process(es) {bad_config} resolved a different config than process 0 "
+        f"(config hash {every[bad_config[0], :4].tobytes().hex()}… vs "
+        f"{every[0, :4].tobytes().hex()}…)"
+      )
     if bad_code:
-      what.append(f"process(es) {bad_code} run a different ssapo_jax code version than "
-                  "process 0")
-    raise RuntimeError("refusing to start: " + "; ".join(what) + ". Launch every process with "
-                       "the same command, config file and code (only mesh.process_id differs).")
+      what.append(f"process(es) {bad_code} run a different ssapo_jax code version than process 0")
+    raise RuntimeError(
+      "refusing to start: " + "; ".join(what) + ". Launch every process with "
+      "the same command, config file and code (only mesh.process_id differs)."
+    )
 
 
 class PhaseClock:
@@ -178,9 +189,19 @@ class PhaseClock:
   def __init__(self):
     self.start = time.perf_counter()
 
-  def report(self, logger, step: int, phase: str, round_index: int, *, chips: int,
-             new_tokens: int | None = None, padding_fraction: float | None = None,
-             pairs: int | None = None, sequences: int | None = None) -> dict[str, float]:
+  def report(
+    self,
+    logger,
+    step: int,
+    phase: str,
+    round_index: int,
+    *,
+    chips: int,
+    new_tokens: int | None = None,
+    padding_fraction: float | None = None,
+    pairs: int | None = None,
+    sequences: int | None = None,
+  ) -> dict[str, float]:
     """Logs ``wall_seconds`` and, where given, ``new_tokens``/``tokens_per_second_per_chip``,
     ``pairs``/``pairs_per_second`` (preference pairs handled, or trained),
     ``sequences``/``sequences_per_second`` (prompt + response sequences scored, each under
@@ -198,8 +219,9 @@ class PhaseClock:
       line.append(f"{pairs:,} pairs, {metrics['pairs_per_second']:,.1f} pairs/s")
     if sequences is not None:
       metrics.update(sequences=sequences, sequences_per_second=sequences / max(seconds, 1e-9))
-      line.append(f"{sequences:,} sequences scored, "
-                  f"{metrics['sequences_per_second']:,.1f} sequences/s")
+      line.append(
+        f"{sequences:,} sequences scored, {metrics['sequences_per_second']:,.1f} sequences/s"
+      )
     if padding_fraction is not None:
       metrics["padding_fraction"] = padding_fraction
       line.append(f"padding {padding_fraction:.1%}")
@@ -225,8 +247,10 @@ def tpu_slice(accelerator_type: str) -> tuple[int, int]:
   """
   match = re.fullmatch(r"(v2|v3|v4|v5p|v5litepod|v5e|v6e)-(\d+)", accelerator_type)
   if not match:
-    raise ValueError(f"--accelerator-type {accelerator_type!r}: expected e.g. v4-32, v5p-64, "
-                     "v5litepod-16 or v6e-16")
+    raise ValueError(
+      f"--accelerator-type {accelerator_type!r}: expected e.g. v4-32, v5p-64, "
+      "v5litepod-16 or v6e-16"
+    )
   family, n = match.group(1), int(match.group(2))
   if family in ("v2", "v3"):
     return n, max(n // 8, 1)
@@ -243,6 +267,7 @@ def pod_mesh_summary(config, accelerator_type: str) -> str:
     ValueError: if the configured mesh does not fit the slice's devices.
   """
   from ssapo_jax.sharding import resolve_mesh_shape  # pylint: disable=import-outside-toplevel
+
   devices, hosts = tpu_slice(accelerator_type)
   data, fsdp, tensor = resolve_mesh_shape(config.mesh, devices)
   per_host = devices // hosts
@@ -250,10 +275,12 @@ def pod_mesh_summary(config, accelerator_type: str) -> str:
   # devices crosses hosts.
   params_across = hosts > 1 and fsdp * tensor > per_host
   batch_across = hosts > 1 and data * fsdp > 1 and (data * fsdp * tensor > per_host)
-  return (f"mesh on {accelerator_type} ({devices} devices, {hosts} hosts x {per_host}): "
-          f"data={data} fsdp={fsdp} tensor={tensor}; parameters and optimizer state in "
-          f"{fsdp * tensor} shards{' across hosts' if params_across else ''}, batches in "
-          f"{data * fsdp} shards{' across hosts' if batch_across else ''}")
+  return (
+    f"mesh on {accelerator_type} ({devices} devices, {hosts} hosts x {per_host}): "
+    f"data={data} fsdp={fsdp} tensor={tensor}; parameters and optimizer state in "
+    f"{fsdp * tensor} shards{' across hosts' if params_across else ''}, batches in "
+    f"{data * fsdp} shards{' across hosts' if batch_across else ''}"
+  )
 
 
 def main(argv=None) -> int:
@@ -261,6 +288,7 @@ def main(argv=None) -> int:
   `pod_mesh_summary` (``launch/tpu_pod.sh --dry-run``); exit status 2 if the mesh does not
   fit."""
   from ssapo_jax.experiment import load_experiment  # pylint: disable=import-outside-toplevel
+
   args = sys.argv[1:] if argv is None else argv
   accelerator, config_path, overrides = args[0], args[1], [a for a in args[2:] if "=" in a]
   try:

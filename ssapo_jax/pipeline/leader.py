@@ -54,14 +54,27 @@ class RoundBatches:
 
   def _loader(self, dataset) -> PreferenceLoader:
     d, t_cfg = self.rt.config.data, self.train_cfg
-    packing = {"packing": True, "pack_length": d.resolved_pack_length,
-               "micro_batches": t_cfg.micro_batches,
-               "row_multiple": tr.packed_row_multiple(self.rt.mesh, t_cfg)} if d.packing else {}
-    return PreferenceLoader(dataset, global_batch_size=t_cfg.global_batch_size,
-                            seed=stream_seed(self.rt.config.seed, "shuffle", self.t),
-                            pad_id=self.rt.tokenizer.pad_token_id, bucket_size=d.bucket_size,
-                            bucket_window=d.bucket_window, num_hosts=jax.process_count(),
-                            host_index=jax.process_index(), **packing)
+    packing = (
+      {
+        "packing": True,
+        "pack_length": d.resolved_pack_length,
+        "micro_batches": t_cfg.micro_batches,
+        "row_multiple": tr.packed_row_multiple(self.rt.mesh, t_cfg),
+      }
+      if d.packing
+      else {}
+    )
+    return PreferenceLoader(
+      dataset,
+      global_batch_size=t_cfg.global_batch_size,
+      seed=stream_seed(self.rt.config.seed, "shuffle", self.t),
+      pad_id=self.rt.tokenizer.pad_token_id,
+      bucket_size=d.bucket_size,
+      bucket_window=d.bucket_window,
+      num_hosts=jax.process_count(),
+      host_index=jax.process_index(),
+      **packing,
+    )
 
   @property
   def num_steps(self) -> int:
@@ -129,8 +142,11 @@ def step_loop(step_fn, ctx: StepContext, hooks: Sequence[StepHook]) -> StepConte
       break
     ctx.state, ctx.metrics = step_fn(ctx.state, shd.global_batch(ctx.batches.rt.mesh, batch))
     ctx.batch = batch
-    ctx.done, ctx.global_step, ctx.since_restore = (ctx.done + 1, ctx.global_step + 1,
-                                                    ctx.since_restore + 1)
+    ctx.done, ctx.global_step, ctx.since_restore = (
+      ctx.done + 1,
+      ctx.global_step + 1,
+      ctx.since_restore + 1,
+    )
     for hook in hooks:
       hook.after_step(ctx)
   for hook in hooks:
@@ -150,8 +166,9 @@ def _latest_refresh(rt: Runtime, t: int, round_step: int) -> str | None:
   folder = os.path.join(rt.round_dir(t), "follower_refresh")
   latest = None
   if hosts.is_process0() and os.path.isdir(folder):
-    steps = sorted(int(f[5:13]) for f in os.listdir(folder)
-                   if f.endswith(".npz") and f[5:13].isdigit())
+    steps = sorted(
+      int(f[5:13]) for f in os.listdir(folder) if f.endswith(".npz") and f[5:13].isdigit()
+    )
     steps = [s for s in steps if s <= round_step]
     latest = _refresh_path(rt, t, steps[-1]) if steps else None
   return hosts.broadcast_json(latest)
@@ -159,8 +176,9 @@ def _latest_refresh(rt: Runtime, t: int, round_step: int) -> str | None:
 
 def _with_saved_atoms(dataset, path: str):
   atoms = hosts.read_npz(path)
-  return with_pair_columns(dataset, atom_weights=atoms["atom_weights"],
-                           atom_shifts=atoms["atom_shifts"])
+  return with_pair_columns(
+    dataset, atom_weights=atoms["atom_weights"], atom_shifts=atoms["atom_shifts"]
+  )
 
 
 def refresh_follower(rt: Runtime, t: int, state, dataset, judge_logps, round_step: int):
@@ -170,8 +188,9 @@ def refresh_follower(rt: Runtime, t: int, state, dataset, judge_logps, round_ste
   """
   # The scoring cache keys on parameter fingerprints, so every refresh is a fresh pass.
   pol_c, pol_r = rt.scorer.pairs(tr.merge_params(state), dataset, cache_dir=rt.round_dir(t))
-  margins = ((pol_c - judge_logps["judge_chosen_logps"])
-             - (pol_r - judge_logps["judge_rejected_logps"]))
+  margins = (pol_c - judge_logps["judge_chosen_logps"]) - (
+    pol_r - judge_logps["judge_rejected_logps"]
+  )
   weights, shifts, summary = follower_atoms(rt, t, margins)
   if hosts.is_process0():
     path = _refresh_path(rt, t, round_step)
@@ -201,8 +220,9 @@ class FollowerRefresh:
     if _latest_refresh(self.rt, ctx.t, ctx.done) == path:  # resumed at a refresh
       dataset = _with_saved_atoms(ctx.batches.dataset, path)
     else:
-      dataset, summary = refresh_follower(self.rt, ctx.t, ctx.state, ctx.batches.dataset,
-                                          self.judge_logps, ctx.done)
+      dataset, summary = refresh_follower(
+        self.rt, ctx.t, ctx.state, ctx.batches.dataset, self.judge_logps, ctx.done
+      )
       self.rt.logger.log(ctx.global_step, summary, round=ctx.t, round_step=ctx.done)
     ctx.batches.set_dataset(dataset)
 
@@ -227,8 +247,11 @@ class MetricsHook:
 
   def after_step(self, ctx: StepContext) -> None:
     b = ctx.batch
-    real = (np.sum(b.segment_ids > 0) if self.rt.config.data.packing
-            else b.chosen_mask.sum() + b.rejected_mask.sum())
+    real = (
+      np.sum(b.segment_ids > 0)
+      if self.rt.config.data.packing
+      else b.chosen_mask.sum() + b.rejected_mask.sum()
+    )
     self.tokens += int(real) * jax.process_count()
     self.bar.update(1)
     if ctx.done % self.rt.config.rounds.log_every_steps and ctx.done != ctx.num_steps:
@@ -268,19 +291,30 @@ class CheckpointHook:
     if ctx.done % self.rt.config.checkpoint.save_every_steps or ctx.done >= ctx.num_steps:
       return
     if not self._finite_since_restore(ctx):
-      message(f"round {ctx.t}: no finite step since the restore; not saving checkpoint "
-              f"{ctx.global_step}")
+      message(
+        f"round {ctx.t}: no finite step since the restore; not saving checkpoint {ctx.global_step}"
+      )
       return
-    self.rt.ckpt.save(ctx.global_step, ctx.state,
-                      {"round": ctx.t, "phase": "train", "round_step": ctx.done,
-                       "cursor": ctx.batches.cursor.to_dict(), "global_step": ctx.global_step},
-                      force=True)
+    self.rt.ckpt.save(
+      ctx.global_step,
+      ctx.state,
+      {
+        "round": ctx.t,
+        "phase": "train",
+        "round_step": ctx.done,
+        "cursor": ctx.batches.cursor.to_dict(),
+        "global_step": ctx.global_step,
+      },
+      force=True,
+    )
 
   def end(self, ctx: StepContext) -> None:
     if ctx.since_restore and not self._finite_since_restore(ctx):
-      raise NonFiniteError(f"round {ctx.t} ended without a finite step since its restore from "
-                           "a checkpoint; its state is not saved. Likely causes: corrupted "
-                           "inputs (train_set, model files), then train.learning_rate")
+      raise NonFiniteError(
+        f"round {ctx.t} ended without a finite step since its restore from "
+        "a checkpoint; its state is not saved. Likely causes: corrupted "
+        "inputs (train_set, model files), then train.learning_rate"
+      )
 
 
 PROFILE_SUBDIR = "profile"
@@ -301,8 +335,7 @@ class ProfileHook:
 
   def before_step(self, ctx: StepContext) -> None:
     upcoming = ctx.global_step + 1
-    if (not self.active and self.start <= upcoming <= self.stop
-        and ctx.done < ctx.num_steps):
+    if not self.active and self.start <= upcoming <= self.stop and ctx.done < ctx.num_steps:
       jax.profiler.start_trace(self.log_dir)
       self.active = True
 
@@ -318,26 +351,39 @@ class ProfileHook:
     jax.block_until_ready(ctx.state)
     jax.profiler.stop_trace()
     self.active = False
-    message(f"profiler trace of steps {self.start}..{min(ctx.global_step, self.stop)} "
-            f"written to {self.log_dir}")
+    message(
+      f"profiler trace of steps {self.start}..{min(ctx.global_step, self.stop)} "
+      f"written to {self.log_dir}"
+    )
 
 
 # ----------------------------------------------------------------------------- the round
 
 
-def new_train_state(rt: Runtime, t: int, init: CausalLM, num_train_steps: int, *,
-                    abstract: bool = False):
+def new_train_state(
+  rt: Runtime, t: int, init: CausalLM, num_train_steps: int, *, abstract: bool = False
+):
   """Round t's initial `TrainState` from ``init`` (`train.create_train_state`).
 
   With ``abstract``, its shapes, dtypes and shardings only: the target a checkpoint is
   restored into, with nothing allocated.
   """
-  return tr.create_train_state(init, rt.config.train_for_round(t), rt.mesh,
-                               num_train_steps=num_train_steps, abstract=abstract)
+  return tr.create_train_state(
+    init, rt.config.train_for_round(t), rt.mesh, num_train_steps=num_train_steps, abstract=abstract
+  )
 
 
-def train_round(rt: Runtime, t: int, init: CausalLM, dataset, judge_logps, *,
-                resume_state, resume_meta, global_step: int) -> tuple[Any, int]:
+def train_round(
+  rt: Runtime,
+  t: int,
+  init: CausalLM,
+  dataset,
+  judge_logps,
+  *,
+  resume_state,
+  resume_meta,
+  global_step: int,
+) -> tuple[Any, int]:
   """Trains round t from ``init`` on ``dataset``; resumes from a restored state and metadata.
 
   Returns ``(final TrainState, global step)``.
@@ -352,9 +398,14 @@ def train_round(rt: Runtime, t: int, init: CausalLM, dataset, judge_logps, *,
   if resume_state is not None:
     # Same structure and shardings; the round's static optimizer/schedule come from `state`.
     state = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(resume_state))
-  ctx = StepContext(t=t, done=cursor.epoch * batches.loader.batches_per_epoch + cursor.step,
-                    num_steps=batches.num_steps, global_step=global_step, state=state,
-                    batches=batches)
+  ctx = StepContext(
+    t=t,
+    done=cursor.epoch * batches.loader.batches_per_epoch + cursor.step,
+    num_steps=batches.num_steps,
+    global_step=global_step,
+    state=state,
+    batches=batches,
+  )
   hooks: list[StepHook] = []
   every = cfg.rounds.follower_refresh_steps if t > 0 else None
   if every:
@@ -364,6 +415,7 @@ def train_round(rt: Runtime, t: int, init: CausalLM, dataset, judge_logps, *,
   hooks += [MetricsHook(rt, ctx), CheckpointHook(rt, restored=resume_state is not None)]
   if train_cfg.profile_steps is not None:
     hooks.append(ProfileHook(os.path.join(cfg.output_dir, PROFILE_SUBDIR), train_cfg.profile_steps))
-  ctx = step_loop(tr.make_train_step(train_cfg, rt.mesh, state, packed=cfg.data.packing), ctx,
-                  hooks)
+  ctx = step_loop(
+    tr.make_train_step(train_cfg, rt.mesh, state, packed=cfg.data.packing), ctx, hooks
+  )
   return ctx.state, ctx.global_step

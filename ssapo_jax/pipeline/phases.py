@@ -52,16 +52,29 @@ def round_phase(phase: Callable) -> Callable:
   return run_phase
 
 
-def _sample_all(rt: Runtime, model: CausalLM, prompt_ids: list, key, *, temperature: float,
-                num_samples: int, desc: str) -> tuple[dict[str, np.ndarray], RolloutStats]:
+def _sample_all(
+  rt: Runtime,
+  model: CausalLM,
+  prompt_ids: list,
+  key,
+  *,
+  temperature: float,
+  num_samples: int,
+  desc: str,
+) -> tuple[dict[str, np.ndarray], RolloutStats]:
   """Samples every prompt with the sharded `Sampler` (each process its share), gathered on every
   process: host arrays ``tokens``/``mask`` ``[num_prompts * num_samples, max_new_tokens]``,
   prompt-major rows, and the call's `RolloutStats`."""
-  sampler = Sampler(rt.mesh, rt.config.sampling, pad_token_id=rt.tokenizer.pad_token_id,
-                    eos_token_ids=rt.tokenizer.eos_token_id,
-                    bucket_size=rt.config.data.bucket_size)
-  out = sampler.sample(model, prompt_ids, key, temperature=temperature,
-                       num_samples=num_samples, desc=desc)
+  sampler = Sampler(
+    rt.mesh,
+    rt.config.sampling,
+    pad_token_id=rt.tokenizer.pad_token_id,
+    eos_token_ids=rt.tokenizer.eos_token_id,
+    bucket_size=rt.config.data.bucket_size,
+  )
+  out = sampler.sample(
+    model, prompt_ids, key, temperature=temperature, num_samples=num_samples, desc=desc
+  )
   gen = gather_samples(out, len(prompt_ids))
   return {"tokens": gen.tokens, "mask": gen.mask}, out.stats
 
@@ -78,27 +91,43 @@ def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
 @round_phase
 def generate(rt: Runtime, t: int, policy: CausalLM, *, step: int = 0) -> dict[str, np.ndarray]:
   """Round t's samples from π_{t−1}, cached in ``generations.npz``."""
+
   def compute():
     clock = hosts.PhaseClock()
     s = rt.config.sampling
-    gen, stats = _sample_all(rt, policy, rt.prompt_ids(rt.data.pools[t - 1],
-                                                       report=f"round {t} prompts"),
-                             rt.config.key("generate", t), temperature=s.temperature,
-                             num_samples=s.num_samples, desc=f"round {t}: generate")
-    clock.report(rt.logger, step, "generate", t, chips=rt.mesh.devices.size,
-                 new_tokens=stats.new_tokens, padding_fraction=stats.padding_fraction)
+    gen, stats = _sample_all(
+      rt,
+      policy,
+      rt.prompt_ids(rt.data.pools[t - 1], report=f"round {t} prompts"),
+      rt.config.key("generate", t),
+      temperature=s.temperature,
+      num_samples=s.num_samples,
+      desc=f"round {t}: generate",
+    )
+    clock.report(
+      rt.logger,
+      step,
+      "generate",
+      t,
+      chips=rt.mesh.devices.size,
+      new_tokens=stats.new_tokens,
+      padding_fraction=stats.padding_fraction,
+    )
     return gen
 
-  return hosts.cached_npz(os.path.join(rt.round_dir(t), "generations.npz"), compute,
-                          save=_save_npz)
+  return hosts.cached_npz(os.path.join(rt.round_dir(t), "generations.npz"), compute, save=_save_npz)
 
 
 @round_phase
-def annotate(rt: Runtime, t: int, policy: CausalLM, gen: dict[str, np.ndarray], *,
-             step: int = 0) -> dict:
+def annotate(
+  rt: Runtime, t: int, policy: CausalLM, gen: dict[str, np.ndarray], *, step: int = 0
+) -> dict:
   """Implicit rewards of every sample and best/worst selection (``pairs/``, ``annotation.npz``)."""
-  return hosts.cached_npz(os.path.join(rt.round_dir(t), "annotation.npz"),
-                          lambda: _annotate(rt, t, policy, gen, step), save=_save_npz)
+  return hosts.cached_npz(
+    os.path.join(rt.round_dir(t), "annotation.npz"),
+    lambda: _annotate(rt, t, policy, gen, step),
+    save=_save_npz,
+  )
 
 
 def _annotate(rt: Runtime, t: int, policy: CausalLM, gen: dict[str, np.ndarray], step: int) -> dict:
@@ -110,54 +139,82 @@ def _annotate(rt: Runtime, t: int, policy: CausalLM, gen: dict[str, np.ndarray],
   responses = _responses(gen)
   policy_logps = rt.scorer.sequences(policy, rep_prompts, responses)
   judge_logps = rt.scorer.sequences(rt.judge(t), rep_prompts, responses)
-  rewards = np.asarray(annotation.implicit_reward(policy_logps.reshape(-1, n),
-                                                  judge_logps.reshape(-1, n)))
+  rewards = np.asarray(
+    annotation.implicit_reward(policy_logps.reshape(-1, n), judge_logps.reshape(-1, n))
+  )
   valid = gen["mask"].sum(axis=1).reshape(-1, n) > 0
   sel = jax.tree.map(np.asarray, annotation.select_pairs(rewards, valid))
   usable = np.flatnonzero(sel.usable)
   if usable.size == 0:
     raise RuntimeError(f"round {t}: no prompt produced two responses with different rewards")
-  result = {"prompt_index": usable, "chosen_row": usable * n + sel.chosen_idx[usable],
-            "rejected_row": usable * n + sel.rejected_idx[usable], "margin": sel.margin[usable],
-            "rewards": rewards}
+  result = {
+    "prompt_index": usable,
+    "chosen_row": usable * n + sel.chosen_idx[usable],
+    "rejected_row": usable * n + sel.rejected_idx[usable],
+    "margin": sel.margin[usable],
+    "rewards": rewards,
+  }
   if hosts.is_process0():
     texts = decode(rt.tokenizer, gen["tokens"], gen["mask"])
-    save_round(os.path.join(rt.round_dir(t), "pairs"), {
+    save_round(
+      os.path.join(rt.round_dir(t), "pairs"),
+      {
         "row": [prompts[i].row for i in usable],
         "prompt": [json.dumps(prompts[i].prompt) for i in usable],
-        "responses": [texts[i * n:(i + 1) * n] for i in usable],
-        "rewards": rewards[usable], "chosen": [texts[i] for i in result["chosen_row"]],
-        "rejected": [texts[i] for i in result["rejected_row"]], "margin": sel.margin[usable]},
-        round_index=t, models={"policy": f"round_{t - 1}",
-                               "annotation_reference": cfg.rounds.annotation_reference},
-        settings={"sampling": dataclasses.asdict(cfg.sampling)},
-        counts={"prompts": len(prompts), "usable_pairs": int(usable.size)})
+        "responses": [texts[i * n : (i + 1) * n] for i in usable],
+        "rewards": rewards[usable],
+        "chosen": [texts[i] for i in result["chosen_row"]],
+        "rejected": [texts[i] for i in result["rejected_row"]],
+        "margin": sel.margin[usable],
+      },
+      round_index=t,
+      models={"policy": f"round_{t - 1}", "annotation_reference": cfg.rounds.annotation_reference},
+      settings={"sampling": dataclasses.asdict(cfg.sampling)},
+      counts={"prompts": len(prompts), "usable_pairs": int(usable.size)},
+    )
   # Sequences scored: every (prompt, response) under the policy and the judge.
-  clock.report(rt.logger, step, "annotate", t, chips=rt.mesh.devices.size,
-               sequences=2 * len(responses))
+  clock.report(
+    rt.logger, step, "annotate", t, chips=rt.mesh.devices.size, sequences=2 * len(responses)
+  )
   return result
 
 
 def round_pairs(rt: Runtime, t: int):
   """The tokenised pairs that round t adds: the seed (t = 0) or its self-annotated pairs."""
   d = rt.config.data
-  opts = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-              truncation_mode=d.truncation_mode, on_truncation=d.on_truncation, verbose=False)
+  opts = dict(
+    max_length=d.max_length,
+    max_prompt_length=d.max_prompt_length,
+    truncation_mode=d.truncation_mode,
+    on_truncation=d.on_truncation,
+    verbose=False,
+  )
   if t == 0:
     cache_dir = d.cache_dir if d.cache_dir is not None else os.path.join(rt.workdir, "cache")
-    return tokenize_pairs(rt.data.seed_pairs, rt.tokenizer, system_message=d.system_message,
-                          cache_dir=cache_dir, source="round 0 labelled seed",
-                          **{**opts, "verbose": True})  # its truncation counts, in run.log
+    return tokenize_pairs(
+      rt.data.seed_pairs,
+      rt.tokenizer,
+      system_message=d.system_message,
+      cache_dir=cache_dir,
+      source="round 0 labelled seed",
+      **{**opts, "verbose": True},
+    )  # its truncation counts, in run.log
   gen = hosts.read_npz(os.path.join(rt.round_dir(t), "generations.npz"))
   ann = hosts.read_npz(os.path.join(rt.round_dir(t), "annotation.npz"))
   prompt_ids = rt.prompt_ids(rt.data.pools[t - 1])
   lengths = gen["mask"].sum(axis=1)
   idx = ann["prompt_index"]
   return pairs_from_token_ids(
-      [prompt_ids[i] for i in idx], gen["tokens"][ann["chosen_row"]],
-      gen["tokens"][ann["rejected_row"]], eos_id=rt.tokenizer.eos_token_id,
-      bos_id=rt.tokenizer.bos_token_id, chosen_lengths=lengths[ann["chosen_row"]],
-      rejected_lengths=lengths[ann["rejected_row"]], rows=idx, **opts)
+    [prompt_ids[i] for i in idx],
+    gen["tokens"][ann["chosen_row"]],
+    gen["tokens"][ann["rejected_row"]],
+    eos_id=rt.tokenizer.eos_token_id,
+    bos_id=rt.tokenizer.bos_token_id,
+    chosen_lengths=lengths[ann["chosen_row"]],
+    rejected_lengths=lengths[ann["rejected_row"]],
+    rows=idx,
+    **opts,
+  )
 
 
 def follower_atoms(rt: Runtime, t: int, margins: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -192,6 +249,7 @@ def train_set(rt: Runtime, t: int, policy: CausalLM, reference: CausalLM, *, ste
     which a follower refresh reuses.
   """
   import datasets  # pylint: disable=import-outside-toplevel
+
   clock = hosts.PhaseClock()
   sets = [round_pairs(rt, s) for s in (range(t + 1) if rt.config.rounds.accumulate else [t])]
   dataset = datasets.concatenate_datasets(sets) if len(sets) > 1 else sets[0]
@@ -206,27 +264,37 @@ def train_set(rt: Runtime, t: int, policy: CausalLM, reference: CausalLM, *, ste
     extras["atom_weights"], extras["atom_shifts"] = np.ones((n, 1)), np.zeros((n, 1))
   else:
     judge = rt.judge(t)
-    pol_c, pol_r = ((ref_c, ref_r) if reference is policy
-                    else rt.scorer.pairs(policy, dataset, cache_dir=cache))
-    judge_c, judge_r = ((ref_c, ref_r) if judge is reference
-                        else rt.scorer.pairs(judge, dataset, cache_dir=cache))
+    pol_c, pol_r = (
+      (ref_c, ref_r) if reference is policy else rt.scorer.pairs(policy, dataset, cache_dir=cache)
+    )
+    judge_c, judge_r = (
+      (ref_c, ref_r) if judge is reference else rt.scorer.pairs(judge, dataset, cache_dir=cache)
+    )
     scored += (reference is not policy) + (judge is not reference)
     margins = (pol_c - judge_c) - (pol_r - judge_r)
     extras["atom_weights"], extras["atom_shifts"], summary = follower_atoms(rt, t, margins)
     judge_logps = {"judge_chosen_logps": judge_c, "judge_rejected_logps": judge_r}
     if hosts.is_process0():
-      rundir.atomic_json(os.path.join(rt.round_dir(t), "follower.json"),
-                         {**summary, "num_pairs": n, "refresh_step": 0})
+      rundir.atomic_json(
+        os.path.join(rt.round_dir(t), "follower.json"),
+        {**summary, "num_pairs": n, "refresh_step": 0},
+      )
   dataset = with_pair_columns(dataset, **extras)
   if hosts.is_process0():
-    save_round(os.path.join(rt.round_dir(t), "train_set"),
-               {**{c: dataset[c] for c in dataset.column_names}, **judge_logps},
-               round_index=t, settings={"dro": dataclasses.asdict(rt.config.dro),
-                                        "accumulate": rt.config.rounds.accumulate},
-               counts={"pairs": n})
+    save_round(
+      os.path.join(rt.round_dir(t), "train_set"),
+      {**{c: dataset[c] for c in dataset.column_names}, **judge_logps},
+      round_index=t,
+      settings={
+        "dro": dataclasses.asdict(rt.config.dro),
+        "accumulate": rt.config.rounds.accumulate,
+      },
+      counts={"pairs": n},
+    )
   # The round's n pairs; each pair's chosen and rejected sequence under each scoring model.
-  clock.report(rt.logger, step, "follower", t, chips=rt.mesh.devices.size, pairs=n,
-               sequences=2 * scored * n)
+  clock.report(
+    rt.logger, step, "follower", t, chips=rt.mesh.devices.size, pairs=n, sequences=2 * scored * n
+  )
   return dataset, judge_logps
 
 
@@ -237,15 +305,34 @@ def evaluate(rt: Runtime, t: int, policy: CausalLM, *, step: int = 0) -> None:
   if not rt.data.eval_prompts or hosts.broadcast_json(hosts.is_process0() and os.path.exists(path)):
     return
   clock = hosts.PhaseClock()
-  gen, stats = _sample_all(rt, policy, rt.prompt_ids(rt.data.eval_prompts,
-                                                     report=f"round {t} eval prompts"),
-                           rt.config.key("evaluate", t), temperature=0.0, num_samples=1,
-                           desc=f"round {t}: evaluate")
+  gen, stats = _sample_all(
+    rt,
+    policy,
+    rt.prompt_ids(rt.data.eval_prompts, report=f"round {t} eval prompts"),
+    rt.config.key("evaluate", t),
+    temperature=0.0,
+    num_samples=1,
+    desc=f"round {t}: evaluate",
+  )
   texts = decode(rt.tokenizer, gen["tokens"], gen["mask"])
   name = f"{os.path.basename(os.path.normpath(rt.workdir))}-round{t}"
-  records = [{"instruction": p.prompt[-1]["content"], "output": o, "generator": name,
-              "dataset": "ssapo_eval"} for p, o in zip(rt.data.eval_prompts, texts)]
+  records = [
+    {
+      "instruction": p.prompt[-1]["content"],
+      "output": o,
+      "generator": name,
+      "dataset": "ssapo_eval",
+    }
+    for p, o in zip(rt.data.eval_prompts, texts)
+  ]
   if hosts.is_process0():
     rundir.atomic_json(path, records)
-  clock.report(rt.logger, step, "evaluate", t, chips=rt.mesh.devices.size,
-               new_tokens=stats.new_tokens, padding_fraction=stats.padding_fraction)
+  clock.report(
+    rt.logger,
+    step,
+    "evaluate",
+    t,
+    chips=rt.mesh.devices.size,
+    new_tokens=stats.new_tokens,
+    padding_fraction=stats.padding_fraction,
+  )

@@ -33,8 +33,12 @@ from collections.abc import Sequence
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 # The plan's program that runs each phase.
-PHASE_PROGRAMS = {"sampling": "generate", "scoring": "score_logps", "follower": "score_logps",
-                  "training": "train_step"}
+PHASE_PROGRAMS = {
+  "sampling": "generate",
+  "scoring": "score_logps",
+  "follower": "score_logps",
+  "training": "train_step",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +115,8 @@ def phases(experiment, *, num_params: int, shards: int, round_index: int = 1) ->
   judge = _model_name(-1 if r.annotation_reference == "sft" else t - 2)
   reference = _model_name(-1 if t == 0 or r.train_reference == "sft" else t - 1)
   beside = lambda exclude=None: tuple(  # noqa: E731
-      Held(f"{n} (master, {t_cfg.param_dtype})", master, "hbm") for n in held if n != exclude)
+    Held(f"{n} (master, {t_cfg.param_dtype})", master, "hbm") for n in held if n != exclude
+  )
   out = []
   if t >= 1:
     out.append(Phase("sampling", "generate", beside()))

@@ -47,15 +47,18 @@ def _restore_train_state(rt: Runtime, t: int, init: CausalLM):
   restored = rt.ckpt.restore(leader.new_train_state(rt, t, init, 1, abstract=True))
   meta = restored.metadata
   if meta["phase"] == ROUND_DONE and meta["round"] == t - 1:
-    message(f"resuming from checkpoint step {restored.step} (round {t - 1} done; round {t} "
-            "starts)")
+    message(f"resuming from checkpoint step {restored.step} (round {t - 1} done; round {t} starts)")
     return None, None, meta["global_step"]  # fell back to the start of round t
   if meta["phase"] != "train" or meta["round"] != t:
-    raise CheckpointError(f"checkpoint {restored.step} in {rt.ckpt.directory} is {meta}, expected "
-                          f"round {t}; delete the newer broken checkpoints or start with "
-                          "--no-resume")
-  message(f"resuming from checkpoint step {restored.step} (round {t}, phase train, step "
-          f"{meta['round_step']} of the round)")
+    raise CheckpointError(
+      f"checkpoint {restored.step} in {rt.ckpt.directory} is {meta}, expected "
+      f"round {t}; delete the newer broken checkpoints or start with "
+      "--no-resume"
+    )
+  message(
+    f"resuming from checkpoint step {restored.step} (round {t}, phase train, step "
+    f"{meta['round_step']} of the round)"
+  )
   return restored.state, meta, meta["global_step"]
 
 
@@ -106,10 +109,24 @@ def _train_and_export(rt: Runtime, t: int, policy: CausalLM, resume: ResumePoint
   reference = policy if t > 0 and rt.config.rounds.train_reference == "previous" else rt.sft
   dataset, judge_logps = phases.train_set(rt, t, policy, reference, step=global_step)
   clock = hosts.PhaseClock()
-  state, global_step = leader.train_round(rt, t, policy, dataset, judge_logps, resume_state=state,
-                                          resume_meta=meta, global_step=global_step)
-  clock.report(rt.logger, global_step, "train", t, chips=rt.mesh.devices.size,
-               pairs=rt.config.train_for_round(t).epochs * len(dataset))
+  state, global_step = leader.train_round(
+    rt,
+    t,
+    policy,
+    dataset,
+    judge_logps,
+    resume_state=state,
+    resume_meta=meta,
+    global_step=global_step,
+  )
+  clock.report(
+    rt.logger,
+    global_step,
+    "train",
+    t,
+    chips=rt.mesh.devices.size,
+    pairs=rt.config.train_for_round(t).epochs * len(dataset),
+  )
   rt.policies[t] = tr.merge_params(state)
   export_policy(rt, t, rt.policies[t])
   return state, global_step, len(dataset)
@@ -129,7 +146,8 @@ def run_round(rt: Runtime, t: int, resume: ResumePoint = ResumePoint()) -> tuple
   for s in [s for s in rt.policies if s not in keep]:
     rt.policies.pop(s)
   global_step += 1  # the round-end checkpoint gets a step of its own
-  rt.ckpt.save(global_step, state, {"round": t, "phase": ROUND_DONE, "global_step": global_step},
-               force=True)
+  rt.ckpt.save(
+    global_step, state, {"round": t, "phase": ROUND_DONE, "global_step": global_step}, force=True
+  )
   rt.ckpt.wait()
   return summary, global_step

@@ -36,8 +36,10 @@ def resume_point(ckpt: Checkpointer | NoCheckpoints) -> ResumePoint:
     try:
       meta = ckpt.restore_metadata(step)
     except Exception as e:  # orbax raises many types for unreadable files
-      warnings.warn(f"checkpoint {step} metadata unreadable ({type(e).__name__}: {e}); "
-                    "trying an older one", stacklevel=2)
+      warnings.warn(
+        f"checkpoint {step} metadata unreadable ({type(e).__name__}: {e}); trying an older one",
+        stacklevel=2,
+      )
       continue
     if meta["phase"] == ROUND_DONE:
       return ResumePoint(meta["round"] + 1, None, meta["global_step"])
@@ -62,9 +64,13 @@ def _finish_complete_run(config: ExperimentConfig, rundir: RunDir) -> dict:
   return {}
 
 
-def run(config: ExperimentConfig, *, resume: bool = True,
-        config_change: dict[str, Any] | None = None,
-        preflight: Preflight | None = None) -> dict[int, dict[str, Any]]:
+def run(
+  config: ExperimentConfig,
+  *,
+  resume: bool = True,
+  config_change: dict[str, Any] | None = None,
+  preflight: Preflight | None = None,
+) -> dict[int, dict[str, Any]]:
   """Runs (or resumes) every round of ``config``; returns the per-round summaries.
 
   Writes under ``config.output_dir``: ``split_manifest.json``, ``metrics.jsonl`` and
@@ -81,12 +87,20 @@ def run(config: ExperimentConfig, *, resume: bool = True,
   sources, which the run then does not load again.
   """
   # Every process must run the same resolved config and code (only its process id differs).
-  hosts.check_same_run(dump_yaml(dataclasses.replace(
-      config, mesh=dataclasses.replace(config.mesh, process_id=None, local_device_ids=None))))
+  hosts.check_same_run(
+    dump_yaml(
+      dataclasses.replace(
+        config, mesh=dataclasses.replace(config.mesh, process_id=None, local_device_ids=None)
+      )
+    )
+  )
   rundir = RunDir.open(config.output_dir)
   compilation.enable_cache(config.compilation, rundir.workdir)  # before the first compile
-  ckpt = open_checkpointer(config.output_dir, config=config.checkpoint,
-                           shared=rundir.remote or hosts.shared_directory(rundir.workdir))
+  ckpt = open_checkpointer(
+    config.output_dir,
+    config=config.checkpoint,
+    shared=rundir.remote or hosts.shared_directory(rundir.workdir),
+  )
   start = resume_point(ckpt) if resume else ResumePoint()
   if start.round > config.rounds.num_rounds:
     ckpt.close()
@@ -94,15 +108,19 @@ def run(config: ExperimentConfig, *, resume: bool = True,
   if resume:
     rundir.pull()
   clock = time.perf_counter()
-  sinks = metric_sinks(config.output_dir, config.metrics, local_dir=rundir.workdir,
-                       run_config=to_dict(config))
-  logger = MetricsLogger(config.output_dir, resume_step=start.global_step if resume else -1,
-                         sinks=sinks)
+  sinks = metric_sinks(
+    config.output_dir, config.metrics, local_dir=rundir.workdir, run_config=to_dict(config)
+  )
+  logger = MetricsLogger(
+    config.output_dir, resume_step=start.global_step if resume else -1, sinks=sinks
+  )
   if config_change:
     logger.log(start.global_step, {}, **config_change)
   if start.checkpoint_step is None and start.global_step > 0:
-    message(f"resuming after round {start.round - 1} (checkpoint step {start.global_step}); "
-            f"round {start.round} starts")
+    message(
+      f"resuming after round {start.round - 1} (checkpoint step {start.global_step}); "
+      f"round {start.round} starts"
+    )
   summaries, global_step = {}, start.global_step
   with Runtime.build(config, rundir, ckpt=ckpt, logger=logger, preflight=preflight) as rt:
     for t in range(start.round, config.rounds.num_rounds + 1):
@@ -111,8 +129,10 @@ def run(config: ExperimentConfig, *, resume: bool = True,
     copy_final_policy(rundir, config.rounds.num_rounds)
   if hosts.is_process0():
     out = config.output_dir
-    message(f"run complete: rounds {start.round}..{config.rounds.num_rounds} in "
-            f"{time.perf_counter() - clock:.0f} s, global step {global_step}; final policy: "
-            f"{out}/final_policy; eval generations: {out}/round_<t>/eval_generations.json; "
-            f"metrics: {out}/metrics.jsonl and {out}/tensorboard; log: {out}/run.log")
+    message(
+      f"run complete: rounds {start.round}..{config.rounds.num_rounds} in "
+      f"{time.perf_counter() - clock:.0f} s, global step {global_step}; final policy: "
+      f"{out}/final_policy; eval generations: {out}/round_<t>/eval_generations.json; "
+      f"metrics: {out}/metrics.jsonl and {out}/tensorboard; log: {out}/run.log"
+    )
   return summaries

@@ -51,23 +51,48 @@ class Runtime:
   policies: dict[int, CausalLM] = dataclasses.field(default_factory=dict)  # round -> π_t
 
   @classmethod
-  def build(cls, config: ExperimentConfig, rundir: RunDir, *, ckpt, logger,
-            preflight: Preflight | None = None) -> "Runtime":
+  def build(
+    cls,
+    config: ExperimentConfig,
+    rundir: RunDir,
+    *,
+    ckpt,
+    logger,
+    preflight: Preflight | None = None,
+  ) -> "Runtime":
     """Builds the mesh, tokenizer, SFT model, data split and scorer of a run (the split
     manifest is written and pushed), reusing the mesh, tokenizer and loaded sources of the
     pre-run checks when given. The returned runtime closes ``ckpt`` and ``logger`` when used as a
     context manager."""
-    mesh = (shd.make_mesh(config.mesh) if preflight is None or preflight.mesh is None
-            else preflight.mesh)
-    tokenizer = (load_tokenizer(config.model.resolved_tokenizer_path) if preflight is None
-                 else preflight.tokenizer)
+    mesh = (
+      shd.make_mesh(config.mesh) if preflight is None or preflight.mesh is None else preflight.mesh
+    )
+    tokenizer = (
+      load_tokenizer(config.model.resolved_tokenizer_path)
+      if preflight is None
+      else preflight.tokenizer
+    )
     sft = load_model(config.model.path, config, mesh)
-    data = prepare_data(config, rundir.workdir, sft=sft, tokenizer=tokenizer, mesh=mesh,
-                        sources=None if preflight is None else preflight.sources)
+    data = prepare_data(
+      config,
+      rundir.workdir,
+      sft=sft,
+      tokenizer=tokenizer,
+      mesh=mesh,
+      sources=None if preflight is None else preflight.sources,
+    )
     rundir.push("split_manifest.json")
-    return cls(config=config, mesh=mesh, tokenizer=tokenizer, sft=sft, data=data, ckpt=ckpt,
-               logger=logger, rundir=rundir,
-               scorer=scorer_for(config, mesh, tokenizer.pad_token_id))
+    return cls(
+      config=config,
+      mesh=mesh,
+      tokenizer=tokenizer,
+      sft=sft,
+      data=data,
+      ckpt=ckpt,
+      logger=logger,
+      rundir=rundir,
+      scorer=scorer_for(config, mesh, tokenizer.pad_token_id),
+    )
 
   def __enter__(self) -> "Runtime":
     return self
@@ -88,17 +113,23 @@ class Runtime:
     """Chat-templated, truncated prompt token ids (unpadded); ``report`` names the prompts in
     the truncation count it then logs."""
     d = self.config.data
-    return tokenize_prompts(prompts, self.tokenizer, max_prompt_length=d.max_prompt_length,
-                            truncation_mode=d.truncation_mode, system_message=d.system_message,
-                            report=report)
+    return tokenize_prompts(
+      prompts,
+      self.tokenizer,
+      max_prompt_length=d.max_prompt_length,
+      truncation_mode=d.truncation_mode,
+      system_message=d.system_message,
+      report=report,
+    )
 
   def policy(self, t: int) -> CausalLM:
     """π_t: trained in this process, else its export from round t (π_{-1} = the SFT model)."""
     if t < 0:
       return self.sft
     if t not in self.policies:  # resumed run: the export is bitwise the trained parameters
-      self.policies[t] = load_model(os.path.join(self.round_dir(t), "policy"), self.config,
-                                    self.mesh)
+      self.policies[t] = load_model(
+        os.path.join(self.round_dir(t), "policy"), self.config, self.mesh
+      )
     return self.policies[t]
 
   def judge(self, t: int) -> CausalLM:
@@ -108,9 +139,15 @@ class Runtime:
 
 def scorer_for(config: ExperimentConfig, mesh, pad_id: int) -> Scorer:
   """The run's `Scorer`: batches of the train micro-batch size (at least one row per shard)."""
-  return Scorer(mesh, pad_id, scoring_batch_size(config.train, mesh),
-                bucket_size=config.data.bucket_size, compute_dtype=config.train.compute_dtype,
-                packing=config.data.packing, pack_length=config.data.resolved_pack_length)
+  return Scorer(
+    mesh,
+    pad_id,
+    scoring_batch_size(config.train, mesh),
+    bucket_size=config.data.bucket_size,
+    compute_dtype=config.train.compute_dtype,
+    packing=config.data.packing,
+    pack_length=config.data.resolved_pack_length,
+  )
 
 
 def load_model(path: str, config: ExperimentConfig, mesh) -> CausalLM:
@@ -120,12 +157,19 @@ def load_model(path: str, config: ExperimentConfig, mesh) -> CausalLM:
     raise FileNotFoundError(f"no Hugging Face model in {path!r} (config.json missing)")
   t = config.train
   # Every tensor is read straight into its final sharding: no device holds a full replica.
-  return load_hf(path, dtype=DTYPES[t.compute_dtype], param_dtype=DTYPES[t.param_dtype],
-                 remat=t.remat, attention=config.model.attention, mesh=mesh)
+  return load_hf(
+    path,
+    dtype=DTYPES[t.compute_dtype],
+    param_dtype=DTYPES[t.param_dtype],
+    remat=t.remat,
+    attention=config.model.attention,
+    mesh=mesh,
+  )
 
 
-def prompt_embeddings(model: CausalLM, tokenizer, prompts, config: ExperimentConfig,
-                      mesh) -> np.ndarray:
+def prompt_embeddings(
+  model: CausalLM, tokenizer, prompts, config: ExperimentConfig, mesh
+) -> np.ndarray:
   """``[N, D]`` float32 embeddings of chat-templated prompts for farthest-point seeding.
 
   The SFT model's last-layer hidden state at each prompt's last token (paper, appendix G.2).
@@ -133,8 +177,13 @@ def prompt_embeddings(model: CausalLM, tokenizer, prompts, config: ExperimentCon
   feeds and computes only its rows, then the rows are gathered in order on every process.
   """
   d = config.data
-  ids = tokenize_prompts(prompts, tokenizer, max_prompt_length=d.max_prompt_length,
-                         truncation_mode=d.truncation_mode, system_message=d.system_message)
+  ids = tokenize_prompts(
+    prompts,
+    tokenizer,
+    max_prompt_length=d.max_prompt_length,
+    truncation_mode=d.truncation_mode,
+    system_message=d.system_message,
+  )
   graphdef, state = nnx.split(model)  # the whole model: hidden_states reads buffers too
 
   @jax.jit
@@ -146,15 +195,23 @@ def prompt_embeddings(model: CausalLM, tokenizer, prompts, config: ExperimentCon
   size = config.sampling.batch_size
   rows = shd.host_batch_rows(mesh, size)
   for chunk, n in progress(fixed_size_batches(len(ids), size), desc="embed prompts"):
-    prompt_ids, prompt_mask = left_pad([ids[i] for i in chunk], pad_id=tokenizer.pad_token_id,
-                                       multiple=d.bucket_size)  # one length for the whole batch
+    prompt_ids, prompt_mask = left_pad(
+      [ids[i] for i in chunk], pad_id=tokenizer.pad_token_id, multiple=d.bucket_size
+    )  # one length for the whole batch
     local = shd.global_batch(mesh, (prompt_ids[rows], prompt_mask[rows]))
     out.append(shd.to_host(embed(state, *local))[:n])
   return np.concatenate(out)
 
 
-def prepare_data(config: ExperimentConfig, workdir: str, *, sft: CausalLM, tokenizer, mesh,
-                 sources: Sources | None = None) -> RunData:
+def prepare_data(
+  config: ExperimentConfig,
+  workdir: str,
+  *,
+  sft: CausalLM,
+  tokenizer,
+  mesh,
+  sources: Sources | None = None,
+) -> RunData:
   """The run's seed/pool split (`preflight.split_data` of ``sources``, loaded when not given);
   process 0 writes ``split_manifest.json``.
 
@@ -164,15 +221,24 @@ def prepare_data(config: ExperimentConfig, workdir: str, *, sft: CausalLM, token
   sources = load_sources(config) if sources is None else sources
   embeddings = None
   if config.data.seed_method == "farthest_point":
-    embeddings = lambda pairs: prompt_embeddings(sft, tokenizer, [p.prompt for p in pairs],  # noqa: E731
-                                                 config, mesh)
+    embeddings = lambda pairs: prompt_embeddings(
+      sft,
+      tokenizer,
+      [p.prompt for p in pairs],  # noqa: E731
+      config,
+      mesh,
+    )
   split = split_data(config, sources, embeddings=embeddings)
   if split.left_out.get("data.source"):
-    message(f"data.source: left out {split.left_out['data.source']} pairs whose prompt is in "
-            "data.eval_source")
+    message(
+      f"data.source: left out {split.left_out['data.source']} pairs whose prompt is in "
+      "data.eval_source"
+    )
   if split.left_out.get("data.prompt_source"):
-    message(f"data.prompt_source: left out {split.left_out['data.prompt_source']} prompts "
-            "already in the labelled seed or data.eval_source")
+    message(
+      f"data.prompt_source: left out {split.left_out['data.prompt_source']} prompts "
+      "already in the labelled seed or data.eval_source"
+    )
   if jax.process_index() == 0:
     save_manifest(split.manifest, os.path.join(workdir, "split_manifest.json"))
   return RunData(seed_pairs=split.seed_pairs, pools=split.pools, eval_prompts=split.eval_prompts)

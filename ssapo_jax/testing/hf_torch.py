@@ -10,26 +10,56 @@ from __future__ import annotations
 
 import os
 
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+TINY = dict(
+  vocab_size=128,
+  hidden_size=64,
+  intermediate_size=96,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  max_position_embeddings=64,
+  bos_token_id=1,
+  eos_token_id=2,
+  pad_token_id=0,
+)
 
 # family -> (transformers config class name, extra config fields)
 FAMILIES = {
-    "llama": ("LlamaConfig", {}),
-    "llama_mqa_tied_bias": ("LlamaConfig", dict(num_key_value_heads=1, tie_word_embeddings=True,
-                                                attention_bias=True, mlp_bias=True)),
-    "llama3_rope": ("LlamaConfig", dict(rope_parameters=dict(
-        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-        high_freq_factor=4.0, original_max_position_embeddings=8))),
-    "llama_linear_rope": ("LlamaConfig", dict(rope_parameters=dict(
-        rope_type="linear", rope_theta=10000.0, factor=2.0))),
-    "llama_dynamic_rope": ("LlamaConfig", dict(max_position_embeddings=8, rope_parameters=dict(
-        rope_type="dynamic", rope_theta=10000.0, factor=2.0))),
-    "mistral": ("MistralConfig", dict(sliding_window=4, head_dim=16)),
-    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
-    "qwen2_sliding": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=3,
-                                          max_window_layers=1)),
+  "llama": ("LlamaConfig", {}),
+  "llama_mqa_tied_bias": (
+    "LlamaConfig",
+    dict(num_key_value_heads=1, tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
+  ),
+  "llama3_rope": (
+    "LlamaConfig",
+    dict(
+      rope_parameters=dict(
+        rope_type="llama3",
+        rope_theta=500000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8,
+      )
+    ),
+  ),
+  "llama_linear_rope": (
+    "LlamaConfig",
+    dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0)),
+  ),
+  "llama_dynamic_rope": (
+    "LlamaConfig",
+    dict(
+      max_position_embeddings=8,
+      rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0),
+    ),
+  ),
+  "mistral": ("MistralConfig", dict(sliding_window=4, head_dim=16)),
+  "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
+  "qwen2_sliding": (
+    "Qwen2Config",
+    dict(use_sliding_window=True, sliding_window=3, max_window_layers=1),
+  ),
 }
 
 
@@ -44,8 +74,7 @@ def tiny_hf_config(family: str = "llama", **overrides):
   return getattr(transformers, cls_name)(**kwargs)
 
 
-def save_tiny_hf(path: str | os.PathLike, family: str = "llama", *, seed: int = 0,
-                 **overrides):
+def save_tiny_hf(path: str | os.PathLike, family: str = "llama", *, seed: int = 0, **overrides):
   """Builds, saves (safetensors) and returns a tiny random transformers causal LM."""
   import torch
   import transformers

@@ -16,15 +16,24 @@ from ssapo_jax.models.tokenizer import build_word_tokenizer
 WORDS = tuple(f"w{i}" for i in range(48))
 
 
-def write_tiny_model(path: str, *, seed: int = 0, hidden_size: int = 32, num_layers: int = 2,
-                     words=WORDS) -> str:
+def write_tiny_model(
+  path: str, *, seed: int = 0, hidden_size: int = 32, num_layers: int = 2, words=WORDS
+) -> str:
   """A random 2-layer Llama with the test tokenizer, saved in HF format at ``path``."""
   tokenizer = build_word_tokenizer(path, words)
-  config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
-                       intermediate_size=2 * hidden_size, num_layers=num_layers,
-                       num_heads=4, num_kv_heads=2, head_dim=hidden_size // 4,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_ids=(tokenizer.eos_token_id,),
-                       pad_token_id=tokenizer.pad_token_id, max_position_embeddings=512)
+  config = LlamaConfig(
+    vocab_size=len(tokenizer),
+    hidden_size=hidden_size,
+    intermediate_size=2 * hidden_size,
+    num_layers=num_layers,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=hidden_size // 4,
+    bos_token_id=tokenizer.bos_token_id,
+    eos_token_ids=(tokenizer.eos_token_id,),
+    pad_token_id=tokenizer.pad_token_id,
+    max_position_embeddings=512,
+  )
   save_hf(Llama(config, rngs=nnx.Rngs(seed)), path, tokenizer=tokenizer)
   return path
 

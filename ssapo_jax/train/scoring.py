@@ -34,9 +34,15 @@ from ssapo_jax.data.tokenize import fixed_size_batches, round_up
 from ssapo_jax.train.step import DTYPES, _cast_floats, param_shardings, split_model
 
 
-def make_compute_logps(mesh: Mesh, graphdef: Any, params: Any, rest: Any = None, *,
-                       compute_dtype: str = "float32", average: bool = False,
-                       ) -> Callable[..., jax.Array]:
+def make_compute_logps(
+  mesh: Mesh,
+  graphdef: Any,
+  params: Any,
+  rest: Any = None,
+  *,
+  compute_dtype: str = "float32",
+  average: bool = False,
+) -> Callable[..., jax.Array]:
   """Jitted, sharded ``logps_fn(params, ids, mask, loss_mask) -> [B] float32``.
 
   Args:
@@ -65,23 +71,31 @@ def make_compute_logps(mesh: Mesh, graphdef: Any, params: Any, rest: Any = None,
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       return model.sequence_logps(ids, mask, loss_mask, average=average).astype(jnp.float32)
 
-  jitted = jax.jit(logps, in_shardings=(p_shard, r_shard, tok, tok, tok),
-                   out_shardings=shd.replicated(mesh))
+  jitted = jax.jit(
+    logps, in_shardings=(p_shard, r_shard, tok, tok, tok), out_shardings=shd.replicated(mesh)
+  )
 
   def logps_fn(params, ids, mask, loss_mask):
     return jitted(params, rest, ids, mask, loss_mask)
 
   logps_fn.lower = lambda params, ids, mask, loss_mask: jitted.lower(  # what ssapo-plan compiles
-      params, jax.eval_shape(lambda r: r, rest), ids, mask, loss_mask)
+    params, jax.eval_shape(lambda r: r, rest), ids, mask, loss_mask
+  )
   return logps_fn
 
 
 PACKED_FIELDS = ("ids", "segment_ids", "positions", "loss_mask", "sequence_index")
 
 
-def make_compute_packed_logps(mesh: Mesh, graphdef: Any, params: Any, rest: Any = None, *,
-                              num_sequences: int, compute_dtype: str = "float32",
-                              ) -> Callable[..., jax.Array]:
+def make_compute_packed_logps(
+  mesh: Mesh,
+  graphdef: Any,
+  params: Any,
+  rest: Any = None,
+  *,
+  num_sequences: int,
+  compute_dtype: str = "float32",
+) -> Callable[..., jax.Array]:
   """Jitted ``fn(params, ids, segment_ids, positions, loss_mask, sequence_index) -> [S]``.
 
   The packed counterpart of `make_compute_logps`: the token arrays are ``[R, T]`` packed rows
@@ -102,14 +116,20 @@ def make_compute_packed_logps(mesh: Mesh, graphdef: Any, params: Any, rest: Any 
       token = model.token_logps(ids, segment_ids, positions=positions).astype(jnp.float32)
     return sequence_sums(token * loss_mask[:, 1:], sequence_index[:, 1:], num_sequences)
 
-  jitted = jax.jit(logps, in_shardings=(p_shard, r_shard) + (tok,) * 5,
-                   out_shardings=shd.replicated(mesh))
+  jitted = jax.jit(
+    logps, in_shardings=(p_shard, r_shard) + (tok,) * 5, out_shardings=shd.replicated(mesh)
+  )
   return lambda params, *arrays: jitted(params, rest, *arrays)
 
 
-def compute_logps(logps_fn: Callable[..., jax.Array], params: Any, mesh: Mesh,
-                  sequences: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], *,
-                  batch_size: int) -> np.ndarray:
+def compute_logps(
+  logps_fn: Callable[..., jax.Array],
+  params: Any,
+  mesh: Mesh,
+  sequences: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+  *,
+  batch_size: int,
+) -> np.ndarray:
   """Summed log-probs of every sequence, batch by batch, as numpy ``[N]`` float32.
 
   Args:
@@ -128,8 +148,9 @@ def compute_logps(logps_fn: Callable[..., jax.Array], params: Any, mesh: Mesh,
   shd.check_batch_divisible(batch_size, mesh, what="compute_logps batch_size")
   nproc = jax.process_count()
   if batch_size % nproc:
-    raise ValueError(f"compute_logps batch_size {batch_size} is not divisible by the "
-                     f"{nproc} processes")
+    raise ValueError(
+      f"compute_logps batch_size {batch_size} is not divisible by the {nproc} processes"
+    )
   local = batch_size // nproc
   rows = shd.host_batch_rows(mesh, batch_size)
   out = []
@@ -147,8 +168,11 @@ def compute_logps(logps_fn: Callable[..., jax.Array], params: Any, mesh: Mesh,
 
 def _iter_pair_sides(batches: Sequence[PreferenceBatch], side: str):
   for b in batches:
-    yield (np.asarray(getattr(b, f"{side}_ids")), np.asarray(getattr(b, f"{side}_mask")),
-           np.asarray(getattr(b, f"{side}_loss_mask")))
+    yield (
+      np.asarray(getattr(b, f"{side}_ids")),
+      np.asarray(getattr(b, f"{side}_mask")),
+      np.asarray(getattr(b, f"{side}_loss_mask")),
+    )
 
 
 def params_fingerprint(params: Any) -> str:
@@ -165,18 +189,26 @@ def data_fingerprint(batches: Sequence[PreferenceBatch]) -> str:
   h = hashlib.sha256()
   for b in batches:
     for side in ("chosen", "rejected"):
-      for a in (getattr(b, f"{side}_ids"), getattr(b, f"{side}_mask"),
-                getattr(b, f"{side}_loss_mask")):
+      for a in (
+        getattr(b, f"{side}_ids"),
+        getattr(b, f"{side}_mask"),
+        getattr(b, f"{side}_loss_mask"),
+      ):
         a = np.ascontiguousarray(np.asarray(a, np.int32))
         h.update(str(a.shape).encode())
         h.update(a.tobytes())
   return h.hexdigest()[:16]
 
 
-def precompute_ref_logps(logps_fn: Callable[..., jax.Array], ref_params: Any, mesh: Mesh,
-                         batches: Sequence[PreferenceBatch], *, batch_size: int,
-                         cache_dir: str | os.PathLike | None = None,
-                         ) -> tuple[np.ndarray, np.ndarray]:
+def precompute_ref_logps(
+  logps_fn: Callable[..., jax.Array],
+  ref_params: Any,
+  mesh: Mesh,
+  batches: Sequence[PreferenceBatch],
+  *,
+  batch_size: int,
+  cache_dir: str | os.PathLike | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """Reference log-probs of the chosen and rejected side of every pair (once per round).
 
   Like TRL's ``precompute_ref_log_probs``: one scoring pass over the round's pairs so the
@@ -199,15 +231,18 @@ def precompute_ref_logps(logps_fn: Callable[..., jax.Array], ref_params: Any, me
   if cache_dir is not None:
     key_m = params_fingerprint(ref_params)
     key_d = data_fingerprint(batches)
-    path = os.path.join(os.fspath(cache_dir),
-                        f"ref_logps-{key_m}-{key_d}-p{jax.process_index()}.npz")
+    path = os.path.join(
+      os.fspath(cache_dir), f"ref_logps-{key_m}-{key_d}-p{jax.process_index()}.npz"
+    )
     if os.path.exists(path):
       with np.load(path) as cached:
         return cached["chosen"], cached["rejected"]
-  chosen = compute_logps(logps_fn, ref_params, mesh, _iter_pair_sides(batches, "chosen"),
-                         batch_size=batch_size)
-  rejected = compute_logps(logps_fn, ref_params, mesh, _iter_pair_sides(batches, "rejected"),
-                           batch_size=batch_size)
+  chosen = compute_logps(
+    logps_fn, ref_params, mesh, _iter_pair_sides(batches, "chosen"), batch_size=batch_size
+  )
+  rejected = compute_logps(
+    logps_fn, ref_params, mesh, _iter_pair_sides(batches, "rejected"), batch_size=batch_size
+  )
   if path is not None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp.npz"
@@ -223,6 +258,7 @@ def gather_batches(values: np.ndarray, batch_size: int) -> np.ndarray:
   if nproc == 1:
     return values
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
   local = values.reshape(-1, batch_size // nproc)
   gathered = np.asarray(multihost_utils.process_allgather(local))  # [proc, batches, local]
   return gathered.transpose(1, 0, 2).reshape(-1)
@@ -266,49 +302,65 @@ class Scorer:
     size = 2 * self.batch_size
     if ("packed", graphdef) not in self._fns:
       self._fns[("packed", graphdef)] = make_compute_packed_logps(
-          self.mesh, graphdef, params, rest, num_sequences=size, compute_dtype=self.compute_dtype)
+        self.mesh, graphdef, params, rest, num_sequences=size, compute_dtype=self.compute_dtype
+      )
     fn = self._fns[("packed", graphdef)]
     n = len(prompts)
-    longest = round_up(max((len(p) + len(r) for p, r in zip(prompts, responses)), default=1),
-                       self.bucket_size)
+    longest = round_up(
+      max((len(p) + len(r) for p, r in zip(prompts, responses)), default=1), self.bucket_size
+    )
     # A sequence longer than pack_length (prompt + sampled response past max_length) widens
     # the rows of this call instead of failing: one more shape, only when it happens.
     t = max(self.pack_length or 0, longest)
     nproc, out = jax.process_count(), []
     for start in range(0, n, size):
-      packed = pack_sequence_rows(prompts[start:start + size], responses[start:start + size],
-                                  seq_len=t, max_sequences=size, pad_id=self.pad_id,
-                                  row_multiple=shd.num_batch_shards(self.mesh))
+      packed = pack_sequence_rows(
+        prompts[start : start + size],
+        responses[start : start + size],
+        seq_len=t,
+        max_sequences=size,
+        pad_id=self.pad_id,
+        row_multiple=shd.num_batch_shards(self.mesh),
+      )
       rows = packed["ids"].shape[0] // nproc
       sl = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
       arrays = shd.global_batch(self.mesh, tuple(packed[k][sl] for k in PACKED_FIELDS))
-      out.append(np.asarray(fn(params, *arrays))[:min(size, n - start)])
+      out.append(np.asarray(fn(params, *arrays))[: min(size, n - start)])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
   def _split(self, model: nnx.Module):
     """``(logps_fn, params)``; the jitted function is built once per model graph."""
     graphdef, params, rest = split_model(model)
     if graphdef not in self._fns:
-      self._fns[graphdef] = make_compute_logps(self.mesh, graphdef, params, rest,
-                                               compute_dtype=self.compute_dtype)
+      self._fns[graphdef] = make_compute_logps(
+        self.mesh, graphdef, params, rest, compute_dtype=self.compute_dtype
+      )
     return self._fns[graphdef], params
 
   def lower(self, model: nnx.Module, seq_len: int) -> jax.stages.Lowered:
     """The pass `sequences` and `pairs` run on one ``[batch_size, seq_len]`` batch, lowered
     (``model`` may be abstract): what `ssapo-plan` compiles."""
     logps_fn, params = self._split(model)
-    tok = jax.ShapeDtypeStruct((self.batch_size, seq_len), jnp.int32,
-                               sharding=NamedSharding(self.mesh, PartitionSpec(shd.BATCH_AXES)))
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          params, param_shardings(params, self.mesh))
+    tok = jax.ShapeDtypeStruct(
+      (self.batch_size, seq_len),
+      jnp.int32,
+      sharding=NamedSharding(self.mesh, PartitionSpec(shd.BATCH_AXES)),
+    )
+    params = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      params,
+      param_shardings(params, self.mesh),
+    )
     return logps_fn.lower(params, tok, tok, tok)
 
-  def sequences(self, model: nnx.Module, prompts: Sequence[Sequence[int]],
-                responses: Sequence[Sequence[int]]) -> np.ndarray:
+  def sequences(
+    self, model: nnx.Module, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
+  ) -> np.ndarray:
     """``[N]`` float32 log-probs of each response given its prompt (unpadded token id lists)."""
     if self.packing:
-      return self._packed_scores(model, [np.asarray(p) for p in prompts],
-                                 [np.asarray(r) for r in responses])
+      return self._packed_scores(
+        model, [np.asarray(p) for p in prompts], [np.asarray(r) for r in responses]
+      )
     size, pad = self.batch_size, self.pad_id
     rows = shd.host_batch_rows(self.mesh, size)
 
@@ -321,15 +373,20 @@ class Scorer:
         mask, loss_mask = np.zeros_like(ids), np.zeros_like(ids)
         for j, i in enumerate(chunk):
           x = list(prompts[i]) + list(responses[i])
-          ids[j, :len(x)], mask[j, :len(x)], loss_mask[j, len(prompts[i]):len(x)] = x, 1, 1
+          ids[j, : len(x)], mask[j, : len(x)], loss_mask[j, len(prompts[i]) : len(x)] = x, 1, 1
         yield ids, mask, loss_mask
 
     logps_fn, params = self._split(model)
     logps = compute_logps(logps_fn, params, self.mesh, batches(), batch_size=size)
-    return gather_batches(logps, size)[:len(prompts)]
+    return gather_batches(logps, size)[: len(prompts)]
 
-  def pairs(self, model: nnx.Module, dataset, *, cache_dir: str | None = None,
-            ) -> tuple[np.ndarray, np.ndarray]:
+  def pairs(
+    self,
+    model: nnx.Module,
+    dataset,
+    *,
+    cache_dir: str | None = None,
+  ) -> tuple[np.ndarray, np.ndarray]:
     """Summed response log-probs ``([N], [N])`` float32 of chosen and rejected under ``model``.
 
     One pass over a tokenised pair dataset in dataset order; with ``cache_dir`` the result is
@@ -338,14 +395,25 @@ class Scorer:
     if self.packing:
       return self._packed_pairs(model, dataset, cache_dir)
     size = self.batch_size
-    loader = PreferenceLoader(dataset, global_batch_size=size, shuffle=False, pad_id=self.pad_id,
-                              bucket_size=self.bucket_size, num_hosts=jax.process_count(),
-                              host_index=jax.process_index())
+    loader = PreferenceLoader(
+      dataset,
+      global_batch_size=size,
+      shuffle=False,
+      pad_id=self.pad_id,
+      bucket_size=self.bucket_size,
+      num_hosts=jax.process_count(),
+      host_index=jax.process_index(),
+    )
     cursors = [LoaderCursor(0, i) for i in range(loader.batches_per_epoch)]
     logps_fn, params = self._split(model)
-    chosen, rejected = precompute_ref_logps(logps_fn, params, self.mesh,
-                                            [loader.batch_at(c) for c in cursors],
-                                            batch_size=size, cache_dir=cache_dir)
+    chosen, rejected = precompute_ref_logps(
+      logps_fn,
+      params,
+      self.mesh,
+      [loader.batch_at(c) for c in cursors],
+      batch_size=size,
+      cache_dir=cache_dir,
+    )
     order = np.concatenate([loader.batch_indices(c)[0] for c in cursors])
     out = []
     for values in (chosen, rejected):
@@ -357,8 +425,10 @@ class Scorer:
   def _packed_pairs(self, model: nnx.Module, dataset, cache_dir) -> tuple[np.ndarray, np.ndarray]:
     """`pairs` with packing: chosen then rejected sides in dataset order, cached like
     `precompute_ref_logps` (``ref_logps-packed-<model>-<data>.npz``)."""
-    cols = {k: [np.asarray(x, np.int32) for x in dataset[k]]
-            for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    cols = {
+      k: [np.asarray(x, np.int32) for x in dataset[k]]
+      for k in ("prompt_ids", "chosen_ids", "rejected_ids")
+    }
     path = None
     if cache_dir is not None:
       h = hashlib.sha256()
@@ -367,14 +437,17 @@ class Scorer:
           h.update(len(x).to_bytes(4, "little"))
           h.update(x.tobytes())
       _, params, _ = split_model(model)
-      path = os.path.join(os.fspath(cache_dir), f"ref_logps-packed-{params_fingerprint(params)}-"
-                          f"{h.hexdigest()[:16]}.npz")
+      path = os.path.join(
+        os.fspath(cache_dir),
+        f"ref_logps-packed-{params_fingerprint(params)}-{h.hexdigest()[:16]}.npz",
+      )
       if os.path.exists(path):
         with np.load(path) as cached:
           return cached["chosen"], cached["rejected"]
     n = len(cols["prompt_ids"])
-    scores = self._packed_scores(model, cols["prompt_ids"] * 2,
-                                 cols["chosen_ids"] + cols["rejected_ids"])
+    scores = self._packed_scores(
+      model, cols["prompt_ids"] * 2, cols["chosen_ids"] + cols["rejected_ids"]
+    )
     chosen, rejected = scores[:n], scores[n:]
     if path is not None and jax.process_index() == 0:
       os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -69,8 +69,9 @@ Objective = Literal["dpo", "robust"]
 Schedule = Literal["cosine", "linear", "constant"]
 ReferenceMode = Literal["precomputed", "in_step"]
 ComputeDtype = Literal[tuple(DTYPES)]
-OBJECTIVES, SCHEDULES, REFERENCE_MODES = (typing.get_args(t)
-                                          for t in (Objective, Schedule, ReferenceMode))
+OBJECTIVES, SCHEDULES, REFERENCE_MODES = (
+  typing.get_args(t) for t in (Objective, Schedule, ReferenceMode)
+)
 
 
 @document_fields
@@ -82,15 +83,21 @@ class TrainConfig:
   # key: an experiment derives it from dro.epsilon (robust iff ε > 0), its one robustness knob.
   objective: Objective = derived("dpo", "dro.epsilon")
   beta: float = 0.1  # DPO inverse temperature β of the implicit reward
-  loss_type: LossType | tuple[LossType, ...] = "sigmoid"  # dpo_loss variant(s) (keys of losses.LOSS_TYPES), summed with loss_weights; objective=dpo only
-  loss_weights: tuple[float, ...] | None = None  # weight of each loss_type in the sum (TRL's loss_weights); None = 1 each
+  # dpo_loss variant(s) (keys of losses.LOSS_TYPES), summed with loss_weights; objective=dpo only
+  loss_type: LossType | tuple[LossType, ...] = "sigmoid"
+  # weight of each loss_type in the sum (TRL's loss_weights); None = 1 each
+  loss_weights: tuple[float, ...] | None = None
   label_smoothing: float = 0.0  # dpo_loss label smoothing ε; objective=dpo only
-  f_divergence_type: FDivergence = "reverse_kl"  # f-DPO regulariser (TRL's f_divergence_type); objective=dpo only
+  # f-DPO regulariser (TRL's f_divergence_type); objective=dpo only
+  f_divergence_type: FDivergence = "reverse_kl"
   f_alpha_divergence_coef: float = 0.5  # α of f_divergence_type=alpha_divergence
   discopop_tau: float = 0.05  # τ of loss_type=discopop
-  ld_alpha: float | None = None  # LD-DPO weight in [0, 1] of response tokens past the shared length; None = plain sums; needs reference=in_step
-  use_weighting: bool = False  # WPO: weight each pair by its policy's length-normalised aligned probabilities
-  rpo_alpha: float | None = None  # RPO: add rpo_alpha × the chosen response's token-mean NLL (both objectives)
+  # LD-DPO weight in [0, 1] of response tokens past the shared length; None = plain sums; needs reference=in_step
+  ld_alpha: float | None = None
+  # WPO: weight each pair by its policy's length-normalised aligned probabilities
+  use_weighting: bool = False
+  # RPO: add rpo_alpha × the chosen response's token-mean NLL (both objectives)
+  rpo_alpha: float | None = None
   reference_free: bool = False  # uniform reference (reference log-probs 0), both objectives
   # Robust atoms live on σ(βΔ) (authors' code) or on βΔ. Not a config key: an experiment copies
   # dro.space here, so the leader and the follower cannot disagree.
@@ -114,14 +121,20 @@ class TrainConfig:
   compute_dtype: ComputeDtype = "bfloat16"  # forward/backward dtype
   param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights and Adam moments
   remat: RematPolicy = "full"  # activation rematerialisation policy
-  reference: ReferenceMode = "precomputed"  # ref log-probs from the batch, or a frozen model in the step
+  # ref log-probs from the batch, or a frozen model in the step
+  reference: ReferenceMode = "precomputed"
   max_nonfinite_steps: int = 10  # abort after this many consecutive skipped (non-finite) steps
-  profile_steps: tuple[int, int] | None = None  # jax.profiler trace of global steps start..stop (inclusive) in output_dir/profile/; None = off
+  # jax.profiler trace of global steps start..stop (inclusive) in output_dir/profile/; None = off
+  profile_steps: tuple[int, int] | None = None
 
   def __post_init__(self):
     check_choices(self, "train")
-    positive = {"beta": self.beta, "robust_floor": self.robust_floor,
-                "learning_rate": self.learning_rate, "adam_eps": self.adam_eps}
+    positive = {
+      "beta": self.beta,
+      "robust_floor": self.robust_floor,
+      "learning_rate": self.learning_rate,
+      "adam_eps": self.adam_eps,
+    }
     for name, value in positive.items():
       if not value > 0:
         raise ValueError(f"train.{name} must be > 0, got {value}")
@@ -135,39 +148,57 @@ class TrainConfig:
       if not 0 <= getattr(self, name) < 1:
         raise ValueError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
     if self.weight_decay < 0 or self.max_grad_norm < 0 or self.label_smoothing < 0:
-      raise ValueError("train.weight_decay, train.max_grad_norm and train.label_smoothing must be "
-                       f">= 0, got {self.weight_decay}, {self.max_grad_norm}, {self.label_smoothing}")
+      raise ValueError(
+        "train.weight_decay, train.max_grad_norm and train.label_smoothing must be "
+        f">= 0, got {self.weight_decay}, {self.max_grad_norm}, {self.label_smoothing}"
+      )
     if self.profile_steps is not None and not 1 <= self.profile_steps[0] <= self.profile_steps[1]:
-      raise ValueError("train.profile_steps must be [start, stop] global steps with "
-                       f"1 <= start <= stop, got {list(self.profile_steps)}")
+      raise ValueError(
+        "train.profile_steps must be [start, stop] global steps with "
+        f"1 <= start <= stop, got {list(self.profile_steps)}"
+      )
     if self.global_batch_size % self.micro_batches:
-      raise ValueError(f"train.global_batch_size={self.global_batch_size} is not divisible by "
-                       f"train.micro_batches={self.micro_batches}")
+      raise ValueError(
+        f"train.global_batch_size={self.global_batch_size} is not divisible by "
+        f"train.micro_batches={self.micro_batches}"
+      )
     for loss_type in (self.loss_type,) if isinstance(self.loss_type, str) else self.loss_type:
       if loss_type not in LOSS_TYPES:
-        raise ValueError(f"train.loss_type must be one of {', '.join(map(repr, LOSS_TYPES))}; "
-                         f"got {loss_type!r}")
+        raise ValueError(
+          f"train.loss_type must be one of {', '.join(map(repr, LOSS_TYPES))}; got {loss_type!r}"
+        )
     try:
       types, _ = check_loss_options(
-          self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing,
-          loss_weights=self.loss_weights, f_divergence_type=self.f_divergence_type,
-          discopop_tau=self.discopop_tau, rpo_alpha=self.rpo_alpha)
+        self.loss_type,
+        beta=self.beta,
+        label_smoothing=self.label_smoothing,
+        loss_weights=self.loss_weights,
+        f_divergence_type=self.f_divergence_type,
+        discopop_tau=self.discopop_tau,
+        rpo_alpha=self.rpo_alpha,
+      )
     except ValueError as e:
       raise ValueError(f"train: {e}") from None
     coupled = sorted(BATCH_COUPLED_LOSS_TYPES & set(types))
     if self.objective == "dpo" and coupled and self.micro_batches > 1:
-      raise ValueError(f"train.loss_type {coupled} couples the rows of a batch (sorting or a "
-                       "batch mean), so its micro-batch means are not the batch mean; use "
-                       f"train.micro_batches=1, got {self.micro_batches}")
+      raise ValueError(
+        f"train.loss_type {coupled} couples the rows of a batch (sorting or a "
+        "batch mean), so its micro-batch means are not the batch mean; use "
+        f"train.micro_batches=1, got {self.micro_batches}"
+      )
     if self.use_weighting and {"aot", "aot_unpaired"} & set(types) and self.objective == "dpo":
-      raise ValueError("train.use_weighting does not apply to loss_type aot/aot_unpaired (they "
-                       "sort rows, so a pair's weight has no pair to attach to)")
+      raise ValueError(
+        "train.use_weighting does not apply to loss_type aot/aot_unpaired (they "
+        "sort rows, so a pair's weight has no pair to attach to)"
+      )
     if self.ld_alpha is not None:
       if not 0 <= self.ld_alpha <= 1:
         raise ValueError(f"train.ld_alpha must be in [0, 1], got {self.ld_alpha}")
       if self.reference != "in_step":
-        raise ValueError("train.ld_alpha needs train.reference=in_step (precomputed reference "
-                         "log-probs are plain sums, not LD-weighted)")
+        raise ValueError(
+          "train.ld_alpha needs train.reference=in_step (precomputed reference "
+          "log-probs are plain sums, not LD-weighted)"
+        )
 
   @property
   def micro_batch_size(self) -> int:
@@ -198,8 +229,11 @@ def make_schedule(config: TrainConfig, num_steps: int) -> optax.Schedule:
   if config.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, num_steps, end_value=0.0)
   decay_steps = max(num_steps - warmup, 1)
-  after = (optax.linear_schedule(peak, 0.0, decay_steps) if config.schedule == "linear"
-           else optax.constant_schedule(peak))
+  after = (
+    optax.linear_schedule(peak, 0.0, decay_steps)
+    if config.schedule == "linear"
+    else optax.constant_schedule(peak)
+  )
   if warmup == 0:
     return after
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
@@ -216,9 +250,16 @@ def make_optimizer(config: TrainConfig, num_steps: int) -> optax.GradientTransfo
   parts = []
   if config.max_grad_norm > 0:
     parts.append(optax.clip_by_global_norm(config.max_grad_norm))
-  parts.append(optax.adamw(make_schedule(config, num_steps), b1=config.adam_b1, b2=config.adam_b2,
-                           eps=config.adam_eps, weight_decay=config.weight_decay,
-                           mask=_decay_mask))
+  parts.append(
+    optax.adamw(
+      make_schedule(config, num_steps),
+      b1=config.adam_b1,
+      b2=config.adam_b2,
+      eps=config.adam_eps,
+      weight_decay=config.weight_decay,
+      mask=_decay_mask,
+    )
+  )
   return optax.chain(*parts)
 
 
@@ -267,13 +308,22 @@ def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
   p_shard = param_shardings(state.params, mesh)
   repl = shd.replicated(mesh)
   opt_shard = optax.tree_map_params(
-      state.tx, lambda _, s: s, state.opt_state, p_shard,
-      transform_non_params=lambda _: repl,
-      is_leaf=lambda x: isinstance(x, NamedSharding))
+    state.tx,
+    lambda _, s: s,
+    state.opt_state,
+    p_shard,
+    transform_non_params=lambda _: repl,
+    is_leaf=lambda x: isinstance(x, NamedSharding),
+  )
   return state.replace(
-      step=repl, params=p_shard, opt_state=opt_shard, nonfinite_consecutive=repl,
-      nonfinite_total=repl, rest=jax.tree.map(lambda _: repl, state.rest),
-      ref_params=None if state.ref_params is None else p_shard)
+    step=repl,
+    params=p_shard,
+    opt_state=opt_shard,
+    nonfinite_consecutive=repl,
+    nonfinite_total=repl,
+    rest=jax.tree.map(lambda _: repl, state.rest),
+    ref_params=None if state.ref_params is None else p_shard,
+  )
 
 
 def split_model(model: nnx.Module, config: TrainConfig | None = None) -> tuple[Any, Any, Any]:
@@ -290,23 +340,31 @@ def split_model(model: nnx.Module, config: TrainConfig | None = None) -> tuple[A
   model_config = getattr(model, "config", None)
   if config is None or not dataclasses.is_dataclass(model_config):
     return graphdef, params, rest
-  runtime = {"dtype": config.compute_dtype, "param_dtype": config.param_dtype,
-             "remat": config.remat}
+  runtime = {
+    "dtype": config.compute_dtype,
+    "param_dtype": config.param_dtype,
+    "remat": config.remat,
+  }
   runtime = {k: v for k, v in runtime.items() if hasattr(model_config, k)}
-  if all(getattr(model_config, k) == jnp.dtype(v).name if k != "remat"
-         else getattr(model_config, k) == v for k, v in runtime.items()):
+  if all(
+    getattr(model_config, k) == jnp.dtype(v).name if k != "remat" else getattr(model_config, k) == v
+    for k, v in runtime.items()
+  ):
     return graphdef, params, rest
   new_config = dataclasses.replace(model_config, **runtime)
   abstract = nnx.eval_shape(lambda: type(model)(new_config, rngs=nnx.Rngs(0)))
   new_graphdef, new_params, _ = split_params(abstract)
   if jax.tree.structure(new_params) != jax.tree.structure(params):
-    raise ValueError(f"rebuilding {type(model).__name__} with {runtime} changed its parameter "
-                     "tree; cannot apply the train config's runtime choices")
+    raise ValueError(
+      f"rebuilding {type(model).__name__} with {runtime} changed its parameter "
+      "tree; cannot apply the train config's runtime choices"
+    )
   return new_graphdef, params, rest
 
 
-def init_train_state(params: Any, rest: Any, *, graphdef: Any, config: TrainConfig,
-                     num_train_steps: int) -> TrainState:
+def init_train_state(
+  params: Any, rest: Any, *, graphdef: Any, config: TrainConfig, num_train_steps: int
+) -> TrainState:
   """The initial `TrainState` from split parameters (pure and traceable).
 
   Parameters are cast to ``config.param_dtype`` (fresh buffers: the step donates the state,
@@ -316,19 +374,33 @@ def init_train_state(params: Any, rest: Any, *, graphdef: Any, config: TrainConf
   abstract version is ``jax.eval_shape`` of this same function.
   """
   dtype = DTYPES[config.param_dtype]
-  params = jax.tree.map(lambda x: (x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-                                   else jnp.copy(x)), params)
+  params = jax.tree.map(
+    lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.copy(x), params
+  )
   tx = make_optimizer(config, num_train_steps)
   zero = jnp.zeros((), jnp.int32)
   return TrainState(
-      step=zero, params=params, opt_state=tx.init(params), nonfinite_consecutive=zero,
-      nonfinite_total=zero, rest=rest,
-      ref_params=(jax.tree.map(jnp.copy, params) if config.reference == "in_step" else None),
-      graphdef=graphdef, tx=tx, schedule=make_schedule(config, num_train_steps))
+    step=zero,
+    params=params,
+    opt_state=tx.init(params),
+    nonfinite_consecutive=zero,
+    nonfinite_total=zero,
+    rest=rest,
+    ref_params=(jax.tree.map(jnp.copy, params) if config.reference == "in_step" else None),
+    graphdef=graphdef,
+    tx=tx,
+    schedule=make_schedule(config, num_train_steps),
+  )
 
 
-def create_train_state(model: nnx.Module, config: TrainConfig, mesh: Mesh, *,
-                       num_train_steps: int, abstract: bool = False) -> TrainState:
+def create_train_state(
+  model: nnx.Module,
+  config: TrainConfig,
+  mesh: Mesh,
+  *,
+  num_train_steps: int,
+  abstract: bool = False,
+) -> TrainState:
   """The sharded initial `TrainState` of ``model``: the one builder of the run and the plan.
 
   `init_train_state` runs inside one jit whose outputs carry the state's shardings
@@ -346,13 +418,15 @@ def create_train_state(model: nnx.Module, config: TrainConfig, mesh: Mesh, *,
       the state `ssapo-plan` compiles against; nothing is allocated.
   """
   graphdef, params, rest = split_model(model, config)
-  init = functools.partial(init_train_state, graphdef=graphdef, config=config,
-                           num_train_steps=num_train_steps)
+  init = functools.partial(
+    init_train_state, graphdef=graphdef, config=config, num_train_steps=num_train_steps
+  )
   shapes = jax.eval_shape(init, params, rest)
   shardings = state_shardings(shapes, mesh)
   if abstract:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        shapes, shardings)
+    return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+    )
   params = shd.shard_params(params, shardings.params)
   rest = shd.shard_params(rest, shardings.rest)
   return jax.jit(init, out_shardings=shardings)(params, rest)
@@ -369,22 +443,36 @@ def merge_params(state: TrainState, *, params: Any | None = None) -> nnx.Module:
 
 
 def _cast_floats(tree, dtype):
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                      tree)
+  return jax.tree.map(
+    lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+  )
 
 
-def _pair_logps(graphdef, params, rest, ids, mask, loss_mask, *, config: TrainConfig,
-                log_sum_sq: bool):
+def _pair_logps(
+  graphdef, params, rest, ids, mask, loss_mask, *, config: TrainConfig, log_sum_sq: bool
+):
   """`losses.pair_logps` of stacked pairs ``[2b, T]`` under ``params``."""
   model = nnx.merge(graphdef, _cast_floats(params, DTYPES[config.compute_dtype]), rest)
   out = model.token_logps(ids, mask, log_sum_sq=log_sum_sq)
   token_logps, token_log_sum_sq = out if log_sum_sq else (out, None)
-  return pair_logps(token_logps.astype(jnp.float32), loss_mask[:, 1:], ld_alpha=config.ld_alpha,
-                    token_log_sum_sq=token_log_sum_sq)
+  return pair_logps(
+    token_logps.astype(jnp.float32),
+    loss_mask[:, 1:],
+    ld_alpha=config.ld_alpha,
+    token_log_sum_sq=token_log_sum_sq,
+  )
 
 
-def _packed_pair_logps(graphdef, params, rest, micro: PackedPreferenceBatch, *,
-                      config: TrainConfig, log_sum_sq: bool, num_micro: int) -> PairLogps:
+def _packed_pair_logps(
+  graphdef,
+  params,
+  rest,
+  micro: PackedPreferenceBatch,
+  *,
+  config: TrainConfig,
+  log_sum_sq: bool,
+  num_micro: int,
+) -> PairLogps:
   """`losses.pair_logps` of a packed micro-batch: token log-probs summed per segment.
 
   ``micro.sequence_index`` holds global pair slots; micro-batches are strided (slot ``s`` is
@@ -392,15 +480,17 @@ def _packed_pair_logps(graphdef, params, rest, micro: PackedPreferenceBatch, *,
   micro-batch's ``2p`` sequences here.
   """
   model = nnx.merge(graphdef, _cast_floats(params, DTYPES[config.compute_dtype]), rest)
-  out = model.token_logps(micro.ids, micro.segment_ids, positions=micro.positions,
-                          log_sum_sq=log_sum_sq)
+  out = model.token_logps(
+    micro.ids, micro.segment_ids, positions=micro.positions, log_sum_sq=log_sum_sq
+  )
   token_logps, token_log_sum_sq = out if log_sum_sq else (out, None)
   token_logps = token_logps.astype(jnp.float32)
   p = micro.batch_size
   g = p * num_micro
   idx = micro.sequence_index[:, 1:]  # the sequence of each scored (target) token
-  local = jnp.where(idx < g, idx // num_micro,
-                    jnp.where(idx < 2 * g, p + (idx - g) // num_micro, 2 * p))
+  local = jnp.where(
+    idx < g, idx // num_micro, jnp.where(idx < 2 * g, p + (idx - g) // num_micro, 2 * p)
+  )
   mask = micro.loss_mask[:, 1:].astype(jnp.float32)
   plain = sequence_sums(token_logps * mask, local, 2 * p)
   lengths = sequence_sums(mask, local, 2 * p)
@@ -412,17 +502,30 @@ def _packed_pair_logps(graphdef, params, rest, micro: PackedPreferenceBatch, *,
   return PairLogps(plain[:p], plain[p:], lengths[:p], lengths[p:], -plain[:p], pair_weights)
 
 
-def _policy_and_ref_logps(params, ref_params, rest, micro, *, graphdef, config: TrainConfig,
-                          mesh: Mesh | None, num_micro: int):
+def _policy_and_ref_logps(
+  params,
+  ref_params,
+  rest,
+  micro,
+  *,
+  graphdef,
+  config: TrainConfig,
+  mesh: Mesh | None,
+  num_micro: int,
+):
   """``(policy PairLogps, ref chosen [b], ref rejected [b])`` of a plain or packed micro-batch."""
   if isinstance(micro, PackedPreferenceBatch):
     if mesh is not None:  # rows over the batch axes, as the plain path's 2b sequences
       rows = NamedSharding(mesh, shd.batch_spec(2, micro.num_rows, mesh))
-      micro = micro.replace(**{k: jax.lax.with_sharding_constraint(getattr(micro, k), rows)
-                               for k in ("ids", "segment_ids", "positions", "loss_mask",
-                                         "sequence_index")})
-    logps = functools.partial(_packed_pair_logps, graphdef, micro=micro, config=config,
-                              num_micro=num_micro)
+      micro = micro.replace(
+        **{
+          k: jax.lax.with_sharding_constraint(getattr(micro, k), rows)
+          for k in ("ids", "segment_ids", "positions", "loss_mask", "sequence_index")
+        }
+      )
+    logps = functools.partial(
+      _packed_pair_logps, graphdef, micro=micro, config=config, num_micro=num_micro
+    )
     policy = logps(params, rest, log_sum_sq=config.use_weighting)
     if ref_params is None:
       return policy, micro.ref_chosen_logps, micro.ref_rejected_logps
@@ -434,21 +537,33 @@ def _policy_and_ref_logps(params, ref_params, rest, micro, *, graphdef, config: 
     # pairs that does not divide over data*fsdp (kept whole on every device) still splits as
     # 2b sequences, instead of every device computing all of them.
     seq = NamedSharding(mesh, shd.batch_spec(2, ids.shape[0], mesh))
-    ids, mask, loss_mask = (jax.lax.with_sharding_constraint(a, seq)
-                            for a in (ids, mask, loss_mask))
-  policy = _pair_logps(graphdef, params, rest, ids, mask, loss_mask, config=config,
-                       log_sum_sq=config.use_weighting)
+    ids, mask, loss_mask = (
+      jax.lax.with_sharding_constraint(a, seq) for a in (ids, mask, loss_mask)
+    )
+  policy = _pair_logps(
+    graphdef, params, rest, ids, mask, loss_mask, config=config, log_sum_sq=config.use_weighting
+  )
   if ref_params is None:
     return policy, micro.ref_chosen_logps, micro.ref_rejected_logps
-  ref = jax.lax.stop_gradient(_pair_logps(graphdef, ref_params, rest, ids, mask, loss_mask,
-                                          config=config, log_sum_sq=False))
+  ref = jax.lax.stop_gradient(
+    _pair_logps(graphdef, ref_params, rest, ids, mask, loss_mask, config=config, log_sum_sq=False)
+  )
   return policy, ref.chosen_logps, ref.rejected_logps
 
 
-def _pair_loss(params, ref_params, rest, micro: PreferenceBatch | PackedPreferenceBatch, *,
-               graphdef, config: TrainConfig, num_real_rows: jax.Array,
-               mean_chosen_length: jax.Array, mesh: Mesh | None = None, num_micro: int = 1,
-               ) -> tuple[jax.Array, Metrics]:
+def _pair_loss(
+  params,
+  ref_params,
+  rest,
+  micro: PreferenceBatch | PackedPreferenceBatch,
+  *,
+  graphdef,
+  config: TrainConfig,
+  num_real_rows: jax.Array,
+  mean_chosen_length: jax.Array,
+  mesh: Mesh | None = None,
+  num_micro: int = 1,
+) -> tuple[jax.Array, Metrics]:
   """One micro-batch's share of the global loss and its TRL metrics (means over its kept rows).
 
   The loss is ``Σ_{kept i} w_i loss_i / num_real_rows``, with ``num_real_rows`` and
@@ -456,30 +571,60 @@ def _pair_loss(params, ref_params, rest, micro: PreferenceBatch | PackedPreferen
   mean over the real rows exactly. Plain and packed micro-batches give the same loss.
   """
   policy, ref_chosen, ref_rejected = _policy_and_ref_logps(
-      params, ref_params, rest, micro, graphdef=graphdef, config=config, mesh=mesh,
-      num_micro=num_micro)
+    params,
+    ref_params,
+    rest,
+    micro,
+    graphdef=graphdef,
+    config=config,
+    mesh=mesh,
+    num_micro=num_micro,
+  )
   weights = micro.weights if policy.wpo_weights is None else micro.weights * policy.wpo_weights
-  rows = dict(weights=weights, valid=micro.valid, num_real_rows=num_real_rows,
-              chosen_lengths=policy.chosen_lengths, chosen_nll=policy.chosen_nll,
-              mean_chosen_length=mean_chosen_length, rpo_alpha=config.rpo_alpha,
-              reference_free=config.reference_free)
+  rows = dict(
+    weights=weights,
+    valid=micro.valid,
+    num_real_rows=num_real_rows,
+    chosen_lengths=policy.chosen_lengths,
+    chosen_nll=policy.chosen_nll,
+    mean_chosen_length=mean_chosen_length,
+    rpo_alpha=config.rpo_alpha,
+    reference_free=config.reference_free,
+  )
   if config.objective == "robust":
     # A TrainConfig built on its own has no follower scale: dro.margin_scale's default, beta.
     scale = config.beta if config.robust_margin_scale is None else config.robust_margin_scale
-    atoms = LossAtoms(micro.atom_weights, micro.atom_shifts, space=config.robust_space,
-                      margin_scale=scale)
+    atoms = LossAtoms(
+      micro.atom_weights, micro.atom_shifts, space=config.robust_space, margin_scale=scale
+    )
     loss, metrics = robust_dpo_loss(
-        policy.chosen_logps, policy.rejected_logps, ref_chosen, ref_rejected, atoms,
-        beta=config.beta, space=config.robust_space, floor=config.robust_floor,
-        allow_scale_mismatch=config.robust_allow_scale_mismatch, **rows)
+      policy.chosen_logps,
+      policy.rejected_logps,
+      ref_chosen,
+      ref_rejected,
+      atoms,
+      beta=config.beta,
+      space=config.robust_space,
+      floor=config.robust_floor,
+      allow_scale_mismatch=config.robust_allow_scale_mismatch,
+      **rows,
+    )
   else:
     loss, metrics = dpo_loss(
-        policy.chosen_logps, policy.rejected_logps, ref_chosen, ref_rejected, beta=config.beta,
-        loss_type=config.loss_type, loss_weights=config.loss_weights,
-        label_smoothing=config.label_smoothing, rejected_lengths=policy.rejected_lengths,
-        f_divergence_type=config.f_divergence_type,
-        f_alpha_divergence_coef=config.f_alpha_divergence_coef,
-        discopop_tau=config.discopop_tau, **rows)
+      policy.chosen_logps,
+      policy.rejected_logps,
+      ref_chosen,
+      ref_rejected,
+      beta=config.beta,
+      loss_type=config.loss_type,
+      loss_weights=config.loss_weights,
+      label_smoothing=config.label_smoothing,
+      rejected_lengths=policy.rejected_lengths,
+      f_divergence_type=config.f_divergence_type,
+      f_alpha_divergence_coef=config.f_alpha_divergence_coef,
+      discopop_tau=config.discopop_tau,
+      **rows,
+    )
   metrics = {k: v for k, v in metrics.items() if jnp.ndim(v) == 0}
   return loss, metrics
 
@@ -493,8 +638,13 @@ def _split_micro(x: jax.Array, num_micro: int) -> jax.Array:
   return x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
 
 
-def train_step(state: TrainState, batch: PreferenceBatch | PackedPreferenceBatch, *,
-               config: TrainConfig, mesh: Mesh | None = None) -> tuple[TrainState, Metrics]:
+def train_step(
+  state: TrainState,
+  batch: PreferenceBatch | PackedPreferenceBatch,
+  *,
+  config: TrainConfig,
+  mesh: Mesh | None = None,
+) -> tuple[TrainState, Metrics]:
   """One optimizer step on a global batch of ``config.global_batch_size`` pairs (pure).
 
   Args:
@@ -516,16 +666,21 @@ def train_step(state: TrainState, batch: PreferenceBatch | PackedPreferenceBatch
     ``nonfinite/consecutive`` and ``nonfinite/total``.
   """
   if isinstance(batch, PackedPreferenceBatch) and config.ld_alpha is not None:
-    raise ValueError("train.ld_alpha needs data.packing=false (LD-DPO weights tokens by their "
-                     "rank in the response; packed batches sum whole segments)")
+    raise ValueError(
+      "train.ld_alpha needs data.packing=false (LD-DPO weights tokens by their "
+      "rank in the response; packed batches sum whole segments)"
+    )
   if batch.batch_size != config.global_batch_size:
-    raise ValueError(f"batch has {batch.batch_size} pairs; train.global_batch_size is "
-                     f"{config.global_batch_size}")
+    raise ValueError(
+      f"batch has {batch.batch_size} pairs; train.global_batch_size is {config.global_batch_size}"
+    )
   num_micro = config.micro_batches
   ref_params = state.ref_params if config.reference == "in_step" else None
   if config.reference == "in_step" and ref_params is None:
-    raise ValueError("train.reference='in_step' but the state has no ref_params "
-                     "(build it with create_train_state under the same config)")
+    raise ValueError(
+      "train.reference='in_step' but the state has no ref_params "
+      "(build it with create_train_state under the same config)"
+    )
 
   # The mean is over the global batch's real rows: every micro-batch divides its sum by their
   # count (and the sft term by their mean chosen length), so the shares add up exactly.
@@ -535,9 +690,18 @@ def train_step(state: TrainState, batch: PreferenceBatch | PackedPreferenceBatch
   num_kept = jnp.maximum(jnp.sum(valid & (batch.weights != 0)), 1).astype(jnp.float32)
 
   def loss_fn(params, micro):
-    return _pair_loss(params, ref_params, state.rest, micro, graphdef=state.graphdef,
-                      config=config, num_real_rows=num_real_rows,
-                      mean_chosen_length=mean_chosen_length, mesh=mesh, num_micro=num_micro)
+    return _pair_loss(
+      params,
+      ref_params,
+      state.rest,
+      micro,
+      graphdef=state.graphdef,
+      config=config,
+      num_real_rows=num_real_rows,
+      mean_chosen_length=mean_chosen_length,
+      mesh=mesh,
+      num_micro=num_micro,
+    )
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   p_shardings = param_shardings(state.params, mesh) if mesh is not None else None
@@ -554,8 +718,11 @@ def train_step(state: TrainState, batch: PreferenceBatch | PackedPreferenceBatch
     micro = jax.tree.map(lambda x: _split_micro(x, num_micro), batch)
     if mesh is not None:
       micro = jax.tree.map(
-          lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(
-              mesh, PartitionSpec(None, *shd.batch_spec(x.ndim - 1, x.shape[1], mesh)))), micro)
+        lambda x: jax.lax.with_sharding_constraint(
+          x, NamedSharding(mesh, PartitionSpec(None, *shd.batch_spec(x.ndim - 1, x.shape[1], mesh)))
+        ),
+        micro,
+      )
 
     def body(carry, mb):
       grad_acc, loss_acc, metric_acc = carry
@@ -566,13 +733,16 @@ def train_step(state: TrainState, batch: PreferenceBatch | PackedPreferenceBatch
       metric_acc = jax.tree.map(lambda a, m: a + m * share, metric_acc, metrics)
       return (grad_acc, loss_acc + loss, metric_acc), None
 
-    zeros = constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
-                      p_shardings)
-    metric_shapes = jax.eval_shape(lambda p, mb: loss_fn(p, mb)[1], state.params,
-                                   jax.tree.map(lambda x: x[0], micro))
+    zeros = constrain(
+      jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params), p_shardings
+    )
+    metric_shapes = jax.eval_shape(
+      lambda p, mb: loss_fn(p, mb)[1], state.params, jax.tree.map(lambda x: x[0], micro)
+    )
     metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-    (grads, loss, metrics), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32),
-                                                    metric_zeros), micro)
+    (grads, loss, metrics), _ = jax.lax.scan(
+      body, (zeros, jnp.zeros((), jnp.float32), metric_zeros), micro
+    )
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
 
   grad_norm = optax.tree.norm(grads)
@@ -587,18 +757,23 @@ def train_step(state: TrainState, batch: PreferenceBatch | PackedPreferenceBatch
   skipped = (~finite).astype(jnp.int32)
   consecutive = jnp.where(finite, 0, state.nonfinite_consecutive + 1).astype(jnp.int32)
   new_state = state.replace(
-      step=state.step + (1 - skipped), params=keep(new_params, state.params),
-      opt_state=keep(new_opt_state, state.opt_state),
-      nonfinite_consecutive=consecutive, nonfinite_total=state.nonfinite_total + skipped)
+    step=state.step + (1 - skipped),
+    params=keep(new_params, state.params),
+    opt_state=keep(new_opt_state, state.opt_state),
+    nonfinite_consecutive=consecutive,
+    nonfinite_total=state.nonfinite_total + skipped,
+  )
   metrics = dict(metrics)
-  metrics.update({
+  metrics.update(
+    {
       "loss": loss.astype(jnp.float32),
       "grad_norm": grad_norm.astype(jnp.float32),
       "learning_rate": jnp.asarray(state.schedule(state.step), jnp.float32),
       "nonfinite/skipped": skipped.astype(jnp.float32),
       "nonfinite/consecutive": consecutive.astype(jnp.float32),
       "nonfinite/total": new_state.nonfinite_total.astype(jnp.float32),
-  })
+    }
+  )
   return new_state, metrics
 
 
@@ -611,13 +786,14 @@ def check_finite_progress(metrics: Metrics, config: TrainConfig) -> None:
   consecutive = int(metrics["nonfinite/consecutive"])
   if consecutive >= config.max_nonfinite_steps:
     raise NonFiniteError(
-        f"{consecutive} consecutive train steps had a non-finite loss or gradient "
-        f"(train.max_nonfinite_steps={config.max_nonfinite_steps}; "
-        f"{int(metrics['nonfinite/total'])} skipped in total). Likely causes, most likely "
-        "first: (1) corrupted inputs: non-finite values in the model files, a restored "
-        "checkpoint or the round's train_set (reference log-probs, atom weights); (2) "
-        "train.learning_rate too high; (3) train.compute_dtype=bfloat16 overflowing "
-        "(try float32)")
+      f"{consecutive} consecutive train steps had a non-finite loss or gradient "
+      f"(train.max_nonfinite_steps={config.max_nonfinite_steps}; "
+      f"{int(metrics['nonfinite/total'])} skipped in total). Likely causes, most likely "
+      "first: (1) corrupted inputs: non-finite values in the model files, a restored "
+      "checkpoint or the round's train_set (reference log-probs, atom weights); (2) "
+      "train.learning_rate too high; (3) train.compute_dtype=bfloat16 overflowing "
+      "(try float32)"
+    )
 
 
 def batch_shardings(mesh: Mesh, config: TrainConfig) -> PreferenceBatch:
@@ -630,10 +806,20 @@ def batch_shardings(mesh: Mesh, config: TrainConfig) -> PreferenceBatch:
   b = config.global_batch_size
   tok = NamedSharding(mesh, shd.batch_spec(2, b, mesh))
   vec = NamedSharding(mesh, shd.batch_spec(1, b, mesh))
-  return PreferenceBatch(chosen_ids=tok, chosen_mask=tok, chosen_loss_mask=tok,
-                         rejected_ids=tok, rejected_mask=tok, rejected_loss_mask=tok,
-                         weights=vec, valid=vec, ref_chosen_logps=vec, ref_rejected_logps=vec,
-                         atom_weights=tok, atom_shifts=tok)
+  return PreferenceBatch(
+    chosen_ids=tok,
+    chosen_mask=tok,
+    chosen_loss_mask=tok,
+    rejected_ids=tok,
+    rejected_mask=tok,
+    rejected_loss_mask=tok,
+    weights=vec,
+    valid=vec,
+    ref_chosen_logps=vec,
+    ref_rejected_logps=vec,
+    atom_weights=tok,
+    atom_shifts=tok,
+  )
 
 
 def packed_row_multiple(mesh: Mesh, config: TrainConfig) -> int:
@@ -649,15 +835,29 @@ def packed_batch_shardings(mesh: Mesh, config: TrainConfig) -> PackedPreferenceB
   plain = batch_shardings(mesh, config)
   tok = plain.chosen_ids
   return PackedPreferenceBatch(
-      ids=tok, segment_ids=tok, positions=tok, loss_mask=tok, sequence_index=tok,
-      chosen_lengths=plain.weights, rejected_lengths=plain.weights, weights=plain.weights,
-      valid=plain.valid, ref_chosen_logps=plain.ref_chosen_logps,
-      ref_rejected_logps=plain.ref_rejected_logps, atom_weights=plain.atom_weights,
-      atom_shifts=plain.atom_shifts)
+    ids=tok,
+    segment_ids=tok,
+    positions=tok,
+    loss_mask=tok,
+    sequence_index=tok,
+    chosen_lengths=plain.weights,
+    rejected_lengths=plain.weights,
+    weights=plain.weights,
+    valid=plain.valid,
+    ref_chosen_logps=plain.ref_chosen_logps,
+    ref_rejected_logps=plain.ref_rejected_logps,
+    atom_weights=plain.atom_weights,
+    atom_shifts=plain.atom_shifts,
+  )
 
 
-def make_train_step(config: TrainConfig, mesh: Mesh, state: TrainState, *, packed: bool = False,
-                    ) -> Callable[[TrainState, PreferenceBatch], tuple[TrainState, Metrics]]:
+def make_train_step(
+  config: TrainConfig,
+  mesh: Mesh,
+  state: TrainState,
+  *,
+  packed: bool = False,
+) -> Callable[[TrainState, PreferenceBatch], tuple[TrainState, Metrics]]:
   """`train_step` jitted for ``mesh``: sharded in/out, the state donated.
 
   Args:
@@ -683,5 +883,6 @@ def make_train_step(config: TrainConfig, mesh: Mesh, state: TrainState, *, packe
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       return train_step(state, batch, config=config, mesh=mesh)
 
-  return jax.jit(step, in_shardings=(s_shard, b_shard), out_shardings=(s_shard, repl),
-                 donate_argnums=0)
+  return jax.jit(
+    step, in_shardings=(s_shard, b_shard), out_shardings=(s_shard, repl), donate_argnums=0
+  )

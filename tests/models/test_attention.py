@@ -23,15 +23,16 @@ def _inputs(*, batch=3, seq=40, heads=4, kv_heads=2, head_dim=16, seed=0):
   k = rng.randn(batch, seq, kv_heads, head_dim).astype(np.float32)
   v = rng.randn(batch, seq, kv_heads, head_dim).astype(np.float32)
   mask = np.ones((batch, seq), np.int32)
-  mask[1 % batch, :7] = 0    # left padding
-  mask[2 % batch, -9:] = 0   # right padding
+  mask[1 % batch, :7] = 0  # left padding
+  mask[2 % batch, -9:] = 0  # right padding
   return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask)
 
 
 def _reference(q, k, v, mask, window):
   slots = jnp.arange(q.shape[1])
-  return attn.attention(q, k, v, q_slots=slots, k_slots=slots, kv_mask=mask, window=window,
-                        implementation="xla")
+  return attn.attention(
+    q, k, v, q_slots=slots, k_slots=slots, kv_mask=mask, window=window, implementation="xla"
+  )
 
 
 def _check_against_xla(fused, q, k, v, mask, window, *, atol=2e-5):
@@ -42,8 +43,10 @@ def _check_against_xla(fused, q, k, v, mask, window, *, atol=2e-5):
   def loss(f, q, k, v):
     return jnp.sum(f(q, k, v, mask, window) * weights)
 
-  out, ref = jax.jit(fused, static_argnums=4)(q, k, v, mask, window), _reference(q, k, v, mask,
-                                                                                  window)
+  out, ref = (
+    jax.jit(fused, static_argnums=4)(q, k, v, mask, window),
+    _reference(q, k, v, mask, window),
+  )
   real = np.asarray(mask) > 0
   np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=atol)
   grads = jax.jit(jax.grad(functools.partial(loss, fused), argnums=(0, 1, 2)))(q, k, v)
@@ -53,15 +56,19 @@ def _check_against_xla(fused, q, k, v, mask, window, *, atol=2e-5):
 
 
 CASES = [  # (window, heads, kv_heads)
-    (None, 4, 2),  # causal, GQA
-    (5, 4, 2),     # sliding window, GQA
-    (None, 4, 4),  # multi-head
-    (3, 4, 1),     # sliding window, one kv head
+  (None, 4, 2),  # causal, GQA
+  (5, 4, 2),  # sliding window, GQA
+  (None, 4, 4),  # multi-head
+  (3, 4, 1),  # sliding window, one kv head
 ]
 # Interpret-mode splash is slow on CPU: two cases in the default suite, all with -m slow.
 _SLOW = pytest.mark.slow
-SPLASH_CASES = [CASES[0], pytest.param(*CASES[1], marks=_SLOW),
-                pytest.param(*CASES[2], marks=_SLOW), CASES[3]]
+SPLASH_CASES = [
+  CASES[0],
+  pytest.param(*CASES[1], marks=_SLOW),
+  pytest.param(*CASES[2], marks=_SLOW),
+  CASES[3],
+]
 
 
 @pytest.mark.parametrize("window,heads,kv_heads", SPLASH_CASES)
@@ -103,8 +110,12 @@ def test_splash_targets_the_context_meshs_platform():
   (Mosaic), even when the host that traces it is a CPU: `ssapo-plan` compiles for a topology from a CPU machine, and
   interpret mode there would plan an emulation's loops instead of the kernel."""
   from jax._src.mesh import AbstractDevice, AbstractMesh  # no public constructor in JAX 0.10
-  tpu = AbstractMesh((2,), ("fsdp",), abstract_device=AbstractDevice(
-      device_kind="TPU v5", num_cores=None, platform="tpu"))
+
+  tpu = AbstractMesh(
+    (2,),
+    ("fsdp",),
+    abstract_device=AbstractDevice(device_kind="TPU v5", num_cores=None, platform="tpu"),
+  )
   with jax.sharding.use_abstract_mesh(tpu):
     assert attn._target_platform() == "tpu"
     assert attn.resolve_implementation("auto", jnp.bfloat16) == "splash"  # what the TPU runs
@@ -125,5 +136,13 @@ def test_resolve_implementation():
     resolve("flash", jnp.float32, "gpu")
   q, k, v, mask = _inputs()
   with pytest.raises(ValueError, match="KV cache"):
-    attn.attention(q, k[:, :20], v[:, :20], q_slots=jnp.arange(40), k_slots=jnp.arange(20),
-                   kv_mask=mask[:, :20], window=None, implementation="splash")
+    attn.attention(
+      q,
+      k[:, :20],
+      v[:, :20],
+      q_slots=jnp.arange(40),
+      k_slots=jnp.arange(20),
+      kv_mask=mask[:, :20],
+      window=None,
+      implementation="splash",
+    )

@@ -27,8 +27,16 @@ B, S = 3, 40
 
 
 def _config(num_layers, **kw):
-  return LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=num_layers,
-                     num_heads=4, num_kv_heads=2, head_dim=8, **kw)
+  return LlamaConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=num_layers,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    **kw,
+  )
 
 
 def _computations(hlo: str) -> dict[str, str]:
@@ -73,8 +81,7 @@ def _compiled_step(num_layers, devices=None):
   cache = jax.eval_shape(lambda: model.init_cache(B, S))
 
   def step(state, cache, token, pos, index, kv_mask):
-    return nnx.merge(graphdef, state).decode(token, pos, cache, cache_index=index,
-                                             kv_mask=kv_mask)
+    return nnx.merge(graphdef, state).decode(token, pos, cache, cache_index=index, kv_mask=kv_mask)
 
   ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
   args = (state, cache, ints(B, 1), ints(B, 1), ints(), ints(B, S))
@@ -116,13 +123,24 @@ def test_sampling_loop_moves_no_cache_sized_buffer():
   cache's size; the old cached layer copied it 4 times per layer."""
   model = nnx.eval_shape(lambda: Llama(_config(4), rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  settings = sampling._settings(model.config, max_new_tokens=24, temperature=1.0, top_p=1.0,
-                                top_k=0, num_samples=2, eos_token_ids=(2,), pad_token_id=0)
+  settings = sampling._settings(
+    model.config,
+    max_new_tokens=24,
+    temperature=1.0,
+    top_p=1.0,
+    top_k=0,
+    num_samples=2,
+    eos_token_ids=(2,),
+    pad_token_id=0,
+  )
   ids = jax.ShapeDtypeStruct((3, 16), jnp.int32)
   index = jax.ShapeDtypeStruct((3,), jnp.int32)
   key = jax.eval_shape(lambda: jax.random.key(0))
-  hlo = sampling._generate.lower(graphdef, params, rest, ids, ids, index, key,
-                                 settings=settings).compile().as_text()
+  hlo = (
+    sampling._generate.lower(graphdef, params, rest, ids, ids, index, key, settings=settings)
+    .compile()
+    .as_text()
+  )
   cache_elements = 4 * 6 * (16 + 24) * 2 * 8  # [L, rows, P + N, K, H]
   moves = _moves(hlo, in_loops=True)
   assert moves  # the per-layer slices are transposed for the attention einsums
@@ -135,6 +153,7 @@ def test_decode_step_updates_the_cache_in_place_on_tpu():
   copy or transpose in its loop, and the donated cache is the returned one. (The TPU compile
   of the old read-before-write layer had no such copy either: the copies were CPU's.)"""
   from ssapo_jax import plan
+
   if not plan.libtpu_available():
     pytest.skip('libtpu is not installed (pip install -e ".[tpu]")')
   _check_in_place(plan.topology_devices(plan.tpu_slice("v5litepod-8")))
@@ -149,15 +168,20 @@ def _prompts(prompt, total, vocab=128, seed=0):
   ids = rng.randint(3, vocab, (3, total))
   mask = np.ones((3, total), np.int64)
   mask[1, :4] = 0
-  mask[2, :prompt - 1] = 0  # a one-token prompt
+  mask[2, : prompt - 1] = 0  # a one-token prompt
   ids[mask == 0] = 0
   return ids, mask
 
 
-@pytest.mark.parametrize("family,chunk", [
-    ("llama", 4), ("qwen2_sliding", 4),
+@pytest.mark.parametrize(
+  "family,chunk",
+  [
+    ("llama", 4),
+    ("qwen2_sliding", 4),
     pytest.param("mistral", 4, marks=pytest.mark.slow),
-    pytest.param("llama", 256, marks=pytest.mark.slow)])
+    pytest.param("llama", 256, marks=pytest.mark.slow),
+  ],
+)
 def test_prefill_equals_full_forward(tmp_path, monkeypatch, family, chunk):
   """Prefill's last-position logits and its cache (read back through decode steps) equal the
   full forward; chunk 4 splits the 10 queries into 3 chunks, one padded, across windows."""
@@ -170,16 +194,22 @@ def test_prefill_equals_full_forward(tmp_path, monkeypatch, family, chunk):
   pos = np.asarray(positions_from_mask(jnp.asarray(mask)))
   kv_mask = np.zeros((3, total), np.int32)
   kv_mask[:, :prompt] = mask[:, :prompt]
-  logits, cache = jax.jit(lambda m, i, p, kv: m.prefill(i, p, m.init_cache(3, total),
-                                                        kv_mask=kv))(
-      model, jnp.asarray(ids[:, :prompt]), jnp.asarray(pos[:, :prompt]), jnp.asarray(kv_mask))
+  logits, cache = jax.jit(lambda m, i, p, kv: m.prefill(i, p, m.init_cache(3, total), kv_mask=kv))(
+    model, jnp.asarray(ids[:, :prompt]), jnp.asarray(pos[:, :prompt]), jnp.asarray(kv_mask)
+  )
   assert logits.shape == (3, model.config.vocab_size)
   np.testing.assert_allclose(np.asarray(logits), full[:, prompt - 1], atol=1e-5)
   step_fn = jax.jit(lambda m, i, p, c, t, kv: m.decode(i, p, c, cache_index=t, kv_mask=kv))
   for t in range(prompt, total):
     kv_mask[:, t] = 1
-    step, cache = step_fn(model, jnp.asarray(ids[:, t:t + 1]), jnp.asarray(pos[:, t:t + 1]),
-                          cache, t, jnp.asarray(kv_mask))
+    step, cache = step_fn(
+      model,
+      jnp.asarray(ids[:, t : t + 1]),
+      jnp.asarray(pos[:, t : t + 1]),
+      cache,
+      t,
+      jnp.asarray(kv_mask),
+    )
     np.testing.assert_allclose(np.asarray(step[:, 0]), full[:, t], atol=1e-5)
 
 
@@ -191,9 +221,19 @@ def test_chunked_xla_attention_equals_unchunked(window):
   mask = np.ones((2, 11), np.int32)
   mask[1, :3] = 0
   slots = jnp.arange(11)
-  run = lambda chunk: np.asarray(attn.attention(
-      q, k, v, q_slots=slots, k_slots=slots, kv_mask=jnp.asarray(mask), window=window,
-      implementation="xla", query_chunk_size=chunk))
+  run = lambda chunk: np.asarray(
+    attn.attention(
+      q,
+      k,
+      v,
+      q_slots=slots,
+      k_slots=slots,
+      kv_mask=jnp.asarray(mask),
+      window=window,
+      implementation="xla",
+      query_chunk_size=chunk,
+    )
+  )
   np.testing.assert_allclose(run(4), run(None), atol=1e-6)
   np.testing.assert_array_equal(run(11), run(None))  # one chunk: the unchunked path
 
@@ -204,9 +244,20 @@ def test_prefill_keeps_no_prompt_square_scores_or_all_logits():
   ``P`` positions' logits; prefill's temporaries stay under a third of one (its chunks hold
   ``[rows, N, 128, P]``) and it returns one position's logits."""
   rows, prompt, slots, vocab = 2, 1024, 1088, 4096
-  model = nnx.eval_shape(lambda: Llama(LlamaConfig(
-      vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-      num_kv_heads=2, head_dim=8), rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(
+    lambda: Llama(
+      LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+      ),
+      rngs=nnx.Rngs(0),
+    )
+  )
   graphdef, state = nnx.split(model)
   ids = jax.ShapeDtypeStruct((rows, prompt), jnp.int32)
   kv = jax.ShapeDtypeStruct((rows, slots), jnp.int32)
@@ -215,6 +266,7 @@ def test_prefill_keeps_no_prompt_square_scores_or_all_logits():
     def run(state, ids, kv):
       m = nnx.merge(graphdef, state)
       return fn(m, ids, positions_from_mask(kv[:, :prompt]), m.init_cache(rows, slots), kv)
+
     return jax.jit(run).lower(state, ids, kv).compile().memory_analysis()
 
   old = memory(lambda m, i, p, c, kv: m.decode(i, p, c, cache_index=0, kv_mask=kv))

@@ -28,9 +28,50 @@ Q = gguf.GGMLQuantizationType
 # (AutoTokenizer.from_pretrained(dir, gguf_file=...).apply_chat_template(..., tokenize=True,
 # add_generation_prompt=True)); recomputed live in test_tokenizer_matches_transformers_gguf.
 PROMPT = "What is the capital of France? Answer in one word."
-PROMPT_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018,
-              411, 407, 19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47,
-              19842, 281, 582, 2229, 30, 2, 198, 1, 520, 9531, 198]
+PROMPT_IDS = [
+  1,
+  9690,
+  198,
+  2683,
+  359,
+  253,
+  5356,
+  5646,
+  11173,
+  3365,
+  3511,
+  308,
+  34519,
+  28,
+  7018,
+  411,
+  407,
+  19712,
+  8182,
+  2,
+  198,
+  1,
+  4093,
+  198,
+  1780,
+  314,
+  260,
+  3575,
+  282,
+  4649,
+  47,
+  19842,
+  281,
+  582,
+  2229,
+  30,
+  2,
+  198,
+  1,
+  520,
+  9531,
+  198,
+]
 
 
 # ----------------------------------------------------------------------------- dequantisation
@@ -71,8 +112,11 @@ def test_unpermute_inverts_llama_cpp_permutation():
 
 def _bytes_to_unicode() -> list[str]:
   """GPT-2's byte -> printable character table (the byte-level BPE alphabet)."""
-  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-      range(ord("®"), ord("ÿ") + 1))
+  bs = (
+    list(range(ord("!"), ord("~") + 1))
+    + list(range(ord("¡"), ord("¬") + 1))
+    + list(range(ord("®"), ord("ÿ") + 1))
+  )
   cs, n = bs[:], 0
   for b in range(256):
     if b not in bs:
@@ -98,7 +142,7 @@ def _write_tiny_gguf(path, hf, *, extra_tensor=None):
   w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
   w.add_vocab_size(cfg.vocab_size)
   chars = _bytes_to_unicode()
-  tokens = ["<|endoftext|>", *chars[:cfg.vocab_size - 2], chars[70] + chars[71]]
+  tokens = ["<|endoftext|>", *chars[: cfg.vocab_size - 2], chars[70] + chars[71]]
   w.add_tokenizer_model("gpt2")
   w.add_tokenizer_pre("smollm")
   w.add_token_list(tokens)
@@ -131,6 +175,7 @@ def _write_tiny_gguf(path, hf, *, extra_tensor=None):
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
   from ssapo_jax.testing.hf_torch import save_tiny_hf
+
   root = tmp_path_factory.mktemp("tiny_gguf")
   hf = save_tiny_hf(root / "hf", "llama")
   return hf, _write_tiny_gguf(root / "tiny.gguf", hf)
@@ -139,6 +184,7 @@ def tiny_gguf(tmp_path_factory):
 def test_tiny_gguf_converts_to_the_original_weights(tiny_gguf, tmp_path):
   """Every tensor of the transformers checkpoint comes back exactly (q/k unpermuted, GQA)."""
   from safetensors.numpy import load_file
+
   hf, path = tiny_gguf
   out = gguf_import.convert_gguf(path, tmp_path / "conv")
   got = load_file(os.path.join(out, "model.safetensors"))
@@ -147,22 +193,35 @@ def test_tiny_gguf_converts_to_the_original_weights(tiny_gguf, tmp_path):
   for name in ref:
     np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
   cfg = json.load(open(os.path.join(out, "config.json")))
-  for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "vocab_size", "bos_token_id", "eos_token_id"):
+  for key in (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "bos_token_id",
+    "eos_token_id",
+  ):
     assert cfg[key] == getattr(hf.config, key), key
   assert cfg["tie_word_embeddings"] is False
   tok = load_tokenizer(out)
   assert tok.chat_template.startswith("{% for m in messages %}")
   chars = _bytes_to_unicode()
-  assert tok.convert_ids_to_tokens(tok("".join(chars[70:72]) * 2)["input_ids"]) == [
-      chars[70] + chars[71]] * 2  # the merge is applied
+  assert (
+    tok.convert_ids_to_tokens(tok("".join(chars[70:72]) * 2)["input_ids"])
+    == [chars[70] + chars[71]] * 2
+  )  # the merge is applied
 
 
 def test_tiny_gguf_with_unsupported_tensor_type_is_rejected(tiny_gguf, tmp_path):
   """A K-quant tensor (one Q4_K block: 256 weights in 144 bytes) is named with its type."""
   hf, _ = tiny_gguf
-  path = _write_tiny_gguf(tmp_path / "bad.gguf", hf,
-                          extra_tensor=("blk.0.attn_q.bias", np.zeros((1, 144), np.uint8), Q.Q4_K))
+  path = _write_tiny_gguf(
+    tmp_path / "bad.gguf",
+    hf,
+    extra_tensor=("blk.0.attn_q.bias", np.zeros((1, 144), np.uint8), Q.Q4_K),
+  )
   with pytest.raises(CheckpointError, match=r"blk\.0\.attn_q\.bias: Q4_K"):
     gguf_import.convert_gguf(path, tmp_path / "conv")
   assert not os.path.exists(tmp_path / "conv")  # rejected before anything is written
@@ -193,6 +252,7 @@ def smollm2(tmp_path_factory):
   """(GGUF path, converted directory, our model, transformers' model on the directory)."""
   torch = pytest.importorskip("torch")
   import transformers
+
   path = _smollm2_file()
   out = gguf_import.convert_gguf(path, tmp_path_factory.mktemp("smollm2") / "model")
   hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -202,6 +262,7 @@ def smollm2(tmp_path_factory):
 def _chat_batch(tok, prompts, responses):
   """Right-padded [B, T] ids, attention mask and response-token loss mask."""
   from ssapo_jax.models.tokenizer import response_ids_batch
+
   p = [chat_prompt_ids(tok, x) for x in prompts]
   r = response_ids_batch(tok, responses)
   seqs = [a + b for a, b in zip(p, r)]
@@ -210,9 +271,9 @@ def _chat_batch(tok, prompts, responses):
   mask = np.zeros_like(ids)
   loss = np.zeros_like(ids)
   for i, (a, s) in enumerate(zip(p, seqs)):
-    ids[i, :len(s)] = s
-    mask[i, :len(s)] = 1
-    loss[i, len(a):len(s)] = 1
+    ids[i, : len(s)] = s
+    mask[i, : len(s)] = 1
+    loss[i, len(a) : len(s)] = 1
   return ids, mask, loss
 
 
@@ -220,7 +281,12 @@ def test_smollm2_config_and_chat_prompt_ids(smollm2):
   _, out, model, _ = smollm2
   c = model.config
   assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.vocab_size) == (
-      30, 576, 9, 3, 49152)
+    30,
+    576,
+    9,
+    3,
+    49152,
+  )
   assert c.tie_word_embeddings and c.rms_norm_eps == 1e-5 and c.rope_theta == 100000.0
   tok = load_tokenizer(out)
   assert chat_prompt_ids(tok, PROMPT) == PROMPT_IDS
@@ -229,21 +295,31 @@ def test_smollm2_config_and_chat_prompt_ids(smollm2):
 
 def test_smollm2_logits_and_logps_match_transformers(smollm2):
   import torch
+
   _, out, model, hf = smollm2
   tok = load_tokenizer(out)
-  ids, mask, loss = _chat_batch(tok, [PROMPT, "List three colours, all in lower case."],
-                                ["Paris.", "red, green and blue are three colours."])
+  ids, mask, loss = _chat_batch(
+    tok,
+    [PROMPT, "List three colours, all in lower case."],
+    ["Paris.", "red, green and blue are three colours."],
+  )
   with torch.no_grad():
     ref = hf(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()
   got = np.asarray(jax.jit(lambda m, i, a: m(i, a))(model, jnp.asarray(ids), jnp.asarray(mask)))
   real = mask > 0
   assert np.abs(ref[real]).max() > 20  # a real model's logit scale
   np.testing.assert_array_less(np.abs(got - ref)[real].max(), 5e-4)
-  logp = torch.log_softmax(torch.tensor(ref[:, :-1]), -1).gather(
-      -1, torch.tensor(ids[:, 1:, None], dtype=torch.long))[..., 0].numpy()
+  logp = (
+    torch.log_softmax(torch.tensor(ref[:, :-1]), -1)
+    .gather(-1, torch.tensor(ids[:, 1:, None], dtype=torch.long))[..., 0]
+    .numpy()
+  )
   ref_seq = (logp * loss[:, 1:]).sum(-1)
-  got_seq = np.asarray(model.sequence_logps(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(loss),
-                                            vocab_chunk_size=8192))
+  got_seq = np.asarray(
+    model.sequence_logps(
+      jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(loss), vocab_chunk_size=8192
+    )
+  )
   assert np.all(ref_seq < -0.1)  # a real response has a real log-probability
   np.testing.assert_allclose(got_seq, ref_seq, atol=5e-4)
 
@@ -252,15 +328,28 @@ def test_smollm2_greedy_tokens_match_transformers(smollm2):
   import torch
 
   from ssapo_jax.sampling import generate
+
   _, out, model, hf = smollm2
   tok = load_tokenizer(out)
   ids = np.asarray([PROMPT_IDS], np.int32)
   with torch.no_grad():
-    ref = hf.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.ones_like(
-        torch.tensor(ids)), max_new_tokens=32, do_sample=False, eos_token_id=None,
-        pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].numpy()
-  gen = generate(model, jnp.asarray(ids), jnp.ones_like(jnp.asarray(ids)), jax.random.key(0),
-                 max_new_tokens=32, temperature=0.0, eos_token_ids=())
+    ref = hf.generate(
+      torch.tensor(ids, dtype=torch.long),
+      attention_mask=torch.ones_like(torch.tensor(ids)),
+      max_new_tokens=32,
+      do_sample=False,
+      eos_token_id=None,
+      pad_token_id=tok.pad_token_id,
+    )[0, ids.shape[1] :].numpy()
+  gen = generate(
+    model,
+    jnp.asarray(ids),
+    jnp.ones_like(jnp.asarray(ids)),
+    jax.random.key(0),
+    max_new_tokens=32,
+    temperature=0.0,
+    eos_token_ids=(),
+  )
   got = np.asarray(gen.tokens)[0]
   assert len(ref) == 32
   np.testing.assert_array_equal(got, ref)
@@ -269,6 +358,7 @@ def test_smollm2_greedy_tokens_match_transformers(smollm2):
 
 def test_smollm2_export_reimport_round_trip(smollm2, tmp_path):
   from safetensors.numpy import load_file
+
   _, out, model, _ = smollm2
   tok = load_tokenizer(out)
   save_hf(model, tmp_path / "export", tokenizer=tok)
@@ -308,19 +398,29 @@ def test_smollm2_matches_transformers_own_gguf_loader(smollm2):
   import torch
   import transformers
   from safetensors.numpy import load_file
+
   path, out, _, _ = smollm2
   folder, name = os.path.split(path)
   ref_tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-  ref_ids = ref_tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=True,
-                                        add_generation_prompt=True)
-  ref_ids = ref_ids["input_ids"] if isinstance(ref_ids, dict) or hasattr(ref_ids, "keys") else ref_ids
+  ref_ids = ref_tok.apply_chat_template(
+    [{"role": "user", "content": PROMPT}], tokenize=True, add_generation_prompt=True
+  )
+  ref_ids = (
+    ref_ids["input_ids"] if isinstance(ref_ids, dict) or hasattr(ref_ids, "keys") else ref_ids
+  )
   assert list(ref_ids) == PROMPT_IDS
   ours = load_tokenizer(out)
-  for text in ["Hello world!", " leading space, 12345 digits", "Ünïcödé — ✓ 日本語 🤖",
-               "line\n\n\ttab <|im_end|>", "don't we'll"]:
+  for text in [
+    "Hello world!",
+    " leading space, 12345 digits",
+    "Ünïcödé — ✓ 日本語 🤖",
+    "line\n\n\ttab <|im_end|>",
+    "don't we'll",
+  ]:
     assert ours(text)["input_ids"] == ref_tok(text)["input_ids"], text
-  ref = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                          dtype=torch.float32)
+  ref = transformers.AutoModelForCausalLM.from_pretrained(
+    folder, gguf_file=name, dtype=torch.float32
+  )
   got = load_file(os.path.join(out, "model.safetensors"))
   for k, v in ref.state_dict().items():
     if k == "lm_head.weight":

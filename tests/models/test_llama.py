@@ -32,8 +32,11 @@ def _positions(mask):
 
 def _torch_logits(hf, ids, mask):
   with torch.no_grad():
-    return hf(torch.tensor(ids), attention_mask=torch.tensor(mask),
-              position_ids=torch.tensor(_positions(mask))).logits.numpy()
+    return hf(
+      torch.tensor(ids),
+      attention_mask=torch.tensor(mask),
+      position_ids=torch.tensor(_positions(mask)),
+    ).logits.numpy()
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +50,7 @@ def tiny(tmp_path_factory):
       hf = save_tiny_hf(path, family)
       cache[family] = (hf, load_hf(path))
     return cache[family]
+
   return get
 
 
@@ -55,8 +59,11 @@ def test_logits_match_transformers(tiny, family):
   hf, model = tiny(family)
   ids, mask = _batch()
   ref = _torch_logits(hf, ids, mask)
-  out = np.asarray(jax.jit(lambda m, i, a: m(i, a))(model, jnp.asarray(ids, jnp.int32),
-                                                   jnp.asarray(mask, jnp.int32)))
+  out = np.asarray(
+    jax.jit(lambda m, i, a: m(i, a))(
+      model, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
+    )
+  )
   assert out.shape == ref.shape == (3, 12, 128)
   real = mask > 0
   np.testing.assert_array_less(np.abs(out - ref)[real].max(), 1e-4)
@@ -69,17 +76,25 @@ def _rebuilt(model, **runtime):
   return nnx.merge(graphdef, nnx.state(model))
 
 
-@pytest.mark.parametrize("family", [  # interpret mode is slow: one in the default suite
-    "qwen2_sliding", pytest.param("mistral", marks=pytest.mark.slow),
-    pytest.param("llama_mqa_tied_bias", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "family",
+  [  # interpret mode is slow: one in the default suite
+    "qwen2_sliding",
+    pytest.param("mistral", marks=pytest.mark.slow),
+    pytest.param("llama_mqa_tied_bias", marks=pytest.mark.slow),
+  ],
+)
 def test_splash_attention_logits_match_transformers(tiny, family):
   """attention="splash" (Pallas interpret mode on CPU): sliding, mixed and MQA layers."""
   hf, model = tiny(family)
   ids, mask = _batch()
   ref = _torch_logits(hf, ids, mask)
   splash = _rebuilt(model, attention="splash")
-  out = np.asarray(jax.jit(lambda m, i, a: m(i, a))(splash, jnp.asarray(ids, jnp.int32),
-                                                    jnp.asarray(mask, jnp.int32)))
+  out = np.asarray(
+    jax.jit(lambda m, i, a: m(i, a))(
+      splash, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
+    )
+  )
   np.testing.assert_array_less(np.abs(out - ref)[mask > 0].max(), 1e-4)
 
 
@@ -119,14 +134,16 @@ def test_sequence_logps_matches_torch_log_softmax(tiny, family):
 
 def test_sequence_logps_agrees_with_losses_module(tiny):
   from ssapo_jax.losses import sequence_logps
+
   _, model = tiny("llama")
   ids, mask = _batch()
   loss_mask = mask.copy()
   loss_mask[:, :5] = 0
   logits = model(jnp.asarray(ids), jnp.asarray(mask))
   ref = sequence_logps(logits[:, :-1], jnp.asarray(ids[:, 1:]), jnp.asarray(loss_mask[:, 1:]))
-  got = model.sequence_logps(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(loss_mask),
-                             vocab_chunk_size=32)
+  got = model.sequence_logps(
+    jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(loss_mask), vocab_chunk_size=32
+  )
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4)
 
 
@@ -135,10 +152,14 @@ def test_token_logps_log_sum_sq_matches_numpy(tiny):
   _, model = tiny("llama")
   ids, mask = _batch()
   logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)), np.float64)[:, :-1]
-  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-      - logits.max(-1, keepdims=True)
-  token, log_sum_sq = model.token_logps(jnp.asarray(ids), jnp.asarray(mask), vocab_chunk_size=24,
-                                        log_sum_sq=True)
+  logp = (
+    logits
+    - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    - logits.max(-1, keepdims=True)
+  )
+  token, log_sum_sq = model.token_logps(
+    jnp.asarray(ids), jnp.asarray(mask), vocab_chunk_size=24, log_sum_sq=True
+  )
   expected_token = np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
   np.testing.assert_allclose(np.asarray(token), expected_token, atol=1e-4)
   np.testing.assert_allclose(np.asarray(log_sum_sq), np.log(np.exp(2 * logp).sum(-1)), atol=1e-4)
@@ -176,14 +197,25 @@ def test_kv_cache_decoding_equals_full_forward(tiny, family):
   pos = np.asarray(_positions(mask))
   kv_mask = np.zeros((3, total), np.int32)
   kv_mask[:, :prefix] = mask[:, :prefix]
-  logits, cache = model.decode(jnp.asarray(ids[:, :prefix]), jnp.asarray(pos[:, :prefix]),
-                               cache, cache_index=0, kv_mask=jnp.asarray(kv_mask))
+  logits, cache = model.decode(
+    jnp.asarray(ids[:, :prefix]),
+    jnp.asarray(pos[:, :prefix]),
+    cache,
+    cache_index=0,
+    kv_mask=jnp.asarray(kv_mask),
+  )
   steps = [np.asarray(logits)]
   step_fn = jax.jit(lambda m, i, p, c, idx, kv: m.decode(i, p, c, cache_index=idx, kv_mask=kv))
   for t in range(prefix, total):
     kv_mask[:, t] = 1
-    logits, cache = step_fn(model, jnp.asarray(ids[:, t:t + 1]), jnp.asarray(pos[:, t:t + 1]),
-                            cache, t, jnp.asarray(kv_mask))
+    logits, cache = step_fn(
+      model,
+      jnp.asarray(ids[:, t : t + 1]),
+      jnp.asarray(pos[:, t : t + 1]),
+      cache,
+      t,
+      jnp.asarray(kv_mask),
+    )
     steps.append(np.asarray(logits))
   dec = np.concatenate(steps, axis=1)
   real = mask > 0
@@ -205,14 +237,24 @@ def test_bfloat16_compute_close_to_float32(tiny, tmp_path):
 
 
 def test_logical_axes_cover_every_parameter():
-  config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2,
-                       num_heads=4, num_kv_heads=2, head_dim=4, qkv_bias=True, o_bias=True,
-                       mlp_bias=True)
+  config = LlamaConfig(
+    vocab_size=32,
+    hidden_size=16,
+    intermediate_size=24,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=4,
+    qkv_bias=True,
+    o_bias=True,
+    mlp_bias=True,
+  )
   model = Llama(config, rngs=nnx.Rngs(0))
   state = nnx.state(model, nnx.Param)
   axes = logical_axes(state)
-  assert jax.tree.structure(axes, is_leaf=lambda x: isinstance(x, tuple)) == \
-      jax.tree.structure(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  assert jax.tree.structure(axes, is_leaf=lambda x: isinstance(x, tuple)) == jax.tree.structure(
+    state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
   flat_axes = {p: a for p, a in nnx.to_flat_state(axes)}
   flat_params = dict(nnx.to_flat_state(state))
   assert flat_axes.keys() == flat_params.keys()
@@ -231,6 +273,7 @@ def test_config_from_hf_and_back():
   import transformers
 
   from ssapo_jax.testing.hf_torch import tiny_hf_config
+
   for family in FAMILIES:
     hf_config = tiny_hf_config(family)
     config = LlamaConfig.from_hf(hf_config)
@@ -239,12 +282,26 @@ def test_config_from_hf_and_back():
     reloaded = transformers.AutoConfig.for_model(**config.to_hf_dict())
     assert LlamaConfig.from_hf(reloaded) == config
   # Old-style config.json (rope_theta and rope_scaling at top level), as Llama-3.1 ships.
-  old = dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=24,
-             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-             rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
-             rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                               high_freq_factor=4.0, original_max_position_embeddings=8192),
-             eos_token_id=[128001, 128009])
+  old = dict(
+    model_type="llama",
+    vocab_size=32,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=131072,
+    rope_scaling=dict(
+      rope_type="llama3",
+      factor=8.0,
+      low_freq_factor=1.0,
+      high_freq_factor=4.0,
+      original_max_position_embeddings=8192,
+    ),
+    eos_token_id=[128001, 128009],
+  )
   config = LlamaConfig.from_hf(old)
   assert config.rope_theta == 500000.0 and config.rope_type == "llama3"
   assert dict(config.rope_scaling)["original_max_position_embeddings"] == 8192
@@ -256,13 +313,35 @@ def test_config_errors():
   with pytest.raises(ValueError, match="model_type"):
     LlamaConfig.from_hf(dict(model_type="gpt2", vocab_size=8))
   with pytest.raises(ValueError, match="yarn"):
-    LlamaConfig.from_hf(dict(model_type="qwen2", vocab_size=32, hidden_size=16,
-                             intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
-                             rope_scaling=dict(type="yarn", factor=4.0,
-                                               original_max_position_embeddings=32)))
+    LlamaConfig.from_hf(
+      dict(
+        model_type="qwen2",
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=32),
+      )
+    )
   with pytest.raises(ValueError, match="num_kv_heads"):
-    LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=3,
-                num_kv_heads=2, head_dim=4)
+    LlamaConfig(
+      vocab_size=8,
+      hidden_size=8,
+      intermediate_size=8,
+      num_layers=1,
+      num_heads=3,
+      num_kv_heads=2,
+      head_dim=4,
+    )
   with pytest.raises(ValueError, match="remat"):
-    LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
-                num_kv_heads=2, head_dim=4, remat="sometimes")
+    LlamaConfig(
+      vocab_size=8,
+      hidden_size=8,
+      intermediate_size=8,
+      num_layers=1,
+      num_heads=2,
+      num_kv_heads=2,
+      head_dim=4,
+      remat="sometimes",
+    )

@@ -30,8 +30,11 @@ def _inputs():
 
 def _torch_logits(hf, ids, mask, pos):
   with torch.no_grad():
-    return hf(torch.tensor(ids), attention_mask=torch.tensor(mask),
-              position_ids=torch.tensor(pos)).logits.float().numpy()
+    return (
+      hf(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
+      .logits.float()
+      .numpy()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,17 +58,20 @@ def test_round_trip_through_transformers(tmp_path, family):
   for k, v in hf.state_dict().items():
     torch.testing.assert_close(hf2.state_dict()[k], v, rtol=0, atol=0)
   ids, mask, pos = _inputs()
-  np.testing.assert_array_equal(_torch_logits(hf2, ids, mask, pos),
-                                _torch_logits(hf, ids, mask, pos))
+  np.testing.assert_array_equal(
+    _torch_logits(hf2, ids, mask, pos), _torch_logits(hf, ids, mask, pos)
+  )
   # And back into JAX: identical parameters.
   again = load_hf(out)
-  for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
-                  jax.tree.leaves(nnx.state(again, nnx.Param))):
+  for a, b in zip(
+    jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(again, nnx.Param))
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_save_bfloat16_single_file_with_tokenizer(tmp_path, checkpoint):
   from ssapo_jax.models.tokenizer import build_word_tokenizer
+
   path, hf = checkpoint
   tok = build_word_tokenizer(tmp_path / "tok", ["hello", "world"])
   model = load_hf(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
@@ -74,8 +80,9 @@ def test_save_bfloat16_single_file_with_tokenizer(tmp_path, checkpoint):
   assert os.path.exists(out / "model.safetensors")
   assert not os.path.exists(out / "model.safetensors.index.json")
   assert transformers.AutoTokenizer.from_pretrained(out).eos_token == tok.eos_token
-  hf2 = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
-                                                         attn_implementation="eager").eval()
+  hf2 = transformers.AutoModelForCausalLM.from_pretrained(
+    out, dtype=torch.float32, attn_implementation="eager"
+  ).eval()
   ids, mask, pos = _inputs()
   ref = _torch_logits(hf, ids, mask, pos)
   got = _torch_logits(hf2, ids, mask, pos)
@@ -85,36 +92,46 @@ def test_save_bfloat16_single_file_with_tokenizer(tmp_path, checkpoint):
 
 def test_load_with_shardings_places_each_tensor(checkpoint):
   path, _ = checkpoint
-  mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   rules = {"embed": "fsdp", "mlp": "tensor", "vocab": "tensor", "q_heads": "tensor"}
   config = LlamaConfig.from_hf(read_config(path))
   abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
   axes = logical_axes(nnx.state(abstract, nnx.Param))
   shardings = jax.tree.map(
-      lambda names: jax.sharding.NamedSharding(
-          mesh, jax.sharding.PartitionSpec(*(rules.get(n) for n in names))),
-      axes, is_leaf=lambda x: isinstance(x, tuple))
+    lambda names: jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(*(rules.get(n) for n in names))
+    ),
+    axes,
+    is_leaf=lambda x: isinstance(x, tuple),
+  )
   model = load_hf(path, shardings=shardings)
   gate = model.layers.mlp.gate_proj[...]
   assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
   ref = load_hf(path)
   ids, mask, _ = _inputs()
-  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))),
-                             np.asarray(ref(jnp.asarray(ids), jnp.asarray(mask))), atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))),
+    np.asarray(ref(jnp.asarray(ids), jnp.asarray(mask))),
+    atol=1e-5,
+  )
 
 
 def test_load_on_mesh_never_holds_a_full_tensor(checkpoint, tmp_path, monkeypatch):
   """8 devices: each device gets only its block, read from the file slice it covers."""
   from ssapo_jax import sharding as shd
   from ssapo_jax.models import params as params_lib
+
   path, hf = checkpoint
   mesh = shd.make_mesh(shd.MeshConfig(fsdp=4, tensor=2))
   reads = []
   original = params_lib._BlockReader.__call__
-  monkeypatch.setattr(params_lib._BlockReader, "__call__",
-                      lambda self, index: reads.append((self.shape, original(self, index).shape))
-                      or original(self, index))
+  monkeypatch.setattr(
+    params_lib._BlockReader,
+    "__call__",
+    lambda self, index: (
+      reads.append((self.shape, original(self, index).shape)) or original(self, index)
+    ),
+  )
   monkeypatch.setattr(params_lib.jax, "device_put", None)  # no whole-tensor placement path
   model = load_hf(path, mesh=mesh)
   monkeypatch.undo()
@@ -168,10 +185,13 @@ def test_extra_tensor_is_named(tmp_path, checkpoint):
 
 def test_wrong_shape_is_named(tmp_path, checkpoint):
   bad = _copy(checkpoint[0], tmp_path / "bad")
-  _rewrite(bad, lambda t: t.update({"model.layers.0.self_attn.k_proj.weight":
-                                    np.zeros((64, 64), np.float32)}))
-  with pytest.raises(CheckpointError,
-                     match=r"k_proj.weight: expected \(32, 64\), found \(64, 64\)"):
+  _rewrite(
+    bad,
+    lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((64, 64), np.float32)}),
+  )
+  with pytest.raises(
+    CheckpointError, match=r"k_proj.weight: expected \(32, 64\), found \(64, 64\)"
+  ):
     load_hf(bad)
 
 

@@ -43,8 +43,13 @@ def write_config(world: str, out: str, folder: str, extra: str = "") -> str:
 
 def env(devices: int) -> dict:
   """The environment of a run on ``devices`` simulated CPU devices."""
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+  return dict(
+    os.environ,
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_PLATFORMS="cpu",
+    PYTHONUNBUFFERED="1",
+    TQDM_DISABLE="1",
+  )
 
 
 def command(config: str, *overrides: str) -> list[str]:

@@ -35,12 +35,12 @@ BUCKET = "bucket"
 def emulator_env(url: str) -> dict:
   """The settings that point every GCS client at ``url`` (and keep them off the network)."""
   return {
-      "STORAGE_EMULATOR_HOST": url,  # gcsfs (etils' gs:// backend), google-cloud-storage
-      "TENSORSTORE_GCS_HTTP_URL": url,  # tensorstore's gcs driver (orbax array data)
-      "FSSPEC_GCS_TOKEN": "anon",  # fsspec's per-protocol default: gcsfs without credentials
-      # gcsfs' bucket-type probe speaks gRPC to the real control API; the emulator has none.
-      "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-      "GOOGLE_CLOUD_PROJECT": "test",
+    "STORAGE_EMULATOR_HOST": url,  # gcsfs (etils' gs:// backend), google-cloud-storage
+    "TENSORSTORE_GCS_HTTP_URL": url,  # tensorstore's gcs driver (orbax array data)
+    "FSSPEC_GCS_TOKEN": "anon",  # fsspec's per-protocol default: gcsfs without credentials
+    # gcsfs' bucket-type probe speaks gRPC to the real control API; the emulator has none.
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    "GOOGLE_CLOUD_PROJECT": "test",
   }
 
 
@@ -57,8 +57,11 @@ def gcs():
   saved = {k: os.environ.get(k) for k in settings}
   os.environ.update(settings)
   request = urllib.request.Request(
-      f"{server.url}/storage/v1/b?project=test", data=json.dumps({"name": BUCKET}).encode(),
-      headers={"Content-Type": "application/json"}, method="POST")
+    f"{server.url}/storage/v1/b?project=test",
+    data=json.dumps({"name": BUCKET}).encode(),
+    headers={"Content-Type": "application/json"},
+    method="POST",
+  )
   urllib.request.urlopen(request, timeout=30).read()
   try:
     yield settings
@@ -78,6 +81,7 @@ def world(tmp_path_factory):
 
 def _upload(local: str, url: str) -> None:
   from etils import epath
+
   for folder, _, names in os.walk(local):
     for name in names:
       src = os.path.join(folder, name)
@@ -113,7 +117,9 @@ lock.release()
 
 def _py_env(settings) -> dict:
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  return dict(os.environ, **settings, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  return dict(
+    os.environ, **settings, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", "")
+  )
 
 
 def test_run_lock_on_gcs_is_exclusive_by_generation_preconditions(gcs):
@@ -121,10 +127,18 @@ def test_run_lock_on_gcs_is_exclusive_by_generation_preconditions(gcs):
   check-then-write lets several through); the lock object is created only if absent; a stale
   lock of a dead process is replaced; release deletes it."""
   from ssapo_jax.runlock import LOCK_FILENAME, RunLock, _GcsObject, read_owner
+
   out = f"gs://{BUCKET}/lock-race"
-  procs = [subprocess.Popen([sys.executable, "-c", HOLD, out, "6"], env=_py_env(gcs),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for _ in range(3)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", HOLD, out, "6"],
+      env=_py_env(gcs),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for _ in range(3)
+  ]
   logs = [p.communicate(timeout=120)[0] for p in procs]
   codes = sorted(p.returncode for p in procs)
   assert codes == [0, 4, 4], logs
@@ -142,14 +156,21 @@ def test_run_lock_on_gcs_is_exclusive_by_generation_preconditions(gcs):
   # A lock left by a dead process on this host is stale: replaced with a message.
   dead = subprocess.Popen([sys.executable, "-c", "pass"])
   dead.wait()
-  obj.write(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "acquired": 0.0}),
-            if_generation_match=obj.read()[1])
+  obj.write(
+    json.dumps({"host": socket.gethostname(), "pid": dead.pid, "acquired": 0.0}),
+    if_generation_match=obj.read()[1],
+  )
   messages = []
   with RunLock(out, log=messages.append) as lock:
     assert read_owner(out) == lock.owner
     assert "taking over the stale lock" in messages[0]
-    other = subprocess.run([sys.executable, "-c", HOLD, out, "0"], env=_py_env(gcs),
-                           capture_output=True, text=True, timeout=60)
+    other = subprocess.run(
+      [sys.executable, "-c", HOLD, out, "0"],
+      env=_py_env(gcs),
+      capture_output=True,
+      text=True,
+      timeout=60,
+    )
     assert other.returncode == 4, other.stdout  # another process of this host, alive
   assert obj.read() is None
 
@@ -167,6 +188,7 @@ def test_model_and_tokenizer_load_from_gcs(gcs, world, gcs_model, tmp_path):
   from ssapo_jax.experiment import load_experiment
   from ssapo_jax.models import load_hf
   from ssapo_jax.models.tokenizer import load_tokenizer
+
   local = os.path.join(world, "model")
   remote, ref = load_hf(gcs_model), load_hf(local)
   a, b = nnx.state(remote, nnx.Param), nnx.state(ref, nnx.Param)
@@ -174,8 +196,9 @@ def test_model_and_tokenizer_load_from_gcs(gcs, world, gcs_model, tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   text = "a short prompt to tokenize"
   assert load_tokenizer(gcs_model)(text)["input_ids"] == load_tokenizer(local)(text)["input_ids"]
-  config = load_experiment(write_config(world, str(tmp_path / "run"), str(tmp_path)),
-                           [f"model.path={gcs_model}"])
+  config = load_experiment(
+    write_config(world, str(tmp_path / "run"), str(tmp_path)), [f"model.path={gcs_model}"]
+  )
   assert preflight.check_model(config).pad_token_id is not None
 
 
@@ -185,15 +208,19 @@ def test_model_and_tokenizer_load_from_gcs(gcs, world, gcs_model, tmp_path):
 def _gcs_ls(url: str) -> list[str]:
   """Names in a gs:// folder, listed now (gcsfs caches listings: polling needs ``refresh``)."""
   import gcsfs
+
   try:
-    return sorted(p.rstrip("/").rsplit("/", 1)[-1]
-                  for p in gcsfs.GCSFileSystem().ls(url, detail=False, refresh=True))
+    return sorted(
+      p.rstrip("/").rsplit("/", 1)[-1]
+      for p in gcsfs.GCSFileSystem().ls(url, detail=False, refresh=True)
+    )
   except FileNotFoundError:
     return []
 
 
 def _has_round_train_checkpoint(out: str, round_index: int) -> bool:
   import gcsfs
+
   fs = gcsfs.GCSFileSystem()
   for step in _gcs_ls(f"{out}/checkpoints"):
     try:
@@ -208,6 +235,7 @@ def _has_round_train_checkpoint(out: str, round_index: int) -> bool:
 def _final_remote_params(out: str) -> dict:
   from etils import epath
   from safetensors.numpy import load
+
   return load(epath.Path(f"{out}/final_policy/model.safetensors").read_bytes())
 
 
@@ -220,34 +248,48 @@ RUN_TIMEOUT = 3600  # seconds; generous for shared, overloaded CI machines
 @pytest.mark.slow
 def test_whole_run_on_gcs_killed_and_resumed_equals_local_run(gcs, world, gcs_model, tmp_path):
   from ssapo_jax.pipeline import rundir
+
   # One persistent compilation cache: the relaunched run reuses the first one's programs.
-  cache = dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  cache = dict(
+    JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
   local_out = str(tmp_path / "local")
   local_config = write_config(world, local_out, str(tmp_path))
   with open(tmp_path / "local.log", "w") as log:  # the reference runs beside the gs:// run
-    local = subprocess.Popen(_cmd(local_config, *ONE_ROUND), env=dict(_env(1), **cache),
-                             stdout=log, stderr=subprocess.STDOUT)
+    local = subprocess.Popen(
+      _cmd(local_config, *ONE_ROUND),
+      env=dict(_env(1), **cache),
+      stdout=log,
+      stderr=subprocess.STDOUT,
+    )
 
   out = f"gs://{BUCKET}/run"
   config = write_config(world, out, str(tmp_path))
   env = dict(_env(1), **gcs, **cache)
   overrides = (f"model.path={gcs_model}", *ONE_ROUND)
   with open(tmp_path / "first.log", "w") as log:  # a file: a pipe nobody reads fills and blocks
-    first = subprocess.Popen(_cmd(config, *overrides), env=env, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
+    first = subprocess.Popen(
+      _cmd(config, *overrides),
+      env=env,
+      stdout=log,
+      stderr=subprocess.STDOUT,
+      start_new_session=True,
+    )
   try:
     deadline = time.time() + RUN_TIMEOUT
     while "run.lock" not in _gcs_ls(out):
       assert first.poll() is None and time.time() < deadline, "the run never took its lock"
       time.sleep(0.2)
-    second = subprocess.run(_cmd(config, *overrides), env=env, capture_output=True, text=True,
-                            timeout=RUN_TIMEOUT)
+    second = subprocess.run(
+      _cmd(config, *overrides), env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT
+    )
     assert second.returncode == 4, second.stderr[-2000:]
     assert f"is locked by another run: pid {first.pid} on host" in second.stderr
     while not _has_round_train_checkpoint(out, 1):  # mid-round: round 1 is training
-      assert first.poll() is None and time.time() < deadline, (
-          (tmp_path / "first.log").read_text()[-3000:])
+      assert first.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[
+        -3000:
+      ]
       time.sleep(0.2)
     os.killpg(first.pid, signal.SIGKILL)
   finally:
@@ -257,8 +299,9 @@ def test_whole_run_on_gcs_killed_and_resumed_equals_local_run(gcs, world, gcs_mo
   assert "final_policy" not in _gcs_ls(out) and "run.lock" in _gcs_ls(out)
   # Resume on a "fresh host": without the local mirror of the phase outputs.
   shutil.rmtree(rundir.local_workdir(out), ignore_errors=True)
-  proc = subprocess.run(_cmd(config, *overrides), env=env, capture_output=True, text=True,
-                        timeout=RUN_TIMEOUT)
+  proc = subprocess.run(
+    _cmd(config, *overrides), env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   # From the newest checkpoint that was complete on GCS when the run died: a round-1 one, or the
   # end of round 0 when the kill came before that save was committed.
@@ -270,10 +313,15 @@ def test_whole_run_on_gcs_killed_and_resumed_equals_local_run(gcs, world, gcs_mo
   for name in expected:
     np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
   from etils import epath
-  remote_losses = [(r["step"], r["loss"]) for r in map(json.loads, epath.Path(
-      f"{out}/metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+  remote_losses = [
+    (r["step"], r["loss"])
+    for r in map(json.loads, epath.Path(f"{out}/metrics.jsonl").read_text().splitlines())
+    if "loss" in r
+  ]
   # The records from the resume point on equal the local run's. Known gap (metrics.py, reported):
   # on gs:// the logger buffers records until a flush, so what the killed run logged after its
   # last flush is lost; the local run's file keeps every step.
   assert remote_losses and remote_losses == [
-      r for r in _losses(local_out) if r[0] >= remote_losses[0][0]]
+    r for r in _losses(local_out) if r[0] >= remote_losses[0][0]
+  ]

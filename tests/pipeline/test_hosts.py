@@ -42,13 +42,21 @@ def test_phase_clock_logs_and_prints(capsys):
 
   logger = Logger()
   with runrecord.run_log(None):
-    metrics = hosts.PhaseClock().report(logger, 7, "generate", 1, chips=8, new_tokens=800,
-                                        padding_fraction=0.25, pairs=10, sequences=40)
+    metrics = hosts.PhaseClock().report(
+      logger,
+      7,
+      "generate",
+      1,
+      chips=8,
+      new_tokens=800,
+      padding_fraction=0.25,
+      pairs=10,
+      sequences=40,
+    )
   step, logged, context = logger.records[0]
   assert (step, context) == (7, {"round": 1, "phase": "generate"})
   assert logged == metrics
-  assert metrics["tokens_per_second_per_chip"] == pytest.approx(
-      800 / metrics["wall_seconds"] / 8)
+  assert metrics["tokens_per_second_per_chip"] == pytest.approx(800 / metrics["wall_seconds"] / 8)
   assert metrics["pairs_per_second"] == pytest.approx(10 / metrics["wall_seconds"])
   assert metrics["sequences_per_second"] == pytest.approx(40 / metrics["wall_seconds"])
   line = capsys.readouterr().err.strip()
@@ -67,17 +75,37 @@ def _free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("texts,expect_error", [(("same", "same"), False),
-                                                (("a: 1", "a: 2"), True)])
+@pytest.mark.parametrize(
+  "texts,expect_error", [(("same", "same"), False), (("a: 1", "a: 2"), True)]
+)
 def test_process_with_another_config_refuses_to_start(tmp_path, texts, expect_error):
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.join(REPO, "tests", "_multihost_worker.py"), "--task",
-       "check_run", "--config_text", texts[i], "--process_id", str(i), "--num_processes", "2",
-       "--coordinator", f"127.0.0.1:{port}", "--out", str(tmp_path / f"p{i}.json")], env=env,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        os.path.join(REPO, "tests", "_multihost_worker.py"),
+        "--task",
+        "check_run",
+        "--config_text",
+        texts[i],
+        "--process_id",
+        str(i),
+        "--num_processes",
+        "2",
+        "--coordinator",
+        f"127.0.0.1:{port}",
+        "--out",
+        str(tmp_path / f"p{i}.json"),
+      ],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+    )
+    for i in range(2)
+  ]
   for p in procs:
     out, _ = p.communicate(timeout=240)
     assert p.returncode == 0, out.decode(errors="replace")[-3000:]

@@ -15,14 +15,17 @@ def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(tmp_path):
   world = write_world(str(tmp_path / "world"))
   out = str(tmp_path / "run")
   config = write_config(world, out, str(tmp_path))
-  proc = subprocess.Popen(command(config), env=env(8), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    command(config), env=env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   checkpoints = os.path.join(out, "checkpoints")
   deadline = time.time() + 600
   # Interrupt inside round 1's training, after its first checkpoint (save_every_steps 2).
   while time.time() < deadline and proc.poll() is None:
-    if os.path.isdir(os.path.join(out, "round_1", "train_set")) and len(
-        [s for s in os.listdir(checkpoints) if s.isdigit()]) >= 2:
+    if (
+      os.path.isdir(os.path.join(out, "round_1", "train_set"))
+      and len([s for s in os.listdir(checkpoints) if s.isdigit()]) >= 2
+    ):
       break
     time.sleep(0.05)
   assert proc.poll() is None, "the run ended before the interrupt point"
@@ -39,7 +42,8 @@ def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(tmp_path):
   with open(os.path.join(out, "run.log")) as f:
     assert lines[0].removeprefix("[ssapo] ") in f.read()
   assert not os.path.exists(os.path.join(out, "run.lock"))
-  rerun = subprocess.run(command(config), env=env(8), capture_output=True, text=True,
-                         timeout=1200, check=False)
+  rerun = subprocess.run(
+    command(config), env=env(8), capture_output=True, text=True, timeout=1200, check=False
+  )
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "resuming" in rerun.stderr and "run complete" in rerun.stderr

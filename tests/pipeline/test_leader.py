@@ -36,6 +36,7 @@ def _neg_log_sigmoid(z):
 def _experiment(tmp_path, template: str, *, num_pairs: int):
   """The resolved config of ``template`` over a tiny model and ``num_pairs`` preferences."""
   from ssapo_jax.experiment import load_experiment
+
   world = tmp_path / "world"
   write_tiny_model(str(world / "model"))
   write_tiny_preferences(str(world / "prefs.jsonl"), num_pairs)
@@ -64,6 +65,7 @@ def test_margin_space_round_trains_on_margin_space_atoms(tmp_path, monkeypatch):
 
   monkeypatch.setattr(step_lib, "robust_dpo_loss", spy)
   from ssapo_jax.pipeline.residency import models_held
+
   held_after = {}  # round -> the policies the run keeps on the devices after it
   real_round = pipeline.run_round
 
@@ -76,8 +78,10 @@ def test_margin_space_round_trains_on_margin_space_atoms(tmp_path, monkeypatch):
   pipeline.run(config, resume=False)
   assert traced_spaces and set(traced_spaces) == {"margin"}
   # The run holds what the residency the plan counts says, no more (the SFT model is rt.sft).
-  assert held_after and all(held == [s for s in models_held(config.rounds, t + 1) if s >= 0]
-                            for t, held in held_after.items())
+  assert held_after and all(
+    held == [s for s in models_held(config.rounds, t + 1) if s >= 0]
+    for t, held in held_after.items()
+  )
 
   out = config.output_dir
   train_set = datasets.load_from_disk(os.path.join(out, "round_1", "train_set", "data"))
@@ -85,10 +89,13 @@ def test_margin_space_round_trains_on_margin_space_atoms(tmp_path, monkeypatch):
   shifts = np.asarray(train_set["atom_shifts"], np.float64)
   # The follower's centre in margin space: ξ = β·m with m the implicit-reward margin of π_0
   # against the SFT judge (π_0 is also the round's reference).
-  m = ((np.asarray(train_set["ref_chosen_logps"], np.float64)
-        - np.asarray(train_set["judge_chosen_logps"], np.float64))
-       - (np.asarray(train_set["ref_rejected_logps"], np.float64)
-          - np.asarray(train_set["judge_rejected_logps"], np.float64)))
+  m = (
+    np.asarray(train_set["ref_chosen_logps"], np.float64)
+    - np.asarray(train_set["judge_chosen_logps"], np.float64)
+  ) - (
+    np.asarray(train_set["ref_rejected_logps"], np.float64)
+    - np.asarray(train_set["judge_rejected_logps"], np.float64)
+  )
   xi = config.train.beta * m
   n = len(xi)
   np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
@@ -99,7 +106,9 @@ def test_margin_space_round_trains_on_margin_space_atoms(tmp_path, monkeypatch):
   atoms = xi[:, None] - shifts
   tau = config.dro.window_tau
   used = weights > 0
-  assert np.all(atoms[used] >= xi.min() - tau - 1e-4) and np.all(atoms[used] <= xi.max() + tau + 1e-4)
+  assert np.all(atoms[used] >= xi.min() - tau - 1e-4) and np.all(
+    atoms[used] <= xi.max() + tau + 1e-4
+  )
   moved = used & (np.abs(shifts) > 1e-6)
   assert moved.any()
   np.testing.assert_allclose(atoms[moved], xi.min() - tau, atol=1e-4)
@@ -108,9 +117,13 @@ def test_margin_space_round_trains_on_margin_space_atoms(tmp_path, monkeypatch):
 
   # First leader step of round 1: the policy is its reference (βΔ = 0), so the loss of pair i is
   # Σ_k w_ik · −log σ(0 − shift_ik), averaged over the first batch the loader gives.
-  loader = PreferenceLoader(train_set, global_batch_size=config.train.global_batch_size,
-                            seed=stream_seed(config.seed, "shuffle", 1),
-                            pad_id=0, bucket_size=config.data.bucket_size)
+  loader = PreferenceLoader(
+    train_set,
+    global_batch_size=config.train.global_batch_size,
+    seed=stream_seed(config.seed, "shuffle", 1),
+    pad_id=0,
+    bucket_size=config.data.bucket_size,
+  )
   rows, real = loader.batch_indices(LoaderCursor(0, 0))
   per_pair = np.sum(weights[rows] * _neg_log_sigmoid(-shifts[rows]), axis=1)
   expected = float(np.sum(real * per_pair) / len(rows))
@@ -118,8 +131,9 @@ def test_margin_space_round_trains_on_margin_space_atoms(tmp_path, monkeypatch):
     first = next(r for r in map(json.loads, f) if r.get("round") == 1 and "loss" in r)
   assert first["loss"] == pytest.approx(expected, rel=1e-4)
   # The probability-space formula on the same atoms (the old, mismatched leader) differs.
-  probability_space = np.sum(weights[rows] * -np.log(np.clip(0.5 - shifts[rows], 1e-6, None)),
-                             axis=1)
+  probability_space = np.sum(
+    weights[rows] * -np.log(np.clip(0.5 - shifts[rows], 1e-6, None)), axis=1
+  )
   assert abs(float(np.sum(real * probability_space) / len(rows)) - expected) > 1e-2
 
 

@@ -38,8 +38,9 @@ TIMEOUT = 60  # mesh.coordination_timeout_seconds of these runs (starved process
 RUN_TIMEOUT = 3600  # seconds a whole run may take: generous for shared, overloaded CI machines
 FSDP = (1, 8, 1)  # the shipped configs' mesh (fsdp: -1) on 8 devices
 MESHES = [pytest.param(FSDP, id="1-8-1")] + [
-    pytest.param(m, id="-".join(map(str, m)), marks=pytest.mark.slow)
-    for m in ((1, 4, 2), (8, 1, 1), (2, 4, 1), (2, 2, 2))]
+  pytest.param(m, id="-".join(map(str, m)), marks=pytest.mark.slow)
+  for m in ((1, 4, 2), (8, 1, 1), (2, 4, 1), (2, 2, 2))
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +50,15 @@ def world(tmp_path_factory):
 
 def _config(world, out, folder, mesh=FSDP) -> str:
   data, fsdp, tensor = mesh
-  return write_config(world, out, str(folder), extra=(
+  return write_config(
+    world,
+    out,
+    str(folder),
+    extra=(
       f"mesh: {{data: {data}, fsdp: {fsdp}, tensor: {tensor}, "
-      f"coordination_timeout_seconds: {TIMEOUT}}}\n"))
+      f"coordination_timeout_seconds: {TIMEOUT}}}\n"
+    ),
+  )
 
 
 def _free_port() -> int:
@@ -66,10 +73,21 @@ def _launch(config, *overrides, cwds=(None, None), log_dir):
   procs = []
   for i in range(2):
     with open(os.path.join(log_dir, f"p{i}.log"), "a") as log:
-      procs.append(subprocess.Popen(
-          _cmd(config, *overrides, "mesh.num_processes=2", f"mesh.process_id={i}",
-               f"mesh.coordinator_address=127.0.0.1:{port}"),
-          env=_env(4), stdout=log, stderr=subprocess.STDOUT, cwd=cwds[i]))
+      procs.append(
+        subprocess.Popen(
+          _cmd(
+            config,
+            *overrides,
+            "mesh.num_processes=2",
+            f"mesh.process_id={i}",
+            f"mesh.coordinator_address=127.0.0.1:{port}",
+          ),
+          env=_env(4),
+          stdout=log,
+          stderr=subprocess.STDOUT,
+          cwd=cwds[i],
+        )
+      )
   return procs
 
 
@@ -223,15 +241,18 @@ def _kill_one_when(procs, ready, *, timeout=RUN_TIMEOUT):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["generate", "train"])
-def test_killed_process_stops_the_other_and_relaunch_finishes(world, one_process_runs, tmp_path,
-                                                                point):
+def test_killed_process_stops_the_other_and_relaunch_finishes(
+  world, one_process_runs, tmp_path, point
+):
   one_process_runs.start()  # the reference runs beside the two processes
   out = str(tmp_path / "run")
   config = _config(world, out, tmp_path)
   procs = _launch(config, log_dir=tmp_path)
   if point == "generate":  # round 1 has started, its samples are not saved yet
-    ready = lambda: (os.path.isdir(os.path.join(out, "round_1"))
-                     and not os.path.exists(os.path.join(out, "round_1", "generations.npz")))
+    ready = lambda: (
+      os.path.isdir(os.path.join(out, "round_1"))
+      and not os.path.exists(os.path.join(out, "round_1", "generations.npz"))
+    )
   else:  # a round-1 training checkpoint exists, the round has not finished
     ready = lambda: _has_train_checkpoint(out, 1)
   code, waited = _kill_one_when(procs, ready)

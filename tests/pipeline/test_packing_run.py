@@ -29,7 +29,7 @@ def _stats(out):
 @pytest.mark.slow
 def test_packed_run_compiles_the_documented_shapes_and_resume_hits_the_cache(world, tmp_path):
   cache = tmp_path / "jax_cache"  # shared by both runs, as a resumed run shares its own
-  extra = (f"compilation: {{cache_dir: {cache}, min_compile_time_secs: 0.0}}\n")
+  extra = f"compilation: {{cache_dir: {cache}, min_compile_time_secs: 0.0}}\n"
   full = str(tmp_path / "full")
   _run(write_config(world, full, str(tmp_path), extra), "data.packing=true")
   stats = _stats(full)
@@ -54,6 +54,7 @@ def test_packed_run_compiles_the_documented_shapes_and_resume_hits_the_cache(wor
 def _kill_when_packed(config, ready):
   # The override travels as an environment-free CLI flag: re-create _kill_when's command.
   import test_run
+
   original = test_run._cmd
   test_run._cmd = lambda c, *o: original(c, "data.packing=true", *o)
   try:

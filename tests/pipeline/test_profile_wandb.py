@@ -80,6 +80,7 @@ def _run(tmp_path, world, name: str, *overrides: str):
   from ssapo_jax.experiment import load_experiment
   from ssapo_jax.pipeline import run as pipeline
   from ssapo_jax.runrecord import run_log
+
   path = tmp_path / f"{name}.yaml"
   path.write_text(CONFIG.format(out=tmp_path / name, world=world))
   config = load_experiment(path, overrides)
@@ -99,13 +100,16 @@ def test_profile_steps_write_a_trace_of_the_window(tmp_path, world):
 
 
 @pytest.mark.slow
-def test_no_profile_by_default_and_wandb_offline_gets_the_jsonl_metrics(tmp_path, world,
-                                                                        monkeypatch):
+def test_no_profile_by_default_and_wandb_offline_gets_the_jsonl_metrics(
+  tmp_path, world, monkeypatch
+):
   pytest.importorskip("wandb")
   from test_metrics import _wandb_history
+
   monkeypatch.setenv("WANDB_SILENT", "true")
-  out, log = _run(tmp_path, world, "plain", "metrics.wandb.project=ssapo-test",
-                  "metrics.wandb.mode=offline")
+  out, log = _run(
+    tmp_path, world, "plain", "metrics.wandb.project=ssapo-test", "metrics.wandb.mode=offline"
+  )
   assert not os.path.exists(os.path.join(out, "profile")) and "profiler" not in log
   with open(os.path.join(out, "metrics.jsonl")) as f:
     train = [r for r in map(json.loads, f) if "loss" in r]

@@ -38,6 +38,7 @@ def smollm2_world(tmp_path_factory):
   from ssapo_jax.demo import ifeval
   from ssapo_jax.errors import CheckpointError
   from ssapo_jax.models import gguf as gguf_import
+
   try:
     source = gguf_import.smollm2_path()
   except CheckpointError as e:
@@ -48,8 +49,13 @@ def smollm2_world(tmp_path_factory):
   rows = []
   for _ in range(32):  # 8 labelled seed pairs, 16 round-1 prompts, the rest held out
     prompt = ifeval.sample_prompt(rng)
-    rows.append({"prompt": prompt, "chosen": "- a short answer\n- that follows the rules",
-                 "rejected": "I do not want to write about that."})
+    rows.append(
+      {
+        "prompt": prompt,
+        "chosen": "- a short answer\n- that follows the rules",
+        "rejected": "I do not want to write about that.",
+      }
+    )
   data = root / "prefs.jsonl"
   data.write_text("".join(json.dumps(r) + "\n" for r in rows))
   return str(root), str(model), str(data)
@@ -65,8 +71,13 @@ def test_one_round_on_smollm2_with_sigkill_and_resume(smollm2_world, tmp_path):
   # Killed once round 1 has sampled: round 0 ended with its round-end checkpoint (written after
   # round_0/summary.json), so the rerun resumes at round 1 and does not train round 0 again.
   sampled = os.path.join(out, "round_1", "generations.npz")
-  proc = subprocess.Popen(command(config), env=env(1), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, start_new_session=True)
+  proc = subprocess.Popen(
+    command(config),
+    env=env(1),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+    start_new_session=True,
+  )
   deadline = time.time() + 1500
   try:
     while proc.poll() is None and time.time() < deadline and not os.path.exists(sampled):
@@ -79,8 +90,11 @@ def test_one_round_on_smollm2_with_sigkill_and_resume(smollm2_world, tmp_path):
       os.killpg(proc.pid, signal.SIGKILL)
   assert killed, "the run ended (or timed out) before round 1 sampled"
   assert not os.path.exists(os.path.join(out, "final_policy"))
-  round0_train = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))
-                  if "loss" in r and r["round"] == 0]
+  round0_train = [
+    r
+    for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))
+    if "loss" in r and r["round"] == 0
+  ]
   assert round0_train
 
   rerun = subprocess.run(command(config), env=env(1), capture_output=True, text=True, timeout=1500)
@@ -98,6 +112,7 @@ def test_one_round_on_smollm2_with_sigkill_and_resume(smollm2_world, tmp_path):
 
   from ssapo_jax.models import load_hf
   from ssapo_jax.models.tokenizer import load_tokenizer
+
   rdir = os.path.join(out, "round_1")
   # sampling: real responses from the real tokenizer; self-annotation: labelled pairs
   pairs = datasets.load_from_disk(os.path.join(rdir, "pairs", "data"))

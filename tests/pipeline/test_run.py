@@ -30,8 +30,9 @@ def _config(world, out, tmp_path) -> str:
 
 
 def _run(config, *overrides, devices=8):
-  proc = subprocess.run(_cmd(config, *overrides), env=_env(devices), capture_output=True,
-                        text=True, timeout=1200)
+  proc = subprocess.run(
+    _cmd(config, *overrides), env=_env(devices), capture_output=True, text=True, timeout=1200
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc
 
@@ -51,8 +52,18 @@ def test_two_rounds_write_every_artifact(uninterrupted):
   assert manifest["counts"]["seed"] == 32 and [len(p) for p in manifest["pool_rows"]] == [32, 32]
   records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
   train = [r for r in records if "loss" in r]
-  for key in ("round", "step", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-              "rewards/margins", "learning_rate", "tokens_per_second", "nonfinite/total"):
+  for key in (
+    "round",
+    "step",
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "learning_rate",
+    "tokens_per_second",
+    "nonfinite/total",
+  ):
     assert all(key in r for r in train), key
   assert {r["round"] for r in train} == {0, 1, 2}
   steps = [r["step"] for r in records]
@@ -60,17 +71,21 @@ def test_two_rounds_write_every_artifact(uninterrupted):
   assert all(np.isfinite(r["loss"]) and r["tokens_per_second"] > 0 for r in train)
   assert os.listdir(os.path.join(out, "tensorboard"))
   import datasets
+
   for t in range(3):
     rdir = os.path.join(out, f"round_{t}")
     summary = json.load(open(os.path.join(rdir, "summary.json")))
     assert summary["round"] == t and summary["num_pairs"] > 0
     evals = json.load(open(os.path.join(rdir, "eval_generations.json")))
     assert len(evals) == 8
-    assert all(set(e) >= {"instruction", "output", "generator"} and isinstance(e["output"], str)
-               for e in evals)
+    assert all(
+      set(e) >= {"instruction", "output", "generator"} and isinstance(e["output"], str)
+      for e in evals
+    )
     train_set = datasets.load_from_disk(os.path.join(rdir, "train_set", "data"))
     assert {"ref_chosen_logps", "ref_rejected_logps", "atom_weights", "atom_shifts"} <= set(
-        train_set.column_names)
+      train_set.column_names
+    )
     weights = np.asarray(train_set["atom_weights"])
     np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
     assert os.path.isfile(os.path.join(rdir, "policy", "config.json"))
@@ -91,6 +106,7 @@ def test_two_rounds_write_every_artifact(uninterrupted):
 def test_final_policy_loads_in_transformers(uninterrupted):
   import torch
   import transformers
+
   out = uninterrupted
   model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "final_policy"))
   tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.join(out, "final_policy"))
@@ -105,8 +121,13 @@ def test_final_policy_loads_in_transformers(uninterrupted):
 
 def _kill_when(config, ready, *, timeout=400):
   """Starts a run and SIGKILLs it as soon as ``ready()`` is true; returns whether it was killed."""
-  proc = subprocess.Popen(_cmd(config), env=_env(8), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, start_new_session=True)
+  proc = subprocess.Popen(
+    _cmd(config),
+    env=_env(8),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+    start_new_session=True,
+  )
   deadline = time.time() + timeout
   try:
     while proc.poll() is None and time.time() < deadline:
@@ -140,9 +161,9 @@ def _has_train_checkpoint(out, round_index):
 
 
 KILL_POINTS = {
-    "during_round1_training": lambda out: _has_train_checkpoint(out, 1),
-    "during_annotation": lambda out: os.path.exists(os.path.join(out, "round_1", "generations.npz")),
-    "between_rounds": lambda out: os.path.exists(os.path.join(out, "round_0", "summary.json")),
+  "during_round1_training": lambda out: _has_train_checkpoint(out, 1),
+  "during_annotation": lambda out: os.path.exists(os.path.join(out, "round_1", "generations.npz")),
+  "between_rounds": lambda out: os.path.exists(os.path.join(out, "round_0", "summary.json")),
 }
 
 
@@ -163,22 +184,32 @@ def _corrupt_array_data(step_dir: str) -> None:
   is then right.
   """
   import tensorstore as ts
-  spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{step_dir}/state",
-                                        "path": "params.lm_head.value/"}}
+
+  spec = {
+    "driver": "zarr",
+    "kvstore": {
+      "driver": "ocdbt",
+      "base": f"file://{step_dir}/state",
+      "path": "params.lm_head.value/",
+    },
+  }
   array = ts.open(spec).result()
   rows = array[1:3].read().result()
   array[1:3].write(rows * 1.5 + 0.25).result()
   assert not np.array_equal(ts.open(spec).result()[1:3].read().result(), rows)
 
 
-@pytest.mark.parametrize("point", [
+@pytest.mark.parametrize(
+  "point",
+  [
     # Slow (over 2 minutes): the corrupted-bytes fallback itself is tested in the default suite
     # by tests/test_checkpoint.py; this runs it through a killed and relaunched `ssapo-train`.
     pytest.param("during_round1_training_corrupted", marks=pytest.mark.slow),
     pytest.param("during_round1_training", marks=pytest.mark.slow),
     pytest.param("during_annotation", marks=pytest.mark.slow),
     pytest.param("between_rounds", marks=pytest.mark.slow),
-])
+  ],
+)
 def test_sigkill_and_resume_gives_identical_parameters(world, uninterrupted, tmp_path, point):
   """Killed anywhere, the rerun finishes bitwise equal to an uninterrupted run; with the newest
   checkpoint's array data corrupted too, it falls back to the previous checkpoint first."""
@@ -196,7 +227,7 @@ def test_sigkill_and_resume_gives_identical_parameters(world, uninterrupted, tmp
   if point.endswith("_corrupted"):
     step = os.path.basename(newest)
     assert f"checkpoint {step} in" in proc.stderr
-    mismatch = proc.stderr[proc.stderr.index("checksum mismatch in"):].splitlines()[0]
+    mismatch = proc.stderr[proc.stderr.index("checksum mismatch in") :].splitlines()[0]
     assert "lm_head" in mismatch, mismatch
     assert "falling back to step" in proc.stderr
   log = open(os.path.join(out, "run.log")).read()
@@ -220,8 +251,14 @@ def test_sharded_mesh_matches_single_device(world, tmp_path):
   # sample at an exact tie of the sampling thresholds.
   overrides = ("rounds.num_rounds=1", "rounds.follower_refresh_steps=null")
   _run(_config(world, single, str(tmp_path)), *overrides, "mesh.fsdp=1", devices=1)
-  _run(_config(world, sharded, str(tmp_path)), *overrides, "mesh.data=2", "mesh.fsdp=2",
-       "mesh.tensor=2", devices=8)
+  _run(
+    _config(world, sharded, str(tmp_path)),
+    *overrides,
+    "mesh.data=2",
+    "mesh.fsdp=2",
+    "mesh.tensor=2",
+    devices=8,
+  )
   a, b = _losses(single), _losses(sharded)
   assert [s for s, _ in a] == [s for s, _ in b] and len(a) >= 6
   np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=1e-4)
@@ -237,17 +274,26 @@ def test_farthest_point_seed_uses_sft_prompt_embeddings(world, tmp_path):
   from ssapo_jax.models import load_hf
   from ssapo_jax.models.tokenizer import chat_prompt_ids, load_tokenizer
   from ssapo_jax.pipeline.runtime import prepare_data
-  config = load_experiment(_config(world, str(tmp_path / "fps"), str(tmp_path)), [
-      "data.seed_method=farthest_point", "data.seed_size=5", "sampling.batch_size=8"])
+
+  config = load_experiment(
+    _config(world, str(tmp_path / "fps"), str(tmp_path)),
+    ["data.seed_method=farthest_point", "data.seed_size=5", "sampling.batch_size=8"],
+  )
   tokenizer = load_tokenizer(config.model.path)
   sft = load_hf(config.model.path)
   from ssapo_jax.sharding import make_mesh
-  data = prepare_data(config, str(tmp_path), sft=sft, tokenizer=tokenizer,
-                      mesh=make_mesh(config.mesh))
+
+  data = prepare_data(
+    config, str(tmp_path), sft=sft, tokenizer=tokenizer, mesh=make_mesh(config.mesh)
+  )
   pairs = load_preferences(config.data.source)
   # Reference embeddings: each prompt alone, unpadded, last position of the final hidden states.
-  emb = np.stack([np.asarray(sft.hidden_states(jnp.asarray([ids]), jnp.ones((1, len(ids)), int))[0, -1])
-                  for ids in (chat_prompt_ids(tokenizer, p.prompt) for p in pairs)])
+  emb = np.stack(
+    [
+      np.asarray(sft.hidden_states(jnp.asarray([ids]), jnp.ones((1, len(ids)), int))[0, -1])
+      for ids in (chat_prompt_ids(tokenizer, p.prompt) for p in pairs)
+    ]
+  )
   unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
   order = np.random.default_rng(config.data.split_seed).permutation(len(pairs))
   chosen = [int(order[0])]
@@ -267,8 +313,13 @@ def test_bad_data_row_is_a_one_line_error(world, tmp_path):
   bad = tmp_path / "bad.jsonl"
   bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
   out = str(tmp_path / "bad_run")
-  proc = subprocess.run(_cmd(_config(world, out, str(tmp_path)), f"data.source={bad}"),
-                        env=_env(1), capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    _cmd(_config(world, out, str(tmp_path)), f"data.source={bad}"),
+    env=_env(1),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 3
   assert "Traceback" not in proc.stderr
   error = [line for line in proc.stderr.splitlines() if "error:" in line]
@@ -292,15 +343,19 @@ def _error_line(proc) -> str:
 def test_second_run_on_a_locked_directory_exits_4(world, tmp_path):
   out = str(tmp_path / "locked")
   config = _config(world, out, str(tmp_path))
-  first = subprocess.Popen(_cmd(config), env=_env(8), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
+  first = subprocess.Popen(
+    _cmd(config),
+    env=_env(8),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+    start_new_session=True,
+  )
   try:
     deadline = time.time() + 300
     while not os.path.exists(os.path.join(out, "run.lock")) and time.time() < deadline:
       assert first.poll() is None, "the first run ended before taking the lock"
       time.sleep(0.05)
-    second = subprocess.run(_cmd(config), env=_env(1), capture_output=True, text=True,
-                            timeout=300)
+    second = subprocess.run(_cmd(config), env=_env(1), capture_output=True, text=True, timeout=300)
     assert second.returncode == 4
     line = _error_line(second)
     assert f"is locked by another run: pid {first.pid} on host" in line
@@ -317,14 +372,20 @@ def test_second_run_on_a_locked_directory_exits_4(world, tmp_path):
 def test_finished_run_config_record_and_check(world, uninterrupted, tmp_path):
   """A finished run: rerun does nothing; a changed config is refused, then kept as a version."""
   import shutil
+
   out = str(tmp_path / "done")
   shutil.copytree(uninterrupted, out)
   config = _config(world, out, str(tmp_path))
   recorded = open(os.path.join(out, "config.yaml")).read()
   proc = _run(config)
   assert "run already complete, nothing to do" in proc.stderr
-  changed = subprocess.run(_cmd(config, "rounds.log_every_steps=2"), env=_env(8),
-                           capture_output=True, text=True, timeout=300)
+  changed = subprocess.run(
+    _cmd(config, "rounds.log_every_steps=2"),
+    env=_env(8),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert changed.returncode == 4
   line = _error_line(changed)
   assert "rounds.log_every_steps: 1 -> 2" in line and "--allow-config-change" in line
@@ -351,23 +412,27 @@ def test_check_and_exit_codes_of_real_processes(world, tmp_path):
   proc = _run(config, "--check", devices=8)
   # 200 rows: seed 32, pools [32, 32], batch 8, 1 epoch; 2 samples; max_length 64.
   assert "round 0: 32 labelled pairs, 1 epoch(s), 4 steps" in proc.stdout
-  assert "round 2: 32 prompts x 2 samples, at most 32 pairs, 1 epoch(s), at most 4 steps" in proc.stdout
+  assert (
+    "round 2: 32 prompts x 2 samples, at most 32 pairs, 1 epoch(s), at most 4 steps" in proc.stdout
+  )
   assert "at most 1024 tokens per step" in proc.stdout and "mesh: 8 devices" in proc.stdout
   assert not os.path.exists(out)
   import shutil
+
   model = str(tmp_path / "model")
   shutil.copytree(os.path.join(world, "model"), model)
   weights = os.path.join(model, "model.safetensors")
   with open(weights, "r+b") as f:
     f.truncate(os.path.getsize(weights) // 2)
   cases = [
-      (["rounds.num_rounds=7"], 2, "needs one prompt pool per round"),
-      ([f"data.source={tmp_path / 'nope.jsonl'}"], 3, "data.source: "),
-      ([f"model.path={model}"], 5, "cannot read safetensors file"),
+    (["rounds.num_rounds=7"], 2, "needs one prompt pool per round"),
+    ([f"data.source={tmp_path / 'nope.jsonl'}"], 3, "data.source: "),
+    ([f"model.path={model}"], 5, "cannot read safetensors file"),
   ]
   for overrides, code, fragment in cases:
-    proc = subprocess.run(_cmd(config, *overrides, "--check"), env=_env(1), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+      _cmd(config, *overrides, "--check"), env=_env(1), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == code, (overrides, proc.stderr[-2000:])
     assert fragment in _error_line(proc)
   assert not os.path.exists(out)
@@ -376,9 +441,19 @@ def test_check_and_exit_codes_of_real_processes(world, tmp_path):
 def test_non_finite_training_exits_6(world, tmp_path):
   out = str(tmp_path / "nan")
   config = _config(world, out, str(tmp_path))
-  proc = subprocess.run(_cmd(config, "rounds.num_rounds=0", "train.learning_rate=1e30",
-                             "train.max_nonfinite_steps=1", "train.max_grad_norm=0"),
-                        env=_env(1), capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    _cmd(
+      config,
+      "rounds.num_rounds=0",
+      "train.learning_rate=1e30",
+      "train.max_nonfinite_steps=1",
+      "train.max_grad_norm=0",
+    ),
+    env=_env(1),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 6, proc.stderr[-3000:]
   line = _error_line(proc)
   assert "consecutive train steps had a non-finite" in line and "corrupted inputs" in line

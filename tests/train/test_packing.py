@@ -31,7 +31,7 @@ from ssapo_jax.train.scoring import Scorer
 
 
 def _mesh(shape):
-  return shd.make_mesh(shd.MeshConfig(*shape), devices=jax.devices()[:math.prod(shape)])
+  return shd.make_mesh(shd.MeshConfig(*shape), devices=jax.devices()[: math.prod(shape)])
 
 
 def _random_pairs(seed, n, *, vocab=64, max_prompt=9, max_response=14):
@@ -46,21 +46,28 @@ def _plain_batch(pairs, t, extras):
     ids, mask, loss = (np.zeros((b, t), np.int32) for _ in range(3))
     for j, pair in enumerate(pairs):
       p, r = pair[0], pair[k]
-      ids[j, :len(p)], ids[j, len(p):len(p) + len(r)] = p, r
-      mask[j, :len(p) + len(r)] = 1
-      loss[j, len(p):len(p) + len(r)] = 1
+      ids[j, : len(p)], ids[j, len(p) : len(p) + len(r)] = p, r
+      mask[j, : len(p) + len(r)] = 1
+      loss[j, len(p) : len(p) + len(r)] = 1
     return ids, mask, loss
+
   return make_preference_batch(*side(1), *side(2), **extras)
 
 
 def _packed_batch(pairs, extras, *, seq_len, micro_batches, row_multiple):
-  packed = pack_pair_rows(pairs, extras["valid"], seq_len=seq_len, micro_batches=micro_batches,
-                          row_multiple=row_multiple)
+  packed = pack_pair_rows(
+    pairs, extras["valid"], seq_len=seq_len, micro_batches=micro_batches, row_multiple=row_multiple
+  )
   plain = make_preference_batch(*(np.zeros((len(pairs), 1), np.int32),) * 6, **extras)
   return PackedPreferenceBatch(
-      **packed, weights=plain.weights, valid=plain.valid,
-      ref_chosen_logps=plain.ref_chosen_logps, ref_rejected_logps=plain.ref_rejected_logps,
-      atom_weights=plain.atom_weights, atom_shifts=plain.atom_shifts)
+    **packed,
+    weights=plain.weights,
+    valid=plain.valid,
+    ref_chosen_logps=plain.ref_chosen_logps,
+    ref_rejected_logps=plain.ref_rejected_logps,
+    atom_weights=plain.atom_weights,
+    atom_shifts=plain.atom_shifts,
+  )
 
 
 # ----------------------------------------------------------------------------- packing itself
@@ -101,8 +108,8 @@ def test_pack_pair_rows_layout():
       np.testing.assert_array_equal(out["ids"][rows[0], cols], np.concatenate([prompt, response]))
       np.testing.assert_array_equal(out["positions"][rows[0], cols], np.arange(len(cols)))
       assert len(set(out["segment_ids"][rows[0], cols])) == 1
-      np.testing.assert_array_equal(out["loss_mask"][rows[0], cols][len(prompt):], 1)
-      assert out["loss_mask"][rows[0], cols][:len(prompt)].sum() == 0
+      np.testing.assert_array_equal(out["loss_mask"][rows[0], cols][len(prompt) :], 1)
+      assert out["loss_mask"][rows[0], cols][: len(prompt)].sum() == 0
     if real[slot]:
       assert out["chosen_lengths"][slot] == plain.chosen_lengths[slot]
       assert out["rejected_lengths"][slot] == plain.rejected_lengths[slot]
@@ -124,18 +131,26 @@ def test_packed_attention_is_block_diagonal_in_every_implementation():
   for b, spans in ((0, bounds), (1, [(0, 50, 1), (50, 128, 2)])):
     for s0, s1, _ in spans:
       sl = slice(s0, s1)
-      one = attn.attention(q[b:b + 1, sl], kk[b:b + 1, sl], v[b:b + 1, sl],
-                           q_slots=jnp.arange(s1 - s0), k_slots=jnp.arange(s1 - s0),
-                           kv_mask=jnp.ones((1, s1 - s0), jnp.int32), window=None)
+      one = attn.attention(
+        q[b : b + 1, sl],
+        kk[b : b + 1, sl],
+        v[b : b + 1, sl],
+        q_slots=jnp.arange(s1 - s0),
+        k_slots=jnp.arange(s1 - s0),
+        kv_mask=jnp.ones((1, s1 - s0), jnp.int32),
+        window=None,
+      )
       ref[b, sl] = np.asarray(one[0])
   real = seg > 0
   slots = jnp.arange(t)
   outs = {
-      "xla": attn.attention(q, kk, v, q_slots=slots, k_slots=slots, kv_mask=jnp.asarray(seg),
-                            window=None),
-      "jax_nn (cudnn's mask)": attn.jax_nn_attention(q, kk, v, jnp.asarray(seg), None,
-                                                     implementation="xla"),
-      "splash (interpret)": attn.splash_attention(q, kk, v, jnp.asarray(seg), None),
+    "xla": attn.attention(
+      q, kk, v, q_slots=slots, k_slots=slots, kv_mask=jnp.asarray(seg), window=None
+    ),
+    "jax_nn (cudnn's mask)": attn.jax_nn_attention(
+      q, kk, v, jnp.asarray(seg), None, implementation="xla"
+    ),
+    "splash (interpret)": attn.splash_attention(q, kk, v, jnp.asarray(seg), None),
   }
   for name, out in outs.items():
     np.testing.assert_allclose(np.asarray(out)[real], ref[real], atol=1e-5, err_msg=name)
@@ -149,6 +164,7 @@ def test_packed_scoring_equals_unpacked(attention, tmp_path):
   """Per-sequence log-probs of the packed scorer equal the plain scorer's (float32, 1e-5),
   for token lists (`Scorer.sequences`) and a pair dataset (`Scorer.pairs`, cached)."""
   from ssapo_jax.data import pairs_from_token_ids
+
   pairs = _random_pairs(2, 10)
   prompts = [p for p, _, _ in pairs] * 2
   responses = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
@@ -156,14 +172,21 @@ def test_packed_scoring_equals_unpacked(attention, tmp_path):
   plain_scorer = Scorer(mesh, 0, 4, bucket_size=8)
   reference = plain_scorer.sequences(w.tiny_model(), prompts, responses)
   model = w.tiny_model(attention=attention)
-  scorer = Scorer(mesh, 0, 4, bucket_size=8, packing=True,
-                  pack_length=128 if attention == "splash" else 32)
-  np.testing.assert_allclose(scorer.sequences(model, prompts, responses), reference,
-                             rtol=1e-5, atol=1e-5)
+  scorer = Scorer(
+    mesh, 0, 4, bucket_size=8, packing=True, pack_length=128 if attention == "splash" else 32
+  )
+  np.testing.assert_allclose(
+    scorer.sequences(model, prompts, responses), reference, rtol=1e-5, atol=1e-5
+  )
   if attention == "xla":
-    ds = pairs_from_token_ids(*([list(x[k]) for x in pairs] for k in range(3)), eos_id=63,
-                              max_length=32, max_prompt_length=16, add_eos=False,
-                              verbose=False)
+    ds = pairs_from_token_ids(
+      *([list(x[k]) for x in pairs] for k in range(3)),
+      eos_id=63,
+      max_length=32,
+      max_prompt_length=16,
+      add_eos=False,
+      verbose=False,
+    )
     want = plain_scorer.pairs(w.tiny_model(), ds)
     for _ in range(2):  # computed, then read back from the cache
       got = scorer.pairs(model, ds, cache_dir=str(tmp_path))
@@ -175,8 +198,15 @@ def test_packed_scoring_equals_unpacked(attention, tmp_path):
 def _step_loss_and_gradient(cfg, batch, mesh, *, model, packed):
   """The step's loss and gradient, read off one AdamW step (as tests/train/test_step.py):
   with ``learning_rate = adam_eps = 1e8`` the first update is ``-g (1 + O(|g| / 1e8))``."""
-  cfg = dataclasses.replace(cfg, learning_rate=1e8, adam_eps=1e8, warmup_ratio=0.0,
-                            schedule="constant", max_grad_norm=0.0, weight_decay=0.0)
+  cfg = dataclasses.replace(
+    cfg,
+    learning_rate=1e8,
+    adam_eps=1e8,
+    warmup_ratio=0.0,
+    schedule="constant",
+    max_grad_norm=0.0,
+    weight_decay=0.0,
+  )
   state = tr.create_train_state(model, cfg, mesh, num_train_steps=1)
   before = jax.tree.map(np.asarray, state.params)
   step = tr.make_train_step(cfg, mesh, state, packed=packed)
@@ -185,11 +215,14 @@ def _step_loss_and_gradient(cfg, batch, mesh, *, model, packed):
   return {k: float(v) for k, v in metrics.items()}, grads
 
 
-@pytest.mark.parametrize("attention,objective,mesh_shape", [
+@pytest.mark.parametrize(
+  "attention,objective,mesh_shape",
+  [
     ("xla", "dpo", (2, 2, 2)),
     pytest.param("xla", "robust", (1, 1, 1), marks=pytest.mark.slow),
     pytest.param("splash", "dpo", (2, 1, 1), marks=pytest.mark.slow),
-])
+  ],
+)
 def test_packed_step_equals_unpacked(attention, objective, mesh_shape):
   """One step on a packed partial batch (2 micro-batches, 2 filler slots) has the loss,
   metrics and gradient of the plain batch (float32, 1e-5)."""
@@ -199,22 +232,30 @@ def test_packed_step_equals_unpacked(attention, objective, mesh_shape):
   valid = np.ones(g, np.float32)
   valid[-2:] = 0.0
   atoms = rng.dirichlet(np.ones(3), g).astype(np.float32)
-  extras = {"weights": rng.uniform(0.5, 1.5, g) * valid, "valid": valid,
-            "ref_chosen_logps": rng.normal(-30, 3, g), "ref_rejected_logps": rng.normal(-30, 3, g),
-            "atom_weights": atoms,
-            "atom_shifts": rng.uniform(0, 0.1, (g, 3)).astype(np.float32)}
+  extras = {
+    "weights": rng.uniform(0.5, 1.5, g) * valid,
+    "valid": valid,
+    "ref_chosen_logps": rng.normal(-30, 3, g),
+    "ref_rejected_logps": rng.normal(-30, 3, g),
+    "atom_weights": atoms,
+    "atom_shifts": rng.uniform(0, 0.1, (g, 3)).astype(np.float32),
+  }
   cfg = w.train_config(objective=objective, rpo_alpha=0.5, use_weighting=objective == "dpo")
   mesh = _mesh(mesh_shape)
   t = 128 if attention == "splash" else 32
   plain = _plain_batch(pairs, 24, extras)
-  packed = _packed_batch(pairs, extras, seq_len=t, micro_batches=cfg.micro_batches,
-                         row_multiple=tr.packed_row_multiple(mesh, cfg))
+  packed = _packed_batch(
+    pairs,
+    extras,
+    seq_len=t,
+    micro_batches=cfg.micro_batches,
+    row_multiple=tr.packed_row_multiple(mesh, cfg),
+  )
   assert packed.num_rows < 2 * g  # it packed something
-  m_plain, g_plain = _step_loss_and_gradient(cfg, plain, mesh, model=w.tiny_model(),
-                                             packed=False)
-  m_packed, g_packed = _step_loss_and_gradient(cfg, packed, mesh,
-                                               model=w.tiny_model(attention=attention),
-                                               packed=True)
+  m_plain, g_plain = _step_loss_and_gradient(cfg, plain, mesh, model=w.tiny_model(), packed=False)
+  m_packed, g_packed = _step_loss_and_gradient(
+    cfg, packed, mesh, model=w.tiny_model(attention=attention), packed=True
+  )
   for key in ("loss", "grad_norm", "rewards/chosen", "logps/rejected"):
     if key in m_plain:
       np.testing.assert_allclose(m_packed[key], m_plain[key], rtol=1e-5, err_msg=key)
@@ -225,8 +266,9 @@ def test_packed_step_equals_unpacked(attention, objective, mesh_shape):
 def test_packed_step_rejects_ld_alpha():
   cfg = w.train_config(reference="in_step", ld_alpha=0.5)
   pairs = _random_pairs(4, w.GLOBAL_BATCH)
-  packed = _packed_batch(pairs, {"valid": np.ones(w.GLOBAL_BATCH)}, seq_len=32,
-                         micro_batches=2, row_multiple=1)
+  packed = _packed_batch(
+    pairs, {"valid": np.ones(w.GLOBAL_BATCH)}, seq_len=32, micro_batches=2, row_multiple=1
+  )
   mesh = _mesh((1, 1, 1))
   state = tr.create_train_state(w.tiny_model(), cfg, mesh, num_train_steps=1)
   with pytest.raises(ValueError, match="data.packing"):

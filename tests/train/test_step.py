@@ -28,7 +28,7 @@ LOSS_RTOL, PARAM_ATOL = 2e-5, 2e-5
 
 
 def _mesh(shape):
-  return shd.make_mesh(shd.MeshConfig(*shape), devices=jax.devices()[:math.prod(shape)])
+  return shd.make_mesh(shd.MeshConfig(*shape), devices=jax.devices()[: math.prod(shape)])
 
 
 # ----------------------------------------------------------------------------- reference
@@ -59,8 +59,11 @@ def _ref_loss(params, graphdef, rest, b, cfg):
     losses = -jax.nn.log_sigmoid(z)
   else:  # authors' weighted loss: sum_k s_ik * -log(max(sigmoid(z) - shift_ik, floor))
     p = jax.nn.sigmoid(z)[:, None]
-    atom = jnp.where(b.atom_shifts == 0, -jax.nn.log_sigmoid(z)[:, None],
-                     -jnp.log(jnp.maximum(p - b.atom_shifts, cfg.robust_floor)))
+    atom = jnp.where(
+      b.atom_shifts == 0,
+      -jax.nn.log_sigmoid(z)[:, None],
+      -jnp.log(jnp.maximum(p - b.atom_shifts, cfg.robust_floor)),
+    )
     losses = jnp.sum(b.atom_weights * atom, axis=-1)
   return jnp.mean(b.weights * losses)
 
@@ -75,12 +78,13 @@ def _reference_run(cfg, batches, *, num_train_steps=4):
   for t, b in enumerate(batches):
     loss, g = grad_fn(params, jax.tree.map(jnp.asarray, b))
     losses.append(float(loss))
-    norm = jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(g)))
+    norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
     g = jax.tree.map(lambda x: x * jnp.minimum(1.0, cfg.max_grad_norm / norm), g)
-    lr = _hf_style_lr(t, peak=cfg.learning_rate, num_steps=num_train_steps,
-                      warmup_ratio=cfg.warmup_ratio)
+    lr = _hf_style_lr(
+      t, peak=cfg.learning_rate, num_steps=num_train_steps, warmup_ratio=cfg.warmup_ratio
+    )
     m = jax.tree.map(lambda m_, g_: cfg.adam_b1 * m_ + (1 - cfg.adam_b1) * g_, m, g)
-    v = jax.tree.map(lambda v_, g_: cfg.adam_b2 * v_ + (1 - cfg.adam_b2) * g_ ** 2, v, g)
+    v = jax.tree.map(lambda v_, g_: cfg.adam_b2 * v_ + (1 - cfg.adam_b2) * g_**2, v, g)
     c1, c2 = 1 - cfg.adam_b1 ** (t + 1), 1 - cfg.adam_b2 ** (t + 1)
 
     def update(p, m_, v_):
@@ -115,8 +119,11 @@ def _assert_params_close(actual, expected, atol=PARAM_ATOL):
 def test_schedule_matches_transformers():
   import torch
   from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
-  for name, hf in (("cosine", get_cosine_schedule_with_warmup),
-                   ("linear", get_linear_schedule_with_warmup)):
+
+  for name, hf in (
+    ("cosine", get_cosine_schedule_with_warmup),
+    ("linear", get_linear_schedule_with_warmup),
+  ):
     cfg = tr.TrainConfig(learning_rate=1e-3, warmup_ratio=0.1, schedule=name)
     num_steps = 25
     sched = tr.make_schedule(cfg, num_steps)
@@ -132,8 +139,9 @@ def test_schedule_matches_transformers():
 
 
 def test_train_config_validation():
-  with pytest.raises(ValueError, match="train.schedule must be one of 'cosine', 'linear', "
-                                       "'constant'; got 'step'"):
+  with pytest.raises(
+    ValueError, match="train.schedule must be one of 'cosine', 'linear', 'constant'; got 'step'"
+  ):
     tr.TrainConfig(schedule="step")
   with pytest.raises(ValueError, match="not divisible by train.micro_batches"):
     tr.TrainConfig(global_batch_size=10, micro_batches=4)
@@ -153,16 +161,20 @@ def test_sharded_dpo_with_weights_and_accumulation_matches_reference(shape, refe
   """Per-example weights, clipping, weight decay, and gradient accumulation: 2 micro-batches
   of 4 against the reference's one batch of 8."""
   model = w.tiny_model()
-  losses, state = w.run_steps(_mesh(shape), w.train_config(objective="dpo", micro_batches=2),
-                              model=model)
+  losses, state = w.run_steps(
+    _mesh(shape), w.train_config(objective="dpo", micro_batches=2), model=model
+  )
   ref_losses, ref_params = reference["dpo"]
   np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL)
   _assert_params_close(state.params, ref_params)
   assert int(state.step) == w.NUM_STEPS
   # The donated state never aliased the model's own arrays (on one device a plain
   # device_put would): the model still holds its initial weights.
-  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(model, nnx.Param)),
-               jax.tree.map(np.asarray, nnx.state(w.tiny_model(), nnx.Param)))
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    jax.tree.map(np.asarray, nnx.state(model, nnx.Param)),
+    jax.tree.map(np.asarray, nnx.state(w.tiny_model(), nnx.Param)),
+  )
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 2)])
@@ -183,15 +195,17 @@ def test_remat_and_in_step_reference_agree():
   assert state.ref_params is not None
   logps_fn = tr.make_compute_logps(mesh, state.graphdef, state.params, state.rest)
   batch = w.make_batch(0)
-  ref_c, ref_r = tr.precompute_ref_logps(logps_fn, state.ref_params, mesh, [batch],
-                                         batch_size=w.GLOBAL_BATCH)
+  ref_c, ref_r = tr.precompute_ref_logps(
+    logps_fn, state.ref_params, mesh, [batch], batch_size=w.GLOBAL_BATCH
+  )
   pre_batch = batch.replace(ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
   step = tr.make_train_step(cfg, mesh, state)
   _, m_in = step(state, shd.global_batch(mesh, batch))  # the batch's own ref logps are ignored
   pre_cfg = w.train_config(micro_batches=1, remat="none")
   pre_state = tr.create_train_state(w.tiny_model(), pre_cfg, mesh, num_train_steps=4)
-  _, m_pre = tr.make_train_step(pre_cfg, mesh, pre_state)(pre_state,
-                                                         shd.global_batch(mesh, pre_batch))
+  _, m_pre = tr.make_train_step(pre_cfg, mesh, pre_state)(
+    pre_state, shd.global_batch(mesh, pre_batch)
+  )
   np.testing.assert_allclose(float(m_in["loss"]), float(m_pre["loss"]), rtol=1e-5)
   np.testing.assert_allclose(float(m_in["grad_norm"]), float(m_pre["grad_norm"]), rtol=1e-4)
   # At step 0 the policy is the reference: every log-ratio is 0, so the loss is log 2 * mean(w).
@@ -203,8 +217,11 @@ def test_bf16_compute_keeps_float32_master_weights(reference):
   cfg = w.train_config(compute_dtype="bfloat16", micro_batches=2)
   losses, state = w.run_steps(mesh, cfg, num_steps=2)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state)
-             if jnp.issubdtype(x.dtype, jnp.floating))
+  assert all(
+    x.dtype == jnp.float32
+    for x in jax.tree.leaves(state.opt_state)
+    if jnp.issubdtype(x.dtype, jnp.floating)
+  )
   np.testing.assert_allclose(losses, reference["dpo"][0][:2], rtol=5e-2)
   assert tr.merge_params(state).config.dtype == "bfloat16"
 
@@ -249,23 +266,36 @@ def _rule_pairs(rng, n, *, vocab=64, prompt_len=4, resp_len=6):
   mask = np.ones((n, seq), np.int32)
   loss_mask = np.zeros((n, seq), np.int32)
   loss_mask[:, prompt_len:] = 1
-  return make_preference_batch(np.concatenate([prompt, low], 1), mask, loss_mask,
-                               np.concatenate([prompt, high], 1), mask, loss_mask)
+  return make_preference_batch(
+    np.concatenate([prompt, low], 1),
+    mask,
+    loss_mask,
+    np.concatenate([prompt, high], 1),
+    mask,
+    loss_mask,
+  )
 
 
 def test_loss_decreases_and_generalises_on_a_preference_rule():
   mesh = _mesh((2, 2, 2))
   rng = np.random.default_rng(0)
   train_pairs, held_out = _rule_pairs(rng, 64), _rule_pairs(rng, 32)
-  cfg = tr.TrainConfig(learning_rate=1e-2, warmup_ratio=0.1, global_batch_size=16,
-                       micro_batches=2, epochs=5, compute_dtype="float32", beta=0.5,
-                       remat="none")
+  cfg = tr.TrainConfig(
+    learning_rate=1e-2,
+    warmup_ratio=0.1,
+    global_batch_size=16,
+    micro_batches=2,
+    epochs=5,
+    compute_dtype="float32",
+    beta=0.5,
+    remat="none",
+  )
   steps = cfg.epochs * (64 // cfg.global_batch_size)
   state = tr.create_train_state(w.tiny_model(), cfg, mesh, num_train_steps=steps)
   logps_fn = tr.make_compute_logps(mesh, state.graphdef, state.params, state.rest)
 
   def chunks(b):
-    return [jax.tree.map(lambda x: x[i:i + 16], b) for i in range(0, b.batch_size, 16)]
+    return [jax.tree.map(lambda x: x[i : i + 16], b) for i in range(0, b.batch_size, 16)]
 
   def with_ref(b):
     c, r = tr.precompute_ref_logps(logps_fn, state.params, mesh, chunks(b), batch_size=16)
@@ -283,12 +313,20 @@ def test_loss_decreases_and_generalises_on_a_preference_rule():
 
   # Held-out pairs: the implicit reward now prefers the chosen response.
   def margins(b):
-    c = tr.compute_logps(logps_fn, state.params, mesh,
-                         [(x.chosen_ids, x.chosen_mask, x.chosen_loss_mask) for x in chunks(b)],
-                         batch_size=16)
-    r = tr.compute_logps(logps_fn, state.params, mesh,
-                         [(x.rejected_ids, x.rejected_mask, x.rejected_loss_mask)
-                          for x in chunks(b)], batch_size=16)
+    c = tr.compute_logps(
+      logps_fn,
+      state.params,
+      mesh,
+      [(x.chosen_ids, x.chosen_mask, x.chosen_loss_mask) for x in chunks(b)],
+      batch_size=16,
+    )
+    r = tr.compute_logps(
+      logps_fn,
+      state.params,
+      mesh,
+      [(x.rejected_ids, x.rejected_mask, x.rejected_loss_mask) for x in chunks(b)],
+      batch_size=16,
+    )
     return (c - b.ref_chosen_logps) - (r - b.ref_rejected_logps)
 
   assert (margins(held_out) > 0).mean() >= 0.9
@@ -308,8 +346,9 @@ def test_two_processes_match_single_process(tmp_path):
   mesh = _mesh(w.MESH_SHAPE)
   losses, state = w.run_steps(mesh, w.train_config())
   logps_fn = tr.make_compute_logps(mesh, state.graphdef, state.params, state.rest)
-  seqs = [(b.chosen_ids, b.chosen_mask, b.chosen_loss_mask)
-          for b in (w.make_batch(10), w.make_batch(11))]
+  seqs = [
+    (b.chosen_ids, b.chosen_mask, b.chosen_loss_mask) for b in (w.make_batch(10), w.make_batch(11))
+  ]
   logps = tr.compute_logps(logps_fn, state.params, mesh, seqs, batch_size=w.GLOBAL_BATCH)
 
   assert [r["process_count"] for r in results] == [2, 2]
@@ -331,8 +370,15 @@ def _step_loss_and_gradient(cfg, batch, mesh):
   With ``learning_rate = adam_eps = 1e8`` (constant, no clipping or decay) the first Adam
   update is ``lr * g / (|g| + eps) = g (1 + O(|g| / 1e8))``, so the parameter change is ``−g``.
   """
-  cfg = dataclasses.replace(cfg, learning_rate=1e8, adam_eps=1e8, warmup_ratio=0.0,
-                            schedule="constant", max_grad_norm=0.0, weight_decay=0.0)
+  cfg = dataclasses.replace(
+    cfg,
+    learning_rate=1e8,
+    adam_eps=1e8,
+    warmup_ratio=0.0,
+    schedule="constant",
+    max_grad_norm=0.0,
+    weight_decay=0.0,
+  )
   state = tr.create_train_state(w.tiny_model(), cfg, mesh, num_train_steps=1)
   before = jax.tree.map(np.asarray, state.params)
   step = tr.make_train_step(cfg, mesh, state)
@@ -354,8 +400,10 @@ def _reference_gradient(batch, loss_and_cotangents):
 
   def seq_logps(p):
     m = nnx.merge(graphdef, p, rest)
-    return (_ref_seq_logps(m, b.chosen_ids, b.chosen_mask, b.chosen_loss_mask),
-            _ref_seq_logps(m, b.rejected_ids, b.rejected_mask, b.rejected_loss_mask))
+    return (
+      _ref_seq_logps(m, b.chosen_ids, b.chosen_mask, b.chosen_loss_mask),
+      _ref_seq_logps(m, b.rejected_ids, b.rejected_mask, b.rejected_loss_mask),
+    )
 
   (pc, pr), vjp = jax.vjp(seq_logps, params)
   loss, dpc, dpr = loss_and_cotangents(np.asarray(pc, np.float64), np.asarray(pr, np.float64))
@@ -388,7 +436,7 @@ def test_ipo_train_step_matches_numpy_ipo():
   def ipo(pc, pr):
     h = (pc - rc) / lc - (pr - rr) / lr - 1 / (2 * 0.1)
     n = len(pc)
-    return np.sum(wts * h ** 2) / n, 2 * wts * h / lc / n, -2 * wts * h / lr / n
+    return np.sum(wts * h**2) / n, 2 * wts * h / lc / n, -2 * wts * h / lr / n
 
   expected_loss, expected_grads = _reference_gradient(batch, ipo)
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
@@ -404,12 +452,14 @@ def test_padded_partial_batch_equals_the_unpadded_batch():
   idx = np.concatenate([np.arange(real), np.arange(w.GLOBAL_BATCH - real)])
   padded = jax.tree.map(lambda x: x[idx], full)
   pad = np.arange(w.GLOBAL_BATCH) >= real
-  padded = padded.replace(weights=np.where(pad, 0.0, padded.weights).astype(np.float32),
-                          valid=(~pad).astype(np.float32))
+  padded = padded.replace(
+    weights=np.where(pad, 0.0, padded.weights).astype(np.float32), valid=(~pad).astype(np.float32)
+  )
   cfg = w.train_config(beta=0.2)
   loss_pad, grads_pad = _step_loss_and_gradient(cfg, padded, _mesh((2, 2, 2)))
   loss_small, grads_small = _step_loss_and_gradient(
-      dataclasses.replace(cfg, global_batch_size=real, micro_batches=1), small, _mesh((1, 1, 1)))
+    dataclasses.replace(cfg, global_batch_size=real, micro_batches=1), small, _mesh((1, 1, 1))
+  )
 
   wts = small.weights.astype(np.float64)
   rc, rr = small.ref_chosen_logps.astype(np.float64), small.ref_rejected_logps.astype(np.float64)
@@ -440,29 +490,45 @@ def test_loss_option_validation():
     tr.TrainConfig(loss_type="aot", use_weighting=True)
   with pytest.raises(ValueError, match="train.loss_type"):
     tr.TrainConfig(loss_type=("sigmoid", "nope"))
-  cfg = tr.TrainConfig(loss_type=("sigmoid", "sft"), loss_weights=(1.0, 0.5), rpo_alpha=0.1,
-                       f_divergence_type="js_divergence")
+  cfg = tr.TrainConfig(
+    loss_type=("sigmoid", "sft"),
+    loss_weights=(1.0, 0.5),
+    rpo_alpha=0.1,
+    f_divergence_type="js_divergence",
+  )
   assert cfg.loss_type == ("sigmoid", "sft")
 
 
 def test_train_config_loss_options_from_yaml_overrides():
   from ssapo_jax import config as cfg_mod
-  cfg = cfg_mod.from_dict(tr.TrainConfig, {"loss_type": ["sigmoid", "sft"], "loss_weights": [1, 0.2],
-                                           "f_divergence_type": "forward_kl"})
+
+  cfg = cfg_mod.from_dict(
+    tr.TrainConfig,
+    {"loss_type": ["sigmoid", "sft"], "loss_weights": [1, 0.2], "f_divergence_type": "forward_kl"},
+  )
   assert cfg.loss_type == ("sigmoid", "sft") and cfg.loss_weights == (1.0, 0.2)
   with pytest.raises(cfg_mod.ConfigError, match="f_divergence_type"):
     cfg_mod.from_dict(tr.TrainConfig, {"f_divergence_type": "kl"})
 
 
-@pytest.mark.parametrize("options", [
-    dict(loss_type=("sigmoid", "sft"), loss_weights=(1.0, 0.5), ld_alpha=0.5, reference="in_step",
-         use_weighting=True),
+@pytest.mark.parametrize(
+  "options",
+  [
+    dict(
+      loss_type=("sigmoid", "sft"),
+      loss_weights=(1.0, 0.5),
+      ld_alpha=0.5,
+      reference="in_step",
+      use_weighting=True,
+    ),
     dict(objective="robust", rpo_alpha=0.3, reference_free=True, use_weighting=True),
-])
+  ],
+)
 def test_step_with_token_level_options_matches_losses_module(options):
   """LD-DPO, WPO, sft and rpo_alpha in the step equal `pair_logps` + the loss functions on
   the model's token log-probs (one device, one micro-batch, no padding)."""
   from ssapo_jax import losses
+
   batch = w.make_batch(5)
   cfg = w.train_config(**options)
   mesh = _mesh((2, 2, 2))
@@ -474,20 +540,36 @@ def test_step_with_token_level_options_matches_losses_module(options):
   loss_mask = jnp.concatenate([b.chosen_loss_mask, b.rejected_loss_mask])
   tok, lss = model.token_logps(ids, mask, log_sum_sq=True)
   pairs = losses.pair_logps(tok, loss_mask[:, 1:], ld_alpha=cfg.ld_alpha, token_log_sum_sq=lss)
-  ref = (pairs.chosen_logps, pairs.rejected_logps) if cfg.reference == "in_step" else (
-      b.ref_chosen_logps, b.ref_rejected_logps)
-  common = dict(weights=b.weights * pairs.wpo_weights, chosen_lengths=pairs.chosen_lengths,
-                chosen_nll=pairs.chosen_nll, rpo_alpha=cfg.rpo_alpha,
-                reference_free=cfg.reference_free, beta=cfg.beta)
+  ref = (
+    (pairs.chosen_logps, pairs.rejected_logps)
+    if cfg.reference == "in_step"
+    else (b.ref_chosen_logps, b.ref_rejected_logps)
+  )
+  common = dict(
+    weights=b.weights * pairs.wpo_weights,
+    chosen_lengths=pairs.chosen_lengths,
+    chosen_nll=pairs.chosen_nll,
+    rpo_alpha=cfg.rpo_alpha,
+    reference_free=cfg.reference_free,
+    beta=cfg.beta,
+  )
   if cfg.objective == "robust":
-    atoms = losses.LossAtoms(b.atom_weights, b.atom_shifts, space=cfg.robust_space,
-                             margin_scale=cfg.beta)
-    expected, _ = losses.robust_dpo_loss(pairs.chosen_logps, pairs.rejected_logps, *ref, atoms,
-                                         space=cfg.robust_space, **common)
+    atoms = losses.LossAtoms(
+      b.atom_weights, b.atom_shifts, space=cfg.robust_space, margin_scale=cfg.beta
+    )
+    expected, _ = losses.robust_dpo_loss(
+      pairs.chosen_logps, pairs.rejected_logps, *ref, atoms, space=cfg.robust_space, **common
+    )
   else:
-    expected, _ = losses.dpo_loss(pairs.chosen_logps, pairs.rejected_logps, *ref,
-                                  loss_type=cfg.loss_type, loss_weights=cfg.loss_weights,
-                                  rejected_lengths=pairs.rejected_lengths, **common)
+    expected, _ = losses.dpo_loss(
+      pairs.chosen_logps,
+      pairs.rejected_logps,
+      *ref,
+      loss_type=cfg.loss_type,
+      loss_weights=cfg.loss_weights,
+      rejected_lengths=pairs.rejected_lengths,
+      **common,
+    )
   np.testing.assert_allclose(loss, float(expected), rtol=2e-5)
 
 
@@ -496,8 +578,17 @@ def test_splash_attention_runs_in_shard_map_inside_the_jitted_step_and_scoring()
   shard_map'd over the batch axes instead of being handed whole, unsharded arrays."""
   from ssapo_jax.batch import make_preference_batch
   from ssapo_jax.models import Llama, LlamaConfig
-  cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
-                    num_heads=4, num_kv_heads=2, head_dim=16, attention="splash")
+
+  cfg = LlamaConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    attention="splash",
+  )
   mesh = _mesh((1, 8, 1))
   t = tr.TrainConfig(global_batch_size=8, micro_batches=1, compute_dtype="float32")
   state = tr.create_train_state(Llama(cfg, rngs=nnx.Rngs(0)), t, mesh, num_train_steps=4)
