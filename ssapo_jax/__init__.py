@@ -78,7 +78,7 @@ _LAZY = {
       "train_step",
       "make_compute_logps",
       "compute_logps",
-      "precompute_ref_logps",
+      "cached_pair_logps",
       "merge_params",
       "check_finite_progress",
       "NonFiniteError",

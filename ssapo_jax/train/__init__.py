@@ -3,13 +3,13 @@
 
 from ssapo_jax.train.scoring import (
   Scorer,
+  cached_pair_logps,
   compute_logps,
   data_fingerprint,
   gather_batches,
   make_compute_logps,
   make_compute_packed_logps,
   params_fingerprint,
-  precompute_ref_logps,
   scoring_batch_size,
 )
 from ssapo_jax.train.step import (
@@ -63,7 +63,7 @@ __all__ = [
   "make_compute_packed_logps",
   "packed_batch_shardings",
   "packed_row_multiple",
-  "precompute_ref_logps",
+  "cached_pair_logps",
   "param_shardings",
   "scoring_batch_size",
   "split_model",

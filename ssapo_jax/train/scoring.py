@@ -1,7 +1,7 @@
 """Batched log-prob scoring outside the train step: reference log-probs and self-annotation.
 
 `make_compute_logps` jits a sharded ``[B, T] -> [B]`` log-prob pass for one model graph and
-`compute_logps` runs it over host-local batches of a fixed global size. `precompute_ref_logps`
+`compute_logps` runs it over host-local batches of a fixed global size. `cached_pair_logps`
 scores both sides of a round's pairs once (TRL's ``precompute_ref_log_probs``) with an on-disk
 cache keyed by `params_fingerprint` and `data_fingerprint`.
 
@@ -200,36 +200,36 @@ def data_fingerprint(batches: Sequence[PreferenceBatch]) -> str:
   return h.hexdigest()[:16]
 
 
-def precompute_ref_logps(
+def cached_pair_logps(
   logps_fn: Callable[..., jax.Array],
-  ref_params: Any,
+  params: Any,
   mesh: Mesh,
   batches: Sequence[PreferenceBatch],
   *,
   batch_size: int,
   cache_dir: str | os.PathLike | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Reference log-probs of the chosen and rejected side of every pair (once per round).
+  """Log-probs of the chosen and rejected side of every pair under any model, cached on disk.
 
-  Like TRL's ``precompute_ref_log_probs``: one scoring pass over the round's pairs so the
-  train step needs no second model. With ``cache_dir`` the result is stored as
+  Like TRL's ``precompute_ref_log_probs`` for the reference (the train step then needs no
+  second model), and the same pass for the policy and the judge of self-annotation. With ``cache_dir`` the result is stored as
   ``ref_logps-<model>-<data>-p<process>.npz`` keyed by `params_fingerprint` and
   `data_fingerprint`, and reused when both keys match.
 
   Args:
     logps_fn: from `make_compute_logps`.
-    ref_params: reference-model parameters.
+    params: the model's parameters.
     mesh: device mesh.
     batches: this host's `PreferenceBatch`es (numpy), in order.
     batch_size: global rows per scoring call.
     cache_dir: where to cache (the round's data directory); None disables caching.
 
   Returns:
-    ``(ref_chosen_logps, ref_rejected_logps)``, numpy ``[N]`` float32 over this host's pairs.
+    ``(chosen_logps, rejected_logps)``, numpy ``[N]`` float32 over this host's pairs.
   """
   path = None
   if cache_dir is not None:
-    key_m = params_fingerprint(ref_params)
+    key_m = params_fingerprint(params)
     key_d = data_fingerprint(batches)
     path = os.path.join(
       os.fspath(cache_dir), f"ref_logps-{key_m}-{key_d}-p{jax.process_index()}.npz"
@@ -238,10 +238,10 @@ def precompute_ref_logps(
       with np.load(path) as cached:
         return cached["chosen"], cached["rejected"]
   chosen = compute_logps(
-    logps_fn, ref_params, mesh, _iter_pair_sides(batches, "chosen"), batch_size=batch_size
+    logps_fn, params, mesh, _iter_pair_sides(batches, "chosen"), batch_size=batch_size
   )
   rejected = compute_logps(
-    logps_fn, ref_params, mesh, _iter_pair_sides(batches, "rejected"), batch_size=batch_size
+    logps_fn, params, mesh, _iter_pair_sides(batches, "rejected"), batch_size=batch_size
   )
   if path is not None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -390,7 +390,7 @@ class Scorer:
     """Summed response log-probs ``([N], [N])`` float32 of chosen and rejected under ``model``.
 
     One pass over a tokenised pair dataset in dataset order; with ``cache_dir`` the result is
-    cached there by model and data fingerprints (`precompute_ref_logps`).
+    cached there by model and data fingerprints (`cached_pair_logps`).
     """
     if self.packing:
       return self._packed_pairs(model, dataset, cache_dir)
@@ -406,7 +406,7 @@ class Scorer:
     )
     cursors = [LoaderCursor(0, i) for i in range(loader.batches_per_epoch)]
     logps_fn, params = self._split(model)
-    chosen, rejected = precompute_ref_logps(
+    chosen, rejected = cached_pair_logps(
       logps_fn,
       params,
       self.mesh,
@@ -424,7 +424,7 @@ class Scorer:
 
   def _packed_pairs(self, model: nnx.Module, dataset, cache_dir) -> tuple[np.ndarray, np.ndarray]:
     """`pairs` with packing: chosen then rejected sides in dataset order, cached like
-    `precompute_ref_logps` (``ref_logps-packed-<model>-<data>.npz``)."""
+    `cached_pair_logps` (``ref_logps-packed-<model>-<data>.npz``)."""
     cols = {
       k: [np.asarray(x, np.int32) for x in dataset[k]]
       for k in ("prompt_ids", "chosen_ids", "rejected_ids")

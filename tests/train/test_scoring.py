@@ -40,20 +40,18 @@ def test_compute_logps_matches_full_logits_and_caches(tmp_path):
   assert got.shape == (13,) and got.dtype == np.float32
   np.testing.assert_allclose(got, np.asarray(expected), rtol=1e-5, atol=1e-4)
 
-  chosen, rejected = tr.precompute_ref_logps(
+  chosen, rejected = tr.cached_pair_logps(
     logps_fn, params, mesh, batches, batch_size=8, cache_dir=tmp_path
   )
   np.testing.assert_allclose(chosen, got, rtol=1e-6)
   files = list(tmp_path.iterdir())
   assert len(files) == 1
   np.savez(files[0], chosen=chosen + 1.0, rejected=rejected)  # a cache hit reads the file
-  again, _ = tr.precompute_ref_logps(
-    logps_fn, params, mesh, batches, batch_size=8, cache_dir=tmp_path
-  )
+  again, _ = tr.cached_pair_logps(logps_fn, params, mesh, batches, batch_size=8, cache_dir=tmp_path)
   np.testing.assert_allclose(again, chosen + 1.0)
   other = jax.tree.map(lambda x: x * 1.01, params)  # different weights: a new cache key
   assert tr.params_fingerprint(other) != tr.params_fingerprint(params)
-  tr.precompute_ref_logps(logps_fn, other, mesh, batches, batch_size=8, cache_dir=tmp_path)
+  tr.cached_pair_logps(logps_fn, other, mesh, batches, batch_size=8, cache_dir=tmp_path)
   assert len(list(tmp_path.iterdir())) == 2
 
 

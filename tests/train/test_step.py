@@ -195,7 +195,7 @@ def test_remat_and_in_step_reference_agree():
   assert state.ref_params is not None
   logps_fn = tr.make_compute_logps(mesh, state.graphdef, state.params, state.rest)
   batch = w.make_batch(0)
-  ref_c, ref_r = tr.precompute_ref_logps(
+  ref_c, ref_r = tr.cached_pair_logps(
     logps_fn, state.ref_params, mesh, [batch], batch_size=w.GLOBAL_BATCH
   )
   pre_batch = batch.replace(ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
@@ -298,7 +298,7 @@ def test_loss_decreases_and_generalises_on_a_preference_rule():
     return [jax.tree.map(lambda x: x[i : i + 16], b) for i in range(0, b.batch_size, 16)]
 
   def with_ref(b):
-    c, r = tr.precompute_ref_logps(logps_fn, state.params, mesh, chunks(b), batch_size=16)
+    c, r = tr.cached_pair_logps(logps_fn, state.params, mesh, chunks(b), batch_size=16)
     return b.replace(ref_chosen_logps=c, ref_rejected_logps=r)
 
   train_pairs, held_out = with_ref(train_pairs), with_ref(held_out)
