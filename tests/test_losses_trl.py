@@ -87,7 +87,7 @@ def trl_loss(
     accelerator=_Accelerator(),
     aux_loss_enabled=False,
     ld_alpha=ld_alpha,
-    cached_pair_logps=True,
+    precompute_ref_logps=True,
     f_divergence_type=f_divergence_type,
     f_alpha_divergence_coef=f_alpha_divergence_coef,
     loss_types=list(loss_type),
