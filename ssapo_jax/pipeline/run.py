@@ -64,6 +64,36 @@ def _finish_complete_run(config: ExperimentConfig, rundir: RunDir) -> dict:
   return {}
 
 
+def _check_same_run(config: ExperimentConfig) -> None:
+  """Every process must run the same resolved config and code (only its process id differs)."""
+  mesh = dataclasses.replace(config.mesh, process_id=None, local_device_ids=None)
+  hosts.check_same_run(dump_yaml(dataclasses.replace(config, mesh=mesh)))
+
+
+def _open_logger(
+  config: ExperimentConfig, rundir: RunDir, resume_step: int, config_change: dict[str, Any] | None
+) -> MetricsLogger:
+  """The run's metrics logger (its sinks from ``metrics``), with a config change recorded."""
+  sinks = metric_sinks(
+    config.output_dir, config.metrics, local_dir=rundir.workdir, run_config=to_dict(config)
+  )
+  logger = MetricsLogger(config.output_dir, resume_step=resume_step, sinks=sinks)
+  if config_change:
+    logger.log(max(resume_step, 0), {}, **config_change)
+  return logger
+
+
+def _say_complete(config: ExperimentConfig, first_round: int, seconds: float, step: int) -> None:
+  if hosts.is_process0():
+    out = config.output_dir
+    message(
+      f"run complete: rounds {first_round}..{config.rounds.num_rounds} in {seconds:.0f} s, "
+      f"global step {step}; final policy: {out}/final_policy; eval generations: "
+      f"{out}/round_<t>/eval_generations.json; metrics: {out}/metrics.jsonl and "
+      f"{out}/tensorboard; log: {out}/run.log"
+    )
+
+
 def run(
   config: ExperimentConfig,
   *,
@@ -86,14 +116,7 @@ def run(
   (`preflight.check_inputs`, as ``ssapo-train`` runs it) gives the tokenizer and the loaded data
   sources, which the run then does not load again.
   """
-  # Every process must run the same resolved config and code (only its process id differs).
-  hosts.check_same_run(
-    dump_yaml(
-      dataclasses.replace(
-        config, mesh=dataclasses.replace(config.mesh, process_id=None, local_device_ids=None)
-      )
-    )
-  )
+  _check_same_run(config)
   rundir = RunDir.open(config.output_dir)
   compilation.enable_cache(config.compilation, rundir.workdir)  # before the first compile
   ckpt = open_checkpointer(
@@ -108,14 +131,7 @@ def run(
   if resume:
     rundir.pull()
   clock = time.perf_counter()
-  sinks = metric_sinks(
-    config.output_dir, config.metrics, local_dir=rundir.workdir, run_config=to_dict(config)
-  )
-  logger = MetricsLogger(
-    config.output_dir, resume_step=start.global_step if resume else -1, sinks=sinks
-  )
-  if config_change:
-    logger.log(start.global_step, {}, **config_change)
+  logger = _open_logger(config, rundir, start.global_step if resume else -1, config_change)
   if start.checkpoint_step is None and start.global_step > 0:
     message(
       f"resuming after round {start.round - 1} (checkpoint step {start.global_step}); "
@@ -127,12 +143,5 @@ def run(
       resume_here = start if t == start.round else ResumePoint(t, None, global_step)
       summaries[t], global_step = run_round(rt, t, resume_here)
     copy_final_policy(rundir, config.rounds.num_rounds)
-  if hosts.is_process0():
-    out = config.output_dir
-    message(
-      f"run complete: rounds {start.round}..{config.rounds.num_rounds} in "
-      f"{time.perf_counter() - clock:.0f} s, global step {global_step}; final policy: "
-      f"{out}/final_policy; eval generations: {out}/round_<t>/eval_generations.json; "
-      f"metrics: {out}/metrics.jsonl and {out}/tensorboard; log: {out}/run.log"
-    )
+  _say_complete(config, start.round, time.perf_counter() - clock, global_step)
   return summaries
