@@ -906,21 +906,22 @@ def load_experiment(path: str, overrides: Sequence[str] = ()):
 
 
 def model_config(experiment, *, arch: str | None = None, num_layers: int | None = None):
-  """The policy's `LlamaConfig` with the train config's dtypes and remat.
+  """The policy's model config (its registered family's) with the train config's dtypes and remat.
 
   The architecture is the preset ``arch`` (`ssapo_jax.models.presets`) or, without it, the
   ``config.json`` in ``model.path``. ``num_layers`` truncates the decoder (quick plans).
   """
   import os  # pylint: disable=import-outside-toplevel
 
-  from ssapo_jax.models import LlamaConfig  # pylint: disable=import-outside-toplevel
+  from ssapo_jax.models import family_for  # pylint: disable=import-outside-toplevel
   from ssapo_jax.models.params import read_config  # pylint: disable=import-outside-toplevel
   from ssapo_jax.models.presets import preset  # pylint: disable=import-outside-toplevel
 
   if arch is not None:
     config = preset(arch)
   elif os.path.isfile(os.path.join(experiment.model.path, "config.json")):
-    config = LlamaConfig.from_hf(read_config(experiment.model.path))
+    hf = read_config(experiment.model.path)
+    config = family_for(hf["model_type"]).config_cls.from_hf(hf)
   else:
     from ssapo_jax.models.presets import PRESETS  # pylint: disable=import-outside-toplevel
 
