@@ -951,33 +951,19 @@ def _abstract_model(config):
 
 
 def abstract_batch(train_config, mesh, *, seq_len: int, num_atoms: int = 1):
-  """The global `PreferenceBatch` the train step takes, as sharded ``ShapeDtypeStruct``s:
-  ``[global_batch_size, seq_len]`` int32 tokens, ``[global_batch_size]`` float32 columns and
-  ``[global_batch_size, num_atoms]`` float32 follower atoms (`PreferenceLoader`'s dtypes)."""
+  """The global `PreferenceBatch` the train step takes, as sharded ``ShapeDtypeStruct``s of
+  ``[global_batch_size, seq_len]`` tokens and ``[global_batch_size, num_atoms]`` atoms: the
+  shapes and dtypes of `make_preference_batch`, the constructor the loader uses."""
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
 
   from ssapo_jax import train as tr  # pylint: disable=import-outside-toplevel
-  from ssapo_jax.batch import PreferenceBatch  # pylint: disable=import-outside-toplevel
+  from ssapo_jax.batch import make_preference_batch  # pylint: disable=import-outside-toplevel
 
   b = train_config.global_batch_size
-  tok = jax.ShapeDtypeStruct((b, seq_len), jnp.int32)
-  vec = jax.ShapeDtypeStruct((b,), jnp.float32)
-  atom = jax.ShapeDtypeStruct((b, num_atoms), jnp.float32)
-  batch = PreferenceBatch(
-    chosen_ids=tok,
-    chosen_mask=tok,
-    chosen_loss_mask=tok,
-    rejected_ids=tok,
-    rejected_mask=tok,
-    rejected_loss_mask=tok,
-    weights=vec,
-    valid=vec,
-    ref_chosen_logps=vec,
-    ref_rejected_logps=vec,
-    atom_weights=atom,
-    atom_shifts=atom,
-  )
+  tokens = np.zeros((b, seq_len), np.int32)
+  atoms = np.zeros((b, num_atoms), np.float32)
+  batch = make_preference_batch(*[tokens] * 6, atom_weights=atoms, atom_shifts=atoms)
   return jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
     batch,
