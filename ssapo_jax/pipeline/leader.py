@@ -35,7 +35,7 @@ from ssapo_jax.errors import NonFiniteError
 from ssapo_jax.experiment import stream_seed
 from ssapo_jax.models import CausalLM
 from ssapo_jax.pipeline import hosts
-from ssapo_jax.pipeline.phases import follower_atoms
+from ssapo_jax.pipeline.phases import solve_follower_on_process0
 from ssapo_jax.pipeline.runtime import Runtime
 from ssapo_jax.runrecord import message, progress
 
@@ -191,7 +191,7 @@ def refresh_follower(rt: Runtime, t: int, state, dataset, judge_logps, round_ste
   margins = (pol_c - judge_logps["judge_chosen_logps"]) - (
     pol_r - judge_logps["judge_rejected_logps"]
   )
-  weights, shifts, summary = follower_atoms(rt, t, margins)
+  weights, shifts, summary = solve_follower_on_process0(rt, t, margins)
   if hosts.is_process0():
     path = _refresh_path(rt, t, round_step)
     os.makedirs(os.path.dirname(path), exist_ok=True)

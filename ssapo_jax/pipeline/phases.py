@@ -217,7 +217,9 @@ def round_pairs(rt: Runtime, t: int):
   )
 
 
-def follower_atoms(rt: Runtime, t: int, margins: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+def solve_follower_on_process0(
+  rt: Runtime, t: int, margins: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, dict]:
   """The follower's worst case over ``margins [N]`` -> ``(atom_weights, atom_shifts, summary)``.
 
   Solved once, on process 0 (a fraction of a second), and broadcast to the other processes.
@@ -272,7 +274,9 @@ def train_set(rt: Runtime, t: int, policy: CausalLM, reference: CausalLM, *, ste
     )
     scored += (reference is not policy) + (judge is not reference)
     margins = (pol_c - judge_c) - (pol_r - judge_r)
-    extras["atom_weights"], extras["atom_shifts"], summary = follower_atoms(rt, t, margins)
+    extras["atom_weights"], extras["atom_shifts"], summary = solve_follower_on_process0(
+      rt, t, margins
+    )
     judge_logps = {"judge_chosen_logps": judge_c, "judge_rejected_logps": judge_r}
     if hosts.is_process0():
       rundir.atomic_json(
