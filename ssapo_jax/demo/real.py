@@ -150,48 +150,22 @@ def build_real_world(root: str, mode: RealMode, *, log=print) -> world_lib.World
   k_eval, k_pool = jax.random.split(jax.random.key(mode.world_seed))
   gen = {"max_new_tokens": mode.max_new_tokens, "batch_size": mode.sample_batch_size}
   t_s = time.time()
-  greedy = [
-    r[0]
-    for r in world_lib.generate_responses(
-      model,
-      tokenizer,
-      eval_prompts,
-      k_eval,
-      temperature=0.0,
-      num_samples=1,
-      desc="SFT greedy on eval prompts",
-      **gen,
-    )
-  ]
-  sft_scores = ifeval.judge_scores(eval_prompts, greedy)
-  sampled = world_lib.generate_responses(
+  labels = world_lib.label_pool(
     model,
     tokenizer,
+    eval_prompts,
     pool_prompts,
+    k_eval,
     k_pool,
     temperature=mode.pool_temperature,
-    num_samples=2,
-    desc="SFT samples for the pool",
+    score=ifeval.judge_score,
+    scores=ifeval.judge_scores,
     **gen,
   )
   sample_seconds = time.time() - t_s
-  pool, sample_scores, ties = [], [], 0
-  for prompt, (a, b) in zip(pool_prompts, sampled):
-    sa, sb = ifeval.judge_score(prompt, a), ifeval.judge_score(prompt, b)
-    sample_scores += [sa, sb]
-    if sa == sb or a.strip() == b.strip() or not a.strip() or not b.strip():
-      ties += 1
-      continue
-    chosen, rejected, sc, sr = (a, b, sa, sb) if sa > sb else (b, a, sb, sa)
-    pool.append(
-      {
-        "prompt": prompt,
-        "chosen": chosen,
-        "rejected": rejected,
-        "chosen_score": sc,
-        "rejected_score": sr,
-      }
-    )
+  greedy, sft_scores, pool = labels.greedy, labels.sft_scores, labels.pool
+  sample_scores = labels.sample_scores
+  ties = labels.ties + labels.empty  # an empty response leaves the prompt out like a tie
   world_lib.write_jsonl(os.path.join(root, "pool.jsonl"), pool)
   world_lib.write_jsonl(
     os.path.join(root, "pool_prompts.jsonl"), [{"prompt": p} for p in pool_prompts]

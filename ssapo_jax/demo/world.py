@@ -29,6 +29,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -298,6 +299,71 @@ def generate_responses(
 # ----------------------------------------------------------------------------- world
 
 
+@dataclasses.dataclass
+class PoolLabels:
+  """The SFT model's greedy baseline and its judged pool (`label_pool`)."""
+
+  greedy: list[str]  # greedy response to each eval prompt
+  sft_scores: Any  # [E] judge scores of those responses
+  pool: list[dict]  # {prompt, chosen, rejected, chosen_score, rejected_score} per kept prompt
+  sample_scores: list[float]  # judge score of every pool sample, two per prompt
+  ties: int  # prompts left out: equal scores or identical responses
+  empty: int  # prompts left out: an empty response (the data pipeline rejects them)
+
+
+def label_pool(
+  model, tokenizer, eval_prompts, pool_prompts, k_eval, k_pool, *, temperature, score, scores, **gen
+) -> PoolLabels:
+  """The SFT model's greedy responses to ``eval_prompts`` and two samples per pool prompt,
+  judged by ``score(prompt, response)`` / ``scores(prompts, responses)``: the better sample
+  becomes chosen, the worse rejected (the demo's oracle and the real study's judge)."""
+  greedy = [
+    r[0]
+    for r in generate_responses(
+      model,
+      tokenizer,
+      eval_prompts,
+      k_eval,
+      temperature=0.0,
+      num_samples=1,
+      desc="SFT greedy on eval prompts",
+      **gen,
+    )
+  ]
+  sft_scores = scores(eval_prompts, greedy)
+  sampled = generate_responses(
+    model,
+    tokenizer,
+    pool_prompts,
+    k_pool,
+    temperature=temperature,
+    num_samples=2,
+    desc="SFT samples for the pool",
+    **gen,
+  )
+  pool, sample_scores, ties, empty = [], [], 0, 0
+  for prompt, (a, b) in zip(pool_prompts, sampled):
+    sa, sb = score(prompt, a), score(prompt, b)
+    sample_scores += [sa, sb]
+    if not a.strip() or not b.strip():  # The data pipeline rejects empty responses.
+      empty += 1
+      continue
+    if sa == sb or a.strip() == b.strip():
+      ties += 1
+      continue
+    chosen, rejected, sc, sr = (a, b, sa, sb) if sa > sb else (b, a, sb, sa)
+    pool.append(
+      {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "chosen_score": sc,
+        "rejected_score": sr,
+      }
+    )
+  return PoolLabels(greedy, sft_scores, pool, sample_scores, ties, empty)
+
+
 def _distinct_prompts(
   rng: np.random.Generator, num: int, config: WorldConfig, exclude: set[str]
 ) -> list[str]:
@@ -363,50 +429,20 @@ def build_world(
   gen = dict(
     max_new_tokens=config.max_new_tokens, batch_size=config.sample_batch_size, progress=progress
   )
-  greedy = [
-    r[0]
-    for r in generate_responses(
-      model,
-      tokenizer,
-      eval_prompts,
-      k_eval,
-      temperature=0.0,
-      num_samples=1,
-      desc="SFT greedy on eval prompts",
-      **gen,
-    )
-  ]
-  sft_scores = task.oracle_scores(eval_prompts, greedy)
-  sampled = generate_responses(
+  labels = label_pool(
     model,
     tokenizer,
+    eval_prompts,
     pool_prompts,
+    k_eval,
     k_pool,
     temperature=config.pool_temperature,
-    num_samples=2,
-    desc="SFT samples for the pool",
+    score=task.oracle_score,
+    scores=task.oracle_scores,
     **gen,
   )
-  pool, sample_scores, ties, empty = [], [], 0, 0
-  for prompt, (a, b) in zip(pool_prompts, sampled):
-    sa, sb = task.oracle_score(prompt, a), task.oracle_score(prompt, b)
-    sample_scores += [sa, sb]
-    if not a.strip() or not b.strip():  # The data pipeline rejects empty responses.
-      empty += 1
-      continue
-    if sa == sb or a.strip() == b.strip():
-      ties += 1
-      continue
-    chosen, rejected, sc, sr = (a, b, sa, sb) if sa > sb else (b, a, sb, sa)
-    pool.append(
-      {
-        "prompt": prompt,
-        "chosen": chosen,
-        "rejected": rejected,
-        "chosen_score": sc,
-        "rejected_score": sr,
-      }
-    )
+  greedy, sft_scores, pool = labels.greedy, labels.sft_scores, labels.pool
+  ties, empty, sample_scores = labels.ties, labels.empty, labels.sample_scores
   sample_scores = np.array(sample_scores)
 
   write_jsonl(os.path.join(root, "pool.jsonl"), pool)
