@@ -450,6 +450,16 @@ def _validate(xi, epsilon, slopes, intercepts, support, group_ids, num_groups, v
   )
 
 
+def _group_counts(valid, group_ids, num_groups: int, dtype) -> jax.Array:
+  """Real points per group, ``[num_groups]``: N_g, the group's share of the budget N_g·ε."""
+  return jax.ops.segment_sum(valid.astype(dtype), group_ids, num_segments=num_groups)
+
+
+def _piecewise_loss(xi, slopes, intercepts) -> jax.Array:
+  """ℓ̃(ξ) = max_k a_k ξ + b_k, ``[N]``: the piecewise-linear loss at each point."""
+  return jnp.max(xi[:, None] * slopes + intercepts, axis=1)
+
+
 def _segment_exclusive_suffix_sum(values, segment_start):
   """Σ of ``values`` after each position within its segment (segments are contiguous runs;
   ``segment_start`` marks their first element). No subtraction, so no cancellation."""
@@ -518,7 +528,7 @@ def _solve_exact(xi, slopes, intercepts, lo, hi, epsilon, group_ids, valid, *, n
   drop_s = drop[idx_s]
   seg_start = jnp.concatenate([jnp.ones(1, bool), gid_s[1:] != gid_s[:-1]])
   rest = _segment_exclusive_suffix_sum(drop_s, seg_start)  # cost left if this one is applied
-  counts = jax.ops.segment_sum(valid.astype(dtype), group_ids, num_segments=num_groups)
+  counts = _group_counts(valid, group_ids, num_groups, dtype)
   budget = (counts * epsilon)[gid_s]
   partial = (rest + drop_s - budget) / jnp.where(drop_s > 0, drop_s, 1)
   applied = jnp.where(
@@ -729,7 +739,7 @@ def _solve_bisection(
 ):
   """Exact solution by bisection on λ (the capped program, or the plain one as a polish)."""
   dtype = xi.dtype
-  counts = jax.ops.segment_sum(valid.astype(dtype), group_ids, num_segments=num_groups)
+  counts = _group_counts(valid, group_ids, num_groups, dtype)
   real = _pad(valid, group_ids, slot, num_groups, width, False)
   x_pad = _pad(xi, group_ids, slot, num_groups, width, lo)
   d_lo = jnp.where(real, x_pad - lo, 0.0)
@@ -740,7 +750,7 @@ def _solve_bisection(
   )
   s, r = s[group_ids, slot], r[group_ids, slot]
   q = -jnp.sign(slopes) * r
-  loss_xi = jnp.max(xi[:, None] * slopes + intercepts, axis=1)
+  loss_xi = _piecewise_loss(xi, slopes, intercepts)
   return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, lam, num_groups, valid)
 
 
@@ -809,9 +819,9 @@ def _solve_osqp(
   keep = better[group_ids][:, None]
   s = jnp.where(keep, polished.atom_weights, raw.atom_weights)
   q = s * jnp.where(keep, polished.atom_shifts, raw.atom_shifts)
-  counts = jax.ops.segment_sum(valid.astype(xi.dtype), group_ids, num_segments=num_groups)
+  counts = _group_counts(valid, group_ids, num_groups, xi.dtype)
   dual = jnp.where(better, polished.dual, raw.dual)
-  loss_xi = jnp.max(xi[:, None] * slopes + intercepts, axis=1)
+  loss_xi = _piecewise_loss(xi, slopes, intercepts)
   return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, dual, num_groups, valid)
 
 
@@ -837,7 +847,7 @@ def _osqp_core(
 
   dtype = xi.dtype
   num_pieces = slopes.shape[0]
-  counts = jax.ops.segment_sum(valid.astype(dtype), group_ids, num_segments=num_groups)
+  counts = _group_counts(valid, group_ids, num_groups, dtype)
   real = _pad(valid, group_ids, slot, num_groups, width, False)
   x_pad = _pad(xi, group_ids, slot, num_groups, width, lo)
   # Padded slots get an empty support (reach 0, so nothing moves) and no objective weight.
@@ -907,7 +917,7 @@ def _osqp_core(
     num_groups,
     per_atom_cap,
   )
-  loss_xi = jnp.max(xi[:, None] * slopes + intercepts, axis=1)
+  loss_xi = _piecewise_loss(xi, slopes, intercepts)
   return _finish(xi, s, q, slopes, intercepts, loss_xi, group_ids, counts, lam, num_groups, valid)
 
 
