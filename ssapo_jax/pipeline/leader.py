@@ -295,7 +295,7 @@ class CheckpointHook:
         f"round {ctx.t}: no finite step since the restore; not saving checkpoint {ctx.global_step}"
       )
       return
-    self.rt.ckpt.save(
+    self.rt.save_checkpoint(
       ctx.global_step,
       ctx.state,
       {
@@ -305,7 +305,6 @@ class CheckpointHook:
         "cursor": ctx.batches.cursor.to_dict(),
         "global_step": ctx.global_step,
       },
-      force=True,
     )
 
   def end(self, ctx: StepContext) -> None:

@@ -146,8 +146,8 @@ def run_round(rt: Runtime, t: int, resume: ResumePoint = ResumePoint()) -> tuple
   for s in [s for s in rt.policies if s not in keep]:
     rt.policies.pop(s)
   global_step += 1  # the round-end checkpoint gets a step of its own
-  rt.ckpt.save(
-    global_step, state, {"round": t, "phase": ROUND_DONE, "global_step": global_step}, force=True
+  rt.save_checkpoint(
+    global_step, state, {"round": t, "phase": ROUND_DONE, "global_step": global_step}
   )
   rt.ckpt.wait()
   return summary, global_step

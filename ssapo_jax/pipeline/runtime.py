@@ -101,6 +101,13 @@ class Runtime:
     self.ckpt.close()
     self.logger.close()
 
+  def save_checkpoint(self, step: int, state, meta: dict) -> None:
+    """Saves checkpoint ``step`` and flushes the metrics: storage then holds every record the
+    checkpoint covers, so a resume from it (which keeps the records up to its step and drops
+    the rest) loses no history, even when ``output_dir`` is remote and the run is killed."""
+    self.ckpt.save(step, state, meta, force=True)
+    self.logger.flush()
+
   @property
   def workdir(self) -> str:
     """Local directory of the phase outputs (= output_dir unless that is remote)."""
