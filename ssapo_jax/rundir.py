@@ -13,13 +13,14 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 
-from ssapo_jax.storage import is_remote  # noqa: F401  (re-exported: the run directory's test)
+from ssapo_jax.storage import is_remote  # also re-exported: the run directory's test
 
 
 def atomic_json(path: str, obj: Any) -> None:
@@ -36,15 +37,42 @@ def atomic_npz(path: str, **arrays) -> None:
 
 
 def local_workdir(output_dir: str) -> str:
-  """Where phase outputs are written: the output directory, or a local mirror of a remote one."""
+  """Where phase outputs are written: the output directory, or a local mirror of a remote one
+  (one per process, so that processes sharing a machine never clear each other's)."""
   if not is_remote(output_dir):
     return output_dir
   digest = hashlib.sha1(output_dir.encode()).hexdigest()[:12]
-  return os.path.join(tempfile.gettempdir(), "ssapo_jax", digest)
+  return os.path.join(tempfile.gettempdir(), "ssapo_jax", f"{digest}-p{jax.process_index()}")
 
 
 # Written to the remote directory directly (orbax, the metrics logger), never mirrored.
 _NOT_MIRRORED = ("checkpoints", "tensorboard", "metrics.jsonl", "config.yaml", "cache")
+# What a mirror holds that is this machine's own, not a copy of the remote directory: the run
+# log, the compile counters and the default compilation cache (ssapo_jax.compilation).
+_LOCAL_ONLY = ("run.log", "jax_cache")
+_LOCAL_ONLY_PREFIXES = ("compile_stats-",)
+
+
+def clear_mirror(workdir: str) -> list[str]:
+  """Deletes the phase outputs of a remote run's local mirror; returns the names removed.
+
+  A mirror left by an earlier run (killed, finished, or of a remote directory since deleted) is
+  no evidence of what the remote directory holds now, and the cached phases would trust it. So a
+  run starts from an empty mirror and a resume pulls what the remote directory has.
+  """
+  removed = []
+  if not os.path.isdir(workdir):
+    return removed
+  for name in sorted(os.listdir(workdir)):
+    if name in _LOCAL_ONLY or name.startswith(_LOCAL_ONLY_PREFIXES):
+      continue
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path)
+    else:
+      os.remove(path)
+    removed.append(name)
+  return removed
 
 
 def _remote_path(path: str):
@@ -107,8 +135,11 @@ class RunDir:
 
   @classmethod
   def open(cls, output_dir: str) -> "RunDir":
-    """The run directory of ``output_dir``, its working copy created."""
+    """The run directory of ``output_dir``, its working copy created (for a remote directory,
+    an empty mirror: `clear_mirror`; `pull` brings a resumed run's outputs down)."""
     workdir = local_workdir(output_dir)
+    if is_remote(output_dir):
+      clear_mirror(workdir)
     os.makedirs(workdir, exist_ok=True)
     return cls(output_dir, workdir)
 

@@ -69,3 +69,40 @@ def test_push_then_pull_mirrors_phase_outputs(tmp_path, fake_bucket):
   np.testing.assert_array_equal(
     np.load(os.path.join(fresh, "round_1", "generations.npz"))["tokens"], np.ones((2, 3))
   )
+
+
+def test_a_remote_run_starts_from_an_empty_mirror(tmp_path, monkeypatch, fake_bucket):
+  # A mirror left by an earlier run of the same gs:// path (killed, or the remote directory
+  # deleted since) must not be trusted: the cached phases would reuse its samples.
+  monkeypatch.setattr(rundir.tempfile, "gettempdir", lambda: str(tmp_path))
+  out = "gs://bucket/run"
+  work = rundir.local_workdir(out)
+  assert work.startswith(str(tmp_path)) and work.endswith("-p0")  # one mirror per process
+  os.makedirs(os.path.join(work, "round_1"))
+  rundir.atomic_npz(os.path.join(work, "round_1", "generations.npz"), tokens=np.zeros((2, 3)))
+  rundir.atomic_json(os.path.join(work, "split_manifest.json"), {"stale": True})
+  os.makedirs(os.path.join(work, "jax_cache"))
+  for name in ("run.log", "compile_stats-p0.json", os.path.join("jax_cache", "entry")):
+    with open(os.path.join(work, name), "w") as f:
+      f.write("this machine's own")
+  rd = rundir.RunDir.open(out)
+  assert rd.workdir == work
+  assert sorted(os.listdir(work)) == ["compile_stats-p0.json", "jax_cache", "run.log"]
+  assert os.listdir(os.path.join(work, "jax_cache")) == ["entry"]
+  # What the remote directory holds comes back with the resume's pull, and only that.
+  (fake_bucket / "run" / "round_0").mkdir(parents=True)
+  (fake_bucket / "run" / "round_0" / "summary.json").write_text('{"round": 0}')
+  rd.pull()
+  assert sorted(os.listdir(work)) == [
+    "compile_stats-p0.json",
+    "jax_cache",
+    "round_0",
+    "run.log",
+  ]
+
+
+def test_a_local_run_directory_is_never_cleared(tmp_path):
+  (tmp_path / "round_0").mkdir()
+  (tmp_path / "round_0" / "summary.json").write_text("{}")
+  rd = rundir.RunDir.open(str(tmp_path))
+  assert rd.workdir == str(tmp_path) and os.listdir(tmp_path / "round_0") == ["summary.json"]

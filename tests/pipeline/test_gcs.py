@@ -247,7 +247,7 @@ RUN_TIMEOUT = 3600  # seconds; generous for shared, overloaded CI machines
 
 @pytest.mark.slow
 def test_whole_run_on_gcs_killed_and_resumed_equals_local_run(gcs, world, gcs_model, tmp_path):
-  from ssapo_jax.pipeline import rundir
+  from ssapo_jax import rundir
 
   # One persistent compilation cache: the relaunched run reuses the first one's programs.
   cache = dict(
