@@ -16,7 +16,14 @@ def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(tmp_path):
   out = str(tmp_path / "run")
   config = write_config(world, out, str(tmp_path))
   proc = subprocess.Popen(
-    command(config), env=env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    command(config),
+    env=env(8),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    # As from an interactive shell: a suite started in the background (`pytest &`) hands its
+    # children SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
   )
   checkpoints = os.path.join(out, "checkpoints")
   deadline = time.time() + 600
