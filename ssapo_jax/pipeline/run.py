@@ -134,8 +134,8 @@ def run(
   logger = _open_logger(config, rundir, start.global_step if resume else -1, config_change)
   if start.checkpoint_step is None and start.global_step > 0:
     message(
-      f"resuming after round {start.round - 1} (checkpoint step {start.global_step}); "
-      f"round {start.round} starts"
+      f"resuming from checkpoint step {start.global_step} (round {start.round - 1} done; "
+      f"round {start.round} starts)"
     )
   summaries, global_step = {}, start.global_step
   with Runtime.build(config, rundir, ckpt=ckpt, logger=logger, preflight=preflight) as rt:

@@ -100,7 +100,7 @@ def test_one_round_on_smollm2_with_sigkill_and_resume(smollm2_world, tmp_path):
   rerun = subprocess.run(command(config), env=env(1), capture_output=True, text=True, timeout=1500)
   assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
   assert "taking over the stale lock" in rerun.stderr
-  assert "resuming after round 0" in rerun.stderr
+  assert "(round 0 done; round 1 starts)" in rerun.stderr
   records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
   train = [r for r in records if "loss" in r]
   # round 0 was finished before the kill: the rerun does not train it again
