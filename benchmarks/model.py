@@ -22,7 +22,9 @@ It prints
   each ``--batches`` size with ``--prompt``-token prompts (``--long-prompt`` adds a run whose
   cache ends at that prompt + new tokens, e.g. 960 + 64 = 1024 slots, batch 8);
 * the wall and process CPU time of one jitted decode step (cache donated, one token per row)
-  at each cache length of ``--step-lengths``.
+  at each position of ``--step-lengths``, in a cache of exactly that many slots and in one of
+  ``--step-cache`` slots (the sampler allocates prompt + max new tokens and fills it step by
+  step: a step must cost what is filled, not what is allocated).
 
   nice -n 10 python benchmarks/model.py --decode            # the issue 22 figures
   nice -n 10 python benchmarks/model.py --decode --jax-only # ours only (e.g. an older tree)
@@ -146,13 +148,17 @@ def _min_time(fn, repeats):
   return min(times)
 
 
-def decode_step_seconds(model, batch: int, slots: int, repeats: int) -> tuple[float, float]:
-  """``(wall, cpu)`` seconds of one jitted decode step (one token per row, cache of ``slots``
-  donated): the fastest of 3 rounds of ``repeats`` steps. CPU seconds are the process's, all
-  threads: on a shared machine they move less with the load than wall time."""
+def decode_step_seconds(
+  model, batch: int, slots: int, repeats: int, allocated: int | None = None
+) -> tuple[float, float]:
+  """``(wall, cpu)`` seconds of one jitted decode step (one token per row at slot ``slots - 1``,
+  a cache of ``allocated`` slots, default ``slots``, donated): the fastest of 3 rounds of
+  ``repeats`` steps. CPU seconds are the process's, all threads: on a shared machine they move
+  less with the load than wall time."""
   from flax import nnx
 
   graphdef, state = nnx.split(model)
+  allocated = allocated or slots
 
   @functools.partial(jax.jit, donate_argnums=1)
   def step(state, cache, token, pos, kv_mask):
@@ -161,9 +167,9 @@ def decode_step_seconds(model, batch: int, slots: int, repeats: int) -> tuple[fl
     )
     return jnp.argmax(logits, -1).astype(jnp.int32), cache
 
-  carry = [model.init_cache(batch, slots), jnp.zeros((batch, 1), jnp.int32)]
+  carry = [model.init_cache(batch, allocated), jnp.zeros((batch, 1), jnp.int32)]
   pos = jnp.full((batch, 1), slots - 1, jnp.int32)
-  kv_mask = jnp.ones((batch, slots), jnp.int32)
+  kv_mask = (jnp.arange(allocated) < slots).astype(jnp.int32)[None].repeat(batch, 0)
 
   def run(n):
     for _ in range(n):
@@ -267,15 +273,21 @@ def decode_suite(args):
           flush=True,
         )
   for batch in args.step_batches:
-    times = {s: decode_step_seconds(model, batch, s, args.step_repeats) for s in args.step_lengths}
-    for i, what in ((0, "wall"), (1, "cpu")):
-      t = {s: v[i] for s, v in times.items()}
-      print(
-        f"decode step batch={batch} {what}: "
-        + "  ".join(f"cache {s}: {1e3 * v:.0f} ms" for s, v in t.items())
-        + f"  (max/min {max(t.values()) / min(t.values()):.2f})",
-        flush=True,
-      )
+    allocations = [None] + ([args.step_cache] if args.step_cache else [])
+    for allocated in allocations:
+      times = {
+        s: decode_step_seconds(model, batch, s, args.step_repeats, allocated)
+        for s in args.step_lengths
+      }
+      cache = "cache = position" if allocated is None else f"cache {allocated} slots"
+      for i, what in ((0, "wall"), (1, "cpu")):
+        t = {s: v[i] for s, v in times.items()}
+        print(
+          f"decode step batch={batch} {cache} {what}: "
+          + "  ".join(f"position {s}: {1e3 * v:.0f} ms" for s, v in t.items())
+          + f"  (max/min {max(t.values()) / min(t.values()):.2f})",
+          flush=True,
+        )
 
 
 def main():
@@ -308,6 +320,12 @@ def main():
   )
   parser.add_argument("--step-lengths", default="128,512,1024")
   parser.add_argument("--step-batches", default="8")
+  parser.add_argument(
+    "--step-cache",
+    type=int,
+    default=1088,
+    help="--decode: also time each step position in a cache of this many slots (0 = skip)",
+  )
   parser.add_argument("--step-repeats", type=int, default=5)
   parser.add_argument("--jax-only", action="store_true", help="--decode: skip transformers")
   parser.add_argument(
