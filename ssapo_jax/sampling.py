@@ -124,6 +124,7 @@ class _Settings(NamedTuple):
   num_samples: int
   eos_token_ids: tuple[int, ...]
   pad_token_id: int
+  rows: int = 0  # rows in flight with refill (`_refill_loop`); 0 = every row at once
 
 
 def _constrain(mesh, x, logical_axes):
@@ -155,14 +156,11 @@ def _generate(
   the prefill's attention kernel is the one for the mesh's platform (splash on TPU, under
   ``shard_map`` over the mesh; `ssapo_jax.models.attention`).
   """
+  loop = _refill_loop if settings.rows else _sample_loop
   if mesh is None:
-    return _sample_loop(
-      graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key, settings, None
-    )
+    return loop(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key, settings, None)
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-    return _sample_loop(
-      graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key, settings, mesh
-    )
+    return loop(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key, settings, mesh)
 
 
 def _sample_loop(
@@ -244,8 +242,156 @@ def _sample_loop(
   return gen, out["step"]
 
 
+# With refill, ended rows take new prompts once at least this share of the rows in flight
+# (and at least one) has ended, or all have: each refill is a prefill of every row's slot.
+REFILL_SHARE = 0.25
+
+
+def _refill_loop(
+  graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key, settings, mesh
+):
+  """`_sample_loop` with ``settings.rows`` rows in flight over a queue of all the prompts'
+  samples (jobs, prompt-major): a row whose response ended takes the next job, so no row
+  decodes past its end while jobs wait. Returns ``(Generation, decode steps run)``.
+
+  Each row keeps its own step count, RoPE position and cache slots (``Llama.decode`` with a
+  ``[rows]`` cache index); a job's draws use its key and its own step, its prompt sits at
+  slots ``0 .. P - 1`` and its tokens after, as in `_sample_loop`. Rows are independent in
+  every computation of a step, so a job's samples equal `_sample_loop`'s with the same
+  padded length (``tests/test_sampling.py`` checks it bit for bit on CPU).
+
+  The loop is two ``while_loop``s: decode steps until `REFILL_SHARE` of the rows (or all) have
+  ended, then one refill: the next prompts are prefilled (all ``rows`` slots, same shapes
+  as the first prefill) and written into the ended rows' prompt slots, the others kept.
+  """
+  s = settings
+  model: CausalLM = nnx.merge(graphdef, params, rest)
+  num_prompts, prompt_len = prompt_ids.shape
+  rows, n, jobs = s.rows, s.max_new_tokens, num_prompts * s.num_samples
+  refill_at = max(1, int(REFILL_SHARE * rows))
+  by_row = lambda x: _constrain(mesh, x, ("batch",) + (None,) * (x.ndim - 1))
+  cache_layout = lambda c: jax.tree.map(
+    lambda x: _constrain(mesh, x, ("layers", "batch", "kv_heads", None, "head_dim")), c
+  )
+  queue_ids, queue_mask = prompt_ids.astype(jnp.int32), prompt_mask.astype(jnp.int32)
+  prompt_index = prompt_index.astype(jnp.int32)
+  eos = jnp.asarray(s.eos_token_ids if s.eos_token_ids else (-1,), jnp.int32)
+
+  def job_keys(job):  # [rows] keys of jobs (prompt-major: job = prompt * S + sample)
+    prompt, sample = job // s.num_samples, job % s.num_samples
+    return jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(key, i), j))(
+      prompt_index[prompt], sample
+    )
+
+  def start(c, new, job):
+    """Prefills jobs ``job`` into the rows where ``new`` [rows] holds; other rows unchanged."""
+    prompt = jnp.clip(job // s.num_samples, 0, num_prompts - 1)
+    ids, mask = by_row(queue_ids[prompt]), by_row(queue_mask[prompt])
+    kv_mask = jnp.concatenate([mask, jnp.zeros((rows, n), jnp.int32)], axis=1)
+    logits, fresh = model.prefill(
+      ids, positions_from_mask(mask), model.init_cache(rows, prompt_len), kv_mask=kv_mask
+    )
+    keep = lambda a, b: jnp.where(new.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+
+    def merge(old, x):  # the new rows' prompt slots, in place
+      head = jax.lax.slice_in_dim(old, 0, prompt_len, axis=3)
+      x = jnp.where(new[None, :, None, None, None], x.astype(old.dtype), head)
+      return jax.lax.dynamic_update_slice_in_dim(old, x, 0, axis=3)
+
+    return dict(
+      c,
+      cache=cache_layout(jax.tree.map(merge, c["cache"], fresh)),
+      logits=by_row(keep(logits.astype(jnp.float32), c["logits"])),
+      kv_mask=by_row(keep(kv_mask, c["kv_mask"])),
+      pos=keep(jnp.sum(mask, axis=-1).astype(jnp.int32), c["pos"]),
+      t=keep(jnp.zeros((rows,), jnp.int32), c["t"]),
+      job=keep(job, c["job"]),
+      keys=keep(job_keys(job), c["keys"]),
+      done=keep(jnp.zeros((rows,), bool), c["done"]),
+    )
+
+  first = jnp.arange(rows, dtype=jnp.int32)
+  init = dict(
+    steps=jnp.zeros((), jnp.int32),
+    next_job=jnp.minimum(rows, jobs).astype(jnp.int32),
+    cache=cache_layout(model.init_cache(rows, prompt_len + n)),
+    logits=by_row(jnp.zeros((rows, model.config.vocab_size), jnp.float32)),
+    kv_mask=by_row(jnp.zeros((rows, prompt_len + n), jnp.int32)),
+    pos=jnp.zeros((rows,), jnp.int32),
+    t=jnp.zeros((rows,), jnp.int32),
+    job=first,
+    keys=job_keys(first),
+    done=first >= jobs,  # rows beyond the jobs stay idle
+    tokens=jnp.full((jobs, n), s.pad_token_id, jnp.int32),
+    mask=jnp.zeros((jobs, n), jnp.int32),
+    logps=jnp.zeros((jobs, n), jnp.float32),
+  )
+  init = start(init, first < jobs, first)
+
+  def step(c):
+    t = c["t"]
+    step_keys = jax.vmap(jax.random.fold_in)(c["keys"], t)
+    token = _sample(c["logits"], step_keys, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    live = ~c["done"]
+    logp = jnp.take_along_axis(jax.nn.log_softmax(c["logits"], axis=-1), token[:, None], axis=-1)[
+      :, 0
+    ]
+    token = jnp.where(live, token, s.pad_token_id)
+    done = c["done"] | (live & (jnp.isin(token, eos) | (t + 1 >= n)))
+    slot = prompt_len + jnp.minimum(t, n - 1)  # an ended row rewrites its last slot
+    kv_mask = c["kv_mask"].at[jnp.arange(rows), slot].set(1)
+    logits, cache = model.decode(
+      token[:, None], c["pos"][:, None], c["cache"], cache_index=slot, kv_mask=kv_mask
+    )
+    at = (jnp.where(live, c["job"], jobs), jnp.minimum(t, n - 1))  # ended rows: dropped
+    put = lambda a, v: a.at[at].set(v, mode="drop")
+    return dict(
+      c,
+      steps=c["steps"] + 1,
+      logits=by_row(logits[:, -1].astype(jnp.float32)),
+      cache=cache_layout(cache),
+      kv_mask=by_row(kv_mask),
+      pos=c["pos"] + live,
+      t=t + live,
+      done=done,
+      tokens=put(c["tokens"], token),
+      mask=put(c["mask"], jnp.ones((rows,), jnp.int32)),
+      logps=put(c["logps"], logp),
+    )
+
+  def decode_until_refill(c):
+    ended = lambda c: jnp.sum(c["done"])
+    waiting = c["next_job"] < jobs
+    return jax.lax.while_loop(
+      lambda c: ~jnp.all(c["done"]) & ~(waiting & (ended(c) >= refill_at)), step, c
+    )
+
+  def refill(c):
+    idle = c["done"]
+    job = c["next_job"] + jnp.cumsum(idle).astype(jnp.int32) - 1
+    new = idle & (job < jobs)
+    c = start(c, new, job)
+    return dict(c, next_job=c["next_job"] + jnp.sum(new).astype(jnp.int32))
+
+  out = jax.lax.while_loop(
+    lambda c: ~jnp.all(c["done"]) | (c["next_job"] < jobs),
+    lambda c: refill(decode_until_refill(c)),
+    init,
+  )
+  return Generation(out["tokens"], out["mask"], out["logps"]), out["steps"]
+
+
 def _settings(
-  config, *, max_new_tokens, temperature, top_p, top_k, num_samples, eos_token_ids, pad_token_id
+  config,
+  *,
+  max_new_tokens,
+  temperature,
+  top_p,
+  top_k,
+  num_samples,
+  eos_token_ids,
+  pad_token_id,
+  rows=0,
 ) -> _Settings:
   """Validated `_Settings`; EOS and pad ids default to the model config's."""
   if eos_token_ids is None:
@@ -261,11 +407,18 @@ def _settings(
       if eos_token_ids
       else 0
     )
-  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or num_samples < 1:
+  if (
+    temperature < 0
+    or not 0 < top_p <= 1
+    or top_k < 0
+    or max_new_tokens < 1
+    or num_samples < 1
+    or (rows or 0) < 0
+  ):
     raise ValueError(
       f"generate: invalid sampling arguments temperature={temperature}, "
       f"top_p={top_p}, top_k={top_k}, max_new_tokens={max_new_tokens}, "
-      f"num_samples={num_samples}"
+      f"num_samples={num_samples}, rows={rows}"
     )
   return _Settings(
     int(max_new_tokens),
@@ -275,6 +428,7 @@ def _settings(
     int(num_samples),
     eos_token_ids,
     int(pad_token_id),
+    int(rows or 0),
   )
 
 
@@ -292,6 +446,7 @@ def generate(
   eos_token_ids: Sequence[int] | int | None = None,
   pad_token_id: int | None = None,
   prompt_index=None,
+  rows: int | None = None,
 ) -> Generation:
   """Samples ``num_samples`` continuations of each left-padded prompt (one batch, plain jit).
 
@@ -307,6 +462,9 @@ def generate(
     eos_token_ids: tokens that end a response (default: the model config's).
     pad_token_id: filler after the end (default: config pad, else the first EOS, else 0).
     prompt_index: ``[B]`` int the prompts' indices that seed their keys (default ``0..B-1``).
+    rows: decode at most this many rows at once (None: all ``B*S``). Fewer rows than
+      ``B*S`` refill: a row whose response ended takes the next prompt's sample
+      (`_refill_loop`), with the same samples as decoding every row at once.
 
   Returns:
     `Generation` with ``[B*S, N]`` arrays, prompt-major rows.
@@ -320,6 +478,7 @@ def generate(
     num_samples=num_samples,
     eos_token_ids=eos_token_ids,
     pad_token_id=pad_token_id,
+    rows=rows if rows and rows < prompt_ids.shape[0] * num_samples else 0,
   )
   if prompt_ids.ndim != 2 or prompt_mask.shape != prompt_ids.shape:
     raise ValueError(

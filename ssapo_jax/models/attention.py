@@ -174,14 +174,17 @@ def cached_attention(
     q: ``[B, T, N, H]`` queries (RoPE applied), compute dtype.
     keys, values: ``[L, B, K, S, H]`` the stacked cache, already holding the queries' own keys.
     layer: int scalar (may be traced), the layer whose ``[B, K, S, H]`` slice is read.
-    q_slots: ``[T]`` int, the queries' slots (consecutive: ``q_slots[0] + arange(T)``).
+    q_slots: ``[T]`` int, the queries' slots (consecutive: ``q_slots[0] + arange(T)``), or
+      ``[B, T]``: each row's own.
     kv_mask: ``[B, S]`` segment ids as in `attention` (0 on padding and unwritten slots).
     window: keys with ``q_slot - k_slot >= window`` are masked; None = full causal.
     block_size: slots per block (default `DECODE_KEY_BLOCK`, at most ``S``).
 
   Blocks ``lo .. hi - 1`` are read in a ``fori_loop`` whose bounds are traced: ``hi`` ends at
   the last query's slot (later slots are masked by causality) and, with a window, ``lo``
-  starts at the first slot in the window. Each block is sliced from the cache where it lies
+  starts at the first slot in the window (over all rows, with per-row slots). A block with
+  no allowed key for a query adds exactly nothing to its sums, so a row's result does not
+  depend on how many blocks the other rows make the loop run. Each block is sliced from the cache where it lies
   (its ``[B, K, blk, H]`` layout is the einsums' operand layout: no transpose, no copy of the
   layer's slice). Scores and the running sums are float32; the result equals `attention`'s
   ``xla`` path up to float rounding (the sums run in another order).
@@ -198,10 +201,11 @@ def cached_attention(
   blk = min(int(block_size or DECODE_KEY_BLOCK), s)
   qg = q.reshape(b, t, kh, g, h)
   scale = h**-0.5
-  first, last = q_slots[0], q_slots[-1]
+  q_slots = jnp.broadcast_to(q_slots, (b, t))  # [B, T]
+  first, last = jnp.min(q_slots), jnp.max(q_slots)
   hi = jnp.minimum(last // blk + 1, -(-s // blk))
   lo = 0 if window is None else jnp.maximum(first - window + 1, 0) // blk
-  own_segment = jnp.take(kv_mask, q_slots, axis=1)  # [B, T]
+  own_segment = jnp.take_along_axis(kv_mask, q_slots, axis=1)  # [B, T]
   neg = jnp.finfo(jnp.float32).min
 
   def body(j, carry):
@@ -211,10 +215,11 @@ def cached_attention(
     k, v = read(keys).astype(q.dtype), read(values).astype(q.dtype)
     slots = start + jnp.arange(blk)
     seg = jax.lax.dynamic_slice_in_dim(kv_mask, start, blk, axis=1)  # [B, blk]
-    allowed = (slots[None, :] <= q_slots[:, None]) & (slots[None, :] >= j * blk)  # [T, blk]
+    qs = q_slots[:, :, None]
+    allowed = (slots <= qs) & (slots >= j * blk)  # [B, T, blk]
     if window is not None:
-      allowed &= slots[None, :] > q_slots[:, None] - window
-    allowed = allowed[None] & (seg[:, None, :] > 0) & (own_segment[:, :, None] == seg[:, None, :])
+      allowed &= slots > qs - window
+    allowed &= (seg[:, None, :] > 0) & (own_segment[:, :, None] == seg[:, None, :])
     allowed = allowed[:, None, None]  # [B, 1, 1, T, blk]
     scores = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(allowed, scores, neg)

@@ -643,8 +643,12 @@ class DecoderLayer(nnx.Module):
       out = self.attn.attend(q, k, v, q_slots, q_slots, kv_mask, window_index)
     else:
       k, v = k.astype(cache.keys.dtype), v.astype(cache.values.dtype)
-      at = (layer_index, 0, 0, cache_index, 0)
-      put = lambda c, x: jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2)[None], at)
+      if q_slots.ndim == 2:  # each row at its own slots (`Llama.decode` with [B] cache_index)
+        rows = jnp.arange(x.shape[0])[:, None]
+        put = lambda c, x: c.at[layer_index, rows, :, q_slots, :].set(x, unique_indices=True)
+      else:
+        at = (layer_index, 0, 0, cache_index, 0)
+        put = lambda c, x: jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2)[None], at)
       cache = KVCache(put(cache.keys, k), put(cache.values, v))
       if prefill:
         t = x.shape[1]
@@ -852,17 +856,21 @@ class Llama(nnx.Module):
   ) -> tuple[jax.Array, KVCache]:
     """Runs ``input_ids [B, T]`` against the cache and returns ``(logits [B, T, V], cache)``.
 
-    The tokens are written at cache slots ``cache_index .. cache_index + T - 1`` (same for all
-    rows, so prompts are left-padded). ``positions [B, T]`` are their RoPE positions and
-    ``kv_mask [B, S]`` marks valid slots (including the new ones). Numerics equal the full
-    forward (same masks, same dtypes); dynamic RoPE uses the longest position of this call,
-    as transformers' cached decoding does. Attention against the cache reads only the slots up
-    to ``cache_index + T - 1``, whatever `LlamaConfig.attention` says (`Attention.attend_cache`),
-    so a step's attention costs the filled length, not the allocated ``S``.
+    The tokens are written at cache slots ``cache_index .. cache_index + T - 1``: the same for
+    all rows (an int scalar; prompts left-padded), or each row's own (``cache_index [B]``,
+    rows that started at different times, as the sampler's refill runs them).
+    ``positions [B, T]`` are their RoPE positions and ``kv_mask [B, S]`` marks valid slots
+    (including the new ones). Numerics equal the full forward (same masks, same dtypes), and
+    a row's do not depend on the other rows (nor on whether the slots are shared); dynamic
+    RoPE uses the longest position of this call, as transformers' cached decoding does.
+    Attention against the cache reads only the slots up to the last new one, whatever
+    `LlamaConfig.attention` says (`Attention.attend_cache`), so a step's attention costs the
+    filled length, not the allocated ``S``.
     """
     x = self.embedding[...].astype(self.dtype)[input_ids]
     cos, sin = _rope_cos_sin(self.config, positions, self.dtype)
-    q_slots = cache_index + jnp.arange(input_ids.shape[1])
+    cache_index = jnp.asarray(cache_index)
+    q_slots = cache_index[..., None] + jnp.arange(input_ids.shape[1])  # [T] or [B, T]
     h, cache = self._run_layers(x, cos, sin, q_slots, kv_mask, cache, cache_index)
     logits = jnp.einsum("BTD,VD->BTV", h, self.unembedding().astype(h.dtype))
     return logits, cache

@@ -125,10 +125,11 @@ def test_decode_step_updates_the_cache_in_place(monkeypatch, block):
   _check_in_place()
 
 
-@pytest.mark.parametrize("block", [128, 8])
-def test_sampling_loop_moves_no_cache_sized_buffer(monkeypatch, block):
+@pytest.mark.parametrize("block,rows", [(128, 0), (8, 0), (128, 4), (8, 4)])
+def test_sampling_loop_moves_no_cache_sized_buffer(monkeypatch, block, rows):
   """The sampler's loops (the prefill's and the decode steps' scans over the layers) copy no
-  buffer of the cache's size; the old cached layer copied it 4 times per layer."""
+  buffer of the cache's size; the old cached layer copied it 4 times per layer. ``rows`` 4:
+  the refill loop (4 rows in flight for 6 jobs: per-row cache slots, refill prefills)."""
   monkeypatch.setattr(attn, "DECODE_KEY_BLOCK", block)
   model = nnx.eval_shape(lambda: Llama(_config(4), rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -141,6 +142,7 @@ def test_sampling_loop_moves_no_cache_sized_buffer(monkeypatch, block):
     num_samples=2,
     eos_token_ids=(2,),
     pad_token_id=0,
+    rows=rows,
   )
   ids = jax.ShapeDtypeStruct((3, 16), jnp.int32)
   index = jax.ShapeDtypeStruct((3,), jnp.int32)
@@ -150,7 +152,7 @@ def test_sampling_loop_moves_no_cache_sized_buffer(monkeypatch, block):
     .compile()
     .as_text()
   )
-  cache_elements = 4 * 6 * (16 + 24) * 2 * 8  # [L, rows, K, P + N, H]
+  cache_elements = 4 * (rows or 6) * (16 + 24) * 2 * 8  # [L, rows, K, P + N, H]
   moves = _moves(hlo, in_loops=True)
   assert moves  # the prefill's attention transposes its scores
   assert max(e for _, e in moves) < cache_elements, moves
