@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ssapo_jax import sharding as shd
 from ssapo_jax.data.tokenize import left_pad, round_up
 from ssapo_jax.fielddocs import document_fields
-from ssapo_jax.models import CausalLM, logical_axes, split_params
+from ssapo_jax.models import CausalLM, attention, logical_axes, split_params
 from ssapo_jax.models.llama import positions_from_mask
 
 
@@ -48,6 +48,10 @@ class SamplingConfig:
   max_new_tokens: int = 300  # response length limit, tokens
   num_samples: int = 2  # independent responses per prompt
   batch_size: int = 8  # prompts per `generate` call
+  # Up to this many consecutive batches of one padded length decode as one queue with
+  # batch_size * num_samples rows in flight, an ended row taking the next sample (refill);
+  # 1 = each batch alone. Samples do not change; each queue size is one more compile.
+  refill_batches: int = 1
 
   def __post_init__(self):
     if self.temperature < 0:
@@ -56,7 +60,7 @@ class SamplingConfig:
       raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
     if self.top_k < 0:
       raise ValueError(f"sampling.top_k must be >= 0, got {self.top_k}")
-    for name in ("max_new_tokens", "num_samples", "batch_size"):
+    for name in ("max_new_tokens", "num_samples", "batch_size", "refill_batches"):
       if getattr(self, name) < 1:
         raise ValueError(f"sampling.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -378,7 +382,8 @@ def _refill_loop(
     lambda c: refill(decode_until_refill(c)),
     init,
   )
-  return Generation(out["tokens"], out["mask"], out["logps"]), out["steps"]
+  gen = Generation(by_row(out["tokens"]), by_row(out["mask"]), by_row(out["logps"]))
+  return gen, out["steps"]
 
 
 def _settings(
@@ -691,26 +696,60 @@ class Sampler:
     return decode_layout(model, self.mesh, abstract=abstract)
 
   def settings(
-    self, model: CausalLM, *, temperature: float | None = None, num_samples: int | None = None
+    self,
+    model: CausalLM,
+    *,
+    temperature: float | None = None,
+    num_samples: int | None = None,
+    batches: int = 1,
   ) -> _Settings:
-    """The static settings of `_generate` for ``model`` (the config's, or these overrides)."""
+    """The static settings of `_generate` for ``model`` (the config's, or these overrides) on
+    a call of ``batches`` batches (more than one: a refill queue, `SamplingConfig`)."""
     c = self.config
+    num_samples = c.num_samples if num_samples is None else num_samples
     return _settings(
       model.config,
       max_new_tokens=c.max_new_tokens,
       temperature=c.temperature if temperature is None else temperature,
       top_p=c.top_p,
       top_k=c.top_k,
-      num_samples=c.num_samples if num_samples is None else num_samples,
+      num_samples=num_samples,
       eos_token_ids=self.eos_token_ids,
       pad_token_id=self.pad_token_id,
+      rows=c.batch_size * num_samples if batches > 1 else 0,
     )
 
+  @staticmethod
+  def loop_trips(config: SamplingConfig, prompt_len: int) -> tuple[int, ...]:
+    """Trips of the sampling program's loops whose trip count is traced, outermost first, for
+    ``prompt_len``-token prompts when every response runs ``max_new_tokens`` (`ssapo-plan`
+    scales those loops by them): with refill, ``refill_batches`` rounds of the decode loop;
+    the decode steps; then the key blocks a step reads, on average over the steps
+    (`ssapo_jax.models.attention.cached_attention`; none when the cache is one block)."""
+    n, slots = config.max_new_tokens, prompt_len + config.max_new_tokens
+    block = min(attention.DECODE_KEY_BLOCK, slots)
+    blocks = np.minimum((prompt_len + np.arange(n)) // block + 1, -(-slots // block))
+    trips = (n,) if block == slots else (n, max(1, round(float(blocks.mean()))))
+    return ((config.refill_batches,) if config.refill_batches > 1 else ()) + trips
+
+  def calls(self, plan: Sequence[PromptBatch]) -> list[list[PromptBatch]]:
+    """The plan's batches as `_generate` calls: runs of up to ``config.refill_batches``
+    consecutive batches of one padded length (each run one refill queue)."""
+    calls: list[list[PromptBatch]] = []
+    for batch in plan:
+      last = calls[-1] if calls else None
+      if last and last[0].length == batch.length and len(last) < self.config.refill_batches:
+        last.append(batch)
+      else:
+        calls.append([batch])
+    return calls
+
   def lower(self, model: CausalLM, prompt_len: int) -> jax.stages.Lowered:
-    """The decoding program `sample` runs on one batch of ``prompt_len``-token prompts,
-    lowered (``model`` may be abstract): what `ssapo-plan` compiles."""
+    """The decoding program `sample` runs on ``prompt_len``-token prompts, lowered (``model``
+    may be abstract): what `ssapo-plan` compiles. One batch, or with refill
+    (``refill_batches`` > 1) a queue of that many batches."""
     graphdef, params, rest = self.decode_layout(model, abstract=True)
-    b = self.config.batch_size
+    b = self.config.batch_size * self.config.refill_batches
     rows = lambda ndim: NamedSharding(self.mesh, shd.batch_spec(ndim, b, self.mesh))  # noqa: E731
     prompts = jax.ShapeDtypeStruct((b, prompt_len), jnp.int32, sharding=rows(2))
     index = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rows(1))
@@ -725,7 +764,7 @@ class Sampler:
       prompts,
       index,
       key,
-      settings=self.settings(model),
+      settings=self.settings(model, batches=self.config.refill_batches),
       mesh=self.mesh,
     )
 
@@ -750,7 +789,6 @@ class Sampler:
     """
     c = self.config
     num_samples = c.num_samples if num_samples is None else num_samples
-    settings = self.settings(model, temperature=temperature, num_samples=num_samples)
     start_time = time.perf_counter()
     lengths = [len(p) for p in prompts]
     plan = plan_batches(
@@ -758,20 +796,28 @@ class Sampler:
     )
     graphdef, params, rest = self.decode_layout(model)
     key = shd.put_global(key, shd.replicated(self.mesh))
-    rows = shd.host_batch_rows(self.mesh, c.batch_size)
-    sharding = lambda ndim: NamedSharding(self.mesh, shd.batch_spec(ndim, c.batch_size, self.mesh))
-    to_global = lambda x: jax.make_array_from_process_local_data(
-      sharding(x.ndim), x, (c.batch_size,) + x.shape[1:]
-    )
     index, tokens, mask, logps = [], [], [], []
     # [prompt tokens, new tokens, prompt slots, decode slots] of this process's real rows.
     counts = np.zeros(4, np.int64)
-    for batch in tqdm(plan, desc=desc, leave=False):
-      local = batch.indices[rows]
-      real = np.arange(c.batch_size)[rows] < batch.num_real
-      ids, pmask = left_pad(
-        [prompts[i] for i in local], pad_id=self.pad_token_id, length=batch.length
+    for call in tqdm(self.calls(plan), desc=desc, leave=False):
+      settings = self.settings(
+        model, temperature=temperature, num_samples=num_samples, batches=len(call)
       )
+      size = c.batch_size * len(call)
+      indices = np.concatenate([b.indices for b in call])
+      is_real = np.concatenate([np.arange(c.batch_size) < b.num_real for b in call])
+      rows = shd.host_batch_rows(self.mesh, size)
+      local, real = indices[rows], is_real[rows]
+      ids, pmask = left_pad(
+        [prompts[i] for i in local], pad_id=self.pad_token_id, length=call[0].length
+      )
+
+      def to_global(x, size=size):
+        spec = shd.batch_spec(x.ndim, size, self.mesh)
+        return jax.make_array_from_process_local_data(
+          NamedSharding(self.mesh, spec), x, (size,) + x.shape[1:]
+        )
+
       gen, steps = _generate(
         graphdef,
         params,
@@ -789,11 +835,16 @@ class Sampler:
       for acc, x in zip((tokens, mask, logps), out):
         acc.append(x[real])
       # Slots cover every computed row (filler too); the slots of one row are counted once.
+      # A refill queue's steps run its rows in flight: counted once, on process 0.
+      if settings.rows:
+        decode = settings.rows * steps if jax.process_index() == 0 else 0
+      else:
+        decode = local.size * num_samples * steps
       counts += [
         int(pmask[real].sum()) * num_samples,
         int(out[1][real].sum()),
-        local.size * num_samples * batch.length,
-        local.size * num_samples * steps,
+        local.size * num_samples * call[0].length,
+        decode,
       ]
     counts = _sum_over_processes(counts)
     index = np.concatenate(index) if index else np.zeros((0,), np.int64)
