@@ -1484,7 +1484,7 @@ def run_estimate(
         t,
         "sampling",
         "generate",
-        math.ceil(prompts / s.batch_size),
+        math.ceil(prompts / (s.batch_size * s.refill_batches)),
         f"{prompts} prompts x {s.num_samples} samples x {s.max_new_tokens} tokens",
       )
       seqs = prompts * s.num_samples
@@ -1509,7 +1509,7 @@ def run_estimate(
         t,
         "evaluate",
         "generate",
-        math.ceil(r.num_eval_prompts / s.batch_size),
+        math.ceil(r.num_eval_prompts / (s.batch_size * s.refill_batches)),
         f"{r.num_eval_prompts} greedy held-out prompts",
       )
   del tr

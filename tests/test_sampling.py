@@ -312,6 +312,26 @@ def test_sampler_same_samples_on_every_mesh(single_device, shape):
   np.testing.assert_allclose(gen.logps, ref.logps, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", MESHES)
+def test_sampler_refill_gives_the_same_samples_on_every_mesh(single_device, shape):
+  """``refill_batches=2``: the plan's two batches (both padded to 16) decode as one refill
+  queue of 32 jobs in 16 rows; every prompt's samples equal those without refill."""
+  _, _, ref = single_device
+  mesh = _mesh(shape)
+  sampler = w.sampler(mesh, refill_batches=2)
+  prompts = w.sampler_prompts()
+  plan = plan_batches(
+    [len(p) for p in prompts], batch_size=8, bucket_size=sampler.bucket_size, bucketed=True
+  )
+  assert [len(c) for c in sampler.calls(plan)] == [2]  # one queue: refill runs
+  out = sampler.sample(w.sharded_tiny_model(mesh), prompts, jax.random.key(KEY))
+  gen = gather_samples(out, len(prompts))
+  np.testing.assert_array_equal(gen.tokens, ref.tokens)
+  np.testing.assert_array_equal(gen.mask, ref.mask)
+  np.testing.assert_allclose(gen.logps, ref.logps, atol=1e-5)
+  assert out.stats.new_tokens == int(ref.mask.sum())
+
+
 def test_decode_layout_is_gathered_once_outside_the_loop():
   """Decoding parameters drop the FSDP axis (heads stay over ``tensor``), so the compiled
   sampling loop on an FSDP mesh contains no all-gather."""
