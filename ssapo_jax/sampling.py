@@ -374,7 +374,7 @@ def _refill_loop(
     idle = c["done"]
     job = c["next_job"] + jnp.cumsum(idle).astype(jnp.int32) - 1
     new = idle & (job < jobs)
-    c = start(c, new, job)
+    c = jax.lax.cond(jnp.any(new), lambda c: start(c, new, job), lambda c: c, c)  # not at the end
     return dict(c, next_job=c["next_job"] + jnp.sum(new).astype(jnp.int32))
 
   out = jax.lax.while_loop(
