@@ -1,4 +1,4 @@
-"""Benchmark (no model): the share of decode work spent on rows that already ended.
+"""Benchmark: the share of decode work spent on rows that already ended, and refill's gain.
 
 `ssapo_jax.sampling.generate` decodes every row of a batch until all rows have emitted EOS (or
 ``max_new_tokens``): a row that ended early still occupies its slot each step. For a batch of
@@ -23,6 +23,19 @@ decoding, where a step costs the same whatever its rows), plus a gather of the l
 caches per compaction (``--gather-ms``).
 
   python benchmarks/eos_waste.py
+
+``--measure`` also times the sampler itself, with and without refill (`generate` with
+``rows``: ended rows take the next prompt's sample), on a random model
+(``--layers``/``--hidden``, vocabulary 32,000) whose near-uniform next-token distribution
+makes a response end at each step with probability ``E / V`` for ``E`` EOS tokens, chosen so
+that the median length is ``--median``: geometric lengths capped at 300, UltraFeedback-like in
+median and waste. Without refill the prompts go through `generate` ``--prompts-per-call``
+at a time (``2x`` rows, two samples each), as `Sampler` batches them; with refill, all prompts
+in one call with that many rows in flight. It checks that both give the same tokens and
+prints the row-steps, the wall and process CPU time (fastest of ``--repeats`` interleaved
+calls, compile excluded) and the gains.
+
+  nice -n 10 python benchmarks/eos_waste.py --measure
 """
 
 from __future__ import annotations
@@ -83,6 +96,112 @@ def refilled(lengths: np.ndarray, rows: int, max_new: int, every: int) -> int:
   return steps
 
 
+def measure(args) -> None:
+  """Times `generate` with and without refill on a random model (see the module docstring)."""
+  import os
+  import time
+
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from ssapo_jax import sampling
+  from ssapo_jax.models import Llama, LlamaConfig, split_params
+
+  vocab, max_new, samples = 32000, 300, 2
+  config = LlamaConfig(
+    vocab_size=vocab,
+    hidden_size=args.hidden,
+    intermediate_size=int(args.hidden * 2.75),
+    num_layers=args.layers,
+    num_heads=args.hidden // 64,
+    num_kv_heads=max(1, args.hidden // 128),
+    head_dim=64,
+  )
+  model = Llama(config, rngs=nnx.Rngs(0))
+  p_end = 1.0 - 0.5 ** (1.0 / args.median)  # geometric lengths with this median
+  eos = tuple(range(3, 3 + max(1, round(p_end * vocab))))
+  rng = np.random.RandomState(0)
+  ids = rng.randint(3 + len(eos), vocab, (args.prompts, args.prompt_len)).astype(np.int32)
+  mask = np.ones_like(ids)
+  index = np.arange(args.prompts, dtype=np.int32)
+  per_call = args.prompts_per_call
+  graphdef, params, rest = split_params(model)
+  key = jax.random.key(0)
+
+  def run(prompts, rows):
+    settings = sampling._settings(
+      config,
+      max_new_tokens=max_new,
+      temperature=1.0,
+      top_p=1.0,
+      top_k=0,
+      num_samples=samples,
+      eos_token_ids=eos,
+      pad_token_id=0,
+      rows=rows,
+    )
+    gen, steps = sampling._generate(
+      graphdef,
+      params,
+      rest,
+      jnp.asarray(ids[prompts]),
+      jnp.asarray(mask[prompts]),
+      jnp.asarray(index[prompts]),
+      key,
+      settings=settings,
+    )
+    return np.asarray(gen.tokens), np.asarray(gen.mask), int(steps)
+
+  def batched():
+    out, steps = [], 0
+    for start in range(0, args.prompts, per_call):
+      tokens, m, n = run(np.arange(start, start + per_call), 0)
+      out.append((tokens, m))
+      steps += n
+    return np.concatenate([t for t, _ in out]), np.concatenate([m for _, m in out]), steps
+
+  def refill():
+    return run(np.arange(args.prompts), samples * per_call)
+
+  rows = samples * per_call
+  results = {}
+  times = {"batched": [], "refill": []}
+  for fn in (batched, refill):
+    fn()  # compile
+  for _ in range(args.repeats):  # interleaved, so both see the same load
+    for name, fn in (("batched", batched), ("refill", refill)):
+      start, cpu = time.perf_counter(), time.process_time()
+      results[name] = fn()
+      times[name].append((time.perf_counter() - start, time.process_time() - cpu))
+  best = {k: (min(w for w, _ in v), min(c for _, c in v)) for k, v in times.items()}
+  (t_b, m_b, steps_b), (t_r, m_r, steps_r) = results["batched"], results["refill"]
+  (sec_b, cpu_b), (sec_r, cpu_r) = best["batched"], best["refill"]
+  lengths = m_b.sum(axis=1)
+  print(
+    f"# measured: random model layers={args.layers} hidden={args.hidden} vocab={vocab}, "
+    f"{len(eos)} EOS tokens (median length {args.median:.0f}), {args.prompts} prompts x "
+    f"{samples} samples of {args.prompt_len} tokens, {rows} rows per call, max_new_tokens "
+    f"{max_new}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+    f"load1 {os.getloadavg()[0]:.1f}"
+  )
+  print(
+    f"lengths: mean {lengths.mean():.0f}, median {np.median(lengths):.0f}, "
+    f"{(lengths >= max_new).mean():.0%} hit the cap; same tokens with and without refill: "
+    f"{bool((t_b == t_r).all() and (m_b == m_r).all())}"
+  )
+  waste_b = 1 - lengths.sum() / (steps_b * rows)
+  waste_r = 1 - lengths.sum() / (steps_r * rows)
+  print(
+    f"batched: {steps_b} steps x {rows} rows, {waste_b:.1%} of row-steps on ended rows, "
+    f"{sec_b:.1f} s ({cpu_b:.1f} CPU-s)\nrefill:  {steps_r} steps x {rows} rows, "
+    f"{waste_r:.1%} on ended or idle rows, {sec_r:.1f} s ({cpu_r:.1f} CPU-s)\n"
+    f"refill gain: row-steps x{steps_b / steps_r:.2f}, wall time x{sec_b / sec_r:.2f}, "
+    f"CPU time x{cpu_b / cpu_r:.2f}"
+  )
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--median", type=float, default=180.0)
@@ -107,6 +226,13 @@ def main():
     default=0.0,
     help="modelled cost of one compaction (gather of the live rows' caches)",
   )
+  p.add_argument("--measure", action="store_true", help="also time the sampler (see above)")
+  p.add_argument("--layers", type=int, default=4)
+  p.add_argument("--hidden", type=int, default=256)
+  p.add_argument("--prompts", type=int, default=64)
+  p.add_argument("--prompts-per-call", type=int, default=16)
+  p.add_argument("--prompt-len", type=int, default=32)
+  p.add_argument("--repeats", type=int, default=2)
   args = p.parse_args()
   if args.step_ms:
     (r1, t1), (r2, t2) = [tuple(float(v) for v in x.split(":")) for x in args.step_ms.split(",")]
@@ -148,6 +274,8 @@ def main():
       f"  refilled every {every} steps: row-steps -{1 - r_steps * rows / slots:.0%}, "
       f"modelled decode time x{base_ms / refill_ms:.2f} faster"
     )
+  if args.measure:
+    measure(args)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,15 @@ It prints
   the fastest of ``--repeats`` calls for JAX, of ``--torch-repeats`` after a short warm-up
   call for transformers) of `generate` and of transformers' ``generate`` (``sdpa``
   attention, float32), greedy and sampled, at
-  each ``--batches`` size with ``--prompt``-token prompts (``--long-prompt`` adds a run whose
-  cache ends at that prompt + new tokens, e.g. 960 + 64 = 1024 slots, batch 8);
+  each ``--batches`` size with ``--prompt``-token prompts (``--long-prompt`` adds runs whose
+  cache ends at that prompt + new tokens, e.g. 960 + 64 = 1024 slots, at each
+  ``--long-batches`` size, timed ``--long-repeats`` times);
 * the wall and process CPU time of one jitted decode step (cache donated, one token per row)
-  at each cache length of ``--step-lengths``.
+  at each position of ``--step-lengths``, in a cache of exactly that many slots and in one of
+  ``--step-cache`` slots (the sampler allocates prompt + max new tokens and fills it step by
+  step: a step must cost what is filled, not what is allocated).
 
-  nice -n 10 python benchmarks/model.py --decode            # the issue 22 figures
+  nice -n 10 python benchmarks/model.py --decode --long-prompt 960   # the issue 22 figures
   nice -n 10 python benchmarks/model.py --decode --jax-only # ours only (e.g. an older tree)
 
 ``--compile-depths`` lowers and compiles the forward+backward (summed sequence log-probs,
@@ -146,13 +149,17 @@ def _min_time(fn, repeats):
   return min(times)
 
 
-def decode_step_seconds(model, batch: int, slots: int, repeats: int) -> tuple[float, float]:
-  """``(wall, cpu)`` seconds of one jitted decode step (one token per row, cache of ``slots``
-  donated): the fastest of 3 rounds of ``repeats`` steps. CPU seconds are the process's, all
-  threads: on a shared machine they move less with the load than wall time."""
+def decode_step_seconds(
+  model, batch: int, slots: int, repeats: int, allocated: int | None = None
+) -> tuple[float, float]:
+  """``(wall, cpu)`` seconds of one jitted decode step (one token per row at slot ``slots - 1``,
+  a cache of ``allocated`` slots, default ``slots``, donated): the fastest of 3 rounds of
+  ``repeats`` steps. CPU seconds are the process's, all threads: on a shared machine they move
+  less with the load than wall time."""
   from flax import nnx
 
   graphdef, state = nnx.split(model)
+  allocated = allocated or slots
 
   @functools.partial(jax.jit, donate_argnums=1)
   def step(state, cache, token, pos, kv_mask):
@@ -161,9 +168,9 @@ def decode_step_seconds(model, batch: int, slots: int, repeats: int) -> tuple[fl
     )
     return jnp.argmax(logits, -1).astype(jnp.int32), cache
 
-  carry = [model.init_cache(batch, slots), jnp.zeros((batch, 1), jnp.int32)]
+  carry = [model.init_cache(batch, allocated), jnp.zeros((batch, 1), jnp.int32)]
   pos = jnp.full((batch, 1), slots - 1, jnp.int32)
-  kv_mask = jnp.ones((batch, slots), jnp.int32)
+  kv_mask = (jnp.arange(allocated) < slots).astype(jnp.int32)[None].repeat(batch, 0)
 
   def run(n):
     for _ in range(n):
@@ -183,6 +190,7 @@ def decode_step_seconds(model, batch: int, slots: int, repeats: int) -> tuple[fl
 def decode_suite(args):
   """Generation tokens/s against transformers and per-step time by cache length."""
   import transformers
+  from flax import nnx
 
   if args.model_dir:
     path, what = args.model_dir, f"model {args.model_dir}"
@@ -203,10 +211,12 @@ def decode_suite(args):
   )
   rng = np.random.RandomState(0)
   warmed = []
-  runs = [(b, args.prompt) for b in args.batches] + (
-    [(8, args.long_prompt)] if args.long_prompt else []
+  runs = [(b, args.prompt, args.repeats) for b in args.batches] + (
+    [(b, args.long_prompt, args.long_repeats) for b in args.long_batches]
+    if args.long_prompt
+    else []
   )
-  for batch, prompt_len in runs:
+  for batch, prompt_len, repeats in runs:
     prompts = rng.randint(3, c.vocab_size, (batch, prompt_len))
     p_mask = np.ones_like(prompts)
     p_mask[0, : prompt_len // 2] = 0  # left padding in one row
@@ -229,7 +239,7 @@ def decode_suite(args):
       t0 = time.perf_counter()
       jax_gen()
       compile_s = time.perf_counter() - t0
-      jax_t = _min_time(jax_gen, args.repeats)
+      jax_t = _min_time(jax_gen, repeats)
       new = batch * args.new_tokens
       line = (
         f"generate batch={batch} prompt={prompt_len} new={args.new_tokens} "
@@ -266,16 +276,33 @@ def decode_suite(args):
           f"ratio jax/transformers {torch_t / jax_t:.1f}x",
           flush=True,
         )
+  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   for batch in args.step_batches:
-    times = {s: decode_step_seconds(model, batch, s, args.step_repeats) for s in args.step_lengths}
-    for i, what in ((0, "wall"), (1, "cpu")):
-      t = {s: v[i] for s, v in times.items()}
-      print(
-        f"decode step batch={batch} {what}: "
-        + "  ".join(f"cache {s}: {1e3 * v:.0f} ms" for s, v in t.items())
-        + f"  (max/min {max(t.values()) / min(t.values()):.2f})",
-        flush=True,
-      )
+    # A decode step reads every weight and the filled part of the cache: on a memory-bound
+    # machine that sets how far from flat a step can be.
+    per_slot = 2 * c.num_layers * batch * c.num_kv_heads * c.head_dim * jnp.dtype(c.dtype).itemsize
+    floor = {s: weight_bytes + per_slot * s for s in args.step_lengths}
+    print(
+      f"decode step batch={batch} bytes read: weights {weight_bytes / 1e6:.0f} MB + cache "
+      + "  ".join(f"{per_slot * s / 1e6:.0f} MB at {s}" for s in args.step_lengths)
+      + f"  (bytes max/min {max(floor.values()) / min(floor.values()):.2f})",
+      flush=True,
+    )
+    allocations = [None] + ([args.step_cache] if args.step_cache else [])
+    for allocated in allocations:
+      times = {
+        s: decode_step_seconds(model, batch, s, args.step_repeats, allocated)
+        for s in args.step_lengths
+      }
+      cache = "cache = position" if allocated is None else f"cache {allocated} slots"
+      for i, what in ((0, "wall"), (1, "cpu")):
+        t = {s: v[i] for s, v in times.items()}
+        print(
+          f"decode step batch={batch} {cache} {what}: "
+          + "  ".join(f"position {s}: {1e3 * v:.0f} ms" for s, v in t.items())
+          + f"  (max/min {max(t.values()) / min(t.values()):.2f})",
+          flush=True,
+        )
 
 
 def main():
@@ -304,10 +331,20 @@ def main():
     "--long-prompt",
     type=int,
     default=0,
-    help="--decode: also batch 8 with prompts of this many tokens",
+    help="--decode: also run prompts of this many tokens at each --long-batches size",
+  )
+  parser.add_argument("--long-batches", default="8,64")
+  parser.add_argument(
+    "--long-repeats", type=int, default=1, help="--decode: timed JAX calls of the long runs"
   )
   parser.add_argument("--step-lengths", default="128,512,1024")
   parser.add_argument("--step-batches", default="8")
+  parser.add_argument(
+    "--step-cache",
+    type=int,
+    default=1088,
+    help="--decode: also time each step position in a cache of this many slots (0 = skip)",
+  )
   parser.add_argument("--step-repeats", type=int, default=5)
   parser.add_argument("--jax-only", action="store_true", help="--decode: skip transformers")
   parser.add_argument(
@@ -323,6 +360,7 @@ def main():
   if args.decode:
     ints = lambda s: [int(x) for x in s.split(",") if x]
     args.batches, args.step_lengths = ints(args.batches), ints(args.step_lengths)
+    args.long_batches = ints(args.long_batches)
     args.step_batches, args.modes = ints(args.step_batches), args.modes.split(",")
     decode_suite(args)
     return

@@ -697,10 +697,13 @@ def _fusion_access(
   return memo[name, hbm_only]
 
 
-def hlo_cost(hlo_text: str, *, unknown_trip_count: int = 1) -> HloCost:
+def hlo_cost(hlo_text: str, *, unknown_trip_count: int | Sequence[int] = 1) -> HloCost:
   """HBM bytes and collectives of an optimized HLO module (``compiled.as_text()``), per device.
 
-  A ``while`` body and condition count `loop_trip_count` times, else ``unknown_trip_count``.
+  A ``while`` body and condition count `loop_trip_count` times, else ``unknown_trip_count``:
+  one number for every such loop, or one per nesting depth among them (entry ``d`` for a loop
+  inside ``d`` loops of unknown trip count, the last entry for deeper ones; e.g. the
+  sampler's decode steps, then the key blocks each step reads, `sampling.Sampler.loop_trips`).
   Bytes follow XLA's convention: operands plus results of each top-level (unfused) op, where
   a fused operand that is only sliced counts its slices and an in-place dynamic-update-slice
   counts its update; arrays in on-chip memory (``S(1)`` layouts) count nothing. Each
@@ -743,7 +746,11 @@ def hlo_cost(hlo_text: str, *, unknown_trip_count: int = 1) -> HloCost:
     entry_[1] += mult * operand
     entry_[2] += mult * operand * _COLLECTIVE_VOLUME[kind](max(n, 1))
 
-  def visit(comp: str, mult: float, fused: bool):
+  trips_by_depth = (
+    (unknown_trip_count,) if isinstance(unknown_trip_count, int) else tuple(unknown_trip_count)
+  )
+
+  def visit(comp: str, mult: float, fused: bool, depth: int = 0):
     first = comp not in seen
     seen.add(comp)
     for i in comps.get(comp, []):
@@ -754,28 +761,29 @@ def hlo_cost(hlo_text: str, *, unknown_trip_count: int = 1) -> HloCost:
         body = _attr_computations(i.attrs, "body")
         if first:
           loops.append((body[0] if body else "", trip))
+        inner = depth
         if trip is None:
           totals["unknown"] += 1
-          trip = unknown_trip_count
+          trip, inner = trips_by_depth[min(depth, len(trips_by_depth) - 1)], depth + 1
         for c in _attr_computations(i.attrs, "body"):
-          visit(c, mult * trip, False)
+          visit(c, mult * trip, False, inner)
         for c in _attr_computations(i.attrs, "condition"):  # tested once more than the body runs
-          visit(c, mult * (trip + 1), False)
+          visit(c, mult * (trip + 1), False, inner)
         continue
       collective(comp, i, mult)
       if i.op == "fusion":
         for c in _attr_computations(i.attrs, "calls"):
-          visit(c, mult, True)
+          visit(c, mult, True, depth)
       elif i.op == "call":
         for c in _attr_computations(i.attrs, "to_apply"):
-          visit(c, mult, fused)
+          visit(c, mult, fused, depth)
       elif i.op == "conditional":
         for key in ("branch_computations", "true_computation", "false_computation"):
           for c in _attr_computations(i.attrs, key):
-            visit(c, mult, fused)
+            visit(c, mult, fused, depth)
       elif i.op.endswith("-start"):
         for c in _attr_computations(i.attrs, "calls"):
-          visit(c, mult, fused)
+          visit(c, mult, fused, depth)
       if fused or i.op in _FREE_OPS or i.op.endswith("-done"):
         continue
       totals["bytes"] += mult * op_bytes(comp, i, True)
@@ -1011,7 +1019,7 @@ def lower_generate(sampling_config, config, mesh, *, prompt_len: int):
   )
   return (
     sampler.lower(_abstract_model(config), prompt_len),
-    s.batch_size * s.num_samples * s.max_new_tokens,
+    s.refill_batches * s.batch_size * s.num_samples * s.max_new_tokens,
   )
 
 
@@ -1175,7 +1183,7 @@ def compile_program(
   hardware_flops: float,
   *,
   causal_flops: float | None = None,
-  unknown_trip_count: int = 1,
+  unknown_trip_count: int | Sequence[int] = 1,
   coords=None,
   wrap: Sequence[bool] = (),
   hlo_path: str | None = None,
@@ -1280,9 +1288,14 @@ def plan(
   rows = tr.scoring_batch_size(t, mesh)
   atoms = experiment.dro.num_pieces if t.objective == "robust" else 1
   score = lambda causal: forward_flops(config, rows * d.max_length, d.max_length, causal=causal)
-  sample = lambda causal: generate_flops(
-    config, s.batch_size * s.num_samples, d.max_prompt_length, s.max_new_tokens, causal=causal
+  sample = lambda causal: (
+    s.refill_batches
+    * generate_flops(
+      config, s.batch_size * s.num_samples, d.max_prompt_length, s.max_new_tokens, causal=causal
+    )
   )
+  from ssapo_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
+
   builders = {  # name: (lower, model flops PaLM / MaxText, hardware flops, unbounded-loop trips)
     "train_step": (
       lambda: lower_train_step(t, config, mesh, seq_len=d.max_length, num_atoms=atoms),
@@ -1303,7 +1316,7 @@ def plan(
       sample(False),
       sample(True),
       sample(False),
-      s.max_new_tokens,
+      Sampler.loop_trips(s, d.max_prompt_length),
     ),
   }
   out = []
@@ -1471,7 +1484,7 @@ def run_estimate(
         t,
         "sampling",
         "generate",
-        math.ceil(prompts / s.batch_size),
+        math.ceil(prompts / (s.batch_size * s.refill_batches)),
         f"{prompts} prompts x {s.num_samples} samples x {s.max_new_tokens} tokens",
       )
       seqs = prompts * s.num_samples
@@ -1496,7 +1509,7 @@ def run_estimate(
         t,
         "evaluate",
         "generate",
-        math.ceil(r.num_eval_prompts / s.batch_size),
+        math.ceil(r.num_eval_prompts / (s.batch_size * s.refill_batches)),
         f"{r.num_eval_prompts} greedy held-out prompts",
       )
   del tr

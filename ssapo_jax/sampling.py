@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ssapo_jax import sharding as shd
 from ssapo_jax.data.tokenize import left_pad, round_up
 from ssapo_jax.fielddocs import document_fields
-from ssapo_jax.models import CausalLM, logical_axes, split_params
+from ssapo_jax.models import CausalLM, attention, logical_axes, split_params
 from ssapo_jax.models.llama import positions_from_mask
 
 
@@ -48,6 +48,10 @@ class SamplingConfig:
   max_new_tokens: int = 300  # response length limit, tokens
   num_samples: int = 2  # independent responses per prompt
   batch_size: int = 8  # prompts per `generate` call
+  # Up to this many consecutive batches of one padded length decode as one queue with
+  # batch_size * num_samples rows in flight, an ended row taking the next sample (refill);
+  # 1 = each batch alone. Samples do not change; each queue size is one more compile.
+  refill_batches: int = 1
 
   def __post_init__(self):
     if self.temperature < 0:
@@ -56,7 +60,7 @@ class SamplingConfig:
       raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
     if self.top_k < 0:
       raise ValueError(f"sampling.top_k must be >= 0, got {self.top_k}")
-    for name in ("max_new_tokens", "num_samples", "batch_size"):
+    for name in ("max_new_tokens", "num_samples", "batch_size", "refill_batches"):
       if getattr(self, name) < 1:
         raise ValueError(f"sampling.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -124,6 +128,7 @@ class _Settings(NamedTuple):
   num_samples: int
   eos_token_ids: tuple[int, ...]
   pad_token_id: int
+  rows: int = 0  # rows in flight with refill (`_refill_loop`); 0 = every row at once
 
 
 def _constrain(mesh, x, logical_axes):
@@ -155,14 +160,11 @@ def _generate(
   the prefill's attention kernel is the one for the mesh's platform (splash on TPU, under
   ``shard_map`` over the mesh; `ssapo_jax.models.attention`).
   """
+  loop = _refill_loop if settings.rows else _sample_loop
   if mesh is None:
-    return _sample_loop(
-      graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key, settings, None
-    )
+    return loop(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key, settings, None)
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-    return _sample_loop(
-      graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key, settings, mesh
-    )
+    return loop(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key, settings, mesh)
 
 
 def _sample_loop(
@@ -244,8 +246,157 @@ def _sample_loop(
   return gen, out["step"]
 
 
+# With refill, ended rows take new prompts once at least this share of the rows in flight
+# (and at least one) has ended, or all have: each refill is a prefill of every row's slot.
+REFILL_SHARE = 0.25
+
+
+def _refill_loop(
+  graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key, settings, mesh
+):
+  """`_sample_loop` with ``settings.rows`` rows in flight over a queue of all the prompts'
+  samples (jobs, prompt-major): a row whose response ended takes the next job, so no row
+  decodes past its end while jobs wait. Returns ``(Generation, decode steps run)``.
+
+  Each row keeps its own step count, RoPE position and cache slots (``Llama.decode`` with a
+  ``[rows]`` cache index); a job's draws use its key and its own step, its prompt sits at
+  slots ``0 .. P - 1`` and its tokens after, as in `_sample_loop`. Rows are independent in
+  every computation of a step, so a job's samples equal `_sample_loop`'s with the same
+  padded length (``tests/test_sampling.py`` checks it bit for bit on CPU).
+
+  The loop is two ``while_loop``s: decode steps until `REFILL_SHARE` of the rows (or all) have
+  ended, then one refill: the next prompts are prefilled (all ``rows`` slots, same shapes
+  as the first prefill) and written into the ended rows' prompt slots, the others kept.
+  """
+  s = settings
+  model: CausalLM = nnx.merge(graphdef, params, rest)
+  num_prompts, prompt_len = prompt_ids.shape
+  rows, n, jobs = s.rows, s.max_new_tokens, num_prompts * s.num_samples
+  refill_at = max(1, int(REFILL_SHARE * rows))
+  by_row = lambda x: _constrain(mesh, x, ("batch",) + (None,) * (x.ndim - 1))
+  cache_layout = lambda c: jax.tree.map(
+    lambda x: _constrain(mesh, x, ("layers", "batch", "kv_heads", None, "head_dim")), c
+  )
+  queue_ids, queue_mask = prompt_ids.astype(jnp.int32), prompt_mask.astype(jnp.int32)
+  prompt_index = prompt_index.astype(jnp.int32)
+  eos = jnp.asarray(s.eos_token_ids if s.eos_token_ids else (-1,), jnp.int32)
+
+  def job_keys(job):  # [rows] keys of jobs (prompt-major: job = prompt * S + sample)
+    prompt, sample = job // s.num_samples, job % s.num_samples
+    return jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(key, i), j))(
+      prompt_index[prompt], sample
+    )
+
+  def start(c, new, job):
+    """Prefills jobs ``job`` into the rows where ``new`` [rows] holds; other rows unchanged."""
+    prompt = jnp.clip(job // s.num_samples, 0, num_prompts - 1)
+    ids, mask = by_row(queue_ids[prompt]), by_row(queue_mask[prompt])
+    kv_mask = jnp.concatenate([mask, jnp.zeros((rows, n), jnp.int32)], axis=1)
+    logits, fresh = model.prefill(
+      ids, positions_from_mask(mask), model.init_cache(rows, prompt_len), kv_mask=kv_mask
+    )
+    keep = lambda a, b: jnp.where(new.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+
+    def merge(old, x):  # the new rows' prompt slots, in place
+      head = jax.lax.slice_in_dim(old, 0, prompt_len, axis=3)
+      x = jnp.where(new[None, :, None, None, None], x.astype(old.dtype), head)
+      return jax.lax.dynamic_update_slice_in_dim(old, x, 0, axis=3)
+
+    return dict(
+      c,
+      cache=cache_layout(jax.tree.map(merge, c["cache"], fresh)),
+      logits=by_row(keep(logits.astype(jnp.float32), c["logits"])),
+      kv_mask=by_row(keep(kv_mask, c["kv_mask"])),
+      pos=keep(jnp.sum(mask, axis=-1).astype(jnp.int32), c["pos"]),
+      t=keep(jnp.zeros((rows,), jnp.int32), c["t"]),
+      job=keep(job, c["job"]),
+      keys=keep(job_keys(job), c["keys"]),
+      done=keep(jnp.zeros((rows,), bool), c["done"]),
+    )
+
+  first = jnp.arange(rows, dtype=jnp.int32)
+  init = dict(
+    steps=jnp.zeros((), jnp.int32),
+    next_job=jnp.minimum(rows, jobs).astype(jnp.int32),
+    cache=cache_layout(model.init_cache(rows, prompt_len + n)),
+    logits=by_row(jnp.zeros((rows, model.config.vocab_size), jnp.float32)),
+    kv_mask=by_row(jnp.zeros((rows, prompt_len + n), jnp.int32)),
+    pos=jnp.zeros((rows,), jnp.int32),
+    t=jnp.zeros((rows,), jnp.int32),
+    job=first,
+    keys=job_keys(first),
+    done=first >= jobs,  # rows beyond the jobs stay idle
+    tokens=jnp.full((jobs, n), s.pad_token_id, jnp.int32),
+    mask=jnp.zeros((jobs, n), jnp.int32),
+    logps=jnp.zeros((jobs, n), jnp.float32),
+  )
+  init = start(init, first < jobs, first)
+
+  def step(c):
+    t = c["t"]
+    step_keys = jax.vmap(jax.random.fold_in)(c["keys"], t)
+    token = _sample(c["logits"], step_keys, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    live = ~c["done"]
+    logp = jnp.take_along_axis(jax.nn.log_softmax(c["logits"], axis=-1), token[:, None], axis=-1)[
+      :, 0
+    ]
+    token = jnp.where(live, token, s.pad_token_id)
+    done = c["done"] | (live & (jnp.isin(token, eos) | (t + 1 >= n)))
+    slot = prompt_len + jnp.minimum(t, n - 1)  # an ended row rewrites its last slot
+    kv_mask = c["kv_mask"].at[jnp.arange(rows), slot].set(1)
+    logits, cache = model.decode(
+      token[:, None], c["pos"][:, None], c["cache"], cache_index=slot, kv_mask=kv_mask
+    )
+    at = (jnp.where(live, c["job"], jobs), jnp.minimum(t, n - 1))  # ended rows: dropped
+    put = lambda a, v: a.at[at].set(v, mode="drop")
+    return dict(
+      c,
+      steps=c["steps"] + 1,
+      logits=by_row(logits[:, -1].astype(jnp.float32)),
+      cache=cache_layout(cache),
+      kv_mask=by_row(kv_mask),
+      pos=c["pos"] + live,
+      t=t + live,
+      done=done,
+      tokens=put(c["tokens"], token),
+      mask=put(c["mask"], jnp.ones((rows,), jnp.int32)),
+      logps=put(c["logps"], logp),
+    )
+
+  def decode_until_refill(c):
+    ended = lambda c: jnp.sum(c["done"])
+    waiting = c["next_job"] < jobs
+    return jax.lax.while_loop(
+      lambda c: ~jnp.all(c["done"]) & ~(waiting & (ended(c) >= refill_at)), step, c
+    )
+
+  def refill(c):
+    idle = c["done"]
+    job = c["next_job"] + jnp.cumsum(idle).astype(jnp.int32) - 1
+    new = idle & (job < jobs)
+    c = jax.lax.cond(jnp.any(new), lambda c: start(c, new, job), lambda c: c, c)  # not at the end
+    return dict(c, next_job=c["next_job"] + jnp.sum(new).astype(jnp.int32))
+
+  out = jax.lax.while_loop(
+    lambda c: ~jnp.all(c["done"]) | (c["next_job"] < jobs),
+    lambda c: refill(decode_until_refill(c)),
+    init,
+  )
+  gen = Generation(by_row(out["tokens"]), by_row(out["mask"]), by_row(out["logps"]))
+  return gen, out["steps"]
+
+
 def _settings(
-  config, *, max_new_tokens, temperature, top_p, top_k, num_samples, eos_token_ids, pad_token_id
+  config,
+  *,
+  max_new_tokens,
+  temperature,
+  top_p,
+  top_k,
+  num_samples,
+  eos_token_ids,
+  pad_token_id,
+  rows=0,
 ) -> _Settings:
   """Validated `_Settings`; EOS and pad ids default to the model config's."""
   if eos_token_ids is None:
@@ -261,11 +412,18 @@ def _settings(
       if eos_token_ids
       else 0
     )
-  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or num_samples < 1:
+  if (
+    temperature < 0
+    or not 0 < top_p <= 1
+    or top_k < 0
+    or max_new_tokens < 1
+    or num_samples < 1
+    or (rows or 0) < 0
+  ):
     raise ValueError(
       f"generate: invalid sampling arguments temperature={temperature}, "
       f"top_p={top_p}, top_k={top_k}, max_new_tokens={max_new_tokens}, "
-      f"num_samples={num_samples}"
+      f"num_samples={num_samples}, rows={rows}"
     )
   return _Settings(
     int(max_new_tokens),
@@ -275,6 +433,7 @@ def _settings(
     int(num_samples),
     eos_token_ids,
     int(pad_token_id),
+    int(rows or 0),
   )
 
 
@@ -292,6 +451,7 @@ def generate(
   eos_token_ids: Sequence[int] | int | None = None,
   pad_token_id: int | None = None,
   prompt_index=None,
+  rows: int | None = None,
 ) -> Generation:
   """Samples ``num_samples`` continuations of each left-padded prompt (one batch, plain jit).
 
@@ -307,6 +467,9 @@ def generate(
     eos_token_ids: tokens that end a response (default: the model config's).
     pad_token_id: filler after the end (default: config pad, else the first EOS, else 0).
     prompt_index: ``[B]`` int the prompts' indices that seed their keys (default ``0..B-1``).
+    rows: decode at most this many rows at once (None: all ``B*S``). Fewer rows than
+      ``B*S`` refill: a row whose response ended takes the next prompt's sample
+      (`_refill_loop`), with the same samples as decoding every row at once.
 
   Returns:
     `Generation` with ``[B*S, N]`` arrays, prompt-major rows.
@@ -320,6 +483,7 @@ def generate(
     num_samples=num_samples,
     eos_token_ids=eos_token_ids,
     pad_token_id=pad_token_id,
+    rows=rows if rows and rows < prompt_ids.shape[0] * num_samples else 0,
   )
   if prompt_ids.ndim != 2 or prompt_mask.shape != prompt_ids.shape:
     raise ValueError(
@@ -532,26 +696,60 @@ class Sampler:
     return decode_layout(model, self.mesh, abstract=abstract)
 
   def settings(
-    self, model: CausalLM, *, temperature: float | None = None, num_samples: int | None = None
+    self,
+    model: CausalLM,
+    *,
+    temperature: float | None = None,
+    num_samples: int | None = None,
+    batches: int = 1,
   ) -> _Settings:
-    """The static settings of `_generate` for ``model`` (the config's, or these overrides)."""
+    """The static settings of `_generate` for ``model`` (the config's, or these overrides) on
+    a call of ``batches`` batches (more than one: a refill queue, `SamplingConfig`)."""
     c = self.config
+    num_samples = c.num_samples if num_samples is None else num_samples
     return _settings(
       model.config,
       max_new_tokens=c.max_new_tokens,
       temperature=c.temperature if temperature is None else temperature,
       top_p=c.top_p,
       top_k=c.top_k,
-      num_samples=c.num_samples if num_samples is None else num_samples,
+      num_samples=num_samples,
       eos_token_ids=self.eos_token_ids,
       pad_token_id=self.pad_token_id,
+      rows=c.batch_size * num_samples if batches > 1 else 0,
     )
 
+  @staticmethod
+  def loop_trips(config: SamplingConfig, prompt_len: int) -> tuple[int, ...]:
+    """Trips of the sampling program's loops whose trip count is traced, outermost first, for
+    ``prompt_len``-token prompts when every response runs ``max_new_tokens`` (`ssapo-plan`
+    scales those loops by them): with refill, ``refill_batches`` rounds of the decode loop;
+    the decode steps; then the key blocks a step reads, on average over the steps
+    (`ssapo_jax.models.attention.cached_attention`; none when the cache is one block)."""
+    n, slots = config.max_new_tokens, prompt_len + config.max_new_tokens
+    block = min(attention.DECODE_KEY_BLOCK, slots)
+    blocks = np.minimum((prompt_len + np.arange(n)) // block + 1, -(-slots // block))
+    trips = (n,) if block == slots else (n, max(1, round(float(blocks.mean()))))
+    return ((config.refill_batches,) if config.refill_batches > 1 else ()) + trips
+
+  def calls(self, plan: Sequence[PromptBatch]) -> list[list[PromptBatch]]:
+    """The plan's batches as `_generate` calls: runs of up to ``config.refill_batches``
+    consecutive batches of one padded length (each run one refill queue)."""
+    calls: list[list[PromptBatch]] = []
+    for batch in plan:
+      last = calls[-1] if calls else None
+      if last and last[0].length == batch.length and len(last) < self.config.refill_batches:
+        last.append(batch)
+      else:
+        calls.append([batch])
+    return calls
+
   def lower(self, model: CausalLM, prompt_len: int) -> jax.stages.Lowered:
-    """The decoding program `sample` runs on one batch of ``prompt_len``-token prompts,
-    lowered (``model`` may be abstract): what `ssapo-plan` compiles."""
+    """The decoding program `sample` runs on ``prompt_len``-token prompts, lowered (``model``
+    may be abstract): what `ssapo-plan` compiles. One batch, or with refill
+    (``refill_batches`` > 1) a queue of that many batches."""
     graphdef, params, rest = self.decode_layout(model, abstract=True)
-    b = self.config.batch_size
+    b = self.config.batch_size * self.config.refill_batches
     rows = lambda ndim: NamedSharding(self.mesh, shd.batch_spec(ndim, b, self.mesh))  # noqa: E731
     prompts = jax.ShapeDtypeStruct((b, prompt_len), jnp.int32, sharding=rows(2))
     index = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rows(1))
@@ -566,7 +764,7 @@ class Sampler:
       prompts,
       index,
       key,
-      settings=self.settings(model),
+      settings=self.settings(model, batches=self.config.refill_batches),
       mesh=self.mesh,
     )
 
@@ -591,7 +789,6 @@ class Sampler:
     """
     c = self.config
     num_samples = c.num_samples if num_samples is None else num_samples
-    settings = self.settings(model, temperature=temperature, num_samples=num_samples)
     start_time = time.perf_counter()
     lengths = [len(p) for p in prompts]
     plan = plan_batches(
@@ -599,20 +796,28 @@ class Sampler:
     )
     graphdef, params, rest = self.decode_layout(model)
     key = shd.put_global(key, shd.replicated(self.mesh))
-    rows = shd.host_batch_rows(self.mesh, c.batch_size)
-    sharding = lambda ndim: NamedSharding(self.mesh, shd.batch_spec(ndim, c.batch_size, self.mesh))
-    to_global = lambda x: jax.make_array_from_process_local_data(
-      sharding(x.ndim), x, (c.batch_size,) + x.shape[1:]
-    )
     index, tokens, mask, logps = [], [], [], []
     # [prompt tokens, new tokens, prompt slots, decode slots] of this process's real rows.
     counts = np.zeros(4, np.int64)
-    for batch in tqdm(plan, desc=desc, leave=False):
-      local = batch.indices[rows]
-      real = np.arange(c.batch_size)[rows] < batch.num_real
-      ids, pmask = left_pad(
-        [prompts[i] for i in local], pad_id=self.pad_token_id, length=batch.length
+    for call in tqdm(self.calls(plan), desc=desc, leave=False):
+      settings = self.settings(
+        model, temperature=temperature, num_samples=num_samples, batches=len(call)
       )
+      size = c.batch_size * len(call)
+      indices = np.concatenate([b.indices for b in call])
+      is_real = np.concatenate([np.arange(c.batch_size) < b.num_real for b in call])
+      rows = shd.host_batch_rows(self.mesh, size)
+      local, real = indices[rows], is_real[rows]
+      ids, pmask = left_pad(
+        [prompts[i] for i in local], pad_id=self.pad_token_id, length=call[0].length
+      )
+
+      def to_global(x, size=size):
+        spec = shd.batch_spec(x.ndim, size, self.mesh)
+        return jax.make_array_from_process_local_data(
+          NamedSharding(self.mesh, spec), x, (size,) + x.shape[1:]
+        )
+
       gen, steps = _generate(
         graphdef,
         params,
@@ -630,11 +835,16 @@ class Sampler:
       for acc, x in zip((tokens, mask, logps), out):
         acc.append(x[real])
       # Slots cover every computed row (filler too); the slots of one row are counted once.
+      # A refill queue's steps run its rows in flight: counted once, on process 0.
+      if settings.rows:
+        decode = settings.rows * steps if jax.process_index() == 0 else 0
+      else:
+        decode = local.size * num_samples * steps
       counts += [
         int(pmask[real].sum()) * num_samples,
         int(out[1][real].sum()),
-        local.size * num_samples * batch.length,
-        local.size * num_samples * steps,
+        local.size * num_samples * call[0].length,
+        decode,
       ]
     counts = _sum_over_processes(counts)
     index = np.concatenate(index) if index else np.zeros((0,), np.int64)

@@ -312,6 +312,26 @@ def test_sampler_same_samples_on_every_mesh(single_device, shape):
   np.testing.assert_allclose(gen.logps, ref.logps, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", MESHES)
+def test_sampler_refill_gives_the_same_samples_on_every_mesh(single_device, shape):
+  """``refill_batches=2``: the plan's two batches (both padded to 16) decode as one refill
+  queue of 32 jobs in 16 rows; every prompt's samples equal those without refill."""
+  _, _, ref = single_device
+  mesh = _mesh(shape)
+  sampler = w.sampler(mesh, refill_batches=2)
+  prompts = w.sampler_prompts()
+  plan = plan_batches(
+    [len(p) for p in prompts], batch_size=8, bucket_size=sampler.bucket_size, bucketed=True
+  )
+  assert [len(c) for c in sampler.calls(plan)] == [2]  # one queue: refill runs
+  out = sampler.sample(w.sharded_tiny_model(mesh), prompts, jax.random.key(KEY))
+  gen = gather_samples(out, len(prompts))
+  np.testing.assert_array_equal(gen.tokens, ref.tokens)
+  np.testing.assert_array_equal(gen.mask, ref.mask)
+  np.testing.assert_allclose(gen.logps, ref.logps, atol=1e-5)
+  assert out.stats.new_tokens == int(ref.mask.sum())
+
+
 def test_decode_layout_is_gathered_once_outside_the_loop():
   """Decoding parameters drop the FSDP axis (heads stay over ``tensor``), so the compiled
   sampling loop on an FSDP mesh contains no all-gather."""
@@ -407,3 +427,45 @@ def test_two_processes_sample_their_share(tmp_path, single_device):
     np.testing.assert_array_equal(np.array(r["tokens"]), ref.tokens)
     np.testing.assert_allclose(np.array(r["logps"]), ref.logps, atol=1e-5)
     assert r["new_tokens"] == int(ref.mask.sum())
+
+
+@pytest.mark.parametrize("per_call,temperature", [(4, 1.0), (3, 1.0), (3, 0.0)])
+def test_refill_gives_the_samples_of_decoding_in_batches(per_call, temperature):
+  """11 prompts x 2 samples = 22 jobs, decoded ``2 * per_call`` rows at a time: with refill
+  (rows whose response ended take the next job) every job's tokens, mask and log-probs equal
+  those of `generate` on batches of ``per_call`` prompts (the last one filled up with copies
+  of its last prompt, as `plan_batches` does) bit for bit, and the tokens and mask those of
+  decoding all 22 rows at once (log-probs within float rounding: a step's matmuls have
+  another row count). Four EOS tokens of a near-uniform model end responses at many
+  lengths, so rows are refilled at many different steps."""
+  model = w.tiny_model(0)
+  rng = np.random.RandomState(1)
+  num = 11
+  prompts = [list(rng.randint(6, 64, rng.randint(1, 12))) for _ in range(num)]
+  ids, mask = left_pad(prompts, pad_id=0, length=12)
+  index = np.arange(num) + 100
+  kw = dict(
+    max_new_tokens=24,
+    temperature=temperature,
+    num_samples=2,
+    eos_token_ids=(2, 3, 4, 5),
+    pad_token_id=0,
+  )
+  key = jax.random.key(KEY)
+  refill = generate(model, ids, mask, key, rows=2 * per_call, prompt_index=index, **kw)
+  parts = []
+  for start in range(0, num, per_call):
+    take = np.minimum(np.arange(start, start + per_call), num - 1)
+    gen = generate(model, ids[take], mask[take], key, prompt_index=index[take], **kw)
+    real = 2 * min(per_call, num - start)
+    parts.append([np.asarray(x)[:real] for x in gen])
+  batched = [np.concatenate(x) for x in zip(*parts)]
+  every = generate(model, ids, mask, key, prompt_index=index, **kw)
+  lengths = np.asarray(every.mask).sum(1)
+  if temperature:
+    assert len(set(lengths.tolist())) > 5 and lengths.min() < 12, lengths
+  for got, want in zip(refill, batched):
+    np.testing.assert_array_equal(np.asarray(got), want)
+  np.testing.assert_array_equal(np.asarray(refill.tokens), np.asarray(every.tokens))
+  np.testing.assert_array_equal(np.asarray(refill.mask), np.asarray(every.mask))
+  np.testing.assert_allclose(np.asarray(refill.logps), np.asarray(every.logps), atol=2e-6)

@@ -14,6 +14,11 @@ implementation is `LlamaConfig.attention`:
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU; bfloat16/float16).
 * ``"auto"``: splash on TPU, cudnn on GPU with a 16-bit compute dtype, xla otherwise.
 
+Decoding against a KV cache goes through `cached_attention` whatever the implementation: an
+online softmax over blocks of `DECODE_KEY_BLOCK` cache slots, in a loop that stops at the last
+written slot, so a step's attention costs what the filled part of the cache holds, not what
+it was allocated for.
+
 Shape letters as in ``models/llama.py``: B batch, T queries, S keys, N query heads, K kv heads,
 G = N // K, H head dim.
 """
@@ -29,6 +34,9 @@ from jax.sharding import PartitionSpec
 from ssapo_jax import sharding as shd
 
 IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
+# `cached_attention` reads the cache in blocks of this many slots (the last block of a cache
+# whose length is not a multiple of it overlaps the one before, its repeated slots masked).
+DECODE_KEY_BLOCK = 128
 # Splash tiles the sequence in blocks of this many tokens (a multiple of the TPU lane width);
 # shorter or ragged sequences are padded up to a multiple of it.
 _SPLASH_BLOCK = 512
@@ -146,6 +154,96 @@ def _chunked_xla_attention(q, k, v, q_slots, k_slots, kv_mask, window, chunk):
     (qc, q_slots.reshape(num, chunk)),
   )
   return jnp.moveaxis(out, 0, 1).reshape(b, num * chunk, n, h)[:, :t]
+
+
+def cached_attention(
+  q: jax.Array,
+  keys: jax.Array,
+  values: jax.Array,
+  *,
+  layer: jax.Array | int,
+  q_slots: jax.Array,
+  kv_mask: jax.Array,
+  window: int | None,
+  block_size: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Causal attention of new queries over a stacked KV cache, reading only the slots a query
+  can attend (flash-decoding: an online softmax over key blocks).
+
+  Args:
+    q: ``[B, T, N, H]`` queries (RoPE applied), compute dtype.
+    keys, values: ``[L, B, K, S, H]`` the stacked cache, already holding the queries' own keys.
+    layer: int scalar (may be traced), the layer whose ``[B, K, S, H]`` slice is read.
+    q_slots: ``[T]`` int, the queries' slots (consecutive: ``q_slots[0] + arange(T)``), or
+      ``[B, T]``: each row's own.
+    kv_mask: ``[B, S]`` segment ids as in `attention` (0 on padding and unwritten slots).
+    window: keys with ``q_slot - k_slot >= window`` are masked; None = full causal.
+    block_size: slots per block (default `DECODE_KEY_BLOCK`, at most ``S``).
+
+  Blocks ``lo .. hi - 1`` are read in a ``fori_loop`` whose bounds are traced: ``hi`` ends at
+  the last query's slot (later slots are masked by causality) and, with a window, ``lo``
+  starts at the first slot in the window (over all rows, with per-row slots). A block with
+  no allowed key for a query adds exactly nothing to its sums, so a row's result does not
+  depend on how many blocks the other rows make the loop run. Each block is sliced from the cache where it lies
+  (its ``[B, K, blk, H]`` layout is the einsums' operand layout: no transpose, no copy of the
+  layer's slice). Scores and the running sums are float32; the result equals `attention`'s
+  ``xla`` path up to float rounding (the sums run in another order).
+
+  Returns:
+    ``(out [B, T, N, H]`` in the dtype of ``q``, ``keys``, ``values)``: the cache comes back
+    unchanged, threaded through the loop. Using the returned cache (not the argument) after
+    the call is what keeps a decode step in place: a loop that only reads a buffer still
+    used after it makes XLA copy the whole cache into the loop first.
+  """
+  _, b, kh, s, h = keys.shape
+  t, n = q.shape[1], q.shape[2]
+  g = n // kh
+  blk = min(int(block_size or DECODE_KEY_BLOCK), s)
+  qg = q.reshape(b, t, kh, g, h)
+  scale = h**-0.5
+  q_slots = jnp.broadcast_to(q_slots, (b, t))  # [B, T]
+  first, last = jnp.min(q_slots), jnp.max(q_slots)
+  hi = jnp.minimum(last // blk + 1, -(-s // blk))
+  lo = 0 if window is None else jnp.maximum(first - window + 1, 0) // blk
+  own_segment = jnp.take_along_axis(kv_mask, q_slots, axis=1)  # [B, T]
+  neg = jnp.finfo(jnp.float32).min
+
+  def body(j, carry):
+    run_max, run_sum, acc, keys, values = carry
+    start = jnp.minimum(j * blk, s - blk)  # the last block may overlap its predecessor
+    read = lambda c: jax.lax.dynamic_slice(c, (layer, 0, 0, start, 0), (1, b, kh, blk, h))[0]
+    k, v = read(keys).astype(q.dtype), read(values).astype(q.dtype)
+    slots = start + jnp.arange(blk)
+    seg = jax.lax.dynamic_slice_in_dim(kv_mask, start, blk, axis=1)  # [B, blk]
+    qs = q_slots[:, :, None]
+    allowed = (slots <= qs) & (slots >= j * blk)  # [B, T, blk]
+    if window is not None:
+      allowed &= slots > qs - window
+    allowed &= (seg[:, None, :] > 0) & (own_segment[:, :, None] == seg[:, None, :])
+    allowed = allowed[:, None, None]  # [B, 1, 1, T, blk]
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(allowed, scores, neg)
+    new_max = jnp.maximum(run_max, jnp.max(scores, axis=-1))
+    p = jnp.where(allowed, jnp.exp(scores - new_max[..., None]), 0.0)
+    correction = jnp.exp(run_max - new_max)
+    run_sum = run_sum * correction + jnp.sum(p, axis=-1)
+    pv = jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(q.dtype), v, preferred_element_type=jnp.float32)
+    return new_max, run_sum, acc * correction[..., None] + pv, keys, values
+
+  init = (
+    jnp.full((b, kh, g, t), neg, jnp.float32),
+    jnp.zeros((b, kh, g, t), jnp.float32),
+    jnp.zeros((b, kh, g, t, h), jnp.float32),
+    keys,
+    values,
+  )
+  if blk == s:  # one block: no loop (XLA would hoist its read out of one, then copy the cache)
+    _, run_sum, acc, keys, values = body(0, init)
+  else:
+    _, run_sum, acc, keys, values = jax.lax.fori_loop(lo, hi, body, init)
+  out = jnp.where(run_sum[..., None] > 0, acc / run_sum[..., None], 0.0)  # no key: a padding query
+  out = jnp.einsum("BKGTH->BTKGH", out).reshape(b, t, n, h).astype(q.dtype)
+  return out, keys, values
 
 
 def jax_nn_attention(q, k, v, kv_mask, window, *, implementation: str):

@@ -31,7 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ssapo_jax.models.attention import IMPLEMENTATIONS, attention, resolve_implementation
+from ssapo_jax.models.attention import (
+  IMPLEMENTATIONS,
+  attention,
+  cached_attention,
+  resolve_implementation,
+)
 from ssapo_jax.models.base import KVCache, ModelFamily, annotated_param, register_family
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -482,28 +487,23 @@ class Attention(nnx.Module):
     kv_mask,
     window_index,
     *,
-    cached: bool = False,
     query_chunk_size: int | None = None,
   ):
-    """Masked attention and the output projection.
+    """Masked self-attention through `LlamaConfig.attention`'s kernel and the output projection.
 
     Args:
       q: ``[B, T, N, H]``; k, v: ``[B, S, K, H]``.
-      q_slots: ``[T]`` int, index of each query in the (cached) sequence.
+      q_slots: ``[T]`` int, index of each query in the sequence.
       k_slots: ``[S]`` int, index of each key.
       kv_mask: ``[B, S]`` 1 where the key is a real token.
       window_index: int scalar (may be traced), this layer's index into `LlamaConfig.windows`.
-      cached: keys and values come from a KV cache. Then the attention is the ``xla`` einsum
-        path whatever `LlamaConfig.attention` says: the fused kernels here need queries and
-        keys of one sequence.
       query_chunk_size: on the ``xla`` path, compute the queries in chunks of this many
         (`ssapo_jax.models.attention.attention`); the fused kernels ignore it.
 
     Returns:
       ``[B, T, D]`` in the dtype of ``q``.
     """
-    c = self.config
-    impl = "xla" if cached else resolve_implementation(c.attention, q.dtype)
+    impl = resolve_implementation(self.config.attention, q.dtype)
 
     def attend_with(window):
       return lambda q, k, v: attention(
@@ -518,14 +518,39 @@ class Attention(nnx.Module):
         query_chunk_size=query_chunk_size,
       )
 
-    branches = [attend_with(w) for w in c.windows]
+    return self._project_out(self._by_window(window_index, attend_with, q, k, v))
+
+  def attend_cache(self, q, cache, layer_index, q_slots, kv_mask, window_index):
+    """Attention of ``q [B, T, N, H]`` over layer ``layer_index`` of the stacked `KVCache`
+    (``[L, B, K, S, H]``, holding the queries' own keys) and the output projection.
+
+    `ssapo_jax.models.attention.cached_attention` whatever `LlamaConfig.attention` says (the
+    fused kernels here need queries and keys of one sequence): only the blocks up to the last
+    query's slot are read. Returns ``([B, T, D]`` in the dtype of ``q``, the cache): the cache
+    threaded through the read, to be used instead of the argument (`cached_attention`).
+    """
+
+    def attend_with(window):
+      return lambda q, keys, values: cached_attention(
+        q, keys, values, layer=layer_index, q_slots=q_slots, kv_mask=kv_mask, window=window
+      )
+
+    out, keys, values = self._by_window(window_index, attend_with, q, *cache)
+    return self._project_out(out), KVCache(keys, values)
+
+  def _by_window(self, window_index, attend_with, *operands):
+    """``attend_with(window)(*operands)`` for this layer's window (a ``lax.switch`` over the
+    distinct windows of mixed sliding/full models; the window is static in each branch)."""
+    branches = [attend_with(w) for w in self.config.windows]
     if len(branches) == 1:
-      out = branches[0](q, k, v)
-    else:  # mixed sliding/full layers: the window is static inside each branch
-      out = jax.lax.switch(window_index, branches, q, k, v)
-    out = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(q.dtype))
-    if c.o_bias:
-      out = out + self.o_bias[...].astype(q.dtype)
+      return branches[0](*operands)
+    return jax.lax.switch(window_index, branches, *operands)
+
+  def _project_out(self, out):
+    """``[B, T, N, H]`` -> ``[B, T, D]`` through ``o_proj`` (and its bias)."""
+    out = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(out.dtype))
+    if self.config.o_bias:
+      out = out + self.o_bias[...].astype(out.dtype)
     return out
 
 
@@ -606,9 +631,10 @@ class DecoderLayer(nnx.Module):
     * ``prefill`` (the cache holds nothing before ``cache_index`` = 0, static): attention runs
       over the ``T`` new tokens only, through `LlamaConfig.attention`'s kernel, with queries
       in chunks of `PREFILL_QUERY_CHUNK` on the ``xla`` path: no ``[B, heads, T, S]`` scores;
-    * otherwise attention reads the layer's ``[B, K, S, H]`` slice back from the written
-      cache. Writing before reading is what lets XLA update the cache carry in place: a slice
-      read before the write keeps the old cache alive, and the compiled step copies it.
+    * otherwise attention reads the layer's keys and values back from the written cache, block
+      by block up to the last new slot (`Attention.attend_cache`). Writing before reading is
+      what lets XLA update the cache carry in place: a slice read before the write keeps the
+      old cache alive, and the compiled step copies it.
 
     Returns ``(y [B, T, D], cache)``: the updated `KVCache` (None without a cache).
     """
@@ -617,8 +643,12 @@ class DecoderLayer(nnx.Module):
       out = self.attn.attend(q, k, v, q_slots, q_slots, kv_mask, window_index)
     else:
       k, v = k.astype(cache.keys.dtype), v.astype(cache.values.dtype)
-      at = (layer_index, 0, 0, cache_index, 0)
-      put = lambda c, x: jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2)[None], at)
+      if q_slots.ndim == 2:  # each row at its own slots (`Llama.decode` with [B] cache_index)
+        rows = jnp.arange(x.shape[0])[:, None]
+        put = lambda c, x: c.at[layer_index, rows, :, q_slots, :].set(x, unique_indices=True)
+      else:
+        at = (layer_index, 0, 0, cache_index, 0)
+        put = lambda c, x: jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2)[None], at)
       cache = KVCache(put(cache.keys, k), put(cache.values, v))
       if prefill:
         t = x.shape[1]
@@ -633,13 +663,7 @@ class DecoderLayer(nnx.Module):
           query_chunk_size=PREFILL_QUERY_CHUNK,
         )
       else:
-        read = lambda c: jnp.swapaxes(  # [B, S, K, H] view of [B, K, S, H]; XLA folds it
-          jax.lax.dynamic_index_in_dim(c, layer_index, 0, keepdims=False), 1, 2
-        )
-        k_all, v_all = read(cache.keys).astype(q.dtype), read(cache.values).astype(q.dtype)
-        out = self.attn.attend(
-          q, k_all, v_all, q_slots, jnp.arange(k_all.shape[1]), kv_mask, window_index, cached=True
-        )
+        out, cache = self.attn.attend_cache(q, cache, layer_index, q_slots, kv_mask, window_index)
     h = x + out
     return h + self.mlp(self.post_attn_norm(h)), cache
 
@@ -832,16 +856,21 @@ class Llama(nnx.Module):
   ) -> tuple[jax.Array, KVCache]:
     """Runs ``input_ids [B, T]`` against the cache and returns ``(logits [B, T, V], cache)``.
 
-    The tokens are written at cache slots ``cache_index .. cache_index + T - 1`` (same for all
-    rows, so prompts are left-padded). ``positions [B, T]`` are their RoPE positions and
-    ``kv_mask [B, S]`` marks valid slots (including the new ones). Numerics equal the full
-    forward (same masks, same dtypes); dynamic RoPE uses the longest position of this call,
-    as transformers' cached decoding does. Attention against the cache is the ``xla`` einsum
-    path whatever `LlamaConfig.attention` says (see `Attention.attend`).
+    The tokens are written at cache slots ``cache_index .. cache_index + T - 1``: the same for
+    all rows (an int scalar; prompts left-padded), or each row's own (``cache_index [B]``,
+    rows that started at different times, as the sampler's refill runs them).
+    ``positions [B, T]`` are their RoPE positions and ``kv_mask [B, S]`` marks valid slots
+    (including the new ones). Numerics equal the full forward (same masks, same dtypes), and
+    a row's do not depend on the other rows (nor on whether the slots are shared); dynamic
+    RoPE uses the longest position of this call, as transformers' cached decoding does.
+    Attention against the cache reads only the slots up to the last new one, whatever
+    `LlamaConfig.attention` says (`Attention.attend_cache`), so a step's attention costs the
+    filled length, not the allocated ``S``.
     """
     x = self.embedding[...].astype(self.dtype)[input_ids]
     cos, sin = _rope_cos_sin(self.config, positions, self.dtype)
-    q_slots = cache_index + jnp.arange(input_ids.shape[1])
+    cache_index = jnp.asarray(cache_index)
+    q_slots = cache_index[..., None] + jnp.arange(input_ids.shape[1])  # [T] or [B, T]
     h, cache = self._run_layers(x, cos, sin, q_slots, kv_mask, cache, cache_index)
     logits = jnp.einsum("BTD,VD->BTV", h, self.unembedding().astype(h.dtype))
     return logits, cache

@@ -146,3 +146,42 @@ def test_resolve_implementation():
       window=None,
       implementation="splash",
     )
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("block", [8, 12, 40])
+@pytest.mark.parametrize("first,num", [(0, 40), (29, 3), (35, 1), (3, 1)])
+def test_cached_attention_equals_xla(window, block, first, num):
+  """New queries at slots ``first .. first + num - 1`` over layer 1 of a stacked cache of 40
+  slots, read in blocks (8: five; 12: the last overlapping its predecessor; 40: no loop), equal
+  the xla path over the whole cache. Slots after the last query hold large finite garbage
+  (masked), and NaN from the block after the last query's on (never read: a read NaN value
+  would poison the sums); row 0 is a packed row of two segments."""
+  q, k, v, mask = _inputs(seq=40)
+  mask = jnp.asarray(np.asarray(mask)).at[0, 20:].set(2)
+  slots = jnp.arange(first, first + num)
+  last = first + num - 1
+  s = jnp.arange(40)[None, None, :, None]  # the slot axis of [B, K, S, H]
+  unread = s >= (last // block + 1) * block if block < 40 else s > 40
+  garbage = lambda x: jnp.where(unread, jnp.nan, jnp.where(s > last, 1e30, x))
+  other = lambda x: jnp.full_like(x, jnp.nan)  # layers 0 and 2
+  keys, values = (
+    jnp.stack([other(x), garbage(x), other(x)])
+    for x in (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
+  )
+  fn = jax.jit(functools.partial(attn.cached_attention, window=window, block_size=block))
+  out, keys_back, values_back = fn(q[:, slots], keys, values, layer=1, q_slots=slots, kv_mask=mask)
+  ref = attn.attention(
+    q[:, slots],
+    k,
+    v,
+    q_slots=slots,
+    k_slots=jnp.arange(40),
+    kv_mask=mask,
+    window=window,
+    implementation="xla",
+  )
+  real = np.asarray(mask[:, slots]) > 0
+  np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=2e-5)
+  for back, sent in ((keys_back, keys), (values_back, values)):  # returned as it came
+    np.testing.assert_array_equal(np.asarray(back), np.asarray(sent))

@@ -96,8 +96,11 @@ def _check_in_place(devices=None):
   compiled = {n: _compiled_step(n, devices) for n in layers}
   for n, c in compiled.items():
     cache_elements = n * B * S * 2 * 8
-    big = [(op, e) for op, e in _moves(c.as_text(), in_loops=True) if e >= cache_elements]
+    moves = _moves(c.as_text(), in_loops=True)
+    big = [(op, e) for op, e in moves if e >= cache_elements]
     assert not big, f"{n} layers: the step moves cache-sized buffers {big}"
+    if devices is None:  # nor a layer's keys or values (the einsums before blocks did)
+      assert max(e for _, e in moves) < cache_elements // n, moves
     # The returned cache is the donated one (keys and values, float32).
     assert c.memory_analysis().alias_size_in_bytes >= 2 * 4 * cache_elements
   if devices is not None:
@@ -114,13 +117,20 @@ def _check_in_place(devices=None):
   assert temp[8] - temp[2] < layer_bytes, temp
 
 
-def test_decode_step_updates_the_cache_in_place():
+@pytest.mark.parametrize("block", [128, 8])
+def test_decode_step_updates_the_cache_in_place(monkeypatch, block):
+  """Blocks of 128 slots: the 40-slot cache is one block (no loop); of 8: five, read in a
+  loop whose trip count is traced (the block reads stay inside it, the cache is not copied)."""
+  monkeypatch.setattr(attn, "DECODE_KEY_BLOCK", block)
   _check_in_place()
 
 
-def test_sampling_loop_moves_no_cache_sized_buffer():
-  """The sampler's loop (decode steps, each a scan over the layers) copies no buffer of the
-  cache's size; the old cached layer copied it 4 times per layer."""
+@pytest.mark.parametrize("block,rows", [(128, 0), (8, 0), (128, 4), (8, 4)])
+def test_sampling_loop_moves_no_cache_sized_buffer(monkeypatch, block, rows):
+  """The sampler's loops (the prefill's and the decode steps' scans over the layers) copy no
+  buffer of the cache's size; the old cached layer copied it 4 times per layer. ``rows`` 4:
+  the refill loop (4 rows in flight for 6 jobs: per-row cache slots, refill prefills)."""
+  monkeypatch.setattr(attn, "DECODE_KEY_BLOCK", block)
   model = nnx.eval_shape(lambda: Llama(_config(4), rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   settings = sampling._settings(
@@ -132,6 +142,7 @@ def test_sampling_loop_moves_no_cache_sized_buffer():
     num_samples=2,
     eos_token_ids=(2,),
     pad_token_id=0,
+    rows=rows,
   )
   ids = jax.ShapeDtypeStruct((3, 16), jnp.int32)
   index = jax.ShapeDtypeStruct((3,), jnp.int32)
@@ -141,14 +152,15 @@ def test_sampling_loop_moves_no_cache_sized_buffer():
     .compile()
     .as_text()
   )
-  cache_elements = 4 * 6 * (16 + 24) * 2 * 8  # [L, rows, P + N, K, H]
+  cache_elements = 4 * (rows or 6) * (16 + 24) * 2 * 8  # [L, rows, K, P + N, H]
   moves = _moves(hlo, in_loops=True)
-  assert moves  # the per-layer slices are transposed for the attention einsums
+  assert moves  # the prefill's attention transposes its scores
   assert max(e for _, e in moves) < cache_elements, moves
 
 
 @pytest.mark.slow
-def test_decode_step_updates_the_cache_in_place_on_tpu():
+@pytest.mark.parametrize("block", [128, 8])
+def test_decode_step_updates_the_cache_in_place_on_tpu(monkeypatch, block):
   """The same step compiled for a TPU chip (v5e, ahead of time through libtpu): no cache-sized
   copy or transpose in its loop, and the donated cache is the returned one. (The TPU compile
   of the old read-before-write layer had no such copy either: the copies were CPU's.)"""
@@ -156,6 +168,7 @@ def test_decode_step_updates_the_cache_in_place_on_tpu():
 
   if not plan.libtpu_available():
     pytest.skip('libtpu is not installed (pip install -e ".[tpu]")')
+  monkeypatch.setattr(attn, "DECODE_KEY_BLOCK", block)
   _check_in_place(plan.topology_devices(plan.tpu_slice("v5litepod-8")))
 
 
@@ -239,25 +252,22 @@ def test_chunked_xla_attention_equals_unchunked(window):
 
 
 def test_prefill_keeps_no_prompt_square_scores_or_all_logits():
-  """Compiled memory of a 1024-token prefill (P + N = 1088 slots). The old way (decode at
-  slot 0) holds float32 ``[rows, N, P, P + N]`` scores (3 such buffers on CPU) and returns all
-  ``P`` positions' logits; prefill's temporaries stay under a third of one (its chunks hold
-  ``[rows, N, 128, P]``) and it returns one position's logits."""
+  """Compiled memory of a 1024-token prefill (P + N = 1088 slots). The reference is the full
+  forward over the prompt, which holds float32 ``[rows, N, P, P]`` scores and returns all
+  ``P`` positions' logits (as prefill through a decode step at slot 0 did); prefill's
+  temporaries stay under a third of those scores (its chunks hold ``[rows, N, 128, P]``) and
+  it returns one position's logits besides the cache."""
   rows, prompt, slots, vocab = 2, 1024, 1088, 4096
-  model = nnx.eval_shape(
-    lambda: Llama(
-      LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-      ),
-      rngs=nnx.Rngs(0),
-    )
+  config = LlamaConfig(
+    vocab_size=vocab,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
   )
+  model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
   ids = jax.ShapeDtypeStruct((rows, prompt), jnp.int32)
   kv = jax.ShapeDtypeStruct((rows, slots), jnp.int32)
@@ -269,10 +279,12 @@ def test_prefill_keeps_no_prompt_square_scores_or_all_logits():
 
     return jax.jit(run).lower(state, ids, kv).compile().memory_analysis()
 
-  old = memory(lambda m, i, p, c, kv: m.decode(i, p, c, cache_index=0, kv_mask=kv))
+  old = memory(lambda m, i, p, c, kv: m(i, kv[:, :prompt], p))
   new = memory(lambda m, i, p, c, kv: m.prefill(i, p, c, kv_mask=kv))
-  scores = rows * 4 * prompt * slots * 4
+  scores = rows * 4 * prompt * prompt * 4
   logits = rows * vocab * 4  # one position's
+  cache = 2 * 4 * 2 * rows * 2 * slots * 8  # keys and values [L, rows, K, S, H] float32
   assert old.temp_size_in_bytes >= scores  # the reference: what the test would catch
   assert new.temp_size_in_bytes < scores / 3, (new.temp_size_in_bytes, scores)
-  assert old.output_size_in_bytes - new.output_size_in_bytes == (prompt - 1) * logits
+  assert old.output_size_in_bytes == prompt * logits
+  assert logits <= new.output_size_in_bytes - cache < 2 * logits  # (and the tuple's pointers)
