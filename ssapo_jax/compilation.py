@@ -13,7 +13,10 @@ own default) are not written: loading them would save little and every entry cos
 counted from JAX's ``backend_compile`` events), ``compile/cache_hits`` and
 ``compile/cache_misses`` (persistent-cache reads) and, per program kind recorded with
 `record_program` (the train step and the scorer call it when they trace a new shape), the
-shapes, e.g. ``{"train_step": [[16, 2048], [32, 2048]]}``. The pipeline logs it; `enable_cache`
+shapes, e.g. ``{"train_step": [[16, 2048], [32, 2048]]}``. Every phase of a run logs what it
+compiled (`compile_delta`: ``compile_programs``, ``compile_cache_hits``,
+``compile_cache_misses`` and ``compile_shapes`` in its ``metrics.jsonl`` record and its summary
+line, `ssapo_jax.pipeline.hosts.PhaseClock`) and the run's last record the totals; `enable_cache`
 also has each process write it to ``<local run dir>/compile_stats-p<process>.json`` when it
 exits (a resumed run overwrites its predecessor's: the file describes the last process).
 """
@@ -91,6 +94,26 @@ def stats() -> dict:
     out = {f"compile/{k}": v for k, v in _counts.items()}
     out["compile/shapes"] = {k: [list(s) for s in v] for k, v in _shapes.items()}
   return out
+
+
+def compile_delta(before: dict, after: dict) -> dict:
+  """What a stretch of work compiled: `stats` ``after`` minus `stats` ``before`` (the counts
+  subtracted; ``compile/shapes`` holds, per kind, the shapes recorded in between)."""
+  out = {k: after[k] - before.get(k, 0) for k in after if k != "compile/shapes"}
+  old = before.get("compile/shapes", {})
+  shapes = {k: v[len(old.get(k, [])) :] for k, v in after["compile/shapes"].items()}
+  out["compile/shapes"] = {k: v for k, v in shapes.items() if v}
+  return out
+
+
+def format_shapes(shapes: dict) -> str:
+  """``{"train_step": [[16, 64], [32, 64]], "score": [[8, 64]]}`` as
+  ``"train_step 16x64 32x64; score 8x64"`` (distinct shapes, sorted; "" for none)."""
+  return "; ".join(
+    f"{kind} " + " ".join("x".join(map(str, s)) for s in sorted({tuple(s) for s in v}))
+    for kind, v in sorted(shapes.items())
+    if v
+  )
 
 
 def write_stats(path: str) -> None:
