@@ -936,6 +936,7 @@ def model_config(experiment, *, arch: str | None = None, num_layers: int | None 
     param_dtype=t.param_dtype,
     remat=t.remat,
     attention=experiment.model.attention,
+    scan_layers=experiment.model.scan_layers,
   )
   if num_layers is not None:
     changes["num_layers"] = num_layers

@@ -185,6 +185,32 @@ def test_chunked_logps_gradient_matches_naive(tiny, remat):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
 
 
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_unrolled_layers_equal_scanned(tiny, remat):
+  """``scan_layers=False`` runs the same stacked parameters: equal logits, gradients (of the
+  same parameter tree) and KV-cache decoding; mixed sliding/full windows included."""
+  _, model = tiny("qwen2_sliding")
+  scanned = _rebuilt(model, remat=remat)
+  unrolled = _rebuilt(model, remat=remat, scan_layers=False)
+  assert jax.tree.structure(nnx.state(unrolled)) == jax.tree.structure(nnx.state(scanned))
+  ids, mask = (jnp.asarray(a) for a in _batch())
+  np.testing.assert_allclose(
+    np.asarray(jax.jit(lambda m: m(ids, mask))(unrolled)),
+    np.asarray(jax.jit(lambda m: m(ids, mask))(scanned)),
+    atol=1e-5,
+  )
+  loss = lambda m: jnp.sum(m.sequence_logps(ids, mask, mask))  # noqa: E731
+  g_scan, g_unroll = (nnx.jit(nnx.grad(loss))(m) for m in (scanned, unrolled))
+  for (path, a), b in zip(jax.tree.leaves_with_path(g_scan), jax.tree.leaves(g_unroll)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, err_msg=str(path))
+  prompt = jnp.asarray(ids[:, :6]), jnp.asarray(_positions(np.asarray(mask))[:, :6])
+  kv_mask = jnp.zeros((3, 8), jnp.int32).at[:, :6].set(mask[:, :6])
+  out = [m.prefill(*prompt, m.init_cache(3, 8), kv_mask=kv_mask) for m in (scanned, unrolled)]
+  np.testing.assert_allclose(np.asarray(out[1][0]), np.asarray(out[0][0]), atol=1e-5)
+  for a, b in zip(out[0][1], out[1][1]):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2_sliding", "llama3_rope"])
 def test_kv_cache_decoding_equals_full_forward(tiny, family):
   _, model = tiny(family)
