@@ -42,6 +42,8 @@ def test_second_process_like_compile_hits_the_cache_and_is_counted(tmp_path, fre
   second = compilation.stats()
   assert second["compile/cache_hits"] >= 1 and second["compile/cache_misses"] == 0
   assert second["compile/shapes"] == {"f": [[7, 3]]}
+  assert second["compile/by_kind"]["f"] == {"programs": 1, "cache_hits": 1, "cache_misses": 0}
+  assert first["compile/by_kind"]["f"]["cache_misses"] == 1
   compilation.write_stats(str(tmp_path / "s.json"))
   with open(tmp_path / "s.json") as f:
     assert json.load(f)["compile/cache_hits"] >= 1
@@ -68,6 +70,7 @@ def test_compile_delta_and_format_shapes():
     "compile/cache_misses": 2,
     "compile/shapes": {"train_step": [[8, 64], [16, 64], [16, 64]], "score": [[4, 128]]},
   }
+  after["compile/by_kind"] = {"score": {"programs": 1, "cache_hits": 1, "cache_misses": 0}}
   delta = compilation.compile_delta(before, after)
   assert delta == {
     "compile/programs": 3,

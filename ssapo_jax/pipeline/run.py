@@ -85,12 +85,14 @@ def _open_logger(
 
 def _log_compiles(logger: MetricsLogger, step: int) -> None:
   """The process's compiles over the whole run (each phase's are in its own record): a
-  ``metrics.jsonl`` record with ``phase: "run"`` and one line."""
+  ``metrics.jsonl`` record with ``phase: "run"`` (totals, ``compile_<kind>_<count>`` per kind
+  of `compilation.stats`' ``by_kind``, ``compile_shapes``) and one line."""
   totals = compilation.stats()
   shapes = compilation.format_shapes(totals.pop("compile/shapes"))
-  logger.log(
-    step, {k.replace("/", "_"): v for k, v in totals.items()}, phase="run", compile_shapes=shapes
-  )
+  metrics = {k.replace("/", "_"): v for k, v in totals.items() if isinstance(v, int)}
+  for kind, counts in totals["compile/by_kind"].items():  # e.g. compile_train_step_cache_hits
+    metrics.update({f"compile_{kind}_{k}": v for k, v in counts.items()})
+  logger.log(step, metrics, phase="run", compile_shapes=shapes)
   if hosts.is_process0():
     message(
       f"compiled {totals['compile/programs']} programs in this process "

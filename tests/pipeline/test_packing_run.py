@@ -54,8 +54,12 @@ def test_packed_run_compiles_the_documented_shapes_and_resume_hits_the_cache(wor
   assert _kill_when_packed(config, lambda: ready(out)), "the run ended before the kill point"
   _run(config, "data.packing=true")
   resumed = _stats(out)
-  assert resumed["compile/cache_misses"] == 0, resumed  # every program came from the cache
-  assert resumed["compile/cache_hits"] >= len(resumed["compile/shapes"]["train_step"])
+  # Every train-step program came from the cache (a program only a resumed run compiles, such
+  # as a checkpoint restore's, is not in it: "other" may miss).
+  train_step = resumed["compile/by_kind"]["train_step"]
+  assert train_step["cache_misses"] == 0, resumed
+  assert train_step["cache_hits"] == len(resumed["compile/shapes"]["train_step"]) > 0, resumed
+  assert {k for k, v in resumed["compile/by_kind"].items() if v["cache_misses"]} <= {"other"}
   assert _losses(out) == _losses(full)
 
 
