@@ -913,13 +913,26 @@ def chunked_token_logps(
     log_sum_sq: also return ``log Σ_v p_v²`` ``[B, T]`` (no gradient), as a second output.
 
   An online logsumexp runs in a ``lax.scan`` whose body is rematerialised, so neither the
-  forward nor the backward pass holds more than ``[B, T, chunk]`` logits.
+  forward nor the backward pass holds more than ``[B, T, chunk]`` logits. A vocabulary that
+  fits one chunk (``V <= vocab_chunk_size``, by default ``V <= 8192``: small models) is one
+  plain pass instead, whose backward reuses the forward's logits (no recomputation).
   """
   vocab, dim = unembedding.shape
   chunk = min(vocab, 8192) if vocab_chunk_size is None else int(vocab_chunk_size)
   if chunk <= 0:
     raise ValueError(f"vocab_chunk_size must be positive, got {vocab_chunk_size}")
   num_chunks = -(-vocab // chunk)
+  if num_chunks == 1:  # the whole vocabulary in one chunk: no scan, nothing recomputed
+    logits = jnp.einsum(
+      "BTD,VD->BTV", hidden, unembedding.astype(hidden.dtype), preferred_element_type=jnp.float32
+    )
+    logits = logits.astype(hidden.dtype).astype(jnp.float32)  # round like the full forward
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    token_logps = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0] - lse
+    if not log_sum_sq:
+      return token_logps
+    log_p = jax.lax.stop_gradient(logits - lse[..., None])
+    return token_logps, jax.nn.logsumexp(2 * log_p, axis=-1)
   pad = num_chunks * chunk - vocab
   w = unembedding.astype(hidden.dtype)
   if pad:

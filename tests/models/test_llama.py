@@ -147,7 +147,8 @@ def test_sequence_logps_agrees_with_losses_module(tiny):
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4)
 
 
-def test_token_logps_log_sum_sq_matches_numpy(tiny):
+@pytest.mark.parametrize("chunk", [24, None])  # None: V = 128 in one chunk, the plain pass
+def test_token_logps_log_sum_sq_matches_numpy(tiny, chunk):
   """WPO's log Σ_v p_v² from the chunked pass equals numpy on the full logits."""
   _, model = tiny("llama")
   ids, mask = _batch()
@@ -158,16 +159,17 @@ def test_token_logps_log_sum_sq_matches_numpy(tiny):
     - logits.max(-1, keepdims=True)
   )
   token, log_sum_sq = model.token_logps(
-    jnp.asarray(ids), jnp.asarray(mask), vocab_chunk_size=24, log_sum_sq=True
+    jnp.asarray(ids), jnp.asarray(mask), vocab_chunk_size=chunk, log_sum_sq=True
   )
   expected_token = np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
   np.testing.assert_allclose(np.asarray(token), expected_token, atol=1e-4)
   np.testing.assert_allclose(np.asarray(log_sum_sq), np.log(np.exp(2 * logp).sum(-1)), atol=1e-4)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
-def test_chunked_logps_gradient_matches_naive(tiny, remat):
-  """Gradients through the chunked/rematerialised path equal a plain log_softmax."""
+@pytest.mark.parametrize("remat,chunk", [("full", 40), ("dots", 40), ("full", None)])
+def test_chunked_logps_gradient_matches_naive(tiny, remat, chunk):
+  """Gradients through the chunked/rematerialised path (and the one-chunk pass, chunk None
+  with V = 128) equal a plain log_softmax."""
   _, model = tiny("qwen2")
   ids, mask = _batch()
   ids, mask, loss_mask = jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(mask)
@@ -178,7 +180,7 @@ def test_chunked_logps_gradient_matches_naive(tiny, remat):
     return jnp.sum(tok * loss_mask[:, 1:])
 
   remat_model = _rebuilt(model, remat=remat)
-  chunked = lambda m: jnp.sum(m.sequence_logps(ids, mask, loss_mask, vocab_chunk_size=40))
+  chunked = lambda m: jnp.sum(m.sequence_logps(ids, mask, loss_mask, vocab_chunk_size=chunk))
   g_ref = nnx.jit(nnx.grad(naive))(model)
   g = nnx.jit(nnx.grad(chunked))(remat_model)
   for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g)):
