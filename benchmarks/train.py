@@ -478,6 +478,27 @@ def tunix_benchmark(args):
     jax.block_until_ready(loss)
     times["tunix"].append(time.perf_counter() - t0)
   block = {k: statistics.median(v) for k, v in times.items()}
+  compiled = {}
+  if args.lengths == "fixed":  # the compiled programs, compared (XLA counts a loop body once)
+    example = trainer._prepare_inputs(tunix_batches[0][1])  # pylint: disable=protected-access
+    if ref_model is None:
+      example = example.replace(
+        ref_chosen_logps=jnp.asarray(ref[0, :g]), ref_rejected_logps=jnp.asarray(ref[1, :g])
+      )
+    programs = {
+      "ours": step.lower(state, our_batches[0]).compile(),
+      "tunix": tunix_step.func.lower(*tunix_step.args, example).compile(),
+    }
+    for k, c in programs.items():
+      cost = c.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      text = c.as_text()
+      compiled[k] = {
+        "flops": cost.get("flops"),
+        "bytes_accessed": cost.get("bytes accessed"),
+        "fusions": text.count(" fusion("),
+        "while_loops": text.count(" while("),
+      }
   useful = int(2 * np.sum(lp) + np.sum(lc) + np.sum(lr))
   per_block = useful * (args.steps if args.lengths == "fixed" else 1)
   if args.lengths == "fixed":
@@ -519,6 +540,7 @@ def tunix_benchmark(args):
     "block_s_all": times,
     "useful_tokens_per_s": {k: per_block / v for k, v in block.items()},
     "speedup_ours_over_tunix": block["tunix"] / block["ours"],
+    "compiled": compiled,
   }
   print(json.dumps(result, indent=2))
   if args.json:
