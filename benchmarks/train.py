@@ -68,6 +68,22 @@ def parse_args(argv=None):
     "by max_length / 2048)",
   )
   g.add_argument("--bucket_size", type=int, default=64, help="padded lengths round up to this")
+  g = p.add_argument_group("--tunix: against Tunix's DPO trainer step (needs google-tunix)")
+  g.add_argument("--tunix", action="store_true", help="run the Tunix comparison instead")
+  g.add_argument(
+    "--lengths",
+    choices=("fixed", "ultrafeedback"),
+    default="fixed",
+    help="fixed: one [pairs, seq_len] batch; ultrafeedback: an epoch of --num_pairs generated "
+    "pairs, ours packed, Tunix padded per batch",
+  )
+  g.add_argument(
+    "--scan_layers",
+    type=int,
+    choices=(0, 1),
+    default=0,
+    help="our model.scan_layers (0: unrolled layers, as Tunix)",
+  )
   return p.parse_args(argv)
 
 
@@ -233,6 +249,306 @@ def packing_benchmark(args):
   return result
 
 
+def _copy_into_tunix(ours, theirs) -> None:
+  """Our parameters into Tunix's Llama3 (stacked ``[L, ...]`` rows to its per-layer modules;
+  the LM head transposed to its ``[D, V]``)."""
+  theirs.embedder.input_embedding.value = ours.embedding[...]
+  theirs.final_norm.w.value = ours.final_norm.scale[...]
+  theirs.lm_head.w.value = ours.lm_head[...].T
+  layers = ours.layers
+  for i, layer in enumerate(theirs.layers):
+    layer.input_layernorm.w.value = layers.input_norm.scale[...][i]
+    layer.post_attention_layernorm.w.value = layers.post_attn_norm.scale[...][i]
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+      getattr(layer.attn, name).w.value = getattr(layers.attn, name)[...][i]
+    for name in ("gate_proj", "up_proj", "down_proj"):
+      getattr(layer.mlp, name).kernel.value = getattr(layers.mlp, name)[...][i]
+
+
+def _tunix_pairs(prompts, chosen, rejected, prompt_bucket: int, response_bucket: int):
+  """Tunix's `TrainingInput` of token lists: prompts left-padded, responses right-padded, each
+  to its longest in the batch rounded up to its bucket."""
+  import numpy as np
+  from tunix.sft.dpo import dpo_trainer
+
+  def pad(seqs, left):
+    bucket = prompt_bucket if left else response_bucket
+    t = -(-max(len(x) for x in seqs) // bucket) * bucket
+    ids, mask = np.zeros((len(seqs), t), np.int32), np.zeros((len(seqs), t), np.int32)
+    for i, x in enumerate(seqs):
+      sl = slice(t - len(x), t) if left else slice(0, len(x))
+      ids[i, sl], mask[i, sl] = x, 1
+    return ids, mask
+
+  (p, pm), (c, cm), n = pad(prompts, True), pad(chosen + rejected, False), len(prompts)
+  c, cm, r, rm = c[:n], cm[:n], c[n:], cm[n:]
+  return dpo_trainer.TrainingInput(
+    prompt_ids=p, prompt_mask=pm, chosen_ids=c, chosen_mask=cm, rejected_ids=r, rejected_mask=rm
+  )
+
+
+def tunix_benchmark(args):
+  """Our DPO step against Tunix's (`tunix.sft.dpo.DPOTrainer`), same weights, same pairs.
+
+  The model is Tunix's Llama3 layout (RoPE theta 1e6, the value its attention applies); our
+  weights are copied into it. Tunix's step is what its trainer runs per step:
+  ``_prepare_inputs`` (masks, positions and, with ``--reference in_step``, the reference
+  log-probs in their own jit) then the jitted train step (AdamW with the same schedule,
+  clipping and decay mask). ``--lengths fixed``: one batch of ``pairs x seq_len`` tokens per
+  side; ``ultrafeedback``: one epoch of ``--num_pairs`` generated pairs, ours packed, Tunix's
+  padded per batch (prompts to the longest prompt, responses to the longest response, each
+  rounded up to ``--bucket_size``). Timing: a warm-up pass that compiles every shape, then
+  ``--repeats`` interleaved blocks (ours, Tunix); the median block of each.
+  """
+  try:
+    from tunix.models.llama3 import model as tunix_llama
+    from tunix.sft.dpo import dpo_trainer
+  except ImportError as e:
+    raise SystemExit(
+      "--tunix needs google-tunix (pip install 'ssapo-jax[tunix]' in an environment of its "
+      "own: it upgrades transformers)"
+    ) from e
+  import importlib.metadata
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from flax import nnx
+
+  from ssapo_jax import sharding as shd
+  from ssapo_jax import train as tr
+  from ssapo_jax.batch import make_preference_batch
+  from ssapo_jax.data import PreferenceLoader, pairs_from_token_ids
+  from ssapo_jax.models import Llama, LlamaConfig
+
+  cfg = LlamaConfig(
+    vocab_size=args.vocab,
+    hidden_size=args.hidden,
+    intermediate_size=args.intermediate,
+    num_layers=args.layers,
+    num_heads=args.heads,
+    num_kv_heads=args.kv_heads,
+    head_dim=args.hidden // args.heads,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+    attention="xla",
+    scan_layers=bool(args.scan_layers),
+  )
+  ours = Llama(cfg, rngs=nnx.Rngs(0))
+  theirs = tunix_llama.Llama3(
+    tunix_llama.ModelConfig(
+      num_layers=args.layers,
+      vocab_size=args.vocab,
+      embed_dim=args.hidden,
+      hidden_dim=args.intermediate,
+      num_heads=args.heads,
+      head_dim=args.hidden // args.heads,
+      num_kv_heads=args.kv_heads,
+      rope_theta=1_000_000,
+      norm_eps=1e-6,
+    ),
+    rngs=nnx.Rngs(1),
+  )
+  _copy_into_tunix(ours, theirs)
+
+  # The pairs: token lists (prompt, chosen, rejected), and the batches of each side.
+  rng = np.random.default_rng(0)
+  toks = lambda n: [int(x) for x in rng.integers(3, args.vocab, int(n))]  # noqa: E731
+  if args.lengths == "fixed":
+    prompt_len = args.seq_len // 4
+    lp = np.full(args.pairs, prompt_len)
+    lc, lr = (
+      rng.integers((args.seq_len - prompt_len) // 2, args.seq_len - prompt_len + 1, args.pairs)
+      for _ in range(2)
+    )
+  else:
+    lp, lc, lr = ultrafeedback_like_lengths(args.num_pairs, args.max_length, rng)
+  prompts, chosen, rejected = ([toks(n) for n in ls] for ls in (lp, lc, lr))
+  n, g = len(prompts), args.pairs
+  # Precomputed reference log-probs: random for the fixed batch; 0 for the generated epoch
+  # (what the loader's batches carry without a reference pass).
+  ref = rng.normal(-8.0 * np.mean(lc), 5.0, (2, n)).astype(np.float32)
+  if args.reference == "in_step" or args.lengths != "fixed":
+    ref[:] = 0.0
+  steps = -(-n // g)
+  config = tr.TrainConfig(
+    learning_rate=1e-5,
+    weight_decay=0.01,
+    global_batch_size=g,
+    compute_dtype=args.dtype,
+    remat="none",
+    reference=args.reference,
+    beta=0.1,
+  )
+  num_train_steps = (2 + args.repeats) * steps * (args.steps if args.lengths == "fixed" else 1)
+  mesh = shd.make_mesh(shd.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+
+  if args.lengths == "fixed":  # one [G, T] batch, the prompt then the right-padded response
+    t = args.seq_len
+
+    def side(resp):
+      ids = np.zeros((g, t), np.int32)
+      mask, loss_mask = np.zeros_like(ids), np.zeros_like(ids)
+      for i in range(g):
+        x = prompts[i] + resp[i]
+        ids[i, : len(x)], mask[i, : len(x)], loss_mask[i, len(prompts[i]) : len(x)] = x, 1, 1
+      return ids, mask, loss_mask
+
+    batch = make_preference_batch(
+      *side(chosen), *side(rejected), ref_chosen_logps=ref[0], ref_rejected_logps=ref[1]
+    )
+    our_batches, packed = [shd.global_batch(mesh, batch)] * args.steps, False
+    tunix_batches = [
+      (slice(0, g), _tunix_pairs(prompts, chosen, rejected, prompt_len, t - prompt_len))
+    ]
+    tunix_batches *= args.steps
+  else:
+    ds = pairs_from_token_ids(
+      prompts,
+      chosen,
+      rejected,
+      eos_id=2,
+      max_length=args.max_length,
+      max_prompt_length=args.max_length // 2,
+      add_eos=False,
+      verbose=False,
+    )
+    pack_length = -(-args.max_length // args.bucket_size) * args.bucket_size
+    loader = PreferenceLoader(
+      ds, global_batch_size=g, shuffle=False, packing=True, pack_length=pack_length
+    )
+    our_batches, packed = [shd.global_batch(mesh, b) for b in loader.iterator(num_epochs=1)], True
+    tunix_batches = [
+      (sl, _tunix_pairs(prompts[sl], chosen[sl], rejected[sl], *(args.bucket_size,) * 2))
+      for sl in (slice(i, min(i + g, n)) for i in range(0, n, g))
+    ]
+  state = tr.create_train_state(ours, config, mesh, num_train_steps=num_train_steps)
+  step = tr.make_train_step(config, mesh, state, packed=packed)
+
+  # Tunix: the same optimizer (clip, then AdamW with decay on matrices only).
+  schedule = tr.make_schedule(config, num_train_steps)
+  tx = optax.chain(
+    optax.clip_by_global_norm(1.0),
+    optax.adamw(schedule, weight_decay=0.01, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)),
+  )
+  ref_model = None
+  if args.reference == "in_step":
+    ref_model = nnx.clone(theirs)
+  trainer = dpo_trainer.DPOTrainer(
+    model=theirs,
+    ref_model=ref_model,
+    optimizer=tx,
+    training_config=dpo_trainer.DPOTrainingConfig(
+      eval_every_n_steps=10**9, max_steps=num_train_steps, beta=0.1
+    ),
+  )
+  tunix_step, _ = trainer.jit_train_and_eval_step()
+
+  def run_tunix(sl, inputs):
+    example = trainer._prepare_inputs(inputs)  # pylint: disable=protected-access
+    if ref_model is None:
+      example = example.replace(
+        ref_chosen_logps=jnp.asarray(ref[0, sl]), ref_rejected_logps=jnp.asarray(ref[1, sl])
+      )
+    return tunix_step(example)[0]
+
+  t0 = time.perf_counter()
+  first = {}
+  for b in our_batches[:1] if args.lengths == "fixed" else our_batches:
+    state, metrics = step(state, b)
+    first.setdefault("ours", float(metrics["loss"]))
+  ours_warm_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for sl, inputs in tunix_batches[:1] if args.lengths == "fixed" else tunix_batches:
+    loss = run_tunix(sl, inputs)
+    first.setdefault("tunix", float(loss))
+  tunix_warm_s = time.perf_counter() - t0
+
+  times = {"ours": [], "tunix": []}
+  for _ in range(args.repeats):  # interleaved blocks: a change of machine load hits both
+    t0 = time.perf_counter()
+    for b in our_batches:
+      state, metrics = step(state, b)
+    jax.block_until_ready(metrics["loss"])
+    times["ours"].append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for sl, inputs in tunix_batches:
+      loss = run_tunix(sl, inputs)
+    jax.block_until_ready(loss)
+    times["tunix"].append(time.perf_counter() - t0)
+  block = {k: statistics.median(v) for k, v in times.items()}
+  compiled = {}
+  if args.lengths == "fixed":  # the compiled programs, compared (XLA counts a loop body once)
+    example = trainer._prepare_inputs(tunix_batches[0][1])  # pylint: disable=protected-access
+    if ref_model is None:
+      example = example.replace(
+        ref_chosen_logps=jnp.asarray(ref[0, :g]), ref_rejected_logps=jnp.asarray(ref[1, :g])
+      )
+    programs = {
+      "ours": step.lower(state, our_batches[0]).compile(),
+      "tunix": tunix_step.func.lower(*tunix_step.args, example).compile(),
+    }
+    for k, c in programs.items():
+      cost = c.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      text = c.as_text()
+      compiled[k] = {
+        "flops": cost.get("flops"),
+        "bytes_accessed": cost.get("bytes accessed"),
+        "fusions": text.count(" fusion("),
+        "while_loops": text.count(" while("),
+      }
+  useful = int(2 * np.sum(lp) + np.sum(lc) + np.sum(lr))
+  per_block = useful * (args.steps if args.lengths == "fixed" else 1)
+  if args.lengths == "fixed":
+    cells = {k: 2 * g * args.seq_len for k in times}
+  else:
+    cells = {
+      "ours": sum(int(np.prod(b.ids.shape)) for b in our_batches),
+      "tunix": sum(
+        2 * x.prompt_ids.shape[0] * (x.prompt_ids.shape[1] + x.chosen_ids.shape[1])
+        for _, x in tunix_batches
+      ),
+    }
+  result = {
+    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
+    "load_avg_1m": os.getloadavg()[0],
+    "jax": jax.__version__,
+    "tunix": importlib.metadata.version("google-tunix"),
+    "model": {
+      "hidden": args.hidden,
+      "intermediate": args.intermediate,
+      "layers": args.layers,
+      "heads": args.heads,
+      "kv_heads": args.kv_heads,
+      "vocab": args.vocab,
+      "dtype": args.dtype,
+      "scan_layers": bool(args.scan_layers),
+    },
+    "lengths": args.lengths,
+    "reference": args.reference,
+    "pairs_per_step": g,
+    "steps_per_block": len(our_batches),
+    "useful_tokens_per_block": per_block,
+    "padding_fraction": {k: 1 - useful / v for k, v in cells.items()},
+    "first_loss": first,
+    "first_loss_abs_diff": abs(first["ours"] - first["tunix"]),
+    "warmup_s": {"ours": ours_warm_s, "tunix": tunix_warm_s},
+    "block_s": block,
+    "block_s_all": times,
+    "useful_tokens_per_s": {k: per_block / v for k, v in block.items()},
+    "speedup_ours_over_tunix": block["tunix"] / block["ours"],
+    "compiled": compiled,
+  }
+  print(json.dumps(result, indent=2))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
 def make_data(args, rng):
   import numpy as np
 
@@ -320,6 +636,8 @@ def main(argv=None):
   args = parse_args(argv)
   if args.packing:
     return packing_benchmark(args)
+  if args.tunix:
+    return tunix_benchmark(args)
   import jax
   import numpy as np
   import torch

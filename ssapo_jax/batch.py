@@ -257,6 +257,77 @@ def row_buckets(pairs_per_micro: int, row_multiple: int = 1) -> tuple[int, ...]:
   return tuple(sorted(out))
 
 
+def length_histogram(lengths, bin_width: int) -> dict:
+  """``{"bin_width", "counts", "num_sequences"}`` of sequence lengths (prompt + response):
+  ``counts[k]`` sequences have ``k * bin_width < length <= (k + 1) * bin_width``. What
+  ``ssapo-train --check --length-histogram`` writes and `expected_padding` reads."""
+  lengths = np.asarray(lengths, np.int64)
+  if bin_width < 1 or (lengths.size and lengths.min() < 1):
+    raise ValueError(f"length_histogram: bin_width {bin_width} and lengths must be >= 1")
+  bins = (lengths - 1) // bin_width
+  counts = np.bincount(bins, minlength=int(bins.max()) + 1 if lengths.size else 0)
+  return {"bin_width": int(bin_width), "counts": counts.tolist(), "num_sequences": lengths.size}
+
+
+def expected_padding(
+  histogram: dict,
+  *,
+  global_batch_size: int,
+  bucket_size: int,
+  pack_length: int,
+  micro_batches: int = 1,
+  row_multiple: int = 1,
+  num_batches: int = 200,
+  seed: int = 0,
+) -> dict:
+  """The padding fraction a run's batches can expect, padded and packed, from a
+  `length_histogram` of its sequences.
+
+  ``num_batches`` global batches of ``2 * global_batch_size`` sequences are drawn from the
+  histogram (each length at its bin's upper edge, so the estimate errs towards padding; the
+  chosen and rejected side drawn independently). Padded, as the loader without packing: every
+  sequence of a batch padded to the batch's longest, rounded up to ``bucket_size``. Packed, as
+  `pack_pair_rows`: each micro-batch's sequences first-fit decreasing into rows of
+  ``pack_length``, the row count per micro-batch the `row_buckets` entry that holds the fullest
+  one. Returns ``{"padded", "packed"}`` (fractions of the computed token slots that are
+  padding), ``"padded_lengths"`` and ``"packed_rows"`` (how many of the drawn batches took each
+  padded ``T`` and each packed global row count: the shapes a run compiles).
+  """
+  counts = np.asarray(histogram["counts"], np.float64)
+  width = int(histogram["bin_width"])
+  if counts.sum() <= 0:
+    raise ValueError("expected_padding: the histogram is empty")
+  uppers = (np.arange(counts.size) + 1) * width
+  if uppers[counts > 0].max() > pack_length:
+    raise ValueError(
+      f"expected_padding: the histogram has sequences up to {uppers[counts > 0].max()} tokens, "
+      f"more than a packed row of {pack_length}"
+    )
+  rng = np.random.default_rng(seed)
+  g, m = global_batch_size, micro_batches
+  buckets = row_buckets(-(-g // m), row_multiple)
+  real = padded = packed = 0
+  lengths_used: dict[int, int] = {}
+  rows_used: dict[int, int] = {}
+  for _ in range(num_batches):
+    lengths = uppers[rng.choice(counts.size, size=2 * g, p=counts / counts.sum())]
+    real += int(lengths.sum())
+    t = -(-int(lengths.max()) // bucket_size) * bucket_size
+    padded += 2 * g * t
+    lengths_used[t] = lengths_used.get(t, 0) + 1
+    slot = np.arange(2 * g) % g  # sequence k is pair slot k mod g (chosen, then rejected)
+    fullest = max(len(first_fit_decreasing(lengths[slot % m == j], pack_length)) for j in range(m))
+    rows = m * next(r for r in buckets if r >= fullest)
+    packed += rows * pack_length
+    rows_used[rows] = rows_used.get(rows, 0) + 1
+  return {
+    "padded": 1 - real / padded,
+    "packed": 1 - real / packed,
+    "padded_lengths": dict(sorted(lengths_used.items())),
+    "packed_rows": dict(sorted(rows_used.items())),
+  }
+
+
 def pack_pair_rows(
   sequences, real, *, seq_len: int, micro_batches: int = 1, row_multiple: int = 1, pad_id: int = 0
 ) -> dict[str, np.ndarray]:

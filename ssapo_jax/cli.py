@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     "(same exit statuses as a run)",
   )
   parser.add_argument(
+    "--length-histogram",
+    metavar="PATH",
+    help="with --check: tokenize the labelled seed, print its sequence lengths and the "
+    "expected padding of padded and packed batches (data.packing), and write the length "
+    "histogram to PATH (JSON, what ssapo-plan --lengths reads)",
+  )
+  parser.add_argument(
     "--allow-config-change",
     action="store_true",
     help="resume a run whose recorded config differs; the new config is kept "
@@ -167,6 +174,8 @@ def _quiet_libraries(verbose: bool) -> None:
 
 def _run(args: argparse.Namespace) -> int:
   # Loading the config imports JAX and the model code, which takes seconds: say so first.
+  if args.length_histogram and not args.check:
+    raise UsageError("--length-histogram goes with --check")
   what = "printing the config" if args.print_config else "checking the config and inputs"
   print(f"{PROG}: {what} ({args.config_path})", file=sys.stderr, flush=True)
   from ssapo_jax import config as cfg_lib
@@ -194,6 +203,9 @@ def _run(args: argparse.Namespace) -> int:
   if args.check:
     for line in preflight.plan_lines(config, data, mesh):
       print(line)
+    if args.length_histogram:
+      for line in preflight.length_lines(config, checked, mesh, args.length_histogram):
+        print(line)
     takeover = preflight.check_lock(config, force_unlock=args.force_unlock)
     if takeover is not None:  # --check writes nothing: the run itself takes the lock
       print(f"run.lock: the run would start by {takeover}")

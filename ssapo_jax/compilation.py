@@ -13,7 +13,10 @@ own default) are not written: loading them would save little and every entry cos
 counted from JAX's ``backend_compile`` events), ``compile/cache_hits`` and
 ``compile/cache_misses`` (persistent-cache reads) and, per program kind recorded with
 `record_program` (the train step and the scorer call it when they trace a new shape), the
-shapes, e.g. ``{"train_step": [[16, 2048], [32, 2048]]}``. The pipeline logs it; `enable_cache`
+shapes, e.g. ``{"train_step": [[16, 2048], [32, 2048]]}``. Every phase of a run logs what it
+compiled (`compile_delta`: ``compile_programs``, ``compile_cache_hits``,
+``compile_cache_misses`` and ``compile_shapes`` in its ``metrics.jsonl`` record and its summary
+line, `ssapo_jax.pipeline.hosts.PhaseClock`) and the run's last record the totals; `enable_cache`
 also has each process write it to ``<local run dir>/compile_stats-p<process>.json`` when it
 exits (a resumed run overwrites its predecessor's: the file describes the last process).
 """
@@ -31,7 +34,15 @@ import jax
 _lock = threading.Lock()
 _counts = {"programs": 0, "cache_hits": 0, "cache_misses": 0}
 _shapes: dict[str, list[tuple[int, ...]]] = {}
+_by_kind: dict[str, dict[str, int]] = {}
+_pending: list[str] = []  # the kind recorded since the last compile finished (at most one)
 _listening = False
+
+
+def _count_kind(key: str) -> None:
+  kind = _pending[0] if _pending else "other"
+  entry = _by_kind.setdefault(kind, {"programs": 0, "cache_hits": 0, "cache_misses": 0})
+  entry[key] += 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +70,17 @@ def _on_event(event: str, **_):
   if key:
     with _lock:
       _counts[key] += 1
+      _count_kind(key)
 
 
 def _on_duration(event: str, duration: float, **_):
+  # JAX traces a function (where `record_program` runs), then looks it up in the persistent
+  # cache and compiles or loads it; this event ends that, so the recorded kind ends here too.
   if event == "/jax/core/compile/backend_compile_duration":
     with _lock:
       _counts["programs"] += 1
+      _count_kind("programs")
+      _pending.clear()
 
 
 def start_counting() -> None:
@@ -82,15 +98,41 @@ def record_program(kind: str, shape) -> None:
   """Notes that a program of ``kind`` was traced for ``shape`` (call it at trace time)."""
   with _lock:
     _shapes.setdefault(kind, []).append(tuple(int(d) for d in shape))
+    _pending[:] = [kind]
 
 
 def stats() -> dict:
   """``{"compile/programs", "compile/cache_hits", "compile/cache_misses": int,
-  "compile/shapes": {kind: [shape, ...]}}`` for this process so far."""
+  "compile/shapes": {kind: [shape, ...]}, "compile/by_kind": {kind: {"programs",
+  "cache_hits", "cache_misses"}}}`` for this process so far. ``by_kind`` attributes each
+  compile to the kind `record_program` named while tracing it (``"other"`` for programs that
+  record none: small helpers, checkpoint restore)."""
   with _lock:
     out = {f"compile/{k}": v for k, v in _counts.items()}
     out["compile/shapes"] = {k: [list(s) for s in v] for k, v in _shapes.items()}
+    out["compile/by_kind"] = {k: dict(v) for k, v in _by_kind.items()}
   return out
+
+
+def compile_delta(before: dict, after: dict) -> dict:
+  """What a stretch of work compiled: `stats` ``after`` minus `stats` ``before`` (the counts
+  subtracted; ``compile/shapes`` holds, per kind, the shapes recorded in between; no
+  ``compile/by_kind``)."""
+  out = {k: v - before.get(k, 0) for k, v in after.items() if isinstance(v, int)}
+  old = before.get("compile/shapes", {})
+  shapes = {k: v[len(old.get(k, [])) :] for k, v in after["compile/shapes"].items()}
+  out["compile/shapes"] = {k: v for k, v in shapes.items() if v}
+  return out
+
+
+def format_shapes(shapes: dict) -> str:
+  """``{"train_step": [[16, 64], [32, 64]], "score": [[8, 64]]}`` as
+  ``"train_step 16x64 32x64; score 8x64"`` (distinct shapes, sorted; "" for none)."""
+  return "; ".join(
+    f"{kind} " + " ".join("x".join(map(str, s)) for s in sorted({tuple(s) for s in v}))
+    for kind, v in sorted(shapes.items())
+    if v
+  )
 
 
 def write_stats(path: str) -> None:
@@ -106,6 +148,8 @@ def reset_stats() -> None:
     for k in _counts:
       _counts[k] = 0
     _shapes.clear()
+    _by_kind.clear()
+    _pending.clear()
 
 
 def cache_dir_for(config: CompilationConfig, local_run_dir: str) -> str:

@@ -82,6 +82,10 @@ class ModelConfig:
   tokenizer_path: Optional[str] = None  # tokenizer directory; None = `path`
   # Attention kernel (LlamaConfig.attention): auto = splash on TPU, cudnn on GPU (bf16), else xla.
   attention: Literal["auto", "xla", "splash", "cudnn"] = "auto"
+  # Layer stack as one lax.scan (True: compile time does not grow with depth, what a 32-layer
+  # 7B/8B model needs) or unrolled over the same stacked parameters (False: faster steps for
+  # shallow models, e.g. the tiny CPU config); checkpoints are the same (LlamaConfig.scan_layers).
+  scan_layers: bool = True
 
   def __post_init__(self):
     check_choices(self, "model")

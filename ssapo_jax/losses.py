@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import typing
+import zlib
 from typing import Callable, Literal, NamedTuple, Sequence
 
 import flax.struct
@@ -27,6 +28,29 @@ from jax.experimental import checkify
 from jax.sharding import PartitionSpec
 
 Metrics = dict[str, jax.Array]
+
+
+def debug_check(pred, msg: str) -> None:
+  """``checkify.debug_check(pred, msg)`` with an error code that depends on ``msg`` only.
+
+  checkify numbers each check it traces from a process-wide counter and the code is a constant
+  of the lowered program, so two traces of one program in processes with different histories
+  (a run and its resumed self) would differ and miss the persistent compilation cache. Here
+  the code is a hash of the message: the same program lowers to the same module everywhere.
+  Checks with equal messages share a code (either reports the same text).
+  """
+  try:
+    from jax._src import checkify as checkify_src  # pylint: disable=import-outside-toplevel
+
+    saved = checkify_src.next_code
+  except (ImportError, AttributeError):  # another JAX: its own numbering
+    checkify.debug_check(pred, msg)
+    return
+  checkify_src.next_code = lambda: 1 + zlib.crc32(msg.encode()) % (2**30)
+  try:
+    checkify.debug_check(pred, msg)
+  finally:
+    checkify_src.next_code = saved
 
 
 def unsharded_along(x: jax.Array, axis: int = 0) -> jax.Array:
@@ -86,7 +110,7 @@ def sequence_logps(
   else:
     counted = loss_mask > 0
     in_range = (labels >= 0) & (labels < vocab)
-    checkify.debug_check(
+    debug_check(
       jnp.all(in_range | ~counted),
       f"sequence_logps: a counted label is outside the vocabulary [0, {vocab})",
     )
@@ -819,17 +843,15 @@ def check_atoms(
     weights = jnp.where(rows, jnp.asarray(atoms.weights), 1.0 / w_shape[1])
     shifts = jnp.where(rows, jnp.asarray(atoms.shifts), 0.0)
     total = jnp.sum(weights, axis=1)
-    checkify.debug_check(
+    debug_check(
       jnp.all(jnp.isfinite(weights) & (weights >= 0)), "atoms.weights must be finite and >= 0"
     )
-    checkify.debug_check(
+    debug_check(
       jnp.all(jnp.abs(total - 1) <= tol), f"atoms.weights rows must sum to 1 within {tol}"
     )
-    checkify.debug_check(jnp.all(jnp.isfinite(shifts)), "atoms.shifts must be finite")
+    debug_check(jnp.all(jnp.isfinite(shifts)), "atoms.shifts must be finite")
     if atoms.margin_scale is None:
-      checkify.debug_check(
-        jnp.all(shifts == 0), "atoms with margin_scale=None must have zero shifts"
-      )
+      debug_check(jnp.all(shifts == 0), "atoms with margin_scale=None must have zero shifts")
     return
   rows = (np.asarray(v) > 0)[:, None]
   w = np.where(rows, w.astype(np.float64), 1.0 / w_shape[1])

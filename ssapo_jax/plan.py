@@ -944,6 +944,7 @@ def model_config(experiment, *, arch: str | None = None, num_layers: int | None 
     param_dtype=t.param_dtype,
     remat=t.remat,
     attention=experiment.model.attention,
+    scan_layers=experiment.model.scan_layers,
   )
   if num_layers is not None:
     changes["num_layers"] = num_layers
@@ -958,42 +959,80 @@ def _abstract_model(config):
   return build_model(config, abstract=True)
 
 
-def abstract_batch(train_config, mesh, *, seq_len: int, num_atoms: int = 1):
+def abstract_batch(
+  train_config, mesh, *, seq_len: int, num_atoms: int = 1, packed_rows: int | None = None
+):
   """The global `PreferenceBatch` the train step takes, as sharded ``ShapeDtypeStruct``s of
   ``[global_batch_size, seq_len]`` tokens and ``[global_batch_size, num_atoms]`` atoms: the
-  shapes and dtypes of `make_preference_batch`, the constructor the loader uses."""
+  shapes and dtypes of `make_preference_batch`, the constructor the loader uses. With
+  ``packed_rows``, the `PackedPreferenceBatch` of ``[packed_rows, seq_len]`` packed tokens
+  (``data.packing``) with the same per-pair fields."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   from ssapo_jax import train as tr  # pylint: disable=import-outside-toplevel
-  from ssapo_jax.batch import make_preference_batch  # pylint: disable=import-outside-toplevel
+  from ssapo_jax.batch import (  # pylint: disable=import-outside-toplevel
+    PackedPreferenceBatch,
+    make_preference_batch,
+  )
 
   b = train_config.global_batch_size
   tokens = np.zeros((b, seq_len), np.int32)
   atoms = np.zeros((b, num_atoms), np.float32)
   batch = make_preference_batch(*[tokens] * 6, atom_weights=atoms, atom_shifts=atoms)
+  shardings = tr.batch_shardings(mesh, train_config)
+  if packed_rows is not None:
+    rows = np.zeros((packed_rows, seq_len), np.int32)
+    lengths = np.zeros((b,), np.int32)
+    pair_fields = ("weights", "valid", "ref_chosen_logps", "ref_rejected_logps")
+    batch = PackedPreferenceBatch(
+      **dict.fromkeys(("ids", "segment_ids", "positions", "loss_mask", "sequence_index"), rows),
+      chosen_lengths=lengths,
+      rejected_lengths=lengths,
+      **{k: getattr(batch, k) for k in (*pair_fields, "atom_weights", "atom_shifts")},
+    )
+    shardings = tr.packed_batch_shardings(mesh, train_config)
   return jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-    batch,
-    tr.batch_shardings(mesh, train_config),
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch, shardings
   )
 
 
+def packed_train_rows(train_config, mesh) -> int:
+  """Rows of the largest packed train batch (the top of the loader's `row_buckets` ladder,
+  which holds any batch): the shape whose memory bounds every packed step."""
+  from ssapo_jax import train as tr  # pylint: disable=import-outside-toplevel
+  from ssapo_jax.batch import row_buckets  # pylint: disable=import-outside-toplevel
+
+  m = train_config.micro_batches
+  multiple = tr.packed_row_multiple(mesh, train_config)
+  return m * max(row_buckets(train_config.global_batch_size // m, multiple))
+
+
 def lower_train_step(
-  train_config, config, mesh, *, seq_len: int, num_atoms: int = 1, num_train_steps: int = 1000
+  train_config,
+  config,
+  mesh,
+  *,
+  seq_len: int,
+  num_atoms: int = 1,
+  num_train_steps: int = 1000,
+  packed_rows: int | None = None,
 ):
   """``(lowered, tokens)`` of the run's train step: `train.create_train_state` (abstract) and
   `train.make_train_step`, the functions the run calls, on a global batch of
-  ``[global_batch_size, seq_len]`` pairs with ``num_atoms`` atoms."""
+  ``[global_batch_size, seq_len]`` pairs with ``num_atoms`` atoms (with ``packed_rows``, the
+  packed step on ``[packed_rows, seq_len]`` rows)."""
   from ssapo_jax import train as tr  # pylint: disable=import-outside-toplevel
 
   t = train_config
   state = tr.create_train_state(
     _abstract_model(config), t, mesh, num_train_steps=num_train_steps, abstract=True
   )
-  step = tr.make_train_step(t, mesh, state)  # traces under the mesh (splash, shard_map)
-  batch = abstract_batch(t, mesh, seq_len=seq_len, num_atoms=num_atoms)
-  return step.lower(state, batch), 2 * t.global_batch_size * seq_len
+  # Traces under the mesh (splash, shard_map).
+  step = tr.make_train_step(t, mesh, state, packed=packed_rows is not None)
+  batch = abstract_batch(t, mesh, seq_len=seq_len, num_atoms=num_atoms, packed_rows=packed_rows)
+  tokens = 2 * t.global_batch_size * seq_len if packed_rows is None else packed_rows * seq_len
+  return step.lower(state, batch), tokens
 
 
 def lower_score_logps(config, mesh, *, rows: int, seq_len: int):
@@ -1296,9 +1335,16 @@ def plan(
   )
   from ssapo_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
 
+  # Packed (data.packing), the step is compiled on its largest shape: the top of the row ladder
+  # of pack_length-token rows (2 x global_batch_size rows, one sequence each, at most); the
+  # flops count max_length tokens per sequence either way.
+  packed_rows = packed_train_rows(t, mesh) if d.packing else None
+  train_len = d.resolved_pack_length if d.packing else d.max_length
   builders = {  # name: (lower, model flops PaLM / MaxText, hardware flops, unbounded-loop trips)
     "train_step": (
-      lambda: lower_train_step(t, config, mesh, seq_len=d.max_length, num_atoms=atoms),
+      lambda: lower_train_step(
+        t, config, mesh, seq_len=train_len, num_atoms=atoms, packed_rows=packed_rows
+      ),
       train_step_flops(config, t, d.max_length),
       train_step_flops(config, t, d.max_length, causal=True),
       train_step_hardware_flops(config, t, d.max_length),
@@ -1449,7 +1495,9 @@ def run_estimate(
   per prompt at most). Calls run at the planned shapes (the longest bucket), so the times bound
   a run whose samples stop at EOS from above. Also returns the compiled shapes the run needs:
   one per length bucket of ``data.bucket_size`` for each program (sampling buckets the prompt,
-  scoring and training the whole sequence) and the compile CPU seconds of each as planned.
+  scoring and training the whole sequence) or, with ``data.packing``, one per row count of the
+  packed ladder (`batch.row_buckets`) for scoring and training, and the compile CPU seconds of
+  each as planned.
   """
   by_name = {p.name: p for p in plans}
   missing = sorted({"train_step", "score_logps", "generate"} - set(by_name))
@@ -1513,14 +1561,24 @@ def run_estimate(
         f"{r.num_eval_prompts} greedy held-out prompts",
       )
   del tr
+  from ssapo_jax.batch import row_buckets  # pylint: disable=import-outside-toplevel
+
   buckets = lambda length: math.ceil(length / d.bucket_size)
+  t_cfg = experiment.train
+  if d.packing:  # one row length; the row counts of the ladder (`row_buckets`)
+    m = t_cfg.micro_batches
+    multiple = mesh_batch_shards // math.gcd(mesh_batch_shards, m)  # `packed_row_multiple`
+    train_shapes = len(row_buckets(t_cfg.global_batch_size // m, multiple))
+    score_shapes = len(row_buckets(rows, mesh_batch_shards))
+  else:
+    train_shapes = score_shapes = buckets(d.max_length)
   # Compile time per shape: the plan's CPU seconds (its wall time here depends on the load).
   shapes = {  # program: (distinct shapes, compile seconds per shape as planned)
     "generate": (buckets(d.max_prompt_length), by_name["generate"].compile_cpu_seconds),
-    "score_logps": (buckets(d.max_length), by_name["score_logps"].compile_cpu_seconds),
-    # A train step per length bucket, and per round (each round has its own schedule).
+    "score_logps": (score_shapes, by_name["score_logps"].compile_cpu_seconds),
+    # A train step per shape, and per round (each round has its own schedule).
     "train_step": (
-      buckets(d.max_length) * (r.num_rounds + 1),
+      train_shapes * (r.num_rounds + 1),
       by_name["train_step"].compile_cpu_seconds,
     ),
   }
@@ -1688,6 +1746,44 @@ def format_run(phases: Sequence[RunPhase], shapes: dict[str, Any]) -> str:
   return _table(("round", "phase", "program", "calls", "hours", "what"), rows)
 
 
+def expected_batch_padding(experiment, path: str, mesh) -> dict:
+  """`batch.expected_padding` of the run's train batches (global batch, micro-batches,
+  ``data.bucket_size``, the packed row length and row multiple of ``mesh``) for the length
+  histogram JSON at ``path``, with ``"num_sequences"`` and ``"packing"`` (the configured
+  mode) added."""
+  from ssapo_jax import train as tr  # pylint: disable=import-outside-toplevel
+  from ssapo_jax.batch import expected_padding  # pylint: disable=import-outside-toplevel
+
+  with open(path) as f:
+    histogram = json.load(f)
+  t, d = experiment.train, experiment.data
+  out = expected_padding(
+    histogram,
+    global_batch_size=t.global_batch_size,
+    micro_batches=t.micro_batches,
+    bucket_size=d.bucket_size,
+    pack_length=d.resolved_pack_length,
+    row_multiple=tr.packed_row_multiple(mesh, t),
+  )
+  return {**out, "num_sequences": histogram.get("num_sequences"), "packing": d.packing}
+
+
+def format_padding(experiment, padding: dict) -> str:
+  """The expected padding lines of `expected_batch_padding`."""
+  d, g = experiment.data, experiment.train.global_batch_size
+  padded = ", ".join(f"{g}x{t}" for t in padding["padded_lengths"])
+  packed = ", ".join(f"{r}x{d.resolved_pack_length}" for r in padding["packed_rows"])
+  mode = "packed" if padding["packing"] else "padded"
+  return "\n".join(
+    [
+      f"expected padding ({padding['num_sequences']} sequences in the length histogram; "
+      f"data.packing={str(padding['packing']).lower()}, this run {mode}):",
+      f"  padded: {padding['padded']:.1%} of the train step's tokens; shapes drawn: {padded}",
+      f"  packed: {padding['packed']:.1%}; shapes drawn: {packed}",
+    ]
+  )
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
     prog="ssapo-plan",
@@ -1719,6 +1815,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     help="also estimate the whole configured run (all three programs needed)",
   )
   p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+  p.add_argument(
+    "--lengths",
+    default=None,
+    help="length histogram JSON of the configured data (ssapo-train --check "
+    "--length-histogram PATH writes it): report the expected padding fraction, padded and "
+    "packed, and the train-step shapes a run compiles",
+  )
   p.add_argument(
     "--hlo-dir", default=None, help="also write each compiled program's HLO text to this directory"
   )
@@ -1765,6 +1868,13 @@ def main(argv=None) -> int:
     hlo_dir=args.hlo_dir,
   )
   print(format_table(plans))
+  padding = None
+  if args.lengths:
+    padding = expected_batch_padding(
+      experiment, args.lengths, shd.make_mesh(experiment.mesh, devices)
+    )
+    print()
+    print(format_padding(experiment, padding))
   mesh_shape = dict(zip(shd.MESH_AXES, shd.resolve_mesh_shape(experiment.mesh, len(devices))))
   params = num_params(config)
   fits = phase_fits(
@@ -1806,6 +1916,8 @@ def main(argv=None) -> int:
         for f in fits
       ],
     }
+    if padding is not None:
+      report["padding"] = padding
     if run is not None:
       report["run"] = {
         "phases": [dataclasses.asdict(p) for p in run[0]],

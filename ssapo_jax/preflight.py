@@ -358,3 +358,54 @@ def plan_lines(config, data: DataSummary, mesh) -> list[str]:
     f"{data.eval_prompts} eval prompts per round; output in {config.output_dir}"
   )
   return lines
+
+
+def length_lines(config, checked: Preflight, mesh, path: str) -> list[str]:
+  """``ssapo-train --check --length-histogram PATH``: the labelled seed tokenized as the run
+  tokenizes it, its sequence lengths (prompt + response, both sides) as a `length_histogram`
+  of ``data.bucket_size`` bins written to ``path``, and the expected padding fraction of the
+  train batches, padded and packed (`batch.expected_padding`). Rounds >= 1 add prompts with
+  sampled responses of at most ``sampling.max_new_tokens``; the seed stands in for them."""
+  import json
+
+  import numpy as np
+
+  from ssapo_jax import train as tr
+  from ssapo_jax.batch import expected_padding, length_histogram
+  from ssapo_jax.data import tokenize_pairs
+
+  d, t = config.data, config.train
+  split = split_data(config, checked.sources)
+  ds = tokenize_pairs(
+    split.seed_pairs,
+    checked.tokenizer,
+    max_length=d.max_length,
+    max_prompt_length=d.max_prompt_length,
+    truncation_mode=d.truncation_mode,
+    system_message=d.system_message,
+    on_truncation=d.on_truncation,
+    verbose=False,
+  )
+  prompt = np.asarray([len(x) for x in ds["prompt_ids"]])
+  lengths = np.concatenate(
+    [prompt + np.asarray([len(x) for x in ds[side]]) for side in ("chosen_ids", "rejected_ids")]
+  )
+  histogram = length_histogram(lengths, d.bucket_size)
+  with open(path, "w") as f:
+    json.dump({**histogram, "source": "labelled seed", "max_length": d.max_length}, f)
+  pad = expected_padding(
+    histogram,
+    global_batch_size=t.global_batch_size,
+    micro_batches=t.micro_batches,
+    bucket_size=d.bucket_size,
+    pack_length=d.resolved_pack_length,
+    row_multiple=tr.packed_row_multiple(mesh, t),
+  )
+  q = np.percentile(lengths, [50, 90, 99])
+  return [
+    f"lengths: {lengths.size} seed sequences, median {q[0]:.0f}, p90 {q[1]:.0f}, p99 "
+    f"{q[2]:.0f}, longest {lengths.max()} tokens (histogram in {path})",
+    f"expected padding of the train batches: padded {pad['padded']:.1%} "
+    f"({len(pad['padded_lengths'])} shapes drawn), packed {pad['packed']:.1%} "
+    f"({len(pad['packed_rows'])} shapes drawn); data.packing={str(d.packing).lower()}",
+  ]

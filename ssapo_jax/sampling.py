@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
+from ssapo_jax import compilation
 from ssapo_jax import sharding as shd
 from ssapo_jax.data.tokenize import left_pad, round_up
 from ssapo_jax.fielddocs import document_fields
@@ -161,6 +162,7 @@ def _generate(
   ``shard_map`` over the mesh; `ssapo_jax.models.attention`).
   """
   loop = _refill_loop if settings.rows else _sample_loop
+  compilation.record_program("sample", prompt_ids.shape)  # once per traced shape
   if mesh is None:
     return loop(graphdef, params, rest, prompt_ids, prompt_mask, prompt_index, key, settings, None)
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):

@@ -42,6 +42,8 @@ def test_second_process_like_compile_hits_the_cache_and_is_counted(tmp_path, fre
   second = compilation.stats()
   assert second["compile/cache_hits"] >= 1 and second["compile/cache_misses"] == 0
   assert second["compile/shapes"] == {"f": [[7, 3]]}
+  assert second["compile/by_kind"]["f"] == {"programs": 1, "cache_hits": 1, "cache_misses": 0}
+  assert first["compile/by_kind"]["f"]["cache_misses"] == 1
   compilation.write_stats(str(tmp_path / "s.json"))
   with open(tmp_path / "s.json") as f:
     assert json.load(f)["compile/cache_hits"] >= 1
@@ -53,3 +55,29 @@ def test_config_validation():
   with pytest.raises(ValueError, match="min_compile_time_secs"):
     compilation.CompilationConfig(min_compile_time_secs=-1)
   assert compilation.cache_dir_for(compilation.CompilationConfig(), "/r") == "/r/jax_cache"
+
+
+def test_compile_delta_and_format_shapes():
+  before = {
+    "compile/programs": 2,
+    "compile/cache_hits": 1,
+    "compile/cache_misses": 1,
+    "compile/shapes": {"train_step": [[8, 64]]},
+  }
+  after = {
+    "compile/programs": 5,
+    "compile/cache_hits": 3,
+    "compile/cache_misses": 2,
+    "compile/shapes": {"train_step": [[8, 64], [16, 64], [16, 64]], "score": [[4, 128]]},
+  }
+  after["compile/by_kind"] = {"score": {"programs": 1, "cache_hits": 1, "cache_misses": 0}}
+  delta = compilation.compile_delta(before, after)
+  assert delta == {
+    "compile/programs": 3,
+    "compile/cache_hits": 2,
+    "compile/cache_misses": 1,
+    "compile/shapes": {"train_step": [[16, 64], [16, 64]], "score": [[4, 128]]},
+  }
+  assert compilation.format_shapes(delta["compile/shapes"]) == "score 4x128; train_step 16x64"
+  assert compilation.format_shapes(after["compile/shapes"]) == "score 4x128; train_step 8x64 16x64"
+  assert compilation.format_shapes({}) == ""

@@ -642,6 +642,24 @@ def test_atoms_of_another_space_or_scale_raise_unless_allowed():
   losses.robust_dpo_loss(pc, pr, rc, rr, losses.LossAtoms.point(4), beta=0.05)
 
 
+def test_atom_checks_lower_to_the_same_module_whatever_was_traced_before():
+  """The checks' error codes are not a process-wide count: a program traced again (a resumed
+  run) lowers to the same module, so the persistent compilation cache finds it."""
+  from jax.experimental import checkify
+
+  pc, pr, rc, rr = _random_logps(4, n=2)
+
+  def lowered():  # a new function each time: traced anew, not taken from jit's cache
+    loss = lambda w, s: losses.robust_dpo_loss(pc, pr, rc, rr, _atoms(w, s))[0]  # noqa: E731
+    return jax.jit(loss).lower(w, s).as_text(debug_info=False)
+
+  w, s = jnp.full((2, 2), 0.5), jnp.zeros((2, 2))
+  first = lowered()
+  plain = lambda x: (checkify.debug_check(jnp.all(x > 0), "another check"), x)[1]  # noqa: E731
+  jax.jit(plain).lower(w)  # checkify's own numbering moves on
+  assert lowered() == first
+
+
 def test_atom_checks_under_jit_are_checkify_checks():
   """Under jit values cannot raise: shapes still do, values report through checkify."""
   from jax.experimental import checkify

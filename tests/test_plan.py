@@ -621,7 +621,9 @@ def _fake_plan(name, step_seconds, compile_seconds, total_bytes=2**30):
 
 
 def test_run_estimate_counts_every_call_of_the_paper_run():
-  exp = _zephyr()
+  packed = _zephyr()
+  assert packed.data.packing  # the paper configs pack
+  exp = dataclasses.replace(packed, data=dataclasses.replace(packed.data, packing=False))
   plans = [
     _fake_plan("train_step", 1.0, 180),
     _fake_plan("score_logps", 0.1, 30),
@@ -644,6 +646,13 @@ def test_run_estimate_counts_every_call_of_the_paper_run():
   assert shapes["shapes"]["train_step"]["count"] == 32 * 4
   assert shapes["compile_seconds"] == (16 * 60 + 32 * 30 + 128 * 180) / 2  # CPU seconds
   assert "total" in plan.format_run(phases, shapes)
+  # Packed: the row ladders. Train: 32 pairs in 4 micro-batches of 8, rows a multiple of
+  # 16 / gcd(16, 4) = 4: row_buckets(8, 4) = (4, 8, 16), per round. Scoring: 16 rows per call,
+  # row_buckets(16, 16) = (16, 32).
+  _, shapes = plan.run_estimate(packed, plans, 16)
+  assert shapes["shapes"]["train_step"]["count"] == 3 * 4
+  assert shapes["shapes"]["score_logps"]["count"] == 2
+  assert shapes["shapes"]["generate"]["count"] == 16
 
 
 def _xla_scaled_bytes(text: str) -> float:
@@ -880,3 +889,60 @@ def test_plan_lowers_exactly_the_run_programs():
   assert _fingerprint(sampler.lower(model, 12)) == _fingerprint(
     plan.lower_generate(s, model.config, mesh, prompt_len=12)[0]
   )
+
+
+def test_plan_lowers_the_packed_step_of_the_run_on_its_largest_shape(tmp_path):
+  """data.packing: the plan's packed train step is the run's on the loader's top row bucket;
+  the padding report reads a length histogram."""
+  import _multihost_worker as w
+
+  from ssapo_jax import sharding as shd
+  from ssapo_jax.batch import length_histogram
+  from ssapo_jax.data import LoaderCursor, PreferenceLoader, pairs_from_token_ids
+  from ssapo_jax.experiment import load_experiment
+
+  mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=2, tensor=2))
+  cfg = w.train_config(micro_batches=2)
+  model = w.tiny_model()
+  rng = np.random.default_rng(0)
+  toks = lambda lo, hi: rng.integers(3, 64, rng.integers(lo, hi)).tolist()  # noqa: E731
+  n = cfg.global_batch_size
+  ds = pairs_from_token_ids(
+    *([toks(20, 30) for _ in range(n)] for _ in range(3)),
+    eos_id=2,
+    max_length=64,
+    max_prompt_length=32,
+    add_eos=False,
+    verbose=False,
+  )
+  loader = PreferenceLoader(
+    ds,
+    global_batch_size=n,
+    packing=True,
+    pack_length=64,
+    micro_batches=2,
+    row_multiple=tr.packed_row_multiple(mesh, cfg),
+  )
+  rows = plan.packed_train_rows(cfg, mesh)
+  assert (rows, 64) == max(loader.packed_shapes())
+  batch = loader.batch_at(LoaderCursor(0, 0))
+  assert batch.ids.shape == (rows, 64)  # every sequence > 32 tokens: one per row, the top
+  state = tr.create_train_state(model, cfg, mesh, num_train_steps=7)
+  run_step = tr.make_train_step(cfg, mesh, state, packed=True)
+  run_lowered = run_step.lower(state, shd.global_batch(mesh, batch))
+  plan_lowered, tokens = plan.lower_train_step(
+    cfg, model.config, mesh, seq_len=64, num_train_steps=7, packed_rows=rows
+  )
+  assert tokens == rows * 64
+  assert _fingerprint(plan_lowered) == _fingerprint(run_lowered)
+
+  path = tmp_path / "lengths.json"
+  path.write_text(json.dumps(length_histogram([40, 50, 60, 100], 16)))
+  experiment = load_experiment(
+    os.path.join(REPO, "configs", "tiny_cpu.yaml"), ["model.path=/nonexistent", "data.packing=true"]
+  )
+  padding = plan.expected_batch_padding(experiment, str(path), mesh)
+  assert padding["packing"] is True and padding["num_sequences"] == 4
+  assert 0 <= padding["packed"] < 1 and 0 <= padding["padded"] < 1
+  text = plan.format_padding(experiment, padding)
+  assert "this run packed" in text and f"packed: {padding['packed']:.1%}" in text

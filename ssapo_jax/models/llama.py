@@ -15,7 +15,9 @@ sharding metadata; `logical_axes` reads them back for ``ssapo_jax.sharding``.
 
 The decoder layers are stacked: every layer parameter has a leading ``[L]`` axis (logical name
 ``"layers"``) and the layers run in one ``jax.lax.scan`` (rematerialised per layer), so the
-compiled program does not grow with depth. Sliding/full attention patterns are a per-layer
+compiled program does not grow with depth; `LlamaConfig.scan_layers` off unrolls the same
+stacked parameters into a Python loop (for shallow models, where XLA optimising across layers
+is faster than the scan; the parameters and checkpoints do not change). Sliding/full attention patterns are a per-layer
 index into the distinct windows, scanned alongside the parameters.
 """
 
@@ -88,11 +90,15 @@ class LlamaConfig:
   # Runtime choices (not from HF): compute dtype, parameter dtype, rematerialisation policy:
   # "none"; "full" (save only layer inputs); "dots" (save matmul outputs,
   # jax.checkpoint_policies.dots_saveable); "dots_no_batch" (dots_with_no_batch_dims_saveable);
-  # attention kernel (ssapo_jax.models.attention): auto | xla | splash | cudnn.
+  # attention kernel (ssapo_jax.models.attention): auto | xla | splash | cudnn; scan_layers:
+  # run the stacked layers in one lax.scan (True: the program does not grow with depth) or
+  # as an unrolled Python loop over the same stacked parameters (False: XLA sees every layer,
+  # faster for shallow models, compile time grows with depth). Checkpoints are identical.
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
   attention: str = "auto"
+  scan_layers: bool = True
 
   def __post_init__(self):
     object.__setattr__(self, "dtype", _dtype_name(self.dtype))
@@ -164,8 +170,8 @@ class LlamaConfig:
   def from_hf(cls, hf_config, **overrides) -> "LlamaConfig":
     """Builds a config from a ``transformers`` config object or a ``config.json`` dict.
 
-    ``overrides`` set runtime fields (``dtype``, ``param_dtype``, ``remat``, ``attention``) or
-    any other field.
+    ``overrides`` set runtime fields (``dtype``, ``param_dtype``, ``remat``, ``attention``,
+    ``scan_layers``) or any other field.
     Raises ValueError for an unsupported ``model_type``, activation or RoPE type.
     """
     import transformers  # local import: only needed for conversion
@@ -729,7 +735,8 @@ class Llama(nnx.Module):
   def _run_layers(
     self, x, cos, sin, q_slots, kv_mask, cache=None, cache_index=None, prefill: bool = False
   ):
-    """The layer stack in one ``lax.scan``; returns ``(final-normed x, new cache or None)``."""
+    """The layer stack in one ``lax.scan`` (or, with ``scan_layers`` off, a Python loop over
+    the stacked parameters); returns ``(final-normed x, new cache or None)``."""
     c = self.config
     graphdef, stacked = nnx.split(self.layers)
     window_indices = jnp.asarray(c.window_indices())
@@ -738,6 +745,20 @@ class Llama(nnx.Module):
       return nnx.merge(graphdef, params)(
         x, cos, sin, q_slots, kv_mask, window_index, cache, cache_index, layer_index, prefill
       )
+
+    if not c.scan_layers:  # the same layers, unrolled: row i of every stacked parameter
+      row = lambda i: jax.tree.map(lambda a: a[i], stacked)  # noqa: E731
+      run = layer
+      if cache is None and c.remat != "none":
+        run = jax.checkpoint(layer, policy=_POLICIES[c.remat], prevent_cse=False)
+      cache = None if cache is None else KVCache(*cache)
+      for i in range(c.num_layers):
+        index = jnp.asarray(i, jnp.int32)
+        if cache is None:
+          x = run(row(i), x, window_indices[i])[0]
+        else:
+          x, cache = run(row(i), x, window_indices[i], cache, index)
+      return self.final_norm(x), cache
 
     if cache is None:
 
@@ -921,13 +942,26 @@ def chunked_token_logps(
     log_sum_sq: also return ``log Σ_v p_v²`` ``[B, T]`` (no gradient), as a second output.
 
   An online logsumexp runs in a ``lax.scan`` whose body is rematerialised, so neither the
-  forward nor the backward pass holds more than ``[B, T, chunk]`` logits.
+  forward nor the backward pass holds more than ``[B, T, chunk]`` logits. A vocabulary that
+  fits one chunk (``V <= vocab_chunk_size``, by default ``V <= 8192``: small models) is one
+  plain pass instead, whose backward reuses the forward's logits (no recomputation).
   """
   vocab, dim = unembedding.shape
   chunk = min(vocab, 8192) if vocab_chunk_size is None else int(vocab_chunk_size)
   if chunk <= 0:
     raise ValueError(f"vocab_chunk_size must be positive, got {vocab_chunk_size}")
   num_chunks = -(-vocab // chunk)
+  if num_chunks == 1:  # the whole vocabulary in one chunk: no scan, nothing recomputed
+    logits = jnp.einsum(
+      "BTD,VD->BTV", hidden, unembedding.astype(hidden.dtype), preferred_element_type=jnp.float32
+    )
+    logits = logits.astype(hidden.dtype).astype(jnp.float32)  # round like the full forward
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    token_logps = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0] - lse
+    if not log_sum_sq:
+      return token_logps
+    log_p = jax.lax.stop_gradient(logits - lse[..., None])
+    return token_logps, jax.nn.logsumexp(2 * log_p, axis=-1)
   pad = num_chunks * chunk - vocab
   w = unembedding.astype(hidden.dtype)
   if pad:

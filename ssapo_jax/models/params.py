@@ -318,6 +318,7 @@ def load_hf(
   param_dtype=jnp.float32,
   remat: str = "none",
   attention: str = "auto",
+  scan_layers: bool = True,
   mesh: jax.sharding.Mesh | None = None,
   shardings=None,
 ) -> CausalLM:
@@ -332,6 +333,7 @@ def load_hf(
     param_dtype: dtype parameters are stored in (cast from the checkpoint dtype).
     remat: rematerialisation policy (`LlamaConfig.remat`).
     attention: attention implementation (`LlamaConfig.attention`).
+    scan_layers: scan the layer stack or unroll it (`LlamaConfig.scan_layers`).
     mesh: place every parameter on its sharding under ``ssapo_jax.sharding``'s logical-axis
       rules for this mesh.
     shardings: instead of ``mesh``, a pytree of ``jax.sharding.Sharding`` with the structure
@@ -348,7 +350,12 @@ def load_hf(
   path = local_copy(path)  # a gs:// folder: this host's copy
   hf = read_config(path)
   config = family_for(hf["model_type"]).config_cls.from_hf(
-    hf, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention
+    hf,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    remat=remat,
+    attention=attention,
+    scan_layers=scan_layers,
   )
   graphdef, abs_params, rest = split_params(build_model(config, abstract=True))
   flat = _flat_params(abs_params)

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 import ssapo_jax
+from ssapo_jax import compilation
 from ssapo_jax.runrecord import message
 
 
@@ -188,6 +189,7 @@ class PhaseClock:
 
   def __init__(self):
     self.start = time.perf_counter()
+    self.compiled = compilation.stats()  # the phase's compiles are what it adds to this
 
   def report(
     self,
@@ -206,10 +208,19 @@ class PhaseClock:
     ``pairs``/``pairs_per_second`` (preference pairs handled, or trained),
     ``sequences``/``sequences_per_second`` (prompt + response sequences scored, each under
     each model) and ``padding_fraction``; prints the summary line on process 0. Returns the
-    metrics."""
+    metrics.
+
+    The phase's compiles (`compilation.compile_delta` since the clock started) come too:
+    ``compile_programs``, ``compile_cache_hits``, ``compile_cache_misses`` and, as the string
+    field ``compile_shapes`` of the record (``"train_step 16x64 32x64; score_packed 8x64"``),
+    the shapes of the programs traced; the line says ``compiled 3 programs (2 from the
+    cache): ...``."""
     seconds = time.perf_counter() - self.start
     metrics: dict[str, float] = {"wall_seconds": seconds}
     line = [f"round {round_index} {phase}: {seconds:.1f} s"]
+    compiled = compilation.compile_delta(self.compiled, compilation.stats())
+    shapes = compilation.format_shapes(compiled.pop("compile/shapes"))
+    metrics.update({k.replace("/", "_"): v for k, v in compiled.items()})
     if new_tokens is not None:
       rate = new_tokens / max(seconds, 1e-9) / chips
       metrics.update(new_tokens=new_tokens, tokens_per_second_per_chip=rate)
@@ -225,8 +236,13 @@ class PhaseClock:
     if padding_fraction is not None:
       metrics["padding_fraction"] = padding_fraction
       line.append(f"padding {padding_fraction:.1%}")
+    if metrics["compile_programs"]:
+      line.append(
+        f"compiled {metrics['compile_programs']} programs "
+        f"({metrics['compile_cache_hits']} from the cache)" + (f": {shapes}" if shapes else "")
+      )
     if logger is not None:
-      logger.log(step, metrics, round=round_index, phase=phase)
+      logger.log(step, metrics, round=round_index, phase=phase, compile_shapes=shapes)
     if is_process0():
       message(", ".join(line))
     return metrics

@@ -83,6 +83,23 @@ def _open_logger(
   return logger
 
 
+def _log_compiles(logger: MetricsLogger, step: int) -> None:
+  """The process's compiles over the whole run (each phase's are in its own record): a
+  ``metrics.jsonl`` record with ``phase: "run"`` (totals, ``compile_<kind>_<count>`` per kind
+  of `compilation.stats`' ``by_kind``, ``compile_shapes``) and one line."""
+  totals = compilation.stats()
+  shapes = compilation.format_shapes(totals.pop("compile/shapes"))
+  metrics = {k.replace("/", "_"): v for k, v in totals.items() if isinstance(v, int)}
+  for kind, counts in totals["compile/by_kind"].items():  # e.g. compile_train_step_cache_hits
+    metrics.update({f"compile_{kind}_{k}": v for k, v in counts.items()})
+  logger.log(step, metrics, phase="run", compile_shapes=shapes)
+  if hosts.is_process0():
+    message(
+      f"compiled {totals['compile/programs']} programs in this process "
+      f"({totals['compile/cache_hits']} from the persistent cache): {shapes or 'none recorded'}"
+    )
+
+
 def _say_complete(config: ExperimentConfig, first_round: int, seconds: float, step: int) -> None:
   if hosts.is_process0():
     out = config.output_dir
@@ -143,5 +160,6 @@ def run(
       resume_here = start if t == start.round else ResumePoint(t, None, global_step)
       summaries[t], global_step = run_round(rt, t, resume_here)
     copy_final_policy(rundir, config.rounds.num_rounds)
+    _log_compiles(logger, global_step)
   _say_complete(config, start.round, time.perf_counter() - clock, global_step)
   return summaries

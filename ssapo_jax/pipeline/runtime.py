@@ -170,6 +170,7 @@ def load_model(path: str, config: ExperimentConfig, mesh) -> CausalLM:
     param_dtype=DTYPES[t.param_dtype],
     remat=t.remat,
     attention=config.model.attention,
+    scan_layers=config.model.scan_layers,
     mesh=mesh,
   )
 

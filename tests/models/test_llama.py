@@ -147,7 +147,8 @@ def test_sequence_logps_agrees_with_losses_module(tiny):
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4)
 
 
-def test_token_logps_log_sum_sq_matches_numpy(tiny):
+@pytest.mark.parametrize("chunk", [24, None])  # None: V = 128 in one chunk, the plain pass
+def test_token_logps_log_sum_sq_matches_numpy(tiny, chunk):
   """WPO's log Σ_v p_v² from the chunked pass equals numpy on the full logits."""
   _, model = tiny("llama")
   ids, mask = _batch()
@@ -158,16 +159,17 @@ def test_token_logps_log_sum_sq_matches_numpy(tiny):
     - logits.max(-1, keepdims=True)
   )
   token, log_sum_sq = model.token_logps(
-    jnp.asarray(ids), jnp.asarray(mask), vocab_chunk_size=24, log_sum_sq=True
+    jnp.asarray(ids), jnp.asarray(mask), vocab_chunk_size=chunk, log_sum_sq=True
   )
   expected_token = np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
   np.testing.assert_allclose(np.asarray(token), expected_token, atol=1e-4)
   np.testing.assert_allclose(np.asarray(log_sum_sq), np.log(np.exp(2 * logp).sum(-1)), atol=1e-4)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
-def test_chunked_logps_gradient_matches_naive(tiny, remat):
-  """Gradients through the chunked/rematerialised path equal a plain log_softmax."""
+@pytest.mark.parametrize("remat,chunk", [("full", 40), ("dots", 40), ("full", None)])
+def test_chunked_logps_gradient_matches_naive(tiny, remat, chunk):
+  """Gradients through the chunked/rematerialised path (and the one-chunk pass, chunk None
+  with V = 128) equal a plain log_softmax."""
   _, model = tiny("qwen2")
   ids, mask = _batch()
   ids, mask, loss_mask = jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(mask)
@@ -178,11 +180,37 @@ def test_chunked_logps_gradient_matches_naive(tiny, remat):
     return jnp.sum(tok * loss_mask[:, 1:])
 
   remat_model = _rebuilt(model, remat=remat)
-  chunked = lambda m: jnp.sum(m.sequence_logps(ids, mask, loss_mask, vocab_chunk_size=40))
+  chunked = lambda m: jnp.sum(m.sequence_logps(ids, mask, loss_mask, vocab_chunk_size=chunk))
   g_ref = nnx.jit(nnx.grad(naive))(model)
   g = nnx.jit(nnx.grad(chunked))(remat_model)
   for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_unrolled_layers_equal_scanned(tiny, remat):
+  """``scan_layers=False`` runs the same stacked parameters: equal logits, gradients (of the
+  same parameter tree) and KV-cache decoding; mixed sliding/full windows included."""
+  _, model = tiny("qwen2_sliding")
+  scanned = _rebuilt(model, remat=remat)
+  unrolled = _rebuilt(model, remat=remat, scan_layers=False)
+  assert jax.tree.structure(nnx.state(unrolled)) == jax.tree.structure(nnx.state(scanned))
+  ids, mask = (jnp.asarray(a) for a in _batch())
+  np.testing.assert_allclose(
+    np.asarray(jax.jit(lambda m: m(ids, mask))(unrolled)),
+    np.asarray(jax.jit(lambda m: m(ids, mask))(scanned)),
+    atol=1e-5,
+  )
+  loss = lambda m: jnp.sum(m.sequence_logps(ids, mask, mask))  # noqa: E731
+  g_scan, g_unroll = (nnx.jit(nnx.grad(loss))(m) for m in (scanned, unrolled))
+  for (path, a), b in zip(jax.tree.leaves_with_path(g_scan), jax.tree.leaves(g_unroll)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, err_msg=str(path))
+  prompt = jnp.asarray(ids[:, :6]), jnp.asarray(_positions(np.asarray(mask))[:, :6])
+  kv_mask = jnp.zeros((3, 8), jnp.int32).at[:, :6].set(mask[:, :6])
+  out = [m.prefill(*prompt, m.init_cache(3, 8), kv_mask=kv_mask) for m in (scanned, unrolled)]
+  np.testing.assert_allclose(np.asarray(out[1][0]), np.asarray(out[0][0]), atol=1e-5)
+  for a, b in zip(out[0][1], out[1][1]):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2_sliding", "llama3_rope"])

@@ -7,10 +7,12 @@ import socket
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssapo_jax import runrecord
+from ssapo_jax import compilation, runrecord
 from ssapo_jax.pipeline import hosts
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,7 +44,15 @@ def test_phase_clock_logs_and_prints(capsys):
 
   logger = Logger()
   with runrecord.run_log(None):
-    metrics = hosts.PhaseClock().report(
+    clock = hosts.PhaseClock()
+    compilation.start_counting()
+
+    def phase_program(x):
+      compilation.record_program("phase_program", x.shape)
+      return jnp.cos(x) * 2.5 - 0.75  # a program no other test compiles
+
+    jax.jit(phase_program)(np.ones((5, 6), np.float32))
+    metrics = clock.report(
       logger,
       7,
       "generate",
@@ -54,7 +64,10 @@ def test_phase_clock_logs_and_prints(capsys):
       sequences=40,
     )
   step, logged, context = logger.records[0]
-  assert (step, context) == (7, {"round": 1, "phase": "generate"})
+  shapes = "phase_program 5x6"  # what this phase traced; nothing before the clock started
+  assert (step, context) == (7, {"round": 1, "phase": "generate", "compile_shapes": shapes})
+  assert logged["compile_programs"] >= 1
+  assert logged["compile_cache_hits"] + logged["compile_cache_misses"] <= logged["compile_programs"]
   assert logged == metrics
   assert metrics["tokens_per_second_per_chip"] == pytest.approx(800 / metrics["wall_seconds"] / 8)
   assert metrics["pairs_per_second"] == pytest.approx(10 / metrics["wall_seconds"])
@@ -62,6 +75,7 @@ def test_phase_clock_logs_and_prints(capsys):
   line = capsys.readouterr().err.strip()
   assert line.startswith("[ssapo] round 1 generate:") and "padding 25.0%" in line
   assert "10 pairs, " in line and "40 sequences scored, " in line
+  assert f"compiled {logged['compile_programs']} programs (" in line and line.endswith(shapes)
 
 
 def test_code_fingerprint_is_stable_hex():

@@ -409,7 +409,14 @@ def test_finished_run_config_record_and_check(world, uninterrupted, tmp_path):
 def test_check_and_exit_codes_of_real_processes(world, tmp_path):
   out = str(tmp_path / "check")
   config = _config(world, out, str(tmp_path))
-  proc = _run(config, "--check", devices=8)
+  histogram = str(tmp_path / "lengths.json")
+  proc = _run(config, "--check", "--length-histogram", histogram, devices=8)
+  # The seed's 64 sequences (32 pairs), binned by data.bucket_size, and the expected padding.
+  with open(histogram) as f:
+    written = json.load(f)
+  assert written["num_sequences"] == 64 and sum(written["counts"]) == 64
+  assert "lengths: 64 seed sequences" in proc.stdout
+  assert "expected padding of the train batches: padded " in proc.stdout
   # 200 rows: seed 32, pools [32, 32], batch 8, 1 epoch; 2 samples; max_length 64.
   assert "round 0: 32 labelled pairs, 1 epoch(s), 4 steps" in proc.stdout
   assert (
