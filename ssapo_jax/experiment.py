@@ -1,7 +1,7 @@
 """The experiment config: its sections, the rules between sections, and named seed streams.
 
 `ExperimentConfig` nests the sections that live beside the code they configure (`DataConfig`,
-`SamplingConfig`, `TrainConfig`, `DroConfig`, `MeshConfig`, `CheckpointConfig`) and the two defined
+`SamplingConfig`, `TrainConfig`, `DroConfig`, `MeshConfig`, `CheckpointConfig`, `MetricsConfig`) and the two defined
 here (`ModelConfig`, `RoundsConfig`); ``configs/*.yaml`` files have exactly this nesting and are
 read by `load_experiment` with the generic loader of `ssapo_jax.config`.
 
@@ -35,6 +35,7 @@ from ssapo_jax.checkpoint import CheckpointConfig
 from ssapo_jax.config import check_choices, load_config
 from ssapo_jax.data.config import DataConfig
 from ssapo_jax.dro import DroConfig
+from ssapo_jax.metrics import MetricsConfig
 from ssapo_jax.sampling import SamplingConfig
 from ssapo_jax.sharding import MeshConfig
 from ssapo_jax.train.step import TrainConfig
@@ -150,6 +151,7 @@ class ExperimentConfig:
   mesh: MeshConfig = MeshConfig()  # device mesh and multi-host set-up
   rounds: RoundsConfig = RoundsConfig()  # the SSAPO loop
   checkpoint: CheckpointConfig = CheckpointConfig()  # save interval and retention
+  metrics: MetricsConfig = MetricsConfig()  # metric sinks besides metrics.jsonl and tensorboard/
   seed: int = 42  # the run's seed: every random draw derives from it (`stream_key`)
 
   def __post_init__(self):

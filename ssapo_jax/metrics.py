@@ -9,7 +9,8 @@ One JSON object per `MetricsLogger.log` call::
 Numbers from numpy/JAX (0-d or single-element arrays) become Python ints/floats; non-finite floats
 are written as ``null`` so every line is strict JSON. The same numeric values go to TensorBoard as
 scalars tagged by their names (TRL's ``rewards/chosen`` etc. group naturally) in
-``<output_dir>/tensorboard``. Only one process writes (process 0 by default), so multi-host runs
+``<output_dir>/tensorboard``, and to Weights & Biases when ``metrics.wandb`` is set
+(`WandbSink`). Only one process writes (process 0 by default), so multi-host runs
 can call `log` everywhere.
 
 On resume, pass ``resume_step``: lines with a larger step (logged after the checkpoint the run
@@ -19,18 +20,45 @@ logs read like those of an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
-from typing import Any, Mapping, Protocol, Sequence
+import uuid
+from typing import Any, Literal, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 
+from ssapo_jax.config import check_choices
 from ssapo_jax.rundir import is_remote
 
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
+WANDB_ID_FILENAME = "wandb_run_id"  # the W&B run of this run directory (a resume continues it)
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbConfig:
+  """A Weights & Biases run for the metrics (needs the ``wandb`` extra)."""
+
+  project: str  # W&B project
+  entity: Optional[str] = None  # W&B team or user; None = the logged-in user's default
+  name: Optional[str] = None  # display name of the run; None = W&B's generated name
+  # online: stream to the server; offline: local files only (``wandb sync`` uploads them later)
+  mode: Literal["online", "offline", "disabled"] = "online"
+
+  def __post_init__(self):
+    check_choices(self, "metrics.wandb")
+    if not self.project:
+      raise ValueError("metrics.wandb.project must name a W&B project, got ''")
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+  """Where metrics go besides ``metrics.jsonl`` and ``tensorboard/``."""
+
+  wandb: Optional[WandbConfig] = None  # W&B run {project, entity, name, mode}; None = no W&B
 
 
 def to_json_value(value: Any, *, name: str = "value") -> Any:
@@ -161,6 +189,85 @@ class TensorBoardSink:
       self._writer = None
 
 
+class WandbSink:
+  """A Weights & Biases run (``wandb`` is imported when the sink opens, so only process 0
+  needs it).
+
+  The run's id is kept in ``<output_dir>/wandb_run_id``: a resumed run continues the same W&B
+  run. A fresh start (``resume_step < 0``) makes a new run and id. Every metric is plotted against
+  the ``step`` metric (the global step, TRL's ``step_metric`` scheme) rather than W&B's own
+  monotonic ``_step``, so the steps a resumed run repeats are logged again instead of dropped;
+  W&B keeps the points logged past the checkpoint (its history cannot be cut).
+
+  Args:
+    output_dir: the run directory (holds the id file; local or remote).
+    config: the W&B settings.
+    local_dir: where W&B writes its local files (``<local_dir>/wandb/``); default ``output_dir``.
+    run_config: the run's resolved config, recorded as the W&B run's config.
+  """
+
+  def __init__(self, output_dir: str, config: WandbConfig, *, local_dir: str | None = None,
+               run_config: Mapping[str, Any] | None = None):
+    self.output_dir, self.config = output_dir, config
+    self.local_dir = local_dir or output_dir
+    self.run_config = dict(run_config) if run_config is not None else None
+    self.run = None
+
+  @property
+  def id_path(self) -> str:
+    return os.path.join(self.output_dir, WANDB_ID_FILENAME)
+
+  def _run_id(self, resume_step: int | None) -> str:
+    """The kept id, or a new one (kept) for a fresh start or a first open."""
+    from etils import epath
+    path = epath.Path(self.id_path)
+    if not (resume_step is not None and resume_step < 0) and path.exists():
+      return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:16]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
+
+  def open(self, resume_step: int | None) -> None:
+    try:
+      import wandb
+    except ImportError as e:
+      raise ImportError("metrics.wandb needs the wandb package: pip install 'ssapo-jax[wandb]'"
+                        ) from e
+    os.makedirs(self.local_dir, exist_ok=True)
+    c = self.config
+    self.run = wandb.init(project=c.project, entity=c.entity, name=c.name, mode=c.mode,
+                          id=self._run_id(resume_step), resume="allow", dir=self.local_dir,
+                          config=self.run_config, reinit="create_new")
+    self.run.define_metric("step")
+    self.run.define_metric("*", step_metric="step")
+
+  def write(self, record: Mapping[str, Any], scalars: Mapping[str, float]) -> None:
+    if scalars:
+      self.run.log({"step": int(record["step"]), **scalars})
+
+  def flush(self) -> None:
+    pass  # W&B streams records from its own process
+
+  def close(self) -> None:
+    if self.run is not None:
+      self.run.finish()
+      self.run = None
+
+
+def metric_sinks(output_dir: str, config: MetricsConfig | None = None, *,
+                 tensorboard: bool = True, local_dir: str | None = None,
+                 run_config: Mapping[str, Any] | None = None) -> list[MetricsSink]:
+  """The sinks of a run: `JsonlSink`, `TensorBoardSink` and, with ``config.wandb``, `WandbSink`
+  (``local_dir`` and ``run_config`` as there)."""
+  sinks: list[MetricsSink] = [JsonlSink(output_dir)]
+  if tensorboard:
+    sinks.append(TensorBoardSink(output_dir))
+  if config is not None and config.wandb is not None:
+    sinks.append(WandbSink(output_dir, config.wandb, local_dir=local_dir, run_config=run_config))
+  return sinks
+
+
 class MetricsLogger:
   """Writes metric records to a list of `MetricsSink`s: ``metrics.jsonl`` and TensorBoard by
   default.
@@ -184,8 +291,7 @@ class MetricsLogger:
     self.output_dir = os.fspath(output_dir)
     self.path = os.path.join(self.output_dir, METRICS_FILENAME)
     if sinks is None:
-      sinks = [JsonlSink(self.output_dir)] + ([TensorBoardSink(self.output_dir)]
-                                              if tensorboard else [])
+      sinks = metric_sinks(self.output_dir, tensorboard=tensorboard)
     self.sinks = list(sinks)
     if self.enabled:
       for sink in self.sinks:

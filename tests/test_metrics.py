@@ -6,6 +6,7 @@ import json
 import math
 import pathlib
 import struct
+import zlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -155,3 +156,89 @@ def test_resume_purges_tensorboard_events_after_the_checkpoint(tmp_path):
   # TensorBoard discards earlier events with step >= 4 when it meets a START session log at 4.
   purge = [e for e in _read_events(files[-1]) if e.HasField("session_log")]
   assert [(e.session_log.status, e.step) for e in purge] == [(event_pb2.SessionLog.START, 4)]
+
+
+# ----------------------------------------------------------------------------- W&B (offline)
+
+
+def _wandb_records(path: pathlib.Path) -> list[bytes]:
+  """The records of a ``.wandb`` file, read independently of wandb: a 7-byte header
+  (``:W&B``, magic 0xBEE1, version 0), then LevelDB-log blocks of 32 KiB whose chunks have a
+  7-byte header (CRC-32 of type byte and payload, u16 length, type: 1 full, 2 first, 3 middle,
+  4 last); a block's tail shorter than a header is padding."""
+  data, records, chunks, pos, block = path.read_bytes(), [], b"", 7, 32768
+  assert data[:4] == b":W&B" and struct.unpack("<H", data[4:6])[0] == 0xBEE1
+  while pos + 7 <= len(data):
+    if block - pos % block < 7:
+      pos += block - pos % block
+      continue
+    crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+    payload = data[pos + 7:pos + 7 + length]
+    assert crc == zlib.crc32(payload, zlib.crc32(bytes([kind])))
+    pos += 7 + length
+    if kind == 0 and length == 0:  # zero padding at the end of a block
+      continue
+    chunks += payload
+    if kind in (1, 4):
+      records.append(chunks)
+      chunks = b""
+  return records
+
+
+def _wandb_history(output_dir: pathlib.Path) -> list[tuple[str, list[dict]]]:
+  """``(run id, history rows)`` of each offline W&B run under ``output_dir/wandb``, oldest first;
+  each row keeps the logged keys (W&B's own ``_step``, ``_runtime``, ``_timestamp`` dropped)."""
+  from wandb.proto import wandb_internal_pb2
+  runs = []
+  for path in sorted((output_dir / "wandb").glob("offline-run-*/run-*.wandb")):
+    run_id, rows = None, []
+    for raw in _wandb_records(path):
+      record = wandb_internal_pb2.Record.FromString(raw)
+      if record.WhichOneof("record_type") == "run":
+        run_id = record.run.run_id
+      elif record.WhichOneof("record_type") == "history":
+        row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+               for item in record.history.item}
+        rows.append({k: v for k, v in row.items() if not k.startswith("_")})
+    runs.append((run_id, rows))
+  return runs
+
+
+def test_wandb_offline_holds_the_jsonl_metrics_and_a_resume_continues_the_run(tmp_path,
+                                                                              monkeypatch):
+  pytest.importorskip("wandb")
+  from ssapo_jax.metrics import MetricsConfig, WandbConfig, metric_sinks
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  config = MetricsConfig(wandb=WandbConfig(project="ssapo-test", name="t", mode="offline"))
+
+  def logger(resume_step):
+    sinks = metric_sinks(str(tmp_path), config, tensorboard=False, run_config={"seed": 3})
+    return MetricsLogger(tmp_path, enabled=True, resume_step=resume_step, sinks=sinks)
+
+  with logger(-1) as log:
+    for step in (1, 2, 3):
+      log.log(step, {"loss": 1.0 / step, "rewards/chosen": np.float32(0.25 * step)}, round=0)
+    log.log(3, {}, config_version=1)  # no scalars: JSONL only
+  run_id = (tmp_path / "wandb_run_id").read_text().strip()
+  with logger(2) as log:  # resumed from a checkpoint at step 2: step 3 runs again
+    for step in (3, 4):
+      log.log(step, {"loss": 2.0 / step, "rewards/chosen": jnp.float32(0.5)}, round=0)
+  assert (tmp_path / "wandb_run_id").read_text().strip() == run_id
+
+  runs = _wandb_history(tmp_path)
+  assert [r for r, _ in runs] == [run_id, run_id]  # the resume continued the same W&B run
+  rows = [row for _, history in runs for row in history]
+  jsonl = [r for r in read_metrics(tmp_path) if "loss" in r]
+  assert [r["step"] for r in jsonl] == [1, 2, 3, 4]
+  # W&B keeps the step logged past the checkpoint (step 3 of the first run) and the rerun's.
+  assert [row["step"] for row in rows] == [1, 2, 3, 3, 4]
+  kept = rows[:2] + rows[3:]
+  for row, record in zip(kept, jsonl):
+    assert set(row) == {"step", "loss", "rewards/chosen"}
+    for key in row:
+      assert row[key] == pytest.approx(record[key], rel=1e-7), (key, row, record)
+
+  with logger(-1) as log:  # a fresh start (not a resume) is a new W&B run
+    log.log(1, {"loss": 1.0})
+  assert (tmp_path / "wandb_run_id").read_text().strip() != run_id

@@ -17,9 +17,9 @@ from typing import Any
 import jax
 
 from ssapo_jax.checkpoint import Checkpointer, NoCheckpoints, open_checkpointer
-from ssapo_jax.config import dump_yaml
+from ssapo_jax.config import dump_yaml, to_dict
 from ssapo_jax.experiment import ExperimentConfig
-from ssapo_jax.metrics import MetricsLogger
+from ssapo_jax.metrics import MetricsLogger, metric_sinks
 from ssapo_jax.pipeline import hosts
 from ssapo_jax.pipeline.round import ROUND_DONE, ResumePoint, run_round
 from ssapo_jax.pipeline.runtime import Runtime
@@ -88,7 +88,10 @@ def run(config: ExperimentConfig, *, resume: bool = True,
   if resume:
     rundir.pull()
   clock = time.perf_counter()
-  logger = MetricsLogger(config.output_dir, resume_step=start.global_step if resume else -1)
+  sinks = metric_sinks(config.output_dir, config.metrics, local_dir=rundir.workdir,
+                       run_config=to_dict(config))
+  logger = MetricsLogger(config.output_dir, resume_step=start.global_step if resume else -1,
+                         sinks=sinks)
   if config_change:
     logger.log(start.global_step, {}, **config_change)
   if start.checkpoint_step is None and start.global_step > 0:
