@@ -10,7 +10,9 @@ step (`ssapo_jax.train`) over the batches, with one hook per concern around each
 * `MetricsHook`: tokens per second, the finite-progress guard, ``metrics.jsonl`` and the
   progress bar every ``rounds.log_every_steps`` steps;
 * `CheckpointHook`: a checkpoint every ``checkpoint.save_every_steps`` steps with the loader
-  cursor, never of a restored state before a finite step.
+  cursor, never of a restored state before a finite step;
+* `ProfileHook` (``train.profile_steps``): a jax.profiler trace of a window of global steps in
+  ``output_dir/profile/``.
 
 Process 0 reads and writes the refresh files and broadcasts what it finds (`hosts`).
 """
@@ -276,6 +278,45 @@ class CheckpointHook:
                            "inputs (train_set, model files), then train.learning_rate")
 
 
+PROFILE_SUBDIR = "profile"
+
+
+class ProfileHook:
+  """A jax.profiler trace (TensorBoard/Perfetto ``*.xplane.pb`` under
+  ``<log_dir>/plugins/profile/<time>/``) of global steps ``start..stop`` (inclusive, the ``step``
+  of ``metrics.jsonl``), or of what is left of that window in this round.
+
+  Every process traces its own devices. The trace starts before step ``start`` is dispatched and
+  stops once step ``stop``'s state is ready, so it holds the whole device work of the window.
+  """
+
+  def __init__(self, log_dir: str, steps: tuple[int, int]):
+    self.log_dir, (self.start, self.stop) = log_dir, steps
+    self.active = False
+
+  def before_step(self, ctx: StepContext) -> None:
+    upcoming = ctx.global_step + 1
+    if (not self.active and self.start <= upcoming <= self.stop
+        and ctx.done < ctx.num_steps):
+      jax.profiler.start_trace(self.log_dir)
+      self.active = True
+
+  def after_step(self, ctx: StepContext) -> None:
+    if self.active and ctx.global_step >= self.stop:
+      self._stop(ctx)
+
+  def end(self, ctx: StepContext) -> None:
+    if self.active:  # the round ended inside the window
+      self._stop(ctx)
+
+  def _stop(self, ctx: StepContext) -> None:
+    jax.block_until_ready(ctx.state)
+    jax.profiler.stop_trace()
+    self.active = False
+    message(f"profiler trace of steps {self.start}..{min(ctx.global_step, self.stop)} "
+            f"written to {self.log_dir}")
+
+
 # ----------------------------------------------------------------------------- the round
 
 
@@ -316,5 +357,7 @@ def train_round(rt: Runtime, t: int, init: CausalLM, dataset, judge_logps, *,
     refresh.start(ctx)
     hooks.append(refresh)
   hooks += [MetricsHook(rt, ctx), CheckpointHook(rt, restored=resume_state is not None)]
+  if train_cfg.profile_steps is not None:
+    hooks.append(ProfileHook(os.path.join(cfg.output_dir, PROFILE_SUBDIR), train_cfg.profile_steps))
   ctx = step_loop(tr.make_train_step(train_cfg, rt.mesh, state), ctx, hooks)
   return ctx.state, ctx.global_step

@@ -99,6 +99,7 @@ class TrainConfig:
   remat: RematPolicy = "full"  # activation rematerialisation policy
   reference: ReferenceMode = "precomputed"  # ref log-probs from the batch, or a frozen model in the step
   max_nonfinite_steps: int = 10  # abort after this many consecutive skipped (non-finite) steps
+  profile_steps: tuple[int, int] | None = None  # jax.profiler trace of global steps start..stop (inclusive) in output_dir/profile/; None = off
 
   def __post_init__(self):
     check_choices(self, "train")
@@ -119,6 +120,9 @@ class TrainConfig:
     if self.weight_decay < 0 or self.max_grad_norm < 0 or self.label_smoothing < 0:
       raise ValueError("train.weight_decay, train.max_grad_norm and train.label_smoothing must be "
                        f">= 0, got {self.weight_decay}, {self.max_grad_norm}, {self.label_smoothing}")
+    if self.profile_steps is not None and not 1 <= self.profile_steps[0] <= self.profile_steps[1]:
+      raise ValueError("train.profile_steps must be [start, stop] global steps with "
+                       f"1 <= start <= stop, got {list(self.profile_steps)}")
     if self.global_batch_size % self.micro_batches:
       raise ValueError(f"train.global_batch_size={self.global_batch_size} is not divisible by "
                        f"train.micro_batches={self.micro_batches}")
