@@ -21,7 +21,7 @@ FLOORS = {
     "ssapo_jax.batch": 0, "ssapo_jax.losses": 0, "ssapo_jax.annotate": 0, "ssapo_jax.dro": 0,
     "ssapo_jax.checkpoint": 0,
     "ssapo_jax.models": 1, "ssapo_jax.data": 1,
-    "ssapo_jax.train": 2, "ssapo_jax.sampling": 2,
+    "ssapo_jax.train": 2, "ssapo_jax.sampling": 2, "ssapo_jax.lora": 2,
     "ssapo_jax.experiment": 3, "ssapo_jax.plan": 3, "ssapo_jax.preflight": 3,
     "ssapo_jax.pipeline": 4,
     "ssapo_jax.cli": 5, "ssapo_jax.demo": 5, "ssapo_jax.testing": 5,
