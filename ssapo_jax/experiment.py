@@ -35,6 +35,7 @@ from ssapo_jax.checkpoint import CheckpointConfig
 from ssapo_jax.config import check_choices, load_config
 from ssapo_jax.data.config import DataConfig
 from ssapo_jax.dro import DroConfig
+from ssapo_jax.lora import LoraConfig
 from ssapo_jax.metrics import MetricsConfig
 from ssapo_jax.sampling import SamplingConfig
 from ssapo_jax.sharding import MeshConfig
@@ -78,6 +79,9 @@ class ModelConfig:
   tokenizer_path: Optional[str] = None  # tokenizer directory; None = `path`
   # Attention kernel (LlamaConfig.attention): auto = splash on TPU, cudnn on GPU (bf16), else xla.
   attention: Literal["auto", "xla", "splash", "cudnn"] = "auto"
+  # LoRA/QLoRA adapters {rank, alpha, targets, base_dtype} (`ssapo_jax.lora`); None = full
+  # fine-tuning.
+  lora: Optional[LoraConfig] = None
 
   def __post_init__(self):
     check_choices(self, "model")
@@ -164,7 +168,7 @@ class ExperimentConfig:
     object.__setattr__(self, "dro", dataclasses.replace(self.dro, margin_scale=scale))
     object.__setattr__(self, "train", dataclasses.replace(
         self.train, robust_space=self.dro.space,
-        objective="robust" if self.dro.epsilon > 0 else "dpo"))
+        objective="robust" if self.dro.epsilon > 0 else "dpo", lora=self.model.lora))
 
   def train_for_round(self, round_index: int) -> TrainConfig:
     """`TrainConfig` of one round: the seed round (0) or a later one, with per-round lr/epochs."""

@@ -45,6 +45,7 @@ from ssapo_jax import sharding as shd
 from ssapo_jax.batch import PreferenceBatch, concat_pairs
 from ssapo_jax.config import check_choices, derived
 from ssapo_jax.errors import NonFiniteError  # re-exported
+from ssapo_jax.lora import LoraConfig, apply_adapters, init_adapters
 from ssapo_jax.losses import (BATCH_COUPLED_LOSS_TYPES, LOSS_TYPES, FDivergence, LossType, Space,
                               check_loss_options, dpo_loss, pair_logps, robust_dpo_loss)
 from ssapo_jax.models import logical_axes, split_params
@@ -99,6 +100,9 @@ class TrainConfig:
   remat: RematPolicy = "full"  # activation rematerialisation policy
   reference: ReferenceMode = "precomputed"  # ref log-probs from the batch, or a frozen model in the step
   max_nonfinite_steps: int = 10  # abort after this many consecutive skipped (non-finite) steps
+  # LoRA adapters (an experiment copies model.lora here): the state's params are the adapters
+  # and the frozen base rides beside them; None = full fine-tuning.
+  lora: LoraConfig | None = derived(None, "model.lora")
   profile_steps: tuple[int, int] | None = None  # jax.profiler trace of global steps start..stop (inclusive) in output_dir/profile/; None = off
 
   def __post_init__(self):
@@ -225,6 +229,10 @@ class TrainState:
     graphdef: static NNX graph of the policy (and reference) model.
     tx: static optimizer.
     schedule: static learning-rate schedule of ``tx`` (for metrics).
+    base: with LoRA, the frozen base parameters in the compute dtype (``params`` are then the
+      adapters, `ssapo_jax.lora`, and only they carry optimizer state); else None.
+    lora: static `LoraConfig` with LoRA, else None.
+    model_config: static model config (the LoRA targets' layouts), with LoRA.
   """
 
   step: jax.Array
@@ -237,6 +245,17 @@ class TrainState:
   graphdef: Any = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   schedule: optax.Schedule = flax.struct.field(pytree_node=False)
+  base: Any = None
+  lora: LoraConfig | None = flax.struct.field(pytree_node=False, default=None)
+  model_config: Any = flax.struct.field(pytree_node=False, default=None)
+
+  def policy_params(self, params: Any | None = None) -> Any:
+    """The policy's full parameter tree: ``params`` (default the state's), or with LoRA the
+    base with the adapters ``params`` applied."""
+    params = self.params if params is None else params
+    if self.lora is None:
+      return params
+    return apply_adapters(self.model_config, self.base, params, self.lora)
 
 
 def param_shardings(params: Any, mesh: Mesh) -> Any:
@@ -247,8 +266,10 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
 def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
   """Shardings for every leaf of ``state``: parameters and their optimizer moments by the
   logical-axis rules, everything else (step counts, scalars, buffers) replicated."""
-  p_shard = param_shardings(state.params, mesh)
   repl = shd.replicated(mesh)
+  # LoRA adapters are small (rank r): replicated, with their Adam moments.
+  p_shard = (param_shardings(state.params, mesh) if state.lora is None
+             else jax.tree.map(lambda _: repl, state.params))
   opt_shard = optax.tree_map_params(
       state.tx, lambda _, s: s, state.opt_state, p_shard,
       transform_non_params=lambda _: repl,
@@ -256,7 +277,8 @@ def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
   return state.replace(
       step=repl, params=p_shard, opt_state=opt_shard, nonfinite_consecutive=repl,
       nonfinite_total=repl, rest=jax.tree.map(lambda _: repl, state.rest),
-      ref_params=None if state.ref_params is None else p_shard)
+      ref_params=None if state.ref_params is None else p_shard,
+      base=None if state.base is None else param_shardings(state.base, mesh))
 
 
 def split_model(model: nnx.Module, config: TrainConfig | None = None) -> tuple[Any, Any, Any]:
@@ -289,7 +311,8 @@ def split_model(model: nnx.Module, config: TrainConfig | None = None) -> tuple[A
 
 
 def init_train_state(params: Any, rest: Any, *, graphdef: Any, config: TrainConfig,
-                     num_train_steps: int) -> TrainState:
+                     num_train_steps: int, model_config: Any = None,
+                     key: jax.Array | None = None) -> TrainState:
   """The initial `TrainState` from split parameters (pure and traceable).
 
   Parameters are cast to ``config.param_dtype`` (fresh buffers: the step donates the state,
@@ -297,7 +320,28 @@ def init_train_state(params: Any, rest: Any, *, graphdef: Any, config: TrainConf
   ``tx.init``; with ``reference="in_step"`` a second copy of the parameters is kept, frozen, as
   the reference. `create_train_state` runs this under jit with the state's shardings, and its
   abstract version is ``jax.eval_shape`` of this same function.
+
+  With ``config.lora``, the trained ``params`` are fresh adapters (`lora.init_adapters` from
+  ``key``, default ``key(0)``; ``lora_b`` zero, so the policy starts as the base exactly), the
+  base is kept frozen in the compute dtype, and the reference of ``reference="in_step"`` is
+  that base with the adapters off (no second copy). ``model_config`` (the model's config) names
+  the targets' layouts.
   """
+  if config.lora is not None:
+    if config.lora.base_dtype != "compute":
+      raise ValueError(f"model.lora.base_dtype={config.lora.base_dtype!r}: the train state holds "
+                       "a compute-dtype base only so far (ssapo_jax.lora quantises for export "
+                       "and tests); use base_dtype: compute")
+    base = _cast_floats(params, DTYPES[config.compute_dtype])
+    adapters = init_adapters(model_config, base, config.lora,
+                             jax.random.key(0) if key is None else key)
+    tx = make_optimizer(config, num_train_steps)
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(
+        step=zero, params=adapters, opt_state=tx.init(adapters), nonfinite_consecutive=zero,
+        nonfinite_total=zero, rest=rest, ref_params=None, graphdef=graphdef, tx=tx,
+        schedule=make_schedule(config, num_train_steps), base=base, lora=config.lora,
+        model_config=model_config)
   dtype = DTYPES[config.param_dtype]
   params = jax.tree.map(lambda x: (x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
                                    else jnp.copy(x)), params)
@@ -330,20 +374,22 @@ def create_train_state(model: nnx.Module, config: TrainConfig, mesh: Mesh, *,
   """
   graphdef, params, rest = split_model(model, config)
   init = functools.partial(init_train_state, graphdef=graphdef, config=config,
-                           num_train_steps=num_train_steps)
+                           num_train_steps=num_train_steps,
+                           model_config=getattr(model, "config", None))
   shapes = jax.eval_shape(init, params, rest)
   shardings = state_shardings(shapes, mesh)
   if abstract:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         shapes, shardings)
-  params = shd.shard_params(params, shardings.params)
+  # With LoRA the model's parameters become the frozen base (the trained params are adapters).
+  params = shd.shard_params(params, shardings.params if shardings.base is None else shardings.base)
   rest = shd.shard_params(rest, shardings.rest)
   return jax.jit(init, out_shardings=shardings)(params, rest)
 
 
 def merge_params(state: TrainState, *, params: Any | None = None) -> nnx.Module:
   """An NNX model holding ``state``'s trained parameters (for sampling or saving)."""
-  return nnx.merge(state.graphdef, state.params if params is None else params, state.rest)
+  return nnx.merge(state.graphdef, state.policy_params(params), state.rest)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,6 +493,8 @@ def train_step(state: TrainState, batch: PreferenceBatch, *, config: TrainConfig
                      f"{config.global_batch_size}")
   num_micro = config.micro_batches
   ref_params = state.ref_params if config.reference == "in_step" else None
+  if config.reference == "in_step" and state.lora is not None:
+    ref_params = state.base  # the same weights with the adapters off
   if config.reference == "in_step" and ref_params is None:
     raise ValueError("train.reference='in_step' but the state has no ref_params "
                      "(build it with create_train_state under the same config)")
@@ -459,12 +507,14 @@ def train_step(state: TrainState, batch: PreferenceBatch, *, config: TrainConfig
   num_kept = jnp.maximum(jnp.sum(valid & (batch.weights != 0)), 1).astype(jnp.float32)
 
   def loss_fn(params, micro):
-    return _pair_loss(params, ref_params, state.rest, micro, graphdef=state.graphdef,
+    # With LoRA, ``params`` are the adapters: the gradient reaches them through the base.
+    return _pair_loss(state.policy_params(params), ref_params, state.rest, micro, graphdef=state.graphdef,
                       config=config, num_real_rows=num_real_rows,
                       mean_chosen_length=mean_chosen_length, mesh=mesh)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  p_shardings = param_shardings(state.params, mesh) if mesh is not None else None
+  p_shardings = (state_shardings(state, mesh).params if mesh is not None and state.lora is not None
+                 else param_shardings(state.params, mesh) if mesh is not None else None)
 
   def constrain(tree, shardings):
     if shardings is None:
