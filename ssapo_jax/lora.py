@@ -242,6 +242,13 @@ def apply_adapters(model_config, params, adapters, lora: LoraConfig, *,
 # ----------------------------------------------------------------------------- export
 
 
+def _host(x) -> np.ndarray:
+  """A replicated (or local) array on the host, float32; also on one process of several."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    x = x.addressable_data(0)
+  return np.asarray(jax.device_get(x), np.float32)
+
+
 def save_peft(model_config, params, adapters, lora: LoraConfig, path: str | os.PathLike, *,
               base_model: str = "") -> None:
   """Writes the adapters in PEFT's format: ``adapter_config.json`` and
@@ -254,8 +261,8 @@ def save_peft(model_config, params, adapters, lora: LoraConfig, path: str | os.P
   kinds = target_kinds(model_config, params, lora)
   tensors = {}
   for our_path, (module, _) in kinds.items():
-    a = np.asarray(jax.device_get(adapters[our_path]["lora_a"]), np.float32)
-    b = np.asarray(jax.device_get(adapters[our_path]["lora_b"]), np.float32)
+    a = _host(adapters[our_path]["lora_a"])
+    b = _host(adapters[our_path]["lora_b"])
     for i in range(a.shape[0]):
       prefix = f"base_model.model.model.layers.{i}.{module}"
       tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a[i])
