@@ -5,6 +5,7 @@ References: the base model's own logits (zero-initialised adapters must give the
 the PEFT export (1e-4). QLoRA tolerances are measured on this model (see each test).
 """
 
+import functools
 import json
 import os
 
@@ -30,6 +31,7 @@ def _model():
   return Llama(CONFIG, rngs=nnx.Rngs(0))
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _logits(graphdef, params, rest):
   return nnx.merge(graphdef, params, rest)(IDS, MASK)
 
@@ -166,6 +168,7 @@ def test_train_state_with_lora_trains_only_adapters_on_a_sharded_mesh(micro_batc
   import sys
   sys.path.insert(0, os.path.dirname(__file__))
   import _multihost_worker as w
+
   from ssapo_jax import sharding as shd
   from ssapo_jax import train as tr
 

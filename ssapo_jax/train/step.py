@@ -508,8 +508,8 @@ def train_step(state: TrainState, batch: PreferenceBatch, *, config: TrainConfig
 
   def loss_fn(params, micro):
     # With LoRA, ``params`` are the adapters: the gradient reaches them through the base.
-    return _pair_loss(state.policy_params(params), ref_params, state.rest, micro, graphdef=state.graphdef,
-                      config=config, num_real_rows=num_real_rows,
+    return _pair_loss(state.policy_params(params), ref_params, state.rest, micro,
+                      graphdef=state.graphdef, config=config, num_real_rows=num_real_rows,
                       mean_chosen_length=mean_chosen_length, mesh=mesh)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

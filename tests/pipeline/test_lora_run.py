@@ -11,7 +11,6 @@ import os
 
 import numpy as np
 import pytest
-
 from pipeline_runs import final_params, losses, write_config, write_world
 from test_run import _has_train_checkpoint, _kill_when, _run
 
