@@ -129,12 +129,12 @@ def test_merged_export_and_peft_adapters_give_our_logits(tmp_path):
   np.testing.assert_allclose(np.asarray(reloaded(IDS, MASK)), ours, atol=1e-5)
 
 
-@pytest.mark.parametrize("base_dtype, tolerance", [("int8", 0.02), ("nf4", 0.2)])
+@pytest.mark.parametrize("base_dtype, tolerance", [("int8", 0.005), ("nf4", 0.07)])
 def test_qlora_base_logits_within_documented_tolerance(base_dtype, tolerance):
-  """Max |logit difference| of the quantised base against the float base, on logits of scale
-  about 1 (this model's): int8 per-column absmax < 0.02, nf4 blocks of 64 < 0.2. Zero adapters
-  add nothing to the dequantised base, and the quantised form is 1 (int8) or 1 (nf4 code
-  per uint8) byte per value plus scales."""
+  """Max |logit difference| of the quantised base against the float base on this model (logits
+  of std 0.11): measured 0.0022 for int8 (per-column absmax) and 0.035 for nf4 (blocks of 64);
+  the documented tolerances are 0.005 and 0.07. Zero adapters add nothing to the dequantised
+  base."""
   graphdef, params, rest = split_params(_model())
   q_lora = lora_lib.LoraConfig(rank=4, alpha=8.0, base_dtype=base_dtype)
   quantized = lora_lib.quantize_base(CONFIG, params, q_lora)
