@@ -159,7 +159,8 @@ def test_qlora_base_logits_within_documented_tolerance(base_dtype, tolerance):
     assert np.all(np.abs(dq - w).reshape(-1, 64) <= blocks * gaps / 2 + 1e-7)
 
 
-@pytest.mark.parametrize("micro_batches", [1, 2])
+# The micro-batched variant is slow (another compile of the sharded step, about 20 s of CPU).
+@pytest.mark.parametrize("micro_batches", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_train_state_with_lora_trains_only_adapters_on_a_sharded_mesh(micro_batches):
   """`create_train_state` with ``train.lora``: params and Adam moments are the adapters only,
   the base stays bitwise frozen, the step-0 policy is the base (log-ratios 0: loss log 2 ·
