@@ -37,6 +37,7 @@ from ssapo_jax.config import check_choices, load_config
 from ssapo_jax.data.config import DataConfig
 from ssapo_jax.dro import DroConfig
 from ssapo_jax.fielddocs import document_fields
+from ssapo_jax.lora import LoraConfig
 from ssapo_jax.losses import check_atom_scale
 from ssapo_jax.metrics import MetricsConfig
 from ssapo_jax.sampling import SamplingConfig
@@ -82,6 +83,9 @@ class ModelConfig:
   tokenizer_path: Optional[str] = None  # tokenizer directory; None = `path`
   # Attention kernel (LlamaConfig.attention): auto = splash on TPU, cudnn on GPU (bf16), else xla.
   attention: Literal["auto", "xla", "splash", "cudnn"] = "auto"
+  # LoRA/QLoRA adapters {rank, alpha, targets, base_dtype} (`ssapo_jax.lora`); None = full
+  # fine-tuning.
+  lora: Optional[LoraConfig] = None
 
   def __post_init__(self):
     check_choices(self, "model")
@@ -179,6 +183,7 @@ class ExperimentConfig:
         robust_margin_scale=scale,
         robust_allow_scale_mismatch=self.dro.allow_scale_mismatch,
         objective="robust" if self.dro.epsilon > 0 else "dpo",
+        lora=self.model.lora,
       ),
     )
     if self.train.objective == "robust" or self.rounds.num_rounds > 0:

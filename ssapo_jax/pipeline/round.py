@@ -19,7 +19,7 @@ import os
 import shutil
 from typing import Any
 
-from ssapo_jax import rundir
+from ssapo_jax import lora, rundir
 from ssapo_jax import train as tr
 from ssapo_jax.errors import CheckpointError
 from ssapo_jax.models import CausalLM, save_hf
@@ -78,6 +78,22 @@ def export_policy(rt: Runtime, t: int, policy: CausalLM) -> None:
     os.replace(tmp, final)
 
 
+def export_adapters(rt: Runtime, t: int, state) -> None:
+  """With LoRA, round t's adapters in PEFT format to ``round_<t>/adapter`` (process 0): applied
+  to the round's base, ``round_<t-1>/policy`` (``model.path`` for round 0), they give π_t."""
+  if state.lora is None or not hosts.is_process0():
+    return
+  base = rt.config.model.path if t == 0 else os.path.join(rt.round_dir(t - 1), "policy")
+  lora.save_peft(
+    state.model_config,
+    state.base,
+    state.params,
+    state.lora,
+    os.path.join(rt.round_dir(t), "adapter"),
+    base_model=base,
+  )
+
+
 @phases.round_phase
 def _summary(rt: Runtime, t: int, global_step: int, num_pairs: int) -> dict[str, Any]:
   """``round_<t>/summary.json`` (written by process 0, returned on every process)."""
@@ -129,6 +145,7 @@ def _train_and_export(rt: Runtime, t: int, policy: CausalLM, resume: ResumePoint
   )
   rt.policies[t] = tr.merge_params(state)
   export_policy(rt, t, rt.policies[t])
+  export_adapters(rt, t, state)
   return state, global_step, len(dataset)
 
 

@@ -46,6 +46,7 @@ from ssapo_jax.batch import PackedPreferenceBatch, PreferenceBatch, concat_pairs
 from ssapo_jax.config import check_choices, derived
 from ssapo_jax.errors import NonFiniteError  # re-exported
 from ssapo_jax.fielddocs import document_fields
+from ssapo_jax.lora import LoraConfig, apply_adapters, init_adapters
 from ssapo_jax.losses import (
   BATCH_COUPLED_LOSS_TYPES,
   LOSS_TYPES,
@@ -124,6 +125,9 @@ class TrainConfig:
   # ref log-probs from the batch, or a frozen model in the step
   reference: ReferenceMode = "precomputed"
   max_nonfinite_steps: int = 10  # abort after this many consecutive skipped (non-finite) steps
+  # LoRA adapters (an experiment copies model.lora here): the state's params are the adapters
+  # and the frozen base rides beside them; None = full fine-tuning.
+  lora: LoraConfig | None = derived(None, "model.lora")
   # jax.profiler trace of global steps start..stop (inclusive) in output_dir/profile/; None = off
   profile_steps: tuple[int, int] | None = None
 
@@ -283,6 +287,10 @@ class TrainState:
     graphdef: static NNX graph of the policy (and reference) model.
     tx: static optimizer.
     schedule: static learning-rate schedule of ``tx`` (for metrics).
+    base: with LoRA, the frozen base parameters in the compute dtype (``params`` are then the
+      adapters, `ssapo_jax.lora`, and only they carry optimizer state); else None.
+    lora: static `LoraConfig` with LoRA, else None.
+    model_config: static model config (the LoRA targets' layouts), with LoRA.
   """
 
   step: jax.Array
@@ -295,6 +303,17 @@ class TrainState:
   graphdef: Any = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   schedule: optax.Schedule = flax.struct.field(pytree_node=False)
+  base: Any = None
+  lora: LoraConfig | None = flax.struct.field(pytree_node=False, default=None)
+  model_config: Any = flax.struct.field(pytree_node=False, default=None)
+
+  def policy_params(self, params: Any | None = None) -> Any:
+    """The policy's full parameter tree: ``params`` (default the state's), or with LoRA the
+    base with the adapters ``params`` applied."""
+    params = self.params if params is None else params
+    if self.lora is None:
+      return params
+    return apply_adapters(self.model_config, self.base, params, self.lora)
 
 
 def param_shardings(params: Any, mesh: Mesh) -> Any:
@@ -305,8 +324,13 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
 def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
   """Shardings for every leaf of ``state``: parameters and their optimizer moments by the
   logical-axis rules, everything else (step counts, scalars, buffers) replicated."""
-  p_shard = param_shardings(state.params, mesh)
   repl = shd.replicated(mesh)
+  # LoRA adapters are small (rank r): replicated, with their Adam moments.
+  p_shard = (
+    param_shardings(state.params, mesh)
+    if state.lora is None
+    else jax.tree.map(lambda _: repl, state.params)
+  )
   opt_shard = optax.tree_map_params(
     state.tx,
     lambda _, s: s,
@@ -323,6 +347,7 @@ def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
     nonfinite_total=repl,
     rest=jax.tree.map(lambda _: repl, state.rest),
     ref_params=None if state.ref_params is None else p_shard,
+    base=None if state.base is None else param_shardings(state.base, mesh),
   )
 
 
@@ -363,7 +388,14 @@ def split_model(model: nnx.Module, config: TrainConfig | None = None) -> tuple[A
 
 
 def init_train_state(
-  params: Any, rest: Any, *, graphdef: Any, config: TrainConfig, num_train_steps: int
+  params: Any,
+  rest: Any,
+  *,
+  graphdef: Any,
+  config: TrainConfig,
+  num_train_steps: int,
+  model_config: Any = None,
+  key: jax.Array | None = None,
 ) -> TrainState:
   """The initial `TrainState` from split parameters (pure and traceable).
 
@@ -372,7 +404,41 @@ def init_train_state(
   ``tx.init``; with ``reference="in_step"`` a second copy of the parameters is kept, frozen, as
   the reference. `create_train_state` runs this under jit with the state's shardings, and its
   abstract version is ``jax.eval_shape`` of this same function.
+
+  With ``config.lora``, the trained ``params`` are fresh adapters (`lora.init_adapters` from
+  ``key``, default ``key(0)``; ``lora_b`` zero, so the policy starts as the base exactly), the
+  base is kept frozen in the compute dtype, and the reference of ``reference="in_step"`` is
+  that base with the adapters off (no second copy). ``model_config`` (the model's config) names
+  the targets' layouts.
   """
+  if config.lora is not None:
+    if config.lora.base_dtype != "compute":
+      raise ValueError(
+        f"model.lora.base_dtype={config.lora.base_dtype!r}: the train state holds "
+        "a compute-dtype base only so far (ssapo_jax.lora quantises for export "
+        "and tests); use base_dtype: compute"
+      )
+    base = _cast_floats(params, DTYPES[config.compute_dtype])
+    adapters = init_adapters(
+      model_config, base, config.lora, jax.random.key(0) if key is None else key
+    )
+    tx = make_optimizer(config, num_train_steps)
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(
+      step=zero,
+      params=adapters,
+      opt_state=tx.init(adapters),
+      nonfinite_consecutive=zero,
+      nonfinite_total=zero,
+      rest=rest,
+      ref_params=None,
+      graphdef=graphdef,
+      tx=tx,
+      schedule=make_schedule(config, num_train_steps),
+      base=base,
+      lora=config.lora,
+      model_config=model_config,
+    )
   dtype = DTYPES[config.param_dtype]
   params = jax.tree.map(
     lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.copy(x), params
@@ -419,7 +485,11 @@ def create_train_state(
   """
   graphdef, params, rest = split_model(model, config)
   init = functools.partial(
-    init_train_state, graphdef=graphdef, config=config, num_train_steps=num_train_steps
+    init_train_state,
+    graphdef=graphdef,
+    config=config,
+    num_train_steps=num_train_steps,
+    model_config=getattr(model, "config", None),
   )
   shapes = jax.eval_shape(init, params, rest)
   shardings = state_shardings(shapes, mesh)
@@ -427,14 +497,15 @@ def create_train_state(
     return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
     )
-  params = shd.shard_params(params, shardings.params)
+  # With LoRA the model's parameters become the frozen base (the trained params are adapters).
+  params = shd.shard_params(params, shardings.params if shardings.base is None else shardings.base)
   rest = shd.shard_params(rest, shardings.rest)
   return jax.jit(init, out_shardings=shardings)(params, rest)
 
 
 def merge_params(state: TrainState, *, params: Any | None = None) -> nnx.Module:
   """An NNX model holding ``state``'s trained parameters (for sampling or saving)."""
-  return nnx.merge(state.graphdef, state.params if params is None else params, state.rest)
+  return nnx.merge(state.graphdef, state.policy_params(params), state.rest)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -676,6 +747,8 @@ def train_step(
     )
   num_micro = config.micro_batches
   ref_params = state.ref_params if config.reference == "in_step" else None
+  if config.reference == "in_step" and state.lora is not None:
+    ref_params = state.base  # the same weights with the adapters off
   if config.reference == "in_step" and ref_params is None:
     raise ValueError(
       "train.reference='in_step' but the state has no ref_params "
@@ -690,8 +763,9 @@ def train_step(
   num_kept = jnp.maximum(jnp.sum(valid & (batch.weights != 0)), 1).astype(jnp.float32)
 
   def loss_fn(params, micro):
+    # With LoRA, ``params`` are the adapters: the gradient reaches them through the base.
     return _pair_loss(
-      params,
+      state.policy_params(params),
       ref_params,
       state.rest,
       micro,
@@ -704,7 +778,13 @@ def train_step(
     )
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  p_shardings = param_shardings(state.params, mesh) if mesh is not None else None
+  p_shardings = (
+    state_shardings(state, mesh).params
+    if mesh is not None and state.lora is not None
+    else param_shardings(state.params, mesh)
+    if mesh is not None
+    else None
+  )
 
   def constrain(tree, shardings):
     if shardings is None:
