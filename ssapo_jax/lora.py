@@ -10,23 +10,28 @@ with ``to_ours`` the inverse of the family's HF layout transform (`models.params
 adapters export to PEFT as they are and a merged model is `save_hf` of ``W'``.
 
 Everything here is a pure function of pytrees: `init_adapters` (``lora_b`` zero, so the adapted
-model starts as the base exactly), `apply_adapters` (the adapted parameter tree; adapters
-``None`` = the base: the reference with adapters off), `quantize_base` / `dequantize`
-(QLoRA's frozen base: int8 or nf4 blocks), `save_peft` (``adapter_config.json`` +
+model starts as the base exactly), `layer_transform` (the adapted model inside the layer scan:
+the train step's forward), `apply_adapters` (the adapted parameter tree over the whole stack:
+export, sampling, merging; adapters ``None`` = the base, the reference with adapters off),
+`quantize_base` / `dequantize` (QLoRA's frozen base: int8 per output feature, or nf4 in blocks
+of 64 packed two codes per byte), `save_peft` (``adapter_config.json`` +
 ``adapter_model.safetensors``) and `save_merged` (a Hugging Face model).
 
 Why not qwix: qwix (0.1.8) attaches LoRA by intercepting ``dot_general``/``einsum`` of
 parameters read inside the module's call. Our Llama reads its layer parameters after an
 ``nnx.split`` and runs them in one ``lax.scan`` (stacked layers), which qwix's interception does
-not follow (``apply_lora_to_model`` fails inside the scan). The adapted weight is therefore
-formed here, on the parameter tree, before the model runs; its gradient flows to the adapters by
-the chain rule. The price: the step holds one compute-dtype copy of the adapted target matrices
-and their gradient (qwix's ``x @ A @ B`` would not), but no optimizer state for them.
+not follow (``apply_lora_to_model`` fails inside the scan). The model's scan takes a
+`ssapo_jax.models.LayerTransform` instead: the body forms one layer's adapted (and dequantised)
+weights from that layer's slices of the base and the adapters, under its own
+``jax.checkpoint``, so the step holds one layer's adapted matrices at a time (and their
+gradient in the backward pass), never an ``[L, ...]`` adapted stack; the gradient reaches the
+adapters by the chain rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -39,12 +44,15 @@ from flax import nnx
 
 from ssapo_jax.config import check_choices
 from ssapo_jax.fielddocs import document_fields
+from ssapo_jax.models.base import AXES_KEY, LayerTransform
 from ssapo_jax.models.params import IN_HEADS, OUT_HEADS, TRANSPOSE, tensor_mapping
 
 BaseDtype = Literal["compute", "int8", "nf4"]
 _MATRIX_KINDS = (IN_HEADS, OUT_HEADS, TRANSPOSE)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LAYERS = "layers."  # the path prefix of the stacked decoder layers
+NF4_BLOCK = 64  # values per nf4 absmax block (QLoRA's)
 
 # The 16 levels of NF4 (QLoRA, Dettmers et al. 2023, appendix E; bitsandbytes' table).
 NF4_LEVELS = np.array(
@@ -169,10 +177,10 @@ def _hf_in_out(shape: tuple[int, ...], kind: str) -> tuple[int, int]:
   return shape[0], shape[1]  # TRANSPOSE: [in, out]
 
 
-def _to_ours(delta_hf: jax.Array, shape: tuple[int, ...], kind: str) -> jax.Array:
-  """``[L, out, in]`` (HF layout) -> our stacked layout ``[L, *shape]``."""
-  ours = jnp.swapaxes(delta_hf, -1, -2)  # [L, in, out]
-  return ours.reshape((delta_hf.shape[0], *shape))
+def _to_ours(delta_hf: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """``[..., out, in]`` (HF layout) -> our layout ``[..., *shape]`` (leading axes kept)."""
+  ours = jnp.swapaxes(delta_hf, -1, -2)  # [..., in, out]
+  return ours.reshape((*delta_hf.shape[:-2], *shape))
 
 
 def init_adapters(model_config, params, lora: LoraConfig, key: jax.Array) -> dict[str, dict]:
@@ -185,7 +193,7 @@ def init_adapters(model_config, params, lora: LoraConfig, key: jax.Array) -> dic
   flat = _pure(params)
   adapters = {}
   for i, (path, (_, kind)) in enumerate(sorted(target_kinds(model_config, params, lora).items())):
-    num_layers, *shape = flat[path].shape
+    num_layers, *shape = _dense_shape(flat[path])
     fan_in, fan_out = _hf_in_out(tuple(shape), kind)
     bound = 1.0 / np.sqrt(fan_in)
     a = jax.random.uniform(
@@ -198,54 +206,135 @@ def init_adapters(model_config, params, lora: LoraConfig, key: jax.Array) -> dic
   return adapters
 
 
-def adapter_delta(
-  adapters: Mapping[str, Mapping[str, jax.Array]], path: str, shape, kind: str, scale: float
-) -> jax.Array:
-  """``scale * lora_b @ lora_a`` of one target in our stacked layout ``[L, *shape]`` (float32)."""
-  a, b = adapters[path]["lora_a"], adapters[path]["lora_b"]
-  delta = jnp.einsum("lor,lri->loi", b.astype(jnp.float32), a.astype(jnp.float32))
-  return _to_ours(scale * delta, tuple(shape), kind)
+def _adapted(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+  """``w + scale * to_ours(b @ a)`` in ``w``'s dtype (the sum in float32); ``a [..., r, in]``,
+  ``b [..., out, r]`` with ``w``'s leading axes (none inside the layer scan, ``L`` outside)."""
+  delta = jnp.einsum("...or,...ri->...oi", b.astype(jnp.float32), a.astype(jnp.float32))
+  delta = _to_ours(scale * delta, w.shape[a.ndim - 2 :])
+  return (w.astype(jnp.float32) + delta).astype(w.dtype)
 
 
 # ----------------------------------------------------------------------------- the frozen base
 
 
-def _quantize(w: np.ndarray, base_dtype: str) -> dict[str, np.ndarray]:
-  """One stacked matrix ``[L, *shape]`` -> its quantised form (see `dequantize`)."""
-  w = np.asarray(w, np.float32)
-  if base_dtype == "int8":  # symmetric absmax per output column (the last axis)
-    absmax = np.max(np.abs(w), axis=tuple(range(1, w.ndim - 1)), keepdims=True)
-    scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
-    return {"q": np.clip(np.rint(w / scale), -127, 127).astype(np.int8), "scale": scale}
-  if base_dtype == "nf4":  # blocks of 64 consecutive values, absmax-scaled to [-1, 1]
-    flat = w.reshape(-1)
-    pad = (-flat.size) % 64
-    blocks = np.concatenate([flat, np.zeros(pad, np.float32)]).reshape(-1, 64)
-    absmax = np.max(np.abs(blocks), axis=1, keepdims=True)
-    absmax = np.where(absmax > 0, absmax, 1.0).astype(np.float32)
-    codes = np.argmin(np.abs(blocks[..., None] / absmax[..., None] - NF4_LEVELS), axis=-1)
-    return {"q": codes.astype(np.uint8), "scale": absmax}
+def _input_axes(kind: str) -> tuple[int, ...]:
+  """Axes of one layer's matrix (no leading L) that a matmul contracts: int8's absmax runs over
+  them, so each output feature gets its own scale."""
+  return (0, 1) if kind == OUT_HEADS else (0,)
+
+
+def _nf4_block(last: int) -> int:
+  """NF4 block: 64 consecutive values of the last axis, or the whole axis when 64 does not
+  divide it (small test models)."""
+  return NF4_BLOCK if last % NF4_BLOCK == 0 else last
+
+
+def _dense_shape(w: jax.Array) -> tuple[int, ...]:
+  """The dense shape of a (possibly nf4-packed) target: nf4 codes halve the last axis."""
+  return (*w.shape[:-1], 2 * w.shape[-1]) if w.dtype == jnp.uint8 else tuple(w.shape)
+
+
+def _quantize_layer(w: jax.Array, kind: str, base_dtype: str) -> tuple[jax.Array, jax.Array]:
+  """One layer's matrix (our layout, no L) -> ``(codes, scale)`` (see `dequantize`); jnp."""
+  w = w.astype(jnp.float32)
+  if base_dtype == "int8":  # symmetric absmax per output feature
+    absmax = jnp.max(jnp.abs(w), axis=_input_axes(kind), keepdims=True)
+    scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
+    return jnp.clip(jnp.rint(w / scale), -127, 127).astype(jnp.int8), scale
+  if base_dtype == "nf4":  # blocks along the last axis, absmax-scaled to [-1, 1]
+    last = w.shape[-1]
+    if last % 2:
+      raise ValueError(f"nf4 packs two codes per byte along the last axis; got {w.shape}")
+    block = _nf4_block(last)
+    blocks = w.reshape(*w.shape[:-1], last // block, block)
+    absmax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
+    absmax = jnp.where(absmax > 0, absmax, 1.0)
+    # The nearest level: the number of midpoints between consecutive levels below the value.
+    mids = jnp.asarray((NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2)
+    codes = jnp.searchsorted(mids, (blocks / absmax).reshape(w.shape)).astype(jnp.uint8)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # two codes per byte, low nibble first
+    return packed, absmax[..., 0]
   raise ValueError(f"model.lora.base_dtype={base_dtype!r} is not a quantised dtype")
 
 
-def dequantize(q: Mapping[str, jax.Array], shape: tuple[int, ...], dtype) -> jax.Array:
-  """A quantised stacked matrix back to ``shape`` in ``dtype`` (inside the step: jnp)."""
-  if q["q"].dtype == jnp.int8:
-    return (q["q"].astype(jnp.float32) * q["scale"]).astype(dtype)
-  values = jnp.asarray(NF4_LEVELS)[q["q"].astype(jnp.int32)] * q["scale"]
-  return values.reshape(-1)[: int(np.prod(shape))].reshape(shape).astype(dtype)
+def dequantize(codes: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+  """A quantised matrix back to its dense values in ``dtype``; any leading axes (a layer's
+  matrix inside the scan, or the ``[L, ...]`` stack).
+
+  int8 codes (same shape as the matrix) times a per-output-feature scale; nf4 codes (uint8,
+  two 4-bit codes per byte along the last axis) index `NF4_LEVELS`, times the absmax of their
+  block.
+  """
+  if codes.dtype == jnp.int8:
+    return (codes.astype(jnp.float32) * scale).astype(dtype)
+  idx = jnp.stack([codes & 15, codes >> 4], axis=-1).reshape(_dense_shape(codes))
+  values = jnp.asarray(NF4_LEVELS)[idx.astype(jnp.int32)]
+  last = values.shape[-1]
+  values = values.reshape(*values.shape[:-1], scale.shape[-1], last // scale.shape[-1])
+  return (values * scale[..., None]).reshape(idx.shape).astype(dtype)
 
 
-def quantize_base(model_config, params, lora: LoraConfig) -> dict[str, dict]:
-  """QLoRA's frozen base: ``{path: {"q", "scale"}}`` of every target matrix (the rest of the
-  parameters stay as they are). Empty for ``base_dtype: compute``."""
+def quantize_base(model_config, params, lora: LoraConfig) -> tuple[nnx.State, dict[str, Any]]:
+  """QLoRA's frozen base: ``(params, scales)``, the target matrices of ``params`` replaced by
+  their codes (int8 of the matrix's shape, or nf4 uint8 with the last axis halved: the
+  same logical axes, so the same sharding rules apply) and ``scales`` ``{path: [L, ...]}``
+  float32. Traceable; quantises one layer at a time (``lax.map``), so the temporaries are one
+  layer's. ``base_dtype: compute`` returns ``(params, None)``."""
   if lora.base_dtype == "compute":
-    return {}
+    return params, None
   flat = _pure(params)
-  return {
-    path: _quantize(np.asarray(jax.device_get(flat[path])), lora.base_dtype)
-    for path in target_kinds(model_config, params, lora)
+  codes, scales = {}, {}
+  for path, (_, kind) in target_kinds(model_config, params, lora).items():
+    quantize = functools.partial(_quantize_layer, kind=kind, base_dtype=lora.base_dtype)
+    codes[path], scales[path] = jax.lax.map(quantize, flat[path])
+  return _set(params, codes), scales
+
+
+def scale_axes(params: nnx.State, scales: Mapping[str, Any]) -> dict[str, tuple]:
+  """Logical axes of each quantisation scale: its matrix's (same rank, smaller dimensions,
+  which `ssapo_jax.sharding` replicates when a mesh axis does not divide them)."""
+  axes = {
+    ".".join(map(str, path)): tuple(variable.get_metadata()[AXES_KEY])
+    for path, variable in nnx.to_flat_state(params)
   }
+  return {path: axes[path] for path in scales}
+
+
+@dataclasses.dataclass(frozen=True)
+class _AdaptLayer:
+  """`LayerTransform.fn` of `layer_transform` (hashable: static under jit)."""
+
+  scale: float
+  dtype: str
+
+  def __call__(self, path: str, value: jax.Array, inputs: Mapping[str, jax.Array]) -> jax.Array:
+    w = value
+    if "scale" in inputs:  # QLoRA: the layer's codes
+      w = dequantize(w, inputs["scale"], self.dtype)
+    if "lora_a" in inputs:
+      w = _adapted(w, inputs["lora_a"], inputs["lora_b"], self.scale)
+    return w
+
+
+def layer_transform(
+  adapters, lora: LoraConfig, *, scales: Mapping[str, jax.Array] | None = None, dtype
+) -> LayerTransform | None:
+  """The `LayerTransform` that runs the adapted model inside the layer scan: for each target,
+  one layer's ``W + scale * to_ours(lora_b @ lora_a)`` (``W`` dequantised to ``dtype`` from
+  its codes when ``scales`` are given), so no ``[L, ...]`` adapted stack is ever formed.
+
+  ``adapters=None`` is the base with the adapters off; None when there is nothing to do (no
+  adapters, no quantised base).
+  """
+  inputs: dict[str, dict] = {}
+  for path in set(adapters or ()) | set(scales or ()):
+    entry = dict(adapters[path]) if adapters else {}
+    if scales:
+      entry["scale"] = scales[path]
+    inputs[path.removeprefix(LAYERS)] = entry
+  if not inputs:
+    return None
+  return LayerTransform(inputs, _AdaptLayer(lora.scale, jnp.dtype(dtype).name))
 
 
 def apply_adapters(
@@ -254,26 +343,34 @@ def apply_adapters(
   adapters,
   lora: LoraConfig,
   *,
-  quantized: Mapping[str, Mapping] | None = None,
+  scales: Mapping[str, jax.Array] | None = None,
+  dtype=None,
 ) -> nnx.State:
-  """The adapted parameter tree: each target ``W + scale * to_ours(lora_b @ lora_a)``.
+  """The adapted parameter tree: each target ``W + scale * to_ours(lora_b @ lora_a)`` over the
+  whole ``[L, ...]`` stack (export, sampling, merging between rounds; the step uses
+  `layer_transform`).
 
-  ``adapters=None`` gives the base (the reference with adapters off). With ``quantized``
-  (`quantize_base`), the targets' base weights are its dequantised values; the sum is formed in
-  float32 and cast to the base parameter's dtype. Differentiable in ``adapters``.
+  ``adapters=None`` gives the base (the reference with adapters off). With ``scales``
+  (`quantize_base`), the targets of ``params`` are codes, dequantised to ``dtype`` (default:
+  the dtype of the other floating parameters); the sum is formed in float32 and cast to the
+  base weight's dtype. Differentiable in ``adapters``.
   """
   flat = _pure(params)
-  kinds = target_kinds(model_config, params, lora)
+  if scales and dtype is None:
+    dtype = next(x.dtype for p, x in flat.items() if p not in scales and _is_float(x))
   updates = {}
-  for path, (_, kind) in kinds.items():
+  for path in target_kinds(model_config, params, lora):
     w = flat[path]
-    if quantized:
-      w = dequantize(quantized[path], tuple(w.shape), w.dtype)
+    if scales:
+      w = dequantize(w, scales[path], dtype)
     if adapters is not None:
-      delta = adapter_delta(adapters, path, w.shape[1:], kind, lora.scale)
-      w = (w.astype(jnp.float32) + delta).astype(w.dtype)
+      w = _adapted(w, adapters[path]["lora_a"], adapters[path]["lora_b"], lora.scale)
     updates[path] = w
   return _set(params, updates)
+
+
+def _is_float(x) -> bool:
+  return jnp.issubdtype(x.dtype, jnp.floating)
 
 
 # ----------------------------------------------------------------------------- export
@@ -334,13 +431,14 @@ def save_merged(
   lora: LoraConfig,
   path: str | os.PathLike,
   *,
-  quantized=None,
+  scales=None,
   tokenizer=None,
   dtype=None,
 ) -> None:
-  """Writes the merged model (base + adapters) in Hugging Face format (`models.save_hf`)."""
+  """Writes the merged model (base + adapters) in Hugging Face format (`models.save_hf`);
+  with ``scales``, ``model``'s targets hold `quantize_base` codes."""
   from ssapo_jax.models import save_hf, split_params
 
   graphdef, params, rest = split_params(model)
-  merged = apply_adapters(model.config, params, adapters, lora, quantized=quantized)
+  merged = apply_adapters(model.config, params, adapters, lora, scales=scales)
   save_hf(nnx.merge(graphdef, merged, rest), path, tokenizer=tokenizer, dtype=dtype)

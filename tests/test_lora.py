@@ -2,7 +2,10 @@
 
 References: the base model's own logits (zero-initialised adapters must give them bitwise),
 ``transformers`` on the merged export, and ``peft.PeftModel.from_pretrained`` on the base with
-the PEFT export (1e-4). QLoRA tolerances are measured on this model (see each test).
+the PEFT export (1e-4). QLoRA tolerances are measured on this model (see each test). The
+adapted model runs as the train step runs it: adapters applied per layer inside the layer scan
+(`lora.layer_transform`); the merged tree (`lora.apply_adapters`) is what export and sampling
+use, and the two agree.
 """
 
 import functools
@@ -45,6 +48,13 @@ def _logits(graphdef, params, rest):
   return nnx.merge(graphdef, params, rest)(IDS, MASK)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _scan_logits(graphdef, params, rest, adapters, lora=LORA, scales=None):
+  """Logits with the adapters (and dequantisation) applied per layer inside the scan."""
+  transform = lora_lib.layer_transform(adapters, lora, scales=scales, dtype="float32")
+  return nnx.merge(graphdef, params, rest)(IDS, MASK, layer_transform=transform)
+
+
 def _train(steps=8):
   """A few Adam steps of an LM loss on the adapters only; returns (parts, adapters, losses)."""
   graphdef, params, rest = split_params(_model())
@@ -53,8 +63,9 @@ def _train(steps=8):
   opt_state = opt.init(adapters)
 
   def loss_fn(adapters):
-    model = nnx.merge(graphdef, lora_lib.apply_adapters(CONFIG, params, adapters, LORA), rest)
-    return -jnp.mean(model.token_logps(IDS, MASK))
+    transform = lora_lib.layer_transform(adapters, LORA, dtype="float32")
+    model = nnx.merge(graphdef, params, rest)
+    return -jnp.mean(model.token_logps(IDS, MASK, layer_transform=transform))
 
   @jax.jit
   def step(adapters, opt_state):
@@ -80,16 +91,29 @@ def test_zero_initialised_adapters_give_the_base_logits_exactly():
   base = _logits(graphdef, params, rest)
   adapted = _logits(graphdef, lora_lib.apply_adapters(CONFIG, params, adapters, LORA), rest)
   np.testing.assert_array_equal(np.asarray(adapted), np.asarray(base))
+  in_scan = _scan_logits(graphdef, params, rest, adapters)
+  np.testing.assert_array_equal(np.asarray(in_scan), np.asarray(base))
+
+
+def test_adapters_in_the_layer_scan_equal_the_merged_tree():
+  """Trained adapters applied per layer inside the scan (the step) give the logits of the
+  adapted parameter tree (export and sampling), to float32 rounding."""
+  (graphdef, params, rest), adapters, _ = _train()
+  merged = _logits(graphdef, lora_lib.apply_adapters(CONFIG, params, adapters, LORA), rest)
+  in_scan = _scan_logits(graphdef, params, rest, adapters)
+  assert np.abs(np.asarray(merged) - np.asarray(_logits(graphdef, params, rest))).max() > 1e-2
+  np.testing.assert_allclose(np.asarray(in_scan), np.asarray(merged), atol=1e-6, rtol=1e-6)
 
 
 def test_gradient_reaches_only_the_adapters_and_the_loss_falls():
   (graphdef, params, rest), adapters, losses = _train()
   assert losses[-1] < losses[0] - 0.05, losses
 
-  # The gradient of the whole tree: the base gets none through the adapters' loss...
+  # The gradient reaches every adapter through the layer scan...
   def loss_of(params, adapters):
-    model = nnx.merge(graphdef, lora_lib.apply_adapters(CONFIG, params, adapters, LORA), rest)
-    return -jnp.mean(model.token_logps(IDS, MASK))
+    transform = lora_lib.layer_transform(adapters, LORA, dtype="float32")
+    model = nnx.merge(graphdef, params, rest)
+    return -jnp.mean(model.token_logps(IDS, MASK, layer_transform=transform))
 
   g_adapters = jax.grad(loss_of, argnums=1)(params, adapters)
   assert all(np.any(np.asarray(g)) for g in jax.tree.leaves(g_adapters))
@@ -119,9 +143,7 @@ def test_merged_export_and_peft_adapters_give_our_logits(tmp_path):
   import transformers
 
   (graphdef, params, rest), adapters, _ = _train()
-  ours = np.asarray(
-    _logits(graphdef, lora_lib.apply_adapters(CONFIG, params, adapters, LORA), rest)
-  )
+  ours = np.asarray(_scan_logits(graphdef, params, rest, adapters))
   base_model = nnx.merge(graphdef, params, rest)
   save_hf(base_model, tmp_path / "base")
   lora_lib.save_merged(base_model, adapters, LORA, tmp_path / "merged")
@@ -150,39 +172,53 @@ def test_merged_export_and_peft_adapters_give_our_logits(tmp_path):
 @pytest.mark.parametrize("base_dtype, tolerance", [("int8", 0.005), ("nf4", 0.07)])
 def test_qlora_base_logits_within_documented_tolerance(base_dtype, tolerance):
   """Max |logit difference| of the quantised base against the float base on this model (logits
-  of std 0.11): measured 0.0022 for int8 (per-column absmax) and 0.035 for nf4 (blocks of 64);
-  the documented tolerances are 0.005 and 0.07. Zero adapters add nothing to the dequantised
-  base."""
+  of std 0.11): measured 0.0020 for int8 (absmax per output feature) and 0.038 for nf4 (blocks
+  of the last axis); the documented tolerances are 0.005 and 0.07. Zero adapters add nothing to
+  the dequantised base, in the scan or on the merged tree."""
   graphdef, params, rest = split_params(_model())
   q_lora = lora_lib.LoraConfig(rank=4, alpha=8.0, base_dtype=base_dtype)
-  quantized = lora_lib.quantize_base(CONFIG, params, q_lora)
-  assert set(quantized) == set(lora_lib.target_kinds(CONFIG, params, q_lora))
+  codes, scales = jax.jit(lambda p: lora_lib.quantize_base(CONFIG, p, q_lora))(params)
+  assert set(scales) == set(lora_lib.target_kinds(CONFIG, params, q_lora))
+  flat_codes, flat = lora_lib._pure(codes), lora_lib._pure(params)
+  for path in scales:  # int8: one byte per value; nf4: two codes per byte
+    w = flat[path]
+    want = w.shape if base_dtype == "int8" else (*w.shape[:-1], w.shape[-1] // 2)
+    assert flat_codes[path].shape == want and flat_codes[path].dtype.itemsize == 1
   base = np.asarray(_logits(graphdef, params, rest))
-  frozen = lora_lib.apply_adapters(CONFIG, params, None, q_lora, quantized=quantized)
-  q_logits = np.asarray(_logits(graphdef, frozen, rest))
+  q_logits = np.asarray(_scan_logits(graphdef, codes, rest, None, q_lora, scales))
   err = np.abs(q_logits - base).max()
   assert 0 < err < tolerance, err
+  merged = lora_lib.apply_adapters(CONFIG, codes, None, q_lora, scales=scales)
+  np.testing.assert_allclose(
+    np.asarray(_logits(graphdef, merged, rest)), q_logits, atol=1e-6, rtol=1e-6
+  )
   adapters = lora_lib.init_adapters(CONFIG, params, q_lora, jax.random.key(1))
-  with_zero = lora_lib.apply_adapters(CONFIG, params, adapters, q_lora, quantized=quantized)
-  np.testing.assert_array_equal(np.asarray(_logits(graphdef, with_zero, rest)), q_logits)
+  with_zero = _scan_logits(graphdef, codes, rest, adapters, q_lora, scales)
+  np.testing.assert_array_equal(np.asarray(with_zero), q_logits)
   # Independent check of the dequantisation: within half a quantisation step of each value.
-  w = np.asarray(lora_lib._pure(params)["layers.mlp.up_proj"])
-  dq = np.asarray(lora_lib.dequantize(quantized["layers.mlp.up_proj"], w.shape, jnp.float32))
+  w = np.asarray(flat["layers.mlp.up_proj"])  # [L, D, F]
+  dq = np.asarray(
+    lora_lib.dequantize(flat_codes["layers.mlp.up_proj"], scales["layers.mlp.up_proj"], jnp.float32)
+  )
   if base_dtype == "int8":
-    step = np.abs(w).max(axis=1, keepdims=True) / 127
+    step = np.abs(w).max(axis=1, keepdims=True) / 127  # per output feature
     assert np.all(np.abs(dq - w) <= step / 2 + 1e-7)
   else:
     gaps = np.diff(lora_lib.NF4_LEVELS).max()
-    blocks = np.abs(w.reshape(-1, 64)).max(axis=1, keepdims=True)
-    assert np.all(np.abs(dq - w).reshape(-1, 64) <= blocks * gaps / 2 + 1e-7)
+    blocks = np.abs(w.reshape(*w.shape[:-1], -1, 64)).max(axis=-1, keepdims=True)
+    assert np.all(np.abs(dq - w).reshape(blocks.shape[:-1] + (64,)) <= blocks * gaps / 2 + 1e-7)
 
 
 # The micro-batched variant is slow (another compile of the sharded step, about 20 s of CPU).
-@pytest.mark.parametrize("micro_batches", [1, pytest.param(2, marks=pytest.mark.slow)])
-def test_train_state_with_lora_trains_only_adapters_on_a_sharded_mesh(micro_batches):
+@pytest.mark.parametrize(
+  "micro_batches, base_dtype",
+  [(1, "compute"), pytest.param(2, "compute", marks=pytest.mark.slow), (1, "int8"), (1, "nf4")],
+)
+def test_train_state_with_lora_trains_only_adapters_on_a_sharded_mesh(micro_batches, base_dtype):
   """`create_train_state` with ``train.lora``: params and Adam moments are the adapters only,
-  the base stays bitwise frozen, the step-0 policy is the base (log-ratios 0: loss log 2 ·
-  mean w with the in-step reference = base with adapters off), and the loss falls."""
+  the base stays bitwise frozen (QLoRA: as int8/nf4 codes, sharded by the matrices' logical
+  axes), the step-0 policy is the base (log-ratios 0: loss log 2 · mean w with the in-step
+  reference = base with adapters off), and the loss falls."""
   import math
   import sys
 
@@ -197,7 +233,7 @@ def test_train_state_with_lora_trains_only_adapters_on_a_sharded_mesh(micro_batc
     micro_batches=micro_batches,
     reference="in_step",
     learning_rate=5e-2,
-    lora=lora_lib.LoraConfig(rank=2, alpha=4.0),
+    lora=lora_lib.LoraConfig(rank=2, alpha=4.0, base_dtype=base_dtype),
   )
   model = w.tiny_model()
   state = tr.create_train_state(model, cfg, mesh, num_train_steps=6)
@@ -207,6 +243,10 @@ def test_train_state_with_lora_trains_only_adapters_on_a_sharded_mesh(micro_batc
   moment_shapes = sorted(x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim)
   assert moment_shapes == sorted(adapter_shapes * 2)  # Adam mu and nu of the adapters only
   base_before = jax.tree.map(np.asarray, state.base)
+  codes = lora_lib._pure(state.base)["layers.mlp.up_proj"]
+  assert codes.dtype == {"compute": jnp.float32, "int8": jnp.int8, "nf4": jnp.uint8}[base_dtype]
+  assert not codes.sharding.is_fully_replicated  # [L, D, F]: F over the tensor axis
+  assert (state.base_scales is None) == (base_dtype == "compute")
   abstract = tr.create_train_state(model, cfg, mesh, num_train_steps=6, abstract=True)
   assert jax.tree.structure(abstract) == jax.tree.structure(state)
   step = tr.make_train_step(cfg, mesh, state)
@@ -221,5 +261,6 @@ def test_train_state_with_lora_trains_only_adapters_on_a_sharded_mesh(micro_batc
   assert any(np.any(np.asarray(p["lora_b"])) for p in state.params.values())
   merged = tr.merge_params(state)  # the policy: base + adapters
   ids, mask = batch.chosen_ids[:2], batch.chosen_mask[:2]
-  base_logits = nnx.merge(state.graphdef, state.base, state.rest)(ids, mask)
+  base = lora_lib.apply_adapters(model.config, state.base, None, cfg.lora, scales=state.base_scales)
+  base_logits = nnx.merge(state.graphdef, base, state.rest)(ids, mask)
   assert np.abs(np.asarray(merged(ids, mask)) - np.asarray(base_logits)).max() > 1e-4

@@ -41,12 +41,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ssapo_jax import compilation
+from ssapo_jax import lora as lora_lib
 from ssapo_jax import sharding as shd
 from ssapo_jax.batch import PackedPreferenceBatch, PreferenceBatch, concat_pairs, sequence_sums
 from ssapo_jax.config import check_choices, derived
 from ssapo_jax.errors import NonFiniteError  # re-exported
 from ssapo_jax.fielddocs import document_fields
-from ssapo_jax.lora import LoraConfig, apply_adapters, init_adapters
+from ssapo_jax.lora import LoraConfig
 from ssapo_jax.losses import (
   BATCH_COUPLED_LOSS_TYPES,
   LOSS_TYPES,
@@ -60,7 +61,7 @@ from ssapo_jax.losses import (
   pair_logps,
   robust_dpo_loss,
 )
-from ssapo_jax.models import logical_axes, split_params
+from ssapo_jax.models import LayerTransform, logical_axes, split_params
 from ssapo_jax.models.llama import RematPolicy
 
 Metrics = dict[str, jax.Array]
@@ -288,7 +289,10 @@ class TrainState:
     tx: static optimizer.
     schedule: static learning-rate schedule of ``tx`` (for metrics).
     base: with LoRA, the frozen base parameters in the compute dtype (``params`` are then the
-      adapters, `ssapo_jax.lora`, and only they carry optimizer state); else None.
+      adapters, `ssapo_jax.lora`, and only they carry optimizer state); with QLoRA
+      (``base_dtype`` int8/nf4) its target matrices hold their codes (`lora.quantize_base`),
+      sharded by the same logical axes; else None.
+    base_scales: with QLoRA, the codes' scales ``{path: [L, ...]}`` float32; else None.
     lora: static `LoraConfig` with LoRA, else None.
     model_config: static model config (the LoRA targets' layouts), with LoRA.
   """
@@ -304,6 +308,7 @@ class TrainState:
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   schedule: optax.Schedule = flax.struct.field(pytree_node=False)
   base: Any = None
+  base_scales: Any = None
   lora: LoraConfig | None = flax.struct.field(pytree_node=False, default=None)
   model_config: Any = flax.struct.field(pytree_node=False, default=None)
 
@@ -313,7 +318,9 @@ class TrainState:
     params = self.params if params is None else params
     if self.lora is None:
       return params
-    return apply_adapters(self.model_config, self.base, params, self.lora)
+    return lora_lib.apply_adapters(
+      self.model_config, self.base, params, self.lora, scales=self.base_scales
+    )
 
 
 def param_shardings(params: Any, mesh: Mesh) -> Any:
@@ -348,6 +355,11 @@ def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
     rest=jax.tree.map(lambda _: repl, state.rest),
     ref_params=None if state.ref_params is None else p_shard,
     base=None if state.base is None else param_shardings(state.base, mesh),
+    base_scales=None
+    if state.base_scales is None
+    else shd.logical_shardings(
+      state.base_scales, lora_lib.scale_axes(state.base, state.base_scales), mesh
+    ),
   )
 
 
@@ -407,20 +419,18 @@ def init_train_state(
 
   With ``config.lora``, the trained ``params`` are fresh adapters (`lora.init_adapters` from
   ``key``, default ``key(0)``; ``lora_b`` zero, so the policy starts as the base exactly), the
-  base is kept frozen in the compute dtype, and the reference of ``reference="in_step"`` is
-  that base with the adapters off (no second copy). ``model_config`` (the model's config) names
+  base is kept frozen in the compute dtype (target matrices quantised with ``base_dtype``
+  int8/nf4), and the reference of ``reference="in_step"`` is that base with the adapters off
+  (no second copy). ``model_config`` (the model's config) names
   the targets' layouts.
   """
   if config.lora is not None:
-    if config.lora.base_dtype != "compute":
-      raise ValueError(
-        f"model.lora.base_dtype={config.lora.base_dtype!r}: the train state holds "
-        "a compute-dtype base only so far (ssapo_jax.lora quantises for export "
-        "and tests); use base_dtype: compute"
-      )
-    base = _cast_floats(params, DTYPES[config.compute_dtype])
-    adapters = init_adapters(
-      model_config, base, config.lora, jax.random.key(0) if key is None else key
+    # QLoRA quantises from the given parameters (before any cast); the rest of the base is kept
+    # in the compute dtype.
+    base, scales = lora_lib.quantize_base(model_config, params, config.lora)
+    base = _cast_floats(base, DTYPES[config.compute_dtype])
+    adapters = lora_lib.init_adapters(
+      model_config, params, config.lora, jax.random.key(0) if key is None else key
     )
     tx = make_optimizer(config, num_train_steps)
     zero = jnp.zeros((), jnp.int32)
@@ -436,6 +446,7 @@ def init_train_state(
       tx=tx,
       schedule=make_schedule(config, num_train_steps),
       base=base,
+      base_scales=scales,
       lora=config.lora,
       model_config=model_config,
     )
@@ -497,8 +508,8 @@ def create_train_state(
     return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
     )
-  # With LoRA the model's parameters become the frozen base (the trained params are adapters).
-  params = shd.shard_params(params, shardings.params if shardings.base is None else shardings.base)
+  # Placed by their own logical axes (with LoRA they become the frozen base, maybe quantised).
+  params = shd.shard_params(params, param_shardings(params, mesh))
   rest = shd.shard_params(rest, shardings.rest)
   return jax.jit(init, out_shardings=shardings)(params, rest)
 
@@ -520,11 +531,21 @@ def _cast_floats(tree, dtype):
 
 
 def _pair_logps(
-  graphdef, params, rest, ids, mask, loss_mask, *, config: TrainConfig, log_sum_sq: bool
+  graphdef,
+  params,
+  rest,
+  ids,
+  mask,
+  loss_mask,
+  *,
+  config: TrainConfig,
+  log_sum_sq: bool,
+  layer_transform: LayerTransform | None = None,
 ):
-  """`losses.pair_logps` of stacked pairs ``[2b, T]`` under ``params``."""
+  """`losses.pair_logps` of stacked pairs ``[2b, T]`` under ``params`` (each layer rewritten by
+  ``layer_transform`` inside the layer scan: LoRA)."""
   model = nnx.merge(graphdef, _cast_floats(params, DTYPES[config.compute_dtype]), rest)
-  out = model.token_logps(ids, mask, log_sum_sq=log_sum_sq)
+  out = model.token_logps(ids, mask, log_sum_sq=log_sum_sq, layer_transform=layer_transform)
   token_logps, token_log_sum_sq = out if log_sum_sq else (out, None)
   return pair_logps(
     token_logps.astype(jnp.float32),
@@ -543,6 +564,7 @@ def _packed_pair_logps(
   config: TrainConfig,
   log_sum_sq: bool,
   num_micro: int,
+  layer_transform: LayerTransform | None = None,
 ) -> PairLogps:
   """`losses.pair_logps` of a packed micro-batch: token log-probs summed per segment.
 
@@ -552,7 +574,11 @@ def _packed_pair_logps(
   """
   model = nnx.merge(graphdef, _cast_floats(params, DTYPES[config.compute_dtype]), rest)
   out = model.token_logps(
-    micro.ids, micro.segment_ids, positions=micro.positions, log_sum_sq=log_sum_sq
+    micro.ids,
+    micro.segment_ids,
+    positions=micro.positions,
+    log_sum_sq=log_sum_sq,
+    layer_transform=layer_transform,
   )
   token_logps, token_log_sum_sq = out if log_sum_sq else (out, None)
   token_logps = token_logps.astype(jnp.float32)
@@ -583,8 +609,11 @@ def _policy_and_ref_logps(
   config: TrainConfig,
   mesh: Mesh | None,
   num_micro: int,
+  transforms: tuple[LayerTransform | None, LayerTransform | None] = (None, None),
 ):
-  """``(policy PairLogps, ref chosen [b], ref rejected [b])`` of a plain or packed micro-batch."""
+  """``(policy PairLogps, ref chosen [b], ref rejected [b])`` of a plain or packed micro-batch;
+  ``transforms`` rewrite the policy's and the reference's layers inside the scan (LoRA)."""
+  policy_transform, ref_transform = transforms
   if isinstance(micro, PackedPreferenceBatch):
     if mesh is not None:  # rows over the batch axes, as the plain path's 2b sequences
       rows = NamedSharding(mesh, shd.batch_spec(2, micro.num_rows, mesh))
@@ -597,10 +626,12 @@ def _policy_and_ref_logps(
     logps = functools.partial(
       _packed_pair_logps, graphdef, micro=micro, config=config, num_micro=num_micro
     )
-    policy = logps(params, rest, log_sum_sq=config.use_weighting)
+    policy = logps(params, rest, log_sum_sq=config.use_weighting, layer_transform=policy_transform)
     if ref_params is None:
       return policy, micro.ref_chosen_logps, micro.ref_rejected_logps
-    ref = jax.lax.stop_gradient(logps(ref_params, rest, log_sum_sq=False))
+    ref = jax.lax.stop_gradient(
+      logps(ref_params, rest, log_sum_sq=False, layer_transform=ref_transform)
+    )
     return policy, ref.chosen_logps, ref.rejected_logps
   ids, mask, loss_mask = concat_pairs(micro)
   if mesh is not None:
@@ -612,12 +643,30 @@ def _policy_and_ref_logps(
       jax.lax.with_sharding_constraint(a, seq) for a in (ids, mask, loss_mask)
     )
   policy = _pair_logps(
-    graphdef, params, rest, ids, mask, loss_mask, config=config, log_sum_sq=config.use_weighting
+    graphdef,
+    params,
+    rest,
+    ids,
+    mask,
+    loss_mask,
+    config=config,
+    log_sum_sq=config.use_weighting,
+    layer_transform=policy_transform,
   )
   if ref_params is None:
     return policy, micro.ref_chosen_logps, micro.ref_rejected_logps
   ref = jax.lax.stop_gradient(
-    _pair_logps(graphdef, ref_params, rest, ids, mask, loss_mask, config=config, log_sum_sq=False)
+    _pair_logps(
+      graphdef,
+      ref_params,
+      rest,
+      ids,
+      mask,
+      loss_mask,
+      config=config,
+      log_sum_sq=False,
+      layer_transform=ref_transform,
+    )
   )
   return policy, ref.chosen_logps, ref.rejected_logps
 
@@ -634,6 +683,7 @@ def _pair_loss(
   mean_chosen_length: jax.Array,
   mesh: Mesh | None = None,
   num_micro: int = 1,
+  transforms: tuple[LayerTransform | None, LayerTransform | None] = (None, None),
 ) -> tuple[jax.Array, Metrics]:
   """One micro-batch's share of the global loss and its TRL metrics (means over its kept rows).
 
@@ -650,6 +700,7 @@ def _pair_loss(
     config=config,
     mesh=mesh,
     num_micro=num_micro,
+    transforms=transforms,
   )
   weights = micro.weights if policy.wpo_weights is None else micro.weights * policy.wpo_weights
   rows = dict(
@@ -747,8 +798,14 @@ def train_step(
     )
   num_micro = config.micro_batches
   ref_params = state.ref_params if config.reference == "in_step" else None
-  if config.reference == "in_step" and state.lora is not None:
-    ref_params = state.base  # the same weights with the adapters off
+  compute_dtype = DTYPES[config.compute_dtype]
+  ref_transform = None
+  if state.lora is not None:
+    # The reference is the same base with the adapters off (dequantised per layer with QLoRA).
+    ref_params = state.base if config.reference == "in_step" else None
+    ref_transform = lora_lib.layer_transform(
+      None, state.lora, scales=state.base_scales, dtype=compute_dtype
+    )
   if config.reference == "in_step" and ref_params is None:
     raise ValueError(
       "train.reference='in_step' but the state has no ref_params "
@@ -763,9 +820,17 @@ def train_step(
   num_kept = jnp.maximum(jnp.sum(valid & (batch.weights != 0)), 1).astype(jnp.float32)
 
   def loss_fn(params, micro):
-    # With LoRA, ``params`` are the adapters: the gradient reaches them through the base.
+    weights, transforms = params, (None, None)
+    if state.lora is not None:
+      # ``params`` are the adapters: each layer's adapted weights are formed inside the layer
+      # scan from the frozen base, and the gradient reaches the adapters through them.
+      weights = state.base
+      policy_transform = lora_lib.layer_transform(
+        params, state.lora, scales=state.base_scales, dtype=compute_dtype
+      )
+      transforms = (policy_transform, ref_transform)
     return _pair_loss(
-      state.policy_params(params),
+      weights,
       ref_params,
       state.rest,
       micro,
@@ -775,6 +840,7 @@ def train_step(
       mean_chosen_length=mean_chosen_length,
       mesh=mesh,
       num_micro=num_micro,
+      transforms=transforms,
     )
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
