@@ -264,3 +264,46 @@ def test_train_state_with_lora_trains_only_adapters_on_a_sharded_mesh(micro_batc
   base = lora_lib.apply_adapters(model.config, state.base, None, cfg.lora, scales=state.base_scales)
   base_logits = nnx.merge(state.graphdef, base, state.rest)(ids, mask)
   assert np.abs(np.asarray(merged(ids, mask)) - np.asarray(base_logits)).max() > 1e-4
+
+
+@pytest.mark.parametrize("base_dtype", ["compute", "nf4"])
+def test_lora_checkpoint_holds_adapters_only_and_refuses_another_base(tmp_path, base_dtype):
+  """`train.checkpoint_state` drops the frozen base (the checkpoint holds the adapters, their
+  Adam moments and the counters); `train.resume_state` puts the rebuilt base back (bitwise the
+  trained state) and refuses a base whose fingerprint differs, naming both fingerprints."""
+  import sys
+
+  sys.path.insert(0, os.path.dirname(__file__))
+  import _multihost_worker as w
+
+  from ssapo_jax import sharding as shd
+  from ssapo_jax import train as tr
+  from ssapo_jax.checkpoint import Checkpointer
+  from ssapo_jax.errors import CheckpointError
+
+  mesh = shd.make_mesh(shd.MeshConfig(2, 2, 2), devices=jax.devices()[:8])
+  cfg = w.train_config(lora=lora_lib.LoraConfig(rank=2, alpha=4.0, base_dtype=base_dtype))
+  build = functools.partial(tr.create_train_state, config=cfg, mesh=mesh, num_train_steps=4)
+  state = build(w.tiny_model())
+  state, _ = tr.make_train_step(cfg, mesh, state)(state, shd.global_batch(mesh, w.make_batch(0)))
+  saved_base = tr.base_fingerprint(state)
+  with Checkpointer(tmp_path / "ckpt") as ckpt:
+    ckpt.save(1, tr.checkpoint_state(state), {"base_fingerprint": saved_base}, force=True)
+    ckpt.wait()
+    target = tr.checkpoint_state(build(w.tiny_model(), abstract=True))
+    restored = ckpt.restore(target)
+  saved = jax.tree.leaves(restored.state)
+  # Arrays: the adapters and their two Adam moments; the rest are scalar counters.
+  adapter_sizes = sorted(x.size for x in jax.tree.leaves(state.params))
+  assert sorted(x.size for x in saved if x.ndim) == sorted(adapter_sizes * 3)
+  assert not any(np.asarray(x).dtype in (np.int8, np.uint8) for x in saved)  # no codes
+  resumed = tr.resume_state(
+    build(w.tiny_model()), restored.state, saved_base=saved_base, base_source="the tiny model"
+  )
+  assert jax.tree.structure(resumed) == jax.tree.structure(state)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), jax.device_get(state))
+  other = build(w.tiny_model(seed=1))
+  with pytest.raises(CheckpointError) as error:
+    tr.resume_state(other, restored.state, saved_base=saved_base, base_source="another model")
+  assert saved_base in str(error.value) and tr.base_fingerprint(other) in str(error.value)
+  assert "another model" in str(error.value)

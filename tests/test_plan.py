@@ -29,11 +29,16 @@ def test_slice_names_map_to_libtpu_topologies():
   assert plan.tpu_slice("v4-128").wrap == (True, True, True)
   assert plan.tpu_slice("v5litepod-64").topology == "v5e:8x8"  # v5e names count chips
   assert plan.tpu_slice("v6e-256").num_chips == 256
+  # Single chips (one device: the stand-ins for one GPU), on a host of one chip.
+  assert plan.tpu_slice("v4-2").topology == "v4:1x1x1" and plan.tpu_slice("v4-2").num_chips == 1
+  assert plan.tpu_slice("v5litepod-1").topology == "v5e:1x1"
+  assert plan.tpu_slice("v5litepod-1").host_bounds == (1, 1, 1)
+  assert plan.tpu_slice("v4-32").host_bounds == (2, 2, 1)
   for family, sizes in (
-    ("v4", (8, 16, 32, 64, 128)),
-    ("v5p", (8, 16, 32, 64, 128)),
-    ("v5litepod", (8, 16, 32, 64, 256)),
-    ("v6e", (8, 16, 32, 64, 256)),
+    ("v4", (2, 8, 16, 32, 64, 128)),
+    ("v5p", (2, 8, 16, 32, 64, 128)),
+    ("v5litepod", (1, 8, 16, 32, 64, 256)),
+    ("v6e", (1, 8, 16, 32, 64, 256)),
   ):
     for size in sizes:
       s = plan.tpu_slice(f"{family}-{size}")

@@ -44,7 +44,8 @@ class ResumePoint:
 def _restore_train_state(rt: Runtime, t: int, init: CausalLM):
   """The train-phase state of round t from the newest checkpoint that verifies (older ones
   when it does not): ``(state or None, metadata or None, global step)``."""
-  restored = rt.ckpt.restore(leader.new_train_state(rt, t, init, 1, abstract=True))
+  target = tr.checkpoint_state(leader.new_train_state(rt, t, init, 1, abstract=True))
+  restored = rt.ckpt.restore(target)
   meta = restored.metadata
   if meta["phase"] == ROUND_DONE and meta["round"] == t - 1:
     message(f"resuming from checkpoint step {restored.step} (round {t - 1} done; round {t} starts)")
@@ -83,7 +84,7 @@ def export_adapters(rt: Runtime, t: int, state) -> None:
   to the round's base, ``round_<t-1>/policy`` (``model.path`` for round 0), they give π_t."""
   if state.lora is None or not hosts.is_process0():
     return
-  base = rt.config.model.path if t == 0 else os.path.join(rt.round_dir(t - 1), "policy")
+  base = leader.base_source(rt, t)
   lora.save_peft(
     state.model_config,
     state.base,
@@ -164,7 +165,10 @@ def run_round(rt: Runtime, t: int, resume: ResumePoint = ResumePoint()) -> tuple
     rt.policies.pop(s)
   global_step += 1  # the round-end checkpoint gets a step of its own
   rt.ckpt.save(
-    global_step, state, {"round": t, "phase": ROUND_DONE, "global_step": global_step}, force=True
+    global_step,
+    tr.checkpoint_state(state),
+    {"round": t, "phase": ROUND_DONE, "global_step": global_step},
+    force=True,
   )
   rt.ckpt.wait()
   return summary, global_step

@@ -44,8 +44,9 @@ from ssapo_jax import compilation
 from ssapo_jax import lora as lora_lib
 from ssapo_jax import sharding as shd
 from ssapo_jax.batch import PackedPreferenceBatch, PreferenceBatch, concat_pairs, sequence_sums
+from ssapo_jax.checkpoint import params_fingerprint
 from ssapo_jax.config import check_choices, derived
-from ssapo_jax.errors import NonFiniteError  # re-exported
+from ssapo_jax.errors import CheckpointError, NonFiniteError  # NonFiniteError: re-exported
 from ssapo_jax.fielddocs import document_fields
 from ssapo_jax.lora import LoraConfig
 from ssapo_jax.losses import (
@@ -512,6 +513,49 @@ def create_train_state(
   params = shd.shard_params(params, param_shardings(params, mesh))
   rest = shd.shard_params(rest, shardings.rest)
   return jax.jit(init, out_shardings=shardings)(params, rest)
+
+
+def checkpoint_state(state: TrainState) -> TrainState:
+  """What a checkpoint holds of ``state``: all of it, or with LoRA all but the frozen base
+  (the adapters, their optimizer state and the step counters). The base is rebuilt from its
+  source on resume (`resume_state`) and identified by `base_fingerprint`."""
+  return state if state.lora is None else state.replace(base=None, base_scales=None)
+
+
+def base_fingerprint(state: TrainState) -> str | None:
+  """`checkpoint.params_fingerprint` of a LoRA state's frozen base (with QLoRA its codes and
+  scales); None without LoRA. Equal bits give equal fingerprints on any mesh."""
+  if state.lora is None:
+    return None
+  return params_fingerprint({"base": state.base, "scales": state.base_scales})
+
+
+def resume_state(
+  fresh: TrainState, restored: Any, *, saved_base: str | None, base_source: str
+) -> TrainState:
+  """``fresh`` (the round's initial state, built from its base) with the leaves of a restored
+  `checkpoint_state`: everything but the base comes from the checkpoint.
+
+  Args:
+    fresh: `create_train_state` of the round (its static optimizer and schedule are kept).
+    restored: the restored checkpoint state (the structure of ``checkpoint_state(fresh)``).
+    saved_base: the `base_fingerprint` recorded with the checkpoint.
+    base_source: where ``fresh``'s base came from (for the error message).
+
+  Raises:
+    CheckpointError: with LoRA, when ``fresh``'s base is not the one the checkpoint's adapters
+      were trained on (the error names both fingerprints).
+  """
+  now = base_fingerprint(fresh)
+  if now != saved_base:
+    raise CheckpointError(
+      f"the checkpoint's LoRA adapters were trained on a base with fingerprint {saved_base}, "
+      f"but the base rebuilt from {base_source} has fingerprint {now}; resume with the same "
+      "base model (or start afresh with --no-resume)"
+    )
+  view = checkpoint_state(fresh)
+  state = jax.tree.unflatten(jax.tree.structure(view), jax.tree.leaves(restored))
+  return state.replace(base=fresh.base, base_scales=fresh.base_scales)
 
 
 def merge_params(state: TrainState, *, params: Any | None = None) -> nnx.Module:
