@@ -88,8 +88,8 @@ class LoraConfig:
   # Regex (full match) over our parameter paths of the adapted matrices, e.g.
   # 'layers\.attn\.(q|k|v|o)_proj' or 'layers\.(attn|mlp)\..*_proj' (all seven).
   targets: str = r"layers\.(attn|mlp)\..*_proj"
-  # The frozen base: compute (stored in the compute dtype), int8 (per-column absmax) or nf4
-  # (64-value blocks, QLoRA's 4-bit NormalFloat).
+  # The frozen base: compute (stored in the compute dtype), int8 (absmax per output feature) or
+  # nf4 (QLoRA's 4-bit NormalFloat, absmax blocks of 64, two codes per byte).
   base_dtype: BaseDtype = "compute"
 
   def __post_init__(self):

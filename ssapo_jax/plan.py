@@ -937,11 +937,13 @@ def model_config(experiment, *, arch: str | None = None, num_layers: int | None 
       f"model.path {experiment.model.path!r} has no config.json; pass --arch with "
       f"one of {', '.join(PRESETS)} to plan without the checkpoint"
     )
+  from ssapo_jax.pipeline.residency import held_dtype  # pylint: disable=import-outside-toplevel
+
   t = experiment.train
   # "auto" resolves when traced under the slice's mesh: splash, as on the TPU itself.
   changes = dict(
     dtype=t.compute_dtype,
-    param_dtype=t.param_dtype,
+    param_dtype=held_dtype(experiment),  # as the run loads it (LoRA: the compute dtype)
     remat=t.remat,
     attention=experiment.model.attention,
   )

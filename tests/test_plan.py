@@ -597,6 +597,18 @@ def test_phase_residency_is_what_the_run_holds():
     residency.phases(prev, num_params=n, shards=shards, round_index=2)[0].hbm_bytes == 3 * master
   )
   assert residency.resident_bytes(later["sampling"], 10 * 2**30) == 10 * 2**30 + 2 * master
+  # With LoRA no held model is trained in place: the run loads and holds them frozen in the
+  # compute dtype (bfloat16 here), as the merged LoRA policies are.
+  from ssapo_jax.lora import LoraConfig
+
+  lora = dataclasses.replace(exp, model=dataclasses.replace(exp.model, lora=LoraConfig()))
+  assert residency.held_dtype(lora) == "bfloat16" and residency.held_dtype(exp) == "float32"
+  frozen = residency.phases(lora, num_params=n, shards=shards, round_index=2)
+  assert [h.name for h in frozen[0].held] == [
+    "SFT model (frozen, bfloat16)",
+    "policy pi_1 (frozen, bfloat16)",
+  ]
+  assert frozen[-1].hbm_bytes == 2 * n * 2 / shards
 
 
 def _fake_plan(name, step_seconds, compile_seconds, total_bytes=2**30):

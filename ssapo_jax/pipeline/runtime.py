@@ -19,6 +19,7 @@ from ssapo_jax.experiment import ExperimentConfig
 from ssapo_jax.metrics import MetricsLogger
 from ssapo_jax.models import CausalLM, load_hf
 from ssapo_jax.models.tokenizer import load_tokenizer
+from ssapo_jax.pipeline.residency import held_dtype
 from ssapo_jax.preflight import Preflight, Sources, load_sources, split_data
 from ssapo_jax.rundir import RunDir
 from ssapo_jax.runrecord import message, progress
@@ -160,7 +161,7 @@ def load_model(path: str, config: ExperimentConfig, mesh) -> CausalLM:
   return load_hf(
     path,
     dtype=DTYPES[t.compute_dtype],
-    param_dtype=DTYPES[t.param_dtype],
+    param_dtype=DTYPES[held_dtype(config)],
     remat=t.remat,
     attention=config.model.attention,
     mesh=mesh,
