@@ -202,6 +202,15 @@ def fingerprint(state: Any) -> list[dict[str, Any]]:
   return out
 
 
+def params_fingerprint(params: Any) -> str:
+  """A short hex key of a parameter pytree: `fingerprint`'s per-leaf paths, shapes,
+  dtypes and bit checksums (computed on device; equal bits give equal keys on any mesh)."""
+  h = hashlib.sha256()
+  for leaf in fingerprint(params):
+    h.update(f"{leaf['path']}:{leaf['shape']}:{leaf['dtype']}:{leaf['checksum']}".encode())
+  return h.hexdigest()[:16]
+
+
 def _meta_hash(metadata: Mapping[str, Any]) -> str:
   return hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()
 

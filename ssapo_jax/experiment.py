@@ -37,6 +37,7 @@ from ssapo_jax.config import check_choices, load_config
 from ssapo_jax.data.config import DataConfig
 from ssapo_jax.dro import DroConfig
 from ssapo_jax.fielddocs import document_fields
+from ssapo_jax.lora import LoraConfig
 from ssapo_jax.losses import check_atom_scale
 from ssapo_jax.metrics import MetricsConfig
 from ssapo_jax.sampling import SamplingConfig
@@ -86,6 +87,9 @@ class ModelConfig:
   # 7B/8B model needs) or unrolled over the same stacked parameters (False: faster steps for
   # shallow models, e.g. the tiny CPU config); checkpoints are the same (LlamaConfig.scan_layers).
   scan_layers: bool = True
+  # LoRA/QLoRA adapters {rank, alpha, targets, base_dtype} (`ssapo_jax.lora`); None = full
+  # fine-tuning.
+  lora: Optional[LoraConfig] = None
 
   def __post_init__(self):
     check_choices(self, "model")
@@ -183,6 +187,7 @@ class ExperimentConfig:
         robust_margin_scale=scale,
         robust_allow_scale_mismatch=self.dro.allow_scale_mismatch,
         objective="robust" if self.dro.epsilon > 0 else "dpo",
+        lora=self.model.lora,
       ),
     )
     if self.train.objective == "robust" or self.rounds.num_rounds > 0:

@@ -99,11 +99,18 @@ class Slice:
   def num_chips(self) -> int:
     return math.prod(int(d) for d in self.topology.split(":")[-1].split("x"))
 
+  @property
+  def host_bounds(self) -> tuple[int, int, int]:
+    """Chips per host per dimension: 2x2x1 (a four-chip host), less on a single-chip slice."""
+    dims = [int(d) for d in self.topology.split(":")[-1].split("x")] + [1]
+    return tuple(min(d, b) for d, b in zip(dims, (2, 2, 1)))
+
 
 def _slices() -> dict[str, Slice]:
   # v4/v5p names count TensorCores (2 per chip, 3-D torus); v5e/v6e names count chips (2-D).
   no_wrap = (False, False, False)
   three_d = {
+    2: ("1x1x1", no_wrap),  # one chip (two TensorCores): a single-device stand-in
     8: ("2x2x1", no_wrap),
     16: ("2x2x2", no_wrap),
     32: ("2x2x4", no_wrap),
@@ -111,6 +118,7 @@ def _slices() -> dict[str, Slice]:
     128: ("4x4x4", (True, True, True)),
   }
   two_d = {
+    1: ("1x1", no_wrap),  # one chip: v5litepod-1, v6e-1
     8: ("2x4", no_wrap),
     16: ("4x4", no_wrap),
     32: ("4x8", no_wrap),
@@ -259,7 +267,7 @@ def topology_devices(slice_: Slice) -> list:
       platform="tpu",
       topology_name=slice_.topology,
       chip_config_name=slice_.chip_config,
-      chips_per_host_bounds=(2, 2, 1),
+      chips_per_host_bounds=slice_.host_bounds,
       num_slices=1,
       wrap=slice_.wrap,
     )
@@ -937,11 +945,13 @@ def model_config(experiment, *, arch: str | None = None, num_layers: int | None 
       f"model.path {experiment.model.path!r} has no config.json; pass --arch with "
       f"one of {', '.join(PRESETS)} to plan without the checkpoint"
     )
+  from ssapo_jax.pipeline.residency import held_dtype  # pylint: disable=import-outside-toplevel
+
   t = experiment.train
   # "auto" resolves when traced under the slice's mesh: splash, as on the TPU itself.
   changes = dict(
     dtype=t.compute_dtype,
-    param_dtype=t.param_dtype,
+    param_dtype=held_dtype(experiment),  # as the run loads it (LoRA: the compute dtype)
     remat=t.remat,
     attention=experiment.model.attention,
     scan_layers=experiment.model.scan_layers,

@@ -29,11 +29,16 @@ def test_slice_names_map_to_libtpu_topologies():
   assert plan.tpu_slice("v4-128").wrap == (True, True, True)
   assert plan.tpu_slice("v5litepod-64").topology == "v5e:8x8"  # v5e names count chips
   assert plan.tpu_slice("v6e-256").num_chips == 256
+  # Single chips (one device: the stand-ins for one GPU), on a host of one chip.
+  assert plan.tpu_slice("v4-2").topology == "v4:1x1x1" and plan.tpu_slice("v4-2").num_chips == 1
+  assert plan.tpu_slice("v5litepod-1").topology == "v5e:1x1"
+  assert plan.tpu_slice("v5litepod-1").host_bounds == (1, 1, 1)
+  assert plan.tpu_slice("v4-32").host_bounds == (2, 2, 1)
   for family, sizes in (
-    ("v4", (8, 16, 32, 64, 128)),
-    ("v5p", (8, 16, 32, 64, 128)),
-    ("v5litepod", (8, 16, 32, 64, 256)),
-    ("v6e", (8, 16, 32, 64, 256)),
+    ("v4", (2, 8, 16, 32, 64, 128)),
+    ("v5p", (2, 8, 16, 32, 64, 128)),
+    ("v5litepod", (1, 8, 16, 32, 64, 256)),
+    ("v6e", (1, 8, 16, 32, 64, 256)),
   ):
     for size in sizes:
       s = plan.tpu_slice(f"{family}-{size}")
@@ -592,6 +597,18 @@ def test_phase_residency_is_what_the_run_holds():
     residency.phases(prev, num_params=n, shards=shards, round_index=2)[0].hbm_bytes == 3 * master
   )
   assert residency.resident_bytes(later["sampling"], 10 * 2**30) == 10 * 2**30 + 2 * master
+  # With LoRA no held model is trained in place: the run loads and holds them frozen in the
+  # compute dtype (bfloat16 here), as the merged LoRA policies are.
+  from ssapo_jax.lora import LoraConfig
+
+  lora = dataclasses.replace(exp, model=dataclasses.replace(exp.model, lora=LoraConfig()))
+  assert residency.held_dtype(lora) == "bfloat16" and residency.held_dtype(exp) == "float32"
+  frozen = residency.phases(lora, num_params=n, shards=shards, round_index=2)
+  assert [h.name for h in frozen[0].held] == [
+    "SFT model (frozen, bfloat16)",
+    "policy pi_1 (frozen, bfloat16)",
+  ]
+  assert frozen[-1].hbm_bytes == 2 * n * 2 / shards
 
 
 def _fake_plan(name, step_seconds, compile_seconds, total_bytes=2**30):

@@ -35,6 +35,7 @@ FLOORS = {
   "ssapo_jax.data": 1,
   "ssapo_jax.train": 2,
   "ssapo_jax.sampling": 2,
+  "ssapo_jax.lora": 2,
   "ssapo_jax.experiment": 3,
   "ssapo_jax.plan": 3,
   "ssapo_jax.preflight": 3,

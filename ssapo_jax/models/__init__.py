@@ -21,6 +21,7 @@ from ssapo_jax.models.base import (
   CausalLM,
   CausalLMConfig,
   KVCache,
+  LayerTransform,
   ModelFamily,
   build_model,
   family_for,

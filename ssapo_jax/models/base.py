@@ -14,8 +14,9 @@ them and `ssapo_jax.sharding` maps them to mesh axes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Callable, Mapping, NamedTuple, Protocol, runtime_checkable
 
+import flax.struct
 import jax
 from flax import nnx
 
@@ -58,6 +59,38 @@ def split_params(model: nnx.Module) -> tuple[Any, Any, Any]:
   The one place the parameter split is written; ``nnx.merge(graphdef, params, rest)`` undoes it.
   """
   return nnx.split(model, nnx.Param, ...)
+
+
+@flax.struct.dataclass
+class LayerTransform:
+  """A rewrite of some of one decoder layer's parameters, applied inside the layer scan.
+
+  The model scans ``inputs`` (a ``{path: pytree}`` mapping whose leaves carry the leading
+  ``L`` axis of the stacked layers) alongside the layers; for layer ``l`` it replaces the
+  arrays at ``path`` (dotted, under the layer stack: ``"attn.q_proj"``) by
+  ``fn(path, value, inputs[path])`` on that layer's slices, so a weight-sized result exists for
+  one layer at a time. `ssapo_jax.lora` builds one that adds low-rank adapters to (possibly
+  quantised) frozen weights. Only the cacheless forward (training and scoring) takes one.
+
+  Attributes:
+    inputs: ``{path: per-layer inputs}`` (leaves ``[L, ...]``).
+    fn: static ``fn(path, layer value, layer inputs) -> new layer value``.
+  """
+
+  inputs: Mapping[str, Any]
+  fn: Callable[[str, jax.Array, Any], jax.Array] = flax.struct.field(pytree_node=False)
+
+  def apply(self, layer_params, layer_inputs: Mapping[str, Any]):
+    """``layer_params`` (one layer's ``nnx.State``) with the paths of ``layer_inputs`` rewritten."""
+    out = jax.tree.map(lambda x: x, layer_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    for path, inputs in layer_inputs.items():
+      node = out
+      *parents, leaf = path.split(".")
+      for key in parents:
+        node = node[key]
+      variable = node[leaf]
+      node[leaf] = variable.replace(self.fn(path, variable.get_value(), inputs))
+    return out
 
 
 class KVCache(NamedTuple):
@@ -124,9 +157,15 @@ class CausalLM(Protocol):
     """``[B]`` float32 summed (or averaged) log-probs of the tokens where ``loss_mask`` is 1."""
 
   def token_logps(
-    self, input_ids: jax.Array, attention_mask: jax.Array, *, log_sum_sq: bool = False
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    log_sum_sq: bool = False,
+    layer_transform: LayerTransform | None = None,
   ) -> Any:
-    """``[B, T - 1]`` float32 next-token log-probs (and ``log Σ p²`` with ``log_sum_sq``)."""
+    """``[B, T - 1]`` float32 next-token log-probs (and ``log Σ p²`` with ``log_sum_sq``);
+    ``layer_transform`` rewrites each layer's parameters inside the layer scan."""
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
     """A zero `KVCache` with ``max_length`` slots."""

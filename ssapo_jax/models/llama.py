@@ -39,7 +39,13 @@ from ssapo_jax.models.attention import (
   cached_attention,
   resolve_implementation,
 )
-from ssapo_jax.models.base import KVCache, ModelFamily, annotated_param, register_family
+from ssapo_jax.models.base import (
+  KVCache,
+  LayerTransform,
+  ModelFamily,
+  annotated_param,
+  register_family,
+)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -733,21 +739,43 @@ class Llama(nnx.Module):
     return (self.embedding if self.config.tie_word_embeddings else self.lm_head)[...]
 
   def _run_layers(
-    self, x, cos, sin, q_slots, kv_mask, cache=None, cache_index=None, prefill: bool = False
+    self,
+    x,
+    cos,
+    sin,
+    q_slots,
+    kv_mask,
+    cache=None,
+    cache_index=None,
+    prefill: bool = False,
+    layer_transform: LayerTransform | None = None,
   ):
     """The layer stack in one ``lax.scan`` (or, with ``scan_layers`` off, a Python loop over
-    the stacked parameters); returns ``(final-normed x, new cache or None)``."""
+    the stacked parameters); returns ``(final-normed x, new cache or None)``.
+
+    ``layer_transform`` (cacheless only) rewrites each layer's parameters inside the layer body,
+    under its own ``jax.checkpoint``: the rewritten weights are recomputed in the backward pass
+    instead of being saved per layer, whatever the remat policy.
+    """
     c = self.config
     graphdef, stacked = nnx.split(self.layers)
     window_indices = jnp.asarray(c.window_indices())
+    if layer_transform is not None and cache is not None:
+      raise ValueError("a layer_transform applies to the cacheless forward only")
+    transform = inputs = None
+    if layer_transform is not None:  # the static part only: the inputs come in per layer
+      transform = jax.checkpoint(layer_transform.replace(inputs={}).apply)
+      inputs = layer_transform.inputs
 
-    def layer(params, x, window_index, cache=None, layer_index=None):
+    def layer(params, layer_inputs, x, window_index, cache=None, layer_index=None):
+      if transform is not None:
+        params = transform(params, layer_inputs)
       return nnx.merge(graphdef, params)(
         x, cos, sin, q_slots, kv_mask, window_index, cache, cache_index, layer_index, prefill
       )
 
     if not c.scan_layers:  # the same layers, unrolled: row i of every stacked parameter
-      row = lambda i: jax.tree.map(lambda a: a[i], stacked)  # noqa: E731
+      row = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
       run = layer
       if cache is None and c.remat != "none":
         run = jax.checkpoint(layer, policy=_POLICIES[c.remat], prevent_cse=False)
@@ -755,20 +783,20 @@ class Llama(nnx.Module):
       for i in range(c.num_layers):
         index = jnp.asarray(i, jnp.int32)
         if cache is None:
-          x = run(row(i), x, window_indices[i])[0]
+          x = run(row(stacked, i), row(inputs, i), x, window_indices[i])[0]
         else:
-          x, cache = run(row(i), x, window_indices[i], cache, index)
+          x, cache = run(row(stacked, i), None, x, window_indices[i], cache, index)
       return self.final_norm(x), cache
 
     if cache is None:
 
       def body(x, xs):
-        params, window_index = xs
-        return layer(params, x, window_index)[0], None
+        params, window_index, layer_inputs = xs
+        return layer(params, layer_inputs, x, window_index)[0], None
 
       if c.remat != "none":
         body = jax.checkpoint(body, policy=_POLICIES[c.remat], prevent_cse=False)
-      x, _ = jax.lax.scan(body, x, (stacked, window_indices))
+      x, _ = jax.lax.scan(body, x, (stacked, window_indices, inputs))
       return self.final_norm(x), None
 
     # The whole cache rides in the carry; each layer writes its new tokens into it in place
@@ -776,16 +804,22 @@ class Llama(nnx.Module):
     def cached_body(carry, xs):
       x, cache = carry
       params, window_index, i = xs
-      return layer(params, x, window_index, cache, i), None
+      return layer(params, None, x, window_index, cache, i), None
 
     xs = (stacked, window_indices, jnp.arange(c.num_layers))
     (x, cache), _ = jax.lax.scan(cached_body, (x, KVCache(*cache)), xs)
     return self.final_norm(x), cache
 
   def hidden_states(
-    self, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array | None = None
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    positions: jax.Array | None = None,
+    *,
+    layer_transform: LayerTransform | None = None,
   ) -> jax.Array:
-    """Final (normed) hidden states ``[B, T, D]`` in the compute dtype."""
+    """Final (normed) hidden states ``[B, T, D]`` in the compute dtype; ``layer_transform``
+    rewrites each layer's parameters inside the layer scan (`LayerTransform`)."""
     _check_ids(input_ids, attention_mask)
     if positions is None:
       positions = positions_from_mask(attention_mask)
@@ -793,18 +827,24 @@ class Llama(nnx.Module):
     cos, sin = _rope_cos_sin(self.config, positions, self.dtype)
     q_slots = jnp.arange(input_ids.shape[1])
     with jax.named_scope("decoder"):
-      h, _ = self._run_layers(x, cos, sin, q_slots, attention_mask)
+      h, _ = self._run_layers(x, cos, sin, q_slots, attention_mask, layer_transform=layer_transform)
     return h
 
   def __call__(
-    self, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array | None = None
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    positions: jax.Array | None = None,
+    *,
+    layer_transform: LayerTransform | None = None,
   ) -> jax.Array:
     """Logits ``[B, T, V]`` (compute dtype) for ``input_ids [B, T]`` int32.
 
     ``attention_mask [B, T]`` is 1 on real tokens; rows may be left- or right-padded.
-    ``positions [B, T]`` default to `positions_from_mask`.
+    ``positions [B, T]`` default to `positions_from_mask`. ``layer_transform``: see
+    `hidden_states`.
     """
-    h = self.hidden_states(input_ids, attention_mask, positions)
+    h = self.hidden_states(input_ids, attention_mask, positions, layer_transform=layer_transform)
     return jnp.einsum("BTD,VD->BTV", h, self.unembedding().astype(h.dtype))
 
   def sequence_logps(
@@ -842,13 +882,16 @@ class Llama(nnx.Module):
     positions: jax.Array | None = None,
     vocab_chunk_size: int | None = None,
     log_sum_sq: bool = False,
+    layer_transform: LayerTransform | None = None,
   ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """``log p(input_ids[:, t + 1] | input_ids[:, :t + 1])`` as ``[B, T − 1]`` float32.
 
     With ``log_sum_sq``, also ``log Σ_v p_v²`` of each position's next-token distribution
     (``[B, T − 1]``, WPO's alignment term), from the same chunked pass (`chunked_token_logps`).
     """
-    h = self.hidden_states(input_ids, attention_mask, positions)[:, :-1]
+    h = self.hidden_states(input_ids, attention_mask, positions, layer_transform=layer_transform)[
+      :, :-1
+    ]
     return chunked_token_logps(
       h,
       self.unembedding(),

@@ -273,9 +273,10 @@ class CheckpointHook:
   saves that), with the loader cursor. A restored state is saved again only after a finite
   step, and a round that ends without one since its restore raises `NonFiniteError`."""
 
-  def __init__(self, rt: Runtime, restored: bool):
+  def __init__(self, rt: Runtime, restored: bool, base_fingerprint: str | None = None):
     self.rt = rt
     self.finite_since_restore = not restored
+    self.base_fingerprint = base_fingerprint  # with LoRA: the base the adapters train on
 
   def _finite_since_restore(self, ctx: StepContext) -> bool:
     # One scalar read, only until the first finite step after a restore.
@@ -295,17 +296,16 @@ class CheckpointHook:
         f"round {ctx.t}: no finite step since the restore; not saving checkpoint {ctx.global_step}"
       )
       return
-    self.rt.save_checkpoint(
-      ctx.global_step,
-      ctx.state,
-      {
-        "round": ctx.t,
-        "phase": "train",
-        "round_step": ctx.done,
-        "cursor": ctx.batches.cursor.to_dict(),
-        "global_step": ctx.global_step,
-      },
-    )
+    meta = {
+      "round": ctx.t,
+      "phase": "train",
+      "round_step": ctx.done,
+      "cursor": ctx.batches.cursor.to_dict(),
+      "global_step": ctx.global_step,
+    }
+    if self.base_fingerprint is not None:
+      meta["base_fingerprint"] = self.base_fingerprint
+    self.rt.save_checkpoint(ctx.global_step, ctx.state, meta)
 
   def end(self, ctx: StepContext) -> None:
     if ctx.since_restore and not self._finite_since_restore(ctx):
@@ -372,6 +372,12 @@ def new_train_state(
   )
 
 
+def base_source(rt: Runtime, t: int) -> str:
+  """Where round t's initial policy (with LoRA, its frozen base) comes from: ``model.path``
+  for round 0, the previous round's exported policy after."""
+  return rt.config.model.path if t == 0 else os.path.join(rt.round_dir(t - 1), "policy")
+
+
 def train_round(
   rt: Runtime,
   t: int,
@@ -394,9 +400,16 @@ def train_round(
     cursor = LoaderCursor.from_dict(resume_meta["cursor"])
   batches = RoundBatches(rt, t, dataset, cursor)
   state = new_train_state(rt, t, init, batches.num_steps)
+  base_fingerprint = tr.base_fingerprint(state)
   if resume_state is not None:
-    # Same structure and shardings; the round's static optimizer/schedule come from `state`.
-    state = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(resume_state))
+    # Same structure and shardings; the round's static optimizer/schedule (and, with LoRA, the
+    # frozen base rebuilt from `init`, checked against the checkpoint's) come from `state`.
+    state = tr.resume_state(
+      state,
+      resume_state,
+      saved_base=resume_meta.get("base_fingerprint"),
+      base_source=base_source(rt, t),
+    )
   ctx = StepContext(
     t=t,
     done=cursor.epoch * batches.loader.batches_per_epoch + cursor.step,
@@ -411,7 +424,10 @@ def train_round(
     refresh = FollowerRefresh(rt, judge_logps, every)
     refresh.start(ctx)
     hooks.append(refresh)
-  hooks += [MetricsHook(rt, ctx), CheckpointHook(rt, restored=resume_state is not None)]
+  hooks += [
+    MetricsHook(rt, ctx),
+    CheckpointHook(rt, restored=resume_state is not None, base_fingerprint=base_fingerprint),
+  ]
   if train_cfg.profile_steps is not None:
     hooks.append(ProfileHook(os.path.join(cfg.output_dir, PROFILE_SUBDIR), train_cfg.profile_steps))
   ctx = step_loop(

@@ -23,6 +23,8 @@ moments, lives only inside `pipeline.round.run_round`.
   model (π_{t-1}, the round's starting point, stays held).
 
 Models are not offloaded to host memory: every held model is on the chip (``where="hbm"``).
+Held models are in `held_dtype`: the master ``train.param_dtype``, or with LoRA the compute
+dtype (frozen; the train state's base is a separate compute-dtype copy inside the program).
 """
 
 from __future__ import annotations
@@ -68,6 +70,14 @@ class Phase:
     return sum(h.bytes for h in self.held if h.where == "host")
 
 
+def held_dtype(experiment) -> str:
+  """The dtype the run loads and holds its models in: ``train.param_dtype`` (the master
+  weights training starts from), or with LoRA (``model.lora``) ``train.compute_dtype``: no
+  held model is ever trained in place, and merged LoRA policies are in the compute dtype."""
+  t_cfg = experiment.train
+  return t_cfg.compute_dtype if experiment.model.lora is not None else t_cfg.param_dtype
+
+
 def model_bytes(num_params: int, dtype: str, shards: int) -> float:
   """Bytes per chip of ``num_params`` parameters in ``dtype`` split over ``shards`` chips."""
   if dtype not in _DTYPE_BYTES:
@@ -98,7 +108,7 @@ def phases(experiment, *, num_params: int, shards: int, round_index: int = 1) ->
   ``shards`` chips (the mesh's fsdp x tensor extent).
 
   Args:
-    experiment: an `ssapo_jax.experiment.ExperimentConfig` (reads ``train.param_dtype``,
+    experiment: an `ssapo_jax.experiment.ExperimentConfig` (reads `held_dtype`,
       ``rounds.annotation_reference``, ``rounds.train_reference``).
     num_params: parameters of the policy (all of them: embeddings, norms, LM head).
     shards: chips each parameter is split over.
@@ -107,15 +117,18 @@ def phases(experiment, *, num_params: int, shards: int, round_index: int = 1) ->
   Returns:
     The phases in run order.
   """
-  t_cfg, r = experiment.train, experiment.rounds
-  master = model_bytes(num_params, t_cfg.param_dtype, shards)
+  r = experiment.rounds
+  dtype = held_dtype(experiment)
+  master = model_bytes(num_params, dtype, shards)
   t = round_index
   held = [_model_name(s) for s in models_held(r, t)]
   policy = _model_name(t - 1)
   judge = _model_name(-1 if r.annotation_reference == "sft" else t - 2)
   reference = _model_name(-1 if t == 0 or r.train_reference == "sft" else t - 1)
   beside = lambda exclude=None: tuple(  # noqa: E731
-    Held(f"{n} (master, {t_cfg.param_dtype})", master, "hbm") for n in held if n != exclude
+    Held(f"{n} ({'frozen' if experiment.model.lora else 'master'}, {dtype})", master, "hbm")
+    for n in held
+    if n != exclude
   )
   out = []
   if t >= 1:

@@ -19,7 +19,7 @@ import os
 import shutil
 from typing import Any
 
-from ssapo_jax import rundir
+from ssapo_jax import lora, rundir
 from ssapo_jax import train as tr
 from ssapo_jax.errors import CheckpointError
 from ssapo_jax.models import CausalLM, save_hf
@@ -44,7 +44,8 @@ class ResumePoint:
 def _restore_train_state(rt: Runtime, t: int, init: CausalLM):
   """The train-phase state of round t from the newest checkpoint that verifies (older ones
   when it does not): ``(state or None, metadata or None, global step)``."""
-  restored = rt.ckpt.restore(leader.new_train_state(rt, t, init, 1, abstract=True))
+  target = tr.checkpoint_state(leader.new_train_state(rt, t, init, 1, abstract=True))
+  restored = rt.ckpt.restore(target)
   meta = restored.metadata
   if meta["phase"] == ROUND_DONE and meta["round"] == t - 1:
     message(f"resuming from checkpoint step {restored.step} (round {t - 1} done; round {t} starts)")
@@ -76,6 +77,22 @@ def export_policy(rt: Runtime, t: int, policy: CausalLM) -> None:
   if hosts.is_process0():
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+
+
+def export_adapters(rt: Runtime, t: int, state) -> None:
+  """With LoRA, round t's adapters in PEFT format to ``round_<t>/adapter`` (process 0): applied
+  to the round's base, ``round_<t-1>/policy`` (``model.path`` for round 0), they give π_t."""
+  if state.lora is None or not hosts.is_process0():
+    return
+  base = leader.base_source(rt, t)
+  lora.save_peft(
+    state.model_config,
+    state.base,
+    state.params,
+    state.lora,
+    os.path.join(rt.round_dir(t), "adapter"),
+    base_model=base,
+  )
 
 
 @phases.round_phase
@@ -129,6 +146,7 @@ def _train_and_export(rt: Runtime, t: int, policy: CausalLM, resume: ResumePoint
   )
   rt.policies[t] = tr.merge_params(state)
   export_policy(rt, t, rt.policies[t])
+  export_adapters(rt, t, state)
   return state, global_step, len(dataset)
 
 

@@ -19,11 +19,12 @@ from ssapo_jax.experiment import ExperimentConfig
 from ssapo_jax.metrics import MetricsLogger
 from ssapo_jax.models import CausalLM, load_hf
 from ssapo_jax.models.tokenizer import load_tokenizer
+from ssapo_jax.pipeline.residency import held_dtype
 from ssapo_jax.preflight import Preflight, Sources, load_sources, split_data
 from ssapo_jax.rundir import RunDir
 from ssapo_jax.runrecord import message, progress
 from ssapo_jax.storage import local_copy
-from ssapo_jax.train import DTYPES, Scorer, scoring_batch_size
+from ssapo_jax.train import DTYPES, Scorer, checkpoint_state, scoring_batch_size
 
 
 @dataclasses.dataclass
@@ -102,10 +103,11 @@ class Runtime:
     self.logger.close()
 
   def save_checkpoint(self, step: int, state, meta: dict) -> None:
-    """Saves checkpoint ``step`` and flushes the metrics: storage then holds every record the
+    """Saves checkpoint ``step`` of ``state`` (its `train.checkpoint_state`: with LoRA, the
+    adapters without the base) and flushes the metrics: storage then holds every record the
     checkpoint covers, so a resume from it (which keeps the records up to its step and drops
     the rest) loses no history, even when ``output_dir`` is remote and the run is killed."""
-    self.ckpt.save(step, state, meta, force=True)
+    self.ckpt.save(step, checkpoint_state(state), meta, force=True)
     self.logger.flush()
 
   @property
@@ -167,7 +169,7 @@ def load_model(path: str, config: ExperimentConfig, mesh) -> CausalLM:
   return load_hf(
     path,
     dtype=DTYPES[t.compute_dtype],
-    param_dtype=DTYPES[t.param_dtype],
+    param_dtype=DTYPES[held_dtype(config)],
     remat=t.remat,
     attention=config.model.attention,
     scan_layers=config.model.scan_layers,

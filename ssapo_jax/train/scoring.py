@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ssapo_jax import compilation
 from ssapo_jax import sharding as shd
 from ssapo_jax.batch import PreferenceBatch, pack_sequence_rows, sequence_sums
-from ssapo_jax.checkpoint import fingerprint
+from ssapo_jax.checkpoint import params_fingerprint  # re-exported
 from ssapo_jax.data.loader import LoaderCursor, PreferenceLoader
 from ssapo_jax.data.tokenize import fixed_size_batches, round_up
 from ssapo_jax.train.step import DTYPES, _cast_floats, param_shardings, split_model
@@ -173,15 +173,6 @@ def _iter_pair_sides(batches: Sequence[PreferenceBatch], side: str):
       np.asarray(getattr(b, f"{side}_mask")),
       np.asarray(getattr(b, f"{side}_loss_mask")),
     )
-
-
-def params_fingerprint(params: Any) -> str:
-  """A short hex key of a parameter pytree: `checkpoint.fingerprint`'s per-leaf paths, shapes,
-  dtypes and bit checksums (computed on device; equal bits give equal keys on any mesh)."""
-  h = hashlib.sha256()
-  for leaf in fingerprint(params):
-    h.update(f"{leaf['path']}:{leaf['shape']}:{leaf['dtype']}:{leaf['checksum']}".encode())
-  return h.hexdigest()[:16]
 
 
 def data_fingerprint(batches: Sequence[PreferenceBatch]) -> str:

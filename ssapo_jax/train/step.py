@@ -41,11 +41,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ssapo_jax import compilation
+from ssapo_jax import lora as lora_lib
 from ssapo_jax import sharding as shd
 from ssapo_jax.batch import PackedPreferenceBatch, PreferenceBatch, concat_pairs, sequence_sums
+from ssapo_jax.checkpoint import params_fingerprint
 from ssapo_jax.config import check_choices, derived
-from ssapo_jax.errors import NonFiniteError  # re-exported
+from ssapo_jax.errors import CheckpointError, NonFiniteError  # NonFiniteError: re-exported
 from ssapo_jax.fielddocs import document_fields
+from ssapo_jax.lora import LoraConfig
 from ssapo_jax.losses import (
   BATCH_COUPLED_LOSS_TYPES,
   LOSS_TYPES,
@@ -59,7 +62,7 @@ from ssapo_jax.losses import (
   pair_logps,
   robust_dpo_loss,
 )
-from ssapo_jax.models import logical_axes, split_params
+from ssapo_jax.models import LayerTransform, logical_axes, split_params
 from ssapo_jax.models.llama import RematPolicy
 
 Metrics = dict[str, jax.Array]
@@ -124,6 +127,9 @@ class TrainConfig:
   # ref log-probs from the batch, or a frozen model in the step
   reference: ReferenceMode = "precomputed"
   max_nonfinite_steps: int = 10  # abort after this many consecutive skipped (non-finite) steps
+  # LoRA adapters (an experiment copies model.lora here): the state's params are the adapters
+  # and the frozen base rides beside them; None = full fine-tuning.
+  lora: LoraConfig | None = derived(None, "model.lora")
   # jax.profiler trace of global steps start..stop (inclusive) in output_dir/profile/; None = off
   profile_steps: tuple[int, int] | None = None
 
@@ -283,6 +289,13 @@ class TrainState:
     graphdef: static NNX graph of the policy (and reference) model.
     tx: static optimizer.
     schedule: static learning-rate schedule of ``tx`` (for metrics).
+    base: with LoRA, the frozen base parameters in the compute dtype (``params`` are then the
+      adapters, `ssapo_jax.lora`, and only they carry optimizer state); with QLoRA
+      (``base_dtype`` int8/nf4) its target matrices hold their codes (`lora.quantize_base`),
+      sharded by the same logical axes; else None.
+    base_scales: with QLoRA, the codes' scales ``{path: [L, ...]}`` float32; else None.
+    lora: static `LoraConfig` with LoRA, else None.
+    model_config: static model config (the LoRA targets' layouts), with LoRA.
   """
 
   step: jax.Array
@@ -295,6 +308,20 @@ class TrainState:
   graphdef: Any = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   schedule: optax.Schedule = flax.struct.field(pytree_node=False)
+  base: Any = None
+  base_scales: Any = None
+  lora: LoraConfig | None = flax.struct.field(pytree_node=False, default=None)
+  model_config: Any = flax.struct.field(pytree_node=False, default=None)
+
+  def policy_params(self, params: Any | None = None) -> Any:
+    """The policy's full parameter tree: ``params`` (default the state's), or with LoRA the
+    base with the adapters ``params`` applied."""
+    params = self.params if params is None else params
+    if self.lora is None:
+      return params
+    return lora_lib.apply_adapters(
+      self.model_config, self.base, params, self.lora, scales=self.base_scales
+    )
 
 
 def param_shardings(params: Any, mesh: Mesh) -> Any:
@@ -305,8 +332,13 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
 def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
   """Shardings for every leaf of ``state``: parameters and their optimizer moments by the
   logical-axis rules, everything else (step counts, scalars, buffers) replicated."""
-  p_shard = param_shardings(state.params, mesh)
   repl = shd.replicated(mesh)
+  # LoRA adapters are small (rank r): replicated, with their Adam moments.
+  p_shard = (
+    param_shardings(state.params, mesh)
+    if state.lora is None
+    else jax.tree.map(lambda _: repl, state.params)
+  )
   opt_shard = optax.tree_map_params(
     state.tx,
     lambda _, s: s,
@@ -323,6 +355,12 @@ def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
     nonfinite_total=repl,
     rest=jax.tree.map(lambda _: repl, state.rest),
     ref_params=None if state.ref_params is None else p_shard,
+    base=None if state.base is None else param_shardings(state.base, mesh),
+    base_scales=None
+    if state.base_scales is None
+    else shd.logical_shardings(
+      state.base_scales, lora_lib.scale_axes(state.base, state.base_scales), mesh
+    ),
   )
 
 
@@ -363,7 +401,14 @@ def split_model(model: nnx.Module, config: TrainConfig | None = None) -> tuple[A
 
 
 def init_train_state(
-  params: Any, rest: Any, *, graphdef: Any, config: TrainConfig, num_train_steps: int
+  params: Any,
+  rest: Any,
+  *,
+  graphdef: Any,
+  config: TrainConfig,
+  num_train_steps: int,
+  model_config: Any = None,
+  key: jax.Array | None = None,
 ) -> TrainState:
   """The initial `TrainState` from split parameters (pure and traceable).
 
@@ -372,7 +417,40 @@ def init_train_state(
   ``tx.init``; with ``reference="in_step"`` a second copy of the parameters is kept, frozen, as
   the reference. `create_train_state` runs this under jit with the state's shardings, and its
   abstract version is ``jax.eval_shape`` of this same function.
+
+  With ``config.lora``, the trained ``params`` are fresh adapters (`lora.init_adapters` from
+  ``key``, default ``key(0)``; ``lora_b`` zero, so the policy starts as the base exactly), the
+  base is kept frozen in the compute dtype (target matrices quantised with ``base_dtype``
+  int8/nf4), and the reference of ``reference="in_step"`` is that base with the adapters off
+  (no second copy). ``model_config`` (the model's config) names
+  the targets' layouts.
   """
+  if config.lora is not None:
+    # QLoRA quantises from the given parameters (before any cast); the rest of the base is kept
+    # in the compute dtype.
+    base, scales = lora_lib.quantize_base(model_config, params, config.lora)
+    base = _cast_floats(base, DTYPES[config.compute_dtype])
+    adapters = lora_lib.init_adapters(
+      model_config, params, config.lora, jax.random.key(0) if key is None else key
+    )
+    tx = make_optimizer(config, num_train_steps)
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(
+      step=zero,
+      params=adapters,
+      opt_state=tx.init(adapters),
+      nonfinite_consecutive=zero,
+      nonfinite_total=zero,
+      rest=rest,
+      ref_params=None,
+      graphdef=graphdef,
+      tx=tx,
+      schedule=make_schedule(config, num_train_steps),
+      base=base,
+      base_scales=scales,
+      lora=config.lora,
+      model_config=model_config,
+    )
   dtype = DTYPES[config.param_dtype]
   params = jax.tree.map(
     lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.copy(x), params
@@ -419,7 +497,11 @@ def create_train_state(
   """
   graphdef, params, rest = split_model(model, config)
   init = functools.partial(
-    init_train_state, graphdef=graphdef, config=config, num_train_steps=num_train_steps
+    init_train_state,
+    graphdef=graphdef,
+    config=config,
+    num_train_steps=num_train_steps,
+    model_config=getattr(model, "config", None),
   )
   shapes = jax.eval_shape(init, params, rest)
   shardings = state_shardings(shapes, mesh)
@@ -427,14 +509,58 @@ def create_train_state(
     return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
     )
-  params = shd.shard_params(params, shardings.params)
+  # Placed by their own logical axes (with LoRA they become the frozen base, maybe quantised).
+  params = shd.shard_params(params, param_shardings(params, mesh))
   rest = shd.shard_params(rest, shardings.rest)
   return jax.jit(init, out_shardings=shardings)(params, rest)
 
 
+def checkpoint_state(state: TrainState) -> TrainState:
+  """What a checkpoint holds of ``state``: all of it, or with LoRA all but the frozen base
+  (the adapters, their optimizer state and the step counters). The base is rebuilt from its
+  source on resume (`resume_state`) and identified by `base_fingerprint`."""
+  return state if state.lora is None else state.replace(base=None, base_scales=None)
+
+
+def base_fingerprint(state: TrainState) -> str | None:
+  """`checkpoint.params_fingerprint` of a LoRA state's frozen base (with QLoRA its codes and
+  scales); None without LoRA. Equal bits give equal fingerprints on any mesh."""
+  if state.lora is None:
+    return None
+  return params_fingerprint({"base": state.base, "scales": state.base_scales})
+
+
+def resume_state(
+  fresh: TrainState, restored: Any, *, saved_base: str | None, base_source: str
+) -> TrainState:
+  """``fresh`` (the round's initial state, built from its base) with the leaves of a restored
+  `checkpoint_state`: everything but the base comes from the checkpoint.
+
+  Args:
+    fresh: `create_train_state` of the round (its static optimizer and schedule are kept).
+    restored: the restored checkpoint state (the structure of ``checkpoint_state(fresh)``).
+    saved_base: the `base_fingerprint` recorded with the checkpoint.
+    base_source: where ``fresh``'s base came from (for the error message).
+
+  Raises:
+    CheckpointError: with LoRA, when ``fresh``'s base is not the one the checkpoint's adapters
+      were trained on (the error names both fingerprints).
+  """
+  now = base_fingerprint(fresh)
+  if now != saved_base:
+    raise CheckpointError(
+      f"the checkpoint's LoRA adapters were trained on a base with fingerprint {saved_base}, "
+      f"but the base rebuilt from {base_source} has fingerprint {now}; resume with the same "
+      "base model (or start afresh with --no-resume)"
+    )
+  view = checkpoint_state(fresh)
+  state = jax.tree.unflatten(jax.tree.structure(view), jax.tree.leaves(restored))
+  return state.replace(base=fresh.base, base_scales=fresh.base_scales)
+
+
 def merge_params(state: TrainState, *, params: Any | None = None) -> nnx.Module:
   """An NNX model holding ``state``'s trained parameters (for sampling or saving)."""
-  return nnx.merge(state.graphdef, state.params if params is None else params, state.rest)
+  return nnx.merge(state.graphdef, state.policy_params(params), state.rest)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,11 +575,21 @@ def _cast_floats(tree, dtype):
 
 
 def _pair_logps(
-  graphdef, params, rest, ids, mask, loss_mask, *, config: TrainConfig, log_sum_sq: bool
+  graphdef,
+  params,
+  rest,
+  ids,
+  mask,
+  loss_mask,
+  *,
+  config: TrainConfig,
+  log_sum_sq: bool,
+  layer_transform: LayerTransform | None = None,
 ):
-  """`losses.pair_logps` of stacked pairs ``[2b, T]`` under ``params``."""
+  """`losses.pair_logps` of stacked pairs ``[2b, T]`` under ``params`` (each layer rewritten by
+  ``layer_transform`` inside the layer scan: LoRA)."""
   model = nnx.merge(graphdef, _cast_floats(params, DTYPES[config.compute_dtype]), rest)
-  out = model.token_logps(ids, mask, log_sum_sq=log_sum_sq)
+  out = model.token_logps(ids, mask, log_sum_sq=log_sum_sq, layer_transform=layer_transform)
   token_logps, token_log_sum_sq = out if log_sum_sq else (out, None)
   return pair_logps(
     token_logps.astype(jnp.float32),
@@ -472,6 +608,7 @@ def _packed_pair_logps(
   config: TrainConfig,
   log_sum_sq: bool,
   num_micro: int,
+  layer_transform: LayerTransform | None = None,
 ) -> PairLogps:
   """`losses.pair_logps` of a packed micro-batch: token log-probs summed per segment.
 
@@ -481,7 +618,11 @@ def _packed_pair_logps(
   """
   model = nnx.merge(graphdef, _cast_floats(params, DTYPES[config.compute_dtype]), rest)
   out = model.token_logps(
-    micro.ids, micro.segment_ids, positions=micro.positions, log_sum_sq=log_sum_sq
+    micro.ids,
+    micro.segment_ids,
+    positions=micro.positions,
+    log_sum_sq=log_sum_sq,
+    layer_transform=layer_transform,
   )
   token_logps, token_log_sum_sq = out if log_sum_sq else (out, None)
   token_logps = token_logps.astype(jnp.float32)
@@ -512,8 +653,11 @@ def _policy_and_ref_logps(
   config: TrainConfig,
   mesh: Mesh | None,
   num_micro: int,
+  transforms: tuple[LayerTransform | None, LayerTransform | None] = (None, None),
 ):
-  """``(policy PairLogps, ref chosen [b], ref rejected [b])`` of a plain or packed micro-batch."""
+  """``(policy PairLogps, ref chosen [b], ref rejected [b])`` of a plain or packed micro-batch;
+  ``transforms`` rewrite the policy's and the reference's layers inside the scan (LoRA)."""
+  policy_transform, ref_transform = transforms
   if isinstance(micro, PackedPreferenceBatch):
     if mesh is not None:  # rows over the batch axes, as the plain path's 2b sequences
       rows = NamedSharding(mesh, shd.batch_spec(2, micro.num_rows, mesh))
@@ -526,10 +670,12 @@ def _policy_and_ref_logps(
     logps = functools.partial(
       _packed_pair_logps, graphdef, micro=micro, config=config, num_micro=num_micro
     )
-    policy = logps(params, rest, log_sum_sq=config.use_weighting)
+    policy = logps(params, rest, log_sum_sq=config.use_weighting, layer_transform=policy_transform)
     if ref_params is None:
       return policy, micro.ref_chosen_logps, micro.ref_rejected_logps
-    ref = jax.lax.stop_gradient(logps(ref_params, rest, log_sum_sq=False))
+    ref = jax.lax.stop_gradient(
+      logps(ref_params, rest, log_sum_sq=False, layer_transform=ref_transform)
+    )
     return policy, ref.chosen_logps, ref.rejected_logps
   ids, mask, loss_mask = concat_pairs(micro)
   if mesh is not None:
@@ -541,12 +687,30 @@ def _policy_and_ref_logps(
       jax.lax.with_sharding_constraint(a, seq) for a in (ids, mask, loss_mask)
     )
   policy = _pair_logps(
-    graphdef, params, rest, ids, mask, loss_mask, config=config, log_sum_sq=config.use_weighting
+    graphdef,
+    params,
+    rest,
+    ids,
+    mask,
+    loss_mask,
+    config=config,
+    log_sum_sq=config.use_weighting,
+    layer_transform=policy_transform,
   )
   if ref_params is None:
     return policy, micro.ref_chosen_logps, micro.ref_rejected_logps
   ref = jax.lax.stop_gradient(
-    _pair_logps(graphdef, ref_params, rest, ids, mask, loss_mask, config=config, log_sum_sq=False)
+    _pair_logps(
+      graphdef,
+      ref_params,
+      rest,
+      ids,
+      mask,
+      loss_mask,
+      config=config,
+      log_sum_sq=False,
+      layer_transform=ref_transform,
+    )
   )
   return policy, ref.chosen_logps, ref.rejected_logps
 
@@ -563,6 +727,7 @@ def _pair_loss(
   mean_chosen_length: jax.Array,
   mesh: Mesh | None = None,
   num_micro: int = 1,
+  transforms: tuple[LayerTransform | None, LayerTransform | None] = (None, None),
 ) -> tuple[jax.Array, Metrics]:
   """One micro-batch's share of the global loss and its TRL metrics (means over its kept rows).
 
@@ -579,6 +744,7 @@ def _pair_loss(
     config=config,
     mesh=mesh,
     num_micro=num_micro,
+    transforms=transforms,
   )
   weights = micro.weights if policy.wpo_weights is None else micro.weights * policy.wpo_weights
   rows = dict(
@@ -676,6 +842,14 @@ def train_step(
     )
   num_micro = config.micro_batches
   ref_params = state.ref_params if config.reference == "in_step" else None
+  compute_dtype = DTYPES[config.compute_dtype]
+  ref_transform = None
+  if state.lora is not None:
+    # The reference is the same base with the adapters off (dequantised per layer with QLoRA).
+    ref_params = state.base if config.reference == "in_step" else None
+    ref_transform = lora_lib.layer_transform(
+      None, state.lora, scales=state.base_scales, dtype=compute_dtype
+    )
   if config.reference == "in_step" and ref_params is None:
     raise ValueError(
       "train.reference='in_step' but the state has no ref_params "
@@ -690,8 +864,17 @@ def train_step(
   num_kept = jnp.maximum(jnp.sum(valid & (batch.weights != 0)), 1).astype(jnp.float32)
 
   def loss_fn(params, micro):
+    weights, transforms = params, (None, None)
+    if state.lora is not None:
+      # ``params`` are the adapters: each layer's adapted weights are formed inside the layer
+      # scan from the frozen base, and the gradient reaches the adapters through them.
+      weights = state.base
+      policy_transform = lora_lib.layer_transform(
+        params, state.lora, scales=state.base_scales, dtype=compute_dtype
+      )
+      transforms = (policy_transform, ref_transform)
     return _pair_loss(
-      params,
+      weights,
       ref_params,
       state.rest,
       micro,
@@ -701,10 +884,17 @@ def train_step(
       mean_chosen_length=mean_chosen_length,
       mesh=mesh,
       num_micro=num_micro,
+      transforms=transforms,
     )
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  p_shardings = param_shardings(state.params, mesh) if mesh is not None else None
+  p_shardings = (
+    state_shardings(state, mesh).params
+    if mesh is not None and state.lora is not None
+    else param_shardings(state.params, mesh)
+    if mesh is not None
+    else None
+  )
 
   def constrain(tree, shardings):
     if shardings is None:
