@@ -8,6 +8,7 @@ adapted model runs as the train step runs it: adapters applied per layer inside 
 use, and the two agree.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -103,6 +104,10 @@ def test_adapters_in_the_layer_scan_equal_the_merged_tree():
   in_scan = _scan_logits(graphdef, params, rest, adapters)
   assert np.abs(np.asarray(merged) - np.asarray(_logits(graphdef, params, rest))).max() > 1e-2
   np.testing.assert_allclose(np.asarray(in_scan), np.asarray(merged), atol=1e-6, rtol=1e-6)
+  # The unrolled layer loop (model.scan_layers false) applies them per layer too.
+  unrolled = nnx.graphdef(Llama(dataclasses.replace(CONFIG, scan_layers=False), rngs=nnx.Rngs(0)))
+  in_loop = _scan_logits(unrolled, params, rest, adapters)
+  np.testing.assert_allclose(np.asarray(in_loop), np.asarray(merged), atol=1e-6, rtol=1e-6)
 
 
 def test_gradient_reaches_only_the_adapters_and_the_loss_falls():
