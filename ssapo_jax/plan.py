@@ -135,9 +135,11 @@ def _slices() -> dict[str, Slice]:
     for size, (shape, wrap) in shapes.items():
       name = f"{family}-{size}"
       table[name] = Slice(name, chip, f"{prefix}:{shape}", chip_config, wrap)
-  # GPU nodes of 8 (NVLink inside a node): the CUDA plugin's mock topology
-  # "<slices>x<nodes>x<GPUs per node>", compiled against a target description (no GPU needed).
+  # GPU nodes of 8 (NVLink inside a node), and one GPU (a single-GPU LoRA run): the CUDA
+  # plugin's mock topology "<slices>x<nodes>x<GPUs per node>", compiled against a target
+  # description (no GPU needed).
   for chip in ("h100", "h200"):
+    table[f"{chip}-1"] = Slice(f"{chip}-1", chip, "1x1x1", "", (), platform="cuda")
     for nodes in (1, 2, 4, 8):
       name = f"{chip}-{8 * nodes}"
       table[name] = Slice(name, chip, f"1x{nodes}x8", "", (), platform="cuda")

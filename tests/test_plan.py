@@ -48,6 +48,7 @@ def test_slice_names_map_to_libtpu_topologies():
   # GPU nodes of 8, as the CUDA plugin's mock topology <slices>x<nodes>x<GPUs per node>.
   assert plan.tpu_slice("h100-16").topology == "1x2x8" and plan.tpu_slice("h100-16").num_chips == 16
   assert plan.tpu_slice("h200-8").platform == "cuda" and plan.tpu_slice("v5p-8").platform == "tpu"
+  assert plan.tpu_slice("h100-1").topology == "1x1x1" and plan.tpu_slice("h100-1").num_chips == 1
   config = plan.gpu_target_config(plan.CHIPS["h200"])
   assert "device_memory_size: 141000000000" in config
   assert "memory_bandwidth: 4800000000000" in config
