@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -295,6 +296,17 @@ def _demo_mode(mode: RealMode, pool_pairs: int) -> arms_lib.DemoMode:
   )
 
 
+def arm_schedule(arms: Sequence[str], num_seeds: int, arm_seeds: int) -> list[tuple[int, str]]:
+  """``(seed, arm)`` in run order: seed by seed, the first arm on every seed and the others on
+  the first ``arm_seeds`` seeds."""
+  return [
+    (seed, name)
+    for seed in range(num_seeds)
+    for i, name in enumerate(arms)
+    if i == 0 or seed < arm_seeds
+  ]
+
+
 def format_markdown(doc: dict) -> str:
   """The study's two tables (mean ± std over seeds, then each seed's value) as markdown."""
 
@@ -383,22 +395,19 @@ def run_real(
       f.write(format_markdown(doc) + "\n")
     return doc
 
-  for seed in range(num_seeds):
-    for name in mode.arms:
-      if seed >= arm_seeds and name != mode.arms[0]:
-        continue
-      log(f"\n[real] seed {seed}: arm {arms[name].label}")
-      t0 = time.time()
-      run_dir = arms_lib.run_arm(arms[name], demo_mode, world, out, seed=seed)
-      timings[f"seed_{seed}/{name}"] = time.time() - t0
-      results[name]["runs"][f"seed_{seed}"] = arms_lib.score_run(
-        run_dir, sft_scores, score_fn=ifeval.judge_scores, prefers_fn=ifeval.judge_prefers
-      )
-      pairs = os.path.join(run_dir, "round_1", "pairs")
-      if name == "self_eps0" and os.path.isdir(pairs):
-        agreement["after"].append(results[name]["runs"][f"seed_{seed}"][-1]["agreement"])
-        agreement["before"].append(sft_preference_agreement(world.model_path, pairs)["agreement"])
-      doc = write(seed + 1)  # after every arm: a long study leaves usable partial results
+  for seed, name in arm_schedule(mode.arms, num_seeds, arm_seeds):
+    log(f"\n[real] seed {seed}: arm {arms[name].label}")
+    t0 = time.time()
+    run_dir = arms_lib.run_arm(arms[name], demo_mode, world, out, seed=seed)
+    timings[f"seed_{seed}/{name}"] = time.time() - t0
+    results[name]["runs"][f"seed_{seed}"] = arms_lib.score_run(
+      run_dir, sft_scores, score_fn=ifeval.judge_scores, prefers_fn=ifeval.judge_prefers
+    )
+    pairs = os.path.join(run_dir, "round_1", "pairs")
+    if name == "self_eps0" and os.path.isdir(pairs):
+      agreement["after"].append(results[name]["runs"][f"seed_{seed}"][-1]["agreement"])
+      agreement["before"].append(sft_preference_agreement(world.model_path, pairs)["agreement"])
+    doc = write(seed + 1)  # after every arm: a long study leaves usable partial results
   log("\n" + format_markdown(doc))
   log(
     f"\n[real] {mode.name}: {num_seeds} seed(s) ({arm_seeds} for the arms after the first), "
