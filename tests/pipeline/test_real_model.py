@@ -29,7 +29,7 @@ train: {{beta: 0.1, learning_rate: 1.0e-6, global_batch_size: 4,
          compute_dtype: float32, remat: none}}
 dro: {{epsilon: 0.05}}
 rounds: {{num_rounds: 1, num_eval_prompts: 4, follower_refresh_steps: 2}}
-checkpoint: {{save_every_steps: 100, keep: 1}}
+checkpoint: {{save_every_steps: 100, keep: 2}}
 """
 
 
