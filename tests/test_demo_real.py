@@ -111,11 +111,11 @@ def test_markdown_tables_give_mean_std_and_each_seed():
   md = format_markdown(doc).splitlines()
   # population std of (0.6, 0.4) is 0.1; of (75%, 25%) 25%
   assert md[3] == (
-    "| (b) eps0 | 2 | 0.500 ± 0.100 (0.600, 0.400) | 37.5% ± 12.5% (50%, 25%) "
-    "| 50.0% ± 25.0% (75%, 25%) |"
+    "| (b) eps0 | 2 | 0.500 ± 0.100 (0.600, 0.400) | 37.5% ± 12.5% (50.0%, 25.0%) "
+    "| 50.0% ± 25.0% (75.0%, 25.0%) |"
   )
   assert md[4] == "| (d) all | 1 | 0.700 ± 0.000 | 100.0% ± 0.0% | n/a |"
-  assert md[-2].endswith("| 60.0% ± 10.0% (50%, 70%) |")
+  assert md[-2].endswith("| 60.0% ± 10.0% (50.0%, 70.0%) |")
 
 
 @pytest.mark.slow

@@ -315,7 +315,7 @@ def format_markdown(doc: dict) -> str:
     if not values:
       return "n/a"
     m, s = float(np.mean(values)), float(np.std(values))
-    each = ", ".join(f"{v:.0%}" if pct else f"{v:.3f}" for v in values)
+    each = ", ".join(f"{v:.1%}" if pct else f"{v:.3f}" for v in values)
     mean = f"{m:.1%} ± {s:.1%}" if pct else f"{m:.3f} ± {s:.3f}"
     return mean if len(values) == 1 else f"{mean} ({each})"
 
