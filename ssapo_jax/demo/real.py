@@ -82,10 +82,10 @@ MEDIUM = RealMode(
   round_prompts=400,
   num_seeds=3,
 )
-# The size measured in docs/demo.md: ~90 minutes of one idle core. 24-token responses keep a
+# The size measured in docs/demo.md: ~40 minutes of one idle core. 24-token responses keep a
 # prompt plus response within one 96-token bucket; the seed is 8 pairs of the pool's judged pairs
 # rather than 1/30 of them (1/30 would need 240 judged pairs, and the all-labels ceiling's 3
-# epochs over them ~90 train steps of ~45 s per seed); (a) and the ε = 0 row get 3 seeds, the
+# epochs over them ~90 train steps of ~20 s per seed); (a) and the ε = 0 row get 3 seeds, the
 # other arms the first 2.
 STUDY = RealMode(
   "study",
