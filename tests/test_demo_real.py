@@ -58,6 +58,66 @@ def test_sampled_prompts_parse_back_and_are_consistent():
   assert kinds_seen == set(ifeval._PATTERNS)
 
 
+def test_arm_schedule_runs_the_first_arm_on_every_seed():
+  from ssapo_jax.demo.real import arm_schedule
+
+  arms = ("self_eps0", "ssapo", "seed_dpo", "all_labels")
+  assert arm_schedule(arms, 3, 2) == [
+    (0, "self_eps0"),
+    (0, "ssapo"),
+    (0, "seed_dpo"),
+    (0, "all_labels"),
+    (1, "self_eps0"),
+    (1, "ssapo"),
+    (1, "seed_dpo"),
+    (1, "all_labels"),
+    (2, "self_eps0"),
+  ]
+  assert arm_schedule(arms[:2], 2, 2) == [
+    (0, "self_eps0"),
+    (0, "ssapo"),
+    (1, "self_eps0"),
+    (1, "ssapo"),
+  ]
+
+
+def test_seed_size_is_the_modes_count_or_a_thirtieth_of_the_pool():
+  from ssapo_jax.demo import real
+
+  assert real._demo_mode(real.TINY, 11).seed_size == 2  # 11 / 30 rounds to 0: at least 2
+  assert real._demo_mode(real.TINY, 300).seed_size == 10
+  assert real._demo_mode(real.STUDY, 20).seed_size == 8
+  with pytest.raises(ValueError, match="a seed of 8 pairs"):
+    real._demo_mode(real.STUDY, 8)
+
+
+def test_markdown_tables_give_mean_std_and_each_seed():
+  from ssapo_jax.demo.real import format_markdown
+
+  def run(score, win, agreement=None):
+    return [{"mean_score": score, "win_rate": win, "agreement": agreement}]
+
+  doc = {
+    "world": {"sft_greedy_score": 0.5},
+    "arms": {
+      "self_eps0": {
+        "label": "(b) eps0",
+        "runs": {"seed_0": run(0.6, 0.5, 0.75), "seed_1": run(0.4, 0.25, 0.25)},
+      },
+      "all_labels": {"label": "(d) all", "runs": {"seed_0": run(0.7, 1.0)}},
+    },
+    "agreement": {"before": [0.5, 0.7], "after": [0.75, 0.25]},
+  }
+  md = format_markdown(doc).splitlines()
+  # population std of (0.6, 0.4) is 0.1; of (75%, 25%) 25%
+  assert md[3] == (
+    "| (b) eps0 | 2 | 0.500 ± 0.100 (0.600, 0.400) | 37.5% ± 12.5% (50.0%, 25.0%) "
+    "| 50.0% ± 25.0% (75.0%, 25.0%) |"
+  )
+  assert md[4] == "| (d) all | 1 | 0.700 ± 0.000 | 100.0% ± 0.0% | n/a |"
+  assert md[-2].endswith("| 60.0% ± 10.0% (50.0%, 70.0%) |")
+
+
 @pytest.mark.slow
 def test_real_study_tiny(tmp_path):
   """The whole study at its smallest size: world, four arms through ssapo-train, both tables."""

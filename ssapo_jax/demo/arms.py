@@ -382,6 +382,9 @@ def run_arm(arm: Arm, mode: DemoMode, world: world_lib.World, out: str, *, seed:
   overrides = arm_overrides(
     arm, mode, world, run_dir, seed=seed, source=source, prompt_source=prompt_source
   )
+  # One compilation cache for every arm and seed (a run's default is its own directory, so each
+  # arm would compile the same programs again).
+  overrides.append(f"compilation.cache_dir={os.path.join(out, 'jax_cache')}")
   with open(os.path.join(data_dir, f"{arm.name}.command.txt"), "w") as f:
     f.write("ssapo-train " + " ".join([CONFIG_RELPATH, *overrides]) + "\n")
   _drop_stale_run(run_dir, overrides)

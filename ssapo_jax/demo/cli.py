@@ -10,6 +10,7 @@ plus overrides) and scores every round's greedy outputs with the oracle. See doc
     ssapo-demo --out runs/demo --seeds 3
     ssapo-demo --real              # SmolLM2-135M-Instruct on IFEval-style prompts (docs/demo.md)
     ssapo-demo --real --size tiny  # the smallest study (tests)
+    ssapo-demo --real --size study --seeds 3 --arm-seeds 2  # the size docs/demo.md reports
 """
 
 from __future__ import annotations
@@ -55,9 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
   )
   parser.add_argument(
     "--size",
-    default="small",
-    choices=("tiny", "small", "medium"),
-    help="size of the --real study (default: small)",
+    default="study",
+    choices=("tiny", "study", "small", "medium"),
+    help="size of the --real study (default: study, the size docs/demo.md reports)",
+  )
+  parser.add_argument(
+    "--arm-seeds",
+    type=int,
+    default=None,
+    help="--real: run the arms after the first (ε = 0, which gives measurement (a)) on only the "
+    "first N of the seeds (default: the size's)",
   )
   return parser
 
@@ -125,7 +133,7 @@ def _main_real(args) -> int:
     if args.world_only:
       real.build_real_world(os.path.join(out, "world"), real.MODES[args.size])
     else:
-      real.run_real(out, real.MODES[args.size], num_seeds=args.seeds)
+      real.run_real(out, real.MODES[args.size], num_seeds=args.seeds, arm_seeds=args.arm_seeds)
   except SsapoError as e:
     print(f"ssapo-demo: error: {e}", file=sys.stderr)
     return e.exit_code

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -55,6 +56,9 @@ class RealMode:
   world_seed: int = 0
   # self_eps0 first: it gives measurement (a) and the ε = 0 row of (b) on its own.
   arms: tuple[str, ...] = ("self_eps0", "ssapo", "seed_dpo", "all_labels")
+  seed_pairs: int | None = None  # labelled seed pairs; None = 1/30 of the pool (at least 2)
+  # Seeds of the arms after the first (None = all num_seeds): the first arm runs on every seed.
+  arm_seeds: int | None = None
 
 
 TINY = RealMode(
@@ -78,7 +82,24 @@ MEDIUM = RealMode(
   round_prompts=400,
   num_seeds=3,
 )
-MODES = {m.name: m for m in (TINY, SMALL, MEDIUM)}
+# The size measured in docs/demo.md: ~40 minutes of one idle core. 24-token responses keep a
+# prompt plus response within one 96-token bucket; the seed is 8 pairs of the pool's judged pairs
+# rather than 1/30 of them (1/30 would need 240 judged pairs, and the all-labels ceiling's 3
+# epochs over them ~90 train steps of ~20 s per seed); (a) and the ε = 0 row get 3 seeds, the
+# other arms the first 2.
+STUDY = RealMode(
+  "study",
+  pool_prompts=64,
+  num_eval_prompts=40,
+  max_new_tokens=24,
+  round_prompts=40,
+  num_seeds=3,
+  num_samples=2,
+  sample_batch_size=16,
+  seed_pairs=8,
+  arm_seeds=2,
+)
+MODES = {m.name: m for m in (TINY, STUDY, SMALL, MEDIUM)}
 
 # Real-model settings on top of configs/tiny_cpu.yaml (its sizes are the synthetic world's):
 # SmolLM2's chat prompts with the default system message are ~40-70 tokens; DPO on a pretrained
@@ -126,7 +147,7 @@ def build_real_world(root: str, mode: RealMode, *, log=print) -> world_lib.World
   settings = {
     k: v
     for k, v in dataclasses.asdict(mode).items()
-    if k not in ("name", "num_seeds", "round_prompts", "epsilon", "arms")
+    if k not in ("name", "num_seeds", "round_prompts", "epsilon", "arms", "seed_pairs", "arm_seeds")
   }
   meta_path = os.path.join(root, world_lib.WORLD_FILE)
   wcfg = _world_config(mode)
@@ -254,8 +275,10 @@ def sft_preference_agreement(model_dir: str, pairs_dir: str) -> dict:
 
 def _demo_mode(mode: RealMode, pool_pairs: int) -> arms_lib.DemoMode:
   # The seed is 1/30 of the labelled pool, as a count of at least 2 pairs (a tiny pool's 1/30
-  # would select none).
-  seed_size = max(2, round(pool_pairs * arms_lib.SEED_FRACTION))
+  # would select none), unless the mode gives a count.
+  seed_size = mode.seed_pairs or max(2, round(pool_pairs * arms_lib.SEED_FRACTION))
+  if seed_size >= pool_pairs:
+    raise ValueError(f"a seed of {seed_size} pairs needs more than the pool's {pool_pairs}")
   return arms_lib.DemoMode(
     name=f"real-{mode.name}",
     world=_world_config(mode),
@@ -273,25 +296,38 @@ def _demo_mode(mode: RealMode, pool_pairs: int) -> arms_lib.DemoMode:
   )
 
 
+def arm_schedule(arms: Sequence[str], num_seeds: int, arm_seeds: int) -> list[tuple[int, str]]:
+  """``(seed, arm)`` in run order: seed by seed, the first arm on every seed and the others on
+  the first ``arm_seeds`` seeds."""
+  return [
+    (seed, name)
+    for seed in range(num_seeds)
+    for i, name in enumerate(arms)
+    if i == 0 or seed < arm_seeds
+  ]
+
+
 def format_markdown(doc: dict) -> str:
-  """The study's two tables (mean ± std over seeds) as markdown."""
+  """The study's two tables (mean ± std over seeds, then each seed's value) as markdown."""
 
   def cell(values, pct=False):
     values = [v for v in values if v is not None]
     if not values:
       return "n/a"
     m, s = float(np.mean(values)), float(np.std(values))
-    return f"{m:.1%} ± {s:.1%}" if pct else f"{m:.3f} ± {s:.3f}"
+    each = ", ".join(f"{v:.1%}" if pct else f"{v:.3f}" for v in values)
+    mean = f"{m:.1%} ± {s:.1%}" if pct else f"{m:.3f} ± {s:.3f}"
+    return mean if len(values) == 1 else f"{mean} ({each})"
 
   lines = [
-    "| arm | judge score (held-out, greedy) | win rate vs SFT | round-1 label agreement |",
-    "|---|---|---|---|",
-    f"| SFT (SmolLM2-135M-Instruct) | {doc['world']['sft_greedy_score']:.3f} | 50% | |",
+    "| arm | seeds | judge score (held-out, greedy) | win rate vs SFT | round-1 label agreement |",
+    "|---|---|---|---|---|",
+    f"| SFT (SmolLM2-135M-Instruct) | | {doc['world']['sft_greedy_score']:.3f} | 50% | |",
   ]
   for arm in doc["arms"].values():
     last = [runs[-1] for runs in arm["runs"].values()]
     lines.append(
-      f"| {arm['label']} | {cell([r['mean_score'] for r in last])} | "
+      f"| {arm['label']} | {len(last)} | {cell([r['mean_score'] for r in last])} | "
       f"{cell([r['win_rate'] for r in last], pct=True)} | "
       f"{cell([r.get('agreement') for r in last], pct=True)} |"
     )
@@ -306,9 +342,19 @@ def format_markdown(doc: dict) -> str:
   return "\n".join(lines)
 
 
-def run_real(out: str, mode: RealMode, *, num_seeds: int | None = None, log=print) -> dict:
+def run_real(
+  out: str,
+  mode: RealMode,
+  *,
+  num_seeds: int | None = None,
+  arm_seeds: int | None = None,
+  log=print,
+) -> dict:
   """Builds the real world and runs every arm and seed; writes ``results.json`` and
-  ``results.md`` under ``out`` and returns the results document."""
+  ``results.md`` under ``out`` and returns the results document.
+
+  ``num_seeds`` / ``arm_seeds`` override the mode's: the first arm runs on ``num_seeds`` seeds,
+  the others on the first ``arm_seeds`` of them (None: all)."""
   started = time.time()
   out = os.path.abspath(out)
   world = build_real_world(os.path.join(out, "world"), mode, log=log)
@@ -323,6 +369,8 @@ def run_real(out: str, mode: RealMode, *, num_seeds: int | None = None, log=prin
   with open(world.sft_eval_path) as f:
     sft_scores = {r["instruction"]: float(r["score"]) for r in json.load(f)}
   num_seeds = mode.num_seeds if num_seeds is None else num_seeds
+  arm_seeds = mode.arm_seeds if arm_seeds is None else arm_seeds
+  arm_seeds = num_seeds if arm_seeds is None else min(arm_seeds, num_seeds)
   results = {n: {"label": arms[n].label, "runs": {}} for n in mode.arms}
   agreement = {"before": [], "after": []}
   timings = {}
@@ -331,6 +379,7 @@ def run_real(out: str, mode: RealMode, *, num_seeds: int | None = None, log=prin
     doc = {
       "mode": dataclasses.asdict(mode),
       "num_seeds": seeds_done,
+      "arm_seeds": min(arm_seeds, seeds_done),
       "world": s,
       "seed_pairs": demo_mode.seed_size,
       "overrides": list(demo_mode.overrides),
@@ -346,23 +395,23 @@ def run_real(out: str, mode: RealMode, *, num_seeds: int | None = None, log=prin
       f.write(format_markdown(doc) + "\n")
     return doc
 
-  for seed in range(num_seeds):
-    for name in mode.arms:
-      log(f"\n[real] seed {seed}: arm {arms[name].label}")
-      t0 = time.time()
-      run_dir = arms_lib.run_arm(arms[name], demo_mode, world, out, seed=seed)
-      timings[f"seed_{seed}/{name}"] = time.time() - t0
-      results[name]["runs"][f"seed_{seed}"] = arms_lib.score_run(
-        run_dir, sft_scores, score_fn=ifeval.judge_scores, prefers_fn=ifeval.judge_prefers
-      )
-      pairs = os.path.join(run_dir, "round_1", "pairs")
-      if name == "self_eps0" and os.path.isdir(pairs):
-        agreement["after"].append(results[name]["runs"][f"seed_{seed}"][-1]["agreement"])
-        agreement["before"].append(sft_preference_agreement(world.model_path, pairs)["agreement"])
-      doc = write(seed + 1)  # after every arm: a long study leaves usable partial results
+  for seed, name in arm_schedule(mode.arms, num_seeds, arm_seeds):
+    log(f"\n[real] seed {seed}: arm {arms[name].label}")
+    t0 = time.time()
+    run_dir = arms_lib.run_arm(arms[name], demo_mode, world, out, seed=seed)
+    timings[f"seed_{seed}/{name}"] = time.time() - t0
+    results[name]["runs"][f"seed_{seed}"] = arms_lib.score_run(
+      run_dir, sft_scores, score_fn=ifeval.judge_scores, prefers_fn=ifeval.judge_prefers
+    )
+    pairs = os.path.join(run_dir, "round_1", "pairs")
+    if name == "self_eps0" and os.path.isdir(pairs):
+      agreement["after"].append(results[name]["runs"][f"seed_{seed}"][-1]["agreement"])
+      agreement["before"].append(sft_preference_agreement(world.model_path, pairs)["agreement"])
+    doc = write(seed + 1)  # after every arm: a long study leaves usable partial results
   log("\n" + format_markdown(doc))
   log(
-    f"\n[real] {mode.name}: {num_seeds} seed(s), {doc['elapsed_seconds']:.0f} s; "
+    f"\n[real] {mode.name}: {num_seeds} seed(s) ({arm_seeds} for the arms after the first), "
+    f"{doc['elapsed_seconds']:.0f} s; "
     f"{os.path.join(out, 'results.json')}"
   )
   return doc

@@ -25,11 +25,11 @@ model: {{path: {model}}}
 data: {{source: {data}, max_length: 128, max_prompt_length: 96, bucket_size: 32,
         seed_size: 8, pool_sizes: [16]}}
 sampling: {{temperature: 0.8, max_new_tokens: 12, num_samples: 2, batch_size: 8}}
-train: {{beta: 0.1, objective: robust, learning_rate: 1.0e-6, global_batch_size: 4,
+train: {{beta: 0.1, learning_rate: 1.0e-6, global_batch_size: 4,
          compute_dtype: float32, remat: none}}
 dro: {{epsilon: 0.05}}
 rounds: {{num_rounds: 1, num_eval_prompts: 4, follower_refresh_steps: 2}}
-checkpoint: {{save_every_steps: 100, keep: 1}}
+checkpoint: {{save_every_steps: 100, keep: 2}}
 """
 
 
