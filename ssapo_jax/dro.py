@@ -658,6 +658,17 @@ def _pad(values, group_ids, slot, num_groups, width, fill):
   return jnp.full((num_groups, width), fill, values.dtype).at[group_ids, slot].set(values)
 
 
+def _padded_points(xi, lo, hi, group_ids, slot, valid, num_groups, width):
+  """The points laid out per group ``[num_groups, width]``: ``(counts, real, x_pad, d_lo,
+  d_hi)``. Padded slots get an empty support (reach 0 both ways, so nothing moves)."""
+  counts = _group_counts(valid, group_ids, num_groups, xi.dtype)
+  real = _pad(valid, group_ids, slot, num_groups, width, False)
+  x_pad = _pad(xi, group_ids, slot, num_groups, width, lo)
+  d_lo = jnp.where(real, x_pad - lo, 0.0)
+  d_hi = jnp.where(real, hi - x_pad, 0.0)
+  return counts, real, x_pad, d_lo, d_hi
+
+
 def _bisect_groups(
   x_pad, d_lo, d_hi, real, slopes, intercepts, epsilon, cap, counts, *, lam_lo=None, lam_hi=None
 ):
@@ -739,11 +750,9 @@ def _solve_bisection(
 ):
   """Exact solution by bisection on λ (the capped program, or the plain one as a polish)."""
   dtype = xi.dtype
-  counts = _group_counts(valid, group_ids, num_groups, dtype)
-  real = _pad(valid, group_ids, slot, num_groups, width, False)
-  x_pad = _pad(xi, group_ids, slot, num_groups, width, lo)
-  d_lo = jnp.where(real, x_pad - lo, 0.0)
-  d_hi = jnp.where(real, hi - x_pad, 0.0)
+  counts, real, x_pad, d_lo, d_hi = _padded_points(
+    xi, lo, hi, group_ids, slot, valid, num_groups, width
+  )
   cap = epsilon if per_atom_cap else jnp.asarray(jnp.inf, dtype)
   s, r, lam = _bisect_groups(
     x_pad, d_lo, d_hi, real, slopes, intercepts, epsilon, cap, counts, lam_lo=lam_lo, lam_hi=lam_hi
@@ -847,12 +856,9 @@ def _osqp_core(
 
   dtype = xi.dtype
   num_pieces = slopes.shape[0]
-  counts = _group_counts(valid, group_ids, num_groups, dtype)
-  real = _pad(valid, group_ids, slot, num_groups, width, False)
-  x_pad = _pad(xi, group_ids, slot, num_groups, width, lo)
-  # Padded slots get an empty support (reach 0, so nothing moves) and no objective weight.
-  d_lo = jnp.where(real, x_pad - lo, 0.0)
-  d_hi = jnp.where(real, hi - x_pad, 0.0)
+  counts, real, x_pad, d_lo, d_hi = _padded_points(
+    xi, lo, hi, group_ids, slot, valid, num_groups, width
+  )
   mask = real.astype(dtype)
 
   # Moving an atom against its piece's slope only costs budget, so an optimal q_ik has the sign
