@@ -7,8 +7,8 @@ no weights). It compiles the three programs a run executes:
 
 * ``train_step``: the real jitted `ssapo_jax.train.train_step` (configured mesh, global batch,
   micro-batches, remat, dtypes, ``data.max_length``) on a donated `TrainState`;
-* ``score_logps``: the reference/self-annotation log-prob pass (`make_compute_logps`) on the
-  rows the pipeline's `Scorer` scores per call;
+* ``score_logps``: the reference/self-annotation log-prob pass of the run's `Scorer` on its
+  largest call (packed rows with ``data.packing``, else the padded rows it scores per call);
 * ``generate``: the KV-cache sampler on ``sampling.batch_size`` prompts of
   ``data.max_prompt_length`` tokens, ``sampling.num_samples`` samples of
   ``sampling.max_new_tokens``.
@@ -1047,13 +1047,16 @@ def lower_train_step(
   return step.lower(state, batch), tokens
 
 
-def lower_score_logps(config, mesh, *, rows: int, seq_len: int):
-  """``(lowered, tokens)`` of the run's scoring pass (`train.Scorer.lower`: reference
-  log-probs, annotation) over ``[rows, seq_len]`` sequences in the model's compute dtype."""
+def lower_score_logps(experiment, config, mesh):
+  """``(lowered, tokens)`` of the run's scoring pass (reference log-probs, annotation): the
+  run's own `train.Scorer` (`Scorer.for_experiment`) lowered at its largest call for
+  ``data.max_length``-token sequences (`Scorer.largest_shape`: packed rows with
+  ``data.packing``)."""
   from ssapo_jax import train as tr  # pylint: disable=import-outside-toplevel
 
-  scorer = tr.Scorer(mesh, 0, rows, compute_dtype=config.dtype)
-  return scorer.lower(_abstract_model(config), seq_len), rows * seq_len
+  scorer = tr.Scorer.for_experiment(experiment, mesh, int(config.pad_token_id or 0))
+  rows, seq_len = scorer.largest_shape(experiment.data.max_length)
+  return scorer.lower(_abstract_model(config), experiment.data.max_length), rows * seq_len
 
 
 def lower_generate(sampling_config, config, mesh, *, prompt_len: int):
@@ -1336,9 +1339,12 @@ def plan(
   mesh = shd.make_mesh(experiment.mesh, devices)
   coords = device_coords(list(mesh.devices.flat))
   t, s, d = experiment.train, experiment.sampling, experiment.data
-  rows = tr.scoring_batch_size(t, mesh)
+  # Sequences per scoring call: packed, a call holds 2 x its batch size (`Scorer`).
+  score_seqs = tr.scoring_batch_size(t, mesh) * (2 if d.packing else 1)
   atoms = experiment.dro.num_pieces if t.objective == "robust" else 1
-  score = lambda causal: forward_flops(config, rows * d.max_length, d.max_length, causal=causal)
+  score = lambda causal: forward_flops(
+    config, score_seqs * d.max_length, d.max_length, causal=causal
+  )
   sample = lambda causal: (
     s.refill_batches
     * generate_flops(
@@ -1363,7 +1369,7 @@ def plan(
       1,
     ),
     "score_logps": (
-      lambda: lower_score_logps(config, mesh, rows=rows, seq_len=d.max_length),
+      lambda: lower_score_logps(experiment, config, mesh),
       score(False),
       score(True),
       score(False),
@@ -1519,9 +1525,8 @@ def run_estimate(
   if bad:
     raise ValueError(f"--run: {', '.join(bad)} does not fit, so the run cannot be timed")
   d, s, r = experiment.data, experiment.sampling, experiment.rounds
-  from ssapo_jax import train as tr  # pylint: disable=import-outside-toplevel
-
-  rows = max(experiment.train.micro_batch_size, mesh_batch_shards)
+  rows = max(experiment.train.micro_batch_size, mesh_batch_shards)  # `scoring_batch_size`
+  score_seqs = rows * (2 if d.packing else 1)  # sequences per scoring call (`Scorer`)
   out = []
 
   def add(t, phase, program, calls, note):
@@ -1552,14 +1557,14 @@ def run_estimate(
         t,
         "scoring",
         "score_logps",
-        2 * math.ceil(seqs / rows),
+        2 * math.ceil(seqs / score_seqs),
         f"{seqs} samples under the policy and the judge",
       )
     add(
       t,
       "follower",
       "score_logps",
-      math.ceil(2 * pairs / rows),
+      math.ceil(2 * pairs / score_seqs),
       f"reference log-probs of {pairs} pairs (at most one per prompt)",
     )
     steps = math.ceil(pairs / experiment.train.global_batch_size) * epochs
@@ -1572,7 +1577,6 @@ def run_estimate(
         math.ceil(r.num_eval_prompts / (s.batch_size * s.refill_batches)),
         f"{r.num_eval_prompts} greedy held-out prompts",
       )
-  del tr
   from ssapo_jax.batch import row_buckets  # pylint: disable=import-outside-toplevel
 
   buckets = lambda length: math.ceil(length / d.bucket_size)

@@ -895,12 +895,20 @@ def test_plan_lowers_exactly_the_run_programs():
   )
   assert _fingerprint(other) != _fingerprint(run_lowered)  # the comparison can fail
 
-  scorer = tr.Scorer(mesh, 0, 8, compute_dtype=model.config.dtype)
+  experiment = plan.load_experiment(
+    os.path.join(REPO, "configs", "tiny_cpu.yaml"),
+    ["model.path=/nonexistent", "data.max_length=24", "data.max_prompt_length=8"],
+  )
+  scorer = tr.Scorer.for_experiment(experiment, mesh, 0)  # what the run scores with
   fn, params = scorer._split(model)  # pylint: disable=protected-access
-  tok = shd.global_batch(mesh, np.ones((8, 16), np.int32))
+  tok = shd.global_batch(mesh, np.ones((8, 32), np.int32))  # 24 tokens, bucketed to 32
   run_score = fn.lower(params, tok, tok, tok)
-  plan_score, _ = plan.lower_score_logps(model.config, mesh, rows=8, seq_len=16)
+  plan_score, tokens = plan.lower_score_logps(experiment, model.config, mesh)
+  assert tokens == 8 * 32
   assert _fingerprint(plan_score) == _fingerprint(run_score)
+  other = tr.Scorer.for_experiment(experiment, mesh, 0)
+  other.compute_dtype = "bfloat16"
+  assert _fingerprint(other.lower(model, 24)) != _fingerprint(run_score)  # can fail
 
   s = SamplingConfig(max_new_tokens=4, batch_size=8, num_samples=2, temperature=1.0)
   sampler = Sampler(mesh, s, pad_token_id=0, eos_token_ids=(0,))
@@ -915,9 +923,10 @@ def test_plan_lowers_the_packed_step_of_the_run_on_its_largest_shape(tmp_path):
   import _multihost_worker as w
 
   from ssapo_jax import sharding as shd
-  from ssapo_jax.batch import length_histogram
+  from ssapo_jax.batch import length_histogram, pack_sequence_rows
   from ssapo_jax.data import LoaderCursor, PreferenceLoader, pairs_from_token_ids
   from ssapo_jax.experiment import load_experiment
+  from ssapo_jax.train.scoring import PACKED_FIELDS
 
   mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=2, tensor=2))
   cfg = w.train_config(micro_batches=2)
@@ -953,6 +962,33 @@ def test_plan_lowers_the_packed_step_of_the_run_on_its_largest_shape(tmp_path):
   )
   assert tokens == rows * 64
   assert _fingerprint(plan_lowered) == _fingerprint(run_lowered)
+
+  # The scorer packs 2 x its batch size sequences per call on the same ladder: the plan
+  # lowers the run's packed pass at the top (every sequence alone in a row).
+  experiment = load_experiment(
+    os.path.join(REPO, "configs", "tiny_cpu.yaml"),
+    [
+      "model.path=/nonexistent",
+      "data.packing=true",
+      "data.max_length=64",
+      "data.max_prompt_length=32",
+    ],
+  )
+  scorer = tr.Scorer.for_experiment(experiment, mesh, 0)
+  seqs = 2 * scorer.batch_size
+  packed = pack_sequence_rows(
+    [np.full(20, 3)] * seqs,
+    [np.full(20, 4)] * seqs,
+    seq_len=64,
+    max_sequences=seqs,
+    row_multiple=shd.num_batch_shards(mesh),
+  )
+  assert packed["ids"].shape == scorer.largest_shape(64) == (seqs, 64)
+  fn, params = scorer._packed_fn(model)  # pylint: disable=protected-access
+  run_score = fn.lower(params, *shd.global_batch(mesh, tuple(packed[k] for k in PACKED_FIELDS)))
+  plan_score, tokens = plan.lower_score_logps(experiment, model.config, mesh)
+  assert tokens == seqs * 64
+  assert _fingerprint(plan_score) == _fingerprint(run_score)
 
   path = tmp_path / "lengths.json"
   path.write_text(json.dumps(length_histogram([40, 50, 60, 100], 16)))

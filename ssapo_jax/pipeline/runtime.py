@@ -24,7 +24,7 @@ from ssapo_jax.preflight import Preflight, Sources, load_sources, split_data
 from ssapo_jax.rundir import RunDir
 from ssapo_jax.runrecord import message, progress
 from ssapo_jax.storage import local_copy
-from ssapo_jax.train import DTYPES, Scorer, checkpoint_state, scoring_batch_size
+from ssapo_jax.train import DTYPES, Scorer, checkpoint_state
 
 
 @dataclasses.dataclass
@@ -92,7 +92,7 @@ class Runtime:
       ckpt=ckpt,
       logger=logger,
       rundir=rundir,
-      scorer=scorer_for(config, mesh, tokenizer.pad_token_id),
+      scorer=Scorer.for_experiment(config, mesh, tokenizer.pad_token_id),
     )
 
   def __enter__(self) -> "Runtime":
@@ -144,19 +144,6 @@ class Runtime:
   def judge(self, t: int) -> CausalLM:
     """π_annot of round t: the SFT model or π_{t−2} (``rounds.annotation_reference``)."""
     return self.policy(t - 2) if self.config.rounds.annotation_reference == "previous" else self.sft
-
-
-def scorer_for(config: ExperimentConfig, mesh, pad_id: int) -> Scorer:
-  """The run's `Scorer`: batches of the train micro-batch size (at least one row per shard)."""
-  return Scorer(
-    mesh,
-    pad_id,
-    scoring_batch_size(config.train, mesh),
-    bucket_size=config.data.bucket_size,
-    compute_dtype=config.train.compute_dtype,
-    packing=config.data.packing,
-    pack_length=config.data.resolved_pack_length,
-  )
 
 
 def load_model(path: str, config: ExperimentConfig, mesh) -> CausalLM:

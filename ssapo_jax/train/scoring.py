@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ssapo_jax import compilation
 from ssapo_jax import sharding as shd
-from ssapo_jax.batch import PreferenceBatch, pack_sequence_rows, sequence_sums
+from ssapo_jax.batch import PreferenceBatch, pack_sequence_rows, row_buckets, sequence_sums
 from ssapo_jax.checkpoint import params_fingerprint  # re-exported
 from ssapo_jax.data.loader import LoaderCursor, PreferenceLoader
 from ssapo_jax.data.tokenize import fixed_size_batches, round_up
@@ -119,7 +119,14 @@ def make_compute_packed_logps(
   jitted = jax.jit(
     logps, in_shardings=(p_shard, r_shard) + (tok,) * 5, out_shardings=shd.replicated(mesh)
   )
-  return lambda params, *arrays: jitted(params, rest, *arrays)
+
+  def packed_logps_fn(params, *arrays):
+    return jitted(params, rest, *arrays)
+
+  packed_logps_fn.lower = lambda params, *arrays: jitted.lower(  # what ssapo-plan compiles
+    params, jax.eval_shape(lambda r: r, rest), *arrays
+  )
+  return packed_logps_fn
 
 
 def compute_logps(
@@ -286,16 +293,51 @@ class Scorer:
   pack_length: int | None = None
   _fns: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
+  @classmethod
+  def for_experiment(cls, experiment, mesh: Mesh, pad_id: int) -> "Scorer":
+    """The scorer a run of ``experiment`` (an `ExperimentConfig`) uses, and `ssapo-plan`
+    compiles: calls of the train micro-batch size (`scoring_batch_size`), the data config's
+    buckets and packing, the train compute dtype."""
+    d = experiment.data
+    return cls(
+      mesh,
+      pad_id,
+      scoring_batch_size(experiment.train, mesh),
+      bucket_size=d.bucket_size,
+      compute_dtype=experiment.train.compute_dtype,
+      packing=d.packing,
+      pack_length=d.resolved_pack_length,
+    )
+
+  def largest_shape(self, max_length: int) -> tuple[int, int]:
+    """``(rows, T)`` of the largest call for sequences of at most ``max_length`` tokens: packed,
+    the top of the row ladder (`row_buckets`: every sequence in a row of its own) of
+    ``pack_length``-token rows; padded, ``batch_size`` rows of ``max_length`` rounded up."""
+    longest = round_up(max_length, self.bucket_size)
+    if not self.packing:
+      return self.batch_size, longest
+    rows = row_buckets(self.batch_size, shd.num_batch_shards(self.mesh))[-1]
+    return rows, max(self.pack_length or 0, longest)
+
+  def _packed_fn(self, model: nnx.Module):
+    """``(packed_logps_fn, params)``, built once per model graph."""
+    graphdef, params, rest = split_model(model)
+    if ("packed", graphdef) not in self._fns:
+      self._fns[("packed", graphdef)] = make_compute_packed_logps(
+        self.mesh,
+        graphdef,
+        params,
+        rest,
+        num_sequences=2 * self.batch_size,
+        compute_dtype=self.compute_dtype,
+      )
+    return self._fns[("packed", graphdef)], params
+
   def _packed_scores(self, model: nnx.Module, prompts, responses) -> np.ndarray:
     """``[N]`` float32 log-probs, ``2 * batch_size`` sequences packed per call. Every host packs
     the whole call and feeds its rows; the result is replicated, so nothing is gathered."""
-    graphdef, params, rest = split_model(model)
+    fn, params = self._packed_fn(model)
     size = 2 * self.batch_size
-    if ("packed", graphdef) not in self._fns:
-      self._fns[("packed", graphdef)] = make_compute_packed_logps(
-        self.mesh, graphdef, params, rest, num_sequences=size, compute_dtype=self.compute_dtype
-      )
-    fn = self._fns[("packed", graphdef)]
     n = len(prompts)
     longest = round_up(
       max((len(p) + len(r) for p, r in zip(prompts, responses)), default=1), self.bucket_size
@@ -328,21 +370,23 @@ class Scorer:
       )
     return self._fns[graphdef], params
 
-  def lower(self, model: nnx.Module, seq_len: int) -> jax.stages.Lowered:
-    """The pass `sequences` and `pairs` run on one ``[batch_size, seq_len]`` batch, lowered
-    (``model`` may be abstract): what `ssapo-plan` compiles."""
-    logps_fn, params = self._split(model)
+  def lower(self, model: nnx.Module, max_length: int) -> jax.stages.Lowered:
+    """The pass `sequences` and `pairs` run, lowered at `largest_shape` (``model`` may be
+    abstract): what `ssapo-plan` compiles. Packed, the packed pass on ``[rows, T]`` rows;
+    padded, the ``[batch_size, T]`` pass."""
+    rows, seq_len = self.largest_shape(max_length)
     tok = jax.ShapeDtypeStruct(
-      (self.batch_size, seq_len),
+      (rows, seq_len),
       jnp.int32,
       sharding=NamedSharding(self.mesh, PartitionSpec(shd.BATCH_AXES)),
     )
+    fn, params = self._packed_fn(model) if self.packing else self._split(model)
     params = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       params,
       param_shardings(params, self.mesh),
     )
-    return logps_fn.lower(params, tok, tok, tok)
+    return fn.lower(params, *(tok,) * (len(PACKED_FIELDS) if self.packing else 3))
 
   def sequences(
     self, model: nnx.Module, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
