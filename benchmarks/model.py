@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from machine import contention_warning, load_average
 
 from ssapo_jax.models import load_hf
 from ssapo_jax.sampling import generate
@@ -122,13 +123,40 @@ def compile_seconds(depths, args):
 
 
 def _machine() -> str:
-  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  load = load_average()
   return (
     f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} {platform.node()} "
     f"{platform.processor() or platform.machine()} cpus={os.cpu_count()} "
     f"load1={load:.1f} nice={os.nice(0)} torch_threads={torch.get_num_threads()} "
     f"jax={jax.__version__} backend={jax.default_backend()}"
   )
+
+
+def machine_rates() -> tuple[float, float]:
+  """``(matmul FLOP/s, read bytes/s)`` of this machine through XLA: a float32 1024^3 matmul and
+  a sum over 1 GiB, the fastest of 5 calls each. The independent counts a decode figure is
+  checked against (`floor_seconds`)."""
+  a = jnp.ones((1024, 1024), jnp.float32)
+  big = jnp.ones((2**28,), jnp.float32)
+  matmul, total = jax.jit(lambda x: x @ x), jax.jit(jnp.sum)
+  jax.block_until_ready((matmul(a), total(big)))
+  t_mm = min(_timed(lambda: matmul(a).block_until_ready()) for _ in range(5))
+  t_rd = min(_timed(lambda: total(big).block_until_ready()) for _ in range(5))
+  return 2 * 1024**3 / t_mm, big.nbytes / t_rd
+
+
+def floor_seconds(c, weight_bytes: int, batch: int, prompt: int, new: int, rates) -> float:
+  """The least time a `generate` call can take here: the prefill's model flops (LM head on the
+  last position only) at the matmul rate, then each of the ``new - 1`` decode steps at the larger of its flops over the matmul
+  rate and its bytes (every weight, plus the filled cache) over the read rate."""
+  flops_rate, read_rate = rates
+  per_slot = 2 * c.num_layers * batch * c.num_kv_heads * c.head_dim * jnp.dtype(c.dtype).itemsize
+  lm_head = 2 * c.vocab_size * c.hidden_size * batch * (prompt - 1)  # only the last position's
+  total = (c.forward_flops(batch * prompt, (prompt + 1) / 2) - lm_head) / flops_rate
+  for t in range(1, new):
+    step_flops = c.forward_flops(batch, prompt + t)
+    total += max(step_flops / flops_rate, (weight_bytes + per_slot * (prompt + t)) / read_rate)
+  return total
 
 
 def _timed(fn) -> float:
@@ -209,6 +237,14 @@ def decode_suite(args):
     f"heads={c.num_heads}/{c.num_kv_heads} vocab={c.vocab_size} dtype={c.dtype}; "
     f"transformers {transformers.__version__} (sdpa), torch {torch.__version__}"
   )
+  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  rates = machine_rates()
+  print(
+    f"# machine: {rates[0] / 1e9:.0f} GFLOP/s float32 matmul, {rates[1] / 1e9:.1f} GB/s read "
+    f"(XLA); weights {weight_bytes / 1e6:.0f} MB: a decode step cannot beat "
+    f"{1e3 * weight_bytes / rates[1]:.0f} ms",
+    flush=True,
+  )
   rng = np.random.RandomState(0)
   warmed = []
   runs = [(b, args.prompt, args.repeats) for b in args.batches] + (
@@ -241,10 +277,12 @@ def decode_suite(args):
       compile_s = time.perf_counter() - t0
       jax_t = _min_time(jax_gen, repeats)
       new = batch * args.new_tokens
+      floor = floor_seconds(c, weight_bytes, batch, prompt_len, args.new_tokens, rates)
       line = (
         f"generate batch={batch} prompt={prompt_len} new={args.new_tokens} "
         f"cache={prompt_len + args.new_tokens} {mode}: jax {new / jax_t:,.0f} tok/s "
-        f"({jax_t:.2f} s, compile {compile_s:.0f} s)"
+        f"({jax_t:.2f} s, compile {compile_s:.0f} s; floor {floor:.2f} s, "
+        f"{jax_t / floor:.1f}x the floor)"
       )
       print(line, flush=True)  # before the (slow) transformers run
       if not args.jax_only:
@@ -272,11 +310,10 @@ def decode_suite(args):
           warmed.append(True)
         torch_t = min(_timed(torch_gen) for _ in range(args.torch_repeats))
         print(
-          f"  transformers {new / torch_t:,.0f} tok/s ({torch_t:.2f} s)  "
-          f"ratio jax/transformers {torch_t / jax_t:.1f}x",
+          f"  transformers {new / torch_t:,.0f} tok/s ({torch_t:.2f} s, "
+          f"{torch_t / floor:.1f}x the floor)  ratio jax/transformers {torch_t / jax_t:.1f}x",
           flush=True,
         )
-  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   for batch in args.step_batches:
     # A decode step reads every weight and the filled part of the cache: on a memory-bound
     # machine that sets how far from flat a step can be.
@@ -306,6 +343,9 @@ def decode_suite(args):
 
 
 def main():
+  warning = contention_warning()  # before this process adds to the load
+  if warning:
+    print(warning, flush=True)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--layers", type=int, default=4)
   parser.add_argument("--hidden", type=int, default=256)

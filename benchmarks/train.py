@@ -77,12 +77,12 @@ def parse_args(argv=None):
     help="fixed: one [pairs, seq_len] batch; ultrafeedback: an epoch of --num_pairs generated "
     "pairs, ours packed, Tunix padded per batch",
   )
-  g.add_argument(
+  p.add_argument(
     "--scan_layers",
     type=int,
     choices=(0, 1),
     default=0,
-    help="our model.scan_layers (0: unrolled layers, as Tunix)",
+    help="our model.scan_layers (0: unrolled layers, the choice for shallow models)",
   )
   return p.parse_args(argv)
 
@@ -633,11 +633,17 @@ class TorchDPO:
 
 
 def main(argv=None):
+  from machine import contention_warning, load_average  # this folder's, on sys.path
+
+  load_before = load_average()  # before this process adds to the load
   args = parse_args(argv)
   if args.packing:
     return packing_benchmark(args)
   if args.tunix:
     return tunix_benchmark(args)
+  warning = contention_warning(load_before)
+  if warning:
+    print(warning, flush=True)
   import jax
   import numpy as np
   import torch
@@ -670,7 +676,7 @@ def main(argv=None):
   num_params = sum(p.numel() for p in torch_model.parameters())
   with tempfile.TemporaryDirectory() as tmp:
     torch_model.save_pretrained(tmp)
-    jax_model = load_hf(tmp)
+    jax_model = load_hf(tmp, scan_layers=bool(args.scan_layers))
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
   torch_model = torch_model.to(torch_dtype)
 
@@ -724,6 +730,7 @@ def main(argv=None):
     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     "machine": f"{platform.processor() or platform.machine()}, {threads} CPU cores "
     f"({platform.platform()})",
+    "load_avg_1m_before": load_before,
     "jax": jax.__version__,
     "torch": torch.__version__,
     "transformers": transformers.__version__,
