@@ -105,6 +105,41 @@ def padding_table() -> None:
     )
 
 
+def prompt_shapes_table(new_tokens: int = 300) -> None:
+  """The sampler's prompt buckets (multiples of ``data.bucket_size``) against a power-of-two
+  ladder like the packed loader's row ladder (``ceil(P / 2^k)`` rounded to the bucket), on the
+  UltraFeedback-like prompts at zephyr's batching: programs compiled, prompt padding, and the
+  cache slots the decode steps read (prompt slots plus the filled new ones, every step of
+  ``new_tokens``) over the real ones. The shapes are compiled once per run (the persistent
+  cache serves the later rounds); the slots are read at every step of every round."""
+  lengths = ultrafeedback_like_lengths(58_000, np.random.default_rng(0))
+  batch, bucket, top = 64, 64, 1024
+  ladder, n = set(), top
+  while n > bucket:
+    ladder.add(-(-n // bucket) * bucket)
+    n = -(-n // 2)
+  ladder = sorted(ladder | {bucket})
+  plan = plan_batches(lengths, batch_size=batch, bucket_size=1, bucketed=True)
+  real_reads = sum(
+    int(lengths[b.indices].sum()) * new_tokens + batch * new_tokens * (new_tokens - 1) // 2
+    for b in plan
+  )
+  print(f"sampler prompt shapes (UltraFeedback-like, B={batch}, {new_tokens} new tokens)")
+  for name, pad_to in (
+    (f"multiples of {bucket}", lambda x: -(-x // bucket) * bucket),
+    (f"ladder {ladder}", lambda x: next(v for v in ladder if v >= x)),
+  ):
+    padded = [b._replace(length=pad_to(b.length)) for b in plan]
+    reads = sum(
+      batch * (b.length * new_tokens + new_tokens * (new_tokens - 1) // 2) for b in padded
+    )
+    print(
+      f"  {name}: {len({b.length for b in padded})} programs, prompt padding "
+      f"{prompt_padding_fraction(padded, lengths):.1%}, decode cache reads "
+      f"{reads / real_reads:.2f}x the real slots"
+    )
+
+
 def replicated_rollout(model, prompts, key, config: SamplingConfig, bucket: int):
   """The replicated path: batches in input order, each a plain-jit `generate` call."""
   plan = plan_batches(
@@ -155,6 +190,7 @@ def main():
     f"{jax.device_count()} {jax.devices()[0].platform} devices"
   )
   padding_table()
+  prompt_shapes_table()
 
   heads = max(1, args.hidden // 64)
   model_config = LlamaConfig(

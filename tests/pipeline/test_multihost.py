@@ -178,6 +178,24 @@ def _assert_same_run(out, ref):
     np.testing.assert_allclose(pa[k], pb[k], atol=1e-5, err_msg=k)
 
 
+@pytest.mark.slow
+def test_two_processes_with_refill_sample_what_one_process_samples_without(
+  world, one_process_runs, tmp_path
+):
+  """``sampling.refill_batches=2`` on the shipped configs' mesh split over two processes (each
+  holds half the parameters): a round's two prompt batches decode as one refill queue, and
+  the run equals the one-process run without refill (samples, pairs, losses, parameters)."""
+  ref = one_process_runs(FSDP)
+  out = str(tmp_path / "run")
+  config = _config(world, out, tmp_path, FSDP)
+  _finish(_launch(config, "sampling.refill_batches=2", log_dir=tmp_path), tmp_path)
+  with open(os.path.join(out, "metrics.jsonl")) as f:
+    gen = [r for r in map(json.loads, f) if r.get("phase") == "generate" and r.get("round") == 1]
+  # 32 prompts of one padded length in one call (16 per batch without refill).
+  assert "sample 32x" in gen[0]["compile_shapes"], gen[0]["compile_shapes"]
+  _assert_same_run(out, ref)
+
+
 @pytest.mark.parametrize("mesh", MESHES)
 def test_two_processes_equal_one_process(world, one_process_runs, tmp_path, mesh):
   ref = one_process_runs(mesh)  # first, alone: the two wall times below compare
