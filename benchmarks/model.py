@@ -22,13 +22,15 @@ It prints
   each ``--batches`` size with ``--prompt``-token prompts (``--long-prompt`` adds runs whose
   cache ends at that prompt + new tokens, e.g. 960 + 64 = 1024 slots, at each
   ``--long-batches`` size, timed ``--long-repeats`` times);
+* before those, the machine's float32 matmul and read rates through XLA (`machine_rates`), and
+  with each call its floor (`floor_seconds`) and how far ours and transformers' are above it;
 * the wall and process CPU time of one jitted decode step (cache donated, one token per row)
   at each position of ``--step-lengths``, in a cache of exactly that many slots and in one of
   ``--step-cache`` slots (the sampler allocates prompt + max new tokens and fills it step by
   step: a step must cost what is filled, not what is allocated).
 
-  nice -n 10 python benchmarks/model.py --decode --long-prompt 960   # the issue 22 figures
-  nice -n 10 python benchmarks/model.py --decode --jax-only # ours only (e.g. an older tree)
+  python benchmarks/model.py --decode --long-prompt 960   # README's rollout figures (idle machine)
+  python benchmarks/model.py --decode --jax-only           # ours only (e.g. an older tree)
 
 ``--compile-depths`` lowers and compiles the forward+backward (summed sequence log-probs,
 ``remat="full"`` as in training) of a random model at each depth from abstract parameters,
@@ -147,8 +149,9 @@ def machine_rates() -> tuple[float, float]:
 
 def floor_seconds(c, weight_bytes: int, batch: int, prompt: int, new: int, rates) -> float:
   """The least time a `generate` call can take here: the prefill's model flops (LM head on the
-  last position only) at the matmul rate, then each of the ``new - 1`` decode steps at the larger of its flops over the matmul
-  rate and its bytes (every weight, plus the filled cache) over the read rate."""
+  last position only) at the matmul rate, then each of the ``new - 1`` decode steps at the
+  larger of its flops over the matmul rate and its bytes (every weight, plus the filled
+  cache) over the read rate."""
   flops_rate, read_rate = rates
   per_slot = 2 * c.num_layers * batch * c.num_kv_heads * c.head_dim * jnp.dtype(c.dtype).itemsize
   lm_head = 2 * c.vocab_size * c.hidden_size * batch * (prompt - 1)  # only the last position's

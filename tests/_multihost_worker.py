@@ -182,7 +182,7 @@ def place_task(mesh) -> dict:
   """Parameters split across processes: placed from host values, re-placed as the global arrays
   they now are (`shard_params` must not fetch them), resharded to the decode layout, read back
   with `to_host`, and turned into a train state (`create_train_state` of a model whose
-  parameters are global: the crash of issue 20)."""
+  parameters are global: the crash they once caused)."""
   import jax
   import numpy as np
   from flax import nnx

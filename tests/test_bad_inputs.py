@@ -1,4 +1,4 @@
-"""Bad inputs a newcomer meets, one table (issue 25): each row is a command, the exit status it
+"""Bad inputs a newcomer meets, one table: each row is a command, the exit status it
 must give, the words its message must hold (and must not), and whether the error is found
 before the run starts, in which case nothing may have been written.
 

@@ -1,4 +1,4 @@
-"""Ctrl-C during a real `ssapo-train` run (issue 25): one line, in run.log too, and a rerun
+"""Ctrl-C during a real `ssapo-train` run: one line, in run.log too, and a rerun
 resumes. tests/test_bad_inputs.py covers the same handling in-process, in the default suite."""
 
 import os

@@ -392,7 +392,7 @@ def test_finished_run_config_record_and_check(world, uninterrupted, tmp_path):
   assert open(os.path.join(out, "config.yaml")).read() == recorded
   assert not os.path.exists(os.path.join(out, "config.1.yaml"))
   # Allowed on a finished run, the change would train nothing: it is not recorded, so the
-  # history keeps saying which config trained the policy (issue 25).
+  # history keeps saying which config trained the policy.
   metrics = open(os.path.join(out, "metrics.jsonl")).read()
   proc = _run(config, "rounds.log_every_steps=2", "--allow-config-change")
   assert "run already complete, nothing ran" in proc.stderr and "not recorded" in proc.stderr
