@@ -665,14 +665,14 @@ def test_run_estimate_counts_every_call_of_the_paper_run():
   assert shapes["compile_seconds"] == (16 * 60 + 32 * 30 + 128 * 180) / 2  # CPU seconds
   assert "total" in plan.format_run(phases, shapes)
   # Packed: the row ladders. Train: 32 pairs in 4 micro-batches of 8, rows a multiple of
-  # 16 / gcd(16, 4) = 4: row_buckets(8, 4) = (4, 8, 16), per round. Scoring: 16 rows per call,
-  # row_buckets(16, 16) = (16, 32).
+  # 16 / gcd(16, 4) = 4: row_buckets(8, 4) = (4, 8, 12, 16), per round. Scoring: 16 rows per
+  # call, row_buckets(16, 16) = (16, 32).
   packed_phases, shapes = plan.run_estimate(packed, plans, 16)
   packed_calls = {(p.round_index, p.phase): p.calls for p in packed_phases}
   # A packed scoring call holds 2 x 16 sequences: half the padded calls; the rest unchanged.
   assert packed_calls[0, "follower"] == 125 and packed_calls[1, "scoring"] == 2 * 500
   assert packed_calls[1, "follower"] == 500 and packed_calls[1, "training"] == 250
-  assert shapes["shapes"]["train_step"]["count"] == 3 * 4
+  assert shapes["shapes"]["train_step"]["count"] == 4 * 4
   assert shapes["shapes"]["score_logps"]["count"] == 2
   assert shapes["shapes"]["generate"]["count"] == 16
 

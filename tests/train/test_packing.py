@@ -81,9 +81,9 @@ def test_first_fit_decreasing_and_row_ladder():
   assert len(bins) <= math.ceil(11 / 9 * math.ceil(lengths.sum() / 32)) + 1
   with pytest.raises(ValueError, match="does not fit"):
     first_fit_decreasing([33], 32)
-  assert row_buckets(4) == (1, 2, 4, 8)
-  assert row_buckets(3, 2) == (2, 4, 6)  # 6, 3, 2, 1 rounded up to even
-  assert row_buckets(16, 8) == (8, 16, 32)
+  assert row_buckets(4) == (1, 2, 3, 4, 6, 8)  # ceil(8 / sqrt(2)^k): 8, 6, 4, 3, 2, 2, 1
+  assert row_buckets(3, 2) == (2, 4, 6)  # 6, 5, 3, 3, 2, 2, 1 rounded up to even
+  assert row_buckets(16, 8) == (8, 16, 24, 32)  # 32, 23, 16, 12, 8, ... rounded up to 8s
 
 
 def test_pack_pair_rows_layout():
