@@ -13,9 +13,9 @@ every host builds the same ``[G / num_hosts, T]`` slice shape.
 With ``packing``, the pairs of each global batch are the same (same order, same cursor), but
 their ``2G`` sequences are packed whole into rows of ``pack_length`` tokens
 (`ssapo_jax.batch.pack_pair_rows`, first-fit decreasing per micro-batch) and the batch is a
-`PackedPreferenceBatch`. Its row count comes from the fixed ladder `row_buckets` (at most
-about ``log2(2G / M) + 1`` shapes, `packed_shapes`), whose top holds any batch, so no batch
-makes a new shape.
+`PackedPreferenceBatch`. Its row count comes from the fixed ladder `row_buckets` (steps of
+sqrt(2), at most about ``2 log2(2G / M) + 1`` shapes, `packed_shapes`), whose top holds any
+batch, so no batch makes a new shape.
 
 The position is a `LoaderCursor` ``(epoch, step)``: everything is a pure function of
 ``(seed, epoch, step)``, so a run resumed from a saved cursor sees exactly the batches it
