@@ -425,36 +425,22 @@ def init_train_state(
   (no second copy). ``model_config`` (the model's config) names
   the targets' layouts.
   """
+  base = scales = ref_params = None
   if config.lora is not None:
     # QLoRA quantises from the given parameters (before any cast); the rest of the base is kept
     # in the compute dtype.
     base, scales = lora_lib.quantize_base(model_config, params, config.lora)
     base = _cast_floats(base, DTYPES[config.compute_dtype])
-    adapters = lora_lib.init_adapters(
+    params = lora_lib.init_adapters(
       model_config, params, config.lora, jax.random.key(0) if key is None else key
     )
-    tx = make_optimizer(config, num_train_steps)
-    zero = jnp.zeros((), jnp.int32)
-    return TrainState(
-      step=zero,
-      params=adapters,
-      opt_state=tx.init(adapters),
-      nonfinite_consecutive=zero,
-      nonfinite_total=zero,
-      rest=rest,
-      ref_params=None,
-      graphdef=graphdef,
-      tx=tx,
-      schedule=make_schedule(config, num_train_steps),
-      base=base,
-      base_scales=scales,
-      lora=config.lora,
-      model_config=model_config,
+  else:
+    dtype = DTYPES[config.param_dtype]
+    params = jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.copy(x), params
     )
-  dtype = DTYPES[config.param_dtype]
-  params = jax.tree.map(
-    lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.copy(x), params
-  )
+    if config.reference == "in_step":
+      ref_params = jax.tree.map(jnp.copy, params)
   tx = make_optimizer(config, num_train_steps)
   zero = jnp.zeros((), jnp.int32)
   return TrainState(
@@ -464,10 +450,14 @@ def init_train_state(
     nonfinite_consecutive=zero,
     nonfinite_total=zero,
     rest=rest,
-    ref_params=(jax.tree.map(jnp.copy, params) if config.reference == "in_step" else None),
+    ref_params=ref_params,
     graphdef=graphdef,
     tx=tx,
     schedule=make_schedule(config, num_train_steps),
+    base=base,
+    base_scales=scales,
+    lora=config.lora,
+    model_config=model_config if config.lora is not None else None,
   )
 
 
